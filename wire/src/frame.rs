@@ -1,0 +1,569 @@
+//! The frame codec: every byte on a teeway stream belongs to a length-prefixed frame.
+//!
+//! ```text
+//! frame   = length:u32be  type:u8  payload[length - 1]
+//! ```
+//!
+//! `length` counts the type byte and the payload, never the prefix itself, and is at most
+//! [`MAX_FRAME_LEN`]. Integers are big-endian. `str16` is a `u16` length then UTF-8 bytes;
+//! `bytes32` is a `u32` length then raw bytes. `docs/protocol.md` lists every frame's fields.
+//!
+//! [`Frame::decode`] is incremental: it returns `Ok(None)` until a whole frame is buffered, then
+//! consumes exactly that frame. It checks the announced length before waiting for the payload, so
+//! a peer cannot make a reader buffer more than one maximal frame.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Uri};
+
+use crate::error::DecodeError;
+use crate::record::{version_code, version_from_code, MirroredRequest};
+use crate::MAX_FRAME_LEN;
+
+/// Length of the frame prefix.
+pub const PREFIX_LEN: usize = 4;
+
+const TYPE_HELLO: u8 = 0x01;
+const TYPE_WELCOME: u8 = 0x02;
+const TYPE_REQUEST: u8 = 0x03;
+const TYPE_ACK: u8 = 0x04;
+
+/// Record flag: the body was cut at the agent's size limit.
+const FLAG_BODY_TRUNCATED: u8 = 0x01;
+/// Record flag: the record carries trailers (possibly zero of them).
+const FLAG_HAS_TRAILERS: u8 = 0x02;
+
+/// One protocol frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Agent to gateway, first frame of the first stream: who is speaking.
+    Hello(Hello),
+    /// Gateway to agent, in answer to `Hello`: the agent is accepted.
+    Welcome(Welcome),
+    /// Agent to gateway: one mirrored request. A batch stream holds one or more.
+    Request(MirroredRequest),
+    /// Gateway to agent, the only frame on the gateway's side of a batch stream: how many of the
+    /// batch's records it accepted.
+    Ack {
+        /// Records accepted; the agent counts the rest of the batch as rejected.
+        accepted: u32,
+    },
+}
+
+/// The agent's greeting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version the agent speaks.
+    pub protocol_version: u16,
+    /// The agent's `cluster` setting.
+    pub source_cluster: String,
+    /// The agent's software version, for logs.
+    pub software: String,
+}
+
+/// The gateway's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// Protocol version the gateway speaks on this connection.
+    pub protocol_version: u16,
+    /// The identity the gateway read from the agent's certificate.
+    pub agent_identity: String,
+    /// The gateway's software version, for logs.
+    pub software: String,
+}
+
+impl Frame {
+    /// Appends this frame, prefix included, to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let start = dst.len();
+        dst.put_u32(0); // patched below
+        match self {
+            Frame::Hello(hello) => {
+                dst.put_u8(TYPE_HELLO);
+                dst.put_u16(hello.protocol_version);
+                put_str16(dst, &hello.source_cluster);
+                put_str16(dst, &hello.software);
+            }
+            Frame::Welcome(welcome) => {
+                dst.put_u8(TYPE_WELCOME);
+                dst.put_u16(welcome.protocol_version);
+                put_str16(dst, &welcome.agent_identity);
+                put_str16(dst, &welcome.software);
+            }
+            Frame::Request(request) => {
+                dst.put_u8(TYPE_REQUEST);
+                encode_request(request, dst);
+            }
+            Frame::Ack { accepted } => {
+                dst.put_u8(TYPE_ACK);
+                dst.put_u32(*accepted);
+            }
+        }
+        let len = dst.len() - start - PREFIX_LEN;
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        dst[start..start + PREFIX_LEN].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Encoded size of this frame, prefix included.
+    pub fn encoded_len(&self) -> usize {
+        PREFIX_LEN
+            + 1
+            + match self {
+                Frame::Hello(h) => 2 + str16_len(&h.source_cluster) + str16_len(&h.software),
+                Frame::Welcome(w) => 2 + str16_len(&w.agent_identity) + str16_len(&w.software),
+                Frame::Request(r) => request_len(r),
+                Frame::Ack { .. } => 4,
+            }
+    }
+
+    /// Takes one whole frame off the front of `src`.
+    ///
+    /// `Ok(None)`: more bytes are needed (nothing is consumed). `Err`: the stream is corrupt and
+    /// must be reset; what `src` holds afterwards is unspecified.
+    pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+        if src.len() < PREFIX_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
+        if len > MAX_FRAME_LEN {
+            return Err(DecodeError::FrameTooLarge {
+                len,
+                max: MAX_FRAME_LEN,
+            });
+        }
+        if len == 0 {
+            return Err(DecodeError::EmptyFrame);
+        }
+        let total = PREFIX_LEN + len as usize;
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        src.advance(PREFIX_LEN);
+        let mut payload = src.split_to(len as usize).freeze();
+        let frame_type = payload.get_u8();
+        let frame = match frame_type {
+            TYPE_HELLO => Frame::Hello(Hello {
+                protocol_version: get_u16(&mut payload, "protocol_version")?,
+                source_cluster: get_str16(&mut payload, "source_cluster")?,
+                software: get_str16(&mut payload, "software")?,
+            }),
+            TYPE_WELCOME => Frame::Welcome(Welcome {
+                protocol_version: get_u16(&mut payload, "protocol_version")?,
+                agent_identity: get_str16(&mut payload, "agent_identity")?,
+                software: get_str16(&mut payload, "software")?,
+            }),
+            TYPE_REQUEST => Frame::Request(decode_request(&mut payload)?),
+            TYPE_ACK => Frame::Ack {
+                accepted: get_u32(&mut payload, "accepted")?,
+            },
+            other => return Err(DecodeError::UnknownFrameType(other)),
+        };
+        if payload.has_remaining() {
+            return Err(DecodeError::TrailingBytes(payload.remaining()));
+        }
+        Ok(Some(frame))
+    }
+}
+
+fn encode_request(r: &MirroredRequest, dst: &mut BytesMut) {
+    dst.put_u64(r.id);
+    dst.put_u64(r.received_at_unix_nanos());
+    dst.put_u8(version_code(r.version));
+    let mut flags = 0;
+    if r.body_truncated {
+        flags |= FLAG_BODY_TRUNCATED;
+    }
+    if r.trailers.is_some() {
+        flags |= FLAG_HAS_TRAILERS;
+    }
+    dst.put_u8(flags);
+    put_str16(dst, &r.source_cluster);
+    put_str16(dst, r.method.as_str());
+    put_bytes32(dst, uri_bytes(&r.uri).as_bytes());
+    put_headers(dst, &r.headers);
+    put_bytes32(dst, &r.body);
+    if let Some(trailers) = &r.trailers {
+        put_headers(dst, trailers);
+    }
+}
+
+fn request_len(r: &MirroredRequest) -> usize {
+    8 + 8
+        + 1
+        + 1
+        + str16_len(&r.source_cluster)
+        + str16_len(r.method.as_str())
+        + 4
+        + uri_bytes(&r.uri).len()
+        + headers_len(&r.headers)
+        + 4
+        + r.body.len()
+        + r.trailers.as_ref().map_or(0, headers_len)
+}
+
+/// The URI as sent: `*`-form and origin-form stay as they are, absolute form keeps its authority.
+fn uri_bytes(uri: &Uri) -> std::borrow::Cow<'_, str> {
+    match (uri.scheme(), uri.authority()) {
+        (None, None) => std::borrow::Cow::Borrowed(uri.path_and_query().map_or("/", |pq| pq.as_str())),
+        _ => std::borrow::Cow::Owned(uri.to_string()),
+    }
+}
+
+fn decode_request(src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
+    let id = get_u64(src, "id")?;
+    let nanos = get_u64(src, "received_at")?;
+    let version_code = get_u8(src, "version")?;
+    let version = version_from_code(version_code).ok_or(DecodeError::InvalidVersion(version_code))?;
+    let flags = get_u8(src, "flags")?;
+    let source_cluster: Arc<str> = get_str16(src, "source_cluster")?.into();
+    let method_len = get_u16(src, "method")? as usize;
+    let method = take(src, method_len, "method")?;
+    let method = Method::from_bytes(&method).map_err(|_| DecodeError::InvalidMethod)?;
+    let uri_len = get_u32(src, "uri")? as usize;
+    let uri = take(src, uri_len, "uri")?;
+    let uri = Uri::from_maybe_shared(uri).map_err(|_| DecodeError::InvalidUri)?;
+    let headers = get_headers(src)?;
+    let body_len = get_u32(src, "body")? as usize;
+    let body = take(src, body_len, "body")?;
+    let trailers = if flags & FLAG_HAS_TRAILERS != 0 {
+        Some(get_headers(src)?)
+    } else {
+        None
+    };
+    Ok(MirroredRequest {
+        id,
+        received_at: UNIX_EPOCH + Duration::from_nanos(nanos),
+        source_cluster,
+        method,
+        uri,
+        version,
+        headers,
+        body,
+        trailers,
+        body_truncated: flags & FLAG_BODY_TRUNCATED != 0,
+    })
+}
+
+fn put_str16(dst: &mut BytesMut, s: &str) {
+    // Longer strings are cut at a character boundary: they are names and versions, never data.
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    dst.put_u16(end as u16);
+    dst.put_slice(&s.as_bytes()[..end]);
+}
+
+fn str16_len(s: &str) -> usize {
+    2 + s.len().min(u16::MAX as usize)
+}
+
+fn put_bytes32(dst: &mut BytesMut, b: &[u8]) {
+    dst.put_u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
+    dst.put_slice(b);
+}
+
+fn put_headers(dst: &mut BytesMut, headers: &HeaderMap) {
+    dst.put_u32(u32::try_from(headers.len()).unwrap_or(u32::MAX));
+    for (name, value) in headers {
+        put_str16(dst, name.as_str());
+        put_bytes32(dst, value.as_bytes());
+    }
+}
+
+fn headers_len(headers: &HeaderMap) -> usize {
+    4 + headers
+        .iter()
+        .map(|(n, v)| str16_len(n.as_str()) + 4 + v.len())
+        .sum::<usize>()
+}
+
+fn get_headers(src: &mut Bytes) -> Result<HeaderMap, DecodeError> {
+    let count = get_u32(src, "header_count")? as usize;
+    // Each header takes at least 6 bytes; refuse counts the frame cannot hold before reserving.
+    if count > src.remaining() / 6 {
+        return Err(DecodeError::Truncated("headers"));
+    }
+    let mut headers = HeaderMap::with_capacity(count);
+    for _ in 0..count {
+        let name_len = get_u16(src, "header_name")? as usize;
+        let name = take(src, name_len, "header_name")?;
+        let name = HeaderName::from_bytes(&name).map_err(|_| DecodeError::InvalidHeaderName)?;
+        let value_len = get_u32(src, "header_value")? as usize;
+        let value = take(src, value_len, "header_value")?;
+        let value =
+            HeaderValue::from_maybe_shared(value).map_err(|_| DecodeError::InvalidHeaderValue)?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+fn take(src: &mut Bytes, len: usize, field: &'static str) -> Result<Bytes, DecodeError> {
+    if src.remaining() < len {
+        return Err(DecodeError::Truncated(field));
+    }
+    Ok(src.split_to(len))
+}
+
+fn get_str16(src: &mut Bytes, field: &'static str) -> Result<String, DecodeError> {
+    let len = get_u16(src, field)? as usize;
+    let bytes = take(src, len, field)?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8(field))
+}
+
+fn get_u8(src: &mut Bytes, field: &'static str) -> Result<u8, DecodeError> {
+    src.try_get_u8().map_err(|_| DecodeError::Truncated(field))
+}
+
+fn get_u16(src: &mut Bytes, field: &'static str) -> Result<u16, DecodeError> {
+    src.try_get_u16().map_err(|_| DecodeError::Truncated(field))
+}
+
+fn get_u32(src: &mut Bytes, field: &'static str) -> Result<u32, DecodeError> {
+    src.try_get_u32().map_err(|_| DecodeError::Truncated(field))
+}
+
+fn get_u64(src: &mut Bytes, field: &'static str) -> Result<u64, DecodeError> {
+    src.try_get_u64().map_err(|_| DecodeError::Truncated(field))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Version;
+    use proptest::prelude::*;
+
+    fn sample_request() -> MirroredRequest {
+        let mut headers = HeaderMap::new();
+        headers.append("host", HeaderValue::from_static("api.example.com"));
+        headers.append("x-repeat", HeaderValue::from_static("one"));
+        headers.append("x-repeat", HeaderValue::from_static("two"));
+        headers.append(
+            "x-binary",
+            HeaderValue::from_bytes(b"\xfe\xff opaque").expect("obs-text is allowed"),
+        );
+        MirroredRequest {
+            id: 42,
+            received_at: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
+            source_cluster: "prod-eu-1".into(),
+            method: Method::POST,
+            uri: Uri::from_static("/v1/items?x=1&y=%20"),
+            version: Version::HTTP_11,
+            headers,
+            body: Bytes::from_static(b"\x00\x01binary\r\n\xff"),
+            trailers: None,
+            body_truncated: false,
+        }
+    }
+
+    fn round_trip(frame: &Frame) -> Frame {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf);
+        assert_eq!(buf.len(), frame.encoded_len(), "encoded_len is exact");
+        let decoded = Frame::decode(&mut buf)
+            .expect("decodes")
+            .expect("complete");
+        assert!(buf.is_empty(), "exactly one frame consumed");
+        decoded
+    }
+
+    #[test]
+    fn request_round_trips_with_repeated_headers_and_binary_body() {
+        let frame = Frame::Request(sample_request());
+        assert_eq!(round_trip(&frame), frame);
+    }
+
+    #[test]
+    fn control_frames_round_trip() {
+        for frame in [
+            Frame::Hello(Hello {
+                protocol_version: 1,
+                source_cluster: "prod".into(),
+                software: "teeway 0.1.0".into(),
+            }),
+            Frame::Welcome(Welcome {
+                protocol_version: 1,
+                agent_identity: "agent".into(),
+                software: "teeway 0.1.0".into(),
+            }),
+            Frame::Ack { accepted: 7 },
+        ] {
+            assert_eq!(round_trip(&frame), frame);
+        }
+    }
+
+    #[test]
+    fn h2_request_keeps_absolute_uri_and_trailers() {
+        let mut r = sample_request();
+        r.version = Version::HTTP_2;
+        r.uri = Uri::from_static("http://api.example.com/pkg.Service/Call");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        r.trailers = Some(trailers);
+        r.body_truncated = true;
+        let frame = Frame::Request(r);
+        assert_eq!(round_trip(&frame), frame);
+    }
+
+    #[test]
+    fn partial_input_waits_without_consuming() {
+        let mut full = BytesMut::new();
+        Frame::Request(sample_request()).encode(&mut full);
+        for cut in 0..full.len() {
+            let mut part = BytesMut::from(&full[..cut]);
+            assert_eq!(Frame::decode(&mut part), Ok(None), "cut at {cut}");
+            assert_eq!(part.len(), cut, "nothing consumed at cut {cut}");
+        }
+    }
+
+    #[test]
+    fn two_frames_back_to_back() {
+        let mut buf = BytesMut::new();
+        Frame::Ack { accepted: 1 }.encode(&mut buf);
+        Frame::Ack { accepted: 2 }.encode(&mut buf);
+        assert_eq!(
+            Frame::decode(&mut buf),
+            Ok(Some(Frame::Ack { accepted: 1 }))
+        );
+        assert_eq!(
+            Frame::decode(&mut buf),
+            Ok(Some(Frame::Ack { accepted: 2 }))
+        );
+        assert_eq!(Frame::decode(&mut buf), Ok(None));
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        let mut buf = BytesMut::from(&(MAX_FRAME_LEN + 1).to_be_bytes()[..]);
+        assert_eq!(
+            Frame::decode(&mut buf),
+            Err(DecodeError::FrameTooLarge {
+                len: MAX_FRAME_LEN + 1,
+                max: MAX_FRAME_LEN
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        let cases: &[(&[u8], DecodeError)] = &[
+            (&[0, 0, 0, 0], DecodeError::EmptyFrame),
+            (&[0, 0, 0, 1, 0x7f], DecodeError::UnknownFrameType(0x7f)),
+            (&[0, 0, 0, 3, TYPE_ACK, 0, 0], DecodeError::Truncated("accepted")),
+            (
+                &[0, 0, 0, 6, TYPE_ACK, 0, 0, 0, 1, 9],
+                DecodeError::TrailingBytes(1),
+            ),
+        ];
+        for (bytes, want) in cases {
+            let mut buf = BytesMut::from(*bytes);
+            assert_eq!(Frame::decode(&mut buf), Err(*want), "input {bytes:?}");
+        }
+    }
+
+    #[test]
+    fn bad_method_and_header_name_are_refused() {
+        let mut r = sample_request();
+        r.method = Method::from_bytes(b"GET").expect("valid");
+        let mut buf = BytesMut::new();
+        Frame::Request(r).encode(&mut buf);
+        // The method field sits after prefix(4) type(1) id(8) time(8) version(1) flags(1)
+        // cluster(2 + 9) and its own length (2).
+        let method_at = 4 + 1 + 8 + 8 + 1 + 1 + 2 + 9 + 2;
+        assert_eq!(&buf[method_at..method_at + 3], b"GET");
+        buf[method_at] = b' ';
+        assert_eq!(Frame::decode(&mut buf), Err(DecodeError::InvalidMethod));
+    }
+
+    fn arb_header_name() -> impl Strategy<Value = HeaderName> {
+        "[a-z][a-z0-9-]{0,20}".prop_map(|s| HeaderName::from_bytes(s.as_bytes()).expect("token"))
+    }
+
+    fn arb_header_value() -> impl Strategy<Value = HeaderValue> {
+        proptest::collection::vec(
+            prop_oneof![0x20u8..0x7f, 0x80u8..=0xff, Just(b'\t')],
+            0..40,
+        )
+        .prop_map(|v| HeaderValue::from_bytes(&v).expect("visible bytes"))
+    }
+
+    fn arb_headers() -> impl Strategy<Value = HeaderMap> {
+        proptest::collection::vec((arb_header_name(), arb_header_value()), 0..12).prop_map(
+            |pairs| {
+                let mut map = HeaderMap::new();
+                for (n, v) in pairs {
+                    map.append(n, v);
+                }
+                map
+            },
+        )
+    }
+
+    prop_compose! {
+        fn arb_request()(
+            id in any::<u64>(),
+            nanos in any::<u64>(),
+            cluster in "[a-zA-Z0-9._-]{0,30}",
+            method in prop_oneof![Just(Method::GET), Just(Method::POST), Just(Method::PUT),
+                Just(Method::DELETE), Just(Method::from_bytes(b"PURGE").expect("token"))],
+            path in "(/[a-zA-Z0-9._~%-]{0,12}){1,4}",
+            query in proptest::option::of("[a-zA-Z0-9=&%]{0,30}"),
+            version in prop_oneof![Just(http::Version::HTTP_10), Just(http::Version::HTTP_11),
+                Just(http::Version::HTTP_2)],
+            headers in arb_headers(),
+            body in proptest::collection::vec(any::<u8>(), 0..2048),
+            trailers in proptest::option::of(arb_headers()),
+            body_truncated in any::<bool>(),
+        ) -> MirroredRequest {
+            let target = match query {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            MirroredRequest {
+                id,
+                received_at: UNIX_EPOCH + Duration::from_nanos(nanos),
+                source_cluster: cluster.into(),
+                method,
+                uri: target.parse().expect("generated URIs are valid"),
+                version,
+                headers,
+                body: Bytes::from(body),
+                trailers,
+                body_truncated,
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_request_round_trips(request in arb_request()) {
+            let frame = Frame::Request(request);
+            prop_assert_eq!(round_trip(&frame), frame);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            // Keep decoding until an error or the need for more input; it must never panic.
+            for _ in 0..bytes.len() + 1 {
+                match Frame::decode(&mut buf) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+
+        #[test]
+        fn any_truncation_of_a_valid_frame_waits(request in arb_request(), cut in any::<prop::sample::Index>()) {
+            let mut full = BytesMut::new();
+            Frame::Request(request).encode(&mut full);
+            let cut = cut.index(full.len());
+            let mut part = BytesMut::from(&full[..cut]);
+            prop_assert_eq!(Frame::decode(&mut part), Ok(None));
+        }
+    }
+}

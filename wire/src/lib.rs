@@ -1,0 +1,72 @@
+//! The teeway protocol, shared by the agent and the gateway. Sans-IO: nothing here opens a socket.
+//!
+//! An agent tees copies of production requests to a gateway over one QUIC connection with mutual
+//! TLS. The ALPN protocol id [`ALPN`] (`teeway/1`) names the protocol version; every stream on the
+//! connection is a sequence of length-prefixed [`Frame`]s. `docs/protocol.md` is the normative
+//! description of the bytes; this crate is its reference implementation.
+//!
+//! # Compatibility rules
+//!
+//! - The ALPN id carries the major version. A change that an old peer would misread (a new field in
+//!   the middle of a frame, a new meaning for an old one) takes a new ALPN id; a gateway may offer
+//!   several ids at once, so gateways upgrade before agents.
+//! - Within one version, readers ignore flag bits they do not know, and writers never set them.
+//! - Unknown frame types are a protocol error: they reset the stream that carried them, never the
+//!   connection or the process.
+//!
+//! # Layout
+//!
+//! - [`frame`]: the frame codec (`encode` into a `BytesMut`, `decode` out of one).
+//! - [`record`]: [`MirroredRequest`], the copy of one production request.
+//! - [`tls`]: rustls configurations for both ends (TLS 1.3, ALPN, client certificates) and the
+//!   agent identity read from a peer certificate.
+//! - [`pki`]: certificate generation for `teeway certs init`, the demo and the tests.
+//! - [`error`]: the errors of this crate.
+
+pub mod error;
+pub mod frame;
+pub mod pki;
+pub mod record;
+pub mod tls;
+
+pub use error::{DecodeError, TlsError};
+pub use frame::{Frame, Hello, Welcome};
+pub use record::MirroredRequest;
+
+/// The ALPN protocol id of this protocol version, offered by agents and required by gateways.
+pub const ALPN: &[u8] = b"teeway/1";
+
+/// The protocol version number carried in the `HELLO` and `WELCOME` frames.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest frame a peer may send, length prefix excluded.
+///
+/// Bodies are capped far below this by the agent (see [`MAX_BODY_BYTES`]); the rest is headroom
+/// for headers. A reader refuses anything larger before allocating for it.
+pub const MAX_FRAME_LEN: u32 = 16 * 1024 * 1024;
+
+/// Largest request body the agent may be configured to mirror.
+///
+/// Half of [`MAX_FRAME_LEN`], so that a record with a full body and a full set of headers always
+/// fits in one frame.
+pub const MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Largest number of records one stream (one batch) may carry.
+pub const MAX_BATCH_RECORDS: usize = 256;
+
+/// Largest number of payload bytes one stream (one batch) may carry, frame prefixes included.
+///
+/// A single record larger than this travels alone in its own batch.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// QUIC application error codes used when a stream or connection is closed on purpose.
+pub mod codes {
+    /// Normal close: the peer is shutting down.
+    pub const SHUTDOWN: u32 = 0;
+    /// A frame could not be decoded, or arrived where the protocol does not allow it.
+    pub const PROTOCOL_ERROR: u32 = 1;
+    /// The peer's certificate identity is not allowed to connect.
+    pub const NOT_AUTHORIZED: u32 = 2;
+    /// The receiver is out of capacity for this stream.
+    pub const OVERLOADED: u32 = 3;
+}

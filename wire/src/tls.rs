@@ -1,0 +1,226 @@
+//! rustls configurations for both ends of the uplink, and the agent identity in a certificate.
+//!
+//! Both ends use TLS 1.3 only (QUIC requires it), the ring crypto provider passed explicitly (so
+//! a second provider compiled in by a dependency can never be picked by accident) and the ALPN id
+//! [`crate::ALPN`]. The gateway requires a client certificate signed by its CA; the agent verifies
+//! the gateway's certificate against the same CA.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::error::TlsError;
+use crate::pki::CertifiedKey;
+
+/// The crypto provider every teeway TLS configuration uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A CA bundle, a certificate chain and its private key: what each end needs.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    /// Certificates of the CA(s) the peer must chain to.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// This end's certificate chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// This end's private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsMaterial {
+    fn clone(&self) -> Self {
+        Self {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl TlsMaterial {
+    /// Reads the three PEM files.
+    pub fn from_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            ca: load_certs(ca)?,
+            chain: load_certs(cert)?,
+            key: load_key(key)?,
+        })
+    }
+
+    /// Material made in memory from a CA and one of its leaves (demo and tests).
+    pub fn from_generated(ca: &CertifiedKey, leaf: &CertifiedKey) -> Self {
+        Self {
+            ca: vec![ca.cert_der()],
+            chain: vec![leaf.cert_der()],
+            key: leaf.key_der(),
+        }
+    }
+
+    fn roots(&self) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for cert in &self.ca {
+            roots.add(cert.clone()).map_err(|source| TlsError::Rustls {
+                context: "cannot use the CA certificate",
+                source,
+            })?;
+        }
+        Ok(roots)
+    }
+}
+
+/// Reads every certificate in a PEM file; at least one is required.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            what: "certificate",
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            what: "certificate",
+            detail: "no `BEGIN CERTIFICATE` block found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
+        path: path.to_owned(),
+        what: "private key",
+        detail: e.to_string(),
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: PathBuf::from(path),
+        source,
+    })
+}
+
+/// The gateway's configuration: client certificates required and verified against the CA.
+pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(material.roots()?), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls {
+            context: "cannot enable TLS 1.3",
+            source,
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(material.chain.clone(), material.key.clone_key())
+        .map_err(|source| TlsError::Rustls {
+            context: "the gateway certificate and key do not fit together",
+            source,
+        })?;
+    config.alpn_protocols = vec![crate::ALPN.to_vec()];
+    Ok(config)
+}
+
+/// The agent's configuration: presents its certificate, trusts only the CA.
+pub fn client_config(material: &TlsMaterial) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls {
+            context: "cannot enable TLS 1.3",
+            source,
+        })?
+        .with_root_certificates(material.roots()?)
+        .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
+        .map_err(|source| TlsError::Rustls {
+            context: "the agent certificate and key do not fit together",
+            source,
+        })?;
+    config.alpn_protocols = vec![crate::ALPN.to_vec()];
+    Ok(config)
+}
+
+/// The agent identity in a certificate: its first DNS subject alternative name, else its common
+/// name. `None` when the certificate does not parse or names nothing.
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(dns) = name {
+                return Some((*dns).to_owned());
+            }
+        }
+    }
+    let common_name = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
+    common_name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::CertificateAuthority;
+
+    #[test]
+    fn configs_build_from_generated_material_and_offer_alpn() {
+        let ca = CertificateAuthority::generate("ca").expect("ca");
+        let gw = ca.gateway(&[]).expect("gateway");
+        let agent = ca.agent("agent").expect("agent");
+        let server = server_config(&TlsMaterial::from_generated(&ca.certified, &gw)).expect("server");
+        let client =
+            client_config(&TlsMaterial::from_generated(&ca.certified, &agent)).expect("client");
+        assert_eq!(server.alpn_protocols, vec![b"teeway/1".to_vec()]);
+        assert_eq!(client.alpn_protocols, vec![b"teeway/1".to_vec()]);
+    }
+
+    #[test]
+    fn mismatched_key_is_refused() {
+        let ca = CertificateAuthority::generate("ca").expect("ca");
+        let gw = ca.gateway(&[]).expect("gateway");
+        let other = ca.gateway(&[]).expect("other");
+        let material = TlsMaterial {
+            ca: vec![ca.certified.cert_der()],
+            chain: vec![gw.cert_der()],
+            key: other.key_der(),
+        };
+        let err = server_config(&material).expect_err("key does not match");
+        assert!(err.to_string().contains("do not fit together"), "{err}");
+    }
+
+    #[test]
+    fn files_load_and_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("teeway-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ca = CertificateAuthority::generate("ca").expect("ca");
+        let agent = ca.agent("a").expect("agent");
+        std::fs::write(dir.join("ca.pem"), &ca.certified.cert_pem).expect("write");
+        std::fs::write(dir.join("a.pem"), &agent.cert_pem).expect("write");
+        std::fs::write(dir.join("a.key"), &agent.key_pem).expect("write");
+        std::fs::write(dir.join("empty.pem"), "nothing here").expect("write");
+        let m = TlsMaterial::from_files(&dir.join("ca.pem"), &dir.join("a.pem"), &dir.join("a.key"))
+            .expect("loads");
+        assert_eq!(m.chain.len(), 1);
+        let err = load_certs(&dir.join("empty.pem")).expect_err("no cert");
+        assert!(err.to_string().contains("empty.pem"), "{err}");
+        let err = load_key(&dir.join("missing.key")).expect_err("missing");
+        assert!(err.to_string().contains("missing.key"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
