@@ -1,0 +1,110 @@
+//! The admin HTTP listener: `GET /metrics`, `/healthz`, `/readyz`.
+//!
+//! It runs on its own port so that scrapes and probes never compete with production traffic, and
+//! it answers HTTP/1.1 only. `/healthz` is 200 while the process serves; `/readyz` is 200 only
+//! while [`AdminState::ready`] says so (for the agent: while its uplink is connected).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Registry;
+
+/// How often pending histogram samples are folded when nobody scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the admin listener reports on.
+pub trait AdminState: Send + Sync + 'static {
+    /// The instance's metrics.
+    fn registry(&self) -> &Registry;
+    /// Whether the instance is ready for traffic.
+    fn ready(&self) -> bool;
+    /// Extra text for `/readyz`: why it is or is not ready.
+    fn readiness_detail(&self) -> String {
+        String::new()
+    }
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>, shutdown: CancellationToken) {
+    let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = upkeep.tick() => {
+                state.registry().run_upkeep();
+                continue;
+            }
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&*state, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                result = conn => if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+                },
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn respond(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut resp = text(StatusCode::OK, state.registry().render());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            let detail = state.readiness_detail();
+            if state.ready() {
+                text(StatusCode::OK, format!("ready {detail}\n"))
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready {detail}\n"))
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

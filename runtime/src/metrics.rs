@@ -1,0 +1,179 @@
+//! A metrics registry per agent or gateway instance, rendered as Prometheus text.
+//!
+//! Each instance owns its own [`metrics_exporter_prometheus::PrometheusRecorder`] instead of
+//! installing a process-global one: two agents in one process (the demo, the tests) keep separate
+//! counts, and nothing depends on initialisation order. Handles are registered once at start-up,
+//! so the hot path increments an atomic and never looks a name up.
+
+use std::collections::BTreeMap;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// Histogram buckets for latencies in seconds: 1 ms to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// One instance's metrics.
+pub struct Registry {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    /// An empty registry; histograms get latency buckets.
+    pub fn new() -> Self {
+        let builder = PrometheusBuilder::new();
+        let builder = match builder.set_buckets(LATENCY_BUCKETS) {
+            Ok(b) => b,
+            // Only an empty bucket list is refused, and ours is not empty.
+            Err(_) => PrometheusBuilder::new(),
+        };
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        Self { recorder, handle }
+    }
+
+    /// Registers (or finds) a counter and records its help text.
+    pub fn counter(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        self.recorder
+            .describe_counter(KeyName::from_const_str(name), None, SharedString::const_str(help));
+        self.recorder.register_counter(&key(name, labels), &metadata())
+    }
+
+    /// Registers (or finds) a gauge and records its help text.
+    pub fn gauge(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
+        self.recorder
+            .describe_gauge(KeyName::from_const_str(name), None, SharedString::const_str(help));
+        self.recorder.register_gauge(&key(name, labels), &metadata())
+    }
+
+    /// Registers (or finds) a histogram and records its help text.
+    pub fn histogram(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Histogram {
+        self.recorder
+            .describe_histogram(KeyName::from_const_str(name), None, SharedString::const_str(help));
+        self.recorder.register_histogram(&key(name, labels), &metadata())
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Folds pending histogram samples so memory stays bounded between scrapes; the admin
+    /// listener calls it periodically.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::from_static_parts(k, v)).collect();
+    Key::from_parts(name, labels)
+}
+
+fn metadata() -> Metadata<'static> {
+    Metadata::new(module_path!(), metrics::Level::INFO, None)
+}
+
+/// Sample values read back from Prometheus text: what a scraper would see.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Snapshot(BTreeMap<String, f64>);
+
+impl Snapshot {
+    /// Parses the text exposition format (comments skipped, labels kept in the series name).
+    pub fn parse(text: &str) -> Self {
+        let mut samples = BTreeMap::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if let Some((series, value)) = line.rsplit_once(' ') {
+                if let Ok(v) = value.parse::<f64>() {
+                    samples.insert(series.to_owned(), v);
+                }
+            }
+        }
+        Self(samples)
+    }
+
+    /// The value of one series, written as Prometheus prints it: `name` or
+    /// `name{label="value"}`. Absent: 0, as for a counter never incremented.
+    pub fn get(&self, series: &str) -> f64 {
+        self.0.get(series).copied().unwrap_or(0.0)
+    }
+
+    /// The sum over every label set of `name`.
+    pub fn sum(&self, name: &str) -> f64 {
+        self.0
+            .iter()
+            .filter(|(series, _)| {
+                series.as_str() == name
+                    || series
+                        .strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with('{'))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Every series of `name` with its value, labels included in the key.
+    pub fn series(&self, name: &str) -> Vec<(&str, f64)> {
+        self.0
+            .iter()
+            .filter(|(series, _)| {
+                series.as_str() == name
+                    || series
+                        .strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with('{'))
+            })
+            .map(|(s, v)| (s.as_str(), *v))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registries_are_independent_and_render_zero_counters() {
+        let a = Registry::new();
+        let b = Registry::new();
+        let ca = a.counter("x_total", "help", &[("reason", "r1")]);
+        let _cb = b.counter("x_total", "help", &[("reason", "r1")]);
+        let _zero = a.counter("x_total", "help", &[("reason", "r2")]);
+        ca.increment(3);
+        let sa = Snapshot::parse(&a.render());
+        let sb = Snapshot::parse(&b.render());
+        assert_eq!(sa.get("x_total{reason=\"r1\"}"), 3.0);
+        assert_eq!(sa.get("x_total{reason=\"r2\"}"), 0.0);
+        assert_eq!(sa.sum("x_total"), 3.0);
+        assert_eq!(sb.get("x_total{reason=\"r1\"}"), 0.0);
+        assert!(a.render().contains("# HELP x_total help"));
+    }
+
+    #[test]
+    fn histograms_render_buckets() {
+        let r = Registry::new();
+        let h = r.histogram("lat_seconds", "latency", &[]);
+        h.record(0.003);
+        let text = r.render();
+        assert!(text.contains("lat_seconds_bucket{le=\"0.005\"} 1"), "{text}");
+        assert_eq!(Snapshot::parse(&text).get("lat_seconds_count"), 1.0);
+    }
+}
