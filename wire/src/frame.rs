@@ -169,6 +169,14 @@ impl Frame {
     }
 }
 
+impl MirroredRequest {
+    /// Size of this record's `REQUEST` frame, prefix included; what it costs in a batch and in
+    /// the agent's queue budget.
+    pub fn frame_len(&self) -> usize {
+        PREFIX_LEN + 1 + request_len(self)
+    }
+}
+
 fn encode_request(r: &MirroredRequest, dst: &mut BytesMut) {
     dst.put_u64(r.id);
     dst.put_u64(r.received_at_unix_nanos());

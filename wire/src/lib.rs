@@ -57,7 +57,7 @@ pub const MAX_BATCH_RECORDS: usize = 256;
 /// Largest number of payload bytes one stream (one batch) may carry, frame prefixes included.
 ///
 /// A single record larger than this travels alone in its own batch.
-pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// QUIC application error codes used when a stream or connection is closed on purpose.
 pub mod codes {

@@ -1,0 +1,324 @@
+//! The agent's configuration (`agent.yaml`), read and validated in full before any port is bound.
+//!
+//! The README's configuration reference documents every key; [`AgentConfig::from_yaml`] is the
+//! one place that reads them, used by `teeway agent`, `teeway check` and the tests alike.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use teeway_runtime::config::{self as cfg, ConfigError, HttpTarget, Problems, Section};
+use teeway_runtime::units::format_size;
+use teeway_wire::tls::TlsMaterial;
+
+/// Default largest request body copied; larger ones are counted as `body_too_large`.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+/// Default number of copies the queue holds before dropping as `queue_full`.
+pub const DEFAULT_QUEUE: usize = 10_000;
+/// Default bytes of copies the agent holds (queued and in flight) before dropping as
+/// `queue_bytes`: what an operator budgets in memory for mirroring.
+pub const DEFAULT_QUEUE_BYTES: u64 = 16 * 1024 * 1024;
+/// Upper bound on `mirror.queue`: beyond it the count limit stops meaning anything.
+const MAX_QUEUE: u64 = 1_000_000;
+/// Default time allowed, on SIGTERM, to finish client requests and then send what is queued.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Identity carried with every mirrored request.
+    pub cluster: String,
+    /// Where production traffic enters.
+    pub listen: SocketAddr,
+    /// The real service.
+    pub primary: HttpTarget,
+    /// What is copied and how much is held.
+    pub mirror: MirrorConfig,
+    /// Where copies go.
+    pub gateway: GatewayConfig,
+    /// The admin listener, if any.
+    pub admin: Option<AdminConfig>,
+    /// Time allowed to drain on SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// `mirror:`.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// Share of requests copied, 0 to 100.
+    pub percentage: f64,
+    /// Largest body copied.
+    pub max_body_bytes: u64,
+    /// Queue capacity in copies.
+    pub queue: usize,
+    /// Bytes of copies held, queued or in flight.
+    pub queue_bytes: u64,
+}
+
+/// `gateway:`.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Host name or IP of the gateway, resolved with hickory at each connection attempt.
+    pub host: String,
+    /// UDP port of the gateway.
+    pub port: u16,
+    /// Name the gateway's certificate must carry.
+    pub server_name: String,
+    /// CA bundle, the agent's certificate and key.
+    pub tls: TlsMaterial,
+    /// The files `tls` was read from (shown by `teeway check`).
+    pub tls_files: [PathBuf; 3],
+}
+
+/// `admin:`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl AgentConfig {
+    /// Reads and validates `text`; relative file paths are taken from `base_dir`.
+    pub fn from_yaml(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let doc = teeway_runtime::yaml::parse(text)
+            .map_err(|e| ConfigError::unreadable("agent config", e.to_string(), "fix the YAML syntax"))?;
+        let mut p = Problems::default();
+        let mut root = Section::root(&doc, &mut p);
+
+        let cluster = root.required(
+            &mut p,
+            "cluster",
+            "name the production cluster, for example `cluster: prod-eu-1`",
+            cfg::nonempty_string,
+        );
+        let listen = root.required(
+            &mut p,
+            "listen",
+            "give the address production traffic enters on, for example `listen: 0.0.0.0:8080`",
+            cfg::socket_addr,
+        );
+        let primary = root.required(
+            &mut p,
+            "primary",
+            "give the real service's URL, for example `primary: http://127.0.0.1:9000`",
+            cfg::http_target,
+        );
+
+        let mut m = root.section(&mut p, "mirror");
+        let percentage = m
+            .optional(&mut p, "percentage", "use a number from 0 to 100, such as 100 or 0.5", cfg::percentage)
+            .unwrap_or(100.0);
+        let max_body_fix = format!("use a size up to {}, such as 1MiB", format_size(teeway_wire::MAX_BODY_BYTES));
+        let max_body_bytes = m
+            .optional(&mut p, "max_body_bytes", &max_body_fix, |v| {
+                let n = cfg::size(v)?;
+                if n > teeway_wire::MAX_BODY_BYTES {
+                    return Err(format!("exceeds the protocol's limit of {}", format_size(teeway_wire::MAX_BODY_BYTES)));
+                }
+                Ok(n)
+            })
+            .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        let queue = m
+            .optional(&mut p, "queue", "use a whole number from 1 to 1000000, such as 10000", |v| {
+                match cfg::whole_number(v)? {
+                    0 => Err("must be at least 1".into()),
+                    n if n > MAX_QUEUE => Err(format!("must be at most {MAX_QUEUE}")),
+                    n => Ok(n as usize),
+                }
+            })
+            .unwrap_or(DEFAULT_QUEUE);
+        let queue_bytes_path = m.path_of("queue_bytes");
+        let queue_bytes = m
+            .optional(&mut p, "queue_bytes", "use a size such as 16MiB", cfg::size)
+            .unwrap_or(DEFAULT_QUEUE_BYTES);
+        if queue_bytes < max_body_bytes {
+            p.push(
+                queue_bytes_path,
+                None,
+                format!(
+                    "{} is smaller than max_body_bytes ({}), so the largest copies could never be held",
+                    format_size(queue_bytes),
+                    format_size(max_body_bytes)
+                ),
+                "raise queue_bytes or lower max_body_bytes",
+            );
+        }
+        m.finish(&mut p);
+
+        let mut g = root.section(&mut p, "gateway");
+        if !g.is_present() {
+            p.push("gateway", None, "is required", "add a `gateway:` block with address, ca, cert and key");
+        }
+        let address = g.required(
+            &mut p,
+            "address",
+            "give the gateway's host:port, for example `address: gateway.test.example:4433`",
+            cfg::host_port,
+        );
+        let server_name = g.optional(&mut p, "server_name", "give the DNS name in the gateway's certificate", cfg::nonempty_string);
+        let read = cfg::readable_file(base_dir);
+        let ca = g.required(&mut p, "ca", "give the PEM file of the CA that signed the gateway's certificate", &read);
+        let cert = g.required(&mut p, "cert", "give the PEM file of this agent's certificate (see `teeway certs init`)", &read);
+        let key = g.required(&mut p, "key", "give the PEM file of this agent's private key", &read);
+        let tls = match (&ca, &cert, &key) {
+            (Some(ca), Some(cert), Some(key)) => match TlsMaterial::from_files(ca, cert, key) {
+                Ok(material) => match teeway_wire::tls::client_config(&material) {
+                    Ok(_) => Some(material),
+                    Err(e) => {
+                        p.push(g.path_of("cert"), None, e.to_string(), "check that cert and key belong together and ca is a CA certificate");
+                        None
+                    }
+                },
+                Err(e) => {
+                    p.push(g.path_of("cert"), None, e.to_string(), "give PEM files as written by `teeway certs init`");
+                    None
+                }
+            },
+            _ => None,
+        };
+        g.finish(&mut p);
+
+        let mut a = root.section(&mut p, "admin");
+        let admin_listen = a.optional(&mut p, "listen", "give an ip:port such as 127.0.0.1:9901", cfg::socket_addr);
+        a.finish(&mut p);
+        if let (Some(listen), Some(admin)) = (listen, admin_listen) {
+            if listen == admin && listen.port() != 0 {
+                p.push("admin.listen", None, format!("is the same address as listen ({listen})"), "give the admin listener its own port");
+            }
+        }
+
+        let shutdown_grace = root
+            .optional(&mut p, "shutdown_grace", "use a duration such as 10s", cfg::duration)
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        root.finish(&mut p);
+
+        let assembled = match (cluster, listen, primary, address, tls, ca, cert, key) {
+            (Some(cluster), Some(listen), Some(primary), Some((host, port)), Some(tls), Some(ca), Some(cert), Some(key)) => {
+                Some(AgentConfig {
+                    cluster,
+                    listen,
+                    primary,
+                    mirror: MirrorConfig { percentage, max_body_bytes, queue, queue_bytes },
+                    gateway: GatewayConfig {
+                        server_name: server_name.unwrap_or_else(|| host.clone()),
+                        host,
+                        port,
+                        tls,
+                        tls_files: [ca, cert, key],
+                    },
+                    admin: admin_listen.map(|listen| AdminConfig { listen }),
+                    shutdown_grace,
+                })
+            }
+            _ => None,
+        };
+        p.finish(())?;
+        // Every `None` above recorded a problem, so this only guards against a missed case.
+        assembled.ok_or_else(|| {
+            ConfigError::unreadable("agent config", "incomplete configuration", "report this as a bug")
+        })
+    }
+
+    /// Reads and validates an agent configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::unreadable(&name, format!("cannot read the file: {e}"), "check the path"))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_yaml(&text, base).map_err(|e| e.in_file(&name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_certs(dir: &Path) {
+        let ca = teeway_wire::pki::CertificateAuthority::generate("ca").expect("ca");
+        let agent = ca.agent("agent").expect("agent");
+        std::fs::write(dir.join("ca.pem"), &ca.certified.cert_pem).expect("write");
+        std::fs::write(dir.join("agent.pem"), &agent.cert_pem).expect("write");
+        std::fs::write(dir.join("agent.key"), &agent.key_pem).expect("write");
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("teeway-agent-cfg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    const VALID: &str = "
+cluster: prod-eu-1
+listen: 127.0.0.1:8080
+primary: http://127.0.0.1:9000
+mirror:
+  percentage: 0.5
+  max_body_bytes: 64KiB
+  queue: 100
+gateway:
+  address: localhost:4433
+  ca: ca.pem
+  cert: agent.pem
+  key: agent.key
+admin:
+  listen: 127.0.0.1:9901
+";
+
+    #[test]
+    fn valid_config_reads_with_defaults() {
+        let dir = temp_dir("valid");
+        write_certs(&dir);
+        let c = AgentConfig::from_yaml(VALID, &dir).expect("valid");
+        assert_eq!(c.cluster, "prod-eu-1");
+        assert_eq!(c.mirror.percentage, 0.5);
+        assert_eq!(c.mirror.max_body_bytes, 64 * 1024);
+        assert_eq!(c.mirror.queue_bytes, DEFAULT_QUEUE_BYTES);
+        assert_eq!(c.gateway.server_name, "localhost");
+        assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let dir = temp_dir("bad");
+        let text = "
+cluster: prod
+listen: 127.0.0.1
+primary: https://x
+mirror:
+  percentage: 101
+  max_body_bytes: 64MiB
+gateway:
+  address: gw:4433
+  ca: missing-ca.pem
+  cert: missing.pem
+  key: missing.key
+colour: blue
+";
+        let err = AgentConfig::from_yaml(text, &dir).expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "listen: is not an `ip:port`",
+            "primary: https targets are not supported",
+            "mirror.percentage: must be between 0 and 100 (found `101`)",
+            "mirror.max_body_bytes: exceeds the protocol's limit",
+            "gateway.ca: cannot be read",
+            "gateway.cert: cannot be read",
+            "gateway.key: cannot be read",
+            "colour: unknown key",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert_eq!(err.problems.len(), 8, "{text}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn missing_sections_are_named() {
+        let err = AgentConfig::from_yaml("cluster: c\n", Path::new(".")).expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("listen: is required"), "{text}");
+        assert!(text.contains("primary: is required"), "{text}");
+        assert!(text.contains("gateway: is required"), "{text}");
+    }
+}

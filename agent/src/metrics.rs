@@ -1,0 +1,323 @@
+//! The agent's metrics and its accounting of every request it sees.
+//!
+//! Every request ends in exactly one bucket:
+//!
+//! ```text
+//! teeway_agent_requests_total = teeway_agent_not_sampled_total
+//!                             + teeway_agent_mirrored_total
+//!                             + sum(teeway_agent_mirror_dropped_total{reason})
+//!                             + teeway_agent_mirror_in_flight
+//! ```
+//!
+//! A sampled request takes a [`Ticket`] when its head arrives. The ticket is resolved exactly once,
+//! as mirrored (the gateway acknowledged it) or dropped with a [`DropReason`]; a ticket dropped
+//! without being resolved counts as a `shutdown` drop, so nothing can vanish from the sum, even
+//! when a task is aborted. The ticket also holds the copy's bytes against `mirror.queue_bytes`
+//! until it resolves, which bounds the memory held by queued and in-flight copies together.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge};
+use teeway_runtime::metrics::Registry;
+
+/// Requests seen by the agent's listener.
+pub const REQUESTS_TOTAL: &str = "teeway_agent_requests_total";
+/// Requests the sampler passed over (not a drop).
+pub const NOT_SAMPLED_TOTAL: &str = "teeway_agent_not_sampled_total";
+/// Copies the gateway acknowledged.
+pub const MIRRORED_TOTAL: &str = "teeway_agent_mirrored_total";
+/// Copies given up, by reason.
+pub const MIRROR_DROPPED_TOTAL: &str = "teeway_agent_mirror_dropped_total";
+/// Copies sampled and not yet resolved (body being read, queued, or awaiting the gateway's ack).
+pub const MIRROR_IN_FLIGHT: &str = "teeway_agent_mirror_in_flight";
+/// Bytes of copies held against `mirror.queue_bytes`.
+pub const MIRROR_HELD_BYTES: &str = "teeway_agent_mirror_held_bytes";
+/// 1 while the uplink is connected and welcomed by a gateway, else 0.
+pub const UPLINK_CONNECTED: &str = "teeway_agent_uplink_connected";
+/// Uplink connection attempts, by result.
+pub const UPLINK_CONNECTS_TOTAL: &str = "teeway_agent_uplink_connects_total";
+/// Responses the agent produced itself because the primary could not answer.
+pub const PRIMARY_ERRORS_TOTAL: &str = "teeway_agent_primary_errors_total";
+
+/// How often, at most, one drop reason is logged: drops are counted always, logged in summary.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Why a copy was given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The body was larger than `mirror.max_body_bytes`.
+    BodyTooLarge,
+    /// The body did not arrive whole (client aborted, or the primary answered before reading it).
+    IncompleteBody,
+    /// The queue held `mirror.queue` copies already.
+    QueueFull,
+    /// Copies held already used `mirror.queue_bytes`.
+    QueueBytes,
+    /// No gateway connection when the copy was due to be sent.
+    NoUplink,
+    /// The connection failed while the copy was on its way; the gateway never acknowledged it.
+    UplinkError,
+    /// The gateway refused the batch that carried the copy.
+    Rejected,
+    /// The agent stopped before the copy could be sent.
+    Shutdown,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [DropReason; 8] = [
+        DropReason::BodyTooLarge,
+        DropReason::IncompleteBody,
+        DropReason::QueueFull,
+        DropReason::QueueBytes,
+        DropReason::NoUplink,
+        DropReason::UplinkError,
+        DropReason::Rejected,
+        DropReason::Shutdown,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::BodyTooLarge => "body_too_large",
+            DropReason::IncompleteBody => "incomplete_body",
+            DropReason::QueueFull => "queue_full",
+            DropReason::QueueBytes => "queue_bytes",
+            DropReason::NoUplink => "no_uplink",
+            DropReason::UplinkError => "uplink_error",
+            DropReason::Rejected => "rejected",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The agent's counters, registered once; the hot path only touches atomics.
+pub struct Accounting {
+    registry: Registry,
+    pub(crate) requests: Counter,
+    pub(crate) not_sampled: Counter,
+    mirrored: Counter,
+    dropped: [Counter; 8],
+    in_flight: Gauge,
+    held_bytes_gauge: Gauge,
+    pub(crate) uplink_connected: Gauge,
+    pub(crate) connects_ok: Counter,
+    pub(crate) connects_failed: Counter,
+    pub(crate) primary_errors: Counter,
+    held_bytes: AtomicU64,
+    held_bytes_limit: u64,
+    drop_logs: [DropLog; 8],
+    started: Instant,
+}
+
+impl std::fmt::Debug for Accounting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accounting").finish_non_exhaustive()
+    }
+}
+
+impl Accounting {
+    /// Registers every agent metric; `held_bytes_limit` is `mirror.queue_bytes`.
+    pub fn new(held_bytes_limit: u64) -> Self {
+        let registry = Registry::new();
+        let dropped = DropReason::ALL.map(|r| {
+            registry.counter(
+                MIRROR_DROPPED_TOTAL,
+                "Copies of sampled requests given up, by reason",
+                &[("reason", r.as_str())],
+            )
+        });
+        Self {
+            requests: registry.counter(REQUESTS_TOTAL, "Requests seen by the agent", &[]),
+            not_sampled: registry.counter(NOT_SAMPLED_TOTAL, "Requests the sampler passed over", &[]),
+            mirrored: registry.counter(MIRRORED_TOTAL, "Copies acknowledged by the gateway", &[]),
+            dropped,
+            in_flight: registry.gauge(
+                MIRROR_IN_FLIGHT,
+                "Copies sampled and not yet mirrored or dropped",
+                &[],
+            ),
+            held_bytes_gauge: registry.gauge(
+                MIRROR_HELD_BYTES,
+                "Bytes of copies held (queued or in flight) against mirror.queue_bytes",
+                &[],
+            ),
+            uplink_connected: registry.gauge(UPLINK_CONNECTED, "1 while the uplink to a gateway is up", &[]),
+            connects_ok: registry.counter(
+                UPLINK_CONNECTS_TOTAL,
+                "Uplink connection attempts, by result",
+                &[("result", "ok")],
+            ),
+            connects_failed: registry.counter(
+                UPLINK_CONNECTS_TOTAL,
+                "Uplink connection attempts, by result",
+                &[("result", "failed")],
+            ),
+            primary_errors: registry.counter(
+                PRIMARY_ERRORS_TOTAL,
+                "Requests answered with 502 because the primary could not be reached",
+                &[],
+            ),
+            registry,
+            held_bytes: AtomicU64::new(0),
+            held_bytes_limit,
+            drop_logs: std::array::from_fn(|_| DropLog::default()),
+            started: Instant::now(),
+        }
+    }
+
+    /// The registry to render on `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Opens the account of one sampled request.
+    pub fn ticket(self: &Arc<Self>) -> Ticket {
+        self.in_flight.increment(1.0);
+        Ticket {
+            accounting: Some(self.clone()),
+            held: 0,
+        }
+    }
+
+    fn resolve(&self, held: u64, outcome: Result<(), DropReason>) {
+        match outcome {
+            Ok(()) => self.mirrored.increment(1),
+            Err(reason) => {
+                self.dropped[reason.index()].increment(1);
+                self.drop_logs[reason.index()].note(reason, self.started);
+            }
+        }
+        if held > 0 {
+            self.held_bytes.fetch_sub(held, Ordering::Relaxed);
+            self.held_bytes_gauge.decrement(held as f64);
+        }
+        self.in_flight.decrement(1.0);
+    }
+}
+
+/// The account of one sampled request; see the module docs.
+#[derive(Debug)]
+pub struct Ticket {
+    accounting: Option<Arc<Accounting>>,
+    held: u64,
+}
+
+impl Ticket {
+    /// Holds `bytes` against `mirror.queue_bytes`; `Err(QueueBytes)` when the budget is spent.
+    pub fn hold(&mut self, bytes: u64) -> Result<(), DropReason> {
+        let Some(acc) = &self.accounting else {
+            return Ok(());
+        };
+        let before = acc.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > acc.held_bytes_limit {
+            acc.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(DropReason::QueueBytes);
+        }
+        acc.held_bytes_gauge.increment(bytes as f64);
+        self.held += bytes;
+        Ok(())
+    }
+
+    /// The gateway acknowledged the copy.
+    pub fn mirrored(mut self) {
+        if let Some(acc) = self.accounting.take() {
+            acc.resolve(self.held, Ok(()));
+        }
+    }
+
+    /// The copy was given up.
+    pub fn dropped(mut self, reason: DropReason) {
+        if let Some(acc) = self.accounting.take() {
+            acc.resolve(self.held, Err(reason));
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(acc) = self.accounting.take() {
+            acc.resolve(self.held, Err(DropReason::Shutdown));
+        }
+    }
+}
+
+/// Logs one drop reason at most once per [`DROP_LOG_INTERVAL`], with the count since the last line.
+#[derive(Default)]
+struct DropLog {
+    /// Seconds since the agent started at the last log line, plus one (0: never logged).
+    last: AtomicU64,
+    since_last: AtomicU64,
+}
+
+impl DropLog {
+    fn note(&self, reason: DropReason, started: Instant) {
+        self.since_last.fetch_add(1, Ordering::Relaxed);
+        let now = started.elapsed().as_secs() + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if last != 0 && now < last + DROP_LOG_INTERVAL.as_secs() {
+            return;
+        }
+        if self
+            .last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            let n = self.since_last.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                reason = reason.as_str(),
+                dropped = n,
+                "mirror copies dropped (logged at most once a minute per reason; see {MIRROR_DROPPED_TOTAL})"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use teeway_runtime::metrics::Snapshot;
+
+    fn snapshot(acc: &Accounting) -> Snapshot {
+        Snapshot::parse(&acc.registry().render())
+    }
+
+    #[test]
+    fn every_ticket_resolves_exactly_once() {
+        let acc = Arc::new(Accounting::new(1000));
+        let a = acc.ticket();
+        let b = acc.ticket();
+        let c = acc.ticket();
+        assert_eq!(snapshot(&acc).get(MIRROR_IN_FLIGHT), 3.0);
+        a.mirrored();
+        b.dropped(DropReason::QueueFull);
+        drop(c); // never resolved: counted as shutdown
+        let s = snapshot(&acc);
+        assert_eq!(s.get(MIRRORED_TOTAL), 1.0);
+        assert_eq!(s.get("teeway_agent_mirror_dropped_total{reason=\"queue_full\"}"), 1.0);
+        assert_eq!(s.get("teeway_agent_mirror_dropped_total{reason=\"shutdown\"}"), 1.0);
+        assert_eq!(s.get(MIRROR_IN_FLIGHT), 0.0);
+    }
+
+    #[test]
+    fn byte_budget_is_held_until_resolution() {
+        let acc = Arc::new(Accounting::new(100));
+        let mut a = acc.ticket();
+        let mut b = acc.ticket();
+        assert_eq!(a.hold(60), Ok(()));
+        assert_eq!(b.hold(60), Err(DropReason::QueueBytes));
+        b.dropped(DropReason::QueueBytes);
+        assert_eq!(snapshot(&acc).get(MIRROR_HELD_BYTES), 60.0);
+        a.mirrored();
+        let mut c = acc.ticket();
+        assert_eq!(c.hold(100), Ok(()), "released bytes are reusable");
+        c.mirrored();
+        assert_eq!(snapshot(&acc).get(MIRROR_HELD_BYTES), 0.0);
+    }
+}

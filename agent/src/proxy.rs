@@ -1,0 +1,214 @@
+//! The inline reverse proxy: production requests in, primary's responses back, a copy on the side.
+//!
+//! Clients may speak HTTP/1.1 or HTTP/2 (h2c with prior knowledge included); each request goes to
+//! the primary in the version it arrived in, over pooled connections, so gRPC and other h2-only
+//! protocols keep working. Bodies stream both ways; the response is the primary's, untouched but
+//! for hop-by-hop headers. The request path never waits for the mirror: see [`crate::tee`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use teeway_runtime::connect::UpstreamConnector;
+use teeway_runtime::proxy::{add_forwarding, remove_hop_by_hop};
+
+use crate::metrics::Accounting;
+use crate::tee::{Head, Tee, TeeBody};
+
+/// How long an idle pooled connection to the primary is kept.
+const PRIMARY_POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// The body of a response to the client: the primary's, or one the agent wrote itself.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+type PrimaryClient = Client<UpstreamConnector, TeeBody<Incoming>>;
+
+/// Forwards requests to the primary and tees copies.
+pub struct Proxy {
+    tee: Arc<Tee>,
+    http1: PrimaryClient,
+    http2: PrimaryClient,
+    primary_authority: Authority,
+    accounting: Arc<Accounting>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("primary", &self.primary_authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A proxy to the primary reached through `connector`.
+    pub fn new(
+        tee: Arc<Tee>,
+        connector: UpstreamConnector,
+        primary_authority: Authority,
+        accounting: Arc<Accounting>,
+    ) -> Self {
+        let client = |http2_only: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(PRIMARY_POOL_IDLE)
+                .http2_only(http2_only)
+                .build(connector.clone())
+        };
+        Self {
+            tee,
+            http1: client(false),
+            http2: client(true),
+            primary_authority,
+            accounting,
+        }
+    }
+
+    /// Handles one client request.
+    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        let received_at = SystemTime::now();
+        let ticket = self.tee.admit();
+        let (mut parts, body) = req.into_parts();
+        let original_uri = parts.uri.clone();
+        let version = parts.version;
+
+        remove_hop_by_hop(&mut parts.headers);
+        add_forwarding(&mut parts.headers, client.ip(), version);
+
+        let head = Head {
+            method: parts.method.clone(),
+            uri: original_uri.clone(),
+            version,
+            headers: parts.headers.clone(),
+            received_at,
+        };
+        let body = self.tee.body(body, head, ticket);
+
+        let (client_for_version, out_version) = if version == Version::HTTP_2 {
+            (&self.http2, Version::HTTP_2)
+        } else {
+            (&self.http1, Version::HTTP_11)
+        };
+        parts.version = out_version;
+        parts.uri = self.upstream_uri(&original_uri, version);
+        let upstream = Request::from_parts(parts, body);
+
+        match client_for_version.request(upstream).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Either::Left(body))
+            }
+            Err(e) => {
+                self.accounting.primary_errors.increment(1);
+                tracing::warn!(error = %error_chain(&e), "primary request failed; answering 502");
+                bad_gateway()
+            }
+        }
+    }
+
+    /// The URI sent upstream. The connector always dials the primary, so the authority only
+    /// names the request: HTTP/2 keeps the client's `:authority`; HTTP/1 keeps its `Host` header
+    /// (hyper leaves an existing one alone) and uses the primary's authority to key the pool.
+    fn upstream_uri(&self, original: &Uri, version: Version) -> Uri {
+        let authority = match (version, original.authority()) {
+            (Version::HTTP_2, Some(a)) => a.clone(),
+            _ => self.primary_authority.clone(),
+        };
+        let path = original
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(path);
+        Uri::from_parts(parts).unwrap_or_else(|_| original.clone())
+    }
+}
+
+fn bad_gateway() -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+        b"teeway: the primary service could not be reached\n",
+    ))));
+    *resp.status_mut() = StatusCode::BAD_GATEWAY;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// An error and its sources, joined: hyper's top-level messages alone are too vague to act on.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Accepts client connections until `shutdown`, then lets open connections finish their
+/// requests for up to `grace`.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken, grace: Duration) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let local = listener.local_addr().ok();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        let span = tracing::debug_span!("client", %peer, local = ?local);
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(open, ?grace, "waiting for client connections to finish");
+    }
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "client connections still open after the grace period; closing them");
+    }
+}
