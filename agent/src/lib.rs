@@ -104,6 +104,12 @@ impl Agent {
         self.uplink_state.is_connected()
     }
 
+    /// Resolves when the uplink's connected state equals `up` (for the demo and tests; operators
+    /// use `/readyz`).
+    pub async fn wait_connected(&self, up: bool) {
+        self.uplink_state.wait_for(up).await;
+    }
+
     /// Serves until `shutdown` is cancelled and the drain is over.
     pub async fn run(&self, listeners: AgentListeners, shutdown: CancellationToken) -> Result<(), AgentError> {
         let config = &self.config;

@@ -28,7 +28,7 @@ use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::proxy::{add_forwarding, remove_hop_by_hop};
 
 use crate::metrics::Accounting;
-use crate::tee::{Head, Tee, TeeBody};
+use crate::tee::{redact, Head, Tee, TeeBody};
 
 /// How long an idle pooled connection to the primary is kept.
 const PRIMARY_POOL_IDLE: Duration = Duration::from_secs(90);
@@ -90,14 +90,21 @@ impl Proxy {
         remove_hop_by_hop(&mut parts.headers);
         add_forwarding(&mut parts.headers, client.ip(), version);
 
-        let head = Head {
-            method: parts.method.clone(),
-            uri: original_uri.clone(),
-            version,
-            headers: parts.headers.clone(),
-            received_at,
+        let body = match ticket {
+            Some(ticket) => {
+                let mut headers = parts.headers.clone();
+                redact(&mut headers);
+                let head = Head {
+                    method: parts.method.clone(),
+                    uri: original_uri.clone(),
+                    version,
+                    headers,
+                    received_at,
+                };
+                self.tee.body(body, Some((head, ticket)))
+            }
+            None => self.tee.body(body, None),
         };
-        let body = self.tee.body(body, head, ticket);
 
         let (client_for_version, out_version) = if version == Version::HTTP_2 {
             (&self.http2, Version::HTTP_2)

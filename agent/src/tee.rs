@@ -20,6 +20,22 @@ use teeway_wire::MirroredRequest;
 
 use crate::metrics::{Accounting, DropReason, Ticket};
 
+/// Headers removed from every copy before it leaves the agent: credentials never leave
+/// production. (The primary still receives them unchanged.)
+pub const REDACTED_HEADERS: [http::HeaderName; 4] = [
+    http::header::AUTHORIZATION,
+    http::header::COOKIE,
+    http::header::SET_COOKIE,
+    http::header::PROXY_AUTHORIZATION,
+];
+
+/// Removes [`REDACTED_HEADERS`] from a copy's headers.
+pub fn redact(headers: &mut HeaderMap) {
+    for name in &REDACTED_HEADERS {
+        headers.remove(name);
+    }
+}
+
 /// Decides, per request, whether it is copied.
 #[derive(Debug, Clone, Copy)]
 pub struct Sampler {
@@ -116,13 +132,15 @@ impl Tee {
     }
 
     /// Wraps a request body so that it is copied as it streams to the primary.
-    pub fn body<B>(self: &Arc<Self>, inner: B, head: Head, ticket: Option<Ticket>) -> TeeBody<B>
+    ///
+    /// `copy` is the head and account of a sampled request, `None` for one passed over.
+    pub fn body<B>(self: &Arc<Self>, inner: B, copy: Option<(Head, Ticket)>) -> TeeBody<B>
     where
         B: Body<Data = Bytes>,
     {
         let mut body = TeeBody {
             inner,
-            capture: ticket.map(|ticket| Capture {
+            capture: copy.map(|(head, ticket)| Capture {
                 tee: self.clone(),
                 head: Some(head),
                 body: BytesMut::new(),
@@ -311,7 +329,7 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"world"))),
         ];
         let ticket = tee.admit();
-        let body = tee.body(StreamBody::new(futures_util::stream::iter(chunks)), head(), ticket);
+        let body = tee.body(StreamBody::new(futures_util::stream::iter(chunks)), ticket.map(|t| (head(), t)));
         let passed = body.collect().await.expect("body").to_bytes();
         assert_eq!(&passed[..], b"hello world");
         let q = rx.try_recv().expect("copy queued");
@@ -319,11 +337,24 @@ mod tests {
         q.ticket.mirrored();
     }
 
+    #[test]
+    fn redaction_removes_credentials_only() {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, "Bearer secret".parse().expect("value"));
+        h.append(http::header::COOKIE, "a=1".parse().expect("value"));
+        h.append(http::header::COOKIE, "b=2".parse().expect("value"));
+        h.insert(http::header::PROXY_AUTHORIZATION, "Basic x".parse().expect("value"));
+        h.insert("x-keep", "1".parse().expect("value"));
+        redact(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
     #[tokio::test]
     async fn empty_body_is_queued_without_polling() {
         let (tee, mut rx, _) = tee(4, 1024);
         let ticket = tee.admit();
-        let _body = tee.body(Full::new(Bytes::new()), head(), ticket);
+        let _body = tee.body(Full::new(Bytes::new()), ticket.map(|t| (head(), t)));
         assert!(rx.try_recv().is_ok());
     }
 
@@ -331,7 +362,7 @@ mod tests {
     async fn oversized_body_passes_but_is_not_copied() {
         let (tee, mut rx, acc) = tee(4, 4);
         let ticket = tee.admit();
-        let body = tee.body(Full::new(Bytes::from_static(b"too long")), head(), ticket);
+        let body = tee.body(Full::new(Bytes::from_static(b"too long")), ticket.map(|t| (head(), t)));
         assert_eq!(&body.collect().await.expect("body").to_bytes()[..], b"too long");
         assert!(rx.try_recv().is_err());
         assert_eq!(dropped(&acc, "body_too_large"), 1.0);
@@ -342,7 +373,7 @@ mod tests {
         let (tee, _rx, acc) = tee(1, 1024);
         for _ in 0..3 {
             let ticket = tee.admit();
-            let _ = tee.body(Full::new(Bytes::new()), head(), ticket);
+            let _ = tee.body(Full::new(Bytes::new()), ticket.map(|t| (head(), t)));
         }
         assert_eq!(dropped(&acc, "queue_full"), 2.0);
     }
@@ -351,7 +382,7 @@ mod tests {
     async fn abandoned_body_counts_as_incomplete() {
         let (tee, mut rx, acc) = tee(4, 1024);
         let ticket = tee.admit();
-        let body = tee.body(Full::new(Bytes::from_static(b"unread")), head(), ticket);
+        let body = tee.body(Full::new(Bytes::from_static(b"unread")), ticket.map(|t| (head(), t)));
         drop(body);
         assert!(rx.try_recv().is_err());
         assert_eq!(dropped(&acc, "incomplete_body"), 1.0);

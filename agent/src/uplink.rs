@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, Endpoint, VarInt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -60,16 +60,39 @@ const MAX_REPLY_BYTES: usize = 64 * 1024;
 /// Time allowed at exit for the close to reach the gateway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Whether the uplink is connected, shared with the admin listener.
-#[derive(Debug, Default)]
+/// Whether the uplink is connected, shared with the admin listener and with callers that want
+/// to wait for it.
+#[derive(Debug)]
 pub struct UplinkState {
     connected: AtomicBool,
+    changes_tx: watch::Sender<bool>,
+}
+
+impl Default for UplinkState {
+    fn default() -> Self {
+        Self {
+            connected: AtomicBool::new(false),
+            changes_tx: watch::channel(false).0,
+        }
+    }
 }
 
 impl UplinkState {
     /// Whether a gateway has welcomed this agent on the current connection.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the uplink's connected state equals `up`.
+    pub async fn wait_for(&self, up: bool) {
+        let mut rx = self.changes_tx.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while we are borrowed.
+        let _ = rx.wait_for(|now| *now == up).await;
+    }
+
+    fn set(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        self.changes_tx.send_replace(up);
     }
 }
 
@@ -212,7 +235,7 @@ impl Uplink {
     }
 
     fn set_connected(&self, up: bool) {
-        self.state.connected.store(up, Ordering::Relaxed);
+        self.state.set(up);
         self.accounting.uplink_connected.set(if up { 1.0 } else { 0.0 });
     }
 

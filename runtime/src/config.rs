@@ -167,6 +167,11 @@ impl<'v> Section<'v> {
         self.map.is_some()
     }
 
+    /// The path of this section itself (`routes[1]`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// The path of `key` in this section.
     pub fn path_of(&self, key: &str) -> String {
         if self.path.is_empty() {

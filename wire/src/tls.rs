@@ -22,6 +22,13 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Installs ring as the process's default rustls provider, so that no code path can pick another
+/// provider a dependency compiled in. Every config here passes [`provider`] explicitly anyway;
+/// this covers libraries that ask rustls for its default. Calling it twice is harmless.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A CA bundle, a certificate chain and its private key: what each end needs.
 #[derive(Debug)]
 pub struct TlsMaterial {

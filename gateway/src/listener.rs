@@ -1,0 +1,204 @@
+//! The QUIC listener: accepts agents by client certificate and reads their streams.
+//!
+//! An agent whose certificate does not chain to the gateway's CA (or that presents none) fails the
+//! handshake; the refusal is logged with the peer address and counted. On an accepted connection
+//! every bidirectional stream is read whole (bounded by [`MAX_STREAM_BYTES`]) and decoded: a
+//! `HELLO` is answered with `WELCOME`; a batch of `REQUEST` frames is dispatched and answered with
+//! `ACK`. A stream that breaks the protocol is reset with [`codes::PROTOCOL_ERROR`]: that stream
+//! only, never the connection or the process.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use teeway_wire::{codes, Frame, MirroredRequest, Welcome, MAX_BATCH_BYTES, MAX_FRAME_LEN, PROTOCOL_VERSION};
+
+use crate::metrics::{FailReason, GatewayMetrics};
+use crate::router::Router;
+
+/// Largest stream accepted: a full batch plus one maximal frame (a batch stops growing once it
+/// reaches `MAX_BATCH_BYTES`, so its last record may pass that mark).
+pub const MAX_STREAM_BYTES: usize = MAX_BATCH_BYTES + MAX_FRAME_LEN as usize + 4;
+
+/// What stream handlers share.
+pub struct Dispatcher {
+    pub(crate) router: Router,
+    pub(crate) metrics: Arc<GatewayMetrics>,
+    /// Replays under way, awaited at shutdown.
+    pub(crate) replays: TaskTracker,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    /// Counts `record` and starts its replays; never waits.
+    fn dispatch(&self, record: MirroredRequest) {
+        self.metrics.received.increment(1);
+        let Some(route) = self.router.route(&record) else {
+            self.metrics.failed(FailReason::NoRoute);
+            return;
+        };
+        let record = Arc::new(record);
+        for target in &route.targets {
+            let Some(slot) = target.try_reserve() else {
+                self.metrics.failed(FailReason::Overloaded);
+                continue;
+            };
+            let target = target.clone();
+            let record = record.clone();
+            let metrics = self.metrics.clone();
+            self.replays.spawn(async move { target.replay(&record, &metrics, slot).await });
+        }
+    }
+}
+
+/// Accepts agent connections until `shutdown`.
+pub async fn serve(endpoint: Endpoint, dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
+    let connections = TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let peer = incoming.remote_address();
+        let dispatcher = dispatcher.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(
+            async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        dispatcher.metrics.handshakes_refused.increment(1);
+                        tracing::warn!(error = %e, "agent handshake refused");
+                        return;
+                    }
+                };
+                serve_connection(conn, dispatcher, shutdown).await;
+            }
+            .instrument(tracing::info_span!("agent", %peer)),
+        );
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+async fn serve_connection(conn: Connection, dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
+    let identity = agent_identity(&conn).unwrap_or_else(|| "(unnamed)".into());
+    dispatcher.metrics.handshakes_ok.increment(1);
+    dispatcher.metrics.agents_connected.increment(1.0);
+    tracing::info!(%identity, "agent connected");
+    let streams = TaskTracker::new();
+    let reason = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break "gateway shutting down".to_owned(),
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let dispatcher = dispatcher.clone();
+                    let identity = identity.clone();
+                    streams.spawn(async move { serve_stream(send, recv, &dispatcher, &identity).await });
+                }
+                Err(e) => break e.to_string(),
+            },
+        }
+    };
+    streams.close();
+    streams.wait().await;
+    dispatcher.metrics.agents_connected.decrement(1.0);
+    tracing::info!(%identity, %reason, "agent disconnected");
+}
+
+/// The identity in the agent's certificate (see [`teeway_wire::tls::peer_identity`]).
+fn agent_identity(conn: &Connection) -> Option<String> {
+    let chain = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().and_then(teeway_wire::tls::peer_identity)
+}
+
+async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dispatcher: &Dispatcher, identity: &str) {
+    let bytes = match recv.read_to_end(MAX_STREAM_BYTES).await {
+        Ok(b) => b,
+        Err(quinn::ReadToEndError::TooLong) => {
+            dispatcher.metrics.streams_rejected_too_large.increment(1);
+            tracing::warn!(limit = MAX_STREAM_BYTES, "stream larger than the protocol allows; resetting it");
+            reject(&mut send, &mut recv);
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "stream ended before it was complete");
+            return;
+        }
+    };
+    let mut buf = BytesMut::from(&bytes[..]);
+    drop(bytes);
+    let mut frames = Vec::new();
+    let problem = loop {
+        match Frame::decode(&mut buf) {
+            Ok(Some(frame)) => frames.push(frame),
+            Ok(None) if buf.is_empty() => break None,
+            Ok(None) => break Some(format!("stream ends inside a frame ({} bytes left)", buf.len())),
+            Err(e) => break Some(e.to_string()),
+        }
+    };
+    let reply = match (problem, frames.first()) {
+        (Some(problem), _) => Err(problem),
+        (None, None) => Err("empty stream".to_owned()),
+        (None, Some(Frame::Hello(hello))) if frames.len() == 1 => {
+            tracing::info!(
+                %identity,
+                source_cluster = %hello.source_cluster,
+                agent_software = %hello.software,
+                "agent greeted"
+            );
+            Ok(Frame::Welcome(Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                agent_identity: identity.to_owned(),
+                software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
+            }))
+        }
+        (None, Some(Frame::Request(_))) if frames.iter().all(|f| matches!(f, Frame::Request(_))) => {
+            let accepted = u32::try_from(frames.len()).unwrap_or(u32::MAX);
+            for frame in frames {
+                if let Frame::Request(record) = frame {
+                    dispatcher.dispatch(record);
+                }
+            }
+            Ok(Frame::Ack { accepted })
+        }
+        (None, Some(_)) => Err("frames out of place (an agent sends one HELLO, or only REQUEST frames)".to_owned()),
+    };
+    match reply {
+        Ok(frame) => {
+            let mut out = BytesMut::new();
+            frame.encode(&mut out);
+            if let Err(e) = send.write_all(&out).await {
+                tracing::debug!(error = %e, "could not answer the agent");
+                return;
+            }
+            let _ = send.finish();
+            // Wait until the answer is delivered before the stream is dropped.
+            let _ = send.stopped().await;
+        }
+        Err(problem) => {
+            dispatcher.metrics.streams_rejected_protocol.increment(1);
+            tracing::warn!(%problem, "protocol error; resetting the stream");
+            reject(&mut send, &mut recv);
+        }
+    }
+}
+
+fn reject(send: &mut SendStream, recv: &mut RecvStream) {
+    let code = VarInt::from_u32(codes::PROTOCOL_ERROR);
+    let _ = recv.stop(code);
+    let _ = send.reset(code);
+}

@@ -1,0 +1,144 @@
+//! The gateway's metric names and handles.
+//!
+//! Every record received is dispatched to each target of its route, and each (record, target)
+//! pair ends in exactly one bucket:
+//!
+//! ```text
+//! teeway_gateway_received_total × targets of its route
+//!   = sum(teeway_gateway_replayed_total{status_class}) + sum(teeway_gateway_replay_failed_total{reason})
+//!     + teeway_gateway_replay_in_flight
+//! ```
+//!
+//! (a record that matches no route counts once, as `replay_failed_total{reason="no_route"}`).
+
+use metrics::{Counter, Gauge, Histogram};
+use teeway_runtime::metrics::Registry;
+
+/// Records received from agents.
+pub const RECEIVED_TOTAL: &str = "teeway_gateway_received_total";
+/// Replays whose response was read to the end, by status class.
+pub const REPLAYED_TOTAL: &str = "teeway_gateway_replayed_total";
+/// Replays that did not complete, by reason.
+pub const REPLAY_FAILED_TOTAL: &str = "teeway_gateway_replay_failed_total";
+/// Replays under way.
+pub const REPLAY_IN_FLIGHT: &str = "teeway_gateway_replay_in_flight";
+/// Time from sending a replay to the end of the shadow's response.
+pub const REPLAY_DURATION_SECONDS: &str = "teeway_gateway_replay_duration_seconds";
+/// Agent connection attempts, by result.
+pub const HANDSHAKES_TOTAL: &str = "teeway_gateway_handshakes_total";
+/// Agents connected now.
+pub const AGENTS_CONNECTED: &str = "teeway_gateway_agents_connected";
+/// Streams refused because they broke the protocol, by reason.
+pub const STREAMS_REJECTED_TOTAL: &str = "teeway_gateway_streams_rejected_total";
+
+/// Why a replay did not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    /// No route matched the record.
+    NoRoute,
+    /// The target already had `max_concurrency` replays in flight.
+    Overloaded,
+    /// The target could not be connected to.
+    Connect,
+    /// The replay took longer than the route's `timeout`.
+    Timeout,
+    /// The record could not be made into a request for this target.
+    InvalidRequest,
+    /// The exchange failed after connecting (reset, malformed response).
+    Error,
+}
+
+impl FailReason {
+    const ALL: [FailReason; 6] = [
+        FailReason::NoRoute,
+        FailReason::Overloaded,
+        FailReason::Connect,
+        FailReason::Timeout,
+        FailReason::InvalidRequest,
+        FailReason::Error,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::NoRoute => "no_route",
+            FailReason::Overloaded => "overloaded",
+            FailReason::Connect => "connect",
+            FailReason::Timeout => "timeout",
+            FailReason::InvalidRequest => "invalid_request",
+            FailReason::Error => "error",
+        }
+    }
+}
+
+/// Registered handles.
+pub struct GatewayMetrics {
+    registry: Registry,
+    pub(crate) received: Counter,
+    replayed: [Counter; 5],
+    failed: [Counter; 6],
+    pub(crate) in_flight: Gauge,
+    pub(crate) duration: Histogram,
+    pub(crate) handshakes_ok: Counter,
+    pub(crate) handshakes_refused: Counter,
+    pub(crate) agents_connected: Gauge,
+    pub(crate) streams_rejected_protocol: Counter,
+    pub(crate) streams_rejected_too_large: Counter,
+}
+
+impl std::fmt::Debug for GatewayMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayMetrics").finish_non_exhaustive()
+    }
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GatewayMetrics {
+    /// Registers every gateway metric.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let replayed = STATUS_CLASSES.map(|class| {
+            r.counter(REPLAYED_TOTAL, "Replays completed, by status class of the shadow's response", &[("status_class", class)])
+        });
+        let failed = FailReason::ALL.map(|reason| {
+            r.counter(REPLAY_FAILED_TOTAL, "Replays that did not complete, by reason", &[("reason", reason.as_str())])
+        });
+        let rejected = |reason| r.counter(STREAMS_REJECTED_TOTAL, "Agent streams refused, by reason", &[("reason", reason)]);
+        Self {
+            received: r.counter(RECEIVED_TOTAL, "Mirrored requests received from agents", &[]),
+            replayed,
+            failed,
+            in_flight: r.gauge(REPLAY_IN_FLIGHT, "Replays under way", &[]),
+            duration: r.histogram(REPLAY_DURATION_SECONDS, "Time from sending a replay to the end of the shadow's response", &[]),
+            handshakes_ok: r.counter(HANDSHAKES_TOTAL, "Agent connection attempts, by result", &[("result", "ok")]),
+            handshakes_refused: r.counter(HANDSHAKES_TOTAL, "Agent connection attempts, by result", &[("result", "refused")]),
+            agents_connected: r.gauge(AGENTS_CONNECTED, "Agents connected now", &[]),
+            streams_rejected_protocol: rejected("protocol"),
+            streams_rejected_too_large: rejected("too_large"),
+            registry: r,
+        }
+    }
+
+    /// The registry rendered on `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts a completed replay by the status class of its response.
+    pub fn replayed(&self, status: http::StatusCode) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.replayed[class].increment(1);
+    }
+
+    /// Counts a replay that did not complete.
+    pub fn failed(&self, reason: FailReason) {
+        self.failed[reason as usize].increment(1);
+    }
+}

@@ -1,0 +1,248 @@
+//! Replaying a mirrored request to a shadow target, then reading the response to the end and
+//! dropping it.
+//!
+//! Each target has its own pooled hyper clients (HTTP/1.1, and HTTP/2 with prior knowledge for
+//! records that arrived as h2) and its own concurrency limit. A record that finds the limit
+//! reached is dropped and counted as `overloaded`: queueing it would let a slow shadow grow the
+//! gateway's memory without bound.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use teeway_runtime::config::HttpTarget;
+use teeway_runtime::connect::UpstreamConnector;
+use teeway_runtime::dns::Resolver;
+use teeway_runtime::proxy::remove_hop_by_hop;
+use teeway_wire::MirroredRequest;
+
+use crate::config::HostPolicy;
+use crate::metrics::{FailReason, GatewayMetrics};
+
+/// How long an idle pooled connection to a shadow is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+/// How long one connection attempt to a shadow may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+type ShadowClient = Client<UpstreamConnector, Full<Bytes>>;
+
+/// One shadow service of one route.
+pub struct Target {
+    /// The URL as configured.
+    pub url: String,
+    authority: Authority,
+    http1: ShadowClient,
+    http2: ShadowClient,
+    limit: Arc<Semaphore>,
+    host_policy: HostPolicy,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+impl Target {
+    /// A target with its own pools and limit.
+    pub fn new(
+        target: &HttpTarget,
+        resolver: Resolver,
+        host_policy: HostPolicy,
+        timeout: Duration,
+        max_concurrency: usize,
+    ) -> Result<Self, http::uri::InvalidUri> {
+        let authority: Authority = target
+            .url
+            .trim_start_matches("http://")
+            .parse()?;
+        let connector = UpstreamConnector::new(&target.host, target.port, resolver, CONNECT_TIMEOUT);
+        let client = |http2_only: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE)
+                .http2_only(http2_only)
+                .build(connector.clone())
+        };
+        Ok(Self {
+            url: target.url.clone(),
+            authority,
+            http1: client(false),
+            http2: client(true),
+            limit: Arc::new(Semaphore::new(max_concurrency)),
+            host_policy,
+            timeout,
+        })
+    }
+
+    /// A replay slot, or `None` when `max_concurrency` replays are already under way.
+    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.limit.clone().try_acquire_owned().ok()
+    }
+
+    /// Replays `record`, reads the response to the end and counts the outcome.
+    pub async fn replay(&self, record: &MirroredRequest, metrics: &GatewayMetrics, _slot: OwnedSemaphorePermit) {
+        metrics.in_flight.increment(1.0);
+        let outcome = self.exchange(record).await;
+        metrics.in_flight.decrement(1.0);
+        match outcome {
+            Ok((status, elapsed)) => {
+                metrics.replayed(status);
+                metrics.duration.record(elapsed.as_secs_f64());
+            }
+            Err(reason) => metrics.failed(reason),
+        }
+    }
+
+    async fn exchange(&self, record: &MirroredRequest) -> Result<(http::StatusCode, Duration), FailReason> {
+        let request = self.request_for(record).ok_or(FailReason::InvalidRequest)?;
+        let client = if request.version() == Version::HTTP_2 { &self.http2 } else { &self.http1 };
+        let started = Instant::now();
+        let exchange = async {
+            let response = client.request(request).await.map_err(|e| {
+                tracing::debug!(target = %self.url, error = %e, "replay failed");
+                if e.is_connect() { FailReason::Connect } else { FailReason::Error }
+            })?;
+            let status = response.status();
+            let mut body = response.into_body();
+            // Drain and drop: the shadow's answer is read so the connection can be reused.
+            while let Some(frame) = body.frame().await {
+                frame.map_err(|_| FailReason::Error)?;
+            }
+            Ok(status)
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(status)) => Ok((status, started.elapsed())),
+            Ok(Err(reason)) => Err(reason),
+            Err(_) => Err(FailReason::Timeout),
+        }
+    }
+
+    /// The request the shadow receives: the record's method, target, headers and body, with the
+    /// Host chosen by the route's policy and hop-by-hop headers removed.
+    fn request_for(&self, record: &MirroredRequest) -> Option<Request<Full<Bytes>>> {
+        let original_host = original_host(record);
+        let host = match (self.host_policy, original_host) {
+            (HostPolicy::Keep, Some(h)) => h,
+            (HostPolicy::AppendShadow, Some(h)) => append_shadow(&h),
+            (_, _) => self.authority.as_str().to_owned(),
+        };
+        let path = record
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut headers = record.headers.clone();
+        remove_hop_by_hop(&mut headers);
+        let version = if record.version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        let authority = if version == Version::HTTP_2 {
+            // HTTP/2 carries the host in `:authority`, taken from the URI.
+            headers.remove(header::HOST);
+            host.parse::<Authority>().ok()?
+        } else {
+            headers.insert(header::HOST, HeaderValue::from_str(&host).ok()?);
+            self.authority.clone()
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(path);
+        let mut request = Request::new(Full::new(record.body.clone()));
+        *request.method_mut() = record.method.clone();
+        *request.uri_mut() = Uri::from_parts(parts).ok()?;
+        *request.version_mut() = version;
+        *request.headers_mut() = headers;
+        Some(request)
+    }
+}
+
+/// The Host the client addressed, port included: `Host` (HTTP/1) or the URI authority (HTTP/2).
+fn original_host(record: &MirroredRequest) -> Option<String> {
+    if let Some(host) = record.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        return Some(host.to_owned());
+    }
+    record.uri.authority().map(|a| a.as_str().to_owned())
+}
+
+/// `api.example.com:8080` becomes `api.example.com-shadow:8080`, as Envoy and Istio do.
+fn append_shadow(host: &str) -> String {
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{name}-shadow:{port}")
+        }
+        _ => format!("{host}-shadow"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, Method};
+    use std::time::UNIX_EPOCH;
+
+    fn target(policy: HostPolicy) -> Target {
+        let t = HttpTarget { host: "127.0.0.1".into(), port: 9100, url: "http://127.0.0.1:9100".into() };
+        let resolver = Resolver::from_system().expect("resolver");
+        Target::new(&t, resolver, policy, Duration::from_secs(1), 4).expect("target")
+    }
+
+    fn record(version: Version, uri: &'static str, host: Option<&'static str>) -> MirroredRequest {
+        let mut headers = HeaderMap::new();
+        if let Some(h) = host {
+            headers.insert(header::HOST, HeaderValue::from_static(h));
+        }
+        headers.insert("x-keep", HeaderValue::from_static("1"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        MirroredRequest {
+            id: 1,
+            received_at: UNIX_EPOCH,
+            source_cluster: "c".into(),
+            method: Method::PUT,
+            uri: Uri::from_static(uri),
+            version,
+            headers,
+            body: Bytes::from_static(b"body"),
+            trailers: None,
+            body_truncated: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn host_policies_on_http1() {
+        let r = record(Version::HTTP_11, "/v1/x?q=1", Some("api.example.com:8080"));
+        let keep = target(HostPolicy::Keep).request_for(&r).expect("request");
+        assert_eq!(keep.headers()[header::HOST], "api.example.com:8080");
+        assert_eq!(keep.uri(), "http://127.0.0.1:9100/v1/x?q=1");
+        assert_eq!(keep.method(), Method::PUT);
+        assert!(keep.headers().get(header::CONNECTION).is_none());
+        assert_eq!(keep.headers()["x-keep"], "1");
+        let t = target(HostPolicy::Target).request_for(&r).expect("request");
+        assert_eq!(t.headers()[header::HOST], "127.0.0.1:9100");
+        let s = target(HostPolicy::AppendShadow).request_for(&r).expect("request");
+        assert_eq!(s.headers()[header::HOST], "api.example.com-shadow:8080");
+    }
+
+    #[tokio::test]
+    async fn http2_records_carry_host_in_authority() {
+        let r = record(Version::HTTP_2, "http://api.example.com/pkg.Svc/Call", None);
+        let req = target(HostPolicy::Keep).request_for(&r).expect("request");
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert_eq!(req.uri(), "http://api.example.com/pkg.Svc/Call");
+        assert!(req.headers().get(header::HOST).is_none());
+    }
+
+    #[test]
+    fn append_shadow_keeps_port() {
+        assert_eq!(append_shadow("a.example"), "a.example-shadow");
+        assert_eq!(append_shadow("a.example:80"), "a.example-shadow:80");
+    }
+}

@@ -1,0 +1,53 @@
+//! `teeway check FILE...`: validates agent and gateway configurations with the code the servers
+//! run at start-up, and lists every problem.
+
+use std::path::Path;
+
+use teeway_agent::AgentConfig;
+use teeway_gateway::GatewayConfig;
+use teeway_runtime::config::ConfigError;
+
+/// Which half a configuration file is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `agent.yaml`: has `primary:`.
+    Agent,
+    /// `gateway.yaml`: has `routes:`.
+    Gateway,
+}
+
+/// Tells an agent configuration from a gateway one by its keys.
+pub fn detect(text: &str) -> Option<Kind> {
+    let doc = teeway_runtime::yaml::parse(text).ok()?;
+    let map = doc.as_mapping()?;
+    let has = |k: &str| map.contains_key(k);
+    match (has("primary") || has("mirror") || has("cluster"), has("routes") || has("tls")) {
+        (true, false) => Some(Kind::Agent),
+        (false, true) => Some(Kind::Gateway),
+        _ => None,
+    }
+}
+
+/// Validates one file; `Ok(summary)` or every problem.
+pub fn check_file(path: &Path) -> Result<String, ConfigError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::unreadable(&name, format!("cannot read the file: {e}"), "check the path"))?;
+    match detect(&text) {
+        Some(Kind::Agent) => AgentConfig::from_file(path).map(|c| {
+            format!(
+                "agent config: cluster {}, listen {}, primary {}, gateway {}:{}, mirroring {}%",
+                c.cluster, c.listen, c.primary.url, c.gateway.host, c.gateway.port, c.mirror.percentage
+            )
+        }),
+        Some(Kind::Gateway) => GatewayConfig::from_file(path).map(|c| {
+            let targets: usize = c.routes.iter().map(|r| r.targets.len()).sum();
+            format!("gateway config: listen {}, {} routes, {targets} targets", c.listen, c.routes.len())
+        }),
+        None => Err(ConfigError::unreadable(
+            &name,
+            "cannot tell whether this is an agent or a gateway configuration",
+            "an agent configuration has `primary:`, a gateway configuration has `routes:` and `tls:`",
+        )),
+    }
+}
