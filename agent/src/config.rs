@@ -224,8 +224,9 @@ impl AgentConfig {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::unreadable(&name, format!("cannot read the file: {e}"), "check the path"))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_yaml(&text, base).map_err(|e| e.in_file(&name))
+        // Relative paths inside the file are taken from the working directory, as the shell takes
+        // the path of the file itself.
+        Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&name))
     }
 }
 

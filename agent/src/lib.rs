@@ -134,6 +134,12 @@ impl Agent {
         let connector = UpstreamConnector::new(&config.primary.host, config.primary.port, resolver, PRIMARY_CONNECT_TIMEOUT);
         let proxy = Arc::new(Proxy::new(tee, connector, authority, self.accounting.clone()));
 
+        let admin_addr = listeners
+            .admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let drain = CancellationToken::new();
         let uplink_task = tokio::spawn(uplink.run(queue_rx, drain.clone(), config.shutdown_grace));
         let admin_stop = CancellationToken::new();
@@ -146,6 +152,7 @@ impl Agent {
         });
         tracing::info!(
             listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            admin = %config.admin.as_ref().map(|_| admin_addr.clone()).unwrap_or_default(),
             primary = %config.primary.url,
             gateway = %format_args!("{}:{}", config.gateway.host, config.gateway.port),
             percentage = config.mirror.percentage,

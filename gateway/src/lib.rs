@@ -115,6 +115,12 @@ impl Gateway {
             replays: TaskTracker::new(),
         });
 
+        let admin_addr = listeners
+            .admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let endpoint = self.endpoint(listeners.quic)?;
         let admin_stop = CancellationToken::new();
         let admin_task = listeners.admin.map(|listener| {
@@ -123,6 +129,7 @@ impl Gateway {
         });
         tracing::info!(
             listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            admin = %admin_addr,
             routes = config.routes.len(),
             "gateway serving"
         );

@@ -1,0 +1,96 @@
+//! Shared helpers for the end-to-end tests: a whole stack on loopback, admin scrapes over HTTP,
+//! and a bounded wait for counters (which have no change event).
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use teeway::sample::{self, Recording, Service};
+use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
+use teeway_runtime::metrics::Snapshot;
+
+/// Upper bound on any wait in these tests: generous for a loaded CI machine, never reached when
+/// things work.
+pub const LIMIT: Duration = Duration::from_secs(20);
+
+/// Primary, shadow, gateway and agent, started in that order.
+pub struct Stack {
+    pub pki: Pki,
+    pub primary: Service,
+    pub shadow: Service,
+    pub recording: Recording,
+    pub gateway: Option<RunningGateway>,
+    pub agent: RunningAgent,
+}
+
+impl Stack {
+    pub async fn start(percentage: f64) -> Stack {
+        teeway_wire::tls::install_default_provider();
+        let pki = Pki::generate("test-agent").expect("pki");
+        let primary = sample::start_primary().await.expect("primary");
+        let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
+        let gateway = RunningGateway::start(stack::gateway_config(pki.gateway_material(), &[shadow.addr]))
+            .await
+            .expect("gateway");
+        let agent = RunningAgent::start(stack::agent_config(pki.agent_material(), primary.addr, gateway.addr, percentage))
+            .await
+            .expect("agent");
+        assert!(agent.wait_connected(LIMIT).await, "uplink did not connect");
+        Stack { pki, primary, shadow, recording, gateway: Some(gateway), agent }
+    }
+
+    pub fn agent_metrics(&self) -> Snapshot {
+        self.agent.agent.metrics()
+    }
+
+    pub fn gateway_metrics(&self) -> Snapshot {
+        self.gateway.as_ref().expect("gateway running").gateway.metrics()
+    }
+
+    pub async fn stop(mut self) {
+        self.agent.stop().await.expect("agent stops cleanly");
+        if let Some(g) = self.gateway.take() {
+            g.stop().await.expect("gateway stops cleanly");
+        }
+    }
+}
+
+/// GET `path` from an admin listener.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (http::StatusCode, String) {
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let resp = client
+        .get(format!("http://{addr}{path}").parse().expect("uri"))
+        .await
+        .expect("admin answers");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Polls `read` until `done` holds for its value, at most [`LIMIT`]; returns the last value.
+/// Only for counters, which have no change event to wait on.
+pub async fn settle<T>(mut read: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let value = read();
+        if done(&value) || Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The agent's accounting identity: requests = not_sampled + mirrored + dropped + in_flight.
+pub fn assert_agent_identity(s: &Snapshot) {
+    use teeway_agent::metrics as m;
+    let lhs = s.get(m::REQUESTS_TOTAL);
+    let rhs = s.get(m::NOT_SAMPLED_TOTAL) + s.get(m::MIRRORED_TOTAL) + s.sum(m::MIRROR_DROPPED_TOTAL) + s.get(m::MIRROR_IN_FLIGHT);
+    assert_eq!(lhs, rhs, "accounting identity broken: {s:?}");
+}
