@@ -26,14 +26,25 @@ pub struct InitOptions {
 }
 
 /// The files `certs init` writes, in order.
-pub const FILES: [&str; 6] = ["ca.pem", "ca.key", "gateway.pem", "gateway.key", "agent.pem", "agent.key"];
+pub const FILES: [&str; 6] = [
+    "ca.pem",
+    "ca.key",
+    "gateway.pem",
+    "gateway.key",
+    "agent.pem",
+    "agent.key",
+];
 
 /// Writes the six files; returns their paths.
 pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
     let dir = &options.dir;
     let paths: Vec<PathBuf> = FILES.iter().map(|f| dir.join(f)).collect();
     if !options.force {
-        let existing: Vec<String> = paths.iter().filter(|p| p.exists()).map(|p| p.display().to_string()).collect();
+        let existing: Vec<String> = paths
+            .iter()
+            .filter(|p| p.exists())
+            .map(|p| p.display().to_string())
+            .collect();
         if !existing.is_empty() {
             bail!(
                 "refusing to overwrite {}; pass --force to replace them (agents and gateways using the old CA will stop trusting each other)",

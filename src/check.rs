@@ -21,7 +21,10 @@ pub fn detect(text: &str) -> Option<Kind> {
     let doc = teeway_runtime::yaml::parse(text).ok()?;
     let map = doc.as_mapping()?;
     let has = |k: &str| map.contains_key(k);
-    match (has("primary") || has("mirror") || has("cluster"), has("routes") || has("tls")) {
+    match (
+        has("primary") || has("mirror") || has("cluster"),
+        has("routes") || has("tls"),
+    ) {
         (true, false) => Some(Kind::Agent),
         (false, true) => Some(Kind::Gateway),
         _ => None,
@@ -31,8 +34,13 @@ pub fn detect(text: &str) -> Option<Kind> {
 /// Validates one file; `Ok(summary)` or every problem.
 pub fn check_file(path: &Path) -> Result<String, ConfigError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::unreadable(&name, format!("cannot read the file: {e}"), "check the path"))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::unreadable(
+            &name,
+            format!("cannot read the file: {e}"),
+            "check the path",
+        )
+    })?;
     match detect(&text) {
         Some(Kind::Agent) => AgentConfig::from_file(path).map(|c| {
             format!(

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -64,8 +64,14 @@ pub fn plan(n: usize) -> Vec<PlannedRequest> {
     (0..n)
         .map(|seq| {
             let mut headers = vec![
-                (HeaderName::from_static("x-demo-seq"), HeaderValue::from(seq)),
-                (header::USER_AGENT, HeaderValue::from_static("teeway-demo/1")),
+                (
+                    HeaderName::from_static("x-demo-seq"),
+                    HeaderValue::from(seq),
+                ),
+                (
+                    header::USER_AGENT,
+                    HeaderValue::from_static("teeway-demo/1"),
+                ),
             ];
             let mut r = PlannedRequest {
                 seq,
@@ -82,21 +88,39 @@ pub fn plan(n: usize) -> Vec<PlannedRequest> {
                     r.method = Method::POST;
                     r.target = format!("/api/upload?name=blob-{seq}.bin");
                     r.body = binary_body(seq, 512 + seq * 37 % 8192);
-                    headers.push((header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")));
+                    headers.push((
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    ));
                 }
                 2 => {
                     r.method = Method::PUT;
                     r.target = format!("/api/docs/{seq}");
-                    r.body = Bytes::from(format!("line one of doc {seq}\r\nline two\r\n{}", "x".repeat(seq % 300)));
+                    r.body = Bytes::from(format!(
+                        "line one of doc {seq}\r\nline two\r\n{}",
+                        "x".repeat(seq % 300)
+                    ));
                     r.chunked = true;
                     headers.push((header::CONTENT_TYPE, HeaderValue::from_static("text/plain")));
                 }
                 3 => {
                     r.target = "/api/me".into();
-                    headers.push((HeaderName::from_static("x-tag"), HeaderValue::from_static("alpha")));
-                    headers.push((HeaderName::from_static("x-tag"), HeaderValue::from_static("beta")));
-                    headers.push((header::AUTHORIZATION, HeaderValue::from_static("Bearer demo-secret-token")));
-                    headers.push((header::COOKIE, HeaderValue::from_static("session=demo-secret-cookie")));
+                    headers.push((
+                        HeaderName::from_static("x-tag"),
+                        HeaderValue::from_static("alpha"),
+                    ));
+                    headers.push((
+                        HeaderName::from_static("x-tag"),
+                        HeaderValue::from_static("beta"),
+                    ));
+                    headers.push((
+                        header::AUTHORIZATION,
+                        HeaderValue::from_static("Bearer demo-secret-token"),
+                    ));
+                    headers.push((
+                        header::COOKIE,
+                        HeaderValue::from_static("session=demo-secret-cookie"),
+                    ));
                 }
                 4 => {
                     r.method = Method::DELETE;
@@ -111,7 +135,10 @@ pub fn plan(n: usize) -> Vec<PlannedRequest> {
                     r.target = "/pkg.Orders/Create".into();
                     r.version = Version::HTTP_2;
                     r.body = Bytes::from(format!("{{\"order\":{seq},\"items\":[1,2,3]}}"));
-                    headers.push((header::CONTENT_TYPE, HeaderValue::from_static("application/json")));
+                    headers.push((
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    ));
                 }
                 _ => {
                     r.method = Method::PATCH;
@@ -153,7 +180,9 @@ impl PlanClient {
         connector.set_nodelay(true);
         Self {
             http1: Client::builder(TokioExecutor::new()).build(connector.clone()),
-            http2: Client::builder(TokioExecutor::new()).http2_only(true).build(connector),
+            http2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector),
             base: format!("http://{addr}"),
         }
     }
@@ -177,7 +206,11 @@ impl PlanClient {
         for (name, value) in &r.headers {
             req.headers_mut().append(name.clone(), value.clone());
         }
-        let client = if r.version == Version::HTTP_2 { &self.http2 } else { &self.http1 };
+        let client = if r.version == Version::HTTP_2 {
+            &self.http2
+        } else {
+            &self.http1
+        };
         let resp = client.request(req).await?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
@@ -202,7 +235,11 @@ pub async fn send_plan(addr: SocketAddr, plan: &[PlannedRequest]) -> Vec<Result<
                 sample::primary_answer(&r.method, &r.target, &r.body)
             };
             let outcome = match client.send(&r).await {
-                Ok((status, body)) if status == http::StatusCode::OK && body == expected.as_bytes() => Ok(()),
+                Ok((status, body))
+                    if status == http::StatusCode::OK && body == expected.as_bytes() =>
+                {
+                    Ok(())
+                }
                 Ok((status, body)) => Err(format!(
                     "request {} {} {}: got {status} {:?}, expected 200 {expected:?}",
                     r.seq,
@@ -210,7 +247,10 @@ pub async fn send_plan(addr: SocketAddr, plan: &[PlannedRequest]) -> Vec<Result<
                     r.target,
                     String::from_utf8_lossy(&body)
                 )),
-                Err(e) => Err(format!("request {} {} {}: {e:#}", r.seq, r.method, r.target)),
+                Err(e) => Err(format!(
+                    "request {} {} {}: {e:#}",
+                    r.seq, r.method, r.target
+                )),
             };
             (r.seq, outcome)
         });
@@ -227,10 +267,18 @@ pub async fn send_plan(addr: SocketAddr, plan: &[PlannedRequest]) -> Vec<Result<
 /// Compares what the shadow recorded with the plan: method, target, body byte for byte; every
 /// header sent arrives with the same values in the same order, credentials excepted (they must
 /// not arrive at all); nothing else arrives but the documented additions.
-pub fn compare(plan: &[PlannedRequest], recorded: &[Recorded]) -> BTreeMap<usize, Result<(), String>> {
+pub fn compare(
+    plan: &[PlannedRequest],
+    recorded: &[Recorded],
+) -> BTreeMap<usize, Result<(), String>> {
     let mut by_seq: BTreeMap<usize, Vec<&Recorded>> = BTreeMap::new();
     for r in recorded {
-        if let Some(seq) = r.headers.get("x-demo-seq").and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok()) {
+        if let Some(seq) = r
+            .headers
+            .get("x-demo-seq")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse().ok())
+        {
             by_seq.entry(seq).or_default().push(r);
         }
     }
@@ -255,7 +303,11 @@ fn compare_one(p: &PlannedRequest, r: &Recorded) -> Result<(), String> {
         return Err(format!("target {target} != {}", p.target));
     }
     if r.body != p.body {
-        return Err(format!("body of {} bytes differs from the {} sent", r.body.len(), p.body.len()));
+        return Err(format!(
+            "body of {} bytes differs from the {} sent",
+            r.body.len(),
+            p.body.len()
+        ));
     }
     let mut sent = HeaderMap::new();
     for (n, v) in &p.headers {
@@ -287,12 +339,28 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     let pki = Pki::generate("demo-agent")?;
     let primary = sample::start_primary().await?;
     let (shadow, recording) = sample::start_shadow(Duration::ZERO).await?;
-    let gateway = RunningGateway::start(stack::gateway_config(pki.gateway_material(), &[shadow.addr])).await?;
-    let agent = RunningAgent::start(stack::agent_config(pki.agent_material(), primary.addr, gateway.addr, 100.0)).await?;
+    let gateway = RunningGateway::start(stack::gateway_config(
+        pki.gateway_material(),
+        &[shadow.addr],
+    ))
+    .await?;
+    let agent = RunningAgent::start(stack::agent_config(
+        pki.agent_material(),
+        primary.addr,
+        gateway.addr,
+        100.0,
+    ))
+    .await?;
 
     println!("teeway demo: production traffic teed over mTLS QUIC to a shadow, all on loopback\n");
-    println!("  client ──▶ agent {} ──▶ primary {}", agent.addr, primary.addr);
-    println!("                 └──(QUIC, mTLS)──▶ gateway {} ──▶ shadow {}\n", gateway.addr, shadow.addr);
+    println!(
+        "  client ──▶ agent {} ──▶ primary {}",
+        agent.addr, primary.addr
+    );
+    println!(
+        "                 └──(QUIC, mTLS)──▶ gateway {} ──▶ shadow {}\n",
+        gateway.addr, shadow.addr
+    );
 
     if !agent.wait_connected(SETTLE_LIMIT).await {
         anyhow::bail!("the agent's uplink did not connect to the gateway within {SETTLE_LIMIT:?}");
@@ -310,8 +378,17 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
 
     let a = agent.agent.metrics();
     let g = gateway.gateway.metrics();
-    let secrets_sent = plan.iter().filter(|p| p.headers.iter().any(|(n, _)| n == header::AUTHORIZATION)).count();
-    let secrets_leaked = recording.requests().iter().filter(|r| r.headers.contains_key(header::AUTHORIZATION) || r.headers.contains_key(header::COOKIE)).count();
+    let secrets_sent = plan
+        .iter()
+        .filter(|p| p.headers.iter().any(|(n, _)| n == header::AUTHORIZATION))
+        .count();
+    let secrets_leaked = recording
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.headers.contains_key(header::AUTHORIZATION) || r.headers.contains_key(header::COOKIE)
+        })
+        .count();
 
     print_mix(&plan);
     println!(
@@ -343,7 +420,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     let ok = client_ok == plan.len() && intact == plan.len() && secrets_leaked == 0;
     println!(
         "\nresult: {} ({:.1?})",
-        if ok { "OK: every request was served by the primary and arrived intact at the shadow" } else { "FAILED" },
+        if ok {
+            "OK: every request was served by the primary and arrived intact at the shadow"
+        } else {
+            "FAILED"
+        },
         started.elapsed()
     );
 
@@ -363,7 +444,8 @@ async fn wait_for_replays(gateway: &RunningGateway, arrived: usize) {
     let deadline = Instant::now() + SETTLE_LIMIT;
     while Instant::now() < deadline {
         let g = gateway.gateway.metrics();
-        let done = g.sum(teeway_gateway::metrics::REPLAYED_TOTAL) + g.sum(teeway_gateway::metrics::REPLAY_FAILED_TOTAL);
+        let done = g.sum(teeway_gateway::metrics::REPLAYED_TOTAL)
+            + g.sum(teeway_gateway::metrics::REPLAY_FAILED_TOTAL);
         if done >= arrived as f64 && g.get(teeway_gateway::metrics::REPLAY_IN_FLIGHT) == 0.0 {
             return;
         }
@@ -406,7 +488,11 @@ fn print_agent_counters(a: &teeway_runtime::metrics::Snapshot) {
         a.get(m::MIRRORED_TOTAL),
         a.sum(m::MIRROR_DROPPED_TOTAL),
         a.get(m::MIRROR_IN_FLIGHT),
-        if dropped.is_empty() { String::new() } else { format!(" ({})", dropped.join(", ")) }
+        if dropped.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", dropped.join(", "))
+        }
     );
 }
 
@@ -427,7 +513,12 @@ fn print_gateway_counters(g: &teeway_runtime::metrics::Snapshot) {
     );
 }
 
-async fn serve_forever(agent: &RunningAgent, gateway: &RunningGateway, shadow: &sample::Service, recording: &Recording) {
+async fn serve_forever(
+    agent: &RunningAgent,
+    gateway: &RunningGateway,
+    shadow: &sample::Service,
+    recording: &Recording,
+) {
     println!("\nstill running; press Ctrl-C to stop.");
     println!("  agent          http://{}", agent.addr);
     if let Some(admin) = agent.admin {
@@ -437,8 +528,14 @@ async fn serve_forever(agent: &RunningAgent, gateway: &RunningGateway, shadow: &
         println!("  gateway admin  http://{admin}/metrics");
     }
     println!("  shadow         {}", shadow.url());
-    println!("\ntry:  curl -si -X POST --data 'hello shadow' 'http://{}/try?from=curl'", agent.addr);
+    println!(
+        "\ntry:  curl -si -X POST --data 'hello shadow' 'http://{}/try?from=curl'",
+        agent.addr
+    );
     let before = recording.count();
     let _ = tokio::signal::ctrl_c().await;
-    println!("\nthe shadow received {} more requests while serving; stopping.", recording.count() - before);
+    println!(
+        "\nthe shadow received {} more requests while serving; stopping.",
+        recording.count() - before
+    );
 }

@@ -76,7 +76,11 @@ enum CertsCommand {
 fn init_logging(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -95,11 +99,28 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
-        Command::Certs { command: CertsCommand::Init { dir, gateway_names, agent_name, force } } => {
+        Command::Certs {
+            command:
+                CertsCommand::Init {
+                    dir,
+                    gateway_names,
+                    agent_name,
+                    force,
+                },
+        } => {
             init_logging("warn");
-            match certs::init(&certs::InitOptions { dir, gateway_names, agent_name, force }) {
+            match certs::init(&certs::InitOptions {
+                dir,
+                gateway_names,
+                agent_name,
+                force,
+            }) {
                 Ok(paths) => {
                     for p in paths {
                         println!("wrote {}", p.display());
@@ -143,7 +164,9 @@ fn main() -> ExitCode {
         }
         Command::Demo { requests, serve } => {
             init_logging("warn");
-            match runtime().and_then(|rt| rt.block_on(demo::run(demo::DemoOptions { requests, serve }))) {
+            match runtime()
+                .and_then(|rt| rt.block_on(demo::run(demo::DemoOptions { requests, serve })))
+            {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
@@ -161,7 +184,9 @@ fn config_failure(e: &teeway_runtime::config::ConfigError) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

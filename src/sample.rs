@@ -59,17 +59,33 @@ pub fn primary_answer(method: &Method, target: &str, body: &[u8]) -> String {
 
 /// FNV-1a, 64 bits: a small stable digest for comparing bodies in summaries.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Starts the sample primary on `127.0.0.1:0`.
 pub async fn start_primary() -> std::io::Result<Service> {
     serve(|req: Request<Incoming>| async move {
         let method = req.method().clone();
-        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
-        let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        let mut resp = Response::new(Full::new(Bytes::from(primary_answer(&method, &target, &body))));
-        resp.headers_mut().insert("x-served-by", http::HeaderValue::from_static("sample-primary"));
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let mut resp = Response::new(Full::new(Bytes::from(primary_answer(
+            &method, &target, &body,
+        ))));
+        resp.headers_mut().insert(
+            "x-served-by",
+            http::HeaderValue::from_static("sample-primary"),
+        );
         resp
     })
     .await
@@ -128,7 +144,11 @@ pub async fn start_shadow(delay: Duration) -> std::io::Result<(Service, Recordin
         let log = log.clone();
         async move {
             let (parts, body) = req.into_parts();
-            let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let body = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
             if let Ok(mut requests) = log.requests.lock() {
                 requests.push(Recorded {
                     method: parts.method,
@@ -175,7 +195,9 @@ where
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req).await) }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
             let token = token.clone();
             tokio::spawn(async move {
                 tokio::select! {
@@ -185,5 +207,9 @@ where
             });
         }
     });
-    Ok(Service { addr, stop, task: Some(task) })
+    Ok(Service {
+        addr,
+        stop,
+        task: Some(task),
+    })
 }

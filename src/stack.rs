@@ -78,7 +78,12 @@ pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig
 
 /// An agent configuration: listening on `127.0.0.1:0`, forwarding to `primary`, mirroring
 /// `percentage` percent to the gateway at `gateway`.
-pub fn agent_config(tls: TlsMaterial, primary: SocketAddr, gateway: SocketAddr, percentage: f64) -> AgentConfig {
+pub fn agent_config(
+    tls: TlsMaterial,
+    primary: SocketAddr,
+    gateway: SocketAddr,
+    percentage: f64,
+) -> AgentConfig {
     AgentConfig {
         cluster: "demo-prod".into(),
         listen: ([127, 0, 0, 1], 0).into(),
@@ -96,7 +101,9 @@ pub fn agent_config(tls: TlsMaterial, primary: SocketAddr, gateway: SocketAddr, 
             tls,
             tls_files: Default::default(),
         },
-        admin: Some(AdminConfig { listen: ([127, 0, 0, 1], 0).into() }),
+        admin: Some(AdminConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+        }),
         shutdown_grace: Duration::from_secs(5),
     }
 }
@@ -118,7 +125,11 @@ impl RunningGateway {
     pub async fn start(config: GatewayConfig) -> anyhow::Result<Self> {
         let listeners = GatewayListeners::bind(&config).await?;
         let addr = listeners.quic.local_addr()?;
-        let admin = listeners.admin.as_ref().map(|l| l.local_addr()).transpose()?;
+        let admin = listeners
+            .admin
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
         let gateway = Arc::new(Gateway::new(config));
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -126,7 +137,13 @@ impl RunningGateway {
             let stop = stop.clone();
             async move { gateway.run(listeners, stop).await }
         });
-        Ok(Self { gateway, addr, admin, stop, task })
+        Ok(Self {
+            gateway,
+            addr,
+            admin,
+            stop,
+            task,
+        })
     }
 
     /// Shuts the gateway down gracefully and waits for it.
@@ -154,7 +171,11 @@ impl RunningAgent {
     pub async fn start(config: AgentConfig) -> anyhow::Result<Self> {
         let listeners = AgentListeners::bind(&config).await?;
         let addr = listeners.proxy.local_addr()?;
-        let admin = listeners.admin.as_ref().map(|l| l.local_addr()).transpose()?;
+        let admin = listeners
+            .admin
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
         let agent = Arc::new(Agent::new(config));
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -162,12 +183,20 @@ impl RunningAgent {
             let stop = stop.clone();
             async move { agent.run(listeners, stop).await }
         });
-        Ok(Self { agent, addr, admin, stop, task })
+        Ok(Self {
+            agent,
+            addr,
+            admin,
+            stop,
+            task,
+        })
     }
 
     /// Waits until the uplink is connected, at most `limit`; `false` if it did not connect.
     pub async fn wait_connected(&self, limit: Duration) -> bool {
-        tokio::time::timeout(limit, self.agent.wait_connected(true)).await.is_ok()
+        tokio::time::timeout(limit, self.agent.wait_connected(true))
+            .await
+            .is_ok()
     }
 
     /// Shuts the agent down gracefully (drain included) and waits for it.

@@ -24,11 +24,25 @@ fn teeway(dir: &Path, args: &[&str]) -> Output {
 }
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn certs(dir: &Path) {
-    let out = teeway(dir, &["certs", "init", "--dir", "certs/dev", "--agent-name", "prod-eu-1"]);
+    let out = teeway(
+        dir,
+        &[
+            "certs",
+            "init",
+            "--dir",
+            "certs/dev",
+            "--agent-name",
+            "prod-eu-1",
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out));
 }
 
@@ -39,7 +53,11 @@ fn certs_init_writes_six_files_with_private_keys_closed_and_never_overwrites() {
     certs(tmp.path());
     for f in teeway::certs::FILES {
         let path = tmp.path().join("certs/dev").join(f);
-        let mode = std::fs::metadata(&path).expect("written").permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&path)
+            .expect("written")
+            .permissions()
+            .mode()
+            & 0o777;
         if f.ends_with(".key") {
             assert_eq!(mode, 0o600, "{f} must be private");
         }
@@ -47,11 +65,26 @@ fn certs_init_writes_six_files_with_private_keys_closed_and_never_overwrites() {
     let before = std::fs::read(tmp.path().join("certs/dev/ca.key")).expect("key");
     let again = teeway(tmp.path(), &["certs", "init", "--dir", "certs/dev"]);
     assert!(!again.status.success());
-    assert!(text(&again).contains("refusing to overwrite"), "{}", text(&again));
-    assert_eq!(std::fs::read(tmp.path().join("certs/dev/ca.key")).expect("key"), before, "untouched");
-    let forced = teeway(tmp.path(), &["certs", "init", "--dir", "certs/dev", "--force"]);
+    assert!(
+        text(&again).contains("refusing to overwrite"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("certs/dev/ca.key")).expect("key"),
+        before,
+        "untouched"
+    );
+    let forced = teeway(
+        tmp.path(),
+        &["certs", "init", "--dir", "certs/dev", "--force"],
+    );
     assert!(forced.status.success(), "{}", text(&forced));
-    assert_ne!(std::fs::read(tmp.path().join("certs/dev/ca.key")).expect("key"), before, "replaced");
+    assert_ne!(
+        std::fs::read(tmp.path().join("certs/dev/ca.key")).expect("key"),
+        before,
+        "replaced"
+    );
 }
 
 #[test]
@@ -94,14 +127,27 @@ gateway:
     assert!(!out.status.success());
     let t = text(&out);
     assert!(t.contains("agent.yaml: 3 problems"), "{t}");
-    assert!(t.contains("listen: is not an `ip:port` address to listen on (found `127.0.0.1:80800`)"), "{t}");
-    assert!(t.contains("mirror.qeue: unknown key; did you mean `queue`?"), "{t}");
-    assert!(t.contains("gateway.cert: cannot be read: ./certs/dev/nope.pem"), "{t}");
+    assert!(
+        t.contains("listen: is not an `ip:port` address to listen on (found `127.0.0.1:80800`)"),
+        "{t}"
+    );
+    assert!(
+        t.contains("mirror.qeue: unknown key; did you mean `queue`?"),
+        "{t}"
+    );
+    assert!(
+        t.contains("gateway.cert: cannot be read: ./certs/dev/nope.pem"),
+        "{t}"
+    );
 
     std::fs::write(tmp.path().join("mystery.yaml"), "hello: world\n").expect("write");
     let out = teeway(tmp.path(), &["check", "mystery.yaml"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("cannot tell whether this is an agent or a gateway"), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot tell whether this is an agent or a gateway"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -118,7 +164,10 @@ fn a_bad_config_stops_the_agent_before_it_binds() {
     let out = teeway(tmp.path(), &["agent", "--config", "agent.yaml"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains("gateway.address: is not a `host:port` address"), "{t}");
+    assert!(
+        t.contains("gateway.address: is not a `host:port` address"),
+        "{t}"
+    );
     assert!(!t.contains("cannot listen"), "{t}");
 }
 
@@ -154,7 +203,9 @@ impl Proc {
     fn wait_for_line(&self, needle: &str) -> String {
         let deadline = std::time::Instant::now() + LIMIT;
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            let Ok(line) = self.lines.recv_timeout(left) else { break };
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                break;
+            };
             if line.contains(needle) {
                 return line;
             }
@@ -163,14 +214,20 @@ impl Proc {
     }
 
     fn terminate_and_wait(mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
         assert!(status.success());
         let deadline = std::time::Instant::now() + LIMIT;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "did not exit after SIGTERM");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -20,22 +20,40 @@ async fn varied_requests_reach_primary_and_arrive_intact_at_shadow() {
 
     let outcomes = send_plan(stack.agent.addr, &plan).await;
     let failures: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
-    assert!(failures.is_empty(), "clients got something other than the primary's answer: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "clients got something other than the primary's answer: {failures:?}"
+    );
 
-    assert_eq!(stack.recording.wait_for(plan.len(), LIMIT).await, plan.len(), "every copy arrives");
+    assert_eq!(
+        stack.recording.wait_for(plan.len(), LIMIT).await,
+        plan.len(),
+        "every copy arrives"
+    );
     let verdicts = compare(&plan, &stack.recording.requests());
     assert_eq!(verdicts.len(), plan.len());
     let bad: Vec<_> = verdicts.iter().filter(|(_, v)| v.is_err()).collect();
     assert!(bad.is_empty(), "copies differ from what was sent: {bad:?}");
 
-    let a = settle(|| stack.agent_metrics(), |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0).await;
+    let a = settle(
+        || stack.agent_metrics(),
+        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
+    )
+    .await;
     assert_eq!(a.get(am::REQUESTS_TOTAL), 160.0);
     assert_eq!(a.get(am::MIRRORED_TOTAL), 160.0);
     assert_eq!(a.sum(am::MIRROR_DROPPED_TOTAL), 0.0);
     assert_agent_identity(&a);
-    let g = settle(|| stack.gateway_metrics(), |s| s.sum(gm::REPLAYED_TOTAL) == 160.0).await;
+    let g = settle(
+        || stack.gateway_metrics(),
+        |s| s.sum(gm::REPLAYED_TOTAL) == 160.0,
+    )
+    .await;
     assert_eq!(g.get(gm::RECEIVED_TOTAL), 160.0);
-    assert_eq!(g.get("teeway_gateway_replayed_total{status_class=\"2xx\"}"), 160.0);
+    assert_eq!(
+        g.get("teeway_gateway_replayed_total{status_class=\"2xx\"}"),
+        160.0
+    );
     assert_eq!(g.sum(gm::REPLAY_FAILED_TOTAL), 0.0);
     stack.stop().await;
 }
@@ -44,11 +62,18 @@ async fn varied_requests_reach_primary_and_arrive_intact_at_shadow() {
 async fn percentage_zero_mirrors_nothing() {
     let stack = Stack::start(0.0).await;
     let plan = plan(50);
-    assert!(send_plan(stack.agent.addr, &plan).await.iter().all(Result::is_ok));
+    assert!(send_plan(stack.agent.addr, &plan)
+        .await
+        .iter()
+        .all(Result::is_ok));
     let a = stack.agent_metrics();
     assert_eq!(a.get(am::REQUESTS_TOTAL), 50.0);
     assert_eq!(a.get(am::NOT_SAMPLED_TOTAL), 50.0);
-    assert_eq!(a.get(am::MIRROR_IN_FLIGHT), 0.0, "nothing was sampled, so nothing is on its way");
+    assert_eq!(
+        a.get(am::MIRROR_IN_FLIGHT),
+        0.0,
+        "nothing was sampled, so nothing is on its way"
+    );
     assert_eq!(a.get(am::MIRRORED_TOTAL), 0.0);
     assert_agent_identity(&a);
     assert_eq!(stack.gateway_metrics().get(gm::RECEIVED_TOTAL), 0.0);
@@ -60,13 +85,26 @@ async fn percentage_zero_mirrors_nothing() {
 async fn partial_sampling_accounts_for_every_request() {
     let stack = Stack::start(50.0).await;
     let plan = plan(400);
-    assert!(send_plan(stack.agent.addr, &plan).await.iter().all(Result::is_ok));
-    let a = settle(|| stack.agent_metrics(), |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0).await;
+    assert!(send_plan(stack.agent.addr, &plan)
+        .await
+        .iter()
+        .all(Result::is_ok));
+    let a = settle(
+        || stack.agent_metrics(),
+        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
+    )
+    .await;
     let mirrored = a.get(am::MIRRORED_TOTAL);
     assert_eq!(a.get(am::NOT_SAMPLED_TOTAL) + mirrored, 400.0, "{a:?}");
     // Binomial(400, 0.5): sd = 10; 6 sd either way fails once in a billion runs.
-    assert!((140.0..=260.0).contains(&mirrored), "mirrored {mirrored} of 400 at 50%");
-    assert_eq!(stack.recording.wait_for(mirrored as usize, LIMIT).await, mirrored as usize);
+    assert!(
+        (140.0..=260.0).contains(&mirrored),
+        "mirrored {mirrored} of 400 at 50%"
+    );
+    assert_eq!(
+        stack.recording.wait_for(mirrored as usize, LIMIT).await,
+        mirrored as usize
+    );
     stack.stop().await;
 }
 
@@ -77,12 +115,26 @@ async fn admin_endpoints_report_metrics_and_readiness() {
     let (status, body) = admin_get(admin, "/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(admin_get(admin, "/healthz").await.0, 200);
-    assert!(send_plan(stack.agent.addr, &plan(3)).await.iter().all(Result::is_ok));
+    assert!(send_plan(stack.agent.addr, &plan(3))
+        .await
+        .iter()
+        .all(Result::is_ok));
     let (status, text) = admin_get(admin, "/metrics").await;
     assert_eq!(status, 200);
     assert!(text.contains("teeway_agent_requests_total 3"), "{text}");
-    assert!(text.contains("teeway_agent_mirror_dropped_total{reason=\"queue_full\"} 0"), "{text}");
-    let (status, text) = admin_get(stack.gateway.as_ref().and_then(|g| g.admin).expect("gateway admin"), "/metrics").await;
+    assert!(
+        text.contains("teeway_agent_mirror_dropped_total{reason=\"queue_full\"} 0"),
+        "{text}"
+    );
+    let (status, text) = admin_get(
+        stack
+            .gateway
+            .as_ref()
+            .and_then(|g| g.admin)
+            .expect("gateway admin"),
+        "/metrics",
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(text.contains("teeway_gateway_received_total"), "{text}");
     assert_eq!(admin_get(admin, "/nope").await.0, 404);
@@ -96,18 +148,33 @@ async fn agent_with_certificate_from_another_ca_is_refused_and_still_serves() {
     let rogue = Pki::generate("rogue-agent").expect("rogue pki");
     let primary = sample::start_primary().await.expect("primary");
     let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-    let gateway = RunningGateway::start(stack::gateway_config(trusted.gateway_material(), &[shadow.addr]))
-        .await
-        .expect("gateway");
+    let gateway = RunningGateway::start(stack::gateway_config(
+        trusted.gateway_material(),
+        &[shadow.addr],
+    ))
+    .await
+    .expect("gateway");
     // Trusts the gateway's CA, but presents a certificate the gateway's CA never signed.
     let mut material = rogue.agent_material();
     material.ca = vec![trusted.ca.certified.cert_der()];
-    let agent = RunningAgent::start(stack::agent_config(material, primary.addr, gateway.addr, 100.0))
-        .await
-        .expect("agent");
+    let agent = RunningAgent::start(stack::agent_config(
+        material,
+        primary.addr,
+        gateway.addr,
+        100.0,
+    ))
+    .await
+    .expect("agent");
 
-    let g = settle(|| gateway.gateway.metrics(), |s| s.get("teeway_gateway_handshakes_total{result=\"refused\"}") >= 1.0).await;
-    assert!(g.get("teeway_gateway_handshakes_total{result=\"refused\"}") >= 1.0, "{g:?}");
+    let g = settle(
+        || gateway.gateway.metrics(),
+        |s| s.get("teeway_gateway_handshakes_total{result=\"refused\"}") >= 1.0,
+    )
+    .await;
+    assert!(
+        g.get("teeway_gateway_handshakes_total{result=\"refused\"}") >= 1.0,
+        "{g:?}"
+    );
     assert_eq!(g.get("teeway_gateway_handshakes_total{result=\"ok\"}"), 0.0);
     assert!(!agent.agent.is_connected());
     let (status, body) = admin_get(agent.admin.expect("admin"), "/readyz").await;
@@ -115,10 +182,21 @@ async fn agent_with_certificate_from_another_ca_is_refused_and_still_serves() {
 
     let plan = plan(40);
     let outcomes = send_plan(agent.addr, &plan).await;
-    assert!(outcomes.iter().all(Result::is_ok), "clients are served: {outcomes:?}");
-    let a = settle(|| agent.agent.metrics(), |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0).await;
+    assert!(
+        outcomes.iter().all(Result::is_ok),
+        "clients are served: {outcomes:?}"
+    );
+    let a = settle(
+        || agent.agent.metrics(),
+        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
+    )
+    .await;
     assert_eq!(a.get(am::MIRRORED_TOTAL), 0.0);
-    assert_eq!(a.get("teeway_agent_mirror_dropped_total{reason=\"no_uplink\"}"), 40.0, "{a:?}");
+    assert_eq!(
+        a.get("teeway_agent_mirror_dropped_total{reason=\"no_uplink\"}"),
+        40.0,
+        "{a:?}"
+    );
     assert_agent_identity(&a);
     assert_eq!(recording.count(), 0);
     assert_eq!(gateway.gateway.metrics().get(gm::RECEIVED_TOTAL), 0.0);
@@ -131,12 +209,21 @@ async fn with_the_gateway_stopped_clients_are_served_and_drops_counted() {
     let mut stack = Stack::start(100.0).await;
     let gateway = stack.gateway.take().expect("gateway");
     gateway.stop().await.expect("gateway stops");
-    tokio::time::timeout(LIMIT, stack.agent.agent.wait_connected(false)).await.expect("agent sees the gateway go");
+    tokio::time::timeout(LIMIT, stack.agent.agent.wait_connected(false))
+        .await
+        .expect("agent sees the gateway go");
 
     let plan = plan(60);
     let outcomes = send_plan(stack.agent.addr, &plan).await;
-    assert!(outcomes.iter().all(Result::is_ok), "clients are served: {outcomes:?}");
-    let a = settle(|| stack.agent_metrics(), |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0).await;
+    assert!(
+        outcomes.iter().all(Result::is_ok),
+        "clients are served: {outcomes:?}"
+    );
+    let a = settle(
+        || stack.agent_metrics(),
+        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
+    )
+    .await;
     assert_eq!(a.get(am::REQUESTS_TOTAL), 60.0);
     assert_eq!(a.get(am::MIRRORED_TOTAL), 0.0);
     let lost = a.get("teeway_agent_mirror_dropped_total{reason=\"no_uplink\"}")
@@ -151,14 +238,26 @@ async fn with_the_gateway_stopped_clients_are_served_and_drops_counted() {
 async fn graceful_stop_sends_what_is_queued() {
     let stack = Stack::start(100.0).await;
     let plan = plan(100);
-    assert!(send_plan(stack.agent.addr, &plan).await.iter().all(Result::is_ok));
+    assert!(send_plan(stack.agent.addr, &plan)
+        .await
+        .iter()
+        .all(Result::is_ok));
     // Stop the agent at once: the drain must still deliver every copy it held.
-    let Stack { agent, gateway, recording, .. } = stack;
+    let Stack {
+        agent,
+        gateway,
+        recording,
+        ..
+    } = stack;
     let agent_handle = agent.agent.clone();
     agent.stop().await.expect("agent stops");
     let a = agent_handle.metrics();
     assert_eq!(a.get(am::MIRRORED_TOTAL), 100.0, "{a:?}");
     assert_eq!(a.get(am::MIRROR_IN_FLIGHT), 0.0);
     assert_eq!(recording.wait_for(100, LIMIT).await, 100);
-    gateway.expect("gateway").stop().await.expect("gateway stops");
+    gateway
+        .expect("gateway")
+        .stop()
+        .await
+        .expect("gateway stops");
 }

@@ -80,8 +80,9 @@ pub struct AdminConfig {
 impl AgentConfig {
     /// Reads and validates `text`; relative file paths are taken from `base_dir`.
     pub fn from_yaml(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
-        let doc = teeway_runtime::yaml::parse(text)
-            .map_err(|e| ConfigError::unreadable("agent config", e.to_string(), "fix the YAML syntax"))?;
+        let doc = teeway_runtime::yaml::parse(text).map_err(|e| {
+            ConfigError::unreadable("agent config", e.to_string(), "fix the YAML syntax")
+        })?;
         let mut p = Problems::default();
         let mut root = Section::root(&doc, &mut p);
 
@@ -106,26 +107,40 @@ impl AgentConfig {
 
         let mut m = root.section(&mut p, "mirror");
         let percentage = m
-            .optional(&mut p, "percentage", "use a number from 0 to 100, such as 100 or 0.5", cfg::percentage)
+            .optional(
+                &mut p,
+                "percentage",
+                "use a number from 0 to 100, such as 100 or 0.5",
+                cfg::percentage,
+            )
             .unwrap_or(100.0);
-        let max_body_fix = format!("use a size up to {}, such as 1MiB", format_size(teeway_wire::MAX_BODY_BYTES));
+        let max_body_fix = format!(
+            "use a size up to {}, such as 1MiB",
+            format_size(teeway_wire::MAX_BODY_BYTES)
+        );
         let max_body_bytes = m
             .optional(&mut p, "max_body_bytes", &max_body_fix, |v| {
                 let n = cfg::size(v)?;
                 if n > teeway_wire::MAX_BODY_BYTES {
-                    return Err(format!("exceeds the protocol's limit of {}", format_size(teeway_wire::MAX_BODY_BYTES)));
+                    return Err(format!(
+                        "exceeds the protocol's limit of {}",
+                        format_size(teeway_wire::MAX_BODY_BYTES)
+                    ));
                 }
                 Ok(n)
             })
             .unwrap_or(DEFAULT_MAX_BODY_BYTES);
         let queue = m
-            .optional(&mut p, "queue", "use a whole number from 1 to 1000000, such as 10000", |v| {
-                match cfg::whole_number(v)? {
+            .optional(
+                &mut p,
+                "queue",
+                "use a whole number from 1 to 1000000, such as 10000",
+                |v| match cfg::whole_number(v)? {
                     0 => Err("must be at least 1".into()),
                     n if n > MAX_QUEUE => Err(format!("must be at most {MAX_QUEUE}")),
                     n => Ok(n as usize),
-                }
-            })
+                },
+            )
             .unwrap_or(DEFAULT_QUEUE);
         let queue_bytes_path = m.path_of("queue_bytes");
         let queue_bytes = m
@@ -147,7 +162,12 @@ impl AgentConfig {
 
         let mut g = root.section(&mut p, "gateway");
         if !g.is_present() {
-            p.push("gateway", None, "is required", "add a `gateway:` block with address, ca, cert and key");
+            p.push(
+                "gateway",
+                None,
+                "is required",
+                "add a `gateway:` block with address, ca, cert and key",
+            );
         }
         let address = g.required(
             &mut p,
@@ -155,75 +175,138 @@ impl AgentConfig {
             "give the gateway's host:port, for example `address: gateway.test.example:4433`",
             cfg::host_port,
         );
-        let server_name = g.optional(&mut p, "server_name", "give the DNS name in the gateway's certificate", cfg::nonempty_string);
+        let server_name = g.optional(
+            &mut p,
+            "server_name",
+            "give the DNS name in the gateway's certificate",
+            cfg::nonempty_string,
+        );
         let read = cfg::readable_file(base_dir);
-        let ca = g.required(&mut p, "ca", "give the PEM file of the CA that signed the gateway's certificate", &read);
-        let cert = g.required(&mut p, "cert", "give the PEM file of this agent's certificate (see `teeway certs init`)", &read);
-        let key = g.required(&mut p, "key", "give the PEM file of this agent's private key", &read);
+        let ca = g.required(
+            &mut p,
+            "ca",
+            "give the PEM file of the CA that signed the gateway's certificate",
+            &read,
+        );
+        let cert = g.required(
+            &mut p,
+            "cert",
+            "give the PEM file of this agent's certificate (see `teeway certs init`)",
+            &read,
+        );
+        let key = g.required(
+            &mut p,
+            "key",
+            "give the PEM file of this agent's private key",
+            &read,
+        );
         let tls = match (&ca, &cert, &key) {
-            (Some(ca), Some(cert), Some(key)) => match TlsMaterial::from_files(ca, cert, key) {
-                Ok(material) => match teeway_wire::tls::client_config(&material) {
-                    Ok(_) => Some(material),
+            (Some(ca), Some(cert), Some(key)) => {
+                match TlsMaterial::from_files(ca, cert, key) {
+                    Ok(material) => match teeway_wire::tls::client_config(&material) {
+                        Ok(_) => Some(material),
+                        Err(e) => {
+                            p.push(g.path_of("cert"), None, e.to_string(), "check that cert and key belong together and ca is a CA certificate");
+                            None
+                        }
+                    },
                     Err(e) => {
-                        p.push(g.path_of("cert"), None, e.to_string(), "check that cert and key belong together and ca is a CA certificate");
+                        p.push(
+                            g.path_of("cert"),
+                            None,
+                            e.to_string(),
+                            "give PEM files as written by `teeway certs init`",
+                        );
                         None
                     }
-                },
-                Err(e) => {
-                    p.push(g.path_of("cert"), None, e.to_string(), "give PEM files as written by `teeway certs init`");
-                    None
                 }
-            },
+            }
             _ => None,
         };
         g.finish(&mut p);
 
         let mut a = root.section(&mut p, "admin");
-        let admin_listen = a.optional(&mut p, "listen", "give an ip:port such as 127.0.0.1:9901", cfg::socket_addr);
+        let admin_listen = a.optional(
+            &mut p,
+            "listen",
+            "give an ip:port such as 127.0.0.1:9901",
+            cfg::socket_addr,
+        );
         a.finish(&mut p);
         if let (Some(listen), Some(admin)) = (listen, admin_listen) {
             if listen == admin && listen.port() != 0 {
-                p.push("admin.listen", None, format!("is the same address as listen ({listen})"), "give the admin listener its own port");
+                p.push(
+                    "admin.listen",
+                    None,
+                    format!("is the same address as listen ({listen})"),
+                    "give the admin listener its own port",
+                );
             }
         }
 
         let shutdown_grace = root
-            .optional(&mut p, "shutdown_grace", "use a duration such as 10s", cfg::duration)
+            .optional(
+                &mut p,
+                "shutdown_grace",
+                "use a duration such as 10s",
+                cfg::duration,
+            )
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
         root.finish(&mut p);
 
         let assembled = match (cluster, listen, primary, address, tls, ca, cert, key) {
-            (Some(cluster), Some(listen), Some(primary), Some((host, port)), Some(tls), Some(ca), Some(cert), Some(key)) => {
-                Some(AgentConfig {
-                    cluster,
-                    listen,
-                    primary,
-                    mirror: MirrorConfig { percentage, max_body_bytes, queue, queue_bytes },
-                    gateway: GatewayConfig {
-                        server_name: server_name.unwrap_or_else(|| host.clone()),
-                        host,
-                        port,
-                        tls,
-                        tls_files: [ca, cert, key],
-                    },
-                    admin: admin_listen.map(|listen| AdminConfig { listen }),
-                    shutdown_grace,
-                })
-            }
+            (
+                Some(cluster),
+                Some(listen),
+                Some(primary),
+                Some((host, port)),
+                Some(tls),
+                Some(ca),
+                Some(cert),
+                Some(key),
+            ) => Some(AgentConfig {
+                cluster,
+                listen,
+                primary,
+                mirror: MirrorConfig {
+                    percentage,
+                    max_body_bytes,
+                    queue,
+                    queue_bytes,
+                },
+                gateway: GatewayConfig {
+                    server_name: server_name.unwrap_or_else(|| host.clone()),
+                    host,
+                    port,
+                    tls,
+                    tls_files: [ca, cert, key],
+                },
+                admin: admin_listen.map(|listen| AdminConfig { listen }),
+                shutdown_grace,
+            }),
             _ => None,
         };
         p.finish(())?;
         // Every `None` above recorded a problem, so this only guards against a missed case.
         assembled.ok_or_else(|| {
-            ConfigError::unreadable("agent config", "incomplete configuration", "report this as a bug")
+            ConfigError::unreadable(
+                "agent config",
+                "incomplete configuration",
+                "report this as a bug",
+            )
         })
     }
 
     /// Reads and validates an agent configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::unreadable(&name, format!("cannot read the file: {e}"), "check the path"))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::unreadable(
+                &name,
+                format!("cannot read the file: {e}"),
+                "check the path",
+            )
+        })?;
         // Relative paths inside the file are taken from the working directory, as the shell takes
         // the path of the file itself.
         Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&name))
@@ -243,7 +326,8 @@ mod tests {
     }
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("teeway-agent-cfg-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("teeway-agent-cfg-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         dir
     }

@@ -62,12 +62,18 @@ pub struct AgentListeners {
 impl AgentListeners {
     /// Binds the addresses named in `config`.
     pub async fn bind(config: &AgentConfig) -> io::Result<Self> {
-        let proxy = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {} (listen): {e}", config.listen)))?;
+        let proxy = TcpListener::bind(config.listen).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} (listen): {e}", config.listen),
+            )
+        })?;
         let admin = match &config.admin {
             Some(a) => Some(TcpListener::bind(a.listen).await.map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {} (admin.listen): {e}", a.listen))
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {} (admin.listen): {e}", a.listen),
+                )
             })?),
             None => None,
         };
@@ -111,7 +117,11 @@ impl Agent {
     }
 
     /// Serves until `shutdown` is cancelled and the drain is over.
-    pub async fn run(&self, listeners: AgentListeners, shutdown: CancellationToken) -> Result<(), AgentError> {
+    pub async fn run(
+        &self,
+        listeners: AgentListeners,
+        shutdown: CancellationToken,
+    ) -> Result<(), AgentError> {
         let config = &self.config;
         let resolver = Resolver::from_system()?;
         // Copies from the tee (request path) to the uplink task.
@@ -131,8 +141,18 @@ impl Agent {
             &config.cluster,
         ));
         let authority = authority(&config.primary.host, config.primary.port)?;
-        let connector = UpstreamConnector::new(&config.primary.host, config.primary.port, resolver, PRIMARY_CONNECT_TIMEOUT);
-        let proxy = Arc::new(Proxy::new(tee, connector, authority, self.accounting.clone()));
+        let connector = UpstreamConnector::new(
+            &config.primary.host,
+            config.primary.port,
+            resolver,
+            PRIMARY_CONNECT_TIMEOUT,
+        );
+        let proxy = Arc::new(Proxy::new(
+            tee,
+            connector,
+            authority,
+            self.accounting.clone(),
+        ));
 
         let admin_addr = listeners
             .admin
@@ -174,12 +194,20 @@ impl Agent {
 }
 
 /// Runs an agent for `config` on `listeners` until `shutdown`; see [`Agent::run`].
-pub async fn run(config: AgentConfig, listeners: AgentListeners, shutdown: CancellationToken) -> Result<(), AgentError> {
+pub async fn run(
+    config: AgentConfig,
+    listeners: AgentListeners,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     Agent::new(config).run(listeners, shutdown).await
 }
 
 fn authority(host: &str, port: u16) -> Result<Authority, AgentError> {
-    let text = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let text = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     Authority::from_str(&text).map_err(|_| AgentError::PrimaryAuthority(text))
 }
 

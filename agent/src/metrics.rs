@@ -135,7 +135,11 @@ impl Accounting {
         });
         Self {
             requests: registry.counter(REQUESTS_TOTAL, "Requests seen by the agent", &[]),
-            not_sampled: registry.counter(NOT_SAMPLED_TOTAL, "Requests the sampler passed over", &[]),
+            not_sampled: registry.counter(
+                NOT_SAMPLED_TOTAL,
+                "Requests the sampler passed over",
+                &[],
+            ),
             mirrored: registry.counter(MIRRORED_TOTAL, "Copies acknowledged by the gateway", &[]),
             dropped,
             in_flight: registry.gauge(
@@ -148,7 +152,11 @@ impl Accounting {
                 "Bytes of copies held (queued or in flight) against mirror.queue_bytes",
                 &[],
             ),
-            uplink_connected: registry.gauge(UPLINK_CONNECTED, "1 while the uplink to a gateway is up", &[]),
+            uplink_connected: registry.gauge(
+                UPLINK_CONNECTED,
+                "1 while the uplink to a gateway is up",
+                &[],
+            ),
             connects_ok: registry.counter(
                 UPLINK_CONNECTS_TOTAL,
                 "Uplink connection attempts, by result",
@@ -300,8 +308,14 @@ mod tests {
         drop(c); // never resolved: counted as shutdown
         let s = snapshot(&acc);
         assert_eq!(s.get(MIRRORED_TOTAL), 1.0);
-        assert_eq!(s.get("teeway_agent_mirror_dropped_total{reason=\"queue_full\"}"), 1.0);
-        assert_eq!(s.get("teeway_agent_mirror_dropped_total{reason=\"shutdown\"}"), 1.0);
+        assert_eq!(
+            s.get("teeway_agent_mirror_dropped_total{reason=\"queue_full\"}"),
+            1.0
+        );
+        assert_eq!(
+            s.get("teeway_agent_mirror_dropped_total{reason=\"shutdown\"}"),
+            1.0
+        );
         assert_eq!(s.get(MIRROR_IN_FLIGHT), 0.0);
     }
 

@@ -15,8 +15,8 @@ use std::time::SystemTime;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::mpsc;
 use teeway_wire::MirroredRequest;
+use tokio::sync::mpsc;
 
 use crate::metrics::{Accounting, DropReason, Ticket};
 
@@ -52,7 +52,9 @@ impl Sampler {
         let fraction = (percentage / 100.0).clamp(0.0, 1.0);
         // 2^64 * fraction, computed in f64: precise to well below one in a million.
         let threshold = (fraction * 18_446_744_073_709_551_616.0) as u64;
-        Self { threshold: Some(threshold) }
+        Self {
+            threshold: Some(threshold),
+        }
     }
 
     /// One draw.
@@ -313,12 +315,23 @@ mod tests {
     fn tee(queue: usize, max_body: u64) -> (Arc<Tee>, mpsc::Receiver<Queued>, Arc<Accounting>) {
         let acc = Arc::new(Accounting::new(1 << 20));
         let (tx, rx) = mpsc::channel(queue);
-        (Arc::new(Tee::new(tx, acc.clone(), Sampler::new(100.0), max_body, "c")), rx, acc)
+        (
+            Arc::new(Tee::new(
+                tx,
+                acc.clone(),
+                Sampler::new(100.0),
+                max_body,
+                "c",
+            )),
+            rx,
+            acc,
+        )
     }
 
     fn dropped(acc: &Accounting, reason: &str) -> f64 {
-        Snapshot::parse(&acc.registry().render())
-            .get(&format!("teeway_agent_mirror_dropped_total{{reason=\"{reason}\"}}"))
+        Snapshot::parse(&acc.registry().render()).get(&format!(
+            "teeway_agent_mirror_dropped_total{{reason=\"{reason}\"}}"
+        ))
     }
 
     #[tokio::test]
@@ -329,7 +342,10 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"world"))),
         ];
         let ticket = tee.admit();
-        let body = tee.body(StreamBody::new(futures_util::stream::iter(chunks)), ticket.map(|t| (head(), t)));
+        let body = tee.body(
+            StreamBody::new(futures_util::stream::iter(chunks)),
+            ticket.map(|t| (head(), t)),
+        );
         let passed = body.collect().await.expect("body").to_bytes();
         assert_eq!(&passed[..], b"hello world");
         let q = rx.try_recv().expect("copy queued");
@@ -340,10 +356,16 @@ mod tests {
     #[test]
     fn redaction_removes_credentials_only() {
         let mut h = HeaderMap::new();
-        h.insert(http::header::AUTHORIZATION, "Bearer secret".parse().expect("value"));
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Bearer secret".parse().expect("value"),
+        );
         h.append(http::header::COOKIE, "a=1".parse().expect("value"));
         h.append(http::header::COOKIE, "b=2".parse().expect("value"));
-        h.insert(http::header::PROXY_AUTHORIZATION, "Basic x".parse().expect("value"));
+        h.insert(
+            http::header::PROXY_AUTHORIZATION,
+            "Basic x".parse().expect("value"),
+        );
         h.insert("x-keep", "1".parse().expect("value"));
         redact(&mut h);
         assert_eq!(h.len(), 1);
@@ -362,8 +384,14 @@ mod tests {
     async fn oversized_body_passes_but_is_not_copied() {
         let (tee, mut rx, acc) = tee(4, 4);
         let ticket = tee.admit();
-        let body = tee.body(Full::new(Bytes::from_static(b"too long")), ticket.map(|t| (head(), t)));
-        assert_eq!(&body.collect().await.expect("body").to_bytes()[..], b"too long");
+        let body = tee.body(
+            Full::new(Bytes::from_static(b"too long")),
+            ticket.map(|t| (head(), t)),
+        );
+        assert_eq!(
+            &body.collect().await.expect("body").to_bytes()[..],
+            b"too long"
+        );
         assert!(rx.try_recv().is_err());
         assert_eq!(dropped(&acc, "body_too_large"), 1.0);
     }
@@ -382,7 +410,10 @@ mod tests {
     async fn abandoned_body_counts_as_incomplete() {
         let (tee, mut rx, acc) = tee(4, 1024);
         let ticket = tee.admit();
-        let body = tee.body(Full::new(Bytes::from_static(b"unread")), ticket.map(|t| (head(), t)));
+        let body = tee.body(
+            Full::new(Bytes::from_static(b"unread")),
+            ticket.map(|t| (head(), t)),
+        );
         drop(body);
         assert!(rx.try_recv().is_err());
         assert_eq!(dropped(&acc, "incomplete_body"), 1.0);

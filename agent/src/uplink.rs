@@ -30,7 +30,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use teeway_runtime::dns::Resolver;
-use teeway_wire::{codes, Frame, Hello, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, PROTOCOL_VERSION};
+use teeway_wire::{
+    codes, Frame, Hello, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, PROTOCOL_VERSION,
+};
 
 use crate::config::GatewayConfig;
 use crate::error::UplinkError;
@@ -111,7 +113,10 @@ pub struct Uplink {
 impl std::fmt::Debug for Uplink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Uplink")
-            .field("gateway", &format_args!("{}:{}", self.gateway.host, self.gateway.port))
+            .field(
+                "gateway",
+                &format_args!("{}:{}", self.gateway.host, self.gateway.port),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -139,7 +144,9 @@ impl Uplink {
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(KEEP_ALIVE));
         transport.max_idle_timeout(Some(
-            IDLE_TIMEOUT.try_into().map_err(|_| UplinkError::Tls("idle timeout out of range".into()))?,
+            IDLE_TIMEOUT
+                .try_into()
+                .map_err(|_| UplinkError::Tls("idle timeout out of range".into()))?,
         ));
         client_config.transport_config(Arc::new(transport));
         Ok(Self {
@@ -156,7 +163,12 @@ impl Uplink {
 
     /// Runs until `drain` is cancelled and the queue is sent, or `grace` after `drain` at most.
     /// Whatever is left then is counted as `shutdown` drops.
-    pub async fn run(mut self, mut queue_rx: mpsc::Receiver<Queued>, drain: CancellationToken, grace: Duration) {
+    pub async fn run(
+        mut self,
+        mut queue_rx: mpsc::Receiver<Queued>,
+        drain: CancellationToken,
+        grace: Duration,
+    ) {
         let mut drain = Drain::new(drain, grace);
         let mut failures: u32 = 0;
         loop {
@@ -183,7 +195,7 @@ impl Uplink {
                     self.accounting.connects_failed.increment(1);
                     let delay = backoff(failures);
                     failures = failures.saturating_add(1);
-                    if failures == 1 || failures % 20 == 0 {
+                    if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(error = %e, attempts = failures, retry_in = ?delay, "cannot reach the gateway; copies are dropped as no_uplink until it answers");
                     } else {
                         tracing::debug!(error = %e, retry_in = ?delay, "gateway connection attempt failed");
@@ -211,12 +223,18 @@ impl Uplink {
                     break;
                 }
                 SessionEnd::Lost => {
-                    let reason = conn.close_reason().map(|r| r.to_string()).unwrap_or_default();
+                    let reason = conn
+                        .close_reason()
+                        .map(|r| r.to_string())
+                        .unwrap_or_default();
                     tracing::warn!(%reason, "uplink lost; reconnecting");
                     if since.elapsed() >= HEALTHY_AFTER {
                         failures = 0;
                     }
-                    if !self.wait_backoff(backoff(failures), &mut queue_rx, &mut drain).await {
+                    if !self
+                        .wait_backoff(backoff(failures), &mut queue_rx, &mut drain)
+                        .await
+                    {
                         break;
                     }
                     failures = failures.saturating_add(1);
@@ -228,7 +246,10 @@ impl Uplink {
         while let Ok(q) = queue_rx.try_recv() {
             q.ticket.dropped(DropReason::Shutdown);
         }
-        for endpoint in [self.endpoint_v4.take(), self.endpoint_v6.take()].into_iter().flatten() {
+        for endpoint in [self.endpoint_v4.take(), self.endpoint_v6.take()]
+            .into_iter()
+            .flatten()
+        {
             endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"agent shutting down");
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
         }
@@ -236,11 +257,18 @@ impl Uplink {
 
     fn set_connected(&self, up: bool) {
         self.state.set(up);
-        self.accounting.uplink_connected.set(if up { 1.0 } else { 0.0 });
+        self.accounting
+            .uplink_connected
+            .set(if up { 1.0 } else { 0.0 });
     }
 
     /// Sleeps `delay`, emptying the queue as `no_uplink`; `false` when it is time to stop.
-    async fn wait_backoff(&self, delay: Duration, queue_rx: &mut mpsc::Receiver<Queued>, drain: &mut Drain) -> bool {
+    async fn wait_backoff(
+        &self,
+        delay: Duration,
+        queue_rx: &mut mpsc::Receiver<Queued>,
+        drain: &mut Drain,
+    ) -> bool {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
@@ -257,7 +285,12 @@ impl Uplink {
     }
 
     /// Sends batches over `conn` until it is lost or the queue is closed and drained.
-    async fn session(&self, conn: &Connection, queue_rx: &mut mpsc::Receiver<Queued>, drain: &mut Drain) -> SessionEnd {
+    async fn session(
+        &self,
+        conn: &Connection,
+        queue_rx: &mut mpsc::Receiver<Queued>,
+        drain: &mut Drain,
+    ) -> SessionEnd {
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BATCHES));
         let mut batches = JoinSet::new();
         let end = loop {
@@ -304,28 +337,38 @@ impl Uplink {
     }
 
     async fn connect(&mut self) -> Result<(Connection, Welcome), UplinkError> {
-        let addrs = self.resolver.lookup(&self.gateway.host, self.gateway.port).await?;
+        let addrs = self
+            .resolver
+            .lookup(&self.gateway.host, self.gateway.port)
+            .await?;
         let mut last_error = None;
         for addr in addrs {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connect_one(addr)).await {
                 Ok(Ok(pair)) => return Ok(pair),
                 Ok(Err(e)) => last_error = Some(e),
-                Err(_) => last_error = Some(UplinkError::Timeout { addr, after: HANDSHAKE_TIMEOUT }),
+                Err(_) => {
+                    last_error = Some(UplinkError::Timeout {
+                        addr,
+                        after: HANDSHAKE_TIMEOUT,
+                    })
+                }
             }
         }
         Err(last_error.unwrap_or(UplinkError::NoAddress))
     }
 
-    async fn connect_one(&mut self, addr: SocketAddr) -> Result<(Connection, Welcome), UplinkError> {
+    async fn connect_one(
+        &mut self,
+        addr: SocketAddr,
+    ) -> Result<(Connection, Welcome), UplinkError> {
         let endpoint = self.endpoint_for(addr)?;
         let conn = endpoint
             .connect_with(self.client_config.clone(), addr, &self.gateway.server_name)
             .map_err(|e| UplinkError::Connect { addr, source: e })?
             .await
             .map_err(|e| UplinkError::Connection { addr, source: e })?;
-        let welcome = self.greet(&conn).await.map_err(|e| {
+        let welcome = self.greet(&conn).await.inspect_err(|_| {
             conn.close(VarInt::from_u32(codes::PROTOCOL_ERROR), b"handshake failed");
-            e
         })?;
         Ok((conn, welcome))
     }
@@ -334,7 +377,10 @@ impl Uplink {
     /// the connection here, so this is where a refused agent finds out.
     async fn greet(&self, conn: &Connection) -> Result<Welcome, UplinkError> {
         let addr = conn.remote_address();
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| UplinkError::Connection { addr, source: e })?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| UplinkError::Connection { addr, source: e })?;
         let mut buf = BytesMut::new();
         Frame::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -342,25 +388,43 @@ impl Uplink {
             software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
         })
         .encode(&mut buf);
-        send.write_all(&buf).await.map_err(|e| UplinkError::Refused { addr, detail: e.to_string() })?;
+        send.write_all(&buf)
+            .await
+            .map_err(|e| UplinkError::Refused {
+                addr,
+                detail: e.to_string(),
+            })?;
         let _ = send.finish();
         let reply = recv
             .read_to_end(MAX_REPLY_BYTES)
             .await
-            .map_err(|e| UplinkError::Refused { addr, detail: e.to_string() })?;
+            .map_err(|e| UplinkError::Refused {
+                addr,
+                detail: e.to_string(),
+            })?;
         match Frame::decode(&mut BytesMut::from(&reply[..])) {
             Ok(Some(Frame::Welcome(w))) if w.protocol_version == PROTOCOL_VERSION => Ok(w),
             Ok(Some(Frame::Welcome(w))) => Err(UplinkError::Refused {
                 addr,
-                detail: format!("gateway speaks protocol version {}, this agent {PROTOCOL_VERSION}", w.protocol_version),
+                detail: format!(
+                    "gateway speaks protocol version {}, this agent {PROTOCOL_VERSION}",
+                    w.protocol_version
+                ),
             }),
-            Ok(_) => Err(UplinkError::Refused { addr, detail: "the gateway did not answer HELLO with WELCOME".into() }),
+            Ok(_) => Err(UplinkError::Refused {
+                addr,
+                detail: "the gateway did not answer HELLO with WELCOME".into(),
+            }),
             Err(e) => Err(UplinkError::Protocol(e)),
         }
     }
 
     fn endpoint_for(&mut self, addr: SocketAddr) -> Result<Endpoint, UplinkError> {
-        let slot = if addr.is_ipv4() { &mut self.endpoint_v4 } else { &mut self.endpoint_v6 };
+        let slot = if addr.is_ipv4() {
+            &mut self.endpoint_v4
+        } else {
+            &mut self.endpoint_v6
+        };
         if let Some(endpoint) = slot {
             return Ok(endpoint.clone());
         }
@@ -385,7 +449,11 @@ struct Drain {
 
 impl Drain {
     fn new(token: CancellationToken, grace: Duration) -> Self {
-        Self { token, grace, deadline: None }
+        Self {
+            token,
+            grace,
+            deadline: None,
+        }
     }
 
     fn is_started(&self) -> bool {
@@ -419,7 +487,10 @@ struct Batch {
 impl Batch {
     /// `first` and whatever else is already waiting, within the batch limits.
     fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> Self {
-        let mut batch = Batch { frames: BytesMut::new(), tickets: Vec::new() };
+        let mut batch = Batch {
+            frames: BytesMut::new(),
+            tickets: Vec::new(),
+        };
         batch.push(first);
         while batch.tickets.len() < MAX_BATCH_RECORDS && batch.frames.len() < MAX_BATCH_BYTES {
             match queue_rx.try_recv() {
@@ -448,7 +519,9 @@ async fn send_batch(conn: Connection, batch: Batch, _permit: OwnedSemaphorePermi
     let Batch { frames, tickets } = batch;
     let outcome = match tokio::time::timeout(ACK_TIMEOUT, exchange(&conn, &frames)).await {
         Ok(result) => result,
-        Err(_) => Err(BatchFailure::Transport(format!("no acknowledgement within {ACK_TIMEOUT:?}"))),
+        Err(_) => Err(BatchFailure::Transport(format!(
+            "no acknowledgement within {ACK_TIMEOUT:?}"
+        ))),
     };
     match outcome {
         Ok(accepted) => {
@@ -463,11 +536,15 @@ async fn send_batch(conn: Connection, batch: Batch, _permit: OwnedSemaphorePermi
         }
         Err(BatchFailure::Rejected(detail)) => {
             tracing::debug!(%detail, records = tickets.len(), "gateway rejected a batch");
-            tickets.into_iter().for_each(|t| t.dropped(DropReason::Rejected));
+            tickets
+                .into_iter()
+                .for_each(|t| t.dropped(DropReason::Rejected));
         }
         Err(BatchFailure::Transport(detail)) => {
             tracing::debug!(%detail, records = tickets.len(), "batch lost with the connection");
-            tickets.into_iter().for_each(|t| t.dropped(DropReason::UplinkError));
+            tickets
+                .into_iter()
+                .for_each(|t| t.dropped(DropReason::UplinkError));
         }
     }
 }
@@ -477,20 +554,28 @@ async fn exchange(conn: &Connection, frames: &[u8]) -> Result<u32, BatchFailure>
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
     match send.write_all(frames).await {
         Ok(()) => {}
-        Err(quinn::WriteError::Stopped(code)) => return Err(BatchFailure::Rejected(format!("stream stopped with code {code}"))),
+        Err(quinn::WriteError::Stopped(code)) => {
+            return Err(BatchFailure::Rejected(format!(
+                "stream stopped with code {code}"
+            )))
+        }
         Err(e) => return Err(transport(&e)),
     }
     send.finish().map_err(|e| transport(&e))?;
     let reply = match recv.read_to_end(MAX_REPLY_BYTES).await {
         Ok(reply) => reply,
         Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
-            return Err(BatchFailure::Rejected(format!("stream reset with code {code}")));
+            return Err(BatchFailure::Rejected(format!(
+                "stream reset with code {code}"
+            )));
         }
         Err(e) => return Err(transport(&e)),
     };
     match Frame::decode(&mut BytesMut::from(&reply[..])) {
         Ok(Some(Frame::Ack { accepted })) => Ok(accepted),
-        Ok(_) => Err(BatchFailure::Rejected("the gateway's reply was not an ACK".into())),
+        Ok(_) => Err(BatchFailure::Rejected(
+            "the gateway's reply was not an ACK".into(),
+        )),
         Err(e) => Err(BatchFailure::Rejected(format!("undecodable reply: {e}"))),
     }
 }
@@ -511,9 +596,14 @@ mod tests {
     fn backoff_grows_and_is_capped_with_jitter() {
         for n in 0..40 {
             let d = backoff(n);
-            let expected_cap = BACKOFF_BASE.saturating_mul(1u32 << n.min(16)).min(BACKOFF_MAX);
+            let expected_cap = BACKOFF_BASE
+                .saturating_mul(1u32 << n.min(16))
+                .min(BACKOFF_MAX);
             assert!(d >= expected_cap / 2 && d <= expected_cap, "n={n} d={d:?}");
         }
-        assert!(backoff(30) >= BACKOFF_MAX / 2, "a flapping gateway never causes a tight loop");
+        assert!(
+            backoff(30) >= BACKOFF_MAX / 2,
+            "a flapping gateway never causes a tight loop"
+        );
     }
 }

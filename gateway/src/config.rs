@@ -81,8 +81,9 @@ impl HostPolicy {
 impl GatewayConfig {
     /// Reads and validates `text`; relative file paths are taken from `base_dir`.
     pub fn from_yaml(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
-        let doc = teeway_runtime::yaml::parse(text)
-            .map_err(|e| ConfigError::unreadable("gateway config", e.to_string(), "fix the YAML syntax"))?;
+        let doc = teeway_runtime::yaml::parse(text).map_err(|e| {
+            ConfigError::unreadable("gateway config", e.to_string(), "fix the YAML syntax")
+        })?;
         let mut p = Problems::default();
         let mut root = Section::root(&doc, &mut p);
 
@@ -95,26 +96,53 @@ impl GatewayConfig {
 
         let mut t = root.section(&mut p, "tls");
         if !t.is_present() {
-            p.push("tls", None, "is required", "add a `tls:` block with ca, cert and key");
+            p.push(
+                "tls",
+                None,
+                "is required",
+                "add a `tls:` block with ca, cert and key",
+            );
         }
         let read = cfg::readable_file(base_dir);
-        let ca = t.required(&mut p, "ca", "give the PEM file of the CA that signs agent certificates", &read);
-        let cert = t.required(&mut p, "cert", "give the PEM file of the gateway's certificate (see `teeway certs init`)", &read);
-        let key = t.required(&mut p, "key", "give the PEM file of the gateway's private key", &read);
+        let ca = t.required(
+            &mut p,
+            "ca",
+            "give the PEM file of the CA that signs agent certificates",
+            &read,
+        );
+        let cert = t.required(
+            &mut p,
+            "cert",
+            "give the PEM file of the gateway's certificate (see `teeway certs init`)",
+            &read,
+        );
+        let key = t.required(
+            &mut p,
+            "key",
+            "give the PEM file of the gateway's private key",
+            &read,
+        );
         let tls = match (ca, cert, key) {
-            (Some(ca), Some(cert), Some(key)) => match TlsMaterial::from_files(&ca, &cert, &key) {
-                Ok(material) => match teeway_wire::tls::server_config(&material) {
-                    Ok(_) => Some(material),
+            (Some(ca), Some(cert), Some(key)) => {
+                match TlsMaterial::from_files(&ca, &cert, &key) {
+                    Ok(material) => match teeway_wire::tls::server_config(&material) {
+                        Ok(_) => Some(material),
+                        Err(e) => {
+                            p.push(t.path_of("cert"), None, e.to_string(), "check that cert and key belong together and ca is a CA certificate");
+                            None
+                        }
+                    },
                     Err(e) => {
-                        p.push(t.path_of("cert"), None, e.to_string(), "check that cert and key belong together and ca is a CA certificate");
+                        p.push(
+                            t.path_of("cert"),
+                            None,
+                            e.to_string(),
+                            "give PEM files as written by `teeway certs init`",
+                        );
                         None
                     }
-                },
-                Err(e) => {
-                    p.push(t.path_of("cert"), None, e.to_string(), "give PEM files as written by `teeway certs init`");
-                    None
                 }
-            },
+            }
             _ => None,
         };
         t.finish(&mut p);
@@ -135,27 +163,35 @@ impl GatewayConfig {
                 p.push(
                     r.path_of("match"),
                     None,
-                    format!("this route is never used: {earlier} has no `match` and takes everything"),
+                    format!(
+                        "this route is never used: {earlier} has no `match` and takes everything"
+                    ),
                     "move the route without `match` to the end of the list",
                 );
             }
             let mut m = r.section(&mut p, "match");
             let matcher = if m.is_present() {
-                let host = m.optional(&mut p, "host", "give a host name such as api.example.com or *.example.com", |v| {
-                    let h = cfg::nonempty_string(v)?.to_ascii_lowercase();
-                    let bare = h.strip_prefix("*.").unwrap_or(&h);
-                    if bare.contains(['/', ':', ' ']) {
-                        return Err("must be a host name without port or path".into());
-                    }
-                    Ok(h)
-                });
-                let path_prefix = m.optional(&mut p, "path_prefix", "start it with /, such as /v1", |v| {
-                    let s = cfg::nonempty_string(v)?;
-                    if !s.starts_with('/') {
-                        return Err("must start with /".into());
-                    }
-                    Ok(s)
-                });
+                let host = m.optional(
+                    &mut p,
+                    "host",
+                    "give a host name such as api.example.com or *.example.com",
+                    |v| {
+                        let h = cfg::nonempty_string(v)?.to_ascii_lowercase();
+                        let bare = h.strip_prefix("*.").unwrap_or(&h);
+                        if bare.contains(['/', ':', ' ']) {
+                            return Err("must be a host name without port or path".into());
+                        }
+                        Ok(h)
+                    },
+                );
+                let path_prefix =
+                    m.optional(&mut p, "path_prefix", "start it with /, such as /v1", |v| {
+                        let s = cfg::nonempty_string(v)?;
+                        if !s.starts_with('/') {
+                            return Err("must start with /".into());
+                        }
+                        Ok(s)
+                    });
                 Some(RouteMatch { host, path_prefix })
             } else {
                 catch_all_at = Some(r.path().to_owned());
@@ -164,48 +200,104 @@ impl GatewayConfig {
             m.finish(&mut p);
             let targets_path = r.path_of("targets");
             let targets = r
-                .list(&mut p, "targets", "give http://host:port URLs of shadow services", cfg::http_target)
+                .list(
+                    &mut p,
+                    "targets",
+                    "give http://host:port URLs of shadow services",
+                    cfg::http_target,
+                )
                 .unwrap_or_default();
             if targets.is_empty() {
-                p.push(targets_path, None, "needs at least one target", "add `targets: [http://shadow:8080]`");
+                p.push(
+                    targets_path,
+                    None,
+                    "needs at least one target",
+                    "add `targets: [http://shadow:8080]`",
+                );
             }
             let host_header = r
-                .optional(&mut p, "host_header", "use keep, target or append-shadow", HostPolicy::parse)
+                .optional(
+                    &mut p,
+                    "host_header",
+                    "use keep, target or append-shadow",
+                    HostPolicy::parse,
+                )
                 .unwrap_or(HostPolicy::Keep);
             let timeout = r
-                .optional(&mut p, "timeout", "use a duration such as 10s", cfg::duration)
+                .optional(
+                    &mut p,
+                    "timeout",
+                    "use a duration such as 10s",
+                    cfg::duration,
+                )
                 .unwrap_or(DEFAULT_REPLAY_TIMEOUT);
             let max_concurrency = r
-                .optional(&mut p, "max_concurrency", "use a whole number from 1 to 65536", |v| match cfg::whole_number(v)? {
-                    0 => Err("must be at least 1".into()),
-                    n if n > 65_536 => Err("must be at most 65536".into()),
-                    n => Ok(n as usize),
-                })
+                .optional(
+                    &mut p,
+                    "max_concurrency",
+                    "use a whole number from 1 to 65536",
+                    |v| match cfg::whole_number(v)? {
+                        0 => Err("must be at least 1".into()),
+                        n if n > 65_536 => Err("must be at most 65536".into()),
+                        n => Ok(n as usize),
+                    },
+                )
                 .unwrap_or(DEFAULT_MAX_CONCURRENCY);
             r.finish(&mut p);
-            routes.push(RouteConfig { matcher, targets, host_header, timeout, max_concurrency });
+            routes.push(RouteConfig {
+                matcher,
+                targets,
+                host_header,
+                timeout,
+                max_concurrency,
+            });
         }
 
         let mut a = root.section(&mut p, "admin");
-        let admin = a.optional(&mut p, "listen", "give an ip:port such as 127.0.0.1:9902", cfg::socket_addr);
+        let admin = a.optional(
+            &mut p,
+            "listen",
+            "give an ip:port such as 127.0.0.1:9902",
+            cfg::socket_addr,
+        );
         a.finish(&mut p);
         let shutdown_grace = root
-            .optional(&mut p, "shutdown_grace", "use a duration such as 10s", cfg::duration)
+            .optional(
+                &mut p,
+                "shutdown_grace",
+                "use a duration such as 10s",
+                cfg::duration,
+            )
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
         root.finish(&mut p);
 
         p.finish(())?;
         match (listen, tls) {
-            (Some(listen), Some(tls)) => Ok(GatewayConfig { listen, tls, routes, admin, shutdown_grace }),
-            _ => Err(ConfigError::unreadable("gateway config", "incomplete configuration", "report this as a bug")),
+            (Some(listen), Some(tls)) => Ok(GatewayConfig {
+                listen,
+                tls,
+                routes,
+                admin,
+                shutdown_grace,
+            }),
+            _ => Err(ConfigError::unreadable(
+                "gateway config",
+                "incomplete configuration",
+                "report this as a bug",
+            )),
         }
     }
 
     /// Reads and validates a gateway configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::unreadable(&name, format!("cannot read the file: {e}"), "check the path"))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::unreadable(
+                &name,
+                format!("cannot read the file: {e}"),
+                "check the path",
+            )
+        })?;
         // Relative paths inside the file are taken from the working directory, as the shell takes
         // the path of the file itself.
         Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&name))

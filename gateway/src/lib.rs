@@ -65,11 +65,18 @@ pub struct GatewayListeners {
 impl GatewayListeners {
     /// Binds the addresses named in `config`.
     pub async fn bind(config: &GatewayConfig) -> io::Result<Self> {
-        let quic = std::net::UdpSocket::bind(config.listen)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on udp {} (listen): {e}", config.listen)))?;
+        let quic = std::net::UdpSocket::bind(config.listen).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on udp {} (listen): {e}", config.listen),
+            )
+        })?;
         let admin = match config.admin {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {addr} (admin.listen): {e}"))
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} (admin.listen): {e}"),
+                )
             })?),
             None => None,
         };
@@ -87,7 +94,10 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway for `config`; nothing runs until [`Gateway::run`].
     pub fn new(config: GatewayConfig) -> Self {
-        Self { config, metrics: Arc::new(GatewayMetrics::new()) }
+        Self {
+            config,
+            metrics: Arc::new(GatewayMetrics::new()),
+        }
     }
 
     /// The gateway's metrics as a scraper would read them.
@@ -96,18 +106,34 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` is cancelled and the drain is over.
-    pub async fn run(&self, listeners: GatewayListeners, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    pub async fn run(
+        &self,
+        listeners: GatewayListeners,
+        shutdown: CancellationToken,
+    ) -> Result<(), GatewayError> {
         let config = &self.config;
         let resolver = Resolver::from_system()?;
         let mut routes = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             let mut targets = Vec::with_capacity(route.targets.len());
             for t in &route.targets {
-                let target = Target::new(t, resolver.clone(), route.host_header, route.timeout, route.max_concurrency)
-                    .map_err(|e| GatewayError::Target { url: t.url.clone(), reason: e.to_string() })?;
+                let target = Target::new(
+                    t,
+                    resolver.clone(),
+                    route.host_header,
+                    route.timeout,
+                    route.max_concurrency,
+                )
+                .map_err(|e| GatewayError::Target {
+                    url: t.url.clone(),
+                    reason: e.to_string(),
+                })?;
                 targets.push(Arc::new(target));
             }
-            routes.push(Route { matcher: route.matcher.clone(), targets });
+            routes.push(Route {
+                matcher: route.matcher.clone(),
+                targets,
+            });
         }
         let dispatcher = Arc::new(Dispatcher {
             router: Router::new(routes),
@@ -124,7 +150,9 @@ impl Gateway {
         let endpoint = self.endpoint(listeners.quic)?;
         let admin_stop = CancellationToken::new();
         let admin_task = listeners.admin.map(|listener| {
-            let state: Arc<dyn AdminState> = Arc::new(AdminView { metrics: self.metrics.clone() });
+            let state: Arc<dyn AdminState> = Arc::new(AdminView {
+                metrics: self.metrics.clone(),
+            });
             tokio::spawn(admin::serve(listener, state, admin_stop.clone()))
         });
         tracing::info!(
@@ -136,7 +164,10 @@ impl Gateway {
 
         listener::serve(endpoint.clone(), dispatcher.clone(), shutdown).await;
         dispatcher.replays.close();
-        if tokio::time::timeout(config.shutdown_grace, dispatcher.replays.wait()).await.is_err() {
+        if tokio::time::timeout(config.shutdown_grace, dispatcher.replays.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(grace = ?config.shutdown_grace, "replays still under way after the grace period; abandoning them");
         }
         endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"gateway shutting down");
@@ -150,23 +181,35 @@ impl Gateway {
     }
 
     fn endpoint(&self, socket: std::net::UdpSocket) -> Result<Endpoint, GatewayError> {
-        let tls = teeway_wire::tls::server_config(&self.config.tls).map_err(|e| GatewayError::Tls(e.to_string()))?;
+        let tls = teeway_wire::tls::server_config(&self.config.tls)
+            .map_err(|e| GatewayError::Tls(e.to_string()))?;
         let quic = QuicServerConfig::try_from(tls).map_err(|e| GatewayError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_AGENT));
         transport.max_concurrent_uni_streams(VarInt::from_u32(0));
         transport.max_idle_timeout(Some(
-            IDLE_TIMEOUT.try_into().map_err(|_| GatewayError::Tls("idle timeout out of range".into()))?,
+            IDLE_TIMEOUT
+                .try_into()
+                .map_err(|_| GatewayError::Tls("idle timeout out of range".into()))?,
         ));
         server.transport_config(Arc::new(transport));
-        Endpoint::new(EndpointConfig::default(), Some(server), socket, Arc::new(TokioRuntime))
-            .map_err(GatewayError::Endpoint)
+        Endpoint::new(
+            EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(TokioRuntime),
+        )
+        .map_err(GatewayError::Endpoint)
     }
 }
 
 /// Runs a gateway for `config` on `listeners` until `shutdown`; see [`Gateway::run`].
-pub async fn run(config: GatewayConfig, listeners: GatewayListeners, shutdown: CancellationToken) -> Result<(), GatewayError> {
+pub async fn run(
+    config: GatewayConfig,
+    listeners: GatewayListeners,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
     Gateway::new(config).run(listeners, shutdown).await
 }
 

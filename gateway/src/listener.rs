@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use teeway_wire::{codes, Frame, MirroredRequest, Welcome, MAX_BATCH_BYTES, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use teeway_wire::{
+    codes, Frame, MirroredRequest, Welcome, MAX_BATCH_BYTES, MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
 
 use crate::metrics::{FailReason, GatewayMetrics};
 use crate::router::Router;
@@ -56,7 +58,8 @@ impl Dispatcher {
             let target = target.clone();
             let record = record.clone();
             let metrics = self.metrics.clone();
-            self.replays.spawn(async move { target.replay(&record, &metrics, slot).await });
+            self.replays
+                .spawn(async move { target.replay(&record, &metrics, slot).await });
         }
     }
 }
@@ -94,7 +97,11 @@ pub async fn serve(endpoint: Endpoint, dispatcher: Arc<Dispatcher>, shutdown: Ca
     connections.wait().await;
 }
 
-async fn serve_connection(conn: Connection, dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
+async fn serve_connection(
+    conn: Connection,
+    dispatcher: Arc<Dispatcher>,
+    shutdown: CancellationToken,
+) {
     let identity = agent_identity(&conn).unwrap_or_else(|| "(unnamed)".into());
     dispatcher.metrics.handshakes_ok.increment(1);
     dispatcher.metrics.agents_connected.increment(1.0);
@@ -121,16 +128,27 @@ async fn serve_connection(conn: Connection, dispatcher: Arc<Dispatcher>, shutdow
 
 /// The identity in the agent's certificate (see [`teeway_wire::tls::peer_identity`]).
 fn agent_identity(conn: &Connection) -> Option<String> {
-    let chain = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
     chain.first().and_then(teeway_wire::tls::peer_identity)
 }
 
-async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dispatcher: &Dispatcher, identity: &str) {
+async fn serve_stream(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    dispatcher: &Dispatcher,
+    identity: &str,
+) {
     let bytes = match recv.read_to_end(MAX_STREAM_BYTES).await {
         Ok(b) => b,
         Err(quinn::ReadToEndError::TooLong) => {
             dispatcher.metrics.streams_rejected_too_large.increment(1);
-            tracing::warn!(limit = MAX_STREAM_BYTES, "stream larger than the protocol allows; resetting it");
+            tracing::warn!(
+                limit = MAX_STREAM_BYTES,
+                "stream larger than the protocol allows; resetting it"
+            );
             reject(&mut send, &mut recv);
             return;
         }
@@ -146,7 +164,12 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dispatcher: &D
         match Frame::decode(&mut buf) {
             Ok(Some(frame)) => frames.push(frame),
             Ok(None) if buf.is_empty() => break None,
-            Ok(None) => break Some(format!("stream ends inside a frame ({} bytes left)", buf.len())),
+            Ok(None) => {
+                break Some(format!(
+                    "stream ends inside a frame ({} bytes left)",
+                    buf.len()
+                ))
+            }
             Err(e) => break Some(e.to_string()),
         }
     };
@@ -166,7 +189,9 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dispatcher: &D
                 software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
             }))
         }
-        (None, Some(Frame::Request(_))) if frames.iter().all(|f| matches!(f, Frame::Request(_))) => {
+        (None, Some(Frame::Request(_)))
+            if frames.iter().all(|f| matches!(f, Frame::Request(_))) =>
+        {
             let accepted = u32::try_from(frames.len()).unwrap_or(u32::MAX);
             for frame in frames {
                 if let Frame::Request(record) = frame {
@@ -175,7 +200,9 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dispatcher: &D
             }
             Ok(Frame::Ack { accepted })
         }
-        (None, Some(_)) => Err("frames out of place (an agent sends one HELLO, or only REQUEST frames)".to_owned()),
+        (None, Some(_)) => {
+            Err("frames out of place (an agent sends one HELLO, or only REQUEST frames)".to_owned())
+        }
     };
     match reply {
         Ok(frame) => {

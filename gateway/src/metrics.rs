@@ -105,20 +105,50 @@ impl GatewayMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let replayed = STATUS_CLASSES.map(|class| {
-            r.counter(REPLAYED_TOTAL, "Replays completed, by status class of the shadow's response", &[("status_class", class)])
+            r.counter(
+                REPLAYED_TOTAL,
+                "Replays completed, by status class of the shadow's response",
+                &[("status_class", class)],
+            )
         });
         let failed = FailReason::ALL.map(|reason| {
-            r.counter(REPLAY_FAILED_TOTAL, "Replays that did not complete, by reason", &[("reason", reason.as_str())])
+            r.counter(
+                REPLAY_FAILED_TOTAL,
+                "Replays that did not complete, by reason",
+                &[("reason", reason.as_str())],
+            )
         });
-        let rejected = |reason| r.counter(STREAMS_REJECTED_TOTAL, "Agent streams refused, by reason", &[("reason", reason)]);
+        let rejected = |reason| {
+            r.counter(
+                STREAMS_REJECTED_TOTAL,
+                "Agent streams refused, by reason",
+                &[("reason", reason)],
+            )
+        };
         Self {
-            received: r.counter(RECEIVED_TOTAL, "Mirrored requests received from agents", &[]),
+            received: r.counter(
+                RECEIVED_TOTAL,
+                "Mirrored requests received from agents",
+                &[],
+            ),
             replayed,
             failed,
             in_flight: r.gauge(REPLAY_IN_FLIGHT, "Replays under way", &[]),
-            duration: r.histogram(REPLAY_DURATION_SECONDS, "Time from sending a replay to the end of the shadow's response", &[]),
-            handshakes_ok: r.counter(HANDSHAKES_TOTAL, "Agent connection attempts, by result", &[("result", "ok")]),
-            handshakes_refused: r.counter(HANDSHAKES_TOTAL, "Agent connection attempts, by result", &[("result", "refused")]),
+            duration: r.histogram(
+                REPLAY_DURATION_SECONDS,
+                "Time from sending a replay to the end of the shadow's response",
+                &[],
+            ),
+            handshakes_ok: r.counter(
+                HANDSHAKES_TOTAL,
+                "Agent connection attempts, by result",
+                &[("result", "ok")],
+            ),
+            handshakes_refused: r.counter(
+                HANDSHAKES_TOTAL,
+                "Agent connection attempts, by result",
+                &[("result", "refused")],
+            ),
             agents_connected: r.gauge(AGENTS_CONNECTED, "Agents connected now", &[]),
             streams_rejected_protocol: rejected("protocol"),
             streams_rejected_too_large: rejected("too_large"),

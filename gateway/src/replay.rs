@@ -48,7 +48,9 @@ pub struct Target {
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Target").field("url", &self.url).finish_non_exhaustive()
+        f.debug_struct("Target")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -61,11 +63,9 @@ impl Target {
         timeout: Duration,
         max_concurrency: usize,
     ) -> Result<Self, http::uri::InvalidUri> {
-        let authority: Authority = target
-            .url
-            .trim_start_matches("http://")
-            .parse()?;
-        let connector = UpstreamConnector::new(&target.host, target.port, resolver, CONNECT_TIMEOUT);
+        let authority: Authority = target.url.trim_start_matches("http://").parse()?;
+        let connector =
+            UpstreamConnector::new(&target.host, target.port, resolver, CONNECT_TIMEOUT);
         let client = |http2_only: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
@@ -90,7 +90,12 @@ impl Target {
     }
 
     /// Replays `record`, reads the response to the end and counts the outcome.
-    pub async fn replay(&self, record: &MirroredRequest, metrics: &GatewayMetrics, _slot: OwnedSemaphorePermit) {
+    pub async fn replay(
+        &self,
+        record: &MirroredRequest,
+        metrics: &GatewayMetrics,
+        _slot: OwnedSemaphorePermit,
+    ) {
         metrics.in_flight.increment(1.0);
         let outcome = self.exchange(record).await;
         metrics.in_flight.decrement(1.0);
@@ -103,14 +108,25 @@ impl Target {
         }
     }
 
-    async fn exchange(&self, record: &MirroredRequest) -> Result<(http::StatusCode, Duration), FailReason> {
+    async fn exchange(
+        &self,
+        record: &MirroredRequest,
+    ) -> Result<(http::StatusCode, Duration), FailReason> {
         let request = self.request_for(record).ok_or(FailReason::InvalidRequest)?;
-        let client = if request.version() == Version::HTTP_2 { &self.http2 } else { &self.http1 };
+        let client = if request.version() == Version::HTTP_2 {
+            &self.http2
+        } else {
+            &self.http1
+        };
         let started = Instant::now();
         let exchange = async {
             let response = client.request(request).await.map_err(|e| {
                 tracing::debug!(target = %self.url, error = %e, "replay failed");
-                if e.is_connect() { FailReason::Connect } else { FailReason::Error }
+                if e.is_connect() {
+                    FailReason::Connect
+                } else {
+                    FailReason::Error
+                }
             })?;
             let status = response.status();
             let mut body = response.into_body();
@@ -143,7 +159,11 @@ impl Target {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut headers = record.headers.clone();
         remove_hop_by_hop(&mut headers);
-        let version = if record.version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        let version = if record.version == Version::HTTP_2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         let authority = if version == Version::HTTP_2 {
             // HTTP/2 carries the host in `:authority`, taken from the URI.
             headers.remove(header::HOST);
@@ -167,7 +187,11 @@ impl Target {
 
 /// The Host the client addressed, port included: `Host` (HTTP/1) or the URI authority (HTTP/2).
 fn original_host(record: &MirroredRequest) -> Option<String> {
-    if let Some(host) = record.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+    if let Some(host) = record
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
         return Some(host.to_owned());
     }
     record.uri.authority().map(|a| a.as_str().to_owned())
@@ -190,7 +214,11 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     fn target(policy: HostPolicy) -> Target {
-        let t = HttpTarget { host: "127.0.0.1".into(), port: 9100, url: "http://127.0.0.1:9100".into() };
+        let t = HttpTarget {
+            host: "127.0.0.1".into(),
+            port: 9100,
+            url: "http://127.0.0.1:9100".into(),
+        };
         let resolver = Resolver::from_system().expect("resolver");
         Target::new(&t, resolver, policy, Duration::from_secs(1), 4).expect("target")
     }
@@ -227,7 +255,9 @@ mod tests {
         assert_eq!(keep.headers()["x-keep"], "1");
         let t = target(HostPolicy::Target).request_for(&r).expect("request");
         assert_eq!(t.headers()[header::HOST], "127.0.0.1:9100");
-        let s = target(HostPolicy::AppendShadow).request_for(&r).expect("request");
+        let s = target(HostPolicy::AppendShadow)
+            .request_for(&r)
+            .expect("request");
         assert_eq!(s.headers()[header::HOST], "api.example.com-shadow:8080");
     }
 

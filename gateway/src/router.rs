@@ -30,16 +30,24 @@ impl Router {
 
     /// The first route that takes `record`.
     pub fn route(&self, record: &MirroredRequest) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matcher.as_ref().is_none_or(|m| matches(m, record)))
+        self.routes
+            .iter()
+            .find(|r| r.matcher.as_ref().is_none_or(|m| matches(m, record)))
     }
 }
 
 fn matches(m: &RouteMatch, record: &MirroredRequest) -> bool {
     if let Some(want) = &m.host {
-        let Some(host) = record.host() else { return false };
+        let Some(host) = record.host() else {
+            return false;
+        };
         let host = host.to_ascii_lowercase();
         let ok = match want.strip_prefix("*.") {
-            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(suffix) && host[..host.len() - suffix.len()].ends_with('.'),
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix)
+                    && host[..host.len() - suffix.len()].ends_with('.')
+            }
             None => host == *want,
         };
         if !ok {
@@ -78,7 +86,10 @@ mod tests {
     }
 
     fn m(host: Option<&str>, prefix: Option<&str>) -> RouteMatch {
-        RouteMatch { host: host.map(Into::into), path_prefix: prefix.map(Into::into) }
+        RouteMatch {
+            host: host.map(Into::into),
+            path_prefix: prefix.map(Into::into),
+        }
     }
 
     #[test]
@@ -102,8 +113,14 @@ mod tests {
     #[test]
     fn first_match_wins() {
         let router = Router::new(vec![
-            Route { matcher: Some(m(None, Some("/v1"))), targets: vec![] },
-            Route { matcher: None, targets: vec![] },
+            Route {
+                matcher: Some(m(None, Some("/v1"))),
+                targets: vec![],
+            },
+            Route {
+                matcher: None,
+                targets: vec![],
+            },
         ]);
         let first = router.route(&record("x", "/v1/a")).expect("route");
         assert!(first.matcher.is_some());

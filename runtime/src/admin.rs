@@ -92,10 +92,16 @@ fn respond(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             if state.ready() {
                 text(StatusCode::OK, format!("ready {detail}\n"))
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready {detail}\n"))
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready {detail}\n"),
+                )
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
     }
 }
 

@@ -115,7 +115,11 @@ impl fmt::Display for ConfigError {
         let n = self.problems.len();
         match &self.source_name {
             Some(name) => write!(f, "{name}: {n} problem{}", if n == 1 { "" } else { "s" })?,
-            None => write!(f, "{n} configuration problem{}", if n == 1 { "" } else { "s" })?,
+            None => write!(
+                f,
+                "{n} configuration problem{}",
+                if n == 1 { "" } else { "s" }
+            )?,
         }
         for problem in &self.problems {
             write!(f, "\n  - {problem}")?;
@@ -216,7 +220,10 @@ impl<'v> Section<'v> {
         fix: &str,
         parse: impl FnOnce(&Value) -> Result<T, String>,
     ) -> Option<T> {
-        if self.map.is_some_and(|m| m.get(key).is_some_and(|v| !v.is_null())) {
+        if self
+            .map
+            .is_some_and(|m| m.get(key).is_some_and(|v| !v.is_null()))
+        {
             self.optional(problems, key, fix, parse)
         } else {
             self.known.push(key);
@@ -306,7 +313,10 @@ impl<'v> Section<'v> {
                 continue;
             }
             let fix = match closest(name, &self.known) {
-                Some(near) => format!("did you mean `{near}`? known keys here: {}", self.known.join(", ")),
+                Some(near) => format!(
+                    "did you mean `{near}`? known keys here: {}",
+                    self.known.join(", ")
+                ),
                 None => format!("remove it; known keys here: {}", self.known.join(", ")),
             };
             problems.push(self.path_of(name), None, "unknown key", fix);
@@ -388,7 +398,9 @@ pub fn nonempty_string(value: &Value) -> Result<String, String> {
 /// A whole number.
 pub fn whole_number(value: &Value) -> Result<u64, String> {
     match value {
-        Value::Number(n) => n.as_u64().ok_or_else(|| "must be a whole number, 0 or more".into()),
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| "must be a whole number, 0 or more".into()),
         Value::String(s) => s
             .trim()
             .parse()
@@ -404,7 +416,8 @@ pub fn number(value: &Value) -> Result<f64, String> {
         Value::String(s) => s.trim().trim_end_matches('%').parse().ok(),
         _ => None,
     };
-    n.filter(|f| f.is_finite()).ok_or_else(|| "must be a number".into())
+    n.filter(|f| f.is_finite())
+        .ok_or_else(|| "must be a number".into())
 }
 
 /// A percentage from 0 to 100, fractions allowed; a trailing `%` is accepted.
@@ -467,13 +480,13 @@ pub fn split_host_port(s: &str) -> Option<(String, u16)> {
 
 fn valid_host(host: &str) -> bool {
     host.parse::<std::net::IpAddr>().is_ok()
-        || host
-            .split('.')
-            .all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            })
+        || host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// An `http://host:port` URL with no path, query or credentials.
@@ -505,10 +518,16 @@ pub fn http_target(value: &Value) -> Result<HttpTarget, String> {
     if authority.as_str().contains('@') {
         return Err("must not carry credentials".into());
     }
-    if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/" && !pq.as_str().is_empty()) {
+    if uri
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str() != "/" && !pq.as_str().is_empty())
+    {
         return Err("must not have a path or query: requests keep their own".into());
     }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     if !valid_host(host) {
         return Err(format!("has an invalid host `{host}`"));
     }
@@ -543,14 +562,18 @@ mod tests {
 
     #[test]
     fn collects_every_problem_with_path_value_and_fix() {
-        let doc = parse(
-            "listen: not-an-address\nmirror:\n  percentage: 150\n  queu: 5\nextra: 1\n",
-        )
-        .expect("yaml");
+        let doc =
+            parse("listen: not-an-address\nmirror:\n  percentage: 150\n  queu: 5\nextra: 1\n")
+                .expect("yaml");
         let mut p = Problems::default();
         let mut root = Section::root(&doc, &mut p);
         root.required(&mut p, "listen", "write ip:port", socket_addr);
-        root.required(&mut p, "primary", "set primary: http://host:port", http_target);
+        root.required(
+            &mut p,
+            "primary",
+            "set primary: http://host:port",
+            http_target,
+        );
         let mut mirror = root.section(&mut p, "mirror");
         mirror.optional(&mut p, "percentage", "use 0..100", percentage);
         mirror.optional(&mut p, "queue", "a count", whole_number);
@@ -559,17 +582,34 @@ mod tests {
         let err = p.finish(()).expect_err("problems");
         let text = err.to_string();
         assert_eq!(err.problems.len(), 5, "{text}");
-        assert!(text.contains("listen: is not an `ip:port` address to listen on (found `not-an-address`)"), "{text}");
+        assert!(
+            text.contains(
+                "listen: is not an `ip:port` address to listen on (found `not-an-address`)"
+            ),
+            "{text}"
+        );
         assert!(text.contains("primary: is required; set primary"), "{text}");
-        assert!(text.contains("mirror.percentage: must be between 0 and 100 (found `150`)"), "{text}");
-        assert!(text.contains("mirror.queu: unknown key; did you mean `queue`?"), "{text}");
+        assert!(
+            text.contains("mirror.percentage: must be between 0 and 100 (found `150`)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mirror.queu: unknown key; did you mean `queue`?"),
+            "{text}"
+        );
         assert!(text.contains("extra: unknown key; remove it"), "{text}");
     }
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(split_host_port("gw.example:4433"), Some(("gw.example".into(), 4433)));
-        assert_eq!(split_host_port("127.0.0.1:1"), Some(("127.0.0.1".into(), 1)));
+        assert_eq!(
+            split_host_port("gw.example:4433"),
+            Some(("gw.example".into(), 4433))
+        );
+        assert_eq!(
+            split_host_port("127.0.0.1:1"),
+            Some(("127.0.0.1".into(), 1))
+        );
         assert_eq!(split_host_port("[::1]:4433"), Some(("::1".into(), 4433)));
         assert_eq!(split_host_port("::1:4433"), None);
         assert_eq!(split_host_port("gw.example"), None);
@@ -583,7 +623,10 @@ mod tests {
         let t = http_target(&Value::from("http://127.0.0.1:9000")).expect("ok");
         assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 9000));
         let t = http_target(&Value::from("http://svc.ns/")).expect("ok");
-        assert_eq!((t.host.as_str(), t.port, t.url.as_str()), ("svc.ns", 80, "http://svc.ns"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.url.as_str()),
+            ("svc.ns", 80, "http://svc.ns")
+        );
         assert!(http_target(&Value::from("ftp://x")).is_err());
         assert!(http_target(&Value::from("http://x/path")).is_err());
         assert!(http_target(&Value::from("127.0.0.1:80")).is_err());

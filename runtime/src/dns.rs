@@ -77,7 +77,9 @@ impl Resolver {
             })?;
         let addrs: Vec<SocketAddr> = answer.iter().map(|ip| SocketAddr::new(ip, port)).collect();
         if addrs.is_empty() {
-            return Err(ResolveError::NoAddresses { host: host.to_owned() });
+            return Err(ResolveError::NoAddresses {
+                host: host.to_owned(),
+            });
         }
         Ok(addrs)
     }
@@ -99,6 +101,9 @@ mod tests {
             vec!["[::1]:81".parse().expect("addr")]
         );
         let local = r.lookup("localhost", 82).await.expect("localhost");
-        assert!(local.iter().all(|a| a.ip().is_loopback() && a.port() == 82), "{local:?}");
+        assert!(
+            local.iter().all(|a| a.ip().is_loopback() && a.port() == 82),
+            "{local:?}"
+        );
     }
 }

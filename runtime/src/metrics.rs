@@ -48,24 +48,51 @@ impl Registry {
     }
 
     /// Registers (or finds) a counter and records its help text.
-    pub fn counter(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+    pub fn counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Counter {
+        self.recorder.describe_counter(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
         self.recorder
-            .describe_counter(KeyName::from_const_str(name), None, SharedString::const_str(help));
-        self.recorder.register_counter(&key(name, labels), &metadata())
+            .register_counter(&key(name, labels), &metadata())
     }
 
     /// Registers (or finds) a gauge and records its help text.
-    pub fn gauge(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
+    pub fn gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Gauge {
+        self.recorder.describe_gauge(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
         self.recorder
-            .describe_gauge(KeyName::from_const_str(name), None, SharedString::const_str(help));
-        self.recorder.register_gauge(&key(name, labels), &metadata())
+            .register_gauge(&key(name, labels), &metadata())
     }
 
     /// Registers (or finds) a histogram and records its help text.
-    pub fn histogram(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Histogram {
+    pub fn histogram(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Histogram {
+        self.recorder.describe_histogram(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
         self.recorder
-            .describe_histogram(KeyName::from_const_str(name), None, SharedString::const_str(help));
-        self.recorder.register_histogram(&key(name, labels), &metadata())
+            .register_histogram(&key(name, labels), &metadata())
     }
 
     /// The Prometheus text exposition of every metric.
@@ -81,7 +108,10 @@ impl Registry {
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
-    let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::from_static_parts(k, v)).collect();
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::from_static_parts(k, v))
+        .collect();
     Key::from_parts(name, labels)
 }
 
@@ -173,7 +203,10 @@ mod tests {
         let h = r.histogram("lat_seconds", "latency", &[]);
         h.record(0.003);
         let text = r.render();
-        assert!(text.contains("lat_seconds_bucket{le=\"0.005\"} 1"), "{text}");
+        assert!(
+            text.contains("lat_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
         assert_eq!(Snapshot::parse(&text).get("lat_seconds_count"), 1.0);
     }
 }

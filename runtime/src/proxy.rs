@@ -38,7 +38,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Adds the client's address to `x-forwarded-for` and this hop to `via`.
 pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, version: Version) {
-    append_list(headers, HeaderName::from_static("x-forwarded-for"), &client.to_string());
+    append_list(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        &client.to_string(),
+    );
     let protocol = match version {
         Version::HTTP_10 => "1.0",
         Version::HTTP_2 => "2",
@@ -70,10 +74,16 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         h.insert("x-keep", HeaderValue::from_static("yes"));
         remove_hop_by_hop(&mut h);
@@ -86,7 +96,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         remove_hop_by_hop(&mut h);
-        assert_eq!(h.get(header::TE).map(HeaderValue::as_bytes), Some(&b"trailers"[..]));
+        assert_eq!(
+            h.get(header::TE).map(HeaderValue::as_bytes),
+            Some(&b"trailers"[..])
+        );
     }
 
     #[test]

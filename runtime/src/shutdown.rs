@@ -18,7 +18,10 @@ pub fn cancel_on_signal(root: CancellationToken) -> std::io::Result<()> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = name, "shutting down gracefully; send it again to exit at once");
+        tracing::info!(
+            signal = name,
+            "shutting down gracefully; send it again to exit at once"
+        );
         root.cancel();
         tokio::select! {
             _ = term.recv() => {},

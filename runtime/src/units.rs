@@ -53,19 +53,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        "" => return Err(format!("`{t}` needs a unit: ms, s, m or h (for example 5s)")),
-        other => return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)")),
+        "" => {
+            return Err(format!(
+                "`{t}` needs a unit: ms, s, m or h (for example 5s)"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (use ms, s, m or h)"
+            ))
+        }
     };
     let value: f64 = number
         .parse()
         .map_err(|_| format!("`{t}` is not a duration (examples: 250ms, 5s, 2m)"))?;
-    Duration::try_from_secs_f64(value * seconds_per_unit).map_err(|_| format!("`{t}` is out of range"))
+    Duration::try_from_secs_f64(value * seconds_per_unit)
+        .map_err(|_| format!("`{t}` is out of range"))
 }
 
 /// Formats a byte count the way [`parse_size`] reads it, using the largest exact binary unit.
 pub fn format_size(bytes: u64) -> String {
     for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if bytes >= size && bytes % size == 0 {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
     }
@@ -84,7 +93,9 @@ mod tests {
         assert_eq!(parse_size("10MB"), Ok(10_000_000));
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert!(parse_size("1.5B").is_err());
-        assert!(parse_size("12 parsecs").expect_err("unit").contains("unknown size unit"));
+        assert!(parse_size("12 parsecs")
+            .expect_err("unit")
+            .contains("unknown size unit"));
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("-1").is_err());
     }
@@ -95,7 +106,9 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert!(parse_duration("5").expect_err("no unit").contains("needs a unit"));
+        assert!(parse_duration("5")
+            .expect_err("no unit")
+            .contains("needs a unit"));
         assert!(parse_duration("5 fortnights").is_err());
     }
 

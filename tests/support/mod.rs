@@ -36,14 +36,29 @@ impl Stack {
         let pki = Pki::generate("test-agent").expect("pki");
         let primary = sample::start_primary().await.expect("primary");
         let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-        let gateway = RunningGateway::start(stack::gateway_config(pki.gateway_material(), &[shadow.addr]))
-            .await
-            .expect("gateway");
-        let agent = RunningAgent::start(stack::agent_config(pki.agent_material(), primary.addr, gateway.addr, percentage))
-            .await
-            .expect("agent");
+        let gateway = RunningGateway::start(stack::gateway_config(
+            pki.gateway_material(),
+            &[shadow.addr],
+        ))
+        .await
+        .expect("gateway");
+        let agent = RunningAgent::start(stack::agent_config(
+            pki.agent_material(),
+            primary.addr,
+            gateway.addr,
+            percentage,
+        ))
+        .await
+        .expect("agent");
         assert!(agent.wait_connected(LIMIT).await, "uplink did not connect");
-        Stack { pki, primary, shadow, recording, gateway: Some(gateway), agent }
+        Stack {
+            pki,
+            primary,
+            shadow,
+            recording,
+            gateway: Some(gateway),
+            agent,
+        }
     }
 
     pub fn agent_metrics(&self) -> Snapshot {
@@ -51,7 +66,11 @@ impl Stack {
     }
 
     pub fn gateway_metrics(&self) -> Snapshot {
-        self.gateway.as_ref().expect("gateway running").gateway.metrics()
+        self.gateway
+            .as_ref()
+            .expect("gateway running")
+            .gateway
+            .metrics()
     }
 
     pub async fn stop(mut self) {
@@ -64,7 +83,8 @@ impl Stack {
 
 /// GET `path` from an admin listener.
 pub async fn admin_get(addr: SocketAddr, path: &str) -> (http::StatusCode, String) {
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let resp = client
         .get(format!("http://{addr}{path}").parse().expect("uri"))
         .await
@@ -91,6 +111,9 @@ pub async fn settle<T>(mut read: impl FnMut() -> T, done: impl Fn(&T) -> bool) -
 pub fn assert_agent_identity(s: &Snapshot) {
     use teeway_agent::metrics as m;
     let lhs = s.get(m::REQUESTS_TOTAL);
-    let rhs = s.get(m::NOT_SAMPLED_TOTAL) + s.get(m::MIRRORED_TOTAL) + s.sum(m::MIRROR_DROPPED_TOTAL) + s.get(m::MIRROR_IN_FLIGHT);
+    let rhs = s.get(m::NOT_SAMPLED_TOTAL)
+        + s.get(m::MIRRORED_TOTAL)
+        + s.sum(m::MIRROR_DROPPED_TOTAL)
+        + s.get(m::MIRROR_IN_FLIGHT);
     assert_eq!(lhs, rhs, "accounting identity broken: {s:?}");
 }

@@ -37,7 +37,11 @@ const FLAG_BODY_TRUNCATED: u8 = 0x01;
 const FLAG_HAS_TRAILERS: u8 = 0x02;
 
 /// One protocol frame.
+///
+/// `Request` is far larger than the control frames, and that is on purpose: nearly every frame
+/// is a `Request`, and boxing it would cost an allocation per record for nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Frame {
     /// Agent to gateway, first frame of the first stream: who is speaking.
     Hello(Hello),
@@ -216,7 +220,9 @@ fn request_len(r: &MirroredRequest) -> usize {
 /// The URI as sent: `*`-form and origin-form stay as they are, absolute form keeps its authority.
 fn uri_bytes(uri: &Uri) -> std::borrow::Cow<'_, str> {
     match (uri.scheme(), uri.authority()) {
-        (None, None) => std::borrow::Cow::Borrowed(uri.path_and_query().map_or("/", |pq| pq.as_str())),
+        (None, None) => {
+            std::borrow::Cow::Borrowed(uri.path_and_query().map_or("/", |pq| pq.as_str()))
+        }
         _ => std::borrow::Cow::Owned(uri.to_string()),
     }
 }
@@ -225,7 +231,8 @@ fn decode_request(src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
     let id = get_u64(src, "id")?;
     let nanos = get_u64(src, "received_at")?;
     let version_code = get_u8(src, "version")?;
-    let version = version_from_code(version_code).ok_or(DecodeError::InvalidVersion(version_code))?;
+    let version =
+        version_from_code(version_code).ok_or(DecodeError::InvalidVersion(version_code))?;
     let flags = get_u8(src, "flags")?;
     let source_cluster: Arc<str> = get_str16(src, "source_cluster")?.into();
     let method_len = get_u16(src, "method")? as usize;
@@ -372,9 +379,7 @@ mod tests {
         let mut buf = BytesMut::new();
         frame.encode(&mut buf);
         assert_eq!(buf.len(), frame.encoded_len(), "encoded_len is exact");
-        let decoded = Frame::decode(&mut buf)
-            .expect("decodes")
-            .expect("complete");
+        let decoded = Frame::decode(&mut buf).expect("decodes").expect("complete");
         assert!(buf.is_empty(), "exactly one frame consumed");
         decoded
     }
@@ -461,7 +466,10 @@ mod tests {
         let cases: &[(&[u8], DecodeError)] = &[
             (&[0, 0, 0, 0], DecodeError::EmptyFrame),
             (&[0, 0, 0, 1, 0x7f], DecodeError::UnknownFrameType(0x7f)),
-            (&[0, 0, 0, 3, TYPE_ACK, 0, 0], DecodeError::Truncated("accepted")),
+            (
+                &[0, 0, 0, 3, TYPE_ACK, 0, 0],
+                DecodeError::Truncated("accepted"),
+            ),
             (
                 &[0, 0, 0, 6, TYPE_ACK, 0, 0, 0, 1, 9],
                 DecodeError::TrailingBytes(1),
@@ -492,11 +500,8 @@ mod tests {
     }
 
     fn arb_header_value() -> impl Strategy<Value = HeaderValue> {
-        proptest::collection::vec(
-            prop_oneof![0x20u8..0x7f, 0x80u8..=0xff, Just(b'\t')],
-            0..40,
-        )
-        .prop_map(|v| HeaderValue::from_bytes(&v).expect("visible bytes"))
+        proptest::collection::vec(prop_oneof![0x20u8..0x7f, 0x80u8..=0xff, Just(b'\t')], 0..40)
+            .prop_map(|v| HeaderValue::from_bytes(&v).expect("visible bytes"))
     }
 
     fn arb_headers() -> impl Strategy<Value = HeaderMap> {

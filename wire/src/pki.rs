@@ -167,9 +167,8 @@ mod tests {
     #[test]
     fn ca_reloads_from_pem_and_signs() {
         let ca = CertificateAuthority::generate("test CA").expect("ca");
-        let again =
-            CertificateAuthority::from_pem(&ca.certified.cert_pem, &ca.certified.key_pem)
-                .expect("reload");
+        let again = CertificateAuthority::from_pem(&ca.certified.cert_pem, &ca.certified.key_pem)
+            .expect("reload");
         let gw = again.gateway(&["gw.test".into()]).expect("gateway");
         assert!(gw.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(!format!("{gw:?}").contains("PRIVATE"), "debug hides keys");

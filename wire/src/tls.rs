@@ -190,7 +190,8 @@ mod tests {
         let ca = CertificateAuthority::generate("ca").expect("ca");
         let gw = ca.gateway(&[]).expect("gateway");
         let agent = ca.agent("agent").expect("agent");
-        let server = server_config(&TlsMaterial::from_generated(&ca.certified, &gw)).expect("server");
+        let server =
+            server_config(&TlsMaterial::from_generated(&ca.certified, &gw)).expect("server");
         let client =
             client_config(&TlsMaterial::from_generated(&ca.certified, &agent)).expect("client");
         assert_eq!(server.alpn_protocols, vec![b"teeway/1".to_vec()]);
@@ -221,8 +222,9 @@ mod tests {
         std::fs::write(dir.join("a.pem"), &agent.cert_pem).expect("write");
         std::fs::write(dir.join("a.key"), &agent.key_pem).expect("write");
         std::fs::write(dir.join("empty.pem"), "nothing here").expect("write");
-        let m = TlsMaterial::from_files(&dir.join("ca.pem"), &dir.join("a.pem"), &dir.join("a.key"))
-            .expect("loads");
+        let m =
+            TlsMaterial::from_files(&dir.join("ca.pem"), &dir.join("a.pem"), &dir.join("a.key"))
+                .expect("loads");
         assert_eq!(m.chain.len(), 1);
         let err = load_certs(&dir.join("empty.pem")).expect_err("no cert");
         assert!(err.to_string().contains("empty.pem"), "{err}");
