@@ -16,7 +16,7 @@ use teeway_agent::config::{AdminConfig, GatewayConfig as UplinkTarget, MirrorCon
 use teeway_agent::{Agent, AgentConfig, AgentListeners};
 use teeway_gateway::config::{HostPolicy, RouteConfig};
 use teeway_gateway::{Gateway, GatewayConfig, GatewayListeners};
-use teeway_runtime::config::HttpTarget;
+use teeway_runtime::config::{HttpTarget, UpstreamProtocol};
 use teeway_wire::pki::{CertificateAuthority, CertifiedKey};
 use teeway_wire::tls::TlsMaterial;
 
@@ -68,6 +68,8 @@ pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig
             matcher: None,
             targets: shadows.iter().copied().map(loopback_target).collect(),
             host_header: HostPolicy::Keep,
+            // The sample services speak both versions: exercise HTTP/2 end to end.
+            protocol: UpstreamProtocol::Auto,
             timeout: teeway_gateway::config::DEFAULT_REPLAY_TIMEOUT,
             max_concurrency: teeway_gateway::config::DEFAULT_MAX_CONCURRENCY,
         }],
@@ -88,6 +90,7 @@ pub fn agent_config(
         cluster: "demo-prod".into(),
         listen: ([127, 0, 0, 1], 0).into(),
         primary: loopback_target(primary),
+        primary_protocol: UpstreamProtocol::Auto,
         mirror: MirrorConfig {
             percentage,
             max_body_bytes: teeway_agent::config::DEFAULT_MAX_BODY_BYTES,

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use teeway_runtime::config::{self as cfg, ConfigError, HttpTarget, Problems, Section};
+use teeway_runtime::config::{
+    self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
+};
 use teeway_runtime::units::format_size;
 use teeway_wire::tls::TlsMaterial;
 
@@ -32,6 +34,8 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// The real service.
     pub primary: HttpTarget,
+    /// HTTP version spoken to the primary.
+    pub primary_protocol: UpstreamProtocol,
     /// What is copied and how much is held.
     pub mirror: MirrorConfig,
     /// Where copies go.
@@ -104,6 +108,15 @@ impl AgentConfig {
             "give the real service's URL, for example `primary: http://127.0.0.1:9000`",
             cfg::http_target,
         );
+
+        let primary_protocol = root
+            .optional(
+                &mut p,
+                "primary_protocol",
+                "use http1 (default), http2 (h2c) or auto (the client's version; for gRPC)",
+                cfg::upstream_protocol,
+            )
+            .unwrap_or(UpstreamProtocol::Http1);
 
         let mut m = root.section(&mut p, "mirror");
         let percentage = m
@@ -268,6 +281,7 @@ impl AgentConfig {
                 cluster,
                 listen,
                 primary,
+                primary_protocol,
                 mirror: MirrorConfig {
                     percentage,
                     max_body_bytes,

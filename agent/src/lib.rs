@@ -139,6 +139,7 @@ impl Agent {
             Sampler::new(config.mirror.percentage),
             config.mirror.max_body_bytes,
             &config.cluster,
+            self.uplink_state.clone(),
         ));
         let authority = authority(&config.primary.host, config.primary.port)?;
         let connector = UpstreamConnector::new(
@@ -151,6 +152,7 @@ impl Agent {
             tee,
             connector,
             authority,
+            config.primary_protocol,
             self.accounting.clone(),
         ));
 

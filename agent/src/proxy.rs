@@ -1,8 +1,8 @@
 //! The inline reverse proxy: production requests in, primary's responses back, a copy on the side.
 //!
-//! Clients may speak HTTP/1.1 or HTTP/2 (h2c with prior knowledge included); each request goes to
-//! the primary in the version it arrived in, over pooled connections, so gRPC and other h2-only
-//! protocols keep working. Bodies stream both ways; the response is the primary's, untouched but
+//! Clients may speak HTTP/1.1 or HTTP/2 (h2c with prior knowledge included); requests go to the
+//! primary over pooled connections in the version `primary_protocol` says: HTTP/1.1 by default,
+//! h2c, or the client's own version (`auto`, which gRPC needs). Bodies stream both ways; the response is the primary's, untouched but
 //! for hop-by-hop headers. The request path never waits for the mirror: see [`crate::tee`].
 
 use std::convert::Infallible;
@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::proxy::{add_forwarding, remove_hop_by_hop};
 
@@ -44,6 +45,7 @@ pub struct Proxy {
     http1: PrimaryClient,
     http2: PrimaryClient,
     primary_authority: Authority,
+    primary_protocol: UpstreamProtocol,
     accounting: Arc<Accounting>,
 }
 
@@ -61,6 +63,7 @@ impl Proxy {
         tee: Arc<Tee>,
         connector: UpstreamConnector,
         primary_authority: Authority,
+        primary_protocol: UpstreamProtocol,
         accounting: Arc<Accounting>,
     ) -> Self {
         let client = |http2_only: bool| {
@@ -75,6 +78,7 @@ impl Proxy {
             http1: client(false),
             http2: client(true),
             primary_authority,
+            primary_protocol,
             accounting,
         }
     }
@@ -106,13 +110,13 @@ impl Proxy {
             None => self.tee.body(body, None),
         };
 
-        let (client_for_version, out_version) = if version == Version::HTTP_2 {
+        let (client_for_version, out_version) = if self.primary_protocol.use_http2(version) {
             (&self.http2, Version::HTTP_2)
         } else {
             (&self.http1, Version::HTTP_11)
         };
         parts.version = out_version;
-        parts.uri = self.upstream_uri(&original_uri, version);
+        parts.uri = self.upstream_uri(&original_uri, out_version);
         let upstream = Request::from_parts(parts, body);
 
         match client_for_version.request(upstream).await {

@@ -19,6 +19,7 @@ use teeway_wire::MirroredRequest;
 use tokio::sync::mpsc;
 
 use crate::metrics::{Accounting, DropReason, Ticket};
+use crate::uplink::UplinkState;
 
 /// Headers removed from every copy before it leaves the agent: credentials never leave
 /// production. (The primary still receives them unchanged.)
@@ -86,6 +87,8 @@ pub struct Tee {
     max_body_bytes: usize,
     source_cluster: Arc<str>,
     next_id: AtomicU64,
+    /// Read on every sampled request: with no uplink, a copy is dropped before it is made.
+    uplink: Arc<UplinkState>,
 }
 
 /// What the tee needs to know of a request head.
@@ -111,6 +114,7 @@ impl Tee {
         sampler: Sampler,
         max_body_bytes: u64,
         source_cluster: &str,
+        uplink: Arc<UplinkState>,
     ) -> Self {
         Self {
             queue_tx,
@@ -119,18 +123,26 @@ impl Tee {
             max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
             source_cluster: source_cluster.into(),
             next_id: AtomicU64::new(1),
+            uplink,
         }
     }
 
     /// Counts the request and draws whether it is copied; `Some(ticket)` when it is.
+    ///
+    /// While the uplink is down a sampled request is counted as a `no_uplink` drop here, before
+    /// any header is cloned or body byte copied: a dead gateway costs production nothing.
     pub fn admit(self: &Arc<Self>) -> Option<Ticket> {
         self.accounting.requests.increment(1);
-        if self.sampler.sample() {
-            Some(self.accounting.ticket())
-        } else {
+        if !self.sampler.sample() {
             self.accounting.not_sampled.increment(1);
-            None
+            return None;
         }
+        let ticket = self.accounting.ticket();
+        if !self.uplink.is_connected() {
+            ticket.dropped(DropReason::NoUplink);
+            return None;
+        }
+        Some(ticket)
     }
 
     /// Wraps a request body so that it is copied as it streams to the primary.
@@ -315,6 +327,8 @@ mod tests {
     fn tee(queue: usize, max_body: u64) -> (Arc<Tee>, mpsc::Receiver<Queued>, Arc<Accounting>) {
         let acc = Arc::new(Accounting::new(1 << 20));
         let (tx, rx) = mpsc::channel(queue);
+        let uplink = Arc::new(UplinkState::default());
+        uplink.set(true);
         (
             Arc::new(Tee::new(
                 tx,
@@ -322,6 +336,7 @@ mod tests {
                 Sampler::new(100.0),
                 max_body,
                 "c",
+                uplink,
             )),
             rx,
             acc,
@@ -404,6 +419,27 @@ mod tests {
             let _ = tee.body(Full::new(Bytes::new()), ticket.map(|t| (head(), t)));
         }
         assert_eq!(dropped(&acc, "queue_full"), 2.0);
+    }
+
+    #[tokio::test]
+    async fn without_uplink_nothing_is_copied() {
+        let acc = Arc::new(Accounting::new(1 << 20));
+        let (tx, mut rx) = mpsc::channel(4);
+        let down = Arc::new(UplinkState::default());
+        let tee = Arc::new(Tee::new(
+            tx,
+            acc.clone(),
+            Sampler::new(100.0),
+            1024,
+            "c",
+            down,
+        ));
+        assert!(tee.admit().is_none(), "no ticket, so no copy is made");
+        assert!(rx.try_recv().is_err());
+        assert_eq!(dropped(&acc, "no_uplink"), 1.0);
+        let s = Snapshot::parse(&acc.registry().render());
+        assert_eq!(s.get(crate::metrics::MIRROR_IN_FLIGHT), 0.0);
+        assert_eq!(s.get(crate::metrics::REQUESTS_TOTAL), 1.0);
     }
 
     #[tokio::test]

@@ -92,7 +92,7 @@ impl UplinkState {
         let _ = rx.wait_for(|now| *now == up).await;
     }
 
-    fn set(&self, up: bool) {
+    pub(crate) fn set(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
         self.changes_tx.send_replace(up);
     }

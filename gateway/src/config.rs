@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use teeway_runtime::config::{self as cfg, ConfigError, HttpTarget, Problems, Section};
+use teeway_runtime::config::{
+    self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
+};
 use teeway_runtime::yaml::Value;
 use teeway_wire::tls::TlsMaterial;
 
@@ -41,6 +43,8 @@ pub struct RouteConfig {
     pub targets: Vec<HttpTarget>,
     /// What the replayed request's Host is.
     pub host_header: HostPolicy,
+    /// HTTP version spoken to the targets.
+    pub protocol: UpstreamProtocol,
     /// Time allowed for one replay.
     pub timeout: Duration,
     /// Replays in flight per target.
@@ -223,6 +227,14 @@ impl GatewayConfig {
                     HostPolicy::parse,
                 )
                 .unwrap_or(HostPolicy::Keep);
+            let protocol = r
+                .optional(
+                    &mut p,
+                    "protocol",
+                    "use http1 (default), http2 (h2c) or auto (the original request's version; for gRPC)",
+                    cfg::upstream_protocol,
+                )
+                .unwrap_or(UpstreamProtocol::Http1);
             let timeout = r
                 .optional(
                     &mut p,
@@ -248,6 +260,7 @@ impl GatewayConfig {
                 matcher,
                 targets,
                 host_header,
+                protocol,
                 timeout,
                 max_concurrency,
             });

@@ -121,6 +121,7 @@ impl Gateway {
                     t,
                     resolver.clone(),
                     route.host_header,
+                    route.protocol,
                     route.timeout,
                     route.max_concurrency,
                 )

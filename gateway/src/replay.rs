@@ -1,8 +1,8 @@
 //! Replaying a mirrored request to a shadow target, then reading the response to the end and
 //! dropping it.
 //!
-//! Each target has its own pooled hyper clients (HTTP/1.1, and HTTP/2 with prior knowledge for
-//! records that arrived as h2) and its own concurrency limit. A record that finds the limit
+//! Each target has its own pooled hyper clients (HTTP/1.1, and HTTP/2 with prior knowledge, as the
+//! route's `protocol` says) and its own concurrency limit. A record that finds the limit
 //! reached is dropped and counted as `overloaded`: queueing it would let a slow shadow grow the
 //! gateway's memory without bound.
 
@@ -18,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use teeway_runtime::config::HttpTarget;
+use teeway_runtime::config::{HttpTarget, UpstreamProtocol};
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::proxy::remove_hop_by_hop;
@@ -43,6 +43,7 @@ pub struct Target {
     http2: ShadowClient,
     limit: Arc<Semaphore>,
     host_policy: HostPolicy,
+    protocol: UpstreamProtocol,
     timeout: Duration,
 }
 
@@ -60,6 +61,7 @@ impl Target {
         target: &HttpTarget,
         resolver: Resolver,
         host_policy: HostPolicy,
+        protocol: UpstreamProtocol,
         timeout: Duration,
         max_concurrency: usize,
     ) -> Result<Self, http::uri::InvalidUri> {
@@ -80,6 +82,7 @@ impl Target {
             http2: client(true),
             limit: Arc::new(Semaphore::new(max_concurrency)),
             host_policy,
+            protocol,
             timeout,
         })
     }
@@ -159,7 +162,7 @@ impl Target {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut headers = record.headers.clone();
         remove_hop_by_hop(&mut headers);
-        let version = if record.version == Version::HTTP_2 {
+        let version = if self.protocol.use_http2(record.version) {
             Version::HTTP_2
         } else {
             Version::HTTP_11
@@ -220,7 +223,15 @@ mod tests {
             url: "http://127.0.0.1:9100".into(),
         };
         let resolver = Resolver::from_system().expect("resolver");
-        Target::new(&t, resolver, policy, Duration::from_secs(1), 4).expect("target")
+        Target::new(
+            &t,
+            resolver,
+            policy,
+            UpstreamProtocol::Auto,
+            Duration::from_secs(1),
+            4,
+        )
+        .expect("target")
     }
 
     fn record(version: Version, uri: &'static str, host: Option<&'static str>) -> MirroredRequest {

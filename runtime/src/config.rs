@@ -489,6 +489,38 @@ fn valid_host(host: &str) -> bool {
         })
 }
 
+/// Which HTTP version to speak to an upstream (the primary, or a shadow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 whatever the client spoke (default: what nearly every service accepts).
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c) whatever the client spoke.
+    Http2,
+    /// The client's own version: HTTP/2 clients get h2c upstream (gRPC needs this).
+    Auto,
+}
+
+impl UpstreamProtocol {
+    /// Whether a request that arrived as `version` goes upstream as HTTP/2.
+    pub fn use_http2(self, version: http::Version) -> bool {
+        match self {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::Auto => version == http::Version::HTTP_2,
+        }
+    }
+}
+
+/// `http1`, `http2` or `auto`.
+pub fn upstream_protocol(value: &Value) -> Result<UpstreamProtocol, String> {
+    match string(value)?.as_str() {
+        "http1" => Ok(UpstreamProtocol::Http1),
+        "http2" => Ok(UpstreamProtocol::Http2),
+        "auto" => Ok(UpstreamProtocol::Auto),
+        _ => Err("is not a protocol".into()),
+    }
+}
+
 /// An `http://host:port` URL with no path, query or credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpTarget {
@@ -630,6 +662,20 @@ mod tests {
         assert!(http_target(&Value::from("ftp://x")).is_err());
         assert!(http_target(&Value::from("http://x/path")).is_err());
         assert!(http_target(&Value::from("127.0.0.1:80")).is_err());
+    }
+
+    #[test]
+    fn upstream_protocol_choice() {
+        use http::Version;
+        assert!(!UpstreamProtocol::Http1.use_http2(Version::HTTP_2));
+        assert!(UpstreamProtocol::Http2.use_http2(Version::HTTP_11));
+        assert!(UpstreamProtocol::Auto.use_http2(Version::HTTP_2));
+        assert!(!UpstreamProtocol::Auto.use_http2(Version::HTTP_11));
+        assert_eq!(
+            upstream_protocol(&Value::from("auto")),
+            Ok(UpstreamProtocol::Auto)
+        );
+        assert!(upstream_protocol(&Value::from("h3")).is_err());
     }
 
     #[test]

@@ -1,0 +1,558 @@
+#!/usr/bin/env python3
+"""teeway vs nginx `mirror`, side by side on one machine. Run through run.sh.
+
+Every scenario starts its own processes on loopback ports picked here, drives them with wrk (or
+h2load for HTTP/2) for a fixed time, measures throughput, latency, CPU seconds per 1,000 requests
+and peak RSS of every server process, and for mirroring scenarios how many requests reached the
+shadow. Upstreams are nginx `return` blocks (and `echo_sleep` for the 200 ms shadow), the same for
+both tools, so neither is measured against a slow upstream. Standard library only.
+"""
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TEEWAY = os.environ.get("TEEWAY_BIN", os.path.join(ROOT, "target", "release", "teeway"))
+ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WAIT_LIMIT = 30.0  # seconds: upper bound on any readiness or drain wait
+
+WRK_REPORT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("BENCH requests=%d duration_us=%d errors=%d p50_us=%d p99_us=%d p999_us=%d\\n",
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"""
+
+
+def free_port(kind=socket.SOCK_STREAM):
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, what, limit=WAIT_LIMIT):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Proc:
+    """A server process (and its children, for nginx workers) with CPU and RSS readings."""
+
+    def __init__(self, name, argv, cwd, env=None):
+        self.name = name
+        log = open(os.path.join(cwd, f"{name}.log"), "wb")
+        self.popen = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                      env=env, start_new_session=True)
+
+    def pids(self):
+        pids = [self.popen.pid]
+        try:
+            out = subprocess.run(["pgrep", "-P", str(self.popen.pid)], capture_output=True, text=True).stdout
+            pids += [int(p) for p in out.split()]
+        except OSError:
+            pass
+        return pids
+
+    def cpu_seconds(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return total / CLK_TCK
+
+    def peak_rss_mib(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+    def stop(self):
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+
+def nginx(work, name, server_block, workers=1, echo=False):
+    prefix = os.path.join(work, name)
+    os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as f:
+        if echo:
+            f.write(f"load_module {ECHO_MODULE};\n")
+        f.write(f"""
+daemon off;
+master_process on;
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  client_body_temp_path {prefix}/body;
+  proxy_temp_path {prefix}/proxy;
+  {server_block}
+}}
+""")
+    return Proc(name, ["nginx", "-p", prefix, "-c", conf], prefix)
+
+
+def count_lines(path):
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+class Shadow:
+    """An nginx shadow that logs each request it receives, so both tools are counted alike."""
+
+    def __init__(self, work, delay_ms=0, status=200):
+        self.port = free_port()
+        self.log = os.path.join(work, f"shadow-{self.port}.access")
+        if delay_ms:
+            body = f"echo_sleep {delay_ms / 1000:.3f}; echo 'shadow ok';"
+        elif status == 204:
+            body = "return 204;"
+        else:
+            body = "return 200 'shadow ok\\n';"
+        self.proc = nginx(work, f"shadow-{self.port}", f"""
+  server {{
+    listen 127.0.0.1:{self.port} reuseport;
+    access_log {self.log};
+    location / {{ {body} }}
+  }}""", echo=bool(delay_ms))
+        wait_until(lambda: port_open(self.port), "shadow")
+
+    def count(self):
+        return count_lines(self.log)
+
+
+def primary(work):
+    port = free_port()
+    proc = nginx(work, "primary", f"""
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{ return 200 'ok\\n'; }}
+  }}""", workers=1)
+    wait_until(lambda: port_open(port), "primary")
+    return port, proc
+
+
+def nginx_proxy(work, primary_port, shadow=None, workers=2):
+    port = free_port()
+    mirror = ""
+    mirror_loc = ""
+    if shadow:
+        mirror = "mirror /__mirror; mirror_request_body on;"
+        mirror_loc = f"""
+    location = /__mirror {{
+      internal;
+      proxy_pass http://shadow$request_uri;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}"""
+    shadow_up = f"upstream shadow {{ server 127.0.0.1:{shadow.port}; keepalive 64; }}" if shadow else ""
+    proc = nginx(work, "proxy", f"""
+  upstream primary {{ server 127.0.0.1:{primary_port}; keepalive 64; }}
+  {shadow_up}
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{
+      {mirror}
+      proxy_pass http://primary;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+    {mirror_loc}
+  }}""", workers=workers)
+    wait_until(lambda: port_open(port), "nginx proxy")
+    return port, proc
+
+
+def teeway_pair(work, primary_port, shadow, percentage, start_gateway=True):
+    certs = os.path.join(work, "certs")
+    if not os.path.exists(os.path.join(certs, "ca.pem")):
+        subprocess.run([TEEWAY, "certs", "init", "--dir", certs], check=True, capture_output=True)
+    procs = []
+    gw_port = free_port(socket.SOCK_DGRAM)
+    if start_gateway:
+        gw_admin = free_port()
+        with open(os.path.join(work, "gateway.yaml"), "w") as f:
+            f.write(f"""listen: 127.0.0.1:{gw_port}
+tls: {{ ca: {certs}/ca.pem, cert: {certs}/gateway.pem, key: {certs}/gateway.key }}
+routes:
+  - targets: [http://127.0.0.1:{shadow.port}]
+admin: {{ listen: 127.0.0.1:{gw_admin} }}
+""")
+        procs.append(Proc("gateway", [TEEWAY, "gateway", "--config", "gateway.yaml"], work,
+                          env=dict(os.environ, RUST_LOG="warn")))
+        wait_until(lambda: port_open(gw_admin), "gateway admin")
+    port, admin = free_port(), free_port()
+    with open(os.path.join(work, "agent.yaml"), "w") as f:
+        f.write(f"""cluster: bench
+listen: 127.0.0.1:{port}
+primary: http://127.0.0.1:{primary_port}
+mirror: {{ percentage: {percentage} }}
+gateway:
+  address: 127.0.0.1:{gw_port}
+  server_name: localhost
+  ca: {certs}/ca.pem
+  cert: {certs}/agent.pem
+  key: {certs}/agent.key
+admin: {{ listen: 127.0.0.1:{admin} }}
+""")
+    agent = Proc("agent", [TEEWAY, "agent", "--config", "agent.yaml"], work, env=dict(os.environ, RUST_LOG="warn"))
+    procs.insert(0, agent)
+    wait_until(lambda: port_open(port) and port_open(admin), "agent")
+    if start_gateway and percentage > 0:
+        wait_until(lambda: http_status(admin, "/readyz") == 200, "agent uplink")
+    return port, admin, procs
+
+
+def http_status(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def metrics(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            try:
+                out[series] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def run_wrk(port, duration, connections, threads):
+    script = os.path.join(tempfile.gettempdir(), "teeway-bench-report.lua")
+    with open(script, "w") as f:
+        f.write(WRK_REPORT)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script,
+                          f"http://127.0.0.1:{port}/bench/item?id=42"],
+                         capture_output=True, text=True, timeout=duration + 60).stdout
+    m = re.search(r"BENCH (.*)", out)
+    if not m:
+        raise RuntimeError(f"wrk printed no report:\n{out}")
+    fields = dict(kv.split("=") for kv in m.group(1).split())
+    seconds = int(fields["duration_us"]) / 1e6
+    return {
+        "requests": int(fields["requests"]),
+        "errors": int(fields["errors"]),
+        "rps": int(fields["requests"]) / seconds,
+        "p50_ms": int(fields["p50_us"]) / 1000,
+        "p99_ms": int(fields["p99_us"]) / 1000,
+        "p999_ms": int(fields["p999_us"]) / 1000,
+    }
+
+
+def run_h2load(port, duration, connections):
+    out = subprocess.run(["h2load", "-c", str(connections), "-m", "10", "-t", "1", "-D", str(duration),
+                          f"http://127.0.0.1:{port}/bench/item?id=42"],
+                         capture_output=True, text=True, timeout=duration + 60).stdout
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    if not (rps and done):
+        raise RuntimeError(f"h2load printed no report:\n{out}")
+
+    def ms(text):
+        value = float(re.match(r"[\d.]+", text).group())
+        return value / 1000 if text.endswith("us") else value * 1000 if text.endswith("s") and not text.endswith("ms") else value
+
+    return {
+        "requests": int(done.group(2)),
+        "errors": int(done.group(3)) + int(done.group(4)),
+        "rps": float(rps.group(1)),
+        "p50_ms": None,  # h2load reports mean and sd, not percentiles
+        "p99_ms": None,
+        "p999_ms": None,
+        "mean_ms": ms(mean.group(1)) if mean else None,
+    }
+
+
+def scenario(args, number, title, setup, driver="wrk", mirror=None):
+    """Starts what `setup` starts, drives it, measures it, stops it."""
+    work = tempfile.mkdtemp(prefix=f"teeway-bench-{number}-")
+    procs = []
+    row = {"n": number, "scenario": title}
+    try:
+        target_port, procs, shadow, agent_admin = setup(work)
+        cpu_before = {p.name: p.cpu_seconds() for p in procs}
+        shadow_before = shadow.count() if shadow else 0
+        if driver == "wrk":
+            load = run_wrk(target_port, args.duration, args.connections, args.threads)
+        else:
+            load = run_h2load(target_port, args.duration, args.connections)
+        row.update(load)
+        if shadow:
+            if agent_admin:
+                # Let the agent resolve every copy it holds before counting arrivals.
+                wait_until(lambda: metrics(agent_admin).get("teeway_agent_mirror_in_flight", 1) == 0, "agent drain")
+            settle_count(shadow)
+            row["delivered"] = (shadow.count() - shadow_before) / max(load["requests"], 1)
+        if agent_admin:
+            m = metrics(agent_admin)
+            row["agent_mirrored"] = int(m.get("teeway_agent_mirrored_total", 0))
+            row["agent_dropped"] = int(sum(v for k, v in m.items() if k.startswith("teeway_agent_mirror_dropped_total")))
+            row["agent_seen"] = int(m.get("teeway_agent_requests_total", 0))
+        per_k = []
+        rss = []
+        for p in procs:
+            used = p.cpu_seconds() - cpu_before[p.name]
+            per_k.append(f"{p.name} {1000 * used / max(load['requests'], 1):.3f}")
+            rss.append(f"{p.name} {p.peak_rss_mib():.1f}")
+            row[f"rss_{p.name}_mib"] = p.peak_rss_mib()
+        row["cpu_per_1k"] = ", ".join(per_k)
+        row["peak_rss"] = ", ".join(rss)
+    except Exception as e:  # a failed scenario is reported, the run goes on
+        row["error"] = str(e).splitlines()[0][:200]
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(summary_line(row), flush=True)
+    return row
+
+
+def settle_count(shadow):
+    """nginx mirror subrequests may still be on their way: wait until the count stops moving."""
+    last, stable_since = shadow.count(), time.monotonic()
+    deadline = time.monotonic() + WAIT_LIMIT
+    while time.monotonic() < deadline and time.monotonic() - stable_since < 1.0:
+        time.sleep(0.1)
+        now = shadow.count()
+        if now != last:
+            last, stable_since = now, time.monotonic()
+
+
+def summary_line(row):
+    if "error" in row:
+        return f"  {row['n']:>3}  {row['scenario']}: FAILED: {row['error']}"
+    extra = f", delivered {row['delivered'] * 100:.2f}%" if "delivered" in row else ""
+    return f"  {row['n']:>3}  {row['scenario']}: {row['rps']:.0f} req/s{extra}"
+
+
+def fmt(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def versions():
+    def first_line(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} cores, {cpu}, Linux {platform.release()}",
+        "teeway": first_line([TEEWAY, "--version"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "h2load": first_line(["h2load", "--version"]),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per scenario")
+    ap.add_argument("--connections", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads")
+    ap.add_argument("--out", default=HERE, help="where results.md and results.csv go")
+    ap.add_argument("--only", help="comma-separated scenario numbers")
+    args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+
+    def mirror_nginx(delay_ms=0, status=200):
+        def setup(work):
+            pport, pproc = primary(work)
+            shadow = Shadow(work, delay_ms, status)
+            port, proxy = nginx_proxy(work, pport, shadow)
+            return port, [proxy, pproc, shadow.proc], shadow, None
+        return setup
+
+    def with_teeway(percentage, delay_ms=0, gateway=True):
+        def setup(work):
+            pport, pproc = primary(work)
+            shadow = Shadow(work, delay_ms)
+            port, admin, procs = teeway_pair(work, pport, shadow, percentage, gateway)
+            return port, procs + [pproc, shadow.proc], shadow if percentage > 0 else None, admin
+        return setup
+
+    def direct(work):
+        pport, pproc = primary(work)
+        return pport, [pproc], None, None
+
+    def proxy_only(work):
+        pport, pproc = primary(work)
+        port, proxy = nginx_proxy(work, pport)
+        return port, [proxy, pproc], None, None
+
+    plan = [
+        ("1", "direct to the primary (ceiling)", direct, "wrk"),
+        ("2", "nginx reverse proxy, no mirror", proxy_only, "wrk"),
+        ("3", "nginx mirror -> shadow (200 with body)", mirror_nginx(), "wrk"),
+        ("3b", "nginx mirror -> shadow answering 204", mirror_nginx(status=204), "wrk"),
+        ("4", "teeway agent, mirroring off (0%)", with_teeway(0), "wrk"),
+        ("5", "teeway agent 100% -> QUIC gateway -> shadow", with_teeway(100), "wrk"),
+        ("6", "nginx mirror, shadow answers in 200 ms", mirror_nginx(delay_ms=200), "wrk"),
+        ("7", "teeway 100%, shadow answers in 200 ms", with_teeway(100, delay_ms=200), "wrk"),
+        ("8", "teeway 100%, gateway down", with_teeway(100, gateway=False), "wrk"),
+        ("10", "HTTP/2 clients (h2load) through teeway 100%", with_teeway(100), "h2load"),
+    ]
+    info = versions()
+    print(f"teeway benchmark: {info['machine']}; {args.duration}s per scenario, {args.connections} connections")
+    rows = []
+    for number, title, setup, driver in plan:
+        if only and number not in only:
+            continue
+        rows.append(scenario(args, number, title, setup, driver))
+    rows.append({"n": "9", "scenario": "teeway over TLS-over-TCP transport",
+                 "error": "not measured: the TLS-over-TCP transport does not exist yet (production-safety issue)"})
+    rows.sort(key=lambda r: (int(re.match(r"\d+", r["n"]).group()), r["n"]))
+    write_results(args, info, rows)
+
+
+def write_results(args, info, rows):
+    by = {r["n"]: r for r in rows if "error" not in r}
+    md = [
+        "# Benchmark results",
+        "",
+        f"- date: {info['date']}",
+        f"- machine: {info['machine']}",
+        f"- versions: {info['teeway']}; {info['nginx']}; {info['wrk']}; {info['h2load']}",
+        f"- load: wrk -t{args.threads} -c{args.connections}, {args.duration} s per scenario, GET of a tiny response;"
+        f" h2load -c{args.connections} -m10 for HTTP/2",
+        "- every process (load generator included) shares the same cores; CPU is user+system seconds per 1,000"
+        " requests; RSS is the peak (VmHWM) of each process during its scenario",
+        "",
+        "| # | scenario | req/s | p50 ms | p99 ms | p99.9 ms | errors | delivered to shadow | CPU s / 1k req | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            md.append(f"| {r['n']} | {r['scenario']} | - | - | - | - | - | - | {r['error']} | - |")
+            continue
+        delivered = f"{r['delivered'] * 100:.2f}%" if "delivered" in r else "-"
+        if "agent_seen" in r and "delivered" in r:
+            delivered += f" (agent: {r['agent_mirrored']} mirrored, {r['agent_dropped']} dropped of {r['agent_seen']})"
+        md.append(f"| {r['n']} | {r['scenario']} | {r['rps']:.0f} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} |"
+                  f" {fmt(r['p999_ms'])} | {r['errors']} | {delivered} | {r['cpu_per_1k']} | {r['peak_rss']} |")
+    md += ["", "## Against the targets", ""]
+    md += targets(by)
+    text = "\n".join(md) + "\n"
+    print("\n" + text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text)
+    keys = ["n", "scenario", "rps", "p50_ms", "p99_ms", "p999_ms", "errors", "delivered", "agent_seen",
+            "agent_mirrored", "agent_dropped", "cpu_per_1k", "peak_rss", "error"]
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def targets(by):
+    lines = []
+
+    def check(name, ok, detail):
+        lines.append(f"- {'met' if ok else 'MISSED'}: {name} ({detail})")
+
+    def ratio(a, b, key="rps"):
+        return by[a][key] / by[b][key] if a in by and b in by and by[b][key] else None
+
+    r = ratio("5", "3")
+    if r is not None:
+        check("scenario 5 throughput at least 2x nginx mirror (3)", r >= 2, f"{r:.2f}x")
+    r = ratio("5", "2")
+    if r is not None:
+        check("aim: scenario 5 matches nginx without mirroring (2)", r >= 1, f"{r:.2f}x")
+    for n in ("7", "8"):
+        r = ratio(n, "4")
+        p = ratio(n, "4", "p99_ms")
+        if r is not None and p is not None:
+            check(f"scenario {n} throughput at least 95% of 4, p99 at most 1.1x", r >= 0.95 and p <= 1.1,
+                  f"{r * 100:.1f}% of the throughput, p99 {p:.2f}x")
+    r = ratio("6", "4")
+    if r is not None:
+        lines.append(f"- for comparison: nginx with a 200 ms mirror (6) runs at {r * 100:.1f}% of scenario 4")
+    if "5" in by and "delivered" in by["5"]:
+        d = by["5"]
+        accounted = d["agent_mirrored"] + d["agent_dropped"] == d["agent_seen"]
+        check("scenario 5: every request that did not reach the shadow is in a drop counter", accounted,
+              f"delivered {d['delivered'] * 100:.2f}%, agent accounting {d['agent_mirrored']} + {d['agent_dropped']}"
+              f" = {d['agent_seen']}")
+    rss = [r["rss_agent_mib"] for r in by.values() if "rss_agent_mib" in r]
+    if rss:
+        check("agent peak RSS under 64 MiB in every scenario", max(rss) < 64, f"max {max(rss):.1f} MiB")
+    lines.append("- not measured here: delivery at a fixed rate of half the maximum (wrk has no fixed-rate mode; "
+                 "see README)")
+    return lines
+
+
+if __name__ == "__main__":
+    if not os.path.exists(TEEWAY):
+        sys.exit(f"{TEEWAY} is missing: run tests/bench/run.sh, which builds it")
+    main()
