@@ -34,13 +34,7 @@ pub fn detect(text: &str) -> Option<Kind> {
 /// Validates one file; `Ok(summary)` or every problem.
 pub fn check_file(path: &Path) -> Result<String, ConfigError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::unreadable(
-            &name,
-            format!("cannot read the file: {e}"),
-            "check the path",
-        )
-    })?;
+    let text = teeway_runtime::config::read_file(path)?;
     match detect(&text) {
         Some(Kind::Agent) => AgentConfig::from_file(path).map(|c| {
             format!(

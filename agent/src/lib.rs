@@ -156,12 +156,7 @@ impl Agent {
             self.accounting.clone(),
         ));
 
-        let admin_addr = listeners
-            .admin
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let admin_addr = admin::listen_addr(listeners.admin.as_ref());
         let drain = CancellationToken::new();
         let uplink_task = tokio::spawn(uplink.run(queue_rx, drain.clone(), config.shutdown_grace));
         let admin_stop = CancellationToken::new();
@@ -174,7 +169,7 @@ impl Agent {
         });
         tracing::info!(
             listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            admin = %config.admin.as_ref().map(|_| admin_addr.clone()).unwrap_or_default(),
+            admin = %admin_addr,
             primary = %config.primary.url,
             gateway = %format_args!("{}:{}", config.gateway.host, config.gateway.port),
             percentage = config.mirror.percentage,

@@ -303,17 +303,10 @@ impl GatewayConfig {
 
     /// Reads and validates a gateway configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::unreadable(
-                &name,
-                format!("cannot read the file: {e}"),
-                "check the path",
-            )
-        })?;
+        let text = cfg::read_file(path)?;
         // Relative paths inside the file are taken from the working directory, as the shell takes
         // the path of the file itself.
-        Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&name))
+        Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&path.display().to_string()))
     }
 }
 

@@ -142,12 +142,7 @@ impl Gateway {
             replays: TaskTracker::new(),
         });
 
-        let admin_addr = listeners
-            .admin
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let admin_addr = admin::listen_addr(listeners.admin.as_ref());
         let endpoint = self.endpoint(listeners.quic)?;
         let admin_stop = CancellationToken::new();
         let admin_task = listeners.admin.map(|listener| {

@@ -34,6 +34,14 @@ pub trait AdminState: Send + Sync + 'static {
     }
 }
 
+/// The address of an optional admin listener, for start-up logs (empty when there is none).
+pub fn listen_addr(listener: Option<&TcpListener>) -> String {
+    listener
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
 /// Serves the admin endpoints on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>, shutdown: CancellationToken) {
     let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);

@@ -130,6 +130,17 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Reads a configuration file's text; an unreadable file is a [`ConfigError`] naming it.
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::unreadable(
+            &path.display().to_string(),
+            format!("cannot read the file: {e}"),
+            "check the path",
+        )
+    })
+}
+
 /// A mapping being read: remembers which keys were asked for, so the rest can be reported as
 /// unknown by [`Section::finish`].
 #[derive(Debug)]

@@ -220,6 +220,7 @@ def teeway_pair(work, primary_port, shadow, percentage, start_gateway=True):
         subprocess.run([TEEWAY, "certs", "init", "--dir", certs], check=True, capture_output=True)
     procs = []
     gw_port = free_port(socket.SOCK_DGRAM)
+    gw_admin = None
     if start_gateway:
         gw_admin = free_port()
         with open(os.path.join(work, "gateway.yaml"), "w") as f:
@@ -251,7 +252,7 @@ admin: {{ listen: 127.0.0.1:{admin} }}
     wait_until(lambda: port_open(port) and port_open(admin), "agent")
     if start_gateway and percentage > 0:
         wait_until(lambda: http_status(admin, "/readyz") == 200, "agent uplink")
-    return port, admin, procs
+    return port, (admin, gw_admin), procs
 
 
 def http_status(port, path):
@@ -331,7 +332,8 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
     procs = []
     row = {"n": number, "scenario": title}
     try:
-        target_port, procs, shadow, agent_admin = setup(work)
+        target_port, procs, shadow, admins = setup(work)
+        agent_admin, gateway_admin = admins if admins else (None, None)
         cpu_before = {p.name: p.cpu_seconds() for p in procs}
         shadow_before = shadow.count() if shadow else 0
         if driver == "wrk":
@@ -350,6 +352,11 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             row["agent_mirrored"] = int(m.get("teeway_agent_mirrored_total", 0))
             row["agent_dropped"] = int(sum(v for k, v in m.items() if k.startswith("teeway_agent_mirror_dropped_total")))
             row["agent_seen"] = int(m.get("teeway_agent_requests_total", 0))
+        if gateway_admin:
+            wait_until(lambda: metrics(gateway_admin).get("teeway_gateway_replay_in_flight", 1) == 0, "gateway drain")
+            g = metrics(gateway_admin)
+            row["gateway_replayed"] = int(sum(v for k, v in g.items() if k.startswith("teeway_gateway_replayed_total")))
+            row["gateway_shed"] = int(sum(v for k, v in g.items() if k.startswith("teeway_gateway_replay_failed_total")))
         per_k = []
         rss = []
         for p in procs:
@@ -436,8 +443,8 @@ def main():
         def setup(work):
             pport, pproc = primary(work)
             shadow = Shadow(work, delay_ms)
-            port, admin, procs = teeway_pair(work, pport, shadow, percentage, gateway)
-            return port, procs + [pproc, shadow.proc], shadow if percentage > 0 else None, admin
+            port, admins, procs = teeway_pair(work, pport, shadow, percentage, gateway)
+            return port, procs + [pproc, shadow.proc], shadow if percentage > 0 else None, admins
         return setup
 
     def direct(work):
@@ -496,7 +503,10 @@ def write_results(args, info, rows):
             continue
         delivered = f"{r['delivered'] * 100:.2f}%" if "delivered" in r else "-"
         if "agent_seen" in r and "delivered" in r:
-            delivered += f" (agent: {r['agent_mirrored']} mirrored, {r['agent_dropped']} dropped of {r['agent_seen']})"
+            delivered += f" (agent: {r['agent_mirrored']} mirrored, {r['agent_dropped']} dropped of {r['agent_seen']}"
+            if "gateway_replayed" in r:
+                delivered += f"; gateway: {r['gateway_replayed']} replayed, {r['gateway_shed']} failed or shed"
+            delivered += ")"
         md.append(f"| {r['n']} | {r['scenario']} | {r['rps']:.0f} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} |"
                   f" {fmt(r['p999_ms'])} | {r['errors']} | {delivered} | {r['cpu_per_1k']} | {r['peak_rss']} |")
     md += ["", "## Against the targets", ""]
@@ -507,7 +517,7 @@ def write_results(args, info, rows):
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     keys = ["n", "scenario", "rps", "p50_ms", "p99_ms", "p999_ms", "errors", "delivered", "agent_seen",
-            "agent_mirrored", "agent_dropped", "cpu_per_1k", "peak_rss", "error"]
+            "agent_mirrored", "agent_dropped", "gateway_replayed", "gateway_shed", "cpu_per_1k", "peak_rss", "error"]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
