@@ -30,6 +30,18 @@ async fn connect(pki: &Pki, gateway: std::net::SocketAddr) -> (Endpoint, Connect
     (endpoint, conn)
 }
 
+/// A gateway trusting `pki`'s CA, replaying to a recording shadow (kept alive by the caller).
+async fn start_gateway(pki: &Pki) -> (sample::Service, RunningGateway) {
+    let (shadow, _recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
+    let gateway = RunningGateway::start(stack::gateway_config(
+        pki.gateway_material(),
+        &[shadow.addr],
+    ))
+    .await
+    .expect("gateway");
+    (shadow, gateway)
+}
+
 /// Sends `bytes` on a new stream and returns the gateway's answer or its reset code.
 async fn exchange(conn: &Connection, bytes: &[u8]) -> Result<Vec<u8>, u64> {
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");
@@ -58,13 +70,7 @@ fn hello() -> Vec<u8> {
 async fn malformed_streams_are_reset_one_by_one() {
     teeway_wire::tls::install_default_provider();
     let pki = Pki::generate("raw-agent").expect("pki");
-    let (shadow, _recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-    let gateway = RunningGateway::start(stack::gateway_config(
-        pki.gateway_material(),
-        &[shadow.addr],
-    ))
-    .await
-    .expect("gateway");
+    let (_shadow, gateway) = start_gateway(&pki).await;
     let (endpoint, conn) = connect(&pki, gateway.addr).await;
 
     let protocol_error = u64::from(codes::PROTOCOL_ERROR);
@@ -115,13 +121,7 @@ async fn malformed_streams_are_reset_one_by_one() {
 async fn client_without_certificate_is_refused() {
     teeway_wire::tls::install_default_provider();
     let pki = Pki::generate("agent").expect("pki");
-    let (shadow, _recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-    let gateway = RunningGateway::start(stack::gateway_config(
-        pki.gateway_material(),
-        &[shadow.addr],
-    ))
-    .await
-    .expect("gateway");
+    let (_shadow, gateway) = start_gateway(&pki).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.certified.cert_der()).expect("root");
     let mut tls = rustls::ClientConfig::builder_with_provider(teeway_wire::tls::provider())
