@@ -261,3 +261,41 @@ async fn graceful_stop_sends_what_is_queued() {
         .await
         .expect("gateway stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_reach_the_primary_but_are_not_mirrored() {
+    let stack = Stack::start_with(100.0, |c| c.mirror.max_body_bytes = 1024).await;
+    let mut requests = plan(8);
+    for r in &mut requests {
+        r.method = http::Method::POST;
+        r.chunked = r.seq % 2 == 0; // the limit holds with and without content-length
+        r.body = bytes::Bytes::from(vec![b'z'; if r.seq < 4 { 4096 } else { 1024 }]);
+    }
+    let outcomes = send_plan(stack.agent.addr, &requests).await;
+    assert!(
+        outcomes.iter().all(Result::is_ok),
+        "the primary gets every body: {outcomes:?}"
+    );
+
+    assert_eq!(stack.recording.wait_for(4, LIMIT).await, 4);
+    let a = settle(
+        || stack.agent_metrics(),
+        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
+    )
+    .await;
+    assert_eq!(
+        a.get("teeway_agent_mirror_dropped_total{reason=\"body_too_large\"}"),
+        4.0,
+        "{a:?}"
+    );
+    assert_eq!(a.get(am::MIRRORED_TOTAL), 4.0);
+    assert_agent_identity(&a);
+    let arrived = compare(&requests, &stack.recording.requests());
+    assert_eq!(
+        arrived.keys().copied().collect::<Vec<_>>(),
+        vec![4, 5, 6, 7],
+        "only bodies within the limit"
+    );
+    assert!(arrived.values().all(Result::is_ok), "{arrived:?}");
+    stack.stop().await;
+}

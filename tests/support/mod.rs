@@ -32,6 +32,14 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(percentage: f64) -> Stack {
+        Self::start_with(percentage, |_| {}).await
+    }
+
+    /// As [`Stack::start`], with a chance to adjust the agent's configuration first.
+    pub async fn start_with(
+        percentage: f64,
+        adjust: impl FnOnce(&mut teeway_agent::AgentConfig),
+    ) -> Stack {
         teeway_wire::tls::install_default_provider();
         let pki = Pki::generate("test-agent").expect("pki");
         let primary = sample::start_primary().await.expect("primary");
@@ -42,14 +50,10 @@ impl Stack {
         ))
         .await
         .expect("gateway");
-        let agent = RunningAgent::start(stack::agent_config(
-            pki.agent_material(),
-            primary.addr,
-            gateway.addr,
-            percentage,
-        ))
-        .await
-        .expect("agent");
+        let mut config =
+            stack::agent_config(pki.agent_material(), primary.addr, gateway.addr, percentage);
+        adjust(&mut config);
+        let agent = RunningAgent::start(config).await.expect("agent");
         assert!(agent.wait_connected(LIMIT).await, "uplink did not connect");
         Stack {
             pki,
