@@ -207,13 +207,14 @@ impl Uplink {
                 }
             };
             self.accounting.connects_ok.increment(1);
+            // Ready first, then say so: whoever reads the log line may probe /readyz at once.
+            self.set_connected(true);
             tracing::info!(
                 gateway = %conn.remote_address(),
                 identity = %welcome.agent_identity,
                 gateway_software = %welcome.software,
                 "uplink connected"
             );
-            self.set_connected(true);
             let since = Instant::now();
             let end = self.session(&conn, &mut queue_rx, &mut drain).await;
             self.set_connected(false);
