@@ -11,7 +11,7 @@ use teeway_runtime::config::{
     self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
 };
 use teeway_runtime::units::format_size;
-use teeway_wire::tls::TlsMaterial;
+use teeway_wire::tls::{Role, TlsMaterial};
 
 /// Default largest request body copied; larger ones are counted as `body_too_large`.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
@@ -215,24 +215,16 @@ impl AgentConfig {
         );
         let tls = match (&ca, &cert, &key) {
             (Some(ca), Some(cert), Some(key)) => {
-                match TlsMaterial::from_files(ca, cert, key) {
-                    Ok(material) => match teeway_wire::tls::client_config(&material) {
-                        Ok(_) => Some(material),
-                        Err(e) => {
-                            p.push(g.path_of("cert"), None, e.to_string(), "check that cert and key belong together and ca is a CA certificate");
-                            None
-                        }
-                    },
-                    Err(e) => {
+                TlsMaterial::load_checked(ca, cert, key, Role::Agent)
+                    .map_err(|e| {
                         p.push(
                             g.path_of("cert"),
                             None,
                             e.to_string(),
-                            "give PEM files as written by `teeway certs init`",
-                        );
-                        None
-                    }
-                }
+                            "give matching PEM files as written by `teeway certs init`",
+                        )
+                    })
+                    .ok()
             }
             _ => None,
         };

@@ -9,7 +9,7 @@ use teeway_runtime::config::{
     self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
 };
 use teeway_runtime::yaml::Value;
-use teeway_wire::tls::TlsMaterial;
+use teeway_wire::tls::{Role, TlsMaterial};
 
 /// Default time one replay (request sent, response read to the end) may take.
 pub const DEFAULT_REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -128,24 +128,16 @@ impl GatewayConfig {
         );
         let tls = match (ca, cert, key) {
             (Some(ca), Some(cert), Some(key)) => {
-                match TlsMaterial::from_files(&ca, &cert, &key) {
-                    Ok(material) => match teeway_wire::tls::server_config(&material) {
-                        Ok(_) => Some(material),
-                        Err(e) => {
-                            p.push(t.path_of("cert"), None, e.to_string(), "check that cert and key belong together and ca is a CA certificate");
-                            None
-                        }
-                    },
-                    Err(e) => {
+                TlsMaterial::load_checked(&ca, &cert, &key, Role::Gateway)
+                    .map_err(|e| {
                         p.push(
                             t.path_of("cert"),
                             None,
                             e.to_string(),
-                            "give PEM files as written by `teeway certs init`",
-                        );
-                        None
-                    }
-                }
+                            "give matching PEM files as written by `teeway certs init`",
+                        )
+                    })
+                    .ok()
             }
             _ => None,
         };

@@ -29,6 +29,15 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Which end of the uplink TLS material is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The client end: presents its certificate, verifies the gateway's.
+    Agent,
+    /// The server end: requires and verifies agents' certificates.
+    Gateway,
+}
+
 /// A CA bundle, a certificate chain and its private key: what each end needs.
 #[derive(Debug)]
 pub struct TlsMaterial {
@@ -58,6 +67,18 @@ impl TlsMaterial {
             chain: load_certs(cert)?,
             key: load_key(key)?,
         })
+    }
+
+    /// Reads the three PEM files and checks that they make a working configuration for `role`
+    /// (certificate and key belong together, the CA is usable): what a config file is validated
+    /// with, so a bad certificate is reported before anything binds.
+    pub fn load_checked(ca: &Path, cert: &Path, key: &Path, role: Role) -> Result<Self, TlsError> {
+        let material = Self::from_files(ca, cert, key)?;
+        match role {
+            Role::Agent => client_config(&material).map(drop)?,
+            Role::Gateway => server_config(&material).map(drop)?,
+        }
+        Ok(material)
     }
 
     /// Material made in memory from a CA and one of its leaves (demo and tests).
