@@ -16,10 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Uri};
+use http::{Method, Uri};
 
 use crate::error::DecodeError;
+use crate::fields::{
+    get_headers, get_str16, get_u16, get_u32, get_u64, get_u8, headers_len, put_bytes32,
+    put_headers, put_str16, str16_len, take,
+};
 use crate::record::{version_code, version_from_code, MirroredRequest};
 use crate::MAX_FRAME_LEN;
 
@@ -179,6 +182,17 @@ impl MirroredRequest {
     pub fn frame_len(&self) -> usize {
         PREFIX_LEN + 1 + request_len(self)
     }
+
+    /// Appends the record's fields (a `REQUEST` frame's payload) to `dst`; the native archive
+    /// stores requests in this same layout.
+    pub fn encode_fields(&self, dst: &mut BytesMut) {
+        encode_request(self, dst);
+    }
+
+    /// Reads a record's fields, as written by [`MirroredRequest::encode_fields`], from `src`.
+    pub fn decode_fields(src: &mut Bytes) -> Result<Self, DecodeError> {
+        decode_request(src)
+    }
 }
 
 fn encode_request(r: &MirroredRequest, dst: &mut BytesMut) {
@@ -261,89 +275,6 @@ fn decode_request(src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
         trailers,
         body_truncated: flags & FLAG_BODY_TRUNCATED != 0,
     })
-}
-
-fn put_str16(dst: &mut BytesMut, s: &str) {
-    // Longer strings are cut at a character boundary: they are names and versions, never data.
-    let mut end = s.len().min(u16::MAX as usize);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    dst.put_u16(end as u16);
-    dst.put_slice(&s.as_bytes()[..end]);
-}
-
-fn str16_len(s: &str) -> usize {
-    2 + s.len().min(u16::MAX as usize)
-}
-
-fn put_bytes32(dst: &mut BytesMut, b: &[u8]) {
-    dst.put_u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
-    dst.put_slice(b);
-}
-
-fn put_headers(dst: &mut BytesMut, headers: &HeaderMap) {
-    dst.put_u32(u32::try_from(headers.len()).unwrap_or(u32::MAX));
-    for (name, value) in headers {
-        put_str16(dst, name.as_str());
-        put_bytes32(dst, value.as_bytes());
-    }
-}
-
-fn headers_len(headers: &HeaderMap) -> usize {
-    4 + headers
-        .iter()
-        .map(|(n, v)| str16_len(n.as_str()) + 4 + v.len())
-        .sum::<usize>()
-}
-
-fn get_headers(src: &mut Bytes) -> Result<HeaderMap, DecodeError> {
-    let count = get_u32(src, "header_count")? as usize;
-    // Each header takes at least 6 bytes; refuse counts the frame cannot hold before reserving.
-    if count > src.remaining() / 6 {
-        return Err(DecodeError::Truncated("headers"));
-    }
-    let mut headers = HeaderMap::with_capacity(count);
-    for _ in 0..count {
-        let name_len = get_u16(src, "header_name")? as usize;
-        let name = take(src, name_len, "header_name")?;
-        let name = HeaderName::from_bytes(&name).map_err(|_| DecodeError::InvalidHeaderName)?;
-        let value_len = get_u32(src, "header_value")? as usize;
-        let value = take(src, value_len, "header_value")?;
-        let value =
-            HeaderValue::from_maybe_shared(value).map_err(|_| DecodeError::InvalidHeaderValue)?;
-        headers.append(name, value);
-    }
-    Ok(headers)
-}
-
-fn take(src: &mut Bytes, len: usize, field: &'static str) -> Result<Bytes, DecodeError> {
-    if src.remaining() < len {
-        return Err(DecodeError::Truncated(field));
-    }
-    Ok(src.split_to(len))
-}
-
-fn get_str16(src: &mut Bytes, field: &'static str) -> Result<String, DecodeError> {
-    let len = get_u16(src, field)? as usize;
-    let bytes = take(src, len, field)?;
-    String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8(field))
-}
-
-fn get_u8(src: &mut Bytes, field: &'static str) -> Result<u8, DecodeError> {
-    src.try_get_u8().map_err(|_| DecodeError::Truncated(field))
-}
-
-fn get_u16(src: &mut Bytes, field: &'static str) -> Result<u16, DecodeError> {
-    src.try_get_u16().map_err(|_| DecodeError::Truncated(field))
-}
-
-fn get_u32(src: &mut Bytes, field: &'static str) -> Result<u32, DecodeError> {
-    src.try_get_u32().map_err(|_| DecodeError::Truncated(field))
-}
-
-fn get_u64(src: &mut Bytes, field: &'static str) -> Result<u64, DecodeError> {
-    src.try_get_u64().map_err(|_| DecodeError::Truncated(field))
 }
 
 #[cfg(test)]

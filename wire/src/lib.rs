@@ -17,6 +17,7 @@
 //! # Layout
 //!
 //! - [`frame`]: the frame codec (`encode` into a `BytesMut`, `decode` out of one).
+//! - [`fields`]: the primitive field codec frames and the native archive share.
 //! - [`record`]: [`MirroredRequest`], the copy of one production request.
 //! - [`tls`]: rustls configurations for both ends (TLS 1.3, ALPN, client certificates) and the
 //!   agent identity read from a peer certificate.
@@ -24,6 +25,7 @@
 //! - [`error`]: the errors of this crate.
 
 pub mod error;
+pub mod fields;
 pub mod frame;
 pub mod pki;
 pub mod record;
