@@ -280,7 +280,7 @@ fn decode_request(src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Version;
+    use http::{HeaderMap, HeaderName, HeaderValue, Version};
     use proptest::prelude::*;
 
     fn sample_request() -> MirroredRequest {
