@@ -67,6 +67,11 @@ impl Problems {
         self.0.is_empty()
     }
 
+    /// How many problems were recorded; a section compares it before and after reading itself.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// `Ok(value)` when no problem was recorded, else every problem.
     pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
         if self.0.is_empty() {

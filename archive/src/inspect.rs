@@ -1,0 +1,151 @@
+//! The summary printed by `teeway archive inspect`: what an archive holds, and what in it could
+//! not be read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use teeway_runtime::units::format_size;
+
+use crate::har::iso8601;
+use crate::read::{ReadStats, Reader};
+use crate::Record;
+
+/// Distinct paths counted one by one; past this, new paths are counted as `(other)`.
+const MAX_DISTINCT_PATHS: usize = 10_000;
+/// Paths listed in the summary.
+const TOP_PATHS: usize = 10;
+
+/// What an archive holds.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Requests read.
+    pub requests: u64,
+    /// Responses read.
+    pub responses: u64,
+    /// Earliest and latest record timestamps (ns since the epoch).
+    pub span: Option<(u64, u64)>,
+    /// Requests by method.
+    pub methods: BTreeMap<String, u64>,
+    /// Requests by path (without query).
+    pub paths: HashMap<String, u64>,
+    /// Requests whose path was not counted by name (too many distinct paths).
+    pub other_paths: u64,
+    /// Request body bytes, total.
+    pub body_bytes: u64,
+    /// Largest request body.
+    pub max_body: u64,
+    /// Requests whose body was cut at the agent's limit.
+    pub truncated: u64,
+    /// Requests by source cluster.
+    pub clusters: BTreeMap<String, u64>,
+    /// What the reader counted and skipped.
+    pub read: ReadStats,
+}
+
+impl Summary {
+    /// Reads everything `reader` yields.
+    pub fn of(mut reader: Reader) -> Self {
+        let mut s = Summary::default();
+        for record in reader.by_ref() {
+            let at = record.unix_nanos();
+            s.span = Some(match s.span {
+                None => (at, at),
+                Some((a, b)) => (a.min(at), b.max(at)),
+            });
+            match record {
+                Record::Request(r) => {
+                    s.requests += 1;
+                    *s.methods.entry(r.method.to_string()).or_default() += 1;
+                    *s.clusters.entry(r.source_cluster.to_string()).or_default() += 1;
+                    let path = r.uri.path();
+                    if let Some(n) = s.paths.get_mut(path) {
+                        *n += 1;
+                    } else if s.paths.len() < MAX_DISTINCT_PATHS {
+                        s.paths.insert(path.to_owned(), 1);
+                    } else {
+                        s.other_paths += 1;
+                    }
+                    s.body_bytes += r.body.len() as u64;
+                    s.max_body = s.max_body.max(r.body.len() as u64);
+                    s.truncated += u64::from(r.body_truncated);
+                }
+                Record::Response(_) => s.responses += 1,
+            }
+        }
+        s.read = reader.stats;
+        s
+    }
+
+    /// The most frequent paths, most frequent first.
+    pub fn top_paths(&self) -> Vec<(&str, u64)> {
+        let mut paths: Vec<(&str, u64)> =
+            self.paths.iter().map(|(p, n)| (p.as_str(), *n)).collect();
+        paths.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        paths.truncate(TOP_PATHS);
+        paths
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.read;
+        writeln!(
+            f,
+            "files:      {} ({} still open by a writer)",
+            r.files, r.open_segments
+        )?;
+        writeln!(
+            f,
+            "records:    {} ({} requests, {} responses)",
+            self.requests + self.responses,
+            self.requests,
+            self.responses
+        )?;
+        if let Some((first, last)) = self.span {
+            let t = |ns: u64| iso8601(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns));
+            let secs = (last - first) as f64 / 1e9;
+            writeln!(f, "time span:  {} .. {} ({secs:.3} s)", t(first), t(last))?;
+        }
+        let methods: Vec<String> = self
+            .methods
+            .iter()
+            .map(|(m, n)| format!("{m} {n}"))
+            .collect();
+        writeln!(f, "methods:    {}", methods.join(", "))?;
+        let clusters: Vec<String> = self
+            .clusters
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        writeln!(f, "clusters:   {}", clusters.join(", "))?;
+        let mean = self.body_bytes.checked_div(self.requests).unwrap_or(0);
+        writeln!(
+            f,
+            "bodies:     {} in all, mean {}, largest {}, {} truncated by the agent",
+            format_size(self.body_bytes),
+            format_size(mean),
+            format_size(self.max_body),
+            self.truncated
+        )?;
+        writeln!(f, "top paths:")?;
+        for (path, n) in self.top_paths() {
+            writeln!(f, "  {n:>10}  {path}")?;
+        }
+        if self.other_paths > 0 {
+            writeln!(
+                f,
+                "  {:>10}  (paths past the first {MAX_DISTINCT_PATHS} distinct)",
+                self.other_paths
+            )?;
+        }
+        writeln!(
+            f,
+            "skipped:    {} torn tail(s), {} corrupt record(s), {} unreadable part(s); {} out of order beyond the window",
+            r.torn, r.corrupt, r.unreadable, r.reordered
+        )?;
+        for issue in &r.issues {
+            writeln!(f, "  {issue}")?;
+        }
+        Ok(())
+    }
+}

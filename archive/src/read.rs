@@ -1,0 +1,598 @@
+//! Reading archives: files and directories, any format, any compression, in timestamp order.
+//!
+//! The format is told from the bytes, not the name: a zstd or gzip stream is unwrapped first
+//! (any number of frames or members), then the native magic means a teeway segment, and a
+//! leading `1 `, `2 ` or `3 ` means gor. A directory stands for its archive files, by name
+//! order (segment names sort by time), including segments a writer has not closed yet
+//! (`.partial`): what was flushed to them is as readable as a closed segment.
+//!
+//! Records are returned in timestamp order within a bounded window ([`DEFAULT_WINDOW`] records),
+//! as GoReplay's reader does: capture tools write slightly out of order, and sorting a whole
+//! day in memory is not an option. Nothing is skipped silently: every torn tail, corrupt or
+//! unparsable record and unreadable file is an [`Issue`], logged and counted in [`ReadStats`].
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, VecDeque};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Cursor, Read};
+use std::path::{Path, PathBuf};
+
+use crate::config::{Compression, Format};
+use crate::gor::{self, Raw, Splitter};
+use crate::native::{Next, SegmentReader, MAGIC};
+use crate::Record;
+
+/// Records held back to restore timestamp order.
+pub const DEFAULT_WINDOW: usize = 1024;
+/// Issues kept for the report; later ones are counted only.
+const MAX_ISSUES_KEPT: usize = 100;
+/// Suffix of a segment a writer has not closed.
+pub const PARTIAL_SUFFIX: &str = ".partial";
+
+/// A path that cannot be read as an archive at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The path does not exist or cannot be listed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// Nothing to read.
+    #[error("{0}: no archive files (.twa, .twa.zst, .gor, .gor.gz) found")]
+    Empty(PathBuf),
+}
+
+/// What went wrong with part of an archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssueKind {
+    /// The file ends inside a record: the writer stopped mid-write. Expected after a crash.
+    Torn,
+    /// A record whose checksum does not match, or whose fields do not decode.
+    Corrupt,
+    /// A whole file, or the rest of one, could not be read.
+    Unreadable,
+}
+
+impl IssueKind {
+    /// Label for reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueKind::Torn => "torn",
+            IssueKind::Corrupt => "corrupt",
+            IssueKind::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// One skipped part of an archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// The file.
+    pub path: PathBuf,
+    /// Offset in the (uncompressed) file, where known.
+    pub offset: Option<u64>,
+    /// What kind of problem.
+    pub kind: IssueKind,
+    /// Details.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Issue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(offset) = self.offset {
+            write!(f, " at byte {offset}")?;
+        }
+        write!(f, ": {} ({})", self.kind.as_str(), self.detail)
+    }
+}
+
+/// Counts kept while reading.
+#[derive(Debug, Default, Clone)]
+pub struct ReadStats {
+    /// Files opened.
+    pub files: usize,
+    /// Files a writer had not closed (`.partial`).
+    pub open_segments: usize,
+    /// Records returned.
+    pub records: u64,
+    /// Torn tails skipped.
+    pub torn: u64,
+    /// Corrupt or unparsable records skipped.
+    pub corrupt: u64,
+    /// Files, or rests of files, that could not be read.
+    pub unreadable: u64,
+    /// Records that arrived before one with a later timestamp and were put back in order.
+    pub reordered: u64,
+    /// The first issues met, for reports.
+    pub issues: Vec<Issue>,
+}
+
+impl ReadStats {
+    fn note(&mut self, issue: Issue) {
+        match issue.kind {
+            IssueKind::Torn => {
+                self.torn += 1;
+                tracing::warn!(%issue, "torn last record skipped (the writer stopped mid-write)");
+            }
+            IssueKind::Corrupt => {
+                self.corrupt += 1;
+                tracing::warn!(%issue, "record skipped");
+            }
+            IssueKind::Unreadable => {
+                self.unreadable += 1;
+                tracing::warn!(%issue, "archive data skipped");
+            }
+        }
+        if self.issues.len() < MAX_ISSUES_KEPT {
+            self.issues.push(issue);
+        }
+    }
+
+    /// Records and bytes that were skipped, as one number of places.
+    pub fn skipped(&self) -> u64 {
+        self.torn + self.corrupt + self.unreadable
+    }
+}
+
+/// The archive files `paths` stand for: files as given, directories by their archive files in
+/// name order.
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReadError> {
+    let mut files = Vec::new();
+    for path in paths {
+        let meta = std::fs::metadata(path).map_err(|source| ReadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(path).map_err(|source| ReadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && is_archive_name(p))
+            .collect();
+        if found.is_empty() {
+            return Err(ReadError::Empty(path.clone()));
+        }
+        found.sort_by_key(|p| segment_sort_key(p));
+        files.extend(found);
+    }
+    Ok(files)
+}
+
+/// Whether a file name looks like an archive file (any format, compression or `.partial`).
+pub fn is_archive_name(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let name = name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(name);
+    [".twa", ".twa.zst", ".gor", ".gor.gz", ".log", ".log.gz"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+/// Sort key: the name without `.partial`, so an open segment sorts where it will once closed.
+fn segment_sort_key(path: &Path) -> String {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(name).to_owned()
+}
+
+/// One open archive file.
+pub struct FileReader {
+    path: PathBuf,
+    format: Format,
+    compression: Compression,
+    inner: Inner,
+}
+
+enum Inner {
+    Native(SegmentReader<Box<dyn Read + Send>>),
+    Gor(Splitter<Box<dyn BufRead + Send>>),
+    Empty,
+}
+
+impl std::fmt::Debug for FileReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileReader")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one step of a [`FileReader`] gave.
+// Nearly every step is a record; boxing it would cost an allocation per record for nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Step {
+    /// A record.
+    Record(Record),
+    /// Something skipped; reading goes on.
+    Issue(Issue),
+    /// The file is done.
+    End,
+}
+
+impl FileReader {
+    /// Opens `path`, unwrapping compression and telling the format from the bytes.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let (prefix, rest) = peek(Box::new(file), 4)?;
+        let (compression, stream): (Compression, Box<dyn Read + Send>) =
+            if prefix.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                let raw = Box::new(Cursor::new(prefix).chain(rest));
+                (Compression::Zstd, Box::new(zstd::Decoder::new(raw)?))
+            } else if prefix.starts_with(&[0x1f, 0x8b]) {
+                let raw = Cursor::new(prefix).chain(rest);
+                (
+                    Compression::Gzip,
+                    Box::new(flate2::read::MultiGzDecoder::new(raw)),
+                )
+            } else {
+                (Compression::None, Box::new(Cursor::new(prefix).chain(rest)))
+            };
+        let (head, rest) = peek(stream, MAGIC.len())?;
+        let stream: Box<dyn Read + Send> = Box::new(Cursor::new(head.clone()).chain(rest));
+        let (format, inner) = if head.is_empty() {
+            (Format::Teeway, Inner::Empty)
+        } else if head == MAGIC {
+            (Format::Teeway, Inner::Native(SegmentReader::new(stream)?))
+        } else if head.len() >= 2 && matches!(head[0], b'1'..=b'3') && head[1] == b' ' {
+            let buffered: Box<dyn BufRead + Send> = Box::new(BufReader::new(stream));
+            (Format::Gor, Inner::Gor(Splitter::new(buffered)))
+        } else if MAGIC.starts_with(&head) {
+            // A native segment cut inside its own header.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "segment ends inside its header",
+            ));
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a teeway or gor archive",
+            ));
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            format,
+            compression,
+            inner,
+        })
+    }
+
+    /// The format found.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The compression found.
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// The next record, issue or the end.
+    pub fn step(&mut self) -> Step {
+        match &mut self.inner {
+            Inner::Empty => Step::End,
+            Inner::Native(reader) => match reader.next_record() {
+                Next::Record(r) => Step::Record(r),
+                Next::End => Step::End,
+                Next::Skipped { offset, why } => Step::Issue(Issue {
+                    path: self.path.clone(),
+                    offset: Some(offset),
+                    kind: IssueKind::Corrupt,
+                    detail: why,
+                }),
+                Next::Stopped { offset, torn, why } => Step::Issue(Issue {
+                    path: self.path.clone(),
+                    offset: Some(offset),
+                    kind: if torn {
+                        IssueKind::Torn
+                    } else {
+                        IssueKind::Unreadable
+                    },
+                    detail: why,
+                }),
+            },
+            Inner::Gor(splitter) => {
+                let issue = |kind, detail| {
+                    Step::Issue(Issue {
+                        path: self.path.clone(),
+                        offset: None,
+                        kind,
+                        detail,
+                    })
+                };
+                match splitter.next_raw() {
+                    Ok(None) => Step::End,
+                    Ok(Some(Raw::Complete(bytes))) => match gor::parse_record(&bytes) {
+                        Ok(record) => Step::Record(record),
+                        Err(e) => issue(IssueKind::Corrupt, e.to_string()),
+                    },
+                    Ok(Some(Raw::Torn(len))) => issue(
+                        IssueKind::Torn,
+                        format!("{len} bytes after the last separator"),
+                    ),
+                    Ok(Some(Raw::TooLong(len))) => issue(
+                        IssueKind::Corrupt,
+                        format!(
+                            "record of {len} bytes is over the {} limit",
+                            gor::MAX_RECORD_LEN
+                        ),
+                    ),
+                    Err(e) => {
+                        self.inner = Inner::Empty;
+                        issue(IssueKind::Torn, format!("read failed: {e}"))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads up to `n` bytes, returning them and the rest of the stream.
+fn peek(mut stream: Box<dyn Read + Send>, n: usize) -> io::Result<(Vec<u8>, Box<dyn Read + Send>)> {
+    let mut prefix = Vec::with_capacity(n);
+    (&mut stream).take(n as u64).read_to_end(&mut prefix)?;
+    Ok((prefix, stream))
+}
+
+/// Reads every record of a list of files, in timestamp order within a window.
+pub struct Reader {
+    files: VecDeque<PathBuf>,
+    current: Option<FileReader>,
+    window: usize,
+    held: BinaryHeap<Reverse<Held>>,
+    seq: u64,
+    latest_emitted: u64,
+    /// What was read and skipped so far.
+    pub stats: ReadStats,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("files", &self.files)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Held {
+    at: u64,
+    seq: u64,
+    record: Record,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Held {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+impl Reader {
+    /// A reader of `paths` (files or directories) with the default window.
+    pub fn open(paths: &[PathBuf]) -> Result<Self, ReadError> {
+        Ok(Self::with_files(discover(paths)?, DEFAULT_WINDOW))
+    }
+
+    /// A reader of exactly `files`, reordering within `window` records (0: file order).
+    pub fn with_files(files: Vec<PathBuf>, window: usize) -> Self {
+        Self {
+            files: files.into(),
+            current: None,
+            window,
+            held: BinaryHeap::new(),
+            seq: 0,
+            latest_emitted: 0,
+            stats: ReadStats::default(),
+        }
+    }
+
+    /// The next record from the files, in file order, skipping (and noting) what is unreadable.
+    fn pull(&mut self) -> Option<Record> {
+        loop {
+            if self.current.is_none() {
+                let path = self.files.pop_front()?;
+                match FileReader::open(&path) {
+                    Ok(reader) => {
+                        self.stats.files += 1;
+                        if path.to_string_lossy().ends_with(PARTIAL_SUFFIX) {
+                            self.stats.open_segments += 1;
+                        }
+                        self.current = Some(reader);
+                    }
+                    Err(e) => {
+                        let kind = if e.kind() == io::ErrorKind::UnexpectedEof {
+                            IssueKind::Torn
+                        } else {
+                            IssueKind::Unreadable
+                        };
+                        self.stats.note(Issue {
+                            path,
+                            offset: None,
+                            kind,
+                            detail: e.to_string(),
+                        });
+                        continue;
+                    }
+                }
+            }
+            let reader = self.current.as_mut()?;
+            match reader.step() {
+                Step::Record(r) => return Some(r),
+                Step::Issue(issue) => self.stats.note(issue),
+                Step::End => self.current = None,
+            }
+        }
+    }
+}
+
+impl Iterator for Reader {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        while self.held.len() < self.window.max(1) {
+            match self.pull() {
+                Some(record) => {
+                    self.seq += 1;
+                    self.held.push(Reverse(Held {
+                        at: record.unix_nanos(),
+                        seq: self.seq,
+                        record,
+                    }));
+                }
+                None => break,
+            }
+            if self.window == 0 {
+                break;
+            }
+        }
+        let Reverse(held) = self.held.pop()?;
+        if held.at < self.latest_emitted {
+            // Later than the window can repair: returned as it comes, counted.
+            self.stats.reordered += 1;
+        }
+        self.latest_emitted = self.latest_emitted.max(held.at);
+        self.stats.records += 1;
+        Some(held.record)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{ResponseOrigin, ResponseRecord};
+    use bytes::Bytes;
+    use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version};
+    use std::io::Write;
+    use std::time::{Duration, UNIX_EPOCH};
+    use teeway_wire::MirroredRequest;
+
+    pub(crate) fn sample_request(id: u64, body: &[u8]) -> MirroredRequest {
+        let mut headers = HeaderMap::new();
+        headers.append("host", HeaderValue::from_static("api.example.com"));
+        headers.append("x-repeat", HeaderValue::from_static("one"));
+        headers.append("x-repeat", HeaderValue::from_static("two"));
+        MirroredRequest {
+            id,
+            received_at: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + id * 1000),
+            source_cluster: "prod-eu".into(),
+            method: Method::POST,
+            uri: Uri::from_static("/v1/items?id=7&x=%20"),
+            version: Version::HTTP_11,
+            headers,
+            body: Bytes::copy_from_slice(body),
+            trailers: None,
+            body_truncated: false,
+        }
+    }
+
+    pub(crate) fn sample_response(id: u64) -> ResponseRecord {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        ResponseRecord {
+            request_id: id,
+            source_cluster: "prod-eu".into(),
+            origin: ResponseOrigin::Replayed,
+            target: "http://127.0.0.1:9000".into(),
+            received_at: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_500_000 + id * 1000),
+            latency: Duration::from_micros(1500),
+            status: StatusCode::CREATED,
+            version: Version::HTTP_2,
+            headers,
+            body: Bytes::from_static(b"ok\r\n"),
+            body_truncated: false,
+        }
+    }
+
+    fn gor_record(kind: u8, id: &str, ts: u64, four_fields: bool, message: &[u8]) -> Vec<u8> {
+        let mut out = if four_fields {
+            format!("{kind} {id} {ts} -1\n").into_bytes()
+        } else {
+            format!("{kind} {id} {ts}\n").into_bytes()
+        };
+        out.extend_from_slice(message);
+        out.extend_from_slice(gor::SEPARATOR);
+        out
+    }
+
+    #[test]
+    fn gor_out_of_order_is_sorted_within_the_window_and_gzip_is_unwrapped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = Vec::new();
+        for (i, ts) in [30u64, 10, 20, 50, 40].iter().enumerate() {
+            let message = format!("GET /{i} HTTP/1.1\r\nHost: h\r\n\r\n");
+            bytes.extend(gor_record(
+                1,
+                &format!("id{i}"),
+                *ts,
+                i % 2 == 0,
+                message.as_bytes(),
+            ));
+        }
+        let path = dir.path().join("capture.gor.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&bytes[..bytes.len() / 2]).expect("gzip");
+        let mut file = gz.finish().expect("gzip");
+        // A second gzip member, as GoReplay's rotating writer and ours produce.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&bytes[bytes.len() / 2..]).expect("gzip");
+        file.extend(gz.finish().expect("gzip"));
+        std::fs::write(&path, file).expect("write");
+        let mut reader = Reader::open(&[dir.path().to_owned()]).expect("open");
+        let paths: Vec<String> = reader
+            .by_ref()
+            .map(|r| match r {
+                Record::Request(r) => r.uri.to_string(),
+                Record::Response(_) => "response".into(),
+            })
+            .collect();
+        assert_eq!(paths, ["/1", "/2", "/0", "/4", "/3"]);
+        assert_eq!(reader.stats.skipped(), 0, "{:?}", reader.stats.issues);
+        let mut narrow = Reader::with_files(vec![path], 0);
+        let first: Vec<u64> = narrow.by_ref().map(|r| r.unix_nanos()).collect();
+        assert_eq!(first, [30, 10, 20, 50, 40]);
+        assert_eq!(narrow.stats.reordered, 3);
+    }
+
+    #[test]
+    fn unreadable_files_are_issues_not_silence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let junk = dir.path().join("a.gor");
+        std::fs::write(&junk, b"<html>not an archive</html>").expect("write");
+        let cut = dir.path().join("b.twa");
+        std::fs::write(&cut, &MAGIC[..5]).expect("write");
+        let mut reader = Reader::open(&[dir.path().to_owned()]).expect("open");
+        assert_eq!(reader.by_ref().count(), 0);
+        assert_eq!(reader.stats.unreadable, 1);
+        assert_eq!(reader.stats.torn, 1);
+        assert!(matches!(
+            Reader::open(&[dir.path().join("missing")]),
+            Err(ReadError::Io { .. })
+        ));
+        let empty = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            Reader::open(&[empty.path().to_owned()]),
+            Err(ReadError::Empty(_))
+        ));
+    }
+}
