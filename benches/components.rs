@@ -92,7 +92,10 @@ async fn uplink_run(
     let accounting = Arc::new(Accounting::new(256 << 20));
     let state = Arc::new(UplinkState::default());
     let uplink = Uplink::new(
-        config.gateway.clone(),
+        config
+            .gateway
+            .clone()
+            .expect("the stack config has a gateway"),
         "bench",
         Resolver::from_system().expect("resolver"),
         accounting.clone(),

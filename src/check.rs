@@ -37,14 +37,30 @@ pub fn check_file(path: &Path) -> Result<String, ConfigError> {
     let text = teeway_runtime::config::read_file(path)?;
     match detect(&text) {
         Some(Kind::Agent) => AgentConfig::from_file(path).map(|c| {
+            let gateway = c
+                .gateway
+                .as_ref()
+                .map_or("none".to_owned(), |g| format!("{}:{}", g.host, g.port));
+            let archive = c
+                .archive
+                .as_ref()
+                .map_or("off".to_owned(), |a| a.dir.display().to_string());
             format!(
-                "agent config: cluster {}, listen {}, primary {}, gateway {}:{}, mirroring {}%",
-                c.cluster, c.listen, c.primary.url, c.gateway.host, c.gateway.port, c.mirror.percentage
+                "agent config: cluster {}, listen {}, primary {}, gateway {gateway}, archive {archive}, mirroring {}%",
+                c.cluster, c.listen, c.primary.url, c.mirror.percentage
             )
         }),
         Some(Kind::Gateway) => GatewayConfig::from_file(path).map(|c| {
             let targets: usize = c.routes.iter().map(|r| r.targets.len()).sum();
-            format!("gateway config: listen {}, {} routes, {targets} targets", c.listen, c.routes.len())
+            let archive = c
+                .archive
+                .as_ref()
+                .map_or("off".to_owned(), |a| a.dir.display().to_string());
+            format!(
+                "gateway config: listen {}, {} routes, {targets} targets, archive {archive}",
+                c.listen,
+                c.routes.len()
+            )
         }),
         None => Err(ConfigError::unreadable(
             &name,

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+use teeway::archive_cmd::{self, ConvertTo};
+use teeway::replay::{self, Pace, ReplayOptions};
 use teeway::{certs, check, demo};
 
 /// Cross-cluster traffic mirroring: tee production requests over mTLS QUIC to shadow services.
@@ -42,6 +44,13 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Read archives: summaries and conversions.
+    Archive {
+        #[command(subcommand)]
+        command: ArchiveCommand,
+    },
+    /// Send archived requests to a target, at the recorded pace or faster.
+    Replay(ReplayArgs),
     /// Run primary, agent, gateway and shadow on loopback and show mirroring end to end.
     Demo {
         /// Requests to send.
@@ -51,6 +60,76 @@ enum Command {
         #[arg(long)]
         serve: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ArchiveCommand {
+    /// Summarise archives: records, time span, methods, top paths, sizes, skipped records.
+    Inspect {
+        /// Archive files or directories (native or gor, plain, zstd or gzip).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Convert archives into one file of another format.
+    Convert {
+        /// Output format.
+        #[arg(long, value_enum)]
+        to: ConvertTo,
+        /// Archive files or directories, then the output file (never overwritten).
+        #[arg(required = true, num_args = 2..)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("pace").args(["speed", "rate", "max_rate"])))]
+struct ReplayArgs {
+    /// Where to send the requests: http://host:port.
+    #[arg(long)]
+    target: String,
+    /// Recorded gaps divided by this factor (default 1: the recorded pace).
+    #[arg(long)]
+    speed: Option<f64>,
+    /// A fixed rate instead of the recorded pace: requests per second (`200` or `200/s`).
+    #[arg(long, value_parser = replay::parse_rate)]
+    rate: Option<f64>,
+    /// As fast as --concurrency allows.
+    #[arg(long)]
+    max_rate: bool,
+    /// Longest single wait between two requests under --speed.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    max_wait: std::time::Duration,
+    /// How many times to go through the archives.
+    #[arg(long = "loop", default_value_t = 1)]
+    loops: u32,
+    /// Requests in flight at most.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Only requests whose path matches this regular expression.
+    #[arg(long)]
+    filter_path: Option<regex::Regex>,
+    /// Host header sent: the recorded one (keep) or the target's (target).
+    #[arg(long, default_value = "keep", value_parser = ["keep", "target"])]
+    host_header: String,
+    /// HTTP version to the target: http1, http2 (h2c) or auto (each request's recorded version).
+    #[arg(long, default_value = "http1", value_parser = ["http1", "http2", "auto"])]
+    protocol: String,
+    /// Time allowed for one request and its response.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    timeout: std::time::Duration,
+    /// Report format on stdout.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    report: String,
+    /// No progress on stderr.
+    #[arg(long)]
+    quiet: bool,
+    /// Archive files or directories (native or gor, plain, zstd or gzip).
+    #[arg(required = true)]
+    archives: Vec<PathBuf>,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    teeway_runtime::units::parse_duration(text)
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +241,14 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Archive { command } => {
+            init_logging("warn");
+            archive_command(command)
+        }
+        Command::Replay(args) => {
+            init_logging("warn");
+            replay_command(args)
+        }
         Command::Demo { requests, serve } => {
             init_logging("warn");
             match runtime()
@@ -176,6 +263,96 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn archive_command(command: ArchiveCommand) -> ExitCode {
+    match command {
+        ArchiveCommand::Inspect { paths } => match archive_cmd::inspect(&paths) {
+            Ok(summary) => {
+                print!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        ArchiveCommand::Convert { to, mut paths } => {
+            let Some(out) = paths.pop() else {
+                return ExitCode::from(2);
+            };
+            match archive_cmd::convert(&paths, to, &out) {
+                Ok((written, stats)) => {
+                    println!(
+                        "wrote {written} records to {} ({} torn, {} corrupt, {} unreadable skipped)",
+                        out.display(),
+                        stats.torn,
+                        stats.corrupt,
+                        stats.unreadable
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn replay_command(args: ReplayArgs) -> ExitCode {
+    let pace = match (args.speed, args.rate, args.max_rate) {
+        (_, _, true) => Pace::Max,
+        (_, Some(rate), _) => Pace::Rate(rate),
+        (Some(speed), _, _) if speed > 0.0 && speed.is_finite() => Pace::Speed(speed),
+        (Some(speed), _, _) => {
+            eprintln!("error: --speed {speed}: give a factor above 0, such as 2 for twice as fast");
+            return ExitCode::from(2);
+        }
+        (None, None, false) => Pace::Speed(1.0),
+    };
+    let options = ReplayOptions {
+        archives: args.archives,
+        target: args.target,
+        pace,
+        max_wait: args.max_wait,
+        loops: args.loops,
+        concurrency: args.concurrency,
+        filter_path: args.filter_path,
+        host_header: if args.host_header == "target" {
+            teeway_gateway::config::HostPolicy::Target
+        } else {
+            teeway_gateway::config::HostPolicy::Keep
+        },
+        protocol: match args.protocol.as_str() {
+            "http2" => teeway_runtime::config::UpstreamProtocol::Http2,
+            "auto" => teeway_runtime::config::UpstreamProtocol::Auto,
+            _ => teeway_runtime::config::UpstreamProtocol::Http1,
+        },
+        timeout: args.timeout,
+        progress: !args.quiet,
+    };
+    let report = match runtime().and_then(|rt| rt.block_on(replay::run(options))) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.report == "json" {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    if report.unreachable() > 0 {
+        eprintln!(
+            "error: the target was unreachable for {} request(s)",
+            report.unreachable()
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 fn config_failure(e: &teeway_runtime::config::ConfigError) -> ExitCode {

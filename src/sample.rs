@@ -104,6 +104,8 @@ pub struct Recorded {
     pub headers: HeaderMap,
     /// Body.
     pub body: Bytes,
+    /// When the request head reached the shadow.
+    pub arrived: std::time::Instant,
 }
 
 /// The shadow's log of requests.
@@ -143,6 +145,7 @@ pub async fn start_shadow(delay: Duration) -> std::io::Result<(Service, Recordin
     let service = serve(move |req: Request<Incoming>| {
         let log = log.clone();
         async move {
+            let arrived = std::time::Instant::now();
             let (parts, body) = req.into_parts();
             let body = body
                 .collect()
@@ -156,6 +159,7 @@ pub async fn start_shadow(delay: Duration) -> std::io::Result<(Service, Recordin
                     version: parts.version,
                     headers: parts.headers,
                     body,
+                    arrived,
                 });
                 log.count_tx.send_replace(requests.len());
             }

@@ -73,6 +73,7 @@ pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig
             timeout: teeway_gateway::config::DEFAULT_REPLAY_TIMEOUT,
             max_concurrency: teeway_gateway::config::DEFAULT_MAX_CONCURRENCY,
         }],
+        archive: None,
         admin: Some(([127, 0, 0, 1], 0).into()),
         shutdown_grace: Duration::from_secs(5),
     }
@@ -97,13 +98,14 @@ pub fn agent_config(
             queue: teeway_agent::config::DEFAULT_QUEUE,
             queue_bytes: teeway_agent::config::DEFAULT_QUEUE_BYTES,
         },
-        gateway: UplinkTarget {
+        gateway: Some(UplinkTarget {
             host: gateway.ip().to_string(),
             port: gateway.port(),
             server_name: "localhost".into(),
             tls,
             tls_files: Default::default(),
-        },
+        }),
+        archive: None,
         admin: Some(AdminConfig {
             listen: ([127, 0, 0, 1], 0).into(),
         }),

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use teeway_archive::ArchiveConfig;
 use teeway_runtime::config::{
     self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
 };
@@ -38,8 +39,10 @@ pub struct AgentConfig {
     pub primary_protocol: UpstreamProtocol,
     /// What is copied and how much is held.
     pub mirror: MirrorConfig,
-    /// Where copies go.
-    pub gateway: GatewayConfig,
+    /// Where copies go over the network, if anywhere.
+    pub gateway: Option<GatewayConfig>,
+    /// Where copies are written to files, if anywhere. At least one of the two is set.
+    pub archive: Option<ArchiveConfig>,
     /// The admin listener, if any.
     pub admin: Option<AdminConfig>,
     /// Time allowed to drain on SIGTERM.
@@ -173,60 +176,22 @@ impl AgentConfig {
         }
         m.finish(&mut p);
 
+        let archive = ArchiveConfig::from_section(&mut root, &mut p, base_dir, false);
+        let archive_given = doc.get("archive").is_some_and(|v| !v.is_null());
         let mut g = root.section(&mut p, "gateway");
-        if !g.is_present() {
+        let gateway_given = g.is_present();
+        if !gateway_given && !archive_given {
             p.push(
                 "gateway",
                 None,
-                "is required",
-                "add a `gateway:` block with address, ca, cert and key",
+                "is required unless `archive:` is set (copies must go somewhere)",
+                "add a `gateway:` block with address, ca, cert and key, or an `archive:` block with a dir",
             );
         }
-        let address = g.required(
-            &mut p,
-            "address",
-            "give the gateway's host:port, for example `address: gateway.test.example:4433`",
-            cfg::host_port,
-        );
-        let server_name = g.optional(
-            &mut p,
-            "server_name",
-            "give the DNS name in the gateway's certificate",
-            cfg::nonempty_string,
-        );
-        let read = cfg::readable_file(base_dir);
-        let ca = g.required(
-            &mut p,
-            "ca",
-            "give the PEM file of the CA that signed the gateway's certificate",
-            &read,
-        );
-        let cert = g.required(
-            &mut p,
-            "cert",
-            "give the PEM file of this agent's certificate (see `teeway certs init`)",
-            &read,
-        );
-        let key = g.required(
-            &mut p,
-            "key",
-            "give the PEM file of this agent's private key",
-            &read,
-        );
-        let tls = match (&ca, &cert, &key) {
-            (Some(ca), Some(cert), Some(key)) => {
-                TlsMaterial::load_checked(ca, cert, key, Role::Agent)
-                    .map_err(|e| {
-                        p.push(
-                            g.path_of("cert"),
-                            None,
-                            e.to_string(),
-                            "give matching PEM files as written by `teeway certs init`",
-                        )
-                    })
-                    .ok()
-            }
-            _ => None,
+        let gateway = if gateway_given || !archive_given {
+            gateway_block(&mut g, &mut p, base_dir)
+        } else {
+            None
         };
         g.finish(&mut p);
 
@@ -259,17 +224,8 @@ impl AgentConfig {
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
         root.finish(&mut p);
 
-        let assembled = match (cluster, listen, primary, address, tls, ca, cert, key) {
-            (
-                Some(cluster),
-                Some(listen),
-                Some(primary),
-                Some((host, port)),
-                Some(tls),
-                Some(ca),
-                Some(cert),
-                Some(key),
-            ) => Some(AgentConfig {
+        let assembled = match (cluster, listen, primary) {
+            (Some(cluster), Some(listen), Some(primary)) => Some(AgentConfig {
                 cluster,
                 listen,
                 primary,
@@ -280,13 +236,8 @@ impl AgentConfig {
                     queue,
                     queue_bytes,
                 },
-                gateway: GatewayConfig {
-                    server_name: server_name.unwrap_or_else(|| host.clone()),
-                    host,
-                    port,
-                    tls,
-                    tls_files: [ca, cert, key],
-                },
+                gateway,
+                archive,
                 admin: admin_listen.map(|listen| AdminConfig { listen }),
                 shutdown_grace,
             }),
@@ -310,6 +261,62 @@ impl AgentConfig {
         // the path of the file itself.
         Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&path.display().to_string()))
     }
+}
+
+/// The `gateway:` block; `None` with the problems recorded when it is incomplete.
+fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Option<GatewayConfig> {
+    let address = g.required(
+        p,
+        "address",
+        "give the gateway's host:port, for example `address: gateway.test.example:4433`",
+        cfg::host_port,
+    );
+    let server_name = g.optional(
+        p,
+        "server_name",
+        "give the DNS name in the gateway's certificate",
+        cfg::nonempty_string,
+    );
+    let read = cfg::readable_file(base_dir);
+    let ca = g.required(
+        p,
+        "ca",
+        "give the PEM file of the CA that signed the gateway's certificate",
+        &read,
+    );
+    let cert = g.required(
+        p,
+        "cert",
+        "give the PEM file of this agent's certificate (see `teeway certs init`)",
+        &read,
+    );
+    let key = g.required(
+        p,
+        "key",
+        "give the PEM file of this agent's private key",
+        &read,
+    );
+    let tls = match (&ca, &cert, &key) {
+        (Some(ca), Some(cert), Some(key)) => TlsMaterial::load_checked(ca, cert, key, Role::Agent)
+            .map_err(|e| {
+                p.push(
+                    g.path_of("cert"),
+                    None,
+                    e.to_string(),
+                    "give matching PEM files as written by `teeway certs init`",
+                )
+            })
+            .ok(),
+        _ => None,
+    };
+    let (host, port) = address?;
+    Some(GatewayConfig {
+        server_name: server_name.unwrap_or_else(|| host.clone()),
+        host,
+        port,
+        tls: tls?,
+        tls_files: [ca?, cert?, key?],
+    })
 }
 
 #[cfg(test)]
@@ -357,7 +364,10 @@ admin:
         assert_eq!(c.mirror.percentage, 0.5);
         assert_eq!(c.mirror.max_body_bytes, 64 * 1024);
         assert_eq!(c.mirror.queue_bytes, DEFAULT_QUEUE_BYTES);
-        assert_eq!(c.gateway.server_name, "localhost");
+        assert_eq!(
+            c.gateway.as_ref().expect("gateway").server_name,
+            "localhost"
+        );
         assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
         std::fs::remove_dir_all(dir).ok();
     }

@@ -15,6 +15,12 @@ pub enum AgentError {
     /// The primary's address could not be used as a URI authority.
     #[error("primary address `{0}` cannot be used as a URI authority")]
     PrimaryAuthority(String),
+    /// The archive directory could not be prepared.
+    #[error("archive: {0}")]
+    Archive(std::io::Error),
+    /// Neither a gateway nor an archive is configured (the config check prevents this).
+    #[error("copies have nowhere to go: set `gateway:` or `archive:`")]
+    NoDestination,
 }
 
 /// Why a connection to the gateway failed. The uplink logs it and tries again.

@@ -41,9 +41,11 @@ pub mod uplink;
 pub use config::AgentConfig;
 pub use error::{AgentError, UplinkError};
 
-use crate::metrics::Accounting;
+use teeway_archive::{Archive, ArchiveDrop, Outcome, Record};
+
+use crate::metrics::{Accounting, DropReason};
 use crate::proxy::Proxy;
-use crate::tee::{Sampler, Tee};
+use crate::tee::{Queued, Sampler, Tee};
 use crate::uplink::{Uplink, UplinkState};
 
 /// How long one connection attempt to the primary may take.
@@ -124,22 +126,35 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let config = &self.config;
         let resolver = Resolver::from_system()?;
-        // Copies from the tee (request path) to the uplink task.
+        // Copies from the tee (request path) to the uplink task, or to the archive when there
+        // is no gateway.
         let (queue_tx, queue_rx) = mpsc::channel(config.mirror.queue);
-        let uplink = Uplink::new(
-            config.gateway.clone(),
-            &config.cluster,
-            resolver.clone(),
-            self.accounting.clone(),
-            self.uplink_state.clone(),
-        )?;
+        let (archive, archive_task) = match &config.archive {
+            Some(a) => {
+                let (archive, task) =
+                    Archive::start(a, self.accounting.registry()).map_err(AgentError::Archive)?;
+                (Some(archive), Some(task))
+            }
+            None => (None, None),
+        };
+        let uplink = match &config.gateway {
+            Some(gateway) => Some(Uplink::new(
+                gateway.clone(),
+                &config.cluster,
+                resolver.clone(),
+                self.accounting.clone(),
+                self.uplink_state.clone(),
+            )?),
+            None => None,
+        };
         let tee = Arc::new(Tee::new(
             queue_tx,
             self.accounting.clone(),
             Sampler::new(config.mirror.percentage),
             config.mirror.max_body_bytes,
             &config.cluster,
-            self.uplink_state.clone(),
+            uplink.as_ref().map(|_| self.uplink_state.clone()),
+            archive.clone().filter(|_| uplink.is_some()),
         ));
         let authority = authority(&config.primary.host, config.primary.port)?;
         let connector = UpstreamConnector::new(
@@ -158,12 +173,21 @@ impl Agent {
 
         let admin_addr = admin::listen_addr(listeners.admin.as_ref());
         let drain = CancellationToken::new();
-        let uplink_task = tokio::spawn(uplink.run(queue_rx, drain.clone(), config.shutdown_grace));
+        let consumer = match (uplink, &archive) {
+            (Some(uplink), _) => {
+                tokio::spawn(uplink.run(queue_rx, drain.clone(), config.shutdown_grace))
+            }
+            (None, Some(archive)) => {
+                tokio::spawn(archive_sink(queue_rx, archive.clone(), drain.clone()))
+            }
+            (None, None) => return Err(AgentError::NoDestination),
+        };
+        drop(archive);
         let admin_stop = CancellationToken::new();
         let admin_task = listeners.admin.map(|listener| {
             let state: Arc<dyn AdminState> = Arc::new(AdminView {
                 accounting: self.accounting.clone(),
-                uplink: self.uplink_state.clone(),
+                uplink: config.gateway.as_ref().map(|_| self.uplink_state.clone()),
             });
             tokio::spawn(admin::serve(listener, state, admin_stop.clone()))
         });
@@ -171,15 +195,19 @@ impl Agent {
             listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             admin = %admin_addr,
             primary = %config.primary.url,
-            gateway = %format_args!("{}:{}", config.gateway.host, config.gateway.port),
+            gateway = %config.gateway.as_ref().map_or("none".into(), |g| format!("{}:{}", g.host, g.port)),
+            archive = %config.archive.as_ref().map_or("off".into(), |a| a.dir.display().to_string()),
             percentage = config.mirror.percentage,
             "agent serving"
         );
 
         proxy::serve(listeners.proxy, proxy, shutdown, config.shutdown_grace).await;
         drain.cancel();
-        if let Err(e) = uplink_task.await {
+        if let Err(e) = consumer.await {
             tracing::error!(error = %e, "uplink task failed");
+        }
+        if let Some(task) = archive_task {
+            task.close().await;
         }
         admin_stop.cancel();
         if let Some(task) = admin_task {
@@ -208,9 +236,46 @@ fn authority(host: &str, port: u16) -> Result<Authority, AgentError> {
     Authority::from_str(&text).map_err(|_| AgentError::PrimaryAuthority(text))
 }
 
+/// Hands queued copies to the archive (an agent with no gateway); each ticket is resolved by
+/// the archive's outcome: `mirrored` once written, or dropped with the archive's reason.
+async fn archive_sink(
+    mut queue_rx: mpsc::Receiver<Queued>,
+    archive: Archive,
+    drain: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            queued = queue_rx.recv() => match queued {
+                Some(q) => archive_one(&archive, q),
+                None => return,
+            },
+            () = drain.cancelled() => break,
+        }
+    }
+    // Client requests are over: take what is left, then let the archive close write it.
+    queue_rx.close();
+    while let Some(q) = queue_rx.recv().await {
+        archive_one(&archive, q);
+    }
+}
+
+fn archive_one(archive: &Archive, Queued { record, ticket }: Queued) {
+    let done = move |outcome| match outcome {
+        Outcome::Written => ticket.mirrored(),
+        Outcome::Dropped(reason) => ticket.dropped(match reason {
+            ArchiveDrop::QueueFull => DropReason::QueueFull,
+            ArchiveDrop::QueueBytes => DropReason::QueueBytes,
+            ArchiveDrop::Io => DropReason::ArchiveError,
+            ArchiveDrop::Shutdown => DropReason::Shutdown,
+        }),
+    };
+    archive.try_submit(Record::Request(record), Some(Box::new(done)));
+}
+
 struct AdminView {
     accounting: Arc<Accounting>,
-    uplink: Arc<UplinkState>,
+    /// `None` when the agent only archives: it is then ready whenever it serves.
+    uplink: Option<Arc<UplinkState>>,
 }
 
 impl AdminState for AdminView {
@@ -219,14 +284,14 @@ impl AdminState for AdminView {
     }
 
     fn ready(&self) -> bool {
-        self.uplink.is_connected()
+        self.uplink.as_ref().is_none_or(|u| u.is_connected())
     }
 
     fn readiness_detail(&self) -> String {
-        if self.uplink.is_connected() {
-            "(uplink connected)".into()
-        } else {
-            "(uplink to the gateway is down)".into()
+        match &self.uplink {
+            None => "(archiving; no gateway configured)".into(),
+            Some(u) if u.is_connected() => "(uplink connected)".into(),
+            Some(_) => "(uplink to the gateway is down)".into(),
         }
     }
 }

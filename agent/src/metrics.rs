@@ -26,7 +26,8 @@ use teeway_runtime::metrics::Registry;
 pub const REQUESTS_TOTAL: &str = "teeway_agent_requests_total";
 /// Requests the sampler passed over (not a drop).
 pub const NOT_SAMPLED_TOTAL: &str = "teeway_agent_not_sampled_total";
-/// Copies the gateway acknowledged.
+/// Copies delivered: acknowledged by the gateway, or written to the archive when the agent
+/// has no gateway.
 pub const MIRRORED_TOTAL: &str = "teeway_agent_mirrored_total";
 /// Copies given up, by reason.
 pub const MIRROR_DROPPED_TOTAL: &str = "teeway_agent_mirror_dropped_total";
@@ -63,11 +64,13 @@ pub enum DropReason {
     Rejected,
     /// The agent stopped before the copy could be sent.
     Shutdown,
+    /// Writing the copy to the archive failed (agents that archive instead of sending).
+    ArchiveError,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::BodyTooLarge,
         DropReason::IncompleteBody,
         DropReason::QueueFull,
@@ -76,6 +79,7 @@ impl DropReason {
         DropReason::UplinkError,
         DropReason::Rejected,
         DropReason::Shutdown,
+        DropReason::ArchiveError,
     ];
 
     /// The `reason` label value.
@@ -89,6 +93,7 @@ impl DropReason {
             DropReason::UplinkError => "uplink_error",
             DropReason::Rejected => "rejected",
             DropReason::Shutdown => "shutdown",
+            DropReason::ArchiveError => "archive_error",
         }
     }
 
@@ -103,7 +108,7 @@ pub struct Accounting {
     pub(crate) requests: Counter,
     pub(crate) not_sampled: Counter,
     mirrored: Counter,
-    dropped: [Counter; 8],
+    dropped: [Counter; 9],
     in_flight: Gauge,
     held_bytes_gauge: Gauge,
     pub(crate) uplink_connected: Gauge,
@@ -112,7 +117,7 @@ pub struct Accounting {
     pub(crate) primary_errors: Counter,
     held_bytes: AtomicU64,
     held_bytes_limit: u64,
-    drop_logs: [DropLog; 8],
+    drop_logs: [DropLog; 9],
     started: Instant,
 }
 
@@ -140,7 +145,7 @@ impl Accounting {
                 "Requests the sampler passed over",
                 &[],
             ),
-            mirrored: registry.counter(MIRRORED_TOTAL, "Copies acknowledged by the gateway", &[]),
+            mirrored: registry.counter(MIRRORED_TOTAL, "Copies delivered: acknowledged by the gateway, or written to the archive when there is no gateway", &[]),
             dropped,
             in_flight: registry.gauge(
                 MIRROR_IN_FLIGHT,

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics::{Accounting, DropReason, Ticket};
 use crate::uplink::UplinkState;
+use teeway_archive::{Archive, Record};
 
 /// Headers removed from every copy before it leaves the agent: credentials never leave
 /// production. (The primary still receives them unchanged.)
@@ -88,7 +89,11 @@ pub struct Tee {
     source_cluster: Arc<str>,
     next_id: AtomicU64,
     /// Read on every sampled request: with no uplink, a copy is dropped before it is made.
-    uplink: Arc<UplinkState>,
+    /// `None` when copies go only to an archive.
+    uplink: Option<Arc<UplinkState>>,
+    /// When copies go to a gateway and an archive both: the archive's handle. Each queued copy
+    /// is also offered to it (never waiting; its drops are the archive's own to count).
+    archive_also: Option<Archive>,
 }
 
 /// What the tee needs to know of a request head.
@@ -114,7 +119,8 @@ impl Tee {
         sampler: Sampler,
         max_body_bytes: u64,
         source_cluster: &str,
-        uplink: Arc<UplinkState>,
+        uplink: Option<Arc<UplinkState>>,
+        archive_also: Option<Archive>,
     ) -> Self {
         Self {
             queue_tx,
@@ -124,6 +130,7 @@ impl Tee {
             source_cluster: source_cluster.into(),
             next_id: AtomicU64::new(1),
             uplink,
+            archive_also,
         }
     }
 
@@ -138,7 +145,7 @@ impl Tee {
             return None;
         }
         let ticket = self.accounting.ticket();
-        if !self.uplink.is_connected() {
+        if self.uplink.as_ref().is_some_and(|u| !u.is_connected()) {
             ticket.dropped(DropReason::NoUplink);
             return None;
         }
@@ -175,6 +182,9 @@ impl Tee {
         if let Err(reason) = ticket.hold(record.frame_len() as u64) {
             ticket.dropped(reason);
             return;
+        }
+        if let Some(archive) = &self.archive_also {
+            archive.try_submit(Record::Request(record.clone()), None);
         }
         match self.queue_tx.try_send(Queued { record, ticket }) {
             Ok(()) => {}
@@ -336,7 +346,8 @@ mod tests {
                 Sampler::new(100.0),
                 max_body,
                 "c",
-                uplink,
+                Some(uplink),
+                None,
             )),
             rx,
             acc,
@@ -432,7 +443,8 @@ mod tests {
             Sampler::new(100.0),
             1024,
             "c",
-            down,
+            Some(down),
+            None,
         ));
         assert!(tee.admit().is_none(), "no ticket, so no copy is made");
         assert!(rx.try_recv().is_err());

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use teeway_archive::ArchiveConfig;
 use teeway_runtime::config::{
     self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
 };
@@ -26,8 +27,10 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// CA that agents' certificates must chain to, and the gateway's own certificate and key.
     pub tls: TlsMaterial,
-    /// Routes, first match wins.
+    /// Routes, first match wins. Empty only when `archive` is set (a capture-only gateway).
     pub routes: Vec<RouteConfig>,
+    /// Where received records are archived, if anywhere.
+    pub archive: Option<ArchiveConfig>,
     /// The admin listener, if any.
     pub admin: Option<SocketAddr>,
     /// Time allowed to drain on SIGTERM.
@@ -143,13 +146,15 @@ impl GatewayConfig {
         };
         t.finish(&mut p);
 
+        let archive = ArchiveConfig::from_section(&mut root, &mut p, base_dir, true);
+        let archive_given = root_has(&doc, "archive");
         let mut routes = Vec::new();
         let route_sections = root.sections(&mut p, "routes");
-        if route_sections.is_empty() {
+        if route_sections.is_empty() && !archive_given {
             p.push(
                 "routes",
                 None,
-                "needs at least one route",
+                "needs at least one route (or an `archive:` block, for a capture-only gateway)",
                 "add `routes:` with `- targets: [http://shadow:8080]` to replay everything to one shadow",
             );
         }
@@ -282,6 +287,7 @@ impl GatewayConfig {
                 listen,
                 tls,
                 routes,
+                archive,
                 admin,
                 shutdown_grace,
             }),
@@ -300,6 +306,11 @@ impl GatewayConfig {
         // the path of the file itself.
         Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&path.display().to_string()))
     }
+}
+
+/// Whether the document's root has `key` (set, even if invalid).
+fn root_has(doc: &Value, key: &str) -> bool {
+    doc.get(key).is_some_and(|v| !v.is_null())
 }
 
 #[cfg(test)]

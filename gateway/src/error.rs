@@ -20,4 +20,7 @@ pub enum GatewayError {
         /// Why.
         reason: String,
     },
+    /// The archive directory could not be prepared.
+    #[error("archive: {0}")]
+    Archive(std::io::Error),
 }

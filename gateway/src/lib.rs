@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use teeway_archive::Archive;
 use teeway_runtime::admin::{self, AdminState};
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::metrics::{Registry, Snapshot};
@@ -136,10 +137,19 @@ impl Gateway {
                 targets,
             });
         }
+        let (archive, archive_task) = match &config.archive {
+            Some(a) => {
+                let (archive, task) =
+                    Archive::start(a, self.metrics.registry()).map_err(GatewayError::Archive)?;
+                (Some(archive), Some(task))
+            }
+            None => (None, None),
+        };
         let dispatcher = Arc::new(Dispatcher {
             router: Router::new(routes),
             metrics: self.metrics.clone(),
             replays: TaskTracker::new(),
+            archive,
         });
 
         let admin_addr = admin::listen_addr(listeners.admin.as_ref());
@@ -155,6 +165,7 @@ impl Gateway {
             listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             admin = %admin_addr,
             routes = config.routes.len(),
+            archive = %config.archive.as_ref().map_or("off".into(), |a| a.dir.display().to_string()),
             "gateway serving"
         );
 
@@ -165,6 +176,9 @@ impl Gateway {
             .is_err()
         {
             tracing::warn!(grace = ?config.shutdown_grace, "replays still under way after the grace period; abandoning them");
+        }
+        if let Some(task) = archive_task {
+            task.close().await;
         }
         endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"gateway shutting down");
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;

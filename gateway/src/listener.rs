@@ -33,6 +33,8 @@ pub struct Dispatcher {
     pub(crate) metrics: Arc<GatewayMetrics>,
     /// Replays under way, awaited at shutdown.
     pub(crate) replays: TaskTracker,
+    /// Where every received record is also written, if anywhere.
+    pub(crate) archive: Option<teeway_archive::Archive>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -45,6 +47,13 @@ impl Dispatcher {
     /// Counts `record` and starts its replays; never waits.
     fn dispatch(&self, record: MirroredRequest) {
         self.metrics.received.increment(1);
+        if let Some(archive) = &self.archive {
+            archive.try_submit(teeway_archive::Record::Request(record.clone()), None);
+            if self.router.is_empty() {
+                // A capture-only gateway: the archive is the destination.
+                return;
+            }
+        }
         let Some(route) = self.router.route(&record) else {
             self.metrics.failed(FailReason::NoRoute);
             return;
@@ -58,8 +67,12 @@ impl Dispatcher {
             let target = target.clone();
             let record = record.clone();
             let metrics = self.metrics.clone();
-            self.replays
-                .spawn(async move { target.replay(&record, &metrics, slot).await });
+            let archive = self.archive.clone();
+            self.replays.spawn(async move {
+                target
+                    .replay(&record, &metrics, archive.as_ref(), slot)
+                    .await
+            });
         }
     }
 }

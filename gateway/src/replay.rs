@@ -7,7 +7,7 @@
 //! gateway's memory without bound.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -18,6 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use teeway_archive::{Archive, Record, ResponseOrigin, ResponseRecord};
 use teeway_runtime::config::{HttpTarget, UpstreamProtocol};
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::dns::Resolver;
@@ -92,29 +93,49 @@ impl Target {
         self.limit.clone().try_acquire_owned().ok()
     }
 
-    /// Replays `record`, reads the response to the end and counts the outcome.
+    /// Waits for a replay slot (for `teeway replay`, which paces itself rather than shedding).
+    pub async fn reserve(&self) -> OwnedSemaphorePermit {
+        match self.limit.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            // The semaphore is never closed.
+            Err(_) => unreachable!("target semaphore closed"),
+        }
+    }
+
+    /// Replays `record`, reads the response to the end and counts the outcome; when `archive`
+    /// records responses, the response goes to it.
     pub async fn replay(
         &self,
         record: &MirroredRequest,
         metrics: &GatewayMetrics,
+        archive: Option<&Archive>,
         _slot: OwnedSemaphorePermit,
     ) {
+        let capture = archive
+            .filter(|a| a.config().record_responses)
+            .map(|a| a.config().max_response_body);
         metrics.in_flight.increment(1.0);
-        let outcome = self.exchange(record).await;
+        let outcome = self.send(record, capture).await;
         metrics.in_flight.decrement(1.0);
         match outcome {
-            Ok((status, elapsed)) => {
-                metrics.replayed(status);
-                metrics.duration.record(elapsed.as_secs_f64());
+            Ok(exchange) => {
+                metrics.replayed(exchange.status);
+                metrics.duration.record(exchange.elapsed.as_secs_f64());
+                if let (Some(archive), Some(response)) = (archive, exchange.response) {
+                    archive.try_submit(Record::Response(response), None);
+                }
             }
             Err(reason) => metrics.failed(reason),
         }
     }
 
-    async fn exchange(
+    /// Sends `record` and reads the response to the end. With `capture` set, the response is
+    /// returned with up to that many body bytes; the rest is read and dropped.
+    pub async fn send(
         &self,
         record: &MirroredRequest,
-    ) -> Result<(http::StatusCode, Duration), FailReason> {
+        capture: Option<u64>,
+    ) -> Result<Exchange, FailReason> {
         let request = self.request_for(record).ok_or(FailReason::InvalidRequest)?;
         let client = if request.version() == Version::HTTP_2 {
             &self.http2
@@ -131,16 +152,43 @@ impl Target {
                     FailReason::Error
                 }
             })?;
-            let status = response.status();
-            let mut body = response.into_body();
-            // Drain and drop: the shadow's answer is read so the connection can be reused.
+            let head_at = (SystemTime::now(), started.elapsed());
+            let (parts, mut body) = response.into_parts();
+            let limit = capture.unwrap_or(0) as usize;
+            let mut kept = Vec::new();
+            let mut truncated = false;
+            // Drain: the shadow's answer is read so the connection can be reused.
             while let Some(frame) = body.frame().await {
-                frame.map_err(|_| FailReason::Error)?;
+                let frame = frame.map_err(|_| FailReason::Error)?;
+                if let Some(data) = frame.data_ref() {
+                    let room = limit.saturating_sub(kept.len());
+                    if data.len() > room {
+                        truncated |= capture.is_some();
+                    }
+                    kept.extend_from_slice(&data[..data.len().min(room)]);
+                }
             }
-            Ok(status)
+            let response = capture.map(|_| ResponseRecord {
+                request_id: record.id,
+                source_cluster: record.source_cluster.clone(),
+                origin: ResponseOrigin::Replayed,
+                target: self.url.clone(),
+                received_at: head_at.0,
+                latency: head_at.1,
+                status: parts.status,
+                version: parts.version,
+                headers: parts.headers,
+                body: Bytes::from(kept),
+                body_truncated: truncated,
+            });
+            Ok((parts.status, response))
         };
         match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(Ok(status)) => Ok((status, started.elapsed())),
+            Ok(Ok((status, response))) => Ok(Exchange {
+                status,
+                elapsed: started.elapsed(),
+                response,
+            }),
             Ok(Err(reason)) => Err(reason),
             Err(_) => Err(FailReason::Timeout),
         }
@@ -186,6 +234,17 @@ impl Target {
         *request.headers_mut() = headers;
         Some(request)
     }
+}
+
+/// What one replay got back.
+#[derive(Debug)]
+pub struct Exchange {
+    /// The response status.
+    pub status: http::StatusCode,
+    /// From sending the request to the end of the response body.
+    pub elapsed: Duration,
+    /// The response, when asked for.
+    pub response: Option<ResponseRecord>,
 }
 
 /// The Host the client addressed, port included: `Host` (HTTP/1) or the URI authority (HTTP/2).

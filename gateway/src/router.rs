@@ -28,6 +28,11 @@ impl Router {
         Self { routes }
     }
 
+    /// Whether there are no routes (a capture-only gateway).
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
     /// The first route that takes `record`.
     pub fn route(&self, record: &MirroredRequest) -> Option<&Route> {
         self.routes

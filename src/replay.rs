@@ -1,0 +1,492 @@
+//! `teeway replay`: sends archived requests to a target, at the recorded pace or faster.
+//!
+//! Archives are read on a blocking thread into a bounded channel, so a large archive streams
+//! through in constant memory. Each request is sent through the gateway's own replay
+//! [`Target`] (pooled connections, DNS, Host policy, hop-by-hop hygiene), bounded by
+//! `--concurrency`. Pacing:
+//!
+//! - `--speed S`: the gap between two requests is the recorded gap divided by `S`, never
+//!   negative (out-of-order timestamps send at once) and never longer than `--max-wait`
+//!   (GoReplay users meet hour-long sleeps from one odd timestamp; GoReplay issue 680).
+//! - `--rate N`: N requests per second, whatever the recording says.
+//! - `--max-rate`: as fast as `--concurrency` allows.
+//!
+//! When the target cannot keep up, requests go out as soon as a slot frees: the schedule is a
+//! floor, not a promise. The report says how far behind schedule the replay ran.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use regex::Regex;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use teeway_archive::read::{ReadStats, Reader};
+use teeway_archive::Record;
+use teeway_gateway::config::HostPolicy;
+use teeway_gateway::replay::Target;
+use teeway_runtime::config::UpstreamProtocol;
+use teeway_runtime::dns::Resolver;
+use teeway_wire::MirroredRequest;
+
+/// Default cap on one wait between two requests.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
+/// Records read ahead of the sender.
+const READ_AHEAD: usize = 1024;
+/// Interval of the plain progress lines written when stderr is not a terminal.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How requests are spaced.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// Recorded gaps divided by this factor.
+    Speed(f64),
+    /// Fixed requests per second.
+    Rate(f64),
+    /// No spacing: as fast as the concurrency allows.
+    Max,
+}
+
+/// Options of one replay.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Archives: files or directories.
+    pub archives: Vec<PathBuf>,
+    /// `http://host:port` of the target.
+    pub target: String,
+    /// Spacing.
+    pub pace: Pace,
+    /// Longest single wait under `Pace::Speed`.
+    pub max_wait: Duration,
+    /// How many times to go through the archives.
+    pub loops: u32,
+    /// Requests in flight at most.
+    pub concurrency: usize,
+    /// Only requests whose path matches.
+    pub filter_path: Option<Regex>,
+    /// Host header: the recorded one, or the target's.
+    pub host_header: HostPolicy,
+    /// HTTP version to the target.
+    pub protocol: UpstreamProtocol,
+    /// Time allowed for one request and its response.
+    pub timeout: Duration,
+    /// Show progress on stderr.
+    pub progress: bool,
+}
+
+/// Spaces requests according to a [`Pace`]; pure, so it is tested without a clock.
+#[derive(Debug)]
+pub struct Pacer {
+    pace: Pace,
+    max_wait: Duration,
+    previous: Option<u64>,
+}
+
+impl Pacer {
+    /// A pacer for `pace`; `max_wait` caps one wait under `Pace::Speed`.
+    pub fn new(pace: Pace, max_wait: Duration) -> Self {
+        Self {
+            pace,
+            max_wait,
+            previous: None,
+        }
+    }
+
+    /// The wait between the previous request and this one, recorded at `at_ns`.
+    pub fn gap(&mut self, at_ns: u64) -> Duration {
+        let previous = self.previous.replace(at_ns);
+        match (self.pace, previous) {
+            (_, None) | (Pace::Max, _) => Duration::ZERO,
+            (Pace::Rate(rate), Some(_)) => Duration::from_secs_f64(1.0 / rate),
+            (Pace::Speed(speed), Some(prev)) => {
+                // Out of order: no wait, and the next gap is measured from the later time.
+                if at_ns < prev {
+                    self.previous = Some(prev);
+                    return Duration::ZERO;
+                }
+                let gap = Duration::from_nanos(at_ns - prev).div_f64(speed);
+                gap.min(self.max_wait)
+            }
+        }
+    }
+
+    /// Starts again (a new loop over the archive).
+    pub fn reset(&mut self) {
+        self.previous = None;
+    }
+}
+
+/// What a replay did.
+#[derive(Debug)]
+pub struct Report {
+    /// Requests sent.
+    pub sent: u64,
+    /// Requests that got a response (any status).
+    pub succeeded: u64,
+    /// Requests that got none, by reason.
+    pub failed: BTreeMap<&'static str, u64>,
+    /// Responses by status class (`2xx`...).
+    pub status: BTreeMap<String, u64>,
+    /// Requests skipped: path filter, truncated bodies.
+    pub skipped: BTreeMap<&'static str, u64>,
+    /// Response latency in microseconds.
+    pub latency: hdrhistogram::Histogram<u64>,
+    /// How long the replay took.
+    pub elapsed: Duration,
+    /// Longest time a request went out after its scheduled time.
+    pub max_behind: Duration,
+    /// What reading the archives counted.
+    pub read: ReadStats,
+}
+
+impl Report {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            sent: 0,
+            succeeded: 0,
+            failed: BTreeMap::new(),
+            status: BTreeMap::new(),
+            skipped: BTreeMap::new(),
+            latency: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+            elapsed: Duration::ZERO,
+            max_behind: Duration::ZERO,
+            read: ReadStats::default(),
+        })
+    }
+
+    /// Requests that could not connect: the target was unreachable.
+    pub fn unreachable(&self) -> u64 {
+        self.failed.get("connect").copied().unwrap_or(0)
+    }
+
+    /// Achieved requests per second.
+    pub fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.sent as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    fn percentile_ms(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// The report for machines.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "sent": self.sent,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "status": self.status,
+            "skipped": self.skipped,
+            "latency_ms": {
+                "p50": self.percentile_ms(0.50),
+                "p90": self.percentile_ms(0.90),
+                "p99": self.percentile_ms(0.99),
+                "max": self.latency.max() as f64 / 1000.0,
+            },
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "rate_per_s": self.rate(),
+            "max_behind_schedule_ms": self.max_behind.as_secs_f64() * 1000.0,
+            "archive": {
+                "files": self.read.files,
+                "records": self.read.records,
+                "torn": self.read.torn,
+                "corrupt": self.read.corrupt,
+                "unreadable": self.read.unreadable,
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let failed: u64 = self.failed.values().sum();
+        writeln!(
+            f,
+            "sent {} in {:.2} s ({:.1}/s): {} answered, {failed} failed",
+            self.sent,
+            self.elapsed.as_secs_f64(),
+            self.rate(),
+            self.succeeded
+        )?;
+        fn join<K: std::fmt::Display>(m: &BTreeMap<K, u64>) -> String {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        if !self.status.is_empty() {
+            writeln!(f, "status:   {}", join(&self.status))?;
+        }
+        if failed > 0 {
+            writeln!(f, "failed:   {}", join(&self.failed))?;
+        }
+        if !self.skipped.is_empty() {
+            writeln!(f, "skipped:  {}", join(&self.skipped))?;
+        }
+        if self.succeeded > 0 {
+            writeln!(
+                f,
+                "latency:  p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                self.percentile_ms(0.50),
+                self.percentile_ms(0.90),
+                self.percentile_ms(0.99),
+                self.latency.max() as f64 / 1000.0
+            )?;
+        }
+        writeln!(
+            f,
+            "schedule: at most {:.1} ms behind",
+            self.max_behind.as_secs_f64() * 1000.0
+        )?;
+        let r = &self.read;
+        write!(
+            f,
+            "archive:  {} file(s), {} record(s) read; {} torn, {} corrupt, {} unreadable",
+            r.files, r.records, r.torn, r.corrupt, r.unreadable
+        )
+    }
+}
+
+/// Replays the archives; the report, or why nothing could be replayed.
+pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
+    let files = teeway_archive::read::discover(&options.archives)?;
+    let target_value = teeway_runtime::yaml::Value::from(options.target.as_str());
+    let target_url = teeway_runtime::config::http_target(&target_value)
+        .map_err(|e| anyhow::anyhow!("--target {}: {e}", options.target))?;
+    let resolver = Resolver::from_system()?;
+    let target = Arc::new(
+        Target::new(
+            &target_url,
+            resolver,
+            options.host_header,
+            options.protocol,
+            options.timeout,
+            options.concurrency.max(1),
+        )
+        .with_context(|| format!("--target {}", options.target))?,
+    );
+    let report = Arc::new(Mutex::new(Report::new()?));
+    let progress = Progress::start(options.progress, report.clone());
+    let started = Instant::now();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let mut pacer = Pacer::new(options.pace, options.max_wait);
+    let mut read_stats = ReadStats::default();
+    for _ in 0..options.loops.max(1) {
+        pacer.reset();
+        let (tx, mut rx) = mpsc::channel::<MirroredRequest>(READ_AHEAD);
+        let files = files.clone();
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut reader = Reader::with_files(files, teeway_archive::read::DEFAULT_WINDOW);
+            for record in reader.by_ref() {
+                if let Record::Request(r) = record {
+                    if tx.blocking_send(r).is_err() {
+                        break;
+                    }
+                }
+            }
+            reader.stats
+        });
+        let mut due = Instant::now();
+        while let Some(request) = rx.recv().await {
+            if let Some(filter) = &options.filter_path {
+                if !filter.is_match(request.uri.path()) {
+                    skip(&report, "filter_path");
+                    continue;
+                }
+            }
+            if request.body_truncated {
+                skip(&report, "truncated_body");
+                continue;
+            }
+            due += pacer.gap(request.received_at_unix_nanos());
+            tokio::time::sleep_until(due).await;
+            let slot = target.reserve().await;
+            let behind = Instant::now().saturating_duration_since(due);
+            if let Ok(mut r) = report.lock() {
+                r.sent += 1;
+                r.max_behind = r.max_behind.max(behind);
+            }
+            let target = target.clone();
+            let report = report.clone();
+            tasks.spawn(async move {
+                let outcome = target.send(&request, None).await;
+                drop(slot);
+                let Ok(mut r) = report.lock() else { return };
+                match outcome {
+                    Ok(exchange) => {
+                        r.succeeded += 1;
+                        let class = format!("{}xx", exchange.status.as_u16() / 100);
+                        *r.status.entry(class).or_default() += 1;
+                        let micros =
+                            u64::try_from(exchange.elapsed.as_micros()).unwrap_or(u64::MAX);
+                        r.latency.saturating_record(micros.max(1));
+                    }
+                    Err(reason) => *r.failed.entry(reason.as_str()).or_default() += 1,
+                }
+            });
+        }
+        let stats = reader.await.context("archive reader failed")?;
+        merge(&mut read_stats, stats);
+    }
+    tasks.close();
+    tasks.wait().await;
+    progress.stop();
+    let mut report = Arc::try_unwrap(report)
+        .map_err(|_| anyhow::anyhow!("replay tasks still hold the report"))?
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("a replay task panicked"))?;
+    report.elapsed = started.elapsed();
+    report.read = read_stats;
+    Ok(report)
+}
+
+fn skip(report: &Mutex<Report>, why: &'static str) {
+    if let Ok(mut r) = report.lock() {
+        *r.skipped.entry(why).or_default() += 1;
+    }
+}
+
+fn merge(total: &mut ReadStats, loop_stats: ReadStats) {
+    total.files += loop_stats.files;
+    total.open_segments += loop_stats.open_segments;
+    total.records += loop_stats.records;
+    total.torn += loop_stats.torn;
+    total.corrupt += loop_stats.corrupt;
+    total.unreadable += loop_stats.unreadable;
+    total.reordered += loop_stats.reordered;
+    if total.issues.is_empty() {
+        total.issues = loop_stats.issues;
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, a plain line every few seconds otherwise.
+struct Progress {
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Progress {
+    fn start(enabled: bool, report: Arc<Mutex<Report>>) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        if enabled {
+            let token = stop.clone();
+            let terminal = std::io::stderr().is_terminal();
+            tokio::spawn(async move {
+                let bar = terminal.then(|| {
+                    let bar = indicatif::ProgressBar::new_spinner();
+                    bar.enable_steady_tick(Duration::from_millis(120));
+                    bar
+                });
+                let started = Instant::now();
+                let interval = if terminal {
+                    Duration::from_millis(250)
+                } else {
+                    PROGRESS_INTERVAL
+                };
+                loop {
+                    tokio::select! {
+                        () = token.cancelled() => break,
+                        () = tokio::time::sleep(interval) => {}
+                    }
+                    let line = match report.lock() {
+                        Ok(r) => {
+                            let failed: u64 = r.failed.values().sum();
+                            let rate = r.sent as f64 / started.elapsed().as_secs_f64().max(0.001);
+                            format!(
+                                "sent {} answered {} failed {failed} ({rate:.0}/s)",
+                                r.sent, r.succeeded
+                            )
+                        }
+                        Err(_) => break,
+                    };
+                    match &bar {
+                        Some(bar) => bar.set_message(line),
+                        None => eprintln!("replay: {line}"),
+                    }
+                }
+                if let Some(bar) = bar {
+                    bar.finish_and_clear();
+                }
+            });
+        }
+        Self { stop }
+    }
+
+    fn stop(self) {
+        self.stop.cancel();
+    }
+}
+
+/// Parses `--rate`: `200` or `200/s`.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let number = text.strip_suffix("/s").unwrap_or(text);
+    match number.trim().parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!(
+            "`{text}` is not a rate; give requests per second such as 200 or 200/s"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn speed_divides_recorded_gaps_and_caps_each_wait() {
+        let mut p = Pacer::new(Pace::Speed(1.0), Duration::from_secs(1));
+        let gaps: Vec<u64> = [0, 100 * MS, 350 * MS, 5_000 * MS, 5_010 * MS]
+            .into_iter()
+            .map(|t| p.gap(t).as_millis() as u64)
+            .collect();
+        assert_eq!(gaps, [0, 100, 250, 1000, 10]);
+        let mut fast = Pacer::new(Pace::Speed(2.0), Duration::from_secs(1));
+        let gaps: Vec<u64> = [0, 100 * MS, 300 * MS]
+            .into_iter()
+            .map(|t| fast.gap(t).as_millis() as u64)
+            .collect();
+        assert_eq!(gaps, [0, 50, 100]);
+    }
+
+    #[test]
+    fn out_of_order_timestamps_never_wait_or_rewind() {
+        let mut p = Pacer::new(Pace::Speed(1.0), Duration::from_secs(10));
+        assert_eq!(p.gap(1_000 * MS), Duration::ZERO);
+        assert_eq!(p.gap(900 * MS), Duration::ZERO, "earlier: sent at once");
+        assert_eq!(
+            p.gap(1_100 * MS),
+            Duration::from_millis(100),
+            "measured from the latest time seen"
+        );
+    }
+
+    #[test]
+    fn rate_and_max_ignore_the_recording() {
+        let mut p = Pacer::new(Pace::Rate(4.0), Duration::from_secs(1));
+        assert_eq!(p.gap(0), Duration::ZERO);
+        assert_eq!(p.gap(10_000 * MS), Duration::from_millis(250));
+        let mut m = Pacer::new(Pace::Max, Duration::from_secs(1));
+        assert_eq!(m.gap(0), Duration::ZERO);
+        assert_eq!(m.gap(10_000 * MS), Duration::ZERO);
+        p.reset();
+        assert_eq!(p.gap(5), Duration::ZERO, "a new loop starts at once");
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("200"), Ok(200.0));
+        assert_eq!(parse_rate("2.5/s"), Ok(2.5));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
+    }
+}
