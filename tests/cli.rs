@@ -3,17 +3,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
+
 use std::time::Duration;
 
 use teeway::demo::{compare, plan, send_plan};
 use teeway::sample;
 use teeway_runtime::metrics::Snapshot;
 
-use support::{admin_get, LIMIT};
+use support::{admin_get, field, Proc, LIMIT};
 
 fn teeway(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_teeway"))
@@ -171,75 +170,6 @@ fn a_bad_config_stops_the_agent_before_it_binds() {
     assert!(!t.contains("cannot listen"), "{t}");
 }
 
-/// A child process whose stderr is read line by line on a thread.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(dir: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_teeway"))
-            .args(args)
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// Waits for a log line containing `needle`.
-    fn wait_for_line(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + LIMIT;
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            let Ok(line) = self.lines.recv_timeout(left) else {
-                break;
-            };
-            if line.contains(needle) {
-                return line;
-            }
-        }
-        panic!("no log line containing {needle:?}");
-    }
-
-    fn terminate_and_wait(mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let deadline = std::time::Instant::now() + LIMIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_and_gateway_processes_mirror_and_drain_on_sigterm() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -297,14 +227,4 @@ async fn agent_and_gateway_processes_mirror_and_drain_on_sigterm() {
     assert!(status.success(), "agent exit status {status}");
     let status = gateway.terminate_and_wait();
     assert!(status.success(), "gateway exit status {status}");
-}
-
-/// The value of `name=` in a log line.
-fn field(line: &str, name: &str) -> String {
-    let key = format!("{name}=");
-    line.split(&key)
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no {name} in: {line}"))
-        .to_owned()
 }
