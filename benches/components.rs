@@ -4,7 +4,12 @@
 //! - uplink: copies pushed straight into the agent's uplink and acknowledged by a gateway over
 //!   loopback QUIC with mTLS, for 1 KiB and 64 KiB bodies (records/s, MB/s);
 //! - replay: the same path with the gateway replaying every copy to a fast local HTTP server
-//!   (replays/s).
+//!   (replays/s);
+//! - archive: the writer alone for 1 KiB requests in every format and compression (records/s,
+//!   MB/s), then a capture-only gateway (archive on, no routes) fed by the uplink, to show the
+//!   archive keeps up with what one agent can deliver;
+//! - offline replay: `teeway replay --max-rate` of a 1 KiB archive against a fast local target
+//!   (requests/s, latency).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -14,12 +19,18 @@ use http::{HeaderMap, HeaderValue, Method, Uri, Version};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use teeway::replay::{Pace, ReplayOptions};
 use teeway::stack::{self, Pki, RunningGateway};
 use teeway_agent::metrics::Accounting;
 use teeway_agent::tee::Queued;
 use teeway_agent::uplink::{Uplink, UplinkState};
-use teeway_gateway::config::RouteMatch;
+use teeway_archive::config::{ArchiveConfig, Compression, Format};
+use teeway_archive::write::{Archive, Outcome};
+use teeway_archive::Record;
+use teeway_gateway::config::{HostPolicy, RouteMatch};
+use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::dns::Resolver;
+use teeway_runtime::metrics::{Registry, Snapshot};
 use teeway_wire::{Frame, MirroredRequest};
 
 fn record(body_len: usize) -> MirroredRequest {
@@ -42,6 +53,191 @@ fn record(body_len: usize) -> MirroredRequest {
         body: Bytes::from(vec![0x5a; body_len]),
         trailers: None,
         body_truncated: false,
+    }
+}
+
+/// A 1 KiB JSON-ish body that differs per record and compresses about as well as real API
+/// traffic does (a constant body would flatter zstd and gzip).
+fn json_body(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = String::with_capacity(len + 64);
+    out.push('[');
+    while out.len() < len - 1 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push_str(&format!(
+            "{{\"sku\":\"A-{:05}\",\"qty\":{},\"price\":{}.{:02}}},",
+            x % 100_000,
+            (x >> 20) % 9 + 1,
+            (x >> 24) % 500,
+            (x >> 40) % 100
+        ));
+    }
+    out.truncate(len - 1);
+    out.push(']');
+    Bytes::from(out)
+}
+
+fn archived_request(n: u64) -> MirroredRequest {
+    let mut r = record(0);
+    r.id = n;
+    r.received_at = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(1_790_000_000)
+        + Duration::from_micros(n * 250);
+    r.body = json_body(n, 1024);
+    r
+}
+
+/// Writes `count` 1 KiB requests through the archive writer with at most `in_flight` waiting:
+/// the writer's own throughput, with no record dropped. Returns the elapsed time, the request
+/// bytes written (frame size, before compression) and the bytes on disk.
+async fn archive_write(
+    dir: &std::path::Path,
+    format: Format,
+    compress: Compression,
+    count: u64,
+) -> (Duration, f64, u64) {
+    let mut config = ArchiveConfig::new(dir, format);
+    config.compress = compress;
+    let registry = Registry::new();
+    let (archive, task) = Archive::start(&config, &registry).expect("archive");
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(config.queue / 2));
+    let records: Vec<MirroredRequest> = (0..1024).map(archived_request).collect();
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut request_bytes = 0u64;
+    let started = Instant::now();
+    for n in 0..count {
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        let mut r = records[(n % 1024) as usize].clone();
+        r.id = n;
+        request_bytes += r.frame_len() as u64;
+        let written = written.clone();
+        archive.try_submit(
+            Record::Request(r),
+            Some(Box::new(move |outcome| {
+                if outcome == Outcome::Written {
+                    written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                drop(permit);
+            })),
+        );
+    }
+    task.close().await;
+    let elapsed = started.elapsed();
+    let m = Snapshot::parse(&registry.render());
+    assert_eq!(
+        written.load(std::sync::atomic::Ordering::Relaxed),
+        count,
+        "every record written"
+    );
+    assert_eq!(m.sum(teeway_archive::write::RECORDS_TOTAL) as u64, count);
+    let on_disk = std::fs::read_dir(dir)
+        .expect("archive dir")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    (elapsed, request_bytes as f64, on_disk)
+}
+
+async fn archive_benches(pki: &Pki) {
+    let count = 200_000;
+    for (format, compress) in [
+        (Format::Teeway, Compression::None),
+        (Format::Teeway, Compression::Zstd),
+        (Format::Gor, Compression::None),
+        (Format::Gor, Compression::Gzip),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (t, bytes, on_disk) = archive_write(dir.path(), format, compress, count).await;
+        println!(
+            "archive write {:>6}{:<4} 1 KiB requests: {:>8.0} records/s  {:>6.1} MB/s  ({:.1} MB on disk)",
+            format.as_str(),
+            compress.suffix(),
+            count as f64 / t.as_secs_f64(),
+            bytes / t.as_secs_f64() / 1e6,
+            on_disk as f64 / 1e6
+        );
+    }
+
+    // A capture-only gateway: every copy the uplink delivers goes to the archive.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = stack::gateway_config(pki.gateway_material(), &[]);
+    config.routes.clear();
+    let mut archive = ArchiveConfig::new(dir.path(), Format::Teeway);
+    archive.compress = Compression::Zstd;
+    config.archive = Some(archive);
+    let gateway = RunningGateway::start(config).await.expect("gateway");
+    let count = 100_000;
+    let t = uplink_run(pki, gateway.addr, 1024, count).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (written, dropped) = loop {
+        let m = gateway.gateway.metrics();
+        let written = m.sum(teeway_archive::write::RECORDS_TOTAL);
+        let dropped = m.sum(teeway_archive::write::DROPPED_TOTAL);
+        if (written + dropped) as usize >= count || Instant::now() > deadline {
+            break (written, dropped);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!(
+        "gateway capture-only (.twa.zst), 1 KiB: {:>8.0} records/s delivered; {written} archived, {dropped} dropped",
+        count as f64 / t.as_secs_f64()
+    );
+    gateway.stop().await.expect("stop");
+}
+
+/// `teeway replay --max-rate` of an archive of 1 KiB requests against a fast local target.
+async fn offline_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let count = 100_000;
+    let registry = Registry::new();
+    let (archive, task) =
+        Archive::start(&ArchiveConfig::new(dir.path(), Format::Teeway), &registry)
+            .expect("archive");
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(4096));
+    for n in 0..count {
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        archive.try_submit(
+            Record::Request(archived_request(n)),
+            Some(Box::new(move |_| drop(permit))),
+        );
+    }
+    task.close().await;
+    let target = fast_target().await;
+    for (protocol, concurrency) in [(UpstreamProtocol::Http1, 64), (UpstreamProtocol::Http2, 64)] {
+        let report = teeway::replay::run(ReplayOptions {
+            archives: vec![dir.path().to_path_buf()],
+            target: format!("http://{target}"),
+            pace: Pace::Max,
+            max_wait: Duration::from_secs(1),
+            loops: 1,
+            concurrency,
+            filter_path: None,
+            host_header: HostPolicy::Target,
+            protocol,
+            timeout: Duration::from_secs(10),
+            progress: false,
+        })
+        .await
+        .expect("replay");
+        assert_eq!(report.sent, count, "every archived request sent");
+        println!(
+            "replay --max-rate {:?} c={concurrency}, 1 KiB: {:>8.0} requests/s  p50 {} us  p99 {} us  ({} failed)",
+            protocol,
+            report.sent as f64 / report.elapsed.as_secs_f64(),
+            report.latency.value_at_quantile(0.5),
+            report.latency.value_at_quantile(0.99),
+            report.failed.values().sum::<u64>()
+        );
     }
 }
 
@@ -185,5 +381,8 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         gateway.stop().await.expect("stop");
+
+        archive_benches(&pki).await;
+        offline_replay().await;
     });
 }
