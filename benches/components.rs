@@ -343,7 +343,10 @@ fn main() {
         let pki = Pki::generate("bench-agent").expect("pki");
         // A gateway whose only route matches nothing: the uplink is measured, not the replay.
         let mut config = stack::gateway_config(pki.gateway_material(), &[fast_target().await]);
-        config.routes[0].matcher = Some(RouteMatch { host: Some("never.invalid".into()), path_prefix: None });
+        config.routes[0].matcher = Some(RouteMatch {
+            source_clusters: vec!["never-an-agent".into()],
+            ..RouteMatch::default()
+        });
         let gateway = RunningGateway::start(config).await.expect("gateway");
         for (body, count) in [(1024usize, 100_000usize), (64 * 1024, 10_000)] {
             let t = uplink_run(&pki, gateway.addr, body, count).await;

@@ -47,7 +47,7 @@ pub fn check_file(path: &Path) -> Result<String, ConfigError> {
                 .map_or("off".to_owned(), |a| a.dir.display().to_string());
             format!(
                 "agent config: cluster {}, listen {}, primary {}, gateway {gateway}, archive {archive}, mirroring {}%",
-                c.cluster, c.listen, c.primary.url, c.mirror.percentage
+                c.cluster, c.listen, c.primary.url, c.mirror.policy.percentage
             )
         }),
         Some(Kind::Gateway) => GatewayConfig::from_file(path).map(|c| {

@@ -29,7 +29,13 @@ const CLIENT_CONCURRENCY: usize = 16;
 const SETTLE_LIMIT: Duration = Duration::from_secs(15);
 
 /// Headers the path may add to a mirrored request (documented in the README).
-const ADDED_HEADERS: [&str; 4] = ["host", "x-forwarded-for", "via", "content-length"];
+const ADDED_HEADERS: [&str; 5] = [
+    "host",
+    "x-forwarded-for",
+    "via",
+    "content-length",
+    teeway_gateway::config::DEFAULT_MARKER_HEADER,
+];
 
 /// Options of `teeway demo`.
 #[derive(Debug, Clone)]
@@ -316,13 +322,20 @@ fn compare_one(p: &PlannedRequest, r: &Recorded) -> Result<(), String> {
     for name in sent.keys() {
         let want: Vec<&HeaderValue> = sent.get_all(name).iter().collect();
         let got: Vec<&HeaderValue> = r.headers.get_all(name).iter().collect();
-        let is_secret = teeway_agent::tee::REDACTED_HEADERS.contains(name);
+        let is_secret = teeway_agent::policy::DEFAULT_REDACTED_HEADERS.contains(name);
         if is_secret && !got.is_empty() {
             return Err(format!("credential header {name} reached the shadow"));
         }
         if !is_secret && got != want {
             return Err(format!("header {name}: {got:?} != {want:?}"));
         }
+    }
+    if r
+        .headers
+        .get(teeway_gateway::config::DEFAULT_MARKER_HEADER)
+        .is_none_or(|v| v.is_empty())
+    {
+        return Err("no marker header: the shadow cannot tell mirrored traffic".into());
     }
     for name in r.headers.keys() {
         if !sent.contains_key(name) && !ADDED_HEADERS.contains(&name.as_str()) {

@@ -1,6 +1,7 @@
 //! The `teeway` command line: a thin layer over the agent, gateway and command libraries.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -212,32 +213,58 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Agent { config } => {
+        Command::Agent { config: path } => {
             init_logging("info");
             // Validate everything before any port is bound.
-            let config = match teeway_agent::AgentConfig::from_file(&config) {
+            let config = match teeway_agent::AgentConfig::from_file(&path) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
+            let text = std::fs::read_to_string(&path).ok();
+            let agent = Arc::new(teeway_agent::Agent::with_source(
+                config.clone(),
+                &teeway_runtime::reload::source_name(&path),
+                text.as_deref(),
+            ));
             block_on(async move {
                 let listeners = teeway_agent::AgentListeners::bind(&config).await?;
                 let shutdown = CancellationToken::new();
                 teeway_runtime::shutdown::cancel_on_signal(shutdown.clone())?;
-                teeway_agent::run(config, listeners, shutdown).await?;
+                let reloading = agent.clone();
+                teeway_runtime::reload::watch(
+                    path,
+                    agent.config_state(),
+                    move |text| reloading.reload_yaml(text, Path::new(".")),
+                    shutdown.clone(),
+                )?;
+                agent.run(listeners, shutdown).await?;
                 Ok(())
             })
         }
-        Command::Gateway { config } => {
+        Command::Gateway { config: path } => {
             init_logging("info");
-            let config = match teeway_gateway::GatewayConfig::from_file(&config) {
+            let config = match teeway_gateway::GatewayConfig::from_file(&path) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
+            let text = std::fs::read_to_string(&path).ok();
+            let gateway = Arc::new(teeway_gateway::Gateway::with_source(
+                config.clone(),
+                &teeway_runtime::reload::source_name(&path),
+                text.as_deref(),
+            ));
             block_on(async move {
                 let listeners = teeway_gateway::GatewayListeners::bind(&config).await?;
                 let shutdown = CancellationToken::new();
                 teeway_runtime::shutdown::cancel_on_signal(shutdown.clone())?;
-                teeway_gateway::run(config, listeners, shutdown).await?;
+                let reloading = gateway.clone();
+                teeway_runtime::reload::watch(
+                    path,
+                    gateway.config_state(),
+                    move |text| reloading.reload_yaml(text, Path::new(".")),
+                    shutdown.clone(),
+                )?;
+                gateway.run(listeners, shutdown).await?;
                 Ok(())
             })
         }

@@ -29,7 +29,8 @@ use tokio::time::Instant;
 use teeway_archive::read::{ReadStats, Reader};
 use teeway_archive::Record;
 use teeway_gateway::config::HostPolicy;
-use teeway_gateway::replay::Target;
+use teeway_gateway::config::{Rewrite, TargetConfig};
+use teeway_gateway::replay::{Target, TargetSpec};
 use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::dns::Resolver;
 use teeway_wire::MirroredRequest;
@@ -265,12 +266,16 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
     let resolver = Resolver::from_system()?;
     let target = Arc::new(
         Target::new(
-            &target_url,
+            TargetSpec {
+                target: TargetConfig {
+                    timeout: options.timeout,
+                    max_concurrency: options.concurrency.max(1),
+                    ..TargetConfig::new(target_url)
+                },
+                protocol: options.protocol,
+                rewrite: Rewrite::host_only(options.host_header.clone()),
+            },
             resolver,
-            options.host_header,
-            options.protocol,
-            options.timeout,
-            options.concurrency.max(1),
         )
         .with_context(|| format!("--target {}", options.target))?,
     );
@@ -318,7 +323,7 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
             let target = target.clone();
             let report = report.clone();
             tasks.spawn(async move {
-                let outcome = target.send(&request, None).await;
+                let outcome = target.send(&request, &request.source_cluster, None).await;
                 drop(slot);
                 let Ok(mut r) = report.lock() else { return };
                 match outcome {

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use teeway_agent::config::{AdminConfig, GatewayConfig as UplinkTarget, MirrorConfig};
 use teeway_agent::{Agent, AgentConfig, AgentListeners};
-use teeway_gateway::config::{HostPolicy, RouteConfig};
+use teeway_gateway::config::{HostPolicy, Rewrite, RouteConfig, TargetConfig};
 use teeway_gateway::{Gateway, GatewayConfig, GatewayListeners};
 use teeway_runtime::config::{HttpTarget, UpstreamProtocol};
 use teeway_wire::pki::{CertificateAuthority, CertifiedKey};
@@ -64,14 +64,24 @@ pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig
     GatewayConfig {
         listen: ([127, 0, 0, 1], 0).into(),
         tls,
+        agents_allow: None,
         routes: vec![RouteConfig {
+            name: "routes[0]".into(),
             matcher: None,
-            targets: shadows.iter().copied().map(loopback_target).collect(),
-            host_header: HostPolicy::Keep,
+            targets: shadows
+                .iter()
+                .copied()
+                .map(|s| TargetConfig::new(loopback_target(s)))
+                .collect(),
             // The sample services speak both versions: exercise HTTP/2 end to end.
             protocol: UpstreamProtocol::Auto,
-            timeout: teeway_gateway::config::DEFAULT_REPLAY_TIMEOUT,
-            max_concurrency: teeway_gateway::config::DEFAULT_MAX_CONCURRENCY,
+            rewrite: Rewrite {
+                marker: Some(http::HeaderName::from_static(
+                    teeway_gateway::config::DEFAULT_MARKER_HEADER,
+                )),
+                ..Rewrite::host_only(HostPolicy::Keep)
+            },
+            replay_truncated: false,
         }],
         archive: None,
         admin: Some(([127, 0, 0, 1], 0).into()),
@@ -92,12 +102,7 @@ pub fn agent_config(
         listen: ([127, 0, 0, 1], 0).into(),
         primary: loopback_target(primary),
         primary_protocol: UpstreamProtocol::Auto,
-        mirror: MirrorConfig {
-            percentage,
-            max_body_bytes: teeway_agent::config::DEFAULT_MAX_BODY_BYTES,
-            queue: teeway_agent::config::DEFAULT_QUEUE,
-            queue_bytes: teeway_agent::config::DEFAULT_QUEUE_BYTES,
-        },
+        mirror: MirrorConfig::simple(percentage),
         gateway: Some(UplinkTarget {
             host: gateway.ip().to_string(),
             port: gateway.port(),

@@ -264,7 +264,7 @@ async fn graceful_stop_sends_what_is_queued() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_limit_reach_the_primary_but_are_not_mirrored() {
-    let stack = Stack::start_with(100.0, |c| c.mirror.max_body_bytes = 1024).await;
+    let stack = Stack::start_with(100.0, |c| c.mirror.policy.max_body_bytes = 1024).await;
     let mut requests = plan(8);
     for r in &mut requests {
         r.method = http::Method::POST;

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use teeway_archive::ArchiveConfig;
+
+use crate::policy::PolicyConfig;
 use teeway_runtime::config::{
     self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
 };
@@ -52,14 +54,23 @@ pub struct AgentConfig {
 /// `mirror:`.
 #[derive(Debug, Clone)]
 pub struct MirrorConfig {
-    /// Share of requests copied, 0 to 100.
-    pub percentage: f64,
-    /// Largest body copied.
-    pub max_body_bytes: u64,
     /// Queue capacity in copies.
     pub queue: usize,
     /// Bytes of copies held, queued or in flight.
     pub queue_bytes: u64,
+    /// Percentage, rules, sampling key, redaction, body limit: what a reload can change.
+    pub policy: PolicyConfig,
+}
+
+impl MirrorConfig {
+    /// Everything at `percentage`, default limits and redaction.
+    pub fn simple(percentage: f64) -> Self {
+        Self {
+            queue: DEFAULT_QUEUE,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            policy: PolicyConfig::simple(percentage, DEFAULT_MAX_BODY_BYTES),
+        }
+    }
 }
 
 /// `gateway:`.
@@ -174,6 +185,14 @@ impl AgentConfig {
                 "raise queue_bytes or lower max_body_bytes",
             );
         }
+        let policy = PolicyConfig::read(
+            &mut m,
+            &mut root,
+            &mut p,
+            base_dir,
+            percentage,
+            max_body_bytes,
+        );
         m.finish(&mut p);
 
         let archive = ArchiveConfig::from_section(&mut root, &mut p, base_dir, false);
@@ -231,10 +250,9 @@ impl AgentConfig {
                 primary,
                 primary_protocol,
                 mirror: MirrorConfig {
-                    percentage,
-                    max_body_bytes,
                     queue,
                     queue_bytes,
+                    policy,
                 },
                 gateway,
                 archive,
@@ -252,6 +270,48 @@ impl AgentConfig {
                 "report this as a bug",
             )
         })
+    }
+
+    /// The settings that differ from `old` and cannot change while the agent runs.
+    pub fn restart_required(&self, old: &AgentConfig) -> Vec<String> {
+        let mut changed = Vec::new();
+        let mut check = |name: &str, same: bool| {
+            if !same {
+                changed.push(name.to_owned());
+            }
+        };
+        check("cluster", self.cluster == old.cluster);
+        check("listen", self.listen == old.listen);
+        check("primary", self.primary.url == old.primary.url);
+        check(
+            "primary_protocol",
+            self.primary_protocol == old.primary_protocol,
+        );
+        check("mirror.queue", self.mirror.queue == old.mirror.queue);
+        check(
+            "mirror.queue_bytes",
+            self.mirror.queue_bytes == old.mirror.queue_bytes,
+        );
+        check(
+            "gateway",
+            match (&self.gateway, &old.gateway) {
+                (Some(a), Some(b)) => {
+                    a.host == b.host
+                        && a.port == b.port
+                        && a.server_name == b.server_name
+                        && a.tls.same_as(&b.tls)
+                }
+                (None, None) => true,
+                _ => false,
+            },
+        );
+        check("archive", self.archive == old.archive);
+        check(
+            "admin.listen",
+            self.admin.as_ref().map(|a| a.listen) == old.admin.as_ref().map(|a| a.listen),
+        );
+        check("shutdown_grace", self.shutdown_grace == old.shutdown_grace);
+        changed
     }
 
     /// Reads and validates an agent configuration file.
@@ -361,8 +421,8 @@ admin:
         write_certs(&dir);
         let c = AgentConfig::from_yaml(VALID, &dir).expect("valid");
         assert_eq!(c.cluster, "prod-eu-1");
-        assert_eq!(c.mirror.percentage, 0.5);
-        assert_eq!(c.mirror.max_body_bytes, 64 * 1024);
+        assert_eq!(c.mirror.policy.percentage, 0.5);
+        assert_eq!(c.mirror.policy.max_body_bytes, 64 * 1024);
         assert_eq!(c.mirror.queue_bytes, DEFAULT_QUEUE_BYTES);
         assert_eq!(
             c.gateway.as_ref().expect("gateway").server_name,

@@ -5,10 +5,18 @@
 //!
 //! - [`config`]: `agent.yaml`, validated in full before anything binds.
 //! - [`proxy`]: the inline reverse proxy (HTTP/1.1 and HTTP/2) in front of the primary.
-//! - [`tee`]: sampling, copying bodies as they stream, the bounded queue.
+//! - [`policy`]: mirror rules, consistent sampling, redaction, the body-size policy.
+//! - [`tee`]: applying the policy, copying bodies as they stream, the bounded queue.
 //! - [`uplink`]: the QUIC connection to the gateway, batches and acknowledgements.
 //! - [`metrics`]: metric names and the accounting that makes every request add up.
 //! - [`error`]: the agent's errors.
+//!
+//! # Reload
+//!
+//! [`Agent::reload_yaml`] validates a whole new configuration and swaps the mirror policy in one
+//! atomic store: a request is decided and redacted under the policy in force when its head
+//! arrived. Client connections, the uplink and the primary's connection pool are untouched;
+//! settings bound at start are reported as needing a restart.
 //!
 //! # Shutdown
 //!
@@ -17,10 +25,12 @@
 //! sends what it holds (up to `shutdown_grace` again) and counts the rest as `shutdown` drops.
 
 use std::io;
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::uri::Authority;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -30,10 +40,12 @@ use teeway_runtime::admin::{self, AdminState};
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::metrics::{Registry, Snapshot};
+use teeway_runtime::reload::{ConfigState, ReloadResult};
 
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod tee;
 pub mod uplink;
@@ -44,8 +56,9 @@ pub use error::{AgentError, UplinkError};
 use teeway_archive::{Archive, ArchiveDrop, Outcome, Record};
 
 use crate::metrics::{Accounting, DropReason};
+use crate::policy::MirrorPolicy;
 use crate::proxy::Proxy;
-use crate::tee::{Queued, Sampler, Tee};
+use crate::tee::{Queued, Tee};
 use crate::uplink::{Uplink, UplinkState};
 
 /// How long one connection attempt to the primary may take.
@@ -86,20 +99,49 @@ impl AgentListeners {
 /// One agent instance.
 #[derive(Debug)]
 pub struct Agent {
+    /// The configuration the agent started with (what its sockets and tasks were built from).
     config: AgentConfig,
     accounting: Arc<Accounting>,
     uplink_state: Arc<UplinkState>,
+    /// The mirror policy in force, shared with the tee.
+    policy: Arc<ArcSwap<MirrorPolicy>>,
+    config_state: Arc<ConfigState>,
 }
 
 impl Agent {
     /// An agent for `config`; nothing runs until [`Agent::run`].
     pub fn new(config: AgentConfig) -> Self {
+        Self::with_source(config, "built in", None)
+    }
+
+    /// An agent for `config`, read from `source` whose YAML `text` `GET /config` shows.
+    pub fn with_source(config: AgentConfig, source: &str, text: Option<&str>) -> Self {
         let accounting = Arc::new(Accounting::new(config.mirror.queue_bytes));
+        let policy = config.mirror.policy.build(Some(accounting.registry()));
+        let config_state = Arc::new(ConfigState::new(accounting.registry(), source, text));
         Self {
             config,
             accounting,
             uplink_state: Arc::new(UplinkState::default()),
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            config_state,
         }
+    }
+
+    /// Validates `text` in full and, when valid, puts its mirror policy in force; returns the
+    /// changed settings that need a restart. When invalid, nothing changes.
+    pub fn reload_yaml(&self, text: &str, base_dir: &Path) -> ReloadResult {
+        let new = AgentConfig::from_yaml(text, base_dir).map_err(|e| e.to_string())?;
+        let restart = new.restart_required(&self.config);
+        self.policy.store(Arc::new(
+            new.mirror.policy.build(Some(self.accounting.registry())),
+        ));
+        Ok(restart)
+    }
+
+    /// What `GET /config` shows, and the reload counters.
+    pub fn config_state(&self) -> Arc<ConfigState> {
+        self.config_state.clone()
     }
 
     /// The agent's metrics as a scraper would read them.
@@ -150,8 +192,7 @@ impl Agent {
         let tee = Arc::new(Tee::new(
             queue_tx,
             self.accounting.clone(),
-            Sampler::new(config.mirror.percentage),
-            config.mirror.max_body_bytes,
+            self.policy.clone(),
             &config.cluster,
             uplink.as_ref().map(|_| self.uplink_state.clone()),
             archive.clone().filter(|_| uplink.is_some()),
@@ -188,6 +229,7 @@ impl Agent {
             let state: Arc<dyn AdminState> = Arc::new(AdminView {
                 accounting: self.accounting.clone(),
                 uplink: config.gateway.as_ref().map(|_| self.uplink_state.clone()),
+                config: self.config_state.clone(),
             });
             tokio::spawn(admin::serve(listener, state, admin_stop.clone()))
         });
@@ -197,7 +239,7 @@ impl Agent {
             primary = %config.primary.url,
             gateway = %config.gateway.as_ref().map_or("none".into(), |g| format!("{}:{}", g.host, g.port)),
             archive = %config.archive.as_ref().map_or("off".into(), |a| a.dir.display().to_string()),
-            percentage = config.mirror.percentage,
+            percentage = config.mirror.policy.percentage,
             "agent serving"
         );
 
@@ -276,6 +318,7 @@ struct AdminView {
     accounting: Arc<Accounting>,
     /// `None` when the agent only archives: it is then ready whenever it serves.
     uplink: Option<Arc<UplinkState>>,
+    config: Arc<ConfigState>,
 }
 
 impl AdminState for AdminView {
@@ -285,6 +328,10 @@ impl AdminState for AdminView {
 
     fn ready(&self) -> bool {
         self.uplink.as_ref().is_none_or(|u| u.is_connected())
+    }
+
+    fn config(&self) -> Option<String> {
+        Some(self.config.render())
     }
 
     fn readiness_detail(&self) -> String {

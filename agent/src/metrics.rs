@@ -24,11 +24,15 @@ use teeway_runtime::metrics::Registry;
 
 /// Requests seen by the agent's listener.
 pub const REQUESTS_TOTAL: &str = "teeway_agent_requests_total";
-/// Requests the sampler passed over (not a drop).
+/// Requests the mirror policy passed over: not sampled, a rule `off`, or a method not allowed
+/// (not a drop).
 pub const NOT_SAMPLED_TOTAL: &str = "teeway_agent_not_sampled_total";
 /// Copies delivered: acknowledged by the gateway, or written to the archive when the agent
 /// has no gateway.
 pub const MIRRORED_TOTAL: &str = "teeway_agent_mirrored_total";
+/// Copies sent with their body cut at `max_body_bytes` (`over_limit: truncate`); each is also
+/// counted as mirrored or dropped like any other copy.
+pub const MIRROR_TRUNCATED_TOTAL: &str = "teeway_agent_mirror_truncated_total";
 /// Copies given up, by reason.
 pub const MIRROR_DROPPED_TOTAL: &str = "teeway_agent_mirror_dropped_total";
 /// Copies sampled and not yet resolved (body being read, queued, or awaiting the gateway's ack).
@@ -107,6 +111,7 @@ pub struct Accounting {
     registry: Registry,
     pub(crate) requests: Counter,
     pub(crate) not_sampled: Counter,
+    pub(crate) truncated: Counter,
     mirrored: Counter,
     dropped: [Counter; 9],
     in_flight: Gauge,
@@ -143,6 +148,11 @@ impl Accounting {
             not_sampled: registry.counter(
                 NOT_SAMPLED_TOTAL,
                 "Requests the sampler passed over",
+                &[],
+            ),
+            truncated: registry.counter(
+                MIRROR_TRUNCATED_TOTAL,
+                "Copies whose body was cut at max_body_bytes (over_limit: truncate)",
                 &[],
             ),
             mirrored: registry.counter(MIRRORED_TOTAL, "Copies delivered: acknowledged by the gateway, or written to the archive when there is no gateway", &[]),

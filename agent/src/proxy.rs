@@ -29,7 +29,7 @@ use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::proxy::{add_forwarding, remove_hop_by_hop};
 
 use crate::metrics::Accounting;
-use crate::tee::{redact, Head, Tee, TeeBody};
+use crate::tee::{Tee, TeeBody};
 
 /// How long an idle pooled connection to the primary is kept.
 const PRIMARY_POOL_IDLE: Duration = Duration::from_secs(90);
@@ -86,7 +86,6 @@ impl Proxy {
     /// Handles one client request.
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
         let received_at = SystemTime::now();
-        let ticket = self.tee.admit();
         let (mut parts, body) = req.into_parts();
         let original_uri = parts.uri.clone();
         let version = parts.version;
@@ -94,21 +93,14 @@ impl Proxy {
         remove_hop_by_hop(&mut parts.headers);
         add_forwarding(&mut parts.headers, client.ip(), version);
 
-        let body = match ticket {
-            Some(ticket) => {
-                let mut headers = parts.headers.clone();
-                redact(&mut headers);
-                let head = Head {
-                    method: parts.method.clone(),
-                    uri: original_uri.clone(),
-                    version,
-                    headers,
-                    received_at,
-                };
-                self.tee.body(body, Some((head, ticket)))
-            }
-            None => self.tee.body(body, None),
-        };
+        let copy = self.tee.admit(
+            &parts.method,
+            &original_uri,
+            version,
+            &parts.headers,
+            received_at,
+        );
+        let body = self.tee.body(body, copy);
 
         let (client_for_version, out_version) = if self.primary_protocol.use_http2(version) {
             (&self.http2, Version::HTTP_2)

@@ -1,9 +1,10 @@
 //! The tee: deciding which requests are copied, copying their bodies while they stream to the
 //! primary, and handing finished copies to the uplink without ever waiting.
 //!
-//! Production never waits for the mirror. On the request path the tee does three things, none of
-//! which can block or await: a sampling draw (a thread-local RNG), appending body chunks to a
-//! buffer capped at `max_body_bytes` (over the cap, copying stops and the buffer is freed), and a
+//! Production never waits for the mirror. On the request path the tee does only things that
+//! cannot block or await: one lock-free load of the [`MirrorPolicy`] in force, a rule match and
+//! a sampling draw, appending body chunks to a buffer capped at `max_body_bytes` (over the cap,
+//! copying stops: the copy is dropped or, with `over_limit: truncate`, sent truncated), and a
 //! `try_send` into a bounded queue (full: the copy is dropped and counted).
 
 use std::pin::Pin;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -19,55 +21,9 @@ use teeway_wire::MirroredRequest;
 use tokio::sync::mpsc;
 
 use crate::metrics::{Accounting, DropReason, Ticket};
+use crate::policy::{MirrorPolicy, OverLimit};
 use crate::uplink::UplinkState;
 use teeway_archive::{Archive, Record};
-
-/// Headers removed from every copy before it leaves the agent: credentials never leave
-/// production. (The primary still receives them unchanged.)
-pub const REDACTED_HEADERS: [http::HeaderName; 4] = [
-    http::header::AUTHORIZATION,
-    http::header::COOKIE,
-    http::header::SET_COOKIE,
-    http::header::PROXY_AUTHORIZATION,
-];
-
-/// Removes [`REDACTED_HEADERS`] from a copy's headers.
-pub fn redact(headers: &mut HeaderMap) {
-    for name in &REDACTED_HEADERS {
-        headers.remove(name);
-    }
-}
-
-/// Decides, per request, whether it is copied.
-#[derive(Debug, Clone, Copy)]
-pub struct Sampler {
-    /// A request is sampled when a uniform `u64` falls below this; `None` means always.
-    threshold: Option<u64>,
-}
-
-impl Sampler {
-    /// A sampler that copies `percentage` percent of requests (0 to 100, fractions allowed).
-    pub fn new(percentage: f64) -> Self {
-        if percentage >= 100.0 {
-            return Self { threshold: None };
-        }
-        let fraction = (percentage / 100.0).clamp(0.0, 1.0);
-        // 2^64 * fraction, computed in f64: precise to well below one in a million.
-        let threshold = (fraction * 18_446_744_073_709_551_616.0) as u64;
-        Self {
-            threshold: Some(threshold),
-        }
-    }
-
-    /// One draw.
-    pub fn sample(&self) -> bool {
-        match self.threshold {
-            None => true,
-            Some(0) => false,
-            Some(t) => fastrand::u64(..) < t,
-        }
-    }
-}
 
 /// A finished copy on its way to the uplink, with its account.
 #[derive(Debug)]
@@ -84,8 +40,8 @@ pub struct Tee {
     /// Copies to the uplink task, which owns the receiving end.
     queue_tx: mpsc::Sender<Queued>,
     accounting: Arc<Accounting>,
-    sampler: Sampler,
-    max_body_bytes: usize,
+    /// The policy in force; swapped whole by a reload.
+    policy: Arc<ArcSwap<MirrorPolicy>>,
     source_cluster: Arc<str>,
     next_id: AtomicU64,
     /// Read on every sampled request: with no uplink, a copy is dropped before it is made.
@@ -116,8 +72,7 @@ impl Tee {
     pub fn new(
         queue_tx: mpsc::Sender<Queued>,
         accounting: Arc<Accounting>,
-        sampler: Sampler,
-        max_body_bytes: u64,
+        policy: Arc<ArcSwap<MirrorPolicy>>,
         source_cluster: &str,
         uplink: Option<Arc<UplinkState>>,
         archive_also: Option<Archive>,
@@ -125,8 +80,7 @@ impl Tee {
         Self {
             queue_tx,
             accounting,
-            sampler,
-            max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+            policy,
             source_cluster: source_cluster.into(),
             next_id: AtomicU64::new(1),
             uplink,
@@ -134,13 +88,22 @@ impl Tee {
         }
     }
 
-    /// Counts the request and draws whether it is copied; `Some(ticket)` when it is.
+    /// Counts the request and decides, under the policy in force, whether it is copied;
+    /// `Some` with the copy's redacted head and its account when it is.
     ///
     /// While the uplink is down a sampled request is counted as a `no_uplink` drop here, before
     /// any header is cloned or body byte copied: a dead gateway costs production nothing.
-    pub fn admit(self: &Arc<Self>) -> Option<Ticket> {
+    pub fn admit(
+        self: &Arc<Self>,
+        method: &Method,
+        uri: &Uri,
+        version: Version,
+        headers: &HeaderMap,
+        received_at: SystemTime,
+    ) -> Option<Copy> {
         self.accounting.requests.increment(1);
-        if !self.sampler.sample() {
+        let policy = self.policy.load_full();
+        if !policy.decide(method, uri, headers, || fastrand::u64(..)) {
             self.accounting.not_sampled.increment(1);
             return None;
         }
@@ -149,24 +112,39 @@ impl Tee {
             ticket.dropped(DropReason::NoUplink);
             return None;
         }
-        Some(ticket)
+        let mut copy_headers = headers.clone();
+        let uri = policy.redaction.apply(&mut copy_headers, uri);
+        Some(Copy {
+            head: Head {
+                method: method.clone(),
+                uri,
+                version,
+                headers: copy_headers,
+                received_at,
+            },
+            ticket,
+            policy,
+        })
     }
 
     /// Wraps a request body so that it is copied as it streams to the primary.
     ///
-    /// `copy` is the head and account of a sampled request, `None` for one passed over.
-    pub fn body<B>(self: &Arc<Self>, inner: B, copy: Option<(Head, Ticket)>) -> TeeBody<B>
+    /// `copy` is what [`Tee::admit`] returned: `None` for a request passed over.
+    pub fn body<B>(self: &Arc<Self>, inner: B, copy: Option<Copy>) -> TeeBody<B>
     where
         B: Body<Data = Bytes>,
     {
         let mut body = TeeBody {
             inner,
-            capture: copy.map(|(head, ticket)| Capture {
+            capture: copy.map(|copy| Capture {
                 tee: self.clone(),
-                head: Some(head),
+                head: Some(copy.head),
                 body: BytesMut::new(),
                 trailers: None,
-                ticket: Some(ticket),
+                ticket: Some(copy.ticket),
+                max_body_bytes: usize::try_from(copy.policy.max_body_bytes).unwrap_or(usize::MAX),
+                over_limit: copy.policy.over_limit,
+                truncated: false,
             }),
         };
         if body.inner.is_end_stream() {
@@ -194,6 +172,17 @@ impl Tee {
     }
 }
 
+/// A sampled request's copy in the making, as [`Tee::admit`] hands it out.
+#[derive(Debug)]
+pub struct Copy {
+    /// The redacted head.
+    pub head: Head,
+    /// Its account.
+    pub ticket: Ticket,
+    /// The policy it was decided under, which also sets its body limit.
+    policy: Arc<MirrorPolicy>,
+}
+
 /// The copy being built while the body streams.
 struct Capture {
     tee: Arc<Tee>,
@@ -201,12 +190,25 @@ struct Capture {
     body: BytesMut,
     trailers: Option<HeaderMap>,
     ticket: Option<Ticket>,
+    max_body_bytes: usize,
+    over_limit: OverLimit,
+    /// Over the limit with `over_limit: truncate`: later chunks pass without being copied.
+    truncated: bool,
 }
 
 impl Capture {
-    /// Appends a chunk; `false` when the body outgrew the limit (the copy is then dropped).
+    /// Appends a chunk; `false` when the body outgrew the limit and the copy is dropped.
     fn push(&mut self, chunk: &[u8]) -> bool {
-        if self.body.len() + chunk.len() > self.tee.max_body_bytes {
+        if self.truncated {
+            return true;
+        }
+        if self.body.len() + chunk.len() > self.max_body_bytes {
+            if self.over_limit == OverLimit::Truncate {
+                let room = self.max_body_bytes - self.body.len();
+                self.body.extend_from_slice(&chunk[..room]);
+                self.truncated = true;
+                return true;
+            }
             if let Some(ticket) = self.ticket.take() {
                 ticket.dropped(DropReason::BodyTooLarge);
             }
@@ -230,8 +232,11 @@ impl Capture {
             headers: head.headers,
             body: std::mem::take(&mut self.body).freeze(),
             trailers: self.trailers.take(),
-            body_truncated: false,
+            body_truncated: self.truncated,
         };
+        if self.truncated {
+            self.tee.accounting.truncated.increment(1);
+        }
         self.tee.enqueue(record, ticket);
     }
 }
@@ -312,45 +317,43 @@ mod tests {
     use http_body_util::{BodyExt, Full, StreamBody};
     use teeway_runtime::metrics::Snapshot;
 
-    #[test]
-    fn sampler_extremes_and_rate() {
-        assert!((0..1000).all(|_| Sampler::new(100.0).sample()));
-        assert!((0..1000).all(|_| !Sampler::new(0.0).sample()));
-        fastrand::seed(7);
-        let s = Sampler::new(25.0);
-        let n = 200_000;
-        let hits = (0..n).filter(|_| s.sample()).count() as f64;
-        // Binomial sd = sqrt(n p (1-p)) ~ 194; allow 5 sd.
-        assert!((hits - 50_000.0).abs() < 1_000.0, "hits {hits}");
+    fn policy(max_body: u64, over_limit: OverLimit) -> Arc<ArcSwap<MirrorPolicy>> {
+        let mut config = crate::policy::PolicyConfig::simple(100.0, max_body);
+        config.over_limit = over_limit;
+        Arc::new(ArcSwap::from_pointee(config.build(None)))
     }
 
-    fn head() -> Head {
-        Head {
-            method: Method::POST,
-            uri: Uri::from_static("/x"),
-            version: Version::HTTP_11,
-            headers: HeaderMap::new(),
-            received_at: SystemTime::now(),
-        }
-    }
-
-    fn tee(queue: usize, max_body: u64) -> (Arc<Tee>, mpsc::Receiver<Queued>, Arc<Accounting>) {
+    fn tee_with(
+        queue: usize,
+        policy: Arc<ArcSwap<MirrorPolicy>>,
+    ) -> (Arc<Tee>, mpsc::Receiver<Queued>, Arc<Accounting>) {
         let acc = Arc::new(Accounting::new(1 << 20));
         let (tx, rx) = mpsc::channel(queue);
         let uplink = Arc::new(UplinkState::default());
         uplink.set(true);
         (
-            Arc::new(Tee::new(
-                tx,
-                acc.clone(),
-                Sampler::new(100.0),
-                max_body,
-                "c",
-                Some(uplink),
-                None,
-            )),
+            Arc::new(Tee::new(tx, acc.clone(), policy, "c", Some(uplink), None)),
             rx,
             acc,
+        )
+    }
+
+    fn tee(queue: usize, max_body: u64) -> (Arc<Tee>, mpsc::Receiver<Queued>, Arc<Accounting>) {
+        tee_with(queue, policy(max_body, OverLimit::Skip))
+    }
+
+    fn admit(tee: &Arc<Tee>) -> Option<Copy> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_static("Bearer s"),
+        );
+        tee.admit(
+            &Method::POST,
+            &Uri::from_static("/x"),
+            Version::HTTP_11,
+            &headers,
+            SystemTime::now(),
         )
     }
 
@@ -367,11 +370,8 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"hello "))),
             Ok(Frame::data(Bytes::from_static(b"world"))),
         ];
-        let ticket = tee.admit();
-        let body = tee.body(
-            StreamBody::new(futures_util::stream::iter(chunks)),
-            ticket.map(|t| (head(), t)),
-        );
+        let copy = admit(&tee);
+        let body = tee.body(StreamBody::new(futures_util::stream::iter(chunks)), copy);
         let passed = body.collect().await.expect("body").to_bytes();
         assert_eq!(&passed[..], b"hello world");
         let q = rx.try_recv().expect("copy queued");
@@ -379,41 +379,57 @@ mod tests {
         q.ticket.mirrored();
     }
 
-    #[test]
-    fn redaction_removes_credentials_only() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            http::header::AUTHORIZATION,
-            "Bearer secret".parse().expect("value"),
-        );
-        h.append(http::header::COOKIE, "a=1".parse().expect("value"));
-        h.append(http::header::COOKIE, "b=2".parse().expect("value"));
-        h.insert(
-            http::header::PROXY_AUTHORIZATION,
-            "Basic x".parse().expect("value"),
-        );
-        h.insert("x-keep", "1".parse().expect("value"));
-        redact(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-keep"));
+    #[tokio::test]
+    async fn over_limit_truncate_sends_a_flagged_prefix() {
+        let (tee, mut rx, acc) = tee_with(4, policy(4, OverLimit::Truncate));
+        let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"defg"))),
+            Ok(Frame::data(Bytes::from_static(b"hij"))),
+        ];
+        let copy = admit(&tee);
+        let body = tee.body(StreamBody::new(futures_util::stream::iter(chunks)), copy);
+        let passed = body.collect().await.expect("body").to_bytes();
+        assert_eq!(&passed[..], b"abcdefghij", "the primary gets every byte");
+        let q = rx.try_recv().expect("copy queued");
+        assert_eq!(&q.record.body[..], b"abcd");
+        assert!(q.record.body_truncated);
+        assert!(q.record.headers.get(http::header::AUTHORIZATION).is_none());
+        q.ticket.mirrored();
+        let s = Snapshot::parse(&acc.registry().render());
+        assert_eq!(s.get(crate::metrics::MIRROR_TRUNCATED_TOTAL), 1.0);
+        assert_eq!(dropped(&acc, "body_too_large"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_reload_applies_to_requests_admitted_after_it() {
+        let holder = policy(1024, OverLimit::Skip);
+        let (tee, mut rx, acc) = tee_with(4, holder.clone());
+        let before = admit(&tee);
+        holder.store(Arc::new(
+            crate::policy::PolicyConfig::simple(0.0, 1024).build(None),
+        ));
+        assert!(admit(&tee).is_none(), "the new policy copies nothing");
+        // The request admitted before the swap finishes under its own policy.
+        let _body = tee.body(Full::new(Bytes::new()), before);
+        assert!(rx.try_recv().is_ok());
+        let s = Snapshot::parse(&acc.registry().render());
+        assert_eq!(s.get(crate::metrics::NOT_SAMPLED_TOTAL), 1.0);
     }
 
     #[tokio::test]
     async fn empty_body_is_queued_without_polling() {
         let (tee, mut rx, _) = tee(4, 1024);
-        let ticket = tee.admit();
-        let _body = tee.body(Full::new(Bytes::new()), ticket.map(|t| (head(), t)));
+        let copy = admit(&tee);
+        let _body = tee.body(Full::new(Bytes::new()), copy);
         assert!(rx.try_recv().is_ok());
     }
 
     #[tokio::test]
     async fn oversized_body_passes_but_is_not_copied() {
         let (tee, mut rx, acc) = tee(4, 4);
-        let ticket = tee.admit();
-        let body = tee.body(
-            Full::new(Bytes::from_static(b"too long")),
-            ticket.map(|t| (head(), t)),
-        );
+        let copy = admit(&tee);
+        let body = tee.body(Full::new(Bytes::from_static(b"too long")), copy);
         assert_eq!(
             &body.collect().await.expect("body").to_bytes()[..],
             b"too long"
@@ -426,8 +442,8 @@ mod tests {
     async fn full_queue_drops_and_counts() {
         let (tee, _rx, acc) = tee(1, 1024);
         for _ in 0..3 {
-            let ticket = tee.admit();
-            let _ = tee.body(Full::new(Bytes::new()), ticket.map(|t| (head(), t)));
+            let copy = admit(&tee);
+            let _ = tee.body(Full::new(Bytes::new()), copy);
         }
         assert_eq!(dropped(&acc, "queue_full"), 2.0);
     }
@@ -440,13 +456,12 @@ mod tests {
         let tee = Arc::new(Tee::new(
             tx,
             acc.clone(),
-            Sampler::new(100.0),
-            1024,
+            policy(1024, OverLimit::Skip),
             "c",
             Some(down),
             None,
         ));
-        assert!(tee.admit().is_none(), "no ticket, so no copy is made");
+        assert!(admit(&tee).is_none(), "no ticket, so no copy is made");
         assert!(rx.try_recv().is_err());
         assert_eq!(dropped(&acc, "no_uplink"), 1.0);
         let s = Snapshot::parse(&acc.registry().render());
@@ -457,11 +472,8 @@ mod tests {
     #[tokio::test]
     async fn abandoned_body_counts_as_incomplete() {
         let (tee, mut rx, acc) = tee(4, 1024);
-        let ticket = tee.admit();
-        let body = tee.body(
-            Full::new(Bytes::from_static(b"unread")),
-            ticket.map(|t| (head(), t)),
-        );
+        let copy = admit(&tee);
+        let body = tee.body(Full::new(Bytes::from_static(b"unread")), copy);
         drop(body);
         assert!(rx.try_recv().is_err());
         assert_eq!(dropped(&acc, "incomplete_body"), 1.0);

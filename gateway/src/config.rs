@@ -5,10 +5,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue};
+
 use teeway_archive::ArchiveConfig;
 use teeway_runtime::config::{
     self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
 };
+use teeway_runtime::matching::RequestMatch;
 use teeway_runtime::yaml::Value;
 use teeway_wire::tls::{Role, TlsMaterial};
 
@@ -27,6 +30,9 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// CA that agents' certificates must chain to, and the gateway's own certificate and key.
     pub tls: TlsMaterial,
+    /// Agent identities (from the certificate SAN) allowed to connect; `None` allows every
+    /// certificate the CA signed.
+    pub agents_allow: Option<Vec<String>>,
     /// Routes, first match wins. Empty only when `archive` is set (a capture-only gateway).
     pub routes: Vec<RouteConfig>,
     /// Where received records are archived, if anywhere.
@@ -40,31 +46,102 @@ pub struct GatewayConfig {
 /// One route.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
+    /// `name`, or `routes[i]`.
+    pub name: String,
     /// Which records it takes; `None` takes everything.
     pub matcher: Option<RouteMatch>,
-    /// Shadow services each matching record is replayed to.
-    pub targets: Vec<HttpTarget>,
-    /// What the replayed request's Host is.
-    pub host_header: HostPolicy,
+    /// Shadow services each matching record is replayed to (fan-out).
+    pub targets: Vec<TargetConfig>,
     /// HTTP version spoken to the targets.
     pub protocol: UpstreamProtocol,
+    /// What the replayed request looks like.
+    pub rewrite: Rewrite,
+    /// Whether copies whose body the agent truncated are replayed (default: no, counted as
+    /// skipped `truncated`).
+    pub replay_truncated: bool,
+}
+
+/// One target of a route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetConfig {
+    /// Where.
+    pub target: HttpTarget,
+    /// Share of the route's records replayed to it.
+    pub percentage: f64,
     /// Time allowed for one replay.
     pub timeout: Duration,
-    /// Replays in flight per target.
+    /// Replays in flight at most; beyond it records are dropped as `overloaded`.
     pub max_concurrency: usize,
+    /// Replays started per second at most; beyond it records are dropped as `rate_limited`.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl TargetConfig {
+    /// A target with the defaults: everything, default timeout and concurrency, no rate limit.
+    pub fn new(target: HttpTarget) -> Self {
+        Self {
+            target,
+            percentage: 100.0,
+            timeout: DEFAULT_REPLAY_TIMEOUT,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            rate_limit: None,
+        }
+    }
+}
+
+/// A token bucket: `per_second` tokens a second, holding at most `burst`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Sustained rate.
+    pub per_second: f64,
+    /// Largest burst.
+    pub burst: u32,
 }
 
 /// `match:` of a route. Every condition given must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct RouteMatch {
-    /// Host, exact (case-insensitive) or `*.suffix`.
-    pub host: Option<String>,
-    /// Path prefix, starting with `/`.
-    pub path_prefix: Option<String>,
+    /// Agent identities (from the client certificate) the route takes; empty takes any.
+    /// Exact names, or a prefix ending in `*` (`prod-*`).
+    pub source_clusters: Vec<String>,
+    /// Host, path, methods and headers of the request.
+    pub request: RequestMatch,
 }
 
+/// How a route changes the replayed request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rewrite {
+    /// The Host the shadow sees.
+    pub host: HostPolicy,
+    /// The matched path prefix and what replaces it.
+    pub path_prefix: Option<(String, String)>,
+    /// Headers set (replacing any value).
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Headers removed.
+    pub remove_headers: Vec<HeaderName>,
+    /// Header added with the source cluster as value, so shadows recognise mirrored traffic;
+    /// `None` adds nothing.
+    pub marker: Option<HeaderName>,
+}
+
+impl Rewrite {
+    /// Only a Host policy (what `teeway replay --host-header` asks for): no marker.
+    pub fn host_only(host: HostPolicy) -> Self {
+        Self {
+            host,
+            path_prefix: None,
+            set_headers: Vec::new(),
+            remove_headers: Vec::new(),
+            marker: None,
+        }
+    }
+}
+
+/// Default name of the header that marks a replayed request.
+pub const DEFAULT_MARKER_HEADER: &str = "x-teeway-mirror";
+
 /// The Host a shadow sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostPolicy {
     /// The original request's Host (default): shadows see what the primary saw.
     Keep,
@@ -72,6 +149,8 @@ pub enum HostPolicy {
     Target,
     /// The original Host with `-shadow` appended to its name, as Envoy and Istio do.
     AppendShadow,
+    /// This Host, whatever the original was.
+    Literal(String),
 }
 
 impl HostPolicy {
@@ -80,8 +159,25 @@ impl HostPolicy {
             "keep" => Ok(HostPolicy::Keep),
             "target" => Ok(HostPolicy::Target),
             "append-shadow" => Ok(HostPolicy::AppendShadow),
-            _ => Err("is not a host policy".into()),
+            literal => {
+                if literal.is_empty()
+                    || literal.contains(['/', ' ', '?', '#', '@'])
+                    || literal.parse::<http::uri::Authority>().is_err()
+                {
+                    return Err("is not a host policy or a host[:port]".into());
+                }
+                Ok(HostPolicy::Literal(literal.to_owned()))
+            }
         }
+    }
+}
+
+/// Whether `identity` is named by `pattern`: equal, or `pattern` ends in `*` and `identity`
+/// starts with what precedes it.
+pub fn identity_matches(pattern: &str, identity: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => identity.starts_with(prefix),
+        None => pattern == identity,
     }
 }
 
@@ -146,6 +242,21 @@ impl GatewayConfig {
         };
         t.finish(&mut p);
 
+        let mut agents = root.section(&mut p, "agents");
+        let agents_allow = agents.list(
+            &mut p,
+            "allow",
+            "list agent identities (the DNS name in their certificate), such as [prod-eu-1, prod-us-*]",
+            |v| {
+                let s = cfg::nonempty_string(v)?;
+                if s.trim_end_matches('*').contains('*') {
+                    return Err("may hold `*` only at its end".into());
+                }
+                Ok(s)
+            },
+        );
+        agents.finish(&mut p);
+
         let archive = ArchiveConfig::from_section(&mut root, &mut p, base_dir, true);
         let archive_given = root_has(&doc, "archive");
         let mut routes = Vec::new();
@@ -160,107 +271,10 @@ impl GatewayConfig {
         }
         let mut catch_all_at: Option<String> = None;
         for mut r in route_sections {
-            if let Some(earlier) = &catch_all_at {
-                p.push(
-                    r.path_of("match"),
-                    None,
-                    format!(
-                        "this route is never used: {earlier} has no `match` and takes everything"
-                    ),
-                    "move the route without `match` to the end of the list",
-                );
+            if let Some(route) = read_route(&mut r, &mut p, &mut catch_all_at) {
+                routes.push(route);
             }
-            let mut m = r.section(&mut p, "match");
-            let matcher = if m.is_present() {
-                let host = m.optional(
-                    &mut p,
-                    "host",
-                    "give a host name such as api.example.com or *.example.com",
-                    |v| {
-                        let h = cfg::nonempty_string(v)?.to_ascii_lowercase();
-                        let bare = h.strip_prefix("*.").unwrap_or(&h);
-                        if bare.contains(['/', ':', ' ']) {
-                            return Err("must be a host name without port or path".into());
-                        }
-                        Ok(h)
-                    },
-                );
-                let path_prefix =
-                    m.optional(&mut p, "path_prefix", "start it with /, such as /v1", |v| {
-                        let s = cfg::nonempty_string(v)?;
-                        if !s.starts_with('/') {
-                            return Err("must start with /".into());
-                        }
-                        Ok(s)
-                    });
-                Some(RouteMatch { host, path_prefix })
-            } else {
-                catch_all_at = Some(r.path().to_owned());
-                None
-            };
-            m.finish(&mut p);
-            let targets_path = r.path_of("targets");
-            let targets = r
-                .list(
-                    &mut p,
-                    "targets",
-                    "give http://host:port URLs of shadow services",
-                    cfg::http_target,
-                )
-                .unwrap_or_default();
-            if targets.is_empty() {
-                p.push(
-                    targets_path,
-                    None,
-                    "needs at least one target",
-                    "add `targets: [http://shadow:8080]`",
-                );
-            }
-            let host_header = r
-                .optional(
-                    &mut p,
-                    "host_header",
-                    "use keep, target or append-shadow",
-                    HostPolicy::parse,
-                )
-                .unwrap_or(HostPolicy::Keep);
-            let protocol = r
-                .optional(
-                    &mut p,
-                    "protocol",
-                    "use http1 (default), http2 (h2c) or auto (the original request's version; for gRPC)",
-                    cfg::upstream_protocol,
-                )
-                .unwrap_or(UpstreamProtocol::Http1);
-            let timeout = r
-                .optional(
-                    &mut p,
-                    "timeout",
-                    "use a duration such as 10s",
-                    cfg::duration,
-                )
-                .unwrap_or(DEFAULT_REPLAY_TIMEOUT);
-            let max_concurrency = r
-                .optional(
-                    &mut p,
-                    "max_concurrency",
-                    "use a whole number from 1 to 65536",
-                    |v| match cfg::whole_number(v)? {
-                        0 => Err("must be at least 1".into()),
-                        n if n > 65_536 => Err("must be at most 65536".into()),
-                        n => Ok(n as usize),
-                    },
-                )
-                .unwrap_or(DEFAULT_MAX_CONCURRENCY);
             r.finish(&mut p);
-            routes.push(RouteConfig {
-                matcher,
-                targets,
-                host_header,
-                protocol,
-                timeout,
-                max_concurrency,
-            });
         }
 
         let mut a = root.section(&mut p, "admin");
@@ -286,6 +300,7 @@ impl GatewayConfig {
             (Some(listen), Some(tls)) => Ok(GatewayConfig {
                 listen,
                 tls,
+                agents_allow,
                 routes,
                 archive,
                 admin,
@@ -305,6 +320,354 @@ impl GatewayConfig {
         // Relative paths inside the file are taken from the working directory, as the shell takes
         // the path of the file itself.
         Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&path.display().to_string()))
+    }
+}
+
+/// One `routes[i]` entry; `None` when it cannot be used (the problems are recorded).
+fn read_route(
+    r: &mut Section<'_>,
+    p: &mut Problems,
+    catch_all_at: &mut Option<String>,
+) -> Option<RouteConfig> {
+    if let Some(earlier) = catch_all_at.as_ref() {
+        p.push(
+            r.path_of("match"),
+            None,
+            format!("this route is never used: {earlier} has no `match` and takes everything"),
+            "move the route without `match` to the end of the list",
+        );
+    }
+    let name = r
+        .optional(
+            p,
+            "name",
+            "give a short name such as orders",
+            cfg::nonempty_string,
+        )
+        .unwrap_or_else(|| r.path().to_owned());
+    let mut m = r.section(p, "match");
+    let matcher = if m.is_present() {
+        let source_clusters = m
+            .list(
+                p,
+                "source_cluster",
+                "list agent identities, such as [prod-eu-1] or [prod-*]",
+                cfg::nonempty_string,
+            )
+            .unwrap_or_default();
+        let request = RequestMatch::read(&mut m, p);
+        Some(RouteMatch {
+            source_clusters,
+            request,
+        })
+    } else {
+        *catch_all_at = Some(r.path().to_owned());
+        None
+    };
+    m.finish(p);
+
+    // Route-wide defaults for its targets.
+    let timeout = r
+        .optional(p, "timeout", "use a duration such as 10s", cfg::duration)
+        .unwrap_or(DEFAULT_REPLAY_TIMEOUT);
+    let max_concurrency = r
+        .optional(
+            p,
+            "max_concurrency",
+            "use a whole number from 1 to 65536",
+            max_concurrency,
+        )
+        .unwrap_or(DEFAULT_MAX_CONCURRENCY);
+    let targets_path = r.path_of("targets");
+    let mut targets = Vec::new();
+    let items: &[Value] = match r.get("targets") {
+        Some(Value::Sequence(items)) => items,
+        Some(other) => {
+            p.push(
+                &targets_path,
+                Some(other),
+                "must be a list",
+                "write `targets: [http://shadow:8080]`",
+            );
+            &[]
+        }
+        None => &[],
+    };
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("{targets_path}[{i}]");
+        if let Some(t) = read_target(item, &path, p, timeout, max_concurrency) {
+            targets.push(t);
+        }
+    }
+    if items.is_empty() {
+        p.push(
+            targets_path,
+            None,
+            "needs at least one target",
+            "add `targets: [http://shadow:8080]`",
+        );
+    }
+    let host = r
+        .optional(
+            p,
+            "host_header",
+            "use keep, target, append-shadow, or a host[:port] such as orders.test.internal",
+            HostPolicy::parse,
+        )
+        .unwrap_or(HostPolicy::Keep);
+    let protocol = r
+        .optional(
+            p,
+            "protocol",
+            "use http1 (default), http2 (h2c) or auto (the original request's version; for gRPC)",
+            cfg::upstream_protocol,
+        )
+        .unwrap_or(UpstreamProtocol::Http1);
+    let rewrite_prefix = r.optional(
+        p,
+        "rewrite_path_prefix",
+        "give the prefix that replaces match.path_prefix, such as /v2",
+        |v| {
+            let s = cfg::nonempty_string(v)?;
+            if !s.starts_with('/') {
+                return Err("must start with /".into());
+            }
+            Ok(s)
+        },
+    );
+    let path_prefix = match (
+        rewrite_prefix,
+        matcher.as_ref().and_then(|m| m.request.path_prefix()),
+    ) {
+        (Some(to), Some(from)) => Some((from.to_owned(), to)),
+        (Some(_), None) => {
+            p.push(
+                r.path_of("rewrite_path_prefix"),
+                None,
+                "needs match.path_prefix (the part it replaces)",
+                "add `path_prefix:` to the route's match, or remove rewrite_path_prefix",
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    let set_headers_path = r.path_of("set_headers");
+    let mut set_headers = Vec::new();
+    match r.get("set_headers") {
+        None => {}
+        Some(Value::Mapping(map)) => {
+            for (k, v) in map {
+                let name = k
+                    .as_str()
+                    .and_then(|k| HeaderName::from_bytes(k.as_bytes()).ok());
+                let value = cfg::string(v)
+                    .ok()
+                    .and_then(|v| HeaderValue::from_str(&v).ok());
+                match (name, value) {
+                    (Some(n), Some(v)) => set_headers.push((n, v)),
+                    _ => p.push(
+                        &set_headers_path,
+                        Some(k),
+                        "holds an invalid header name or value",
+                        "write `set_headers: { x-env: test }`",
+                    ),
+                }
+            }
+        }
+        Some(other) => p.push(
+            &set_headers_path,
+            Some(other),
+            "must be a mapping of header name to value",
+            "write `set_headers: { x-env: test }`",
+        ),
+    }
+    let remove_headers = r
+        .list(
+            p,
+            "remove_headers",
+            "list header names such as [x-debug]",
+            header_name,
+        )
+        .unwrap_or_default();
+    let marker = r
+        .optional(
+            p,
+            "mirror_header",
+            "give a header name such as x-teeway-mirror, or false for none",
+            |v| match v {
+                Value::Bool(false) => Ok(None),
+                other => header_name(other).map(Some),
+            },
+        )
+        .unwrap_or_else(|| Some(HeaderName::from_static(DEFAULT_MARKER_HEADER)));
+    let replay_truncated = r
+        .optional(p, "replay_truncated", "use true or false", |v| {
+            v.as_bool()
+                .ok_or_else(|| "must be true or false".to_owned())
+        })
+        .unwrap_or(false);
+    Some(RouteConfig {
+        name,
+        matcher,
+        targets,
+        protocol,
+        rewrite: Rewrite {
+            host,
+            path_prefix,
+            set_headers,
+            remove_headers,
+            marker,
+        },
+        replay_truncated,
+    })
+}
+
+fn max_concurrency(v: &Value) -> Result<usize, String> {
+    match cfg::whole_number(v)? {
+        0 => Err("must be at least 1".into()),
+        n if n > 65_536 => Err("must be at most 65536".into()),
+        n => Ok(n as usize),
+    }
+}
+
+fn header_name(v: &Value) -> Result<HeaderName, String> {
+    let s = cfg::nonempty_string(v)?;
+    HeaderName::from_bytes(s.to_ascii_lowercase().as_bytes())
+        .map_err(|_| "is not a valid header name".into())
+}
+
+/// `100/s`, `6000/m`, or a bare number per second.
+fn rate(v: &Value) -> Result<f64, String> {
+    let s = cfg::string(v)?;
+    let (n, per) = match s.split_once('/') {
+        Some((n, unit)) => (
+            n.trim(),
+            match unit.trim() {
+                "s" => 1.0,
+                "m" => 60.0,
+                _ => return Err("has a unit other than /s or /m".into()),
+            },
+        ),
+        None => (s.trim(), 1.0),
+    };
+    let n: f64 = n
+        .parse()
+        .map_err(|_| "is not a rate such as 100/s".to_owned())?;
+    if !(n > 0.0 && n.is_finite()) {
+        return Err("must be more than zero".into());
+    }
+    Ok(n / per)
+}
+
+/// One target: a URL, or a mapping with `url` and its own settings.
+fn read_target(
+    item: &Value,
+    path: &str,
+    p: &mut Problems,
+    timeout: Duration,
+    max_conc: usize,
+) -> Option<TargetConfig> {
+    let url_fix = "give an http://host:port URL of a shadow service";
+    if !item.is_mapping() {
+        return match cfg::http_target(item) {
+            Ok(t) => Some(TargetConfig {
+                timeout,
+                max_concurrency: max_conc,
+                ..TargetConfig::new(t)
+            }),
+            Err(message) => {
+                p.push(path, Some(item), message, url_fix);
+                None
+            }
+        };
+    }
+    let mut t = Section::nested(path.to_owned(), item, p);
+    let target = t.required(p, "url", url_fix, cfg::http_target);
+    let percentage = t
+        .optional(
+            p,
+            "percentage",
+            "use a number from 0 to 100",
+            cfg::percentage,
+        )
+        .unwrap_or(100.0);
+    let timeout = t
+        .optional(p, "timeout", "use a duration such as 10s", cfg::duration)
+        .unwrap_or(timeout);
+    let max_concurrency = t
+        .optional(
+            p,
+            "max_concurrency",
+            "use a whole number from 1 to 65536",
+            max_concurrency,
+        )
+        .unwrap_or(max_conc);
+    let rate_limit = match t.get("rate_limit") {
+        None => None,
+        Some(Value::Mapping(_)) => {
+            let mut rl = t.section(p, "rate_limit");
+            let per_second = rl.required(p, "rate", "give a rate such as 100/s", rate);
+            let burst = rl.optional(p, "burst", "use a whole number such as 50", |v| {
+                match cfg::whole_number(v)? {
+                    0 => Err("must be at least 1".to_owned()),
+                    n => u32::try_from(n).map_err(|_| "is too large".to_owned()),
+                }
+            });
+            rl.finish(p);
+            per_second.map(|per_second| RateLimit {
+                per_second,
+                burst: burst.unwrap_or_else(|| default_burst(per_second)),
+            })
+        }
+        Some(_) => t
+            .optional(p, "rate_limit", "give a rate such as 100/s", rate)
+            .map(|per_second| RateLimit {
+                per_second,
+                burst: default_burst(per_second),
+            }),
+    };
+    t.finish(p);
+    Some(TargetConfig {
+        target: target?,
+        percentage,
+        timeout,
+        max_concurrency,
+        rate_limit,
+    })
+}
+
+/// One second's worth of tokens, at least one.
+fn default_burst(per_second: f64) -> u32 {
+    per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32
+}
+
+impl GatewayConfig {
+    /// The settings that differ from `old` and cannot change while the gateway runs.
+    pub fn restart_required(&self, old: &GatewayConfig) -> Vec<String> {
+        let mut changed = Vec::new();
+        if self.listen != old.listen {
+            changed.push("listen".to_owned());
+        }
+        if !self.tls.same_as(&old.tls) {
+            changed.push("tls".to_owned());
+        }
+        if self.archive != old.archive {
+            changed.push("archive".to_owned());
+        }
+        if self.admin != old.admin {
+            changed.push("admin.listen".to_owned());
+        }
+        if self.shutdown_grace != old.shutdown_grace {
+            changed.push("shutdown_grace".to_owned());
+        }
+        changed
+    }
+
+    /// Whether an agent with `identity` may connect.
+    pub fn allows(&self, identity: &str) -> bool {
+        self.agents_allow
+            .as_ref()
+            .is_none_or(|allow| allow.iter().any(|p| identity_matches(p, identity)))
     }
 }
 
@@ -335,23 +698,90 @@ mod tests {
         let c = GatewayConfig::from_yaml(
             "listen: 127.0.0.1:4433
 tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+agents: { allow: [prod-eu-1, prod-us-*] }
 routes:
-  - match: { host: API.example.com, path_prefix: /v1 }
-    targets: [http://127.0.0.1:9100, http://127.0.0.1:9101]
-    host_header: append-shadow
+  - name: orders
+    match: { source_cluster: [prod-eu-*], host: API.example.com, path_prefix: /v1, headers: { x-canary: true } }
+    targets:
+      - http://127.0.0.1:9100
+      - url: http://127.0.0.1:9101
+        percentage: 10
+        timeout: 1s
+        max_concurrency: 8
+        rate_limit: 50/s
+      - url: http://127.0.0.1:9102
+        rate_limit: { rate: 600/m, burst: 5 }
+    host_header: orders.test.internal:8080
+    rewrite_path_prefix: /v2
+    set_headers: { x-env: test }
+    remove_headers: [x-debug]
+    mirror_header: x-mirrored-from
     timeout: 2s
   - targets: [http://127.0.0.1:9200]
+    mirror_header: false
+    host_header: append-shadow
 ",
             &dir,
         )
         .expect("valid");
         assert_eq!(c.routes.len(), 2);
-        let m = c.routes[0].matcher.as_ref().expect("match");
-        assert_eq!(m.host.as_deref(), Some("api.example.com"));
-        assert_eq!(c.routes[0].targets.len(), 2);
-        assert_eq!(c.routes[0].host_header, HostPolicy::AppendShadow);
-        assert_eq!(c.routes[0].timeout, Duration::from_secs(2));
+        let r = &c.routes[0];
+        assert_eq!(r.name, "orders");
+        let m = r.matcher.as_ref().expect("match");
+        assert_eq!(m.source_clusters, ["prod-eu-*"]);
+        assert_eq!(m.request.path_prefix(), Some("/v1"));
+        assert_eq!(r.targets.len(), 3);
+        assert_eq!(r.targets[0].timeout, Duration::from_secs(2), "route default");
+        assert_eq!(r.targets[0].percentage, 100.0);
+        assert_eq!(r.targets[1].percentage, 10.0);
+        assert_eq!(r.targets[1].timeout, Duration::from_secs(1));
+        assert_eq!(r.targets[1].max_concurrency, 8);
+        assert_eq!(
+            r.targets[1].rate_limit,
+            Some(RateLimit {
+                per_second: 50.0,
+                burst: 50
+            })
+        );
+        assert_eq!(
+            r.targets[2].rate_limit,
+            Some(RateLimit {
+                per_second: 10.0,
+                burst: 5
+            })
+        );
+        assert_eq!(
+            r.rewrite.host,
+            HostPolicy::Literal("orders.test.internal:8080".into())
+        );
+        assert_eq!(r.rewrite.path_prefix, Some(("/v1".into(), "/v2".into())));
+        assert_eq!(r.rewrite.set_headers.len(), 1);
+        assert_eq!(r.rewrite.remove_headers, [HeaderName::from_static("x-debug")]);
+        assert_eq!(r.rewrite.marker, Some(HeaderName::from_static("x-mirrored-from")));
         assert!(c.routes[1].matcher.is_none());
+        assert_eq!(c.routes[1].rewrite.marker, None);
+        assert_eq!(c.routes[1].rewrite.host, HostPolicy::AppendShadow);
+        assert!(c.allows("prod-eu-1") && c.allows("prod-us-7"));
+        assert!(!c.allows("prod-eu-2") && !c.allows("staging"));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn marker_header_is_on_by_default() {
+        let dir = dir_with_certs("marker");
+        let c = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+routes: [{ targets: [http://127.0.0.1:9200] }]
+",
+            &dir,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.routes[0].rewrite.marker,
+            Some(HeaderName::from_static(DEFAULT_MARKER_HEADER))
+        );
+        assert!(c.allows("anyone"));
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -365,7 +795,11 @@ routes:
   - targets: [http://127.0.0.1:9200]
   - match: { path_prefix: v1 }
     targets: []
-    host_header: rewrite
+    host_header: \"not a host\"
+  - match: { path: /x }
+    rewrite_path_prefix: /y
+    targets: [{ url: http://127.0.0.1:1, percentage: 120, rate_limit: 0/s }, ftp://x]
+agents: { allow: [\"a*b\"] }
 ",
             &dir,
         )
@@ -375,7 +809,12 @@ routes:
             "routes[1].match: this route is never used: routes[0] has no `match`",
             "routes[1].match.path_prefix: must start with /",
             "routes[1].targets: needs at least one target",
-            "routes[1].host_header: is not a host policy (found `rewrite`)",
+            "routes[1].host_header: is not a host policy or a host[:port] (found `not a host`)",
+            "routes[2].rewrite_path_prefix: needs match.path_prefix",
+            "routes[2].targets[0].percentage: must be between 0 and 100",
+            "routes[2].targets[0].rate_limit: must be more than zero",
+            "routes[2].targets[1]:",
+            "agents.allow[0]: may hold `*` only at its end",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }

@@ -5,10 +5,18 @@
 //!
 //! - [`config`]: `gateway.yaml`, validated in full before anything binds.
 //! - [`listener`]: the QUIC listener, agent identities, stream decoding and dispatch.
-//! - [`router`]: first-match routing on host and path.
+//! - [`router`]: first-match routing on source cluster, host, path, methods and headers.
 //! - [`replay`]: per-target pooled clients, concurrency limits, the replay itself.
 //! - [`metrics`]: metric names and the accounting of every record.
 //! - [`error`]: the gateway's errors.
+//!
+//! # Reload
+//!
+//! [`Gateway::reload_yaml`] validates a whole new configuration, builds its routing table
+//! (reusing every target whose settings did not change, with its pooled connections, slots and
+//! tokens) and swaps it in one atomic store. Replays under way finish on the table they started
+//! with; agent connections stay up, except those whose identity `agents.allow` no longer names,
+//! which are closed at their next batch.
 //!
 //! # Shutdown
 //!
@@ -17,9 +25,11 @@
 //! connection with [`teeway_wire::codes::SHUTDOWN`] and waits for the close to be delivered.
 
 use std::io;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, EndpointConfig, TokioRuntime, VarInt};
 use tokio::net::TcpListener;
@@ -30,6 +40,7 @@ use teeway_archive::Archive;
 use teeway_runtime::admin::{self, AdminState};
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::metrics::{Registry, Snapshot};
+use teeway_runtime::reload::{ConfigState, ReloadResult};
 use teeway_wire::codes;
 
 pub mod config;
@@ -44,7 +55,7 @@ pub use error::GatewayError;
 
 use crate::listener::Dispatcher;
 use crate::metrics::GatewayMetrics;
-use crate::replay::Target;
+use crate::replay::{Target, TargetSpec};
 use crate::router::{Route, Router};
 
 /// Concurrent streams one agent may open: its batches in flight plus the greeting, with room.
@@ -85,25 +96,121 @@ impl GatewayListeners {
     }
 }
 
+/// The parts of the configuration that a reload swaps: routes and the agents allowed.
+#[derive(Debug, Default)]
+pub struct Routing {
+    /// The routing table.
+    pub router: Router,
+    /// `agents.allow`; `None` allows every agent the CA signed.
+    pub allow: Option<Vec<String>>,
+}
+
+impl Routing {
+    /// Builds the table of `config`, taking from `old` every target whose spec is unchanged.
+    fn build(
+        config: &GatewayConfig,
+        resolver: &Resolver,
+        old: Option<&Routing>,
+    ) -> Result<Self, GatewayError> {
+        let mut reusable: Vec<Arc<Target>> = old
+            .map(|o| o.router.targets().cloned().collect())
+            .unwrap_or_default();
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
+            let mut targets = Vec::with_capacity(route.targets.len());
+            for t in &route.targets {
+                let spec = TargetSpec {
+                    target: t.clone(),
+                    protocol: route.protocol,
+                    rewrite: route.rewrite.clone(),
+                };
+                let target = match reusable.iter().position(|o| *o.spec() == spec) {
+                    Some(i) => reusable.swap_remove(i),
+                    None => Arc::new(Target::new(spec, resolver.clone()).map_err(|e| {
+                        GatewayError::Target {
+                            url: t.target.url.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?),
+                };
+                targets.push(target);
+            }
+            routes.push(Route {
+                name: route.name.clone(),
+                matcher: route.matcher.clone(),
+                targets,
+                replay_truncated: route.replay_truncated,
+            });
+        }
+        Ok(Self {
+            router: Router::new(routes),
+            allow: config.agents_allow.clone(),
+        })
+    }
+
+    /// Whether the agent `identity` may send.
+    pub fn allows(&self, identity: &str) -> bool {
+        self.allow
+            .as_ref()
+            .is_none_or(|allow| allow.iter().any(|p| config::identity_matches(p, identity)))
+    }
+}
+
 /// One gateway instance.
 #[derive(Debug)]
 pub struct Gateway {
+    /// The configuration the gateway started with (what its sockets were bound from).
     config: GatewayConfig,
     metrics: Arc<GatewayMetrics>,
+    routing: Arc<ArcSwap<Routing>>,
+    resolver: OnceLock<Resolver>,
+    config_state: Arc<ConfigState>,
 }
 
 impl Gateway {
     /// A gateway for `config`; nothing runs until [`Gateway::run`].
     pub fn new(config: GatewayConfig) -> Self {
+        Self::with_source(config, "built in", None)
+    }
+
+    /// A gateway for `config`, read from `source` whose YAML `text` `GET /config` shows.
+    pub fn with_source(config: GatewayConfig, source: &str, text: Option<&str>) -> Self {
+        let metrics = Arc::new(GatewayMetrics::new());
+        let config_state = Arc::new(ConfigState::new(metrics.registry(), source, text));
         Self {
             config,
-            metrics: Arc::new(GatewayMetrics::new()),
+            metrics,
+            routing: Arc::new(ArcSwap::from_pointee(Routing::default())),
+            resolver: OnceLock::new(),
+            config_state,
         }
     }
 
     /// The gateway's metrics as a scraper would read them.
     pub fn metrics(&self) -> Snapshot {
         Snapshot::parse(&self.metrics.registry().render())
+    }
+
+    /// What `GET /config` shows, and the reload counters.
+    pub fn config_state(&self) -> Arc<ConfigState> {
+        self.config_state.clone()
+    }
+
+    /// Validates `text` in full and, when valid, puts its routes and `agents.allow` in force;
+    /// returns the changed settings that need a restart. When invalid, nothing changes.
+    pub fn reload_yaml(&self, text: &str, base_dir: &Path) -> ReloadResult {
+        let new = GatewayConfig::from_yaml(text, base_dir).map_err(|e| e.to_string())?;
+        if new.routes.is_empty() && self.config.archive.is_none() {
+            return Err("routes: needs at least one route (this gateway has no archive)".into());
+        }
+        let resolver = match self.resolver.get() {
+            Some(r) => r.clone(),
+            None => Resolver::from_system().map_err(|e| e.to_string())?,
+        };
+        let old = self.routing.load_full();
+        let routing = Routing::build(&new, &resolver, Some(&old)).map_err(|e| e.to_string())?;
+        self.routing.store(Arc::new(routing));
+        Ok(new.restart_required(&self.config))
     }
 
     /// Serves until `shutdown` is cancelled and the drain is over.
@@ -113,30 +220,17 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> Result<(), GatewayError> {
         let config = &self.config;
-        let resolver = Resolver::from_system()?;
-        let mut routes = Vec::with_capacity(config.routes.len());
-        for route in &config.routes {
-            let mut targets = Vec::with_capacity(route.targets.len());
-            for t in &route.targets {
-                let target = Target::new(
-                    t,
-                    resolver.clone(),
-                    route.host_header,
-                    route.protocol,
-                    route.timeout,
-                    route.max_concurrency,
-                )
-                .map_err(|e| GatewayError::Target {
-                    url: t.url.clone(),
-                    reason: e.to_string(),
-                })?;
-                targets.push(Arc::new(target));
+        let resolver = match self.resolver.get() {
+            Some(r) => r.clone(),
+            None => {
+                let r = Resolver::from_system()?;
+                let _ = self.resolver.set(r.clone());
+                r
             }
-            routes.push(Route {
-                matcher: route.matcher.clone(),
-                targets,
-            });
-        }
+        };
+        let current = self.routing.load_full();
+        self.routing
+            .store(Arc::new(Routing::build(config, &resolver, Some(&current))?));
         let (archive, archive_task) = match &config.archive {
             Some(a) => {
                 let (archive, task) =
@@ -146,7 +240,7 @@ impl Gateway {
             None => (None, None),
         };
         let dispatcher = Arc::new(Dispatcher {
-            router: Router::new(routes),
+            routing: self.routing.clone(),
             metrics: self.metrics.clone(),
             replays: TaskTracker::new(),
             archive,
@@ -158,6 +252,7 @@ impl Gateway {
         let admin_task = listeners.admin.map(|listener| {
             let state: Arc<dyn AdminState> = Arc::new(AdminView {
                 metrics: self.metrics.clone(),
+                config: self.config_state.clone(),
             });
             tokio::spawn(admin::serve(listener, state, admin_stop.clone()))
         });
@@ -225,6 +320,7 @@ pub async fn run(
 
 struct AdminView {
     metrics: Arc<GatewayMetrics>,
+    config: Arc<ConfigState>,
 }
 
 impl AdminState for AdminView {
@@ -234,5 +330,9 @@ impl AdminState for AdminView {
 
     fn ready(&self) -> bool {
         true
+    }
+
+    fn config(&self) -> Option<String> {
+        Some(self.config.render())
     }
 }

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
@@ -20,8 +21,9 @@ use teeway_wire::{
     codes, Frame, MirroredRequest, Welcome, MAX_BATCH_BYTES, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 
-use crate::metrics::{FailReason, GatewayMetrics};
-use crate::router::Router;
+use crate::metrics::{FailReason, GatewayMetrics, SkipReason};
+use crate::replay::Refusal;
+use crate::Routing;
 
 /// Largest stream accepted: a full batch plus one maximal frame (a batch stops growing once it
 /// reaches `MAX_BATCH_BYTES`, so its last record may pass that mark).
@@ -29,7 +31,8 @@ pub const MAX_STREAM_BYTES: usize = MAX_BATCH_BYTES + MAX_FRAME_LEN as usize + 4
 
 /// What stream handlers share.
 pub struct Dispatcher {
-    pub(crate) router: Router,
+    /// Routes and allowed agents in force; swapped whole by a reload.
+    pub(crate) routing: Arc<ArcSwap<Routing>>,
     pub(crate) metrics: Arc<GatewayMetrics>,
     /// Replays under way, awaited at shutdown.
     pub(crate) replays: TaskTracker,
@@ -44,33 +47,52 @@ impl std::fmt::Debug for Dispatcher {
 }
 
 impl Dispatcher {
-    /// Counts `record` and starts its replays; never waits.
-    fn dispatch(&self, record: MirroredRequest) {
+    /// Counts `record` from the agent `identity` and starts its replays; never waits.
+    fn dispatch(&self, record: MirroredRequest, identity: &Arc<str>) {
         self.metrics.received.increment(1);
+        let routing = self.routing.load();
         if let Some(archive) = &self.archive {
             archive.try_submit(teeway_archive::Record::Request(record.clone()), None);
-            if self.router.is_empty() {
+            if routing.router.is_empty() {
                 // A capture-only gateway: the archive is the destination.
                 return;
             }
         }
-        let Some(route) = self.router.route(&record) else {
+        let Some(route) = routing.router.route(&record, identity) else {
             self.metrics.failed(FailReason::NoRoute);
             return;
         };
+        if record.body_truncated && !route.replay_truncated {
+            for _ in &route.targets {
+                self.metrics.skipped(SkipReason::Truncated);
+            }
+            return;
+        }
         let record = Arc::new(record);
         for target in &route.targets {
-            let Some(slot) = target.try_reserve() else {
-                self.metrics.failed(FailReason::Overloaded);
-                continue;
+            let slot = match target.admit() {
+                Ok(slot) => slot,
+                Err(Refusal::NotSampled) => {
+                    self.metrics.skipped(SkipReason::NotSampled);
+                    continue;
+                }
+                Err(Refusal::RateLimited) => {
+                    self.metrics.failed(FailReason::RateLimited);
+                    continue;
+                }
+                Err(Refusal::Overloaded) => {
+                    self.metrics.failed(FailReason::Overloaded);
+                    continue;
+                }
             };
             let target = target.clone();
             let record = record.clone();
             let metrics = self.metrics.clone();
             let archive = self.archive.clone();
+            let identity = identity.clone();
             self.replays.spawn(async move {
                 target
-                    .replay(&record, &metrics, archive.as_ref(), slot)
+                    .replay(&record, &identity, &metrics, archive.as_ref(), slot)
                     .await
             });
         }
@@ -115,7 +137,13 @@ async fn serve_connection(
     dispatcher: Arc<Dispatcher>,
     shutdown: CancellationToken,
 ) {
-    let identity = agent_identity(&conn).unwrap_or_else(|| "(unnamed)".into());
+    let identity: Arc<str> = agent_identity(&conn)
+        .unwrap_or_else(|| "(unnamed)".into())
+        .into();
+    if !dispatcher.routing.load().allows(&identity) {
+        refuse(&conn, &identity, &dispatcher);
+        return;
+    }
     dispatcher.metrics.handshakes_ok.increment(1);
     dispatcher.metrics.agents_connected.increment(1.0);
     tracing::info!(%identity, "agent connected");
@@ -125,6 +153,11 @@ async fn serve_connection(
             () = shutdown.cancelled() => break "gateway shutting down".to_owned(),
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
+                    // A reload may have taken the agent off agents.allow.
+                    if !dispatcher.routing.load().allows(&identity) {
+                        refuse(&conn, &identity, &dispatcher);
+                        break "no longer in agents.allow".to_owned();
+                    }
                     let dispatcher = dispatcher.clone();
                     let identity = identity.clone();
                     streams.spawn(async move { serve_stream(send, recv, &dispatcher, &identity).await });
@@ -137,6 +170,16 @@ async fn serve_connection(
     streams.wait().await;
     dispatcher.metrics.agents_connected.decrement(1.0);
     tracing::info!(%identity, %reason, "agent disconnected");
+}
+
+/// Closes the connection of an agent that `agents.allow` does not name, saying why.
+fn refuse(conn: &Connection, identity: &str, dispatcher: &Dispatcher) {
+    dispatcher.metrics.handshakes_unauthorized.increment(1);
+    tracing::warn!(%identity, "agent refused: its certificate identity is not in agents.allow");
+    conn.close(
+        VarInt::from_u32(codes::NOT_AUTHORIZED),
+        format!("agent identity {identity:?} is not in agents.allow").as_bytes(),
+    );
 }
 
 /// The identity in the agent's certificate (see [`teeway_wire::tls::peer_identity`]).
@@ -152,7 +195,7 @@ async fn serve_stream(
     mut send: SendStream,
     mut recv: RecvStream,
     dispatcher: &Dispatcher,
-    identity: &str,
+    identity: &Arc<str>,
 ) {
     let bytes = match recv.read_to_end(MAX_STREAM_BYTES).await {
         Ok(b) => b,
@@ -198,7 +241,7 @@ async fn serve_stream(
             );
             Ok(Frame::Welcome(Welcome {
                 protocol_version: PROTOCOL_VERSION,
-                agent_identity: identity.to_owned(),
+                agent_identity: identity.to_string(),
                 software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
             }))
         }
@@ -208,7 +251,7 @@ async fn serve_stream(
             let accepted = u32::try_from(frames.len()).unwrap_or(u32::MAX);
             for frame in frames {
                 if let Frame::Request(record) = frame {
-                    dispatcher.dispatch(record);
+                    dispatcher.dispatch(record, identity);
                 }
             }
             Ok(Frame::Ack { accepted })

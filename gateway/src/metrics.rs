@@ -6,10 +6,13 @@
 //! ```text
 //! teeway_gateway_received_total × targets of its route
 //!   = sum(teeway_gateway_replayed_total{status_class}) + sum(teeway_gateway_replay_failed_total{reason})
-//!     + teeway_gateway_replay_in_flight
+//!     + sum(teeway_gateway_replay_skipped_total{reason}) + teeway_gateway_replay_in_flight
 //! ```
 //!
-//! (a record that matches no route counts once, as `replay_failed_total{reason="no_route"}`).
+//! (a record that matches no route counts once, as `replay_failed_total{reason="no_route"}`;
+//! a capture-only gateway replays nothing, and its records end in `teeway_archive_*`).
+//! Skipped is by policy (a target's `percentage`, a truncated body the route does not replay);
+//! failed is everything else, `rate_limited` and `overloaded` included.
 
 use metrics::{Counter, Gauge, Histogram};
 use teeway_runtime::metrics::Registry;
@@ -24,6 +27,8 @@ pub const REPLAY_FAILED_TOTAL: &str = "teeway_gateway_replay_failed_total";
 pub const REPLAY_IN_FLIGHT: &str = "teeway_gateway_replay_in_flight";
 /// Time from sending a replay to the end of the shadow's response.
 pub const REPLAY_DURATION_SECONDS: &str = "teeway_gateway_replay_duration_seconds";
+/// Replays not attempted by policy, by reason.
+pub const REPLAY_SKIPPED_TOTAL: &str = "teeway_gateway_replay_skipped_total";
 /// Agent connection attempts, by result.
 pub const HANDSHAKES_TOTAL: &str = "teeway_gateway_handshakes_total";
 /// Agents connected now.
@@ -46,16 +51,40 @@ pub enum FailReason {
     InvalidRequest,
     /// The exchange failed after connecting (reset, malformed response).
     Error,
+    /// The target's `rate_limit` had no token left.
+    RateLimited,
+}
+
+/// Why a replay was not attempted, by policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The target's `percentage` passed it over.
+    NotSampled,
+    /// The agent truncated the body and the route does not replay truncated copies.
+    Truncated,
+}
+
+impl SkipReason {
+    const ALL: [SkipReason; 2] = [SkipReason::NotSampled, SkipReason::Truncated];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::NotSampled => "not_sampled",
+            SkipReason::Truncated => "truncated",
+        }
+    }
 }
 
 impl FailReason {
-    const ALL: [FailReason; 6] = [
+    const ALL: [FailReason; 7] = [
         FailReason::NoRoute,
         FailReason::Overloaded,
         FailReason::Connect,
         FailReason::Timeout,
         FailReason::InvalidRequest,
         FailReason::Error,
+        FailReason::RateLimited,
     ];
 
     /// The `reason` label value.
@@ -67,6 +96,7 @@ impl FailReason {
             FailReason::Timeout => "timeout",
             FailReason::InvalidRequest => "invalid_request",
             FailReason::Error => "error",
+            FailReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -76,11 +106,13 @@ pub struct GatewayMetrics {
     registry: Registry,
     pub(crate) received: Counter,
     replayed: [Counter; 5],
-    failed: [Counter; 6],
+    failed: [Counter; 7],
+    skipped: [Counter; 2],
     pub(crate) in_flight: Gauge,
     pub(crate) duration: Histogram,
     pub(crate) handshakes_ok: Counter,
     pub(crate) handshakes_refused: Counter,
+    pub(crate) handshakes_unauthorized: Counter,
     pub(crate) agents_connected: Gauge,
     pub(crate) streams_rejected_protocol: Counter,
     pub(crate) streams_rejected_too_large: Counter,
@@ -118,6 +150,13 @@ impl GatewayMetrics {
                 &[("reason", reason.as_str())],
             )
         });
+        let skipped = SkipReason::ALL.map(|reason| {
+            r.counter(
+                REPLAY_SKIPPED_TOTAL,
+                "Replays not attempted by policy, by reason",
+                &[("reason", reason.as_str())],
+            )
+        });
         let rejected = |reason| {
             r.counter(
                 STREAMS_REJECTED_TOTAL,
@@ -133,6 +172,7 @@ impl GatewayMetrics {
             ),
             replayed,
             failed,
+            skipped,
             in_flight: r.gauge(REPLAY_IN_FLIGHT, "Replays under way", &[]),
             duration: r.histogram(
                 REPLAY_DURATION_SECONDS,
@@ -148,6 +188,11 @@ impl GatewayMetrics {
                 HANDSHAKES_TOTAL,
                 "Agent connection attempts, by result",
                 &[("result", "refused")],
+            ),
+            handshakes_unauthorized: r.counter(
+                HANDSHAKES_TOTAL,
+                "Agent connection attempts, by result",
+                &[("result", "unauthorized")],
             ),
             agents_connected: r.gauge(AGENTS_CONNECTED, "Agents connected now", &[]),
             streams_rejected_protocol: rejected("protocol"),
@@ -165,6 +210,11 @@ impl GatewayMetrics {
     pub fn replayed(&self, status: http::StatusCode) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.replayed[class].increment(1);
+    }
+
+    /// Counts a replay not attempted by policy.
+    pub fn skipped(&self, reason: SkipReason) {
+        self.skipped[reason as usize].increment(1);
     }
 
     /// Counts a replay that did not complete.

@@ -6,7 +6,7 @@
 //! reached is dropped and counted as `overloaded`: queueing it would let a slow shadow grow the
 //! gateway's memory without bound.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -19,13 +19,13 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use teeway_archive::{Archive, Record, ResponseOrigin, ResponseRecord};
-use teeway_runtime::config::{HttpTarget, UpstreamProtocol};
+use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::proxy::remove_hop_by_hop;
 use teeway_wire::MirroredRequest;
 
-use crate::config::HostPolicy;
+use crate::config::{HostPolicy, RateLimit, Rewrite, TargetConfig};
 use crate::metrics::{FailReason, GatewayMetrics};
 
 /// How long an idle pooled connection to a shadow is kept.
@@ -35,17 +35,30 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type ShadowClient = Client<UpstreamConnector, Full<Bytes>>;
 
+/// Everything that defines a target: two targets with equal specs are interchangeable, so a
+/// reload keeps the old one (its pooled connections, its slots, its tokens).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetSpec {
+    /// URL, share, timeout, concurrency, rate limit.
+    pub target: TargetConfig,
+    /// HTTP version spoken to it.
+    pub protocol: UpstreamProtocol,
+    /// What the replayed request looks like.
+    pub rewrite: Rewrite,
+}
+
 /// One shadow service of one route.
 pub struct Target {
     /// The URL as configured.
     pub url: String,
+    spec: TargetSpec,
     authority: Authority,
     http1: ShadowClient,
     http2: ShadowClient,
     limit: Arc<Semaphore>,
-    host_policy: HostPolicy,
-    protocol: UpstreamProtocol,
-    timeout: Duration,
+    /// A draw below this is replayed; `None` replays all.
+    sample_below: Option<u64>,
+    bucket: Option<Mutex<Bucket>>,
 }
 
 impl std::fmt::Debug for Target {
@@ -56,16 +69,44 @@ impl std::fmt::Debug for Target {
     }
 }
 
+/// A token bucket, refilled on use.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    limit: RateLimit,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens =
+            (self.tokens + elapsed * self.limit.per_second).min(f64::from(self.limit.burst));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why [`Target::admit`] turned a record away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The target's percentage passed it over.
+    NotSampled,
+    /// No token in the rate limit's bucket.
+    RateLimited,
+    /// `max_concurrency` replays under way.
+    Overloaded,
+}
+
 impl Target {
-    /// A target with its own pools and limit.
-    pub fn new(
-        target: &HttpTarget,
-        resolver: Resolver,
-        host_policy: HostPolicy,
-        protocol: UpstreamProtocol,
-        timeout: Duration,
-        max_concurrency: usize,
-    ) -> Result<Self, http::uri::InvalidUri> {
+    /// A target with its own pools, limit and bucket.
+    pub fn new(spec: TargetSpec, resolver: Resolver) -> Result<Self, http::uri::InvalidUri> {
+        let target = &spec.target.target;
         let authority: Authority = target.url.trim_start_matches("http://").parse()?;
         let connector =
             UpstreamConnector::new(&target.host, target.port, resolver, CONNECT_TIMEOUT);
@@ -76,21 +117,51 @@ impl Target {
                 .http2_only(http2_only)
                 .build(connector.clone())
         };
+        let percentage = spec.target.percentage;
         Ok(Self {
             url: target.url.clone(),
             authority,
             http1: client(false),
             http2: client(true),
-            limit: Arc::new(Semaphore::new(max_concurrency)),
-            host_policy,
-            protocol,
-            timeout,
+            limit: Arc::new(Semaphore::new(spec.target.max_concurrency)),
+            sample_below: (percentage < 100.0).then(|| {
+                ((percentage / 100.0).clamp(0.0, 1.0) * 18_446_744_073_709_551_616.0) as u64
+            }),
+            bucket: spec.target.rate_limit.map(|limit| {
+                Mutex::new(Bucket {
+                    tokens: f64::from(limit.burst),
+                    at: Instant::now(),
+                    limit,
+                })
+            }),
+            spec,
         })
     }
 
-    /// A replay slot, or `None` when `max_concurrency` replays are already under way.
-    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
-        self.limit.clone().try_acquire_owned().ok()
+    /// What the target was built from.
+    pub fn spec(&self) -> &TargetSpec {
+        &self.spec
+    }
+
+    /// Decides, without waiting, whether a record is replayed to this target now: its share,
+    /// then its rate limit, then a free slot.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+        if let Some(below) = self.sample_below {
+            if fastrand::u64(..) >= below {
+                return Err(Refusal::NotSampled);
+            }
+        }
+        if let Some(bucket) = &self.bucket {
+            // Held for a few arithmetic operations; never across an await.
+            let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
+            if !b.take(Instant::now()) {
+                return Err(Refusal::RateLimited);
+            }
+        }
+        self.limit
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Overloaded)
     }
 
     /// Waits for a replay slot (for `teeway replay`, which paces itself rather than shedding).
@@ -107,6 +178,7 @@ impl Target {
     pub async fn replay(
         &self,
         record: &MirroredRequest,
+        source: &str,
         metrics: &GatewayMetrics,
         archive: Option<&Archive>,
         _slot: OwnedSemaphorePermit,
@@ -115,7 +187,7 @@ impl Target {
             .filter(|a| a.config().record_responses)
             .map(|a| a.config().max_response_body);
         metrics.in_flight.increment(1.0);
-        let outcome = self.send(record, capture).await;
+        let outcome = self.send(record, source, capture).await;
         metrics.in_flight.decrement(1.0);
         match outcome {
             Ok(exchange) => {
@@ -129,14 +201,18 @@ impl Target {
         }
     }
 
-    /// Sends `record` and reads the response to the end. With `capture` set, the response is
-    /// returned with up to that many body bytes; the rest is read and dropped.
+    /// Sends `record` (mirrored from the agent `source`) and reads the response to the end.
+    /// With `capture` set, the response is returned with up to that many body bytes; the rest is
+    /// read and dropped.
     pub async fn send(
         &self,
         record: &MirroredRequest,
+        source: &str,
         capture: Option<u64>,
     ) -> Result<Exchange, FailReason> {
-        let request = self.request_for(record).ok_or(FailReason::InvalidRequest)?;
+        let request = self
+            .request_for(record, source)
+            .ok_or(FailReason::InvalidRequest)?;
         let client = if request.version() == Version::HTTP_2 {
             &self.http2
         } else {
@@ -183,7 +259,7 @@ impl Target {
             });
             Ok((parts.status, response))
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        match tokio::time::timeout(self.spec.target.timeout, exchange).await {
             Ok(Ok((status, response))) => Ok(Exchange {
                 status,
                 elapsed: started.elapsed(),
@@ -195,22 +271,42 @@ impl Target {
     }
 
     /// The request the shadow receives: the record's method, target, headers and body, with the
-    /// Host chosen by the route's policy and hop-by-hop headers removed.
-    fn request_for(&self, record: &MirroredRequest) -> Option<Request<Full<Bytes>>> {
+    /// route's rewrites (Host policy, path prefix, headers set and removed, the marker header)
+    /// and hop-by-hop headers removed.
+    fn request_for(&self, record: &MirroredRequest, source: &str) -> Option<Request<Full<Bytes>>> {
+        let rewrite = &self.spec.rewrite;
         let original_host = original_host(record);
-        let host = match (self.host_policy, original_host) {
+        let host = match (&rewrite.host, original_host) {
             (HostPolicy::Keep, Some(h)) => h,
             (HostPolicy::AppendShadow, Some(h)) => append_shadow(&h),
+            (HostPolicy::Literal(h), _) => h.clone(),
             (_, _) => self.authority.as_str().to_owned(),
         };
-        let path = record
+        let original = record
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path = match &rewrite.path_prefix {
+            Some((from, to)) if original.path().starts_with(from.as_str()) => {
+                // Plain text replacement of the prefix, as Envoy's prefix_rewrite does.
+                let rest = &original.as_str()[from.len()..];
+                PathAndQuery::try_from(format!("{to}{rest}")).ok()?
+            }
+            _ => original,
+        };
         let mut headers = record.headers.clone();
         remove_hop_by_hop(&mut headers);
-        let version = if self.protocol.use_http2(record.version) {
+        for name in &rewrite.remove_headers {
+            headers.remove(name);
+        }
+        for (name, value) in &rewrite.set_headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        if let Some(marker) = &rewrite.marker {
+            headers.insert(marker.clone(), HeaderValue::from_str(source).ok()?);
+        }
+        let version = if self.spec.protocol.use_http2(record.version) {
             Version::HTTP_2
         } else {
             Version::HTTP_11
@@ -275,22 +371,22 @@ mod tests {
     use http::{HeaderMap, Method};
     use std::time::UNIX_EPOCH;
 
-    fn target(policy: HostPolicy) -> Target {
-        let t = HttpTarget {
+    fn spec(rewrite: Rewrite) -> TargetSpec {
+        let t = teeway_runtime::config::HttpTarget {
             host: "127.0.0.1".into(),
             port: 9100,
             url: "http://127.0.0.1:9100".into(),
         };
+        TargetSpec {
+            target: TargetConfig::new(t),
+            protocol: UpstreamProtocol::Auto,
+            rewrite,
+        }
+    }
+
+    fn target(policy: HostPolicy) -> Target {
         let resolver = Resolver::from_system().expect("resolver");
-        Target::new(
-            &t,
-            resolver,
-            policy,
-            UpstreamProtocol::Auto,
-            Duration::from_secs(1),
-            4,
-        )
-        .expect("target")
+        Target::new(spec(Rewrite::host_only(policy)), resolver).expect("target")
     }
 
     fn record(version: Version, uri: &'static str, host: Option<&'static str>) -> MirroredRequest {
@@ -317,16 +413,20 @@ mod tests {
     #[tokio::test]
     async fn host_policies_on_http1() {
         let r = record(Version::HTTP_11, "/v1/x?q=1", Some("api.example.com:8080"));
-        let keep = target(HostPolicy::Keep).request_for(&r).expect("request");
+        let keep = target(HostPolicy::Keep)
+            .request_for(&r, "prod")
+            .expect("request");
         assert_eq!(keep.headers()[header::HOST], "api.example.com:8080");
         assert_eq!(keep.uri(), "http://127.0.0.1:9100/v1/x?q=1");
         assert_eq!(keep.method(), Method::PUT);
         assert!(keep.headers().get(header::CONNECTION).is_none());
         assert_eq!(keep.headers()["x-keep"], "1");
-        let t = target(HostPolicy::Target).request_for(&r).expect("request");
+        let t = target(HostPolicy::Target)
+            .request_for(&r, "prod")
+            .expect("request");
         assert_eq!(t.headers()[header::HOST], "127.0.0.1:9100");
         let s = target(HostPolicy::AppendShadow)
-            .request_for(&r)
+            .request_for(&r, "prod")
             .expect("request");
         assert_eq!(s.headers()[header::HOST], "api.example.com-shadow:8080");
     }
@@ -334,10 +434,62 @@ mod tests {
     #[tokio::test]
     async fn http2_records_carry_host_in_authority() {
         let r = record(Version::HTTP_2, "http://api.example.com/pkg.Svc/Call", None);
-        let req = target(HostPolicy::Keep).request_for(&r).expect("request");
+        let req = target(HostPolicy::Keep)
+            .request_for(&r, "prod")
+            .expect("request");
         assert_eq!(req.version(), Version::HTTP_2);
         assert_eq!(req.uri(), "http://api.example.com/pkg.Svc/Call");
         assert!(req.headers().get(header::HOST).is_none());
+    }
+
+    #[tokio::test]
+    async fn route_rewrites_apply() {
+        let rewrite = Rewrite {
+            host: HostPolicy::Literal("orders.test:81".into()),
+            path_prefix: Some(("/v1".into(), "/v2".into())),
+            set_headers: vec![(
+                http::HeaderName::from_static("x-env"),
+                HeaderValue::from_static("test"),
+            )],
+            remove_headers: vec![http::HeaderName::from_static("x-keep")],
+            marker: Some(http::HeaderName::from_static("x-teeway-mirror")),
+        };
+        let t =
+            Target::new(spec(rewrite), Resolver::from_system().expect("resolver")).expect("target");
+        let r = record(Version::HTTP_11, "/v1/x?q=1", Some("api.example.com"));
+        let req = t.request_for(&r, "prod-eu-1").expect("request");
+        assert_eq!(req.uri(), "http://127.0.0.1:9100/v2/x?q=1");
+        assert_eq!(req.headers()[header::HOST], "orders.test:81");
+        assert_eq!(req.headers()["x-env"], "test");
+        assert_eq!(req.headers()["x-teeway-mirror"], "prod-eu-1");
+        assert!(req.headers().get("x-keep").is_none());
+        let outside = record(Version::HTTP_11, "/v10/x", Some("a"));
+        let req = t.request_for(&outside, "p").expect("request");
+        assert_eq!(
+            req.uri().path(),
+            "/v20/x",
+            "a prefix is text, as in the match"
+        );
+    }
+
+    #[test]
+    fn token_bucket_allows_burst_then_rate() {
+        let start = Instant::now();
+        let mut b = Bucket {
+            tokens: 3.0,
+            at: start,
+            limit: RateLimit {
+                per_second: 10.0,
+                burst: 3,
+            },
+        };
+        assert!((0..3).all(|_| b.take(start)));
+        assert!(!b.take(start));
+        assert!(b.take(start + Duration::from_millis(100)));
+        assert!(!b.take(start + Duration::from_millis(150)));
+        // Idle time fills up to the burst, no further.
+        let later = start + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| b.take(later)).count(), 3);
     }
 
     #[test]

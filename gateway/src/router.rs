@@ -1,23 +1,30 @@
 //! Routing: which shadow targets a mirrored request is replayed to. First match wins.
+//!
+//! A route matches on the source cluster (the agent identity from its client certificate, not
+//! what the agent says of itself) and on the request's host, path, methods and headers.
 
 use std::sync::Arc;
 
 use teeway_wire::MirroredRequest;
 
-use crate::config::RouteMatch;
+use crate::config::{identity_matches, RouteMatch};
 use crate::replay::Target;
 
 /// A route ready to dispatch to.
 #[derive(Debug)]
 pub struct Route {
+    /// Its name (`routes[i]` when none was given).
+    pub name: String,
     /// What it takes; `None` takes everything.
     pub matcher: Option<RouteMatch>,
     /// Where matching records go.
     pub targets: Vec<Arc<Target>>,
+    /// Whether copies with truncated bodies are replayed.
+    pub replay_truncated: bool,
 }
 
 /// The routing table.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Router {
     routes: Vec<Route>,
 }
@@ -33,38 +40,32 @@ impl Router {
         self.routes.is_empty()
     }
 
-    /// The first route that takes `record`.
-    pub fn route(&self, record: &MirroredRequest) -> Option<&Route> {
-        self.routes
-            .iter()
-            .find(|r| r.matcher.as_ref().is_none_or(|m| matches(m, record)))
+    /// Every target of every route (to reuse them across a reload).
+    pub fn targets(&self) -> impl Iterator<Item = &Arc<Target>> {
+        self.routes.iter().flat_map(|r| r.targets.iter())
+    }
+
+    /// The first route that takes `record`, sent by the agent `identity`.
+    pub fn route(&self, record: &MirroredRequest, identity: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            r.matcher
+                .as_ref()
+                .is_none_or(|m| matches(m, record, identity))
+        })
     }
 }
 
-fn matches(m: &RouteMatch, record: &MirroredRequest) -> bool {
-    if let Some(want) = &m.host {
-        let Some(host) = record.host() else {
-            return false;
-        };
-        let host = host.to_ascii_lowercase();
-        let ok = match want.strip_prefix("*.") {
-            Some(suffix) => {
-                host.len() > suffix.len() + 1
-                    && host.ends_with(suffix)
-                    && host[..host.len() - suffix.len()].ends_with('.')
-            }
-            None => host == *want,
-        };
-        if !ok {
-            return false;
-        }
-    }
-    if let Some(prefix) = &m.path_prefix {
-        if !record.path().starts_with(prefix.as_str()) {
-            return false;
-        }
-    }
-    true
+fn matches(m: &RouteMatch, record: &MirroredRequest, identity: &str) -> bool {
+    (m.source_clusters.is_empty()
+        || m.source_clusters
+            .iter()
+            .any(|p| identity_matches(p, identity)))
+        && m.request.matches(
+            &record.method,
+            record.host(),
+            record.path(),
+            &record.headers,
+        )
 }
 
 #[cfg(test)]
@@ -72,6 +73,7 @@ mod tests {
     use super::*;
     use http::{HeaderMap, Method, Uri, Version};
     use std::time::UNIX_EPOCH;
+    use teeway_runtime::matching::{HostMatch, PathMatch, RequestMatch};
 
     fn record(host: &str, path: &'static str) -> MirroredRequest {
         let mut headers = HeaderMap::new();
@@ -79,7 +81,7 @@ mod tests {
         MirroredRequest {
             id: 1,
             received_at: UNIX_EPOCH,
-            source_cluster: "c".into(),
+            source_cluster: "self-declared".into(),
             method: Method::GET,
             uri: Uri::from_static(path),
             version: Version::HTTP_11,
@@ -90,46 +92,51 @@ mod tests {
         }
     }
 
-    fn m(host: Option<&str>, prefix: Option<&str>) -> RouteMatch {
-        RouteMatch {
-            host: host.map(Into::into),
-            path_prefix: prefix.map(Into::into),
+    fn route(name: &str, matcher: Option<RouteMatch>) -> Route {
+        Route {
+            name: name.into(),
+            matcher,
+            targets: vec![],
+            replay_truncated: false,
         }
     }
 
     #[test]
-    fn host_and_prefix_must_both_hold() {
-        let rule = m(Some("api.example.com"), Some("/v1"));
-        assert!(matches(&rule, &record("api.example.com", "/v1/items")));
-        assert!(matches(&rule, &record("API.example.com:8080", "/v1")));
-        assert!(!matches(&rule, &record("api.example.com", "/v2/items")));
-        assert!(!matches(&rule, &record("www.example.com", "/v1/items")));
-    }
-
-    #[test]
-    fn wildcard_hosts_need_a_label() {
-        let rule = m(Some("*.example.com"), None);
-        assert!(matches(&rule, &record("a.example.com", "/")));
-        assert!(matches(&rule, &record("a.b.example.com", "/")));
-        assert!(!matches(&rule, &record("example.com", "/")));
-        assert!(!matches(&rule, &record("badexample.com", "/")));
-    }
-
-    #[test]
-    fn first_match_wins() {
+    fn first_match_wins_and_source_cluster_is_the_identity() {
         let router = Router::new(vec![
-            Route {
-                matcher: Some(m(None, Some("/v1"))),
-                targets: vec![],
-            },
-            Route {
-                matcher: None,
-                targets: vec![],
-            },
+            route(
+                "eu-v1",
+                Some(RouteMatch {
+                    source_clusters: vec!["prod-eu-*".into()],
+                    request: RequestMatch {
+                        host: Some(HostMatch::Exact("api.example.com".into())),
+                        path: Some(PathMatch::Prefix("/v1".into())),
+                        ..RequestMatch::default()
+                    },
+                }),
+            ),
+            route(
+                "v1",
+                Some(RouteMatch {
+                    source_clusters: vec![],
+                    request: RequestMatch {
+                        path: Some(PathMatch::Prefix("/v1".into())),
+                        ..RequestMatch::default()
+                    },
+                }),
+            ),
+            route("rest", None),
         ]);
-        let first = router.route(&record("x", "/v1/a")).expect("route");
-        assert!(first.matcher.is_some());
-        let fallback = router.route(&record("x", "/v2")).expect("route");
-        assert!(fallback.matcher.is_none());
+        let r = record("API.example.com:8080", "/v1/items");
+        assert_eq!(router.route(&r, "prod-eu-1").expect("route").name, "eu-v1");
+        // The record's self-declared cluster is not what is matched.
+        assert_eq!(router.route(&r, "prod-us-1").expect("route").name, "v1");
+        assert_eq!(
+            router
+                .route(&record("x", "/v2"), "prod-eu-1")
+                .expect("route")
+                .name,
+            "rest"
+        );
     }
 }

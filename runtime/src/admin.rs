@@ -1,4 +1,4 @@
-//! The admin HTTP listener: `GET /metrics`, `/healthz`, `/readyz`.
+//! The admin HTTP listener: `GET /metrics`, `/healthz`, `/readyz`, `/config`.
 //!
 //! It runs on its own port so that scrapes and probes never compete with production traffic, and
 //! it answers HTTP/1.1 only. `/healthz` is 200 while the process serves; `/readyz` is 200 only
@@ -31,6 +31,10 @@ pub trait AdminState: Send + Sync + 'static {
     /// Extra text for `/readyz`: why it is or is not ready.
     fn readiness_detail(&self) -> String {
         String::new()
+    }
+    /// The configuration in force, as JSON (see [`crate::reload::ConfigState::render`]).
+    fn config(&self) -> Option<String> {
+        None
     }
 }
 
@@ -95,6 +99,17 @@ fn respond(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             resp
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/config" => match state.config() {
+            Some(json) => {
+                let mut resp = text(StatusCode::OK, json);
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
+            None => text(StatusCode::NOT_FOUND, "no configuration to show\n".into()),
+        },
         "/readyz" => {
             let detail = state.readiness_detail();
             if state.ready() {
@@ -108,7 +123,7 @@ fn respond(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Byt
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "try /metrics, /healthz or /readyz\n".into(),
+            "try /metrics, /healthz, /readyz or /config\n".into(),
         ),
     }
 }

@@ -161,6 +161,11 @@ impl<'v> Section<'v> {
         Self::at(String::new(), value, problems)
     }
 
+    /// A mapping found elsewhere (an entry of a list that may also hold scalars), at `path`.
+    pub fn nested(path: String, value: &'v Value, problems: &mut Problems) -> Self {
+        Self::at(path, value, problems)
+    }
+
     fn at(path: String, value: &'v Value, problems: &mut Problems) -> Self {
         let map = match value {
             Value::Mapping(map) => Some(map),

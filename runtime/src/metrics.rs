@@ -63,6 +63,24 @@ impl Registry {
             .register_counter(&key(name, labels), &metadata())
     }
 
+    /// Registers (or finds) a counter whose label value is known only at run time (a rule or
+    /// route name from the configuration: bounded by the configuration, never by traffic).
+    pub fn counter_owned(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        label: &'static str,
+        value: &str,
+    ) -> Counter {
+        self.recorder.describe_counter(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        let key = Key::from_parts(name, vec![Label::new(label, value.to_owned())]);
+        self.recorder.register_counter(&key, &metadata())
+    }
+
     /// Registers (or finds) a gauge and records its help text.
     pub fn gauge(
         &self,

@@ -60,6 +60,13 @@ impl Clone for TlsMaterial {
 }
 
 impl TlsMaterial {
+    /// Whether both hold the same CA bundle, chain and key (a reload compares them).
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.ca == other.ca
+            && self.chain == other.chain
+            && self.key.secret_der() == other.key.secret_der()
+    }
+
     /// Reads the three PEM files.
     pub fn from_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
         Ok(Self {

@@ -1,0 +1,875 @@
+//! The mirror policy: which requests are copied, how they are sampled, and what is scrubbed from
+//! a copy before it leaves production.
+//!
+//! A policy is immutable; a reload builds a new one and swaps it in whole (see
+//! [`crate::Agent::reload`]), so a request is decided, redacted and size-limited under the one
+//! policy that was in force when its head arrived.
+//!
+//! # Decision
+//!
+//! `mirror.rules` are tried in order; the first whose `match` holds decides, else the `mirror`
+//! block's own `percentage` and `methods` do. A decision is a method allow-list and a sampling
+//! fraction (or `off`). With `sample_by`, the draw is a hash of the request's key (a header or a
+//! query parameter) instead of a random number: the same key always gets the same decision, on
+//! every agent replica and across restarts, so one user's whole session is mirrored or none of
+//! it. Requests without the key fall back to a random draw.
+//!
+//! # Redaction (a security guarantee)
+//!
+//! Before a copy is queued, every header named in `redact.headers` (always including
+//! Authorization, Cookie, Set-Cookie and Proxy-Authorization, unless explicitly listed in
+//! `redact.pass`) and every query parameter named in `redact.query` is removed, replaced by a
+//! fixed marker, or replaced by a keyed hash (HMAC-SHA-256 with a secret read from a file,
+//! truncated to 128 bits and hex-encoded), which keeps equality without revealing the value. The
+//! primary always receives the request unchanged; only the copy is scrubbed.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use metrics::Counter;
+
+use teeway_runtime::config::{self as cfg, Problems, Section};
+use teeway_runtime::matching::{parse_method, RequestMatch};
+use teeway_runtime::metrics::Registry;
+use teeway_runtime::yaml::Value;
+
+/// Requests matched by each rule (`rule="default"` for none).
+pub const RULE_MATCHED_TOTAL: &str = "teeway_agent_rule_matched_total";
+
+/// The headers that never leave production unless `redact.pass` names them.
+pub const DEFAULT_REDACTED_HEADERS: [HeaderName; 4] = [
+    http::header::AUTHORIZATION,
+    http::header::COOKIE,
+    http::header::SET_COOKIE,
+    http::header::PROXY_AUTHORIZATION,
+];
+/// Default replacement text for `action: mask`.
+pub const DEFAULT_MARKER: &str = "redacted";
+/// Shortest accepted `hash_key_file` content.
+const MIN_HASH_KEY_BYTES: usize = 16;
+
+/// A sampling fraction, with at least per-million precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fraction {
+    /// A draw `d` (uniform over `u64`) is taken when `d < threshold`; `None` takes all.
+    threshold: Option<u64>,
+}
+
+impl Fraction {
+    /// `percentage` percent, 0 to 100; fractions allowed.
+    pub fn percent(percentage: f64) -> Self {
+        if percentage >= 100.0 {
+            return Self { threshold: None };
+        }
+        let fraction = (percentage / 100.0).clamp(0.0, 1.0);
+        // 2^64 * fraction in f64: 53 bits of precision, far below one in a million.
+        Self {
+            threshold: Some((fraction * 18_446_744_073_709_551_616.0) as u64),
+        }
+    }
+
+    /// Nothing.
+    pub const OFF: Fraction = Fraction { threshold: Some(0) };
+
+    /// Whether the draw `d` is taken.
+    pub fn takes(self, d: u64) -> bool {
+        match self.threshold {
+            None => true,
+            Some(t) => d < t,
+        }
+    }
+}
+
+/// What a matching request gets.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Share copied.
+    pub fraction: Fraction,
+    /// Methods copied; `None` copies every method.
+    pub methods: Option<Vec<Method>>,
+}
+
+/// One `mirror.rules` entry.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// `name`, or `rules[i]`; the `rule` label of [`RULE_MATCHED_TOTAL`].
+    pub name: String,
+    /// When it applies.
+    pub matcher: RequestMatch,
+    /// What it decides.
+    pub decision: Decision,
+    matched: Counter,
+}
+
+/// Where the consistent-sampling key is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SampleKey {
+    /// A request header's value.
+    Header(HeaderName),
+    /// A query parameter's raw value.
+    Query(String),
+}
+
+/// What to do with a sensitive value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedactAction {
+    /// Remove the header or parameter.
+    Remove,
+    /// Replace the value with the marker.
+    Mask,
+    /// Replace the value with `hmac-sha256:<32 hex digits>` of it.
+    Hash,
+}
+
+impl RedactAction {
+    fn parse(v: &Value) -> Result<Self, String> {
+        match cfg::string(v)?.as_str() {
+            "remove" => Ok(Self::Remove),
+            "mask" => Ok(Self::Mask),
+            "hash" => Ok(Self::Hash),
+            _ => Err("is not a redaction action".into()),
+        }
+    }
+
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Remove => "remove",
+            Self::Mask => "mask",
+            Self::Hash => "hash",
+        }
+    }
+}
+
+/// `redact:`.
+#[derive(Clone)]
+pub struct Redaction {
+    /// Headers and what happens to them.
+    pub headers: Vec<(HeaderName, RedactAction)>,
+    /// Query parameter names (matched exactly, before percent-decoding) and what happens to them.
+    pub query: Vec<(String, RedactAction)>,
+    marker: HeaderValue,
+    key: Option<ring::hmac::Key>,
+}
+
+impl std::fmt::Debug for Redaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redaction")
+            .field("headers", &self.headers)
+            .field("query", &self.query)
+            .field("marker", &self.marker)
+            .field("key", &self.key.as_ref().map(|_| "(set)"))
+            .finish()
+    }
+}
+
+impl Default for Redaction {
+    fn default() -> Self {
+        Self {
+            headers: DEFAULT_REDACTED_HEADERS
+                .iter()
+                .map(|h| (h.clone(), RedactAction::Remove))
+                .collect(),
+            query: Vec::new(),
+            marker: HeaderValue::from_static(DEFAULT_MARKER),
+            key: None,
+        }
+    }
+}
+
+impl Redaction {
+    /// Scrubs a copy's headers and request target. The primary's request is never touched.
+    pub fn apply(&self, headers: &mut HeaderMap, uri: &Uri) -> Uri {
+        for (name, action) in &self.headers {
+            match action {
+                RedactAction::Remove => {
+                    headers.remove(name);
+                }
+                RedactAction::Mask | RedactAction::Hash => {
+                    if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
+                        let replaced: Vec<HeaderValue> = entry
+                            .iter()
+                            .map(|v| self.replacement(*action, v.as_bytes()))
+                            .collect();
+                        let mut values = replaced.into_iter();
+                        if let Some(first) = values.next() {
+                            entry.insert(first);
+                        }
+                        for v in values {
+                            entry.append(v);
+                        }
+                    }
+                }
+            }
+        }
+        if self.query.is_empty() {
+            return uri.clone();
+        }
+        self.scrub_query(uri)
+    }
+
+    fn replacement(&self, action: RedactAction, value: &[u8]) -> HeaderValue {
+        match (action, &self.key) {
+            (RedactAction::Hash, Some(key)) => {
+                let tag = ring::hmac::sign(key, value);
+                let mut text = String::from("hmac-sha256:");
+                for b in &tag.as_ref()[..16] {
+                    let _ = write!(text, "{b:02x}");
+                }
+                // Hex digits and a colon are always a valid header value.
+                HeaderValue::from_str(&text).unwrap_or_else(|_| self.marker.clone())
+            }
+            // Config validation requires a key for `hash`; without one, mask (never leak).
+            _ => self.marker.clone(),
+        }
+    }
+
+    fn scrub_query(&self, uri: &Uri) -> Uri {
+        let Some(query) = uri.query() else {
+            return uri.clone();
+        };
+        let mut out = String::with_capacity(query.len());
+        for pair in query.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let action = self.query.iter().find(|(n, _)| n == name).map(|(_, a)| *a);
+            let piece = match action {
+                None => Some(pair.to_owned()),
+                Some(RedactAction::Remove) => None,
+                Some(a) => {
+                    let v = self.replacement(a, value.as_bytes());
+                    Some(format!("{name}={}", v.to_str().unwrap_or(DEFAULT_MARKER)))
+                }
+            };
+            if let Some(piece) = piece {
+                if !out.is_empty() {
+                    out.push('&');
+                }
+                out.push_str(&piece);
+            }
+        }
+        let path_and_query = if out.is_empty() {
+            uri.path().to_owned()
+        } else {
+            format!("{}?{out}", uri.path())
+        };
+        let mut parts = uri.clone().into_parts();
+        match PathAndQuery::try_from(path_and_query) {
+            Ok(pq) => parts.path_and_query = Some(pq),
+            // Cannot happen (only valid pieces are reassembled); if it did, drop the whole query
+            // rather than risk sending a secret.
+            Err(_) => parts.path_and_query = PathAndQuery::try_from(uri.path()).ok(),
+        }
+        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+    }
+}
+
+/// What happens to a copy whose body is over `max_body_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    /// Not copied; counted as `body_too_large`.
+    Skip,
+    /// Copied with the first `max_body_bytes` bytes, flagged truncated; counted as truncated.
+    Truncate,
+}
+
+/// The whole policy: decisions, sampling key, redaction and body limit.
+#[derive(Debug, Clone)]
+pub struct MirrorPolicy {
+    /// Ordered rules.
+    pub rules: Vec<Rule>,
+    /// For requests no rule matches.
+    pub default: Decision,
+    /// Consistent-sampling key.
+    pub sample_by: Option<SampleKey>,
+    /// What is scrubbed.
+    pub redaction: Redaction,
+    /// Largest body copied.
+    pub max_body_bytes: u64,
+    /// Beyond it.
+    pub over_limit: OverLimit,
+    default_matched: Option<Counter>,
+}
+
+/// The parts of `mirror:` and `redact:` read from a document, before metrics are attached.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// `mirror.percentage`: the share of requests no rule matches.
+    pub percentage: f64,
+    /// See [`MirrorPolicy::rules`]; counters are attached by [`PolicyConfig::build`].
+    pub rules: Vec<(String, RequestMatch, Decision)>,
+    /// See [`MirrorPolicy::default`].
+    pub default: Decision,
+    /// See [`MirrorPolicy::sample_by`].
+    pub sample_by: Option<SampleKey>,
+    /// See [`MirrorPolicy::redaction`].
+    pub redaction: Redaction,
+    /// See [`MirrorPolicy::max_body_bytes`].
+    pub max_body_bytes: u64,
+    /// See [`MirrorPolicy::over_limit`].
+    pub over_limit: OverLimit,
+}
+
+impl PolicyConfig {
+    /// Everything mirrored at `percentage`, default redaction.
+    pub fn simple(percentage: f64, max_body_bytes: u64) -> Self {
+        Self {
+            percentage,
+            rules: Vec::new(),
+            default: Decision {
+                fraction: Fraction::percent(percentage),
+                methods: None,
+            },
+            sample_by: None,
+            redaction: Redaction::default(),
+            max_body_bytes,
+            over_limit: OverLimit::Skip,
+        }
+    }
+
+    /// The policy, with its per-rule counters registered in `registry` (or found there, after a
+    /// reload).
+    pub fn build(&self, registry: Option<&Registry>) -> MirrorPolicy {
+        let counter = |name: &str| {
+            registry.map(|r| {
+                r.counter_owned(
+                    RULE_MATCHED_TOTAL,
+                    "Requests matched by each mirror rule (default: by none)",
+                    "rule",
+                    name,
+                )
+            })
+        };
+        MirrorPolicy {
+            rules: self
+                .rules
+                .iter()
+                .map(|(name, matcher, decision)| Rule {
+                    name: name.clone(),
+                    matcher: matcher.clone(),
+                    decision: decision.clone(),
+                    matched: counter(name).unwrap_or_else(Counter::noop),
+                })
+                .collect(),
+            default: self.default.clone(),
+            sample_by: self.sample_by.clone(),
+            redaction: self.redaction.clone(),
+            max_body_bytes: self.max_body_bytes,
+            over_limit: self.over_limit,
+            default_matched: counter("default"),
+        }
+    }
+
+    /// Reads `mirror:` (already opened as `m`, whose `percentage` is `percentage`) and the root's
+    /// `redact:`. Problems are recorded with their paths.
+    pub fn read(
+        m: &mut Section<'_>,
+        root: &mut Section<'_>,
+        p: &mut Problems,
+        base_dir: &Path,
+        percentage: f64,
+        max_body_bytes: u64,
+    ) -> Self {
+        let default_methods = m.list(
+            p,
+            "methods",
+            "give HTTP methods such as [GET, HEAD]",
+            parse_method,
+        );
+        let sample_by = m.optional(
+            p,
+            "sample_by",
+            "use header:NAME or query:NAME, such as header:x-user-id",
+            parse_sample_key,
+        );
+        let over_limit = m
+            .optional(
+                p,
+                "over_limit",
+                "use skip (default) or truncate",
+                |v| match cfg::string(v)?.as_str() {
+                    "skip" => Ok(OverLimit::Skip),
+                    "truncate" => Ok(OverLimit::Truncate),
+                    _ => Err("is not an over-limit policy".into()),
+                },
+            )
+            .unwrap_or(OverLimit::Skip);
+        let mut rules = Vec::new();
+        for mut r in m.sections(p, "rules") {
+            let name = r
+                .optional(
+                    p,
+                    "name",
+                    "give a short name such as checkout",
+                    cfg::nonempty_string,
+                )
+                .unwrap_or_else(|| r.path().trim_start_matches("mirror.").to_owned());
+            let mut ms = r.section(p, "match");
+            let matcher = RequestMatch::read(&mut ms, p);
+            ms.finish(p);
+            let fraction = r
+                .required(
+                    p,
+                    "percentage",
+                    "use a number from 0 to 100 (such as 5 or 0.01), or off",
+                    |v| match v {
+                        Value::String(s) if s == "off" => Ok(Fraction::OFF),
+                        Value::Bool(false) => Ok(Fraction::OFF),
+                        other => cfg::percentage(other).map(Fraction::percent),
+                    },
+                )
+                .unwrap_or(Fraction::OFF);
+            let methods = r.list(
+                p,
+                "methods",
+                "give HTTP methods such as [GET, HEAD]",
+                parse_method,
+            );
+            r.finish(p);
+            rules.push((name, matcher, Decision { fraction, methods }));
+        }
+        let redaction = read_redaction(root, p, base_dir);
+        Self {
+            percentage,
+            rules,
+            default: Decision {
+                fraction: Fraction::percent(percentage),
+                methods: default_methods,
+            },
+            sample_by,
+            redaction,
+            max_body_bytes,
+            over_limit,
+        }
+    }
+}
+
+impl MirrorPolicy {
+    /// Whether the request is copied. `draw` gives a uniform random `u64` when the request has
+    /// no sampling key (a parameter so that tests can seed it).
+    pub fn decide(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        draw: impl FnOnce() -> u64,
+    ) -> bool {
+        let host = request_host(uri, headers);
+        let path = uri.path();
+        let decision = match self
+            .rules
+            .iter()
+            .find(|r| r.matcher.matches(method, host, path, headers))
+        {
+            Some(rule) => {
+                rule.matched.increment(1);
+                &rule.decision
+            }
+            None => {
+                if let Some(c) = &self.default_matched {
+                    c.increment(1);
+                }
+                &self.default
+            }
+        };
+        if decision
+            .methods
+            .as_ref()
+            .is_some_and(|m| !m.contains(method))
+        {
+            return false;
+        }
+        if decision.fraction == Fraction::OFF {
+            return false;
+        }
+        if decision.fraction.threshold.is_none() {
+            return true;
+        }
+        let d = match self.sample_key(uri, headers) {
+            Some(key) => key_hash(key),
+            None => draw(),
+        };
+        decision.fraction.takes(d)
+    }
+
+    fn sample_key<'a>(&self, uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a [u8]> {
+        match self.sample_by.as_ref()? {
+            SampleKey::Header(name) => headers.get(name).map(HeaderValue::as_bytes),
+            SampleKey::Query(name) => uri.query()?.split('&').find_map(|pair| {
+                let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (n == name).then_some(v.as_bytes())
+            }),
+        }
+    }
+}
+
+/// The host a request names: its URI authority (HTTP/2, absolute-form) or its Host header.
+pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    if let Some(a) = uri.authority() {
+        return Some(a.host());
+    }
+    let host = headers.get(http::header::HOST)?.to_str().ok()?;
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').map(|(v6, _)| v6);
+    }
+    Some(match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    })
+}
+
+/// A fixed, documented hash of a sampling key: FNV-1a 64 then the SplitMix64 finalizer (FNV
+/// alone spreads short keys poorly in the high bits). Fixed forever: changing it would move
+/// every user between sampled and not sampled across an upgrade.
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+fn parse_sample_key(v: &Value) -> Result<SampleKey, String> {
+    let s = cfg::nonempty_string(v)?;
+    match s.split_once(':') {
+        Some(("header", name)) => HeaderName::from_bytes(name.trim().as_bytes())
+            .map(SampleKey::Header)
+            .map_err(|_| "names an invalid header".into()),
+        Some(("query", name)) if !name.trim().is_empty() => {
+            Ok(SampleKey::Query(name.trim().to_owned()))
+        }
+        _ => Err("is not header:NAME or query:NAME".into()),
+    }
+}
+
+fn read_redaction(root: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Redaction {
+    let mut r = root.section(p, "redact");
+    let default_action = r
+        .optional(
+            p,
+            "action",
+            "use remove (default), mask or hash",
+            RedactAction::parse,
+        )
+        .unwrap_or(RedactAction::Remove);
+    let marker = r
+        .optional(
+            p,
+            "marker",
+            "use letters, digits, dots, dashes or underscores, such as redacted",
+            |v| {
+                let s = cfg::nonempty_string(v)?;
+                if !s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+                {
+                    return Err("must be safe in a header and a query string".into());
+                }
+                HeaderValue::from_str(&s).map_err(|_| "is not a valid header value".to_owned())
+            },
+        )
+        .unwrap_or(HeaderValue::from_static(DEFAULT_MARKER));
+    let entry = |v: &Value| -> Result<(String, Option<RedactAction>), String> {
+        match v {
+            Value::Mapping(map) => {
+                let name = map
+                    .get("name")
+                    .ok_or("needs a `name`")
+                    .and_then(|n| cfg::nonempty_string(n).map_err(|_| "needs a `name`"))?;
+                let action = map.get("action").map(RedactAction::parse).transpose()?;
+                if map
+                    .keys()
+                    .any(|k| !matches!(k.as_str(), Some("name" | "action")))
+                {
+                    return Err("has a key other than name and action".into());
+                }
+                Ok((name, action))
+            }
+            other => Ok((cfg::nonempty_string(other)?, None)),
+        }
+    };
+    let entry_fix = "give a name, or { name: x-api-key, action: hash }";
+    let listed_headers = r
+        .list(p, "headers", entry_fix, |v| {
+            let (name, action) = entry(v)?;
+            let header = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                .map_err(|_| "is not a valid header name".to_owned())?;
+            Ok((header, action))
+        })
+        .unwrap_or_default();
+    let pass = r
+        .list(
+            p,
+            "pass",
+            "list default-redacted headers that may leave production, such as [cookie]",
+            |v| {
+                let name = cfg::nonempty_string(v)?.to_ascii_lowercase();
+                DEFAULT_REDACTED_HEADERS
+                    .iter()
+                    .find(|h| h.as_str() == name)
+                    .cloned()
+                    .ok_or_else(|| "is not one of the headers redacted by default".to_owned())
+            },
+        )
+        .unwrap_or_default();
+    let query = r
+        .list(p, "query", entry_fix, entry)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(n, a)| (n, a.unwrap_or(default_action)))
+        .collect::<Vec<_>>();
+    let key_path = r.path_of("hash_key_file");
+    let key_given = r.get("hash_key_file").is_some();
+    let key = r.optional(
+        p,
+        "hash_key_file",
+        "give a file holding at least 16 secret bytes (for example from `head -c 32 /dev/urandom`)",
+        |v| {
+            let path = cfg::readable_file(base_dir)(v)?;
+            let bytes = std::fs::read(&path).map_err(|e| format!("cannot be read: {e}"))?;
+            if bytes.len() < MIN_HASH_KEY_BYTES {
+                return Err(format!(
+                    "holds {} bytes; a key needs at least {MIN_HASH_KEY_BYTES}",
+                    bytes.len()
+                ));
+            }
+            Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes))
+        },
+    );
+    r.finish(p);
+
+    let mut headers: Vec<(HeaderName, RedactAction)> = DEFAULT_REDACTED_HEADERS
+        .iter()
+        .filter(|h| !pass.contains(h))
+        .map(|h| (h.clone(), default_action))
+        .collect();
+    for (name, action) in listed_headers {
+        let action = action.unwrap_or(default_action);
+        match headers.iter_mut().find(|(h, _)| *h == name) {
+            Some(existing) => existing.1 = action,
+            None => headers.push((name, action)),
+        }
+    }
+    let hashes = headers
+        .iter()
+        .map(|(_, a)| *a)
+        .chain(query.iter().map(|(_, a)| *a))
+        .any(|a| a == RedactAction::Hash);
+    if hashes && !key_given {
+        p.push(
+            key_path,
+            None,
+            "is required when a header or parameter is redacted with `hash`",
+            "give a file holding at least 16 secret bytes, or use remove or mask",
+        );
+    }
+    Redaction {
+        headers,
+        query,
+        marker,
+        key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> Result<MirrorPolicy, String> {
+        let doc = teeway_runtime::yaml::parse(yaml).expect("yaml");
+        let mut p = Problems::default();
+        let mut root = Section::root(&doc, &mut p);
+        let mut m = root.section(&mut p, "mirror");
+        let pct = m
+            .optional(&mut p, "percentage", "", cfg::percentage)
+            .unwrap_or(100.0);
+        let config = PolicyConfig::read(&mut m, &mut root, &mut p, Path::new("."), pct, 1024);
+        m.finish(&mut p);
+        root.finish(&mut p);
+        p.finish(config.build(None)).map_err(|e| e.to_string())
+    }
+
+    fn req(method: Method, uri: &str, headers: &[(&str, &str)]) -> (Method, Uri, HeaderMap) {
+        let mut h = HeaderMap::new();
+        for (n, v) in headers {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        (method, uri.parse().expect("uri"), h)
+    }
+
+    fn decide(p: &MirrorPolicy, r: &(Method, Uri, HeaderMap), d: u64) -> bool {
+        p.decide(&r.0, &r.1, &r.2, || d)
+    }
+
+    #[test]
+    fn first_matching_rule_decides_and_default_applies_otherwise() {
+        let p = policy(
+            "mirror:
+  percentage: 100
+  rules:
+    - name: health
+      match: { path: /healthz }
+      percentage: off
+    - match: { path_prefix: /api, headers: { x-canary: \"^yes$\" } }
+      percentage: 100
+      methods: [GET, HEAD]
+    - match: { path_prefix: /api }
+      percentage: 0
+",
+        )
+        .expect("valid");
+        assert_eq!(p.rules[1].name, "rules[1]");
+        let any = u64::MAX - 1;
+        assert!(!decide(&p, &req(Method::GET, "/healthz", &[]), 0));
+        assert!(decide(
+            &p,
+            &req(Method::GET, "/api/x", &[("x-canary", "yes")]),
+            any
+        ));
+        assert!(!decide(
+            &p,
+            &req(Method::POST, "/api/x", &[("x-canary", "yes")]),
+            0
+        ));
+        assert!(!decide(&p, &req(Method::GET, "/api/x", &[]), 0));
+        assert!(decide(&p, &req(Method::DELETE, "/other", &[]), any));
+    }
+
+    #[test]
+    fn percentage_is_accurate_to_a_millionth() {
+        let f = Fraction::percent(0.0001); // one in a million
+        let t = f.threshold.expect("threshold");
+        let expected = 18_446_744_073_709_551_616.0 / 1_000_000.0;
+        assert!((t as f64 - expected).abs() / expected < 1e-9);
+        assert!(Fraction::percent(100.0).takes(u64::MAX));
+        assert!(!Fraction::OFF.takes(0));
+    }
+
+    #[test]
+    fn seeded_sampling_hits_the_percentage() {
+        let p = policy("mirror: { percentage: 12.5 }").expect("valid");
+        let r = req(Method::GET, "/", &[]);
+        let mut rng = fastrand::Rng::with_seed(42);
+        let n = 400_000;
+        let hits = (0..n).filter(|_| decide(&p, &r, rng.u64(..))).count() as f64;
+        // Binomial: mean 50,000, sd = sqrt(n p (1-p)) ~ 209; 5 sd.
+        assert!((hits - 50_000.0).abs() < 5.0 * 209.2, "hits {hits}");
+    }
+
+    #[test]
+    fn consistent_sampling_is_a_function_of_the_key() {
+        let yaml = "mirror: { percentage: 30, sample_by: \"header:x-user\" }";
+        // Two independently built policies: two agent replicas, or one agent before and after
+        // a restart.
+        let (a, b) = (policy(yaml).expect("valid"), policy(yaml).expect("valid"));
+        let mut taken = 0;
+        for user in 0..20_000 {
+            let r = req(Method::GET, "/", &[("x-user", &format!("user-{user}"))]);
+            // The random draw must not matter when the key is present.
+            let first = decide(&a, &r, 0);
+            assert_eq!(first, decide(&a, &r, u64::MAX));
+            assert_eq!(first, decide(&b, &r, 12345));
+            taken += usize::from(first);
+        }
+        // The hash spreads keys evenly: 30% within 5 sd (sd ~ 65).
+        assert!((taken as f64 - 6_000.0).abs() < 325.0, "taken {taken}");
+        // The hash is fixed: a known key keeps its decision across releases.
+        // (Value computed independently from the documented algorithm.)
+        assert_eq!(key_hash(b"user-1"), 0xc499_b5f8_a721_df58);
+        let q = policy("mirror: { percentage: 50, sample_by: \"query:session\" }").expect("valid");
+        let with = req(Method::GET, "/a?x=1&session=abc", &[]);
+        let same = req(Method::POST, "/b?session=abc", &[]);
+        assert_eq!(decide(&q, &with, 0), decide(&q, &same, u64::MAX));
+    }
+
+    #[test]
+    fn redaction_removes_masks_and_hashes() {
+        let dir = tempfile_dir("redact");
+        std::fs::write(dir.join("key"), b"0123456789abcdef0123456789abcdef").expect("key");
+        let doc = teeway_runtime::yaml::parse(
+            "redact:
+  headers: [x-api-key, { name: cookie, action: hash }]
+  query: [token, { name: email, action: hash }, { name: sig, action: mask }]
+  hash_key_file: key
+",
+        )
+        .expect("yaml");
+        let mut p = Problems::default();
+        let mut root = Section::root(&doc, &mut p);
+        let r = read_redaction(&mut root, &mut p, &dir);
+        root.finish(&mut p);
+        p.finish(()).expect("valid");
+        let (_, uri, mut h) = req(
+            Method::GET,
+            "/p?token=s3cret&a=1&email=a%40b.c&sig=xyz",
+            &[
+                ("authorization", "Bearer s3cret"),
+                ("cookie", "sid=1"),
+                ("x-api-key", "k"),
+                ("x-keep", "v"),
+            ],
+        );
+        let scrubbed = r.apply(&mut h, &uri);
+        assert!(h.get("authorization").is_none());
+        assert!(h.get("x-api-key").is_none());
+        assert_eq!(h.get("x-keep").map(HeaderValue::as_bytes), Some(&b"v"[..]));
+        let cookie = h.get("cookie").expect("hashed").to_str().expect("text");
+        assert!(
+            cookie.starts_with("hmac-sha256:") && cookie.len() == 12 + 32,
+            "{cookie}"
+        );
+        assert!(!cookie.contains("sid"));
+        // Equal values hash equal, so a shadow can still correlate.
+        let mut again = HeaderMap::new();
+        again.insert("cookie", HeaderValue::from_static("sid=1"));
+        r.apply(&mut again, &uri);
+        assert_eq!(again.get("cookie"), h.get("cookie"));
+        let q = scrubbed.query().expect("query");
+        assert!(!q.contains("s3cret") && !q.contains("token"), "{q}");
+        assert!(q.starts_with("a=1&email=hmac-sha256:"), "{q}");
+        assert!(q.ends_with("&sig=redacted"), "{q}");
+        assert_eq!(scrubbed.path(), "/p");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn defaults_always_apply_unless_passed() {
+        let p = policy("redact: { headers: [x-api-key], pass: [cookie] }").expect("valid");
+        let names: Vec<&str> = p
+            .redaction
+            .headers
+            .iter()
+            .map(|(h, _)| h.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "authorization",
+                "set-cookie",
+                "proxy-authorization",
+                "x-api-key"
+            ]
+        );
+        let err = policy("redact: { action: hash, pass: [x-other] }").expect_err("invalid");
+        assert!(
+            err.contains("redact.pass[0]: is not one of the headers redacted by default"),
+            "{err}"
+        );
+        assert!(err.contains("redact.hash_key_file: is required"), "{err}");
+    }
+
+    fn tempfile_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("teeway-policy-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+}

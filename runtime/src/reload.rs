@@ -1,0 +1,287 @@
+//! Live configuration reload: SIGHUP and file changes trigger it; a new file is validated in full
+//! and either applied whole or rejected whole.
+//!
+//! [`watch`] turns both triggers into calls of one `reload` function, which the agent and the
+//! gateway implement: parse and validate the whole text, then swap the parts that can change live
+//! (policies and routes, behind `arc-swap`), so requests in flight finish under the config they
+//! started with and no connection is touched. Parts bound at start (listen addresses, TLS, the
+//! gateway address, queues, the archive) are compared and, when they differ, named in a warning:
+//! they take effect at the next restart.
+//!
+//! The file's directory is watched rather than the file itself: editors and Kubernetes ConfigMap
+//! volumes replace a file by renaming another over it (a ConfigMap swaps a `..data` symlink),
+//! which a watch on the old inode would miss. Events are debounced, and a file whose bytes did
+//! not change is not reloaded again.
+//!
+//! [`ConfigState`] keeps what `GET /config` shows: the document in force (with secret-looking
+//! values masked), its version, when and where it was loaded, and counts reloads in
+//! `teeway_config_reload_total{result="applied|rejected"}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use metrics::{Counter, Gauge};
+use notify::{RecursiveMode, Watcher};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Registry;
+use crate::yaml::Value;
+
+/// Reloads, by result.
+pub const RELOAD_TOTAL: &str = "teeway_config_reload_total";
+/// Version of the configuration in force: 1 at start, one more per applied reload.
+pub const CONFIG_VERSION: &str = "teeway_config_version";
+
+/// Quiet time after a file event before the file is read (editors write in several steps).
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Keys whose values `GET /config` never shows.
+const SECRET_KEYS: [&str; 5] = ["secret", "password", "token", "hash_key", "private"];
+
+/// The configuration in force, for `GET /config`, and the reload counters.
+pub struct ConfigState {
+    current: Mutex<Current>,
+    applied: Counter,
+    rejected: Counter,
+    version: Gauge,
+}
+
+struct Current {
+    version: u64,
+    loaded_at: SystemTime,
+    source: String,
+    document: Option<Value>,
+    last_error: Option<String>,
+}
+
+impl std::fmt::Debug for ConfigState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigState").finish_non_exhaustive()
+    }
+}
+
+impl ConfigState {
+    /// Version 1 of a configuration read from `source` (a path, or a description such as
+    /// `built in`), whose YAML `text` is shown on `/config` when given.
+    pub fn new(registry: &Registry, source: &str, text: Option<&str>) -> Self {
+        let counter = |result| {
+            registry.counter(
+                RELOAD_TOTAL,
+                "Configuration reloads, by result (rejected: the old configuration stayed)",
+                &[("result", result)],
+            )
+        };
+        let version = registry.gauge(
+            CONFIG_VERSION,
+            "Version of the configuration in force (1 at start, +1 per applied reload)",
+            &[],
+        );
+        version.set(1.0);
+        Self {
+            current: Mutex::new(Current {
+                version: 1,
+                loaded_at: SystemTime::now(),
+                source: source.to_owned(),
+                document: text.and_then(|t| crate::yaml::parse(t).ok()),
+                last_error: None,
+            }),
+            applied: counter("applied"),
+            rejected: counter("rejected"),
+            version,
+        }
+    }
+
+    /// Records an applied reload of `text`; returns the new version.
+    pub fn applied(&self, text: &str) -> u64 {
+        let mut c = self.lock();
+        c.version += 1;
+        c.loaded_at = SystemTime::now();
+        c.document = crate::yaml::parse(text).ok();
+        c.last_error = None;
+        self.applied.increment(1);
+        self.version.set(c.version as f64);
+        c.version
+    }
+
+    /// Records a rejected reload; the configuration in force is unchanged.
+    pub fn rejected(&self, error: &str) {
+        self.lock().last_error = Some(error.to_owned());
+        self.rejected.increment(1);
+    }
+
+    /// The version in force.
+    pub fn version(&self) -> u64 {
+        self.lock().version
+    }
+
+    /// The `GET /config` body: JSON with `version`, `loaded_at` (Unix seconds), `source`,
+    /// `last_rejected` (the error of the last rejected reload since the last applied one) and
+    /// `config` (the document, secrets masked).
+    pub fn render(&self) -> String {
+        let c = self.lock();
+        let mut document = c
+            .document
+            .as_ref()
+            .and_then(|d| serde_json::to_value(d).ok())
+            .unwrap_or(serde_json::Value::Null);
+        mask_secrets(&mut document);
+        let body = serde_json::json!({
+            "version": c.version,
+            "loaded_at": c.loaded_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "source": c.source,
+            "last_rejected": c.last_error,
+            "config": document,
+        });
+        serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".into())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        // A panic while holding the lock leaves plain data behind: keep serving it.
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn mask_secrets(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                if SECRET_KEYS.iter().any(|s| k.contains(s)) && !k.ends_with("_file") {
+                    *v = serde_json::Value::String("(masked)".into());
+                } else {
+                    mask_secrets(v);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(mask_secrets),
+        _ => {}
+    }
+}
+
+/// What a reload function returns: `Ok` with the settings that need a restart (possibly none),
+/// or the reason the new configuration was rejected.
+pub type ReloadResult = Result<Vec<String>, String>;
+
+/// Reloads `path` on SIGHUP and whenever the file changes, until `shutdown`, by calling `reload`
+/// with its text. Failures to read the file count as rejections and are logged.
+pub fn watch(
+    path: PathBuf,
+    state: Arc<ConfigState>,
+    reload: impl Fn(&str) -> ReloadResult + Send + Sync + 'static,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let mut hangup = signal(SignalKind::hangup())?;
+    let (events_tx, mut events) = mpsc::channel::<()>(1);
+    let file_name = path.file_name().map(|n| n.to_owned());
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        let relevant = event.paths.iter().any(|p| {
+            p.file_name() == file_name.as_deref() || p.file_name().is_some_and(|n| n == "..data")
+        });
+        if relevant {
+            // A full channel already holds a pending reload.
+            let _ = events_tx.try_send(());
+        }
+    })
+    .map_err(std::io::Error::other)?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(std::io::Error::other)?;
+    let mut last_seen = std::fs::read(&path).ok();
+    Ok(tokio::spawn(async move {
+        // Owned by the task: dropping it stops the watch.
+        let _watcher = watcher;
+        loop {
+            let trigger = tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = hangup.recv() => "SIGHUP",
+                Some(()) = events.recv() => {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while events.try_recv().is_ok() {}
+                    "file change"
+                }
+            };
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    let error = format!("cannot read {}: {e}", path.display());
+                    tracing::warn!(%trigger, %error, "configuration reload rejected; the configuration in force stays");
+                    state.rejected(&error);
+                    continue;
+                }
+            };
+            if trigger == "file change" && last_seen.as_deref() == Some(&bytes[..]) {
+                continue;
+            }
+            last_seen = Some(bytes.clone());
+            let text = String::from_utf8_lossy(&bytes);
+            match reload(&text) {
+                Ok(restart) => {
+                    let version = state.applied(&text);
+                    tracing::info!(%trigger, version, "configuration reloaded");
+                    if !restart.is_empty() {
+                        tracing::warn!(
+                            settings = %restart.join(", "),
+                            "changed settings take effect at the next restart; the rest is in force"
+                        );
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%trigger, %error, "configuration reload rejected; the configuration in force stays");
+                    state.rejected(&error);
+                }
+            }
+        }
+    }))
+}
+
+/// The display name of a configuration file, for `/config`.
+pub fn source_name(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .display()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Snapshot;
+
+    #[test]
+    fn versions_count_and_secrets_are_masked() {
+        let registry = Registry::new();
+        let state = ConfigState::new(
+            &registry,
+            "agent.yaml",
+            Some("mirror: { percentage: 5 }\nredact: { hash_key: abc, hash_key_file: k }\n"),
+        );
+        let shown: serde_json::Value = serde_json::from_str(&state.render()).expect("json");
+        assert_eq!(shown["version"], 1);
+        assert_eq!(shown["config"]["mirror"]["percentage"], 5);
+        assert_eq!(shown["config"]["redact"]["hash_key"], "(masked)");
+        assert_eq!(shown["config"]["redact"]["hash_key_file"], "k");
+        state.rejected("bad");
+        assert_eq!(state.applied("mirror: { percentage: 6 }\n"), 2);
+        let shown: serde_json::Value = serde_json::from_str(&state.render()).expect("json");
+        assert_eq!(shown["config"]["mirror"]["percentage"], 6);
+        assert!(shown["last_rejected"].is_null());
+        let m = Snapshot::parse(&registry.render());
+        assert_eq!(m.get("teeway_config_reload_total{result=\"applied\"}"), 1.0);
+        assert_eq!(
+            m.get("teeway_config_reload_total{result=\"rejected\"}"),
+            1.0
+        );
+        assert_eq!(m.get(CONFIG_VERSION), 2.0);
+    }
+}
