@@ -330,8 +330,7 @@ fn compare_one(p: &PlannedRequest, r: &Recorded) -> Result<(), String> {
             return Err(format!("header {name}: {got:?} != {want:?}"));
         }
     }
-    if r
-        .headers
+    if r.headers
         .get(teeway_gateway::config::DEFAULT_MARKER_HEADER)
         .is_none_or(|v| v.is_empty())
     {

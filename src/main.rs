@@ -1,8 +1,8 @@
 //! The `teeway` command line: a thin layer over the agent, gateway and command libraries.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;

@@ -731,7 +731,11 @@ routes:
         assert_eq!(m.source_clusters, ["prod-eu-*"]);
         assert_eq!(m.request.path_prefix(), Some("/v1"));
         assert_eq!(r.targets.len(), 3);
-        assert_eq!(r.targets[0].timeout, Duration::from_secs(2), "route default");
+        assert_eq!(
+            r.targets[0].timeout,
+            Duration::from_secs(2),
+            "route default"
+        );
         assert_eq!(r.targets[0].percentage, 100.0);
         assert_eq!(r.targets[1].percentage, 10.0);
         assert_eq!(r.targets[1].timeout, Duration::from_secs(1));
@@ -756,8 +760,14 @@ routes:
         );
         assert_eq!(r.rewrite.path_prefix, Some(("/v1".into(), "/v2".into())));
         assert_eq!(r.rewrite.set_headers.len(), 1);
-        assert_eq!(r.rewrite.remove_headers, [HeaderName::from_static("x-debug")]);
-        assert_eq!(r.rewrite.marker, Some(HeaderName::from_static("x-mirrored-from")));
+        assert_eq!(
+            r.rewrite.remove_headers,
+            [HeaderName::from_static("x-debug")]
+        );
+        assert_eq!(
+            r.rewrite.marker,
+            Some(HeaderName::from_static("x-mirrored-from"))
+        );
         assert!(c.routes[1].matcher.is_none());
         assert_eq!(c.routes[1].rewrite.marker, None);
         assert_eq!(c.routes[1].rewrite.host, HostPolicy::AppendShadow);

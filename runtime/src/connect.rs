@@ -4,11 +4,14 @@
 //! the request URI keeps the client's own authority (so HTTP/2 `:authority` and the pool key stay
 //! what the client sent). The connector therefore ignores the URI and dials the configured host,
 //! resolving it with [`crate::dns::Resolver`] at each new connection, so DNS changes are followed
-//! while pooled connections are reused.
+//! while pooled connections are reused (hickory caches answers for their TTL). New connections
+//! start at successive addresses of the answer, so every replica behind a name gets its share;
+//! an address that refuses is skipped for the next.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,6 +29,8 @@ pub struct UpstreamConnector {
     port: u16,
     resolver: Resolver,
     connect_timeout: Duration,
+    /// Which address of the answer the next connection starts with.
+    next: Arc<AtomicUsize>,
 }
 
 impl UpstreamConnector {
@@ -36,6 +41,7 @@ impl UpstreamConnector {
             port,
             resolver,
             connect_timeout,
+            next: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -46,7 +52,8 @@ impl UpstreamConnector {
             .await
             .map_err(io::Error::other)?;
         let mut last_error = None;
-        for addr in addrs {
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % addrs.len().max(1);
+        for addr in addrs.iter().cycle().skip(start).take(addrs.len()).copied() {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     stream.set_nodelay(true)?;

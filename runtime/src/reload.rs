@@ -11,7 +11,8 @@
 //! The file's directory is watched rather than the file itself: editors and Kubernetes ConfigMap
 //! volumes replace a file by renaming another over it (a ConfigMap swaps a `..data` symlink),
 //! which a watch on the old inode would miss. Events are debounced, and a file whose bytes did
-//! not change is not reloaded again.
+//! not change since the last attempt is not reloaded again (so one edit followed by a SIGHUP is
+//! one reload, and a rejected file is not rejected twice).
 //!
 //! [`ConfigState`] keeps what `GET /config` shows: the document in force (with secret-looking
 //! values masked), its version, when and where it was loaded, and counts reloads in
@@ -220,7 +221,10 @@ pub fn watch(
                     continue;
                 }
             };
-            if trigger == "file change" && last_seen.as_deref() == Some(&bytes[..]) {
+            // The same bytes again (a watcher event and a SIGHUP for one edit, or an editor's
+            // touch) would only repeat the last verdict.
+            if last_seen.as_deref() == Some(&bytes[..]) {
+                tracing::info!(%trigger, "configuration file unchanged; nothing to reload");
                 continue;
             }
             last_seen = Some(bytes.clone());
