@@ -460,3 +460,37 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_path_samples_the_configured_share() {
+    use teeway_agent::metrics as am;
+    // 25% of 800 requests: mean 200, sd ~12.2. The bound is ±6 sd, generous on purpose: this
+    // checks the wiring on the real path; the precision is tested with a seeded RNG in
+    // agent::policy.
+    let stack = support::Stack::start(25.0).await;
+    let n = 800;
+    let mut client = KeepAlive::open(stack.agent.addr).await;
+    for i in 0..n {
+        assert_eq!(
+            client.send(get(&format!("/s/{i}"))).await,
+            Ok(StatusCode::OK)
+        );
+    }
+    let a = settle(
+        || stack.agent_metrics(),
+        |m| m.get(am::MIRROR_IN_FLIGHT) == 0.0,
+    )
+    .await;
+    support::assert_agent_identity(&a);
+    assert_eq!(a.get(am::REQUESTS_TOTAL), n as f64);
+    let mirrored = a.get(am::MIRRORED_TOTAL);
+    assert!(
+        (mirrored - 200.0).abs() <= 73.0,
+        "mirrored {mirrored} of {n}"
+    );
+    assert_eq!(
+        stack.recording.wait_for(mirrored as usize, LIMIT).await,
+        mirrored as usize
+    );
+    stack.stop().await;
+}
