@@ -102,7 +102,9 @@ impl Tee {
         received_at: SystemTime,
     ) -> Option<Copy> {
         self.accounting.requests.increment(1);
-        let policy = self.policy.load_full();
+        // A guard for the decision (no reference count touched); an owned `Arc` only for the
+        // sampled requests whose copy keeps the policy it was admitted under.
+        let policy = self.policy.load();
         if !policy.decide(method, uri, headers, || fastrand::u64(..)) {
             self.accounting.not_sampled.increment(1);
             return None;
@@ -112,6 +114,7 @@ impl Tee {
             ticket.dropped(DropReason::NoUplink);
             return None;
         }
+        let policy = arc_swap::Guard::into_inner(policy);
         let mut copy_headers = headers.clone();
         let uri = policy.redaction.apply(&mut copy_headers, uri);
         Some(Copy {

@@ -172,6 +172,11 @@ impl HostPolicy {
     }
 }
 
+/// Whether `agents.allow` (`None`: every agent) names `identity`.
+pub fn allowed(allow: Option<&[String]>, identity: &str) -> bool {
+    allow.is_none_or(|allow| allow.iter().any(|p| identity_matches(p, identity)))
+}
+
 /// Whether `identity` is named by `pattern`: equal, or `pattern` ends in `*` and `identity`
 /// starts with what precedes it.
 pub fn identity_matches(pattern: &str, identity: &str) -> bool {
@@ -665,9 +670,7 @@ impl GatewayConfig {
 
     /// Whether an agent with `identity` may connect.
     pub fn allows(&self, identity: &str) -> bool {
-        self.agents_allow
-            .as_ref()
-            .is_none_or(|allow| allow.iter().any(|p| identity_matches(p, identity)))
+        allowed(self.agents_allow.as_deref(), identity)
     }
 }
 
