@@ -16,8 +16,24 @@ use teeway::{certs, check, demo};
 #[derive(Debug, Parser)]
 #[command(name = "teeway", version, about)]
 struct Cli {
+    /// Log line format on stderr: `text` for people, `json` (one object a line) for log pipelines.
+    /// Which lines are written is set with RUST_LOG (for example `info`, `teeway_agent=debug`).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "TEEWAY_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,22 +169,33 @@ enum CertsCommand {
     },
 }
 
-fn init_logging(default: &str) {
+/// Logs to stderr, filtered by `RUST_LOG` (else `default`), in `format`.
+fn init_logging(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Fields at the top level, next to `level`, `target` and `timestamp`, so a pipeline can
+        // index `reason` or `identity` without unpacking a nested object.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let log_format = cli.log_format;
     teeway_wire::tls::install_default_provider();
     match cli.command {
         Command::Check { files } => {
-            init_logging("warn");
+            init_logging(log_format, "warn");
             let mut failed = false;
             for file in files {
                 match check::check_file(&file) {
@@ -194,7 +221,7 @@ fn main() -> ExitCode {
                     force,
                 },
         } => {
-            init_logging("warn");
+            init_logging(log_format, "warn");
             match certs::init(&certs::InitOptions {
                 dir,
                 gateway_names,
@@ -214,7 +241,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Agent { config: path } => {
-            init_logging("info");
+            init_logging(log_format, "info");
             // Validate everything before any port is bound.
             let config = match teeway_agent::AgentConfig::from_file(&path) {
                 Ok(c) => c,
@@ -242,7 +269,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Gateway { config: path } => {
-            init_logging("info");
+            init_logging(log_format, "info");
             let config = match teeway_gateway::GatewayConfig::from_file(&path) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
@@ -269,15 +296,15 @@ fn main() -> ExitCode {
             })
         }
         Command::Archive { command } => {
-            init_logging("warn");
+            init_logging(log_format, "warn");
             archive_command(command)
         }
         Command::Replay(args) => {
-            init_logging("warn");
+            init_logging(log_format, "warn");
             replay_command(args)
         }
         Command::Demo { requests, serve } => {
-            init_logging("warn");
+            init_logging(log_format, "warn");
             match runtime()
                 .and_then(|rt| rt.block_on(demo::run(demo::DemoOptions { requests, serve })))
             {

@@ -17,9 +17,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge};
+use teeway_runtime::logging::Throttle;
 use teeway_runtime::metrics::Registry;
 
 /// Requests seen by the agent's listener.
@@ -45,9 +45,6 @@ pub const UPLINK_CONNECTED: &str = "teeway_agent_uplink_connected";
 pub const UPLINK_CONNECTS_TOTAL: &str = "teeway_agent_uplink_connects_total";
 /// Responses the agent produced itself because the primary could not answer.
 pub const PRIMARY_ERRORS_TOTAL: &str = "teeway_agent_primary_errors_total";
-
-/// How often, at most, one drop reason is logged: drops are counted always, logged in summary.
-const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why a copy was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +119,10 @@ pub struct Accounting {
     pub(crate) primary_errors: Counter,
     held_bytes: AtomicU64,
     held_bytes_limit: u64,
-    drop_logs: [DropLog; 9],
-    started: Instant,
+    /// One log summary per drop reason (drops are counted always, logged in summary).
+    drop_logs: [Throttle; 9],
+    /// Primary failures, logged in summary for the same reason.
+    pub(crate) primary_error_log: Throttle,
 }
 
 impl std::fmt::Debug for Accounting {
@@ -190,8 +189,8 @@ impl Accounting {
             registry,
             held_bytes: AtomicU64::new(0),
             held_bytes_limit,
-            drop_logs: std::array::from_fn(|_| DropLog::default()),
-            started: Instant::now(),
+            drop_logs: std::array::from_fn(|_| Throttle::default()),
+            primary_error_log: Throttle::default(),
         }
     }
 
@@ -214,7 +213,13 @@ impl Accounting {
             Ok(()) => self.mirrored.increment(1),
             Err(reason) => {
                 self.dropped[reason.index()].increment(1);
-                self.drop_logs[reason.index()].note(reason, self.started);
+                if let Some(dropped) = self.drop_logs[reason.index()].note() {
+                    tracing::warn!(
+                        reason = reason.as_str(),
+                        dropped,
+                        "mirror copies dropped (one line a minute at most per reason; see {MIRROR_DROPPED_TOTAL})"
+                    );
+                }
             }
         }
         if held > 0 {
@@ -267,37 +272,6 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if let Some(acc) = self.accounting.take() {
             acc.resolve(self.held, Err(DropReason::Shutdown));
-        }
-    }
-}
-
-/// Logs one drop reason at most once per [`DROP_LOG_INTERVAL`], with the count since the last line.
-#[derive(Default)]
-struct DropLog {
-    /// Seconds since the agent started at the last log line, plus one (0: never logged).
-    last: AtomicU64,
-    since_last: AtomicU64,
-}
-
-impl DropLog {
-    fn note(&self, reason: DropReason, started: Instant) {
-        self.since_last.fetch_add(1, Ordering::Relaxed);
-        let now = started.elapsed().as_secs() + 1;
-        let last = self.last.load(Ordering::Relaxed);
-        if last != 0 && now < last + DROP_LOG_INTERVAL.as_secs() {
-            return;
-        }
-        if self
-            .last
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
-            let n = self.since_last.swap(0, Ordering::Relaxed);
-            tracing::warn!(
-                reason = reason.as_str(),
-                dropped = n,
-                "mirror copies dropped (logged at most once a minute per reason; see {MIRROR_DROPPED_TOTAL})"
-            );
         }
     }
 }

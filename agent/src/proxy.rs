@@ -28,7 +28,7 @@ use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::proxy::{add_forwarding, remove_hop_by_hop};
 
-use crate::metrics::Accounting;
+use crate::metrics::{Accounting, PRIMARY_ERRORS_TOTAL};
 use crate::tee::{Tee, TeeBody};
 
 /// How long an idle pooled connection to the primary is kept.
@@ -119,7 +119,13 @@ impl Proxy {
             }
             Err(e) => {
                 self.accounting.primary_errors.increment(1);
-                tracing::warn!(error = %error_chain(&e), "primary request failed; answering 502");
+                if let Some(failures) = self.accounting.primary_error_log.note() {
+                    tracing::warn!(
+                        error = %error_chain(&e),
+                        failures,
+                        "primary requests failed, answered 502 (one line a minute at most; see {PRIMARY_ERRORS_TOTAL})"
+                    );
+                }
                 bad_gateway()
             }
         }

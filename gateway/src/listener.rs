@@ -201,10 +201,14 @@ async fn serve_stream(
         Ok(b) => b,
         Err(quinn::ReadToEndError::TooLong) => {
             dispatcher.metrics.streams_rejected_too_large.increment(1);
-            tracing::warn!(
-                limit = MAX_STREAM_BYTES,
-                "stream larger than the protocol allows; resetting it"
-            );
+            if let Some(streams) = dispatcher.metrics.rejected_log.note() {
+                tracing::warn!(
+                    %identity,
+                    limit = MAX_STREAM_BYTES,
+                    streams,
+                    "streams larger than the protocol allows were reset (one line a minute at most)"
+                );
+            }
             reject(&mut send, &mut recv);
             return;
         }
@@ -274,7 +278,14 @@ async fn serve_stream(
         }
         Err(problem) => {
             dispatcher.metrics.streams_rejected_protocol.increment(1);
-            tracing::warn!(%problem, "protocol error; resetting the stream");
+            if let Some(streams) = dispatcher.metrics.rejected_log.note() {
+                tracing::warn!(
+                    %identity,
+                    %problem,
+                    streams,
+                    "streams broke the protocol and were reset (one line a minute at most)"
+                );
+            }
             reject(&mut send, &mut recv);
         }
     }

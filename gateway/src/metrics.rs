@@ -15,6 +15,7 @@
 //! failed is everything else, `rate_limited` and `overloaded` included.
 
 use metrics::{Counter, Gauge, Histogram};
+use teeway_runtime::logging::Throttle;
 use teeway_runtime::metrics::Registry;
 
 /// Records received from agents.
@@ -107,6 +108,8 @@ pub struct GatewayMetrics {
     pub(crate) received: Counter,
     replayed: [Counter; 5],
     failed: [Counter; 7],
+    /// One log summary per failure reason: failures can come at request rate.
+    failed_logs: [Throttle; 7],
     skipped: [Counter; 2],
     pub(crate) in_flight: Gauge,
     pub(crate) duration: Histogram,
@@ -116,6 +119,8 @@ pub struct GatewayMetrics {
     pub(crate) agents_connected: Gauge,
     pub(crate) streams_rejected_protocol: Counter,
     pub(crate) streams_rejected_too_large: Counter,
+    /// Refused streams, logged in summary (an authenticated peer could send many).
+    pub(crate) rejected_log: Throttle,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -172,6 +177,7 @@ impl GatewayMetrics {
             ),
             replayed,
             failed,
+            failed_logs: std::array::from_fn(|_| Throttle::default()),
             skipped,
             in_flight: r.gauge(REPLAY_IN_FLIGHT, "Replays under way", &[]),
             duration: r.histogram(
@@ -197,6 +203,7 @@ impl GatewayMetrics {
             agents_connected: r.gauge(AGENTS_CONNECTED, "Agents connected now", &[]),
             streams_rejected_protocol: rejected("protocol"),
             streams_rejected_too_large: rejected("too_large"),
+            rejected_log: Throttle::default(),
             registry: r,
         }
     }
@@ -220,5 +227,12 @@ impl GatewayMetrics {
     /// Counts a replay that did not complete.
     pub fn failed(&self, reason: FailReason) {
         self.failed[reason as usize].increment(1);
+        if let Some(failed) = self.failed_logs[reason as usize].note() {
+            tracing::warn!(
+                reason = reason.as_str(),
+                failed,
+                "replays failed (one line a minute at most per reason; see {REPLAY_FAILED_TOTAL})"
+            );
+        }
     }
 }

@@ -221,7 +221,7 @@ impl Target {
         let started = Instant::now();
         let exchange = async {
             let response = client.request(request).await.map_err(|e| {
-                tracing::debug!(target = %self.url, error = %e, "replay failed");
+                tracing::debug!(shadow = %self.url, error = %e, "replay failed");
                 if e.is_connect() {
                     FailReason::Connect
                 } else {

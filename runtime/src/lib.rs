@@ -17,11 +17,15 @@
 //! - [`proxy`]: HTTP proxy hygiene shared by the agent (to the primary) and the gateway (to
 //!   shadows).
 //! - [`shutdown`]: SIGTERM / SIGINT as a cancellation token.
+//! - [`logging`]: throttled summaries for events that can repeat at request rate.
+//! - [`reload`]: live configuration (and certificate) reload.
+//! - [`matching`]: request matchers shared by agent rules and gateway routes.
 
 pub mod admin;
 pub mod config;
 pub mod connect;
 pub mod dns;
+pub mod logging;
 pub mod matching;
 pub mod metrics;
 pub mod proxy;
