@@ -258,8 +258,10 @@ fn main() -> ExitCode {
                 let shutdown = CancellationToken::new();
                 teeway_runtime::shutdown::cancel_on_signal(shutdown.clone())?;
                 let reloading = agent.clone();
+                let tls_files = config.gateway.as_ref().map(|g| g.tls_files.to_vec());
                 teeway_runtime::reload::watch(
                     path,
+                    tls_files.unwrap_or_default(),
                     agent.config_state(),
                     move |text| reloading.reload_yaml(text, Path::new(".")),
                     shutdown.clone(),
@@ -287,6 +289,7 @@ fn main() -> ExitCode {
                 let reloading = gateway.clone();
                 teeway_runtime::reload::watch(
                     path,
+                    config.tls_files.to_vec(),
                     gateway.config_state(),
                     move |text| reloading.reload_yaml(text, Path::new(".")),
                     shutdown.clone(),

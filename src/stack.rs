@@ -64,6 +64,8 @@ pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig
     GatewayConfig {
         listen: ([127, 0, 0, 1], 0).into(),
         tls,
+        // Built in memory: no files to watch.
+        tls_files: Default::default(),
         agents_allow: None,
         routes: vec![RouteConfig {
             name: "routes[0]".into(),

@@ -17,7 +17,7 @@ use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
 use teeway_gateway::config::TargetConfig;
 use teeway_gateway::metrics as gm;
 
-use support::{admin_get, field, settle, Proc, LIMIT};
+use support::{admin_get, config_version, field, hangup, settle, settle_async, Proc, LIMIT};
 
 /// One HTTP/1.1 connection to `addr`, kept alive for every request sent on it: if the agent
 /// dropped the connection, the next request would fail.
@@ -272,24 +272,6 @@ routes:
     )
 }
 
-async fn config_version(admin: SocketAddr) -> (u64, String) {
-    let (status, body) = admin_get(admin, "/config").await;
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    (
-        v["version"].as_u64().expect("version"),
-        v["last_rejected"].as_str().unwrap_or_default().to_owned(),
-    )
-}
-
-fn hangup(p: &Proc) {
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &p.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_load_drop_nothing_and_reject_bad_configs() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -443,22 +425,6 @@ async fn reloads_under_load_drop_nothing_and_reject_bad_configs() {
 
     let _ = agent.terminate_and_wait();
     let _ = gateway.terminate_and_wait();
-}
-
-/// Polls an async read until `done` holds, within [`LIMIT`].
-async fn settle_async<T, F, Fut>(mut read: F, done: impl Fn(&T) -> bool) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = T>,
-{
-    let deadline = std::time::Instant::now() + LIMIT;
-    loop {
-        let value = read().await;
-        if done(&value) || std::time::Instant::now() > deadline {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,11 +27,12 @@
 use std::io;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
+use teeway_wire::tls::TlsMaterial;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -106,6 +107,15 @@ pub struct Agent {
     /// The mirror policy in force, shared with the tee.
     policy: Arc<ArcSwap<MirrorPolicy>>,
     config_state: Arc<ConfigState>,
+    /// The uplink's TLS material in force and, once running, the uplink's client configuration:
+    /// a reload with new certificates swaps it, and the next connection uses it.
+    uplink_tls: Mutex<UplinkTls>,
+}
+
+#[derive(Debug, Default)]
+struct UplinkTls {
+    material: Option<TlsMaterial>,
+    client_config: Option<Arc<ArcSwap<quinn::ClientConfig>>>,
 }
 
 impl Agent {
@@ -119,12 +129,28 @@ impl Agent {
         let accounting = Arc::new(Accounting::new(config.mirror.queue_bytes));
         let policy = config.mirror.policy.build(Some(accounting.registry()));
         let config_state = Arc::new(ConfigState::new(accounting.registry(), source, text));
+        accounting
+            .registry()
+            .gauge_owned(
+                metrics::AGENT_INFO,
+                "Always 1: the production cluster this agent serves and the teeway version",
+                &[
+                    ("cluster", config.cluster.clone()),
+                    ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                ],
+            )
+            .set(1.0);
+        let uplink_tls = Mutex::new(UplinkTls {
+            material: config.gateway.as_ref().map(|g| g.tls.clone()),
+            client_config: None,
+        });
         Self {
             config,
             accounting,
             uplink_state: Arc::new(UplinkState::default()),
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             config_state,
+            uplink_tls,
         }
     }
 
@@ -133,10 +159,34 @@ impl Agent {
     pub fn reload_yaml(&self, text: &str, base_dir: &Path) -> ReloadResult {
         let new = AgentConfig::from_yaml(text, base_dir).map_err(|e| e.to_string())?;
         let restart = new.restart_required(&self.config);
+        // Validate everything before swapping anything: whole or nothing.
+        let mut tls = self.lock_uplink_tls();
+        let gateway_moved = restart.iter().any(|r| r == "gateway");
+        let new_tls = match (&new.gateway, &tls.material) {
+            // Same gateway, other certificates: live (another gateway needs a restart).
+            (Some(g), Some(in_force)) if !gateway_moved && !g.tls.same_as(in_force) => {
+                let client_config =
+                    uplink::quic_client_config(&g.tls).map_err(|e| e.to_string())?;
+                Some((g.tls.clone(), client_config))
+            }
+            _ => None,
+        };
         self.policy.store(Arc::new(
             new.mirror.policy.build(Some(self.accounting.registry())),
         ));
+        if let Some((material, client_config)) = new_tls {
+            if let Some(handle) = &tls.client_config {
+                handle.store(Arc::new(client_config));
+            }
+            tls.material = Some(material);
+            tracing::info!("TLS material reloaded: the next uplink connection uses the new certificate and CA bundle");
+        }
         Ok(restart)
+    }
+
+    fn lock_uplink_tls(&self) -> std::sync::MutexGuard<'_, UplinkTls> {
+        // Plain data behind the lock: a panic elsewhere leaves it usable.
+        self.uplink_tls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What `GET /config` shows, and the reload counters.
@@ -180,13 +230,23 @@ impl Agent {
             None => (None, None),
         };
         let uplink = match &config.gateway {
-            Some(gateway) => Some(Uplink::new(
-                gateway.clone(),
-                &config.cluster,
-                resolver.clone(),
-                self.accounting.clone(),
-                self.uplink_state.clone(),
-            )?),
+            Some(gateway) => {
+                let mut tls = self.lock_uplink_tls();
+                let mut gateway = gateway.clone();
+                if let Some(material) = &tls.material {
+                    // Certificates reloaded before the run started.
+                    gateway.tls = material.clone();
+                }
+                let uplink = Uplink::new(
+                    gateway,
+                    &config.cluster,
+                    resolver.clone(),
+                    self.accounting.clone(),
+                    self.uplink_state.clone(),
+                )?;
+                tls.client_config = Some(uplink.client_config());
+                Some(uplink)
+            }
             None => None,
         };
         let tee = Arc::new(Tee::new(

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, Endpoint, VarInt};
@@ -30,6 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use teeway_runtime::dns::Resolver;
+use teeway_wire::tls::TlsMaterial;
 use teeway_wire::{
     codes, Frame, Hello, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, PROTOCOL_VERSION,
 };
@@ -101,7 +103,8 @@ impl UplinkState {
 /// The uplink task's configuration and state.
 pub struct Uplink {
     gateway: GatewayConfig,
-    client_config: quinn::ClientConfig,
+    /// Swapped by a reload that brings new certificates; each new connection loads it.
+    client_config: Arc<ArcSwap<quinn::ClientConfig>>,
     resolver: Resolver,
     accounting: Arc<Accounting>,
     state: Arc<UplinkState>,
@@ -121,6 +124,22 @@ impl std::fmt::Debug for Uplink {
     }
 }
 
+/// The QUIC client configuration for `tls`: mTLS, keep-alive, idle timeout.
+pub fn quic_client_config(tls: &TlsMaterial) -> Result<quinn::ClientConfig, UplinkError> {
+    let tls = teeway_wire::tls::client_config(tls)?;
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| UplinkError::Tls(e.to_string()))?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .map_err(|_| UplinkError::Tls("idle timeout out of range".into()))?,
+    ));
+    client_config.transport_config(Arc::new(transport));
+    Ok(client_config)
+}
+
 /// What ended a connected session.
 enum SessionEnd {
     /// The connection was lost; reconnect.
@@ -138,17 +157,7 @@ impl Uplink {
         accounting: Arc<Accounting>,
         state: Arc<UplinkState>,
     ) -> Result<Self, UplinkError> {
-        let tls = teeway_wire::tls::client_config(&gateway.tls)?;
-        let quic = QuicClientConfig::try_from(tls).map_err(|e| UplinkError::Tls(e.to_string()))?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(KEEP_ALIVE));
-        transport.max_idle_timeout(Some(
-            IDLE_TIMEOUT
-                .try_into()
-                .map_err(|_| UplinkError::Tls("idle timeout out of range".into()))?,
-        ));
-        client_config.transport_config(Arc::new(transport));
+        let client_config = Arc::new(ArcSwap::from_pointee(quic_client_config(&gateway.tls)?));
         Ok(Self {
             gateway,
             client_config,
@@ -159,6 +168,11 @@ impl Uplink {
             endpoint_v4: None,
             endpoint_v6: None,
         })
+    }
+
+    /// The client configuration new connections use; a reload stores a new one here.
+    pub fn client_config(&self) -> Arc<ArcSwap<quinn::ClientConfig>> {
+        self.client_config.clone()
     }
 
     /// Runs until `drain` is cancelled and the queue is sent, or `grace` after `drain` at most.
@@ -364,7 +378,11 @@ impl Uplink {
     ) -> Result<(Connection, Welcome), UplinkError> {
         let endpoint = self.endpoint_for(addr)?;
         let conn = endpoint
-            .connect_with(self.client_config.clone(), addr, &self.gateway.server_name)
+            .connect_with(
+                quinn::ClientConfig::clone(&self.client_config.load()),
+                addr,
+                &self.gateway.server_name,
+            )
             .map_err(|e| UplinkError::Connect { addr, source: e })?
             .await
             .map_err(|e| UplinkError::Connection { addr, source: e })?;

@@ -2,7 +2,7 @@
 //! bound. The README's configuration reference documents every key.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
@@ -30,6 +30,8 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// CA that agents' certificates must chain to, and the gateway's own certificate and key.
     pub tls: TlsMaterial,
+    /// The files `tls` was read from (watched: a change reloads them).
+    pub tls_files: [PathBuf; 3],
     /// Agent identities (from the certificate SAN) allowed to connect; `None` allows every
     /// certificate the CA signed.
     pub agents_allow: Option<Vec<String>>,
@@ -233,6 +235,7 @@ impl GatewayConfig {
         let tls = match (ca, cert, key) {
             (Some(ca), Some(cert), Some(key)) => {
                 TlsMaterial::load_checked(&ca, &cert, &key, Role::Gateway)
+                    .map(|material| (material, [ca, cert, key]))
                     .map_err(|e| {
                         p.push(
                             t.path_of("cert"),
@@ -302,9 +305,10 @@ impl GatewayConfig {
 
         p.finish(())?;
         match (listen, tls) {
-            (Some(listen), Some(tls)) => Ok(GatewayConfig {
+            (Some(listen), Some((tls, tls_files))) => Ok(GatewayConfig {
                 listen,
                 tls,
+                tls_files,
                 agents_allow,
                 routes,
                 archive,
@@ -652,9 +656,6 @@ impl GatewayConfig {
         let mut changed = Vec::new();
         if self.listen != old.listen {
             changed.push("listen".to_owned());
-        }
-        if !self.tls.same_as(&old.tls) {
-            changed.push("tls".to_owned());
         }
         if self.archive != old.archive {
             changed.push("archive".to_owned());

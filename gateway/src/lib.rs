@@ -26,7 +26,7 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -165,6 +165,16 @@ pub struct Gateway {
     routing: Arc<ArcSwap<Routing>>,
     resolver: OnceLock<Resolver>,
     config_state: Arc<ConfigState>,
+    /// The QUIC endpoint once running, and the TLS material it serves: a reload that brings new
+    /// certificates gives the endpoint a new server configuration (new handshakes use it;
+    /// connections already made keep theirs).
+    tls: Mutex<TlsInForce>,
+}
+
+#[derive(Debug)]
+struct TlsInForce {
+    material: teeway_wire::tls::TlsMaterial,
+    endpoint: Option<Endpoint>,
 }
 
 impl Gateway {
@@ -177,12 +187,17 @@ impl Gateway {
     pub fn with_source(config: GatewayConfig, source: &str, text: Option<&str>) -> Self {
         let metrics = Arc::new(GatewayMetrics::new());
         let config_state = Arc::new(ConfigState::new(metrics.registry(), source, text));
+        let tls = Mutex::new(TlsInForce {
+            material: config.tls.clone(),
+            endpoint: None,
+        });
         Self {
             config,
             metrics,
             routing: Arc::new(ArcSwap::from_pointee(Routing::default())),
             resolver: OnceLock::new(),
             config_state,
+            tls,
         }
     }
 
@@ -209,7 +224,23 @@ impl Gateway {
         };
         let old = self.routing.load_full();
         let routing = Routing::build(&new, &resolver, Some(&old)).map_err(|e| e.to_string())?;
+        // Everything is validated before anything is swapped: whole or nothing.
+        let mut tls = self.lock_tls();
+        let new_tls = if tls.material.same_as(&new.tls) {
+            None
+        } else {
+            Some(quic_server_config(&new.tls).map_err(|e| e.to_string())?)
+        };
         self.routing.store(Arc::new(routing));
+        if let Some(server_config) = new_tls {
+            if let Some(endpoint) = &tls.endpoint {
+                endpoint.set_server_config(Some(server_config));
+            }
+            tls.material = new.tls.clone();
+            tracing::info!(
+                "TLS material reloaded: new agent handshakes use the new certificate and CA bundle"
+            );
+        }
         Ok(new.restart_required(&self.config))
     }
 
@@ -286,27 +317,42 @@ impl Gateway {
     }
 
     fn endpoint(&self, socket: std::net::UdpSocket) -> Result<Endpoint, GatewayError> {
-        let tls = teeway_wire::tls::server_config(&self.config.tls)
-            .map_err(|e| GatewayError::Tls(e.to_string()))?;
-        let quic = QuicServerConfig::try_from(tls).map_err(|e| GatewayError::Tls(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        let mut transport = quinn::TransportConfig::default();
-        transport.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_AGENT));
-        transport.max_concurrent_uni_streams(VarInt::from_u32(0));
-        transport.max_idle_timeout(Some(
-            IDLE_TIMEOUT
-                .try_into()
-                .map_err(|_| GatewayError::Tls("idle timeout out of range".into()))?,
-        ));
-        server.transport_config(Arc::new(transport));
-        Endpoint::new(
+        let mut tls = self.lock_tls();
+        let endpoint = Endpoint::new(
             EndpointConfig::default(),
-            Some(server),
+            Some(quic_server_config(&tls.material)?),
             socket,
             Arc::new(TokioRuntime),
         )
-        .map_err(GatewayError::Endpoint)
+        .map_err(GatewayError::Endpoint)?;
+        tls.endpoint = Some(endpoint.clone());
+        Ok(endpoint)
     }
+
+    fn lock_tls(&self) -> std::sync::MutexGuard<'_, TlsInForce> {
+        // Plain data behind the lock: a panic elsewhere leaves it usable.
+        self.tls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The QUIC server configuration for `material`: mTLS, stream limits, idle timeout.
+fn quic_server_config(
+    material: &teeway_wire::tls::TlsMaterial,
+) -> Result<quinn::ServerConfig, GatewayError> {
+    let tls =
+        teeway_wire::tls::server_config(material).map_err(|e| GatewayError::Tls(e.to_string()))?;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| GatewayError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_AGENT));
+    transport.max_concurrent_uni_streams(VarInt::from_u32(0));
+    transport.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .map_err(|_| GatewayError::Tls("idle timeout out of range".into()))?,
+    ));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
 }
 
 /// Runs a gateway for `config` on `listeners` until `shutdown`; see [`Gateway::run`].

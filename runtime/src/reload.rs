@@ -4,13 +4,16 @@
 //! [`watch`] turns both triggers into calls of one `reload` function, which the agent and the
 //! gateway implement: parse and validate the whole text, then swap the parts that can change live
 //! (policies and routes, behind `arc-swap`), so requests in flight finish under the config they
-//! started with and no connection is touched. Parts bound at start (listen addresses, TLS, the
-//! gateway address, queues, the archive) are compared and, when they differ, named in a warning:
-//! they take effect at the next restart.
+//! started with and no connection is touched. TLS material (certificates, keys, CA bundles) is
+//! re-read too and, when it changed, used for every new handshake: connections already made keep
+//! theirs, so a rotation needs no restart. Parts bound at start (listen addresses, the gateway
+//! address, queues, the archive) are compared and, when they differ, named in a warning: they
+//! take effect at the next restart.
 //!
-//! The file's directory is watched rather than the file itself: editors and Kubernetes ConfigMap
-//! volumes replace a file by renaming another over it (a ConfigMap swaps a `..data` symlink),
-//! which a watch on the old inode would miss. Events are debounced, and a file whose bytes did
+//! The configuration file and the TLS files it names are watched, by their directories rather
+//! than the files themselves: editors and Kubernetes volumes replace a file by renaming another
+//! over it (a ConfigMap or Secret volume swaps a `..data` symlink), which a watch on the old inode
+//! would miss. Events are debounced, and a file whose bytes did
 //! not change since the last attempt is not reloaded again (so one edit followed by a SIGHUP is
 //! one reload, and a rejected file is not rejected twice).
 //!
@@ -166,28 +169,38 @@ fn mask_secrets(v: &mut serde_json::Value) {
 /// or the reason the new configuration was rejected.
 pub type ReloadResult = Result<Vec<String>, String>;
 
-/// Reloads `path` on SIGHUP and whenever the file changes, until `shutdown`, by calling `reload`
-/// with its text. Failures to read the file count as rejections and are logged.
+/// Reloads `path` on SIGHUP and whenever it or one of `also_watched` (the TLS files it names)
+/// changes, until `shutdown`, by calling `reload` with its text. Failures to read the file count
+/// as rejections and are logged.
+///
+/// The set of `also_watched` files is fixed when the watch starts: a reload that names other
+/// certificate files reads them, but their later changes need a SIGHUP until the next restart.
 pub fn watch(
     path: PathBuf,
+    also_watched: Vec<PathBuf>,
     state: Arc<ConfigState>,
     reload: impl Fn(&str) -> ReloadResult + Send + Sync + 'static,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let mut hangup = signal(SignalKind::hangup())?;
     let (events_tx, mut events) = mpsc::channel::<()>(1);
-    let file_name = path.file_name().map(|n| n.to_owned());
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let files: Vec<PathBuf> = std::iter::once(path.clone())
+        .chain(also_watched.iter().cloned())
+        .collect();
+    let names: Vec<_> = files
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+        .collect();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
             return;
         }
+        // Kubernetes volumes (ConfigMap, Secret) swap a `..data` symlink; editors rename a new
+        // file over the old name. Either shows up as an event naming one of these.
         let relevant = event.paths.iter().any(|p| {
-            p.file_name() == file_name.as_deref() || p.file_name().is_some_and(|n| n == "..data")
+            p.file_name()
+                .is_some_and(|n| n == "..data" || names.iter().any(|name| name == n))
         });
         if relevant {
             // A full channel already holds a pending reload.
@@ -195,10 +208,15 @@ pub fn watch(
         }
     })
     .map_err(std::io::Error::other)?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(std::io::Error::other)?;
-    let mut last_seen = std::fs::read(&path).ok();
+    let mut dirs: Vec<PathBuf> = files.iter().map(|f| parent_dir(f)).collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in &dirs {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(|e| std::io::Error::other(format!("cannot watch {}: {e}", dir.display())))?;
+    }
+    let mut last_seen = fingerprint(&files);
     Ok(tokio::spawn(async move {
         // Owned by the task: dropping it stops the watch.
         let _watcher = watcher;
@@ -223,11 +241,12 @@ pub fn watch(
             };
             // The same bytes again (a watcher event and a SIGHUP for one edit, or an editor's
             // touch) would only repeat the last verdict.
-            if last_seen.as_deref() == Some(&bytes[..]) {
-                tracing::info!(%trigger, "configuration file unchanged; nothing to reload");
+            let seen = fingerprint(&files);
+            if seen == last_seen {
+                tracing::info!(%trigger, "configuration and certificate files unchanged; nothing to reload");
                 continue;
             }
-            last_seen = Some(bytes.clone());
+            last_seen = seen;
             let text = String::from_utf8_lossy(&bytes);
             match reload(&text) {
                 Ok(restart) => {
@@ -247,6 +266,20 @@ pub fn watch(
             }
         }
     }))
+}
+
+/// The directory holding `file` (`.` for a bare name).
+fn parent_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The contents of every watched file (an unreadable one as `None`), to tell a real change from
+/// a repeated event.
+fn fingerprint(files: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
+    files.iter().map(|f| std::fs::read(f).ok()).collect()
 }
 
 /// The display name of a configuration file, for `/config`.

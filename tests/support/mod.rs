@@ -204,3 +204,39 @@ pub fn field(line: &str, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} in: {line}"))
         .to_owned()
 }
+
+/// The `/config` version and last rejection of a process's admin listener.
+pub async fn config_version(admin: SocketAddr) -> (u64, String) {
+    let (status, body) = admin_get(admin, "/config").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    (
+        v["version"].as_u64().expect("version"),
+        v["last_rejected"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Sends SIGHUP (reload) to a process.
+pub fn hangup(p: &Proc) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &p.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// Polls an async read until `done` holds, within [`LIMIT`].
+pub async fn settle_async<T, F, Fut>(mut read: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let value = read().await;
+        if done(&value) || std::time::Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
