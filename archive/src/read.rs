@@ -138,8 +138,13 @@ impl ReadStats {
     }
 }
 
-/// The archive files `paths` stand for: files as given, directories by their archive files in
-/// name order.
+/// How deep [`discover`] looks under a directory it is given: enough for one directory per
+/// gateway replica (`archive/<pod>/`) and a level of grouping above it.
+const MAX_DEPTH: usize = 3;
+
+/// The archive files `paths` stand for: files as given; directories by the archive files in
+/// them and in their subdirectories (one per gateway replica, say), in name order. Segment
+/// names start with their UTC opening time, so name order interleaves replicas by time.
 pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReadError> {
     let mut files = Vec::new();
     for path in paths {
@@ -151,15 +156,8 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReadError> {
             files.push(path.clone());
             continue;
         }
-        let entries = std::fs::read_dir(path).map_err(|source| ReadError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let mut found: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.is_file() && is_archive_name(p))
-            .collect();
+        let mut found = Vec::new();
+        collect(path, MAX_DEPTH, &mut found)?;
         if found.is_empty() {
             return Err(ReadError::Empty(path.clone()));
         }
@@ -167,6 +165,21 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReadError> {
         files.extend(found);
     }
     Ok(files)
+}
+
+fn collect(dir: &Path, depth: usize, found: &mut Vec<PathBuf>) -> Result<(), ReadError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ReadError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+        if path.is_file() && is_archive_name(&path) {
+            found.push(path);
+        } else if path.is_dir() && depth > 0 {
+            collect(&path, depth - 1, found)?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether a file name looks like an archive file (any format, compression or `.partial`).
@@ -572,6 +585,45 @@ pub(crate) mod tests {
         let first: Vec<u64> = narrow.by_ref().map(|r| r.unix_nanos()).collect();
         assert_eq!(first, [30, 10, 20, 50, 40]);
         assert_eq!(narrow.stats.reordered, 3);
+    }
+
+    #[test]
+    fn directories_are_searched_per_replica_and_merged_in_name_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("gateway-a");
+        let b = dir.path().join("gateway-b");
+        let deep = dir.path().join("1").join("2").join("3").join("4");
+        for d in [&a, &b, &deep] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        for (d, name) in [
+            (&a, "teeway-20261121T000002Z-000000.twa"),
+            (&b, "teeway-20261121T000001Z-000000.twa"),
+            (&a, "teeway-20261121T000003Z-000001.twa.partial"),
+            (&a, "notes.txt"),
+            (&deep, "teeway-20261121T000000Z-000000.twa"),
+        ] {
+            std::fs::write(d.join(name), b"").expect("write");
+        }
+        let found = discover(&[dir.path().to_owned()]).expect("discover");
+        let names: Vec<_> = found
+            .iter()
+            .map(|p| {
+                p.strip_prefix(dir.path())
+                    .expect("under")
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "gateway-b/teeway-20261121T000001Z-000000.twa",
+                "gateway-a/teeway-20261121T000002Z-000000.twa",
+                "gateway-a/teeway-20261121T000003Z-000001.twa.partial",
+            ],
+            "replicas interleaved by time; too deep and non-archive files left out"
+        );
     }
 
     #[test]
