@@ -43,6 +43,9 @@ pub const MIRROR_HELD_BYTES: &str = "teeway_agent_mirror_held_bytes";
 pub const UPLINK_CONNECTED: &str = "teeway_agent_uplink_connected";
 /// Uplink connection attempts, by result.
 pub const UPLINK_CONNECTS_TOTAL: &str = "teeway_agent_uplink_connects_total";
+/// Always 1; its labels say which production cluster this agent serves (`cluster`) and which
+/// teeway version runs (`version`), for dashboards to group by.
+pub const AGENT_INFO: &str = "teeway_agent_info";
 /// Responses the agent produced itself because the primary could not answer.
 pub const PRIMARY_ERRORS_TOTAL: &str = "teeway_agent_primary_errors_total";
 

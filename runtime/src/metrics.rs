@@ -81,6 +81,27 @@ impl Registry {
         self.recorder.register_counter(&key, &metadata())
     }
 
+    /// Registers (or finds) a gauge whose label values are known only at run time (an info
+    /// metric such as `teeway_agent_info{cluster="..."}`: one series per process).
+    pub fn gauge_owned(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, String)],
+    ) -> Gauge {
+        self.recorder.describe_gauge(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        let labels = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.clone()))
+            .collect::<Vec<_>>();
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &metadata())
+    }
+
     /// Registers (or finds) a gauge and records its help text.
     pub fn gauge(
         &self,

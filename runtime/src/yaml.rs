@@ -19,6 +19,20 @@ pub fn parse(text: &str) -> Result<Value, YamlError> {
     serde_yaml::from_str(text).map_err(|e| YamlError(e.to_string()))
 }
 
+/// Parses a stream of YAML documents separated by `---` (Kubernetes manifests); empty
+/// documents are left out.
+pub fn parse_all(text: &str) -> Result<Vec<Value>, YamlError> {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = Value::deserialize(doc).map_err(|e| YamlError(e.to_string()))?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -30,5 +44,16 @@ mod tests {
         let err = parse("a: [unclosed\n").expect_err("invalid");
         assert!(err.to_string().contains("line"), "{err}");
         assert!(parse("").expect("empty").as_mapping().is_some());
+    }
+
+    #[test]
+    fn parses_a_stream_of_documents() {
+        let docs = parse_all("kind: A\n---\n---\nkind: B\n").expect("valid");
+        let kinds: Vec<_> = docs
+            .iter()
+            .filter_map(|d| d.get("kind")?.as_str())
+            .collect();
+        assert_eq!(kinds, ["A", "B"]);
+        assert!(parse_all("a: [\n---\nb: 1\n").is_err());
     }
 }

@@ -1,0 +1,386 @@
+//! What `deploy/` ships is checked, not trusted:
+//!
+//! - every Kubernetes manifest validates against the Kubernetes schemas (`kubernetes-validate`
+//!   from PyPI, which carries them: works offline); custom resources (cert-manager, Prometheus
+//!   operator) have no schema there and must be of a known kind; every file a kustomization
+//!   names exists and every manifest belongs to a kustomization;
+//! - every teeway configuration shipped in a ConfigMap passes `teeway check`, with certificates
+//!   where the pod mounts them;
+//! - every metric the Grafana dashboard and the alert rules query is one the running binaries
+//!   export.
+//!
+//! Without `kubernetes-validate` on PATH the schema test says so and skips, unless
+//! `TEEWAY_REQUIRE_TOOLS` is set (CI sets it after installing the tool): then it fails.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use teeway::sample;
+use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
+use teeway_runtime::yaml::{self, Value};
+
+use support::admin_get;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// The oldest Kubernetes minor the manifests are written for.
+const KUBERNETES_VERSION: &str = "1.30.0";
+/// Custom resources the manifests use; the Kubernetes schemas do not describe them.
+const CUSTOM_KINDS: [(&str, &str); 5] = [
+    ("cert-manager.io/v1", "Issuer"),
+    ("cert-manager.io/v1", "Certificate"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+];
+
+fn k8s_dir() -> PathBuf {
+    Path::new(ROOT).join("deploy/k8s")
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read_dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml") {
+            out.push(path);
+        }
+    }
+    out.sort();
+}
+
+fn load(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).expect("read");
+    yaml::parse_all(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_sequence)
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What the kustomizations under deploy/k8s say: the manifests they list and the teeway
+/// configuration files their ConfigMap generators embed.
+#[derive(Default)]
+struct Layout {
+    kustomizations: Vec<PathBuf>,
+    manifests: BTreeSet<PathBuf>,
+    configs: BTreeSet<PathBuf>,
+}
+
+fn layout() -> Layout {
+    let mut files = Vec::new();
+    yaml_files(&k8s_dir(), &mut files);
+    let mut layout = Layout::default();
+    for file in files
+        .iter()
+        .filter(|f| f.file_name().is_some_and(|n| n == "kustomization.yaml"))
+    {
+        let dir = file.parent().expect("parent");
+        let doc = load(file).remove(0);
+        for resource in strings(doc.get("resources")) {
+            let path = dir.join(&resource);
+            assert!(
+                path.exists(),
+                "{} names {resource}, which does not exist",
+                file.display()
+            );
+            if path.is_file() {
+                layout.manifests.insert(path.canonicalize().expect("path"));
+            }
+        }
+        for generator in doc
+            .get("configMapGenerator")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            for name in strings(generator.get("files")) {
+                let path = dir.join(&name);
+                assert!(path.is_file(), "{} embeds {name}: missing", file.display());
+                layout.configs.insert(path.canonicalize().expect("path"));
+            }
+        }
+        layout.kustomizations.push(file.clone());
+    }
+    for file in &files {
+        let file = file.canonicalize().expect("path");
+        let known = layout.manifests.contains(&file)
+            || layout.configs.contains(&file)
+            || file.ends_with("kustomization.yaml");
+        assert!(
+            known,
+            "{} is in no kustomization: apply would skip it",
+            file.display()
+        );
+    }
+    layout
+}
+
+fn tool_missing(tool: &str, why: &str) {
+    if std::env::var_os("TEEWAY_REQUIRE_TOOLS").is_some() {
+        panic!("{tool} is required (TEEWAY_REQUIRE_TOOLS is set) but not found: {why}");
+    }
+    eprintln!("SKIPPED: {tool} not found ({why}); `pip install kubernetes-validate` to run this");
+}
+
+#[test]
+fn manifests_validate_against_the_kubernetes_schemas() {
+    let layout = layout();
+    assert!(!layout.kustomizations.is_empty(), "no kustomization found");
+    assert!(!layout.manifests.is_empty(), "no manifest found");
+
+    // Custom resources: known kinds, named, with a spec.
+    let mut custom = 0;
+    for file in &layout.manifests {
+        for doc in load(file) {
+            let api = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+            let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+            assert!(
+                !api.is_empty() && !kind.is_empty(),
+                "{}: a document without apiVersion/kind",
+                file.display()
+            );
+            let name = doc.get("metadata").and_then(|m| m.get("name"));
+            assert!(name.is_some(), "{}: {kind} has no name", file.display());
+            if api.contains(".io/") && !api.contains("k8s.io/") {
+                assert!(
+                    CUSTOM_KINDS.contains(&(api, kind)),
+                    "{}: unexpected custom resource {api} {kind}",
+                    file.display()
+                );
+                assert!(
+                    doc.get("spec").is_some(),
+                    "{}: {kind} has no spec",
+                    file.display()
+                );
+                custom += 1;
+            }
+        }
+    }
+    assert!(
+        custom > 0,
+        "the cert-manager and monitoring resources are checked"
+    );
+
+    let output = match Command::new("kubernetes-validate")
+        .args(["--strict", "-k", KUBERNETES_VERSION])
+        .args(&layout.manifests)
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) => return tool_missing("kubernetes-validate", &e.to_string()),
+    };
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let passed = report.matches(" passed for resource ").count();
+    let problems: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.starts_with("INFO"))
+        .filter(|l| {
+            // Custom resources were checked above.
+            !(l.starts_with("WARN")
+                && l.contains("Couldn't find schema for kind")
+                && CUSTOM_KINDS
+                    .iter()
+                    .any(|(api, kind)| l.contains(&format!("kind {kind} with api version {api}"))))
+        })
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(
+        output.status.success() && problems.is_empty(),
+        "manifests do not validate:\n{report}"
+    );
+    assert!(passed > 0, "nothing was validated:\n{report}");
+    println!(
+        "validated {passed} resources in {} files against Kubernetes {KUBERNETES_VERSION}",
+        layout.manifests.len()
+    );
+}
+
+#[test]
+fn every_shipped_teeway_config_passes_check() {
+    let layout = layout();
+    assert!(!layout.configs.is_empty(), "no teeway config in deploy/k8s");
+    // The pods run in /etc/teeway with the config under config/ and cert-manager's Secret under
+    // tls/: recreate that, with certificates made now.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = Command::new(env!("CARGO_BIN_EXE_teeway"))
+        .args(["certs", "init", "--dir", "made"])
+        .current_dir(tmp.path())
+        .output()
+        .expect("certs");
+    assert!(out.status.success(), "{out:?}");
+    for config in &layout.configs {
+        let text = std::fs::read_to_string(config).expect("read");
+        let doc = yaml::parse(&text).expect("yaml");
+        let role = if doc.get("primary").is_some() {
+            "agent"
+        } else {
+            "gateway"
+        };
+        let pod = tmp.path().join(format!("pod-{role}"));
+        std::fs::create_dir_all(pod.join("config")).expect("mkdir");
+        std::fs::create_dir_all(pod.join("tls")).expect("mkdir");
+        let made = tmp.path().join("made");
+        for (from, to) in [
+            ("ca.pem".to_owned(), "ca.crt"),
+            (format!("{role}.pem"), "tls.crt"),
+            (format!("{role}.key"), "tls.key"),
+        ] {
+            std::fs::copy(made.join(from), pod.join("tls").join(to)).expect("copy");
+        }
+        let name = config.file_name().expect("name");
+        std::fs::write(pod.join("config").join(name), &text).expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_teeway"))
+            .arg("check")
+            .arg(Path::new("config").join(name))
+            .current_dir(&pod)
+            .output()
+            .expect("check");
+        assert!(
+            out.status.success(),
+            "{} fails teeway check:\n{}",
+            config.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// Metric names in a PromQL expression: identifiers starting `teeway_`.
+fn metric_names(expr: &str, out: &mut BTreeSet<String>) {
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(at) = expr[i..].find("teeway_") {
+        let start = i + at;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = expr[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(expr.len(), |e| start + e);
+        if boundary {
+            out.insert(expr[start..end].to_owned());
+        }
+        i = end;
+    }
+}
+
+fn json_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr" | "definition", serde_json::Value::String(s)) => out.push(s.clone()),
+                    ("query", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => json_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| json_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// Series names in Prometheus text (`name{...} value` or `name value`).
+fn exported(text: &str, out: &mut BTreeSet<String>) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let end = line.find(['{', ' ']).unwrap_or(line.len());
+        out.insert(line[..end].to_owned());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
+    // Queried: the dashboard's expressions and every alert rule's.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(ROOT).join("deploy/grafana/teeway.json"))
+            .expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    json_exprs(&dashboard, &mut exprs);
+    let mut rules = 0;
+    for file in &layout().manifests {
+        for doc in load(file) {
+            if doc.get("kind").and_then(Value::as_str) != Some("PrometheusRule") {
+                continue;
+            }
+            let groups = doc.get("spec").and_then(|s| s.get("groups"));
+            for group in groups.and_then(Value::as_sequence).into_iter().flatten() {
+                for rule in group
+                    .get("rules")
+                    .and_then(Value::as_sequence)
+                    .into_iter()
+                    .flatten()
+                {
+                    let expr = rule.get("expr").and_then(Value::as_str).expect("expr");
+                    exprs.push(expr.to_owned());
+                    rules += 1;
+                }
+            }
+        }
+    }
+    assert!(rules > 0, "no alert rule found");
+    let mut queried = BTreeSet::new();
+    for e in &exprs {
+        metric_names(e, &mut queried);
+    }
+    assert!(queried.len() > 10, "too few metrics found: {queried:?}");
+
+    // Exported: a running agent and gateway (with an archive) after real traffic.
+    teeway_wire::tls::install_default_provider();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pki = Pki::generate("prod-eu-1").expect("pki");
+    let primary = sample::start_primary().await.expect("primary");
+    let (shadow, seen) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
+    let mut gw = stack::gateway_config(pki.gateway_material(), &[shadow.addr]);
+    gw.archive = Some(teeway_archive::ArchiveConfig::new(
+        tmp.path().join("archive"),
+        teeway_archive::Format::Teeway,
+    ));
+    let gateway = RunningGateway::start(gw).await.expect("gateway");
+    let agent = RunningAgent::start(stack::agent_config(
+        pki.agent_material(),
+        primary.addr,
+        gateway.addr,
+        100.0,
+    ))
+    .await
+    .expect("agent");
+    agent.agent.wait_connected(true).await;
+    for i in 0..5 {
+        let (status, _) = admin_get(agent.addr, &format!("/d/{i}")).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(seen.wait_for(5, support::LIMIT).await, 5);
+    let mut names = BTreeSet::new();
+    for admin in [agent.admin, gateway.admin] {
+        let admin = admin.expect("admin listener");
+        let (status, body) = admin_get(admin, "/metrics").await;
+        assert_eq!(status, 200);
+        exported(&body, &mut names);
+    }
+    let missing: Vec<_> = queried.difference(&names).collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not exported: {missing:?}\nexported: {names:?}"
+    );
+    println!("{} metrics queried, all exported", queried.len());
+    agent.stop().await.expect("agent");
+    gateway.stop().await.expect("gateway");
+}
