@@ -216,7 +216,7 @@ pub fn watch(
             .watch(dir, RecursiveMode::NonRecursive)
             .map_err(|e| std::io::Error::other(format!("cannot watch {}: {e}", dir.display())))?;
     }
-    let mut last_seen = fingerprint(&files);
+    let mut last_seen = fingerprint(std::fs::read(&path).ok().as_deref(), &also_watched);
     Ok(tokio::spawn(async move {
         // Owned by the task: dropping it stops the watch.
         let _watcher = watcher;
@@ -240,8 +240,11 @@ pub fn watch(
                 }
             };
             // The same bytes again (a watcher event and a SIGHUP for one edit, or an editor's
-            // touch) would only repeat the last verdict.
-            let seen = fingerprint(&files);
+            // touch) would only repeat the last verdict. The configuration's part of the
+            // fingerprint is the very text reloaded: read twice, a write landing in between
+            // would be recorded as seen without ever being applied. (TLS files are read again
+            // by the reload, never older than here: a later change triggers another reload.)
+            let seen = fingerprint(Some(&bytes), &also_watched);
             if seen == last_seen {
                 tracing::info!(%trigger, "configuration and certificate files unchanged; nothing to reload");
                 continue;
@@ -276,10 +279,12 @@ fn parent_dir(file: &Path) -> PathBuf {
     }
 }
 
-/// The contents of every watched file (an unreadable one as `None`), to tell a real change from
-/// a repeated event.
-fn fingerprint(files: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
-    files.iter().map(|f| std::fs::read(f).ok()).collect()
+/// The configuration's bytes and those of every other watched file (an unreadable one as
+/// `None`), to tell a real change from a repeated event.
+fn fingerprint(config: Option<&[u8]>, also_watched: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
+    std::iter::once(config.map(<[u8]>::to_vec))
+        .chain(also_watched.iter().map(|f| std::fs::read(f).ok()))
+        .collect()
 }
 
 /// The display name of a configuration file, for `/config`.
