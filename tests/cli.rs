@@ -228,3 +228,35 @@ async fn agent_and_gateway_processes_mirror_and_drain_on_sigterm() {
     let status = gateway.terminate_and_wait();
     assert!(status.success(), "gateway exit status {status}");
 }
+
+#[test]
+fn json_logs_are_one_object_a_line_with_the_fields_at_the_top() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    certs(tmp.path());
+    std::fs::write(
+        tmp.path().join("gateway.yaml"),
+        "listen: 127.0.0.1:0\ntls: { ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }\nroutes:\n  - targets: [http://127.0.0.1:9]\n",
+    )
+    .expect("write");
+    // The flag after the subcommand, as the Kubernetes manifests pass it.
+    let gateway = Proc::spawn(
+        tmp.path(),
+        &[
+            "gateway",
+            "--config",
+            "gateway.yaml",
+            "--log-format",
+            "json",
+        ],
+    );
+    let line = gateway.wait_for_line("gateway serving");
+    let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON object");
+    assert_eq!(event["level"], "INFO", "{line}");
+    assert_eq!(event["message"], "gateway serving", "{line}");
+    assert_eq!(event["target"], "teeway_gateway", "{line}");
+    let listen = event["listen"].as_str().expect("fields at the top level");
+    assert!(listen.starts_with("127.0.0.1:"), "{line}");
+    assert!(event["timestamp"].is_string(), "{line}");
+    let status = gateway.terminate_and_wait();
+    assert!(status.success(), "{status:?}");
+}

@@ -308,6 +308,8 @@ impl Gateway {
         }
         endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"gateway shutting down");
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
+        // Stopped: a later reload has no endpoint to reconfigure, and the socket is released.
+        self.lock_tls().endpoint = None;
         admin_stop.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;
