@@ -17,13 +17,10 @@ mod support;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use teeway::sample;
-use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
 use teeway_runtime::yaml::{self, Value};
 
-use support::admin_get;
+use support::{admin_get, Stack};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The oldest Kubernetes minor the manifests are written for.
@@ -343,33 +340,26 @@ async fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
     assert!(queried.len() > 10, "too few metrics found: {queried:?}");
 
     // Exported: a running agent and gateway (with an archive) after real traffic.
-    teeway_wire::tls::install_default_provider();
     let tmp = tempfile::tempdir().expect("tmp");
-    let pki = Pki::generate("prod-eu-1").expect("pki");
-    let primary = sample::start_primary().await.expect("primary");
-    let (shadow, seen) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-    let mut gw = stack::gateway_config(pki.gateway_material(), &[shadow.addr]);
-    gw.archive = Some(teeway_archive::ArchiveConfig::new(
-        tmp.path().join("archive"),
-        teeway_archive::Format::Teeway,
-    ));
-    let gateway = RunningGateway::start(gw).await.expect("gateway");
-    let agent = RunningAgent::start(stack::agent_config(
-        pki.agent_material(),
-        primary.addr,
-        gateway.addr,
+    let stack = Stack::start_configured(
         100.0,
-    ))
-    .await
-    .expect("agent");
-    agent.agent.wait_connected(true).await;
+        |gateway| {
+            gateway.archive = Some(teeway_archive::ArchiveConfig::new(
+                tmp.path().join("archive"),
+                teeway_archive::Format::Teeway,
+            ));
+        },
+        |_| {},
+    )
+    .await;
     for i in 0..5 {
-        let (status, _) = admin_get(agent.addr, &format!("/d/{i}")).await;
+        let (status, _) = admin_get(stack.agent.addr, &format!("/d/{i}")).await;
         assert_eq!(status, 200);
     }
-    assert_eq!(seen.wait_for(5, support::LIMIT).await, 5);
+    assert_eq!(stack.recording.wait_for(5, support::LIMIT).await, 5);
+    let gateway_admin = stack.gateway.as_ref().and_then(|g| g.admin);
     let mut names = BTreeSet::new();
-    for admin in [agent.admin, gateway.admin] {
+    for admin in [stack.agent.admin, gateway_admin] {
         let admin = admin.expect("admin listener");
         let (status, body) = admin_get(admin, "/metrics").await;
         assert_eq!(status, 200);
@@ -381,6 +371,5 @@ async fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
         "queried but not exported: {missing:?}\nexported: {names:?}"
     );
     println!("{} metrics queried, all exported", queried.len());
-    agent.stop().await.expect("agent");
-    gateway.stop().await.expect("gateway");
+    stack.stop().await;
 }

@@ -44,16 +44,24 @@ impl Stack {
         percentage: f64,
         adjust: impl FnOnce(&mut teeway_agent::AgentConfig),
     ) -> Stack {
+        Self::start_configured(percentage, |_| {}, adjust).await
+    }
+
+    /// As [`Stack::start`], with a chance to adjust the gateway's and the agent's configurations.
+    pub async fn start_configured(
+        percentage: f64,
+        adjust_gateway: impl FnOnce(&mut teeway_gateway::GatewayConfig),
+        adjust: impl FnOnce(&mut teeway_agent::AgentConfig),
+    ) -> Stack {
         teeway_wire::tls::install_default_provider();
         let pki = Pki::generate("test-agent").expect("pki");
         let primary = sample::start_primary().await.expect("primary");
         let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-        let gateway = RunningGateway::start(stack::gateway_config(
-            pki.gateway_material(),
-            &[shadow.addr],
-        ))
-        .await
-        .expect("gateway");
+        let mut gateway_config = stack::gateway_config(pki.gateway_material(), &[shadow.addr]);
+        adjust_gateway(&mut gateway_config);
+        let gateway = RunningGateway::start(gateway_config)
+            .await
+            .expect("gateway");
         let mut config =
             stack::agent_config(pki.agent_material(), primary.addr, gateway.addr, percentage);
         adjust(&mut config);
