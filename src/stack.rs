@@ -63,6 +63,7 @@ pub fn loopback_target(addr: SocketAddr) -> HttpTarget {
 pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig {
     GatewayConfig {
         listen: ([127, 0, 0, 1], 0).into(),
+        transports: Default::default(),
         tls,
         // Built in memory: no files to watch.
         tls_files: Default::default(),
@@ -109,6 +110,8 @@ pub fn agent_config(
             host: gateway.ip().to_string(),
             port: gateway.port(),
             server_name: "localhost".into(),
+            transport: Default::default(),
+            nameservers: Vec::new(),
             tls,
             tls_files: Default::default(),
         }),
@@ -136,7 +139,7 @@ impl RunningGateway {
     /// Binds and starts a gateway.
     pub async fn start(config: GatewayConfig) -> anyhow::Result<Self> {
         let listeners = GatewayListeners::bind(&config).await?;
-        let addr = listeners.quic.local_addr()?;
+        let addr = listeners.local_addr()?;
         let admin = listeners
             .admin
             .as_ref()

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use teeway_archive::ArchiveConfig;
 
+use crate::link::Transport;
 use crate::policy::PolicyConfig;
 use teeway_runtime::config::{
     self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
@@ -78,8 +79,12 @@ impl MirrorConfig {
 pub struct GatewayConfig {
     /// Host name or IP of the gateway, resolved with hickory at each connection attempt.
     pub host: String,
-    /// UDP port of the gateway.
+    /// Port of the gateway (UDP for QUIC, TCP for TLS; the gateway listens on both).
     pub port: u16,
+    /// `quic`, `tls` (TLS 1.3 over TCP) or `auto` (QUIC, falling back to TLS).
+    pub transport: Transport,
+    /// DNS servers to resolve `host` with instead of the system's; empty: the system's.
+    pub nameservers: Vec<SocketAddr>,
     /// Name the gateway's certificate must carry.
     pub server_name: String,
     /// CA bundle, the agent's certificate and key.
@@ -297,7 +302,11 @@ impl AgentConfig {
             match (&self.gateway, &old.gateway) {
                 (Some(a), Some(b)) => {
                     // Certificates are not compared: they reload live.
-                    a.host == b.host && a.port == b.port && a.server_name == b.server_name
+                    a.host == b.host
+                        && a.port == b.port
+                        && a.server_name == b.server_name
+                        && a.transport == b.transport
+                        && a.nameservers == b.nameservers
                 }
                 (None, None) => true,
                 _ => false,
@@ -367,11 +376,34 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
             .ok(),
         _ => None,
     };
+    let transport = g
+        .optional(
+            p,
+            "transport",
+            "use quic, tls (TLS 1.3 over TCP, for networks that block UDP) or auto (QUIC, falling back to TLS)",
+            |v| match cfg::string(v)?.as_str() {
+                "quic" => Ok(Transport::Quic),
+                "tls" => Ok(Transport::Tls),
+                "auto" => Ok(Transport::Auto),
+                other => Err(format!("`{other}` is not a transport")),
+            },
+        )
+        .unwrap_or_default();
+    let nameservers = g
+        .list(
+            p,
+            "nameservers",
+            "give DNS servers as ip:port, for example `nameservers: [10.0.0.10:53]`",
+            cfg::socket_addr,
+        )
+        .unwrap_or_default();
     let (host, port) = address?;
     Some(GatewayConfig {
         server_name: server_name.unwrap_or_else(|| host.clone()),
         host,
         port,
+        transport,
+        nameservers,
         tls: tls?,
         tls_files: [ca?, cert?, key?],
     })

@@ -70,6 +70,24 @@ pub enum UplinkError {
         /// The limit.
         after: Duration,
     },
+    /// The TCP connection or its TLS handshake failed (TLS-over-TCP transport).
+    #[error("TLS over TCP to gateway {addr} failed: {detail}")]
+    Tcp {
+        /// The gateway address.
+        addr: SocketAddr,
+        /// What happened.
+        detail: String,
+    },
+    /// `transport: auto` tried both transports and neither worked.
+    #[error("gateway {addr} unreachable over QUIC ({quic}) and over TLS/TCP ({tls})")]
+    BothTransports {
+        /// The gateway address.
+        addr: SocketAddr,
+        /// Why QUIC failed.
+        quic: String,
+        /// Why TLS over TCP failed.
+        tls: String,
+    },
     /// The gateway sent bytes that are not a valid frame.
     #[error("gateway sent an invalid frame: {0}")]
     Protocol(teeway_wire::DecodeError),

@@ -7,7 +7,8 @@
 //! - [`proxy`]: the inline reverse proxy (HTTP/1.1 and HTTP/2) in front of the primary.
 //! - [`policy`]: mirror rules, consistent sampling, redaction, the body-size policy.
 //! - [`tee`]: applying the policy, copying bodies as they stream, the bounded queue.
-//! - [`uplink`]: the QUIC connection to the gateway, batches and acknowledgements.
+//! - [`uplink`]: links to every gateway address, spreading batches, reconnecting with backoff.
+//! - [`link`]: one connection over QUIC or TLS over TCP, and the batch exchange on it.
 //! - [`metrics`]: metric names and the accounting that makes every request add up.
 //! - [`error`]: the agent's errors.
 //!
@@ -45,6 +46,7 @@ use teeway_runtime::reload::{ConfigState, ReloadResult};
 
 pub mod config;
 pub mod error;
+pub mod link;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -56,6 +58,7 @@ pub use error::{AgentError, UplinkError};
 
 use teeway_archive::{Archive, ArchiveDrop, Outcome, Record};
 
+use crate::link::ClientConfigs;
 use crate::metrics::{Accounting, DropReason};
 use crate::policy::MirrorPolicy;
 use crate::proxy::Proxy;
@@ -115,7 +118,7 @@ pub struct Agent {
 #[derive(Debug, Default)]
 struct UplinkTls {
     material: Option<TlsMaterial>,
-    client_config: Option<Arc<ArcSwap<quinn::ClientConfig>>>,
+    client_configs: Option<Arc<ArcSwap<ClientConfigs>>>,
 }
 
 impl Agent {
@@ -142,7 +145,7 @@ impl Agent {
             .set(1.0);
         let uplink_tls = Mutex::new(UplinkTls {
             material: config.gateway.as_ref().map(|g| g.tls.clone()),
-            client_config: None,
+            client_configs: None,
         });
         Self {
             config,
@@ -165,18 +168,17 @@ impl Agent {
         let new_tls = match (&new.gateway, &tls.material) {
             // Same gateway, other certificates: live (another gateway needs a restart).
             (Some(g), Some(in_force)) if !gateway_moved && !g.tls.same_as(in_force) => {
-                let client_config =
-                    uplink::quic_client_config(&g.tls).map_err(|e| e.to_string())?;
-                Some((g.tls.clone(), client_config))
+                let configs = uplink::client_configs(&g.tls).map_err(|e| e.to_string())?;
+                Some((g.tls.clone(), configs))
             }
             _ => None,
         };
         self.policy.store(Arc::new(
             new.mirror.policy.build(Some(self.accounting.registry())),
         ));
-        if let Some((material, client_config)) = new_tls {
-            if let Some(handle) = &tls.client_config {
-                handle.store(Arc::new(client_config));
+        if let Some((material, configs)) = new_tls {
+            if let Some(handle) = &tls.client_configs {
+                handle.store(Arc::new(configs));
             }
             tls.material = Some(material);
             tracing::info!("TLS material reloaded: the next uplink connection uses the new certificate and CA bundle");
@@ -237,14 +239,19 @@ impl Agent {
                     // Certificates reloaded before the run started.
                     gateway.tls = material.clone();
                 }
+                let gateway_resolver = if gateway.nameservers.is_empty() {
+                    resolver.clone()
+                } else {
+                    Resolver::with_nameservers(&gateway.nameservers)?
+                };
                 let uplink = Uplink::new(
                     gateway,
                     &config.cluster,
-                    resolver.clone(),
+                    gateway_resolver,
                     self.accounting.clone(),
                     self.uplink_state.clone(),
                 )?;
-                tls.client_config = Some(uplink.client_config());
+                tls.client_configs = Some(uplink.client_configs());
                 Some(uplink)
             }
             None => None,

@@ -41,6 +41,8 @@ pub const MIRROR_IN_FLIGHT: &str = "teeway_agent_mirror_in_flight";
 pub const MIRROR_HELD_BYTES: &str = "teeway_agent_mirror_held_bytes";
 /// 1 while the uplink is connected and welcomed by a gateway, else 0.
 pub const UPLINK_CONNECTED: &str = "teeway_agent_uplink_connected";
+/// Live links: gateways that have welcomed this agent and are taking batches.
+pub const UPLINK_LINKS: &str = "teeway_agent_uplink_links";
 /// Uplink connection attempts, by result.
 pub const UPLINK_CONNECTS_TOTAL: &str = "teeway_agent_uplink_connects_total";
 /// Always 1; its labels say which production cluster this agent serves (`cluster`) and which
@@ -117,6 +119,7 @@ pub struct Accounting {
     in_flight: Gauge,
     held_bytes_gauge: Gauge,
     pub(crate) uplink_connected: Gauge,
+    pub(crate) uplink_links: Gauge,
     pub(crate) connects_ok: Counter,
     pub(crate) connects_failed: Counter,
     pub(crate) primary_errors: Counter,
@@ -172,6 +175,11 @@ impl Accounting {
             uplink_connected: registry.gauge(
                 UPLINK_CONNECTED,
                 "1 while the uplink to a gateway is up",
+                &[],
+            ),
+            uplink_links: registry.gauge(
+                UPLINK_LINKS,
+                "Gateways this agent has a welcomed link to",
                 &[],
             ),
             connects_ok: registry.counter(

@@ -1,48 +1,60 @@
-//! The uplink: one mTLS QUIC connection to a gateway, fed by the tee's queue.
+//! The uplink: links to every gateway the configured name resolves to, fed by the tee's queue.
 //!
 //! ```text
-//! tee ──try_send──▶ queue (bounded) ──▶ uplink task ──batch per bi stream──▶ gateway
-//!                                              ◀──────────── ACK(n) ────────────
+//!                                                   ┌─ link ─▶ gateway 10.0.0.7 (QUIC)
+//! tee ──try_send──▶ queue (bounded) ──▶ uplink task ┼─ link ─▶ gateway 10.0.0.8 (QUIC)
+//!                                                   └─ link ─▶ gateway 10.0.0.9 (TLS/TCP)
+//!                                    ◀──────────── ACK(n) per batch ────────────
 //! ```
 //!
-//! The task connects (resolving the gateway's name with hickory each time), greets the gateway on
-//! a first stream (`HELLO` / `WELCOME`: only a welcome proves the gateway accepted our
-//! certificate, since a QUIC client learns of a refused certificate late), then takes copies off
-//! the queue in batches: whatever is waiting, up to [`MAX_BATCH_RECORDS`] records or
-//! [`MAX_BATCH_BYTES`]. Each batch travels on its own bidirectional stream and is resolved by the
-//! gateway's `ACK`: mirrored when acknowledged, `rejected` when the gateway refused the stream,
-//! `uplink_error` when the connection failed first. At most [`MAX_IN_FLIGHT_BATCHES`] are in
-//! flight; when they are all out, copies wait in the queue, and when the queue is full the tee
-//! drops them. While there is no connection the queue is emptied as `no_uplink` drops, never
-//! hoarded. Reconnection backs off exponentially with jitter, capped at [`BACKOFF_MAX`].
+//! **Addresses.** The gateway's name is resolved with hickory; every A and AAAA record is a
+//! gateway (a headless Service names each replica). The name is resolved again when the answer's
+//! TTL runs out and whenever a link fails, so replicas that come and go are followed. Each address
+//! has a supervisor task that keeps one [`Link`] to it up: it connects (QUIC, TLS over TCP, or QUIC
+//! falling back to TLS, per `gateway.transport`), reports the link when the gateway has answered
+//! `HELLO` with `WELCOME`, and after a failure reconnects with capped exponential backoff with
+//! jitter ([`backoff`]); a gateway that accepts and drops at once keeps the backoff growing, so a
+//! flapping gateway never causes a tight loop.
+//!
+//! **Batches.** The task takes copies off the queue in batches (whatever is waiting, up to
+//! [`MAX_BATCH_RECORDS`] records or [`MAX_BATCH_BYTES`]) and sends each on the live link with the
+//! fewest batches outstanding, so load spreads across gateways and moves off a slow one. A batch
+//! is resolved by the gateway's `ACK`: mirrored when acknowledged, `rejected` when the gateway
+//! refused it, `uplink_error` when the link failed first (never retried elsewhere: the gateway may
+//! have replayed it). At most [`MAX_IN_FLIGHT_BATCHES`] batches are out at once across all links;
+//! when they are, copies wait in the queue, and when the queue is full the tee drops them. When a
+//! link dies the others take the next batch at once; while no link is up the queue is emptied as
+//! `no_uplink` drops, never hoarded.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{Connection, Endpoint, VarInt};
+use quinn::{Endpoint, VarInt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use teeway_runtime::dns::Resolver;
+use teeway_runtime::logging::Throttle;
 use teeway_wire::tls::TlsMaterial;
-use teeway_wire::{
-    codes, Frame, Hello, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, PROTOCOL_VERSION,
-};
+use teeway_wire::{codes, Frame, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
 
 use crate::config::GatewayConfig;
 use crate::error::UplinkError;
+use crate::link::{BatchFailure, ClientConfigs, Dialer, Link};
 use crate::metrics::{Accounting, DropReason, Ticket};
 use crate::tee::Queued;
 
-/// Batches on the wire at once. Enough to keep a long-haul link busy (32 batches of up to 256
-/// records per round trip), few enough that unacknowledged copies stay a bounded amount.
+/// Batches on the wire at once, across all links. Enough to keep a long-haul link busy (32
+/// batches of up to 256 records per round trip), few enough that unacknowledged copies stay a
+/// bounded amount.
 pub const MAX_IN_FLIGHT_BATCHES: usize = 32;
 /// First reconnection delay.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(50);
@@ -51,18 +63,20 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A connection that lived this long was healthy: the next failure starts the backoff afresh.
 /// A gateway that accepts and then drops at once keeps the backoff growing instead.
 const HEALTHY_AFTER: Duration = Duration::from_secs(5);
-/// Time allowed for the QUIC handshake plus `HELLO` / `WELCOME`.
+/// Time allowed for one handshake: transport, TLS and `HELLO` / `WELCOME`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for a batch to be written and acknowledged.
 const ACK_TIMEOUT: Duration = Duration::from_secs(15);
-/// Keep-alive on the connection, so idle links through NATs and load balancers stay open.
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// A connection silent for this long is considered dead.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest reply read on a stream (a `WELCOME` or an `ACK`).
-const MAX_REPLY_BYTES: usize = 64 * 1024;
 /// Time allowed at exit for the close to reach the gateway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bounds on when the gateway's name is resolved again: never sooner than this after the last
+/// lookup (a failing link asks for one), never later than [`RESOLVE_MAX_AGE`] (hickory answers
+/// from its cache until the TTL runs out, so asking is cheap).
+const RESOLVE_MIN_GAP: Duration = Duration::from_secs(1);
+/// See [`RESOLVE_MIN_GAP`].
+const RESOLVE_MAX_AGE: Duration = Duration::from_secs(30);
+/// Time allowed for one lookup.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether the uplink is connected, shared with the admin listener and with callers that want
 /// to wait for it.
@@ -82,7 +96,7 @@ impl Default for UplinkState {
 }
 
 impl UplinkState {
-    /// Whether a gateway has welcomed this agent on the current connection.
+    /// Whether at least one gateway has welcomed this agent on a live link.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
@@ -102,54 +116,62 @@ impl UplinkState {
 
 /// The uplink task's configuration and state.
 pub struct Uplink {
+    shared: Arc<Shared>,
+    resolver: Resolver,
+    state: Arc<UplinkState>,
+}
+
+/// What the uplink task and its supervisors share.
+struct Shared {
     gateway: GatewayConfig,
     /// Swapped by a reload that brings new certificates; each new connection loads it.
-    client_config: Arc<ArcSwap<quinn::ClientConfig>>,
-    resolver: Resolver,
+    configs: Arc<ArcSwap<ClientConfigs>>,
     accounting: Arc<Accounting>,
-    state: Arc<UplinkState>,
     source_cluster: String,
-    endpoint_v4: Option<Endpoint>,
-    endpoint_v6: Option<Endpoint>,
+    /// One UDP socket per address family, shared by every QUIC link; made on first use.
+    endpoints: Mutex<[Option<Endpoint>; 2]>,
+    /// "Cannot reach" warnings, at most one a minute across supervisors.
+    unreachable_log: Throttle,
 }
 
 impl std::fmt::Debug for Uplink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = &self.shared.gateway;
         f.debug_struct("Uplink")
-            .field(
-                "gateway",
-                &format_args!("{}:{}", self.gateway.host, self.gateway.port),
-            )
+            .field("gateway", &format_args!("{}:{}", g.host, g.port))
             .finish_non_exhaustive()
     }
 }
 
-/// The QUIC client configuration for `tls`: mTLS, keep-alive, idle timeout.
-pub fn quic_client_config(tls: &TlsMaterial) -> Result<quinn::ClientConfig, UplinkError> {
-    let tls = teeway_wire::tls::client_config(tls)?;
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| UplinkError::Tls(e.to_string()))?;
-    let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(KEEP_ALIVE));
-    transport.max_idle_timeout(Some(
-        IDLE_TIMEOUT
-            .try_into()
-            .map_err(|_| UplinkError::Tls("idle timeout out of range".into()))?,
-    ));
-    client_config.transport_config(Arc::new(transport));
-    Ok(client_config)
+/// Client configurations for `tls` (see [`ClientConfigs::new`]).
+pub fn client_configs(tls: &TlsMaterial) -> Result<ClientConfigs, UplinkError> {
+    ClientConfigs::new(tls)
 }
 
-/// What ended a connected session.
-enum SessionEnd {
-    /// The connection was lost; reconnect.
-    Lost,
-    /// The queue is closed and empty, and every batch resolved: done.
-    Drained,
+/// What supervisors tell the uplink task.
+enum Event {
+    /// A link to `addr` is up and welcomed.
+    Up {
+        addr: SocketAddr,
+        link: Link,
+        welcome: Welcome,
+    },
+    /// The link to `addr` is gone (or its address left the DNS answer).
+    Down { addr: SocketAddr, reason: String },
+    /// A lookup finished.
+    Resolved(Result<(Vec<SocketAddr>, Instant), String>),
+}
+
+/// A live link and its batches.
+struct Live {
+    addr: SocketAddr,
+    link: Link,
+    /// The link's batches under way; its length is the link's load.
+    batches: TaskTracker,
 }
 
 impl Uplink {
-    /// Builds the QUIC client configuration; fails only on unusable TLS material.
+    /// Builds the client configurations; fails only on unusable TLS material.
     pub fn new(
         gateway: GatewayConfig,
         source_cluster: &str,
@@ -157,180 +179,114 @@ impl Uplink {
         accounting: Arc<Accounting>,
         state: Arc<UplinkState>,
     ) -> Result<Self, UplinkError> {
-        let client_config = Arc::new(ArcSwap::from_pointee(quic_client_config(&gateway.tls)?));
+        let configs = Arc::new(ArcSwap::from_pointee(ClientConfigs::new(&gateway.tls)?));
         Ok(Self {
-            gateway,
-            client_config,
+            shared: Arc::new(Shared {
+                gateway,
+                configs,
+                accounting,
+                source_cluster: source_cluster.to_owned(),
+                endpoints: Mutex::new([None, None]),
+                unreachable_log: Throttle::default(),
+            }),
             resolver,
-            accounting,
             state,
-            source_cluster: source_cluster.to_owned(),
-            endpoint_v4: None,
-            endpoint_v6: None,
         })
     }
 
-    /// The client configuration new connections use; a reload stores a new one here.
-    pub fn client_config(&self) -> Arc<ArcSwap<quinn::ClientConfig>> {
-        self.client_config.clone()
+    /// The client configurations new connections use; a reload stores new ones here.
+    pub fn client_configs(&self) -> Arc<ArcSwap<ClientConfigs>> {
+        self.shared.configs.clone()
     }
 
     /// Runs until `drain` is cancelled and the queue is sent, or `grace` after `drain` at most.
     /// Whatever is left then is counted as `shutdown` drops.
     pub async fn run(
-        mut self,
+        self,
         mut queue_rx: mpsc::Receiver<Queued>,
         drain: CancellationToken,
         grace: Duration,
     ) {
         let mut drain = Drain::new(drain, grace);
-        let mut failures: u32 = 0;
-        loop {
-            // Disconnected: connect, emptying the queue as `no_uplink` meanwhile.
-            let connected = {
-                let connect = self.connect();
-                tokio::pin!(connect);
-                loop {
-                    tokio::select! {
-                        result = &mut connect => break Some(result),
-                        q = queue_rx.recv() => match q {
-                            Some(q) => q.ticket.dropped(DropReason::NoUplink),
-                            None => break None,
-                        },
-                        () = drain.started(), if !drain.is_started() => drain.start(&mut queue_rx),
-                        () = drain.deadline(), if drain.is_started() => break None,
-                    }
-                }
-            };
-            let (conn, welcome) = match connected {
-                None => break,
-                Some(Ok(pair)) => pair,
-                Some(Err(e)) => {
-                    self.accounting.connects_failed.increment(1);
-                    let delay = backoff(failures);
-                    failures = failures.saturating_add(1);
-                    if failures == 1 || failures.is_multiple_of(20) {
-                        tracing::warn!(error = %e, attempts = failures, retry_in = ?delay, "cannot reach the gateway; copies are dropped as no_uplink until it answers");
-                    } else {
-                        tracing::debug!(error = %e, retry_in = ?delay, "gateway connection attempt failed");
-                    }
-                    if !self.wait_backoff(delay, &mut queue_rx, &mut drain).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            self.accounting.connects_ok.increment(1);
-            // Ready first, then say so: whoever reads the log line may probe /readyz at once.
-            self.set_connected(true);
-            tracing::info!(
-                gateway = %conn.remote_address(),
-                identity = %welcome.agent_identity,
-                gateway_software = %welcome.software,
-                "uplink connected"
-            );
-            let since = Instant::now();
-            let end = self.session(&conn, &mut queue_rx, &mut drain).await;
-            self.set_connected(false);
-            match end {
-                SessionEnd::Drained => {
-                    conn.close(VarInt::from_u32(codes::SHUTDOWN), b"agent shutting down");
-                    break;
-                }
-                SessionEnd::Lost => {
-                    let reason = conn
-                        .close_reason()
-                        .map(|r| r.to_string())
-                        .unwrap_or_default();
-                    tracing::warn!(%reason, "uplink lost; reconnecting");
-                    if since.elapsed() >= HEALTHY_AFTER {
-                        failures = 0;
-                    }
-                    if !self
-                        .wait_backoff(backoff(failures), &mut queue_rx, &mut drain)
-                        .await
-                    {
-                        break;
-                    }
-                    failures = failures.saturating_add(1);
-                }
-            }
-        }
-        // Whatever is still queued now will never be sent.
-        queue_rx.close();
-        while let Ok(q) = queue_rx.try_recv() {
-            q.ticket.dropped(DropReason::Shutdown);
-        }
-        for endpoint in [self.endpoint_v4.take(), self.endpoint_v6.take()]
-            .into_iter()
-            .flatten()
-        {
-            endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"agent shutting down");
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
-        }
-    }
-
-    fn set_connected(&self, up: bool) {
-        self.state.set(up);
-        self.accounting
-            .uplink_connected
-            .set(if up { 1.0 } else { 0.0 });
-    }
-
-    /// Sleeps `delay`, emptying the queue as `no_uplink`; `false` when it is time to stop.
-    async fn wait_backoff(
-        &self,
-        delay: Duration,
-        queue_rx: &mut mpsc::Receiver<Queued>,
-        drain: &mut Drain,
-    ) -> bool {
-        let sleep = tokio::time::sleep(delay);
-        tokio::pin!(sleep);
-        loop {
-            tokio::select! {
-                () = &mut sleep => return true,
-                q = queue_rx.recv() => match q {
-                    Some(q) => q.ticket.dropped(DropReason::NoUplink),
-                    None => return false,
-                },
-                () = drain.started(), if !drain.is_started() => drain.start(queue_rx),
-                () = drain.deadline(), if drain.is_started() => return false,
-            }
-        }
-    }
-
-    /// Sends batches over `conn` until it is lost or the queue is closed and drained.
-    async fn session(
-        &self,
-        conn: &Connection,
-        queue_rx: &mut mpsc::Receiver<Queued>,
-        drain: &mut Drain,
-    ) -> SessionEnd {
+        let (events_tx, mut events_rx) = mpsc::channel(64);
+        let mut supervisors: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+        let supervisor_tasks = TaskTracker::new();
+        let mut live: Vec<Live> = Vec::new();
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BATCHES));
+        let mut permit: Option<OwnedSemaphorePermit> = None;
         let mut batches = JoinSet::new();
+        let mut next_lookup = Some(Instant::now());
+        let mut last_lookup: Option<Instant> = None;
+        let mut rotate = 0usize;
         let end = loop {
             // Reap finished batch tasks so the set does not grow.
             while batches.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                permit = in_flight.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break SessionEnd::Lost,
+            let lookup_due = next_lookup.unwrap_or_else(far_future);
+            tokio::select! {
+                () = drain.deadline(), if drain.is_started() => break SessionEnd::GraceOver,
+                () = drain.started(), if !drain.is_started() => drain.start(&mut queue_rx),
+                () = tokio::time::sleep_until(lookup_due), if next_lookup.is_some() => {
+                    next_lookup = None;
+                    last_lookup = Some(Instant::now());
+                    self.spawn_lookup(events_tx.clone());
+                }
+                Some(event) = events_rx.recv() => match event {
+                    Event::Resolved(Ok((addrs, valid_until))) => {
+                        let now = Instant::now();
+                        next_lookup = Some(valid_until.clamp(now + RESOLVE_MIN_GAP, now + RESOLVE_MAX_AGE));
+                        self.follow(&addrs, &mut supervisors, &supervisor_tasks, &events_tx);
+                    }
+                    Event::Resolved(Err(e)) => {
+                        if self.shared.unreachable_log.note().is_some() {
+                            tracing::warn!(error = %e, host = %self.shared.gateway.host, "cannot resolve the gateway; keeping the addresses known so far");
+                        }
+                        next_lookup = Some(Instant::now() + RESOLVE_MIN_GAP);
+                    }
+                    Event::Up { addr, link, welcome } => {
+                        tracing::info!(
+                            gateway = %addr,
+                            transport = link.transport(),
+                            identity = %welcome.agent_identity,
+                            gateway_software = %welcome.software,
+                            links = live.len() + 1,
+                            "uplink connected"
+                        );
+                        live.retain(|l| l.addr != addr);
+                        live.push(Live { addr, link, batches: TaskTracker::new() });
+                        self.links_changed(live.len());
+                    }
+                    Event::Down { addr, reason } => {
+                        let before = live.len();
+                        live.retain(|l| l.addr != addr);
+                        if live.len() != before {
+                            tracing::warn!(gateway = %addr, %reason, links = live.len(), "uplink link lost; reconnecting");
+                            self.links_changed(live.len());
+                        }
+                        // A gateway gone may mean the name now points elsewhere.
+                        let soonest = last_lookup.map_or_else(Instant::now, |t| t + RESOLVE_MIN_GAP);
+                        next_lookup = Some(next_lookup.map_or(soonest, |t| t.min(soonest)));
+                    }
                 },
-                _ = conn.closed() => break SessionEnd::Lost,
-                () = drain.started(), if !drain.is_started() => { drain.start(queue_rx); continue; }
-                () = drain.deadline(), if drain.is_started() => break SessionEnd::Drained,
-            };
-            let first = tokio::select! {
-                q = queue_rx.recv() => q,
-                _ = conn.closed() => break SessionEnd::Lost,
-                () = drain.started(), if !drain.is_started() => { drain.start(queue_rx); continue; }
-                () = drain.deadline(), if drain.is_started() => break SessionEnd::Drained,
-            };
-            let Some(first) = first else {
-                break SessionEnd::Drained;
-            };
-            let batch = Batch::collect(first, queue_rx);
-            batches.spawn(send_batch(conn.clone(), batch, permit));
+                p = in_flight.clone().acquire_owned(), if permit.is_none() && !live.is_empty() => {
+                    match p {
+                        Ok(p) => permit = Some(p),
+                        Err(_) => break SessionEnd::GraceOver,
+                    }
+                }
+                q = queue_rx.recv(), if permit.is_some() || live.is_empty() => {
+                    let Some(first) = q else { break SessionEnd::Drained };
+                    if live.is_empty() {
+                        first.ticket.dropped(DropReason::NoUplink);
+                        continue;
+                    }
+                    let batch = Batch::collect(first, &mut queue_rx);
+                    rotate = rotate.wrapping_add(1);
+                    let target = least_loaded(&live, rotate);
+                    let Some(permit) = permit.take() else { continue };
+                    let link = target.link.clone();
+                    batches.spawn(target.batches.track_future(send_batch(link, batch, permit)));
+                }
+            }
         };
         if let SessionEnd::Drained = end {
             // Let the batches on the wire be acknowledged, within the grace period.
@@ -342,108 +298,127 @@ impl Uplink {
                 tracing::warn!(batches = batches.len(), "grace period over with batches unacknowledged; counting them as shutdown drops");
             }
         }
-        match end {
-            // The connection is gone: every batch fails at once and counts `uplink_error`.
-            SessionEnd::Lost => while batches.join_next().await.is_some() {},
-            // Past the deadline: aborting drops the tickets, which count as `shutdown`.
-            SessionEnd::Drained => batches.shutdown().await,
+        // Past the deadline: aborting drops the tickets, which count as `shutdown`.
+        batches.shutdown().await;
+        for stop in supervisors.values() {
+            stop.cancel();
         }
-        end
-    }
-
-    async fn connect(&mut self) -> Result<(Connection, Welcome), UplinkError> {
-        let addrs = self
-            .resolver
-            .lookup(&self.gateway.host, self.gateway.port)
-            .await?;
-        let mut last_error = None;
-        for addr in addrs {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connect_one(addr)).await {
-                Ok(Ok(pair)) => return Ok(pair),
-                Ok(Err(e)) => last_error = Some(e),
-                Err(_) => {
-                    last_error = Some(UplinkError::Timeout {
-                        addr,
-                        after: HANDSHAKE_TIMEOUT,
-                    })
-                }
+        supervisor_tasks.close();
+        drop(events_tx);
+        // Supervisors stop at once; take their last events so none waits on a full channel.
+        let stopped = supervisor_tasks.wait();
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                () = &mut stopped => break,
+                event = events_rx.recv() => if event.is_none() { break },
             }
         }
-        Err(last_error.unwrap_or(UplinkError::NoAddress))
-    }
-
-    async fn connect_one(
-        &mut self,
-        addr: SocketAddr,
-    ) -> Result<(Connection, Welcome), UplinkError> {
-        let endpoint = self.endpoint_for(addr)?;
-        let conn = endpoint
-            .connect_with(
-                quinn::ClientConfig::clone(&self.client_config.load()),
-                addr,
-                &self.gateway.server_name,
-            )
-            .map_err(|e| UplinkError::Connect { addr, source: e })?
-            .await
-            .map_err(|e| UplinkError::Connection { addr, source: e })?;
-        let welcome = self.greet(&conn).await.inspect_err(|_| {
-            conn.close(VarInt::from_u32(codes::PROTOCOL_ERROR), b"handshake failed");
-        })?;
-        Ok((conn, welcome))
-    }
-
-    /// `HELLO` / `WELCOME` on the first stream. A gateway that refused our certificate closes
-    /// the connection here, so this is where a refused agent finds out.
-    async fn greet(&self, conn: &Connection) -> Result<Welcome, UplinkError> {
-        let addr = conn.remote_address();
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| UplinkError::Connection { addr, source: e })?;
-        let mut buf = BytesMut::new();
-        Frame::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            source_cluster: self.source_cluster.clone(),
-            software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
-        })
-        .encode(&mut buf);
-        send.write_all(&buf)
-            .await
-            .map_err(|e| UplinkError::Refused {
-                addr,
-                detail: e.to_string(),
-            })?;
-        let _ = send.finish();
-        let reply = recv
-            .read_to_end(MAX_REPLY_BYTES)
-            .await
-            .map_err(|e| UplinkError::Refused {
-                addr,
-                detail: e.to_string(),
-            })?;
-        match Frame::decode(&mut BytesMut::from(&reply[..])) {
-            Ok(Some(Frame::Welcome(w))) if w.protocol_version == PROTOCOL_VERSION => Ok(w),
-            Ok(Some(Frame::Welcome(w))) => Err(UplinkError::Refused {
-                addr,
-                detail: format!(
-                    "gateway speaks protocol version {}, this agent {PROTOCOL_VERSION}",
-                    w.protocol_version
-                ),
-            }),
-            Ok(_) => Err(UplinkError::Refused {
-                addr,
-                detail: "the gateway did not answer HELLO with WELCOME".into(),
-            }),
-            Err(e) => Err(UplinkError::Protocol(e)),
+        for l in live.drain(..) {
+            l.link.close("agent shutting down");
+        }
+        self.links_changed(0);
+        // Whatever is still queued now will never be sent.
+        queue_rx.close();
+        while let Ok(q) = queue_rx.try_recv() {
+            q.ticket.dropped(DropReason::Shutdown);
+        }
+        let endpoints = std::mem::take(&mut *self.shared.lock_endpoints());
+        for endpoint in endpoints.into_iter().flatten() {
+            endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"agent shutting down");
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
         }
     }
 
-    fn endpoint_for(&mut self, addr: SocketAddr) -> Result<Endpoint, UplinkError> {
-        let slot = if addr.is_ipv4() {
-            &mut self.endpoint_v4
-        } else {
-            &mut self.endpoint_v6
-        };
+    fn links_changed(&self, links: usize) {
+        self.state.set(links > 0);
+        let accounting = &self.shared.accounting;
+        accounting
+            .uplink_connected
+            .set(if links > 0 { 1.0 } else { 0.0 });
+        accounting.uplink_links.set(links as f64);
+    }
+
+    fn spawn_lookup(&self, events_tx: mpsc::Sender<Event>) {
+        let resolver = self.resolver.clone();
+        let host = self.shared.gateway.host.clone();
+        let port = self.shared.gateway.port;
+        tokio::spawn(async move {
+            let result =
+                match tokio::time::timeout(RESOLVE_TIMEOUT, resolver.lookup_until(&host, port))
+                    .await
+                {
+                    Ok(Ok((addrs, until))) => Ok((addrs, Instant::from_std(until))),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("lookup of `{host}` timed out")),
+                };
+            let _ = events_tx.send(Event::Resolved(result)).await;
+        });
+    }
+
+    /// Starts a supervisor for each new address and stops those whose address is gone.
+    fn follow(
+        &self,
+        addrs: &[SocketAddr],
+        supervisors: &mut HashMap<SocketAddr, CancellationToken>,
+        tasks: &TaskTracker,
+        events_tx: &mpsc::Sender<Event>,
+    ) {
+        supervisors.retain(|addr, stop| {
+            let keep = addrs.contains(addr);
+            if !keep {
+                tracing::info!(gateway = %addr, "gateway address left the DNS answer; closing its link");
+                stop.cancel();
+            }
+            keep
+        });
+        for &addr in addrs {
+            if supervisors.contains_key(&addr) {
+                continue;
+            }
+            let stop = CancellationToken::new();
+            supervisors.insert(addr, stop.clone());
+            tasks.spawn(supervise(
+                self.shared.clone(),
+                addr,
+                events_tx.clone(),
+                stop,
+            ));
+        }
+    }
+}
+
+/// The live link with the fewest batches under way; ties go round-robin from `rotate`.
+fn least_loaded(live: &[Live], rotate: usize) -> &Live {
+    let n = live.len();
+    (0..n)
+        .map(|i| &live[(rotate + i) % n])
+        .min_by_key(|l| l.batches.len())
+        .unwrap_or(&live[0])
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400)
+}
+
+/// What ended the uplink's loop.
+enum SessionEnd {
+    /// The queue is closed and empty: wait for the batches under way, within the grace period.
+    Drained,
+    /// The grace period is over.
+    GraceOver,
+}
+
+impl Shared {
+    fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, [Option<Endpoint>; 2]> {
+        // Plain data behind the lock: a panic elsewhere leaves it usable.
+        self.endpoints.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The shared QUIC endpoint for `addr`'s family, bound on first use.
+    fn endpoint_for(&self, addr: SocketAddr) -> Result<Endpoint, UplinkError> {
+        let mut endpoints = self.lock_endpoints();
+        let slot = &mut endpoints[usize::from(addr.is_ipv6())];
         if let Some(endpoint) = slot {
             return Ok(endpoint.clone());
         }
@@ -455,6 +430,85 @@ impl Uplink {
         let endpoint = Endpoint::client(bind).map_err(UplinkError::Endpoint)?;
         *slot = Some(endpoint.clone());
         Ok(endpoint)
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<(Link, Welcome), UplinkError> {
+        let configs = self.configs.load_full();
+        let dialer = Dialer {
+            configs: &configs,
+            server_name: &self.gateway.server_name,
+            source_cluster: &self.source_cluster,
+            timeout: HANDSHAKE_TIMEOUT,
+        };
+        Link::connect(addr, self.gateway.transport, &dialer, || {
+            self.endpoint_for(addr)
+        })
+        .await
+    }
+}
+
+/// Keeps one link to `addr` up until `stop`, reporting each link that comes up and goes down.
+async fn supervise(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    events_tx: mpsc::Sender<Event>,
+    stop: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let attempt = tokio::select! {
+            () = stop.cancelled() => return,
+            attempt = shared.connect(addr) => attempt,
+        };
+        match attempt {
+            Ok((link, welcome)) => {
+                shared.accounting.connects_ok.increment(1);
+                let since = Instant::now();
+                if events_tx
+                    .send(Event::Up {
+                        addr,
+                        link: link.clone(),
+                        welcome,
+                    })
+                    .await
+                    .is_err()
+                {
+                    link.close("agent shutting down");
+                    return;
+                }
+                let reason = tokio::select! {
+                    () = stop.cancelled() => None,
+                    reason = link.closed() => Some(reason),
+                };
+                let _ = events_tx
+                    .send(Event::Down {
+                        addr,
+                        reason: reason.clone().unwrap_or_else(|| "stopped".into()),
+                    })
+                    .await;
+                let Some(_) = reason else {
+                    // Stopped: the uplink closes the link once its batches are done.
+                    return;
+                };
+                if since.elapsed() >= HEALTHY_AFTER {
+                    failures = 0;
+                }
+            }
+            Err(e) => {
+                shared.accounting.connects_failed.increment(1);
+                if let Some(attempts) = shared.unreachable_log.note() {
+                    tracing::warn!(gateway = %addr, error = %e, attempts, "cannot reach a gateway; retrying with backoff (one line a minute at most)");
+                } else {
+                    tracing::debug!(gateway = %addr, error = %e, "gateway connection attempt failed");
+                }
+            }
+        }
+        let delay = backoff(failures);
+        failures = failures.saturating_add(1);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
     }
 }
 
@@ -526,17 +580,9 @@ impl Batch {
     }
 }
 
-/// How a batch ended, short of an acknowledgement.
-enum BatchFailure {
-    /// The gateway refused the stream (it stopped or reset it with an error code).
-    Rejected(String),
-    /// The connection failed, or the ack did not come in time.
-    Transport(String),
-}
-
-async fn send_batch(conn: Connection, batch: Batch, _permit: OwnedSemaphorePermit) {
+async fn send_batch(link: Link, batch: Batch, _permit: OwnedSemaphorePermit) {
     let Batch { frames, tickets } = batch;
-    let outcome = match tokio::time::timeout(ACK_TIMEOUT, exchange(&conn, &frames)).await {
+    let outcome = match tokio::time::timeout(ACK_TIMEOUT, link.send_batch(frames.freeze())).await {
         Ok(result) => result,
         Err(_) => Err(BatchFailure::Transport(format!(
             "no acknowledgement within {ACK_TIMEOUT:?}"
@@ -565,37 +611,6 @@ async fn send_batch(conn: Connection, batch: Batch, _permit: OwnedSemaphorePermi
                 .into_iter()
                 .for_each(|t| t.dropped(DropReason::UplinkError));
         }
-    }
-}
-
-async fn exchange(conn: &Connection, frames: &[u8]) -> Result<u32, BatchFailure> {
-    let transport = |e: &dyn std::fmt::Display| BatchFailure::Transport(e.to_string());
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
-    match send.write_all(frames).await {
-        Ok(()) => {}
-        Err(quinn::WriteError::Stopped(code)) => {
-            return Err(BatchFailure::Rejected(format!(
-                "stream stopped with code {code}"
-            )))
-        }
-        Err(e) => return Err(transport(&e)),
-    }
-    send.finish().map_err(|e| transport(&e))?;
-    let reply = match recv.read_to_end(MAX_REPLY_BYTES).await {
-        Ok(reply) => reply,
-        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
-            return Err(BatchFailure::Rejected(format!(
-                "stream reset with code {code}"
-            )));
-        }
-        Err(e) => return Err(transport(&e)),
-    };
-    match Frame::decode(&mut BytesMut::from(&reply[..])) {
-        Ok(Some(Frame::Ack { accepted })) => Ok(accepted),
-        Ok(_) => Err(BatchFailure::Rejected(
-            "the gateway's reply was not an ACK".into(),
-        )),
-        Err(e) => Err(BatchFailure::Rejected(format!("undecodable reply: {e}"))),
     }
 }
 

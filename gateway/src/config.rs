@@ -26,8 +26,10 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// UDP address of the QUIC listener.
+    /// Address agents connect to: UDP for QUIC and, on the same port, TCP for TLS.
     pub listen: SocketAddr,
+    /// Which transports are served on `listen`.
+    pub transports: Transports,
     /// CA that agents' certificates must chain to, and the gateway's own certificate and key.
     pub tls: TlsMaterial,
     /// The files `tls` was read from (watched: a change reloads them).
@@ -43,6 +45,24 @@ pub struct GatewayConfig {
     pub admin: Option<SocketAddr>,
     /// Time allowed to drain on SIGTERM.
     pub shutdown_grace: Duration,
+}
+
+/// `transports:`: what the gateway serves on its `listen` port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transports {
+    /// QUIC on the UDP port.
+    pub quic: bool,
+    /// TLS 1.3 over TCP on the TCP port of the same number, for agents whose network blocks UDP.
+    pub tls: bool,
+}
+
+impl Default for Transports {
+    fn default() -> Self {
+        Self {
+            quic: true,
+            tls: true,
+        }
+    }
 }
 
 /// One route.
@@ -200,9 +220,44 @@ impl GatewayConfig {
         let listen = root.required(
             &mut p,
             "listen",
-            "give the UDP address agents connect to, for example `listen: 0.0.0.0:4433`",
+            "give the address agents connect to, for example `listen: 0.0.0.0:4433` (UDP for QUIC, TCP for TLS)",
             cfg::socket_addr,
         );
+        let transports_fix =
+            "list one or both of quic and tls, for example `transports: [quic, tls]`";
+        let transports = root
+            .list(
+                &mut p,
+                "transports",
+                transports_fix,
+                |v| match cfg::string(v)?.as_str() {
+                    "quic" => Ok(Transports {
+                        quic: true,
+                        tls: false,
+                    }),
+                    "tls" => Ok(Transports {
+                        quic: false,
+                        tls: true,
+                    }),
+                    other => Err(format!("`{other}` is not a transport")),
+                },
+            )
+            .map(|list| {
+                list.iter().fold(
+                    Transports {
+                        quic: false,
+                        tls: false,
+                    },
+                    |acc, t| Transports {
+                        quic: acc.quic || t.quic,
+                        tls: acc.tls || t.tls,
+                    },
+                )
+            });
+        if transports.is_some_and(|t| !t.quic && !t.tls) {
+            p.push("transports", None, "is empty", transports_fix);
+        }
+        let transports = transports.unwrap_or_default();
 
         let mut t = root.section(&mut p, "tls");
         if !t.is_present() {
@@ -307,6 +362,7 @@ impl GatewayConfig {
         match (listen, tls) {
             (Some(listen), Some((tls, tls_files))) => Ok(GatewayConfig {
                 listen,
+                transports,
                 tls,
                 tls_files,
                 agents_allow,
@@ -656,6 +712,9 @@ impl GatewayConfig {
         let mut changed = Vec::new();
         if self.listen != old.listen {
             changed.push("listen".to_owned());
+        }
+        if self.transports != old.transports {
+            changed.push("transports".to_owned());
         }
         if self.archive != old.archive {
             changed.push("archive".to_owned());

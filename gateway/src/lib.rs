@@ -25,6 +25,7 @@
 //! connection with [`teeway_wire::codes::SHUTDOWN`] and waits for the close to be delivered.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -49,10 +50,12 @@ pub mod listener;
 pub mod metrics;
 pub mod replay;
 pub mod router;
+pub mod tcp;
 
 pub use config::GatewayConfig;
 pub use error::GatewayError;
 
+use crate::config::Transports;
 use crate::listener::Dispatcher;
 use crate::metrics::GatewayMetrics;
 use crate::replay::{Target, TargetSpec};
@@ -68,21 +71,22 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The gateway's sockets, bound before [`Gateway::run`] so callers can use port 0.
 #[derive(Debug)]
 pub struct GatewayListeners {
-    /// QUIC (UDP).
-    pub quic: std::net::UdpSocket,
+    /// QUIC (UDP), unless `transports` leaves it out.
+    pub quic: Option<std::net::UdpSocket>,
+    /// TLS over TCP, on the same port number, unless `transports` leaves it out.
+    pub tcp: Option<std::net::TcpListener>,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub admin: Option<TcpListener>,
 }
 
+/// Attempts at finding a port free for both UDP and TCP when `listen` asks for port 0.
+const PORT_PAIR_ATTEMPTS: usize = 16;
+
 impl GatewayListeners {
-    /// Binds the addresses named in `config`.
+    /// Binds the addresses named in `config`. With both transports, the TCP port is the UDP
+    /// port's number, so agents need one port; with port 0, a number free for both is found.
     pub async fn bind(config: &GatewayConfig) -> io::Result<Self> {
-        let quic = std::net::UdpSocket::bind(config.listen).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot listen on udp {} (listen): {e}", config.listen),
-            )
-        })?;
+        let (quic, tcp) = bind_transport_pair(config.listen, config.transports)?;
         let admin = match config.admin {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
                 io::Error::new(
@@ -92,7 +96,62 @@ impl GatewayListeners {
             })?),
             None => None,
         };
-        Ok(Self { quic, admin })
+        Ok(Self { quic, tcp, admin })
+    }
+
+    /// The address agents connect to (the port both transports share).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match (&self.quic, &self.tcp) {
+            (Some(udp), _) => udp.local_addr(),
+            (None, Some(tcp)) => tcp.local_addr(),
+            (None, None) => Err(io::Error::other("no transport is bound")),
+        }
+    }
+}
+
+type TransportSockets = (Option<std::net::UdpSocket>, Option<std::net::TcpListener>);
+
+fn bind_transport_pair(listen: SocketAddr, transports: Transports) -> io::Result<TransportSockets> {
+    let udp = |addr: SocketAddr| {
+        std::net::UdpSocket::bind(addr).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on udp {addr} (listen): {e}"),
+            )
+        })
+    };
+    let tcp = |addr: SocketAddr| {
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on tcp {addr} (listen): {e}"),
+            )
+        })?;
+        listener.set_nonblocking(true)?;
+        Ok::<_, io::Error>(listener)
+    };
+    match (transports.quic, transports.tls) {
+        (true, false) => Ok((Some(udp(listen)?), None)),
+        (false, true) => Ok((None, Some(tcp(listen)?))),
+        _ => {
+            let mut attempt = 0;
+            loop {
+                let quic = udp(listen)?;
+                let port = quic.local_addr()?.port();
+                match tcp(SocketAddr::new(listen.ip(), port)) {
+                    Ok(tcp) => return Ok((Some(quic), Some(tcp))),
+                    // Port 0 gave a UDP port whose TCP twin is taken: try another.
+                    Err(e)
+                        if listen.port() == 0
+                            && e.kind() == io::ErrorKind::AddrInUse
+                            && attempt < PORT_PAIR_ATTEMPTS =>
+                    {
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
     }
 }
 
@@ -175,6 +234,9 @@ pub struct Gateway {
 struct TlsInForce {
     material: teeway_wire::tls::TlsMaterial,
     endpoint: Option<Endpoint>,
+    /// Once running with TLS over TCP: the listener's configuration, which each new
+    /// connection loads.
+    tcp: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
 }
 
 impl Gateway {
@@ -190,6 +252,7 @@ impl Gateway {
         let tls = Mutex::new(TlsInForce {
             material: config.tls.clone(),
             endpoint: None,
+            tcp: None,
         });
         Self {
             config,
@@ -229,12 +292,18 @@ impl Gateway {
         let new_tls = if tls.material.same_as(&new.tls) {
             None
         } else {
-            Some(quic_server_config(&new.tls).map_err(|e| e.to_string())?)
+            Some((
+                quic_server_config(&new.tls).map_err(|e| e.to_string())?,
+                teeway_wire::tls::server_config(&new.tls).map_err(|e| e.to_string())?,
+            ))
         };
         self.routing.store(Arc::new(routing));
-        if let Some(server_config) = new_tls {
+        if let Some((server_config, tcp_config)) = new_tls {
             if let Some(endpoint) = &tls.endpoint {
                 endpoint.set_server_config(Some(server_config));
+            }
+            if let Some(tcp) = &tls.tcp {
+                tcp.store(Arc::new(tcp_config));
             }
             tls.material = new.tls.clone();
             tracing::info!(
@@ -278,7 +347,21 @@ impl Gateway {
         });
 
         let admin_addr = admin::listen_addr(listeners.admin.as_ref());
-        let endpoint = self.endpoint(listeners.quic)?;
+        let listen = listeners
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let endpoint = match listeners.quic {
+            Some(socket) => Some(self.endpoint(socket)?),
+            None => None,
+        };
+        let tcp = match listeners.tcp {
+            Some(listener) => Some((
+                TcpListener::from_std(listener).map_err(GatewayError::Endpoint)?,
+                self.tcp_config()?,
+            )),
+            None => None,
+        };
         let admin_stop = CancellationToken::new();
         let admin_task = listeners.admin.map(|listener| {
             let state: Arc<dyn AdminState> = Arc::new(AdminView {
@@ -288,14 +371,35 @@ impl Gateway {
             tokio::spawn(admin::serve(listener, state, admin_stop.clone()))
         });
         tracing::info!(
-            listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            %listen,
+            quic = endpoint.is_some(),
+            tls = tcp.is_some(),
             admin = %admin_addr,
             routes = config.routes.len(),
             archive = %config.archive.as_ref().map_or("off".into(), |a| a.dir.display().to_string()),
             "gateway serving"
         );
 
-        listener::serve(endpoint.clone(), dispatcher.clone(), shutdown).await;
+        let quic_task = endpoint.clone().map(|endpoint| {
+            tokio::spawn(listener::serve(
+                endpoint,
+                dispatcher.clone(),
+                shutdown.clone(),
+            ))
+        });
+        let tcp_task = tcp.map(|(listener, tls)| {
+            tokio::spawn(tcp::serve(
+                listener,
+                tls,
+                dispatcher.clone(),
+                shutdown.clone(),
+            ))
+        });
+        for task in [quic_task, tcp_task].into_iter().flatten() {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "listener task failed");
+            }
+        }
         dispatcher.replays.close();
         if tokio::time::timeout(config.shutdown_grace, dispatcher.replays.wait())
             .await
@@ -306,10 +410,16 @@ impl Gateway {
         if let Some(task) = archive_task {
             task.close().await;
         }
-        endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"gateway shutting down");
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
+        if let Some(endpoint) = endpoint {
+            endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"gateway shutting down");
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
+        }
         // Stopped: a later reload has no endpoint to reconfigure, and the socket is released.
-        self.lock_tls().endpoint = None;
+        {
+            let mut tls = self.lock_tls();
+            tls.endpoint = None;
+            tls.tcp = None;
+        }
         admin_stop.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;
@@ -321,7 +431,7 @@ impl Gateway {
     fn endpoint(&self, socket: std::net::UdpSocket) -> Result<Endpoint, GatewayError> {
         let mut tls = self.lock_tls();
         let endpoint = Endpoint::new(
-            EndpointConfig::default(),
+            EndpointConfig::new(stateless_reset_key(&tls.material)),
             Some(quic_server_config(&tls.material)?),
             socket,
             Arc::new(TokioRuntime),
@@ -331,10 +441,36 @@ impl Gateway {
         Ok(endpoint)
     }
 
+    fn tcp_config(&self) -> Result<Arc<ArcSwap<rustls::ServerConfig>>, GatewayError> {
+        let mut tls = self.lock_tls();
+        let config = teeway_wire::tls::server_config(&tls.material)
+            .map_err(|e| GatewayError::Tls(e.to_string()))?;
+        let handle = Arc::new(ArcSwap::from_pointee(config));
+        tls.tcp = Some(handle.clone());
+        Ok(handle)
+    }
+
     fn lock_tls(&self) -> std::sync::MutexGuard<'_, TlsInForce> {
         // Plain data behind the lock: a panic elsewhere leaves it usable.
         self.tls.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The key QUIC stateless resets are made with, derived from the gateway's private key, so it
+/// survives a restart: a gateway that comes back after a crash answers packets of the agents'
+/// old connections with a reset they can verify, and they reconnect at once instead of waiting
+/// out the idle timeout. Replicas sharing a certificate share the key, which is what a reset
+/// needs when a load balancer sends a packet to another replica.
+fn stateless_reset_key(
+    material: &teeway_wire::tls::TlsMaterial,
+) -> Arc<dyn quinn::crypto::HmacKey> {
+    let mut input = b"teeway/1 stateless reset key".to_vec();
+    input.extend_from_slice(material.key.secret_der());
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        digest.as_ref(),
+    ))
 }
 
 /// The QUIC server configuration for `material`: mTLS, stream limits, idle timeout.

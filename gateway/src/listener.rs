@@ -1,4 +1,4 @@
-//! The QUIC listener: accepts agents by client certificate and reads their streams.
+//! The QUIC listener (and what both listeners share): accepts agents by client certificate and reads their streams.
 //!
 //! An agent whose certificate does not chain to the gateway's CA (or that presents none) fails the
 //! handshake; the refusal is logged with the peer address and counted. On an accepted connection
@@ -47,8 +47,34 @@ impl std::fmt::Debug for Dispatcher {
 }
 
 impl Dispatcher {
+    /// Counts a failed handshake and says why (one line a minute at most: anyone can knock).
+    pub(crate) fn refused_handshake(&self, error: &str) {
+        self.metrics.handshakes_refused.increment(1);
+        if let Some(refused) = self.metrics.handshake_log.note() {
+            tracing::warn!(%error, refused, "agent handshake refused (one line a minute at most)");
+        }
+    }
+
+    /// Counts and logs an agent whose identity `agents.allow` does not name.
+    pub(crate) fn unauthorized(&self, identity: &str) {
+        self.metrics.handshakes_unauthorized.increment(1);
+        tracing::warn!(%identity, "agent refused: its certificate identity is not in agents.allow");
+    }
+
+    /// Logs, in summary, a stream (or TLS connection) refused for breaking the protocol.
+    pub(crate) fn note_rejected(&self, identity: &str, problem: &str) {
+        if let Some(streams) = self.metrics.rejected_log.note() {
+            tracing::warn!(
+                %identity,
+                %problem,
+                streams,
+                "streams broke the protocol and were reset (one line a minute at most)"
+            );
+        }
+    }
+
     /// Counts `record` from the agent `identity` and starts its replays; never waits.
-    fn dispatch(&self, record: MirroredRequest, identity: &Arc<str>) {
+    pub(crate) fn dispatch(&self, record: MirroredRequest, identity: &Arc<str>) {
         self.metrics.received.increment(1);
         let routing = self.routing.load();
         if let Some(archive) = &self.archive {
@@ -118,8 +144,7 @@ pub async fn serve(endpoint: Endpoint, dispatcher: Arc<Dispatcher>, shutdown: Ca
                 let conn = match incoming.await {
                     Ok(c) => c,
                     Err(e) => {
-                        dispatcher.metrics.handshakes_refused.increment(1);
-                        tracing::warn!(error = %e, "agent handshake refused");
+                        dispatcher.refused_handshake(&e.to_string());
                         return;
                     }
                 };
@@ -174,8 +199,7 @@ async fn serve_connection(
 
 /// Closes the connection of an agent that `agents.allow` does not name, saying why.
 fn refuse(conn: &Connection, identity: &str, dispatcher: &Dispatcher) {
-    dispatcher.metrics.handshakes_unauthorized.increment(1);
-    tracing::warn!(%identity, "agent refused: its certificate identity is not in agents.allow");
+    dispatcher.unauthorized(identity);
     conn.close(
         VarInt::from_u32(codes::NOT_AUTHORIZED),
         format!("agent identity {identity:?} is not in agents.allow").as_bytes(),
@@ -278,14 +302,7 @@ async fn serve_stream(
         }
         Err(problem) => {
             dispatcher.metrics.streams_rejected_protocol.increment(1);
-            if let Some(streams) = dispatcher.metrics.rejected_log.note() {
-                tracing::warn!(
-                    %identity,
-                    %problem,
-                    streams,
-                    "streams broke the protocol and were reset (one line a minute at most)"
-                );
-            }
+            dispatcher.note_rejected(identity, &problem);
             reject(&mut send, &mut recv);
         }
     }

@@ -121,6 +121,8 @@ pub struct GatewayMetrics {
     pub(crate) streams_rejected_too_large: Counter,
     /// Refused streams, logged in summary (an authenticated peer could send many).
     pub(crate) rejected_log: Throttle,
+    /// Refused handshakes, logged in summary (anyone who can reach the port can cause them).
+    pub(crate) handshake_log: Throttle,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -204,6 +206,7 @@ impl GatewayMetrics {
             streams_rejected_protocol: rejected("protocol"),
             streams_rejected_too_large: rejected("too_large"),
             rejected_log: Throttle::default(),
+            handshake_log: Throttle::default(),
             registry: r,
         }
     }

@@ -5,8 +5,9 @@
 //! `/etc/resolv.conf` the resolver still answers from `/etc/hosts` and literals, and says so.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
-use hickory_resolver::config::ResolverConfig;
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 
@@ -61,11 +62,45 @@ impl Resolver {
         Ok(Self { inner })
     }
 
+    /// A resolver that asks only `nameservers` (UDP, then TCP for truncated answers), for
+    /// names that live in a DNS other than the system's (a service registry's, say). `/etc/hosts`
+    /// is still honoured.
+    pub fn with_nameservers(nameservers: &[SocketAddr]) -> Result<Self, ResolveError> {
+        let servers = nameservers
+            .iter()
+            .map(|addr| {
+                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+                for connection in &mut server.connections {
+                    connection.port = addr.port();
+                }
+                server
+            })
+            .collect();
+        let config = ResolverConfig::from_parts(None, vec![], servers);
+        let inner = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .build()
+            .map_err(|e| ResolveError::Setup(e.to_string()))?;
+        Ok(Self { inner })
+    }
+
     /// Every address of `host` with `port` (an IP literal is returned as is, without a lookup).
     pub async fn lookup(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+        Ok(self.lookup_until(host, port).await?.0)
+    }
+
+    /// Every address of `host` with `port`, and until when the answer is valid (its TTL; an IP
+    /// literal is valid for a day).
+    pub async fn lookup_until(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(Vec<SocketAddr>, Instant), ResolveError> {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = bare.parse::<IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, port)]);
+            return Ok((
+                vec![SocketAddr::new(ip, port)],
+                Instant::now() + Duration::from_secs(86_400),
+            ));
         }
         let answer = self
             .inner
@@ -81,7 +116,7 @@ impl Resolver {
                 host: host.to_owned(),
             });
         }
-        Ok(addrs)
+        Ok((addrs, answer.valid_until()))
     }
 }
 

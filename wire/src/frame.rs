@@ -33,6 +33,7 @@ const TYPE_HELLO: u8 = 0x01;
 const TYPE_WELCOME: u8 = 0x02;
 const TYPE_REQUEST: u8 = 0x03;
 const TYPE_ACK: u8 = 0x04;
+const TYPE_END: u8 = 0x05;
 
 /// Record flag: the body was cut at the agent's size limit.
 const FLAG_BODY_TRUNCATED: u8 = 0x01;
@@ -58,6 +59,10 @@ pub enum Frame {
         /// Records accepted; the agent counts the rest of the batch as rejected.
         accepted: u32,
     },
+    /// Agent to gateway, TLS-over-TCP transport only: the batch before it is complete (on QUIC
+    /// the end of the stream says so). A batch may be empty: an `END` alone is a keep-alive,
+    /// answered with `ACK(0)`.
+    End,
 }
 
 /// The agent's greeting.
@@ -108,6 +113,7 @@ impl Frame {
                 dst.put_u8(TYPE_ACK);
                 dst.put_u32(*accepted);
             }
+            Frame::End => dst.put_u8(TYPE_END),
         }
         let len = dst.len() - start - PREFIX_LEN;
         let len = u32::try_from(len).unwrap_or(u32::MAX);
@@ -123,6 +129,7 @@ impl Frame {
                 Frame::Welcome(w) => 2 + str16_len(&w.agent_identity) + str16_len(&w.software),
                 Frame::Request(r) => request_len(r),
                 Frame::Ack { .. } => 4,
+                Frame::End => 0,
             }
     }
 
@@ -167,6 +174,7 @@ impl Frame {
             TYPE_ACK => Frame::Ack {
                 accepted: get_u32(&mut payload, "accepted")?,
             },
+            TYPE_END => Frame::End,
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         if payload.has_remaining() {
@@ -335,6 +343,7 @@ mod tests {
                 software: "teeway 0.1.0".into(),
             }),
             Frame::Ack { accepted: 7 },
+            Frame::End,
         ] {
             assert_eq!(round_trip(&frame), frame);
         }

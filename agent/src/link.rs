@@ -1,0 +1,562 @@
+//! A link: one authenticated, welcomed connection to one gateway address, over QUIC or over
+//! TLS 1.3 on TCP, and the batch exchange on it.
+//!
+//! Both transports carry the same frames under the same mTLS identity (see `docs/protocol.md`):
+//!
+//! - **QUIC**: each batch is one bidirectional stream; the end of the stream ends the batch and
+//!   the gateway answers with one `ACK`. Batches run concurrently.
+//! - **TLS over TCP**, for networks that block UDP: one byte stream; each batch is its `REQUEST`
+//!   frames followed by `END`, and the gateway answers each batch with one `ACK`, in order.
+//!   Batches are pipelined: a writer task puts them on the wire as they come, a reader task
+//!   matches each `ACK` to the oldest batch still waiting. While idle the writer sends an empty
+//!   batch (a lone `END`) every [`KEEP_ALIVE`], and a link that hears nothing for
+//!   [`IDLE_TIMEOUT`] is dead: TCP alone would take minutes to notice a vanished peer.
+//!
+//! `transport: auto` tries QUIC first and falls back to TLS over TCP when QUIC gives no answer
+//! within [`AUTO_QUIC_TIMEOUT`] (UDP dropped on the way) or fails before TLS is reached.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{Connection, Endpoint, VarInt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use teeway_wire::tls::TlsMaterial;
+use teeway_wire::{codes, Frame, Hello, Welcome, PROTOCOL_VERSION};
+
+use crate::error::UplinkError;
+
+/// Keep-alive on an idle link, so links through NATs and load balancers stay open and a dead
+/// peer is noticed.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A link silent for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// With `transport: auto`, how long QUIC has to answer before TLS over TCP is tried.
+pub const AUTO_QUIC_TIMEOUT: Duration = Duration::from_secs(2);
+/// QUIC's first round-trip estimate. Lower than the RFC's 333 ms so that a handshake whose first
+/// packets met a gateway still restarting is retried within about 300 ms; replaced by the
+/// measured RTT after the first exchange, so long-haul links are not misjudged.
+const INITIAL_RTT: Duration = Duration::from_millis(100);
+/// Largest reply read on a QUIC stream (a `WELCOME` or an `ACK`).
+const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+/// Which transport the uplink uses (`gateway.transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// QUIC over UDP only.
+    Quic,
+    /// TLS 1.3 over TCP only.
+    Tls,
+    /// QUIC, falling back to TLS over TCP per connection attempt.
+    #[default]
+    Auto,
+}
+
+impl Transport {
+    /// The configuration value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tls => "tls",
+            Transport::Auto => "auto",
+        }
+    }
+}
+
+/// The client configurations for both transports, built from one set of TLS material and
+/// swapped together by a certificate reload.
+#[derive(Clone)]
+pub struct ClientConfigs {
+    quic: quinn::ClientConfig,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for ClientConfigs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfigs").finish_non_exhaustive()
+    }
+}
+
+impl ClientConfigs {
+    /// mTLS for both transports; QUIC with keep-alive and idle timeout.
+    pub fn new(material: &TlsMaterial) -> Result<Self, UplinkError> {
+        let tls = Arc::new(teeway_wire::tls::client_config(material)?);
+        let quic = QuicClientConfig::try_from(rustls::ClientConfig::clone(&tls))
+            .map_err(|e| UplinkError::Tls(e.to_string()))?;
+        let mut quic = quinn::ClientConfig::new(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        transport.initial_rtt(INITIAL_RTT);
+        transport.max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .map_err(|_| UplinkError::Tls("idle timeout out of range".into()))?,
+        ));
+        quic.transport_config(Arc::new(transport));
+        Ok(Self { quic, tls })
+    }
+}
+
+/// What a link needs to connect.
+pub struct Dialer<'a> {
+    /// Client configurations in force.
+    pub configs: &'a ClientConfigs,
+    /// Name the gateway's certificate must carry.
+    pub server_name: &'a str,
+    /// The agent's `cluster`, sent in `HELLO`.
+    pub source_cluster: &'a str,
+    /// Time allowed for one handshake (transport, TLS and `HELLO` / `WELCOME`).
+    pub timeout: Duration,
+}
+
+/// How a batch ended, short of an acknowledgement.
+#[derive(Debug)]
+pub enum BatchFailure {
+    /// The gateway refused the batch (it stopped or reset the stream, or answered oddly).
+    Rejected(String),
+    /// The link failed before the acknowledgement came.
+    Transport(String),
+}
+
+/// One welcomed connection to one gateway. Cloning shares the connection.
+#[derive(Clone, Debug)]
+pub enum Link {
+    /// A QUIC connection.
+    Quic(Connection),
+    /// A TLS-over-TCP connection.
+    Tls(TlsLink),
+}
+
+impl Link {
+    /// Connects to `addr` over `transport` and greets the gateway; `Ok` only once it has
+    /// answered `HELLO` with `WELCOME`.
+    pub async fn connect(
+        addr: SocketAddr,
+        transport: Transport,
+        dialer: &Dialer<'_>,
+        endpoint: impl FnOnce() -> Result<Endpoint, UplinkError>,
+    ) -> Result<(Link, Welcome), UplinkError> {
+        let quic = |timeout: Duration, endpoint: Endpoint| async move {
+            match tokio::time::timeout(timeout, connect_quic(addr, dialer, endpoint)).await {
+                Ok(result) => result,
+                Err(_) => Err(UplinkError::Timeout {
+                    addr,
+                    after: timeout,
+                }),
+            }
+        };
+        let tls = || async move {
+            match tokio::time::timeout(dialer.timeout, connect_tls(addr, dialer)).await {
+                Ok(result) => result,
+                Err(_) => Err(UplinkError::Timeout {
+                    addr,
+                    after: dialer.timeout,
+                }),
+            }
+        };
+        match transport {
+            Transport::Quic => quic(dialer.timeout, endpoint()?).await,
+            Transport::Tls => tls().await,
+            Transport::Auto => match quic(AUTO_QUIC_TIMEOUT, endpoint()?).await {
+                Ok(pair) => Ok(pair),
+                // The gateway answered over QUIC and refused us: TCP would hear the same.
+                Err(e @ UplinkError::Refused { .. }) => Err(e),
+                Err(quic_error) => {
+                    tracing::debug!(%addr, error = %quic_error, "QUIC failed; trying TLS over TCP");
+                    tls()
+                        .await
+                        .map_err(|tls_error| UplinkError::BothTransports {
+                            addr,
+                            quic: quic_error.to_string(),
+                            tls: tls_error.to_string(),
+                        })
+                }
+            },
+        }
+    }
+
+    /// The gateway's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        match self {
+            Link::Quic(c) => c.remote_address(),
+            Link::Tls(t) => t.inner.addr,
+        }
+    }
+
+    /// `quic` or `tls`, for logs and metrics.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Link::Quic(_) => "quic",
+            Link::Tls(_) => "tls",
+        }
+    }
+
+    /// Resolves when the link is gone; returns why.
+    pub async fn closed(&self) -> String {
+        match self {
+            Link::Quic(c) => c.closed().await.to_string(),
+            Link::Tls(t) => {
+                t.inner.closed.cancelled().await;
+                t.reason()
+            }
+        }
+    }
+
+    /// Closes the link on purpose.
+    pub fn close(&self, reason: &'static str) {
+        match self {
+            Link::Quic(c) => c.close(VarInt::from_u32(codes::SHUTDOWN), reason.as_bytes()),
+            Link::Tls(t) => t.shut(reason),
+        }
+    }
+
+    /// Sends one batch (encoded `REQUEST` frames) and waits for its acknowledgement.
+    pub async fn send_batch(&self, frames: Bytes) -> Result<u32, BatchFailure> {
+        match self {
+            Link::Quic(c) => exchange_quic(c, &frames).await,
+            Link::Tls(t) => t.exchange(frames).await,
+        }
+    }
+}
+
+async fn connect_quic(
+    addr: SocketAddr,
+    dialer: &Dialer<'_>,
+    endpoint: Endpoint,
+) -> Result<(Link, Welcome), UplinkError> {
+    let conn = endpoint
+        .connect_with(dialer.configs.quic.clone(), addr, dialer.server_name)
+        .map_err(|e| UplinkError::Connect { addr, source: e })?
+        .await
+        .map_err(|e| UplinkError::Connection { addr, source: e })?;
+    let welcome = greet_quic(&conn, dialer.source_cluster)
+        .await
+        .inspect_err(|_| {
+            conn.close(VarInt::from_u32(codes::PROTOCOL_ERROR), b"handshake failed");
+        })?;
+    Ok((Link::Quic(conn), welcome))
+}
+
+fn hello(source_cluster: &str) -> BytesMut {
+    let mut buf = BytesMut::new();
+    Frame::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        source_cluster: source_cluster.to_owned(),
+        software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
+    })
+    .encode(&mut buf);
+    buf
+}
+
+fn welcome_from(addr: SocketAddr, frame: Option<Frame>) -> Result<Welcome, UplinkError> {
+    match frame {
+        Some(Frame::Welcome(w)) if w.protocol_version == PROTOCOL_VERSION => Ok(w),
+        Some(Frame::Welcome(w)) => Err(UplinkError::Refused {
+            addr,
+            detail: format!(
+                "gateway speaks protocol version {}, this agent {PROTOCOL_VERSION}",
+                w.protocol_version
+            ),
+        }),
+        _ => Err(UplinkError::Refused {
+            addr,
+            detail: "the gateway did not answer HELLO with WELCOME".into(),
+        }),
+    }
+}
+
+/// `HELLO` / `WELCOME` on the first stream. A gateway that refused our certificate closes the
+/// connection here, so this is where a refused agent finds out.
+async fn greet_quic(conn: &Connection, source_cluster: &str) -> Result<Welcome, UplinkError> {
+    let addr = conn.remote_address();
+    let refused = |detail: String| UplinkError::Refused { addr, detail };
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| UplinkError::Connection { addr, source: e })?;
+    send.write_all(&hello(source_cluster))
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+    let _ = send.finish();
+    let reply = recv
+        .read_to_end(MAX_REPLY_BYTES)
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+    let frame = Frame::decode(&mut BytesMut::from(&reply[..])).map_err(UplinkError::Protocol)?;
+    welcome_from(addr, frame)
+}
+
+async fn exchange_quic(conn: &Connection, frames: &[u8]) -> Result<u32, BatchFailure> {
+    let transport = |e: &dyn std::fmt::Display| BatchFailure::Transport(e.to_string());
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
+    match send.write_all(frames).await {
+        Ok(()) => {}
+        Err(quinn::WriteError::Stopped(code)) => {
+            return Err(BatchFailure::Rejected(format!(
+                "stream stopped with code {code}"
+            )))
+        }
+        Err(e) => return Err(transport(&e)),
+    }
+    send.finish().map_err(|e| transport(&e))?;
+    let reply = match recv.read_to_end(MAX_REPLY_BYTES).await {
+        Ok(reply) => reply,
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
+            return Err(BatchFailure::Rejected(format!(
+                "stream reset with code {code}"
+            )));
+        }
+        Err(e) => return Err(transport(&e)),
+    };
+    match Frame::decode(&mut BytesMut::from(&reply[..])) {
+        Ok(Some(Frame::Ack { accepted })) => Ok(accepted),
+        Ok(_) => Err(BatchFailure::Rejected(
+            "the gateway's reply was not an ACK".into(),
+        )),
+        Err(e) => Err(BatchFailure::Rejected(format!("undecodable reply: {e}"))),
+    }
+}
+
+/// A TLS-over-TCP link: a writer task and a reader task around one TLS stream.
+#[derive(Clone, Debug)]
+pub struct TlsLink {
+    inner: Arc<TlsInner>,
+}
+
+#[derive(Debug)]
+struct TlsInner {
+    addr: SocketAddr,
+    /// Batches for the writer, each with where its acknowledgement goes.
+    batches_tx: mpsc::Sender<Outgoing>,
+    /// Cancelled when either task ends or the link is closed on purpose.
+    closed: CancellationToken,
+    reason: std::sync::Mutex<Option<String>>,
+}
+
+type AckTx = oneshot::Sender<u32>;
+
+#[derive(Debug)]
+struct Outgoing {
+    frames: Bytes,
+    ack: AckTx,
+}
+
+impl Drop for TlsInner {
+    fn drop(&mut self) {
+        // The last handle is gone: stop both tasks.
+        self.closed.cancel();
+    }
+}
+
+impl TlsLink {
+    async fn exchange(&self, frames: Bytes) -> Result<u32, BatchFailure> {
+        let (ack, ack_rx) = oneshot::channel();
+        let lost = || BatchFailure::Transport(format!("link lost: {}", self.reason()));
+        self.inner
+            .batches_tx
+            .send(Outgoing { frames, ack })
+            .await
+            .map_err(|_| lost())?;
+        ack_rx.await.map_err(|_| lost())
+    }
+
+    fn reason(&self) -> String {
+        self.inner
+            .reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "closed".to_owned())
+    }
+
+    fn shut(&self, reason: &str) {
+        set_reason(&self.inner.reason, reason);
+        self.inner.closed.cancel();
+    }
+}
+
+fn set_reason(slot: &std::sync::Mutex<Option<String>>, reason: &str) {
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if slot.is_none() {
+        *slot = Some(reason.to_owned());
+    }
+}
+
+async fn connect_tls(
+    addr: SocketAddr,
+    dialer: &Dialer<'_>,
+) -> Result<(Link, Welcome), UplinkError> {
+    let io = |e: std::io::Error| UplinkError::Tcp {
+        addr,
+        detail: e.to_string(),
+    };
+    let tcp = TcpStream::connect(addr).await.map_err(io)?;
+    tcp.set_nodelay(true).map_err(io)?;
+    let name = ServerName::try_from(dialer.server_name.to_owned())
+        .map_err(|e| UplinkError::Tls(format!("server_name {:?}: {e}", dialer.server_name)))?;
+    let mut stream = tokio_rustls::TlsConnector::from(dialer.configs.tls.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| UplinkError::Tcp {
+            addr,
+            detail: format!("TLS handshake: {e}"),
+        })?;
+    let refused = |detail: String| UplinkError::Refused { addr, detail };
+    stream
+        .write_all(&hello(dialer.source_cluster))
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+    stream.flush().await.map_err(|e| refused(e.to_string()))?;
+    // With TLS 1.3 the server judges our certificate after our handshake is done: a refusal
+    // arrives here, as an alert or a closed stream.
+    let mut buf = BytesMut::with_capacity(1024);
+    let frame = loop {
+        if let Some(frame) = Frame::decode(&mut buf).map_err(UplinkError::Protocol)? {
+            break Some(frame);
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) => break None,
+            Ok(_) => {}
+            Err(e) => return Err(refused(e.to_string())),
+        }
+    };
+    let welcome = match frame {
+        None => {
+            return Err(refused(
+                "the gateway closed the connection without WELCOME (certificate refused or \
+                 identity not in agents.allow: see the gateway's log)"
+                    .into(),
+            ))
+        }
+        frame => welcome_from(addr, frame)?,
+    };
+    let (read, write) = tokio::io::split(stream);
+    let (batches_tx, batches_rx) = mpsc::channel(8);
+    let (pending_tx, pending_rx) = mpsc::unbounded_channel();
+    let closed = CancellationToken::new();
+    let inner = Arc::new(TlsInner {
+        addr,
+        batches_tx,
+        closed: closed.clone(),
+        reason: std::sync::Mutex::new(None),
+    });
+    let link = TlsLink {
+        inner: inner.clone(),
+    };
+    // The tasks hold a weak handle: when every link handle is gone, they stop.
+    let weak = Arc::downgrade(&inner);
+    drop(inner);
+    let report = move |why: String| {
+        if let Some(inner) = weak.upgrade() {
+            set_reason(&inner.reason, &why);
+        }
+    };
+    let report_w = report.clone();
+    let closed_w = closed.clone();
+    tokio::spawn(async move {
+        let why = tls_writer(write, batches_rx, pending_tx, &closed_w).await;
+        report_w(why);
+        closed_w.cancel();
+    });
+    let closed_r = closed.clone();
+    tokio::spawn(async move {
+        let why = tls_reader(read, buf, pending_rx, &closed_r).await;
+        report(why);
+        closed_r.cancel();
+    });
+    Ok((Link::Tls(link), welcome))
+}
+
+/// Puts batches on the wire, each closed by `END`, and an empty batch every [`KEEP_ALIVE`]
+/// while idle. Each batch's acknowledgement slot goes to the reader before its bytes go out.
+async fn tls_writer(
+    mut write: WriteHalf<TlsStream<TcpStream>>,
+    mut batches_rx: mpsc::Receiver<Outgoing>,
+    pending_tx: mpsc::UnboundedSender<Option<AckTx>>,
+    closed: &CancellationToken,
+) -> String {
+    let mut end = BytesMut::new();
+    Frame::End.encode(&mut end);
+    let end = end.freeze();
+    loop {
+        let next = tokio::select! {
+            () = closed.cancelled() => {
+                let _ = write.shutdown().await;
+                return "closed".into();
+            }
+            next = tokio::time::timeout(KEEP_ALIVE, batches_rx.recv()) => next,
+        };
+        let (frames, ack) = match next {
+            Ok(Some(out)) => (out.frames, Some(out.ack)),
+            Ok(None) => return "closed".into(),
+            Err(_) => (Bytes::new(), None),
+        };
+        if pending_tx.send(ack).is_err() {
+            return "reader stopped".into();
+        }
+        let written = async {
+            write.write_all(&frames).await?;
+            write.write_all(&end).await?;
+            write.flush().await
+        };
+        let result = tokio::select! {
+            () = closed.cancelled() => return "closed".into(),
+            r = tokio::time::timeout(IDLE_TIMEOUT, written) => r,
+        };
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return format!("write failed: {e}"),
+            Err(_) => return format!("nothing could be written for {IDLE_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// Reads `ACK`s and resolves the oldest waiting batch with each.
+async fn tls_reader(
+    mut read: ReadHalf<TlsStream<TcpStream>>,
+    mut buf: BytesMut,
+    mut pending_rx: mpsc::UnboundedReceiver<Option<AckTx>>,
+    closed: &CancellationToken,
+) -> String {
+    let mut waiting: VecDeque<Option<AckTx>> = VecDeque::new();
+    loop {
+        loop {
+            match Frame::decode(&mut buf) {
+                Ok(Some(Frame::Ack { accepted })) => {
+                    while let Ok(p) = pending_rx.try_recv() {
+                        waiting.push_back(p);
+                    }
+                    match waiting.pop_front() {
+                        Some(Some(ack)) => {
+                            let _ = ack.send(accepted);
+                        }
+                        Some(None) => {} // a keep-alive
+                        None => return "the gateway acknowledged a batch never sent".into(),
+                    }
+                }
+                Ok(Some(other)) => return format!("unexpected frame from the gateway: {other:?}"),
+                Ok(None) => break,
+                Err(e) => return format!("invalid frame from the gateway: {e}"),
+            }
+        }
+        let read = tokio::select! {
+            () = closed.cancelled() => return "closed".into(),
+            r = tokio::time::timeout(IDLE_TIMEOUT, read.read_buf(&mut buf)) => r,
+        };
+        match read {
+            Ok(Ok(0)) => return "the gateway closed the connection".into(),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("read failed: {e}"),
+            Err(_) => return format!("nothing heard from the gateway for {IDLE_TIMEOUT:?}"),
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The TLS-over-TCP listener, for agents whose network blocks UDP.
+//!
+//! Same mTLS, same identities, same frames as QUIC (see `docs/protocol.md`); only the framing of
+//! batches differs: one TCP connection carries the agent's `HELLO`, then batches, each closed by
+//! an `END` frame, and the gateway answers `WELCOME`, then one `ACK` per batch, in order. A batch
+//! is dispatched exactly as a QUIC batch stream is. An empty batch (a lone `END`) is the agent's
+//! keep-alive, answered with `ACK(0)`; a connection silent for [`IDLE_TIMEOUT`] is closed.
+//!
+//! On this transport the connection is the unit of refusal: a batch that breaks the protocol or
+//! outgrows [`MAX_STREAM_BYTES`] closes that agent's connection (counted like a refused QUIC
+//! stream), never the listener or anyone else's connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use teeway_wire::{Frame, MirroredRequest, Welcome, PROTOCOL_VERSION};
+
+use crate::listener::{Dispatcher, MAX_STREAM_BYTES};
+
+/// Time allowed for the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection silent for this long is closed (agents send a keep-alive every 5 s).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for an answer to be written.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts agent connections on `listener` until `shutdown`, with the TLS server configuration
+/// in force in `tls` (a certificate reload swaps it; connections made keep theirs).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    dispatcher: Arc<Dispatcher>,
+    shutdown: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of descriptors and the like: pause rather than spin.
+                tracing::warn!(error = %e, "cannot accept a TCP connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+        let dispatcher = dispatcher.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(
+            async move {
+                let _ = tcp.set_nodelay(true);
+                let stream =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            dispatcher.refused_handshake(&e.to_string());
+                            return;
+                        }
+                        Err(_) => {
+                            dispatcher.refused_handshake("handshake not completed in time");
+                            return;
+                        }
+                    };
+                serve_connection(stream, peer, &dispatcher, &shutdown).await;
+            }
+            .instrument(tracing::info_span!("agent", %peer, transport = "tls")),
+        );
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// Why a connection ended.
+enum End {
+    /// Closed by the agent, or idle.
+    Gone(String),
+    /// Broke the protocol.
+    Protocol(String),
+    /// A batch larger than the protocol allows.
+    TooLarge,
+}
+
+async fn serve_connection(
+    mut stream: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    dispatcher: &Dispatcher,
+    shutdown: &CancellationToken,
+) {
+    let identity: Arc<str> = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(teeway_wire::tls::peer_identity)
+        .unwrap_or_else(|| "(unnamed)".into())
+        .into();
+    if !dispatcher.routing.load().allows(&identity) {
+        dispatcher.unauthorized(&identity);
+        let _ = stream.shutdown().await;
+        return;
+    }
+    dispatcher.metrics.handshakes_ok.increment(1);
+    dispatcher.metrics.agents_connected.increment(1.0);
+    tracing::info!(%identity, %peer, "agent connected over TLS/TCP");
+    let end = tokio::select! {
+        () = shutdown.cancelled() => End::Gone("gateway shutting down".into()),
+        end = exchange(&mut stream, dispatcher, &identity) => end,
+    };
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.shutdown()).await;
+    dispatcher.metrics.agents_connected.decrement(1.0);
+    let reason = match end {
+        End::Gone(reason) => reason,
+        End::Protocol(problem) => {
+            dispatcher.metrics.streams_rejected_protocol.increment(1);
+            dispatcher.note_rejected(&identity, &problem);
+            problem
+        }
+        End::TooLarge => {
+            dispatcher.metrics.streams_rejected_too_large.increment(1);
+            dispatcher.note_rejected(&identity, "batch larger than the protocol allows");
+            "batch too large".into()
+        }
+    };
+    tracing::info!(%identity, %reason, "agent disconnected");
+}
+
+/// `HELLO` / `WELCOME`, then batches until the connection ends.
+async fn exchange(
+    stream: &mut TlsStream<TcpStream>,
+    dispatcher: &Dispatcher,
+    identity: &Arc<str>,
+) -> End {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut out = BytesMut::new();
+    match next_frame(stream, &mut buf).await {
+        Ok(Frame::Hello(hello)) => {
+            tracing::info!(
+                %identity,
+                source_cluster = %hello.source_cluster,
+                agent_software = %hello.software,
+                "agent greeted"
+            );
+        }
+        Ok(other) => return End::Protocol(format!("first frame is not HELLO: {}", name(&other))),
+        Err(end) => return end,
+    }
+    Frame::Welcome(Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        agent_identity: identity.to_string(),
+        software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
+    })
+    .encode(&mut out);
+    if let Err(end) = write(stream, &mut out).await {
+        return end;
+    }
+    let mut batch: Vec<MirroredRequest> = Vec::new();
+    let mut batch_bytes = 0usize;
+    loop {
+        let frame = match next_frame(stream, &mut buf).await {
+            Ok(frame) => frame,
+            Err(end) => return end,
+        };
+        match frame {
+            Frame::Request(record) => {
+                batch_bytes += record.frame_len();
+                if batch_bytes > MAX_STREAM_BYTES {
+                    return End::TooLarge;
+                }
+                batch.push(record);
+            }
+            Frame::End => {
+                // A reload may have taken the agent off agents.allow.
+                if !dispatcher.routing.load().allows(identity) {
+                    dispatcher.unauthorized(identity);
+                    return End::Gone("no longer in agents.allow".into());
+                }
+                let accepted = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+                for record in batch.drain(..) {
+                    dispatcher.dispatch(record, identity);
+                }
+                batch_bytes = 0;
+                Frame::Ack { accepted }.encode(&mut out);
+                if let Err(end) = write(stream, &mut out).await {
+                    return end;
+                }
+            }
+            other => {
+                return End::Protocol(format!(
+                    "{} in a batch (a batch is REQUEST frames closed by END)",
+                    name(&other)
+                ))
+            }
+        }
+    }
+}
+
+fn name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello(_) => "HELLO",
+        Frame::Welcome(_) => "WELCOME",
+        Frame::Request(_) => "REQUEST",
+        Frame::Ack { .. } => "ACK",
+        Frame::End => "END",
+    }
+}
+
+/// The next whole frame, reading as needed within the idle timeout.
+async fn next_frame(stream: &mut TlsStream<TcpStream>, buf: &mut BytesMut) -> Result<Frame, End> {
+    loop {
+        match Frame::decode(buf) {
+            Ok(Some(frame)) => return Ok(frame),
+            Ok(None) => {}
+            Err(e) => return Err(End::Protocol(e.to_string())),
+        }
+        match tokio::time::timeout(IDLE_TIMEOUT, stream.read_buf(buf)).await {
+            Ok(Ok(0)) if buf.is_empty() => return Err(End::Gone("closed by the agent".into())),
+            Ok(Ok(0)) => {
+                return Err(End::Protocol(format!(
+                    "connection ends inside a frame ({} bytes left)",
+                    buf.len()
+                )))
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(End::Gone(e.to_string())),
+            Err(_) => return Err(End::Gone(format!("silent for {IDLE_TIMEOUT:?}"))),
+        }
+    }
+}
+
+async fn write(stream: &mut TlsStream<TcpStream>, out: &mut BytesMut) -> Result<(), End> {
+    let written = async {
+        stream.write_all(out).await?;
+        stream.flush().await
+    };
+    let result = tokio::time::timeout(WRITE_TIMEOUT, written).await;
+    out.clear();
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Gone(e.to_string())),
+        Err(_) => Err(End::Gone(
+            "the agent is not reading its acknowledgements".into(),
+        )),
+    }
+}
