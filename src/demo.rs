@@ -224,6 +224,31 @@ impl PlanClient {
     }
 }
 
+/// Sends `r` through `client`; `Ok` when the answer is exactly the primary's.
+pub async fn send_checked(client: &PlanClient, r: &PlannedRequest) -> Result<(), String> {
+    let expected = if r.method == Method::HEAD {
+        String::new()
+    } else {
+        sample::primary_answer(&r.method, &r.target, &r.body)
+    };
+    match client.send(r).await {
+        Ok((status, body)) if status == http::StatusCode::OK && body == expected.as_bytes() => {
+            Ok(())
+        }
+        Ok((status, body)) => Err(format!(
+            "request {} {} {}: got {status} {:?}, expected 200 {expected:?}",
+            r.seq,
+            r.method,
+            r.target,
+            String::from_utf8_lossy(&body)
+        )),
+        Err(e) => Err(format!(
+            "request {} {} {}: {e:#}",
+            r.seq, r.method, r.target
+        )),
+    }
+}
+
 /// Sends the whole plan through `addr`, `CLIENT_CONCURRENCY` at a time; returns, per request,
 /// whether the client got exactly the primary's answer.
 pub async fn send_plan(addr: SocketAddr, plan: &[PlannedRequest]) -> Vec<Result<(), String>> {
@@ -235,29 +260,7 @@ pub async fn send_plan(addr: SocketAddr, plan: &[PlannedRequest]) -> Vec<Result<
         let limit = limit.clone();
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await;
-            let expected = if r.method == Method::HEAD {
-                String::new()
-            } else {
-                sample::primary_answer(&r.method, &r.target, &r.body)
-            };
-            let outcome = match client.send(&r).await {
-                Ok((status, body))
-                    if status == http::StatusCode::OK && body == expected.as_bytes() =>
-                {
-                    Ok(())
-                }
-                Ok((status, body)) => Err(format!(
-                    "request {} {} {}: got {status} {:?}, expected 200 {expected:?}",
-                    r.seq,
-                    r.method,
-                    r.target,
-                    String::from_utf8_lossy(&body)
-                )),
-                Err(e) => Err(format!(
-                    "request {} {} {}: {e:#}",
-                    r.seq, r.method, r.target
-                )),
-            };
+            let outcome = send_checked(&client, &r).await;
             (r.seq, outcome)
         });
     }

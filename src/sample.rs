@@ -66,28 +66,31 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// Starts the sample primary on `127.0.0.1:0`.
 pub async fn start_primary() -> std::io::Result<Service> {
-    serve(|req: Request<Incoming>| async move {
-        let method = req.method().clone();
-        let target = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
-        let mut resp = Response::new(Full::new(Bytes::from(primary_answer(
-            &method, &target, &body,
-        ))));
-        resp.headers_mut().insert(
-            "x-served-by",
-            http::HeaderValue::from_static("sample-primary"),
-        );
-        resp
-    })
+    serve(
+        |req: Request<Incoming>| async move {
+            let method = req.method().clone();
+            let target = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let mut resp = Response::new(Full::new(Bytes::from(primary_answer(
+                &method, &target, &body,
+            ))));
+            resp.headers_mut().insert(
+                "x-served-by",
+                http::HeaderValue::from_static("sample-primary"),
+            );
+            resp
+        },
+        "127.0.0.1",
+    )
     .await
 }
 
@@ -113,6 +116,7 @@ pub struct Recorded {
 pub struct Recording {
     requests: Arc<Mutex<Vec<Recorded>>>,
     count_tx: Arc<watch::Sender<usize>>,
+    answered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Recording {
@@ -133,54 +137,70 @@ impl Recording {
     pub fn count(&self) -> usize {
         *self.count_tx.borrow()
     }
+
+    /// How many requests were answered (after the shadow's delay).
+    pub fn answered(&self) -> usize {
+        self.answered.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// Starts a recording shadow on `127.0.0.1:0` that answers `200 shadow ok` after `delay`.
 pub async fn start_shadow(delay: Duration) -> std::io::Result<(Service, Recording)> {
+    start_shadow_on("127.0.0.1", delay).await
+}
+
+/// As [`start_shadow`], listening on `ip` (port 0).
+pub async fn start_shadow_on(ip: &str, delay: Duration) -> std::io::Result<(Service, Recording)> {
     let recording = Recording {
         requests: Arc::new(Mutex::new(Vec::new())),
         count_tx: Arc::new(watch::channel(0).0),
+        answered: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
     let log = recording.clone();
-    let service = serve(move |req: Request<Incoming>| {
-        let log = log.clone();
-        async move {
-            let arrived = std::time::Instant::now();
-            let (parts, body) = req.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            if let Ok(mut requests) = log.requests.lock() {
-                requests.push(Recorded {
-                    method: parts.method,
-                    uri: parts.uri,
-                    version: parts.version,
-                    headers: parts.headers,
-                    body,
-                    arrived,
-                });
-                log.count_tx.send_replace(requests.len());
+    let service = serve(
+        move |req: Request<Incoming>| {
+            let log = log.clone();
+            async move {
+                let arrived = std::time::Instant::now();
+                let (parts, body) = req.into_parts();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                if let Ok(mut requests) = log.requests.lock() {
+                    requests.push(Recorded {
+                        method: parts.method,
+                        uri: parts.uri,
+                        version: parts.version,
+                        headers: parts.headers,
+                        body,
+                        arrived,
+                    });
+                    log.count_tx.send_replace(requests.len());
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                log.answered
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut resp = Response::new(Full::new(Bytes::from_static(b"shadow ok\n")));
+                *resp.status_mut() = StatusCode::OK;
+                resp
             }
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            let mut resp = Response::new(Full::new(Bytes::from_static(b"shadow ok\n")));
-            *resp.status_mut() = StatusCode::OK;
-            resp
-        }
-    })
+        },
+        ip,
+    )
     .await?;
     Ok((service, recording))
 }
 
-async fn serve<F, Fut>(handler: F) -> std::io::Result<Service>
+async fn serve<F, Fut>(handler: F, ip: &str) -> std::io::Result<Service>
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let listener = TcpListener::bind((ip, 0)).await?;
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
     let token = stop.clone();

@@ -167,3 +167,213 @@ async fn exchange_fails(conn: &Connection) -> bool {
     let _ = send.finish();
     recv.read_to_end(1024).await.is_err()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_streams_are_served_in_turn_and_others_keep_going() {
+    teeway_wire::tls::install_default_provider();
+    let pki = Pki::generate("raw-agent").expect("pki");
+    let (_shadow, gateway) = start_gateway(&pki).await;
+    let (abuser_endpoint, abuser) = connect(&pki, gateway.addr).await;
+    let (endpoint, conn) = connect(&pki, gateway.addr).await;
+
+    // 3,000 streams at once, each a garbage frame: the gateway lets 64 run at a time (the
+    // rest wait for stream credit) and resets every one.
+    const STREAMS: usize = 3000;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..STREAMS {
+        let abuser = abuser.clone();
+        tasks.spawn(async move { exchange(&abuser, &[0, 0, 0, 1, 0x7f]).await });
+    }
+    // Meanwhile another agent is greeted as usual.
+    let reply = exchange(&conn, &hello()).await.expect("welcome");
+    assert!(matches!(
+        Frame::decode(&mut BytesMut::from(&reply[..])),
+        Ok(Some(Frame::Welcome(_)))
+    ));
+    let mut resets = 0;
+    while let Some(outcome) = tasks.join_next().await {
+        assert_eq!(
+            outcome.expect("task"),
+            Err(u64::from(codes::PROTOCOL_ERROR))
+        );
+        resets += 1;
+    }
+    assert_eq!(resets, STREAMS);
+    let key = "teeway_gateway_streams_rejected_total{reason=\"protocol\"}";
+    let g = settle(
+        || gateway.gateway.metrics(),
+        |s| s.get(key) >= STREAMS as f64,
+    )
+    .await;
+    assert_eq!(g.get(key), STREAMS as f64);
+    // Both connections still stand, and close cleanly: nothing is left behind.
+    assert!(abuser.close_reason().is_none());
+    abuser.close(VarInt::from_u32(0), b"done");
+    conn.close(VarInt::from_u32(0), b"done");
+    abuser_endpoint.wait_idle().await;
+    endpoint.wait_idle().await;
+    let g = settle(
+        || gateway.gateway.metrics(),
+        |s| s.get(gm::AGENTS_CONNECTED) == 0.0,
+    )
+    .await;
+    assert_eq!(g.get(gm::AGENTS_CONNECTED), 0.0);
+    gateway.stop().await.expect("gateway stops");
+}
+
+/// A TLS-over-TCP connection to `gateway` presenting `client` (none when `None`).
+async fn tls_tcp(
+    pki: &Pki,
+    gateway: std::net::SocketAddr,
+    client: Option<&teeway_wire::pki::CertifiedKey>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.certified.cert_der()).expect("root");
+    let builder = rustls::ClientConfig::builder_with_provider(teeway_wire::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots);
+    let mut tls = match client {
+        Some(c) => builder
+            .with_client_auth_cert(vec![c.cert_der()], c.key_der())
+            .expect("client cert"),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![teeway_wire::ALPN.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(gateway).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+}
+
+/// Writes `bytes` and reads until the gateway closes; what it sent, or the error that ended it.
+async fn tcp_exchange(
+    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    bytes: &[u8],
+) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(bytes).await.map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    match tokio::time::timeout(support::LIMIT, stream.read_to_end(&mut out)).await {
+        Ok(Ok(_)) => Ok(out),
+        Ok(Err(e)) if out.is_empty() => Err(e.to_string()),
+        Ok(Err(_)) => Ok(out),
+        Err(_) => Err("the gateway kept the connection open".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
+    teeway_wire::tls::install_default_provider();
+    let pki = Pki::generate("raw-agent").expect("pki");
+    let (_shadow, gateway) = start_gateway(&pki).await;
+    let refused = "teeway_gateway_handshakes_total{result=\"refused\"}";
+
+    // No certificate, an expired one, one from another CA: each refused, none welcomed.
+    let expired = pki.ca.expired_agent("raw-agent").expect("expired");
+    let stranger_ca =
+        teeway_wire::pki::CertificateAuthority::generate("stranger").expect("stranger ca");
+    let stranger = stranger_ca.agent("raw-agent").expect("stranger");
+    for (what, cert) in [
+        ("no certificate", None),
+        ("an expired certificate", Some(&expired)),
+        ("a certificate from another CA", Some(&stranger)),
+    ] {
+        // TLS 1.3: the client may finish before the server judges its certificate.
+        let outcome = match tls_tcp(&pki, gateway.addr, cert).await {
+            Err(e) => Err(e.to_string()),
+            Ok(mut s) => tcp_exchange(&mut s, &hello()).await,
+        };
+        assert!(
+            outcome.is_err() || matches!(&outcome, Ok(b) if b.is_empty()),
+            "{what} got through: {outcome:?}"
+        );
+    }
+    let g = settle(|| gateway.gateway.metrics(), |s| s.get(refused) >= 3.0).await;
+    assert_eq!(g.get(refused), 3.0, "{g:?}");
+
+    // An authenticated agent sending garbage, or a batch over the limit, loses its connection.
+    let good = Some(&pki.agent);
+    let mut s = tls_tcp(&pki, gateway.addr, good).await.expect("tls");
+    let mut garbage = hello();
+    garbage.extend_from_slice(&[0, 0, 0, 1, 0x7f]);
+    let reply = tcp_exchange(&mut s, &garbage)
+        .await
+        .expect("closed cleanly");
+    let mut reply = BytesMut::from(&reply[..]);
+    assert!(matches!(
+        Frame::decode(&mut reply),
+        Ok(Some(Frame::Welcome(_)))
+    ));
+    assert!(reply.is_empty(), "nothing but WELCOME before the close");
+
+    let mut s = tls_tcp(&pki, gateway.addr, good).await.expect("tls");
+    let mut big = hello();
+    let request = teeway_wire::MirroredRequest {
+        id: 1,
+        received_at: std::time::SystemTime::now(),
+        source_cluster: "raw".into(),
+        method: http::Method::POST,
+        uri: "/big".parse().expect("uri"),
+        version: http::Version::HTTP_11,
+        headers: http::HeaderMap::new(),
+        body: bytes::Bytes::from(vec![b'x'; 4 * 1024 * 1024]),
+        trailers: None,
+        body_truncated: false,
+    };
+    let mut frames = BytesMut::new();
+    for _ in 0..6 {
+        Frame::Request(request.clone()).encode(&mut frames);
+    }
+    big.extend_from_slice(&frames);
+    let reply = tcp_exchange(&mut s, &big).await.unwrap_or_default();
+    let mut reply = BytesMut::from(&reply[..]);
+    assert!(matches!(
+        Frame::decode(&mut reply),
+        Ok(Some(Frame::Welcome(_)))
+    ));
+    assert!(reply.is_empty(), "no ACK for an oversized batch: {reply:?}");
+
+    // Both counted; nothing received; a well-behaved agent is still welcomed and acknowledged.
+    let g = settle(
+        || gateway.gateway.metrics(),
+        |s| s.get("teeway_gateway_streams_rejected_total{reason=\"too_large\"}") >= 1.0,
+    )
+    .await;
+    assert_eq!(
+        g.get("teeway_gateway_streams_rejected_total{reason=\"protocol\"}"),
+        1.0
+    );
+    assert_eq!(
+        g.get("teeway_gateway_streams_rejected_total{reason=\"too_large\"}"),
+        1.0
+    );
+    assert_eq!(g.get(gm::RECEIVED_TOTAL), 0.0);
+    let mut s = tls_tcp(&pki, gateway.addr, good).await.expect("tls");
+    let mut batch = hello();
+    let mut small = request.clone();
+    small.body = bytes::Bytes::from_static(b"ok");
+    let mut frames = BytesMut::new();
+    Frame::Request(small).encode(&mut frames);
+    Frame::End.encode(&mut frames);
+    batch.extend_from_slice(&frames);
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(&batch).await.expect("write");
+        let mut got = BytesMut::new();
+        let mut frames_seen = Vec::new();
+        while frames_seen.len() < 2 {
+            assert!(
+                s.read_buf(&mut got).await.expect("read") > 0,
+                "closed early"
+            );
+            while let Some(f) = Frame::decode(&mut got).expect("frame") {
+                frames_seen.push(f);
+            }
+        }
+        assert!(matches!(frames_seen[0], Frame::Welcome(_)));
+        assert_eq!(frames_seen[1], Frame::Ack { accepted: 1 });
+    }
+    gateway.stop().await.expect("gateway stops");
+}

@@ -430,8 +430,13 @@ impl Gateway {
 
     fn endpoint(&self, socket: std::net::UdpSocket) -> Result<Endpoint, GatewayError> {
         let mut tls = self.lock_tls();
+        let (reset_key, cid_key) = restart_stable_keys(&tls.material);
+        let mut endpoint_config = EndpointConfig::new(reset_key);
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         let endpoint = Endpoint::new(
-            EndpointConfig::new(stateless_reset_key(&tls.material)),
+            endpoint_config,
             Some(quic_server_config(&tls.material)?),
             socket,
             Arc::new(TokioRuntime),
@@ -456,21 +461,32 @@ impl Gateway {
     }
 }
 
-/// The key QUIC stateless resets are made with, derived from the gateway's private key, so it
-/// survives a restart: a gateway that comes back after a crash answers packets of the agents'
-/// old connections with a reset they can verify, and they reconnect at once instead of waiting
-/// out the idle timeout. Replicas sharing a certificate share the key, which is what a reset
-/// needs when a load balancer sends a packet to another replica.
-fn stateless_reset_key(
+/// The keys QUIC stateless resets are made with and connection IDs are checked with, derived
+/// from the gateway's private key so that they survive a restart. A gateway that comes back
+/// after a crash then recognises the connection IDs of the agents' old connections as its own
+/// (quinn drops packets whose ID it cannot validate, silently) and answers them with a reset the
+/// agents can verify: they reconnect at once instead of waiting out the idle timeout. Replicas
+/// sharing a certificate share the keys, which is what a reset needs when a load balancer hands a
+/// packet to another replica.
+fn restart_stable_keys(
     material: &teeway_wire::tls::TlsMaterial,
-) -> Arc<dyn quinn::crypto::HmacKey> {
-    let mut input = b"teeway/1 stateless reset key".to_vec();
-    input.extend_from_slice(material.key.secret_der());
-    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
-    Arc::new(ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        digest.as_ref(),
-    ))
+) -> (Arc<dyn quinn::crypto::HmacKey>, u64) {
+    let derive = |label: &[u8]| {
+        let mut input = label.to_vec();
+        input.extend_from_slice(material.key.secret_der());
+        ring::digest::digest(&ring::digest::SHA256, &input)
+    };
+    let reset = derive(b"teeway/1 stateless reset key");
+    let cid = derive(b"teeway/1 connection id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    (
+        Arc::new(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            reset.as_ref(),
+        )),
+        u64::from_le_bytes(cid_key),
+    )
 }
 
 /// The QUIC server configuration for `material`: mTLS, stream limits, idle timeout.

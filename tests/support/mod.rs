@@ -142,10 +142,18 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(dir: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_teeway"))
+        Self::spawn_program(dir, env!("CARGO_BIN_EXE_teeway"), args)
+    }
+
+    /// Runs `program` (a wrapper such as `ip netns exec NAME teeway ...`) the same way.
+    pub fn spawn_program(dir: &Path, program: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(program)
             .args(args)
             .current_dir(dir)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -174,6 +182,16 @@ impl Proc {
             }
         }
         panic!("no log line containing {needle:?}");
+    }
+
+    /// The log lines not yet read, for a failure message.
+    pub fn unread_lines(&self) -> String {
+        let mut out = String::new();
+        while let Ok(line) = self.lines.try_recv() {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
     }
 
     pub fn terminate_and_wait(mut self) -> std::process::ExitStatus {
@@ -247,4 +265,98 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Runs `teeway certs init` in `dir` (files in `certs/dev`, agent identity `prod-eu-1`).
+pub fn certs_init(dir: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_teeway"))
+        .args([
+            "certs",
+            "init",
+            "--dir",
+            "certs/dev",
+            "--agent-name",
+            "prod-eu-1",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("teeway runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Client load through an agent: `workers` loops sending varied requests, each answer checked
+/// against the primary's, until [`Load::finish`].
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: tokio::task::JoinSet<(u64, Vec<String>)>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What a [`Load`] saw.
+#[derive(Debug)]
+pub struct LoadReport {
+    /// Requests answered exactly as the primary answers.
+    pub ok: u64,
+    /// Everything else, described.
+    pub errors: Vec<String>,
+}
+
+impl Load {
+    pub fn start(agent: SocketAddr, workers: usize) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let client = Arc::new(teeway::demo::PlanClient::new(agent));
+        let plan = Arc::new(teeway::demo::plan(64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..workers {
+            let (stop, sent, client, plan) =
+                (stop.clone(), sent.clone(), client.clone(), plan.clone());
+            tasks.spawn(async move {
+                let (mut ok, mut errors) = (0u64, Vec::new());
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let r = &plan[i % plan.len()];
+                    i += workers;
+                    match teeway::demo::send_checked(&client, r).await {
+                        Ok(()) => ok += 1,
+                        Err(e) => errors.push(e),
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                (ok, errors)
+            });
+        }
+        Load { stop, tasks, sent }
+    }
+
+    /// Requests sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the workers and reports.
+    pub async fn finish(mut self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut report = LoadReport {
+            ok: 0,
+            errors: Vec::new(),
+        };
+        while let Some(joined) = self.tasks.join_next().await {
+            let (ok, errors) = joined.expect("load worker");
+            report.ok += ok;
+            report.errors.extend(errors);
+        }
+        report
+    }
+}
+
+/// The metrics an admin listener serves.
+pub async fn scrape(admin: SocketAddr) -> Snapshot {
+    Snapshot::parse(&admin_get(admin, "/metrics").await.1)
 }

@@ -121,14 +121,38 @@ impl CertificateAuthority {
         )
     }
 
+    /// Signs an agent certificate that expired in 2021: for checking that peers refuse one.
+    pub fn expired_agent(&self, identity: &str) -> Result<CertifiedKey, TlsError> {
+        self.leaf_valid(
+            vec![identity.to_owned()],
+            identity,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            true,
+        )
+    }
+
     fn leaf(
         &self,
         sans: Vec<String>,
         common_name: &str,
         usage: ExtendedKeyUsagePurpose,
     ) -> Result<CertifiedKey, TlsError> {
+        self.leaf_valid(sans, common_name, usage, false)
+    }
+
+    fn leaf_valid(
+        &self,
+        sans: Vec<String>,
+        common_name: &str,
+        usage: ExtendedKeyUsagePurpose,
+        expired: bool,
+    ) -> Result<CertifiedKey, TlsError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(sans)?;
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
         params.distinguished_name = name(common_name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![usage];
