@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -214,7 +215,7 @@ def nginx_proxy(work, primary_port, shadow=None, workers=2):
     return port, proc
 
 
-def teeway_pair(work, primary_port, shadow, percentage, start_gateway=True):
+def teeway_pair(work, primary_port, shadow, percentage, start_gateway=True, transport="auto"):
     certs = os.path.join(work, "certs")
     if not os.path.exists(os.path.join(certs, "ca.pem")):
         subprocess.run([TEEWAY, "certs", "init", "--dir", certs], check=True, capture_output=True)
@@ -225,6 +226,7 @@ def teeway_pair(work, primary_port, shadow, percentage, start_gateway=True):
         gw_admin = free_port()
         with open(os.path.join(work, "gateway.yaml"), "w") as f:
             f.write(f"""listen: 127.0.0.1:{gw_port}
+transports: [{"tls" if transport == "tls" else "quic, tls"}]
 tls: {{ ca: {certs}/ca.pem, cert: {certs}/gateway.pem, key: {certs}/gateway.key }}
 routes:
   - targets: [http://127.0.0.1:{shadow.port}]
@@ -241,6 +243,7 @@ primary: http://127.0.0.1:{primary_port}
 mirror: {{ percentage: {percentage} }}
 gateway:
   address: 127.0.0.1:{gw_port}
+  transport: {transport}
   server_name: localhost
   ca: {certs}/ca.pem
   cert: {certs}/agent.pem
@@ -301,6 +304,32 @@ def run_wrk(port, duration, connections, threads):
     }
 
 
+def run_wrk_killing_gateway(args, port, procs, work, gateway_admin):
+    """wrk for the scenario's duration; a third of the way in the gateway is SIGKILLed and, a
+    second later, started again on the same ports. Reports how long after its return it received
+    copies again."""
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(
+        run_wrk(port, args.duration, args.connections, args.threads)))
+    runner.start()
+    time.sleep(args.duration / 3)
+    gateway = next(p for p in procs if p.name == "gateway")
+    os.killpg(gateway.popen.pid, signal.SIGKILL)
+    gateway.popen.wait()
+    time.sleep(1)
+    procs.remove(gateway)
+    again = Proc("gateway", [TEEWAY, "gateway", "--config", "gateway.yaml"], work,
+                 env=dict(os.environ, RUST_LOG="warn"))
+    procs.append(again)
+    wait_until(lambda: port_open(gateway_admin), "gateway admin again")
+    back = time.monotonic()
+    wait_until(lambda: metrics(gateway_admin).get("teeway_gateway_received_total", 0) > 0, "copies again")
+    reconnect = time.monotonic() - back
+    runner.join()
+    result["reconnect_s"] = reconnect
+    return result
+
+
 def run_h2load(port, duration, connections):
     out = subprocess.run(["h2load", "-c", str(connections), "-m", "10", "-t", "1", "-D", str(duration),
                           f"http://127.0.0.1:{port}/bench/item?id=42"],
@@ -338,6 +367,10 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
         shadow_before = shadow.count() if shadow else 0
         if driver == "wrk":
             load = run_wrk(target_port, args.duration, args.connections, args.threads)
+        elif driver == "wrk+kill":
+            load = run_wrk_killing_gateway(args, target_port, procs, work, gateway_admin)
+            row["reconnect_s"] = load.pop("reconnect_s")
+            gateway_admin = None  # the first gateway's counters died with it
         else:
             load = run_h2load(target_port, args.duration, args.connections)
         row.update(load)
@@ -391,6 +424,8 @@ def summary_line(row):
     if "error" in row:
         return f"  {row['n']:>3}  {row['scenario']}: FAILED: {row['error']}"
     extra = f", delivered {row['delivered'] * 100:.2f}%" if "delivered" in row else ""
+    if "reconnect_s" in row:
+        extra += f", uplink back {row['reconnect_s']:.2f} s after the gateway returned"
     return f"  {row['n']:>3}  {row['scenario']}: {row['rps']:.0f} req/s{extra}"
 
 
@@ -439,11 +474,11 @@ def main():
             return port, [proxy, pproc, shadow.proc], shadow, None
         return setup
 
-    def with_teeway(percentage, delay_ms=0, gateway=True):
+    def with_teeway(percentage, delay_ms=0, gateway=True, transport="auto"):
         def setup(work):
             pport, pproc = primary(work)
             shadow = Shadow(work, delay_ms)
-            port, admins, procs = teeway_pair(work, pport, shadow, percentage, gateway)
+            port, admins, procs = teeway_pair(work, pport, shadow, percentage, gateway, transport)
             return port, procs + [pproc, shadow.proc], shadow if percentage > 0 else None, admins
         return setup
 
@@ -466,7 +501,9 @@ def main():
         ("6", "nginx mirror, shadow answers in 200 ms", mirror_nginx(delay_ms=200), "wrk"),
         ("7", "teeway 100%, shadow answers in 200 ms", with_teeway(100, delay_ms=200), "wrk"),
         ("8", "teeway 100%, gateway down", with_teeway(100, gateway=False), "wrk"),
+        ("9", "teeway 100% over TLS-over-TCP (transport: tls)", with_teeway(100, transport="tls"), "wrk"),
         ("10", "HTTP/2 clients (h2load) through teeway 100%", with_teeway(100), "h2load"),
+        ("11", "teeway 100%, gateway SIGKILLed and restarted mid-run", with_teeway(100), "wrk+kill"),
     ]
     info = versions()
     print(f"teeway benchmark: {info['machine']}; {args.duration}s per scenario, {args.connections} connections")
@@ -475,8 +512,6 @@ def main():
         if only and number not in only:
             continue
         rows.append(scenario(args, number, title, setup, driver))
-    rows.append({"n": "9", "scenario": "teeway over TLS-over-TCP transport",
-                 "error": "not measured: the TLS-over-TCP transport does not exist yet (production-safety issue)"})
     rows.sort(key=lambda r: (int(re.match(r"\d+", r["n"]).group()), r["n"]))
     write_results(args, info, rows)
 
@@ -507,6 +542,8 @@ def write_results(args, info, rows):
             if "gateway_replayed" in r:
                 delivered += f"; gateway: {r['gateway_replayed']} replayed, {r['gateway_shed']} failed or shed"
             delivered += ")"
+        if "reconnect_s" in r:
+            delivered += f"; uplink back {r['reconnect_s']:.2f} s after the gateway returned"
         md.append(f"| {r['n']} | {r['scenario']} | {r['rps']:.0f} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} |"
                   f" {fmt(r['p999_ms'])} | {r['errors']} | {delivered} | {r['cpu_per_1k']} | {r['peak_rss']} |")
     md += ["", "## Against the targets", ""]
@@ -517,7 +554,8 @@ def write_results(args, info, rows):
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     keys = ["n", "scenario", "rps", "p50_ms", "p99_ms", "p999_ms", "errors", "delivered", "agent_seen",
-            "agent_mirrored", "agent_dropped", "gateway_replayed", "gateway_shed", "cpu_per_1k", "peak_rss", "error"]
+            "agent_mirrored", "agent_dropped", "gateway_replayed", "gateway_shed", "reconnect_s", "cpu_per_1k",
+            "peak_rss", "error"]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -554,6 +592,16 @@ def targets(by):
         check("scenario 5: every request that did not reach the shadow is in a drop counter", accounted,
               f"delivered {d['delivered'] * 100:.2f}%, agent accounting {d['agent_mirrored']} + {d['agent_dropped']}"
               f" = {d['agent_seen']}")
+    if "8" in by and "rss_agent_mib" in by["8"]:
+        check("scenario 8 (gateway down): agent RSS within mirror.queue_bytes (16 MiB) + 64 MiB",
+              by["8"]["rss_agent_mib"] < 16 + 64, f"{by['8']['rss_agent_mib']:.1f} MiB")
+    if "11" in by and "reconnect_s" in by["11"]:
+        check("scenario 11: uplink back within 2 s of the gateway's return", by["11"]["reconnect_s"] < 2,
+              f"{by['11']['reconnect_s']:.2f} s")
+    for n in ("7",):
+        if n in by and "4" in by and by[n].get("p99_ms") and by["4"].get("p99_ms"):
+            lines.append(f"- client p99 with a 200 ms shadow ({n}): {by[n]['p99_ms']:.2f} ms; with mirroring off (4):"
+                         f" {by['4']['p99_ms']:.2f} ms")
     rss = [r["rss_agent_mib"] for r in by.values() if "rss_agent_mib" in r]
     if rss:
         check("agent peak RSS under 64 MiB in every scenario", max(rss) < 64, f"max {max(rss):.1f} MiB")
