@@ -2,7 +2,7 @@
 //! a copy before it leaves production.
 //!
 //! A policy is immutable; a reload builds a new one and swaps it in whole (see
-//! [`crate::Agent::reload`]), so a request is decided, redacted and size-limited under the one
+//! [`crate::Agent::reload_yaml`]), so a request is decided, redacted and size-limited under the one
 //! policy that was in force when its head arrived.
 //!
 //! # Decision

@@ -13,8 +13,8 @@
 //! has a supervisor task that keeps one [`Link`] to it up: it connects (QUIC, TLS over TCP, or QUIC
 //! falling back to TLS, per `gateway.transport`), reports the link when the gateway has answered
 //! `HELLO` with `WELCOME`, and after a failure reconnects with capped exponential backoff with
-//! jitter ([`backoff`]); a gateway that accepts and drops at once keeps the backoff growing, so a
-//! flapping gateway never causes a tight loop.
+//! jitter (50 ms doubling to 1 s, each delay drawn in its upper half); a gateway that accepts and
+//! drops at once keeps the backoff growing, so a flapping gateway never causes a tight loop.
 //!
 //! **Batches.** The task takes copies off the queue in batches (whatever is waiting, up to
 //! [`MAX_BATCH_RECORDS`] records or [`MAX_BATCH_BYTES`]) and sends each on the live link with the

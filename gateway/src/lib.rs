@@ -1,10 +1,11 @@
-//! The teeway gateway: runs in the test cluster, accepts agents by client certificate over QUIC,
-//! routes each mirrored request to shadow services, replays it, and drops the response.
+//! The teeway gateway: runs in the test cluster, accepts agents by client certificate over QUIC
+//! (or TLS over TCP on the same port number), routes each mirrored request to shadow services, replays it, and drops the response.
 //!
 //! # Layout
 //!
 //! - [`config`]: `gateway.yaml`, validated in full before anything binds.
 //! - [`listener`]: the QUIC listener, agent identities, stream decoding and dispatch.
+//! - [`tcp`]: the TLS-over-TCP listener for agents whose network blocks UDP.
 //! - [`router`]: first-match routing on source cluster, host, path, methods and headers.
 //! - [`replay`]: per-target pooled clients, concurrency limits, the replay itself.
 //! - [`metrics`]: metric names and the accounting of every record.

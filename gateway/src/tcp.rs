@@ -4,7 +4,7 @@
 //! batches differs: one TCP connection carries the agent's `HELLO`, then batches, each closed by
 //! an `END` frame, and the gateway answers `WELCOME`, then one `ACK` per batch, in order. A batch
 //! is dispatched exactly as a QUIC batch stream is. An empty batch (a lone `END`) is the agent's
-//! keep-alive, answered with `ACK(0)`; a connection silent for [`IDLE_TIMEOUT`] is closed.
+//! keep-alive, answered with `ACK(0)`; a connection silent for 30 s is closed.
 //!
 //! On this transport the connection is the unit of refusal: a batch that breaks the protocol or
 //! outgrows [`MAX_STREAM_BYTES`] closes that agent's connection (counted like a refused QUIC
