@@ -390,6 +390,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     let intact = verdicts.values().filter(|v| v.is_ok()).count();
     let missing = plan.len() - verdicts.len();
     wait_for_replays(&gateway, arrived).await;
+    wait_for_acks(&agent).await;
 
     let a = agent.agent.metrics();
     let g = gateway.gateway.metrics();
@@ -451,6 +452,21 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     primary.stop().await;
     shadow.stop().await;
     Ok(ok)
+}
+
+/// Waits until the agent has resolved every copy: a shadow can see a copy before the agent has
+/// read the gateway's acknowledgement of it. Polled, bounded in time.
+async fn wait_for_acks(agent: &RunningAgent) {
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    while Instant::now() < deadline
+        && agent
+            .agent
+            .metrics()
+            .get(teeway_agent::metrics::MIRROR_IN_FLIGHT)
+            > 0.0
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Waits until the gateway has finished the replays whose requests reached the shadow.
