@@ -77,6 +77,34 @@ fn spawn_agent(dir: &Path) -> (Proc, SocketAddr, SocketAddr) {
     (p, listen, admin)
 }
 
+/// A gateway and an agent process on loopback, connected. The gateway's config is rewritten to
+/// the port it bound, so that `spawn_gateway` brings it back on the same port after a kill.
+fn restartable_pair(
+    dir: &Path,
+    primary: &str,
+    shadow: &str,
+) -> (Proc, Proc, SocketAddr, SocketAddr) {
+    std::fs::write(
+        dir.join("gateway.yaml"),
+        gateway_yaml("127.0.0.1:0", shadow),
+    )
+    .expect("write");
+    let (gateway, gateway_addr, _) = spawn_gateway(dir, &[]);
+    std::fs::write(
+        dir.join("gateway.yaml"),
+        gateway_yaml(&gateway_addr.to_string(), shadow),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("agent.yaml"),
+        agent_yaml(primary, &gateway_addr.to_string(), ""),
+    )
+    .expect("write");
+    let (agent, agent_addr, agent_admin) = spawn_agent(dir);
+    agent.wait_for_line("uplink connected");
+    (gateway, agent, agent_addr, agent_admin)
+}
+
 /// Waits until the agent's counter `name` reaches `at_least`.
 async fn agent_reaches(admin: SocketAddr, name: &str, at_least: f64) -> Snapshot {
     settle_async(|| scrape(admin), |s| s.get(name) >= at_least).await
@@ -88,25 +116,8 @@ async fn gateway_killed_under_load_and_restarted() {
     certs_init(tmp.path());
     let primary = sample::start_primary().await.expect("primary");
     let (shadow, _recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-    std::fs::write(
-        tmp.path().join("gateway.yaml"),
-        gateway_yaml("127.0.0.1:0", &shadow.url()),
-    )
-    .expect("write");
-    let (mut gateway, gateway_addr, _) = spawn_gateway(tmp.path(), &[]);
-    // The restarted gateway must come back on the same port.
-    std::fs::write(
-        tmp.path().join("gateway.yaml"),
-        gateway_yaml(&gateway_addr.to_string(), &shadow.url()),
-    )
-    .expect("write");
-    std::fs::write(
-        tmp.path().join("agent.yaml"),
-        agent_yaml(&primary.url(), &gateway_addr.to_string(), ""),
-    )
-    .expect("write");
-    let (agent, agent_addr, agent_admin) = spawn_agent(tmp.path());
-    agent.wait_for_line("uplink connected");
+    let (mut gateway, agent, agent_addr, agent_admin) =
+        restartable_pair(tmp.path(), &primary.url(), &shadow.url());
 
     let load = Load::start(agent_addr, 4);
     agent_reaches(agent_admin, am::MIRRORED_TOTAL, 200.0).await;
@@ -623,24 +634,8 @@ async fn soak_mixed_load_keeps_rss_bounded() {
     let (shadow, _recording) = sample::start_shadow(Duration::from_millis(50))
         .await
         .expect("shadow");
-    std::fs::write(
-        tmp.path().join("gateway.yaml"),
-        gateway_yaml("127.0.0.1:0", &shadow.url()),
-    )
-    .expect("write");
-    let (mut gateway, gateway_addr, _) = spawn_gateway(tmp.path(), &[]);
-    std::fs::write(
-        tmp.path().join("gateway.yaml"),
-        gateway_yaml(&gateway_addr.to_string(), &shadow.url()),
-    )
-    .expect("write");
-    std::fs::write(
-        tmp.path().join("agent.yaml"),
-        agent_yaml(&primary.url(), &gateway_addr.to_string(), ""),
-    )
-    .expect("write");
-    let (agent, agent_addr, agent_admin) = spawn_agent(tmp.path());
-    agent.wait_for_line("uplink connected");
+    let (mut gateway, agent, agent_addr, agent_admin) =
+        restartable_pair(tmp.path(), &primary.url(), &shadow.url());
     let load = Load::start(agent_addr, 8);
     let end = Instant::now() + Duration::from_secs(secs);
     let mut peak = 0;

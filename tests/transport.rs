@@ -36,22 +36,21 @@ async fn mirror_intact(stack: &Stack, n: usize) {
     assert_eq!(stack.gateway_metrics().get(gm::RECEIVED_TOTAL), n as f64);
 }
 
+/// A gateway that serves TLS over TCP and no QUIC.
+fn tcp_only(g: &mut teeway_gateway::GatewayConfig) {
+    g.transports = Transports {
+        quic: false,
+        tls: true,
+    };
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_over_tcp_carries_the_same_copies_as_quic() {
-    let stack = Stack::start_configured(
-        100.0,
-        |g| {
-            g.transports = Transports {
-                quic: false,
-                tls: true,
-            }
-        },
-        |a| {
-            if let Some(g) = a.gateway.as_mut() {
-                g.transport = Transport::Tls;
-            }
-        },
-    )
+    let stack = Stack::start_configured(100.0, tcp_only, |a| {
+        if let Some(g) = a.gateway.as_mut() {
+            g.transport = Transport::Tls;
+        }
+    })
     .await;
     mirror_intact(&stack, 120).await;
     stack.stop().await;
@@ -61,20 +60,11 @@ async fn tls_over_tcp_carries_the_same_copies_as_quic() {
 async fn auto_falls_back_to_tls_when_no_udp_answers() {
     // The gateway serves TCP only: the agent's QUIC packets meet a closed UDP port, as they
     // would meet a firewall that drops UDP. Connecting at all proves the fallback.
-    let stack = Stack::start_configured(
-        100.0,
-        |g| {
-            g.transports = Transports {
-                quic: false,
-                tls: true,
-            }
-        },
-        |a| {
-            if let Some(g) = a.gateway.as_mut() {
-                assert_eq!(g.transport, Transport::Auto, "auto is the default");
-            }
-        },
-    )
+    let stack = Stack::start_configured(100.0, tcp_only, |a| {
+        if let Some(g) = a.gateway.as_mut() {
+            assert_eq!(g.transport, Transport::Auto, "auto is the default");
+        }
+    })
     .await;
     mirror_intact(&stack, 40).await;
     stack.stop().await;
