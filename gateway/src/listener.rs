@@ -111,6 +111,9 @@ impl Dispatcher {
                     continue;
                 }
             };
+            // In flight from admission, not from when the task first runs, so the identity
+            // holds at every scrape.
+            self.metrics.in_flight.increment(1.0);
             let target = target.clone();
             let record = record.clone();
             let metrics = self.metrics.clone();

@@ -174,7 +174,9 @@ impl Target {
     }
 
     /// Replays `record`, reads the response to the end and counts the outcome; when `archive`
-    /// records responses, the response goes to it.
+    /// records responses, the response goes to it. The caller counted the pair in
+    /// `replay_in_flight` when [`Target::admit`] granted `_slot`; it leaves that gauge here, once
+    /// its outcome is counted.
     pub async fn replay(
         &self,
         record: &MirroredRequest,
@@ -186,9 +188,7 @@ impl Target {
         let capture = archive
             .filter(|a| a.config().record_responses)
             .map(|a| a.config().max_response_body);
-        metrics.in_flight.increment(1.0);
         let outcome = self.send(record, source, capture).await;
-        metrics.in_flight.decrement(1.0);
         match outcome {
             Ok(exchange) => {
                 metrics.replayed(exchange.status);
@@ -199,6 +199,8 @@ impl Target {
             }
             Err(reason) => metrics.failed(reason),
         }
+        // Only after the outcome is counted: a scrape never sees the pair in neither bucket.
+        metrics.in_flight.decrement(1.0);
     }
 
     /// Sends `record` (mirrored from the agent `source`) and reads the response to the end.
