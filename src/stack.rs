@@ -114,6 +114,7 @@ pub fn agent_config(
             nameservers: Vec::new(),
             tls,
             tls_files: Default::default(),
+            spool: None,
         }),
         archive: None,
         admin: Some(AdminConfig {

@@ -10,15 +10,19 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::StatusCode;
+
 use teeway::sample;
 use teeway::stack;
 use teeway_agent::metrics as am;
+use teeway_agent::spool;
 use teeway_gateway::metrics as gm;
 use teeway_runtime::metrics::Snapshot;
 
 use support::{
-    assert_agent_identity, certs_init, field, scrape, settle, settle_async, Load, Proc, Stack,
-    LIMIT,
+    assert_agent_identity, certs_init, field, post, scrape, settle, settle_async, KeepAlive, Load,
+    Proc, Stack, LIMIT,
 };
 
 /// The agent's drops, by reason, for the test's log.
@@ -79,10 +83,12 @@ fn spawn_agent(dir: &Path) -> (Proc, SocketAddr, SocketAddr) {
 
 /// A gateway and an agent process on loopback, connected. The gateway's config is rewritten to
 /// the port it bound, so that `spawn_gateway` brings it back on the same port after a kill.
+/// `extra_gateway` is added to the agent's `gateway:` block.
 fn restartable_pair(
     dir: &Path,
     primary: &str,
     shadow: &str,
+    extra_gateway: &str,
 ) -> (Proc, Proc, SocketAddr, SocketAddr) {
     std::fs::write(
         dir.join("gateway.yaml"),
@@ -97,7 +103,7 @@ fn restartable_pair(
     .expect("write");
     std::fs::write(
         dir.join("agent.yaml"),
-        agent_yaml(primary, &gateway_addr.to_string(), ""),
+        agent_yaml(primary, &gateway_addr.to_string(), extra_gateway),
     )
     .expect("write");
     let (agent, agent_addr, agent_admin) = spawn_agent(dir);
@@ -117,7 +123,7 @@ async fn gateway_killed_under_load_and_restarted() {
     let primary = sample::start_primary().await.expect("primary");
     let (shadow, _recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
     let (mut gateway, agent, agent_addr, agent_admin) =
-        restartable_pair(tmp.path(), &primary.url(), &shadow.url());
+        restartable_pair(tmp.path(), &primary.url(), &shadow.url(), "");
 
     let load = Load::start(agent_addr, 4);
     agent_reaches(agent_admin, am::MIRRORED_TOTAL, 200.0).await;
@@ -178,6 +184,174 @@ async fn gateway_killed_under_load_and_restarted() {
         a.get(am::REQUESTS_TOTAL),
         a.get(am::MIRRORED_TOTAL),
         dropped_by_reason(&a)
+    );
+    assert!(agent.terminate_and_wait().success());
+    assert!(gateway.terminate_and_wait().success());
+}
+
+/// The spool's identity: `spooled + recovered = sent + dropped + pending`.
+fn assert_spool_identity(s: &Snapshot) {
+    assert_eq!(
+        s.get(am::MIRROR_SPOOLED_TOTAL) + s.get(spool::SPOOL_RECOVERED_TOTAL),
+        s.get(spool::SPOOL_SENT_TOTAL)
+            + s.sum(spool::SPOOL_DROPPED_TOTAL)
+            + s.get(spool::SPOOL_PENDING),
+        "spool identity broken: {s:?}"
+    );
+}
+
+/// Waits until the agent's uplink is down (the gateway said goodbye).
+async fn uplink_down(admin: SocketAddr) {
+    settle_async(|| scrape(admin), |s| s.get(am::UPLINK_CONNECTED) == 0.0).await;
+}
+
+/// The paths the shadow has seen that start with `prefix`, and each one's body.
+fn seen_under(recording: &sample::Recording, prefix: &str) -> Vec<(String, Bytes)> {
+    recording
+        .requests()
+        .into_iter()
+        .filter(|r| r.uri.path().starts_with(prefix))
+        .map(|r| (r.uri.path().to_owned(), r.body))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_keeps_copies_while_the_gateway_is_away_within_its_bound_and_across_restarts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    certs_init(tmp.path());
+    let primary = sample::start_primary().await.expect("primary");
+    let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
+    let (gateway, agent, agent_addr, agent_admin) = restartable_pair(
+        tmp.path(),
+        &primary.url(),
+        &shadow.url(),
+        "  spool: { dir: spool, max_bytes: 1MiB }\n",
+    );
+    let spool_dir = tmp.path().join("spool");
+
+    // 1. The gateway goes away; 50 requests come while it is gone. Each copy goes to disk.
+    assert!(gateway.terminate_and_wait().success());
+    uplink_down(agent_admin).await;
+    let mut client = KeepAlive::open(agent_addr).await;
+    for i in 0..50 {
+        let req = post(&format!("/away/{i}"), Bytes::from(format!("copy {i}")));
+        assert_eq!(client.send(req).await, Ok(StatusCode::OK));
+    }
+    let a = settle_async(
+        || scrape(agent_admin),
+        |s| s.get(am::MIRROR_SPOOLED_TOTAL) == 50.0 && s.get(am::MIRROR_IN_FLIGHT) == 0.0,
+    )
+    .await;
+    assert_eq!(a.get(am::MIRROR_SPOOLED_TOTAL), 50.0, "{a:?}");
+    assert_eq!(
+        a.sum(am::MIRROR_DROPPED_TOTAL),
+        0.0,
+        "nothing dropped: {a:?}"
+    );
+    assert_eq!(a.get(spool::SPOOL_PENDING), 50.0);
+    assert_settled_identity(&a);
+    assert_spool_identity(&a);
+    let segments = std::fs::read_dir(&spool_dir).expect("spool dir").count();
+    assert!(segments >= 1, "copies on disk");
+
+    // 2. The gateway comes back: the 50 arrive at the shadow, each once, bodies intact.
+    let (gateway, _, gateway_admin) = spawn_gateway(tmp.path(), &[]);
+    let a = settle_async(
+        || scrape(agent_admin),
+        |s| s.get(spool::SPOOL_SENT_TOTAL) == 50.0,
+    )
+    .await;
+    assert_eq!(a.get(spool::SPOOL_SENT_TOTAL), 50.0, "{a:?}");
+    assert_eq!(a.get(spool::SPOOL_PENDING), 0.0);
+    assert_spool_identity(&a);
+    assert_eq!(recording.wait_for(50, LIMIT).await, 50);
+    let mut seen = seen_under(&recording, "/away/");
+    seen.sort();
+    let mut expected: Vec<(String, Bytes)> = (0..50)
+        .map(|i| (format!("/away/{i}"), Bytes::from(format!("copy {i}"))))
+        .collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+    assert_eq!(scrape(gateway_admin).await.get(gm::RECEIVED_TOTAL), 50.0);
+
+    // 3. Away again, with 3 MiB of copies for a 1 MiB spool: the oldest are evicted, counted.
+    assert!(gateway.terminate_and_wait().success());
+    uplink_down(agent_admin).await;
+    let big = 200;
+    for i in 0..big {
+        let req = post(
+            &format!("/big/{i}"),
+            Bytes::from(vec![b'a' + (i % 26) as u8; 16 * 1024]),
+        );
+        assert_eq!(client.send(req).await, Ok(StatusCode::OK));
+    }
+    let a = settle_async(
+        || scrape(agent_admin),
+        |s| {
+            s.get(am::MIRROR_SPOOLED_TOTAL) == 50.0 + big as f64
+                && s.get(am::MIRROR_IN_FLIGHT) == 0.0
+        },
+    )
+    .await;
+    assert_eq!(a.get(am::MIRROR_SPOOLED_TOTAL), 50.0 + big as f64, "{a:?}");
+    let evicted = a.get(&format!(
+        "{}{{reason=\"evicted\"}}",
+        spool::SPOOL_DROPPED_TOTAL
+    ));
+    let pending = a.get(spool::SPOOL_PENDING);
+    assert!(evicted > 0.0, "3 MiB cannot fit in 1 MiB: {a:?}");
+    assert_eq!(evicted + pending, big as f64, "{a:?}");
+    assert!(a.get(spool::SPOOL_BYTES) <= (1 << 20) as f64, "{a:?}");
+    let on_disk: u64 = std::fs::read_dir(&spool_dir)
+        .expect("spool dir")
+        .map(|e| e.expect("entry").metadata().expect("meta").len())
+        .sum();
+    assert!(on_disk <= 1 << 20, "{on_disk} bytes on disk");
+    assert_spool_identity(&a);
+
+    // 4. The agent restarts while the gateway is still away: what is on disk is recovered.
+    assert!(agent.terminate_and_wait().success());
+    drop(client);
+    let (agent, _, agent_admin) = spawn_agent(tmp.path());
+    let a = scrape(agent_admin).await;
+    assert_eq!(a.get(spool::SPOOL_RECOVERED_TOTAL), pending, "{a:?}");
+    assert_eq!(a.get(spool::SPOOL_PENDING), pending);
+
+    // 5. The gateway returns: the survivors arrive, and they are the newest copies, intact.
+    let (gateway, _, _) = spawn_gateway(tmp.path(), &[]);
+    let a = settle_async(
+        || scrape(agent_admin),
+        |s| s.get(spool::SPOOL_SENT_TOTAL) == pending,
+    )
+    .await;
+    assert_eq!(a.get(spool::SPOOL_SENT_TOTAL), pending, "{a:?}");
+    assert_eq!(a.get(spool::SPOOL_PENDING), 0.0);
+    assert_spool_identity(&a);
+    let want = 50 + pending as usize;
+    assert_eq!(recording.wait_for(want, LIMIT).await, want);
+    let mut seen = seen_under(&recording, "/big/");
+    seen.sort_by_key(|(path, _)| {
+        path.rsplit('/')
+            .next()
+            .and_then(|n| n.parse::<usize>().ok())
+    });
+    let first_kept = big - pending as usize;
+    let expected: Vec<(String, Bytes)> = (first_kept..big)
+        .map(|i| {
+            (
+                format!("/big/{i}"),
+                Bytes::from(vec![b'a' + (i % 26) as u8; 16 * 1024]),
+            )
+        })
+        .collect();
+    assert!(
+        seen == expected,
+        "the newest {pending} copies, each once, intact"
+    );
+    assert_eq!(
+        std::fs::read_dir(&spool_dir).expect("dir").count(),
+        0,
+        "spool empty"
     );
     assert!(agent.terminate_and_wait().success());
     assert!(gateway.terminate_and_wait().success());
@@ -635,7 +809,7 @@ async fn soak_mixed_load_keeps_rss_bounded() {
         .await
         .expect("shadow");
     let (mut gateway, agent, agent_addr, agent_admin) =
-        restartable_pair(tmp.path(), &primary.url(), &shadow.url());
+        restartable_pair(tmp.path(), &primary.url(), &shadow.url(), "");
     let load = Load::start(agent_addr, 8);
     let end = Instant::now() + Duration::from_secs(secs);
     let mut peak = 0;

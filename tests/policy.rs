@@ -9,54 +9,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 
 use teeway::sample;
 use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
 use teeway_gateway::config::TargetConfig;
 use teeway_gateway::metrics as gm;
 
-use support::{admin_get, config_version, field, hangup, settle, settle_async, Proc, LIMIT};
-
-/// One HTTP/1.1 connection to `addr`, kept alive for every request sent on it: if the agent
-/// dropped the connection, the next request would fail.
-struct KeepAlive {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-}
-
-impl KeepAlive {
-    async fn open(addr: SocketAddr) -> Self {
-        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
-        Self { sender }
-    }
-
-    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<StatusCode, String> {
-        self.sender.ready().await.map_err(|e| e.to_string())?;
-        let resp = self
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status();
-        resp.into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(status)
-    }
-}
-
-fn get(path: &str) -> Request<Full<Bytes>> {
-    Request::get(path)
-        .header("host", "api.example.com")
-        .body(Full::new(Bytes::new()))
-        .expect("request")
-}
+use support::{
+    admin_get, config_version, field, get, hangup, settle, settle_async, KeepAlive, Proc, LIMIT,
+};
 
 fn write_pki(dir: &Path, pki: &Pki) {
     std::fs::write(dir.join("ca.pem"), &pki.ca.certified.cert_pem).expect("write");

@@ -11,6 +11,7 @@ use teeway_archive::ArchiveConfig;
 
 use crate::link::Transport;
 use crate::policy::PolicyConfig;
+use crate::spool::{SpoolConfig, MIN_SPOOL_BYTES};
 use teeway_runtime::config::{
     self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
 };
@@ -26,6 +27,8 @@ pub const DEFAULT_QUEUE: usize = 10_000;
 pub const DEFAULT_QUEUE_BYTES: u64 = 16 * 1024 * 1024;
 /// Upper bound on `mirror.queue`: beyond it the count limit stops meaning anything.
 const MAX_QUEUE: u64 = 1_000_000;
+/// Default disk budget of `gateway.spool`.
+pub const DEFAULT_SPOOL_BYTES: u64 = 1024 * 1024 * 1024;
 /// Default time allowed, on SIGTERM, to finish client requests and then send what is queued.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -91,6 +94,9 @@ pub struct GatewayConfig {
     pub tls: TlsMaterial,
     /// The files `tls` was read from (shown by `teeway check`).
     pub tls_files: [PathBuf; 3],
+    /// Where copies wait on disk while no gateway is reachable; `None`: they are dropped as
+    /// `no_uplink`.
+    pub spool: Option<SpoolConfig>,
 }
 
 /// `admin:`.
@@ -218,6 +224,20 @@ impl AgentConfig {
             None
         };
         g.finish(&mut p);
+        if let Some(spool) = gateway.as_ref().and_then(|g| g.spool.as_ref()) {
+            if spool.max_bytes < max_body_bytes {
+                p.push(
+                    "gateway.spool.max_bytes",
+                    None,
+                    format!(
+                        "{} is smaller than mirror.max_body_bytes ({}), so the largest copies could never be spooled",
+                        format_size(spool.max_bytes),
+                        format_size(max_body_bytes)
+                    ),
+                    "raise gateway.spool.max_bytes or lower mirror.max_body_bytes",
+                );
+            }
+        }
 
         let mut a = root.section(&mut p, "admin");
         let admin_listen = a.optional(
@@ -307,6 +327,7 @@ impl AgentConfig {
                         && a.server_name == b.server_name
                         && a.transport == b.transport
                         && a.nameservers == b.nameservers
+                        && a.spool == b.spool
                 }
                 (None, None) => true,
                 _ => false,
@@ -397,6 +418,7 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
             cfg::socket_addr,
         )
         .unwrap_or_default();
+    let spool = spool_block(g, p, base_dir);
     let (host, port) = address?;
     Some(GatewayConfig {
         server_name: server_name.unwrap_or_else(|| host.clone()),
@@ -406,6 +428,46 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
         nameservers,
         tls: tls?,
         tls_files: [ca?, cert?, key?],
+        spool,
+    })
+}
+
+/// `gateway.spool`; `None` when absent or invalid (the problems recorded).
+fn spool_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Option<SpoolConfig> {
+    let mut s = g.section(p, "spool");
+    if !s.is_present() {
+        s.finish(p);
+        return None;
+    }
+    let dir = s.required(
+        p,
+        "dir",
+        "give a directory for the spool's segments, for example `dir: /var/spool/teeway`",
+        |v| {
+            let dir = base_dir.join(cfg::nonempty_string(v)?);
+            if dir.exists() && !dir.is_dir() {
+                return Err("exists and is not a directory".into());
+            }
+            Ok(dir)
+        },
+    );
+    let max_bytes_fix = format!(
+        "use a size of at least {}, such as 1GiB",
+        format_size(MIN_SPOOL_BYTES)
+    );
+    let max_bytes = s
+        .optional(p, "max_bytes", &max_bytes_fix, |v| {
+            let n = cfg::size(v)?;
+            if n < MIN_SPOOL_BYTES {
+                return Err(format!("must be at least {}", format_size(MIN_SPOOL_BYTES)));
+            }
+            Ok(n)
+        })
+        .unwrap_or(DEFAULT_SPOOL_BYTES);
+    s.finish(p);
+    Some(SpoolConfig {
+        dir: dir?,
+        max_bytes,
     })
 }
 

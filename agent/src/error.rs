@@ -18,6 +18,9 @@ pub enum AgentError {
     /// The archive directory could not be prepared.
     #[error("archive: {0}")]
     Archive(std::io::Error),
+    /// The spool directory could not be opened.
+    #[error("spool: {0}")]
+    Spool(std::io::Error),
     /// Neither a gateway nor an archive is configured (the config check prevents this).
     #[error("copies have nowhere to go: set `gateway:` or `archive:`")]
     NoDestination,

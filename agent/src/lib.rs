@@ -9,6 +9,7 @@
 //! - [`tee`]: applying the policy, copying bodies as they stream, the bounded queue.
 //! - [`uplink`]: links to every gateway address, spreading batches, reconnecting with backoff.
 //! - [`link`]: one connection over QUIC or TLS over TCP, and the batch exchange on it.
+//! - [`spool`]: the optional disk spool where copies wait while no gateway is reachable.
 //! - [`metrics`]: metric names and the accounting that makes every request add up.
 //! - [`error`]: the agent's errors.
 //!
@@ -50,6 +51,7 @@ pub mod link;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod spool;
 pub mod tee;
 pub mod uplink;
 
@@ -62,6 +64,7 @@ use crate::link::ClientConfigs;
 use crate::metrics::{Accounting, DropReason};
 use crate::policy::MirrorPolicy;
 use crate::proxy::Proxy;
+use crate::spool::{Spool, SpoolMetrics};
 use crate::tee::{Queued, Tee};
 use crate::uplink::{Uplink, UplinkState};
 
@@ -231,6 +234,18 @@ impl Agent {
             }
             None => (None, None),
         };
+        let spool = match config.gateway.as_ref().and_then(|g| g.spool.clone()) {
+            Some(spool) => {
+                // Reading what a previous run left takes about a second per GiB; it is done
+                // before serving so that the counts start right.
+                let metrics = SpoolMetrics::new(self.accounting.registry());
+                let opened = tokio::task::spawn_blocking(move || Spool::open(&spool, metrics))
+                    .await
+                    .map_err(|e| AgentError::Spool(io::Error::other(e)))?;
+                Some(opened.map_err(AgentError::Spool)?)
+            }
+            None => None,
+        };
         let uplink = match &config.gateway {
             Some(gateway) => {
                 let mut tls = self.lock_uplink_tls();
@@ -244,7 +259,7 @@ impl Agent {
                 } else {
                     Resolver::with_nameservers(&gateway.nameservers)?
                 };
-                let uplink = Uplink::new(
+                let mut uplink = Uplink::new(
                     gateway,
                     &config.cluster,
                     gateway_resolver,
@@ -252,6 +267,9 @@ impl Agent {
                     self.uplink_state.clone(),
                 )?;
                 tls.client_configs = Some(uplink.client_configs());
+                if let Some(spool) = spool {
+                    uplink = uplink.with_spool(spool);
+                }
                 Some(uplink)
             }
             None => None,
@@ -261,7 +279,11 @@ impl Agent {
             self.accounting.clone(),
             self.policy.clone(),
             &config.cluster,
-            uplink.as_ref().map(|_| self.uplink_state.clone()),
+            // With a spool, copies are made while no gateway is reachable: they go to disk.
+            uplink
+                .as_ref()
+                .filter(|u| !u.has_spool())
+                .map(|_| self.uplink_state.clone()),
             archive.clone().filter(|_| uplink.is_some()),
         ));
         let authority = authority(&config.primary.host, config.primary.port)?;

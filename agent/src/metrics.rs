@@ -7,6 +7,7 @@
 //!                             + teeway_agent_mirrored_total
 //!                             + sum(teeway_agent_mirror_dropped_total{reason})
 //!                             + teeway_agent_mirror_in_flight
+//!                             + teeway_agent_mirror_spooled_total
 //! ```
 //!
 //! A sampled request takes a [`Ticket`] when its head arrives. The ticket is resolved exactly once,
@@ -14,6 +15,10 @@
 //! without being resolved counts as a `shutdown` drop, so nothing can vanish from the sum, even
 //! when a task is aborted. The ticket also holds the copy's bytes against `mirror.queue_bytes`
 //! until it resolves, which bounds the memory held by queued and in-flight copies together.
+//!
+//! A copy written to the disk spool (`gateway.spool`, while no gateway is reachable) leaves this
+//! identity as `spooled`; from there the spool's own identity accounts for it (see
+//! [`crate::spool`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,6 +40,8 @@ pub const MIRRORED_TOTAL: &str = "teeway_agent_mirrored_total";
 pub const MIRROR_TRUNCATED_TOTAL: &str = "teeway_agent_mirror_truncated_total";
 /// Copies given up, by reason.
 pub const MIRROR_DROPPED_TOTAL: &str = "teeway_agent_mirror_dropped_total";
+/// Copies written to the disk spool while no gateway was reachable; the spool metrics take over.
+pub const MIRROR_SPOOLED_TOTAL: &str = "teeway_agent_mirror_spooled_total";
 /// Copies sampled and not yet resolved (body being read, queued, or awaiting the gateway's ack).
 pub const MIRROR_IN_FLIGHT: &str = "teeway_agent_mirror_in_flight";
 /// Bytes of copies held against `mirror.queue_bytes`.
@@ -72,11 +79,13 @@ pub enum DropReason {
     Shutdown,
     /// Writing the copy to the archive failed (agents that archive instead of sending).
     ArchiveError,
+    /// Writing the copy to the disk spool failed (disk full, I/O error).
+    SpoolError,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::BodyTooLarge,
         DropReason::IncompleteBody,
         DropReason::QueueFull,
@@ -86,6 +95,7 @@ impl DropReason {
         DropReason::Rejected,
         DropReason::Shutdown,
         DropReason::ArchiveError,
+        DropReason::SpoolError,
     ];
 
     /// The `reason` label value.
@@ -100,6 +110,7 @@ impl DropReason {
             DropReason::Rejected => "rejected",
             DropReason::Shutdown => "shutdown",
             DropReason::ArchiveError => "archive_error",
+            DropReason::SpoolError => "spool_error",
         }
     }
 
@@ -115,7 +126,8 @@ pub struct Accounting {
     pub(crate) not_sampled: Counter,
     pub(crate) truncated: Counter,
     mirrored: Counter,
-    dropped: [Counter; 9],
+    spooled: Counter,
+    dropped: [Counter; 10],
     in_flight: Gauge,
     held_bytes_gauge: Gauge,
     pub(crate) uplink_connected: Gauge,
@@ -126,7 +138,7 @@ pub struct Accounting {
     held_bytes: AtomicU64,
     held_bytes_limit: u64,
     /// One log summary per drop reason (drops are counted always, logged in summary).
-    drop_logs: [Throttle; 9],
+    drop_logs: [Throttle; 10],
     /// Primary failures, logged in summary for the same reason.
     pub(crate) primary_error_log: Throttle,
 }
@@ -161,6 +173,11 @@ impl Accounting {
                 &[],
             ),
             mirrored: registry.counter(MIRRORED_TOTAL, "Copies delivered: acknowledged by the gateway, or written to the archive when there is no gateway", &[]),
+            spooled: registry.counter(
+                MIRROR_SPOOLED_TOTAL,
+                "Copies written to the disk spool while no gateway was reachable",
+                &[],
+            ),
             dropped,
             in_flight: registry.gauge(
                 MIRROR_IN_FLIGHT,
@@ -219,10 +236,11 @@ impl Accounting {
         }
     }
 
-    fn resolve(&self, held: u64, outcome: Result<(), DropReason>) {
+    fn resolve(&self, held: u64, outcome: End) {
         match outcome {
-            Ok(()) => self.mirrored.increment(1),
-            Err(reason) => {
+            End::Mirrored => self.mirrored.increment(1),
+            End::Spooled => self.spooled.increment(1),
+            End::Dropped(reason) => {
                 self.dropped[reason.index()].increment(1);
                 if let Some(dropped) = self.drop_logs[reason.index()].note() {
                     tracing::warn!(
@@ -239,6 +257,13 @@ impl Accounting {
         }
         self.in_flight.decrement(1.0);
     }
+}
+
+/// Where a ticket ended.
+enum End {
+    Mirrored,
+    Spooled,
+    Dropped(DropReason),
 }
 
 /// The account of one sampled request; see the module docs.
@@ -267,14 +292,21 @@ impl Ticket {
     /// The gateway acknowledged the copy.
     pub fn mirrored(mut self) {
         if let Some(acc) = self.accounting.take() {
-            acc.resolve(self.held, Ok(()));
+            acc.resolve(self.held, End::Mirrored);
+        }
+    }
+
+    /// The copy was written to the disk spool, whose metrics account for it from now on.
+    pub fn spooled(mut self) {
+        if let Some(acc) = self.accounting.take() {
+            acc.resolve(self.held, End::Spooled);
         }
     }
 
     /// The copy was given up.
     pub fn dropped(mut self, reason: DropReason) {
         if let Some(acc) = self.accounting.take() {
-            acc.resolve(self.held, Err(reason));
+            acc.resolve(self.held, End::Dropped(reason));
         }
     }
 }
@@ -282,7 +314,7 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if let Some(acc) = self.accounting.take() {
-            acc.resolve(self.held, Err(DropReason::Shutdown));
+            acc.resolve(self.held, End::Dropped(DropReason::Shutdown));
         }
     }
 }

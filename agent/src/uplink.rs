@@ -25,8 +25,15 @@
 //! when they are, copies wait in the queue, and when the queue is full the tee drops them. When a
 //! link dies the others take the next batch at once; while no link is up the queue is emptied as
 //! `no_uplink` drops, never hoarded.
+//!
+//! **Spool.** With `gateway.spool`, copies that find no live link are written to the disk spool
+//! ([`crate::spool`]) instead of being dropped: one writer task appends them in queue order, on a
+//! blocking thread, each batch holding one of the [`MAX_IN_FLIGHT_BATCHES`] slots until it is on
+//! disk. While a link is up, a reader task leases the oldest
+//! segment and offers its records a batch at a time; the uplink sends them only when no live
+//! copy is waiting, so a backlog drains behind live traffic, never ahead of it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,7 +42,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use quinn::{Endpoint, VarInt};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -44,12 +51,13 @@ use tokio_util::task::TaskTracker;
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::logging::Throttle;
 use teeway_wire::tls::TlsMaterial;
-use teeway_wire::{codes, Frame, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
+use teeway_wire::{codes, Frame, MirroredRequest, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
 
 use crate::config::GatewayConfig;
 use crate::error::UplinkError;
 use crate::link::{BatchFailure, ClientConfigs, Dialer, Link};
 use crate::metrics::{Accounting, DropReason, Ticket};
+use crate::spool::{Share, Spool, SpoolDrop};
 use crate::tee::Queued;
 
 /// Batches on the wire at once, across all links. Enough to keep a long-haul link busy (32
@@ -119,6 +127,7 @@ pub struct Uplink {
     shared: Arc<Shared>,
     resolver: Resolver,
     state: Arc<UplinkState>,
+    spool: Option<Spool>,
 }
 
 /// What the uplink task and its supervisors share.
@@ -191,7 +200,19 @@ impl Uplink {
             }),
             resolver,
             state,
+            spool: None,
         })
+    }
+
+    /// Whether copies that find no live link go to a spool.
+    pub fn has_spool(&self) -> bool {
+        self.spool.is_some()
+    }
+
+    /// Writes copies that find no live link to `spool`, and sends its records when a link is up.
+    pub fn with_spool(mut self, spool: Spool) -> Self {
+        self.spool = Some(spool);
+        self
     }
 
     /// The client configurations new connections use; a reload stores new ones here.
@@ -218,11 +239,34 @@ impl Uplink {
         let mut next_lookup = Some(Instant::now());
         let mut last_lookup: Option<Instant> = None;
         let mut rotate = 0usize;
+        // The spool's reader offers leased records here, one batch at a time.
+        let (spool_tx, mut spool_rx) = mpsc::channel::<SpoolChunk>(1);
+        let spool_written = Arc::new(Notify::new());
+        // Copies for the spool, to the one writer that keeps them in order. Each holds a slot,
+        // so the channel (as large as the slots) always has room.
+        let (spool_writes, spool_writes_rx) = mpsc::channel(MAX_IN_FLIGHT_BATCHES);
+        let spool_writer = self
+            .spool
+            .clone()
+            .map(|spool| tokio::spawn(write_spool(spool, spool_writes_rx, spool_written.clone())));
+        let stop_reading = CancellationToken::new();
+        let spool_reader = self.spool.clone().map(|spool| {
+            tokio::spawn(read_spool(
+                spool,
+                self.state.clone(),
+                spool_tx,
+                spool_written.clone(),
+                stop_reading.clone(),
+            ))
+        });
+        let spooling = self.spool.is_some();
         let end = loop {
             // Reap finished batch tasks so the set does not grow.
             while batches.try_join_next().is_some() {}
             let lookup_due = next_lookup.unwrap_or_else(far_future);
             tokio::select! {
+                // In this order: live copies before spooled ones.
+                biased;
                 () = drain.deadline(), if drain.is_started() => break SessionEnd::GraceOver,
                 () = drain.started(), if !drain.is_started() => drain.start(&mut queue_rx),
                 () = tokio::time::sleep_until(lookup_due), if next_lookup.is_some() => {
@@ -267,22 +311,39 @@ impl Uplink {
                         next_lookup = Some(next_lookup.map_or(soonest, |t| t.min(soonest)));
                     }
                 },
-                p = in_flight.clone().acquire_owned(), if permit.is_none() && !live.is_empty() => {
+                p = in_flight.clone().acquire_owned(), if permit.is_none() && (!live.is_empty() || spooling) => {
                     match p {
                         Ok(p) => permit = Some(p),
                         Err(_) => break SessionEnd::GraceOver,
                     }
                 }
-                q = queue_rx.recv(), if permit.is_some() || live.is_empty() => {
+                q = queue_rx.recv(), if permit.is_some() || (live.is_empty() && !spooling) => {
                     let Some(first) = q else { break SessionEnd::Drained };
-                    if live.is_empty() {
-                        first.ticket.dropped(DropReason::NoUplink);
-                        continue;
+                    match (&self.spool, live.is_empty()) {
+                        (None, true) => first.ticket.dropped(DropReason::NoUplink),
+                        (Some(_), true) => {
+                            let Some(permit) = permit.take() else { continue };
+                            let copies = collect(first, &mut queue_rx);
+                            if let Err(e) = spool_writes.try_send((copies, permit)) {
+                                let (copies, _) = e.into_inner();
+                                copies.into_iter().for_each(|q| q.ticket.dropped(DropReason::SpoolError));
+                            }
+                        }
+                        (_, false) => {
+                            let Some(permit) = permit.take() else { continue };
+                            let batch = Batch::live(collect(first, &mut queue_rx));
+                            rotate = rotate.wrapping_add(1);
+                            let target = least_loaded(&live, rotate);
+                            let link = target.link.clone();
+                            batches.spawn(target.batches.track_future(send_batch(link, batch, permit)));
+                        }
                     }
-                    let batch = Batch::collect(first, &mut queue_rx);
+                }
+                Some(chunk) = spool_rx.recv(), if permit.is_some() && !live.is_empty() && !drain.is_started() => {
+                    let Some(permit) = permit.take() else { continue };
+                    let batch = Batch::spooled(chunk);
                     rotate = rotate.wrapping_add(1);
                     let target = least_loaded(&live, rotate);
-                    let Some(permit) = permit.take() else { continue };
                     let link = target.link.clone();
                     batches.spawn(target.batches.track_future(send_batch(link, batch, permit)));
                 }
@@ -300,6 +361,21 @@ impl Uplink {
         }
         // Past the deadline: aborting drops the tickets, which count as `shutdown`.
         batches.shutdown().await;
+        // Copies handed to the spool writer are written (local disk, at most a slot's worth each).
+        drop(spool_writes);
+        if let Some(writer) = spool_writer {
+            let _ = writer.await;
+        }
+        // Leased records not yet sent go back to the spool for the next run.
+        stop_reading.cancel();
+        spool_rx.close();
+        while let Ok(chunk) = spool_rx.try_recv() {
+            let SpoolChunk { records, share } = chunk;
+            let _ = tokio::task::spawn_blocking(move || share.put_back(records)).await;
+        }
+        if let Some(reader) = spool_reader {
+            let _ = reader.await;
+        }
         for stop in supervisors.values() {
             stop.cancel();
         }
@@ -551,37 +627,108 @@ impl Drain {
     }
 }
 
-/// Copies sent together on one stream.
+/// `first` and whatever else is already waiting, within the batch limits.
+fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> Vec<Queued> {
+    let mut bytes = first.record.frame_len();
+    let mut copies = vec![first];
+    while copies.len() < MAX_BATCH_RECORDS && bytes < MAX_BATCH_BYTES {
+        match queue_rx.try_recv() {
+            Ok(q) => {
+                bytes += q.record.frame_len();
+                copies.push(q);
+            }
+            Err(_) => break,
+        }
+    }
+    copies
+}
+
+/// Copies sent together on one stream, and their accounts.
 struct Batch {
     frames: BytesMut,
-    tickets: Vec<Ticket>,
+    accounts: Accounts,
+}
+
+/// Who answers for a batch's records: the tickets of live copies, or one share of a spool lease.
+enum Accounts {
+    Live(Vec<Ticket>),
+    Spooled(Share),
 }
 
 impl Batch {
-    /// `first` and whatever else is already waiting, within the batch limits.
-    fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> Self {
-        let mut batch = Batch {
-            frames: BytesMut::new(),
-            tickets: Vec::new(),
-        };
-        batch.push(first);
-        while batch.tickets.len() < MAX_BATCH_RECORDS && batch.frames.len() < MAX_BATCH_BYTES {
-            match queue_rx.try_recv() {
-                Ok(q) => batch.push(q),
-                Err(_) => break,
-            }
+    fn live(copies: Vec<Queued>) -> Self {
+        let mut frames = BytesMut::new();
+        let tickets = copies
+            .into_iter()
+            .map(|q| {
+                Frame::Request(q.record).encode(&mut frames);
+                q.ticket
+            })
+            .collect();
+        Self {
+            frames,
+            accounts: Accounts::Live(tickets),
         }
-        batch
     }
 
-    fn push(&mut self, q: Queued) {
-        Frame::Request(q.record).encode(&mut self.frames);
-        self.tickets.push(q.ticket);
+    fn spooled(chunk: SpoolChunk) -> Self {
+        let mut frames = BytesMut::new();
+        for record in chunk.records {
+            Frame::Request(record).encode(&mut frames);
+        }
+        Self {
+            frames,
+            accounts: Accounts::Spooled(chunk.share),
+        }
+    }
+}
+
+impl Accounts {
+    fn len(&self) -> usize {
+        match self {
+            Accounts::Live(tickets) => tickets.len(),
+            Accounts::Spooled(share) => share.len() as usize,
+        }
+    }
+
+    /// The gateway acknowledged the first `accepted` records and refused the rest.
+    fn acknowledged(self, accepted: u32) {
+        match self {
+            Accounts::Live(tickets) => {
+                for (i, ticket) in tickets.into_iter().enumerate() {
+                    if i < accepted as usize {
+                        ticket.mirrored();
+                    } else {
+                        ticket.dropped(DropReason::Rejected);
+                    }
+                }
+            }
+            Accounts::Spooled(share) => share.acknowledged(u64::from(accepted)),
+        }
+    }
+
+    /// The batch failed: refused whole (`rejected`), or lost with its link.
+    fn failed(self, rejected: bool) {
+        match self {
+            Accounts::Live(tickets) => {
+                let reason = if rejected {
+                    DropReason::Rejected
+                } else {
+                    DropReason::UplinkError
+                };
+                tickets.into_iter().for_each(|t| t.dropped(reason));
+            }
+            Accounts::Spooled(share) => share.dropped(if rejected {
+                SpoolDrop::Rejected
+            } else {
+                SpoolDrop::UplinkError
+            }),
+        }
     }
 }
 
 async fn send_batch(link: Link, batch: Batch, _permit: OwnedSemaphorePermit) {
-    let Batch { frames, tickets } = batch;
+    let Batch { frames, accounts } = batch;
     let outcome = match tokio::time::timeout(ACK_TIMEOUT, link.send_batch(frames.freeze())).await {
         Ok(result) => result,
         Err(_) => Err(BatchFailure::Transport(format!(
@@ -589,27 +736,113 @@ async fn send_batch(link: Link, batch: Batch, _permit: OwnedSemaphorePermit) {
         ))),
     };
     match outcome {
-        Ok(accepted) => {
-            let accepted = accepted as usize;
-            for (i, ticket) in tickets.into_iter().enumerate() {
-                if i < accepted {
-                    ticket.mirrored();
-                } else {
-                    ticket.dropped(DropReason::Rejected);
-                }
-            }
-        }
+        Ok(accepted) => accounts.acknowledged(accepted),
         Err(BatchFailure::Rejected(detail)) => {
-            tracing::debug!(%detail, records = tickets.len(), "gateway rejected a batch");
-            tickets
-                .into_iter()
-                .for_each(|t| t.dropped(DropReason::Rejected));
+            tracing::debug!(%detail, records = accounts.len(), "gateway rejected a batch");
+            accounts.failed(true);
         }
         Err(BatchFailure::Transport(detail)) => {
-            tracing::debug!(%detail, records = tickets.len(), "batch lost with the connection");
-            tickets
-                .into_iter()
-                .for_each(|t| t.dropped(DropReason::UplinkError));
+            tracing::debug!(%detail, records = accounts.len(), "batch lost with the connection");
+            accounts.failed(false);
+        }
+    }
+}
+
+/// Leased spool records offered to the uplink as one batch.
+struct SpoolChunk {
+    records: Vec<MirroredRequest>,
+    share: Share,
+}
+
+/// Writes copies that found no live link to the spool, one batch after another so the spool
+/// keeps queue order. Each write and its tickets' resolution happen together on a blocking
+/// thread: a copy is counted `spooled` exactly when it is on disk.
+async fn write_spool(
+    spool: Spool,
+    mut writes: mpsc::Receiver<(Vec<Queued>, OwnedSemaphorePermit)>,
+    written: Arc<Notify>,
+) {
+    let failures = Arc::new(Throttle::default());
+    while let Some((copies, permit)) = writes.recv().await {
+        let spool = spool.clone();
+        let failures = failures.clone();
+        let write = tokio::task::spawn_blocking(move || {
+            let (records, tickets): (Vec<_>, Vec<_>) =
+                copies.into_iter().map(|q| (q.record, q.ticket)).unzip();
+            match spool.append(records) {
+                Ok(()) => tickets.into_iter().for_each(Ticket::spooled),
+                Err(e) => {
+                    if let Some(failed) = failures.note() {
+                        tracing::warn!(error = %e, failed, "cannot write copies to the spool; counted as spool_error drops (one line a minute at most)");
+                    }
+                    tickets
+                        .into_iter()
+                        .for_each(|t| t.dropped(DropReason::SpoolError));
+                }
+            }
+        });
+        // A panic in the write drops its tickets, which then count as `shutdown`.
+        let _ = write.await;
+        drop(permit);
+        written.notify_one();
+    }
+}
+
+/// While a link is up, leases the spool's oldest segment and offers its records to the uplink a
+/// batch at a time; waits for new writes when the spool is empty. At `stop`, what it holds goes
+/// back to the spool.
+async fn read_spool(
+    spool: Spool,
+    state: Arc<UplinkState>,
+    tx: mpsc::Sender<SpoolChunk>,
+    written: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = state.wait_for(true) => {}
+        }
+        let s = spool.clone();
+        let Ok(lease) = tokio::task::spawn_blocking(move || s.lease_oldest()).await else {
+            return;
+        };
+        let Some(mut lease) = lease else {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = written.notified() => continue,
+            }
+        };
+        let records = std::mem::take(&mut lease.records);
+        tracing::info!(records = records.len(), "sending spooled copies");
+        let mut records = VecDeque::from(records);
+        while !records.is_empty() {
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            while let Some(r) = records.front() {
+                if chunk.len() >= MAX_BATCH_RECORDS
+                    || (!chunk.is_empty() && bytes + r.frame_len() > MAX_BATCH_BYTES)
+                {
+                    break;
+                }
+                bytes += r.frame_len();
+                chunk.extend(records.pop_front());
+            }
+            // Reserving is cancel-safe: at `stop` the chunk is still ours to put back.
+            let slot = tokio::select! {
+                slot = tx.reserve() => slot.ok(),
+                () = stop.cancelled() => None,
+            };
+            let Some(slot) = slot else {
+                chunk.extend(records);
+                let _ = tokio::task::spawn_blocking(move || lease.put_back(chunk)).await;
+                return;
+            };
+            let share = lease.share(chunk.len());
+            slot.send(SpoolChunk {
+                records: chunk,
+                share,
+            });
         }
     }
 }

@@ -11,10 +11,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use teeway::sample::{self, Recording, Service};
 use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
@@ -130,8 +131,56 @@ pub fn assert_agent_identity(s: &Snapshot) {
     let rhs = s.get(m::NOT_SAMPLED_TOTAL)
         + s.get(m::MIRRORED_TOTAL)
         + s.sum(m::MIRROR_DROPPED_TOTAL)
-        + s.get(m::MIRROR_IN_FLIGHT);
+        + s.get(m::MIRROR_IN_FLIGHT)
+        + s.get(m::MIRROR_SPOOLED_TOTAL);
     assert_eq!(lhs, rhs, "accounting identity broken: {s:?}");
+}
+
+/// One HTTP/1.1 connection to `addr`, kept alive for every request sent on it: if the agent
+/// dropped the connection, the next request would fail.
+pub struct KeepAlive {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl KeepAlive {
+    pub async fn open(addr: SocketAddr) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        Self { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<StatusCode, String> {
+        self.sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        resp.into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(status)
+    }
+}
+
+pub fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "api.example.com")
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+/// A POST of `body` to `path`.
+pub fn post(path: &str, body: Bytes) -> Request<Full<Bytes>> {
+    Request::post(path)
+        .header("host", "api.example.com")
+        .body(Full::new(body))
+        .expect("request")
 }
 
 /// A child process whose stderr is read line by line on a thread.
