@@ -40,7 +40,16 @@ pub fn check_file(path: &Path) -> Result<String, ConfigError> {
             let gateway = c
                 .gateway
                 .as_ref()
-                .map_or("none".to_owned(), |g| format!("{}:{}", g.host, g.port));
+                .map_or("none".to_owned(), |g| {
+                    let spool = g.spool.as_ref().map_or(String::new(), |s| {
+                        format!(
+                            " (spool {}, up to {})",
+                            s.dir.display(),
+                            teeway_runtime::units::format_size(s.max_bytes)
+                        )
+                    });
+                    format!("{}:{}{spool}", g.host, g.port)
+                });
             let archive = c
                 .archive
                 .as_ref()

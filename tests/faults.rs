@@ -251,8 +251,18 @@ async fn a_spool_keeps_copies_while_the_gateway_is_away_within_its_bound_and_acr
     assert_eq!(a.get(spool::SPOOL_PENDING), 50.0);
     assert_settled_identity(&a);
     assert_spool_identity(&a);
-    let segments = std::fs::read_dir(&spool_dir).expect("spool dir").count();
-    assert!(segments >= 1, "copies on disk");
+    // The spool is an archive: the operator's tools read it.
+    let out = Command::new(env!("CARGO_BIN_EXE_teeway"))
+        .args(["archive", "inspect"])
+        .arg(&spool_dir)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("records:    50 (50 requests, 0 responses)"),
+        "{text}"
+    );
 
     // 2. The gateway comes back: the 50 arrive at the shadow, each once, bodies intact.
     let (gateway, _, gateway_admin) = spawn_gateway(tmp.path(), &[]);

@@ -560,6 +560,40 @@ colour: blue
     }
 
     #[test]
+    fn spool_is_read_and_its_problems_are_named() {
+        let dir = temp_dir("spool");
+        write_certs(&dir);
+        let with = |spool: &str| {
+            VALID.replace("  key: agent.key\n", &format!("  key: agent.key\n{spool}"))
+        };
+        let c = AgentConfig::from_yaml(&with("  spool: { dir: spool }\n"), &dir).expect("valid");
+        let spool = c.gateway.and_then(|g| g.spool).expect("spool");
+        assert_eq!(spool.dir, dir.join("spool"));
+        assert_eq!(spool.max_bytes, DEFAULT_SPOOL_BYTES);
+
+        std::fs::write(dir.join("a-file"), "").expect("write");
+        let err =
+            AgentConfig::from_yaml(&with("  spool: { dir: a-file, max_bytes: 10KiB }\n"), &dir)
+                .expect_err("invalid");
+        let text = err.to_string();
+        assert!(
+            text.contains("gateway.spool.dir: exists and is not a directory"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gateway.spool.max_bytes: must be at least 1MiB (found `10KiB`)"),
+            "{text}"
+        );
+        let err = AgentConfig::from_yaml(&with("  spool: { max_bytes: 1MiB }\n"), &dir)
+            .expect_err("invalid");
+        assert!(
+            err.to_string().contains("gateway.spool.dir: is required"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
     fn missing_sections_are_named() {
         let err = AgentConfig::from_yaml("cluster: c\n", Path::new(".")).expect_err("invalid");
         let text = err.to_string();
