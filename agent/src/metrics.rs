@@ -81,11 +81,14 @@ pub enum DropReason {
     ArchiveError,
     /// Writing the copy to the disk spool failed (disk full, I/O error).
     SpoolError,
+    /// The request upgrades the connection (WebSocket and the like): it is passed through to the
+    /// primary, and what follows the upgrade is not HTTP, so there is nothing to replay.
+    NotMirrorable,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::BodyTooLarge,
         DropReason::IncompleteBody,
         DropReason::QueueFull,
@@ -96,6 +99,7 @@ impl DropReason {
         DropReason::Shutdown,
         DropReason::ArchiveError,
         DropReason::SpoolError,
+        DropReason::NotMirrorable,
     ];
 
     /// The `reason` label value.
@@ -111,6 +115,7 @@ impl DropReason {
             DropReason::Shutdown => "shutdown",
             DropReason::ArchiveError => "archive_error",
             DropReason::SpoolError => "spool_error",
+            DropReason::NotMirrorable => "not_mirrorable",
         }
     }
 
@@ -127,7 +132,7 @@ pub struct Accounting {
     pub(crate) truncated: Counter,
     mirrored: Counter,
     spooled: Counter,
-    dropped: [Counter; 10],
+    dropped: [Counter; 11],
     in_flight: Gauge,
     held_bytes_gauge: Gauge,
     pub(crate) uplink_connected: Gauge,
@@ -138,7 +143,7 @@ pub struct Accounting {
     held_bytes: AtomicU64,
     held_bytes_limit: u64,
     /// One log summary per drop reason (drops are counted always, logged in summary).
-    drop_logs: [Throttle; 10],
+    drop_logs: [Throttle; 11],
     /// Primary failures, logged in summary for the same reason.
     pub(crate) primary_error_log: Throttle,
 }

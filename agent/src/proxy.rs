@@ -2,8 +2,14 @@
 //!
 //! Clients may speak HTTP/1.1 or HTTP/2 (h2c with prior knowledge included); requests go to the
 //! primary over pooled connections in the version `primary_protocol` says: HTTP/1.1 by default,
-//! h2c, or the client's own version (`auto`, which gRPC needs). Bodies stream both ways; the response is the primary's, untouched but
-//! for hop-by-hop headers. The request path never waits for the mirror: see [`crate::tee`].
+//! h2c, or the client's own version (`auto`, which gRPC needs). Bodies stream both ways, trailers
+//! included; the response is the primary's, untouched but for hop-by-hop headers. The request
+//! path never waits for the mirror: see [`crate::tee`].
+//!
+//! An HTTP/1.1 upgrade (WebSocket, or any `Connection: upgrade`) goes to the primary with its
+//! `Upgrade` header; when the primary answers `101 Switching Protocols`, the client's connection
+//! and the primary's are joined byte for byte until either side closes. Such requests are not
+//! mirrored (what follows the upgrade is not HTTP) and are counted as `not_mirrorable`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -12,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{header, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -85,6 +91,9 @@ impl Proxy {
 
     /// Handles one client request.
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        if let Some(protocol) = upgrade_to(&req) {
+            return self.pass_upgrade(req, protocol, client).await;
+        }
         let received_at = SystemTime::now();
         let (mut parts, body) = req.into_parts();
         let original_uri = parts.uri.clone();
@@ -117,18 +126,78 @@ impl Proxy {
                 remove_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Left(body))
             }
-            Err(e) => {
-                self.accounting.primary_errors.increment(1);
-                if let Some(failures) = self.accounting.primary_error_log.note() {
-                    tracing::warn!(
-                        error = %error_chain(&e),
-                        failures,
-                        "primary requests failed, answered 502 (one line a minute at most; see {PRIMARY_ERRORS_TOTAL})"
-                    );
-                }
-                bad_gateway()
-            }
+            Err(e) => self.primary_failed(&e),
         }
+    }
+
+    /// Passes an HTTP/1.1 upgrade request to the primary and, on `101`, joins the two upgraded
+    /// connections. Counted, never copied.
+    async fn pass_upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        protocol: HeaderValue,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let client_side = hyper::upgrade::on(&mut req);
+        let (mut parts, body) = req.into_parts();
+        let original_uri = parts.uri.clone();
+        remove_hop_by_hop(&mut parts.headers);
+        add_forwarding(&mut parts.headers, client.ip(), parts.version);
+        self.tee
+            .unmirrorable(&parts.method, &original_uri, &parts.headers);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol);
+        parts.version = Version::HTTP_11;
+        parts.uri = self.upstream_uri(&original_uri, Version::HTTP_11);
+        let upstream = Request::from_parts(parts, self.tee.body(body, None));
+        let mut resp = match self.http1.request(upstream).await {
+            Ok(resp) => resp,
+            Err(e) => return self.primary_failed(&e),
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // The primary declined: an ordinary answer.
+            let (mut parts, body) = resp.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            return Response::from_parts(parts, Either::Left(body));
+        }
+        let primary_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(
+            async move {
+                let (client_io, primary_io) = match tokio::try_join!(client_side, primary_side) {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upgrade did not complete");
+                        return;
+                    }
+                };
+                let mut client_io = TokioIo::new(client_io);
+                let mut primary_io = TokioIo::new(primary_io);
+                match tokio::io::copy_bidirectional(&mut client_io, &mut primary_io).await {
+                    Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upgraded connection ended with an error")
+                    }
+                }
+            }
+            .instrument(tracing::debug_span!("upgraded", %client)),
+        );
+        // The 101 keeps its Connection and Upgrade headers: they are the handshake.
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, Either::Left(body))
+    }
+
+    fn primary_failed(&self, e: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
+        self.accounting.primary_errors.increment(1);
+        if let Some(failures) = self.accounting.primary_error_log.note() {
+            tracing::warn!(
+                error = %error_chain(e),
+                failures,
+                "primary requests failed, answered 502 (one line a minute at most; see {PRIMARY_ERRORS_TOTAL})"
+            );
+        }
+        bad_gateway()
     }
 
     /// The URI sent upstream. The connector always dials the primary, so the authority only
@@ -149,6 +218,22 @@ impl Proxy {
         parts.path_and_query = Some(path);
         Uri::from_parts(parts).unwrap_or_else(|_| original.clone())
     }
+}
+
+/// The protocol an HTTP/1.x request asks to upgrade to (`Connection: upgrade` and `Upgrade`).
+fn upgrade_to<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() >= Version::HTTP_2 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 fn bad_gateway() -> Response<ProxyBody> {
@@ -206,7 +291,7 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         });
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
         let span = tracing::debug_span!("client", %peer, local = ?local);

@@ -130,6 +130,21 @@ impl Tee {
         })
     }
 
+    /// Counts a request that is proxied but cannot be copied (an HTTP/1.1 upgrade: WebSocket and
+    /// the like): `not_sampled` when the policy passes it over, else dropped as `not_mirrorable`.
+    pub fn unmirrorable(&self, method: &Method, uri: &Uri, headers: &HeaderMap) {
+        self.accounting.requests.increment(1);
+        if !self
+            .policy
+            .load()
+            .decide(method, uri, headers, || fastrand::u64(..))
+        {
+            self.accounting.not_sampled.increment(1);
+            return;
+        }
+        self.accounting.ticket().dropped(DropReason::NotMirrorable);
+    }
+
     /// Wraps a request body so that it is copied as it streams to the primary.
     ///
     /// `copy` is what [`Tee::admit`] returned: `None` for a request passed over.

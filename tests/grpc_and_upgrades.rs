@@ -1,0 +1,438 @@
+//! Beyond plain HTTP/1, end to end through the agent.
+//!
+//! gRPC: unary, server-streaming and client-streaming calls over h2c reach the primary and the
+//! shadow intact, with the primary's trailers (`grpc-status` and the rest) delivered to the
+//! client. The gRPC peer here is written from the protocol's framing (a 5-byte prefix per
+//! message: compressed flag, big-endian length), not from a gRPC library, so the test sees
+//! exactly the bytes on the wire.
+//!
+//! Upgrades: a WebSocket handshake passes through to the primary, the bytes after it flow both
+//! ways untouched, and the request is counted as `not_mirrorable`, never copied.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use teeway::sample;
+use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
+use teeway_agent::metrics as am;
+use teeway_gateway::metrics as gm;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use support::{settle, LIMIT};
+
+type GrpcBody =
+    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+/// One gRPC message, length-prefixed, uncompressed.
+fn message(payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + payload.len());
+    b.put_u8(0);
+    b.put_u32(u32::try_from(payload.len()).expect("small"));
+    b.put_slice(payload);
+    b.freeze()
+}
+
+/// Splits a body into its messages; `None` if the framing is broken.
+fn messages(mut body: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        if body.len() < 5 || body[0] != 0 {
+            return None;
+        }
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        let rest = body.get(5..5 + len)?;
+        out.push(rest.to_vec());
+        body = &body[5 + len..];
+    }
+    Some(out)
+}
+
+fn body_of(frames: Vec<Frame<Bytes>>) -> GrpcBody {
+    StreamBody::new(futures_util::stream::iter(
+        frames.into_iter().map(Ok).collect::<Vec<_>>(),
+    ))
+}
+
+/// A gRPC server with three methods:
+/// - `/echo.Echo/Say` (unary): answers the message it got, upper-cased;
+/// - `/echo.Echo/Count` (server-streaming): the request says how many, it sends `n` messages;
+/// - `/echo.Echo/Sum` (client-streaming): answers how many messages and bytes it received.
+///
+/// Every answer ends with trailers: `grpc-status: 0`, `grpc-message`, and `x-served-by`.
+async fn start_grpc_primary() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let path = req.uri().path().to_owned();
+                let h2 = req.version() == Version::HTTP_2;
+                let grpc = req
+                    .headers()
+                    .get("content-type")
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                let te = req.headers().get("te").cloned();
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                let mut frames = Vec::new();
+                let mut trailers = HeaderMap::new();
+                let status = match (h2, grpc, te.as_ref().map(|v| v.as_bytes()), body) {
+                    (true, true, Some(b"trailers"), Ok(body)) => match messages(&body) {
+                        Some(msgs) => {
+                            match path.as_str() {
+                                "/echo.Echo/Say" => {
+                                    let upper = msgs.concat().to_ascii_uppercase();
+                                    frames.push(Frame::data(message(&upper)));
+                                }
+                                "/echo.Echo/Count" => {
+                                    let n: usize = String::from_utf8_lossy(&msgs.concat())
+                                        .parse()
+                                        .unwrap_or(0);
+                                    for i in 0..n {
+                                        frames.push(Frame::data(message(
+                                            format!("item {i}").as_bytes(),
+                                        )));
+                                    }
+                                }
+                                "/echo.Echo/Sum" => {
+                                    let bytes: usize = msgs.iter().map(Vec::len).sum();
+                                    frames.push(Frame::data(message(
+                                        format!("{} messages, {bytes} bytes", msgs.len())
+                                            .as_bytes(),
+                                    )));
+                                }
+                                _ => {}
+                            }
+                            "0"
+                        }
+                        None => "13",
+                    },
+                    // Not gRPC as a client must speak it (h2, content-type, `te: trailers`).
+                    _ => "3",
+                };
+                trailers.insert("grpc-status", HeaderValue::from_static(status));
+                trailers.insert("grpc-message", HeaderValue::from_static("done"));
+                trailers.insert("x-served-by", HeaderValue::from_static("primary"));
+                frames.push(Frame::trailers(trailers));
+                let mut resp = Response::new(body_of(frames));
+                resp.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/grpc"));
+                Ok::<_, Infallible>(resp)
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A gRPC client over one h2c connection.
+struct GrpcClient {
+    sender: hyper::client::conn::http2::SendRequest<GrpcBody>,
+}
+
+/// What a call returned.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    messages: Vec<Vec<u8>>,
+    trailers: HeaderMap,
+}
+
+impl GrpcClient {
+    async fn connect(addr: SocketAddr) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        Self { sender }
+    }
+
+    /// Calls `method` with `requests` as separate DATA frames (a client stream when many).
+    async fn call(&mut self, method: &str, requests: &[&[u8]]) -> Answer {
+        let frames = requests.iter().map(|m| Frame::data(message(m))).collect();
+        let req = Request::post(format!("http://api.example.com{method}"))
+            .version(Version::HTTP_2)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body_of(frames))
+            .expect("request");
+        let resp = self.sender.send_request(req).await.expect("call");
+        let status = resp.status();
+        let collected = resp.into_body().collect().await.expect("body");
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let body = collected.to_bytes();
+        Answer {
+            status,
+            messages: messages(&body).expect("gRPC framing"),
+            trailers,
+        }
+    }
+}
+
+fn trailer<'a>(answer: &'a Answer, name: &str) -> &'a str {
+    answer
+        .trailers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("<missing>")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_reach_primary_and_shadow_intact_with_trailers() {
+    teeway_wire::tls::install_default_provider();
+    let pki = Pki::generate("prod-eu-1").expect("pki");
+    let (primary, _primary_task) = start_grpc_primary().await;
+    let (shadow, recording) = sample::start_shadow(std::time::Duration::ZERO)
+        .await
+        .expect("shadow");
+    let gateway = RunningGateway::start(stack::gateway_config(
+        pki.gateway_material(),
+        &[shadow.addr],
+    ))
+    .await
+    .expect("gateway");
+    let mut config = stack::agent_config(pki.agent_material(), primary, gateway.addr, 100.0);
+    // Small enough for one client stream below to go over it.
+    config.mirror.policy.max_body_bytes = 64 * 1024;
+    let agent = RunningAgent::start(config).await.expect("agent");
+    agent.agent.wait_connected(true).await;
+    let mut client = GrpcClient::connect(agent.addr).await;
+
+    // Unary.
+    let say = client.call("/echo.Echo/Say", &[b"hello"]).await;
+    assert_eq!(say.status, StatusCode::OK);
+    assert_eq!(say.messages, vec![b"HELLO".to_vec()]);
+    assert_eq!(trailer(&say, "grpc-status"), "0", "{say:?}");
+    assert_eq!(trailer(&say, "grpc-message"), "done");
+    assert_eq!(trailer(&say, "x-served-by"), "primary");
+
+    // Server-streaming: every message, then the trailers.
+    let count = client.call("/echo.Echo/Count", &[b"7"]).await;
+    assert_eq!(trailer(&count, "grpc-status"), "0", "{count:?}");
+    let expected: Vec<Vec<u8>> = (0..7).map(|i| format!("item {i}").into_bytes()).collect();
+    assert_eq!(count.messages, expected);
+
+    // Client-streaming, within the body limit: mirrored once complete.
+    let parts: Vec<Vec<u8>> = (0..20).map(|i| vec![b'a' + i as u8; 1000]).collect();
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    let sum = client.call("/echo.Echo/Sum", &refs).await;
+    assert_eq!(trailer(&sum, "grpc-status"), "0", "{sum:?}");
+    assert_eq!(sum.messages, vec![b"20 messages, 20000 bytes".to_vec()]);
+
+    // Client-streaming over max_body_bytes: the primary gets all of it, the copy is dropped and
+    // counted.
+    let big: Vec<Vec<u8>> = (0..10).map(|_| vec![b'z'; 10_000]).collect();
+    let refs: Vec<&[u8]> = big.iter().map(Vec::as_slice).collect();
+    let over = client.call("/echo.Echo/Sum", &refs).await;
+    assert_eq!(trailer(&over, "grpc-status"), "0", "{over:?}");
+    assert_eq!(over.messages, vec![b"10 messages, 100000 bytes".to_vec()]);
+
+    // The shadow saw the three mirrored calls as HTTP/2 gRPC requests, byte for byte.
+    assert_eq!(recording.wait_for(3, LIMIT).await, 3);
+    let seen = recording.requests();
+    let at = |path: &str| {
+        seen.iter()
+            .find(|r| r.uri.path() == path)
+            .unwrap_or_else(|| panic!("{path} not mirrored"))
+    };
+    let say_copy = at("/echo.Echo/Say");
+    assert_eq!(say_copy.version, Version::HTTP_2);
+    assert_eq!(say_copy.headers["content-type"], "application/grpc");
+    assert_eq!(say_copy.headers["te"], "trailers");
+    assert_eq!(say_copy.body, message(b"hello"));
+    assert_eq!(at("/echo.Echo/Count").body, message(b"7"));
+    let stream: BytesMut = parts.iter().fold(BytesMut::new(), |mut b, p| {
+        b.put_slice(&message(p));
+        b
+    });
+    assert_eq!(at("/echo.Echo/Sum").body, stream.freeze());
+
+    // And the accounts add up: four calls, three mirrored, one too large.
+    let a = settle(
+        || agent.agent.metrics(),
+        |m| m.get(am::MIRROR_IN_FLIGHT) == 0.0,
+    )
+    .await;
+    assert_eq!(a.get(am::REQUESTS_TOTAL), 4.0);
+    assert_eq!(a.get(am::MIRRORED_TOTAL), 3.0);
+    assert_eq!(
+        a.get(&format!(
+            "{}{{reason=\"body_too_large\"}}",
+            am::MIRROR_DROPPED_TOTAL
+        )),
+        1.0
+    );
+    let g = settle(
+        || gateway.gateway.metrics(),
+        |m| m.get(gm::REPLAY_IN_FLIGHT) == 0.0 && m.sum(gm::REPLAYED_TOTAL) == 3.0,
+    )
+    .await;
+    assert_eq!(g.sum(gm::REPLAYED_TOTAL), 3.0, "{g:?}");
+
+    agent.stop().await.expect("agent stops");
+    gateway.stop().await.expect("gateway stops");
+}
+
+/// Reads from `stream` until the end of an HTTP head; the head as text.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert!(head.len() < 16 * 1024, "head too long");
+        let n = stream.read(&mut byte).await.expect("read");
+        assert_eq!(
+            n,
+            1,
+            "closed inside the head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A primary that accepts one WebSocket handshake, answers `101`, then echoes every byte; it
+/// hands the request head it received to the test.
+async fn start_upgrading_primary() -> (SocketAddr, tokio::sync::oneshot::Receiver<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let head = read_head(&mut stream).await;
+        let _ = head_tx.send(head);
+        stream
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                  Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    (addr, head_rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_pass_through_and_are_counted_not_mirrorable() {
+    teeway_wire::tls::install_default_provider();
+    let pki = Pki::generate("prod-eu-1").expect("pki");
+    let (primary, head_rx) = start_upgrading_primary().await;
+    let (shadow, recording) = sample::start_shadow(std::time::Duration::ZERO)
+        .await
+        .expect("shadow");
+    let gateway = RunningGateway::start(stack::gateway_config(
+        pki.gateway_material(),
+        &[shadow.addr],
+    ))
+    .await
+    .expect("gateway");
+    let agent = RunningAgent::start(stack::agent_config(
+        pki.agent_material(),
+        primary,
+        gateway.addr,
+        100.0,
+    ))
+    .await
+    .expect("agent");
+    agent.agent.wait_connected(true).await;
+
+    let mut ws = tokio::net::TcpStream::connect(agent.addr)
+        .await
+        .expect("connect");
+    ws.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: api.example.com\r\nConnection: Upgrade\r\n\
+          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let answer = read_head(&mut ws).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket"), "{answer}");
+    assert!(
+        lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{answer}"
+    );
+
+    // The primary got the handshake with its upgrade headers.
+    let head = tokio::time::timeout(LIMIT, head_rx)
+        .await
+        .expect("in time")
+        .expect("head")
+        .to_ascii_lowercase();
+    assert!(head.starts_with("get /chat http/1.1"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(
+        head.contains("sec-websocket-key: dghlihnhbxbszsbub25jzq=="),
+        "{head}"
+    );
+
+    // After the upgrade: bytes both ways, untouched (a masked text frame, then arbitrary bytes).
+    for message in [
+        &[
+            0x81u8, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ][..],
+        &(0u8..=255).collect::<Vec<u8>>()[..],
+    ] {
+        ws.write_all(message).await.expect("write");
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(LIMIT, ws.read_exact(&mut echoed))
+            .await
+            .expect("in time")
+            .expect("echo");
+        assert_eq!(echoed, message);
+    }
+    drop(ws);
+
+    let a = settle(
+        || agent.agent.metrics(),
+        |m| m.get(am::REQUESTS_TOTAL) == 1.0,
+    )
+    .await;
+    assert_eq!(
+        a.get(&format!(
+            "{}{{reason=\"not_mirrorable\"}}",
+            am::MIRROR_DROPPED_TOTAL
+        )),
+        1.0,
+        "{a:?}"
+    );
+    assert_eq!(a.get(am::MIRRORED_TOTAL), 0.0);
+    assert_eq!(a.get(am::MIRROR_IN_FLIGHT), 0.0);
+    assert_eq!(gateway.gateway.metrics().get(gm::RECEIVED_TOTAL), 0.0);
+    assert_eq!(recording.count(), 0, "nothing reached the shadow");
+
+    agent.stop().await.expect("agent stops");
+    gateway.stop().await.expect("gateway stops");
+}
