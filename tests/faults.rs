@@ -21,8 +21,8 @@ use teeway_gateway::metrics as gm;
 use teeway_runtime::metrics::Snapshot;
 
 use support::{
-    assert_agent_identity, certs_init, field, post, scrape, settle, settle_async, KeepAlive, Load,
-    Proc, Stack, LIMIT,
+    agent_settled, assert_agent_identity, certs_init, field, gateway_settled, post, scrape, settle,
+    settle_async, KeepAlive, Load, Proc, Stack, LIMIT,
 };
 
 /// The agent's drops, by reason, for the test's log.
@@ -168,11 +168,7 @@ async fn gateway_killed_under_load_and_restarted() {
         "clients saw errors: {:?}",
         &report.errors[..report.errors.len().min(5)]
     );
-    let a = settle_async(
-        || scrape(agent_admin),
-        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle_async(|| scrape(agent_admin), agent_settled).await;
     assert_eq!(a.get(am::REQUESTS_TOTAL), report.ok as f64, "{a:?}");
     assert_settled_identity(&a);
     // The new gateway received exactly what the agent counts as mirrored since it came back,
@@ -239,7 +235,7 @@ async fn a_spool_keeps_copies_while_the_gateway_is_away_within_its_bound_and_acr
     }
     let a = settle_async(
         || scrape(agent_admin),
-        |s| s.get(am::MIRROR_SPOOLED_TOTAL) == 50.0 && s.get(am::MIRROR_IN_FLIGHT) == 0.0,
+        |s| s.get(am::MIRROR_SPOOLED_TOTAL) == 50.0 && agent_settled(s),
     )
     .await;
     assert_eq!(a.get(am::MIRROR_SPOOLED_TOTAL), 50.0, "{a:?}");
@@ -297,10 +293,7 @@ async fn a_spool_keeps_copies_while_the_gateway_is_away_within_its_bound_and_acr
     }
     let a = settle_async(
         || scrape(agent_admin),
-        |s| {
-            s.get(am::MIRROR_SPOOLED_TOTAL) == 50.0 + big as f64
-                && s.get(am::MIRROR_IN_FLIGHT) == 0.0
-        },
+        |s| s.get(am::MIRROR_SPOOLED_TOTAL) == 50.0 + big as f64 && agent_settled(s),
     )
     .await;
     assert_eq!(a.get(am::MIRROR_SPOOLED_TOTAL), 50.0 + big as f64, "{a:?}");
@@ -429,7 +422,7 @@ async fn slow_and_silent_shadows_never_hold_clients_or_grow_the_gateway() {
     let g = settle(
         || stack.gateway_metrics(),
         |s| {
-            s.get(gm::REPLAY_IN_FLIGHT) == 0.0
+            gateway_settled(s, 2.0)
                 && s.sum(gm::REPLAYED_TOTAL) + s.sum(gm::REPLAY_FAILED_TOTAL) == pairs
         },
     )
@@ -704,11 +697,7 @@ async fn across_an_impaired_link_cut_and_restored_nothing_is_lost_uncounted() {
         "clients saw errors: {:?}",
         &report.errors[..report.errors.len().min(5)]
     );
-    let a = settle_async(
-        || scrape(agent_admin),
-        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle_async(|| scrape(agent_admin), agent_settled).await;
     assert_eq!(a.get(am::REQUESTS_TOTAL), report.ok as f64, "{a:?}");
     assert_settled_identity(&a);
     eprintln!(
@@ -719,11 +708,7 @@ async fn across_an_impaired_link_cut_and_restored_nothing_is_lost_uncounted() {
     );
     // The gateway received every acknowledged copy and accounts for each replay across the
     // same impaired link; the shadow saw exactly the ones counted as replayed.
-    let g = settle_async(
-        || scrape(gateway_admin),
-        |s| s.get(gm::REPLAY_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let g = settle_async(|| scrape(gateway_admin), |s| gateway_settled(s, 1.0)).await;
     assert_eq!(
         g.get(gm::RECEIVED_TOTAL),
         a.get(am::MIRRORED_TOTAL),
@@ -848,11 +833,7 @@ async fn soak_mixed_load_keeps_rss_bounded() {
         "{:?}",
         &report.errors[..5.min(report.errors.len())]
     );
-    let a = settle_async(
-        || scrape(agent_admin),
-        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle_async(|| scrape(agent_admin), agent_settled).await;
     assert_settled_identity(&a);
     eprintln!(
         "soak: {} requests, peak agent rss {} MiB",

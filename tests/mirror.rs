@@ -11,7 +11,7 @@ use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
 use teeway_agent::metrics as am;
 use teeway_gateway::metrics as gm;
 
-use support::{admin_get, assert_agent_identity, settle, Stack, LIMIT};
+use support::{admin_get, agent_settled, assert_agent_identity, settle, Stack, LIMIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn varied_requests_reach_primary_and_arrive_intact_at_shadow() {
@@ -35,11 +35,7 @@ async fn varied_requests_reach_primary_and_arrive_intact_at_shadow() {
     let bad: Vec<_> = verdicts.iter().filter(|(_, v)| v.is_err()).collect();
     assert!(bad.is_empty(), "copies differ from what was sent: {bad:?}");
 
-    let a = settle(
-        || stack.agent_metrics(),
-        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle(|| stack.agent_metrics(), agent_settled).await;
     assert_eq!(a.get(am::REQUESTS_TOTAL), 160.0);
     assert_eq!(a.get(am::MIRRORED_TOTAL), 160.0);
     assert_eq!(a.sum(am::MIRROR_DROPPED_TOTAL), 0.0);
@@ -89,11 +85,7 @@ async fn partial_sampling_accounts_for_every_request() {
         .await
         .iter()
         .all(Result::is_ok));
-    let a = settle(
-        || stack.agent_metrics(),
-        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle(|| stack.agent_metrics(), agent_settled).await;
     let mirrored = a.get(am::MIRRORED_TOTAL);
     assert_eq!(a.get(am::NOT_SAMPLED_TOTAL) + mirrored, 400.0, "{a:?}");
     // Binomial(400, 0.5): sd = 10; 6 sd either way fails once in a billion runs.
@@ -186,11 +178,7 @@ async fn agent_with_certificate_from_another_ca_is_refused_and_still_serves() {
         outcomes.iter().all(Result::is_ok),
         "clients are served: {outcomes:?}"
     );
-    let a = settle(
-        || agent.agent.metrics(),
-        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle(|| agent.agent.metrics(), agent_settled).await;
     assert_eq!(a.get(am::MIRRORED_TOTAL), 0.0);
     assert_eq!(
         a.get("teeway_agent_mirror_dropped_total{reason=\"no_uplink\"}"),
@@ -219,11 +207,7 @@ async fn with_the_gateway_stopped_clients_are_served_and_drops_counted() {
         outcomes.iter().all(Result::is_ok),
         "clients are served: {outcomes:?}"
     );
-    let a = settle(
-        || stack.agent_metrics(),
-        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle(|| stack.agent_metrics(), agent_settled).await;
     assert_eq!(a.get(am::REQUESTS_TOTAL), 60.0);
     assert_eq!(a.get(am::MIRRORED_TOTAL), 0.0);
     let lost = a.get("teeway_agent_mirror_dropped_total{reason=\"no_uplink\"}")
@@ -278,11 +262,7 @@ async fn bodies_over_the_limit_reach_the_primary_but_are_not_mirrored() {
     );
 
     assert_eq!(stack.recording.wait_for(4, LIMIT).await, 4);
-    let a = settle(
-        || stack.agent_metrics(),
-        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle(|| stack.agent_metrics(), agent_settled).await;
     assert_eq!(
         a.get("teeway_agent_mirror_dropped_total{reason=\"body_too_large\"}"),
         4.0,

@@ -17,7 +17,8 @@ use teeway_gateway::config::TargetConfig;
 use teeway_gateway::metrics as gm;
 
 use support::{
-    admin_get, config_version, field, get, hangup, settle, settle_async, KeepAlive, Proc, LIMIT,
+    admin_get, agent_settled, config_version, field, gateway_settled, get, hangup, replace_file,
+    settle, settle_async, KeepAlive, Proc, LIMIT,
 };
 
 fn write_pki(dir: &Path, pki: &Pki) {
@@ -146,7 +147,7 @@ async fn fan_out_with_a_rate_limited_target_and_a_dead_one() {
                 "{}{{reason=\"connect\"}}",
                 gm::REPLAY_FAILED_TOTAL
             )) == n as f64
-                && m.get(gm::REPLAY_IN_FLIGHT) == 0.0
+                && gateway_settled(m, 3.0)
         },
     )
     .await;
@@ -292,11 +293,10 @@ async fn reloads_under_load_drop_nothing_and_reject_bad_configs() {
     for round in 0..rounds {
         // A bad config: the old one stays in force.
         let before = (blue_seen.requests().len(), green_seen.requests().len());
-        std::fs::write(
+        replace_file(
             &gw_file,
             "listen: 127.0.0.1:0\nroutes: [{ targets: [ftp://nope] }]\n",
-        )
-        .expect("write");
+        );
         hangup(&gateway);
         let (version, error) =
             settle_async(|| config_version(gateway_admin), |(_, e)| !e.is_empty()).await;
@@ -321,7 +321,7 @@ async fn reloads_under_load_drop_nothing_and_reject_bad_configs() {
         } else {
             blue.url()
         };
-        std::fs::write(&gw_file, gateway_yaml(&next, "")).expect("write");
+        replace_file(&gw_file, gateway_yaml(&next, ""));
         hangup(&gateway);
         expected_version += 1;
         let (version, _) = settle_async(
@@ -344,7 +344,7 @@ async fn reloads_under_load_drop_nothing_and_reject_bad_configs() {
     }
 
     // The agent reloads too: mirroring off while the load goes on.
-    std::fs::write(tmp.path().join("agent.yaml"), agent_yaml("0")).expect("write");
+    replace_file(&tmp.path().join("agent.yaml"), agent_yaml("0"));
     hangup(&agent);
     let (version, _) = settle_async(|| config_version(agent_admin), |(v, _)| *v >= 2).await;
     assert_eq!(version, 2);
@@ -404,11 +404,7 @@ async fn the_real_path_samples_the_configured_share() {
             Ok(StatusCode::OK)
         );
     }
-    let a = settle(
-        || stack.agent_metrics(),
-        |m| m.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle(|| stack.agent_metrics(), agent_settled).await;
     support::assert_agent_identity(&a);
     assert_eq!(a.get(am::REQUESTS_TOTAL), n as f64);
     let mirrored = a.get(am::MIRRORED_TOTAL);

@@ -14,7 +14,7 @@ use teeway_agent::metrics as am;
 use teeway_gateway::config::Transports;
 use teeway_gateway::metrics as gm;
 
-use support::{assert_agent_identity, settle, settle_async, Stack, LIMIT};
+use support::{agent_settled, assert_agent_identity, settle, settle_async, Stack, LIMIT};
 
 /// Sends `n` varied requests through the agent and checks every copy arrived intact and was
 /// acknowledged, with nothing dropped.
@@ -25,11 +25,7 @@ async fn mirror_intact(stack: &Stack, n: usize) {
     assert_eq!(stack.recording.wait_for(n, LIMIT).await, n);
     let verdicts = compare(&plan, &stack.recording.requests());
     assert!(verdicts.values().all(Result::is_ok), "{verdicts:?}");
-    let a = settle(
-        || stack.agent_metrics(),
-        |s| s.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle(|| stack.agent_metrics(), agent_settled).await;
     assert_eq!(a.get(am::MIRRORED_TOTAL), n as f64, "{a:?}");
     assert_eq!(a.sum(am::MIRROR_DROPPED_TOTAL), 0.0, "{a:?}");
     assert_agent_identity(&a);

@@ -183,6 +183,34 @@ pub fn post(path: &str, body: Bytes) -> Request<Full<Bytes>> {
         .expect("request")
 }
 
+/// Whether the agent is quiet and its books balance: nothing in flight and the identity exact.
+///
+/// Waiting for `in_flight == 0` alone is not enough: a scrape reads every counter before any
+/// gauge, so a copy resolved between the two reads shows in neither `mirrored` nor `in_flight`.
+/// Once the agent is quiet, the next scrape is whole; a real imbalance never settles and fails
+/// the assertion that follows.
+pub fn agent_settled(s: &Snapshot) -> bool {
+    use teeway_agent::metrics as m;
+    s.get(m::MIRROR_IN_FLIGHT) == 0.0
+        && s.get(m::REQUESTS_TOTAL)
+            == s.get(m::NOT_SAMPLED_TOTAL)
+                + s.get(m::MIRRORED_TOTAL)
+                + s.sum(m::MIRROR_DROPPED_TOTAL)
+                + s.get(m::MIRROR_SPOOLED_TOTAL)
+}
+
+/// Whether the gateway is quiet and every (record, target) pair is in a final bucket, for a
+/// gateway whose records all go to `targets` targets (see [`agent_settled`] for why the sum is
+/// part of the wait).
+pub fn gateway_settled(s: &Snapshot, targets: f64) -> bool {
+    use teeway_gateway::metrics as m;
+    s.get(m::REPLAY_IN_FLIGHT) == 0.0
+        && s.get(m::RECEIVED_TOTAL) * targets
+            == s.sum(m::REPLAYED_TOTAL)
+                + s.sum(m::REPLAY_FAILED_TOTAL)
+                + s.sum(m::REPLAY_SKIPPED_TOTAL)
+}
+
 /// A child process whose stderr is read line by line on a thread.
 pub struct Proc {
     pub child: Child,
@@ -314,6 +342,15 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Replaces `path` with `text` in one step (a temporary file renamed over it), as editors and
+/// Kubernetes volumes do. A plain write truncates first: a reload triggered in between would read
+/// an empty file and count a rejection the test did not make.
+pub fn replace_file(path: &Path, text: impl AsRef<[u8]>) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
 }
 
 /// Runs `teeway certs init` in `dir` (files in `certs/dev`, agent identity `prod-eu-1`).
