@@ -103,6 +103,7 @@ pub fn agent_config(
     AgentConfig {
         cluster: "demo-prod".into(),
         listen: ([127, 0, 0, 1], 0).into(),
+        listen_tls: None,
         primary: loopback_target(primary),
         primary_protocol: UpstreamProtocol::Auto,
         mirror: MirrorConfig::simple(percentage),

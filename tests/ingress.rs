@@ -1,4 +1,4 @@
-//! Beyond plain HTTP/1, end to end through the agent.
+//! Beyond plain HTTP/1 at the ingress, end to end through the agent.
 //!
 //! gRPC: unary, server-streaming and client-streaming calls over h2c reach the primary and the
 //! shadow intact, with the primary's trailers (`grpc-status` and the rest) delivered to the
@@ -8,6 +8,10 @@
 //!
 //! Upgrades: a WebSocket handshake passes through to the primary, the bytes after it flow both
 //! ways untouched, and the request is counted as `not_mirrorable`, never copied.
+//!
+//! TLS at the ingress (`listen_tls`): the agent terminates TLS with a certificate made at test
+//! time; ALPN gives HTTP/2 (a gRPC call) or HTTP/1.1; the primary and the copy are told
+//! `x-forwarded-proto: https`; a client that does not speak TLS is closed, alone.
 
 mod support;
 
@@ -27,7 +31,7 @@ use teeway_gateway::metrics as gm;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::{settle, LIMIT};
+use support::{agent_settled, gateway_settled, settle, LIMIT};
 
 type GrpcBody =
     StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
@@ -130,7 +134,8 @@ async fn start_grpc_primary() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                 Ok::<_, Infallible>(resp)
             });
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                // Both versions: HTTP/1.1 callers get an answer (and `grpc-status: 3`).
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
@@ -264,11 +269,7 @@ async fn grpc_calls_reach_primary_and_shadow_intact_with_trailers() {
     assert_eq!(at("/echo.Echo/Sum").body, stream.freeze());
 
     // And the accounts add up: four calls, three mirrored, one too large.
-    let a = settle(
-        || agent.agent.metrics(),
-        |m| m.get(am::MIRROR_IN_FLIGHT) == 0.0,
-    )
-    .await;
+    let a = settle(|| agent.agent.metrics(), agent_settled).await;
     assert_eq!(a.get(am::REQUESTS_TOTAL), 4.0);
     assert_eq!(a.get(am::MIRRORED_TOTAL), 3.0);
     assert_eq!(
@@ -280,7 +281,7 @@ async fn grpc_calls_reach_primary_and_shadow_intact_with_trailers() {
     );
     let g = settle(
         || gateway.gateway.metrics(),
-        |m| m.get(gm::REPLAY_IN_FLIGHT) == 0.0 && m.sum(gm::REPLAYED_TOTAL) == 3.0,
+        |m| gateway_settled(m, 1.0) && m.get(gm::RECEIVED_TOTAL) == 3.0,
     )
     .await;
     assert_eq!(g.sum(gm::REPLAYED_TOTAL), 3.0, "{g:?}");
@@ -432,6 +433,137 @@ async fn websocket_upgrades_pass_through_and_are_counted_not_mirrorable() {
     assert_eq!(a.get(am::MIRROR_IN_FLIGHT), 0.0);
     assert_eq!(gateway.gateway.metrics().get(gm::RECEIVED_TOTAL), 0.0);
     assert_eq!(recording.count(), 0, "nothing reached the shadow");
+
+    agent.stop().await.expect("agent stops");
+    gateway.stop().await.expect("gateway stops");
+}
+
+/// A TLS client connection to `addr` trusting `ca_pem`, offering `alpn`; the protocol agreed.
+async fn tls_connect(
+    addr: SocketAddr,
+    ca_pem: &str,
+    alpn: &[u8],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Vec<u8>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(ca_pem) {
+        roots.add(cert).expect("CA");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(teeway_wire::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let agreed = tls.get_ref().1.alpn_protocol().unwrap_or_default().to_vec();
+    (tls, agreed)
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("PEM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_tls_terminates_tls_and_alpn_picks_the_version() {
+    teeway_wire::tls::install_default_provider();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pki = Pki::generate("prod-eu-1").expect("pki");
+    // The ingress certificate comes from a CA of its own, as a public one would.
+    let ingress_ca = teeway_wire::pki::CertificateAuthority::generate("ingress-ca").expect("ca");
+    let leaf = ingress_ca.gateway(&[]).expect("leaf");
+    let (cert, key) = (tmp.path().join("tls.pem"), tmp.path().join("tls.key"));
+    std::fs::write(&cert, &leaf.cert_pem).expect("write");
+    std::fs::write(&key, &leaf.key_pem).expect("write");
+
+    let (primary, _primary_task) = start_grpc_primary().await;
+    let (shadow, recording) = sample::start_shadow(std::time::Duration::ZERO)
+        .await
+        .expect("shadow");
+    let gateway = RunningGateway::start(stack::gateway_config(
+        pki.gateway_material(),
+        &[shadow.addr],
+    ))
+    .await
+    .expect("gateway");
+    let mut config = stack::agent_config(pki.agent_material(), primary, gateway.addr, 100.0);
+    config.listen_tls = Some(teeway_agent::config::ListenTls {
+        config: std::sync::Arc::new(
+            teeway_wire::tls::https_server_config(&cert, &key).expect("server config"),
+        ),
+        cert,
+        key,
+    });
+    let agent = RunningAgent::start(config).await.expect("agent");
+    agent.agent.wait_connected(true).await;
+
+    // A client that does not speak TLS is closed; nobody else notices.
+    let mut plain = tokio::net::TcpStream::connect(agent.addr)
+        .await
+        .expect("connect");
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(LIMIT, plain.read_to_end(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"),
+        "plain HTTP got an answer: {n:?}"
+    );
+
+    // ALPN h2: a gRPC call, trailers and all.
+    let (tls, agreed) = tls_connect(agent.addr, &ingress_ca.certified.cert_pem, b"h2").await;
+    assert_eq!(agreed, b"h2");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut grpc = GrpcClient { sender };
+    let say = grpc.call("/echo.Echo/Say", &[b"over tls"]).await;
+    assert_eq!(say.messages, vec![b"OVER TLS".to_vec()]);
+    assert_eq!(trailer(&say, "grpc-status"), "0", "{say:?}");
+
+    // ALPN http/1.1: a plain request.
+    let (tls, agreed) = tls_connect(agent.addr, &ingress_ca.certified.cert_pem, b"http/1.1").await;
+    assert_eq!(agreed, b"http/1.1");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1 handshake");
+    tokio::spawn(conn);
+    let req = Request::post("/echo.Echo/Say")
+        .header("host", "api.example.com")
+        .header("content-type", "application/grpc")
+        .body(http_body_util::Full::new(message(b"one")))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), Version::HTTP_11);
+    resp.into_body().collect().await.expect("body");
+
+    // Both copies reached the shadow, told the client came over HTTPS.
+    assert_eq!(recording.wait_for(2, LIMIT).await, 2);
+    let seen = recording.requests();
+    assert!(
+        seen.iter()
+            .all(|r| r.headers["x-forwarded-proto"] == "https"),
+        "{seen:?}"
+    );
+    assert!(seen
+        .iter()
+        .any(|r| r.version == Version::HTTP_2 && r.body == message(b"over tls")));
+    assert!(seen.iter().any(|r| r.body == message(b"one")));
 
     agent.stop().await.expect("agent stops");
     gateway.stop().await.expect("gateway stops");

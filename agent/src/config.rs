@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use teeway_archive::ArchiveConfig;
@@ -39,6 +40,8 @@ pub struct AgentConfig {
     pub cluster: String,
     /// Where production traffic enters.
     pub listen: SocketAddr,
+    /// TLS on `listen`, terminated by the agent; `None`: plain HTTP (h2c included).
+    pub listen_tls: Option<ListenTls>,
     /// The real service.
     pub primary: HttpTarget,
     /// HTTP version spoken to the primary.
@@ -99,6 +102,17 @@ pub struct GatewayConfig {
     pub spool: Option<SpoolConfig>,
 }
 
+/// `listen_tls:`: the certificate the agent presents to production clients.
+#[derive(Debug, Clone)]
+pub struct ListenTls {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Built from them at load time (ALPN `h2`, `http/1.1`).
+    pub config: Arc<rustls::ServerConfig>,
+}
+
 /// `admin:`.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
@@ -127,6 +141,7 @@ impl AgentConfig {
             "give the address production traffic enters on, for example `listen: 0.0.0.0:8080`",
             cfg::socket_addr,
         );
+        let listen_tls = listen_tls_block(&mut root, &mut p, base_dir);
         let primary = root.required(
             &mut p,
             "primary",
@@ -272,6 +287,7 @@ impl AgentConfig {
             (Some(cluster), Some(listen), Some(primary)) => Some(AgentConfig {
                 cluster,
                 listen,
+                listen_tls,
                 primary,
                 primary_protocol,
                 mirror: MirrorConfig {
@@ -307,6 +323,11 @@ impl AgentConfig {
         };
         check("cluster", self.cluster == old.cluster);
         check("listen", self.listen == old.listen);
+        check(
+            "listen_tls",
+            self.listen_tls.as_ref().map(|t| (&t.cert, &t.key))
+                == old.listen_tls.as_ref().map(|t| (&t.cert, &t.key)),
+        );
         check("primary", self.primary.url == old.primary.url);
         check(
             "primary_protocol",
@@ -430,6 +451,51 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
         tls_files: [ca?, cert?, key?],
         spool,
     })
+}
+
+/// `listen_tls`; `None` when absent or invalid (the problems recorded).
+fn listen_tls_block(
+    root: &mut Section<'_>,
+    p: &mut Problems,
+    base_dir: &Path,
+) -> Option<ListenTls> {
+    let mut t = root.section(p, "listen_tls");
+    if !t.is_present() {
+        t.finish(p);
+        return None;
+    }
+    let read = cfg::readable_file(base_dir);
+    let cert = t.required(
+        p,
+        "cert",
+        "give the PEM file of the certificate chain production clients are shown",
+        &read,
+    );
+    let key = t.required(
+        p,
+        "key",
+        "give the PEM file of that certificate's private key",
+        &read,
+    );
+    let cert_path = t.path_of("cert");
+    t.finish(p);
+    let (cert, key) = (cert?, key?);
+    match teeway_wire::tls::https_server_config(&cert, &key) {
+        Ok(config) => Some(ListenTls {
+            cert,
+            key,
+            config: Arc::new(config),
+        }),
+        Err(e) => {
+            p.push(
+                cert_path,
+                None,
+                e.to_string(),
+                "give a PEM certificate chain and the private key that belongs to it",
+            );
+            None
+        }
+    }
 }
 
 /// `gateway.spool`; `None` when absent or invalid (the problems recorded).
@@ -590,6 +656,40 @@ colour: blue
             err.to_string().contains("gateway.spool.dir: is required"),
             "{err}"
         );
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn listen_tls_is_loaded_and_a_mismatched_key_is_named() {
+        let dir = temp_dir("listen-tls");
+        write_certs(&dir);
+        let ca = teeway_wire::pki::CertificateAuthority::generate("ingress").expect("ca");
+        let a = ca.gateway(&[]).expect("leaf");
+        let b = ca.gateway(&[]).expect("leaf");
+        std::fs::write(dir.join("tls.pem"), &a.cert_pem).expect("write");
+        std::fs::write(dir.join("tls.key"), &a.key_pem).expect("write");
+        std::fs::write(dir.join("other.key"), &b.key_pem).expect("write");
+        let with = |tls: &str| format!("{VALID}listen_tls: {tls}\n");
+        let c =
+            AgentConfig::from_yaml(&with("{ cert: tls.pem, key: tls.key }"), &dir).expect("valid");
+        let tls = c.listen_tls.expect("listen_tls");
+        assert_eq!(
+            tls.config.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+
+        let err = AgentConfig::from_yaml(&with("{ cert: tls.pem, key: other.key }"), &dir)
+            .expect_err("mismatched");
+        let text = err.to_string();
+        assert!(
+            text.contains("listen_tls.cert: the certificate and key do not fit together"),
+            "{text}"
+        );
+        let err =
+            AgentConfig::from_yaml(&with("{ cert: missing.pem }"), &dir).expect_err("missing");
+        let text = err.to_string();
+        assert!(text.contains("listen_tls.cert: cannot be read"), "{text}");
+        assert!(text.contains("listen_tls.key: is required"), "{text}");
         std::fs::remove_dir_all(dir).ok();
     }
 

@@ -329,10 +329,12 @@ impl Agent {
             gateway = %config.gateway.as_ref().map_or("none".into(), |g| format!("{}:{}", g.host, g.port)),
             archive = %config.archive.as_ref().map_or("off".into(), |a| a.dir.display().to_string()),
             percentage = config.mirror.policy.percentage,
+            tls = config.listen_tls.is_some(),
             "agent serving"
         );
 
-        proxy::serve(listeners.proxy, proxy, shutdown, config.shutdown_grace).await;
+        let tls = config.listen_tls.as_ref().map(|t| t.config.clone());
+        proxy::serve(listeners.proxy, proxy, tls, shutdown, config.shutdown_grace).await;
         drain.cancel();
         if let Err(e) = consumer.await {
             tracing::error!(error = %e, "uplink task failed");

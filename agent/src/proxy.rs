@@ -90,7 +90,19 @@ impl Proxy {
     }
 
     /// Handles one client request.
-    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    /// `tls`: the client connected over `listen_tls` (the primary is told with
+    /// `x-forwarded-proto: https` unless the request already says).
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        tls: bool,
+    ) -> Response<ProxyBody> {
+        if tls {
+            req.headers_mut()
+                .entry("x-forwarded-proto")
+                .or_insert(HeaderValue::from_static("https"));
+        }
         if let Some(protocol) = upgrade_to(&req) {
             return self.pass_upgrade(req, protocol, client).await;
         }
@@ -260,14 +272,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Time a client has to complete the TLS handshake on `listen_tls`.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts client connections until `shutdown`, then lets open connections finish their
-/// requests for up to `grace`.
+/// requests for up to `grace`. With `tls`, each connection's TLS is terminated first (ALPN picks
+/// HTTP/2 or HTTP/1.1); a failed handshake closes that connection only.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     let local = listener.local_addr().ok();
@@ -286,18 +304,47 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
+        let tls = acceptor.is_some();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer, tls).await) }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
         let span = tracing::debug_span!("client", %peer, local = ?local);
+        let Some(acceptor) = &acceptor else {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                }
+                .instrument(span),
+            );
+            continue;
+        };
+        // The handshake runs on the connection's own task, so a slow client holds up no one; the
+        // connection joins the graceful shutdown once it speaks HTTP.
+        let accept = acceptor.accept(stream);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(
             async move {
-                if let Err(e) = conn.await {
+                let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "client TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("client TLS handshake timed out");
+                        return;
+                    }
+                };
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(conn).await {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }
             }

@@ -169,6 +169,27 @@ pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, Tls
     Ok(config)
 }
 
+/// A public HTTPS listener's configuration (the agent's `listen_tls`): TLS 1.2 and 1.3, no client
+/// certificate, ALPN `h2` then `http/1.1`, from a PEM certificate chain and key.
+pub fn https_server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    let chain = load_certs(cert)?;
+    let key = load_key(key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls {
+            context: "cannot enable TLS",
+            source,
+        })?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::Rustls {
+            context: "the certificate and key do not fit together",
+            source,
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The agent's configuration: presents its certificate, trusts only the CA.
 pub fn client_config(material: &TlsMaterial) -> Result<rustls::ClientConfig, TlsError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
