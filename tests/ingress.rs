@@ -24,14 +24,12 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use teeway::sample;
-use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
 use teeway_agent::metrics as am;
 use teeway_gateway::metrics as gm;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::{agent_settled, gateway_settled, settle, LIMIT};
+use support::{agent_settled, gateway_settled, settle, Stack, LIMIT};
 
 type GrpcBody =
     StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
@@ -200,24 +198,14 @@ fn trailer<'a>(answer: &'a Answer, name: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_reach_primary_and_shadow_intact_with_trailers() {
-    teeway_wire::tls::install_default_provider();
-    let pki = Pki::generate("prod-eu-1").expect("pki");
     let (primary, _primary_task) = start_grpc_primary().await;
-    let (shadow, recording) = sample::start_shadow(std::time::Duration::ZERO)
-        .await
-        .expect("shadow");
-    let gateway = RunningGateway::start(stack::gateway_config(
-        pki.gateway_material(),
-        &[shadow.addr],
-    ))
-    .await
-    .expect("gateway");
-    let mut config = stack::agent_config(pki.agent_material(), primary, gateway.addr, 100.0);
-    // Small enough for one client stream below to go over it.
-    config.mirror.policy.max_body_bytes = 64 * 1024;
-    let agent = RunningAgent::start(config).await.expect("agent");
-    agent.agent.wait_connected(true).await;
-    let mut client = GrpcClient::connect(agent.addr).await;
+    let stack = Stack::start_with(100.0, |c| {
+        c.primary = teeway::stack::loopback_target(primary);
+        // Small enough for one client stream below to go over it.
+        c.mirror.policy.max_body_bytes = 64 * 1024;
+    })
+    .await;
+    let mut client = GrpcClient::connect(stack.agent.addr).await;
 
     // Unary.
     let say = client.call("/echo.Echo/Say", &[b"hello"]).await;
@@ -249,8 +237,8 @@ async fn grpc_calls_reach_primary_and_shadow_intact_with_trailers() {
     assert_eq!(over.messages, vec![b"10 messages, 100000 bytes".to_vec()]);
 
     // The shadow saw the three mirrored calls as HTTP/2 gRPC requests, byte for byte.
-    assert_eq!(recording.wait_for(3, LIMIT).await, 3);
-    let seen = recording.requests();
+    assert_eq!(stack.recording.wait_for(3, LIMIT).await, 3);
+    let seen = stack.recording.requests();
     let at = |path: &str| {
         seen.iter()
             .find(|r| r.uri.path() == path)
@@ -269,7 +257,7 @@ async fn grpc_calls_reach_primary_and_shadow_intact_with_trailers() {
     assert_eq!(at("/echo.Echo/Sum").body, stream.freeze());
 
     // And the accounts add up: four calls, three mirrored, one too large.
-    let a = settle(|| agent.agent.metrics(), agent_settled).await;
+    let a = settle(|| stack.agent_metrics(), agent_settled).await;
     assert_eq!(a.get(am::REQUESTS_TOTAL), 4.0);
     assert_eq!(a.get(am::MIRRORED_TOTAL), 3.0);
     assert_eq!(
@@ -280,14 +268,13 @@ async fn grpc_calls_reach_primary_and_shadow_intact_with_trailers() {
         1.0
     );
     let g = settle(
-        || gateway.gateway.metrics(),
+        || stack.gateway_metrics(),
         |m| gateway_settled(m, 1.0) && m.get(gm::RECEIVED_TOTAL) == 3.0,
     )
     .await;
     assert_eq!(g.sum(gm::REPLAYED_TOTAL), 3.0, "{g:?}");
 
-    agent.stop().await.expect("agent stops");
-    gateway.stop().await.expect("gateway stops");
+    stack.stop().await;
 }
 
 /// Reads from `stream` until the end of an HTTP head; the head as text.
@@ -344,29 +331,13 @@ async fn start_upgrading_primary() -> (SocketAddr, tokio::sync::oneshot::Receive
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_pass_through_and_are_counted_not_mirrorable() {
-    teeway_wire::tls::install_default_provider();
-    let pki = Pki::generate("prod-eu-1").expect("pki");
     let (primary, head_rx) = start_upgrading_primary().await;
-    let (shadow, recording) = sample::start_shadow(std::time::Duration::ZERO)
-        .await
-        .expect("shadow");
-    let gateway = RunningGateway::start(stack::gateway_config(
-        pki.gateway_material(),
-        &[shadow.addr],
-    ))
-    .await
-    .expect("gateway");
-    let agent = RunningAgent::start(stack::agent_config(
-        pki.agent_material(),
-        primary,
-        gateway.addr,
-        100.0,
-    ))
-    .await
-    .expect("agent");
-    agent.agent.wait_connected(true).await;
+    let stack = Stack::start_with(100.0, |c| {
+        c.primary = teeway::stack::loopback_target(primary);
+    })
+    .await;
 
-    let mut ws = tokio::net::TcpStream::connect(agent.addr)
+    let mut ws = tokio::net::TcpStream::connect(stack.agent.addr)
         .await
         .expect("connect");
     ws.write_all(
@@ -417,7 +388,7 @@ async fn websocket_upgrades_pass_through_and_are_counted_not_mirrorable() {
     drop(ws);
 
     let a = settle(
-        || agent.agent.metrics(),
+        || stack.agent_metrics(),
         |m| m.get(am::REQUESTS_TOTAL) == 1.0,
     )
     .await;
@@ -431,11 +402,10 @@ async fn websocket_upgrades_pass_through_and_are_counted_not_mirrorable() {
     );
     assert_eq!(a.get(am::MIRRORED_TOTAL), 0.0);
     assert_eq!(a.get(am::MIRROR_IN_FLIGHT), 0.0);
-    assert_eq!(gateway.gateway.metrics().get(gm::RECEIVED_TOTAL), 0.0);
-    assert_eq!(recording.count(), 0, "nothing reached the shadow");
+    assert_eq!(stack.gateway_metrics().get(gm::RECEIVED_TOTAL), 0.0);
+    assert_eq!(stack.recording.count(), 0, "nothing reached the shadow");
 
-    agent.stop().await.expect("agent stops");
-    gateway.stop().await.expect("gateway stops");
+    stack.stop().await;
 }
 
 /// A TLS client connection to `addr` trusting `ca_pem`, offering `alpn`; the protocol agreed.
@@ -476,7 +446,6 @@ fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'sta
 async fn listen_tls_terminates_tls_and_alpn_picks_the_version() {
     teeway_wire::tls::install_default_provider();
     let tmp = tempfile::tempdir().expect("tmp");
-    let pki = Pki::generate("prod-eu-1").expect("pki");
     // The ingress certificate comes from a CA of its own, as a public one would.
     let ingress_ca = teeway_wire::pki::CertificateAuthority::generate("ingress-ca").expect("ca");
     let leaf = ingress_ca.gateway(&[]).expect("leaf");
@@ -485,28 +454,20 @@ async fn listen_tls_terminates_tls_and_alpn_picks_the_version() {
     std::fs::write(&key, &leaf.key_pem).expect("write");
 
     let (primary, _primary_task) = start_grpc_primary().await;
-    let (shadow, recording) = sample::start_shadow(std::time::Duration::ZERO)
-        .await
-        .expect("shadow");
-    let gateway = RunningGateway::start(stack::gateway_config(
-        pki.gateway_material(),
-        &[shadow.addr],
-    ))
-    .await
-    .expect("gateway");
-    let mut config = stack::agent_config(pki.agent_material(), primary, gateway.addr, 100.0);
-    config.listen_tls = Some(teeway_agent::config::ListenTls {
-        config: std::sync::Arc::new(
-            teeway_wire::tls::https_server_config(&cert, &key).expect("server config"),
-        ),
-        cert,
-        key,
-    });
-    let agent = RunningAgent::start(config).await.expect("agent");
-    agent.agent.wait_connected(true).await;
+    let stack = Stack::start_with(100.0, |c| {
+        c.primary = teeway::stack::loopback_target(primary);
+        c.listen_tls = Some(teeway_agent::config::ListenTls {
+            config: std::sync::Arc::new(
+                teeway_wire::tls::https_server_config(&cert, &key).expect("server config"),
+            ),
+            cert,
+            key,
+        });
+    })
+    .await;
 
     // A client that does not speak TLS is closed; nobody else notices.
-    let mut plain = tokio::net::TcpStream::connect(agent.addr)
+    let mut plain = tokio::net::TcpStream::connect(stack.agent.addr)
         .await
         .expect("connect");
     plain
@@ -523,7 +484,7 @@ async fn listen_tls_terminates_tls_and_alpn_picks_the_version() {
     );
 
     // ALPN h2: a gRPC call, trailers and all.
-    let (tls, agreed) = tls_connect(agent.addr, &ingress_ca.certified.cert_pem, b"h2").await;
+    let (tls, agreed) = tls_connect(stack.agent.addr, &ingress_ca.certified.cert_pem, b"h2").await;
     assert_eq!(agreed, b"h2");
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
@@ -536,7 +497,12 @@ async fn listen_tls_terminates_tls_and_alpn_picks_the_version() {
     assert_eq!(trailer(&say, "grpc-status"), "0", "{say:?}");
 
     // ALPN http/1.1: a plain request.
-    let (tls, agreed) = tls_connect(agent.addr, &ingress_ca.certified.cert_pem, b"http/1.1").await;
+    let (tls, agreed) = tls_connect(
+        stack.agent.addr,
+        &ingress_ca.certified.cert_pem,
+        b"http/1.1",
+    )
+    .await;
     assert_eq!(agreed, b"http/1.1");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
@@ -553,8 +519,8 @@ async fn listen_tls_terminates_tls_and_alpn_picks_the_version() {
     resp.into_body().collect().await.expect("body");
 
     // Both copies reached the shadow, told the client came over HTTPS.
-    assert_eq!(recording.wait_for(2, LIMIT).await, 2);
-    let seen = recording.requests();
+    assert_eq!(stack.recording.wait_for(2, LIMIT).await, 2);
+    let seen = stack.recording.requests();
     assert!(
         seen.iter()
             .all(|r| r.headers["x-forwarded-proto"] == "https"),
@@ -565,6 +531,5 @@ async fn listen_tls_terminates_tls_and_alpn_picks_the_version() {
         .any(|r| r.version == Version::HTTP_2 && r.body == message(b"over tls")));
     assert!(seen.iter().any(|r| r.body == message(b"one")));
 
-    agent.stop().await.expect("agent stops");
-    gateway.stop().await.expect("gateway stops");
+    stack.stop().await;
 }

@@ -310,41 +310,42 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(proxy.handle(req, peer, tls).await) }
         });
         let span = tracing::debug_span!("client", %peer, local = ?local);
-        let Some(acceptor) = &acceptor else {
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(
-                async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "client connection ended with an error");
-                    }
-                }
-                .instrument(span),
-            );
-            continue;
-        };
-        // The handshake runs on the connection's own task, so a slow client holds up no one; the
-        // connection joins the graceful shutdown once it speaks HTTP.
-        let accept = acceptor.accept(stream);
+        // One task per connection: with TLS it runs the handshake first, so a slow client holds
+        // up no one; the connection joins the graceful shutdown once it speaks HTTP.
+        let acceptor = acceptor.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(
             async move {
-                let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "client TLS handshake failed");
-                        return;
+                let served = match acceptor {
+                    None => {
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(conn).await
                     }
-                    Err(_) => {
-                        tracing::debug!("client TLS handshake timed out");
-                        return;
+                    Some(acceptor) => {
+                        let stream = match tokio::time::timeout(
+                            TLS_HANDSHAKE_TIMEOUT,
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "client TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("client TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(conn).await
                     }
                 };
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                if let Err(e) = watcher.watch(conn).await {
+                if let Err(e) = served {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }
             }

@@ -126,14 +126,21 @@ pub async fn settle<T>(mut read: impl FnMut() -> T, done: impl Fn(&T) -> bool) -
 
 /// The agent's accounting identity: requests = not_sampled + mirrored + dropped + in_flight.
 pub fn assert_agent_identity(s: &Snapshot) {
-    use teeway_agent::metrics as m;
-    let lhs = s.get(m::REQUESTS_TOTAL);
-    let rhs = s.get(m::NOT_SAMPLED_TOTAL)
-        + s.get(m::MIRRORED_TOTAL)
-        + s.sum(m::MIRROR_DROPPED_TOTAL)
-        + s.get(m::MIRROR_IN_FLIGHT)
-        + s.get(m::MIRROR_SPOOLED_TOTAL);
+    let (lhs, rhs) = agent_books(s);
     assert_eq!(lhs, rhs, "accounting identity broken: {s:?}");
+}
+
+/// Both sides of the agent's identity: requests, and the sum of the buckets they end in.
+fn agent_books(s: &Snapshot) -> (f64, f64) {
+    use teeway_agent::metrics as m;
+    (
+        s.get(m::REQUESTS_TOTAL),
+        s.get(m::NOT_SAMPLED_TOTAL)
+            + s.get(m::MIRRORED_TOTAL)
+            + s.sum(m::MIRROR_DROPPED_TOTAL)
+            + s.get(m::MIRROR_IN_FLIGHT)
+            + s.get(m::MIRROR_SPOOLED_TOTAL),
+    )
 }
 
 /// One HTTP/1.1 connection to `addr`, kept alive for every request sent on it: if the agent
@@ -190,13 +197,8 @@ pub fn post(path: &str, body: Bytes) -> Request<Full<Bytes>> {
 /// Once the agent is quiet, the next scrape is whole; a real imbalance never settles and fails
 /// the assertion that follows.
 pub fn agent_settled(s: &Snapshot) -> bool {
-    use teeway_agent::metrics as m;
-    s.get(m::MIRROR_IN_FLIGHT) == 0.0
-        && s.get(m::REQUESTS_TOTAL)
-            == s.get(m::NOT_SAMPLED_TOTAL)
-                + s.get(m::MIRRORED_TOTAL)
-                + s.sum(m::MIRROR_DROPPED_TOTAL)
-                + s.get(m::MIRROR_SPOOLED_TOTAL)
+    let (lhs, rhs) = agent_books(s);
+    s.get(teeway_agent::metrics::MIRROR_IN_FLIGHT) == 0.0 && lhs == rhs
 }
 
 /// Whether the gateway is quiet and every (record, target) pair is in a final bucket, for a
