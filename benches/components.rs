@@ -217,6 +217,7 @@ async fn offline_replay() {
         let report = teeway::replay::run(ReplayOptions {
             archives: vec![dir.path().to_path_buf()],
             target: format!("http://{target}"),
+            ca: None,
             pace: Pace::Max,
             max_wait: Duration::from_secs(1),
             loops: 1,

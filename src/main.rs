@@ -101,9 +101,13 @@ enum ArchiveCommand {
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("pace").args(["speed", "rate", "max_rate"])))]
 struct ReplayArgs {
-    /// Where to send the requests: http://host:port.
+    /// Where to send the requests: http://host:port or https://host:port.
     #[arg(long)]
     target: String,
+    /// For an https target: a PEM bundle of the CAs its certificate chains to (default: the
+    /// system's CA store).
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Recorded gaps divided by this factor (default 1: the recorded pace).
     #[arg(long)]
     speed: Option<f64>,
@@ -372,6 +376,7 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
     let options = ReplayOptions {
         archives: args.archives,
         target: args.target,
+        ca: args.ca,
         pace,
         max_wait: args.max_wait,
         loops: args.loops,

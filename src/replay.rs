@@ -58,8 +58,10 @@ pub enum Pace {
 pub struct ReplayOptions {
     /// Archives: files or directories.
     pub archives: Vec<PathBuf>,
-    /// `http://host:port` of the target.
+    /// `http://host:port` or `https://host:port` of the target.
     pub target: String,
+    /// CA bundle an https target's certificate chains to; `None`: the system's CAs.
+    pub ca: Option<PathBuf>,
     /// Spacing.
     pub pace: Pace,
     /// Longest single wait under `Pace::Speed`.
@@ -263,6 +265,23 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
     let target_value = teeway_runtime::yaml::Value::from(options.target.as_str());
     let target_url = teeway_runtime::config::http_target(&target_value)
         .map_err(|e| anyhow::anyhow!("--target {}: {e}", options.target))?;
+    if options.ca.is_some() && !target_url.tls {
+        anyhow::bail!("--ca is given but --target {} is not https", options.target);
+    }
+    let tls = if target_url.tls {
+        let mut problems = teeway_runtime::config::Problems::default();
+        let tls = teeway_runtime::config::upstream_tls_config(
+            &mut problems,
+            "--ca",
+            &target_url,
+            options.ca.clone(),
+            None,
+        );
+        problems.finish(())?;
+        tls
+    } else {
+        None
+    };
     let resolver = Resolver::from_system()?;
     let target = Arc::new(
         Target::new(
@@ -270,6 +289,7 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
                 target: TargetConfig {
                     timeout: options.timeout,
                     max_concurrency: options.concurrency.max(1),
+                    tls,
                     ..TargetConfig::new(target_url)
                 },
                 protocol: options.protocol,

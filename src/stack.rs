@@ -55,6 +55,7 @@ pub fn loopback_target(addr: SocketAddr) -> HttpTarget {
     HttpTarget {
         host: addr.ip().to_string(),
         port: addr.port(),
+        tls: false,
         url: format!("http://{addr}"),
     }
 }
@@ -106,6 +107,7 @@ pub fn agent_config(
         listen_tls: None,
         primary: loopback_target(primary),
         primary_protocol: UpstreamProtocol::Auto,
+        primary_tls: None,
         mirror: MirrorConfig::simple(percentage),
         gateway: Some(UplinkTarget {
             host: gateway.ip().to_string(),

@@ -32,6 +32,7 @@ fn options(archives: Vec<PathBuf>, target: String, pace: Pace) -> ReplayOptions 
     ReplayOptions {
         archives,
         target,
+        ca: None,
         pace,
         max_wait: Duration::from_secs(1),
         loops: 1,

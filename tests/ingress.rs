@@ -533,3 +533,241 @@ async fn listen_tls_terminates_tls_and_alpn_picks_the_version() {
 
     stack.stop().await;
 }
+
+/// What a TLS front saw of one client: the SNI name and the ALPN protocol agreed.
+#[derive(Debug, Clone, PartialEq)]
+struct Hello {
+    sni: Option<String>,
+    alpn: Vec<u8>,
+}
+
+/// A TLS front for the plain service at `inner`, as an HTTPS upstream would be: it terminates TLS
+/// with `leaf` (ALPN h2 and http/1.1) and joins the bytes to `inner`. Every handshake it
+/// completes is logged.
+async fn tls_front(
+    inner: SocketAddr,
+    leaf: &teeway_wire::pki::CertifiedKey,
+    dir: &std::path::Path,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Hello>>>) {
+    let (cert, key) = (dir.join("front.pem"), dir.join("front.key"));
+    std::fs::write(&cert, &leaf.cert_pem).expect("write");
+    std::fs::write(&key, &leaf.key_pem).expect("write");
+    let config = teeway_wire::tls::https_server_config(&cert, &key).expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = log.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let session = tls.get_ref().1;
+                let hello = Hello {
+                    sni: session.server_name().map(str::to_owned),
+                    alpn: session.alpn_protocol().unwrap_or_default().to_vec(),
+                };
+                seen.lock().expect("log").push(hello);
+                if let Ok(mut plain) = tokio::net::TcpStream::connect(inner).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+/// The trust block of an https upstream, as the config loader builds it.
+fn upstream_tls(
+    url: &str,
+    ca: &std::path::Path,
+    server_name: Option<&str>,
+) -> (
+    teeway_runtime::config::HttpTarget,
+    teeway_runtime::config::UpstreamTlsConfig,
+) {
+    let target = teeway_runtime::config::http_target(&url.into()).expect("url");
+    let mut problems = teeway_runtime::config::Problems::default();
+    let tls = teeway_runtime::config::upstream_tls_config(
+        &mut problems,
+        "tls",
+        &target,
+        Some(ca.to_owned()),
+        server_name.map(str::to_owned),
+    )
+    .expect("trust");
+    (target, tls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_primary_and_https_target_are_verified_against_their_ca_bundle() {
+    teeway_wire::tls::install_default_provider();
+    let tmp = tempfile::tempdir().expect("tmp");
+    // The upstreams' certificates come from a CA of their own, named in a bundle file.
+    let upstream_ca = teeway_wire::pki::CertificateAuthority::generate("upstream-ca").expect("ca");
+    let leaf = upstream_ca
+        .gateway(&["shadow.internal".to_owned()])
+        .expect("leaf");
+    let ca = tmp.path().join("upstream-ca.pem");
+    std::fs::write(&ca, &upstream_ca.certified.cert_pem).expect("write");
+    let primary_dir = tmp.path().join("primary");
+    let shadow_dir = tmp.path().join("shadow");
+    std::fs::create_dir_all(&primary_dir).expect("dir");
+    std::fs::create_dir_all(&shadow_dir).expect("dir");
+
+    let plain_primary = teeway::sample::start_primary().await.expect("primary");
+    let (primary_front, primary_hellos) = tls_front(plain_primary.addr, &leaf, &primary_dir).await;
+    let (plain_shadow, recording) = teeway::sample::start_shadow(std::time::Duration::ZERO)
+        .await
+        .expect("shadow");
+    let (shadow_front, shadow_hellos) = tls_front(plain_shadow.addr, &leaf, &shadow_dir).await;
+
+    let stack = Stack::start_configured(
+        100.0,
+        |g| {
+            // The target is reached by IP but verified under another name the certificate carries.
+            let (target, tls) = upstream_tls(
+                &format!("https://{shadow_front}"),
+                &ca,
+                Some("shadow.internal"),
+            );
+            let t = &mut g.routes[0].targets[0];
+            t.target = target;
+            t.tls = Some(tls);
+        },
+        |c| {
+            let (target, tls) = upstream_tls(&format!("https://{primary_front}"), &ca, None);
+            c.primary = target;
+            c.primary_tls = Some(tls);
+        },
+    )
+    .await;
+
+    // HTTP/1.1 from the client: HTTP/1.1 over TLS to the primary.
+    let tcp = tokio::net::TcpStream::connect(stack.agent.addr)
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("h1 handshake");
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(support::post(
+            "/orders?id=7",
+            Bytes::from_static(b"over https"),
+        ))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(
+        body,
+        teeway::sample::primary_answer(&http::Method::POST, "/orders?id=7", b"over https")
+            .as_bytes()
+    );
+    // HTTP/2 from the client (primary_protocol auto): HTTP/2 over TLS to the primary.
+    let tcp = tokio::net::TcpStream::connect(stack.agent.addr)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = Request::post("http://api.example.com/h2")
+        .body(http_body_util::Full::new(Bytes::from_static(
+            b"h2 over https",
+        )))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(
+        body,
+        teeway::sample::primary_answer(&http::Method::POST, "/h2", b"h2 over https").as_bytes()
+    );
+
+    // Both copies were replayed over TLS to the shadow, intact.
+    assert_eq!(recording.wait_for(2, LIMIT).await, 2);
+    let mut bodies: Vec<Bytes> = recording.requests().into_iter().map(|r| r.body).collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec![
+            Bytes::from_static(b"h2 over https"),
+            Bytes::from_static(b"over https")
+        ]
+    );
+
+    // The fronts saw TLS handshakes offering exactly the version each connection spoke, and
+    // the name each upstream is verified under (an IP is not sent as SNI).
+    let primary_hellos = primary_hellos.lock().expect("log").clone();
+    assert!(
+        primary_hellos.contains(&Hello {
+            sni: None,
+            alpn: b"http/1.1".to_vec()
+        }),
+        "{primary_hellos:?}"
+    );
+    assert!(
+        primary_hellos.contains(&Hello {
+            sni: None,
+            alpn: b"h2".to_vec()
+        }),
+        "{primary_hellos:?}"
+    );
+    let shadow_hellos = shadow_hellos.lock().expect("log").clone();
+    assert!(!shadow_hellos.is_empty());
+    assert!(
+        shadow_hellos
+            .iter()
+            .all(|h| h.sni.as_deref() == Some("shadow.internal")),
+        "{shadow_hellos:?}"
+    );
+
+    let books = settle(|| stack.agent_metrics(), agent_settled).await;
+    assert_eq!(books.get(am::MIRRORED_TOTAL), 2.0, "{books:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_outside_the_ca_bundle_is_refused() {
+    teeway_wire::tls::install_default_provider();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let real_ca = teeway_wire::pki::CertificateAuthority::generate("real-ca").expect("ca");
+    let other_ca = teeway_wire::pki::CertificateAuthority::generate("other-ca").expect("ca");
+    let leaf = real_ca.gateway(&[]).expect("leaf");
+    let other = tmp.path().join("other-ca.pem");
+    std::fs::write(&other, &other_ca.certified.cert_pem).expect("write");
+    let plain_primary = teeway::sample::start_primary().await.expect("primary");
+    let (front, hellos) = tls_front(plain_primary.addr, &leaf, tmp.path()).await;
+
+    let stack = Stack::start_with(100.0, |c| {
+        let (target, tls) = upstream_tls(&format!("https://{front}"), &other, Some("localhost"));
+        c.primary = target;
+        c.primary_tls = Some(tls);
+    })
+    .await;
+    let mut client = support::KeepAlive::open(stack.agent.addr).await;
+    let status = client
+        .send(support::post("/pay", Bytes::from_static(b"secret")))
+        .await
+        .expect("an answer from the agent");
+    assert_eq!(
+        status,
+        StatusCode::BAD_GATEWAY,
+        "a primary whose certificate is not trusted"
+    );
+    assert!(
+        hellos.lock().expect("log").is_empty(),
+        "no handshake completed"
+    );
+    let a = stack.agent_metrics();
+    assert_eq!(a.get(am::PRIMARY_ERRORS_TOTAL), 1.0, "{a:?}");
+    stack.stop().await;
+}

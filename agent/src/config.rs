@@ -14,7 +14,7 @@ use crate::link::Transport;
 use crate::policy::PolicyConfig;
 use crate::spool::{SpoolConfig, MIN_SPOOL_BYTES};
 use teeway_runtime::config::{
-    self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
+    self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol, UpstreamTlsConfig,
 };
 use teeway_runtime::units::format_size;
 use teeway_wire::tls::{Role, TlsMaterial};
@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub primary: HttpTarget,
     /// HTTP version spoken to the primary.
     pub primary_protocol: UpstreamProtocol,
+    /// How an `https://` primary is verified (`primary_tls:`); `None` for `http://`.
+    pub primary_tls: Option<UpstreamTlsConfig>,
     /// What is copied and how much is held.
     pub mirror: MirrorConfig,
     /// Where copies go over the network, if anywhere.
@@ -148,6 +150,8 @@ impl AgentConfig {
             "give the real service's URL, for example `primary: http://127.0.0.1:9000`",
             cfg::http_target,
         );
+        let primary_tls =
+            cfg::tls_block(&mut root, &mut p, "primary_tls", base_dir, primary.as_ref());
 
         let primary_protocol = root
             .optional(
@@ -290,6 +294,7 @@ impl AgentConfig {
                 listen_tls,
                 primary,
                 primary_protocol,
+                primary_tls,
                 mirror: MirrorConfig {
                     queue,
                     queue_bytes,
@@ -333,6 +338,7 @@ impl AgentConfig {
             "primary_protocol",
             self.primary_protocol == old.primary_protocol,
         );
+        check("primary_tls", self.primary_tls == old.primary_tls);
         check("mirror.queue", self.mirror.queue == old.mirror.queue);
         check(
             "mirror.queue_bytes",
@@ -596,7 +602,8 @@ admin:
         let text = "
 cluster: prod
 listen: 127.0.0.1
-primary: https://x
+primary: http://x
+primary_tls: { server_name: x }
 mirror:
   percentage: 101
   max_body_bytes: 64MiB
@@ -611,7 +618,7 @@ colour: blue
         let text = err.to_string();
         for needle in [
             "listen: is not an `ip:port`",
-            "primary: https targets are not supported",
+            "primary_tls: is set but the URL `http://x` is not https",
             "mirror.percentage: must be between 0 and 100 (found `101`)",
             "mirror.max_body_bytes: exceeds the protocol's limit",
             "gateway.ca: cannot be read",
@@ -622,6 +629,47 @@ colour: blue
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
         assert_eq!(err.problems.len(), 8, "{text}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn an_https_primary_reads_its_trust() {
+        let dir = temp_dir("https");
+        write_certs(&dir);
+        let with = |primary: &str| {
+            VALID.replace(
+                "primary: http://127.0.0.1:9000\n",
+                &format!("primary: {primary}\n"),
+            )
+        };
+        let c = AgentConfig::from_yaml(
+            &with("https://127.0.0.1:9443\nprimary_tls: { ca: ca.pem }"),
+            &dir,
+        )
+        .expect("valid");
+        assert!(c.primary.tls);
+        let tls = c.primary_tls.as_ref().expect("primary_tls");
+        assert_eq!(tls.server_name, "127.0.0.1");
+        assert_eq!(
+            tls.trust,
+            teeway_wire::tls::UpstreamTrust::Bundle(dir.join("ca.pem"))
+        );
+        let c = AgentConfig::from_yaml(&with("https://[::1]"), &dir).expect("valid");
+        assert_eq!(c.primary.port, 443);
+        assert_eq!(c.primary.url, "https://[::1]");
+
+        let err = AgentConfig::from_yaml(
+            &with("https://api.internal\nprimary_tls: { ca: missing.pem, server_name: \"a b\" }"),
+            &dir,
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("primary_tls.ca: cannot be read"), "{text}");
+        assert!(
+            text.contains("primary_tls.server_name: is not a DNS name or IP address"),
+            "{text}"
+        );
+        assert_eq!(err.problems.len(), 2, "{text}");
         std::fs::remove_dir_all(dir).ok();
     }
 

@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use teeway_runtime::admin::{self, AdminState};
-use teeway_runtime::connect::UpstreamConnector;
+use teeway_runtime::connect::{TlsSetup, UpstreamConnector};
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::metrics::{Registry, Snapshot};
 use teeway_runtime::reload::{ConfigState, ReloadResult};
@@ -292,7 +292,14 @@ impl Agent {
             config.primary.port,
             resolver,
             PRIMARY_CONNECT_TIMEOUT,
-        );
+        )
+        .with_tls(match &config.primary_tls {
+            Some(tls) => Some(
+                TlsSetup::new(tls.configs.clone(), &tls.server_name)
+                    .map_err(AgentError::PrimaryServerName)?,
+            ),
+            None => None,
+        });
         let proxy = Arc::new(Proxy::new(
             tee,
             connector,

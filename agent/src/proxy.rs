@@ -51,6 +51,8 @@ pub struct Proxy {
     http1: PrimaryClient,
     http2: PrimaryClient,
     primary_authority: Authority,
+    /// `https` for a TLS primary (HTTP/2 sends it as `:scheme`).
+    primary_scheme: Scheme,
     primary_protocol: UpstreamProtocol,
     accounting: Arc<Accounting>,
 }
@@ -77,12 +79,17 @@ impl Proxy {
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(PRIMARY_POOL_IDLE)
                 .http2_only(http2_only)
-                .build(connector.clone())
+                .build(connector.for_version(http2_only))
         };
         Self {
             tee,
             http1: client(false),
             http2: client(true),
+            primary_scheme: if connector.is_tls() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
             primary_authority,
             primary_protocol,
             accounting,
@@ -225,7 +232,7 @@ impl Proxy {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(self.primary_scheme.clone());
         parts.authority = Some(authority);
         parts.path_and_query = Some(path);
         Uri::from_parts(parts).unwrap_or_else(|_| original.clone())

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue};
 
 use teeway_archive::ArchiveConfig;
 use teeway_runtime::config::{
-    self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol,
+    self as cfg, ConfigError, HttpTarget, Problems, Section, UpstreamProtocol, UpstreamTlsConfig,
 };
 use teeway_runtime::matching::RequestMatch;
 use teeway_runtime::yaml::Value;
@@ -88,6 +88,8 @@ pub struct RouteConfig {
 pub struct TargetConfig {
     /// Where.
     pub target: HttpTarget,
+    /// How an `https://` target is verified (`tls: { ca, server_name }`); `None` for `http://`.
+    pub tls: Option<UpstreamTlsConfig>,
     /// Share of the route's records replayed to it.
     pub percentage: f64,
     /// Time allowed for one replay.
@@ -103,6 +105,7 @@ impl TargetConfig {
     pub fn new(target: HttpTarget) -> Self {
         Self {
             target,
+            tls: None,
             percentage: 100.0,
             timeout: DEFAULT_REPLAY_TIMEOUT,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
@@ -334,7 +337,7 @@ impl GatewayConfig {
         }
         let mut catch_all_at: Option<String> = None;
         for mut r in route_sections {
-            if let Some(route) = read_route(&mut r, &mut p, &mut catch_all_at) {
+            if let Some(route) = read_route(&mut r, &mut p, &mut catch_all_at, base_dir) {
                 routes.push(route);
             }
             r.finish(&mut p);
@@ -393,6 +396,7 @@ fn read_route(
     r: &mut Section<'_>,
     p: &mut Problems,
     catch_all_at: &mut Option<String>,
+    base_dir: &Path,
 ) -> Option<RouteConfig> {
     if let Some(earlier) = catch_all_at.as_ref() {
         p.push(
@@ -460,7 +464,7 @@ fn read_route(
     };
     for (i, item) in items.iter().enumerate() {
         let path = format!("{targets_path}[{i}]");
-        if let Some(t) = read_target(item, &path, p, timeout, max_concurrency) {
+        if let Some(t) = read_target(item, &path, p, timeout, max_concurrency, base_dir) {
             targets.push(t);
         }
     }
@@ -631,15 +635,25 @@ fn read_target(
     p: &mut Problems,
     timeout: Duration,
     max_conc: usize,
+    base_dir: &Path,
 ) -> Option<TargetConfig> {
-    let url_fix = "give an http://host:port URL of a shadow service";
+    let url_fix = "give an http:// or https://host:port URL of a shadow service";
     if !item.is_mapping() {
         return match cfg::http_target(item) {
-            Ok(t) => Some(TargetConfig {
-                timeout,
-                max_concurrency: max_conc,
-                ..TargetConfig::new(t)
-            }),
+            Ok(t) => {
+                // An https URL alone trusts the system's CAs and its own host name.
+                let tls = if t.tls {
+                    Some(cfg::upstream_tls_config(p, path, &t, None, None)?)
+                } else {
+                    None
+                };
+                Some(TargetConfig {
+                    tls,
+                    timeout,
+                    max_concurrency: max_conc,
+                    ..TargetConfig::new(t)
+                })
+            }
             Err(message) => {
                 p.push(path, Some(item), message, url_fix);
                 None
@@ -648,6 +662,7 @@ fn read_target(
     }
     let mut t = Section::nested(path.to_owned(), item, p);
     let target = t.required(p, "url", url_fix, cfg::http_target);
+    let tls = cfg::tls_block(&mut t, p, "tls", base_dir, target.as_ref());
     let percentage = t
         .optional(
             p,
@@ -694,6 +709,7 @@ fn read_target(
     t.finish(p);
     Some(TargetConfig {
         target: target?,
+        tls,
         percentage,
         timeout,
         max_concurrency,
@@ -891,6 +907,62 @@ agents: { allow: [\"a*b\"] }
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn https_targets_read_their_trust_and_name_their_problems() {
+        let dir = dir_with_certs("https");
+        let c = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+routes:
+  - targets:
+      - url: https://127.0.0.1:9443
+        tls: { ca: ca.pem, server_name: shadow.internal }
+      - url: https://shadow.test:8443
+        tls: { ca: ca.pem }
+",
+            &dir,
+        )
+        .expect("valid");
+        let targets = &c.routes[0].targets;
+        assert_eq!(targets[0].target.port, 9443);
+        assert!(targets[0].target.tls);
+        let tls = targets[0].tls.as_ref().expect("tls");
+        assert_eq!(tls.server_name, "shadow.internal");
+        assert_eq!(
+            tls.trust,
+            teeway_wire::tls::UpstreamTrust::Bundle(dir.join("ca.pem"))
+        );
+        let tls = targets[1].tls.as_ref().expect("tls");
+        assert_eq!(tls.server_name, "shadow.test", "defaults to the URL's host");
+
+        std::fs::write(dir.join("not-a-ca.pem"), "nothing here").expect("write");
+        let err = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+routes:
+  - targets:
+      - { url: http://127.0.0.1:9000, tls: { ca: ca.pem } }
+      - { url: https://127.0.0.1:9443, tls: { ca: missing.pem } }
+      - { url: https://127.0.0.1:9443, tls: { ca: not-a-ca.pem } }
+      - { url: https://127.0.0.1:9443, tls: { server_name: \"not a name\" } }
+",
+            &dir,
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "routes[0].targets[0].tls: is set but the URL `http://127.0.0.1:9000` is not https",
+            "routes[0].targets[1].tls.ca: cannot be read",
+            "routes[0].targets[2].tls.ca:",
+            "no usable certificate",
+            "routes[0].targets[3].tls.server_name: is not a DNS name or IP address",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert_eq!(err.problems.len(), 4, "{text}");
         std::fs::remove_dir_all(dir).ok();
     }
 }

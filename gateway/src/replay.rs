@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use teeway_archive::{Archive, Record, ResponseOrigin, ResponseRecord};
 use teeway_runtime::config::UpstreamProtocol;
-use teeway_runtime::connect::UpstreamConnector;
+use teeway_runtime::connect::{TlsSetup, UpstreamConnector};
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::proxy::remove_hop_by_hop;
 use teeway_wire::MirroredRequest;
@@ -92,6 +92,17 @@ impl Bucket {
     }
 }
 
+/// Why a [`Target`] could not be built from its (validated) configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// The URL's host and port do not form a URI authority.
+    #[error("target `{0}`: cannot be used as a URI authority: {1}")]
+    Authority(String, http::uri::InvalidUri),
+    /// `tls.server_name` is not a name a certificate can carry.
+    #[error("target `{0}`: tls.server_name: {1}")]
+    ServerName(String, std::io::Error),
+}
+
 /// Why [`Target::admit`] turned a record away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -105,17 +116,28 @@ pub enum Refusal {
 
 impl Target {
     /// A target with its own pools, limit and bucket.
-    pub fn new(spec: TargetSpec, resolver: Resolver) -> Result<Self, http::uri::InvalidUri> {
+    pub fn new(spec: TargetSpec, resolver: Resolver) -> Result<Self, TargetError> {
         let target = &spec.target.target;
-        let authority: Authority = target.url.trim_start_matches("http://").parse()?;
+        let authority: Authority = target
+            .authority()
+            .parse()
+            .map_err(|e| TargetError::Authority(target.url.clone(), e))?;
+        let tls = match &spec.target.tls {
+            Some(tls) => Some(
+                TlsSetup::new(tls.configs.clone(), &tls.server_name)
+                    .map_err(|e| TargetError::ServerName(target.url.clone(), e))?,
+            ),
+            None => None,
+        };
         let connector =
-            UpstreamConnector::new(&target.host, target.port, resolver, CONNECT_TIMEOUT);
+            UpstreamConnector::new(&target.host, target.port, resolver, CONNECT_TIMEOUT)
+                .with_tls(tls);
         let client = |http2_only: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(POOL_IDLE)
                 .http2_only(http2_only)
-                .build(connector.clone())
+                .build(connector.for_version(http2_only))
         };
         let percentage = spec.target.percentage;
         Ok(Self {
@@ -322,7 +344,11 @@ impl Target {
             self.authority.clone()
         };
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(if self.spec.target.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        });
         parts.authority = Some(authority);
         parts.path_and_query = Some(path);
         let mut request = Request::new(Full::new(record.body.clone()));
@@ -377,6 +403,7 @@ mod tests {
         let t = teeway_runtime::config::HttpTarget {
             host: "127.0.0.1".into(),
             port: 9100,
+            tls: false,
             url: "http://127.0.0.1:9100".into(),
         };
         TargetSpec {

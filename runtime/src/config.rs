@@ -542,31 +542,40 @@ pub fn upstream_protocol(value: &Value) -> Result<UpstreamProtocol, String> {
     }
 }
 
-/// An `http://host:port` URL with no path, query or credentials.
+/// An `http://host:port` or `https://host:port` URL with no path, query or credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpTarget {
     /// Host name or IP address (without brackets).
     pub host: String,
-    /// Port (80 when not written).
+    /// Port (80 for http, 443 for https when not written).
     pub port: u16,
+    /// `https://`: connections are TLS, verified against the target's trust (see [`tls_block`]).
+    pub tls: bool,
     /// The URL as written, normalised (no trailing slash).
     pub url: String,
 }
 
-/// An `http://host[:port]` URL.
+impl HttpTarget {
+    /// `host:port` as it goes in a URI authority (IPv6 in brackets).
+    pub fn authority(&self) -> &str {
+        self.url
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+    }
+}
+
+/// An `http://host[:port]` or `https://host[:port]` URL.
 pub fn http_target(value: &Value) -> Result<HttpTarget, String> {
     let s = string(value)?;
     let s = s.trim();
     let uri: http::Uri = s
         .parse()
-        .map_err(|_| "is not a URL (expected http://host:port)".to_string())?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err("https targets are not supported yet; use http://".into());
-        }
-        _ => return Err("must start with http://".into()),
-    }
+        .map_err(|_| "is not a URL (expected http://host:port or https://host:port)".to_string())?;
+    let (tls, default_port) = match uri.scheme_str() {
+        Some("http") => (false, 80),
+        Some("https") => (true, 443),
+        _ => return Err("must start with http:// or https://".into()),
+    };
     let authority = uri.authority().ok_or("has no host")?;
     if authority.as_str().contains('@') {
         return Err("must not carry credentials".into());
@@ -584,12 +593,123 @@ pub fn http_target(value: &Value) -> Result<HttpTarget, String> {
     if !valid_host(host) {
         return Err(format!("has an invalid host `{host}`"));
     }
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority.port_u16().unwrap_or(default_port);
+    let scheme = if tls { "https" } else { "http" };
     Ok(HttpTarget {
         host: host.to_owned(),
         port,
-        url: format!("http://{authority}"),
+        tls,
+        url: format!("{scheme}://{authority}"),
     })
+}
+
+/// How an `https://` upstream is verified: `{ ca, server_name }`, both optional.
+#[derive(Debug, Clone)]
+pub struct UpstreamTlsConfig {
+    /// Which CAs the upstream's certificate must chain to.
+    pub trust: teeway_wire::tls::UpstreamTrust,
+    /// The name its certificate must carry (SNI too); default: the URL's host.
+    pub server_name: String,
+    /// The client configurations built from them at load time.
+    pub configs: teeway_wire::tls::UpstreamTls,
+    /// The bundle's bytes when loaded, so that a reload sees a changed bundle as a change.
+    bundle: Vec<u8>,
+}
+
+impl PartialEq for UpstreamTlsConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.trust == other.trust
+            && self.server_name == other.server_name
+            && self.bundle == other.bundle
+    }
+}
+
+/// Reads the TLS block `key` (`{ ca: file, server_name: name }`) of an upstream whose URL is
+/// `target`. Absent: an `https://` target trusts the system's CAs and its own host name; `None`
+/// for `http://` targets. The block on an `http://` target is a problem (it would be ignored).
+/// The trust is loaded here, so a bad bundle is reported before anything is bound.
+pub fn tls_block(
+    parent: &mut Section<'_>,
+    p: &mut Problems,
+    key: &'static str,
+    base: &Path,
+    target: Option<&HttpTarget>,
+) -> Option<UpstreamTlsConfig> {
+    let problems_before = p.len();
+    let mut t = parent.section(p, key);
+    let present = t.is_present();
+    let ca = t.optional(
+        p,
+        "ca",
+        "give a PEM file of the CA certificates the upstream's certificate chains to",
+        readable_file(base),
+    );
+    let server_name = t.optional(
+        p,
+        "server_name",
+        "give the DNS name (or IP) the upstream's certificate carries",
+        |v| {
+            let name = nonempty_string(v)?;
+            rustls_pki_types::ServerName::try_from(name.clone())
+                .map_err(|_| "is not a DNS name or IP address".to_string())?;
+            Ok(name)
+        },
+    );
+    let block_path = t.path().to_owned();
+    let ca_path = t.path_of("ca");
+    t.finish(p);
+    let target = target?;
+    if p.len() > problems_before {
+        return None;
+    }
+    if !target.tls {
+        if present {
+            p.push(
+                block_path,
+                None,
+                format!("is set but the URL `{}` is not https", target.url),
+                "write the URL as https://host:port, or remove this block",
+            );
+        }
+        return None;
+    }
+    let at = if ca.is_some() { ca_path } else { block_path };
+    upstream_tls_config(p, &at, target, ca, server_name)
+}
+
+/// Loads the trust for the `https://` `target`: the bundle `ca` (else the system's CAs) and the
+/// name `server_name` (else the URL's host). A problem at `path` when the trust cannot be loaded.
+pub fn upstream_tls_config(
+    p: &mut Problems,
+    path: &str,
+    target: &HttpTarget,
+    ca: Option<PathBuf>,
+    server_name: Option<String>,
+) -> Option<UpstreamTlsConfig> {
+    let bundle = ca
+        .as_deref()
+        .and_then(|path| std::fs::read(path).ok())
+        .unwrap_or_default();
+    let fix = if ca.is_some() {
+        "give a PEM bundle of CA certificates"
+    } else {
+        "name a CA bundle with `ca:` in the URL's tls block, or install the system's CA certificates"
+    };
+    let trust = ca.map_or(teeway_wire::tls::UpstreamTrust::System, |path| {
+        teeway_wire::tls::UpstreamTrust::Bundle(path)
+    });
+    match teeway_wire::tls::upstream_tls(&trust) {
+        Ok(configs) => Some(UpstreamTlsConfig {
+            trust,
+            server_name: server_name.unwrap_or_else(|| target.host.clone()),
+            configs,
+            bundle,
+        }),
+        Err(e) => {
+            p.push(path, None, e.to_string(), fix);
+            None
+        }
+    }
 }
 
 /// A path to a readable file, relative paths taken from `base` (the config file's folder).
@@ -680,7 +800,14 @@ mod tests {
             (t.host.as_str(), t.port, t.url.as_str()),
             ("svc.ns", 80, "http://svc.ns")
         );
+        let t = http_target(&Value::from("https://[::1]/")).expect("ok");
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls, t.authority()),
+            ("::1", 443, true, "[::1]")
+        );
+        assert!(!http_target(&Value::from("http://x")).expect("ok").tls);
         assert!(http_target(&Value::from("ftp://x")).is_err());
+        assert!(http_target(&Value::from("https://x/path")).is_err());
         assert!(http_target(&Value::from("http://x/path")).is_err());
         assert!(http_target(&Value::from("127.0.0.1:80")).is_err());
     }

@@ -7,6 +7,11 @@
 //! while pooled connections are reused (hickory caches answers for their TTL). New connections
 //! start at successive addresses of the answer, so every replica behind a name gets its share;
 //! an address that refuses is skipped for the next.
+//!
+//! For `https://` upstreams the connector also runs the TLS handshake (tokio-rustls, ring),
+//! verifying the upstream's certificate against the configured trust and name; ALPN offers only
+//! the HTTP version the client on top will speak ([`UpstreamConnector::for_version`]), so an
+//! HTTP/2-only pool never lands on a connection that negotiated HTTP/1.1.
 
 use std::future::Future;
 use std::io;
@@ -17,10 +22,125 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use teeway_wire::tls::UpstreamTls;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use crate::dns::Resolver;
+
+/// TLS to an `https://` upstream: the client configurations and the name to verify.
+#[derive(Clone, Debug)]
+pub struct TlsSetup {
+    /// One client configuration per HTTP version (ALPN).
+    pub configs: UpstreamTls,
+    /// The name the upstream's certificate must carry, also sent as SNI (unless an IP).
+    pub server_name: ServerName<'static>,
+}
+
+impl TlsSetup {
+    /// `configs` verifying `server_name`; an error when the name is neither a DNS name nor an IP.
+    pub fn new(configs: UpstreamTls, server_name: &str) -> io::Result<Self> {
+        let server_name = ServerName::try_from(server_name.to_owned()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("`{server_name}` is not a DNS name or IP address"),
+            )
+        })?;
+        Ok(Self {
+            configs,
+            server_name,
+        })
+    }
+}
+
+/// A connection to an upstream: plain TCP, or TLS over it.
+#[derive(Debug)]
+pub enum UpstreamStream {
+    /// `http://`.
+    Plain(TcpStream),
+    /// `https://`, handshake done.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamStream::Plain(tcp) => tcp.connected(),
+            UpstreamStream::Tls(tls) => {
+                let (tcp, session) = tls.get_ref();
+                let connected = tcp.connected();
+                if session.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Dials `host:port`, trying each resolved address in turn.
 #[derive(Clone, Debug)]
@@ -31,6 +151,10 @@ pub struct UpstreamConnector {
     connect_timeout: Duration,
     /// Which address of the answer the next connection starts with.
     next: Arc<AtomicUsize>,
+    /// `https://` upstreams.
+    tls: Option<Arc<TlsSetup>>,
+    /// Offer `h2` (not `http/1.1`) in ALPN.
+    http2: bool,
 }
 
 impl UpstreamConnector {
@@ -42,10 +166,63 @@ impl UpstreamConnector {
             resolver,
             connect_timeout,
             next: Arc::new(AtomicUsize::new(0)),
+            tls: None,
+            http2: false,
         }
     }
 
-    async fn connect(self) -> io::Result<TokioIo<TcpStream>> {
+    /// Connections run a TLS handshake per `tls` after connecting.
+    pub fn with_tls(mut self, tls: Option<TlsSetup>) -> Self {
+        self.tls = tls.map(Arc::new);
+        self
+    }
+
+    /// Whether connections are TLS (the request URI's scheme is then `https`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The same connector (sharing its address rotation) for a client that speaks HTTP/2
+    /// (`http2`) or HTTP/1.1: with TLS, ALPN offers that version only.
+    pub fn for_version(&self, http2: bool) -> Self {
+        Self {
+            http2,
+            ..self.clone()
+        }
+    }
+
+    async fn connect(self) -> io::Result<TokioIo<UpstreamStream>> {
+        let tcp = self.connect_tcp().await?;
+        let Some(tls) = &self.tls else {
+            return Ok(TokioIo::new(UpstreamStream::Plain(tcp)));
+        };
+        let config = if self.http2 {
+            tls.configs.http2.clone()
+        } else {
+            tls.configs.http1.clone()
+        };
+        let handshake = TlsConnector::from(config).connect(tls.server_name.clone(), tcp);
+        let stream = tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{}:{}: TLS handshake timed out after {:?}",
+                        self.host, self.port, self.connect_timeout
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("{}:{}: TLS handshake: {e}", self.host, self.port),
+                )
+            })?;
+        Ok(TokioIo::new(UpstreamStream::Tls(Box::new(stream))))
+    }
+
+    async fn connect_tcp(&self) -> io::Result<TcpStream> {
         let addrs = self
             .resolver
             .lookup(&self.host, self.port)
@@ -57,7 +234,7 @@ impl UpstreamConnector {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     stream.set_nodelay(true)?;
-                    return Ok(TokioIo::new(stream));
+                    return Ok(stream);
                 }
                 Ok(Err(e)) => last_error = Some(io::Error::new(e.kind(), format!("{addr}: {e}"))),
                 Err(_) => {
@@ -73,7 +250,7 @@ impl UpstreamConnector {
 }
 
 impl tower_service::Service<Uri> for UpstreamConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<UpstreamStream>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 

@@ -208,6 +208,76 @@ pub fn client_config(material: &TlsMaterial) -> Result<rustls::ClientConfig, Tls
     Ok(config)
 }
 
+/// Which certificates an `https://` upstream (a primary or a gateway target) must chain to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTrust {
+    /// The operating system's CA store (`/etc/ssl/certs` and the like, via rustls-native-certs).
+    System,
+    /// Only the CA certificates in this PEM bundle (a cluster-internal CA, say).
+    Bundle(PathBuf),
+}
+
+/// Client configurations for TLS to one upstream, one per HTTP version so that ALPN offers what
+/// the connection will speak: `http1` offers `http/1.1`, `http2` offers `h2`. TLS 1.2 and 1.3,
+/// no client certificate.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// For connections that speak HTTP/1.1.
+    pub http1: Arc<rustls::ClientConfig>,
+    /// For connections that speak HTTP/2.
+    pub http2: Arc<rustls::ClientConfig>,
+}
+
+/// Builds [`UpstreamTls`] trusting `trust`. A bundle must hold at least one usable CA; the system
+/// store must hold at least one certificate rustls accepts (the error says to name a bundle).
+pub fn upstream_tls(trust: &UpstreamTrust) -> Result<UpstreamTls, TlsError> {
+    let mut roots = RootCertStore::empty();
+    match trust {
+        UpstreamTrust::Bundle(path) => {
+            for cert in load_certs(path)? {
+                roots.add(cert).map_err(|source| TlsError::Rustls {
+                    context: "a CA certificate in the bundle is not usable",
+                    source,
+                })?;
+            }
+        }
+        UpstreamTrust::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let detail = match found.errors.first() {
+                    Some(e) => format!("none usable ({e}); name a CA bundle with `ca:`"),
+                    None => {
+                        "none found; install ca-certificates or name a CA bundle with `ca:`".into()
+                    }
+                };
+                return Err(TlsError::Pem {
+                    path: PathBuf::from("the system CA store"),
+                    what: "CA certificate",
+                    detail,
+                });
+            }
+        }
+    }
+    let roots = Arc::new(roots);
+    let build = |alpn: &[u8]| -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|source| TlsError::Rustls {
+                context: "cannot enable TLS",
+                source,
+            })?
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(Arc::new(config))
+    };
+    Ok(UpstreamTls {
+        http1: build(b"http/1.1")?,
+        http2: build(b"h2")?,
+    })
+}
+
 /// The agent identity in a certificate: its first DNS subject alternative name, else its common
 /// name. `None` when the certificate does not parse or names nothing.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
