@@ -56,7 +56,7 @@ pub fn check_file(path: &Path) -> Result<String, ConfigError> {
                 .map_or("off".to_owned(), |a| a.dir.display().to_string());
             format!(
                 "agent config: cluster {}, listen {}, primary {}, gateway {gateway}, archive {archive}, mirroring {}%",
-                c.cluster, c.listen, c.primary.url, c.mirror.policy.percentage
+                c.cluster, c.listen, c.primary.as_ref().map_or("none (sink: takes an ingress's mirror feed)", |p| p.url.as_str()), c.mirror.policy.percentage
             )
         }),
         Some(Kind::Gateway) => GatewayConfig::from_file(path).map(|c| {

@@ -105,9 +105,10 @@ pub fn agent_config(
         cluster: "demo-prod".into(),
         listen: ([127, 0, 0, 1], 0).into(),
         listen_tls: None,
-        primary: loopback_target(primary),
+        primary: Some(loopback_target(primary)),
         primary_protocol: UpstreamProtocol::Auto,
         primary_tls: None,
+        sink: None,
         mirror: MirrorConfig::simple(percentage),
         gateway: Some(UplinkTarget {
             host: gateway.ip().to_string(),

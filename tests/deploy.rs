@@ -26,12 +26,14 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The oldest Kubernetes minor the manifests are written for.
 const KUBERNETES_VERSION: &str = "1.30.0";
 /// Custom resources the manifests use; the Kubernetes schemas do not describe them.
-const CUSTOM_KINDS: [(&str, &str); 5] = [
+const CUSTOM_KINDS: [(&str, &str); 7] = [
     ("cert-manager.io/v1", "Issuer"),
     ("cert-manager.io/v1", "Certificate"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("networking.istio.io/v1", "VirtualService"),
+    ("networking.istio.io/v1", "ServiceEntry"),
 ];
 
 fn k8s_dir() -> PathBuf {
@@ -124,10 +126,7 @@ fn layout() -> Layout {
 }
 
 fn tool_missing(tool: &str, why: &str) {
-    if std::env::var_os("TEEWAY_REQUIRE_TOOLS").is_some() {
-        panic!("{tool} is required (TEEWAY_REQUIRE_TOOLS is set) but not found: {why}");
-    }
-    eprintln!("SKIPPED: {tool} not found ({why}); `pip install kubernetes-validate` to run this");
+    support::tool_missing(tool, why, "`pip install kubernetes-validate`");
 }
 
 #[test]
@@ -372,4 +371,57 @@ async fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
     );
     println!("{} metrics queried, all exported", queried.len());
     stack.stop().await;
+}
+
+/// The feed examples point at the sink the sink example runs: same port, same host, and the
+/// Istio resources are kinds the mesh knows, with a spec. (Neither Istio nor Envoy can be
+/// installed here; tests/sink.rs speaks their feed to a real sink, and runs the nginx one.)
+#[test]
+fn feed_examples_point_at_the_sink() {
+    let examples = Path::new(ROOT).join("deploy/examples");
+    let sink =
+        yaml::parse(&std::fs::read_to_string(examples.join("agent-sink.yaml")).expect("read"))
+            .expect("yaml");
+    let listen = sink.get("listen").and_then(Value::as_str).expect("listen");
+    assert!(sink.get("sink").is_some(), "agent-sink.yaml is a sink");
+    let port: u64 = listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+
+    let istio = load(&examples.join("feeds/istio-mirror.yaml"));
+    assert_eq!(istio.len(), 2, "a ServiceEntry and a VirtualService");
+    for doc in &istio {
+        let api = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+        assert!(CUSTOM_KINDS.contains(&(api, kind)), "{api} {kind}");
+        assert!(doc.get("spec").is_some(), "{kind} has a spec");
+    }
+    let entry = &istio[0]["spec"];
+    let mirror = &istio[1]["spec"]["http"][0]["mirror"];
+    assert_eq!(
+        mirror["host"], entry["hosts"][0],
+        "the mirror goes to the ServiceEntry's host"
+    );
+    assert_eq!(mirror["port"]["number"].as_u64(), Some(port));
+    assert_eq!(entry["ports"][0]["number"].as_u64(), Some(port));
+
+    let envoy = load(&examples.join("feeds/envoy-mirror.yaml"));
+    let clusters = envoy[0]["static_resources"]["clusters"]
+        .as_sequence()
+        .expect("clusters");
+    let sink_cluster = clusters
+        .iter()
+        .find(|c| c["name"] == "teeway_sink")
+        .expect("the teeway_sink cluster");
+    let address = &sink_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ["address"]["socket_address"];
+    assert_eq!(address["port_value"].as_u64(), Some(port));
+    let route = &envoy[0]["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]["route"];
+    assert_eq!(
+        route["request_mirror_policies"][0]["cluster"],
+        "teeway_sink"
+    );
 }

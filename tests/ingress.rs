@@ -200,7 +200,7 @@ fn trailer<'a>(answer: &'a Answer, name: &str) -> &'a str {
 async fn grpc_calls_reach_primary_and_shadow_intact_with_trailers() {
     let (primary, _primary_task) = start_grpc_primary().await;
     let stack = Stack::start_with(100.0, |c| {
-        c.primary = teeway::stack::loopback_target(primary);
+        c.primary = Some(teeway::stack::loopback_target(primary));
         // Small enough for one client stream below to go over it.
         c.mirror.policy.max_body_bytes = 64 * 1024;
     })
@@ -333,7 +333,7 @@ async fn start_upgrading_primary() -> (SocketAddr, tokio::sync::oneshot::Receive
 async fn websocket_upgrades_pass_through_and_are_counted_not_mirrorable() {
     let (primary, head_rx) = start_upgrading_primary().await;
     let stack = Stack::start_with(100.0, |c| {
-        c.primary = teeway::stack::loopback_target(primary);
+        c.primary = Some(teeway::stack::loopback_target(primary));
     })
     .await;
 
@@ -455,7 +455,7 @@ async fn listen_tls_terminates_tls_and_alpn_picks_the_version() {
 
     let (primary, _primary_task) = start_grpc_primary().await;
     let stack = Stack::start_with(100.0, |c| {
-        c.primary = teeway::stack::loopback_target(primary);
+        c.primary = Some(teeway::stack::loopback_target(primary));
         c.listen_tls = Some(teeway_agent::config::ListenTls {
             config: std::sync::Arc::new(
                 teeway_wire::tls::https_server_config(&cert, &key).expect("server config"),
@@ -642,7 +642,7 @@ async fn https_primary_and_https_target_are_verified_against_their_ca_bundle() {
         },
         |c| {
             let (target, tls) = upstream_tls(&format!("https://{primary_front}"), &ca, None);
-            c.primary = target;
+            c.primary = Some(target);
             c.primary_tls = Some(tls);
         },
     )
@@ -749,7 +749,7 @@ async fn an_https_upstream_outside_the_ca_bundle_is_refused() {
 
     let stack = Stack::start_with(100.0, |c| {
         let (target, tls) = upstream_tls(&format!("https://{front}"), &other, Some("localhost"));
-        c.primary = target;
+        c.primary = Some(target);
         c.primary_tls = Some(tls);
     })
     .await;

@@ -42,12 +42,14 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// TLS on `listen`, terminated by the agent; `None`: plain HTTP (h2c included).
     pub listen_tls: Option<ListenTls>,
-    /// The real service.
-    pub primary: HttpTarget,
+    /// The real service; `None` in sink mode.
+    pub primary: Option<HttpTarget>,
     /// HTTP version spoken to the primary.
     pub primary_protocol: UpstreamProtocol,
     /// How an `https://` primary is verified (`primary_tls:`); `None` for `http://`.
     pub primary_tls: Option<UpstreamTlsConfig>,
+    /// Sink mode: `listen` takes the copies an ingress mirrors, instead of proxying to a primary.
+    pub sink: Option<SinkConfig>,
     /// What is copied and how much is held.
     pub mirror: MirrorConfig,
     /// Where copies go over the network, if anywhere.
@@ -115,6 +117,17 @@ pub struct ListenTls {
     pub config: Arc<rustls::ServerConfig>,
 }
 
+/// `sink:`: what is done to the mirror feeds taken on `listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    /// Removed from the end of the host of each copy (Envoy and Istio append `-shadow`); empty:
+    /// the Host is kept as received.
+    pub strip_host_suffix: String,
+}
+
+/// The suffix Envoy (and Istio) append to the Host of what they mirror.
+pub const DEFAULT_STRIP_HOST_SUFFIX: &str = "-shadow";
+
 /// `admin:`.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
@@ -144,12 +157,31 @@ impl AgentConfig {
             cfg::socket_addr,
         );
         let listen_tls = listen_tls_block(&mut root, &mut p, base_dir);
-        let primary = root.required(
-            &mut p,
-            "primary",
-            "give the real service's URL, for example `primary: http://127.0.0.1:9000`",
-            cfg::http_target,
-        );
+        let sink = sink_block(&mut root, &mut p);
+        let primary = if sink.is_some() {
+            let primary = root.optional(
+                &mut p,
+                "primary",
+                "remove `primary:` (and primary_protocol, primary_tls), or remove `sink:`",
+                cfg::http_target,
+            );
+            if primary.is_some() {
+                p.push(
+                    "primary",
+                    None,
+                    "cannot be used with `sink:` (a sink answers the mirror feed itself)",
+                    "remove `primary:` for a sink, or remove `sink:` to proxy to the primary",
+                );
+            }
+            None
+        } else {
+            root.required(
+                &mut p,
+                "primary",
+                "give the real service's URL, for example `primary: http://127.0.0.1:9000`, or add `sink: {}` to take an ingress's mirror feed instead",
+                cfg::http_target,
+            )
+        };
         let primary_tls =
             cfg::tls_block(&mut root, &mut p, "primary_tls", base_dir, primary.as_ref());
 
@@ -287,14 +319,15 @@ impl AgentConfig {
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
         root.finish(&mut p);
 
-        let assembled = match (cluster, listen, primary) {
-            (Some(cluster), Some(listen), Some(primary)) => Some(AgentConfig {
+        let assembled = match (cluster, listen, primary.is_some() || sink.is_some()) {
+            (Some(cluster), Some(listen), true) => Some(AgentConfig {
                 cluster,
                 listen,
                 listen_tls,
                 primary,
                 primary_protocol,
                 primary_tls,
+                sink,
                 mirror: MirrorConfig {
                     queue,
                     queue_bytes,
@@ -333,7 +366,11 @@ impl AgentConfig {
             self.listen_tls.as_ref().map(|t| (&t.cert, &t.key))
                 == old.listen_tls.as_ref().map(|t| (&t.cert, &t.key)),
         );
-        check("primary", self.primary.url == old.primary.url);
+        check(
+            "primary",
+            self.primary.as_ref().map(|p| &p.url) == old.primary.as_ref().map(|p| &p.url),
+        );
+        check("sink", self.sink == old.sink);
         check(
             "primary_protocol",
             self.primary_protocol == old.primary_protocol,
@@ -504,6 +541,38 @@ fn listen_tls_block(
     }
 }
 
+/// `sink:`; `None` when absent. `sink: {}` (or `sink: true`) takes the defaults.
+fn sink_block(root: &mut Section<'_>, p: &mut Problems) -> Option<SinkConfig> {
+    match root.get("sink") {
+        None
+        | Some(teeway_runtime::yaml::Value::Null)
+        | Some(teeway_runtime::yaml::Value::Bool(false)) => return None,
+        Some(teeway_runtime::yaml::Value::Bool(true)) => {
+            return Some(SinkConfig {
+                strip_host_suffix: DEFAULT_STRIP_HOST_SUFFIX.into(),
+            })
+        }
+        Some(_) => {}
+    }
+    let mut s = root.section(p, "sink");
+    let strip_host_suffix = s
+        .optional(
+            p,
+            "strip_host_suffix",
+            "give the text your ingress appends to the Host of mirrored requests (Envoy and Istio: -shadow), or \"\" to keep Hosts as received",
+            |v| {
+                let suffix = cfg::string(v)?;
+                if suffix.contains(':') || suffix.chars().any(char::is_whitespace) {
+                    return Err("may not hold `:` or spaces".into());
+                }
+                Ok(suffix)
+            },
+        )
+        .unwrap_or_else(|| DEFAULT_STRIP_HOST_SUFFIX.into());
+    s.finish(p);
+    Some(SinkConfig { strip_host_suffix })
+}
+
 /// `gateway.spool`; `None` when absent or invalid (the problems recorded).
 fn spool_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Option<SpoolConfig> {
     let mut s = g.section(p, "spool");
@@ -647,7 +716,7 @@ colour: blue
             &dir,
         )
         .expect("valid");
-        assert!(c.primary.tls);
+        assert!(c.primary.as_ref().expect("primary").tls);
         let tls = c.primary_tls.as_ref().expect("primary_tls");
         assert_eq!(tls.server_name, "127.0.0.1");
         assert_eq!(
@@ -655,8 +724,9 @@ colour: blue
             teeway_wire::tls::UpstreamTrust::Bundle(dir.join("ca.pem"))
         );
         let c = AgentConfig::from_yaml(&with("https://[::1]"), &dir).expect("valid");
-        assert_eq!(c.primary.port, 443);
-        assert_eq!(c.primary.url, "https://[::1]");
+        let primary = c.primary.expect("primary");
+        assert_eq!(primary.port, 443);
+        assert_eq!(primary.url, "https://[::1]");
 
         let err = AgentConfig::from_yaml(
             &with("https://api.internal\nprimary_tls: { ca: missing.pem, server_name: \"a b\" }"),
@@ -670,6 +740,49 @@ colour: blue
             "{text}"
         );
         assert_eq!(err.problems.len(), 2, "{text}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn sink_mode_replaces_the_primary() {
+        let dir = temp_dir("sink");
+        write_certs(&dir);
+        let without_primary = VALID.replace("primary: http://127.0.0.1:9000\n", "");
+        let c =
+            AgentConfig::from_yaml(&format!("{without_primary}sink: {{}}\n"), &dir).expect("valid");
+        assert!(c.primary.is_none());
+        assert_eq!(
+            c.sink,
+            Some(SinkConfig {
+                strip_host_suffix: "-shadow".into()
+            })
+        );
+        let c = AgentConfig::from_yaml(
+            &format!("{without_primary}sink: {{ strip_host_suffix: \"\" }}\n"),
+            &dir,
+        )
+        .expect("valid");
+        assert_eq!(c.sink.expect("sink").strip_host_suffix, "");
+
+        let err = AgentConfig::from_yaml(&format!("{VALID}sink: {{}}\n"), &dir).expect_err("both");
+        let text = err.to_string();
+        assert!(
+            text.contains("primary: cannot be used with `sink:`"),
+            "{text}"
+        );
+        let err = AgentConfig::from_yaml(
+            &format!("{without_primary}sink: {{ strip_host_suffix: \"a b\", extra: 1 }}\n"),
+            &dir,
+        )
+        .expect_err("bad sink");
+        let text = err.to_string();
+        assert!(
+            text.contains("sink.strip_host_suffix: may not hold"),
+            "{text}"
+        );
+        assert!(text.contains("sink.extra: unknown key"), "{text}");
+        let err = AgentConfig::from_yaml(&without_primary, &dir).expect_err("neither");
+        assert!(err.to_string().contains("or add `sink: {}`"), "{err}");
         std::fs::remove_dir_all(dir).ok();
     }
 

@@ -15,6 +15,9 @@ pub enum AgentError {
     /// The primary's address could not be used as a URI authority.
     #[error("primary address `{0}` cannot be used as a URI authority")]
     PrimaryAuthority(String),
+    /// Neither a primary nor a sink is configured (the config loader refuses this).
+    #[error("nothing to serve on listen: set `primary:` or `sink:`")]
+    NoFront,
     /// `primary_tls.server_name` is not a name a certificate can carry (checked at load too).
     #[error("primary_tls.server_name: {0}")]
     PrimaryServerName(std::io::Error),

@@ -51,6 +51,7 @@ pub mod link;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod sink;
 pub mod spool;
 pub mod tee;
 pub mod uplink;
@@ -63,7 +64,8 @@ use teeway_archive::{Archive, ArchiveDrop, Outcome, Record};
 use crate::link::ClientConfigs;
 use crate::metrics::{Accounting, DropReason};
 use crate::policy::MirrorPolicy;
-use crate::proxy::Proxy;
+use crate::proxy::{Front, Proxy};
+use crate::sink::Sink;
 use crate::spool::{Spool, SpoolMetrics};
 use crate::tee::{Queued, Tee};
 use crate::uplink::{Uplink, UplinkState};
@@ -286,27 +288,34 @@ impl Agent {
                 .map(|_| self.uplink_state.clone()),
             archive.clone().filter(|_| uplink.is_some()),
         ));
-        let authority = authority(&config.primary.host, config.primary.port)?;
-        let connector = UpstreamConnector::new(
-            &config.primary.host,
-            config.primary.port,
-            resolver,
-            PRIMARY_CONNECT_TIMEOUT,
-        )
-        .with_tls(match &config.primary_tls {
-            Some(tls) => Some(
-                TlsSetup::new(tls.configs.clone(), &tls.server_name)
-                    .map_err(AgentError::PrimaryServerName)?,
-            ),
-            None => None,
-        });
-        let proxy = Arc::new(Proxy::new(
-            tee,
-            connector,
-            authority,
-            config.primary_protocol,
-            self.accounting.clone(),
-        ));
+        let front = match (&config.primary, &config.sink) {
+            (Some(primary), _) => {
+                let authority = authority(&primary.host, primary.port)?;
+                let connector = UpstreamConnector::new(
+                    &primary.host,
+                    primary.port,
+                    resolver,
+                    PRIMARY_CONNECT_TIMEOUT,
+                )
+                .with_tls(match &config.primary_tls {
+                    Some(tls) => Some(
+                        TlsSetup::new(tls.configs.clone(), &tls.server_name)
+                            .map_err(AgentError::PrimaryServerName)?,
+                    ),
+                    None => None,
+                });
+                Front::Proxy(Box::new(Proxy::new(
+                    tee,
+                    connector,
+                    authority,
+                    config.primary_protocol,
+                    self.accounting.clone(),
+                )))
+            }
+            (None, Some(sink)) => Front::Sink(Sink::new(tee, &sink.strip_host_suffix)),
+            (None, None) => return Err(AgentError::NoFront),
+        };
+        let front = Arc::new(front);
 
         let admin_addr = admin::listen_addr(listeners.admin.as_ref());
         let drain = CancellationToken::new();
@@ -332,7 +341,7 @@ impl Agent {
         tracing::info!(
             listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             admin = %admin_addr,
-            primary = %config.primary.url,
+            primary = %config.primary.as_ref().map_or("none (sink)", |p| p.url.as_str()),
             gateway = %config.gateway.as_ref().map_or("none".into(), |g| format!("{}:{}", g.host, g.port)),
             archive = %config.archive.as_ref().map_or("off".into(), |a| a.dir.display().to_string()),
             percentage = config.mirror.policy.percentage,
@@ -341,7 +350,7 @@ impl Agent {
         );
 
         let tls = config.listen_tls.as_ref().map(|t| t.config.clone());
-        proxy::serve(listeners.proxy, proxy, tls, shutdown, config.shutdown_grace).await;
+        proxy::serve(listeners.proxy, front, tls, shutdown, config.shutdown_grace).await;
         drain.cancel();
         if let Err(e) = consumer.await {
             tracing::error!(error = %e, "uplink task failed");

@@ -35,6 +35,7 @@ use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::proxy::{add_forwarding, remove_hop_by_hop};
 
 use crate::metrics::{Accounting, PRIMARY_ERRORS_TOTAL};
+use crate::sink::Sink;
 use crate::tee::{Tee, TeeBody};
 
 /// How long an idle pooled connection to the primary is kept.
@@ -279,6 +280,30 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// What answers on `listen`: the proxy to the primary, or the sink of an ingress's mirror feed.
+#[derive(Debug)]
+pub enum Front {
+    /// Production traffic, proxied to the primary and teed.
+    Proxy(Box<Proxy>),
+    /// Copies an ingress mirrors, answered at once and teed.
+    Sink(Sink),
+}
+
+impl Front {
+    /// Handles one request from `client` (`tls`: it came over `listen_tls`).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        tls: bool,
+    ) -> Response<ProxyBody> {
+        match self {
+            Front::Proxy(proxy) => proxy.handle(req, client, tls).await,
+            Front::Sink(sink) => sink.handle(req).await,
+        }
+    }
+}
+
 /// Time a client has to complete the TLS handshake on `listen_tls`.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -287,7 +312,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 or HTTP/1.1); a failed handshake closes that connection only.
 pub async fn serve(
     listener: TcpListener,
-    proxy: Arc<Proxy>,
+    proxy: Arc<Front>,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
     grace: Duration,

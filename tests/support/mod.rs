@@ -448,3 +448,47 @@ impl Load {
 pub async fn scrape(admin: SocketAddr) -> Snapshot {
     Snapshot::parse(&admin_get(admin, "/metrics").await.1)
 }
+
+/// A program the test needs: its path, from `PATH` or Debian's sbin directories.
+pub fn find_program(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(std::path::PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A program the test needs is missing: a failure under `TEEWAY_REQUIRE_TOOLS` (CI installs it
+/// and sets that), else a `SKIPPED` line saying why and how to get it (`.ci/run` repeats them).
+pub fn tool_missing(tool: &str, why: &str, install: &str) {
+    if std::env::var_os("TEEWAY_REQUIRE_TOOLS").is_some() {
+        panic!("{tool} is required (TEEWAY_REQUIRE_TOOLS is set) but not found: {why}");
+    }
+    eprintln!("SKIPPED: {tool} not found ({why}); {install} to run this");
+}
+
+/// A loopback port nobody listens on now, for a program that cannot be told to bind port 0
+/// (nginx, redis-server). Another process may take it before the program binds, so callers
+/// retry with a new port when the program reports the address in use.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits (at most [`LIMIT`]) until something accepts TCP connections on `addr`, or `child`
+/// exits; whether it listens.
+pub async fn wait_listening(addr: SocketAddr, child: &mut Child) -> bool {
+    let deadline = Instant::now() + LIMIT;
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
