@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import types
 import threading
 import time
 import urllib.request
@@ -45,6 +46,20 @@ def free_port(kind=socket.SOCK_STREAM):
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_udp_and_tcp_port():
+    """A port free for both UDP and TCP: the gateway serves QUIC and TLS on the same number (a
+    UDP-only pick once collided with a TCP socket and the gateway could not start)."""
+    for _ in range(50):
+        port = free_port(socket.SOCK_DGRAM)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no port free for both UDP and TCP")
 
 
 def wait_until(check, what, limit=WAIT_LIMIT):
@@ -152,7 +167,7 @@ def count_lines(path):
 class Shadow:
     """An nginx shadow that logs each request it receives, so both tools are counted alike."""
 
-    def __init__(self, work, delay_ms=0, status=200):
+    def __init__(self, work, delay_ms=0, status=200, http2=False):
         self.port = free_port()
         self.log = os.path.join(work, f"shadow-{self.port}.access")
         if delay_ms:
@@ -163,7 +178,7 @@ class Shadow:
             body = "return 200 'shadow ok\\n';"
         self.proc = nginx(work, f"shadow-{self.port}", f"""
   server {{
-    listen 127.0.0.1:{self.port} reuseport;
+    listen 127.0.0.1:{self.port} reuseport{" http2" if http2 else ""};
     access_log {self.log};
     location / {{ {body} }}
   }}""", echo=bool(delay_ms))
@@ -181,6 +196,24 @@ def primary(work):
     location / {{ return 200 'ok\\n'; }}
   }}""", workers=1)
     wait_until(lambda: port_open(port), "primary")
+    return port, proc
+
+
+def grpc_primary(work):
+    """An h2c server answering like a gRPC unary call: 200, application/grpc, grpc-status 0 in the
+    trailers. h2load checks only the status; the agent forwards trailers as they come."""
+    port = free_port()
+    proc = nginx(work, "grpc-primary", f"""
+  server {{
+    listen 127.0.0.1:{port} reuseport http2;
+    location / {{
+      default_type application/grpc;
+      add_trailer grpc-status 0;
+      add_trailer grpc-message "";
+      return 200 'ok';
+    }}
+  }}""", workers=1)
+    wait_until(lambda: port_open(port), "gRPC primary")
     return port, proc
 
 
@@ -215,12 +248,16 @@ def nginx_proxy(work, primary_port, shadow=None, workers=2):
     return port, proc
 
 
-def teeway_pair(work, primary_port, shadow, percentage, start_gateway=True, transport="auto"):
+def teeway_pair(work, primary_port, shadow, percentage, start_gateway=True, transport="auto", grpc=False,
+                sink=False):
+    """Gateway (unless told not to) and agent. `grpc`: HTTP/2 end to end (the agent speaks the
+    client's version to the primary, the gateway the copy's to the shadow). `sink`: the agent has
+    no primary and takes a mirror feed on its port."""
     certs = os.path.join(work, "certs")
     if not os.path.exists(os.path.join(certs, "ca.pem")):
         subprocess.run([TEEWAY, "certs", "init", "--dir", certs], check=True, capture_output=True)
     procs = []
-    gw_port = free_port(socket.SOCK_DGRAM)
+    gw_port = free_udp_and_tcp_port()
     gw_admin = None
     if start_gateway:
         gw_admin = free_port()
@@ -230,6 +267,7 @@ transports: [{"tls" if transport == "tls" else "quic, tls"}]
 tls: {{ ca: {certs}/ca.pem, cert: {certs}/gateway.pem, key: {certs}/gateway.key }}
 routes:
   - targets: [http://127.0.0.1:{shadow.port}]
+    protocol: {"auto" if grpc else "http1"}
 admin: {{ listen: 127.0.0.1:{gw_admin} }}
 """)
         procs.append(Proc("gateway", [TEEWAY, "gateway", "--config", "gateway.yaml"], work,
@@ -239,7 +277,8 @@ admin: {{ listen: 127.0.0.1:{gw_admin} }}
     with open(os.path.join(work, "agent.yaml"), "w") as f:
         f.write(f"""cluster: bench
 listen: 127.0.0.1:{port}
-primary: http://127.0.0.1:{primary_port}
+{"sink: {}" if sink else f"primary: http://127.0.0.1:{primary_port}"}
+primary_protocol: {"auto" if grpc else "http1"}
 mirror: {{ percentage: {percentage} }}
 gateway:
   address: 127.0.0.1:{gw_port}
@@ -256,6 +295,9 @@ admin: {{ listen: 127.0.0.1:{admin} }}
     if start_gateway and percentage > 0:
         wait_until(lambda: http_status(admin, "/readyz") == 200, "agent uplink")
     return port, (admin, gw_admin), procs
+
+
+GRPC_MESSAGE = b"\x00\x00\x00\x00\x40" + bytes(range(64))  # one uncompressed 64-byte message
 
 
 def http_status(port, path):
@@ -330,10 +372,17 @@ def run_wrk_killing_gateway(args, port, procs, work, gateway_admin):
     return result
 
 
-def run_h2load(port, duration, connections):
-    out = subprocess.run(["h2load", "-c", str(connections), "-m", "10", "-t", "1", "-D", str(duration),
-                          f"http://127.0.0.1:{port}/bench/item?id=42"],
-                         capture_output=True, text=True, timeout=duration + 60).stdout
+def run_h2load(port, duration, connections, grpc=False):
+    argv = ["h2load", "-c", str(connections), "-m", "10", "-t", "1", "-D", str(duration)]
+    url = f"http://127.0.0.1:{port}/bench/item?id=42"
+    if grpc:
+        # A unary call: POST of one length-prefixed message with gRPC's headers.
+        body = os.path.join(tempfile.gettempdir(), "teeway-bench-grpc.bin")
+        with open(body, "wb") as f:
+            f.write(GRPC_MESSAGE)
+        argv += ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        url = f"http://127.0.0.1:{port}/bench.Echo/Say"
+    out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=duration + 60).stdout
     rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
@@ -371,6 +420,8 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             load = run_wrk_killing_gateway(args, target_port, procs, work, gateway_admin)
             row["reconnect_s"] = load.pop("reconnect_s")
             gateway_admin = None  # the first gateway's counters died with it
+        elif driver == "grpc":
+            load = run_h2load(target_port, args.duration, args.connections, grpc=True)
         else:
             load = run_h2load(target_port, args.duration, args.connections)
         row.update(load)
@@ -390,6 +441,12 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             g = metrics(gateway_admin)
             row["gateway_replayed"] = int(sum(v for k, v in g.items() if k.startswith("teeway_gateway_replayed_total")))
             row["gateway_shed"] = int(sum(v for k, v in g.items() if k.startswith("teeway_gateway_replay_failed_total")))
+            reasons = []
+            for k, v in g.items():
+                m = re.search(r'replay_failed_total\{.*reason="([^"]+)"', k)
+                if m and v:
+                    reasons.append(m.group(1) + " " + str(int(v)))
+            row["gateway_reasons"] = ", ".join(reasons)
         per_k = []
         rss = []
         for p in procs:
@@ -486,6 +543,25 @@ def main():
         pport, pproc = primary(work)
         return pport, [pproc], None, None
 
+    def grpc_direct(work):
+        pport, pproc = grpc_primary(work)
+        return pport, [pproc], None, None
+
+    def grpc_teeway(work):
+        pport, pproc = grpc_primary(work)
+        shadow = Shadow(work, http2=True)
+        port, admins, procs = teeway_pair(work, pport, shadow, 100, grpc=True)
+        return port, procs + [pproc, shadow.proc], shadow, admins
+
+    def nginx_into_sink(work):
+        """nginx mirroring to a teeway sink, which forwards to the gateway and the shadow."""
+        pport, pproc = primary(work)
+        shadow = Shadow(work)
+        sink_port, admins, procs = teeway_pair(work, pport, shadow, 100, sink=True)
+        sink = types.SimpleNamespace(port=sink_port)
+        port, proxy = nginx_proxy(work, pport, sink)
+        return port, [proxy] + procs + [pproc, shadow.proc], shadow, admins
+
     def proxy_only(work):
         pport, pproc = primary(work)
         port, proxy = nginx_proxy(work, pport)
@@ -504,6 +580,9 @@ def main():
         ("9", "teeway 100% over TLS-over-TCP (transport: tls)", with_teeway(100, transport="tls"), "wrk"),
         ("10", "HTTP/2 clients (h2load) through teeway 100%", with_teeway(100), "h2load"),
         ("11", "teeway 100%, gateway SIGKILLed and restarted mid-run", with_teeway(100), "wrk+kill"),
+        ("12", "gRPC unary calls (h2load, h2c) direct to the primary", grpc_direct, "grpc"),
+        ("13", "gRPC unary calls through teeway 100% -> gateway -> h2c shadow", grpc_teeway, "grpc"),
+        ("14", "nginx mirror -> teeway sink -> gateway -> shadow", nginx_into_sink, "wrk"),
     ]
     info = versions()
     print(f"teeway benchmark: {info['machine']}; {args.duration}s per scenario, {args.connections} connections")
@@ -541,6 +620,8 @@ def write_results(args, info, rows):
             delivered += f" (agent: {r['agent_mirrored']} mirrored, {r['agent_dropped']} dropped of {r['agent_seen']}"
             if "gateway_replayed" in r:
                 delivered += f"; gateway: {r['gateway_replayed']} replayed, {r['gateway_shed']} failed or shed"
+                if r.get("gateway_reasons"):
+                    delivered += f": {r['gateway_reasons']}"
             delivered += ")"
         if "reconnect_s" in r:
             delivered += f"; uplink back {r['reconnect_s']:.2f} s after the gateway returned"
@@ -602,6 +683,13 @@ def targets(by):
         if n in by and "4" in by and by[n].get("p99_ms") and by["4"].get("p99_ms"):
             lines.append(f"- client p99 with a 200 ms shadow ({n}): {by[n]['p99_ms']:.2f} ms; with mirroring off (4):"
                          f" {by['4']['p99_ms']:.2f} ms")
+    r = ratio("13", "12")
+    if r is not None:
+        lines.append(f"- gRPC through teeway with every call mirrored (13) runs at {r * 100:.1f}% of direct calls (12)")
+    r = ratio("14", "3b")
+    if r is not None:
+        lines.append(f"- nginx mirroring into a teeway sink (14) runs at {r * 100:.1f}% of nginx mirroring to a"
+                     " 204 shadow (3b): the sink answers at once, whatever the gateway does")
     rss = [r["rss_agent_mib"] for r in by.values() if "rss_agent_mib" in r]
     if rss:
         check("agent peak RSS under 64 MiB in every scenario", max(rss) < 64, f"max {max(rss):.1f} MiB")
