@@ -649,22 +649,15 @@ async fn https_primary_and_https_target_are_verified_against_their_ca_bundle() {
     .await;
 
     // HTTP/1.1 from the client: HTTP/1.1 over TLS to the primary.
-    let tcp = tokio::net::TcpStream::connect(stack.agent.addr)
-        .await
-        .expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("h1 handshake");
-    tokio::spawn(conn);
-    let resp = sender
-        .send_request(support::post(
+    let mut client = support::KeepAlive::open(stack.agent.addr).await;
+    let (status, body) = client
+        .exchange(support::post(
             "/orders?id=7",
             Bytes::from_static(b"over https"),
         ))
         .await
-        .expect("response");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
+        .expect("an answer");
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(
         body,
         teeway::sample::primary_answer(&http::Method::POST, "/orders?id=7", b"over https")

@@ -21,14 +21,14 @@ use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Version};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use teeway::sample::{primary_answer, Recorded};
 use teeway_agent::config::SinkConfig;
 use teeway_agent::metrics as am;
 
-use support::{agent_settled, settle, Stack, LIMIT};
+use support::{agent_settled, settle, KeepAlive, Stack, LIMIT};
 
 /// A stack whose agent is a sink (no primary) with `max_body_bytes`.
 async fn sink_stack(max_body_bytes: u64) -> Stack {
@@ -40,30 +40,6 @@ async fn sink_stack(max_body_bytes: u64) -> Stack {
         c.mirror.policy.max_body_bytes = max_body_bytes;
     })
     .await
-}
-
-/// One HTTP/1.1 connection, kept alive; each answer with its status and body.
-struct Client {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-}
-
-impl Client {
-    async fn open(addr: SocketAddr) -> Self {
-        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
-        Self { sender }
-    }
-
-    async fn send(&mut self, req: Request<Full<Bytes>>) -> (StatusCode, Bytes) {
-        self.sender.ready().await.expect("connection open");
-        let resp = self.sender.send_request(req).await.expect("response");
-        let status = resp.status();
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
-        (status, body)
-    }
 }
 
 fn request(method: &Method, target: &str, host: &str, body: Bytes) -> Request<Full<Bytes>> {
@@ -224,11 +200,12 @@ async fn nginx_mirror_feeds_the_sink_with_bodies_and_hosts_intact() {
         };
         sent.push((method, target, host, body));
     }
-    let mut client = Client::open(nginx.addr).await;
+    let mut client = KeepAlive::open(nginx.addr).await;
     for (method, target, host, body) in &sent {
         let (status, answer) = client
-            .send(request(method, target, host, body.clone()))
-            .await;
+            .exchange(request(method, target, host, body.clone()))
+            .await
+            .expect("an answer");
         assert_eq!(status, StatusCode::OK, "{method} {target}");
         assert_eq!(
             answer,
@@ -264,13 +241,14 @@ async fn nginx_mirror_feeds_the_sink_with_bodies_and_hosts_intact() {
     // Over the agent's limit: the client is served, the copy counted, not silently lost.
     let huge: Bytes = vec![b'x'; 2 * LIMIT_BYTES as usize].into();
     let (status, answer) = client
-        .send(request(
+        .exchange(request(
             &Method::POST,
             "/upload",
             "api.example.com",
             huge.clone(),
         ))
-        .await;
+        .await
+        .expect("an answer");
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         answer,
@@ -307,20 +285,21 @@ async fn envoy_style_feeds_lose_the_shadow_suffix_and_are_answered_at_once() {
     let stack = sink_stack(1024 * 1024).await;
 
     // HTTP/1.1, as Envoy sends a mirror: Host with -shadow, before or after the port.
-    let mut client = Client::open(stack.agent.addr).await;
+    let mut client = KeepAlive::open(stack.agent.addr).await;
     for (host, target) in [
         ("orders.prod-shadow:8080", "/v1/orders?id=1"),
         ("orders.prod:8080-shadow", "/v1/orders?id=2"),
         ("plain.example.com", "/v1/orders?id=3"),
     ] {
         let (status, body) = client
-            .send(request(
+            .exchange(request(
                 &Method::POST,
                 target,
                 host,
                 Bytes::from_static(b"{}"),
             ))
-            .await;
+            .await
+            .expect("an answer");
         assert_eq!(status, StatusCode::NO_CONTENT, "{host}");
         assert!(body.is_empty());
     }

@@ -160,6 +160,14 @@ impl KeepAlive {
     }
 
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<StatusCode, String> {
+        self.exchange(req).await.map(|(status, _)| status)
+    }
+
+    /// Sends `req`; the answer's status and whole body.
+    pub async fn exchange(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Bytes), String> {
         self.sender.ready().await.map_err(|e| e.to_string())?;
         let resp = self
             .sender
@@ -167,11 +175,13 @@ impl KeepAlive {
             .await
             .map_err(|e| e.to_string())?;
         let status = resp.status();
-        resp.into_body()
+        let body = resp
+            .into_body()
             .collect()
             .await
-            .map_err(|e| e.to_string())?;
-        Ok(status)
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
     }
 }
 
