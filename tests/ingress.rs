@@ -664,14 +664,7 @@ async fn https_primary_and_https_target_are_verified_against_their_ca_bundle() {
             .as_bytes()
     );
     // HTTP/2 from the client (primary_protocol auto): HTTP/2 over TLS to the primary.
-    let tcp = tokio::net::TcpStream::connect(stack.agent.addr)
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut sender = support::h2c(stack.agent.addr).await;
     let req = Request::post("http://api.example.com/h2")
         .body(http_body_util::Full::new(Bytes::from_static(
             b"h2 over https",

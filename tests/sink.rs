@@ -22,7 +22,6 @@ use std::process::{Child, Command, Stdio};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use teeway::sample::{primary_answer, Recorded};
 use teeway_agent::config::SinkConfig;
@@ -305,14 +304,7 @@ async fn envoy_style_feeds_lose_the_shadow_suffix_and_are_answered_at_once() {
     }
 
     // HTTP/2 (gRPC through Istio): the suffix is on :authority.
-    let tcp = tokio::net::TcpStream::connect(stack.agent.addr)
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut sender = support::h2c(stack.agent.addr).await;
     let req = Request::post("http://grpc.internal-shadow:50051/echo.Echo/Say")
         .header("content-type", "application/grpc")
         .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))

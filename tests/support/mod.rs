@@ -502,3 +502,14 @@ pub async fn wait_listening(addr: SocketAddr, child: &mut Child) -> bool {
     }
     false
 }
+
+/// An HTTP/2 connection with prior knowledge (h2c) to `addr`, driven on its own task.
+pub async fn h2c(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    sender
+}
