@@ -23,7 +23,7 @@ pub fn detect(text: &str) -> Option<Kind> {
     let has = |k: &str| map.contains_key(k);
     match (
         has("primary") || has("mirror") || has("cluster"),
-        has("routes") || has("tls"),
+        has("routes") || has("tcp_routes") || has("tls"),
     ) {
         (true, false) => Some(Kind::Agent),
         (false, true) => Some(Kind::Gateway),
@@ -54,19 +54,46 @@ pub fn check_file(path: &Path) -> Result<String, ConfigError> {
                 .archive
                 .as_ref()
                 .map_or("off".to_owned(), |a| a.dir.display().to_string());
+            let http = match (c.listen, &c.primary) {
+                (None, _) => "no HTTP listener".to_owned(),
+                (Some(listen), Some(p)) => format!("listen {listen}, primary {}", p.url),
+                (Some(listen), None) => {
+                    format!("listen {listen}, primary none (sink: takes an ingress's mirror feed)")
+                }
+            };
+            let tcp = if c.tcp.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = c
+                    .tcp
+                    .iter()
+                    .map(|t| {
+                        format!(
+                            "{} {} -> {}:{} {}%",
+                            t.name, t.listen, t.primary.0, t.primary.1, t.percentage
+                        )
+                    })
+                    .collect();
+                format!(", tcp [{}]", list.join("; "))
+            };
             format!(
-                "agent config: cluster {}, listen {}, primary {}, gateway {gateway}, archive {archive}, mirroring {}%",
-                c.cluster, c.listen, c.primary.as_ref().map_or("none (sink: takes an ingress's mirror feed)", |p| p.url.as_str()), c.mirror.policy.percentage
+                "agent config: cluster {}, {http}{tcp}, gateway {gateway}, archive {archive}, mirroring {}%",
+                c.cluster, c.mirror.policy.percentage
             )
         }),
         Some(Kind::Gateway) => GatewayConfig::from_file(path).map(|c| {
             let targets: usize = c.routes.iter().map(|r| r.targets.len()).sum();
+            let tcp = if c.tcp_routes.is_empty() {
+                String::new()
+            } else {
+                format!(", {} tcp routes", c.tcp_routes.len())
+            };
             let archive = c
                 .archive
                 .as_ref()
                 .map_or("off".to_owned(), |a| a.dir.display().to_string());
             format!(
-                "gateway config: listen {}, {} routes, {targets} targets, archive {archive}",
+                "gateway config: listen {}, {} routes, {targets} targets{tcp}, archive {archive}",
                 c.listen,
                 c.routes.len()
             )

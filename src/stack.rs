@@ -87,6 +87,7 @@ pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig
             },
             replay_truncated: false,
         }],
+        tcp_routes: Vec::new(),
         archive: None,
         admin: Some(([127, 0, 0, 1], 0).into()),
         shutdown_grace: Duration::from_secs(5),
@@ -103,7 +104,7 @@ pub fn agent_config(
 ) -> AgentConfig {
     AgentConfig {
         cluster: "demo-prod".into(),
-        listen: ([127, 0, 0, 1], 0).into(),
+        listen: Some(([127, 0, 0, 1], 0).into()),
         listen_tls: None,
         primary: Some(loopback_target(primary)),
         primary_protocol: UpstreamProtocol::Auto,
@@ -121,6 +122,7 @@ pub fn agent_config(
             spool: None,
         }),
         archive: None,
+        tcp: Vec::new(),
         admin: Some(AdminConfig {
             listen: ([127, 0, 0, 1], 0).into(),
         }),
@@ -190,7 +192,11 @@ impl RunningAgent {
     /// Binds and starts an agent.
     pub async fn start(config: AgentConfig) -> anyhow::Result<Self> {
         let listeners = AgentListeners::bind(&config).await?;
-        let addr = listeners.proxy.local_addr()?;
+        let addr = listeners
+            .proxy
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the agent has no HTTP listener"))?
+            .local_addr()?;
         let admin = listeners
             .admin
             .as_ref()

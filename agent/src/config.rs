@@ -38,8 +38,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct AgentConfig {
     /// Identity carried with every mirrored request.
     pub cluster: String,
-    /// Where production traffic enters.
-    pub listen: SocketAddr,
+    /// Where production HTTP traffic enters; `None` for an agent that only tees TCP (`tcp:`).
+    pub listen: Option<SocketAddr>,
     /// TLS on `listen`, terminated by the agent; `None`: plain HTTP (h2c included).
     pub listen_tls: Option<ListenTls>,
     /// The real service; `None` in sink mode.
@@ -56,11 +56,40 @@ pub struct AgentConfig {
     pub gateway: Option<GatewayConfig>,
     /// Where copies are written to files, if anywhere. At least one of the two is set.
     pub archive: Option<ArchiveConfig>,
+    /// Raw TCP listeners: byte-stream proxies to their primaries, each connection teed whole.
+    pub tcp: Vec<TcpListenerConfig>,
     /// The admin listener, if any.
     pub admin: Option<AdminConfig>,
     /// Time allowed to drain on SIGTERM.
     pub shutdown_grace: Duration,
 }
+
+/// `tcp[i]`: a raw TCP listener (Redis, Thrift, Dubbo...) proxied to its primary, with the
+/// client-to-server bytes of sampled connections teed to the gateway.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpListenerConfig {
+    /// Names the listener in metrics and to the gateway, whose `tcp_routes` route on it.
+    pub name: String,
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// The real service, `host:port`.
+    pub primary: (String, u16),
+    /// Share of connections teed, 0 to 100 (decided once per connection).
+    pub percentage: f64,
+    /// Connections teed at once; more are proxied without a copy, counted `connection_limit`.
+    pub max_teed_connections: usize,
+    /// Bytes a teed connection's copy may fall behind the client before it is given up
+    /// (counted `buffer_full`); the client's connection is never slowed.
+    pub buffer_bytes: u64,
+}
+
+/// Default `tcp[].max_teed_connections`.
+pub const DEFAULT_TCP_MAX_TEED: usize = 512;
+/// Default `tcp[].buffer_bytes`.
+pub const DEFAULT_TCP_BUFFER_BYTES: u64 = 512 * 1024;
+/// Upper bound on `tcp[].max_teed_connections` (each is a QUIC stream to the gateway, which
+/// allows 4096 per agent).
+const MAX_TCP_MAX_TEED: u64 = 4000;
 
 /// `mirror:`.
 #[derive(Debug, Clone)]
@@ -150,15 +179,24 @@ impl AgentConfig {
             "name the production cluster, for example `cluster: prod-eu-1`",
             cfg::nonempty_string,
         );
-        let listen = root.required(
-            &mut p,
-            "listen",
-            "give the address production traffic enters on, for example `listen: 0.0.0.0:8080`",
-            cfg::socket_addr,
-        );
+        let tcp = tcp_block(&mut root, &mut p);
+        // An agent that only tees TCP has no HTTP front: no listen, primary or sink.
+        let http_front = !root_has(&doc, "tcp")
+            || ["listen", "primary", "sink", "listen_tls"]
+                .iter()
+                .any(|k| root_has(&doc, k));
+        let listen_fix =
+            "give the address production traffic enters on, for example `listen: 0.0.0.0:8080`";
+        let listen = if http_front {
+            root.required(&mut p, "listen", listen_fix, cfg::socket_addr)
+        } else {
+            None
+        };
         let listen_tls = listen_tls_block(&mut root, &mut p, base_dir);
         let sink = sink_block(&mut root, &mut p);
-        let primary = if sink.is_some() {
+        let primary = if !http_front {
+            None
+        } else if sink.is_some() {
             let primary = root.optional(
                 &mut p,
                 "primary",
@@ -308,6 +346,44 @@ impl AgentConfig {
                 );
             }
         }
+        for (i, (path, t)) in tcp.iter().enumerate() {
+            let taken = [("listen", listen), ("admin.listen", admin_listen)]
+                .into_iter()
+                .filter_map(|(name, addr)| addr.map(|a| (name.to_owned(), a)))
+                .chain(
+                    tcp[..i]
+                        .iter()
+                        .map(|(other, o)| (format!("{other}.listen"), o.listen)),
+                );
+            for (name, addr) in taken {
+                if addr == t.listen && addr.port() != 0 {
+                    p.push(
+                        format!("{path}.listen"),
+                        None,
+                        format!("is the same address as {name} ({addr})"),
+                        "give each listener its own port",
+                    );
+                }
+            }
+        }
+        if !tcp.is_empty() {
+            match &gateway {
+                None if gateway_given => {}
+                None => p.push(
+                    "tcp",
+                    None,
+                    "needs `gateway:` (TCP connections are teed to a gateway over QUIC; archives hold HTTP only)",
+                    "add a `gateway:` block, or remove `tcp:`",
+                ),
+                Some(g) if g.transport == Transport::Tls => p.push(
+                    "gateway.transport",
+                    None,
+                    "is `tls`, but TCP connections are teed on QUIC streams",
+                    "use `transport: quic` or `auto` (with auto, connections teed while only TLS links are up are counted `no_quic_link`)",
+                ),
+                Some(_) => {}
+            }
+        }
 
         let shutdown_grace = root
             .optional(
@@ -319,8 +395,10 @@ impl AgentConfig {
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
         root.finish(&mut p);
 
-        let assembled = match (cluster, listen, primary.is_some() || sink.is_some()) {
-            (Some(cluster), Some(listen), true) => Some(AgentConfig {
+        let front_complete =
+            !http_front || (listen.is_some() && (primary.is_some() || sink.is_some()));
+        let assembled = match (cluster, front_complete) {
+            (Some(cluster), true) => Some(AgentConfig {
                 cluster,
                 listen,
                 listen_tls,
@@ -335,6 +413,7 @@ impl AgentConfig {
                 },
                 gateway,
                 archive,
+                tcp: tcp.into_iter().map(|(_, t)| t).collect(),
                 admin: admin_listen.map(|listen| AdminConfig { listen }),
                 shutdown_grace,
             }),
@@ -398,6 +477,7 @@ impl AgentConfig {
             },
         );
         check("archive", self.archive == old.archive);
+        check("tcp", self.tcp == old.tcp);
         check(
             "admin.listen",
             self.admin.as_ref().map(|a| a.listen) == old.admin.as_ref().map(|a| a.listen),
@@ -494,6 +574,106 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
         tls_files: [ca?, cert?, key?],
         spool,
     })
+}
+
+fn root_has(doc: &teeway_runtime::yaml::Value, key: &str) -> bool {
+    doc.get(key).is_some_and(|v| !v.is_null())
+}
+
+/// `tcp:`, the raw TCP listeners; entries with problems are left out (the problems recorded).
+/// Each entry comes with its path (`tcp[i]`), for problems found later.
+fn tcp_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, TcpListenerConfig)> {
+    let mut out = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for mut t in root.sections(p, "tcp") {
+        let name = t.required(
+            p,
+            "name",
+            "name the listener (letters, digits, `-`, `_`, `.`), such as `name: redis`; the gateway's tcp_routes use it",
+            |v| {
+                let name = cfg::nonempty_string(v)?;
+                if name.len() > 64
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                {
+                    return Err("must be at most 64 letters, digits, `-`, `_` or `.`".into());
+                }
+                Ok(name)
+            },
+        );
+        if let Some(name) = &name {
+            if names.contains(name) {
+                p.push(
+                    t.path_of("name"),
+                    None,
+                    format!("`{name}` names an earlier tcp listener too"),
+                    "give each tcp listener its own name",
+                );
+            }
+            names.push(name.clone());
+        }
+        let listen = t.required(
+            p,
+            "listen",
+            "give the address clients connect to, such as `listen: 0.0.0.0:6380`",
+            cfg::socket_addr,
+        );
+        let primary = t.required(
+            p,
+            "primary",
+            "give the real service as host:port, such as `primary: redis-primary:6379`",
+            cfg::host_port,
+        );
+        let percentage = t
+            .optional(
+                p,
+                "percentage",
+                "use a number from 0 to 100 (the share of connections teed)",
+                cfg::percentage,
+            )
+            .unwrap_or(100.0);
+        let max_teed_connections = t
+            .optional(
+                p,
+                "max_teed_connections",
+                "use a whole number from 1 to 4000, such as 512",
+                |v| match cfg::whole_number(v)? {
+                    0 => Err("must be at least 1".into()),
+                    n if n > MAX_TCP_MAX_TEED => Err(format!("must be at most {MAX_TCP_MAX_TEED}")),
+                    n => Ok(n as usize),
+                },
+            )
+            .unwrap_or(DEFAULT_TCP_MAX_TEED);
+        let buffer_bytes = t
+            .optional(
+                p,
+                "buffer_bytes",
+                "use a size from 16KiB to 64MiB, such as 512KiB",
+                |v| match cfg::size(v)? {
+                    n if n < 16 * 1024 => Err("must be at least 16KiB".into()),
+                    n if n > 64 * 1024 * 1024 => Err("must be at most 64MiB".into()),
+                    n => Ok(n),
+                },
+            )
+            .unwrap_or(DEFAULT_TCP_BUFFER_BYTES);
+        let path = t.path().to_owned();
+        t.finish(p);
+        if let (Some(name), Some(listen), Some(primary)) = (name, listen, primary) {
+            out.push((
+                path,
+                TcpListenerConfig {
+                    name,
+                    listen,
+                    primary,
+                    percentage,
+                    max_teed_connections,
+                    buffer_bytes,
+                },
+            ));
+        }
+    }
+    out
 }
 
 /// `listen_tls`; `None` when absent or invalid (the problems recorded).
@@ -740,6 +920,75 @@ colour: blue
             "{text}"
         );
         assert_eq!(err.problems.len(), 2, "{text}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn tcp_listeners_read_with_defaults_and_need_no_http_front() {
+        let dir = temp_dir("tcp");
+        write_certs(&dir);
+        let http = "listen: 127.0.0.1:8080\nprimary: http://127.0.0.1:9000\n";
+        let tcp_only = format!(
+            "{}tcp:\n  - name: redis\n    listen: 127.0.0.1:6380\n    primary: redis-primary:6379\n  - name: orders.thrift\n    listen: 127.0.0.1:9090\n    primary: 10.0.0.5:9090\n    percentage: 10\n    max_teed_connections: 8\n    buffer_bytes: 64KiB\n",
+            VALID.replace(http, "")
+        );
+        let c = AgentConfig::from_yaml(&tcp_only, &dir).expect("valid");
+        assert_eq!(c.listen, None);
+        assert!(c.primary.is_none() && c.sink.is_none());
+        assert_eq!(
+            c.tcp[0],
+            TcpListenerConfig {
+                name: "redis".into(),
+                listen: "127.0.0.1:6380".parse().expect("addr"),
+                primary: ("redis-primary".into(), 6379),
+                percentage: 100.0,
+                max_teed_connections: DEFAULT_TCP_MAX_TEED,
+                buffer_bytes: DEFAULT_TCP_BUFFER_BYTES,
+            }
+        );
+        assert_eq!(c.tcp[1].percentage, 10.0);
+        assert_eq!(c.tcp[1].max_teed_connections, 8);
+        assert_eq!(c.tcp[1].buffer_bytes, 64 * 1024);
+        // With an HTTP front as well.
+        let both = format!(
+            "{VALID}tcp: [{{ name: redis, listen: 127.0.0.1:6380, primary: 127.0.0.1:6379 }}]\n"
+        );
+        let c = AgentConfig::from_yaml(&both, &dir).expect("valid");
+        assert_eq!(c.listen, Some("127.0.0.1:8080".parse().expect("addr")));
+        assert_eq!(c.tcp.len(), 1);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn tcp_listener_problems_are_named() {
+        let dir = temp_dir("tcp-bad");
+        write_certs(&dir);
+        let text = format!(
+            "{}tcp:\n  - name: redis\n    listen: 127.0.0.1:6380\n    primary: nowhere\n    percentage: 120\n    buffer_bytes: 1KiB\n    max_teed_connections: 0\n  - name: \"a b\"\n    listen: 127.0.0.1:9\n    primary: h:1\n    extra: 1\n  - name: redis\n    listen: 127.0.0.1:8080\n    primary: h:1\n",
+            VALID.replace("  key: agent.key\n", "  key: agent.key\n  transport: tls\n")
+        );
+        let err = AgentConfig::from_yaml(&text, &dir).expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "tcp[0].primary: is not a `host:port` address (found `nowhere`)",
+            "tcp[0].percentage:",
+            "tcp[0].buffer_bytes: must be at least 16KiB",
+            "tcp[0].max_teed_connections: must be at least 1",
+            "tcp[2].listen: is the same address as listen (127.0.0.1:8080)",
+            "tcp[1].name: must be at most 64 letters",
+            "tcp[1].extra: unknown key",
+            "tcp[2].name: `redis` names an earlier tcp listener too",
+            "gateway.transport: is `tls`, but TCP connections are teed on QUIC streams",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        // Only an archive: nowhere to tee TCP to.
+        let archive_only = format!(
+            "cluster: c\narchive: {{ dir: {} }}\ntcp: [{{ name: r, listen: 127.0.0.1:6380, primary: h:1 }}]\n",
+            dir.display()
+        );
+        let err = AgentConfig::from_yaml(&archive_only, &dir).expect_err("no gateway");
+        assert!(err.to_string().contains("tcp: needs `gateway:`"), "{err}");
         std::fs::remove_dir_all(dir).ok();
     }
 

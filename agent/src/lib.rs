@@ -6,6 +6,8 @@
 //! - [`config`]: `agent.yaml`, validated in full before anything binds.
 //! - [`proxy`]: the inline reverse proxy (HTTP/1.1 and HTTP/2) in front of the primary.
 //! - [`policy`]: mirror rules, consistent sampling, redaction, the body-size policy.
+//! - [`tcp`]: `tcp:` listeners, a byte-stream proxy teeing each sampled connection on its own
+//!   QUIC stream.
 //! - [`tee`]: applying the policy, copying bodies as they stream, the bounded queue.
 //! - [`uplink`]: links to every gateway address, spreading batches, reconnecting with backoff.
 //! - [`link`]: one connection over QUIC or TLS over TCP, and the batch exchange on it.
@@ -53,6 +55,7 @@ pub mod policy;
 pub mod proxy;
 pub mod sink;
 pub mod spool;
+pub mod tcp;
 pub mod tee;
 pub mod uplink;
 
@@ -67,6 +70,7 @@ use crate::policy::MirrorPolicy;
 use crate::proxy::{Front, Proxy};
 use crate::sink::Sink;
 use crate::spool::{Spool, SpoolMetrics};
+use crate::tcp::TcpTee;
 use crate::tee::{Queued, Tee};
 use crate::uplink::{Uplink, UplinkState};
 
@@ -77,8 +81,10 @@ const PRIMARY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// and read the real address back.
 #[derive(Debug)]
 pub struct AgentListeners {
-    /// Production traffic.
-    pub proxy: TcpListener,
+    /// Production HTTP traffic (`listen`); `None` for an agent that only tees TCP.
+    pub proxy: Option<TcpListener>,
+    /// The `tcp:` listeners, in configuration order.
+    pub tcp: Vec<TcpListener>,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub admin: Option<TcpListener>,
 }
@@ -86,12 +92,21 @@ pub struct AgentListeners {
 impl AgentListeners {
     /// Binds the addresses named in `config`.
     pub async fn bind(config: &AgentConfig) -> io::Result<Self> {
-        let proxy = TcpListener::bind(config.listen).await.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot listen on {} (listen): {e}", config.listen),
-            )
-        })?;
+        let proxy = match config.listen {
+            Some(listen) => Some(TcpListener::bind(listen).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {listen} (listen): {e}"))
+            })?),
+            None => None,
+        };
+        let mut tcp = Vec::with_capacity(config.tcp.len());
+        for (i, t) in config.tcp.iter().enumerate() {
+            tcp.push(TcpListener::bind(t.listen).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {} (tcp[{i}].listen): {e}", t.listen),
+                )
+            })?);
+        }
         let admin = match &config.admin {
             Some(a) => Some(TcpListener::bind(a.listen).await.map_err(|e| {
                 io::Error::new(
@@ -101,7 +116,7 @@ impl AgentListeners {
             })?),
             None => None,
         };
-        Ok(Self { proxy, admin })
+        Ok(Self { proxy, tcp, admin })
     }
 }
 
@@ -288,8 +303,21 @@ impl Agent {
                 .map(|_| self.uplink_state.clone()),
             archive.clone().filter(|_| uplink.is_some()),
         ));
+        let tcp_tees: Vec<Arc<TcpTee>> = config
+            .tcp
+            .iter()
+            .map(|t| {
+                Arc::new(TcpTee::new(
+                    t.clone(),
+                    &config.cluster,
+                    resolver.clone(),
+                    self.uplink_state.clone(),
+                    self.accounting.registry(),
+                ))
+            })
+            .collect();
         let front = match (&config.primary, &config.sink) {
-            (Some(primary), _) => {
+            (Some(primary), _) => Some({
                 let authority = authority(&primary.host, primary.port)?;
                 let connector = UpstreamConnector::new(
                     &primary.host,
@@ -311,11 +339,12 @@ impl Agent {
                     config.primary_protocol,
                     self.accounting.clone(),
                 )))
-            }
-            (None, Some(sink)) => Front::Sink(Sink::new(tee, &sink.strip_host_suffix)),
+            }),
+            (None, Some(sink)) => Some(Front::Sink(Sink::new(tee, &sink.strip_host_suffix))),
+            // An agent that only tees TCP.
+            (None, None) if listeners.proxy.is_none() && !tcp_tees.is_empty() => None,
             (None, None) => return Err(AgentError::NoFront),
         };
-        let front = Arc::new(front);
 
         let admin_addr = admin::listen_addr(listeners.admin.as_ref());
         let drain = CancellationToken::new();
@@ -339,7 +368,8 @@ impl Agent {
             tokio::spawn(admin::serve(listener, state, admin_stop.clone()))
         });
         tracing::info!(
-            listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            listen = %listeners.proxy.as_ref().and_then(|l| l.local_addr().ok()).map_or("none".into(), |a| a.to_string()),
+            tcp = %listeners.tcp.iter().zip(&tcp_tees).map(|(l, t)| format!("{}@{}", t.name(), l.local_addr().map(|a| a.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(","),
             admin = %admin_addr,
             primary = %config.primary.as_ref().map_or("none (sink)", |p| p.url.as_str()),
             gateway = %config.gateway.as_ref().map_or("none".into(), |g| format!("{}:{}", g.host, g.port)),
@@ -350,7 +380,40 @@ impl Agent {
         );
 
         let tls = config.listen_tls.as_ref().map(|t| t.config.clone());
-        proxy::serve(listeners.proxy, front, tls, shutdown, config.shutdown_grace).await;
+        let tcp_tasks: Vec<_> = listeners
+            .tcp
+            .into_iter()
+            .zip(tcp_tees)
+            .map(|(listener, tee)| {
+                tokio::spawn(tcp::serve(
+                    listener,
+                    tee,
+                    shutdown.clone(),
+                    config.shutdown_grace,
+                ))
+            })
+            .collect();
+        match (listeners.proxy, front) {
+            (Some(listener), Some(front)) => {
+                let front = Arc::new(front);
+                proxy::serve(
+                    listener,
+                    front,
+                    tls,
+                    shutdown.clone(),
+                    config.shutdown_grace,
+                )
+                .await;
+            }
+            (Some(_), None) => return Err(AgentError::NoFront),
+            (None, _) => shutdown.cancelled().await,
+        }
+        // TCP copies finish (or are cut) before the uplink drains and closes its links.
+        for task in tcp_tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "tcp listener task failed");
+            }
+        }
         drain.cancel();
         if let Err(e) = consumer.await {
             tracing::error!(error = %e, "uplink task failed");

@@ -92,6 +92,8 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct UplinkState {
     connected: AtomicBool,
     changes_tx: watch::Sender<bool>,
+    /// The live links, for the TCP tee, which opens a stream of its own per teed connection.
+    links: ArcSwap<Vec<Link>>,
 }
 
 impl Default for UplinkState {
@@ -99,8 +101,18 @@ impl Default for UplinkState {
         Self {
             connected: AtomicBool::new(false),
             changes_tx: watch::channel(false).0,
+            links: ArcSwap::from_pointee(Vec::new()),
         }
     }
+}
+
+/// Why no QUIC connection is at hand for a TCP tee stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoQuicLink {
+    /// No gateway link is up.
+    NoLink,
+    /// Links are up, but all over TLS on TCP, which has no streams to carry a connection's copy.
+    TlsOnly,
 }
 
 impl UplinkState {
@@ -119,6 +131,27 @@ impl UplinkState {
     pub(crate) fn set(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
         self.changes_tx.send_replace(up);
+    }
+
+    /// A live QUIC connection for the TCP tee stream of connection `id`: spread over the live
+    /// links by `id` (a stream stays on the link it opened on).
+    pub fn quic_link(&self, id: u64) -> Result<quinn::Connection, NoQuicLink> {
+        let links = self.links.load();
+        if links.is_empty() {
+            return Err(NoQuicLink::NoLink);
+        }
+        let quic: Vec<&quinn::Connection> = links
+            .iter()
+            .filter_map(|l| match l {
+                Link::Quic(c) => Some(c),
+                Link::Tls(_) => None,
+            })
+            .collect();
+        if quic.is_empty() {
+            return Err(NoQuicLink::TlsOnly);
+        }
+        let pick = usize::try_from(id % quic.len() as u64).unwrap_or(0);
+        Ok(quic[pick].clone())
     }
 }
 
@@ -287,24 +320,26 @@ impl Uplink {
                         next_lookup = Some(Instant::now() + RESOLVE_MIN_GAP);
                     }
                     Event::Up { addr, link, welcome } => {
-                        tracing::info!(
-                            gateway = %addr,
-                            transport = link.transport(),
-                            identity = %welcome.agent_identity,
-                            gateway_software = %welcome.software,
-                            links = live.len() + 1,
-                            "uplink connected"
-                        );
+                        let transport = link.transport();
                         live.retain(|l| l.addr != addr);
                         live.push(Live { addr, link, batches: TaskTracker::new() });
-                        self.links_changed(live.len());
+                        // Published before it is logged: whoever reads the line can use the link.
+                        self.links_changed(&live);
+                        tracing::info!(
+                            gateway = %addr,
+                            transport,
+                            identity = %welcome.agent_identity,
+                            gateway_software = %welcome.software,
+                            links = live.len(),
+                            "uplink connected"
+                        );
                     }
                     Event::Down { addr, reason } => {
                         let before = live.len();
                         live.retain(|l| l.addr != addr);
                         if live.len() != before {
                             tracing::warn!(gateway = %addr, %reason, links = live.len(), "uplink link lost; reconnecting");
-                            self.links_changed(live.len());
+                            self.links_changed(&live);
                         }
                         // A gateway gone may mean the name now points elsewhere.
                         let soonest = last_lookup.map_or_else(Instant::now, |t| t + RESOLVE_MIN_GAP);
@@ -393,7 +428,7 @@ impl Uplink {
         for l in live.drain(..) {
             l.link.close("agent shutting down");
         }
-        self.links_changed(0);
+        self.links_changed(&live);
         // Whatever is still queued now will never be sent.
         queue_rx.close();
         while let Ok(q) = queue_rx.try_recv() {
@@ -406,7 +441,11 @@ impl Uplink {
         }
     }
 
-    fn links_changed(&self, links: usize) {
+    fn links_changed(&self, live: &[Live]) {
+        let links = live.len();
+        self.state
+            .links
+            .store(Arc::new(live.iter().map(|l| l.link.clone()).collect()));
         self.state.set(links > 0);
         let accounting = &self.shared.accounting;
         accounting

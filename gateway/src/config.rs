@@ -39,6 +39,8 @@ pub struct GatewayConfig {
     pub agents_allow: Option<Vec<String>>,
     /// Routes, first match wins. Empty only when `archive` is set (a capture-only gateway).
     pub routes: Vec<RouteConfig>,
+    /// Where the agents' TCP tee streams are replayed, by the agent listener's name.
+    pub tcp_routes: Vec<TcpRouteConfig>,
     /// Where received records are archived, if anywhere.
     pub archive: Option<ArchiveConfig>,
     /// The admin listener, if any.
@@ -82,6 +84,25 @@ pub struct RouteConfig {
     /// skipped `truncated`).
     pub replay_truncated: bool,
 }
+
+/// One `tcp_routes[i]` entry: where the TCP tee streams of one agent listener are replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpRouteConfig {
+    /// The agent `tcp:` listener name whose streams it takes.
+    pub listener: String,
+    /// Agent identities it takes (patterns); empty: every agent.
+    pub source_clusters: Vec<String>,
+    /// Shadow `host:port` addresses each stream is replayed to, on a fresh connection each.
+    pub targets: Vec<(String, u16)>,
+    /// Replay connections open at once per target; beyond it streams are refused for that
+    /// target as `overloaded`.
+    pub max_connections: usize,
+}
+
+/// Default `tcp_routes[].max_connections`.
+pub const DEFAULT_TCP_MAX_CONNECTIONS: usize = 256;
+/// Upper bound on `tcp_routes[].max_connections`: each connection holds a buffer.
+const MAX_TCP_MAX_CONNECTIONS: u64 = 65_536;
 
 /// One target of a route.
 #[derive(Debug, Clone, PartialEq)]
@@ -327,11 +348,18 @@ impl GatewayConfig {
         let archive_given = root_has(&doc, "archive");
         let mut routes = Vec::new();
         let route_sections = root.sections(&mut p, "routes");
-        if route_sections.is_empty() && !archive_given {
+        let mut tcp_routes = Vec::new();
+        for mut r in root.sections(&mut p, "tcp_routes") {
+            if let Some(route) = read_tcp_route(&mut r, &mut p) {
+                tcp_routes.push(route);
+            }
+            r.finish(&mut p);
+        }
+        if route_sections.is_empty() && !archive_given && !root_has(&doc, "tcp_routes") {
             p.push(
                 "routes",
                 None,
-                "needs at least one route (or an `archive:` block, for a capture-only gateway)",
+                "needs at least one route (or `tcp_routes:`, or an `archive:` block, for a capture-only gateway)",
                 "add `routes:` with `- targets: [http://shadow:8080]` to replay everything to one shadow",
             );
         }
@@ -370,6 +398,7 @@ impl GatewayConfig {
                 tls_files,
                 agents_allow,
                 routes,
+                tcp_routes,
                 archive,
                 admin,
                 shutdown_grace,
@@ -389,6 +418,57 @@ impl GatewayConfig {
         // the path of the file itself.
         Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&path.display().to_string()))
     }
+}
+
+/// One `tcp_routes[i]` entry; `None` when it cannot be used (the problems are recorded).
+fn read_tcp_route(r: &mut Section<'_>, p: &mut Problems) -> Option<TcpRouteConfig> {
+    let listener = r.required(
+        p,
+        "listener",
+        "name the agent's `tcp:` listener whose connections this takes, such as `listener: redis`",
+        cfg::nonempty_string,
+    );
+    let source_clusters = r
+        .list(
+            p,
+            "source_cluster",
+            "list agent identities, such as [prod-eu-1] or [prod-*]",
+            cfg::nonempty_string,
+        )
+        .unwrap_or_default();
+    let targets_fix = "list shadow addresses as host:port, such as [shadow-redis:6379]";
+    let targets = r.list(p, "targets", targets_fix, cfg::host_port);
+    let targets = match targets {
+        Some(t) if !t.is_empty() => Some(t),
+        Some(_) => {
+            p.push(r.path_of("targets"), None, "is empty", targets_fix);
+            None
+        }
+        None => {
+            p.push(r.path_of("targets"), None, "is required", targets_fix);
+            None
+        }
+    };
+    let max_connections = r
+        .optional(
+            p,
+            "max_connections",
+            "use a whole number from 1 to 65536, such as 256",
+            |v| match cfg::whole_number(v)? {
+                0 => Err("must be at least 1".into()),
+                n if n > MAX_TCP_MAX_CONNECTIONS => {
+                    Err(format!("must be at most {MAX_TCP_MAX_CONNECTIONS}"))
+                }
+                n => Ok(n as usize),
+            },
+        )
+        .unwrap_or(DEFAULT_TCP_MAX_CONNECTIONS);
+    Some(TcpRouteConfig {
+        listener: listener?,
+        source_clusters,
+        targets: targets?,
+        max_connections,
+    })
 }
 
 /// One `routes[i]` entry; `None` when it cannot be used (the problems are recorded).
@@ -871,6 +951,55 @@ routes: [{ targets: [http://127.0.0.1:9200] }]
             Some(HeaderName::from_static(DEFAULT_MARKER_HEADER))
         );
         assert!(c.allows("anyone"));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn tcp_routes_read_alone_and_their_problems_are_named() {
+        let dir = dir_with_certs("tcp");
+        let c = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+tcp_routes:
+  - listener: redis
+    source_cluster: [prod-*]
+    targets: [shadow-redis:6379, \"[::1]:6380\"]
+    max_connections: 16
+",
+            &dir,
+        )
+        .expect("valid without http routes");
+        assert!(c.routes.is_empty());
+        assert_eq!(
+            c.tcp_routes,
+            vec![TcpRouteConfig {
+                listener: "redis".into(),
+                source_clusters: vec!["prod-*".into()],
+                targets: vec![("shadow-redis".into(), 6379), ("::1".into(), 6380)],
+                max_connections: 16,
+            }]
+        );
+        let err = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+tcp_routes:
+  - targets: [http://shadow:6379]
+    max_connections: 0
+  - listener: redis
+    targets: []
+",
+            &dir,
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "tcp_routes[0].listener: is required",
+            "tcp_routes[0].targets[0]: is not a `host:port` address",
+            "tcp_routes[0].max_connections: must be at least 1",
+            "tcp_routes[1].targets: is empty",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
         std::fs::remove_dir_all(dir).ok();
     }
 

@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod replay;
 pub mod router;
 pub mod tcp;
+pub mod tee_stream;
 
 pub use config::GatewayConfig;
 pub use error::GatewayError;
@@ -62,8 +63,9 @@ use crate::metrics::GatewayMetrics;
 use crate::replay::{Target, TargetSpec};
 use crate::router::{Route, Router};
 
-/// Concurrent streams one agent may open: its batches in flight plus the greeting, with room.
-const MAX_STREAMS_PER_AGENT: u32 = 64;
+/// Concurrent streams one agent may open: its batches in flight (32) and the greeting, plus one
+/// per production connection it tees (`tcp[].max_teed_connections`, 1024 by default), with room.
+const MAX_STREAMS_PER_AGENT: u32 = 4096;
 /// A connection silent for this long is closed (agents send keep-alives well within it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed at exit for connection closes to reach the agents.
@@ -161,6 +163,8 @@ fn bind_transport_pair(listen: SocketAddr, transports: Transports) -> io::Result
 pub struct Routing {
     /// The routing table.
     pub router: Router,
+    /// Where TCP tee streams go.
+    pub tcp: tee_stream::TcpRouter,
     /// `agents.allow`; `None` allows every agent the CA signed.
     pub allow: Option<Vec<String>>,
 }
@@ -204,6 +208,7 @@ impl Routing {
         }
         Ok(Self {
             router: Router::new(routes),
+            tcp: tee_stream::TcpRouter::build(&config.tcp_routes, resolver, old.map(|o| &o.tcp)),
             allow: config.agents_allow.clone(),
         })
     }

@@ -23,7 +23,7 @@ use teeway_wire::{
 
 use crate::metrics::{FailReason, GatewayMetrics, SkipReason};
 use crate::replay::Refusal;
-use crate::Routing;
+use crate::{tee_stream, Routing};
 
 /// Largest stream accepted: a full batch plus one maximal frame (a batch stops growing once it
 /// reaches `MAX_BATCH_BYTES`, so its last record may pass that mark).
@@ -174,7 +174,8 @@ async fn serve_connection(
     }
     dispatcher.metrics.handshakes_ok.increment(1);
     dispatcher.metrics.agents_connected.increment(1.0);
-    tracing::info!(%identity, "agent connected");
+    let version = negotiated_version(&conn);
+    tracing::info!(%identity, protocol_version = version, "agent connected");
     let streams = TaskTracker::new();
     let reason = loop {
         tokio::select! {
@@ -188,7 +189,11 @@ async fn serve_connection(
                     }
                     let dispatcher = dispatcher.clone();
                     let identity = identity.clone();
-                    streams.spawn(async move { serve_stream(send, recv, &dispatcher, &identity).await });
+                    let shutdown = shutdown.clone();
+                    streams.spawn(async move {
+                        let peer = Peer { dispatcher: &dispatcher, identity: &identity, version, shutdown: &shutdown };
+                        serve_stream(send, recv, peer).await
+                    });
                 }
                 Err(e) => break e.to_string(),
             },
@@ -209,6 +214,28 @@ fn refuse(conn: &Connection, identity: &str, dispatcher: &Dispatcher) {
     );
 }
 
+/// The protocol version the connection's ALPN id chose: 1 for `teeway/1`, else this version.
+fn negotiated_version(conn: &Connection) -> u16 {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    match alpn.as_deref() {
+        Some(teeway_wire::ALPN_V1) => 1,
+        _ => PROTOCOL_VERSION,
+    }
+}
+
+/// Who sent a stream, and what it may say.
+#[derive(Clone, Copy)]
+struct Peer<'a> {
+    dispatcher: &'a Dispatcher,
+    identity: &'a Arc<str>,
+    /// Protocol version of the connection: TCP tee streams need 2.
+    version: u16,
+    shutdown: &'a CancellationToken,
+}
+
 /// The identity in the agent's certificate (see [`teeway_wire::tls::peer_identity`]).
 fn agent_identity(conn: &Connection) -> Option<String> {
     let chain = conn
@@ -218,36 +245,61 @@ fn agent_identity(conn: &Connection) -> Option<String> {
     chain.first().and_then(teeway_wire::tls::peer_identity)
 }
 
-async fn serve_stream(
-    mut send: SendStream,
-    mut recv: RecvStream,
-    dispatcher: &Dispatcher,
-    identity: &Arc<str>,
-) {
-    let bytes = match recv.read_to_end(MAX_STREAM_BYTES).await {
-        Ok(b) => b,
-        Err(quinn::ReadToEndError::TooLong) => {
-            dispatcher.metrics.streams_rejected_too_large.increment(1);
-            if let Some(streams) = dispatcher.metrics.rejected_log.note() {
-                tracing::warn!(
-                    %identity,
-                    limit = MAX_STREAM_BYTES,
-                    streams,
-                    "streams larger than the protocol allows were reset (one line a minute at most)"
-                );
-            }
-            reject(&mut send, &mut recv);
-            return;
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "stream ended before it was complete");
-            return;
-        }
-    };
-    let mut buf = BytesMut::from(&bytes[..]);
-    drop(bytes);
+async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>) {
+    let Peer {
+        dispatcher,
+        identity,
+        version,
+        shutdown,
+    } = peer;
+    // Read until the first frame is known: a TCP tee stream is served as it arrives, any other
+    // stream is read whole first.
+    let mut buf = BytesMut::new();
+    let mut read = 0usize;
     let mut frames = Vec::new();
-    let problem = loop {
+    let mut problem = None;
+    loop {
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => {
+                read += chunk.bytes.len();
+                if read > MAX_STREAM_BYTES {
+                    dispatcher.metrics.streams_rejected_too_large.increment(1);
+                    if let Some(streams) = dispatcher.metrics.rejected_log.note() {
+                        tracing::warn!(
+                            %identity,
+                            limit = MAX_STREAM_BYTES,
+                            streams,
+                            "streams larger than the protocol allows were reset (one line a minute at most)"
+                        );
+                    }
+                    reject(&mut send, &mut recv);
+                    return;
+                }
+                buf.extend_from_slice(&chunk.bytes);
+                if frames.is_empty() && problem.is_none() {
+                    match Frame::decode(&mut buf) {
+                        Ok(Some(Frame::TcpOpen(open))) if version >= 2 => {
+                            let buf = std::mem::take(&mut buf);
+                            tee_stream::serve(
+                                open, buf, send, recv, dispatcher, identity, shutdown,
+                            )
+                            .await;
+                            return;
+                        }
+                        Ok(Some(frame)) => frames.push(frame),
+                        Ok(None) => {}
+                        Err(e) => problem = Some(e.to_string()),
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "stream ended before it was complete");
+                return;
+            }
+        }
+    }
+    let problem = problem.or_else(|| loop {
         match Frame::decode(&mut buf) {
             Ok(Some(frame)) => frames.push(frame),
             Ok(None) if buf.is_empty() => break None,
@@ -259,7 +311,7 @@ async fn serve_stream(
             }
             Err(e) => break Some(e.to_string()),
         }
-    };
+    });
     let reply = match (problem, frames.first()) {
         (Some(problem), _) => Err(problem),
         (None, None) => Err("empty stream".to_owned()),
@@ -271,7 +323,7 @@ async fn serve_stream(
                 "agent greeted"
             );
             Ok(Frame::Welcome(Welcome {
-                protocol_version: PROTOCOL_VERSION,
+                protocol_version: version,
                 agent_identity: identity.to_string(),
                 software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
             }))

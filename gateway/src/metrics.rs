@@ -36,6 +36,62 @@ pub const HANDSHAKES_TOTAL: &str = "teeway_gateway_handshakes_total";
 pub const AGENTS_CONNECTED: &str = "teeway_gateway_agents_connected";
 /// Streams refused because they broke the protocol, by reason.
 pub const STREAMS_REJECTED_TOTAL: &str = "teeway_gateway_streams_rejected_total";
+/// TCP tee streams received from agents (one per teed production connection).
+pub const TCP_STREAMS_TOTAL: &str = "teeway_gateway_tcp_streams_total";
+/// TCP replays ended, by result (one per stream and target; `no_route` once per stream).
+pub const TCP_REPLAYS_TOTAL: &str = "teeway_gateway_tcp_replays_total";
+/// TCP replay connections under way.
+pub const TCP_REPLAYS_IN_FLIGHT: &str = "teeway_gateway_tcp_replays_in_flight";
+/// Bytes written to TCP replay connections.
+pub const TCP_BYTES_REPLAYED_TOTAL: &str = "teeway_gateway_tcp_bytes_replayed_total";
+
+/// How a TCP replay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpResult {
+    /// Every byte the client sent was written to the target.
+    Completed,
+    /// No `tcp_routes` entry names the stream's listener for this agent.
+    NoRoute,
+    /// The target had `max_connections` replays open already.
+    Overloaded,
+    /// The target could not be connected to.
+    Connect,
+    /// Writing to the target failed, or it closed while the client still sent.
+    Io,
+    /// The target fell more than its queue behind the stream.
+    Lagging,
+    /// The agent gave the stream up (its copy fell behind, or it stopped) or it broke the protocol.
+    Incomplete,
+    /// The gateway stopped first.
+    Shutdown,
+}
+
+impl TcpResult {
+    const ALL: [TcpResult; 8] = [
+        TcpResult::Completed,
+        TcpResult::NoRoute,
+        TcpResult::Overloaded,
+        TcpResult::Connect,
+        TcpResult::Io,
+        TcpResult::Lagging,
+        TcpResult::Incomplete,
+        TcpResult::Shutdown,
+    ];
+
+    /// The `result` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpResult::Completed => "completed",
+            TcpResult::NoRoute => "no_route",
+            TcpResult::Overloaded => "overloaded",
+            TcpResult::Connect => "connect",
+            TcpResult::Io => "io_error",
+            TcpResult::Lagging => "lagging",
+            TcpResult::Incomplete => "incomplete",
+            TcpResult::Shutdown => "shutdown",
+        }
+    }
+}
 
 /// Why a replay did not complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +179,12 @@ pub struct GatewayMetrics {
     pub(crate) rejected_log: Throttle,
     /// Refused handshakes, logged in summary (anyone who can reach the port can cause them).
     pub(crate) handshake_log: Throttle,
+    pub(crate) tcp_streams: Counter,
+    tcp_replays: [Counter; 8],
+    /// One log summary per TCP result other than `completed`.
+    tcp_logs: [Throttle; 8],
+    pub(crate) tcp_in_flight: Gauge,
+    pub(crate) tcp_bytes: Counter,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -171,7 +233,31 @@ impl GatewayMetrics {
                 &[("reason", reason)],
             )
         };
+        let tcp_replays = TcpResult::ALL.map(|result| {
+            r.counter(
+                TCP_REPLAYS_TOTAL,
+                "TCP replays ended, by result",
+                &[("result", result.as_str())],
+            )
+        });
         Self {
+            tcp_streams: r.counter(
+                TCP_STREAMS_TOTAL,
+                "TCP tee streams received from agents",
+                &[],
+            ),
+            tcp_replays,
+            tcp_logs: std::array::from_fn(|_| Throttle::default()),
+            tcp_in_flight: r.gauge(
+                TCP_REPLAYS_IN_FLIGHT,
+                "TCP replay connections under way",
+                &[],
+            ),
+            tcp_bytes: r.counter(
+                TCP_BYTES_REPLAYED_TOTAL,
+                "Bytes written to TCP replay connections",
+                &[],
+            ),
             received: r.counter(
                 RECEIVED_TOTAL,
                 "Mirrored requests received from agents",
@@ -225,6 +311,21 @@ impl GatewayMetrics {
     /// Counts a replay not attempted by policy.
     pub fn skipped(&self, reason: SkipReason) {
         self.skipped[reason as usize].increment(1);
+    }
+
+    /// Counts a TCP replay's end.
+    pub fn tcp_replay(&self, result: TcpResult) {
+        self.tcp_replays[result as usize].increment(1);
+        if result == TcpResult::Completed {
+            return;
+        }
+        if let Some(ended) = self.tcp_logs[result as usize].note() {
+            tracing::warn!(
+                result = result.as_str(),
+                ended,
+                "TCP replays did not complete (one line a minute at most per result; see {TCP_REPLAYS_TOTAL})"
+            );
+        }
     }
 
     /// Counts a replay that did not complete.

@@ -158,8 +158,13 @@ async fn exchange(
         Ok(other) => return End::Protocol(format!("first frame is not HELLO: {}", name(&other))),
         Err(end) => return end,
     }
+    // The version the connection's ALPN id chose (an agent of version 1 is still served).
+    let version = match stream.get_ref().1.alpn_protocol() {
+        Some(teeway_wire::ALPN_V1) => 1,
+        _ => PROTOCOL_VERSION,
+    };
     Frame::Welcome(Welcome {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: version,
         agent_identity: identity.to_string(),
         software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
     })
@@ -215,6 +220,8 @@ fn name(frame: &Frame) -> &'static str {
         Frame::Request(_) => "REQUEST",
         Frame::Ack { .. } => "ACK",
         Frame::End => "END",
+        Frame::TcpOpen(_) => "TCP_OPEN (TCP tee streams need QUIC)",
+        Frame::TcpData(_) => "TCP_DATA (TCP tee streams need QUIC)",
     }
 }
 

@@ -81,6 +81,27 @@ impl Registry {
         self.recorder.register_counter(&key, &metadata())
     }
 
+    /// Registers (or finds) a counter with several labels whose values are known only at run
+    /// time (a listener name from the configuration and a fixed reason, say).
+    pub fn counter_labels(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, String)],
+    ) -> Counter {
+        self.recorder.describe_counter(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        let labels = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.clone()))
+            .collect::<Vec<_>>();
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &metadata())
+    }
+
     /// Registers (or finds) a gauge whose label values are known only at run time (an info
     /// metric such as `teeway_agent_info{cluster="..."}`: one series per process).
     pub fn gauge_owned(

@@ -34,6 +34,8 @@ const TYPE_WELCOME: u8 = 0x02;
 const TYPE_REQUEST: u8 = 0x03;
 const TYPE_ACK: u8 = 0x04;
 const TYPE_END: u8 = 0x05;
+const TYPE_TCP_OPEN: u8 = 0x06;
+const TYPE_TCP_DATA: u8 = 0x07;
 
 /// Record flag: the body was cut at the agent's size limit.
 const FLAG_BODY_TRUNCATED: u8 = 0x01;
@@ -63,6 +65,26 @@ pub enum Frame {
     /// the end of the stream says so). A batch may be empty: an `END` alone is a keep-alive,
     /// answered with `ACK(0)`.
     End,
+    /// Agent to gateway, protocol 2, QUIC only: the first frame of a TCP tee stream, which carries
+    /// the client-to-server bytes of one production TCP connection.
+    TcpOpen(TcpOpen),
+    /// Agent to gateway, after `TcpOpen` on the same stream: the next bytes the client sent, in
+    /// order. The end of the stream is the end of the client's side of the connection.
+    TcpData(Bytes),
+}
+
+/// The opening of a TCP tee stream: which production connection it copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpOpen {
+    /// Agent-assigned connection number, unique per agent process; for correlation only.
+    pub id: u64,
+    /// When the agent accepted the connection, nanoseconds since the Unix epoch.
+    pub opened_at_unix_nanos: u64,
+    /// The agent's `cluster` setting.
+    pub source_cluster: String,
+    /// The name of the agent's `tcp:` listener that accepted the connection; the gateway routes
+    /// on it.
+    pub listener: String,
 }
 
 /// The agent's greeting.
@@ -114,6 +136,17 @@ impl Frame {
                 dst.put_u32(*accepted);
             }
             Frame::End => dst.put_u8(TYPE_END),
+            Frame::TcpOpen(open) => {
+                dst.put_u8(TYPE_TCP_OPEN);
+                dst.put_u64(open.id);
+                dst.put_u64(open.opened_at_unix_nanos);
+                put_str16(dst, &open.source_cluster);
+                put_str16(dst, &open.listener);
+            }
+            Frame::TcpData(data) => {
+                dst.put_u8(TYPE_TCP_DATA);
+                put_bytes32(dst, data);
+            }
         }
         let len = dst.len() - start - PREFIX_LEN;
         let len = u32::try_from(len).unwrap_or(u32::MAX);
@@ -130,6 +163,8 @@ impl Frame {
                 Frame::Request(r) => request_len(r),
                 Frame::Ack { .. } => 4,
                 Frame::End => 0,
+                Frame::TcpOpen(o) => 8 + 8 + str16_len(&o.source_cluster) + str16_len(&o.listener),
+                Frame::TcpData(data) => 4 + data.len(),
             }
     }
 
@@ -175,12 +210,37 @@ impl Frame {
                 accepted: get_u32(&mut payload, "accepted")?,
             },
             TYPE_END => Frame::End,
+            TYPE_TCP_OPEN => Frame::TcpOpen(TcpOpen {
+                id: get_u64(&mut payload, "id")?,
+                opened_at_unix_nanos: get_u64(&mut payload, "opened_at")?,
+                source_cluster: get_str16(&mut payload, "source_cluster")?,
+                listener: get_str16(&mut payload, "listener")?,
+            }),
+            TYPE_TCP_DATA => {
+                let len = get_u32(&mut payload, "data")? as usize;
+                Frame::TcpData(take(&mut payload, len, "data")?)
+            }
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         if payload.has_remaining() {
             return Err(DecodeError::TrailingBytes(payload.remaining()));
         }
         Ok(Some(frame))
+    }
+}
+
+impl Frame {
+    /// The bytes that precede `len` bytes of data in a `TCP_DATA` frame: write them, then the data
+    /// itself, and the data is never copied into a frame buffer. `len` must leave the frame within
+    /// [`MAX_FRAME_LEN`].
+    pub fn tcp_data_header(len: usize) -> [u8; PREFIX_LEN + 1 + 4] {
+        let data = u32::try_from(len).unwrap_or(u32::MAX);
+        let frame = data.saturating_add(1 + 4);
+        let mut out = [0u8; PREFIX_LEN + 1 + 4];
+        out[..4].copy_from_slice(&frame.to_be_bytes());
+        out[4] = TYPE_TCP_DATA;
+        out[5..].copy_from_slice(&data.to_be_bytes());
+        out
     }
 }
 
@@ -491,7 +551,52 @@ mod tests {
         }
     }
 
+    #[test]
+    fn tcp_tee_frames_round_trip_with_binary_data() {
+        let open = Frame::TcpOpen(TcpOpen {
+            id: u64::MAX - 1,
+            opened_at_unix_nanos: 1_700_000_000_000_000_001,
+            source_cluster: "prod-eu-1".into(),
+            listener: "redis".into(),
+        });
+        assert_eq!(round_trip(&open), open);
+        let data = Frame::TcpData(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n\x00\xff"));
+        assert_eq!(round_trip(&data), data);
+        assert_eq!(
+            round_trip(&Frame::TcpData(Bytes::new())),
+            Frame::TcpData(Bytes::new())
+        );
+    }
+
+    #[test]
+    fn tcp_data_header_is_the_encoded_frame_minus_its_data() {
+        let data = Bytes::from_static(b"PING\r\n");
+        let mut framed = BytesMut::new();
+        Frame::TcpData(data.clone()).encode(&mut framed);
+        let mut split = Frame::tcp_data_header(data.len()).to_vec();
+        split.extend_from_slice(&data);
+        assert_eq!(&framed[..], &split[..]);
+    }
+
+    #[test]
+    fn tcp_data_announcing_more_than_its_frame_is_refused() {
+        let mut buf = BytesMut::new();
+        Frame::TcpData(Bytes::from_static(b"abcd")).encode(&mut buf);
+        // Claim 5 bytes of data where the frame holds 4.
+        buf[8] = 5;
+        assert!(matches!(
+            Frame::decode(&mut buf),
+            Err(DecodeError::Truncated("data"))
+        ));
+    }
+
     proptest! {
+        #[test]
+        fn any_tcp_data_round_trips(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let frame = Frame::TcpData(Bytes::from(data));
+            prop_assert_eq!(round_trip(&frame), frame);
+        }
+
         #[test]
         fn any_request_round_trips(request in arb_request()) {
             let frame = Frame::Request(request);

@@ -1,7 +1,7 @@
 //! The teeway protocol, shared by the agent and the gateway. Sans-IO: nothing here opens a socket.
 //!
 //! An agent tees copies of production requests to a gateway over one QUIC connection with mutual
-//! TLS. The ALPN protocol id [`ALPN`] (`teeway/1`) names the protocol version; every stream on the
+//! TLS. The ALPN protocol id [`ALPN`] (`teeway/2`) names the protocol version; every stream on the
 //! connection is a sequence of length-prefixed [`Frame`]s. `docs/protocol.md` is the normative
 //! description of the bytes; this crate is its reference implementation.
 //!
@@ -32,14 +32,19 @@ pub mod record;
 pub mod tls;
 
 pub use error::{DecodeError, TlsError};
-pub use frame::{Frame, Hello, Welcome};
+pub use frame::{Frame, Hello, TcpOpen, Welcome};
 pub use record::MirroredRequest;
 
-/// The ALPN protocol id of this protocol version, offered by agents and required by gateways.
-pub const ALPN: &[u8] = b"teeway/1";
+/// The ALPN protocol id of this protocol version, offered by agents and first in the gateways'
+/// list. Version 2 added the TCP tee streams (`TCP_OPEN`, `TCP_DATA`).
+pub const ALPN: &[u8] = b"teeway/2";
+
+/// The ALPN id of version 1 (no TCP tee), still accepted by gateways so that agents released
+/// before version 2 keep working while gateways are upgraded first.
+pub const ALPN_V1: &[u8] = b"teeway/1";
 
 /// The protocol version number carried in the `HELLO` and `WELCOME` frames.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame a peer may send, length prefix excluded.
 ///
@@ -71,4 +76,10 @@ pub mod codes {
     pub const NOT_AUTHORIZED: u32 = 2;
     /// The receiver is out of capacity for this stream.
     pub const OVERLOADED: u32 = 3;
+    /// A TCP tee stream the gateway will not replay (no route, or none of its targets can take
+    /// it); the agent stops copying that connection.
+    pub const REFUSED: u32 = 4;
+    /// A TCP tee stream the agent gave up (the connection's copy fell behind, or the agent is
+    /// stopping): the gateway closes its replay connections without finishing them.
+    pub const ABANDONED: u32 = 5;
 }

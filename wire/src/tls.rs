@@ -165,7 +165,8 @@ pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, Tls
             context: "the gateway certificate and key do not fit together",
             source,
         })?;
-    config.alpn_protocols = vec![crate::ALPN.to_vec()];
+    // Newest first: rustls picks the server's first protocol the client offers.
+    config.alpn_protocols = vec![crate::ALPN.to_vec(), crate::ALPN_V1.to_vec()];
     Ok(config)
 }
 
@@ -313,8 +314,11 @@ mod tests {
             server_config(&TlsMaterial::from_generated(&ca.certified, &gw)).expect("server");
         let client =
             client_config(&TlsMaterial::from_generated(&ca.certified, &agent)).expect("client");
-        assert_eq!(server.alpn_protocols, vec![b"teeway/1".to_vec()]);
-        assert_eq!(client.alpn_protocols, vec![b"teeway/1".to_vec()]);
+        assert_eq!(
+            server.alpn_protocols,
+            vec![b"teeway/2".to_vec(), b"teeway/1".to_vec()]
+        );
+        assert_eq!(client.alpn_protocols, vec![b"teeway/2".to_vec()]);
     }
 
     #[test]

@@ -1,0 +1,613 @@
+//! The raw TCP tee (`tcp:` listeners): a byte-stream proxy to a primary for protocols that are not
+//! HTTP (Redis, Thrift, Dubbo...), copying the client-to-server bytes of sampled connections to
+//! the gateway, where they are replayed on a fresh connection.
+//!
+//! ```text
+//! client ──▶ read ──┬──────────────────────────▶ write ──▶ primary
+//!                   └─try_send─▶ queue ─▶ copy task ─▶ QUIC stream: TCP_OPEN TCP_DATA… FIN
+//! client ◀──────────────────────────────────────────────── primary
+//! ```
+//!
+//! **Production never waits.** The proxy hands each chunk it read to the connection's copy with
+//! `try_send` on a bounded queue ([`crate::config::TcpListenerConfig::buffer_bytes`]); the copy task
+//! does all the waiting (opening the stream, QUIC flow control, the gateway's `ACK`). A copy that
+//! falls further behind than its buffer is given up (its stream reset with
+//! [`codes::ABANDONED`]) and the client's connection goes on untouched.
+//!
+//! **Ordered and whole.** One QUIC stream per teed connection carries its bytes in order; the end
+//! of the client's side finishes the stream, and the gateway's `ACK` says it took it all. The TLS
+//! over TCP transport has no streams, so a connection teed while only TLS links are up is counted
+//! `no_quic_link`.
+//!
+//! **Every connection is accounted for**, per listener:
+//!
+//! ```text
+//! teeway_agent_tcp_connections_total = teeway_agent_tcp_not_sampled_total
+//!                                    + teeway_agent_tcp_teed_total
+//!                                    + sum(teeway_agent_tcp_tee_dropped_total{reason})
+//!                                    + teeway_agent_tcp_tee_in_flight
+//! ```
+//!
+//! A sampled connection's [`Outcome`] is resolved once, when its copy ends; one dropped unresolved
+//! (a task aborted) counts as `shutdown`.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use metrics::{Counter, Gauge};
+use quinn::VarInt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use teeway_runtime::dns::Resolver;
+use teeway_runtime::logging::Throttle;
+use teeway_runtime::metrics::Registry;
+use teeway_wire::{codes, Frame, TcpOpen};
+
+use crate::config::TcpListenerConfig;
+use crate::uplink::{NoQuicLink, UplinkState};
+
+/// Largest read from a client at once: one `TCP_DATA` frame.
+pub const READ_SIZE: usize = 16 * 1024;
+/// Time allowed to connect to the primary.
+const PRIMARY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the client's side ended, time allowed for the gateway's `ACK`.
+const ACK_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest reply read on a tee stream (one `ACK`).
+const MAX_REPLY_BYTES: usize = 1024;
+
+/// Connections seen by a `tcp:` listener.
+pub const CONNECTIONS_TOTAL: &str = "teeway_agent_tcp_connections_total";
+/// Connections the listener's `percentage` passed over.
+pub const NOT_SAMPLED_TOTAL: &str = "teeway_agent_tcp_not_sampled_total";
+/// Connections whose client-to-server bytes the gateway acknowledged whole.
+pub const TEED_TOTAL: &str = "teeway_agent_tcp_teed_total";
+/// Sampled connections whose copy was given up, by reason.
+pub const TEE_DROPPED_TOTAL: &str = "teeway_agent_tcp_tee_dropped_total";
+/// Sampled connections whose copy is under way.
+pub const TEE_IN_FLIGHT: &str = "teeway_agent_tcp_tee_in_flight";
+/// Client-to-server bytes proxied to the primary.
+pub const BYTES_TOTAL: &str = "teeway_agent_tcp_bytes_total";
+/// Bytes of the connections counted in `teeway_agent_tcp_teed_total`.
+pub const TEED_BYTES_TOTAL: &str = "teeway_agent_tcp_teed_bytes_total";
+/// Connections closed because the primary could not be reached.
+pub const PRIMARY_ERRORS_TOTAL: &str = "teeway_agent_tcp_primary_errors_total";
+
+/// Why a sampled connection's copy was given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpDropReason {
+    /// `max_teed_connections` copies were under way already.
+    ConnectionLimit,
+    /// No gateway link was up when the connection opened.
+    NoUplink,
+    /// Links were up, but only over TLS on TCP (no streams).
+    NoQuicLink,
+    /// The primary could not be reached: the client got no service and there is nothing to copy.
+    PrimaryError,
+    /// The copy fell more than `buffer_bytes` behind the client.
+    BufferFull,
+    /// The gateway connection failed before it acknowledged the copy.
+    UplinkError,
+    /// The gateway refused the stream (no route, no capacity) or acknowledged none of it.
+    Rejected,
+    /// The agent stopped before the copy was acknowledged.
+    Shutdown,
+}
+
+impl TcpDropReason {
+    const ALL: [TcpDropReason; 8] = [
+        TcpDropReason::ConnectionLimit,
+        TcpDropReason::NoUplink,
+        TcpDropReason::NoQuicLink,
+        TcpDropReason::PrimaryError,
+        TcpDropReason::BufferFull,
+        TcpDropReason::UplinkError,
+        TcpDropReason::Rejected,
+        TcpDropReason::Shutdown,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpDropReason::ConnectionLimit => "connection_limit",
+            TcpDropReason::NoUplink => "no_uplink",
+            TcpDropReason::NoQuicLink => "no_quic_link",
+            TcpDropReason::PrimaryError => "primary_error",
+            TcpDropReason::BufferFull => "buffer_full",
+            TcpDropReason::UplinkError => "uplink_error",
+            TcpDropReason::Rejected => "rejected",
+            TcpDropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One listener's counters (label `listener`).
+struct TcpMetrics {
+    connections: Counter,
+    not_sampled: Counter,
+    teed: Counter,
+    dropped: [Counter; 8],
+    drop_logs: [Throttle; 8],
+    in_flight: Gauge,
+    bytes: Counter,
+    teed_bytes: Counter,
+    primary_errors: Counter,
+    primary_error_log: Throttle,
+}
+
+impl TcpMetrics {
+    fn new(registry: &Registry, listener: &str) -> Self {
+        let one = |name, help| registry.counter_owned(name, help, "listener", listener);
+        Self {
+            connections: one(CONNECTIONS_TOTAL, "Connections seen by a tcp listener"),
+            not_sampled: one(
+                NOT_SAMPLED_TOTAL,
+                "Connections the tcp listener's percentage passed over",
+            ),
+            teed: one(
+                TEED_TOTAL,
+                "Connections whose client bytes the gateway acknowledged whole",
+            ),
+            dropped: TcpDropReason::ALL.map(|r| {
+                registry.counter_labels(
+                    TEE_DROPPED_TOTAL,
+                    "Sampled connections whose copy was given up, by reason",
+                    &[
+                        ("listener", listener.to_owned()),
+                        ("reason", r.as_str().to_owned()),
+                    ],
+                )
+            }),
+            drop_logs: std::array::from_fn(|_| Throttle::default()),
+            in_flight: registry.gauge_owned(
+                TEE_IN_FLIGHT,
+                "Sampled connections whose copy is under way",
+                &[("listener", listener.to_owned())],
+            ),
+            bytes: one(BYTES_TOTAL, "Client-to-server bytes proxied to the primary"),
+            teed_bytes: one(TEED_BYTES_TOTAL, "Bytes of the connections counted as teed"),
+            primary_errors: one(
+                PRIMARY_ERRORS_TOTAL,
+                "Connections closed because the primary could not be reached",
+            ),
+            primary_error_log: Throttle::default(),
+        }
+    }
+
+    fn dropped(&self, listener: &str, reason: TcpDropReason) {
+        self.dropped[reason as usize].increment(1);
+        if let Some(dropped) = self.drop_logs[reason as usize].note() {
+            tracing::warn!(
+                %listener,
+                reason = reason.as_str(),
+                dropped,
+                "TCP connection copies given up (one line a minute at most per reason; see {TEE_DROPPED_TOTAL})"
+            );
+        }
+    }
+}
+
+/// One `tcp:` listener: its settings, limits and counters.
+pub struct TcpTee {
+    config: TcpListenerConfig,
+    cluster: String,
+    resolver: Resolver,
+    uplink: Arc<UplinkState>,
+    /// One permit per copy under way (`max_teed_connections`).
+    slots: Arc<Semaphore>,
+    /// Chunks a copy may hold: `buffer_bytes` in reads of at most [`READ_SIZE`].
+    queue_chunks: usize,
+    metrics: TcpMetrics,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for TcpTee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTee")
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpTee {
+    /// A listener's tee; its metrics are registered in `registry` at once.
+    pub fn new(
+        config: TcpListenerConfig,
+        cluster: &str,
+        resolver: Resolver,
+        uplink: Arc<UplinkState>,
+        registry: &Registry,
+    ) -> Self {
+        let queue_chunks = usize::try_from(config.buffer_bytes.div_ceil(READ_SIZE as u64))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        Self {
+            metrics: TcpMetrics::new(registry, &config.name),
+            slots: Arc::new(Semaphore::new(config.max_teed_connections)),
+            queue_chunks,
+            cluster: cluster.to_owned(),
+            resolver,
+            uplink,
+            // Connection numbers start at a random point so that agents sharing a certificate
+            // (replicas of one Deployment) seldom reuse one in the gateway's logs.
+            next_id: AtomicU64::new(fastrand::u64(..) >> 16),
+            config,
+        }
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn sampled(&self) -> bool {
+        let pct = self.config.percentage;
+        pct >= 100.0 || (pct > 0.0 && fastrand::f64() * 100.0 < pct)
+    }
+
+    /// Decides whether connection `id` is teed and, if so, starts its copy task.
+    fn start_copy(self: &Arc<Self>, id: u64, tasks: &TaskTracker) -> Option<Copy> {
+        if !self.sampled() {
+            self.metrics.not_sampled.increment(1);
+            return None;
+        }
+        let outcome = Outcome::new(self.clone());
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            outcome.dropped(TcpDropReason::ConnectionLimit);
+            return None;
+        };
+        let conn = match self.uplink.quic_link(id) {
+            Ok(conn) => conn,
+            Err(NoQuicLink::NoLink) => {
+                outcome.dropped(TcpDropReason::NoUplink);
+                return None;
+            }
+            Err(NoQuicLink::TlsOnly) => {
+                outcome.dropped(TcpDropReason::NoQuicLink);
+                return None;
+            }
+        };
+        let open = TcpOpen {
+            id,
+            opened_at_unix_nanos: unix_nanos(SystemTime::now()),
+            source_cluster: self.cluster.clone(),
+            listener: self.config.name.clone(),
+        };
+        let (queue, queue_rx) = mpsc::channel(self.queue_chunks);
+        let abandon = Abandon::default();
+        tasks.spawn(run_copy(
+            conn,
+            open,
+            queue_rx,
+            abandon.clone(),
+            outcome,
+            permit,
+        ));
+        Some(Copy { queue, abandon })
+    }
+
+    async fn connect_primary(&self) -> io::Result<TcpStream> {
+        let (host, port) = &self.config.primary;
+        let addrs = self
+            .resolver
+            .lookup(host, *port)
+            .await
+            .map_err(io::Error::other)?;
+        let mut last = io::Error::other(format!("`{host}` has no address"));
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+/// A sampled connection's accounting: resolved once, `shutdown` if dropped unresolved.
+struct Outcome {
+    tee: Arc<TcpTee>,
+    bytes: u64,
+    resolved: bool,
+}
+
+impl Outcome {
+    fn new(tee: Arc<TcpTee>) -> Self {
+        tee.metrics.in_flight.increment(1.0);
+        Self {
+            tee,
+            bytes: 0,
+            resolved: false,
+        }
+    }
+
+    // Counted before it leaves `in_flight`, so that a scrape in between never misses it.
+    fn teed(mut self) {
+        self.resolved = true;
+        self.tee.metrics.teed.increment(1);
+        self.tee.metrics.teed_bytes.increment(self.bytes);
+        self.tee.metrics.in_flight.decrement(1.0);
+    }
+
+    fn dropped(mut self, reason: TcpDropReason) {
+        self.resolve_dropped(reason);
+    }
+
+    fn resolve_dropped(&mut self, reason: TcpDropReason) {
+        self.resolved = true;
+        self.tee.metrics.dropped(&self.tee.config.name, reason);
+        self.tee.metrics.in_flight.decrement(1.0);
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.resolved {
+            self.resolve_dropped(TcpDropReason::Shutdown);
+        }
+    }
+}
+
+/// Tells a copy task to give up, and why (set before the token fires).
+#[derive(Clone, Default)]
+struct Abandon {
+    token: CancellationToken,
+    reason: Arc<OnceLock<TcpDropReason>>,
+}
+
+impl Abandon {
+    fn now(&self, reason: TcpDropReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    fn reason(&self) -> TcpDropReason {
+        self.reason
+            .get()
+            .copied()
+            .unwrap_or(TcpDropReason::Shutdown)
+    }
+}
+
+/// The proxy's end of a connection's copy.
+struct Copy {
+    queue: mpsc::Sender<Bytes>,
+    abandon: Abandon,
+}
+
+/// Offers `chunk` to the copy without waiting; a copy too far behind is given up.
+fn offer(copy: &mut Option<Copy>, chunk: &Bytes) {
+    let Some(c) = copy else { return };
+    match c.queue.try_send(chunk.clone()) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            c.abandon.now(TcpDropReason::BufferFull);
+            *copy = None;
+        }
+        // The copy task ended on its own (refused, link lost) and resolved itself.
+        Err(mpsc::error::TrySendError::Closed(_)) => *copy = None,
+    }
+}
+
+/// Serves `listener` until `shutdown`; then lets connections finish for up to `grace`, and cuts
+/// those still open (their copies count as `shutdown`).
+pub async fn serve(
+    listener: TcpListener,
+    tee: Arc<TcpTee>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let tasks = TaskTracker::new();
+    let cut = CancellationToken::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, _)) => {
+                let _ = client.set_nodelay(true);
+                tasks.spawn(serve_connection(
+                    tee.clone(),
+                    client,
+                    tasks.clone(),
+                    cut.clone(),
+                ));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                tracing::warn!(listener = %tee.name(), error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!(listener = %tee.name(), "TCP connections still open after the grace period; closing them");
+        cut.cancel();
+        tasks.wait().await;
+    }
+}
+
+async fn serve_connection(
+    tee: Arc<TcpTee>,
+    client: TcpStream,
+    tasks: TaskTracker,
+    cut: CancellationToken,
+) {
+    tee.metrics.connections.increment(1);
+    let id = tee.next_id.fetch_add(1, Ordering::Relaxed);
+    let copy = tee.start_copy(id, &tasks);
+    let primary = tokio::select! {
+        () = cut.cancelled() => return,
+        primary = tokio::time::timeout(PRIMARY_CONNECT_TIMEOUT, tee.connect_primary()) => primary,
+    };
+    let primary = match primary {
+        Ok(Ok(primary)) => primary,
+        failed => {
+            let error = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "connect timed out".to_owned(),
+            };
+            tee.metrics.primary_errors.increment(1);
+            if let Some(failed) = tee.metrics.primary_error_log.note() {
+                tracing::warn!(listener = %tee.name(), %error, failed, "cannot reach the TCP primary; closing the client's connection (one line a minute at most)");
+            }
+            if let Some(copy) = copy {
+                copy.abandon.now(TcpDropReason::PrimaryError);
+            }
+            return;
+        }
+    };
+    let _ = primary.set_nodelay(true);
+    let abandon = copy.as_ref().map(|c| c.abandon.clone());
+    tokio::select! {
+        () = cut.cancelled() => {
+            if let Some(abandon) = abandon {
+                abandon.now(TcpDropReason::Shutdown);
+            }
+        }
+        () = proxy(&tee, client, primary, copy) => {}
+    }
+}
+
+/// Joins the client and the primary, offering what the client sends to `copy`. Ends when the
+/// primary's side is done (after the client's, normally), or at the first error.
+async fn proxy(tee: &TcpTee, client: TcpStream, primary: TcpStream, mut copy: Option<Copy>) {
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mut primary_rd, mut primary_wr) = primary.into_split();
+    let upstream = async {
+        let mut buf = BytesMut::new();
+        loop {
+            buf.reserve(READ_SIZE);
+            let n = match (&mut client_rd)
+                .take(READ_SIZE as u64)
+                .read_buf(&mut buf)
+                .await
+            {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = buf.split().freeze();
+            tee.metrics.bytes.increment(n as u64);
+            offer(&mut copy, &chunk);
+            if primary_wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        // The client's side is over: the copy is whole (finishing its stream), and the primary
+        // is told with a half-close, as the client told us.
+        drop(copy);
+        let _ = primary_wr.shutdown().await;
+    };
+    let downstream = async {
+        let _ = tokio::io::copy(&mut primary_rd, &mut client_wr).await;
+        let _ = client_wr.shutdown().await;
+    };
+    tokio::pin!(upstream, downstream);
+    tokio::select! {
+        () = &mut upstream => downstream.await,
+        // The primary is done first: the connection is over (the client has its answer).
+        () = &mut downstream => {}
+    }
+}
+
+/// What ended a copy's sending.
+enum Sent {
+    /// The client's side ended and the stream is finished.
+    Finished,
+    /// The proxy gave the copy up.
+    Abandoned,
+    /// Sending failed.
+    Failed(TcpDropReason),
+}
+
+/// Sends one connection's copy on its own stream and resolves its outcome.
+async fn run_copy(
+    conn: quinn::Connection,
+    open: TcpOpen,
+    mut queue: mpsc::Receiver<Bytes>,
+    abandon: Abandon,
+    mut outcome: Outcome,
+    permit: OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let streams = tokio::select! {
+        () = abandon.token.cancelled() => return outcome.dropped(abandon.reason()),
+        streams = conn.open_bi() => streams,
+    };
+    let Ok((mut send, mut recv)) = streams else {
+        return outcome.dropped(TcpDropReason::UplinkError);
+    };
+    let mut head = BytesMut::new();
+    Frame::TcpOpen(open).encode(&mut head);
+    let bytes = &mut outcome.bytes;
+    let sending = async {
+        send.write_all(&head).await.map_err(write_failure)?;
+        while let Some(chunk) = queue.recv().await {
+            send.write_all(&Frame::tcp_data_header(chunk.len()))
+                .await
+                .map_err(write_failure)?;
+            *bytes += chunk.len() as u64;
+            send.write_chunk(chunk).await.map_err(write_failure)?;
+        }
+        // The queue also closes when the proxy gives the copy up: never finish a copy with a
+        // gap in it, the gateway would replay it as whole.
+        if abandon.token.is_cancelled() {
+            return Err(abandon.reason());
+        }
+        send.finish().map_err(|_| TcpDropReason::UplinkError)
+    };
+    let sent = tokio::select! {
+        biased;
+        () = abandon.token.cancelled() => Sent::Abandoned,
+        result = sending => match result {
+            Ok(()) => Sent::Finished,
+            Err(reason) => Sent::Failed(reason),
+        },
+    };
+    match sent {
+        Sent::Finished => {}
+        Sent::Abandoned => {
+            let _ = send.reset(VarInt::from_u32(codes::ABANDONED));
+            return outcome.dropped(abandon.reason());
+        }
+        Sent::Failed(reason) => {
+            let _ = send.reset(VarInt::from_u32(codes::ABANDONED));
+            return outcome.dropped(reason);
+        }
+    }
+    let reply = tokio::select! {
+        () = abandon.token.cancelled() => return outcome.dropped(abandon.reason()),
+        reply = tokio::time::timeout(ACK_TIMEOUT, recv.read_to_end(MAX_REPLY_BYTES)) => reply,
+    };
+    let reason = match reply {
+        Ok(Ok(reply)) => match Frame::decode(&mut BytesMut::from(&reply[..])) {
+            Ok(Some(Frame::Ack { accepted })) if accepted > 0 => return outcome.teed(),
+            _ => TcpDropReason::Rejected,
+        },
+        Ok(Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)))) => TcpDropReason::Rejected,
+        Ok(Err(_)) | Err(_) => TcpDropReason::UplinkError,
+    };
+    outcome.dropped(reason);
+}
+
+/// A write that failed: refused by the gateway (it stopped reading), or the link is gone.
+fn write_failure(e: quinn::WriteError) -> TcpDropReason {
+    match e {
+        quinn::WriteError::Stopped(_) => TcpDropReason::Rejected,
+        _ => TcpDropReason::UplinkError,
+    }
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
