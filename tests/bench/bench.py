@@ -188,6 +188,77 @@ class Shadow:
         return count_lines(self.log)
 
 
+class RedisServer:
+    """A redis-server without persistence; `count()` is the SET calls it served (the shadow's
+    deliveries in the TCP tee scenarios)."""
+
+    def __init__(self, work, name):
+        self.port = free_port()
+        self.proc = Proc(name, ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", work], work)
+        wait_until(lambda: port_open(self.port), name)
+
+    def count(self):
+        out = subprocess.run(["redis-cli", "-p", str(self.port), "INFO", "commandstats"], capture_output=True,
+                             text=True, timeout=10).stdout
+        m = re.search(r"cmdstat_set:calls=(\d+)", out)
+        return int(m.group(1)) if m else 0
+
+
+def teeway_tcp_pair(work, primary_port, shadow_port):
+    """Gateway replaying listener `redis` to the shadow, and a TCP-only agent in front of the primary."""
+    certs = os.path.join(work, "certs")
+    subprocess.run([TEEWAY, "certs", "init", "--dir", certs], check=True, capture_output=True)
+    gw_port, gw_admin = free_udp_and_tcp_port(), free_port()
+    with open(os.path.join(work, "gateway.yaml"), "w") as f:
+        f.write(f"""listen: 127.0.0.1:{gw_port}
+tls: {{ ca: {certs}/ca.pem, cert: {certs}/gateway.pem, key: {certs}/gateway.key }}
+tcp_routes:
+  - listener: redis
+    targets: [127.0.0.1:{shadow_port}]
+admin: {{ listen: 127.0.0.1:{gw_admin} }}
+""")
+    gateway = Proc("gateway", [TEEWAY, "gateway", "--config", "gateway.yaml"], work,
+                   env=dict(os.environ, RUST_LOG="warn"))
+    wait_until(lambda: port_open(gw_admin), "gateway admin")
+    port, admin = free_port(), free_port()
+    with open(os.path.join(work, "agent.yaml"), "w") as f:
+        f.write(f"""cluster: bench
+tcp:
+  - name: redis
+    listen: 127.0.0.1:{port}
+    primary: 127.0.0.1:{primary_port}
+gateway:
+  address: 127.0.0.1:{gw_port}
+  server_name: localhost
+  ca: {certs}/ca.pem
+  cert: {certs}/agent.pem
+  key: {certs}/agent.key
+admin: {{ listen: 127.0.0.1:{admin} }}
+""")
+    agent = Proc("agent", [TEEWAY, "agent", "--config", "agent.yaml"], work, env=dict(os.environ, RUST_LOG="warn"))
+    wait_until(lambda: port_open(port) and port_open(admin), "agent")
+    wait_until(lambda: http_status(admin, "/readyz") == 200, "agent uplink")
+    return port, (admin, gw_admin), [agent, gateway]
+
+
+REDIS_REQUESTS = 200_000
+
+
+def run_redis_benchmark(port, connections):
+    """SET of random keys, one command per round trip (no pipelining: the latency shows)."""
+    argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set", "-n", str(REDIS_REQUESTS),
+            "-r", "100000", "-c", str(connections), "--csv"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600).stdout
+    rows = [line.replace('"', "").split(",") for line in out.splitlines() if line.startswith('"SET"')]
+    if not rows:
+        raise RuntimeError(f"redis-benchmark printed no SET row:\n{out}")
+    row = rows[0]
+    # test, rps, avg, min, p50, p95, p99, max (redis 7)
+    return {"requests": REDIS_REQUESTS, "errors": 0, "rps": float(row[1]), "p50_ms": float(row[4]),
+            "p99_ms": float(row[6]), "p999_ms": None}
+
+
 def primary(work):
     port = free_port()
     proc = nginx(work, "primary", f"""
@@ -420,11 +491,24 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             load = run_wrk_killing_gateway(args, target_port, procs, work, gateway_admin)
             row["reconnect_s"] = load.pop("reconnect_s")
             gateway_admin = None  # the first gateway's counters died with it
+        elif driver == "redis":
+            load = run_redis_benchmark(target_port, args.connections)
         elif driver == "grpc":
             load = run_h2load(target_port, args.duration, args.connections, grpc=True)
         else:
             load = run_h2load(target_port, args.duration, args.connections)
         row.update(load)
+        if driver == "redis" and agent_admin:
+            # TCP copies: resolved per connection, counted in the tcp identity.
+            wait_until(lambda: sum(v for k, v in metrics(agent_admin).items()
+                                   if k.startswith("teeway_agent_tcp_tee_in_flight")) == 0, "agent drain")
+            wait_until(lambda: metrics(gateway_admin).get("teeway_gateway_tcp_replays_in_flight", 1) == 0,
+                       "gateway drain")
+            m = metrics(agent_admin)
+            tcp = lambda name: int(sum(v for k, v in m.items() if k.startswith(name)))
+            row["tcp_teed"] = f"agent: {tcp('teeway_agent_tcp_teed_total')} of {tcp('teeway_agent_tcp_connections_total')} connections teed, {tcp('teeway_agent_tcp_tee_dropped_total')} dropped"
+            row["delivered"] = shadow.count() / max(load["requests"], 1)
+            agent_admin = gateway_admin = shadow = None
         if shadow:
             if agent_admin:
                 # Let the agent resolve every copy it holds before counting arrivals.
@@ -562,6 +646,15 @@ def main():
         port, proxy = nginx_proxy(work, pport, sink)
         return port, [proxy] + procs + [pproc, shadow.proc], shadow, admins
 
+    def redis_direct(work):
+        server = RedisServer(work, "redis-primary")
+        return server.port, [server.proc], None, None
+
+    def redis_teeway(work):
+        primary_redis, shadow_redis = RedisServer(work, "redis-primary"), RedisServer(work, "redis-shadow")
+        port, admins, procs = teeway_tcp_pair(work, primary_redis.port, shadow_redis.port)
+        return port, procs + [primary_redis.proc, shadow_redis.proc], shadow_redis, admins
+
     def proxy_only(work):
         pport, pproc = primary(work)
         port, proxy = nginx_proxy(work, pport)
@@ -583,6 +676,9 @@ def main():
         ("12", "gRPC unary calls (h2load, h2c) direct to the primary", grpc_direct, "grpc"),
         ("13", "gRPC unary calls through teeway 100% -> gateway -> h2c shadow", grpc_teeway, "grpc"),
         ("14", "nginx mirror -> teeway sink -> gateway -> shadow", nginx_into_sink, "wrk"),
+        ("15", "redis-benchmark SET direct to redis-server", redis_direct, "redis"),
+        ("16", "redis-benchmark SET through the teeway TCP tee 100% -> gateway -> shadow redis", redis_teeway,
+         "redis"),
     ]
     info = versions()
     print(f"teeway benchmark: {info['machine']}; {args.duration}s per scenario, {args.connections} connections")
@@ -623,6 +719,8 @@ def write_results(args, info, rows):
                 if r.get("gateway_reasons"):
                     delivered += f": {r['gateway_reasons']}"
             delivered += ")"
+        if "tcp_teed" in r:
+            delivered += f" ({r['tcp_teed']})"
         if "reconnect_s" in r:
             delivered += f"; uplink back {r['reconnect_s']:.2f} s after the gateway returned"
         md.append(f"| {r['n']} | {r['scenario']} | {r['rps']:.0f} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} |"
