@@ -25,8 +25,9 @@
 //! # Shutdown
 //!
 //! When the `shutdown` token passed to [`Agent::run`] is cancelled, the agent stops accepting
-//! clients and lets open requests finish (up to `shutdown_grace`); then it closes the queue,
-//! sends what it holds (up to `shutdown_grace` again) and counts the rest as `shutdown` drops.
+//! clients and lets open requests and `tcp:` connections finish (up to `shutdown_grace`; TCP
+//! connections still open then are cut and their copies counted `shutdown`); then it closes the
+//! queue, sends what it holds (up to `shutdown_grace` again) and counts the rest as `shutdown` drops.
 
 use std::io;
 use std::path::Path;

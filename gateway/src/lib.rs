@@ -8,6 +8,7 @@
 //! - [`tcp`]: the TLS-over-TCP listener for agents whose network blocks UDP.
 //! - [`router`]: first-match routing on source cluster, host, path, methods and headers.
 //! - [`replay`]: per-target pooled clients, concurrency limits, the replay itself.
+//! - [`tee_stream`]: TCP tee streams (`tcp_routes`), replayed on a fresh connection per target.
 //! - [`metrics`]: metric names and the accounting of every record.
 //! - [`error`]: the gateway's errors.
 //!
