@@ -34,7 +34,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use metrics::{Counter, Gauge};
@@ -45,6 +45,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::logging::Throttle;
 use teeway_runtime::metrics::Registry;
@@ -197,7 +198,8 @@ impl TcpMetrics {
 pub struct TcpTee {
     config: TcpListenerConfig,
     cluster: String,
-    resolver: Resolver,
+    /// Connects to `primary` (plain TCP).
+    primary: UpstreamConnector,
     uplink: Arc<UplinkState>,
     /// One permit per copy under way (`max_teed_connections`).
     slots: Arc<Semaphore>,
@@ -232,7 +234,12 @@ impl TcpTee {
             slots: Arc::new(Semaphore::new(config.max_teed_connections)),
             queue_chunks,
             cluster: cluster.to_owned(),
-            resolver,
+            primary: UpstreamConnector::new(
+                &config.primary.0,
+                config.primary.1,
+                resolver,
+                PRIMARY_CONNECT_TIMEOUT,
+            ),
             uplink,
             // Connection numbers start at a random point so that agents sharing a certificate
             // (replicas of one Deployment) seldom reuse one in the gateway's logs.
@@ -275,7 +282,7 @@ impl TcpTee {
         };
         let open = TcpOpen {
             id,
-            opened_at_unix_nanos: unix_nanos(SystemTime::now()),
+            opened_at_unix_nanos: teeway_wire::record::unix_nanos(SystemTime::now()),
             source_cluster: self.cluster.clone(),
             listener: self.config.name.clone(),
         };
@@ -293,20 +300,7 @@ impl TcpTee {
     }
 
     async fn connect_primary(&self) -> io::Result<TcpStream> {
-        let (host, port) = &self.config.primary;
-        let addrs = self
-            .resolver
-            .lookup(host, *port)
-            .await
-            .map_err(io::Error::other)?;
-        let mut last = io::Error::other(format!("`{host}` has no address"));
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
+        self.primary.connect_tcp().await
     }
 }
 
@@ -605,9 +599,4 @@ fn write_failure(e: quinn::WriteError) -> TcpDropReason {
         quinn::WriteError::Stopped(_) => TcpDropReason::Rejected,
         _ => TcpDropReason::UplinkError,
     }
-}
-
-fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }

@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::dns::Resolver;
 use teeway_wire::{codes, Frame, TcpOpen};
 
@@ -56,17 +57,17 @@ pub struct TcpTarget {
     port: u16,
     max_connections: usize,
     slots: Arc<Semaphore>,
-    resolver: Resolver,
+    connector: UpstreamConnector,
 }
 
 impl TcpTarget {
     fn new(host: String, port: u16, max_connections: usize, resolver: Resolver) -> Self {
         Self {
+            connector: UpstreamConnector::new(&host, port, resolver, CONNECT_TIMEOUT),
+            slots: Arc::new(Semaphore::new(max_connections)),
             host,
             port,
             max_connections,
-            slots: Arc::new(Semaphore::new(max_connections)),
-            resolver,
         }
     }
 
@@ -75,22 +76,10 @@ impl TcpTarget {
     }
 
     async fn connect(&self) -> Result<TcpStream, String> {
-        let addrs = self
-            .resolver
-            .lookup(&self.host, self.port)
+        self.connector
+            .connect_tcp()
             .await
-            .map_err(|e| e.to_string())?;
-        let mut last = format!("`{}` has no address", self.host);
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
-                }
-                Err(e) => last = format!("{addr}: {e}"),
-            }
-        }
-        Err(last)
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -222,7 +222,10 @@ impl UpstreamConnector {
         Ok(TokioIo::new(UpstreamStream::Tls(Box::new(stream))))
     }
 
-    async fn connect_tcp(&self) -> io::Result<TcpStream> {
+    /// A plain TCP connection to the upstream (no TLS): its name resolved with hickory, each
+    /// address tried in turn (starting one further each call) within the connect timeout, Nagle
+    /// off. The raw TCP tee connects its primaries and shadows with it.
+    pub async fn connect_tcp(&self) -> io::Result<TcpStream> {
         let addrs = self
             .resolver
             .lookup(&self.host, self.port)

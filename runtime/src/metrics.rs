@@ -94,12 +94,8 @@ impl Registry {
             None,
             SharedString::const_str(help),
         );
-        let labels = labels
-            .iter()
-            .map(|(k, v)| Label::new(*k, v.clone()))
-            .collect::<Vec<_>>();
         self.recorder
-            .register_counter(&Key::from_parts(name, labels), &metadata())
+            .register_counter(&Key::from_parts(name, owned_labels(labels)), &metadata())
     }
 
     /// Registers (or finds) a gauge whose label values are known only at run time (an info
@@ -115,12 +111,8 @@ impl Registry {
             None,
             SharedString::const_str(help),
         );
-        let labels = labels
-            .iter()
-            .map(|(k, v)| Label::new(*k, v.clone()))
-            .collect::<Vec<_>>();
         self.recorder
-            .register_gauge(&Key::from_parts(name, labels), &metadata())
+            .register_gauge(&Key::from_parts(name, owned_labels(labels)), &metadata())
     }
 
     /// Registers (or finds) a gauge and records its help text.
@@ -165,6 +157,14 @@ impl Registry {
     pub fn run_upkeep(&self) {
         self.handle.run_upkeep();
     }
+}
+
+/// Labels whose values are known only at run time.
+fn owned_labels(labels: &[(&'static str, String)]) -> Vec<Label> {
+    labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.clone()))
+        .collect()
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {

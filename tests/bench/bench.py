@@ -188,6 +188,19 @@ class Shadow:
         return count_lines(self.log)
 
 
+def agent_uplink(gw_port, certs, admin, transport="auto"):
+    """The `gateway:` and `admin:` blocks of a bench agent's configuration."""
+    return f"""gateway:
+  address: 127.0.0.1:{gw_port}
+  transport: {transport}
+  server_name: localhost
+  ca: {certs}/ca.pem
+  cert: {certs}/agent.pem
+  key: {certs}/agent.key
+admin: {{ listen: 127.0.0.1:{admin} }}
+"""
+
+
 class RedisServer:
     """A redis-server without persistence; `count()` is the SET calls it served (the shadow's
     deliveries in the TCP tee scenarios)."""
@@ -228,14 +241,7 @@ tcp:
   - name: redis
     listen: 127.0.0.1:{port}
     primary: 127.0.0.1:{primary_port}
-gateway:
-  address: 127.0.0.1:{gw_port}
-  server_name: localhost
-  ca: {certs}/ca.pem
-  cert: {certs}/agent.pem
-  key: {certs}/agent.key
-admin: {{ listen: 127.0.0.1:{admin} }}
-""")
+{agent_uplink(gw_port, certs, admin)}""")
     agent = Proc("agent", [TEEWAY, "agent", "--config", "agent.yaml"], work, env=dict(os.environ, RUST_LOG="warn"))
     wait_until(lambda: port_open(port) and port_open(admin), "agent")
     wait_until(lambda: http_status(admin, "/readyz") == 200, "agent uplink")
@@ -351,15 +357,7 @@ listen: 127.0.0.1:{port}
 {"sink: {}" if sink else f"primary: http://127.0.0.1:{primary_port}"}
 primary_protocol: {"auto" if grpc else "http1"}
 mirror: {{ percentage: {percentage} }}
-gateway:
-  address: 127.0.0.1:{gw_port}
-  transport: {transport}
-  server_name: localhost
-  ca: {certs}/ca.pem
-  cert: {certs}/agent.pem
-  key: {certs}/agent.key
-admin: {{ listen: 127.0.0.1:{admin} }}
-""")
+{agent_uplink(gw_port, certs, admin, transport)}""")
     agent = Proc("agent", [TEEWAY, "agent", "--config", "agent.yaml"], work, env=dict(os.environ, RUST_LOG="warn"))
     procs.insert(0, agent)
     wait_until(lambda: port_open(port) and port_open(admin), "agent")

@@ -40,11 +40,7 @@ impl MirroredRequest {
     /// The request's receive time as nanoseconds since the Unix epoch (0 for times before it,
     /// saturating far in the future).
     pub fn received_at_unix_nanos(&self) -> u64 {
-        let since = self
-            .received_at
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO);
-        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        unix_nanos(self.received_at)
     }
 
     /// The host the client addressed: the URI authority (HTTP/2) or the `Host` header (HTTP/1).
@@ -60,6 +56,13 @@ impl MirroredRequest {
     pub fn path(&self) -> &str {
         self.uri.path()
     }
+}
+
+/// `time` as nanoseconds since the Unix epoch, as timestamps travel on the wire: 0 for times
+/// before it, saturating far in the future.
+pub fn unix_nanos(time: SystemTime) -> u64 {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// `host[:port]` or `[v6][:port]` without the port and brackets.
