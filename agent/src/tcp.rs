@@ -321,7 +321,8 @@ impl Outcome {
         }
     }
 
-    // Counted before it leaves `in_flight`, so that a scrape in between never misses it.
+    // Counted before it leaves `in_flight`: a scrape reads counters before gauges, so this order
+    // keeps the window in which it shows in neither as short as it can be.
     fn teed(mut self) {
         self.resolved = true;
         self.tee.metrics.teed.increment(1);

@@ -436,7 +436,8 @@ async fn replay(
         outcome = work => outcome,
     };
     drop(permit);
-    // Counted before it leaves `in_flight`, so that a scrape in between never misses it.
+    // Counted before it leaves `in_flight`: a scrape reads counters before gauges, so this order
+    // keeps the window in which it shows in neither as short as it can be.
     metrics.tcp_replay(result);
     metrics.tcp_in_flight.decrement(1.0);
     if let Some(detail) = detail {
