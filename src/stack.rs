@@ -127,6 +127,9 @@ pub fn agent_config(
             listen: ([127, 0, 0, 1], 0).into(),
         }),
         shutdown_grace: Duration::from_secs(5),
+        // Nothing routes to a loopback demo: stop accepting at once.
+        drain_time: Duration::ZERO,
+        limits: Default::default(),
     }
 }
 

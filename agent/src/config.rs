@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use teeway_archive::ArchiveConfig;
 
+use crate::ingress::{self, ClientLimits};
 use crate::link::Transport;
 use crate::policy::PolicyConfig;
 use crate::spool::{SpoolConfig, MIN_SPOOL_BYTES};
@@ -60,8 +61,13 @@ pub struct AgentConfig {
     pub tcp: Vec<TcpListenerConfig>,
     /// The admin listener, if any.
     pub admin: Option<AdminConfig>,
-    /// Time allowed to drain on SIGTERM.
+    /// Time allowed, after the listener closed, for requests in flight and then for the queue.
     pub shutdown_grace: Duration,
+    /// Time the listener goes on accepting and serving after SIGTERM, while `/readyz` says not
+    /// ready and clients are asked to reconnect.
+    pub drain_time: Duration,
+    /// What one client may hold (`limits:`).
+    pub limits: ClientLimits,
 }
 
 /// `tcp[i]`: a raw TCP listener (Redis, Thrift, Dubbo...) proxied to its primary, with the
@@ -393,6 +399,15 @@ impl AgentConfig {
                 cfg::duration,
             )
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let drain_time = root
+            .optional(
+                &mut p,
+                "drain_time",
+                "use a duration such as 5s (0s stops accepting at once)",
+                cfg::duration,
+            )
+            .unwrap_or(ingress::DEFAULT_DRAIN_TIME);
+        let limits = limits_block(&mut root, &mut p);
         root.finish(&mut p);
 
         let front_complete =
@@ -416,6 +431,8 @@ impl AgentConfig {
                 tcp: tcp.into_iter().map(|(_, t)| t).collect(),
                 admin: admin_listen.map(|listen| AdminConfig { listen }),
                 shutdown_grace,
+                drain_time,
+                limits,
             }),
             _ => None,
         };
@@ -483,6 +500,8 @@ impl AgentConfig {
             self.admin.as_ref().map(|a| a.listen) == old.admin.as_ref().map(|a| a.listen),
         );
         check("shutdown_grace", self.shutdown_grace == old.shutdown_grace);
+        check("drain_time", self.drain_time == old.drain_time);
+        check("limits", self.limits == old.limits);
         changed
     }
 
@@ -492,6 +511,77 @@ impl AgentConfig {
         // Relative paths inside the file are taken from the working directory, as the shell takes
         // the path of the file itself.
         Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&path.display().to_string()))
+    }
+}
+
+/// The `limits:` block: what one client may hold. Every key is optional.
+fn limits_block(root: &mut Section<'_>, p: &mut Problems) -> ClientLimits {
+    let defaults = ClientLimits::default();
+    let mut l = root.section(p, "limits");
+    let positive = |v: &teeway_runtime::yaml::Value| match cfg::duration(v)? {
+        d if d.is_zero() => Err("must be more than 0s".to_owned()),
+        d => Ok(d),
+    };
+    let header_read_timeout = l
+        .optional(
+            p,
+            "header_read_timeout",
+            "use a duration such as 30s (nginx's client_header_timeout is 60s)",
+            positive,
+        )
+        .unwrap_or(defaults.header_read_timeout);
+    let idle_timeout = l
+        .optional(
+            p,
+            "idle_timeout",
+            "use a duration such as 75s (nginx's keepalive_timeout)",
+            positive,
+        )
+        .unwrap_or(defaults.idle_timeout);
+    let count = |min: u64, max: u64| {
+        move |v: &teeway_runtime::yaml::Value| match cfg::whole_number(v)? {
+            n if n < min => Err(format!("must be at least {min}")),
+            n if n > max => Err(format!("must be at most {max}")),
+            n => usize::try_from(n).map_err(|e| e.to_string()),
+        }
+    };
+    let max_connections = l
+        .optional(
+            p,
+            "max_connections",
+            "use a whole number such as 10000 (the open files limit may lower it)",
+            count(1, 10_000_000),
+        )
+        .unwrap_or(defaults.max_connections);
+    let max_header_lines = l
+        .optional(
+            p,
+            "max_header_lines",
+            "use a whole number from 100 to 100000, such as 4096",
+            count(100, 100_000),
+        )
+        .unwrap_or(defaults.max_header_lines);
+    let max_header_bytes = l
+        .optional(
+            p,
+            "max_header_bytes",
+            "use a size from 8KiB to 16MiB, such as 128KiB",
+            |v| match cfg::size(v)? {
+                n if n < ingress::MIN_MAX_HEADER_BYTES as u64 => {
+                    Err("must be at least 8KiB".to_owned())
+                }
+                n if n > 16 * 1024 * 1024 => Err("must be at most 16MiB".to_owned()),
+                n => usize::try_from(n).map_err(|e| e.to_string()),
+            },
+        )
+        .unwrap_or(defaults.max_header_bytes);
+    l.finish(p);
+    ClientLimits {
+        header_read_timeout,
+        idle_timeout,
+        max_connections,
+        max_header_lines,
+        max_header_bytes,
     }
 }
 

@@ -4,7 +4,11 @@
 //! # Layout
 //!
 //! - [`config`]: `agent.yaml`, validated in full before anything binds.
+//! - [`ingress`]: accepting production clients: connection cap, header and idle timeouts, the
+//!   drain on shutdown.
 //! - [`proxy`]: the inline reverse proxy (HTTP/1.1 and HTTP/2) in front of the primary.
+//! - [`retry`]: sending a request the primary never processed again; finishing copies of bodies
+//!   the primary left unread.
 //! - [`policy`]: mirror rules, consistent sampling, redaction, the body-size policy.
 //! - [`tcp`]: `tcp:` listeners, a byte-stream proxy teeing each sampled connection on its own
 //!   QUIC stream.
@@ -24,10 +28,12 @@
 //!
 //! # Shutdown
 //!
-//! When the `shutdown` token passed to [`Agent::run`] is cancelled, the agent stops accepting
-//! clients and lets open requests and `tcp:` connections finish (up to `shutdown_grace`; TCP
-//! connections still open then are cut and their copies counted `shutdown`); then it closes the
-//! queue, sends what it holds (up to `shutdown_grace` again) and counts the rest as `shutdown` drops.
+//! When the `shutdown` token passed to [`Agent::run`] is cancelled, the agent drains: `/readyz`
+//! says not ready, and for `drain_time` it goes on accepting and serving while clients are asked
+//! to reconnect (see [`ingress`]). Then it stops accepting and lets open requests and `tcp:`
+//! connections finish (up to `shutdown_grace`; TCP connections still open then are cut and their
+//! copies counted `shutdown`); then it closes the queue, sends what it holds (up to
+//! `shutdown_grace` again) and counts the rest as `shutdown` drops.
 
 use std::io;
 use std::path::Path;
@@ -50,10 +56,12 @@ use teeway_runtime::reload::{ConfigState, ReloadResult};
 
 pub mod config;
 pub mod error;
+pub mod ingress;
 pub mod link;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod retry;
 pub mod sink;
 pub mod spool;
 pub mod tcp;
@@ -65,6 +73,7 @@ pub use error::{AgentError, UplinkError};
 
 use teeway_archive::{Archive, ArchiveDrop, Outcome, Record};
 
+use crate::ingress::IngressState;
 use crate::link::ClientConfigs;
 use crate::metrics::{Accounting, DropReason};
 use crate::policy::MirrorPolicy;
@@ -131,6 +140,8 @@ pub struct Agent {
     /// The mirror policy in force, shared with the tee.
     policy: Arc<ArcSwap<MirrorPolicy>>,
     config_state: Arc<ConfigState>,
+    /// Whether the listener is draining (`/readyz` says not ready).
+    ingress: Arc<IngressState>,
     /// The uplink's TLS material in force and, once running, the uplink's client configuration:
     /// a reload with new certificates swaps it, and the next connection uses it.
     uplink_tls: Mutex<UplinkTls>,
@@ -174,6 +185,7 @@ impl Agent {
             uplink_state: Arc::new(UplinkState::default()),
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             config_state,
+            ingress: Arc::new(IngressState::default()),
             uplink_tls,
         }
     }
@@ -339,6 +351,7 @@ impl Agent {
                     authority,
                     config.primary_protocol,
                     self.accounting.clone(),
+                    &config.limits,
                 )))
             }),
             (None, Some(sink)) => Some(Front::Sink(Sink::new(tee, &sink.strip_host_suffix))),
@@ -365,6 +378,7 @@ impl Agent {
                 accounting: self.accounting.clone(),
                 uplink: config.gateway.as_ref().map(|_| self.uplink_state.clone()),
                 config: self.config_state.clone(),
+                ingress: self.ingress.clone(),
             });
             tokio::spawn(admin::serve(listener, state, admin_stop.clone()))
         });
@@ -381,6 +395,17 @@ impl Agent {
         );
 
         let tls = config.listen_tls.as_ref().map(|t| t.config.clone());
+        // `tcp:` listeners go on accepting through the drain time too.
+        let stop_accepting = CancellationToken::new();
+        {
+            let (shutdown, stop, drain_time) =
+                (shutdown.clone(), stop_accepting.clone(), config.drain_time);
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(drain_time).await;
+                stop.cancel();
+            });
+        }
         let tcp_tasks: Vec<_> = listeners
             .tcp
             .into_iter()
@@ -389,25 +414,30 @@ impl Agent {
                 tokio::spawn(tcp::serve(
                     listener,
                     tee,
-                    shutdown.clone(),
+                    stop_accepting.clone(),
                     config.shutdown_grace,
                 ))
             })
             .collect();
         match (listeners.proxy, front) {
             (Some(listener), Some(front)) => {
-                let front = Arc::new(front);
-                proxy::serve(
+                ingress::serve(
                     listener,
-                    front,
+                    Arc::new(front),
                     tls,
-                    shutdown.clone(),
-                    config.shutdown_grace,
+                    config.limits,
+                    ingress::Shutdown {
+                        drain: shutdown.clone(),
+                        drain_time: config.drain_time,
+                        grace: config.shutdown_grace,
+                    },
+                    self.ingress.clone(),
+                    self.accounting.registry(),
                 )
                 .await;
             }
             (Some(_), None) => return Err(AgentError::NoFront),
-            (None, _) => shutdown.cancelled().await,
+            (None, _) => stop_accepting.cancelled().await,
         }
         // TCP copies finish (or are cut) before the uplink drains and closes its links.
         for task in tcp_tasks {
@@ -490,6 +520,7 @@ struct AdminView {
     /// `None` when the agent only archives: it is then ready whenever it serves.
     uplink: Option<Arc<UplinkState>>,
     config: Arc<ConfigState>,
+    ingress: Arc<IngressState>,
 }
 
 impl AdminState for AdminView {
@@ -498,7 +529,7 @@ impl AdminState for AdminView {
     }
 
     fn ready(&self) -> bool {
-        self.uplink.as_ref().is_none_or(|u| u.is_connected())
+        !self.ingress.is_draining() && self.uplink.as_ref().is_none_or(|u| u.is_connected())
     }
 
     fn config(&self) -> Option<String> {
@@ -506,6 +537,9 @@ impl AdminState for AdminView {
     }
 
     fn readiness_detail(&self) -> String {
+        if self.ingress.is_draining() {
+            return "(draining: shutting down)".into();
+        }
         match &self.uplink {
             None => "(archiving; no gateway configured)".into(),
             Some(u) if u.is_connected() => "(uplink connected)".into(),

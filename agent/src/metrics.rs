@@ -57,13 +57,30 @@ pub const UPLINK_CONNECTS_TOTAL: &str = "teeway_agent_uplink_connects_total";
 pub const AGENT_INFO: &str = "teeway_agent_info";
 /// Responses the agent produced itself because the primary could not answer.
 pub const PRIMARY_ERRORS_TOTAL: &str = "teeway_agent_primary_errors_total";
+/// Requests sent to the primary again because it never processed them (HTTP/2 GOAWAY or
+/// REFUSED_STREAM, a keep-alive connection closed as the request went out).
+pub const PRIMARY_RETRIES_TOTAL: &str = "teeway_agent_primary_retries_total";
+/// Requests whose client went away before the primary's response (mid-body, or waiting).
+pub const CLIENT_ABORTS_TOTAL: &str = "teeway_agent_client_aborts_total";
+/// Client connections open on `listen`.
+pub const CLIENT_CONNECTIONS: &str = "teeway_agent_client_connections";
+/// Client connections the agent closed itself, by reason (`header_timeout`, `idle_timeout`,
+/// `connection_limit`, `shutdown`).
+pub const CLIENT_CONNECTIONS_CLOSED_TOTAL: &str = "teeway_agent_client_connections_closed_total";
+/// Requests refused before they reached the proxy, by reason (`header_timeout`,
+/// `head_too_large`, `uri_too_long`, `bad_request`): outside the accounting identity, as they
+/// never reached the primary.
+pub const REQUESTS_REFUSED_TOTAL: &str = "teeway_agent_requests_refused_total";
+/// Failed accepts on `listen` (out of file descriptors and the like).
+pub const ACCEPT_ERRORS_TOTAL: &str = "teeway_agent_accept_errors_total";
 
 /// Why a copy was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
     /// The body was larger than `mirror.max_body_bytes`.
     BodyTooLarge,
-    /// The body did not arrive whole (client aborted, or the primary answered before reading it).
+    /// Nobody read the body to its end: the primary failed or answered without reading it and
+    /// the rest did not arrive within the drain time (or the client waited for `100 Continue`).
     IncompleteBody,
     /// The queue held `mirror.queue` copies already.
     QueueFull,
@@ -84,11 +101,13 @@ pub enum DropReason {
     /// The request upgrades the connection (WebSocket and the like): it is passed through to the
     /// primary, and what follows the upgrade is not HTTP, so there is nothing to replay.
     NotMirrorable,
+    /// The client went away before its request arrived whole.
+    ClientAborted,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::BodyTooLarge,
         DropReason::IncompleteBody,
         DropReason::QueueFull,
@@ -100,6 +119,7 @@ impl DropReason {
         DropReason::ArchiveError,
         DropReason::SpoolError,
         DropReason::NotMirrorable,
+        DropReason::ClientAborted,
     ];
 
     /// The `reason` label value.
@@ -116,6 +136,7 @@ impl DropReason {
             DropReason::ArchiveError => "archive_error",
             DropReason::SpoolError => "spool_error",
             DropReason::NotMirrorable => "not_mirrorable",
+            DropReason::ClientAborted => "client_aborted",
         }
     }
 
@@ -132,7 +153,7 @@ pub struct Accounting {
     pub(crate) truncated: Counter,
     mirrored: Counter,
     spooled: Counter,
-    dropped: [Counter; 11],
+    dropped: [Counter; 12],
     in_flight: Gauge,
     held_bytes_gauge: Gauge,
     pub(crate) uplink_connected: Gauge,
@@ -140,10 +161,12 @@ pub struct Accounting {
     pub(crate) connects_ok: Counter,
     pub(crate) connects_failed: Counter,
     pub(crate) primary_errors: Counter,
+    pub(crate) primary_retries: Counter,
+    pub(crate) client_aborts: Counter,
     held_bytes: AtomicU64,
     held_bytes_limit: u64,
     /// One log summary per drop reason (drops are counted always, logged in summary).
-    drop_logs: [Throttle; 11],
+    drop_logs: [Throttle; 12],
     /// Primary failures, logged in summary for the same reason.
     pub(crate) primary_error_log: Throttle,
 }
@@ -217,6 +240,16 @@ impl Accounting {
             primary_errors: registry.counter(
                 PRIMARY_ERRORS_TOTAL,
                 "Requests answered with 502 because the primary could not be reached",
+                &[],
+            ),
+            primary_retries: registry.counter(
+                PRIMARY_RETRIES_TOTAL,
+                "Requests sent to the primary again because it never processed them (GOAWAY, refused stream, keep-alive close)",
+                &[],
+            ),
+            client_aborts: registry.counter(
+                CLIENT_ABORTS_TOTAL,
+                "Requests whose client went away before the primary's response (not a primary fault)",
                 &[],
             ),
             registry,

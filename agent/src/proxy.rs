@@ -11,40 +11,42 @@
 //! and the primary's are joined byte for byte until either side closes. Such requests are not
 //! mirrored (what follows the upgrade is not HTTP) and are counted as `not_mirrorable`.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::proxy::{add_forwarding, remove_hop_by_hop};
 
-use crate::metrics::{Accounting, PRIMARY_ERRORS_TOTAL};
+use crate::ingress::ClientLimits;
+use crate::metrics::{Accounting, CLIENT_ABORTS_TOTAL, PRIMARY_ERRORS_TOTAL};
+use crate::retry::{may_retry, ReplayBody, MAX_ATTEMPTS, RETRY_BUFFER_BYTES};
 use crate::sink::Sink;
 use crate::tee::{Tee, TeeBody};
 
-/// How long an idle pooled connection to the primary is kept.
-const PRIMARY_POOL_IDLE: Duration = Duration::from_secs(90);
+/// How long an idle pooled connection to the primary is kept. Shorter than the keep-alive
+/// timeouts of common servers (nginx 75 s), so the agent is rarely the one to find a connection
+/// the primary closed.
+const PRIMARY_POOL_IDLE: Duration = Duration::from_secs(50);
 
 /// The body of a response to the client: the primary's, or one the agent wrote itself.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-type PrimaryClient = Client<UpstreamConnector, TeeBody<Incoming>>;
+/// A request body on its way to the primary: copied by the tee, replayable for a retry.
+type PrimaryBody = ReplayBody<TeeBody<Incoming>>;
+
+type PrimaryClient = Client<UpstreamConnector, PrimaryBody>;
 
 /// Forwards requests to the primary and tees copies.
 pub struct Proxy {
@@ -52,6 +54,8 @@ pub struct Proxy {
     http1: PrimaryClient,
     http2: PrimaryClient,
     primary_authority: Authority,
+    /// The primary's authority as a Host value (HTTP/1.0 requests without a Host get it).
+    primary_host: HeaderValue,
     /// `https` for a TLS primary (HTTP/2 sends it as `:scheme`).
     primary_scheme: Scheme,
     primary_protocol: UpstreamProtocol,
@@ -67,21 +71,35 @@ impl std::fmt::Debug for Proxy {
 }
 
 impl Proxy {
-    /// A proxy to the primary reached through `connector`.
+    /// A proxy to the primary reached through `connector`; `limits` also bound what the
+    /// primary's responses may carry (header lines and bytes), as they bound requests.
     pub fn new(
         tee: Arc<Tee>,
         connector: UpstreamConnector,
         primary_authority: Authority,
         primary_protocol: UpstreamProtocol,
         accounting: Arc<Accounting>,
+        limits: &ClientLimits,
     ) -> Self {
         let client = |http2_only: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(PRIMARY_POOL_IDLE)
+                .http1_preserve_header_case(true)
+                .http1_max_headers(limits.max_header_lines)
+                .http1_max_buf_size(
+                    limits
+                        .max_header_bytes
+                        .max(crate::ingress::MIN_MAX_HEADER_BYTES),
+                )
+                .http2_max_header_list_size(
+                    u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
+                )
                 .http2_only(http2_only)
                 .build(connector.for_version(http2_only))
         };
+        let primary_host = HeaderValue::from_str(primary_authority.as_str())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Self {
             tee,
             http1: client(false),
@@ -92,6 +110,7 @@ impl Proxy {
                 Scheme::HTTP
             },
             primary_authority,
+            primary_host,
             primary_protocol,
             accounting,
         }
@@ -100,6 +119,11 @@ impl Proxy {
     /// Handles one client request.
     /// `tls`: the client connected over `listen_tls` (the primary is told with
     /// `x-forwarded-proto: https` unless the request already says).
+    ///
+    /// What changes on the way to the primary, and nothing else: hop-by-hop headers go, the
+    /// forwarding headers are added, `Host` is the authority the client addressed (see
+    /// [`request_host`]), `Expect: 100-continue` is answered here and not forwarded, and the
+    /// version is the one `primary_protocol` says.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
@@ -119,7 +143,13 @@ impl Proxy {
         let original_uri = parts.uri.clone();
         let version = parts.version;
 
+        let host = request_host(&parts, &self.primary_host);
         remove_hop_by_hop(&mut parts.headers);
+        // hyper answers `100 Continue` when the body is first read, which is when the primary
+        // takes it: the client uploads only what goes somewhere. The primary and the copy get
+        // the body without the question (Envoy's default).
+        let expects_continue = remove_expect(&mut parts.headers);
+        parts.headers.insert(header::HOST, host.clone());
         add_forwarding(&mut parts.headers, client.ip(), version);
 
         let copy = self.tee.admit(
@@ -129,24 +159,57 @@ impl Proxy {
             &parts.headers,
             received_at,
         );
-        let body = self.tee.body(body, copy);
+        let body = ReplayBody::new(
+            self.tee.body(body, copy),
+            RETRY_BUFFER_BYTES,
+            !expects_continue,
+        );
 
         let (client_for_version, out_version) = if self.primary_protocol.use_http2(version) {
+            // HTTP/2 carries the host as `:authority`, from the URI.
+            parts.headers.remove(header::HOST);
             (&self.http2, Version::HTTP_2)
         } else {
             (&self.http1, Version::HTTP_11)
         };
         parts.version = out_version;
-        parts.uri = self.upstream_uri(&original_uri, out_version);
-        let upstream = Request::from_parts(parts, body);
+        parts.uri = self.upstream_uri(&original_uri, &host, out_version);
+        let mut aborted = AbortGuard::new(&self.accounting);
 
-        match client_for_version.request(upstream).await {
-            Ok(resp) => {
+        let mut attempt = 1;
+        let response = loop {
+            let Some(attempt_body) = body.again() else {
+                break None;
+            };
+            let upstream = attempt_request(&parts, attempt_body);
+            match client_for_version.request(upstream).await {
+                Ok(resp) => break Some(Ok(resp)),
+                Err(e) if body.client_failed() => break Some(Err((e, true))),
+                Err(e) => {
+                    if attempt < MAX_ATTEMPTS
+                        && may_retry(&e, &parts.method)
+                        && body.again().is_some()
+                    {
+                        attempt += 1;
+                        self.accounting.primary_retries.increment(1);
+                        tracing::debug!(error = %error_chain(&e), attempt, "the primary did not process the request; sending it again");
+                        continue;
+                    }
+                    break Some(Err((e, false)));
+                }
+            }
+        };
+        aborted.disarm();
+        match response {
+            Some(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Left(body))
             }
-            Err(e) => self.primary_failed(&e),
+            Some(Err((e, true))) => self.client_aborted(&e),
+            Some(Err((e, false))) => self.primary_failed(&e),
+            // Unreachable: the first attempt always has a body.
+            None => bad_gateway(),
         }
     }
 
@@ -161,7 +224,9 @@ impl Proxy {
         let client_side = hyper::upgrade::on(&mut req);
         let (mut parts, body) = req.into_parts();
         let original_uri = parts.uri.clone();
+        let host = request_host(&parts, &self.primary_host);
         remove_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(header::HOST, host);
         add_forwarding(&mut parts.headers, client.ip(), parts.version);
         self.tee
             .unmirrorable(&parts.method, &original_uri, &parts.headers);
@@ -170,8 +235,13 @@ impl Proxy {
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol);
         parts.version = Version::HTTP_11;
-        parts.uri = self.upstream_uri(&original_uri, Version::HTTP_11);
-        let upstream = Request::from_parts(parts, self.tee.body(body, None));
+        parts.uri = self.upstream_uri(
+            &original_uri,
+            &HeaderValue::from_static(""),
+            Version::HTTP_11,
+        );
+        let upstream =
+            Request::from_parts(parts, ReplayBody::new(self.tee.body(body, None), 0, false));
         let mut resp = match self.http1.request(upstream).await {
             Ok(resp) => resp,
             Err(e) => return self.primary_failed(&e),
@@ -208,6 +278,17 @@ impl Proxy {
         Response::from_parts(parts, Either::Left(body))
     }
 
+    /// The client went away mid-body: not the primary's fault. Nobody reads the answer.
+    fn client_aborted(&self, e: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
+        self.accounting.client_aborts.increment(1);
+        tracing::debug!(error = %error_chain(e), "client went away before its request arrived whole (see {CLIENT_ABORTS_TOTAL})");
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+            b"teeway: the request body did not arrive whole\n",
+        ))));
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        resp
+    }
+
     fn primary_failed(&self, e: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
         self.accounting.primary_errors.increment(1);
         if let Some(failures) = self.accounting.primary_error_log.note() {
@@ -221,11 +302,12 @@ impl Proxy {
     }
 
     /// The URI sent upstream. The connector always dials the primary, so the authority only
-    /// names the request: HTTP/2 keeps the client's `:authority`; HTTP/1 keeps its `Host` header
-    /// (hyper leaves an existing one alone) and uses the primary's authority to key the pool.
-    fn upstream_uri(&self, original: &Uri, version: Version) -> Uri {
-        let authority = match (version, original.authority()) {
-            (Version::HTTP_2, Some(a)) => a.clone(),
+    /// names the request: HTTP/2 sends the request's host as `:authority`; HTTP/1 sends it as
+    /// `Host` and uses the primary's authority to key the pool (the target is origin-form).
+    fn upstream_uri(&self, original: &Uri, host: &HeaderValue, version: Version) -> Uri {
+        let authority = match version {
+            Version::HTTP_2 => Authority::try_from(host.as_bytes())
+                .unwrap_or_else(|_| self.primary_authority.clone()),
             _ => self.primary_authority.clone(),
         };
         let path = original
@@ -237,6 +319,75 @@ impl Proxy {
         parts.authority = Some(authority);
         parts.path_and_query = Some(path);
         Uri::from_parts(parts).unwrap_or_else(|_| original.clone())
+    }
+}
+
+/// The host a request addressed, which the primary and the copy both get as `Host`:
+/// an absolute-form target's authority, which wins over `Host` (RFC 9112 §3.2.2), and HTTP/2's
+/// `:authority` likewise (RFC 9113 §8.3.1); else the `Host` header; else (HTTP/1.0 without one)
+/// the primary's own authority, which is what the connection names.
+pub fn request_host(parts: &Parts, primary: &HeaderValue) -> HeaderValue {
+    if let Some(authority) = parts.uri.authority() {
+        // Never forward userinfo (`user:pass@host`).
+        let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+        if let Ok(value) = HeaderValue::from_str(host) {
+            return value;
+        }
+    }
+    parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .unwrap_or_else(|| primary.clone())
+}
+
+/// Removes `Expect: 100-continue`; whether it was there.
+fn remove_expect(headers: &mut http::HeaderMap) -> bool {
+    let continues = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if continues {
+        headers.remove(header::EXPECT);
+    }
+    continues
+}
+
+/// One attempt's request: the head as prepared (extensions included: hyper keeps the client's
+/// header-name case in one) and a body that starts from the first byte.
+fn attempt_request(parts: &Parts, body: PrimaryBody) -> Request<PrimaryBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    *req.extensions_mut() = parts.extensions.clone();
+    req
+}
+
+/// Counts a request whose client went away before the primary answered (its future dropped).
+struct AbortGuard<'a> {
+    accounting: &'a Accounting,
+    armed: bool,
+}
+
+impl<'a> AbortGuard<'a> {
+    fn new(accounting: &'a Accounting) -> Self {
+        Self {
+            accounting,
+            armed: true,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AbortGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.accounting.client_aborts.increment(1);
+        }
     }
 }
 
@@ -301,101 +452,5 @@ impl Front {
             Front::Proxy(proxy) => proxy.handle(req, client, tls).await,
             Front::Sink(sink) => sink.handle(req).await,
         }
-    }
-}
-
-/// Time a client has to complete the TLS handshake on `listen_tls`.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepts client connections until `shutdown`, then lets open connections finish their
-/// requests for up to `grace`. With `tls`, each connection's TLS is terminated first (ALPN picks
-/// HTTP/2 or HTTP/1.1); a failed handshake closes that connection only.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Front>,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let local = listener.local_addr().ok();
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let tls = acceptor.is_some();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer, tls).await) }
-        });
-        let span = tracing::debug_span!("client", %peer, local = ?local);
-        // One task per connection: with TLS it runs the handshake first, so a slow client holds
-        // up no one; the connection joins the graceful shutdown once it speaks HTTP.
-        let acceptor = acceptor.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(
-            async move {
-                let served = match acceptor {
-                    None => {
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(conn).await
-                    }
-                    Some(acceptor) => {
-                        let stream = match tokio::time::timeout(
-                            TLS_HANDSHAKE_TIMEOUT,
-                            acceptor.accept(stream),
-                        )
-                        .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "client TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!("client TLS handshake timed out");
-                                return;
-                            }
-                        };
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(conn).await
-                    }
-                };
-                if let Err(e) = served {
-                    tracing::debug!(error = %e, "client connection ended with an error");
-                }
-            }
-            .instrument(span),
-        );
-    }
-    drop(listener);
-    let open = graceful.count();
-    if open > 0 {
-        tracing::info!(open, ?grace, "waiting for client connections to finish");
-    }
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "client connections still open after the grace period; closing them"
-        );
     }
 }

@@ -261,8 +261,9 @@ impl Capture {
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        // Dropped before the body ended: the client went away, or the primary answered without
-        // reading the whole body. The copy would be a lie, so it is counted and not sent.
+        // Dropped before the body ended: nobody read it to the end (the primary answered or
+        // failed without reading it, and the rest did not arrive in time to complete the copy).
+        // The copy would be a lie, so it is counted and not sent.
         if let Some(ticket) = self.ticket.take() {
             ticket.dropped(DropReason::IncompleteBody);
         }
@@ -313,8 +314,14 @@ where
                     capture.finish();
                 }
             }
-            // An error ends the copy as incomplete (through Capture's Drop).
-            Poll::Ready(Some(Err(_))) => *this.capture = None,
+            // The client went away mid-body: the copy would be a lie.
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut capture) = this.capture.take() {
+                    if let Some(ticket) = capture.ticket.take() {
+                        ticket.dropped(DropReason::ClientAborted);
+                    }
+                }
+            }
             Poll::Pending => {}
         }
         polled
@@ -326,6 +333,15 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl<B> crate::retry::Unfinished for TeeBody<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    fn wants_rest(&self) -> bool {
+        self.capture.is_some()
     }
 }
 

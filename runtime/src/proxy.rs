@@ -15,7 +15,13 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers, including every header named in `Connection`.
+/// Removes hop-by-hop headers, including every header named in `Connection`, and keeps the
+/// order of the rest.
+///
+/// `HeaderMap::remove` fills the hole with the last entry, which reorders what follows; a
+/// primary's response must reach the client in the order it was sent, so when anything is to be
+/// removed the map is rebuilt in order instead. (Lines of one name stay together, in their own
+/// order: `HeaderMap` groups them, so interleaving with other names is not kept.)
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -24,16 +30,33 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
     let te_trailers_only = headers
         .get_all(header::TE)
         .iter()
         .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_trailers_only {
-        headers.remove(header::TE);
+    let remove = |name: &HeaderName| {
+        named.contains(name)
+            || HOP_BY_HOP.contains(name)
+            || (name == header::TE && !te_trailers_only)
+    };
+    if !headers.keys().any(remove) {
+        return;
     }
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in std::mem::take(headers) {
+        // `into_iter` names each group's first value only.
+        if let Some(name) = name {
+            current = Some(name);
+        }
+        match &current {
+            Some(name) if !remove(name) => {
+                kept.append(name.clone(), value);
+            }
+            _ => {}
+        }
+    }
+    *headers = kept;
 }
 
 /// Adds the client's address to `x-forwarded-for` and this hop to `via`.
@@ -89,6 +112,32 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn removal_keeps_the_order_of_the_rest() {
+        let mut h = HeaderMap::new();
+        h.append("x-first", HeaderValue::from_static("1"));
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append("x-second", HeaderValue::from_static("2"));
+        h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("set-cookie", HeaderValue::from_static("b=2"));
+        h.append("x-third", HeaderValue::from_static("3"));
+        remove_hop_by_hop(&mut h);
+        let order: Vec<(&str, &str)> = h
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().expect("ascii")))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("x-first", "1"),
+                ("x-second", "2"),
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2"),
+                ("x-third", "3"),
+            ]
+        );
     }
 
     #[test]
