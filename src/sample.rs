@@ -205,7 +205,9 @@ where
     let stop = CancellationToken::new();
     let token = stop.clone();
     let task = tokio::spawn(async move {
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // As permissive as nginx: many header lines are legal (hyper refuses more than 100).
+        builder.http1().max_headers(4096);
         loop {
             let stream = tokio::select! {
                 () = token.cancelled() => break,

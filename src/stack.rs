@@ -228,6 +228,11 @@ impl RunningAgent {
             .is_ok()
     }
 
+    /// Starts the graceful shutdown (as SIGTERM does) without waiting for it: the drain begins.
+    pub fn begin_shutdown(&self) {
+        self.stop.cancel();
+    }
+
     /// Shuts the agent down gracefully (drain included) and waits for it.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.cancel();

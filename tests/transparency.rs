@@ -1,0 +1,699 @@
+//! Production transparency: each way the agent once showed itself to production clients or
+//! primaries, tried the way it was found (real nginx and h2load where they help, raw sockets
+//! where exact bytes matter), with what the metrics must say.
+//!
+//! - A primary's HTTP/2 GOAWAY and a keep-alive connection closed under a request cost clients
+//!   nothing: requests it never processed are sent again.
+//! - Slow, silent and idle clients are closed on time; at the connection cap idle connections make
+//!   room; refusals are counted by reason.
+//! - A client abort is not a primary error; a request that arrived whole is mirrored whatever the
+//!   primary did; `Expect: 100-continue` is answered by the agent and not forwarded.
+//! - A rollout (SIGTERM) refuses no one: the drain keeps serving while `/readyz` says 503.
+//! - The primary and the shadow get the Host the client addressed, for HTTP/2 and absolute-form
+//!   targets too; header case and order come back as the primary sent them, with no `date` added.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use teeway::sample;
+use teeway::stack::loopback_target;
+use teeway_agent::metrics as am;
+use teeway_runtime::config::UpstreamProtocol;
+
+use support::nginx::{h2load, Nginx};
+use support::{agent_settled, assert_agent_identity, settle, KeepAlive, Stack, LIMIT};
+
+/// Reads from `stream` until the peer closes it (or [`LIMIT`]); what arrived, and whether it
+/// closed.
+async fn read_to_close(stream: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (got, false),
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 response head (and a `Content-Length` body) from `stream`.
+async fn read_response(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                got.truncate(end + 4 + length);
+                return got;
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn status_of(response: &[u8]) -> u16 {
+    std::str::from_utf8(&response[9..12])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn nginx_or_skip() -> Option<std::path::PathBuf> {
+    let found = support::find_program("nginx");
+    if found.is_none() {
+        support::tool_missing("nginx", "a real HTTP/2 primary", "`apt-get install nginx`");
+    }
+    found
+}
+
+#[tokio::test]
+async fn an_http2_primary_sending_goaway_costs_clients_nothing() {
+    let Some(nginx_program) = nginx_or_skip() else {
+        return;
+    };
+    let Some(h2load_program) = support::find_program("h2load") else {
+        support::tool_missing("h2load", "HTTP/2 load", "`apt-get install nghttp2-client`");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    // nginx's default is 1000 requests a connection; fewer make more GOAWAYs in a short run.
+    let nginx = Nginx::start(
+        &nginx_program,
+        dir.path(),
+        "    server {
+        listen 127.0.0.1:{port} http2;
+        keepalive_requests 100;
+        location / { return 200 \"ok\\n\"; }
+    }",
+    )
+    .await;
+    let stack = Stack::start_with(0.0, |c| {
+        c.primary = Some(loopback_target(nginx.addr));
+        c.primary_protocol = UpstreamProtocol::Http2;
+    })
+    .await;
+    let url = format!("http://{}/", stack.agent.addr);
+    let (succeeded, failed, errored, server_errors) = tokio::task::spawn_blocking(move || {
+        h2load(&h2load_program, &["-c10", "-m10", "-n10000", &url])
+    })
+    .await
+    .expect("h2load");
+    let s = stack.agent_metrics();
+    assert_eq!(
+        (succeeded, failed, errored, server_errors),
+        (10_000, 0, 0, 0),
+        "every request answered by the primary; retries: {}",
+        s.get(am::PRIMARY_RETRIES_TOTAL)
+    );
+    assert_eq!(s.get(am::PRIMARY_ERRORS_TOTAL), 0.0);
+    assert_eq!(s.get(am::REQUESTS_TOTAL), 10_000.0);
+    stack.stop().await;
+}
+
+/// An HTTP/1.1 primary that answers the first request of each connection as keep-alive, then
+/// reads the next one and closes without a word: the worst case of a keep-alive connection
+/// closed as a request goes out. Counts the requests it answered.
+async fn closing_primary() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let answered = Arc::new(AtomicU64::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut seen = Vec::new();
+                let mut answered_here = false;
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        if answered_here {
+                            return; // the second request: close unanswered
+                        }
+                        seen.clear();
+                        answered_here = true;
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, answered)
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_the_primary_closes_costs_idempotent_requests_nothing() {
+    let (primary, answered) = closing_primary().await;
+    let stack = Stack::start_with(0.0, |c| {
+        c.primary = Some(loopback_target(primary));
+        c.primary_protocol = UpstreamProtocol::Http1;
+    })
+    .await;
+    let mut client = KeepAlive::open(stack.agent.addr).await;
+    for i in 0..30 {
+        let method = if i % 3 == 0 { "PUT" } else { "GET" };
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("/item/{i}"))
+            .header("host", "api.example.com")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        assert_eq!(client.send(req).await, Ok(StatusCode::OK), "request {i}");
+    }
+    assert_eq!(answered.load(Ordering::Relaxed), 30);
+    let s = stack.agent_metrics();
+    assert_eq!(s.get(am::PRIMARY_ERRORS_TOTAL), 0.0);
+    assert!(
+        s.get(am::PRIMARY_RETRIES_TOTAL) >= 1.0,
+        "the closed connections were met and retried"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn slow_silent_and_idle_clients_are_closed_and_counted() {
+    let stack = Stack::start_with(0.0, |c| {
+        c.limits.header_read_timeout = Duration::from_millis(600);
+        c.limits.idle_timeout = Duration::from_millis(600);
+    })
+    .await;
+    let addr = stack.agent.addr;
+    // A slowloris head, a silent connection, and one idle after a request.
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    let mut idle = TcpStream::connect(addr).await.expect("connect");
+    idle.write_all(b"GET /x HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    assert_eq!(status_of(&read_response(&mut idle).await), 200);
+    for (name, stream) in [
+        ("slow", &mut slow),
+        ("silent", &mut silent),
+        ("idle", &mut idle),
+    ] {
+        let (rest, closed) = read_to_close(stream).await;
+        assert!(closed, "{name} connection still open");
+        assert!(rest.is_empty(), "{name}: nothing more is said: {rest:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let s = settle(
+        || stack.agent_metrics(),
+        |s| s.get(am::CLIENT_CONNECTIONS) == 0.0,
+    )
+    .await;
+    let closed = |reason: &str| {
+        s.get(&format!(
+            "{}{{reason=\"{reason}\"}}",
+            am::CLIENT_CONNECTIONS_CLOSED_TOTAL
+        ))
+    };
+    assert_eq!(closed("header_timeout"), 2.0, "slow and silent: {s:?}");
+    assert_eq!(closed("idle_timeout"), 1.0);
+    assert_eq!(
+        s.get(&format!(
+            "{}{{reason=\"header_timeout\"}}",
+            am::REQUESTS_REFUSED_TOTAL
+        )),
+        1.0,
+        "the slow head is a refused request; the silent connection sent none"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_idle_connections_make_room() {
+    let stack = Stack::start_with(0.0, |c| {
+        c.limits.max_connections = 8;
+    })
+    .await;
+    let addr = stack.agent.addr;
+    let mut hogs = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nX-Slow: ")
+            .await
+            .expect("write");
+        hogs.push(s);
+    }
+    settle(
+        || stack.agent_metrics(),
+        |s| s.get(am::CLIENT_CONNECTIONS) == 8.0,
+    )
+    .await;
+    // A real client still gets through, on a connection of its own.
+    let mut client = KeepAlive::open(addr).await;
+    assert_eq!(client.send(support::get("/real")).await, Ok(StatusCode::OK));
+    let s = stack.agent_metrics();
+    assert!(
+        s.get(&format!(
+            "{}{{reason=\"connection_limit\"}}",
+            am::CLIENT_CONNECTIONS_CLOSED_TOTAL
+        )) >= 1.0,
+        "{s:?}"
+    );
+    assert!(s.get(am::CLIENT_CONNECTIONS) <= 9.0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn legal_requests_pass_and_refusals_are_counted_by_reason() {
+    let stack = Stack::start(100.0).await;
+    let addr = stack.agent.addr;
+    let exchange = |raw: Vec<u8>| async move {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(&raw).await.expect("write");
+        status_of(&read_response(&mut s).await)
+    };
+    // 150 header lines and a 64,000-byte target: legal, and nginx takes them.
+    let mut many = b"GET /many HTTP/1.1\r\nHost: api.example.com\r\n".to_vec();
+    for i in 0..150 {
+        many.extend_from_slice(format!("X-Line-{i}: {i}\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    assert_eq!(exchange(many).await, 200);
+    let long = format!(
+        "GET /long?q={} HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+        "a".repeat(64_000)
+    );
+    assert_eq!(exchange(long.into_bytes()).await, 200);
+    // Past every limit: a target over 65,534 bytes, a head over max_header_bytes, a malformed
+    // Content-Length list.
+    let too_long = format!(
+        "GET /{} HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    assert_eq!(exchange(too_long.into_bytes()).await, 414);
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: api.example.com\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(200_000)
+    );
+    assert_eq!(exchange(huge.into_bytes()).await, 431);
+    let listed =
+        b"POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 3, 3\r\n\r\nabc".to_vec();
+    assert_eq!(exchange(listed).await, 400);
+    let s = settle(|| stack.agent_metrics(), agent_settled).await;
+    let refused = |reason: &str| {
+        s.get(&format!(
+            "{}{{reason=\"{reason}\"}}",
+            am::REQUESTS_REFUSED_TOTAL
+        ))
+    };
+    assert_eq!(refused("uri_too_long"), 1.0, "{s:?}");
+    assert_eq!(refused("head_too_large"), 1.0);
+    assert_eq!(refused("bad_request"), 1.0);
+    assert_eq!(
+        s.get(am::REQUESTS_TOTAL),
+        2.0,
+        "refusals stand beside the identity"
+    );
+    assert_eq!(s.get(am::MIRRORED_TOTAL), 2.0);
+    assert_agent_identity(&s);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_abort_is_not_a_primary_error() {
+    let stack = Stack::start(100.0).await;
+    let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 100\r\n\r\nonly ten b",
+    )
+    .await
+    .expect("write");
+    // The primary starts reading the body; the client goes away.
+    settle(
+        || stack.agent_metrics(),
+        |s| s.get(am::MIRROR_IN_FLIGHT) == 1.0,
+    )
+    .await;
+    drop(s);
+    let s = settle(
+        || stack.agent_metrics(),
+        |s| agent_settled(s) && s.get(am::CLIENT_ABORTS_TOTAL) == 1.0,
+    )
+    .await;
+    assert_eq!(s.get(am::CLIENT_ABORTS_TOTAL), 1.0, "{s:?}");
+    assert_eq!(s.get(am::PRIMARY_ERRORS_TOTAL), 0.0);
+    assert_eq!(
+        s.get(&format!(
+            "{}{{reason=\"client_aborted\"}}",
+            am::MIRROR_DROPPED_TOTAL
+        )),
+        1.0
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_that_arrived_whole_is_mirrored_whatever_the_primary_did() {
+    // A primary that refuses connections.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead = closed.local_addr().expect("addr");
+    drop(closed);
+    let stack = Stack::start_with(100.0, |c| c.primary = Some(loopback_target(dead))).await;
+    let mut client = KeepAlive::open(stack.agent.addr).await;
+    let (status, _) = client
+        .exchange(support::post("/orders", Bytes::from_static(b"{\"n\":1}")))
+        .await
+        .expect("answered");
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        client.send(support::get("/after")).await,
+        Ok(StatusCode::BAD_GATEWAY)
+    );
+    assert_eq!(stack.recording.wait_for(2, LIMIT).await, 2);
+    let copies = stack.recording.requests();
+    let post = copies
+        .iter()
+        .find(|r| r.uri.path() == "/orders")
+        .expect("the POST was mirrored");
+    assert_eq!(&post.body[..], b"{\"n\":1}");
+    let s = settle(|| stack.agent_metrics(), agent_settled).await;
+    assert_eq!(s.get(am::MIRRORED_TOTAL), 2.0, "{s:?}");
+    assert_eq!(s.get(am::PRIMARY_ERRORS_TOTAL), 2.0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_by_the_agent_and_not_forwarded() {
+    // A recording service stands in for the primary, to see what it got.
+    let (primary, primary_log) = sample::start_shadow(Duration::ZERO).await.expect("primary");
+    let stack = Stack::start_with(100.0, |c| c.primary = Some(loopback_target(primary.addr))).await;
+    let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+    s.write_all(b"PUT /file HTTP/1.1\r\nHost: api.example.com\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .expect("write");
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(LIMIT, s.read_exact(&mut interim))
+        .await
+        .expect("100 in time")
+        .expect("read");
+    assert_eq!(&interim[..], b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"hello").await.expect("body");
+    assert_eq!(status_of(&read_response(&mut s).await), 200);
+    assert_eq!(primary_log.wait_for(1, LIMIT).await, 1);
+    assert_eq!(stack.recording.wait_for(1, LIMIT).await, 1);
+    for (side, r) in [
+        ("primary", &primary_log.requests()[0]),
+        ("shadow", &stack.recording.requests()[0]),
+    ] {
+        assert!(r.headers.get("expect").is_none(), "{side} got Expect");
+        assert_eq!(&r.body[..], b"hello", "{side}");
+    }
+    stack.stop().await;
+    primary.stop().await;
+}
+
+/// One request on a connection of its own, as a client behind a load balancer sends it.
+async fn one_shot(addr: SocketAddr) -> Result<u16, String> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    s.write_all(b"GET /loop HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let (answer, _) = read_to_close(&mut s).await;
+    if answer.len() < 12 {
+        return Err(format!("no answer: {answer:?}"));
+    }
+    Ok(status_of(&answer))
+}
+
+/// Requests on one kept-alive connection, reopened when the agent closed it between requests
+/// (after `Connection: close`), as a pooling client does; a request lost on the way fails.
+async fn keep_alive_loop(
+    addr: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> (u64, Vec<String>) {
+    use hyper::client::conn::http1::SendRequest;
+    let (mut ok, mut failed) = (0u64, Vec::new());
+    let mut sender: Option<SendRequest<Full<Bytes>>> = None;
+    while !stop.is_cancelled() {
+        let usable = match sender.as_mut() {
+            Some(s) if !s.is_closed() => s.ready().await.is_ok(),
+            _ => false,
+        };
+        if !usable {
+            let stream = match TcpStream::connect(addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    failed.push(format!("connect: {e}"));
+                    continue;
+                }
+            };
+            let (s, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .expect("handshake");
+            tokio::spawn(conn);
+            sender = Some(s);
+        }
+        let Some(live) = sender.as_mut() else {
+            continue;
+        };
+        match live.send_request(support::get("/loop")).await {
+            Ok(resp) if resp.status() == StatusCode::OK => {
+                let _ = resp.into_body().collect().await;
+                ok += 1;
+            }
+            Ok(resp) => failed.push(format!("status {}", resp.status())),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    (ok, failed)
+}
+
+#[tokio::test]
+async fn a_rollout_refuses_no_one() {
+    let stack = Stack::start_with(0.0, |c| {
+        c.drain_time = Duration::from_secs(5);
+    })
+    .await;
+    let addr = stack.agent.addr;
+    let admin = stack.agent.admin.expect("admin");
+    assert_eq!(support::admin_get(admin, "/readyz").await.0, StatusCode::OK);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut loops = Vec::new();
+    for _ in 0..2 {
+        let one_shots = stop.clone();
+        loops.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !one_shots.is_cancelled() {
+                match one_shot(addr).await {
+                    Ok(200) => ok += 1,
+                    Ok(other) => failed.push(format!("status {other}")),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        }));
+        loops.push(tokio::spawn(keep_alive_loop(addr, stop.clone())));
+    }
+    // Traffic flows; then SIGTERM (as Kubernetes sends it) and traffic goes on through the drain.
+    settle(
+        || stack.agent_metrics(),
+        |s| s.get(am::REQUESTS_TOTAL) >= 50.0,
+    )
+    .await;
+    stack.agent.begin_shutdown();
+    let (status, detail) = support::settle_async(
+        || support::admin_get(admin, "/readyz"),
+        |(status, _)| *status == StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{detail}");
+    let before = stack.agent_metrics().get(am::REQUESTS_TOTAL);
+    settle(
+        || stack.agent_metrics(),
+        |s| s.get(am::REQUESTS_TOTAL) >= before + 200.0,
+    )
+    .await;
+    stop.cancel();
+    let mut total = 0;
+    for l in loops {
+        let (ok, failed) = l.await.expect("loop");
+        assert!(failed.is_empty(), "failed during the drain: {failed:?}");
+        total += ok;
+    }
+    assert!(total >= 250, "traffic flowed: {total}");
+    let s = stack.agent_metrics();
+    assert!(
+        s.get(am::REQUESTS_TOTAL) >= before + 200.0,
+        "served through the drain: {s:?}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn primary_and_shadow_get_the_host_the_client_addressed() {
+    let (primary, primary_log) = sample::start_shadow(Duration::ZERO).await.expect("primary");
+    let stack = Stack::start_with(100.0, |c| {
+        c.primary = Some(loopback_target(primary.addr));
+        c.primary_protocol = UpstreamProtocol::Http1;
+    })
+    .await;
+    let addr = stack.agent.addr;
+    // HTTP/2: `:authority` only.
+    let mut h2 = support::h2c(addr).await;
+    let req = Request::get("http://h2.example.com/h2")
+        .version(Version::HTTP_2)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = h2.send_request(req).await.expect("h2 answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.expect("body");
+    // Absolute form: the target's authority wins over Host (RFC 9112 §3.2.2).
+    for raw in [
+        &b"GET http://abs.example.com/abs HTTP/1.1\r\nHost: other.example.com\r\nConnection: close\r\n\r\n"[..],
+        &b"GET /ten HTTP/1.0\r\n\r\n"[..],
+    ] {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(raw).await.expect("write");
+        let (answer, _) = read_to_close(&mut s).await;
+        assert_eq!(
+            status_of(&answer),
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(primary_log.wait_for(3, LIMIT).await, 3);
+    assert_eq!(stack.recording.wait_for(3, LIMIT).await, 3);
+    let host_at = |log: &sample::Recording, path: &str| {
+        log.requests()
+            .iter()
+            .find(|r| r.uri.path() == path)
+            .map(|r| {
+                // HTTP/2 carries the host as `:authority`.
+                r.headers
+                    .get("host")
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+                    .or_else(|| r.uri.authority().map(|a| a.to_string()))
+                    .unwrap_or_default()
+            })
+    };
+    let primary_authority = primary.addr.to_string();
+    for (path, want) in [
+        ("/h2", "h2.example.com"),
+        ("/abs", "abs.example.com"),
+        ("/ten", primary_authority.as_str()),
+    ] {
+        assert_eq!(
+            host_at(&primary_log, path).as_deref(),
+            Some(want),
+            "primary {path}"
+        );
+        assert_eq!(
+            host_at(&stack.recording, path).as_deref(),
+            Some(want),
+            "shadow {path}"
+        );
+    }
+    stack.stop().await;
+    primary.stop().await;
+}
+
+/// A primary that answers every request with exactly `response`, and keeps each request's bytes.
+async fn scripted_primary(response: &'static [u8]) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut pending = Vec::new();
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        log.lock()
+                            .expect("log")
+                            .extend_from_slice(&pending[..end + 4]);
+                        pending.drain(..end + 4);
+                        if stream.write_all(response).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn headers_keep_their_case_and_order_and_nothing_is_added() {
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nX-First: 1\r\nConnection: keep-alive\r\nContent-Type: text/plain\r\nX-Custom-Header: Mixed\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 3\r\n\r\nok\n";
+    let (primary, seen) = scripted_primary(RESPONSE).await;
+    let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(primary))).await;
+    let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+    s.write_all(b"GET /case HTTP/1.1\r\nHost: api.example.com\r\nX-Request-ID: AbC\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = read_response(&mut s).await;
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "HTTP/1.1 200 OK\r\nX-First: 1\r\nContent-Type: text/plain\r\nX-Custom-Header: Mixed\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 3\r\n\r\nok\n",
+        "the primary's response less its hop-by-hop header, case and order kept, no date added"
+    );
+    let request = String::from_utf8_lossy(&seen.lock().expect("log")).into_owned();
+    let lines: Vec<&str> = request.lines().collect();
+    assert_eq!(lines[0], "GET /case HTTP/1.1");
+    assert_eq!(
+        &lines[1..4],
+        ["Host: api.example.com", "X-Request-ID: AbC", "Accept: */*"],
+        "the client's header case and order reach the primary:\n{request}"
+    );
+    stack.stop().await;
+}
