@@ -697,3 +697,82 @@ async fn headers_keep_their_case_and_order_and_nothing_is_added() {
     );
     stack.stop().await;
 }
+
+/// A server that answers the first request head of each connection with `response` and keeps
+/// every byte it reads (bodies and trailers included).
+async fn raw_recorder(response: &'static [u8]) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut answered = false;
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let head_done = {
+                        let mut log = log.lock().expect("log");
+                        log.extend_from_slice(&buf[..n]);
+                        log.windows(4).any(|w| w == b"\r\n\r\n")
+                    };
+                    if head_done && !answered {
+                        answered = true;
+                        let _ = stream.write_all(response).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn requests_with_trailers_are_mirrored_with_them() {
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+    let (primary, at_primary) = raw_recorder(OK).await;
+    let (shadow, at_shadow) = raw_recorder(OK).await;
+    let stack = Stack::start_configured(
+        100.0,
+        |g| {
+            g.routes[0].targets = vec![teeway_gateway::config::TargetConfig::new(loopback_target(
+                shadow,
+            ))];
+            g.routes[0].protocol = UpstreamProtocol::Http1;
+        },
+        |c| c.primary = Some(loopback_target(primary)),
+    )
+    .await;
+    let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+    s.write_all(b"POST /sum HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Checksum: abc\r\nAuthorization: Bearer secret\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(status_of(&read_response(&mut s).await), 200);
+    let s = settle(|| stack.agent_metrics(), agent_settled).await;
+    assert_eq!(s.get(am::MIRRORED_TOTAL), 1.0, "{s:?}");
+    let has = |log: &Arc<std::sync::Mutex<Vec<u8>>>, needle: &str| {
+        String::from_utf8_lossy(&log.lock().expect("log"))
+            .to_ascii_lowercase()
+            .contains(needle)
+    };
+    let trailer_done = |log: &Arc<std::sync::Mutex<Vec<u8>>>| has(log, "x-checksum: abc\r\n\r\n");
+    let arrived = support::settle(|| trailer_done(&at_shadow), |done| *done).await;
+    assert!(
+        arrived,
+        "the shadow gets the body chunked and the declared trailer: {}",
+        String::from_utf8_lossy(&at_shadow.lock().expect("log"))
+    );
+    for (side, log) in [("primary", &at_primary), ("shadow", &at_shadow)] {
+        assert!(has(log, "\r\nhello\r\n"), "{side} got the body");
+        assert!(trailer_done(log), "{side} got the declared trailer");
+    }
+    assert!(
+        !has(&at_shadow, "bearer secret"),
+        "credentials in trailers are scrubbed from the copy"
+    );
+    stack.stop().await;
+}

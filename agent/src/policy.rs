@@ -182,6 +182,16 @@ impl Default for Redaction {
 impl Redaction {
     /// Scrubs a copy's headers and request target. The primary's request is never touched.
     pub fn apply(&self, headers: &mut HeaderMap, uri: &Uri) -> Uri {
+        self.apply_headers(headers);
+        if self.query.is_empty() {
+            return uri.clone();
+        }
+        self.scrub_query(uri)
+    }
+
+    /// Scrubs a copy's header fields: its head, or its trailers (credentials can travel in
+    /// either).
+    pub fn apply_headers(&self, headers: &mut HeaderMap) {
         for (name, action) in &self.headers {
             match action {
                 RedactAction::Remove => {
@@ -204,10 +214,6 @@ impl Redaction {
                 }
             }
         }
-        if self.query.is_empty() {
-            return uri.clone();
-        }
-        self.scrub_query(uri)
     }
 
     fn replacement(&self, action: RedactAction, value: &[u8]) -> HeaderValue {

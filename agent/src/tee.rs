@@ -163,6 +163,7 @@ impl Tee {
                 max_body_bytes: usize::try_from(copy.policy.max_body_bytes).unwrap_or(usize::MAX),
                 over_limit: copy.policy.over_limit,
                 truncated: false,
+                policy: copy.policy,
             }),
         };
         if body.inner.is_end_stream() {
@@ -212,6 +213,8 @@ struct Capture {
     over_limit: OverLimit,
     /// Over the limit with `over_limit: truncate`: later chunks pass without being copied.
     truncated: bool,
+    /// The policy the copy was admitted under: its redaction applies to trailers too.
+    policy: Arc<MirrorPolicy>,
 }
 
 impl Capture {
@@ -300,7 +303,9 @@ where
                             *this.capture = None;
                         }
                     } else if let Some(trailers) = frame.trailers_ref() {
-                        capture.trailers = Some(trailers.clone());
+                        let mut trailers = trailers.clone();
+                        capture.policy.redaction.apply_headers(&mut trailers);
+                        capture.trailers = Some(trailers);
                     }
                 }
                 if this.inner.is_end_stream() {

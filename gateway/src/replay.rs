@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri, Version};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -33,7 +33,54 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 /// How long one connection attempt to a shadow may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-type ShadowClient = Client<UpstreamConnector, Full<Bytes>>;
+type ShadowClient = Client<UpstreamConnector, RecordBody>;
+
+/// A copy's body as the shadow gets it: the bytes, then the trailers the client sent, if any.
+/// With trailers the length is left unknown, so HTTP/1.1 sends the body chunked and the trailers
+/// after it (hyper sends those the copy's `Trailer` header declares, as RFC 9110 §6.6.2 asks).
+pub struct RecordBody {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl RecordBody {
+    /// The body of `record`.
+    pub fn of(record: &MirroredRequest) -> Self {
+        Self {
+            data: Some(record.body.clone()).filter(|b| !b.is_empty()),
+            trailers: record.trailers.clone(),
+        }
+    }
+}
+
+impl http_body::Body for RecordBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let frame = match self.data.take() {
+            Some(data) => Some(http_body::Frame::data(data)),
+            None => self.trailers.take().map(http_body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match (&self.data, &self.trailers) {
+            (data, None) => {
+                http_body::SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            (_, Some(_)) => http_body::SizeHint::default(),
+        }
+    }
+}
 
 /// Everything that defines a target: two targets with equal specs are interchangeable, so a
 /// reload keeps the old one (its pooled connections, its slots, its tokens).
@@ -297,7 +344,7 @@ impl Target {
     /// The request the shadow receives: the record's method, target, headers and body, with the
     /// route's rewrites (Host policy, path prefix, headers set and removed, the marker header)
     /// and hop-by-hop headers removed.
-    fn request_for(&self, record: &MirroredRequest, source: &str) -> Option<Request<Full<Bytes>>> {
+    fn request_for(&self, record: &MirroredRequest, source: &str) -> Option<Request<RecordBody>> {
         let rewrite = &self.spec.rewrite;
         let original_host = original_host(record);
         let host = match (&rewrite.host, original_host) {
@@ -351,7 +398,7 @@ impl Target {
         });
         parts.authority = Some(authority);
         parts.path_and_query = Some(path);
-        let mut request = Request::new(Full::new(record.body.clone()));
+        let mut request = Request::new(RecordBody::of(record));
         *request.method_mut() = record.method.clone();
         *request.uri_mut() = Uri::from_parts(parts).ok()?;
         *request.version_mut() = version;
