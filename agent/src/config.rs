@@ -932,6 +932,38 @@ admin:
             "localhost"
         );
         assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(c.drain_time, ingress::DEFAULT_DRAIN_TIME);
+        assert_eq!(c.limits, ClientLimits::default());
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn limits_are_read_and_their_problems_named() {
+        let dir = temp_dir("limits");
+        write_certs(&dir);
+        let good = format!(
+            "{VALID}drain_time: 0s\nlimits:\n  header_read_timeout: 10s\n  max_connections: 100\n  max_header_bytes: 64KiB\n"
+        );
+        let c = AgentConfig::from_yaml(&good, &dir).expect("valid");
+        assert_eq!(c.drain_time, Duration::ZERO);
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.max_connections, 100);
+        assert_eq!(c.limits.max_header_bytes, 64 * 1024);
+        assert_eq!(c.limits.idle_timeout, ingress::DEFAULT_IDLE_TIMEOUT);
+        let bad = format!(
+            "{VALID}limits:\n  header_read_timeout: 0s\n  max_header_lines: 5\n  max_header_bytes: 1KiB\n  idle: 3s\n"
+        );
+        let text = AgentConfig::from_yaml(&bad, &dir)
+            .expect_err("invalid")
+            .to_string();
+        for needle in [
+            "limits.header_read_timeout: must be more than 0s (found `0s`)",
+            "limits.max_header_lines: must be at least 100 (found `5`)",
+            "limits.max_header_bytes: must be at least 8KiB",
+            "limits.idle: unknown key",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
         std::fs::remove_dir_all(dir).ok();
     }
 
