@@ -726,12 +726,11 @@ impl Connection {
                 }
             }
         };
-        match outcome {
-            Some(Err(e)) => match Refused::of(e.as_ref()) {
+        if let Some(Err(e)) = outcome {
+            match Refused::of(e.as_ref()) {
                 Some(why) => metrics.refused(why, peer),
                 None => tracing::debug!(error = %e, "client connection ended with an error"),
-            },
-            Some(Ok(())) | None => {}
+            }
         }
     }
 }

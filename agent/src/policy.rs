@@ -192,11 +192,15 @@ impl Redaction {
     /// Scrubs a copy's header fields: its head, or its trailers (credentials can travel in
     /// either).
     pub fn apply_headers(&self, headers: &mut HeaderMap) {
+        // Removal keeps the order of the rest: the shadow sees the fields as the primary did.
+        teeway_runtime::proxy::remove_in_order(headers, |name| {
+            self.headers
+                .iter()
+                .any(|(n, action)| n == name && matches!(action, RedactAction::Remove))
+        });
         for (name, action) in &self.headers {
             match action {
-                RedactAction::Remove => {
-                    headers.remove(name);
-                }
+                RedactAction::Remove => {}
                 RedactAction::Mask | RedactAction::Hash => {
                     if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
                         let replaced: Vec<HeaderValue> = entry

@@ -170,6 +170,9 @@ impl Proxy {
             parts.headers.remove(header::HOST);
             (&self.http2, Version::HTTP_2)
         } else {
+            if version == Version::HTTP_2 {
+                join_cookies(&mut parts.headers);
+            }
             (&self.http1, Version::HTTP_11)
         };
         parts.version = out_version;
@@ -339,6 +342,23 @@ pub fn request_host(parts: &Parts, primary: &HeaderValue) -> HeaderValue {
         .get(header::HOST)
         .cloned()
         .unwrap_or_else(|| primary.clone())
+}
+
+/// HTTP/2 clients may split `cookie` into several fields; toward HTTP/1.1 they must be joined
+/// into one with `"; "` (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 /// Removes `Expect: 100-continue`; whether it was there.

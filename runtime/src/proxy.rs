@@ -39,7 +39,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             || HOP_BY_HOP.contains(name)
             || (name == header::TE && !te_trailers_only)
     };
-    if !headers.keys().any(remove) {
+    remove_in_order(headers, remove);
+}
+
+/// Removes every field whose name `remove` picks, keeping the order of the rest (see
+/// [`remove_hop_by_hop`] for why `HeaderMap::remove` will not do). Costs nothing when no name
+/// matches.
+pub fn remove_in_order(headers: &mut HeaderMap, remove: impl Fn(&HeaderName) -> bool) {
+    if !headers.keys().any(&remove) {
         return;
     }
     let mut kept = HeaderMap::with_capacity(headers.len());
