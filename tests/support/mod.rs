@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod nginx;
+pub mod recorder;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
