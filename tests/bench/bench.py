@@ -14,6 +14,8 @@ import datetime
 import os
 import platform
 import re
+import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -31,6 +33,21 @@ TEEWAY = os.environ.get("TEEWAY_BIN", os.path.join(ROOT, "target", "release", "t
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WAIT_LIMIT = 30.0  # seconds: upper bound on any readiness or drain wait
+# The production side (primary, the proxy or agent in front of it) runs on one core; the test side
+# (gateway, shadows) and the load generator on the other, so neither steals from the other.
+PRODUCTION_CPU, TEST_CPU = 0, 1
+PRODUCTION_SIDE = ("primary", "grpc-primary", "h2-primary", "proxy", "agent", "redis-primary")
+
+
+def pin(cpu):
+    """A preexec_fn pinning the child to `cpu` (where the machine has more than one core)."""
+    if (os.cpu_count() or 1) < 2:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def cpu_for(name):
+    return PRODUCTION_CPU if name in PRODUCTION_SIDE else TEST_CPU
 
 WRK_REPORT = """
 done = function(summary, latency, requests)
@@ -82,11 +99,20 @@ def port_open(port):
 class Proc:
     """A server process (and its children, for nginx workers) with CPU and RSS readings."""
 
-    def __init__(self, name, argv, cwd, env=None):
+    def __init__(self, name, argv, cwd, env=None, nofile=None):
+        """`nofile`: the open files limit the process runs under (`ulimit -n`)."""
         self.name = name
         log = open(os.path.join(cwd, f"{name}.log"), "wb")
+        pinned = pin(cpu_for(name))
+
+        def setup():
+            if pinned:
+                pinned()
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.popen = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                      env=env, start_new_session=True)
+                                      env=env, start_new_session=True, preexec_fn=setup)
 
     def pids(self):
         pids = [self.popen.pid]
@@ -130,7 +156,7 @@ class Proc:
                 self.popen.wait()
 
 
-def nginx(work, name, server_block, workers=1, echo=False):
+def nginx(work, name, server_block, workers=1, echo=False, nofile=None):
     prefix = os.path.join(work, name)
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
     conf = os.path.join(prefix, "nginx.conf")
@@ -153,7 +179,7 @@ http {{
   {server_block}
 }}
 """)
-    return Proc(name, ["nginx", "-p", prefix, "-c", conf], prefix)
+    return Proc(name, ["nginx", "-p", prefix, "-c", conf], prefix, nofile=nofile)
 
 
 def count_lines(path):
@@ -255,7 +281,7 @@ def run_redis_benchmark(port, connections):
     """SET of random keys, one command per round trip (no pipelining: the latency shows)."""
     argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set", "-n", str(REDIS_REQUESTS),
             "-r", "100000", "-c", str(connections), "--csv"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600).stdout
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, preexec_fn=pin(TEST_CPU)).stdout
     rows = [line.replace('"', "").split(",") for line in out.splitlines() if line.startswith('"SET"')]
     if not rows:
         raise RuntimeError(f"redis-benchmark printed no SET row:\n{out}")
@@ -294,7 +320,7 @@ def grpc_primary(work):
     return port, proc
 
 
-def nginx_proxy(work, primary_port, shadow=None, workers=2):
+def nginx_proxy(work, primary_port, shadow=None, workers=2, nofile=None):
     port = free_port()
     mirror = ""
     mirror_loc = ""
@@ -320,13 +346,13 @@ def nginx_proxy(work, primary_port, shadow=None, workers=2):
       proxy_set_header Connection "";
     }}
     {mirror_loc}
-  }}""", workers=workers)
+  }}""", workers=workers, nofile=nofile)
     wait_until(lambda: port_open(port), "nginx proxy")
     return port, proc
 
 
 def teeway_pair(work, primary_port, shadow, percentage, start_gateway=True, transport="auto", grpc=False,
-                sink=False):
+                sink=False, nofile=None, primary_protocol=None):
     """Gateway (unless told not to) and agent. `grpc`: HTTP/2 end to end (the agent speaks the
     client's version to the primary, the gateway the copy's to the shadow). `sink`: the agent has
     no primary and takes a mirror feed on its port."""
@@ -355,10 +381,11 @@ admin: {{ listen: 127.0.0.1:{gw_admin} }}
         f.write(f"""cluster: bench
 listen: 127.0.0.1:{port}
 {"sink: {}" if sink else f"primary: http://127.0.0.1:{primary_port}"}
-primary_protocol: {"auto" if grpc else "http1"}
+primary_protocol: {primary_protocol or ("auto" if grpc else "http1")}
 mirror: {{ percentage: {percentage} }}
 {agent_uplink(gw_port, certs, admin, transport)}""")
-    agent = Proc("agent", [TEEWAY, "agent", "--config", "agent.yaml"], work, env=dict(os.environ, RUST_LOG="warn"))
+    agent = Proc("agent", [TEEWAY, "agent", "--config", "agent.yaml"], work, env=dict(os.environ, RUST_LOG="warn"),
+                 nofile=nofile)
     procs.insert(0, agent)
     wait_until(lambda: port_open(port) and port_open(admin), "agent")
     if start_gateway and percentage > 0:
@@ -399,7 +426,7 @@ def run_wrk(port, duration, connections, threads):
         f.write(WRK_REPORT)
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script,
                           f"http://127.0.0.1:{port}/bench/item?id=42"],
-                         capture_output=True, text=True, timeout=duration + 60).stdout
+                         capture_output=True, text=True, timeout=duration + 60, preexec_fn=pin(TEST_CPU)).stdout
     m = re.search(r"BENCH (.*)", out)
     if not m:
         raise RuntimeError(f"wrk printed no report:\n{out}")
@@ -451,7 +478,8 @@ def run_h2load(port, duration, connections, grpc=False):
             f.write(GRPC_MESSAGE)
         argv += ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
         url = f"http://127.0.0.1:{port}/bench.Echo/Say"
-    out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=duration + 60).stdout
+    out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=duration + 60,
+                         preexec_fn=pin(TEST_CPU)).stdout
     rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
@@ -473,6 +501,86 @@ def run_h2load(port, duration, connections, grpc=False):
     }
 
 
+ATTACK_SLOW, ATTACK_IDLE = 2000, 2000
+ATTACK_NOFILE = 1024  # the production side's `ulimit -n` in the slowloris scenarios
+
+
+def slowloris(port, slow, idle, seconds):
+    """The attack, run as its own process (`bench.py --attack`): `slow` connections sending a
+    request head one byte every 2 s, `idle` connections sending nothing, each reopened as soon
+    as the server closes it, for `seconds`. Prints what it did."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (slow + idle + 256, slow + idle + 256))
+    sel = selectors.DefaultSelector()
+    opened = closed = 0
+    head = b"GET /slow HTTP/1.1\r\nHost: victim\r\nX-Slow: " + b"a" * 10000
+
+    def open_one(kind):
+        nonlocal opened
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        except OSError:
+            s.close()
+            return
+        opened += 1
+        sel.register(s, selectors.EVENT_READ, {"kind": kind, "sent": 0})
+
+    for _ in range(slow):
+        open_one("slow")
+    for _ in range(idle):
+        open_one("idle")
+    print("ready", flush=True)
+    end = time.monotonic() + seconds
+    next_trickle = time.monotonic()
+    while time.monotonic() < end:
+        for key, _ in sel.select(timeout=0.2):
+            try:
+                data = key.fileobj.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                closed += 1
+                kind = key.data["kind"]
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+                open_one(kind)
+        if time.monotonic() >= next_trickle:
+            next_trickle = time.monotonic() + 2
+            for key in list(sel.get_map().values()):
+                if key.data["kind"] == "slow" and key.data["sent"] < len(head):
+                    try:
+                        key.fileobj.send(head[key.data["sent"]:key.data["sent"] + 1])
+                        key.data["sent"] += 1
+                    except OSError:
+                        pass
+    print(f"opened={opened} closed_by_server={closed} open_at_end={len(sel.get_map())}", flush=True)
+
+
+def run_wrk_under_slowloris(args, port):
+    """wrk while `slowloris` holds connections to `port`; the attack starts first and has the
+    server's descriptors filled before wrk connects."""
+    attack = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--attack", str(port),
+                               str(ATTACK_SLOW), str(ATTACK_IDLE), str(args.duration + 8)],
+                              stdout=subprocess.PIPE, text=True, preexec_fn=pin(TEST_CPU))
+    try:
+        if attack.stdout.readline().strip() != "ready":
+            raise RuntimeError("the slowloris attacker did not start")
+        time.sleep(3)  # let the attack fill what it can before production traffic arrives
+        load = run_wrk(port, args.duration, args.connections, args.threads)
+        out, _ = attack.communicate(timeout=WAIT_LIMIT)
+    finally:
+        if attack.poll() is None:
+            attack.kill()
+            attack.wait()
+    load["attack"] = out.strip().splitlines()[-1] if out.strip() else "no report"
+    return load
+
+
 def scenario(args, number, title, setup, driver="wrk", mirror=None):
     """Starts what `setup` starts, drives it, measures it, stops it."""
     work = tempfile.mkdtemp(prefix=f"teeway-bench-{number}-")
@@ -485,6 +593,9 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
         shadow_before = shadow.count() if shadow else 0
         if driver == "wrk":
             load = run_wrk(target_port, args.duration, args.connections, args.threads)
+        elif driver == "wrk+slowloris":
+            load = run_wrk_under_slowloris(args, target_port)
+            row["attack"] = load.pop("attack")
         elif driver == "wrk+kill":
             load = run_wrk_killing_gateway(args, target_port, procs, work, gateway_admin)
             row["reconnect_s"] = load.pop("reconnect_s")
@@ -518,6 +629,8 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             row["agent_mirrored"] = int(m.get("teeway_agent_mirrored_total", 0))
             row["agent_dropped"] = int(sum(v for k, v in m.items() if k.startswith("teeway_agent_mirror_dropped_total")))
             row["agent_seen"] = int(m.get("teeway_agent_requests_total", 0))
+            row["agent_retries"] = int(m.get("teeway_agent_primary_retries_total", 0))
+            row["agent_primary_errors"] = int(m.get("teeway_agent_primary_errors_total", 0))
         if gateway_admin:
             wait_until(lambda: metrics(gateway_admin).get("teeway_gateway_replay_in_flight", 1) == 0, "gateway drain")
             g = metrics(gateway_admin)
@@ -613,11 +726,11 @@ def main():
             return port, [proxy, pproc, shadow.proc], shadow, None
         return setup
 
-    def with_teeway(percentage, delay_ms=0, gateway=True, transport="auto"):
+    def with_teeway(percentage, delay_ms=0, gateway=True, transport="auto", nofile=None):
         def setup(work):
             pport, pproc = primary(work)
             shadow = Shadow(work, delay_ms)
-            port, admins, procs = teeway_pair(work, pport, shadow, percentage, gateway, transport)
+            port, admins, procs = teeway_pair(work, pport, shadow, percentage, gateway, transport, nofile=nofile)
             return port, procs + [pproc, shadow.proc], shadow if percentage > 0 else None, admins
         return setup
 
@@ -653,10 +766,25 @@ def main():
         port, admins, procs = teeway_tcp_pair(work, primary_redis.port, shadow_redis.port)
         return port, procs + [primary_redis.proc, shadow_redis.proc], shadow_redis, admins
 
-    def proxy_only(work):
+    def proxy_only(work, nofile=None):
         pport, pproc = primary(work)
-        port, proxy = nginx_proxy(work, pport)
+        port, proxy = nginx_proxy(work, pport, nofile=nofile)
         return port, [proxy, pproc], None, None
+
+    def h2_goaway(work):
+        """HTTP/2 clients through the agent to an h2c nginx primary that, as nginx does by
+        default, sends GOAWAY after every 1,000 requests on a connection."""
+        port = free_port()
+        pproc = nginx(work, "h2-primary", f"""
+  server {{
+    listen 127.0.0.1:{port} reuseport http2;
+    keepalive_requests 1000;
+    location / {{ return 200 'ok\\n'; }}
+  }}""", workers=1)
+        wait_until(lambda: port_open(port), "h2 primary")
+        shadow = Shadow(work)
+        aport, admins, procs = teeway_pair(work, port, shadow, 0, primary_protocol="http2")
+        return aport, procs + [pproc, shadow.proc], None, admins
 
     plan = [
         ("1", "direct to the primary (ceiling)", direct, "wrk"),
@@ -677,6 +805,11 @@ def main():
         ("15", "redis-benchmark SET direct to redis-server", redis_direct, "redis"),
         ("16", "redis-benchmark SET through the teeway TCP tee 100% -> gateway -> shadow redis", redis_teeway,
          "redis"),
+        ("17", f"nginx reverse proxy under slowloris ({ATTACK_SLOW} slow heads + {ATTACK_IDLE} idle, "
+               f"ulimit -n {ATTACK_NOFILE})", lambda work: proxy_only(work, nofile=ATTACK_NOFILE), "wrk+slowloris"),
+        ("18", "teeway agent 0% under the same slowloris", with_teeway(0, nofile=ATTACK_NOFILE), "wrk+slowloris"),
+        ("19", "h2load through teeway 0% to an h2c nginx primary sending GOAWAY every 1,000 requests", h2_goaway,
+         "h2load"),
     ]
     info = versions()
     print(f"teeway benchmark: {info['machine']}; {args.duration}s per scenario, {args.connections} connections")
@@ -699,8 +832,9 @@ def write_results(args, info, rows):
         f"- versions: {info['teeway']}; {info['nginx']}; {info['wrk']}; {info['h2load']}",
         f"- load: wrk -t{args.threads} -c{args.connections}, {args.duration} s per scenario, GET of a tiny response;"
         f" h2load -c{args.connections} -m10 for HTTP/2",
-        "- every process (load generator included) shares the same cores; CPU is user+system seconds per 1,000"
-        " requests; RSS is the peak (VmHWM) of each process during its scenario",
+        f"- pinning: the production side (primary, proxy or agent) on core {PRODUCTION_CPU}; the test side (gateway,"
+        f" shadows) and the load generator on core {TEST_CPU}; CPU is user+system seconds per 1,000 requests; RSS is"
+        " the peak (VmHWM) of each process during its scenario",
         "",
         "| # | scenario | req/s | p50 ms | p99 ms | p99.9 ms | errors | delivered to shadow | CPU s / 1k req | peak RSS MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
@@ -721,6 +855,11 @@ def write_results(args, info, rows):
             delivered += f" ({r['tcp_teed']})"
         if "reconnect_s" in r:
             delivered += f"; uplink back {r['reconnect_s']:.2f} s after the gateway returned"
+        if "attack" in r:
+            delivered += f" (attack: {r['attack']})"
+        if r.get("agent_retries"):
+            delivered += f" (agent: {r['agent_retries']} requests retried on a new primary connection, " \
+                         f"{r['agent_primary_errors']} answered 502)"
         md.append(f"| {r['n']} | {r['scenario']} | {r['rps']:.0f} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} |"
                   f" {fmt(r['p999_ms'])} | {r['errors']} | {delivered} | {r['cpu_per_1k']} | {r['peak_rss']} |")
     md += ["", "## Against the targets", ""]
@@ -731,8 +870,8 @@ def write_results(args, info, rows):
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     keys = ["n", "scenario", "rps", "p50_ms", "p99_ms", "p999_ms", "errors", "delivered", "agent_seen",
-            "agent_mirrored", "agent_dropped", "gateway_replayed", "gateway_shed", "reconnect_s", "cpu_per_1k",
-            "peak_rss", "error"]
+            "agent_mirrored", "agent_dropped", "agent_retries", "gateway_replayed", "gateway_shed", "reconnect_s",
+            "attack", "cpu_per_1k", "peak_rss", "error"]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -786,6 +925,14 @@ def targets(by):
     if r is not None:
         lines.append(f"- nginx mirroring into a teeway sink (14) runs at {r * 100:.1f}% of nginx mirroring to a"
                      " 204 shadow (3b): the sink answers at once, whatever the gateway does")
+    shares = [(tool, ratio(attacked, calm)) for tool, attacked, calm in (("nginx", "17", "2"), ("teeway", "18", "4"))]
+    if all(r is not None for _, r in shares):
+        (_, nginx_share), (_, teeway_share) = shares
+        check("slowloris: teeway keeps at least nginx's share of its no-attack throughput (18/4 vs 17/2)",
+              teeway_share >= nginx_share, f"teeway {teeway_share * 100:.1f}%, nginx {nginx_share * 100:.1f}%")
+    if "19" in by:
+        check("HTTP/2 primary GOAWAY (19): no client errors", by["19"]["errors"] == 0,
+              f"{by['19']['errors']} errors, {by['19'].get('agent_retries', 0)} requests retried")
     rss = [r["rss_agent_mib"] for r in by.values() if "rss_agent_mib" in r]
     if rss:
         check("agent peak RSS under 64 MiB in every scenario", max(rss) < 64, f"max {max(rss):.1f} MiB")
@@ -795,6 +942,9 @@ def targets(by):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--attack":
+        slowloris(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+        sys.exit(0)
     if not os.path.exists(TEEWAY):
         sys.exit(f"{TEEWAY} is missing: run tests/bench/run.sh, which builds it")
     main()
