@@ -17,17 +17,17 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::Full;
 
-use teeway::sample::{primary_answer, Recorded};
+use teeway::sample::primary_answer;
 use teeway_agent::config::SinkConfig;
 use teeway_agent::metrics as am;
 
-use support::{agent_settled, settle, KeepAlive, Stack, LIMIT};
+use support::nginx::Nginx;
+use support::{agent_settled, host_of, settle, KeepAlive, Stack, LIMIT};
 
 /// A stack whose agent is a sink (no primary) with `max_body_bytes`.
 async fn sink_stack(max_body_bytes: u64) -> Stack {
@@ -50,32 +50,10 @@ fn request(method: &Method, target: &str, host: &str, body: Bytes) -> Request<Fu
         .expect("request")
 }
 
-/// The host a recorded request was sent to: `Host`, or the HTTP/2 `:authority`.
-fn host_of(r: &Recorded) -> String {
-    r.headers
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| r.uri.authority().map(|a| a.to_string()))
-        .unwrap_or_default()
-}
-
-/// Debian's nginx serving the shipped example, its listen port swapped in.
-struct Nginx {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The shipped example with the test's addresses; panics if the example lost a line the test
 /// (and a user following it) relies on.
-fn example_for(primary: SocketAddr, sink: SocketAddr, port: u16) -> String {
+/// `{port}` stands for the port nginx listens on ([`Nginx::start`] picks it).
+fn example_for(primary: SocketAddr, sink: SocketAddr) -> String {
     let example = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/feeds/nginx-mirror.conf"),
     )
@@ -91,62 +69,7 @@ fn example_for(primary: SocketAddr, sink: SocketAddr, port: u16) -> String {
     example
         .replace("server 127.0.0.1:9000;", &format!("server {primary};"))
         .replace("server 127.0.0.1:8090;", &format!("server {sink};"))
-        .replace("listen 8080;", &format!("listen 127.0.0.1:{port};"))
-}
-
-async fn start_nginx(program: &Path, dir: &Path, primary: SocketAddr, sink: SocketAddr) -> Nginx {
-    let mut last_error = String::new();
-    for _ in 0..5 {
-        let port = support::free_port();
-        let temp = dir.join("temp");
-        std::fs::create_dir_all(&temp).expect("temp dir");
-        let conf = format!(
-            "daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 512; }}
-http {{
-    access_log off;
-    client_body_temp_path {temp}/body;
-    proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi;
-    uwsgi_temp_path {temp}/uwsgi;
-    scgi_temp_path {temp}/scgi;
-{example}
-}}
-",
-            dir = dir.display(),
-            temp = temp.display(),
-            example = example_for(primary, sink, port),
-        );
-        std::fs::write(dir.join("nginx.conf"), conf).expect("write conf");
-        let conf_path = dir.join("nginx.conf");
-        let mut child = Command::new(program)
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nginx");
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        if support::wait_listening(addr, &mut child).await {
-            return Nginx { child, addr };
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        last_error = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-        if !last_error.contains("Address already in use") {
-            break;
-        }
-    }
-    panic!("nginx did not start: {last_error}");
+        .replace("listen 8080;", "listen 127.0.0.1:{port};")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,11 +85,10 @@ async fn nginx_mirror_feeds_the_sink_with_bodies_and_hosts_intact() {
     const LIMIT_BYTES: u64 = 256 * 1024;
     let stack = sink_stack(LIMIT_BYTES).await;
     let tmp = tempfile::tempdir().expect("tmp");
-    let nginx = start_nginx(
+    let nginx = Nginx::start(
         &nginx_program,
         tmp.path(),
-        stack.primary.addr,
-        stack.agent.addr,
+        &example_for(stack.primary.addr, stack.agent.addr),
     )
     .await;
 

@@ -605,15 +605,7 @@ async fn primary_and_shadow_get_the_host_the_client_addressed() {
         log.requests()
             .iter()
             .find(|r| r.uri.path() == path)
-            .map(|r| {
-                // HTTP/2 carries the host as `:authority`.
-                r.headers
-                    .get("host")
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-                    .or_else(|| r.uri.authority().map(|a| a.to_string()))
-                    .unwrap_or_default()
-            })
+            .map(support::host_of)
     };
     let primary_authority = primary.addr.to_string();
     for (path, want) in [
@@ -636,46 +628,10 @@ async fn primary_and_shadow_get_the_host_the_client_addressed() {
     primary.stop().await;
 }
 
-/// A primary that answers every request with exactly `response`, and keeps each request's bytes.
-async fn scripted_primary(response: &'static [u8]) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let mut pending = Vec::new();
-                loop {
-                    let Ok(n) = stream.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    pending.extend_from_slice(&buf[..n]);
-                    if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                        log.lock()
-                            .expect("log")
-                            .extend_from_slice(&pending[..end + 4]);
-                        pending.drain(..end + 4);
-                        if stream.write_all(response).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[tokio::test]
 async fn headers_keep_their_case_and_order_and_nothing_is_added() {
     const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nX-First: 1\r\nConnection: keep-alive\r\nContent-Type: text/plain\r\nX-Custom-Header: Mixed\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 3\r\n\r\nok\n";
-    let (primary, seen) = scripted_primary(RESPONSE).await;
+    let (primary, seen) = raw_recorder(RESPONSE).await;
     let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(primary))).await;
     let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
     s.write_all(b"GET /case HTTP/1.1\r\nHost: api.example.com\r\nX-Request-ID: AbC\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n")

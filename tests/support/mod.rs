@@ -188,6 +188,16 @@ impl KeepAlive {
     }
 }
 
+/// The host a recorded request was sent to: `Host`, or the HTTP/2 `:authority`.
+pub fn host_of(r: &teeway::sample::Recorded) -> String {
+    r.headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| r.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default()
+}
+
 pub fn get(path: &str) -> Request<Full<Bytes>> {
     Request::get(path)
         .header("host", "api.example.com")

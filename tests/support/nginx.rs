@@ -57,10 +57,15 @@ http {{
             let conf_path = dir.join("nginx.conf");
             std::fs::write(&conf_path, conf).expect("write nginx.conf");
             let mut child = Command::new(program)
-                .arg("-c")
-                .arg(&conf_path)
                 .arg("-p")
                 .arg(dir)
+                // Before it reads the configuration nginx opens its default error log, which
+                // needs root: name one it can write.
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .arg("-c")
+                .arg(&conf_path)
+                .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -72,6 +77,10 @@ http {{
             let _ = child.kill();
             let _ = child.wait();
             last_error = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+            // Only a port taken in the meantime is worth another try.
+            if !last_error.contains("Address already in use") {
+                break;
+            }
         }
         panic!("nginx did not start: {last_error}");
     }
