@@ -10,8 +10,9 @@
 //! - At most `max_connections` client connections are open, fewer when the process's file
 //!   descriptor limit would not allow them (each may need a second descriptor to the primary).
 //!   At the cap, the connection idle the longest (a slowloris head counts as idle: no request
-//!   of it is in flight) is closed to make room; with none idle, accepting pauses and new
-//!   clients wait in the kernel's backlog until a connection ends.
+//!   of it is in flight; one that never sent a request goes first) is closed to make room once
+//!   it has been idle 250 ms; until then, or with none idle, accepting pauses and new clients
+//!   wait in the kernel's backlog.
 //! - Accept errors (out of descriptors) back off from 10 ms to 1 s, free an idle connection,
 //!   and are logged once a minute with their count.
 //!
@@ -83,6 +84,12 @@ pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(5);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Descriptors kept for everything but client connections (uplink, files, listeners).
 const RESERVED_FDS: u64 = 64;
+/// How long a connection must have been idle before the connection cap closes it to make room.
+/// A client that reconnects as fast as it is closed would otherwise turn the cap into a loop of
+/// accepts and closes on production's core; with it, at most four times `cap` closes a second.
+/// Measured under slowloris (tests/bench, scenario 18): 1 s kept more throughput but left new
+/// clients about a second in the backlog behind the attack; 250 ms lets them in at once.
+const EVICT_MIN_IDLE: Duration = Duration::from_millis(250);
 /// How long a connection asked to close gracefully (idle HTTP/2, evicted) gets before it is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -285,6 +292,8 @@ struct Conn {
     http2: AtomicBool,
     /// Asked to close to make room (the connection cap).
     evict: Notify,
+    /// Already asked: the next eviction picks another connection.
+    evicting: AtomicBool,
 }
 
 impl Conn {
@@ -297,6 +306,7 @@ impl Conn {
             served: AtomicU64::new(0),
             http2: AtomicBool::new(false),
             evict: Notify::new(),
+            evicting: AtomicBool::new(false),
         }
     }
 
@@ -361,7 +371,7 @@ impl Conn {
     /// How long the connection has been idle, and whether it ever sent a request: the eviction
     /// order. `None` while a request is in flight.
     fn idle_rank(&self) -> Option<(bool, u64)> {
-        if !self.is_idle() {
+        if !self.is_idle() || self.evicting.load(Ordering::Relaxed) {
             return None;
         }
         let served = self.served.load(Ordering::Relaxed) > 0;
@@ -409,26 +419,35 @@ impl Open {
         self.lock().len()
     }
 
-    /// Asks the connection idle the longest (one that never sent a request first) to close;
-    /// `false` when every connection has a request in flight.
-    fn evict_one(&self) -> bool {
+    /// Asks the connection idle the longest (one that never sent a request first) to close, if
+    /// it has been idle at least [`EVICT_MIN_IDLE`].
+    fn evict_one(&self) -> Eviction {
         let conns = self.lock();
         let victim = conns
             .values()
-            .filter_map(|c| {
-                c.idle_rank()
-                    .map(|(served, idle)| (served, u64::MAX - idle, c))
-            })
-            .min_by_key(|(served, idle, _)| (*served, *idle))
-            .map(|(_, _, c)| c.clone());
+            .filter_map(|c| c.idle_rank().map(|(served, idle)| (served, idle, c)))
+            .min_by_key(|(served, idle, _)| (*served, u64::MAX - *idle));
+        let min_idle = u64::try_from(EVICT_MIN_IDLE.as_millis()).unwrap_or(u64::MAX);
         match victim {
-            Some(c) => {
+            Some((_, idle, c)) if idle >= min_idle => {
+                c.evicting.store(true, Ordering::Relaxed);
                 c.evict.notify_one();
-                true
+                Eviction::Asked
             }
-            None => false,
+            Some((_, idle, _)) => Eviction::NotYet(Duration::from_millis(min_idle - idle)),
+            None => Eviction::NoneIdle,
         }
     }
+}
+
+/// What [`Open::evict_one`] did.
+enum Eviction {
+    /// A connection was asked to close.
+    Asked,
+    /// The longest idle connection will be old enough after this long.
+    NotYet(Duration),
+    /// Every connection has a request in flight.
+    NoneIdle,
 }
 
 /// The cap in force: `max_connections`, lowered to what the descriptor limit allows.
@@ -511,22 +530,34 @@ pub async fn serve(
     let mut drain_over = pin!(drain_over);
     let mut drain_seen = false;
     loop {
-        if conns.len() >= cap && !conns.evict_one() {
-            // Every connection is busy: wait for one to end; new clients wait in the backlog.
-            let freed = conns.freed.notified();
-            tokio::select! {
-                () = freed => continue,
-                () = &mut drain_over => break,
+        if !drain_seen && shutdown.drain.is_cancelled() {
+            drain_seen = true;
+            state.draining.store(true, Ordering::Relaxed);
+            tracing::info!(drain_time = ?shutdown.drain_time, "draining: still serving, /readyz says not ready, clients are asked to reconnect");
+        }
+        if conns.len() >= cap {
+            // Make room, or wait (new clients wait in the backlog) until a connection ends or
+            // the longest idle one may be closed.
+            let wait = match conns.evict_one() {
+                Eviction::Asked => None,
+                Eviction::NotYet(wait) => Some(wait),
+                Eviction::NoneIdle => Some(Duration::MAX),
+            };
+            if let Some(wait) = wait {
+                let freed = conns.freed.notified();
+                tokio::select! {
+                    () = freed => {}
+                    () = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
+                    () = shutdown.drain.cancelled(), if !drain_seen => {}
+                    () = &mut drain_over => break,
+                }
+                continue;
             }
         }
         let accepted = tokio::select! {
             () = &mut drain_over => break,
-            () = shutdown.drain.cancelled(), if !drain_seen => {
-                drain_seen = true;
-                state.draining.store(true, Ordering::Relaxed);
-                tracing::info!(drain_time = ?shutdown.drain_time, "draining: still serving, /readyz says not ready, clients are asked to reconnect");
-                continue;
-            }
+            // Noted at the top of the loop.
+            () = shutdown.drain.cancelled(), if !drain_seen => continue,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -538,7 +569,7 @@ pub async fn serve(
                 metrics.accept_errors.increment(1);
                 let starved = out_of_descriptors(&e);
                 if starved {
-                    conns.evict_one();
+                    let _ = conns.evict_one();
                 }
                 if let Some(count) = metrics.accept_log.note() {
                     tracing::warn!(error = %e, count, open = conns.len(), "accept failed; backing off (one line a minute at most; see {ACCEPT_ERRORS_TOTAL})");
@@ -671,7 +702,9 @@ impl Connection {
         let mut stop_seen = false;
         let outcome = loop {
             let wake = match conn.check(&limits) {
-                Verdict::Later(at) => closing.map_or(at, |c| c.min(at)),
+                Verdict::Later(at) => closing
+                    .filter(|c| *c > Instant::now())
+                    .map_or(at, |c| c.min(at)),
                 Verdict::HeaderTimeout => {
                     metrics.closed(Closed::HeaderTimeout);
                     if conn.head_started.load(Ordering::Relaxed) != 0 {
@@ -688,13 +721,17 @@ impl Connection {
                 }
                 Verdict::Idle => closing.unwrap_or_else(Instant::now),
             };
-            if closing.is_some_and(|c| Instant::now() >= c) {
+            // Asked to close while idle and still open after the grace: cut it, unless a request
+            // slipped in meanwhile (it finishes first; the watchdog looks again later).
+            if closing.is_some_and(|c| Instant::now() >= c) && conn.is_idle() {
                 break None;
             }
             tokio::select! {
                 result = served.as_mut() => break Some(result),
                 () = tokio::time::sleep_until(wake) => {}
                 () = conn.evict.notified() => {
+                    // A request may have started since: then it stays, and may be picked again.
+                    conn.evicting.store(false, Ordering::Relaxed);
                     if conn.is_idle() {
                         metrics.closed(Closed::ConnectionLimit);
                         if conn.served.load(Ordering::Relaxed) == 0 || conn.head_started.load(Ordering::Relaxed) != 0 {

@@ -571,14 +571,44 @@ def run_wrk_under_slowloris(args, port):
         if attack.stdout.readline().strip() != "ready":
             raise RuntimeError("the slowloris attacker did not start")
         time.sleep(3)  # let the attack fill what it can before production traffic arrives
-        load = run_wrk(port, args.duration, args.connections, args.threads)
+        probes = []
+        stop = threading.Event()
+        prober = threading.Thread(target=probe_new_connections, args=(port, probes, stop))
+        prober.start()
+        try:
+            load = run_wrk(port, args.duration, args.connections, args.threads)
+        finally:
+            stop.set()
+            prober.join()
         out, _ = attack.communicate(timeout=WAIT_LIMIT)
     finally:
         if attack.poll() is None:
             attack.kill()
             attack.wait()
     load["attack"] = out.strip().splitlines()[-1] if out.strip() else "no report"
+    answered = sorted(t for t in probes if t is not None)
+    load["attack"] += (f"; new clients: {len(answered)} of {len(probes)} answered within {PROBE_LIMIT:.0f} s"
+                       + (f", median {answered[len(answered) // 2]:.2f} s, max {answered[-1]:.2f} s" if answered else ""))
     return load
+
+
+PROBE_LIMIT = 10.0  # seconds a new client waits for its answer before it counts as refused
+
+
+def probe_new_connections(port, probes, stop):
+    """Once a second, a new client on a connection of its own (as a browser or a load balancer
+    health check would be): the time to its answer, or None when none came within PROBE_LIMIT."""
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=PROBE_LIMIT) as s:
+                s.settimeout(PROBE_LIMIT)
+                s.sendall(b"GET /probe HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                answered = s.recv(12).startswith(b"HTTP/1.1 200")
+            probes.append(time.monotonic() - started if answered else None)
+        except OSError:
+            probes.append(None)
+        stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))
 
 
 def scenario(args, number, title, setup, driver="wrk", mirror=None):
