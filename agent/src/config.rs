@@ -404,7 +404,10 @@ impl AgentConfig {
                 &mut p,
                 "drain_time",
                 "use a duration such as 5s (0s stops accepting at once)",
-                cfg::duration,
+                |v| match cfg::duration(v)? {
+                    d if d > Duration::from_secs(3600) => Err("must be at most 1h".to_owned()),
+                    d => Ok(d),
+                },
             )
             .unwrap_or(ingress::DEFAULT_DRAIN_TIME);
         let limits = limits_block(&mut root, &mut p);
@@ -520,6 +523,7 @@ fn limits_block(root: &mut Section<'_>, p: &mut Problems) -> ClientLimits {
     let mut l = root.section(p, "limits");
     let positive = |v: &teeway_runtime::yaml::Value| match cfg::duration(v)? {
         d if d.is_zero() => Err("must be more than 0s".to_owned()),
+        d if d > Duration::from_secs(24 * 3600) => Err("must be at most 24h".to_owned()),
         d => Ok(d),
     };
     let header_read_timeout = l

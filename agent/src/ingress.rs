@@ -321,6 +321,7 @@ impl Conn {
     fn request_started(&self, version: Version) {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
+        self.evicting.store(false, Ordering::Relaxed);
         self.served.fetch_add(1, Ordering::Relaxed);
         if version == Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
@@ -339,8 +340,12 @@ impl Conn {
     /// What the watchdog should do now, or when to look again.
     fn check(&self, limits: &ClientLimits) -> Verdict {
         if !self.is_idle() {
-            // A request in flight: look again after an idle period.
-            return Verdict::Later(Instant::now() + limits.idle_timeout);
+            // A request in flight: look again later. Nothing wakes the watchdog when it ends, so
+            // a head that starts after it is timed from then at the latest (a keep-alive
+            // slowloris gets at most twice the header timeout).
+            return Verdict::Later(
+                Instant::now() + limits.header_read_timeout.min(limits.idle_timeout),
+            );
         }
         let head = self.head_started.load(Ordering::Relaxed);
         let served = self.served.load(Ordering::Relaxed);
@@ -537,22 +542,24 @@ pub async fn serve(
         }
         if conns.len() >= cap {
             // Make room, or wait (new clients wait in the backlog) until a connection ends or
-            // the longest idle one may be closed.
+            // the longest idle one may be closed; a connection asked to close is waited for, so
+            // the cap holds. The wait is registered before looking, so no end is missed.
+            let freed = conns.freed.notified();
+            let mut freed = pin!(freed);
+            freed.as_mut().enable();
             let wait = match conns.evict_one() {
-                Eviction::Asked => None,
-                Eviction::NotYet(wait) => Some(wait),
-                Eviction::NoneIdle => Some(Duration::MAX),
+                Eviction::Asked => CLOSE_GRACE,
+                Eviction::NotYet(wait) => wait,
+                // A busy connection that falls idle wakes nothing: look again soon.
+                Eviction::NoneIdle => EVICT_MIN_IDLE,
             };
-            if let Some(wait) = wait {
-                let freed = conns.freed.notified();
-                tokio::select! {
-                    () = freed => {}
-                    () = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
-                    () = shutdown.drain.cancelled(), if !drain_seen => {}
-                    () = &mut drain_over => break,
-                }
-                continue;
+            tokio::select! {
+                () = freed => {}
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.drain.cancelled(), if !drain_seen => {}
+                () = &mut drain_over => break,
             }
+            continue;
         }
         let accepted = tokio::select! {
             () = &mut drain_over => break,
@@ -574,10 +581,9 @@ pub async fn serve(
                 if let Some(count) = metrics.accept_log.note() {
                     tracing::warn!(error = %e, count, open = conns.len(), "accept failed; backing off (one line a minute at most; see {ACCEPT_ERRORS_TOTAL})");
                 }
-                if starved {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
+                // Every accept error backs off (ENOBUFS, ENOMEM and the like would spin too).
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
@@ -603,21 +609,26 @@ pub async fn serve(
         let metrics = metrics.clone();
         tracker.spawn(
             async move {
+                // Leaves the registry however the task ends (a panic included).
+                let _slot = Slot { conns, id, metrics };
                 match acceptor {
                     None => task.run(&builder, stream).await,
                     Some(acceptor) => {
-                        let handshake = acceptor.accept(stream);
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
-                            Ok(Ok(stream)) => task.run(&builder, stream).await,
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "client TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!("client TLS handshake timed out"),
+                        let handshake =
+                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                        let conn = task.conn.clone();
+                        let metrics = task.metrics.clone();
+                        tokio::select! {
+                            done = handshake => match done {
+                                Ok(Ok(stream)) => task.run(&builder, stream).await,
+                                Ok(Err(e)) => tracing::debug!(error = %e, "client TLS handshake failed"),
+                                Err(_) => tracing::debug!("client TLS handshake timed out"),
+                            },
+                            // At the cap, a handshake under way is as idle as a silent client.
+                            () = conn.evict.notified() => metrics.closed(Closed::ConnectionLimit),
                         }
                     }
                 }
-                conns.remove(id);
-                metrics.connections.decrement(1.0);
             }
             .instrument(tracing::debug_span!("client", %peer, local = ?local)),
         );
@@ -637,6 +648,20 @@ pub async fn serve(
         tracing::warn!(grace = ?shutdown.grace, open = conns.len(), "client connections still open after the grace period; closing them");
         cut.cancel();
         tracker.wait().await;
+    }
+}
+
+/// A connection's place in the registry and the gauge, given back on drop.
+struct Slot {
+    conns: Arc<Open>,
+    id: u64,
+    metrics: Arc<IngressMetrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.conns.remove(self.id);
+        self.metrics.connections.decrement(1.0);
     }
 }
 
@@ -683,7 +708,8 @@ impl Connection {
                     conn.request_started(version);
                     let guard = Active(conn);
                     let mut resp = front.handle(req, peer, tls).await;
-                    if version < Version::HTTP_2 && state.is_draining() {
+                    let upgrading = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                    if version < Version::HTTP_2 && state.is_draining() && !upgrading {
                         // Ask the client to reconnect (elsewhere) after this response.
                         resp.headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -730,9 +756,10 @@ impl Connection {
                 result = served.as_mut() => break Some(result),
                 () = tokio::time::sleep_until(wake) => {}
                 () = conn.evict.notified() => {
-                    // A request may have started since: then it stays, and may be picked again.
-                    conn.evicting.store(false, Ordering::Relaxed);
-                    if conn.is_idle() {
+                    if !conn.is_idle() {
+                        // A request started since: it stays, and may be picked again.
+                        conn.evicting.store(false, Ordering::Relaxed);
+                    } else {
                         metrics.closed(Closed::ConnectionLimit);
                         if conn.served.load(Ordering::Relaxed) == 0 || conn.head_started.load(Ordering::Relaxed) != 0 {
                             break None;
@@ -824,8 +851,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        // HTTP/2 connections read frames between requests (PING, WINDOW_UPDATE, SETTINGS): only
+        // an HTTP/1 connection's bytes there are a request head on its way.
         if buf.filled().len() > before
             && self.conn.is_idle()
+            && !self.conn.http2.load(Ordering::Relaxed)
             && self.conn.head_started.load(Ordering::Relaxed) == 0
         {
             let now = self.conn.now_ms().saturating_add(1);

@@ -30,7 +30,9 @@ use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::proxy::{add_forwarding, remove_hop_by_hop};
 
 use crate::ingress::ClientLimits;
-use crate::metrics::{Accounting, CLIENT_ABORTS_TOTAL, PRIMARY_ERRORS_TOTAL};
+use crate::metrics::{
+    Accounting, CLIENT_ABORTS_TOTAL, PRIMARY_ERRORS_TOTAL, REQUESTS_REFUSED_TOTAL,
+};
 use crate::retry::{may_retry, ReplayBody, MAX_ATTEMPTS, RETRY_BUFFER_BYTES};
 use crate::sink::Sink;
 use crate::tee::{Tee, TeeBody};
@@ -60,6 +62,9 @@ pub struct Proxy {
     primary_scheme: Scheme,
     primary_protocol: UpstreamProtocol,
     accounting: Arc<Accounting>,
+    /// `requests_refused_total{reason="bad_request"}`, shared with the listener's refusals.
+    refused_bad_request: metrics::Counter,
+    refused_log: teeway_runtime::logging::Throttle,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -112,6 +117,12 @@ impl Proxy {
             primary_authority,
             primary_host,
             primary_protocol,
+            refused_bad_request: accounting.registry().counter(
+                REQUESTS_REFUSED_TOTAL,
+                "Requests refused before reaching the proxy (never sent to the primary), by reason",
+                &[("reason", "bad_request")],
+            ),
+            refused_log: Default::default(),
             accounting,
         }
     }
@@ -142,19 +153,31 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let original_uri = parts.uri.clone();
         let version = parts.version;
+        let use_http2 = self.primary_protocol.use_http2(version);
 
-        let host = request_host(&parts, &self.primary_host);
+        let host = match request_host(&parts, &self.primary_host) {
+            Ok(host) => host,
+            Err(why) => return self.refuse(why, client),
+        };
+        let upstream_uri = match self.upstream_uri(&original_uri, &host, use_http2) {
+            Ok(uri) => uri,
+            Err(why) => return self.refuse(why, client),
+        };
         remove_hop_by_hop(&mut parts.headers);
-        // hyper answers `100 Continue` when the body is first read, which is when the primary
-        // takes it: the client uploads only what goes somewhere. The primary and the copy get
-        // the body without the question (Envoy's default).
+        // hyper answers `100 Continue` when the body is first read, which is once the request
+        // head has gone to the primary: a client whose primary cannot be reached uploads
+        // nothing. The primary and the copy get the body without the question (Envoy's default).
         let expects_continue = remove_expect(&mut parts.headers);
-        parts.headers.insert(header::HOST, host.clone());
+        parts.headers.insert(header::HOST, host);
+        if version == Version::HTTP_2 && !use_http2 {
+            join_cookies(&mut parts.headers);
+        }
         add_forwarding(&mut parts.headers, client.ip(), version);
 
+        // The copy never carries userinfo (`http://user:pass@host/`).
         let copy = self.tee.admit(
             &parts.method,
-            &original_uri,
+            &without_userinfo(&original_uri),
             version,
             &parts.headers,
             received_at,
@@ -165,18 +188,15 @@ impl Proxy {
             !expects_continue,
         );
 
-        let (client_for_version, out_version) = if self.primary_protocol.use_http2(version) {
+        let (client_for_version, out_version) = if use_http2 {
             // HTTP/2 carries the host as `:authority`, from the URI.
             parts.headers.remove(header::HOST);
             (&self.http2, Version::HTTP_2)
         } else {
-            if version == Version::HTTP_2 {
-                join_cookies(&mut parts.headers);
-            }
             (&self.http1, Version::HTTP_11)
         };
         parts.version = out_version;
-        parts.uri = self.upstream_uri(&original_uri, &host, out_version);
+        parts.uri = upstream_uri;
         let mut aborted = AbortGuard::new(&self.accounting);
 
         let mut attempt = 1;
@@ -189,10 +209,7 @@ impl Proxy {
                 Ok(resp) => break Some(Ok(resp)),
                 Err(e) if body.client_failed() => break Some(Err((e, true))),
                 Err(e) => {
-                    if attempt < MAX_ATTEMPTS
-                        && may_retry(&e, &parts.method)
-                        && body.again().is_some()
-                    {
+                    if attempt < MAX_ATTEMPTS && may_retry(&e, &parts.method) && body.replayable() {
                         attempt += 1;
                         self.accounting.primary_retries.increment(1);
                         tracing::debug!(error = %error_chain(&e), attempt, "the primary did not process the request; sending it again");
@@ -203,6 +220,9 @@ impl Proxy {
             }
         };
         aborted.disarm();
+        // Answered or failed for good: the bytes kept for a retry are let go now, not when the
+        // body ends (a long upload or stream would hold them).
+        body.release();
         match response {
             Some(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
@@ -227,7 +247,10 @@ impl Proxy {
         let client_side = hyper::upgrade::on(&mut req);
         let (mut parts, body) = req.into_parts();
         let original_uri = parts.uri.clone();
-        let host = request_host(&parts, &self.primary_host);
+        let host = match request_host(&parts, &self.primary_host) {
+            Ok(host) => host,
+            Err(why) => return self.refuse(why, client),
+        };
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.insert(header::HOST, host);
         add_forwarding(&mut parts.headers, client.ip(), parts.version);
@@ -238,11 +261,10 @@ impl Proxy {
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol);
         parts.version = Version::HTTP_11;
-        parts.uri = self.upstream_uri(
-            &original_uri,
-            &HeaderValue::from_static(""),
-            Version::HTTP_11,
-        );
+        parts.uri = match self.upstream_uri(&original_uri, &HeaderValue::from_static(""), false) {
+            Ok(uri) => uri,
+            Err(why) => return self.refuse(why, client),
+        };
         let upstream =
             Request::from_parts(parts, ReplayBody::new(self.tee.body(body, None), 0, false));
         let mut resp = match self.http1.request(upstream).await {
@@ -307,11 +329,17 @@ impl Proxy {
     /// The URI sent upstream. The connector always dials the primary, so the authority only
     /// names the request: HTTP/2 sends the request's host as `:authority`; HTTP/1 sends it as
     /// `Host` and uses the primary's authority to key the pool (the target is origin-form).
-    fn upstream_uri(&self, original: &Uri, host: &HeaderValue, version: Version) -> Uri {
-        let authority = match version {
-            Version::HTTP_2 => Authority::try_from(host.as_bytes())
-                .unwrap_or_else(|_| self.primary_authority.clone()),
-            _ => self.primary_authority.clone(),
+    fn upstream_uri(
+        &self,
+        original: &Uri,
+        host: &HeaderValue,
+        http2: bool,
+    ) -> Result<Uri, &'static str> {
+        let authority = if http2 {
+            Authority::try_from(host.as_bytes())
+                .map_err(|_| "a Host that is no URI authority cannot go to an HTTP/2 primary")?
+        } else {
+            self.primary_authority.clone()
         };
         let path = original
             .path_and_query()
@@ -321,27 +349,62 @@ impl Proxy {
         parts.scheme = Some(self.primary_scheme.clone());
         parts.authority = Some(authority);
         parts.path_and_query = Some(path);
-        Uri::from_parts(parts).unwrap_or_else(|_| original.clone())
+        Uri::from_parts(parts).map_err(|_| "the request target cannot be forwarded")
+    }
+
+    /// Answers 400 to a request the primary must not get as it is (RFC 9112 §3.2: no Host on
+    /// HTTP/1.1, or several), counted with the other refusals.
+    fn refuse(&self, why: &'static str, client: SocketAddr) -> Response<ProxyBody> {
+        self.refused_bad_request.increment(1);
+        if let Some(count) = self.refused_log.note() {
+            tracing::warn!(reason = "bad_request", %client, count, detail = why, "client requests refused before reaching the primary (one line a minute at most; see {REQUESTS_REFUSED_TOTAL})");
+        }
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
+            "teeway: bad request: {why}\n"
+        )))));
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        resp
+    }
+}
+
+/// `uri` without userinfo in its authority, which must never leave production.
+fn without_userinfo(uri: &Uri) -> Uri {
+    match uri.authority() {
+        Some(a) if a.as_str().contains('@') => {
+            let mut parts = uri.clone().into_parts();
+            parts.authority = a
+                .as_str()
+                .rsplit('@')
+                .next()
+                .and_then(|h| Authority::try_from(h).ok());
+            Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+        }
+        _ => uri.clone(),
     }
 }
 
 /// The host a request addressed, which the primary and the copy both get as `Host`:
 /// an absolute-form target's authority, which wins over `Host` (RFC 9112 §3.2.2), and HTTP/2's
-/// `:authority` likewise (RFC 9113 §8.3.1); else the `Host` header; else (HTTP/1.0 without one)
-/// the primary's own authority, which is what the connection names.
-pub fn request_host(parts: &Parts, primary: &HeaderValue) -> HeaderValue {
+/// `:authority` likewise (RFC 9113 §8.3.1); else the `Host` header; else (HTTP/1.0, or HTTP/2
+/// without either) the primary's own authority, which is what the connection names. An HTTP/1.1
+/// request without `Host`, or with several, is an error (RFC 9112 §3.2: answered 400), as nginx
+/// answers it.
+pub fn request_host(parts: &Parts, primary: &HeaderValue) -> Result<HeaderValue, &'static str> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return Err("several Host fields");
+    }
     if let Some(authority) = parts.uri.authority() {
         // Never forward userinfo (`user:pass@host`).
         let host = authority.as_str().rsplit('@').next().unwrap_or_default();
-        if let Ok(value) = HeaderValue::from_str(host) {
-            return value;
-        }
+        return HeaderValue::from_str(host).map_err(|_| "the target's authority is no Host");
     }
-    parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .unwrap_or_else(|| primary.clone())
+    match (first, parts.version) {
+        (Some(host), _) => Ok(host.clone()),
+        (None, Version::HTTP_11) => Err("no Host field (HTTP/1.1 requires one)"),
+        (None, _) => Ok(primary.clone()),
+    }
 }
 
 /// HTTP/2 clients may split `cookie` into several fields; toward HTTP/1.1 they must be joined

@@ -31,6 +31,8 @@ pub const RETRY_BUFFER_BYTES: usize = 64 * 1024;
 pub const MAX_ATTEMPTS: usize = 3;
 /// How long the agent goes on reading a body the primary left unread, to complete its copy.
 pub const COPY_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// What one kept frame costs besides its bytes, charged against [`RETRY_BUFFER_BYTES`].
+const FRAME_OVERHEAD: usize = 64;
 
 /// A body whose copy may still want the bytes the primary did not read.
 pub trait Unfinished: Body<Data = Bytes> + Send + Unpin + 'static {
@@ -53,6 +55,8 @@ struct Shared<B: Unfinished> {
     /// Whether the rest may be read after the primary lets go (not when the client waits for
     /// `100 Continue` before sending it).
     drain_allowed: bool,
+    /// The attempt allowed to read: an older attempt hyper still holds reads nothing more.
+    generation: u64,
 }
 
 impl<B: Unfinished> Drop for Shared<B> {
@@ -96,6 +100,8 @@ pub struct ReplayBody<B: Unfinished> {
     shared: Arc<Mutex<Shared<B>>>,
     /// Next buffered frame this attempt passes on.
     pos: usize,
+    /// Which attempt this is; only the latest reads.
+    generation: u64,
 }
 
 impl<B: Unfinished> ReplayBody<B> {
@@ -112,8 +118,10 @@ impl<B: Unfinished> ReplayBody<B> {
                 ended: false,
                 client_error: false,
                 drain_allowed,
+                generation: 0,
             })),
             pos: 0,
+            generation: 0,
         }
     }
 
@@ -125,11 +133,28 @@ impl<B: Unfinished> ReplayBody<B> {
     /// The body for another attempt, from the first byte; `None` when too much has gone out to
     /// send it again.
     pub fn again(&self) -> Option<Self> {
-        let shared = self.lock();
-        (!shared.overflowed).then(|| Self {
+        let mut shared = self.lock();
+        if shared.overflowed {
+            return None;
+        }
+        shared.generation += 1;
+        Some(Self {
             shared: self.shared.clone(),
             pos: 0,
+            generation: shared.generation,
         })
+    }
+
+    /// Whether another attempt could still start from the first byte.
+    pub fn replayable(&self) -> bool {
+        !self.lock().overflowed
+    }
+
+    /// No further attempt will be made (the primary answered): the kept bytes are let go.
+    pub fn release(&self) {
+        let mut shared = self.lock();
+        shared.overflowed = true;
+        shared.frames = Vec::new();
     }
 
     /// Whether reading the body failed: the client went away before sending all of it.
@@ -148,6 +173,10 @@ impl<B: Unfinished> Body for ReplayBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let mut shared = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if this.generation != shared.generation {
+            // Superseded by a later attempt: it owns the body now.
+            return Poll::Ready(None);
+        }
         if !shared.overflowed && this.pos < shared.frames.len() {
             let frame = match &shared.frames[this.pos] {
                 f if f.is_data() => f.data_ref().map(|d| Frame::data(d.clone())),
@@ -167,7 +196,9 @@ impl<B: Unfinished> Body for ReplayBody<B> {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if !shared.overflowed {
-                    let len = frame.data_ref().map_or(0, Bytes::len);
+                    // Each frame is charged for its bookkeeping too: a body of one-byte chunks
+                    // must not hold thousands of frames under a byte limit.
+                    let len = frame.data_ref().map_or(0, Bytes::len) + FRAME_OVERHEAD;
                     if shared.buffered + len > shared.limit {
                         shared.overflowed = true;
                         shared.frames = Vec::new();
@@ -203,20 +234,24 @@ impl<B: Unfinished> Body for ReplayBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         let shared = self.lock();
-        let mut hint = shared
+        let inner = shared
             .inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), B::size_hint);
-        if !shared.overflowed {
-            let replay: u64 = shared.frames[self.pos.min(shared.frames.len())..]
+        let replay: u64 = if shared.overflowed {
+            0
+        } else {
+            shared.frames[self.pos.min(shared.frames.len())..]
                 .iter()
                 .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
-                .sum();
-            hint.set_lower(hint.lower() + replay);
-            if let Some(upper) = hint.upper() {
-                hint.set_upper(upper + replay);
-            }
+                .sum()
+        };
+        // The upper bound first: `set_lower` asserts lower <= upper.
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + replay);
         }
+        hint.set_lower(inner.lower() + replay);
         hint
     }
 }
@@ -294,7 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_attempt_gets_every_byte_again() {
-        let first = ReplayBody::new(chunks(&[b"abc", b"def"]), 64, false);
+        let first = ReplayBody::new(chunks(&[b"abc", b"def"]), 1024, false);
         let mut partial = first.again().expect("fits");
         // The first attempt takes one chunk and fails.
         let frame = partial.frame().await.expect("frame").expect("ok");
@@ -307,11 +342,57 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_limit_no_retry_is_offered() {
-        let first = ReplayBody::new(chunks(&[b"abcd", b"efgh"]), 6, false);
+        let first = ReplayBody::new(chunks(&[b"abcd", b"efgh"]), 6 + FRAME_OVERHEAD, false);
         let attempt = first.again().expect("nothing sent yet");
         let all = attempt.collect().await.expect("body").to_bytes();
         assert_eq!(&all[..], b"abcdefgh", "the attempt itself is whole");
         assert!(first.again().is_none());
+    }
+
+    struct Exact(Option<Bytes>, u64);
+
+    impl Body for Exact {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            let next = self.0.take().map(|b| {
+                self.1 -= b.len() as u64;
+                Ok(Frame::data(b))
+            });
+            Poll::Ready(next)
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_none()
+        }
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.1)
+        }
+    }
+
+    impl Unfinished for Exact {
+        fn wants_rest(&self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_of_a_known_length_body_says_its_whole_length() {
+        // As a Content-Length body: hyper writes the length from the exact size hint.
+        let first = ReplayBody::new(Exact(Some(Bytes::from_static(b"hello")), 5), 1024, false);
+        let mut attempt = first.again().expect("first");
+        assert_eq!(attempt.size_hint().exact(), Some(5));
+        let _ = attempt.frame().await;
+        let second = first.again().expect("second");
+        assert_eq!(second.size_hint().exact(), Some(5), "replayed bytes count");
+        assert!(
+            attempt.frame().await.is_none(),
+            "a superseded attempt reads nothing more"
+        );
+        let all = second.collect().await.expect("body").to_bytes();
+        assert_eq!(&all[..], b"hello");
     }
 
     #[test]

@@ -346,7 +346,8 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
 {
     fn wants_rest(&self) -> bool {
-        self.capture.is_some()
+        // A truncated copy has what it keeps: the rest is not read for it.
+        self.capture.as_ref().is_some_and(|c| !c.truncated)
     }
 }
 
