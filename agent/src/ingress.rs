@@ -7,9 +7,10 @@
 //!   first byte (of accepting it, for the first request); one that does not is closed and the
 //!   request counted as refused (`header_timeout`). This is what ends slowloris clients.
 //! - A connection with no request in flight is closed after `idle_timeout` (HTTP/2: GOAWAY).
-//! - At most `max_connections` client connections are open, fewer when the process's file
-//!   descriptor limit would not allow them (each may need a second descriptor to the primary).
-//!   At the cap, the connection idle the longest (a slowloris head counts as idle: no request
+//! - At most `max_connections` client connections are open (one more while room is made for a
+//!   newcomer), fewer when the process's file descriptor limit would not allow them (each may
+//!   need a second descriptor to the primary). When a newcomer arrives at the cap, the
+//!   connection idle the longest (a slowloris head counts as idle: no request
 //!   of it is in flight; one that never sent a request goes first) is closed to make room once
 //!   it has been idle 250 ms; until then, or with none idle, accepting pauses and new clients
 //!   wait in the kernel's backlog.
@@ -461,12 +462,20 @@ fn effective_cap(max_connections: usize) -> usize {
         Some(fds) => {
             let by_fds =
                 usize::try_from(fds.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX);
-            if by_fds < max_connections {
+            let cap = by_fds.max(1);
+            if cap < max_connections / 2 {
                 tracing::warn!(
                     max_connections,
                     open_files_limit = fds,
-                    cap = by_fds.max(1),
-                    "the open files limit (ulimit -n) allows fewer client connections than limits.max_connections; raise it to use the configured cap"
+                    cap,
+                    "client connections capped by the open files limit (ulimit -n; two descriptors a connection), well below limits.max_connections: raise the limit to use the configured cap"
+                );
+            } else if cap < max_connections {
+                tracing::info!(
+                    max_connections,
+                    open_files_limit = fds,
+                    cap,
+                    "client connections capped by the open files limit (two descriptors a connection)"
                 );
             }
             max_connections.min(by_fds.max(1))
@@ -540,10 +549,12 @@ pub async fn serve(
             state.draining.store(true, Ordering::Relaxed);
             tracing::info!(drain_time = ?shutdown.drain_time, "draining: still serving, /readyz says not ready, clients are asked to reconnect");
         }
-        if conns.len() >= cap {
-            // Make room, or wait (new clients wait in the backlog) until a connection ends or
-            // the longest idle one may be closed; a connection asked to close is waited for, so
-            // the cap holds. The wait is registered before looking, so no end is missed.
+        if conns.len() > cap {
+            // A newcomer took the place over the cap: make room for it, or wait (new clients
+            // wait in the backlog) until a connection ends or the longest idle one may be
+            // closed. A connection asked to close is waited for, so the cap holds (plus the one
+            // newcomer); nothing is closed while no one is waiting. The wait is registered
+            // before looking, so no end is missed.
             let freed = conns.freed.notified();
             let mut freed = pin!(freed);
             freed.as_mut().enable();
