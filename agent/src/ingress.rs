@@ -425,6 +425,18 @@ impl Open {
         self.lock().len()
     }
 
+    /// Whether more than `cap` connections are open, not counting those asked to close.
+    fn over(&self, cap: usize) -> bool {
+        let conns = self.lock();
+        conns.len() > cap
+            && conns.len()
+                - conns
+                    .values()
+                    .filter(|c| c.evicting.load(Ordering::Relaxed))
+                    .count()
+                > cap
+    }
+
     /// Asks the connection idle the longest (one that never sent a request first) to close, if
     /// it has been idle at least [`EVICT_MIN_IDLE`].
     fn evict_one(&self) -> Eviction {
@@ -549,17 +561,17 @@ pub async fn serve(
             state.draining.store(true, Ordering::Relaxed);
             tracing::info!(drain_time = ?shutdown.drain_time, "draining: still serving, /readyz says not ready, clients are asked to reconnect");
         }
-        if conns.len() > cap {
-            // A newcomer took the place over the cap: make room for it, or wait (new clients
-            // wait in the backlog) until a connection ends or the longest idle one may be
-            // closed. A connection asked to close is waited for, so the cap holds (plus the one
-            // newcomer); nothing is closed while no one is waiting. The wait is registered
-            // before looking, so no end is missed.
+        if conns.over(cap) {
+            // A newcomer took a place over the cap: make room for it, or wait (new clients wait
+            // in the backlog) until a connection ends or the longest idle one may be closed.
+            // Nothing is closed while no one is waiting. Connections asked to close count as
+            // gone, so the next newcomer is taken at once (the cap is exceeded only by those
+            // still closing). The wait is registered before looking, so no end is missed.
             let freed = conns.freed.notified();
             let mut freed = pin!(freed);
             freed.as_mut().enable();
             let wait = match conns.evict_one() {
-                Eviction::Asked => CLOSE_GRACE,
+                Eviction::Asked => continue,
                 Eviction::NotYet(wait) => wait,
                 // A busy connection that falls idle wakes nothing: look again soon.
                 Eviction::NoneIdle => EVICT_MIN_IDLE,
