@@ -29,6 +29,7 @@ use teeway::sample;
 use teeway::stack::loopback_target;
 use teeway_agent::metrics as am;
 use teeway_runtime::config::UpstreamProtocol;
+use teeway_runtime::metrics::Snapshot;
 
 use support::nginx::{h2load, Nginx};
 use support::{agent_settled, assert_agent_identity, settle, KeepAlive, Stack, LIMIT};
@@ -261,19 +262,11 @@ async fn slow_silent_and_idle_clients_are_closed_and_counted() {
         |s| s.get(am::CLIENT_CONNECTIONS) == 0.0,
     )
     .await;
-    let closed = |reason: &str| {
-        s.get(&format!(
-            "{}{{reason=\"{reason}\"}}",
-            am::CLIENT_CONNECTIONS_CLOSED_TOTAL
-        ))
-    };
+    let closed = |reason: &str| support::by_reason(&s, am::CLIENT_CONNECTIONS_CLOSED_TOTAL, reason);
     assert_eq!(closed("header_timeout"), 2.0, "slow and silent: {s:?}");
     assert_eq!(closed("idle_timeout"), 1.0);
     assert_eq!(
-        s.get(&format!(
-            "{}{{reason=\"header_timeout\"}}",
-            am::REQUESTS_REFUSED_TOTAL
-        )),
+        support::by_reason(&s, am::REQUESTS_REFUSED_TOTAL, "header_timeout"),
         1.0,
         "the slow head is a refused request; the silent connection sent none"
     );
@@ -305,16 +298,15 @@ async fn at_the_connection_cap_idle_connections_make_room() {
     assert_eq!(client.send(support::get("/real")).await, Ok(StatusCode::OK));
     // Then one hog (idle the longest, never a request) makes room: one, not more, and not the
     // client's connection, which goes on.
-    let limited = format!(
-        "{}{{reason=\"connection_limit\"}}",
-        am::CLIENT_CONNECTIONS_CLOSED_TOTAL
-    );
+    let limited = |s: &Snapshot| {
+        support::by_reason(s, am::CLIENT_CONNECTIONS_CLOSED_TOTAL, "connection_limit")
+    };
     let s = settle(
         || stack.agent_metrics(),
-        |s| s.get(am::CLIENT_CONNECTIONS) == 8.0 && s.get(&limited) >= 1.0,
+        |s| s.get(am::CLIENT_CONNECTIONS) == 8.0 && limited(s) >= 1.0,
     )
     .await;
-    assert_eq!(s.get(&limited), 1.0, "{s:?}");
+    assert_eq!(limited(&s), 1.0, "{s:?}");
     assert_eq!(s.get(am::CLIENT_CONNECTIONS), 8.0);
     assert_eq!(
         client.send(support::get("/again")).await,
@@ -360,12 +352,7 @@ async fn legal_requests_pass_and_refusals_are_counted_by_reason() {
         b"POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 3, 3\r\n\r\nabc".to_vec();
     assert_eq!(exchange(listed).await, 400);
     let s = settle(|| stack.agent_metrics(), agent_settled).await;
-    let refused = |reason: &str| {
-        s.get(&format!(
-            "{}{{reason=\"{reason}\"}}",
-            am::REQUESTS_REFUSED_TOTAL
-        ))
-    };
+    let refused = |reason: &str| support::by_reason(&s, am::REQUESTS_REFUSED_TOTAL, reason);
     assert_eq!(refused("uri_too_long"), 1.0, "{s:?}");
     assert_eq!(refused("head_too_large"), 1.0);
     assert_eq!(refused("bad_request"), 1.0);
@@ -403,10 +390,7 @@ async fn a_client_abort_is_not_a_primary_error() {
     assert_eq!(s.get(am::CLIENT_ABORTS_TOTAL), 1.0, "{s:?}");
     assert_eq!(s.get(am::PRIMARY_ERRORS_TOTAL), 0.0);
     assert_eq!(
-        s.get(&format!(
-            "{}{{reason=\"client_aborted\"}}",
-            am::MIRROR_DROPPED_TOTAL
-        )),
+        support::by_reason(&s, am::MIRROR_DROPPED_TOTAL, "client_aborted"),
         1.0
     );
     stack.stop().await;
@@ -786,10 +770,7 @@ async fn http11_without_host_or_with_two_is_refused_and_userinfo_never_leaves() 
     );
     let s = settle(|| stack.agent_metrics(), agent_settled).await;
     assert_eq!(
-        s.get(&format!(
-            "{}{{reason=\"bad_request\"}}",
-            am::REQUESTS_REFUSED_TOTAL
-        )),
+        support::by_reason(&s, am::REQUESTS_REFUSED_TOTAL, "bad_request"),
         2.0,
         "{s:?}"
     );

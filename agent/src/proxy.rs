@@ -367,16 +367,18 @@ impl Proxy {
     }
 }
 
-/// `uri` without userinfo in its authority, which must never leave production.
+/// An authority's `host[:port]`, without userinfo (`user:pass@`), which must never leave
+/// production.
+fn host_port(authority: &Authority) -> &str {
+    authority.as_str().rsplit('@').next().unwrap_or_default()
+}
+
+/// `uri` without userinfo in its authority.
 fn without_userinfo(uri: &Uri) -> Uri {
     match uri.authority() {
         Some(a) if a.as_str().contains('@') => {
             let mut parts = uri.clone().into_parts();
-            parts.authority = a
-                .as_str()
-                .rsplit('@')
-                .next()
-                .and_then(|h| Authority::try_from(h).ok());
+            parts.authority = Authority::try_from(host_port(a)).ok();
             Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
         }
         _ => uri.clone(),
@@ -389,16 +391,15 @@ fn without_userinfo(uri: &Uri) -> Uri {
 /// without either) the primary's own authority, which is what the connection names. An HTTP/1.1
 /// request without `Host`, or with several, is an error (RFC 9112 §3.2: answered 400), as nginx
 /// answers it.
-pub fn request_host(parts: &Parts, primary: &HeaderValue) -> Result<HeaderValue, &'static str> {
+fn request_host(parts: &Parts, primary: &HeaderValue) -> Result<HeaderValue, &'static str> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let (first, second) = (hosts.next(), hosts.next());
     if second.is_some() {
         return Err("several Host fields");
     }
     if let Some(authority) = parts.uri.authority() {
-        // Never forward userinfo (`user:pass@host`).
-        let host = authority.as_str().rsplit('@').next().unwrap_or_default();
-        return HeaderValue::from_str(host).map_err(|_| "the target's authority is no Host");
+        return HeaderValue::from_str(host_port(authority))
+            .map_err(|_| "the target's authority is no Host");
     }
     match (first, parts.version) {
         (Some(host), _) => Ok(host.clone()),

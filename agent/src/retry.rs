@@ -178,12 +178,9 @@ impl<B: Unfinished> Body for ReplayBody<B> {
             return Poll::Ready(None);
         }
         if !shared.overflowed && this.pos < shared.frames.len() {
-            let frame = match &shared.frames[this.pos] {
-                f if f.is_data() => f.data_ref().map(|d| Frame::data(d.clone())),
-                f => f.trailers_ref().map(|t| Frame::trailers(t.clone())),
-            };
+            let frame = copy_frame(&shared.frames[this.pos]);
             this.pos += 1;
-            return Poll::Ready(frame.map(Ok));
+            return Poll::Ready(Some(Ok(frame)));
         }
         if shared.ended {
             return Poll::Ready(None);
@@ -204,14 +201,7 @@ impl<B: Unfinished> Body for ReplayBody<B> {
                         shared.frames = Vec::new();
                     } else {
                         shared.buffered += len;
-                        let kept = match frame.data_ref() {
-                            Some(d) => Frame::data(d.clone()),
-                            None => match frame.trailers_ref() {
-                                Some(t) => Frame::trailers(t.clone()),
-                                None => Frame::data(Bytes::new()),
-                            },
-                        };
-                        shared.frames.push(kept);
+                        shared.frames.push(copy_frame(frame));
                         this.pos = shared.frames.len();
                     }
                 }
@@ -253,6 +243,16 @@ impl<B: Unfinished> Body for ReplayBody<B> {
         }
         hint.set_lower(inner.lower() + replay);
         hint
+    }
+}
+
+/// A copy of `frame` (`Frame` is not `Clone`): data shares its bytes, trailers are cloned.
+fn copy_frame(frame: &Frame<Bytes>) -> Frame<Bytes> {
+    match (frame.data_ref(), frame.trailers_ref()) {
+        (Some(data), _) => Frame::data(data.clone()),
+        (None, Some(trailers)) => Frame::trailers(trailers.clone()),
+        // No other kind of frame exists today; an empty chunk changes no body.
+        (None, None) => Frame::data(Bytes::new()),
     }
 }
 

@@ -188,6 +188,11 @@ impl KeepAlive {
     }
 }
 
+/// The value of `metric{reason="<reason>"}` in a scrape.
+pub fn by_reason(s: &Snapshot, metric: &str, reason: &str) -> f64 {
+    s.get(&format!("{metric}{{reason=\"{reason}\"}}"))
+}
+
 /// The host a recorded request was sent to: `Host`, or the HTTP/2 `:authority`.
 pub fn host_of(r: &teeway::sample::Recorded) -> String {
     r.headers
