@@ -10,7 +10,10 @@ use bytes::BytesMut;
 use teeway_archive::har::HarWriter;
 use teeway_archive::inspect::Summary;
 use teeway_archive::read::{ReadStats, Reader};
-use teeway_archive::{gor, native};
+use teeway_archive::{frames, gor, native};
+
+/// Bytes of records per chunk (per zstd frame) written by `convert --to teeway`.
+const CONVERT_CHUNK: usize = 1 << 20;
 
 /// Output format of `convert`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,8 +50,9 @@ pub fn convert(inputs: &[PathBuf], to: ConvertTo, out: &Path) -> anyhow::Result<
             for record in reader.by_ref() {
                 har.push(record)?;
             }
-            written = har.entries;
-            har.finish()?.flush()?;
+            let (mut out, entries) = har.finish()?;
+            out.flush()?;
+            written = entries;
         }
         ConvertTo::Gor => {
             let mut sink: Box<dyn Write> = if name.ends_with(".gz") {
@@ -69,23 +73,32 @@ pub fn convert(inputs: &[PathBuf], to: ConvertTo, out: &Path) -> anyhow::Result<
             finish(sink)?;
         }
         ConvertTo::Teeway => {
-            let mut sink: Box<dyn Write> = if name.ends_with(".zst") {
-                Box::new(zstd::Encoder::new(BufWriter::new(file), 3)?.auto_finish())
-            } else {
-                Box::new(BufWriter::new(file))
+            // As the archive writer does: whole records per chunk, and with `.zst` one zstd
+            // frame per chunk, so damage to the file costs one chunk (docs/archive.md).
+            let zstd = name.ends_with(".zst");
+            let mut sink = BufWriter::new(file);
+            let mut put = |chunk: &[u8]| -> anyhow::Result<()> {
+                if zstd {
+                    sink.write_all(&frames::compress_frame(chunk, 3)?)?;
+                } else {
+                    sink.write_all(chunk)?;
+                }
+                Ok(())
             };
             let mut buf = BytesMut::new();
             native::put_segment_header(&mut buf);
             for record in reader.by_ref() {
                 native::put_record(&record, &mut buf);
                 written += 1;
-                if buf.len() > 1 << 20 {
-                    sink.write_all(&buf)?;
+                if buf.len() > CONVERT_CHUNK {
+                    put(&buf)?;
                     buf.clear();
                 }
             }
-            sink.write_all(&buf)?;
-            finish(sink)?;
+            if !buf.is_empty() {
+                put(&buf)?;
+            }
+            sink.flush()?;
         }
     }
     Ok((written, reader.stats))
@@ -96,4 +109,52 @@ fn finish(mut sink: Box<dyn Write>) -> anyhow::Result<()> {
     sink.flush()?;
     drop(sink);
     Ok(())
+}
+
+/// What `verify` found in one file.
+#[derive(Debug)]
+pub struct FileVerdict {
+    /// The file.
+    pub path: PathBuf,
+    /// Records that read back whole.
+    pub records: u64,
+    /// What could not be read; empty when the file is whole.
+    pub issues: Vec<teeway_archive::Issue>,
+}
+
+/// Reads every record of every file `paths` stand for, in file order, and says per file what
+/// could not be read. A file that cannot be opened is one issue.
+pub fn verify(paths: &[PathBuf]) -> anyhow::Result<Vec<FileVerdict>> {
+    use teeway_archive::read::{FileReader, Step};
+    use teeway_archive::{Issue, IssueKind};
+    let files = teeway_archive::read::discover(paths)?;
+    let mut verdicts = Vec::with_capacity(files.len());
+    for path in files {
+        let mut verdict = FileVerdict {
+            path: path.clone(),
+            records: 0,
+            issues: Vec::new(),
+        };
+        match FileReader::open(&path) {
+            Ok(mut reader) => loop {
+                match reader.step() {
+                    Step::Record(_) => verdict.records += 1,
+                    Step::Issue(issue) => verdict.issues.push(issue),
+                    Step::End => break,
+                }
+            },
+            Err(e) => verdict.issues.push(Issue {
+                path,
+                offset: None,
+                kind: if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    IssueKind::Torn
+                } else {
+                    IssueKind::Unreadable
+                },
+                detail: e.to_string(),
+            }),
+        }
+        verdicts.push(verdict);
+    }
+    Ok(verdicts)
 }

@@ -1,4 +1,9 @@
 //! The `teeway` command line: a thin layer over the agent, gateway and command libraries.
+//!
+//! Exit codes, the same for every subcommand (README, "Exit codes"): 0 success; 1 the command ran
+//! and failed (an I/O error, an unreachable replay target, damage found in an archive, a demo
+//! whose copies did not match, a server that stopped on an error); 2 the command line or a
+//! configuration is invalid (nothing was started).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,7 +19,7 @@ use teeway::{certs, check, demo};
 
 /// Cross-cluster traffic mirroring: tee production requests over mTLS QUIC to shadow services.
 #[derive(Debug, Parser)]
-#[command(name = "teeway", version, about)]
+#[command(name = "teeway", version = teeway_runtime::build::LONG_VERSION, about)]
 struct Cli {
     /// Log line format on stderr: `text` for people, `json` (one object a line) for log pipelines.
     /// Which lines are written is set with RUST_LOG (for example `info`, `teeway_agent=debug`).
@@ -87,6 +92,12 @@ enum ArchiveCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Read every record of archives and report any damage; exits 1 if any was found.
+    Verify {
+        /// Archive files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Convert archives into one file of another format.
     Convert {
         /// Output format.
@@ -149,6 +160,23 @@ struct ReplayArgs {
     archives: Vec<PathBuf>,
 }
 
+/// The command ran and failed.
+const FAILED: u8 = 1;
+/// The command line or a configuration is invalid; nothing was started.
+const INVALID: u8 = 2;
+
+/// Writes a line to stdout. A closed pipe (`teeway archive inspect X | head`) ends the output
+/// quietly: the reader has what it wanted, and the exit code stays the command's own.
+fn out(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to stdout: {e}");
+        }
+    }
+}
+
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     teeway_runtime::units::parse_duration(text)
 }
@@ -203,15 +231,15 @@ fn main() -> ExitCode {
             let mut failed = false;
             for file in files {
                 match check::check_file(&file) {
-                    Ok(summary) => println!("{}: ok ({summary})", file.display()),
+                    Ok(summary) => out(format_args!("{}: ok ({summary})", file.display())),
                     Err(e) => {
                         failed = true;
-                        println!("{e}");
+                        out(e);
                     }
                 }
             }
             if failed {
-                ExitCode::FAILURE
+                ExitCode::from(INVALID)
             } else {
                 ExitCode::SUCCESS
             }
@@ -234,13 +262,13 @@ fn main() -> ExitCode {
             }) {
                 Ok(paths) => {
                     for p in paths {
-                        println!("wrote {}", p.display());
+                        out(format_args!("wrote {}", p.display()));
                     }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
+                    ExitCode::from(FAILED)
                 }
             }
         }
@@ -316,10 +344,10 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(demo::run(demo::DemoOptions { requests, serve })))
             {
                 Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
+                Ok(false) => ExitCode::from(FAILED),
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
+                    ExitCode::from(FAILED)
                 }
             }
         }
@@ -330,36 +358,82 @@ fn archive_command(command: ArchiveCommand) -> ExitCode {
     match command {
         ArchiveCommand::Inspect { paths } => match archive_cmd::inspect(&paths) {
             Ok(summary) => {
-                print!("{summary}");
-                ExitCode::SUCCESS
+                out(format_args!("{}", summary.to_string().trim_end()));
+                damage_exit(summary.read.skipped())
             }
             Err(e) => {
                 eprintln!("error: {e:#}");
-                ExitCode::FAILURE
+                ExitCode::from(FAILED)
+            }
+        },
+        ArchiveCommand::Verify { paths } => match archive_cmd::verify(&paths) {
+            Ok(verdicts) => {
+                let (mut records, mut damaged, mut issues) = (0, 0, 0);
+                for v in &verdicts {
+                    records += v.records;
+                    if v.issues.is_empty() {
+                        out(format_args!(
+                            "ok       {} ({} records)",
+                            v.path.display(),
+                            v.records
+                        ));
+                        continue;
+                    }
+                    damaged += 1;
+                    issues += v.issues.len() as u64;
+                    out(format_args!(
+                        "DAMAGED  {} ({} records read, {} part(s) not)",
+                        v.path.display(),
+                        v.records,
+                        v.issues.len()
+                    ));
+                    for issue in &v.issues {
+                        out(format_args!("  {issue}"));
+                    }
+                }
+                out(format_args!(
+                    "{} file(s), {records} records read, {damaged} file(s) damaged",
+                    verdicts.len()
+                ));
+                damage_exit(issues)
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(FAILED)
             }
         },
         ArchiveCommand::Convert { to, mut paths } => {
-            let Some(out) = paths.pop() else {
-                return ExitCode::from(2);
+            let Some(output) = paths.pop() else {
+                return ExitCode::from(INVALID);
             };
-            match archive_cmd::convert(&paths, to, &out) {
+            match archive_cmd::convert(&paths, to, &output) {
                 Ok((written, stats)) => {
-                    println!(
+                    out(format_args!(
                         "wrote {written} records to {} ({} torn, {} corrupt, {} unreadable skipped)",
-                        out.display(),
+                        output.display(),
                         stats.torn,
                         stats.corrupt,
                         stats.unreadable
-                    );
-                    ExitCode::SUCCESS
+                    ));
+                    damage_exit(stats.skipped())
                 }
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
+                    ExitCode::from(FAILED)
                 }
             }
         }
     }
+}
+
+/// Exit code of a command that read archives: 1, with a line on stderr, when parts could not be
+/// read (the output above lists them), so a script never takes a damaged archive for a whole one.
+fn damage_exit(skipped: u64) -> ExitCode {
+    if skipped == 0 {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("error: {skipped} part(s) of the archive could not be read (listed above)");
+    ExitCode::from(FAILED)
 }
 
 fn replay_command(args: ReplayArgs) -> ExitCode {
@@ -369,7 +443,7 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         (Some(speed), _, _) if speed > 0.0 && speed.is_finite() => Pace::Speed(speed),
         (Some(speed), _, _) => {
             eprintln!("error: --speed {speed}: give a factor above 0, such as 2 for twice as fast");
-            return ExitCode::from(2);
+            return ExitCode::from(INVALID);
         }
         (None, None, false) => Pace::Speed(1.0),
     };
@@ -399,27 +473,27 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(FAILED);
         }
     };
     if args.report == "json" {
-        println!("{}", report.to_json());
+        out(report.to_json());
     } else {
-        println!("{report}");
+        out(&report);
     }
     if report.unreachable() > 0 {
         eprintln!(
             "error: the target was unreachable for {} request(s)",
             report.unreachable()
         );
-        return ExitCode::FAILURE;
+        return ExitCode::from(FAILED);
     }
     ExitCode::SUCCESS
 }
 
 fn config_failure(e: &teeway_runtime::config::ConfigError) -> ExitCode {
     eprintln!("{e}");
-    ExitCode::from(2)
+    ExitCode::from(INVALID)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -434,7 +508,7 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(FAILED)
         }
     }
 }

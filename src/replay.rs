@@ -364,7 +364,7 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
     }
     tasks.close();
     tasks.wait().await;
-    progress.stop();
+    progress.stop().await;
     let mut report = Arc::try_unwrap(report)
         .map_err(|_| anyhow::anyhow!("replay tasks still hold the report"))?
         .into_inner()
@@ -396,15 +396,18 @@ fn merge(total: &mut ReadStats, loop_stats: ReadStats) {
 /// Progress on stderr: a bar on a terminal, a plain line every few seconds otherwise.
 struct Progress {
     stop: tokio_util::sync::CancellationToken,
+    /// The task drawing it; it holds a handle on the report until it ends.
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Progress {
     fn start(enabled: bool, report: Arc<Mutex<Report>>) -> Self {
         let stop = tokio_util::sync::CancellationToken::new();
+        let mut task = None;
         if enabled {
             let token = stop.clone();
             let terminal = std::io::stderr().is_terminal();
-            tokio::spawn(async move {
+            task = Some(tokio::spawn(async move {
                 let bar = terminal.then(|| {
                     let bar = indicatif::ProgressBar::new_spinner();
                     bar.enable_steady_tick(Duration::from_millis(120));
@@ -440,13 +443,18 @@ impl Progress {
                 if let Some(bar) = bar {
                     bar.finish_and_clear();
                 }
-            });
+            }));
         }
-        Self { stop }
+        Self { stop, task }
     }
 
-    fn stop(self) {
+    /// Stops drawing and waits until the drawing task has let go of the report.
+    async fn stop(self) {
         self.stop.cancel();
+        if let Some(task) = self.task {
+            // A panic in the drawing task is not the replay's failure.
+            let _ = task.await;
+        }
     }
 }
 

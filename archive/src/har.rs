@@ -86,14 +86,16 @@ impl<W: Write> HarWriter<W> {
         Ok(())
     }
 
-    /// Writes what is still pending and closes the document.
-    pub fn finish(mut self) -> io::Result<W> {
+    /// Writes what is still pending and closes the document; the output and the number of
+    /// entries written (requests wait for their responses, so [`HarWriter::entries`] counts
+    /// only some of them until now).
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
         while !self.pending.is_empty() {
             self.flush_oldest()?;
         }
         write!(self.out, "]}}}}")?;
         self.out.flush()?;
-        Ok(self.out)
+        Ok((self.out, self.entries))
     }
 
     fn entry(&mut self, r: &MirroredRequest, resp: Option<&ResponseRecord>) -> io::Result<()> {
@@ -281,7 +283,8 @@ mod tests {
         w.push(Record::Request(sample_request(2, &[0xff, 0x00])))
             .expect("push");
         w.push(Record::Response(sample_response(1))).expect("push");
-        let out = w.finish().expect("finish");
+        let (out, written) = w.finish().expect("finish");
+        assert_eq!(written, 2, "entries still pending at the end are counted");
         let doc: Value = serde_json::from_slice(&out).expect("valid JSON");
         let entries = doc["log"]["entries"].as_array().expect("entries");
         assert_eq!(doc["log"]["version"], "1.2");

@@ -89,11 +89,17 @@ impl Summary {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let r = &self.read;
-        writeln!(
-            f,
-            "files:      {} ({} still open by a writer)",
-            r.files, r.open_segments
-        )?;
+        if r.open_segments == 0 {
+            writeln!(f, "files:      {}", r.files)?;
+        } else {
+            // A `.partial` segment is being written now, or was left by a crash and not yet
+            // closed by a writer starting in its directory: the file cannot tell which.
+            writeln!(
+                f,
+                "files:      {} ({} not closed: `.partial`, being written or left by a crash)",
+                r.files, r.open_segments
+            )?;
+        }
         writeln!(
             f,
             "records:    {} ({} requests, {} responses)",

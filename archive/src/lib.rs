@@ -15,6 +15,7 @@
 //! # Layout
 //!
 //! - [`native`], [`gor`], [`har`]: the formats, sans-IO where they can be.
+//! - [`frames`]: zstd files read frame by frame, so damage costs one frame.
 //! - [`read`]: finding archive files, detecting format and compression, reading records in
 //!   timestamp order with every skipped byte accounted for.
 //! - [`write`]: the archive writer: a bounded queue in front of a dedicated thread that writes,
@@ -31,6 +32,7 @@ use http::{HeaderMap, StatusCode, Version};
 pub use teeway_wire::MirroredRequest;
 
 pub mod config;
+pub mod frames;
 pub mod gor;
 pub mod har;
 pub mod inspect;

@@ -229,6 +229,21 @@ impl<R: Read> SegmentReader<R> {
         })
     }
 
+    /// A reader of records that start at `offset` of a segment whose header was read
+    /// elsewhere: a compressed segment's later frames.
+    pub fn records(inner: R, offset: u64) -> Self {
+        Self {
+            inner,
+            offset,
+            done: false,
+        }
+    }
+
+    /// Bytes of the segment read so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// The next record, skip or stop. After `End` or `Stopped`, always `End`.
     pub fn next_record(&mut self) -> Next {
         if self.done {

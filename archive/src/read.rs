@@ -18,6 +18,7 @@ use std::io::{self, BufRead, BufReader, Cursor, Read};
 use std::path::{Path, PathBuf};
 
 use crate::config::{Compression, Format};
+use crate::frames::{Frame, Frames, ZSTD_MAGIC};
 use crate::gor::{self, Raw, Splitter};
 use crate::native::{Next, SegmentReader, MAGIC};
 use crate::Record;
@@ -72,7 +73,8 @@ impl IssueKind {
 pub struct Issue {
     /// The file.
     pub path: PathBuf,
-    /// Offset in the (uncompressed) file, where known.
+    /// Offset in the file as stored, where known: in a compressed segment, the offset of the
+    /// zstd frame that holds the problem.
     pub offset: Option<u64>,
     /// What kind of problem.
     pub kind: IssueKind,
@@ -207,6 +209,8 @@ pub struct FileReader {
 
 enum Inner {
     Native(SegmentReader<Box<dyn Read + Send>>),
+    /// A zstd-compressed native segment, read frame by frame.
+    Framed(Box<Framed>),
     Gor(Splitter<Box<dyn BufRead + Send>>),
     Empty,
 }
@@ -238,6 +242,16 @@ impl FileReader {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path)?;
         let (prefix, rest) = peek(Box::new(file), 4)?;
+        if prefix == ZSTD_MAGIC {
+            if let Some(framed) = Framed::open(path)? {
+                return Ok(Self {
+                    path: path.to_owned(),
+                    format: Format::Teeway,
+                    compression: Compression::Zstd,
+                    inner: Inner::Framed(Box::new(framed)),
+                });
+            }
+        }
         let (compression, stream): (Compression, Box<dyn Read + Send>) =
             if prefix.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
                 let raw = Box::new(Cursor::new(prefix).chain(rest));
@@ -294,6 +308,7 @@ impl FileReader {
     pub fn step(&mut self) -> Step {
         match &mut self.inner {
             Inner::Empty => Step::End,
+            Inner::Framed(framed) => framed.step(&self.path),
             Inner::Native(reader) => match reader.next_record() {
                 Next::Record(r) => Step::Record(r),
                 Next::End => Step::End,
@@ -344,6 +359,158 @@ impl FileReader {
                         self.inner = Inner::Empty;
                         issue(IssueKind::Torn, format!("read failed: {e}"))
                     }
+                }
+            }
+        }
+    }
+}
+
+/// A zstd-compressed native segment, read frame by frame: a frame that does not decode is
+/// reported at its offset in the file and reading goes on at the next frame, which starts at a
+/// record boundary (the writer compresses whole records per frame).
+struct Framed {
+    frames: Frames<File>,
+    /// The records of the frame being read, and the frame's offset in the file.
+    current: Option<(u64, SegmentReader<Cursor<Vec<u8>>>)>,
+    /// An issue met while opening, returned first.
+    pending: Option<(u64, IssueKind, String)>,
+    /// Reading the file failed: nothing more comes from it.
+    failed: bool,
+}
+
+impl Framed {
+    /// `None` when the file's first frame decodes to something else than a native segment
+    /// (a zstd-compressed gor file): it is read as a stream.
+    fn open(path: &Path) -> io::Result<Option<Self>> {
+        let mut frames = Frames::new(File::open(path)?)?;
+        let named_native = path
+            .to_string_lossy()
+            .trim_end_matches(PARTIAL_SUFFIX)
+            .ends_with(".twa.zst");
+        let (current, pending) = loop {
+            match frames.next_frame()? {
+                Frame::Data { bytes, .. } if bytes.is_empty() => continue,
+                Frame::Data { offset, bytes } => {
+                    if bytes.starts_with(&MAGIC) {
+                        break (
+                            Some((offset, SegmentReader::new(Cursor::new(bytes))?)),
+                            None,
+                        );
+                    }
+                    if MAGIC.starts_with(&bytes) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "segment ends inside its header",
+                        ));
+                    }
+                    return Ok(None);
+                }
+                Frame::End => break (None, None),
+                // The segment header is lost with the first frame; the name says what the
+                // file is, and the later frames still hold whole records.
+                Frame::Damaged {
+                    offset,
+                    skipped,
+                    why,
+                } if named_native => {
+                    let detail = format!("{why}; {skipped} bytes skipped to the next zstd frame");
+                    break (None, Some((offset, IssueKind::Unreadable, detail)));
+                }
+                Frame::Torn { offset, len } if named_native => {
+                    let detail = format!("the file ends {len} bytes into a zstd frame");
+                    break (None, Some((offset, IssueKind::Torn, detail)));
+                }
+                Frame::Damaged { why, .. } => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+                }
+                Frame::Torn { .. } => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file ends inside its first zstd frame",
+                    ));
+                }
+            }
+        };
+        Ok(Some(Self {
+            frames,
+            current,
+            pending,
+            failed: false,
+        }))
+    }
+
+    fn step(&mut self, path: &Path) -> Step {
+        let issue = |offset: u64, kind, detail: String| {
+            Step::Issue(Issue {
+                path: path.to_owned(),
+                offset: Some(offset),
+                kind,
+                detail,
+            })
+        };
+        if let Some((offset, kind, detail)) = self.pending.take() {
+            return issue(offset, kind, detail);
+        }
+        if self.failed {
+            return Step::End;
+        }
+        loop {
+            if let Some((frame, records)) = &mut self.current {
+                let frame = *frame;
+                match records.next_record() {
+                    Next::Record(r) => return Step::Record(r),
+                    Next::Skipped { offset, why } => {
+                        return issue(
+                            frame,
+                            IssueKind::Corrupt,
+                            format!("{why}; record {offset} bytes into the zstd frame's data"),
+                        )
+                    }
+                    Next::Stopped { offset, why, .. } => {
+                        // A frame holds whole records: a record cut inside one is damage.
+                        self.current = None;
+                        return issue(
+                            frame,
+                            IssueKind::Unreadable,
+                            format!(
+                                "{why}; the rest of the zstd frame from byte {offset} of its data is skipped"
+                            ),
+                        );
+                    }
+                    Next::End => self.current = None,
+                }
+            }
+            match self.frames.next_frame() {
+                Ok(Frame::Data { offset, bytes }) => {
+                    self.current = Some((offset, SegmentReader::records(Cursor::new(bytes), 0)));
+                }
+                Ok(Frame::Damaged {
+                    offset,
+                    skipped,
+                    why,
+                }) => {
+                    return issue(
+                        offset,
+                        IssueKind::Unreadable,
+                        format!("{why}; {skipped} bytes skipped to the next zstd frame"),
+                    )
+                }
+                Ok(Frame::Torn { offset, len }) => {
+                    return issue(
+                        offset,
+                        IssueKind::Torn,
+                        format!("the file ends {len} bytes into a zstd frame"),
+                    )
+                }
+                Ok(Frame::End) => return Step::End,
+                Err(e) => {
+                    self.failed = true;
+                    return Step::Issue(Issue {
+                        path: path.to_owned(),
+                        offset: None,
+                        kind: IssueKind::Unreadable,
+                        detail: format!("read failed: {e}"),
+                    });
                 }
             }
         }

@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
@@ -54,6 +54,9 @@ const TICK: Duration = Duration::from_millis(100);
 const ZSTD_LEVEL: i32 = 3;
 /// Minimum time between two logs of the same write failure.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// After a write error (a full disk, say), records are dropped without touching the disk for
+/// this long: retrying every batch would create and abandon files at request rate.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
 /// Why a record was not written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -401,6 +404,8 @@ struct SegmentFiles {
     open: Option<OpenSegment>,
     /// Closed segments, oldest first, with their sizes.
     closed: VecDeque<(PathBuf, u64)>,
+    /// The last write error and when the disk may be tried again.
+    failing: Option<(Instant, io::ErrorKind, String)>,
 }
 
 struct OpenSegment {
@@ -461,12 +466,31 @@ impl SegmentFiles {
             next_seq: max_seq + 1,
             open: None,
             closed,
+            failing: None,
         })
     }
 
     /// Writes `records`, starting new segments as they fill up. On failure, says how many
     /// records were written before it.
     fn append(&mut self, records: &[&Record], metrics: &Metrics) -> Result<(), (usize, io::Error)> {
+        if let Some((until, kind, text)) = &self.failing {
+            if Instant::now() < *until {
+                return Err((0, io::Error::new(*kind, text.clone())));
+            }
+            self.failing = None;
+        }
+        let result = self.append_now(records, metrics);
+        if let Err((_, e)) = &result {
+            self.failing = Some((Instant::now() + RETRY_AFTER_ERROR, e.kind(), e.to_string()));
+        }
+        result
+    }
+
+    fn append_now(
+        &mut self,
+        records: &[&Record],
+        metrics: &Metrics,
+    ) -> Result<(), (usize, io::Error)> {
         let mut done = 0;
         while done < records.len() {
             self.rotate_if_due(metrics).map_err(|e| (done, e))?;
@@ -475,7 +499,8 @@ impl SegmentFiles {
                 .saturating_sub(self.open.as_ref().map_or(0, |s| s.raw_bytes))
                 .max(1);
             let mut raw = BytesMut::new();
-            let new_segment = self.open.is_none();
+            // A segment kept open after a failed first write still needs its header.
+            let new_segment = self.open.as_ref().is_none_or(|s| s.disk_bytes == 0);
             if new_segment && self.format == Format::Teeway {
                 native::put_segment_header(&mut raw);
             }
@@ -503,7 +528,7 @@ impl SegmentFiles {
     fn write_chunk(&mut self, raw: &[u8], metrics: &Metrics) -> io::Result<()> {
         let bytes = match self.compress {
             Compression::None => raw.to_vec(),
-            Compression::Zstd => zstd::bulk::compress(raw, ZSTD_LEVEL)?,
+            Compression::Zstd => crate::frames::compress_frame(raw, ZSTD_LEVEL)?,
             Compression::Gzip => {
                 let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                 gz.write_all(raw)?;
@@ -518,8 +543,18 @@ impl SegmentFiles {
             .as_mut()
             .ok_or_else(|| io::Error::other("no segment"))?;
         if let Err(e) = segment.file.write_all(&bytes) {
-            // Start afresh: the failed write may have left part of a chunk in this segment.
-            let _ = self.close_segment(metrics);
+            // Take back what part of the chunk got in and keep the segment: closing it and
+            // opening another at each failure would litter a full disk with files.
+            let kept = segment.disk_bytes;
+            let undone = segment
+                .file
+                .set_len(kept)
+                .and_then(|()| segment.file.seek(io::SeekFrom::Start(kept)).map(drop));
+            if undone.is_err() {
+                // The segment's end is unknown: close it as it is (a reader reports the cut
+                // chunk as a torn tail) and start the next batch in a new one.
+                let _ = self.close_segment(metrics);
+            }
             return Err(e);
         }
         segment.raw_bytes += raw.len() as u64;
@@ -567,6 +602,14 @@ impl SegmentFiles {
         let Some(segment) = self.open.take() else {
             return Ok(());
         };
+        if segment.disk_bytes == 0 {
+            // Nothing got in (every write failed): no empty segment is left behind.
+            drop(segment.file);
+            return match fs::remove_file(&segment.partial) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
         segment.file.sync_all()?;
         drop(segment.file);
         fs::rename(&segment.partial, &segment.path)?;

@@ -12,6 +12,7 @@
 //! - [`units`]: sizes (`1MiB`) and durations (`5s`) as configuration strings.
 //! - [`metrics`]: a per-instance metrics registry rendered as Prometheus text.
 //! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`build`]: version and commit of the binary.
 //! - [`dns`]: name resolution with hickory-resolver.
 //! - [`connect`]: a hyper connector that dials one configured upstream.
 //! - [`proxy`]: HTTP proxy hygiene shared by the agent (to the primary) and the gateway (to
@@ -22,6 +23,7 @@
 //! - [`matching`]: request matchers shared by agent rules and gateway routes.
 
 pub mod admin;
+pub mod build;
 pub mod config;
 pub mod connect;
 pub mod dns;
