@@ -227,6 +227,8 @@ async fn offline_replay() {
             protocol,
             timeout: Duration::from_secs(10),
             progress: false,
+            dry_run: false,
+            replay_truncated: false,
         })
         .await
         .expect("replay");

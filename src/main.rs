@@ -155,6 +155,13 @@ struct ReplayArgs {
     /// No progress on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Read, filter and pace the archives and report what would be sent, sending nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also send requests whose body was cut (by the agent's limit, or short of its
+    /// Content-Length in a capture), announced at the length they have; default: skip them.
+    #[arg(long)]
+    replay_truncated: bool,
     /// Archive files or directories (native or gor, plain, zstd or gzip).
     #[arg(required = true)]
     archives: Vec<PathBuf>,
@@ -468,6 +475,8 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         },
         timeout: args.timeout,
         progress: !args.quiet,
+        dry_run: args.dry_run,
+        replay_truncated: args.replay_truncated,
     };
     let report = match runtime().and_then(|rt| rt.block_on(replay::run(options))) {
         Ok(r) => r,

@@ -80,6 +80,10 @@ pub struct ReplayOptions {
     pub timeout: Duration,
     /// Show progress on stderr.
     pub progress: bool,
+    /// Read, filter and pace without sending anything.
+    pub dry_run: bool,
+    /// Send records whose body was cut (by the agent, or short in a capture) as they are.
+    pub replay_truncated: bool,
 }
 
 /// Spaces requests according to a [`Pace`]; pure, so it is tested without a clock.
@@ -88,6 +92,10 @@ pub struct Pacer {
     pace: Pace,
     max_wait: Duration,
     previous: Option<u64>,
+    /// Recorded gaps `max_wait` shortened.
+    pub shortened: u64,
+    /// Time those gaps lost, after dividing by the speed.
+    pub shortened_by: Duration,
 }
 
 impl Pacer {
@@ -97,6 +105,8 @@ impl Pacer {
             pace,
             max_wait,
             previous: None,
+            shortened: 0,
+            shortened_by: Duration::ZERO,
         }
     }
 
@@ -113,7 +123,12 @@ impl Pacer {
                     return Duration::ZERO;
                 }
                 let gap = Duration::from_nanos(at_ns - prev).div_f64(speed);
-                gap.min(self.max_wait)
+                if gap > self.max_wait {
+                    self.shortened += 1;
+                    self.shortened_by += gap - self.max_wait;
+                    return self.max_wait;
+                }
+                gap
             }
         }
     }
@@ -143,13 +158,28 @@ pub struct Report {
     pub elapsed: Duration,
     /// Longest time a request went out after its scheduled time.
     pub max_behind: Duration,
+    /// How requests were spaced.
+    pub pace: Pace,
+    /// Recorded gaps `--max-wait` shortened, and the time that took out of the schedule.
+    pub shortened: (u64, Duration),
+    /// Response records in the input (not replayed).
+    pub responses: u64,
+    /// Nothing was sent: `--dry-run`.
+    pub dry_run: bool,
+    /// Time the schedule spans (what the recorded pace makes of the gaps).
+    pub scheduled: Duration,
     /// What reading the archives counted.
     pub read: ReadStats,
 }
 
 impl Report {
-    fn new() -> anyhow::Result<Self> {
+    fn new(pace: Pace, dry_run: bool) -> anyhow::Result<Self> {
         Ok(Self {
+            pace,
+            shortened: (0, Duration::ZERO),
+            responses: 0,
+            dry_run,
+            scheduled: Duration::ZERO,
             sent: 0,
             succeeded: 0,
             failed: BTreeMap::new(),
@@ -198,6 +228,13 @@ impl Report {
             "elapsed_s": self.elapsed.as_secs_f64(),
             "rate_per_s": self.rate(),
             "max_behind_schedule_ms": self.max_behind.as_secs_f64() * 1000.0,
+            "scheduled_s": self.scheduled.as_secs_f64(),
+            "max_wait_shortened": {
+                "gaps": self.shortened.0,
+                "by_s": self.shortened.1.as_secs_f64(),
+            },
+            "responses_in_input": self.responses,
+            "dry_run": self.dry_run,
             "archive": {
                 "files": self.read.files,
                 "records": self.read.records,
@@ -212,14 +249,23 @@ impl Report {
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let failed: u64 = self.failed.values().sum();
-        writeln!(
-            f,
-            "sent {} in {:.2} s ({:.1}/s): {} answered, {failed} failed",
-            self.sent,
-            self.elapsed.as_secs_f64(),
-            self.rate(),
-            self.succeeded
-        )?;
+        if self.dry_run {
+            writeln!(
+                f,
+                "dry run: {} request(s) would be sent over {:.2} s at this pace; nothing was sent",
+                self.sent,
+                self.scheduled.as_secs_f64()
+            )?;
+        } else {
+            writeln!(
+                f,
+                "sent {} in {:.2} s ({:.1}/s): {} answered, {failed} failed",
+                self.sent,
+                self.elapsed.as_secs_f64(),
+                self.rate(),
+                self.succeeded
+            )?;
+        }
         fn join<K: std::fmt::Display>(m: &BTreeMap<K, u64>) -> String {
             m.iter()
                 .map(|(k, v)| format!("{k} {v}"))
@@ -245,11 +291,28 @@ impl std::fmt::Display for Report {
                 self.latency.max() as f64 / 1000.0
             )?;
         }
-        writeln!(
-            f,
-            "schedule: at most {:.1} ms behind",
-            self.max_behind.as_secs_f64() * 1000.0
-        )?;
+        if self.pace != Pace::Max && !self.dry_run {
+            writeln!(
+                f,
+                "schedule: at most {:.1} ms behind",
+                self.max_behind.as_secs_f64() * 1000.0
+            )?;
+        }
+        if self.shortened.0 > 0 {
+            writeln!(
+                f,
+                "max-wait: {} recorded gap(s) shortened, {:.2} s taken out of the schedule",
+                self.shortened.0,
+                self.shortened.1.as_secs_f64()
+            )?;
+        }
+        if self.responses > 0 {
+            writeln!(
+                f,
+                "responses: {} response record(s) in the input, not replayed",
+                self.responses
+            )?;
+        }
         let r = &self.read;
         write!(
             f,
@@ -299,28 +362,36 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
         )
         .with_context(|| format!("--target {}", options.target))?,
     );
-    let report = Arc::new(Mutex::new(Report::new()?));
-    let progress = Progress::start(options.progress, report.clone());
+    let loops = options.loops.max(1);
+    let report = Arc::new(Mutex::new(Report::new(options.pace, options.dry_run)?));
+    let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let progress = Progress::start(options.progress, report.clone(), total.clone());
     let started = Instant::now();
     let tasks = tokio_util::task::TaskTracker::new();
     let mut pacer = Pacer::new(options.pace, options.max_wait);
     let mut read_stats = ReadStats::default();
-    for _ in 0..options.loops.max(1) {
+    let mut scheduled = Duration::ZERO;
+    for pass in 0..loops {
         pacer.reset();
         let (tx, mut rx) = mpsc::channel::<MirroredRequest>(READ_AHEAD);
         let files = files.clone();
         let reader = tokio::task::spawn_blocking(move || {
             let mut reader = Reader::with_files(files, teeway_archive::read::DEFAULT_WINDOW);
+            let mut responses = 0u64;
             for record in reader.by_ref() {
-                if let Record::Request(r) = record {
-                    if tx.blocking_send(r).is_err() {
-                        break;
+                match record {
+                    Record::Request(r) => {
+                        if tx.blocking_send(r).is_err() {
+                            break;
+                        }
                     }
+                    Record::Response(_) => responses += 1,
                 }
             }
-            reader.stats
+            (reader.stats, responses)
         });
         let mut due = Instant::now();
+        let mut this_pass = 0u64;
         while let Some(request) = rx.recv().await {
             if let Some(filter) = &options.filter_path {
                 if !filter.is_match(request.uri.path()) {
@@ -328,11 +399,20 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
                     continue;
                 }
             }
-            if request.body_truncated {
+            if request.body_truncated && !options.replay_truncated {
                 skip(&report, "truncated_body");
                 continue;
             }
-            due += pacer.gap(request.received_at_unix_nanos());
+            this_pass += 1;
+            let gap = pacer.gap(request.received_at_unix_nanos());
+            scheduled += gap;
+            if options.dry_run {
+                if let Ok(mut r) = report.lock() {
+                    r.sent += 1;
+                }
+                continue;
+            }
+            due += gap;
             tokio::time::sleep_until(due).await;
             let slot = target.reserve().await;
             let behind = Instant::now().saturating_duration_since(due);
@@ -359,7 +439,29 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
                 }
             });
         }
-        let stats = reader.await.context("archive reader failed")?;
+        let (stats, responses) = reader.await.context("archive reader failed")?;
+        if pass == 0 {
+            // Every pass sends the same: from now on the progress line knows the total.
+            total.store(
+                this_pass * u64::from(loops),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            if this_pass == 0 {
+                tracing::warn!(
+                    responses,
+                    records = stats.records,
+                    "the archives hold no request to replay{}",
+                    if responses > 0 {
+                        " (only responses)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if let Ok(mut r) = report.lock() {
+                r.responses = responses;
+            }
+        }
         merge(&mut read_stats, stats);
     }
     tasks.close();
@@ -371,6 +473,8 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
         .map_err(|_| anyhow::anyhow!("a replay task panicked"))?;
     report.elapsed = started.elapsed();
     report.read = read_stats;
+    report.shortened = (pacer.shortened, pacer.shortened_by);
+    report.scheduled = scheduled;
     Ok(report)
 }
 
@@ -401,7 +505,12 @@ struct Progress {
 }
 
 impl Progress {
-    fn start(enabled: bool, report: Arc<Mutex<Report>>) -> Self {
+    /// `total`: requests the whole replay sends, once known (0 until then).
+    fn start(
+        enabled: bool,
+        report: Arc<Mutex<Report>>,
+        total: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         let stop = tokio_util::sync::CancellationToken::new();
         let mut task = None;
         if enabled {
@@ -428,9 +537,13 @@ impl Progress {
                         Ok(r) => {
                             let failed: u64 = r.failed.values().sum();
                             let rate = r.sent as f64 / started.elapsed().as_secs_f64().max(0.001);
+                            let sent = match total.load(std::sync::atomic::Ordering::Relaxed) {
+                                0 => r.sent.to_string(),
+                                total => format!("{} of {total}", r.sent),
+                            };
                             format!(
-                                "sent {} answered {} failed {failed} ({rate:.0}/s)",
-                                r.sent, r.succeeded
+                                "sent {sent} answered {} failed {failed} ({rate:.0}/s)",
+                                r.succeeded
                             )
                         }
                         Err(_) => break,

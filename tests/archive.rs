@@ -42,6 +42,8 @@ fn options(archives: Vec<PathBuf>, target: String, pace: Pace) -> ReplayOptions 
         protocol: UpstreamProtocol::Http1,
         timeout: Duration::from_secs(10),
         progress: false,
+        dry_run: false,
+        replay_truncated: false,
     }
 }
 
@@ -435,7 +437,11 @@ fn inspect_and_convert_to_har_from_the_command_line() {
         .arg(&path)
         .output()
         .expect("runs");
-    assert!(out.status.success());
+    // The torn tail is damage: listed, and the exit code says so.
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 part(s) of the archive could not be read")
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("records:    2 (2 requests, 0 responses)"),
@@ -451,11 +457,13 @@ fn inspect_and_convert_to_har_from_the_command_line() {
         .arg(&har)
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "converted, with the torn tail reported: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("wrote 2 records"));
     let doc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&har).expect("har")).expect("valid JSON");
     let entries = doc["log"]["entries"].as_array().expect("entries");
@@ -483,4 +491,78 @@ fn inspect_and_convert_to_har_from_the_command_line() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
     assert_eq!(report["sent"], 2);
     assert_eq!(report["failed"]["connect"], 2);
+}
+
+/// A full disk under the archive: records are dropped and counted, what was written stays
+/// readable, and the writer does not open (and leave) a new segment per failed write. Needs a
+/// small tmpfs, so root; elsewhere it says SKIPPED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_drops_and_counts_without_littering_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mount = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(dir.path())
+        .output();
+    match mount {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            return support::tool_missing(
+                "a tmpfs mount",
+                &String::from_utf8_lossy(&out.stderr),
+                "run as root",
+            )
+        }
+        Err(e) => return support::tool_missing("mount", &e.to_string(), "run as root"),
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path().to_owned());
+
+    let mut config = ArchiveConfig::new(dir.path(), Format::Teeway);
+    config.rotate_size = 64 * 1024;
+    config.queue_bytes = 64 << 20;
+    let registry = teeway_runtime::metrics::Registry::new();
+    let (archive, task) = teeway_archive::Archive::start(&config, &registry).expect("start");
+    // 2 MiB of records into 256 KiB, in bursts so that many batches meet the full disk.
+    for round in 0..20u64 {
+        for i in 0..100u64 {
+            let mut r = gor::parse_record(&gor_record(
+                1,
+                &format!("{round}-{i}"),
+                round * 1_000 + i,
+                Some(-1),
+                b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n",
+            ))
+            .expect("record");
+            if let Record::Request(req) = &mut r {
+                req.body = Bytes::from(vec![b'x'; 1024]);
+            }
+            archive.try_submit(r, None);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.close().await;
+    let metrics = teeway_runtime::metrics::Snapshot::parse(&registry.render());
+    let written = metrics.get("teeway_archive_records_total");
+    let io_errors = metrics.get("teeway_archive_dropped_total{reason=\"io_error\"}");
+    assert!(io_errors > 0.0, "the disk filled up: {}", registry.render());
+    assert_eq!(written + io_errors, 2000.0, "every record counted once");
+    let files: Vec<(String, u64)> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| {
+            let e = e.expect("entry");
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            (e.file_name().to_string_lossy().into_owned(), len)
+        })
+        .collect();
+    assert!(files.len() <= 6, "no segment churn: {files:?}");
+    assert!(
+        files.iter().all(|(_, len)| *len > 0),
+        "no empty segment: {files:?}"
+    );
+    assert_eq!(requests_in(dir.path()).len() as f64, written);
 }

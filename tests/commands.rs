@@ -339,3 +339,118 @@ fn a_flipped_byte_in_a_compressed_segment_costs_one_frame_and_is_reported_where_
         text(&out)
     );
 }
+
+fn gor_record(id: &str, ns: u64, message: &[u8]) -> Vec<u8> {
+    let mut out = format!("1 {id} {ns} -1\n").into_bytes();
+    out.extend_from_slice(message);
+    out.extend_from_slice(teeway_archive::gor::SEPARATOR);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goreplay_captures_replay_as_recorded_and_the_report_says_what_it_changed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let base = 1_700_000_000_000_000_000u64;
+    let mut gor = Vec::new();
+    gor.extend(gor_record(
+        "a1",
+        base,
+        b"GET /old HTTP/1.0\r\nHost: api.example.com\r\n\r\n",
+    ));
+    // A pcap-style capture: the body is cut short of its Content-Length.
+    gor.extend(gor_record(
+        "a2",
+        base + 1_000_000,
+        b"POST /cut HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 100\r\n\r\nonly this",
+    ));
+    // Five seconds later: --max-wait (1 s) shortens this gap.
+    gor.extend(gor_record(
+        "a3",
+        base + 5_001_000_000,
+        b"GET /late HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    ));
+    std::fs::write(tmp.path().join("capture.gor"), &gor).expect("write");
+    let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
+    let target = shadow.url();
+    let dir = tmp.path().to_owned();
+    let run = move |extra: &'static [&'static str]| {
+        let dir = dir.clone();
+        let target = target.clone();
+        async move {
+            blocking(move || {
+                let mut args = vec!["replay", "--target", &target, "--timeout", "3s"];
+                args.extend_from_slice(extra);
+                args.push("capture.gor");
+                piped(&dir, &args)
+            })
+            .await
+        }
+    };
+
+    let out = run(&["--dry-run"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(
+            "dry run: 2 request(s) would be sent over 1.00 s at this pace; nothing was sent"
+        ),
+        "{t}"
+    );
+    assert!(t.contains("skipped:  truncated_body 1"), "{t}");
+    assert_eq!(recording.count(), 0, "a dry run sends nothing");
+
+    let out = run(&["--replay-truncated"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.starts_with("sent 3 in "), "{t}");
+    assert!(
+        t.contains("3 answered, 0 failed"),
+        "the cut body costs no timeout: {t}"
+    );
+    assert!(
+        t.contains("max-wait: 1 recorded gap(s) shortened, 4.00 s taken out of the schedule"),
+        "{t}"
+    );
+    let got = recording.requests();
+    let old = got.iter().find(|r| r.uri.path() == "/old").expect("/old");
+    assert_eq!(old.version, Version::HTTP_10, "replayed as 1.0");
+    let cut = got.iter().find(|r| r.uri.path() == "/cut").expect("/cut");
+    assert_eq!(&cut.body[..], b"only this");
+    assert_eq!(cut.headers["content-length"], "9");
+
+    let out = run(&["--max-rate"]).await;
+    let t = text(&out);
+    assert!(
+        !t.contains("schedule:"),
+        "no schedule under --max-rate: {t}"
+    );
+    assert!(t.contains("skipped:  truncated_body 1"), "{t}");
+
+    // Separators turned into CR LF by a text-mode copy: said, not read as zero records.
+    let crlf: Vec<u8> = gor
+        .iter()
+        .flat_map(|&b| {
+            if b == b'\n' {
+                vec![b'\r', b'\n']
+            } else {
+                vec![b]
+            }
+        })
+        .collect();
+    std::fs::write(tmp.path().join("crlf.gor"), crlf).expect("write");
+    let out = piped(tmp.path(), &["archive", "verify", "crlf.gor"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("its lines end in CR LF"),
+        "{}",
+        text(&out)
+    );
+    let out = piped(tmp.path(), &["archive", "inspect", "capture.gor"]);
+    assert!(
+        text(&out).contains(
+            "1 truncated (by the agent's limit, or short of their Content-Length in a capture)"
+        ),
+        "{}",
+        text(&out)
+    );
+}

@@ -260,6 +260,17 @@ fn parse_request(
     };
     let mut headers = to_header_map(req.headers)?;
     let body = body_of(&mut headers, &message[head_len..])?;
+    // Captures (pcap, GoReplay's raw socket) often cut a body short: sent as it is, the server
+    // would wait for the rest. Such a record is marked truncated, like a copy the agent cut, and
+    // its Content-Length is corrected to what is there.
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let body_truncated = announced.is_some_and(|n| n > body.len() as u64);
+    if body_truncated {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
     Ok(MirroredRequest {
         id,
         received_at: at,
@@ -270,7 +281,7 @@ fn parse_request(
         headers,
         body,
         trailers: None,
-        body_truncated: false,
+        body_truncated,
     })
 }
 

@@ -9,7 +9,7 @@
 //! bodies that are not UTF-8 are written the same way with a `comment` saying so.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -23,7 +23,9 @@ pub const MAX_PENDING: usize = 10_000;
 pub struct HarWriter<W: Write> {
     out: W,
     first: bool,
-    pending: HashMap<(Arc<str>, u64), MirroredRequest>,
+    /// Requests held back, and whether a response has been written for them yet (a request
+    /// replayed to several targets gets one entry per target's answer).
+    pending: HashMap<(Arc<str>, u64), (MirroredRequest, bool)>,
     order: VecDeque<(Arc<str>, u64)>,
     /// Entries written.
     pub entries: u64,
@@ -59,18 +61,24 @@ impl<W: Write> HarWriter<W> {
         match record {
             Record::Request(r) => {
                 let key = (r.source_cluster.clone(), r.id);
-                if let Some(previous) = self.pending.insert(key.clone(), r) {
-                    self.entry(&previous, None)?;
+                if let Some((previous, answered)) = self.pending.insert(key.clone(), (r, false)) {
+                    if !answered {
+                        self.entry(&previous, None)?;
+                    }
                 }
                 self.order.push_back(key);
                 while self.pending.len() > MAX_PENDING {
                     self.flush_oldest()?;
                 }
             }
+            // An interim response (100 Continue, 103 Early Hints) is not the answer.
+            Record::Response(resp) if resp.status.is_informational() && resp.status != 101 => {}
             Record::Response(resp) => {
                 let key = (resp.source_cluster.clone(), resp.request_id);
-                if let Some(request) = self.pending.remove(&key) {
-                    self.entry(&request, Some(&resp))?;
+                if let Some((request, _)) = self.pending.remove(&key) {
+                    let written = self.entry(&request, Some(&resp));
+                    self.pending.insert(key, (request, true));
+                    written?;
                 }
             }
         }
@@ -79,7 +87,10 @@ impl<W: Write> HarWriter<W> {
 
     fn flush_oldest(&mut self) -> io::Result<()> {
         while let Some(key) = self.order.pop_front() {
-            if let Some(request) = self.pending.remove(&key) {
+            if let Some((request, answered)) = self.pending.remove(&key) {
+                if answered {
+                    continue;
+                }
                 return self.entry(&request, None);
             }
         }
@@ -90,7 +101,7 @@ impl<W: Write> HarWriter<W> {
     /// entries written (requests wait for their responses, so [`HarWriter::entries`] counts
     /// only some of them until now).
     pub fn finish(mut self) -> io::Result<(W, u64)> {
-        while !self.pending.is_empty() {
+        while !self.pending.is_empty() && !self.order.is_empty() {
             self.flush_oldest()?;
         }
         write!(self.out, "]}}}}")?;
@@ -128,14 +139,14 @@ fn entry(r: &MirroredRequest, resp: Option<&ResponseRecord>) -> Value {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (n, v) = p.split_once('=').unwrap_or((p, ""));
-            json!({"name": n, "value": v})
+            json!({"name": percent_decode(n), "value": percent_decode(v)})
         })
         .collect();
     let mut request = json!({
         "method": r.method.as_str(),
         "url": url,
         "httpVersion": version(r.version),
-        "cookies": [],
+        "cookies": request_cookies(&r.headers),
         "headers": headers(&r.headers),
         "queryString": query,
         "headersSize": -1,
@@ -158,23 +169,37 @@ fn entry(r: &MirroredRequest, resp: Option<&ResponseRecord>) -> Value {
     }
     let (response, wait) = match resp {
         Some(resp) => {
+            // As browsers export it: `text` is the body after Content-Encoding is undone,
+            // `compression` what the encoding saved.
+            let (decoded, problem) = decode_content(&resp.headers, &resp.body);
             let mut content = json!({
-                "size": resp.body.len(),
+                "size": decoded.len(),
+                "compression": decoded.len() as i64 - resp.body.len() as i64,
                 "mimeType": content_type(&resp.headers),
             });
-            match std::str::from_utf8(&resp.body) {
+            match std::str::from_utf8(&decoded) {
                 Ok(text) => content["text"] = json!(text),
                 Err(_) => {
-                    content["text"] = json!(base64(&resp.body));
+                    content["text"] = json!(base64(&decoded));
                     content["encoding"] = json!("base64");
                 }
+            }
+            let mut notes = Vec::new();
+            if let Some(problem) = problem {
+                notes.push(problem);
+            }
+            if resp.body_truncated {
+                notes.push("body truncated at the archive's max_response_body".to_owned());
+            }
+            if !notes.is_empty() {
+                content["comment"] = json!(notes.join("; "));
             }
             (
                 json!({
                     "status": resp.status.as_u16(),
                     "statusText": resp.status.canonical_reason().unwrap_or(""),
                     "httpVersion": version(resp.version),
-                    "cookies": [],
+                    "cookies": response_cookies(&resp.headers),
                     "headers": headers(&resp.headers),
                     "content": content,
                     "redirectURL": "",
@@ -207,8 +232,123 @@ fn entry(r: &MirroredRequest, resp: Option<&ResponseRecord>) -> Value {
         "response": response,
         "cache": {},
         "timings": {"send": 0, "wait": wait, "receive": 0},
-        "comment": format!("source cluster {}, id {}", r.source_cluster, r.id),
+        "comment": match resp {
+            Some(resp) if !resp.target.is_empty() => format!(
+                "source cluster {}, id {}, answered by {}",
+                r.source_cluster, r.id, resp.target
+            ),
+            _ => format!("source cluster {}, id {}", r.source_cluster, r.id),
+        },
     })
+}
+
+/// The body with its `Content-Encoding` undone (gzip, deflate, br; several in the order they
+/// were applied), or the body as it is and why it could not be.
+fn decode_content(headers: &http::HeaderMap, body: &[u8]) -> (Vec<u8>, Option<String>) {
+    let codings: Vec<String> = headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty() && c != "identity")
+        .collect();
+    let mut data = body.to_vec();
+    for coding in codings.iter().rev() {
+        let mut out = Vec::new();
+        let done = match coding.as_str() {
+            "gzip" | "x-gzip" => flate2::read::MultiGzDecoder::new(&data[..]).read_to_end(&mut out),
+            // RFC 9110 says zlib, servers often send raw deflate: try both.
+            "deflate" => flate2::read::ZlibDecoder::new(&data[..])
+                .read_to_end(&mut out)
+                .or_else(|_| {
+                    out.clear();
+                    flate2::read::DeflateDecoder::new(&data[..]).read_to_end(&mut out)
+                }),
+            "br" => brotli_decompressor::Decompressor::new(&data[..], 4096).read_to_end(&mut out),
+            other => {
+                return (
+                    body.to_vec(),
+                    Some(format!(
+                        "content-encoding {other} is not decoded: text is the body as sent"
+                    )),
+                )
+            }
+        };
+        if let Err(e) = done {
+            return (
+                body.to_vec(),
+                Some(format!(
+                    "content-encoding {coding} could not be undone ({e}): text is the body as sent"
+                )),
+            );
+        }
+        data = out;
+    }
+    (data, None)
+}
+
+/// `%XX` sequences decoded (as UTF-8, lossily); `+` kept, as browsers' HAR exports keep it.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// HAR cookies of a request: each `name=value` pair of its `Cookie` headers.
+fn request_cookies(headers: &http::HeaderMap) -> Vec<Value> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            Some(json!({"name": name.trim(), "value": value.trim()}))
+        })
+        .collect()
+}
+
+/// HAR cookies of a response: one per `Set-Cookie`, with its attributes.
+fn response_cookies(headers: &http::HeaderMap) -> Vec<Value> {
+    headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| {
+            let mut parts = v.split(';');
+            let (name, value) = parts.next()?.trim().split_once('=')?;
+            let mut cookie = json!({"name": name.trim(), "value": value.trim()});
+            for attribute in parts {
+                let (key, val) = attribute
+                    .trim()
+                    .split_once('=')
+                    .map_or((attribute.trim(), ""), |(k, v)| (k.trim(), v.trim()));
+                match key.to_ascii_lowercase().as_str() {
+                    "path" => cookie["path"] = json!(val),
+                    "domain" => cookie["domain"] = json!(val),
+                    "expires" => cookie["expires"] = json!(val),
+                    "httponly" => cookie["httpOnly"] = json!(true),
+                    "secure" => cookie["secure"] = json!(true),
+                    _ => {}
+                }
+            }
+            Some(cookie)
+        })
+        .collect()
 }
 
 fn version(v: http::Version) -> &'static str {
@@ -302,6 +442,70 @@ mod tests {
             .as_str()
             .expect("date")
             .starts_with("2023-11-14T22:13:20.000"));
+    }
+
+    #[test]
+    fn entries_look_as_browsers_export_them() {
+        use std::io::Write as _;
+        let mut request = sample_request(9, b"");
+        request.uri = http::Uri::from_static("/s?q=caf%C3%A9%20au+lait&empty=&flag");
+        request
+            .headers
+            .insert("cookie", "session=abc; theme=dark".parse().expect("value"));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(b"{\"ok\":true}").expect("gzip");
+        let mut answer = sample_response(9);
+        answer.target = "http://v2.test:8080".into();
+        answer.body = bytes::Bytes::from(gz.finish().expect("gzip"));
+        answer
+            .headers
+            .insert("content-encoding", "gzip".parse().expect("value"));
+        answer.headers.append(
+            "set-cookie",
+            "id=7; Path=/; HttpOnly; Secure".parse().expect("value"),
+        );
+        let mut second = answer.clone();
+        second.target = "http://v3.test:8080".into();
+        second.body = bytes::Bytes::from_static(b"plain");
+        second.headers.remove("content-encoding");
+        let mut interim = sample_response(9);
+        interim.status = http::StatusCode::CONTINUE;
+
+        let mut w = HarWriter::new(Vec::new()).expect("start");
+        w.push(Record::Request(request)).expect("push");
+        w.push(Record::Response(interim)).expect("push");
+        w.push(Record::Response(answer)).expect("push");
+        w.push(Record::Response(second)).expect("push");
+        let (out, written) = w.finish().expect("finish");
+        assert_eq!(
+            written, 2,
+            "one entry per target's answer, none for the 100"
+        );
+        let doc: Value = serde_json::from_slice(&out).expect("valid JSON");
+        let e = &doc["log"]["entries"];
+        let query = &e[0]["request"]["queryString"];
+        assert_eq!(query[0]["value"], "café au+lait");
+        assert_eq!(query[1]["name"], "empty");
+        assert_eq!(e[0]["request"]["cookies"][1]["name"], "theme");
+        assert_eq!(e[0]["request"]["cookies"][1]["value"], "dark");
+        assert_eq!(e[0]["response"]["status"], 201);
+        assert_eq!(e[0]["response"]["content"]["text"], "{\"ok\":true}");
+        assert_eq!(e[0]["response"]["content"]["size"], 11);
+        let cookie = &e[0]["response"]["cookies"][0];
+        assert_eq!(
+            (cookie["name"].as_str(), cookie["path"].as_str()),
+            (Some("id"), Some("/"))
+        );
+        assert_eq!(cookie["httpOnly"], true);
+        assert!(e[0]["comment"]
+            .as_str()
+            .expect("comment")
+            .ends_with("answered by http://v2.test:8080"));
+        assert_eq!(e[1]["response"]["content"]["text"], "plain");
+        assert!(e[1]["comment"]
+            .as_str()
+            .expect("comment")
+            .ends_with("answered by http://v3.test:8080"));
     }
 
     #[test]

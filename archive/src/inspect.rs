@@ -127,7 +127,7 @@ impl fmt::Display for Summary {
         let mean = self.body_bytes.checked_div(self.requests).unwrap_or(0);
         writeln!(
             f,
-            "bodies:     {} in all, mean {}, largest {}, {} truncated by the agent",
+            "bodies:     {} in all, mean {}, largest {}, {} truncated (by the agent's limit, or short of their Content-Length in a capture)",
             format_size(self.body_bytes),
             format_size(mean),
             format_size(self.max_body),

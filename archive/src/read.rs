@@ -272,7 +272,18 @@ impl FileReader {
         } else if head == MAGIC {
             (Format::Teeway, Inner::Native(SegmentReader::new(stream)?))
         } else if head.len() >= 2 && matches!(head[0], b'1'..=b'3') && head[1] == b' ' {
-            let buffered: Box<dyn BufRead + Send> = Box::new(BufReader::new(stream));
+            let (start, rest) = peek(stream, 4096)?;
+            let crlf = header_line_ends_in_crlf(&start);
+            let buffered: Box<dyn BufRead + Send> =
+                Box::new(BufReader::new(Cursor::new(start).chain(rest)));
+            if crlf {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a gor file as GoReplay writes it: its lines end in CR LF (a text-mode \
+                     transfer or an editor changed them), and GoReplay's header lines and record \
+                     separators end in LF alone; copy the original file in binary mode",
+                ));
+            }
             (Format::Gor, Inner::Gor(Splitter::new(buffered)))
         } else if MAGIC.starts_with(&head) {
             // A native segment cut inside its own header.
@@ -515,6 +526,15 @@ impl Framed {
             }
         }
     }
+}
+
+/// Whether the first line of a gor file (`1 id timestamp ...`) ends in CR LF: HTTP messages
+/// inside records use CR LF, but GoReplay's own lines never do.
+fn header_line_ends_in_crlf(start: &[u8]) -> bool {
+    start
+        .iter()
+        .position(|&b| b == b'\n')
+        .is_some_and(|i| i > 0 && start[i - 1] == b'\r')
 }
 
 /// Reads up to `n` bytes, returning them and the rest of the stream.

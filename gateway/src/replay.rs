@@ -377,8 +377,17 @@ impl Target {
         if let Some(marker) = &rewrite.marker {
             headers.insert(marker.clone(), HeaderValue::from_str(source).ok()?);
         }
+        if record.body_truncated && headers.contains_key(header::CONTENT_LENGTH) {
+            // A body cut by the agent (or short in a capture) is sent as what it is: announced
+            // at its real length, the shadow would wait for bytes that never come.
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(record.body.len()));
+        }
         let version = if self.spec.protocol.use_http2(record.version) {
             Version::HTTP_2
+        } else if record.version == Version::HTTP_10 {
+            // A 1.0 request replayed as 1.0: servers answer 1.0 differently (no chunking,
+            // connection closed by default), and that difference is what is being tested.
+            Version::HTTP_10
         } else {
             Version::HTTP_11
         };
