@@ -529,17 +529,22 @@ fn print_agent_counters(a: &teeway_runtime::metrics::Snapshot) {
 
 fn print_gateway_counters(g: &teeway_runtime::metrics::Snapshot) {
     use teeway_gateway::metrics as m;
-    let classes: Vec<String> = g
-        .series(m::REPLAYED_TOTAL)
+    let classes: Vec<String> = ["1xx", "2xx", "3xx", "4xx", "5xx"]
         .into_iter()
-        .filter(|(_, v)| *v > 0.0)
-        .map(|(s, v)| format!("{} {v}", s.trim_start_matches(m::REPLAYED_TOTAL)))
+        .map(|class| {
+            (
+                class,
+                g.sum_where(m::REPLAYED_TOTAL, &[("status_class", class)]),
+            )
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .map(|(class, n)| format!("{class} {n}"))
         .collect();
     println!(
-        "gateway  received {}, replayed {} {}, failed {}",
+        "gateway  received {}, replayed {} ({}), failed {}",
         g.get(m::RECEIVED_TOTAL),
         g.sum(m::REPLAYED_TOTAL),
-        classes.join(" "),
+        classes.join(", "),
         g.sum(m::REPLAY_FAILED_TOTAL)
     );
 }

@@ -7,7 +7,9 @@
 //! - every teeway configuration shipped in a ConfigMap passes `teeway check`, with certificates
 //!   where the pod mounts them;
 //! - every metric the Grafana dashboard and the alert rules query is one the running binaries
-//!   export.
+//!   export, and both binaries' `/metrics` pass `promtool check metrics`;
+//! - the alert rules pass `promtool check rules` and their unit tests (`promtool test rules`),
+//!   one case where each alert fires and one where it stays quiet.
 //!
 //! Without `kubernetes-validate` on PATH the schema test says so and skips, unless
 //! `TEEWAY_REQUIRE_TOOLS` is set (CI sets it after installing the tool): then it fails.
@@ -338,8 +340,11 @@ async fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
     }
     assert!(queried.len() > 10, "too few metrics found: {queried:?}");
 
-    // Exported: a running agent and gateway (with an archive) after real traffic.
+    // Exported: a running agent (with a TCP listener and a spool) and gateway (with an archive)
+    // after real traffic: the families those parts register exist only with them.
     let tmp = tempfile::tempdir().expect("tmp");
+    let tcp_primary = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let tcp_primary_addr = tcp_primary.local_addr().expect("addr");
     let stack = Stack::start_configured(
         100.0,
         |gateway| {
@@ -348,7 +353,22 @@ async fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
                 teeway_archive::Format::Teeway,
             ));
         },
-        |_| {},
+        |agent| {
+            agent.tcp = vec![teeway_agent::config::TcpListenerConfig {
+                name: "redis".into(),
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                primary: ("127.0.0.1".into(), tcp_primary_addr.port()),
+                percentage: 100.0,
+                max_teed_connections: 4,
+                buffer_bytes: 64 * 1024,
+            }];
+            if let Some(g) = agent.gateway.as_mut() {
+                g.spool = Some(teeway_agent::spool::SpoolConfig {
+                    dir: tmp.path().join("spool"),
+                    max_bytes: 16 << 20,
+                });
+            }
+        },
     )
     .await;
     for i in 0..5 {
@@ -363,6 +383,25 @@ async fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
         let (status, body) = admin_get(admin, "/metrics").await;
         assert_eq!(status, 200);
         exported(&body, &mut names);
+        promtool_check_metrics(&body);
+        // Families come in one order, scrape after scrape (the exporter's own order varies).
+        let families = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("# TYPE "))
+                .map(str::to_owned)
+                .collect()
+        };
+        let (_, again) = admin_get(admin, "/metrics").await;
+        assert_eq!(families(&body), families(&again));
+        let mut sorted = families(&body);
+        sorted.sort();
+        let teeway_only = |f: &Vec<String>| -> Vec<String> {
+            f.iter()
+                .filter(|n| n.starts_with("teeway_"))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(teeway_only(&families(&body)), teeway_only(&sorted));
     }
     let missing: Vec<_> = queried.difference(&names).collect();
     assert!(
@@ -371,6 +410,59 @@ async fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
     );
     println!("{} metrics queried, all exported", queried.len());
     stack.stop().await;
+}
+
+/// `promtool check metrics` on a live `/metrics` output: naming, help, types, histogram series.
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            return support::tool_missing(
+                "promtool",
+                &e.to_string(),
+                "`apt-get install prometheus`",
+            )
+        }
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool ends");
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The shipped alert rules parse, pass promtool's lint, and every alert has a unit test where
+/// it fires and one where it stays quiet (deploy/prometheus-tests/).
+#[test]
+fn alert_rules_pass_promtool_check_and_their_unit_tests() {
+    if Command::new("promtool").arg("--version").output().is_err() {
+        return support::tool_missing("promtool", "not on PATH", "`apt-get install prometheus`");
+    }
+    let out = Command::new("bash")
+        .arg(Path::new(ROOT).join("deploy/prometheus-tests/run-promtool.sh"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The feed examples point at the sink the sink example runs: same port, same host, and the

@@ -435,8 +435,8 @@ async fn slow_and_silent_shadows_never_hold_clients_or_grow_the_gateway() {
         pairs,
         "{g:?}"
     );
-    let timeouts = g.get("teeway_gateway_replay_failed_total{reason=\"timeout\"}");
-    let overloaded = g.get("teeway_gateway_replay_failed_total{reason=\"overloaded\"}");
+    let timeouts = g.sum_where(gm::REPLAY_FAILED_TOTAL, &[("reason", "timeout")]);
+    let overloaded = g.sum_where(gm::REPLAY_FAILED_TOTAL, &[("reason", "overloaded")]);
     assert!(timeouts >= 1.0 && overloaded >= 1.0, "{g:?}");
     assert_eq!(timeouts + overloaded, pairs, "{g:?}");
     stack.stop().await;

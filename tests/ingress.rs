@@ -115,7 +115,12 @@ async fn start_grpc_primary() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                                 }
                                 _ => {}
                             }
-                            "0"
+                            // A method this server does not have: UNIMPLEMENTED, as grpc does.
+                            if path == "/echo.Echo/Gone" {
+                                "12"
+                            } else {
+                                "0"
+                            }
                         }
                         None => "13",
                     },
@@ -274,6 +279,52 @@ async fn grpc_calls_reach_primary_and_shadow_intact_with_trailers() {
     .await;
     assert_eq!(g.sum(gm::REPLAYED_TOTAL), 3.0, "{g:?}");
 
+    stack.stop().await;
+}
+
+/// A shadow answering a method with UNIMPLEMENTED answers HTTP 200: the gateway counts its
+/// `grpc-status`, per route and target, so that is not read as success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_replays_are_counted_by_the_shadows_grpc_status() {
+    let (primary, _primary_task) = start_grpc_primary().await;
+    let (shadow, _shadow_task) = start_grpc_primary().await;
+    let stack = Stack::start_configured(
+        100.0,
+        |g| {
+            g.routes[0].targets = vec![teeway_gateway::config::TargetConfig::new(
+                teeway::stack::loopback_target(shadow),
+            )];
+            g.routes[0].protocol = teeway_runtime::config::UpstreamProtocol::Auto;
+        },
+        |c| c.primary = Some(teeway::stack::loopback_target(primary)),
+    )
+    .await;
+    let mut client = GrpcClient::connect(stack.agent.addr).await;
+    let say = client.call("/echo.Echo/Say", &[b"hello"]).await;
+    assert_eq!(trailer(&say, "grpc-status"), "0", "{say:?}");
+    for _ in 0..3 {
+        let gone = client.call("/echo.Echo/Gone", &[b"x"]).await;
+        assert_eq!(trailer(&gone, "grpc-status"), "12", "{gone:?}");
+    }
+    let g = settle(
+        || stack.gateway_metrics(),
+        |m| gateway_settled(m, 1.0) && m.get(gm::RECEIVED_TOTAL) == 4.0,
+    )
+    .await;
+    let target = format!("http://{shadow}");
+    let grpc = |code: &str| {
+        g.sum_where(
+            gm::REPLAY_GRPC_TOTAL,
+            &[("target", target.as_str()), ("grpc_status", code)],
+        )
+    };
+    assert_eq!(grpc("0"), 1.0, "{g:?}");
+    assert_eq!(grpc("12"), 3.0, "UNIMPLEMENTED counted as such: {g:?}");
+    assert_eq!(
+        g.sum_where(gm::REPLAYED_TOTAL, &[("status_class", "2xx")]),
+        4.0,
+        "HTTP said 200 each time"
+    );
     stack.stop().await;
 }
 

@@ -38,6 +38,21 @@ async fn varied_requests_reach_primary_and_arrive_intact_at_shadow() {
     let a = settle(|| stack.agent_metrics(), agent_settled).await;
     assert_eq!(a.get(am::REQUESTS_TOTAL), 160.0);
     assert_eq!(a.get(am::MIRRORED_TOTAL), 160.0);
+    // What production got, as the agent saw it: every answer from the primary, timed.
+    assert_eq!(a.sum(am::PRIMARY_RESPONSES_TOTAL), 160.0, "{a:?}");
+    assert_eq!(
+        a.get(&format!("{}_count", am::PRIMARY_DURATION_SECONDS)),
+        160.0
+    );
+    assert!(a.get(am::UPLINK_BYTES_SENT_TOTAL) > 0.0);
+    // The test PKI's leaf expires within days-to-years; what matters is that it is read.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let expiry = a.get("teeway_certificate_expiry_timestamp_seconds{cert=\"gateway.cert\"}");
+    assert!(expiry > now, "{a:?}");
+    assert_eq!(a.sum("teeway_build_info"), 1.0);
     assert_eq!(a.sum(am::MIRROR_DROPPED_TOTAL), 0.0);
     assert_agent_identity(&a);
     let g = settle(
@@ -47,7 +62,7 @@ async fn varied_requests_reach_primary_and_arrive_intact_at_shadow() {
     .await;
     assert_eq!(g.get(gm::RECEIVED_TOTAL), 160.0);
     assert_eq!(
-        g.get("teeway_gateway_replayed_total{status_class=\"2xx\"}"),
+        g.sum_where(gm::REPLAYED_TOTAL, &[("status_class", "2xx")]),
         160.0
     );
     assert_eq!(g.sum(gm::REPLAY_FAILED_TOTAL), 0.0);

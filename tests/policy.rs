@@ -143,23 +143,39 @@ async fn fan_out_with_a_rate_limited_target_and_a_dead_one() {
     let g = settle(
         || gateway.gateway.metrics(),
         |m| {
-            m.get(&format!(
-                "{}{{reason=\"connect\"}}",
-                gm::REPLAY_FAILED_TOTAL
-            )) == n as f64
+            m.sum_where(gm::REPLAY_FAILED_TOTAL, &[("reason", "connect")]) == n as f64
                 && gateway_settled(m, 3.0)
         },
     )
     .await;
     assert_eq!(v3_seen.requests().len(), 5, "v3 gets its burst and no more");
-    let failed = |reason: &str| {
-        g.get(&format!(
-            "{}{{reason=\"{reason}\"}}",
-            gm::REPLAY_FAILED_TOTAL
-        ))
+    // Each target's outcomes under its own labels: an operator sees which shadow fails.
+    let url = |a: std::net::SocketAddr| format!("http://{a}");
+    let (v2_url, v3_url, dead_url) = (url(v2.addr), url(v3.addr), url(dead));
+    let of = |name: &str, target: &str, reason: (&str, &str)| {
+        g.sum_where(name, &[("route", "routes[0]"), ("target", target), reason])
     };
-    assert_eq!(failed("rate_limited"), (n - 5) as f64);
-    assert_eq!(failed("connect"), n as f64, "the dead target fails alone");
+    assert_eq!(
+        of(gm::REPLAY_FAILED_TOTAL, &v3_url, ("reason", "rate_limited")),
+        (n - 5) as f64
+    );
+    assert_eq!(
+        of(gm::REPLAY_FAILED_TOTAL, &dead_url, ("reason", "connect")),
+        n as f64,
+        "the dead target fails alone"
+    );
+    assert_eq!(
+        g.sum_where(gm::REPLAY_FAILED_TOTAL, &[("target", v2_url.as_str())]),
+        0.0
+    );
+    assert_eq!(
+        of(gm::REPLAYED_TOTAL, &v2_url, ("status_class", "2xx")),
+        n as f64
+    );
+    assert_eq!(
+        of(gm::REPLAYED_TOTAL, &v3_url, ("status_class", "2xx")),
+        5.0
+    );
     assert_eq!(g.sum(gm::REPLAYED_TOTAL), (n + 5) as f64);
     // Every (record, target) pair is accounted for.
     assert_eq!(

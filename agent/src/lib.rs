@@ -153,6 +153,12 @@ struct UplinkTls {
     client_configs: Option<Arc<ArcSwap<ClientConfigs>>>,
 }
 
+/// `teeway_certificate_expiry_timestamp_seconds` for the uplink's certificate and CA bundle.
+fn record_expiry(registry: &teeway_runtime::metrics::Registry, tls: &TlsMaterial) {
+    registry.certificate_expiry("gateway.cert", &tls.chain[..tls.chain.len().min(1)]);
+    registry.certificate_expiry("gateway.ca", &tls.ca);
+}
+
 impl Agent {
     /// An agent for `config`; nothing runs until [`Agent::run`].
     pub fn new(config: AgentConfig) -> Self {
@@ -175,6 +181,20 @@ impl Agent {
                 ],
             )
             .set(1.0);
+        if let Some(g) = &config.gateway {
+            record_expiry(accounting.registry(), &g.tls);
+        }
+        if let Some(listen_tls) = &config.listen_tls {
+            // Read again for its dates: the server config keeps no parsed certificate.
+            use rustls::pki_types::pem::PemObject;
+            if let Ok(chain) = rustls::pki_types::CertificateDer::pem_file_iter(&listen_tls.cert)
+                .and_then(|certs| certs.take(1).collect::<Result<Vec<_>, _>>())
+            {
+                accounting
+                    .registry()
+                    .certificate_expiry("listen_tls.cert", &chain);
+            }
+        }
         let uplink_tls = Mutex::new(UplinkTls {
             material: config.gateway.as_ref().map(|g| g.tls.clone()),
             client_configs: None,
@@ -213,6 +233,7 @@ impl Agent {
             if let Some(handle) = &tls.client_configs {
                 handle.store(Arc::new(configs));
             }
+            record_expiry(self.accounting.registry(), &material);
             tls.material = Some(material);
             tracing::info!("TLS material reloaded: the next uplink connection uses the new certificate and CA bundle");
         }

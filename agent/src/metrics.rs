@@ -73,6 +73,12 @@ pub const CLIENT_CONNECTIONS_CLOSED_TOTAL: &str = "teeway_agent_client_connectio
 pub const REQUESTS_REFUSED_TOTAL: &str = "teeway_agent_requests_refused_total";
 /// Failed accepts on `listen` (out of file descriptors and the like).
 pub const ACCEPT_ERRORS_TOTAL: &str = "teeway_agent_accept_errors_total";
+/// Responses the primary gave, by status class: production's own health, as the agent saw it.
+pub const PRIMARY_RESPONSES_TOTAL: &str = "teeway_agent_primary_responses_total";
+/// Time from sending a request to the primary to its response head (retries included).
+pub const PRIMARY_DURATION_SECONDS: &str = "teeway_agent_primary_duration_seconds";
+/// Bytes the uplink wrote to gateways (frames of acknowledged and unacknowledged batches).
+pub const UPLINK_BYTES_SENT_TOTAL: &str = "teeway_agent_uplink_bytes_sent_total";
 
 /// Why a copy was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +169,9 @@ pub struct Accounting {
     pub(crate) primary_errors: Counter,
     pub(crate) primary_retries: Counter,
     pub(crate) client_aborts: Counter,
+    primary_responses: [Counter; 5],
+    primary_duration: metrics::Histogram,
+    pub(crate) uplink_bytes: Counter,
     held_bytes: AtomicU64,
     held_bytes_limit: u64,
     /// One log summary per drop reason (drops are counted always, logged in summary).
@@ -252,12 +261,36 @@ impl Accounting {
                 "Requests whose client went away before the primary's response (not a primary fault)",
                 &[],
             ),
+            primary_responses: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+                registry.counter(
+                    PRIMARY_RESPONSES_TOTAL,
+                    "Responses the primary gave, by status class",
+                    &[("status_class", class)],
+                )
+            }),
+            primary_duration: registry.histogram(
+                PRIMARY_DURATION_SECONDS,
+                "Time from sending a request to the primary to its response head",
+                &[],
+            ),
+            uplink_bytes: registry.counter(
+                UPLINK_BYTES_SENT_TOTAL,
+                "Bytes the uplink wrote to gateways",
+                &[],
+            ),
             registry,
             held_bytes: AtomicU64::new(0),
             held_bytes_limit,
             drop_logs: std::array::from_fn(|_| Throttle::default()),
             primary_error_log: Throttle::default(),
         }
+    }
+
+    /// Counts a response head from the primary, `elapsed` after the request was sent.
+    pub(crate) fn primary_answered(&self, status: http::StatusCode, elapsed: std::time::Duration) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.primary_responses[class].increment(1);
+        self.primary_duration.record(elapsed.as_secs_f64());
     }
 
     /// The registry to render on `/metrics`.

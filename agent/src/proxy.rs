@@ -200,6 +200,7 @@ impl Proxy {
         let mut aborted = AbortGuard::new(&self.accounting);
 
         let mut attempt = 1;
+        let sent_at = std::time::Instant::now();
         let response = loop {
             let Some(attempt_body) = body.again() else {
                 break None;
@@ -225,6 +226,8 @@ impl Proxy {
         body.release();
         match response {
             Some(Ok(resp)) => {
+                self.accounting
+                    .primary_answered(resp.status(), sent_at.elapsed());
                 let (mut parts, body) = resp.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Left(body))
@@ -267,10 +270,13 @@ impl Proxy {
         };
         let upstream =
             Request::from_parts(parts, ReplayBody::new(self.tee.body(body, None), 0, false));
+        let sent_at = std::time::Instant::now();
         let mut resp = match self.http1.request(upstream).await {
             Ok(resp) => resp,
             Err(e) => return self.primary_failed(&e),
         };
+        self.accounting
+            .primary_answered(resp.status(), sent_at.elapsed());
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The primary declined: an ordinary answer.
             let (mut parts, body) = resp.into_parts();

@@ -370,7 +370,7 @@ impl Uplink {
                             rotate = rotate.wrapping_add(1);
                             let target = least_loaded(&live, rotate);
                             let link = target.link.clone();
-                            batches.spawn(target.batches.track_future(send_batch(link, batch, permit)));
+                            batches.spawn(target.batches.track_future(send_batch(link, batch, self.shared.accounting.uplink_bytes.clone(), permit)));
                         }
                     }
                 }
@@ -380,7 +380,7 @@ impl Uplink {
                     rotate = rotate.wrapping_add(1);
                     let target = least_loaded(&live, rotate);
                     let link = target.link.clone();
-                    batches.spawn(target.batches.track_future(send_batch(link, batch, permit)));
+                    batches.spawn(target.batches.track_future(send_batch(link, batch, self.shared.accounting.uplink_bytes.clone(), permit)));
                 }
             }
         };
@@ -766,8 +766,14 @@ impl Accounts {
     }
 }
 
-async fn send_batch(link: Link, batch: Batch, _permit: OwnedSemaphorePermit) {
+async fn send_batch(
+    link: Link,
+    batch: Batch,
+    sent: metrics::Counter,
+    _permit: OwnedSemaphorePermit,
+) {
     let Batch { frames, accounts } = batch;
+    sent.increment(frames.len() as u64);
     let outcome = match tokio::time::timeout(ACK_TIMEOUT, link.send_batch(frames.freeze())).await {
         Ok(result) => result,
         Err(_) => Err(BatchFailure::Transport(format!(

@@ -176,6 +176,7 @@ impl Routing {
         config: &GatewayConfig,
         resolver: &Resolver,
         old: Option<&Routing>,
+        metrics: &GatewayMetrics,
     ) -> Result<Self, GatewayError> {
         let mut reusable: Vec<Arc<Target>> = old
             .map(|o| o.router.targets().cloned().collect())
@@ -198,7 +199,8 @@ impl Routing {
                         }
                     })?),
                 };
-                targets.push(target);
+                let handles = Arc::new(metrics.for_target(&route.name, &target.url));
+                targets.push((target, handles));
             }
             routes.push(Route {
                 name: route.name.clone(),
@@ -220,6 +222,15 @@ impl Routing {
             .as_ref()
             .is_none_or(|allow| allow.iter().any(|p| config::identity_matches(p, identity)))
     }
+}
+
+/// `teeway_certificate_expiry_timestamp_seconds` for the gateway's certificate and CA bundle.
+fn record_expiry(
+    registry: &teeway_runtime::metrics::Registry,
+    tls: &teeway_wire::tls::TlsMaterial,
+) {
+    registry.certificate_expiry("tls.cert", &tls.chain[..tls.chain.len().min(1)]);
+    registry.certificate_expiry("tls.ca", &tls.ca);
 }
 
 /// One gateway instance.
@@ -255,6 +266,7 @@ impl Gateway {
     /// A gateway for `config`, read from `source` whose YAML `text` `GET /config` shows.
     pub fn with_source(config: GatewayConfig, source: &str, text: Option<&str>) -> Self {
         let metrics = Arc::new(GatewayMetrics::new());
+        record_expiry(metrics.registry(), &config.tls);
         let config_state = Arc::new(ConfigState::new(metrics.registry(), source, text));
         let tls = Mutex::new(TlsInForce {
             material: config.tls.clone(),
@@ -293,7 +305,8 @@ impl Gateway {
             None => Resolver::from_system().map_err(|e| e.to_string())?,
         };
         let old = self.routing.load_full();
-        let routing = Routing::build(&new, &resolver, Some(&old)).map_err(|e| e.to_string())?;
+        let routing = Routing::build(&new, &resolver, Some(&old), &self.metrics)
+            .map_err(|e| e.to_string())?;
         // Everything is validated before anything is swapped: whole or nothing.
         let mut tls = self.lock_tls();
         let new_tls = if tls.material.same_as(&new.tls) {
@@ -313,6 +326,7 @@ impl Gateway {
                 tcp.store(Arc::new(tcp_config));
             }
             tls.material = new.tls.clone();
+            record_expiry(self.metrics.registry(), &new.tls);
             tracing::info!(
                 "TLS material reloaded: new agent handshakes use the new certificate and CA bundle"
             );
@@ -336,8 +350,12 @@ impl Gateway {
             }
         };
         let current = self.routing.load_full();
-        self.routing
-            .store(Arc::new(Routing::build(config, &resolver, Some(&current))?));
+        self.routing.store(Arc::new(Routing::build(
+            config,
+            &resolver,
+            Some(&current),
+            &self.metrics,
+        )?));
         let (archive, archive_task) = match &config.archive {
             Some(a) => {
                 let (archive, task) =

@@ -85,29 +85,29 @@ impl Dispatcher {
             }
         }
         let Some(route) = routing.router.route(&record, identity) else {
-            self.metrics.failed(FailReason::NoRoute);
+            self.metrics.no_route();
             return;
         };
         if record.body_truncated && !route.replay_truncated {
-            for _ in &route.targets {
-                self.metrics.skipped(SkipReason::Truncated);
+            for (_, handles) in &route.targets {
+                handles.skipped(SkipReason::Truncated);
             }
             return;
         }
         let record = Arc::new(record);
-        for target in &route.targets {
+        for (target, handles) in &route.targets {
             let slot = match target.admit() {
                 Ok(slot) => slot,
                 Err(Refusal::NotSampled) => {
-                    self.metrics.skipped(SkipReason::NotSampled);
+                    handles.skipped(SkipReason::NotSampled);
                     continue;
                 }
                 Err(Refusal::RateLimited) => {
-                    self.metrics.failed(FailReason::RateLimited);
+                    self.metrics.failed(handles, FailReason::RateLimited);
                     continue;
                 }
                 Err(Refusal::Overloaded) => {
-                    self.metrics.failed(FailReason::Overloaded);
+                    self.metrics.failed(handles, FailReason::Overloaded);
                     continue;
                 }
             };
@@ -115,13 +115,20 @@ impl Dispatcher {
             // holds at every scrape.
             self.metrics.in_flight.increment(1.0);
             let target = target.clone();
+            let handles = handles.clone();
             let record = record.clone();
             let metrics = self.metrics.clone();
             let archive = self.archive.clone();
             let identity = identity.clone();
             self.replays.spawn(async move {
                 target
-                    .replay(&record, &identity, &metrics, archive.as_ref(), slot)
+                    .replay(
+                        &record,
+                        &identity,
+                        (&metrics, &handles),
+                        archive.as_ref(),
+                        slot,
+                    )
                     .await
             });
         }

@@ -9,10 +9,15 @@
 //!     + sum(teeway_gateway_replay_skipped_total{reason}) + teeway_gateway_replay_in_flight
 //! ```
 //!
-//! (a record that matches no route counts once, as `replay_failed_total{reason="no_route"}`;
-//! a capture-only gateway replays nothing, and its records end in `teeway_archive_*`).
-//! Skipped is by policy (a target's `percentage`, a truncated body the route does not replay);
-//! failed is everything else, `rate_limited` and `overloaded` included.
+//! (a record that matches no route counts once, as `replay_failed_total{reason="no_route"}`
+//! with empty `route` and `target`; a capture-only gateway replays nothing, and its records end
+//! in `teeway_archive_*`). Skipped is by policy (a target's `percentage`, a truncated body the
+//! route does not replay); failed is everything else, `rate_limited` and `overloaded` included.
+//!
+//! The replay families carry `route` (the route's name) and `target` (the target's URL), so
+//! with fan-out each shadow's failures are its own; both are bounded by the configuration (a
+//! reload adds the series of new routes and targets; those of removed ones stay, unchanged, until
+//! the process restarts). [`TargetMetrics`] holds one (route, target) pair's handles.
 
 use metrics::{Counter, Gauge, Histogram};
 use teeway_runtime::logging::Throttle;
@@ -28,6 +33,8 @@ pub const REPLAY_FAILED_TOTAL: &str = "teeway_gateway_replay_failed_total";
 pub const REPLAY_IN_FLIGHT: &str = "teeway_gateway_replay_in_flight";
 /// Time from sending a replay to the end of the shadow's response.
 pub const REPLAY_DURATION_SECONDS: &str = "teeway_gateway_replay_duration_seconds";
+/// Completed gRPC replays by the `grpc-status` the shadow answered.
+pub const REPLAY_GRPC_TOTAL: &str = "teeway_gateway_replay_grpc_total";
 /// Replays not attempted by policy, by reason.
 pub const REPLAY_SKIPPED_TOTAL: &str = "teeway_gateway_replay_skipped_total";
 /// Agent connection attempts, by result.
@@ -162,13 +169,11 @@ impl FailReason {
 pub struct GatewayMetrics {
     registry: Registry,
     pub(crate) received: Counter,
-    replayed: [Counter; 5],
-    failed: [Counter; 7],
+    /// `replay_failed_total{route="",target="",reason="no_route"}`.
+    no_route: Counter,
     /// One log summary per failure reason: failures can come at request rate.
     failed_logs: [Throttle; 7],
-    skipped: [Counter; 2],
     pub(crate) in_flight: Gauge,
-    pub(crate) duration: Histogram,
     pub(crate) handshakes_ok: Counter,
     pub(crate) handshakes_refused: Counter,
     pub(crate) handshakes_unauthorized: Counter,
@@ -205,27 +210,11 @@ impl GatewayMetrics {
     /// Registers every gateway metric.
     pub fn new() -> Self {
         let r = Registry::new();
-        let replayed = STATUS_CLASSES.map(|class| {
-            r.counter(
-                REPLAYED_TOTAL,
-                "Replays completed, by status class of the shadow's response",
-                &[("status_class", class)],
-            )
-        });
-        let failed = FailReason::ALL.map(|reason| {
-            r.counter(
-                REPLAY_FAILED_TOTAL,
-                "Replays that did not complete, by reason",
-                &[("reason", reason.as_str())],
-            )
-        });
-        let skipped = SkipReason::ALL.map(|reason| {
-            r.counter(
-                REPLAY_SKIPPED_TOTAL,
-                "Replays not attempted by policy, by reason",
-                &[("reason", reason.as_str())],
-            )
-        });
+        let no_route = r.counter(
+            REPLAY_FAILED_TOTAL,
+            FAILED_HELP,
+            &[("route", ""), ("target", ""), ("reason", "no_route")],
+        );
         let rejected = |reason| {
             r.counter(
                 STREAMS_REJECTED_TOTAL,
@@ -263,16 +252,9 @@ impl GatewayMetrics {
                 "Mirrored requests received from agents",
                 &[],
             ),
-            replayed,
-            failed,
+            no_route,
             failed_logs: std::array::from_fn(|_| Throttle::default()),
-            skipped,
             in_flight: r.gauge(REPLAY_IN_FLIGHT, "Replays under way", &[]),
-            duration: r.histogram(
-                REPLAY_DURATION_SECONDS,
-                "Time from sending a replay to the end of the shadow's response",
-                &[],
-            ),
             handshakes_ok: r.counter(
                 HANDSHAKES_TOTAL,
                 "Agent connection attempts, by result",
@@ -302,15 +284,71 @@ impl GatewayMetrics {
         &self.registry
     }
 
-    /// Counts a completed replay by the status class of its response.
-    pub fn replayed(&self, status: http::StatusCode) {
-        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.replayed[class].increment(1);
+    /// The handles of one (route, target) pair: registered on first use, found again after.
+    pub fn for_target(&self, route: &str, target: &str) -> TargetMetrics {
+        let r = &self.registry;
+        let labels = |extra: Option<(&'static str, &'static str)>| {
+            let mut l = vec![("route", route.to_owned()), ("target", target.to_owned())];
+            if let Some((k, v)) = extra {
+                l.push((k, v.to_owned()));
+            }
+            l
+        };
+        TargetMetrics {
+            route: route.into(),
+            target: target.into(),
+            replayed: STATUS_CLASSES.map(|class| {
+                r.counter_labels(
+                    REPLAYED_TOTAL,
+                    REPLAYED_HELP,
+                    &labels(Some(("status_class", class))),
+                )
+            }),
+            failed: FailReason::ALL.map(|reason| {
+                r.counter_labels(
+                    REPLAY_FAILED_TOTAL,
+                    FAILED_HELP,
+                    &labels(Some(("reason", reason.as_str()))),
+                )
+            }),
+            skipped: SkipReason::ALL.map(|reason| {
+                r.counter_labels(
+                    REPLAY_SKIPPED_TOTAL,
+                    "Replays not attempted by policy, by reason",
+                    &labels(Some(("reason", reason.as_str()))),
+                )
+            }),
+            duration: r.histogram_labels(
+                REPLAY_DURATION_SECONDS,
+                "Time from sending a replay to the end of the shadow's response",
+                &labels(None),
+            ),
+            grpc: GRPC_CODES.map(|code| {
+                r.counter_labels(
+                    REPLAY_GRPC_TOTAL,
+                    "Completed gRPC replays, by the grpc-status the shadow answered",
+                    &labels(Some(("grpc_status", code))),
+                )
+            }),
+        }
     }
 
-    /// Counts a replay not attempted by policy.
-    pub fn skipped(&self, reason: SkipReason) {
-        self.skipped[reason as usize].increment(1);
+    /// Counts a record no route takes.
+    pub fn no_route(&self) {
+        self.no_route.increment(1);
+        self.log_failure(FailReason::NoRoute, "", "");
+    }
+
+    fn log_failure(&self, reason: FailReason, route: &str, target: &str) {
+        if let Some(failed) = self.failed_logs[reason as usize].note() {
+            tracing::warn!(
+                reason = reason.as_str(),
+                route,
+                target,
+                failed,
+                "replays failed (one line a minute at most per reason, naming the last route and target; see {REPLAY_FAILED_TOTAL})"
+            );
+        }
     }
 
     /// Counts a TCP replay's end.
@@ -328,15 +366,66 @@ impl GatewayMetrics {
         }
     }
 
-    /// Counts a replay that did not complete.
-    pub fn failed(&self, reason: FailReason) {
-        self.failed[reason as usize].increment(1);
-        if let Some(failed) = self.failed_logs[reason as usize].note() {
-            tracing::warn!(
-                reason = reason.as_str(),
-                failed,
-                "replays failed (one line a minute at most per reason; see {REPLAY_FAILED_TOTAL})"
-            );
+    /// Counts a replay to `target` that did not complete.
+    pub fn failed(&self, target: &TargetMetrics, reason: FailReason) {
+        target.failed[reason as usize].increment(1);
+        self.log_failure(reason, &target.route, &target.target);
+    }
+}
+
+const REPLAYED_HELP: &str =
+    "Replays completed, by route, target and status class of the shadow's response";
+const FAILED_HELP: &str = "Replays that did not complete, by route, target and reason";
+
+/// The `grpc_status` label values: the codes of the gRPC specification, and `other`.
+const GRPC_CODES: [&str; 18] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "other",
+];
+
+/// The replay handles of one (route, target) pair.
+pub struct TargetMetrics {
+    route: Box<str>,
+    target: Box<str>,
+    replayed: [Counter; 5],
+    failed: [Counter; 7],
+    skipped: [Counter; 2],
+    duration: Histogram,
+    grpc: [Counter; 18],
+}
+
+impl std::fmt::Debug for TargetMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetMetrics")
+            .field("route", &self.route)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TargetMetrics {
+    /// Counts a completed replay: status class, time, and the `grpc-status` when there was one.
+    pub fn replayed(
+        &self,
+        status: http::StatusCode,
+        elapsed: std::time::Duration,
+        grpc: Option<&[u8]>,
+    ) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.replayed[class].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+        if let Some(code) = grpc {
+            let index = std::str::from_utf8(code)
+                .ok()
+                .and_then(|c| c.trim().parse::<usize>().ok())
+                .filter(|&c| c <= 16)
+                .unwrap_or(17);
+            self.grpc[index].increment(1);
         }
+    }
+
+    /// Counts a replay not attempted by policy.
+    pub fn skipped(&self, reason: SkipReason) {
+        self.skipped[reason as usize].increment(1);
     }
 }

@@ -26,7 +26,7 @@ use teeway_runtime::proxy::remove_hop_by_hop;
 use teeway_wire::MirroredRequest;
 
 use crate::config::{HostPolicy, RateLimit, Rewrite, TargetConfig};
-use crate::metrics::{FailReason, GatewayMetrics};
+use crate::metrics::{FailReason, GatewayMetrics, TargetMetrics};
 
 /// How long an idle pooled connection to a shadow is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -250,7 +250,7 @@ impl Target {
         &self,
         record: &MirroredRequest,
         source: &str,
-        metrics: &GatewayMetrics,
+        (metrics, handles): (&GatewayMetrics, &TargetMetrics),
         archive: Option<&Archive>,
         _slot: OwnedSemaphorePermit,
     ) {
@@ -260,13 +260,16 @@ impl Target {
         let outcome = self.send(record, source, capture).await;
         match outcome {
             Ok(exchange) => {
-                metrics.replayed(exchange.status);
-                metrics.duration.record(exchange.elapsed.as_secs_f64());
+                handles.replayed(
+                    exchange.status,
+                    exchange.elapsed,
+                    exchange.grpc_status.as_ref().map(|v| v.as_bytes()),
+                );
                 if let (Some(archive), Some(response)) = (archive, exchange.response) {
                     archive.try_submit(Record::Response(response), None);
                 }
             }
-            Err(reason) => metrics.failed(reason),
+            Err(reason) => metrics.failed(handles, reason),
         }
         // Only after the outcome is counted: a scrape never sees the pair in neither bucket.
         metrics.in_flight.decrement(1.0);
@@ -301,12 +304,19 @@ impl Target {
             })?;
             let head_at = (SystemTime::now(), started.elapsed());
             let (parts, mut body) = response.into_parts();
+            // gRPC: in the trailers, or in the head of a trailers-only answer.
+            let mut grpc_status = parts.headers.get(GRPC_STATUS).cloned();
             let limit = capture.unwrap_or(0) as usize;
             let mut kept = Vec::new();
             let mut truncated = false;
             // Drain: the shadow's answer is read so the connection can be reused.
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|_| FailReason::Error)?;
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(status) = trailers.get(GRPC_STATUS) {
+                        grpc_status = Some(status.clone());
+                    }
+                }
                 if let Some(data) = frame.data_ref() {
                     let room = limit.saturating_sub(kept.len());
                     if data.len() > room {
@@ -328,13 +338,14 @@ impl Target {
                 body: Bytes::from(kept),
                 body_truncated: truncated,
             });
-            Ok((parts.status, response))
+            Ok((parts.status, response, grpc_status))
         };
         match tokio::time::timeout(self.spec.target.timeout, exchange).await {
-            Ok(Ok((status, response))) => Ok(Exchange {
+            Ok(Ok((status, response, grpc_status))) => Ok(Exchange {
                 status,
                 elapsed: started.elapsed(),
                 response,
+                grpc_status,
             }),
             Ok(Err(reason)) => Err(reason),
             Err(_) => Err(FailReason::Timeout),
@@ -425,7 +436,12 @@ pub struct Exchange {
     pub elapsed: Duration,
     /// The response, when asked for.
     pub response: Option<ResponseRecord>,
+    /// The `grpc-status` the shadow answered (trailers, or a trailers-only head), if any.
+    pub grpc_status: Option<HeaderValue>,
 }
+
+/// gRPC's status trailer.
+const GRPC_STATUS: &str = "grpc-status";
 
 /// The Host the client addressed, port included: `Host` (HTTP/1) or the URI authority (HTTP/2).
 fn original_host(record: &MirroredRequest) -> Option<String> {

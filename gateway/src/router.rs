@@ -8,6 +8,7 @@ use std::sync::Arc;
 use teeway_wire::MirroredRequest;
 
 use crate::config::{identity_matches, RouteMatch};
+use crate::metrics::TargetMetrics;
 use crate::replay::Target;
 
 /// A route ready to dispatch to.
@@ -17,8 +18,8 @@ pub struct Route {
     pub name: String,
     /// What it takes; `None` takes everything.
     pub matcher: Option<RouteMatch>,
-    /// Where matching records go.
-    pub targets: Vec<Arc<Target>>,
+    /// Where matching records go, each with its (route, target) metrics.
+    pub targets: Vec<(Arc<Target>, Arc<TargetMetrics>)>,
     /// Whether copies with truncated bodies are replayed.
     pub replay_truncated: bool,
 }
@@ -42,7 +43,9 @@ impl Router {
 
     /// Every target of every route (to reuse them across a reload).
     pub fn targets(&self) -> impl Iterator<Item = &Arc<Target>> {
-        self.routes.iter().flat_map(|r| r.targets.iter())
+        self.routes
+            .iter()
+            .flat_map(|r| r.targets.iter().map(|(t, _)| t))
     }
 
     /// The first route that takes `record`, sent by the agent `identity`.

@@ -44,7 +44,32 @@ impl Registry {
         };
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        Self { recorder, handle }
+        let registry = Self { recorder, handle };
+        registry
+            .gauge_owned(
+                BUILD_INFO,
+                "Always 1: the version and commit of the running binary",
+                &[
+                    ("version", crate::build::VERSION.to_owned()),
+                    ("commit", crate::build::COMMIT.to_owned()),
+                ],
+            )
+            .set(1.0);
+        registry
+    }
+
+    /// Sets `teeway_certificate_expiry_timestamp_seconds{cert=field}` to the earliest `notAfter`
+    /// of `certs` (a chain's leaf alone, or a CA bundle); nothing when none parses.
+    pub fn certificate_expiry(&self, field: &str, certs: &[rustls_pki_types::CertificateDer<'_>]) {
+        let Some(earliest) = certs.iter().filter_map(teeway_wire::tls::not_after).min() else {
+            return;
+        };
+        self.gauge_owned(
+            CERTIFICATE_EXPIRY,
+            "When a certificate in use stops being valid (notAfter), in seconds since the epoch, by configuration field",
+            &[("cert", field.to_owned())],
+        )
+        .set(earliest as f64);
     }
 
     /// Registers (or finds) a counter and records its help text.
@@ -147,9 +172,30 @@ impl Registry {
             .register_histogram(&key(name, labels), &metadata())
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// Registers (or finds) a histogram whose label values are known only at run time (a
+    /// route and a target from the configuration).
+    pub fn histogram_labels(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, String)],
+    ) -> Histogram {
+        self.recorder.describe_histogram(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        self.recorder
+            .register_histogram(&Key::from_parts(name, owned_labels(labels)), &metadata())
+    }
+
+    /// The Prometheus text exposition of every metric, families sorted by name and series by
+    /// labels (the exporter's own order changes from one scrape to the next), then the process
+    /// families (`process_*`).
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = sorted(&self.handle.render());
+        text.push_str(&process_families());
+        text
     }
 
     /// Folds pending histogram samples so memory stays bounded between scrapes; the admin
@@ -157,6 +203,150 @@ impl Registry {
     pub fn run_upkeep(&self) {
         self.handle.run_upkeep();
     }
+}
+
+/// `teeway_build_info{version,commit}`.
+pub const BUILD_INFO: &str = "teeway_build_info";
+/// `teeway_certificate_expiry_timestamp_seconds{cert}`.
+pub const CERTIFICATE_EXPIRY: &str = "teeway_certificate_expiry_timestamp_seconds";
+
+/// Families (blocks separated by a blank line) in name order; in each, the `#` lines first,
+/// then the series ordered by their labels, `le` aside, so a histogram's buckets keep their
+/// order and stay next to their `_sum` and `_count`.
+fn sorted(text: &str) -> String {
+    let mut families: Vec<(String, Vec<&str>)> = text
+        .split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let mut lines: Vec<&str> = block.lines().filter(|l| !l.is_empty()).collect();
+            let name = lines
+                .iter()
+                .find_map(|l| l.strip_prefix("# TYPE "))
+                .or_else(|| lines.first().copied())
+                .unwrap_or("")
+                .split([' ', '{'])
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            let comments = lines.iter().take_while(|l| l.starts_with('#')).count();
+            lines[comments..].sort_by_key(|l| series_key(l));
+            (name, lines)
+        })
+        .collect();
+    families.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = String::with_capacity(text.len() + 2);
+    for (_, lines) in families {
+        for line in lines {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A series line's labels without `le`: what orders the series of a family.
+fn series_key(line: &str) -> String {
+    let Some((_, rest)) = line.split_once('{') else {
+        return String::new();
+    };
+    let labels = rest.split('}').next().unwrap_or("");
+    labels
+        .split(',')
+        .filter(|l| !l.starts_with("le="))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The standard process families (Prometheus client conventions), read from `/proc/self` at each
+/// scrape; empty where there is no `/proc`.
+fn process_families() -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return out;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    // USER_HZ is 100 on every Linux ABI teeway builds for; pages are read from `statm` in bytes.
+    const TICKS: f64 = 100.0;
+    let mut family = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+        if let Some(v) = value {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n\n"
+            );
+        }
+    };
+    let cpu = field(14).zip(field(15)).map(|(u, s)| (u + s) / TICKS);
+    family(
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent in seconds.",
+        cpu,
+    );
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .map(|kib| kib * 1024.0)
+        });
+    family(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        rss,
+    );
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count() as f64);
+    family(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        fds,
+    );
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<f64>().ok())
+        });
+    family(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        max_fds,
+    );
+    let start = field(22)
+        .zip(boot_time())
+        .map(|(ticks, boot)| boot + ticks / TICKS);
+    family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        start,
+    );
+    out
+}
+
+/// The system's boot time, seconds since the epoch (`btime` of `/proc/stat`).
+fn boot_time() -> Option<f64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Labels whose values are known only at run time.
@@ -216,6 +406,20 @@ impl Snapshot {
                     || series
                         .strip_prefix(name)
                         .is_some_and(|rest| rest.starts_with('{'))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// The sum over the series of `name` that carry every `label="value"` pair of `labels`
+    /// (other labels may vary): `sum_where(REPLAY_FAILED_TOTAL, &[("target", url)])`.
+    pub fn sum_where(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.series(name)
+            .into_iter()
+            .filter(|(series, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
             })
             .map(|(_, v)| v)
             .sum()

@@ -279,6 +279,13 @@ pub fn upstream_tls(trust: &UpstreamTrust) -> Result<UpstreamTls, TlsError> {
     })
 }
 
+/// When a certificate stops being valid (`notAfter`), in seconds since the Unix epoch; `None`
+/// when it does not parse.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
 /// The agent identity in a certificate: its first DNS subject alternative name, else its common
 /// name. `None` when the certificate does not parse or names nothing.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
