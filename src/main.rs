@@ -208,8 +208,25 @@ enum CertsCommand {
     },
 }
 
+/// Whether stderr carries JSON lines (`--log-format json`): then errors are JSON lines too.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Reports an error that ends the command: a plain line for people, or with `--log-format
+/// json` one JSON object (level ERROR), like every other line of the process.
+fn report_error(text: impl std::fmt::Display) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!("{text}");
+    } else {
+        eprintln!("{text}");
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (else `default`), in `format`.
 fn init_logging(format: LogFormat, default: &str) {
+    JSON_LOGS.store(
+        matches!(format, LogFormat::Json),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -501,7 +518,7 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
 }
 
 fn config_failure(e: &teeway_runtime::config::ConfigError) -> ExitCode {
-    eprintln!("{e}");
+    report_error(e);
     ExitCode::from(INVALID)
 }
 
@@ -515,8 +532,7 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
     match runtime().and_then(|rt| rt.block_on(fut)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            report_error(format_args!("error: {e:#}"));
             ExitCode::from(FAILED)
         }
     }

@@ -260,3 +260,127 @@ fn json_logs_are_one_object_a_line_with_the_fields_at_the_top() {
     let status = gateway.terminate_and_wait();
     assert!(status.success(), "{status:?}");
 }
+
+/// With `--log-format json` every line on stderr is a JSON object, the error that stops the
+/// process included: a configuration that does not validate, and a port that cannot be bound.
+#[test]
+fn json_logs_stay_json_for_start_up_and_fatal_errors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    certs(tmp.path());
+    std::fs::write(
+        tmp.path().join("bad.yaml"),
+        "listen: 127.0.0.1:0\ntls: { ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/nope.key }\nroutes:\n  - targets: [http://127.0.0.1:9]\n",
+    )
+    .expect("write");
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    std::fs::write(
+        tmp.path().join("busy.yaml"),
+        format!("listen: 127.0.0.1:{port}\ntransports: [quic]\ntls: {{ ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }}\nroutes:\n  - targets: [http://127.0.0.1:9]\n"),
+    )
+    .expect("write");
+    for (file, code, says) in [("bad.yaml", 2, "tls.key"), ("busy.yaml", 1, "error")] {
+        let out = teeway(
+            tmp.path(),
+            &["gateway", "--config", file, "--log-format", "json"],
+        );
+        assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.trim().is_empty());
+        for line in stderr.lines() {
+            let event: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{file}: not JSON ({e}): {line}"));
+            assert!(event["level"].is_string(), "{line}");
+        }
+        let last: serde_json::Value =
+            serde_json::from_str(stderr.lines().last().expect("a line")).expect("json");
+        assert_eq!(last["level"], "ERROR", "{stderr}");
+        assert!(
+            last["message"].as_str().unwrap_or("").contains(says),
+            "{stderr}"
+        );
+    }
+}
+
+/// A refused agent is told why, in its own log: a certificate from another CA, an identity not
+/// in `agents.allow`. The gateway logs each cause (and each refused identity) once, not once per
+/// retry, and says at shutdown how many more there were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_agents_are_told_why_and_the_gateway_does_not_repeat_itself() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    certs(tmp.path());
+    let other = teeway(
+        tmp.path(),
+        &[
+            "certs",
+            "init",
+            "--dir",
+            "other",
+            "--agent-name",
+            "prod-eu-1",
+        ],
+    );
+    assert!(other.status.success(), "{}", text(&other));
+    std::fs::write(
+        tmp.path().join("gateway.yaml"),
+        "listen: 127.0.0.1:0\ntls: { ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }\nagents: { allow: [prod-us-*] }\nroutes:\n  - targets: [http://127.0.0.1:9]\nadmin: { listen: 127.0.0.1:0 }\n",
+    )
+    .expect("write");
+    let gateway = Proc::spawn(tmp.path(), &["gateway", "--config", "gateway.yaml"]);
+    let serving = gateway.wait_for_line("gateway serving");
+    let addr = field(&serving, "listen");
+    let admin: std::net::SocketAddr = field(&serving, "admin").parse().expect("admin");
+    let agent_yaml = |name: &str, cert_dir: &str| {
+        std::fs::write(
+            tmp.path().join(name),
+            format!("cluster: prod-eu-1\nlisten: 127.0.0.1:0\nprimary: http://127.0.0.1:9\ndrain_time: 0s\ngateway: {{ address: {addr}, server_name: localhost, ca: certs/dev/ca.pem, cert: {cert_dir}/agent.pem, key: {cert_dir}/agent.key }}\n"),
+        )
+        .expect("write");
+    };
+    agent_yaml("foreign.yaml", "other");
+    agent_yaml("unlisted.yaml", "certs/dev");
+
+    let foreign = Proc::spawn(tmp.path(), &["agent", "--config", "foreign.yaml"]);
+    let line = foreign.wait_for_line("cannot reach a gateway");
+    assert!(line.contains("unknown_ca"), "{line}");
+    assert!(
+        line.contains("not signed by a CA the gateway trusts"),
+        "{line}"
+    );
+    let line = gateway.wait_for_line("agent handshake refused");
+    assert!(line.contains("cause=\"unknown_ca\""), "{line}");
+    assert!(foreign.terminate_and_wait().success());
+
+    let unlisted = Proc::spawn(tmp.path(), &["agent", "--config", "unlisted.yaml"]);
+    let line = unlisted.wait_for_line("cannot reach a gateway");
+    assert!(line.contains("is not in agents.allow"), "{line}");
+    gateway.wait_for_line("its certificate identity is not in agents.allow");
+    // The agent retries with backoff (50 ms doubling): wait for a few more refusals.
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let m = Snapshot::parse(&admin_get(admin, "/metrics").await.1);
+        if m.get("teeway_gateway_handshakes_total{result=\"unauthorized\"}") >= 4.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not retry"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(unlisted.terminate_and_wait().success());
+    let rest = gateway.unread_lines();
+    assert!(
+        !rest.contains("its certificate identity is not in agents.allow"),
+        "one line per identity a minute, not one per retry:\n{rest}"
+    );
+    // At shutdown the gateway says how many refusals its one line stood for.
+    let status = Command::new("kill")
+        .args(["-TERM", &gateway.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let summary = gateway.wait_for_line("not in agents.allow: ");
+    let more: u64 = field(&summary, "events").parse().expect("events");
+    assert!(more >= 3, "{summary}");
+}

@@ -233,8 +233,8 @@ impl IngressMetrics {
                 "Failed accepts (out of file descriptors and the like)",
                 &[],
             ),
-            refused_log: Throttle::default(),
-            accept_log: Throttle::default(),
+            refused_log: Throttle::named("client requests refused before the primary"),
+            accept_log: Throttle::named("accept errors (out of file descriptors)"),
         }
     }
 

@@ -272,6 +272,10 @@ impl Agent {
         listeners: AgentListeners,
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
+        // Throttled log summaries are written out on a timer and once more at the end, so a
+        // burst that stopped is still reported with its total.
+        let summaries_stop = CancellationToken::new();
+        let summaries = tokio::spawn(teeway_runtime::logging::flush_until(summaries_stop.clone()));
         let config = &self.config;
         let resolver = Resolver::from_system()?;
         // Copies from the tee (request path) to the uplink task, or to the archive when there
@@ -405,10 +409,10 @@ impl Agent {
         });
         tracing::info!(
             listen = %listeners.proxy.as_ref().and_then(|l| l.local_addr().ok()).map_or("none".into(), |a| a.to_string()),
-            tcp = %listeners.tcp.iter().zip(&tcp_tees).map(|(l, t)| format!("{}@{}", t.name(), l.local_addr().map(|a| a.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(","),
+            tcp = %if listeners.tcp.is_empty() { "none".to_owned() } else { listeners.tcp.iter().zip(&tcp_tees).map(|(l, t)| format!("{}@{}", t.name(), l.local_addr().map(|a| a.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(",") },
             admin = %admin_addr,
             primary = %config.primary.as_ref().map_or("none (sink)", |p| p.url.as_str()),
-            gateway = %config.gateway.as_ref().map_or("none".into(), |g| format!("{}:{}", g.host, g.port)),
+            gateway = %config.gateway.as_ref().map_or("none".into(), |g| teeway_runtime::config::join_host_port(&g.host, g.port)),
             archive = %config.archive.as_ref().map_or("off".into(), |a| a.dir.display().to_string()),
             percentage = config.mirror.policy.percentage,
             tls = config.listen_tls.is_some(),
@@ -477,6 +481,8 @@ impl Agent {
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        summaries_stop.cancel();
+        let _ = summaries.await;
         tracing::info!("agent stopped");
         Ok(())
     }
@@ -492,11 +498,7 @@ pub async fn run(
 }
 
 fn authority(host: &str, port: u16) -> Result<Authority, AgentError> {
-    let text = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
+    let text = teeway_runtime::config::join_host_port(host, port);
     Authority::from_str(&text).map_err(|_| AgentError::PrimaryAuthority(text))
 }
 

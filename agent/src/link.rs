@@ -278,7 +278,11 @@ fn welcome_from(addr: SocketAddr, frame: Option<Frame>) -> Result<Welcome, Uplin
 /// connection here, so this is where a refused agent finds out.
 async fn greet_quic(conn: &Connection, source_cluster: &str) -> Result<Welcome, UplinkError> {
     let addr = conn.remote_address();
-    let refused = |detail: String| UplinkError::Refused { addr, detail };
+    // The gateway refuses by closing the connection; why is in the close, not in the read error.
+    let refused = |detail: String| UplinkError::Refused {
+        addr,
+        detail: conn.close_reason().map_or(detail, |c| close_reason(&c)),
+    };
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -293,6 +297,44 @@ async fn greet_quic(conn: &Connection, source_cluster: &str) -> Result<Welcome, 
         .map_err(|e| refused(e.to_string()))?;
     let frame = Frame::decode(&mut BytesMut::from(&reply[..])).map_err(UplinkError::Protocol)?;
     welcome_from(addr, frame)
+}
+
+/// Why a gateway closed the connection, in an operator's words: a refused certificate by its
+/// TLS alert (with what to do), a refusal by `agents.allow` by the gateway's own reason.
+pub(crate) fn close_reason(close: &quinn::ConnectionError) -> String {
+    match close {
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            let code = u64::from(c.error_code);
+            // QUIC carries TLS alerts as CRYPTO_ERROR 0x100 + alert (RFC 9001 §4.8).
+            if (0x100..0x200).contains(&code) {
+                let alert = code - 0x100;
+                return format!(
+                    "the gateway refused this agent's certificate (TLS alert {alert}): {}",
+                    alert_advice(alert)
+                );
+            }
+            format!("the gateway closed the connection: {c}")
+        }
+        quinn::ConnectionError::ApplicationClosed(a) => format!(
+            "the gateway closed the connection (code {}): {}",
+            a.error_code,
+            String::from_utf8_lossy(&a.reason)
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// What a TLS alert from the gateway means for this agent's configuration.
+pub(crate) fn alert_advice(alert: u64) -> &'static str {
+    match alert {
+        42 => "bad_certificate: the gateway could not use it; check gateway.cert and gateway.key belong together",
+        43 => "unsupported_certificate: it is not a client certificate (extendedKeyUsage clientAuth); issue it with `teeway certs issue --agent-name`",
+        45 => "certificate_expired: gateway.cert has expired or is not yet valid; renew it and check the clocks",
+        46 => "certificate_unknown: the gateway does not accept it; check it was issued by the gateway's CA",
+        48 | 51 => "unknown_ca: gateway.cert is not signed by a CA the gateway trusts (its tls.ca); issue it from that CA",
+        116 => "certificate_required: gateway.cert was not presented",
+        _ => "see the gateway's log for the cause",
+    }
 }
 
 async fn exchange_quic(conn: &Connection, frames: &[u8]) -> Result<u32, BatchFailure> {

@@ -281,8 +281,8 @@ impl Accounting {
             registry,
             held_bytes: AtomicU64::new(0),
             held_bytes_limit,
-            drop_logs: std::array::from_fn(|_| Throttle::default()),
-            primary_error_log: Throttle::default(),
+            drop_logs: DropReason::ALL.map(|r| Throttle::named(format!("mirror copies dropped ({})", r.as_str()))),
+            primary_error_log: Throttle::named("primary requests failed (answered 502)"),
         }
     }
 

@@ -122,7 +122,7 @@ impl Proxy {
                 "Requests refused before reaching the proxy (never sent to the primary), by reason",
                 &[("reason", "bad_request")],
             ),
-            refused_log: Default::default(),
+            refused_log: teeway_runtime::logging::Throttle::named("requests refused (bad Host)"),
             accounting,
         }
     }

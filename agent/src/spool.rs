@@ -282,7 +282,7 @@ impl Spool {
                 max_bytes: config.max_bytes,
                 segment_bytes: segment_bytes(config.max_bytes),
                 metrics,
-                evict_log: Throttle::default(),
+                evict_log: Throttle::named("spool segments evicted over max_bytes"),
                 state: Mutex::new(state),
             }),
         };

@@ -165,7 +165,12 @@ impl TcpMetrics {
                     ],
                 )
             }),
-            drop_logs: std::array::from_fn(|_| Throttle::default()),
+            drop_logs: TcpDropReason::ALL.map(|r| {
+                Throttle::named(format!(
+                    "TCP tee copies dropped on listener {listener} ({})",
+                    r.as_str()
+                ))
+            }),
             in_flight: registry.gauge_owned(
                 TEE_IN_FLIGHT,
                 "Sampled connections whose copy is under way",
@@ -177,7 +182,9 @@ impl TcpMetrics {
                 PRIMARY_ERRORS_TOTAL,
                 "Connections closed because the primary could not be reached",
             ),
-            primary_error_log: Throttle::default(),
+            primary_error_log: Throttle::named(format!(
+                "TCP primary connections failed on listener {listener}"
+            )),
         }
     }
 

@@ -172,15 +172,20 @@ struct Shared {
     source_cluster: String,
     /// One UDP socket per address family, shared by every QUIC link; made on first use.
     endpoints: Mutex<[Option<Endpoint>; 2]>,
-    /// "Cannot reach" warnings, at most one a minute across supervisors.
+    /// "Cannot reach" warnings, at most one a minute across supervisors...
     unreachable_log: Throttle,
+    /// ...unless the cause changed: the last one logged.
+    last_unreachable: Mutex<String>,
 }
 
 impl std::fmt::Debug for Uplink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let g = &self.shared.gateway;
         f.debug_struct("Uplink")
-            .field("gateway", &format_args!("{}:{}", g.host, g.port))
+            .field(
+                "gateway",
+                &teeway_runtime::config::join_host_port(&g.host, g.port),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -229,7 +234,8 @@ impl Uplink {
                 accounting,
                 source_cluster: source_cluster.to_owned(),
                 endpoints: Mutex::new([None, None]),
-                unreachable_log: Throttle::default(),
+                unreachable_log: Throttle::named("gateway connection attempts failed"),
+                last_unreachable: Mutex::new(String::new()),
             }),
             resolver,
             state,
@@ -611,8 +617,21 @@ async fn supervise(
             }
             Err(e) => {
                 shared.accounting.connects_failed.increment(1);
-                if let Some(attempts) = shared.unreachable_log.note() {
-                    tracing::warn!(gateway = %addr, error = %e, attempts, "cannot reach a gateway; retrying with backoff (one line a minute at most)");
+                let cause = e.to_string();
+                let new_cause = {
+                    let mut last = shared
+                        .last_unreachable
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    let changed = *last != cause;
+                    if changed {
+                        last.clone_from(&cause);
+                    }
+                    changed
+                };
+                let due = shared.unreachable_log.note();
+                if let Some(attempts) = due.or(new_cause.then_some(1)) {
+                    tracing::warn!(gateway = %addr, error = %e, attempts, "cannot reach a gateway; retrying with backoff (one line a minute at most, and at once when the cause changes)");
                 } else {
                     tracing::debug!(gateway = %addr, error = %e, "gateway connection attempt failed");
                 }
@@ -807,7 +826,7 @@ async fn write_spool(
     mut writes: mpsc::Receiver<(Vec<Queued>, OwnedSemaphorePermit)>,
     written: Arc<Notify>,
 ) {
-    let failures = Arc::new(Throttle::default());
+    let failures = Throttle::named("spool writes failed (spool_error)");
     while let Some((copies, permit)) = writes.recv().await {
         let spool = spool.clone();
         let failures = failures.clone();

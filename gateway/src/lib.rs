@@ -340,6 +340,10 @@ impl Gateway {
         listeners: GatewayListeners,
         shutdown: CancellationToken,
     ) -> Result<(), GatewayError> {
+        // Throttled log summaries are written out on a timer and once more at the end, so a
+        // burst that stopped is still reported with its total.
+        let summaries_stop = CancellationToken::new();
+        let summaries = tokio::spawn(teeway_runtime::logging::flush_until(summaries_stop.clone()));
         let config = &self.config;
         let resolver = match self.resolver.get() {
             Some(r) => r.clone(),
@@ -449,6 +453,8 @@ impl Gateway {
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        summaries_stop.cancel();
+        let _ = summaries.await;
         tracing::info!("gateway stopped");
         Ok(())
     }

@@ -49,16 +49,12 @@ impl std::fmt::Debug for Dispatcher {
 impl Dispatcher {
     /// Counts a failed handshake and says why (one line a minute at most: anyone can knock).
     pub(crate) fn refused_handshake(&self, error: &str) {
-        self.metrics.handshakes_refused.increment(1);
-        if let Some(refused) = self.metrics.handshake_log.note() {
-            tracing::warn!(%error, refused, "agent handshake refused (one line a minute at most)");
-        }
+        self.metrics.refused_handshake(error);
     }
 
     /// Counts and logs an agent whose identity `agents.allow` does not name.
     pub(crate) fn unauthorized(&self, identity: &str) {
-        self.metrics.handshakes_unauthorized.increment(1);
-        tracing::warn!(%identity, "agent refused: its certificate identity is not in agents.allow");
+        self.metrics.unauthorized(identity);
     }
 
     /// Logs, in summary, a stream (or TLS connection) refused for breaking the protocol.

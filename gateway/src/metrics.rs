@@ -182,8 +182,12 @@ pub struct GatewayMetrics {
     pub(crate) streams_rejected_too_large: Counter,
     /// Refused streams, logged in summary (an authenticated peer could send many).
     pub(crate) rejected_log: Throttle,
-    /// Refused handshakes, logged in summary (anyone who can reach the port can cause them).
-    pub(crate) handshake_log: Throttle,
+    /// Refused handshakes, logged in summary per cause (anyone who can reach the port can cause
+    /// them; one cause must not hide another).
+    handshake_logs: [Throttle; HANDSHAKE_CAUSES.len()],
+    /// Agents refused by `agents.allow`, logged in summary per identity (a refused agent
+    /// retries every second or so), for up to `MAX_LOGGED_IDENTITIES` identities.
+    unauthorized_logs: std::sync::Mutex<std::collections::HashMap<String, Throttle>>,
     pub(crate) tcp_streams: Counter,
     tcp_replays: [Counter; 8],
     /// One log summary per TCP result other than `completed`.
@@ -236,7 +240,8 @@ impl GatewayMetrics {
                 &[],
             ),
             tcp_replays,
-            tcp_logs: std::array::from_fn(|_| Throttle::default()),
+            tcp_logs: TcpResult::ALL
+                .map(|r| Throttle::named(format!("TCP replays ended {}", r.as_str()))),
             tcp_in_flight: r.gauge(
                 TCP_REPLAYS_IN_FLIGHT,
                 "TCP replay connections under way",
@@ -253,7 +258,8 @@ impl GatewayMetrics {
                 &[],
             ),
             no_route,
-            failed_logs: std::array::from_fn(|_| Throttle::default()),
+            failed_logs: FailReason::ALL
+                .map(|r| Throttle::named(format!("replays failed ({})", r.as_str()))),
             in_flight: r.gauge(REPLAY_IN_FLIGHT, "Replays under way", &[]),
             handshakes_ok: r.counter(
                 HANDSHAKES_TOTAL,
@@ -273,8 +279,11 @@ impl GatewayMetrics {
             agents_connected: r.gauge(AGENTS_CONNECTED, "Agents connected now", &[]),
             streams_rejected_protocol: rejected("protocol"),
             streams_rejected_too_large: rejected("too_large"),
-            rejected_log: Throttle::default(),
-            handshake_log: Throttle::default(),
+            rejected_log: Throttle::named("agent streams reset for breaking the protocol"),
+            handshake_logs: HANDSHAKE_CAUSES.map(|(cause, _, _)| {
+                Throttle::named(format!("agent handshakes refused ({cause})"))
+            }),
+            unauthorized_logs: Default::default(),
             registry: r,
         }
     }
@@ -333,6 +342,44 @@ impl GatewayMetrics {
         }
     }
 
+    /// Counts a refused handshake and logs it, in summary per cause, with what to do.
+    pub(crate) fn refused_handshake(&self, error: &str) {
+        self.handshakes_refused.increment(1);
+        let index = HANDSHAKE_CAUSES
+            .iter()
+            .position(|(_, needles, _)| needles.iter().any(|n| error.contains(n)))
+            .unwrap_or(HANDSHAKE_CAUSES.len() - 1);
+        let (cause, _, fix) = HANDSHAKE_CAUSES[index];
+        if let Some(refused) = self.handshake_logs[index].note() {
+            tracing::warn!(cause, %error, refused, "agent handshake refused: {fix} (one line a minute at most per cause)");
+        }
+    }
+
+    /// Counts an agent whose identity `agents.allow` does not name, and logs it in summary per
+    /// identity.
+    pub(crate) fn unauthorized(&self, identity: &str) {
+        self.handshakes_unauthorized.increment(1);
+        let due = {
+            let mut logs = self
+                .unauthorized_logs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let key = if logs.contains_key(identity) || logs.len() < MAX_LOGGED_IDENTITIES {
+                identity
+            } else {
+                "(other identities)"
+            };
+            logs.entry(key.to_owned())
+                .or_insert_with(|| {
+                    Throttle::named(format!("agent {key} refused: not in agents.allow"))
+                })
+                .note()
+        };
+        if let Some(refused) = due {
+            tracing::warn!(%identity, refused, "agent refused: its certificate identity is not in agents.allow; add it there (or a pattern such as prod-*) if it should mirror (one line a minute at most per identity)");
+        }
+    }
+
     /// Counts a record no route takes.
     pub fn no_route(&self) {
         self.no_route.increment(1);
@@ -372,6 +419,49 @@ impl GatewayMetrics {
         self.log_failure(reason, &target.route, &target.target);
     }
 }
+
+/// Identities logged one by one when refused by `agents.allow`; more share one line.
+const MAX_LOGGED_IDENTITIES: usize = 256;
+
+/// Why an agent handshake failed, told from the error text (rustls and quinn name the cause),
+/// with what an operator does about it. The last entry takes the rest.
+const HANDSHAKE_CAUSES: [(&str, &[&str], &str); 7] = [
+    (
+        "certificate_expired",
+        &["Expired", "NotValidYet"],
+        "the agent's certificate has expired or is not yet valid: renew it (`teeway certs issue`), check the clocks",
+    ),
+    (
+        "unknown_ca",
+        &["UnknownIssuer", "BadSignature", "UnknownCA"],
+        "the agent's certificate is not signed by a CA in tls.ca: issue it from the gateway's CA or add its CA to tls.ca",
+    ),
+    (
+        "no_certificate",
+        &["NoCertificatesPresented", "CertificateRequired"],
+        "the peer presented no client certificate: only teeway agents with gateway.cert connect here",
+    ),
+    (
+        "not_client_certificate",
+        &["InvalidPurpose", "UnsupportedCertificate"],
+        "the agent's certificate is not for client authentication (extendedKeyUsage clientAuth)",
+    ),
+    (
+        "alpn",
+        &["NoApplicationProtocol", "application protocol"],
+        "the peer does not speak a teeway protocol version this gateway knows (ALPN)",
+    ),
+    (
+        "timeout",
+        &["timed out", "TimedOut"],
+        "the handshake did not finish in time: a slow or lossy path, or a port scanner",
+    ),
+    (
+        "other",
+        &[],
+        "see the error",
+    ),
+];
 
 const REPLAYED_HELP: &str =
     "Replays completed, by route, target and status class of the shadow's response";

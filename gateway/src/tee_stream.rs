@@ -441,6 +441,6 @@ async fn replay(
     metrics.tcp_replay(result);
     metrics.tcp_in_flight.decrement(1.0);
     if let Some(detail) = detail {
-        tracing::debug!(target = %format_args!("{}:{}", target.host, target.port), result = result.as_str(), %detail, "TCP replay ended");
+        tracing::debug!(target = %teeway_runtime::config::join_host_port(&target.host, target.port), result = result.as_str(), %detail, "TCP replay ended");
     }
 }

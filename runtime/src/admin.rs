@@ -42,8 +42,7 @@ pub trait AdminState: Send + Sync + 'static {
 pub fn listen_addr(listener: Option<&TcpListener>) -> String {
     listener
         .and_then(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .unwrap_or_default()
+        .map_or_else(|| "none".to_owned(), |a| a.to_string())
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` is cancelled.

@@ -474,6 +474,15 @@ pub fn socket_addr(value: &Value) -> Result<SocketAddr, String> {
         .map_err(|_| "is not an `ip:port` address to listen on".into())
 }
 
+/// `host:port` as text, an IPv6 literal in brackets (`[::1]:4433`), for logs and URIs.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// A `host:port` pair where host may be a DNS name, an IPv4 address or a bracketed IPv6 address.
 pub fn host_port(value: &Value) -> Result<(String, u16), String> {
     let s = string(value)?;
