@@ -202,7 +202,30 @@ enum CertsCommand {
         /// The agent's identity, carried in its certificate.
         #[arg(long, default_value = "agent")]
         agent_name: String,
-        /// Overwrite existing files.
+        /// Validity of the gateway and agent certificates, in days (the CA: ten years).
+        #[arg(long, default_value_t = teeway_wire::pki::DEFAULT_LEAF_DAYS)]
+        days: u32,
+        /// Overwrite existing files, the CA included (every certificate it issued stops
+        /// verifying).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign one more agent or gateway certificate with the CA in a folder, the CA untouched.
+    Issue {
+        /// Folder holding ca.pem and ca.key (from `certs init`); the new files go there.
+        #[arg(long)]
+        dir: PathBuf,
+        /// An agent certificate with this identity: agent-NAME.pem and agent-NAME.key.
+        #[arg(long, conflicts_with = "gateway_names")]
+        agent_name: Option<String>,
+        /// A gateway certificate for these names (repeatable; localhost and 127.0.0.1 are
+        /// always covered): gateway-FIRST.pem and gateway-FIRST.key.
+        #[arg(long = "gateway-name")]
+        gateway_names: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = teeway_wire::pki::DEFAULT_LEAF_DAYS)]
+        days: u32,
+        /// Overwrite a certificate and key of the same name (never the CA).
         #[arg(long)]
         force: bool,
     },
@@ -253,13 +276,16 @@ fn main() -> ExitCode {
         Command::Check { files } => {
             init_logging(log_format, "warn");
             let mut failed = false;
-            for file in files {
-                match check::check_file(&file) {
-                    Ok(summary) => out(format_args!("{}: ok ({summary})", file.display())),
+            for checked in check::check_files(&files) {
+                match &checked.result {
+                    Ok(summary) => out(format_args!("{}: ok ({summary})", checked.path.display())),
                     Err(e) => {
                         failed = true;
                         out(e);
                     }
+                }
+                for warning in &checked.warnings {
+                    out(format_args!("  warning: {warning}"));
                 }
             }
             if failed {
@@ -268,22 +294,37 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Command::Certs {
-            command:
+        Command::Certs { command } => {
+            init_logging(log_format, "warn");
+            let written = match command {
                 CertsCommand::Init {
                     dir,
                     gateway_names,
                     agent_name,
+                    days,
                     force,
-                },
-        } => {
-            init_logging(log_format, "warn");
-            match certs::init(&certs::InitOptions {
-                dir,
-                gateway_names,
-                agent_name,
-                force,
-            }) {
+                } => certs::init(&certs::InitOptions {
+                    dir,
+                    gateway_names,
+                    agent_name,
+                    force,
+                    days,
+                }),
+                CertsCommand::Issue {
+                    dir,
+                    agent_name,
+                    gateway_names,
+                    days,
+                    force,
+                } => certs::issue(&certs::IssueOptions {
+                    dir,
+                    agent_name,
+                    gateway_names,
+                    days,
+                    force,
+                }),
+            };
+            match written {
                 Ok(paths) => {
                     for p in paths {
                         out(format_args!("wrote {}", p.display()));
@@ -301,7 +342,7 @@ fn main() -> ExitCode {
             // Validate everything before any port is bound.
             let config = match teeway_agent::AgentConfig::from_file(&path) {
                 Ok(c) => c,
-                Err(e) => return config_failure(&e),
+                Err(e) => return config_failure(&e, &path, check::Kind::Gateway),
             };
             let text = std::fs::read_to_string(&path).ok();
             let agent = Arc::new(teeway_agent::Agent::with_source(
@@ -330,7 +371,7 @@ fn main() -> ExitCode {
             init_logging(log_format, "info");
             let config = match teeway_gateway::GatewayConfig::from_file(&path) {
                 Ok(c) => c,
-                Err(e) => return config_failure(&e),
+                Err(e) => return config_failure(&e, &path, check::Kind::Agent),
             };
             let text = std::fs::read_to_string(&path).ok();
             let gateway = Arc::new(teeway_gateway::Gateway::with_source(
@@ -517,8 +558,26 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn config_failure(e: &teeway_runtime::config::ConfigError) -> ExitCode {
-    report_error(e);
+/// An invalid configuration: every problem, and when the file is the other half's, that first.
+fn config_failure(
+    e: &teeway_runtime::config::ConfigError,
+    path: &Path,
+    other: check::Kind,
+) -> ExitCode {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    if check::detect(&text) == Some(other) {
+        let (is, run) = match other {
+            check::Kind::Gateway => ("a gateway", "gateway"),
+            check::Kind::Agent => ("an agent", "agent"),
+        };
+        report_error(format_args!(
+            "{}: this is {is} configuration; run `teeway {run} --config {}`",
+            path.display(),
+            path.display()
+        ));
+    } else {
+        report_error(e);
+    }
     ExitCode::from(INVALID)
 }
 

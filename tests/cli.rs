@@ -384,3 +384,238 @@ async fn refused_agents_are_told_why_and_the_gateway_does_not_repeat_itself() {
     let more: u64 = field(&summary, "events").parse().expect("events");
     assert!(more >= 3, "{summary}");
 }
+
+/// `teeway check` names what a handshake would refuse at run time, and what YAML itself gets
+/// wrong, each as a problem with the field, the file and the fix (exit 2); a certificate
+/// expiring within 30 days is a warning (exit 0).
+#[test]
+fn check_names_what_would_fail_at_run_time() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    certs(dir);
+    let other = teeway(dir, &["certs", "init", "--dir", "other"]);
+    assert!(other.status.success(), "{}", text(&other));
+    // An expired agent certificate from the same CA.
+    let ca = teeway_wire::pki::CertificateAuthority::from_pem(
+        &std::fs::read_to_string(dir.join("certs/dev/ca.pem")).expect("ca"),
+        &std::fs::read_to_string(dir.join("certs/dev/ca.key")).expect("key"),
+    )
+    .expect("ca");
+    let expired = ca.expired_agent("prod-eu-1").expect("expired");
+    std::fs::write(dir.join("expired.pem"), &expired.cert_pem).expect("write");
+    std::fs::write(dir.join("expired.key"), &expired.key_pem).expect("write");
+    let soon = teeway(
+        dir,
+        &[
+            "certs",
+            "issue",
+            "--dir",
+            "certs/dev",
+            "--agent-name",
+            "soon",
+            "--days",
+            "10",
+        ],
+    );
+    assert!(soon.status.success(), "{}", text(&soon));
+
+    let gateway = |extra: &str| {
+        format!("listen: 127.0.0.1:4433\ntls: {{ ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }}\nroutes:\n  - targets: [http://127.0.0.1:9]\n{extra}")
+    };
+    let agent = |ca: &str, cert: &str, key: &str| {
+        format!("cluster: prod-eu-1\nlisten: 127.0.0.1:8080\nprimary: http://127.0.0.1:9\ngateway: {{ address: 127.0.0.1:4433, server_name: localhost, ca: {ca}, cert: {cert}, key: {key} }}\n")
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "expired.yaml",
+            agent("certs/dev/ca.pem", "expired.pem", "expired.key"),
+            "gateway.cert: ./expired.pem (O=teeway, CN=prod-eu-1) expired on 2021-01-01",
+        ),
+        (
+            "swapped.yaml",
+            agent(
+                "certs/dev/ca.pem",
+                "certs/dev/gateway.pem",
+                "certs/dev/gateway.key",
+            ),
+            "gateway.cert: ./certs/dev/gateway.pem is not for clientAuth",
+        ),
+        (
+            "leaf-as-ca.yaml",
+            agent(
+                "certs/dev/agent.pem",
+                "certs/dev/agent.pem",
+                "certs/dev/agent.key",
+            ),
+            "gateway.ca: ./certs/dev/agent.pem holds a leaf certificate",
+        ),
+        (
+            "wrong-key.yaml",
+            agent("certs/dev/ca.pem", "certs/dev/agent.pem", "other/agent.key"),
+            "gateway.cert: the agent certificate and key do not fit together",
+        ),
+        (
+            "admin.yaml",
+            gateway("admin: { listen: 127.0.0.1:4433 }\n"),
+            "admin.listen: is the address agents connect to",
+        ),
+        (
+            "zero.yaml",
+            gateway("").replace(
+                "targets: [http://127.0.0.1:9]",
+                "targets: [http://127.0.0.1:9]\n    timeout: 0s",
+            ),
+            "routes[0].timeout: must be more than zero",
+        ),
+        (
+            "syntax.yaml",
+            "listen: [\n".into(),
+            "is not valid YAML: did not find expected node content at line 2 column 1",
+        ),
+        (
+            "duplicate.yaml",
+            gateway("listen: 127.0.0.1:5555\n"),
+            "duplicate entry with key \"listen\" at line 5 column 1",
+        ),
+    ];
+    for (file, yaml, says) in &cases {
+        std::fs::write(dir.join(file), yaml).expect("write");
+        let out = teeway(dir, &["check", file]);
+        assert_eq!(out.status.code(), Some(2), "{file}: {}", text(&out));
+        assert!(
+            text(&out).contains(says),
+            "{file}: wanted {says:?} in\n{}",
+            text(&out)
+        );
+    }
+
+    // Together: an agent certificate from another CA than the gateway's, and a gateway
+    // certificate the agent's bundle does not take.
+    std::fs::write(dir.join("gateway.yaml"), gateway("")).expect("write");
+    std::fs::write(
+        dir.join("foreign.yaml"),
+        agent("other/ca.pem", "other/agent.pem", "other/agent.key"),
+    )
+    .expect("write");
+    let alone = teeway(dir, &["check", "foreign.yaml"]);
+    assert_eq!(
+        alone.status.code(),
+        Some(0),
+        "fine on its own: {}",
+        text(&alone)
+    );
+    let out = teeway(dir, &["check", "gateway.yaml", "foreign.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("gateway.yaml: ok"), "{t}");
+    assert!(t.contains("gateway.cert: the gateway of gateway.yaml would refuse it (its tls.ca): it is not signed by a CA in the bundle"), "{t}");
+    assert!(
+        t.contains("gateway.ca: would not accept the certificate of gateway.yaml"),
+        "{t}"
+    );
+
+    // Expiring within 30 days: ok, with a warning.
+    std::fs::write(
+        dir.join("soon.yaml"),
+        agent(
+            "certs/dev/ca.pem",
+            "certs/dev/agent-soon.pem",
+            "certs/dev/agent-soon.key",
+        ),
+    )
+    .expect("write");
+    let out = teeway(dir, &["check", "gateway.yaml", "soon.yaml"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("warning: gateway.cert: ./certs/dev/agent-soon.pem"),
+        "{t}"
+    );
+    assert!(
+        t.contains("in 9 days; renew it") || t.contains("in 10 days; renew it"),
+        "{t}"
+    );
+
+    // A gateway configuration given to the agent says so.
+    let out = teeway(dir, &["agent", "--config", "gateway.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains(
+            "this is a gateway configuration; run `teeway gateway --config gateway.yaml`"
+        ),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `certs issue` signs another agent certificate with the existing CA and leaves the CA as it
+/// is; the gateway accepts the new agent. Leaves are valid for `--days` (365 by default), not
+/// for centuries.
+#[test]
+fn certs_issue_adds_an_agent_from_the_same_ca_and_leaves_expire() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    certs(dir);
+    let ca_before = std::fs::read(dir.join("certs/dev/ca.pem")).expect("ca");
+    let out = teeway(
+        dir,
+        &[
+            "certs",
+            "issue",
+            "--dir",
+            "certs/dev",
+            "--agent-name",
+            "prod-us-1",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("agent-prod-us-1.pem"), "{}", text(&out));
+    assert_eq!(
+        std::fs::read(dir.join("certs/dev/ca.pem")).expect("ca"),
+        ca_before
+    );
+    let again = teeway(
+        dir,
+        &[
+            "certs",
+            "issue",
+            "--dir",
+            "certs/dev",
+            "--agent-name",
+            "prod-us-1",
+        ],
+    );
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "never overwritten: {}",
+        text(&again)
+    );
+
+    let pem = std::fs::read(dir.join("certs/dev/agent-prod-us-1.pem")).expect("cert");
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).expect("pem");
+    use rustls_pki_types::pem::PemObject;
+    let facts = teeway_wire::certinfo::facts(&der).expect("parses");
+    let days = (facts.not_after - facts.not_before) / 86_400;
+    assert_eq!(days, 365, "{facts:?}");
+    let ca = std::fs::read(dir.join("certs/dev/ca.pem")).expect("ca");
+    let ca = rustls_pki_types::CertificateDer::from_pem_slice(&ca).expect("pem");
+    teeway_wire::tls::install_default_provider();
+    assert_eq!(
+        teeway_wire::certinfo::verify_as_client(&[der], &[ca], rustls_pki_types::UnixTime::now()),
+        Ok(()),
+        "the gateway trusting the CA accepts the new agent"
+    );
+    std::fs::write(
+        dir.join("us.yaml"),
+        "cluster: prod-us-1\nlisten: 127.0.0.1:8080\nprimary: http://127.0.0.1:9\ngateway: { address: 127.0.0.1:4433, server_name: localhost, ca: certs/dev/ca.pem, cert: certs/dev/agent-prod-us-1.pem, key: certs/dev/agent-prod-us-1.key }\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("gateway.yaml"),
+        "listen: 127.0.0.1:4433\ntls: { ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }\nroutes:\n  - targets: [http://127.0.0.1:9]\n",
+    )
+    .expect("write");
+    let out = teeway(dir, &["check", "gateway.yaml", "us.yaml"]);
+    assert!(out.status.success(), "{}", text(&out));
+}

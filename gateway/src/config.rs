@@ -379,6 +379,22 @@ impl GatewayConfig {
             cfg::socket_addr,
         );
         a.finish(&mut p);
+        if let (Some(listen), Some(admin)) = (listen, admin) {
+            // The TLS-over-TCP transport listens on `listen`'s port too.
+            if listen.port() != 0
+                && admin.port() == listen.port()
+                && (admin.ip() == listen.ip()
+                    || admin.ip().is_unspecified()
+                    || listen.ip().is_unspecified())
+            {
+                p.push(
+                    "admin.listen",
+                    None,
+                    format!("is the address agents connect to (`listen: {listen}`, UDP for QUIC and TCP for TLS)"),
+                    "give the admin listener its own port, such as 9902",
+                );
+            }
+        }
         let shutdown_grace = root
             .optional(
                 &mut p,
@@ -517,7 +533,12 @@ fn read_route(
 
     // Route-wide defaults for its targets.
     let timeout = r
-        .optional(p, "timeout", "use a duration such as 10s", cfg::duration)
+        .optional(
+            p,
+            "timeout",
+            "use a duration above zero such as 10s",
+            cfg::positive_duration,
+        )
         .unwrap_or(DEFAULT_REPLAY_TIMEOUT);
     let max_concurrency = r
         .optional(
@@ -752,7 +773,12 @@ fn read_target(
         )
         .unwrap_or(100.0);
     let timeout = t
-        .optional(p, "timeout", "use a duration such as 10s", cfg::duration)
+        .optional(
+            p,
+            "timeout",
+            "use a duration above zero such as 10s",
+            cfg::positive_duration,
+        )
         .unwrap_or(timeout);
     let max_concurrency = t
         .optional(

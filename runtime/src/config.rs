@@ -466,6 +466,14 @@ pub fn duration(value: &Value) -> Result<Duration, String> {
     crate::units::parse_duration(&string(value)?)
 }
 
+/// A duration above zero (a timeout of `0s` would fail everything at once).
+pub fn positive_duration(value: &Value) -> Result<Duration, String> {
+    match duration(value)? {
+        d if d.is_zero() => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
+}
+
 /// An IP socket address to listen on, `ip:port` (`[v6]:port` for IPv6).
 pub fn socket_addr(value: &Value) -> Result<SocketAddr, String> {
     let s = string(value)?;

@@ -44,6 +44,21 @@ const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// Keys whose values `GET /config` never shows.
 const SECRET_KEYS: [&str; 5] = ["secret", "password", "token", "hash_key", "private"];
+/// Keys that hold header names and values (`set_headers`, a matcher's `headers`): the values of
+/// credential-like names among them are masked.
+const HEADER_MAPS: [&str; 2] = ["set_headers", "headers"];
+/// Words that make a header name credential-like.
+const CREDENTIAL_WORDS: [&str; 9] = [
+    "authorization",
+    "cookie",
+    "token",
+    "secret",
+    "password",
+    "api-key",
+    "api_key",
+    "apikey",
+    "session",
+];
 
 /// The configuration in force, for `GET /config`, and the reload counters.
 pub struct ConfigState {
@@ -58,6 +73,10 @@ struct Current {
     loaded_at: SystemTime,
     source: String,
     document: Option<Value>,
+    /// The document the process started with: settings bound at start come from it.
+    started_with: Option<Value>,
+    /// Settings changed by a reload that take effect at the next restart.
+    pending_restart: Vec<String>,
     last_error: Option<String>,
 }
 
@@ -90,6 +109,8 @@ impl ConfigState {
                 loaded_at: SystemTime::now(),
                 source: source.to_owned(),
                 document: text.and_then(|t| crate::yaml::parse(t).ok()),
+                started_with: text.and_then(|t| crate::yaml::parse(t).ok()),
+                pending_restart: Vec::new(),
                 last_error: None,
             }),
             applied: counter("applied"),
@@ -98,12 +119,14 @@ impl ConfigState {
         }
     }
 
-    /// Records an applied reload of `text`; returns the new version.
-    pub fn applied(&self, text: &str) -> u64 {
+    /// Records an applied reload of `text`, of which the settings `restart` (dotted paths such
+    /// as `listen`, `admin.listen`) wait for the next restart; returns the new version.
+    pub fn applied(&self, text: &str, restart: &[String]) -> u64 {
         let mut c = self.lock();
         c.version += 1;
         c.loaded_at = SystemTime::now();
         c.document = crate::yaml::parse(text).ok();
+        c.pending_restart = restart.to_vec();
         c.last_error = None;
         self.applied.increment(1);
         self.version.set(c.version as f64);
@@ -122,22 +145,39 @@ impl ConfigState {
     }
 
     /// The `GET /config` body: JSON with `version`, `loaded_at` (Unix seconds), `source`,
-    /// `last_rejected` (the error of the last rejected reload since the last applied one) and
-    /// `config` (the document, secrets masked).
+    /// `last_rejected` (the error of the last rejected reload since the last applied one),
+    /// `config` (what is in force: the last applied document, where settings bound at start
+    /// keep the values the process started with) and `pending_restart` (those settings' new
+    /// values, in force after the next restart). Secrets, credential-like header values and
+    /// URL passwords are masked.
     pub fn render(&self) -> String {
         let c = self.lock();
-        let mut document = c
-            .document
-            .as_ref()
-            .and_then(|d| serde_json::to_value(d).ok())
-            .unwrap_or(serde_json::Value::Null);
+        let json = |d: &Option<Value>| {
+            d.as_ref()
+                .and_then(|d| serde_json::to_value(d).ok())
+                .unwrap_or(serde_json::Value::Null)
+        };
+        let mut document = json(&c.document);
+        let started_with = json(&c.started_with);
+        let mut pending = serde_json::Map::new();
+        for setting in &c.pending_restart {
+            let path: Vec<&str> = setting.split('.').collect();
+            let next = take_at(&mut document, &path);
+            if let Some(old) = value_at(&started_with, &path) {
+                put_at(&mut document, &path, old.clone());
+            }
+            pending.insert(setting.clone(), next.unwrap_or(serde_json::Value::Null));
+        }
+        let mut pending = serde_json::Value::Object(pending);
         mask_secrets(&mut document);
+        mask_secrets(&mut pending);
         let body = serde_json::json!({
             "version": c.version,
             "loaded_at": c.loaded_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             "source": c.source,
             "last_rejected": c.last_error,
             "config": document,
+            "pending_restart": pending,
         });
         serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".into())
     }
@@ -148,21 +188,88 @@ impl ConfigState {
     }
 }
 
+fn value_at<'a>(v: &'a serde_json::Value, path: &[&str]) -> Option<&'a serde_json::Value> {
+    path.iter().try_fold(v, |v, key| v.get(key))
+}
+
+/// Removes and returns the value at `path`.
+fn take_at(v: &mut serde_json::Value, path: &[&str]) -> Option<serde_json::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut at = v;
+    for key in parents {
+        at = at.get_mut(key)?;
+    }
+    at.as_object_mut()?.remove(*last)
+}
+
+/// Sets the value at `path`, making the mappings on the way.
+fn put_at(v: &mut serde_json::Value, path: &[&str], value: serde_json::Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut at = v;
+    for key in parents {
+        let Some(map) = at.as_object_mut() else {
+            return;
+        };
+        at = map
+            .entry((*key).to_owned())
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    }
+    if let Some(map) = at.as_object_mut() {
+        map.insert((*last).to_owned(), value);
+    }
+}
+
+const MASKED: &str = "(masked)";
+
 fn mask_secrets(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(map) => {
             for (k, v) in map.iter_mut() {
                 let k = k.to_ascii_lowercase();
                 if SECRET_KEYS.iter().any(|s| k.contains(s)) && !k.ends_with("_file") {
-                    *v = serde_json::Value::String("(masked)".into());
+                    *v = serde_json::Value::String(MASKED.into());
+                } else if HEADER_MAPS.contains(&k.as_str()) {
+                    mask_credential_headers(v);
                 } else {
                     mask_secrets(v);
                 }
             }
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(mask_secrets),
+        serde_json::Value::String(text) => {
+            if let Some(masked) = without_url_password(text) {
+                *text = masked;
+            }
+        }
         _ => {}
     }
+}
+
+/// In a header map, the values of credential-like names (`authorization`, `x-api-key`...).
+fn mask_credential_headers(v: &mut serde_json::Value) {
+    let serde_json::Value::Object(map) = v else {
+        return mask_secrets(v);
+    };
+    for (name, value) in map.iter_mut() {
+        let name = name.to_ascii_lowercase();
+        if CREDENTIAL_WORDS.iter().any(|w| name.contains(w)) && value.is_string() {
+            *value = serde_json::Value::String(MASKED.into());
+        } else {
+            mask_secrets(value);
+        }
+    }
+}
+
+/// `scheme://user:password@host...` with the password masked; `None` when there is none.
+fn without_url_password(text: &str) -> Option<String> {
+    let (scheme, rest) = text.split_once("://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (userinfo, _) = rest[..end].rsplit_once('@')?;
+    let (user, _) = userinfo.split_once(':')?;
+    let host_and_rest = &rest[userinfo.len() + 1..];
+    Some(format!("{scheme}://{user}:{MASKED}@{host_and_rest}"))
 }
 
 /// What a reload function returns: `Ok` with the settings that need a restart (possibly none),
@@ -253,7 +360,7 @@ pub fn watch(
             let text = String::from_utf8_lossy(&bytes);
             match reload(&text) {
                 Ok(restart) => {
-                    let version = state.applied(&text);
+                    let version = state.applied(&text, &restart);
                     tracing::info!(%trigger, version, "configuration reloaded");
                     if !restart.is_empty() {
                         tracing::warn!(
@@ -314,7 +421,7 @@ mod tests {
         assert_eq!(shown["config"]["redact"]["hash_key"], "(masked)");
         assert_eq!(shown["config"]["redact"]["hash_key_file"], "k");
         state.rejected("bad");
-        assert_eq!(state.applied("mirror: { percentage: 6 }\n"), 2);
+        assert_eq!(state.applied("mirror: { percentage: 6 }\n", &[]), 2);
         let shown: serde_json::Value = serde_json::from_str(&state.render()).expect("json");
         assert_eq!(shown["config"]["mirror"]["percentage"], 6);
         assert!(shown["last_rejected"].is_null());
@@ -325,5 +432,33 @@ mod tests {
             1.0
         );
         assert_eq!(m.get(CONFIG_VERSION), 2.0);
+    }
+
+    #[test]
+    fn credential_headers_and_url_passwords_are_masked_and_restart_settings_shown_pending() {
+        let registry = Registry::new();
+        let start = "listen: 127.0.0.1:4433\nadmin: { listen: 127.0.0.1:9902 }\nroutes:\n  - targets: [http://u:hunter2@shadow:80]\n    set_headers: { authorization: Bearer abc, x-api-key: k1, x-env: shadow }\n    match: { headers: { cookie: 'session=s1' } }\n";
+        let state = ConfigState::new(&registry, "gateway.yaml", Some(start));
+        let shown: serde_json::Value = serde_json::from_str(&state.render()).expect("json");
+        let route = &shown["config"]["routes"][0];
+        assert_eq!(route["set_headers"]["authorization"], "(masked)");
+        assert_eq!(route["set_headers"]["x-api-key"], "(masked)");
+        assert_eq!(route["set_headers"]["x-env"], "shadow", "not a credential");
+        assert_eq!(route["match"]["headers"]["cookie"], "(masked)");
+        assert_eq!(route["targets"][0], "http://u:(masked)@shadow:80");
+        assert!(!state.render().contains("hunter2"));
+
+        let next = start
+            .replace("listen: 127.0.0.1:4433", "listen: 127.0.0.1:5544")
+            .replace("9902", "9903");
+        state.applied(&next, &["listen".into(), "admin.listen".into()]);
+        let shown: serde_json::Value = serde_json::from_str(&state.render()).expect("json");
+        assert_eq!(
+            shown["config"]["listen"], "127.0.0.1:4433",
+            "still in force"
+        );
+        assert_eq!(shown["config"]["admin"]["listen"], "127.0.0.1:9902");
+        assert_eq!(shown["pending_restart"]["listen"], "127.0.0.1:5544");
+        assert_eq!(shown["pending_restart"]["admin.listen"], "127.0.0.1:9903");
     }
 }

@@ -16,7 +16,34 @@ pub fn parse(text: &str) -> Result<Value, YamlError> {
     if text.trim().is_empty() {
         return Ok(Value::Mapping(Mapping::new()));
     }
-    serde_yaml::from_str(text).map_err(|e| YamlError(e.to_string()))
+    serde_yaml::from_str(text).map_err(|e| YamlError(with_position(text, e.to_string())))
+}
+
+/// The parser names a duplicate key without saying where: add the line and column of the
+/// key's second appearance at the same indentation as its first (a good guess, said as one).
+fn with_position(text: &str, message: String) -> String {
+    let Some(key) = message
+        .strip_prefix("duplicate entry with key \"")
+        .and_then(|rest| rest.split('"').next())
+    else {
+        return message;
+    };
+    let mut seen: Vec<usize> = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let body = line.trim_start_matches([' ', '-']);
+        let indent = line.len() - body.len();
+        let named = body
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'));
+        if !named {
+            continue;
+        }
+        if seen.contains(&indent) {
+            return format!("{message} at line {} column {}", number + 1, indent + 1);
+        }
+        seen.push(indent);
+    }
+    message
 }
 
 /// Parses a stream of YAML documents separated by `---` (Kubernetes manifests); empty
@@ -44,6 +71,15 @@ mod tests {
         let err = parse("a: [unclosed\n").expect_err("invalid");
         assert!(err.to_string().contains("line"), "{err}");
         assert!(parse("").expect("empty").as_mapping().is_some());
+    }
+
+    #[test]
+    fn a_duplicate_key_is_reported_where_it_is() {
+        let err = parse("listen: a\nroutes: []\nlisten: b\n").expect_err("duplicate");
+        assert_eq!(
+            err.to_string(),
+            "duplicate entry with key \"listen\" at line 3 column 1"
+        );
     }
 
     #[test]

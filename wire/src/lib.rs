@@ -22,8 +22,10 @@
 //! - [`tls`]: rustls configurations for both ends (TLS 1.3, ALPN, client certificates) and the
 //!   agent identity read from a peer certificate.
 //! - [`pki`]: certificate generation for `teeway certs init`, the demo and the tests.
+//! - [`certinfo`]: what a certificate says and whether TLS files work together (`teeway check`).
 //! - [`error`]: the errors of this crate.
 
+pub mod certinfo;
 pub mod error;
 pub mod fields;
 pub mod frame;

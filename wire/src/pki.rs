@@ -44,18 +44,34 @@ impl std::fmt::Debug for CertifiedKey {
     }
 }
 
+/// Default validity of a CA made by [`CertificateAuthority::generate`]: ten years.
+pub const DEFAULT_CA_DAYS: u32 = 3650;
+/// Default validity of the gateway and agent certificates it signs: one year, renewed well
+/// before (cert-manager's default `renewBefore` is a third of the lifetime).
+pub const DEFAULT_LEAF_DAYS: u32 = 365;
+/// Certificates start this far in the past, so a peer whose clock is a little behind takes them.
+const CLOCK_SKEW: time::Duration = time::Duration::minutes(5);
+
 /// A certificate authority able to sign gateway and agent certificates.
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     /// The CA's own certificate and key.
     pub certified: CertifiedKey,
+    /// Validity of the certificates it signs, in days.
+    leaf_days: u32,
 }
 
 impl CertificateAuthority {
     /// Makes a new self-signed CA whose subject is `common_name`.
     pub fn generate(common_name: &str) -> Result<Self, TlsError> {
+        Self::generate_for(common_name, DEFAULT_CA_DAYS)
+    }
+
+    /// Makes a new self-signed CA valid for `days` days from now.
+    pub fn generate_for(common_name: &str, days: u32) -> Result<Self, TlsError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
+        (params.not_before, params.not_after) = validity(days);
         params.distinguished_name = name(common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -73,7 +89,14 @@ impl CertificateAuthority {
         Ok(Self {
             issuer: Issuer::new(params, key),
             certified,
+            leaf_days: DEFAULT_LEAF_DAYS,
         })
+    }
+
+    /// The same CA, signing certificates valid for `days` days.
+    pub fn with_leaf_days(mut self, days: u32) -> Self {
+        self.leaf_days = days;
+        self
     }
 
     /// Loads an existing CA from its PEM certificate and key, to sign more certificates with it.
@@ -92,6 +115,7 @@ impl CertificateAuthority {
                 der,
                 key_der,
             },
+            leaf_days: DEFAULT_LEAF_DAYS,
         })
     }
 
@@ -152,6 +176,8 @@ impl CertificateAuthority {
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        } else {
+            (params.not_before, params.not_after) = validity(self.leaf_days);
         }
         params.distinguished_name = name(common_name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -165,6 +191,15 @@ impl CertificateAuthority {
             key_der: key.serialize_der(),
         })
     }
+}
+
+/// From a few minutes ago (clock skew) to `days` days from now.
+fn validity(days: u32) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (
+        now - CLOCK_SKEW,
+        now + time::Duration::days(i64::from(days)),
+    )
 }
 
 fn name(common_name: &str) -> DistinguishedName {
