@@ -1,7 +1,8 @@
 //! Records the commit the binary is built from, for `teeway --version` and `teeway_build_info`.
 //!
-//! `TEEWAY_COMMIT` in the environment wins (a container build has no `.git`); otherwise
-//! `git rev-parse`; otherwise `unknown`.
+//! `TEEWAY_COMMIT` in the environment wins (a container build may have no `.git`; the
+//! Dockerfile passes its `REVISION` build argument); otherwise `git rev-parse`; otherwise
+//! `unknown`.
 
 use std::process::Command;
 
@@ -18,7 +19,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=TEEWAY_COMMIT");
     let commit = std::env::var("TEEWAY_COMMIT")
         .ok()
-        .filter(|c| !c.is_empty())
+        .filter(|c| !c.is_empty() && c != "unknown")
         .or_else(|| {
             // Rebuild when HEAD moves: HEAD itself, and the branch file it points at.
             if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
