@@ -83,6 +83,7 @@ pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig
                 marker: Some(http::HeaderName::from_static(
                     teeway_gateway::config::DEFAULT_MARKER_HEADER,
                 )),
+                keep_http10: false,
                 ..Rewrite::host_only(HostPolicy::Keep)
             },
             replay_truncated: false,

@@ -168,10 +168,15 @@ pub struct Rewrite {
     /// Header added with the source cluster as value, so shadows recognise mirrored traffic;
     /// `None` adds nothing.
     pub marker: Option<HeaderName>,
+    /// An HTTP/1.0 record goes out as HTTP/1.0. Off for live copies: the agent sent the primary
+    /// HTTP/1.1, so the shadow gets that too; on for `teeway replay`, where the record is what a
+    /// capture saw on the wire.
+    pub keep_http10: bool,
 }
 
 impl Rewrite {
-    /// Only a Host policy (what `teeway replay --host-header` asks for): no marker.
+    /// Only a Host policy (what `teeway replay --host-header` asks for): no marker, and each
+    /// record's HTTP/1.0 kept.
     pub fn host_only(host: HostPolicy) -> Self {
         Self {
             host,
@@ -179,6 +184,7 @@ impl Rewrite {
             set_headers: Vec::new(),
             remove_headers: Vec::new(),
             marker: None,
+            keep_http10: true,
         }
     }
 }
@@ -687,6 +693,7 @@ fn read_route(
             set_headers,
             remove_headers,
             marker,
+            keep_http10: false,
         },
         replay_truncated,
     })

@@ -395,7 +395,7 @@ impl Target {
         }
         let version = if self.spec.protocol.use_http2(record.version) {
             Version::HTTP_2
-        } else if record.version == Version::HTTP_10 {
+        } else if rewrite.keep_http10 && record.version == Version::HTTP_10 {
             // A 1.0 request replayed as 1.0: servers answer 1.0 differently (no chunking,
             // connection closed by default), and that difference is what is being tested.
             Version::HTTP_10
@@ -554,6 +554,7 @@ mod tests {
             )],
             remove_headers: vec![http::HeaderName::from_static("x-keep")],
             marker: Some(http::HeaderName::from_static("x-teeway-mirror")),
+            keep_http10: false,
         };
         let t =
             Target::new(spec(rewrite), Resolver::from_system().expect("resolver")).expect("target");
