@@ -61,8 +61,9 @@
 //!
 //! Shadow side (what the shadow receives, against what the primary received):
 //!
-//! - **S1 redaction**: `Authorization`, `Cookie`, `Set-Cookie` and `Proxy-Authorization` are
-//!   removed from the copy.
+//! - **S1 redaction**: the default credential fields (`Authorization`, `Cookie`, `X-Api-Key`...:
+//!   `teeway_agent::policy::DEFAULT_REDACTED_HEADERS`) are removed from the copy, and the
+//!   default token query parameters from its target.
 //! - **S2 marker**: the gateway adds its marker field `x-teeway-mirror`.
 //! - **S3 whole copy**: P2 and P3 again, and a body the primary got chunked may reach the shadow
 //!   with a `Content-Length` of its decoded length (the copy is sent whole); trailers must still
@@ -125,7 +126,7 @@ const ALLOWED_DIFFERENCES: &[&str] = &[
     "P11 interim answers: 1xx other than the agent's own 100 Continue are not forwarded",
     "P12 304: a 304's Content-Length may be dropped",
     "P13 response trailers: reach the client only when it sent TE: trailers",
-    "S1 copy: Authorization, Cookie, Set-Cookie, Proxy-Authorization removed (redaction)",
+    "S1 copy: default credential fields (Authorization, Cookie, X-Api-Key...) removed (redaction)",
     "S2 copy: the gateway's marker x-teeway-mirror added",
     "S3 copy: P2, P3, and a body the primary got chunked may reach the shadow with Content-Length of \
      its decoded length; trailers must still arrive",
@@ -163,14 +164,6 @@ const HOP_BY_HOP: [&str; 6] = [
     "transfer-encoding",
     "te",
     "upgrade",
-];
-
-/// Fields redacted from every copy (S1).
-const REDACTED: [&str; 4] = [
-    "authorization",
-    "cookie",
-    "set-cookie",
-    "proxy-authorization",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -2681,7 +2674,14 @@ fn compare_copy(p: &Recorded, s: &Recorded, out: &mut Vec<Diff>) {
             ),
         );
     }
-    let pf = without(&end_to_end(&p.head.fields, &[]), &REDACTED);
+    let pf: Vec<Field> = end_to_end(&p.head.fields, &[])
+        .into_iter()
+        .filter(|f| {
+            !teeway_agent::policy::DEFAULT_REDACTED_HEADERS
+                .iter()
+                .any(|h| f.is(h.as_str()))
+        })
+        .collect();
     let mut sf = without(&end_to_end(&s.head.fields, &[]), &[MARKER]);
     if request_framing(&p.head) == Ok(Framing::Chunked) {
         let decoded = p

@@ -434,3 +434,116 @@ async fn the_real_path_samples_the_configured_share() {
     );
     stack.stop().await;
 }
+
+/// Credentials in headers, in the query, in `Referer` and in an absolute-form target's userinfo
+/// leave production with the default configuration nowhere: not to the shadow, not into the
+/// gateway's archive, not into the agent's spool. The primary gets them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_redaction_keeps_credentials_out_of_shadow_archive_and_spool() {
+    teeway_wire::tls::install_default_provider();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pki = Pki::generate("prod-eu-1").expect("pki");
+    let (primary, primary_seen) = sample::start_shadow(Duration::ZERO).await.expect("primary");
+    let (shadow, shadow_seen) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
+    let mut gateway_config = stack::gateway_config(pki.gateway_material(), &[shadow.addr]);
+    gateway_config.archive = Some(teeway_archive::ArchiveConfig::new(
+        tmp.path().join("archive"),
+        teeway_archive::Format::Teeway,
+    ));
+    let gateway = RunningGateway::start(gateway_config)
+        .await
+        .expect("gateway");
+    let mut config = stack::agent_config(pki.agent_material(), primary.addr, gateway.addr, 100.0);
+    if let Some(g) = config.gateway.as_mut() {
+        g.spool = Some(teeway_agent::spool::SpoolConfig {
+            dir: tmp.path().join("spool"),
+            max_bytes: 16 << 20,
+        });
+    }
+    let agent = RunningAgent::start(config).await.expect("agent");
+    assert!(agent.wait_connected(LIMIT).await);
+
+    const SECRETS: [&str; 12] = [
+        "sEcReT-api-key",
+        "sEcReT-auth-token",
+        "sEcReT-amz",
+        "sEcReT-csrf",
+        "sEcReT-fwd-authz",
+        "sEcReT-access-token",
+        "sEcReT-api_key-q",
+        "sEcReT-token-q",
+        "sEcReT-password-q",
+        "sEcReT-referer-token",
+        "sEcReT-userinfo",
+        "sEcReT-bearer",
+    ];
+    let send = |addr: SocketAddr| async move {
+        // Absolute form with userinfo, as a forward-proxy client writes it.
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!(
+            "GET http://user:{}@api.example.com/v1/items?access_token={}&api_key={}&token={}&password={}&page=2 HTTP/1.1\r\n\
+             Host: api.example.com\r\nAuthorization: Bearer {}\r\nX-Api-Key: {}\r\nX-Auth-Token: {}\r\n\
+             X-Amz-Security-Token: {}\r\nX-CSRF-Token: {}\r\nX-Forwarded-Authorization: Bearer {}\r\n\
+             Referer: https://app.example.com/cb?access_token={}&x=1\r\nConnection: close\r\n\r\n",
+            SECRETS[10], SECRETS[5], SECRETS[6], SECRETS[7], SECRETS[8], SECRETS[11], SECRETS[0],
+            SECRETS[1], SECRETS[2], SECRETS[3], SECRETS[4], SECRETS[9]
+        );
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("read");
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    };
+    send(agent.addr).await;
+    assert_eq!(shadow_seen.wait_for(1, LIMIT).await, 1);
+    // The primary got every credential.
+    let original = format!("{:?}", primary_seen.requests());
+    for secret in &SECRETS[..10] {
+        assert!(original.contains(secret), "the primary lost {secret}");
+    }
+    // The shadow got none.
+    let copy = format!("{:?}", shadow_seen.requests());
+    for secret in SECRETS {
+        assert!(
+            !copy.contains(secret),
+            "{secret} reached the shadow: {copy}"
+        );
+    }
+    assert!(
+        copy.contains("page=2"),
+        "the rest of the query stays: {copy}"
+    );
+
+    // The gateway goes away: the next copy waits in the agent's spool, on disk.
+    gateway.stop().await.expect("gateway stops");
+    agent.agent.wait_connected(false).await;
+    send(agent.addr).await;
+    settle(
+        || agent.agent.metrics(),
+        |m| m.get(teeway_agent::metrics::MIRROR_SPOOLED_TOTAL) >= 1.0,
+    )
+    .await;
+    // Every byte written under the archive and the spool: no credential in any of them.
+    let mut files = Vec::new();
+    for dir in ["archive", "spool"] {
+        for entry in std::fs::read_dir(tmp.path().join(dir)).expect("dir") {
+            files.push(entry.expect("entry").path());
+        }
+    }
+    assert!(files.len() >= 2, "{files:?}");
+    for file in &files {
+        let bytes = std::fs::read(file).expect("read");
+        for secret in SECRETS {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} is in {}",
+                file.display()
+            );
+        }
+    }
+    agent.stop().await.expect("agent stops");
+}

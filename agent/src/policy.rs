@@ -17,8 +17,9 @@
 //! # Redaction (a security guarantee)
 //!
 //! Before a copy is queued, every header named in `redact.headers` (always including
-//! Authorization, Cookie, Set-Cookie and Proxy-Authorization, unless explicitly listed in
-//! `redact.pass`) and every query parameter named in `redact.query` is removed, replaced by a
+//! [`DEFAULT_REDACTED_HEADERS`] unless explicitly listed in `redact.pass`) and every query
+//! parameter named in `redact.query` (always including [`DEFAULT_REDACTED_QUERY`], also in the
+//! query of a `Referer`, unless listed in `redact.pass`) is removed, replaced by a
 //! fixed marker, or replaced by a keyed hash (HMAC-SHA-256 with a secret read from a file,
 //! truncated to 128 bits and hex-encoded), which keeps equality without revealing the value. The
 //! primary always receives the request unchanged; only the copy is scrubbed.
@@ -38,12 +39,45 @@ use teeway_runtime::yaml::Value;
 /// Requests matched by each rule (`rule="default"` for none).
 pub const RULE_MATCHED_TOTAL: &str = "teeway_agent_rule_matched_total";
 
-/// The headers that never leave production unless `redact.pass` names them.
-pub const DEFAULT_REDACTED_HEADERS: [HeaderName; 4] = [
+/// The headers that never leave production unless `redact.pass` names them: the standard
+/// credentials, and the de-facto ones API gateways, cloud SDKs, CSRF protection and OAuth
+/// proxies carry.
+pub const DEFAULT_REDACTED_HEADERS: [HeaderName; 15] = [
     http::header::AUTHORIZATION,
     http::header::COOKIE,
     http::header::SET_COOKIE,
     http::header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("x-auth-token"),
+    HeaderName::from_static("x-access-token"),
+    HeaderName::from_static("x-refresh-token"),
+    HeaderName::from_static("x-amz-security-token"),
+    HeaderName::from_static("x-csrf-token"),
+    HeaderName::from_static("x-xsrf-token"),
+    HeaderName::from_static("x-forwarded-authorization"),
+    HeaderName::from_static("x-forwarded-access-token"),
+    HeaderName::from_static("x-vault-token"),
+    HeaderName::from_static("x-goog-iap-jwt-assertion"),
+];
+
+/// Query parameters that never leave production unless `redact.pass` names them (matched
+/// without regard to case): OAuth tokens, API keys, passwords, and the signatures of presigned
+/// URLs (AWS SigV4, Azure SAS). Also scrubbed from the query of a `Referer` header.
+pub const DEFAULT_REDACTED_QUERY: [&str; 14] = [
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "token",
+    "api_key",
+    "apikey",
+    "password",
+    "passwd",
+    "client_secret",
+    "secret",
+    "x-amz-security-token",
+    "x-amz-signature",
+    "x-amz-credential",
+    "sig",
 ];
 /// Default replacement text for `action: mask`.
 pub const DEFAULT_MARKER: &str = "redacted";
@@ -172,7 +206,10 @@ impl Default for Redaction {
                 .iter()
                 .map(|h| (h.clone(), RedactAction::Remove))
                 .collect(),
-            query: Vec::new(),
+            query: DEFAULT_REDACTED_QUERY
+                .iter()
+                .map(|q| ((*q).to_owned(), RedactAction::Remove))
+                .collect(),
             marker: HeaderValue::from_static(DEFAULT_MARKER),
             key: None,
         }
@@ -183,10 +220,53 @@ impl Redaction {
     /// Scrubs a copy's headers and request target. The primary's request is never touched.
     pub fn apply(&self, headers: &mut HeaderMap, uri: &Uri) -> Uri {
         self.apply_headers(headers);
+        self.scrub_referer(headers);
         if self.query.is_empty() {
             return uri.clone();
         }
         self.scrub_query(uri)
+    }
+
+    /// The query of `Referer` (the page the request came from: often a URL with a token) gets
+    /// the same scrubbing as the request's own, and its userinfo goes.
+    fn scrub_referer(&self, headers: &mut HeaderMap) {
+        let Some(value) = headers.get(http::header::REFERER) else {
+            return;
+        };
+        let Some(text) = value.to_str().ok() else {
+            // Not text: it cannot be scrubbed piece by piece, so it does not leave.
+            headers.remove(http::header::REFERER);
+            return;
+        };
+        let (without_fragment, fragment) = match text.split_once('#') {
+            Some((a, f)) => (a, Some(f)),
+            None => (text, None),
+        };
+        let (base, query) = match without_fragment.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (without_fragment, None),
+        };
+        let base = without_userinfo(base);
+        let mut out = base.into_owned();
+        if let Some(q) = query {
+            let q = self.scrubbed_query(q).unwrap_or_else(|| q.to_owned());
+            if !q.is_empty() {
+                out.push('?');
+                out.push_str(&q);
+            }
+        }
+        // A fragment can carry tokens too (OAuth implicit flow): it does not leave.
+        let _ = fragment;
+        if out != text {
+            match HeaderValue::from_str(&out) {
+                Ok(v) => {
+                    headers.insert(http::header::REFERER, v);
+                }
+                Err(_) => {
+                    headers.remove(http::header::REFERER);
+                }
+            }
+        }
     }
 
     /// Scrubs a copy's header fields: its head, or its trailers (credentials can travel in
@@ -240,25 +320,9 @@ impl Redaction {
         let Some(query) = uri.query() else {
             return uri.clone();
         };
-        let mut out = String::with_capacity(query.len());
-        for pair in query.split('&') {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let action = self.query.iter().find(|(n, _)| n == name).map(|(_, a)| *a);
-            let piece = match action {
-                None => Some(pair.to_owned()),
-                Some(RedactAction::Remove) => None,
-                Some(a) => {
-                    let v = self.replacement(a, value.as_bytes());
-                    Some(format!("{name}={}", v.to_str().unwrap_or(DEFAULT_MARKER)))
-                }
-            };
-            if let Some(piece) = piece {
-                if !out.is_empty() {
-                    out.push('&');
-                }
-                out.push_str(&piece);
-            }
-        }
+        let Some(out) = self.scrubbed_query(query) else {
+            return uri.clone();
+        };
         let path_and_query = if out.is_empty() {
             uri.path().to_owned()
         } else {
@@ -272,6 +336,74 @@ impl Redaction {
             Err(_) => parts.path_and_query = PathAndQuery::try_from(uri.path()).ok(),
         }
         Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+    }
+}
+
+impl Redaction {
+    /// A query string with the parameters named in `redact.query` scrubbed (names compared
+    /// without regard to case, after percent-decoding, so `Access_Token` and `access%5Ftoken`
+    /// are the same parameter).
+    fn scrubbed_query(&self, query: &str) -> Option<String> {
+        let mut out = String::with_capacity(query.len());
+        let mut changed = false;
+        for pair in query.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decoded = percent_decoded(name);
+            let action = self
+                .query
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(&decoded))
+                .map(|(_, a)| *a);
+            let piece = match action {
+                None => Some(pair.to_owned()),
+                Some(RedactAction::Remove) => None,
+                Some(a) => {
+                    let v = self.replacement(a, value.as_bytes());
+                    Some(format!("{name}={}", v.to_str().unwrap_or(DEFAULT_MARKER)))
+                }
+            };
+            changed |= action.is_some();
+            if let Some(piece) = piece {
+                if !out.is_empty() {
+                    out.push('&');
+                }
+                out.push_str(&piece);
+            }
+        }
+        // Nothing to scrub: the query stays byte for byte (an empty `?` included).
+        changed.then_some(out)
+    }
+}
+
+/// `%XX` decoded (invalid sequences kept as they are), for comparing parameter names.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `scheme://user:pass@host/...` without `user:pass@`.
+fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.into();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]).into(),
+        None => url.into(),
     }
 }
 
@@ -613,27 +745,39 @@ fn read_redaction(root: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> 
             Ok((header, action))
         })
         .unwrap_or_default();
-    let pass = r
+    let pass: Vec<String> = r
         .list(
             p,
             "pass",
-            "list default-redacted headers that may leave production, such as [cookie]",
+            "list default-redacted headers or query parameters that may leave production, such as [cookie, token]",
             |v| {
                 let name = cfg::nonempty_string(v)?.to_ascii_lowercase();
-                DEFAULT_REDACTED_HEADERS
-                    .iter()
-                    .find(|h| h.as_str() == name)
-                    .cloned()
-                    .ok_or_else(|| "is not one of the headers redacted by default".to_owned())
+                let known = DEFAULT_REDACTED_HEADERS.iter().any(|h| h.as_str() == name)
+                    || DEFAULT_REDACTED_QUERY.contains(&name.as_str());
+                if known {
+                    Ok(name)
+                } else {
+                    Err("is not one of the headers or query parameters redacted by default (README, Redaction)".to_owned())
+                }
             },
         )
         .unwrap_or_default();
-    let query = r
-        .list(p, "query", entry_fix, entry)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(n, a)| (n, a.unwrap_or(default_action)))
-        .collect::<Vec<_>>();
+    let listed_query = r.list(p, "query", entry_fix, entry).unwrap_or_default();
+    let mut query: Vec<(String, RedactAction)> = DEFAULT_REDACTED_QUERY
+        .iter()
+        .filter(|q| !pass.iter().any(|p| p == *q))
+        .map(|q| ((*q).to_owned(), default_action))
+        .collect();
+    for (name, action) in listed_query {
+        let action = action.unwrap_or(default_action);
+        match query
+            .iter_mut()
+            .find(|(q, _)| q.eq_ignore_ascii_case(&name))
+        {
+            Some(existing) => existing.1 = action,
+            None => query.push((name, action)),
+        }
+    }
     let key_path = r.path_of("hash_key_file");
     let key_given = r.get("hash_key_file").is_some();
     let key = r.optional(
@@ -656,7 +800,7 @@ fn read_redaction(root: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> 
 
     let mut headers: Vec<(HeaderName, RedactAction)> = DEFAULT_REDACTED_HEADERS
         .iter()
-        .filter(|h| !pass.contains(h))
+        .filter(|h| !pass.iter().any(|p| p == h.as_str()))
         .map(|h| (h.clone(), default_action))
         .collect();
     for (name, action) in listed_headers {
@@ -852,26 +996,75 @@ mod tests {
     }
 
     #[test]
+    fn default_credentials_leave_neither_headers_nor_query_nor_referer() {
+        let r = Redaction::default();
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("x-api-key", "k1"),
+            ("X-Auth-Token", "t1"),
+            ("x-amz-security-token", "s1"),
+            ("x-csrf-token", "c1"),
+            ("x-forwarded-authorization", "Bearer f1"),
+            (
+                "referer",
+                "https://u:pw1@app.example.com/cb?code=7&access_token=r1&x=1#id_token=h1",
+            ),
+            ("x-kept", "visible"),
+        ] {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_static(value),
+            );
+        }
+        let uri = Uri::from_static(
+            "/p?access_token=a1&api_key=a2&Token=a3&password=a4&access%5Ftoken=a5&X-Amz-Signature=a6&page=2",
+        );
+        let scrubbed = r.apply(&mut headers, &uri);
+        assert_eq!(scrubbed.query(), Some("page=2"), "{scrubbed}");
+        assert_eq!(
+            headers["referer"], "https://app.example.com/cb?code=7&x=1",
+            "query tokens, userinfo and the fragment go"
+        );
+        assert_eq!(headers["x-kept"], "visible");
+        let all = format!("{headers:?}");
+        for secret in ["k1", "t1", "s1", "c1", "f1", "pw1", "r1", "h1"] {
+            assert!(!all.contains(secret), "{secret} left in {all}");
+        }
+    }
+
+    #[test]
     fn defaults_always_apply_unless_passed() {
-        let p = policy("redact: { headers: [x-api-key], pass: [cookie] }").expect("valid");
+        let p = policy(
+            "redact: { headers: [x-api-key, x-custom], pass: [cookie, x-csrf-token, token] }",
+        )
+        .expect("valid");
         let names: Vec<&str> = p
             .redaction
             .headers
             .iter()
             .map(|(h, _)| h.as_str())
             .collect();
+        let defaults = DEFAULT_REDACTED_HEADERS;
+        let expected: Vec<&str> = defaults
+            .iter()
+            .map(HeaderName::as_str)
+            .filter(|h| !["cookie", "x-csrf-token"].contains(h))
+            .chain(["x-custom"])
+            .collect();
         assert_eq!(
-            names,
-            [
-                "authorization",
-                "set-cookie",
-                "proxy-authorization",
-                "x-api-key"
-            ]
+            names, expected,
+            "passed ones go, listed ones are added once"
+        );
+        let queries: Vec<&str> = p.redaction.query.iter().map(|(q, _)| q.as_str()).collect();
+        assert!(
+            queries.contains(&"access_token") && !queries.contains(&"token"),
+            "{queries:?}"
         );
         let err = policy("redact: { action: hash, pass: [x-other] }").expect_err("invalid");
         assert!(
-            err.contains("redact.pass[0]: is not one of the headers redacted by default"),
+            err.contains(
+                "redact.pass[0]: is not one of the headers or query parameters redacted by default"
+            ),
             "{err}"
         );
         assert!(err.contains("redact.hash_key_file: is required"), "{err}");
