@@ -92,6 +92,7 @@ pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig
         archive: None,
         admin: Some(([127, 0, 0, 1], 0).into()),
         shutdown_grace: Duration::from_secs(5),
+        limits: Default::default(),
     }
 }
 

@@ -98,6 +98,8 @@ async fn malformed_streams_are_reset_one_by_one() {
         Ok(Some(Frame::Welcome(w))) => assert_eq!(w.agent_identity, "raw-agent"),
         other => panic!("expected WELCOME, got {other:?}"),
     }
+    // An agent greets once: a second HELLO on the connection is out of place.
+    assert_eq!(exchange(&conn, &hello()).await, Err(protocol_error));
     assert!(conn.close_reason().is_none(), "the connection survived");
 
     let g = settle(
@@ -108,7 +110,12 @@ async fn malformed_streams_are_reset_one_by_one() {
     assert_eq!(
         g.get("teeway_gateway_streams_rejected_total{reason=\"protocol\"}"),
         5.0,
-        "{g:?}"
+        "unknown type, cut frame, empty, mixed, second HELLO: {g:?}"
+    );
+    assert_eq!(
+        g.get("teeway_gateway_streams_rejected_total{reason=\"too_large\"}"),
+        1.0,
+        "a length announced beyond the limit is too_large, not a protocol error"
     );
     assert_eq!(g.get(gm::RECEIVED_TOTAL), 0.0);
 

@@ -47,6 +47,8 @@ pub struct GatewayConfig {
     pub admin: Option<SocketAddr>,
     /// Time allowed to drain on SIGTERM.
     pub shutdown_grace: Duration,
+    /// What agents may make the gateway hold (`limits:`).
+    pub limits: crate::budget::Limits,
 }
 
 /// `transports:`: what the gateway serves on its `listen` port.
@@ -409,6 +411,7 @@ impl GatewayConfig {
                 cfg::duration,
             )
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let limits = limits_block(&mut root, &mut p);
         root.finish(&mut p);
 
         p.finish(())?;
@@ -424,6 +427,7 @@ impl GatewayConfig {
                 archive,
                 admin,
                 shutdown_grace,
+                limits,
             }),
             _ => Err(ConfigError::unreadable(
                 "gateway config",
@@ -830,6 +834,108 @@ fn read_target(
     })
 }
 
+/// The `limits:` block: what agents may make the gateway hold. Every key is optional.
+fn limits_block(root: &mut Section<'_>, p: &mut Problems) -> crate::budget::Limits {
+    use crate::budget::Limits;
+    let d = Limits::default();
+    let mut l = root.section(p, "limits");
+    let size_in = |low: u64, high: u64| {
+        move |v: &Value| -> Result<u64, String> {
+            let n = cfg::size(v)?;
+            if (low..=high).contains(&n) {
+                Ok(n)
+            } else {
+                Err(format!(
+                    "must be from {} to {}",
+                    teeway_runtime::units::format_size(low),
+                    teeway_runtime::units::format_size(high)
+                ))
+            }
+        }
+    };
+    // One connection must be able to hold one largest stream.
+    let stream = crate::listener::MAX_STREAM_BYTES as u64;
+    let buffer_bytes = l
+        .optional(
+            p,
+            "buffer_bytes",
+            "give a size such as 128MiB (at least connection_buffer_bytes)",
+            size_in(stream, 1 << 40),
+        )
+        .unwrap_or(d.buffer_bytes);
+    let identity_buffer_bytes = l
+        .optional(
+            p,
+            "identity_buffer_bytes",
+            "give a size such as 64MiB (at least connection_buffer_bytes)",
+            size_in(stream, 1 << 40),
+        )
+        .unwrap_or(d.identity_buffer_bytes.min(buffer_bytes));
+    let connection_buffer_bytes = l
+        .optional(
+            p,
+            "connection_buffer_bytes",
+            "give a size such as 32MiB",
+            size_in(stream, 1 << 40),
+        )
+        .unwrap_or(d.connection_buffer_bytes);
+    let streams_per_connection = l
+        .optional(
+            p,
+            "streams_per_connection",
+            "use a whole number from 16 to 65536",
+            |v| match cfg::whole_number(v)? {
+                n @ 16..=65_536 => Ok(n as u32),
+                _ => Err("must be from 16 to 65536".into()),
+            },
+        )
+        .unwrap_or(d.streams_per_connection);
+    let connections_per_identity = l
+        .optional(
+            p,
+            "connections_per_identity",
+            "use a whole number from 1 to 100000",
+            |v| match cfg::whole_number(v)? {
+                n @ 1..=100_000 => Ok(n as usize),
+                _ => Err("must be from 1 to 100000".into()),
+            },
+        )
+        .unwrap_or(d.connections_per_identity);
+    let stream_timeout = l
+        .optional(
+            p,
+            "stream_timeout",
+            "use a duration from 1s to 10m, such as 30s",
+            |v| match cfg::duration(v)? {
+                t if t >= Duration::from_secs(1) && t <= Duration::from_secs(600) => Ok(t),
+                _ => Err("must be from 1s to 10m".into()),
+            },
+        )
+        .unwrap_or(d.stream_timeout);
+    let path = l.path_of("buffer_bytes");
+    l.finish(p);
+    if buffer_bytes < identity_buffer_bytes || identity_buffer_bytes < connection_buffer_bytes {
+        p.push(
+            path,
+            None,
+            format!(
+                "must be at least limits.identity_buffer_bytes ({}), itself at least limits.connection_buffer_bytes ({})",
+                teeway_runtime::units::format_size(identity_buffer_bytes),
+                teeway_runtime::units::format_size(connection_buffer_bytes)
+            ),
+            "give the gateway at least one identity's worth, and an identity one connection's",
+        );
+    }
+    Limits {
+        buffer_bytes,
+        identity_buffer_bytes,
+        connection_buffer_bytes,
+        streams_per_connection,
+        connections_per_identity,
+        stream_timeout,
+    }
+}
+
 /// One second's worth of tokens, at least one.
 fn default_burst(per_second: f64) -> u32 {
     per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32
@@ -847,6 +953,9 @@ impl GatewayConfig {
         }
         if self.archive != old.archive {
             changed.push("archive".to_owned());
+        }
+        if self.limits != old.limits {
+            changed.push("limits".to_owned());
         }
         if self.admin != old.admin {
             changed.push("admin.listen".to_owned());

@@ -46,6 +46,7 @@ use teeway_runtime::metrics::{Registry, Snapshot};
 use teeway_runtime::reload::{ConfigState, ReloadResult};
 use teeway_wire::codes;
 
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod listener;
@@ -64,9 +65,6 @@ use crate::metrics::GatewayMetrics;
 use crate::replay::{Target, TargetSpec};
 use crate::router::{Route, Router};
 
-/// Concurrent streams one agent may open: its batches in flight (32) and the greeting, plus one
-/// per production connection it tees (`tcp[].max_teed_connections`, 1024 by default), with room.
-const MAX_STREAMS_PER_AGENT: u32 = 4096;
 /// A connection silent for this long is closed (agents send keep-alives well within it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed at exit for connection closes to reach the agents.
@@ -313,7 +311,7 @@ impl Gateway {
             None
         } else {
             Some((
-                quic_server_config(&new.tls).map_err(|e| e.to_string())?,
+                quic_server_config(&new.tls, &self.config.limits).map_err(|e| e.to_string())?,
                 teeway_wire::tls::server_config(&new.tls).map_err(|e| e.to_string())?,
             ))
         };
@@ -373,6 +371,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             replays: TaskTracker::new(),
             archive,
+            budget: budget::Budget::new(config.limits, self.metrics.buffered.clone()),
         });
 
         let admin_addr = admin::listen_addr(listeners.admin.as_ref());
@@ -468,7 +467,7 @@ impl Gateway {
         });
         let endpoint = Endpoint::new(
             endpoint_config,
-            Some(quic_server_config(&tls.material)?),
+            Some(quic_server_config(&tls.material, &self.config.limits)?),
             socket,
             Arc::new(TokioRuntime),
         )
@@ -523,13 +522,15 @@ fn restart_stable_keys(
 /// The QUIC server configuration for `material`: mTLS, stream limits, idle timeout.
 fn quic_server_config(
     material: &teeway_wire::tls::TlsMaterial,
+    limits: &budget::Limits,
 ) -> Result<quinn::ServerConfig, GatewayError> {
     let tls =
         teeway_wire::tls::server_config(material).map_err(|e| GatewayError::Tls(e.to_string()))?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| GatewayError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_AGENT));
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_per_connection));
+
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
     transport.max_idle_timeout(Some(
         IDLE_TIMEOUT

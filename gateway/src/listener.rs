@@ -18,9 +18,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use teeway_wire::{
-    codes, Frame, MirroredRequest, Welcome, MAX_BATCH_BYTES, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    codes, DecodeError, Frame, MirroredRequest, Welcome, MAX_BATCH_BYTES, MAX_FRAME_LEN,
+    PROTOCOL_VERSION,
 };
 
+use crate::budget::{Budget, ConnectionBudget};
 use crate::metrics::{FailReason, GatewayMetrics, SkipReason};
 use crate::replay::Refusal;
 use crate::{tee_stream, Routing};
@@ -38,6 +40,8 @@ pub struct Dispatcher {
     pub(crate) replays: TaskTracker,
     /// Where every received record is also written, if anywhere.
     pub(crate) archive: Option<teeway_archive::Archive>,
+    /// Memory for what agents send (`limits:`).
+    pub(crate) budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -57,14 +61,55 @@ impl Dispatcher {
         self.metrics.unauthorized(identity);
     }
 
-    /// Logs, in summary, a stream (or TLS connection) refused for breaking the protocol.
+    /// A connection's share of the memory budget, or why the identity may not open another
+    /// (counted and logged in summary).
+    pub(crate) fn connection_budget(
+        &self,
+        identity: &Arc<str>,
+    ) -> Result<ConnectionBudget, String> {
+        self.budget.connection(identity).map_err(|too_many| {
+            self.metrics.handshakes_connection_limit.increment(1);
+            let why = format!(
+                "agent identity {identity:?} holds limits.connections_per_identity ({}) connections already",
+                too_many.limit
+            );
+            self.note_rejected(identity, &why);
+            why
+        })
+    }
+
+    /// Counts a refused stream by reason and logs it in summary.
+    pub(crate) fn refuse_stream(&self, identity: &str, why: Refused) {
+        let m = &self.metrics;
+        let text = match why {
+            Refused::Protocol(problem) => {
+                m.streams_rejected_protocol.increment(1);
+                problem
+            }
+            Refused::TooLarge => {
+                m.streams_rejected_too_large.increment(1);
+                format!("a stream larger than the protocol allows ({MAX_STREAM_BYTES} bytes)")
+            }
+            Refused::OverBudget => {
+                m.streams_rejected_over_budget.increment(1);
+                "the memory budget for incoming data is spent (limits.buffer_bytes or connection_buffer_bytes); the agent retries".to_owned()
+            }
+            Refused::Timeout(after) => {
+                m.streams_rejected_timeout.increment(1);
+                format!("a batch did not arrive whole within limits.stream_timeout ({after:?})")
+            }
+        };
+        self.note_rejected(identity, &text);
+    }
+
+    /// Logs, in summary, a stream (or TLS connection) refused.
     pub(crate) fn note_rejected(&self, identity: &str, problem: &str) {
         if let Some(streams) = self.metrics.rejected_log.note() {
             tracing::warn!(
                 %identity,
                 %problem,
                 streams,
-                "streams broke the protocol and were reset (one line a minute at most)"
+                "agent streams refused and reset (one line a minute at most; see teeway_gateway_streams_rejected_total)"
             );
         }
     }
@@ -175,9 +220,17 @@ async fn serve_connection(
         refuse(&conn, &identity, &dispatcher);
         return;
     }
+    let share = match dispatcher.connection_budget(&identity) {
+        Ok(share) => Arc::new(share),
+        Err(why) => {
+            conn.close(VarInt::from_u32(codes::OVERLOADED), why.as_bytes());
+            return;
+        }
+    };
     dispatcher.metrics.handshakes_ok.increment(1);
     dispatcher.metrics.agents_connected.increment(1.0);
     let version = negotiated_version(&conn);
+    let greeted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tracing::info!(%identity, protocol_version = version, "agent connected");
     let streams = TaskTracker::new();
     let reason = loop {
@@ -193,8 +246,10 @@ async fn serve_connection(
                     let dispatcher = dispatcher.clone();
                     let identity = identity.clone();
                     let shutdown = shutdown.clone();
+                    let share = share.clone();
+                    let greeted = greeted.clone();
                     streams.spawn(async move {
-                        let peer = Peer { dispatcher: &dispatcher, identity: &identity, version, shutdown: &shutdown };
+                        let peer = Peer { dispatcher: &dispatcher, identity: &identity, version, shutdown: &shutdown, share: &share, greeted: &greeted };
                         serve_stream(send, recv, peer).await
                     });
                 }
@@ -237,6 +292,10 @@ struct Peer<'a> {
     /// Protocol version of the connection: TCP tee streams need 2.
     version: u16,
     shutdown: &'a CancellationToken,
+    /// The connection's share of the memory budget.
+    share: &'a ConnectionBudget,
+    /// Whether the connection has said HELLO (once is the protocol).
+    greeted: &'a std::sync::atomic::AtomicBool,
 }
 
 /// The identity in the agent's certificate (see [`teeway_wire::tls::peer_identity`]).
@@ -254,28 +313,39 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
         identity,
         version,
         shutdown,
+        share,
+        greeted,
     } = peer;
     // Read until the first frame is known: a TCP tee stream is served as it arrives, any other
-    // stream is read whole first.
+    // stream is read whole first, within the stream timeout and the memory budget.
     let mut buf = BytesMut::new();
-    let mut read = 0usize;
+    let mut held = share.hold();
     let mut frames = Vec::new();
     let mut problem = None;
+    let deadline = tokio::time::Instant::now() + share.stream_timeout();
     loop {
-        match recv.read_chunk(64 * 1024, true).await {
+        let chunk = match tokio::time::timeout_at(deadline, recv.read_chunk(64 * 1024, true)).await
+        {
+            Ok(chunk) => chunk,
+            Err(_) => {
+                dispatcher.refuse_stream(identity, Refused::Timeout(share.stream_timeout()));
+                reject(&mut send, &mut recv, codes::OVERLOADED);
+                return;
+            }
+        };
+        match chunk {
             Ok(Some(chunk)) => {
-                read += chunk.bytes.len();
-                if read > MAX_STREAM_BYTES {
-                    dispatcher.metrics.streams_rejected_too_large.increment(1);
-                    if let Some(streams) = dispatcher.metrics.rejected_log.note() {
-                        tracing::warn!(
-                            %identity,
-                            limit = MAX_STREAM_BYTES,
-                            streams,
-                            "streams larger than the protocol allows were reset (one line a minute at most)"
-                        );
-                    }
-                    reject(&mut send, &mut recv);
+                if buf.len() + chunk.bytes.len() > MAX_STREAM_BYTES {
+                    dispatcher.refuse_stream(identity, Refused::TooLarge);
+                    reject(&mut send, &mut recv, codes::PROTOCOL_ERROR);
+                    return;
+                }
+                // What is allocated is what is charged: the buffer's growth, not the bytes.
+                let capacity = buf.capacity();
+                buf.reserve(chunk.bytes.len());
+                if !held.grow(buf.capacity().saturating_sub(capacity)) {
+                    dispatcher.refuse_stream(identity, Refused::OverBudget);
+                    reject(&mut send, &mut recv, codes::OVERLOADED);
                     return;
                 }
                 buf.extend_from_slice(&chunk.bytes);
@@ -283,6 +353,8 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
                     match Frame::decode(&mut buf) {
                         Ok(Some(Frame::TcpOpen(open))) if version >= 2 => {
                             let buf = std::mem::take(&mut buf);
+                            // The tee stream's own queues bound what it holds from here.
+                            drop(held);
                             tee_stream::serve(
                                 open, buf, send, recv, dispatcher, identity, shutdown,
                             )
@@ -291,6 +363,13 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
                         }
                         Ok(Some(frame)) => frames.push(frame),
                         Ok(None) => {}
+                        Err(DecodeError::FrameTooLarge { len, max }) => {
+                            // Announced, not sent: refused before anything more is read.
+                            dispatcher.refuse_stream(identity, Refused::TooLarge);
+                            tracing::debug!(%identity, len, max, "frame announced over the limit");
+                            reject(&mut send, &mut recv, codes::PROTOCOL_ERROR);
+                            return;
+                        }
                         Err(e) => problem = Some(e.to_string()),
                     }
                 }
@@ -318,6 +397,11 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
     let reply = match (problem, frames.first()) {
         (Some(problem), _) => Err(problem),
         (None, None) => Err("empty stream".to_owned()),
+        (None, Some(Frame::Hello(_)))
+            if frames.len() == 1 && greeted.swap(true, std::sync::atomic::Ordering::Relaxed) =>
+        {
+            Err("a second HELLO (an agent greets once per connection)".to_owned())
+        }
         (None, Some(Frame::Hello(hello))) if frames.len() == 1 => {
             tracing::info!(
                 %identity,
@@ -359,15 +443,27 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
             let _ = send.stopped().await;
         }
         Err(problem) => {
-            dispatcher.metrics.streams_rejected_protocol.increment(1);
-            dispatcher.note_rejected(identity, &problem);
-            reject(&mut send, &mut recv);
+            dispatcher.refuse_stream(identity, Refused::Protocol(problem));
+            reject(&mut send, &mut recv, codes::PROTOCOL_ERROR);
         }
     }
 }
 
-fn reject(send: &mut SendStream, recv: &mut RecvStream) {
-    let code = VarInt::from_u32(codes::PROTOCOL_ERROR);
+fn reject(send: &mut SendStream, recv: &mut RecvStream, code: u32) {
+    let code = VarInt::from_u32(code);
     let _ = recv.stop(code);
     let _ = send.reset(code);
+}
+
+/// Why a stream (or, over TLS, a connection's batch) was refused.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// It broke the protocol.
+    Protocol(String),
+    /// It announced or carried more than the protocol allows.
+    TooLarge,
+    /// Its bytes did not fit in the memory budget.
+    OverBudget,
+    /// It did not arrive whole in time.
+    Timeout(std::time::Duration),
 }

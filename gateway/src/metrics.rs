@@ -41,6 +41,8 @@ pub const REPLAY_SKIPPED_TOTAL: &str = "teeway_gateway_replay_skipped_total";
 pub const HANDSHAKES_TOTAL: &str = "teeway_gateway_handshakes_total";
 /// Agents connected now.
 pub const AGENTS_CONNECTED: &str = "teeway_gateway_agents_connected";
+/// Bytes buffered from agents now (batches not yet complete), against `limits.buffer_bytes`.
+pub const BUFFERED_BYTES: &str = "teeway_gateway_buffered_bytes";
 /// Streams refused because they broke the protocol, by reason.
 pub const STREAMS_REJECTED_TOTAL: &str = "teeway_gateway_streams_rejected_total";
 /// TCP tee streams received from agents (one per teed production connection).
@@ -175,11 +177,17 @@ pub struct GatewayMetrics {
     failed_logs: [Throttle; 7],
     pub(crate) in_flight: Gauge,
     pub(crate) handshakes_ok: Counter,
-    pub(crate) handshakes_refused: Counter,
     pub(crate) handshakes_unauthorized: Counter,
     pub(crate) agents_connected: Gauge,
     pub(crate) streams_rejected_protocol: Counter,
     pub(crate) streams_rejected_too_large: Counter,
+    pub(crate) streams_rejected_over_budget: Counter,
+    pub(crate) streams_rejected_timeout: Counter,
+    pub(crate) handshakes_connection_limit: Counter,
+    /// `handshakes_total{result}` of each [`HANDSHAKE_CAUSES`] entry.
+    handshakes_failed: [Counter; HANDSHAKE_CAUSES.len()],
+    /// `teeway_gateway_buffered_bytes`.
+    pub(crate) buffered: Gauge,
     /// Refused streams, logged in summary (an authenticated peer could send many).
     pub(crate) rejected_log: Throttle,
     /// Refused handshakes, logged in summary per cause (anyone who can reach the port can cause
@@ -266,11 +274,6 @@ impl GatewayMetrics {
                 "Agent connection attempts, by result",
                 &[("result", "ok")],
             ),
-            handshakes_refused: r.counter(
-                HANDSHAKES_TOTAL,
-                "Agent connection attempts, by result",
-                &[("result", "refused")],
-            ),
             handshakes_unauthorized: r.counter(
                 HANDSHAKES_TOTAL,
                 "Agent connection attempts, by result",
@@ -279,8 +282,27 @@ impl GatewayMetrics {
             agents_connected: r.gauge(AGENTS_CONNECTED, "Agents connected now", &[]),
             streams_rejected_protocol: rejected("protocol"),
             streams_rejected_too_large: rejected("too_large"),
-            rejected_log: Throttle::named("agent streams reset for breaking the protocol"),
-            handshake_logs: HANDSHAKE_CAUSES.map(|(cause, _, _)| {
+            streams_rejected_over_budget: rejected("over_budget"),
+            streams_rejected_timeout: rejected("timeout"),
+            handshakes_connection_limit: r.counter(
+                HANDSHAKES_TOTAL,
+                "Agent connection attempts, by result",
+                &[("result", "connection_limit")],
+            ),
+            handshakes_failed: HANDSHAKE_CAUSES.map(|(_, _, _, result)| {
+                r.counter(
+                    HANDSHAKES_TOTAL,
+                    "Agent connection attempts, by result",
+                    &[("result", result)],
+                )
+            }),
+            buffered: r.gauge(
+                BUFFERED_BYTES,
+                "Bytes buffered from agents (batches not yet complete), against limits.buffer_bytes",
+                &[],
+            ),
+            rejected_log: Throttle::named("agent streams refused"),
+            handshake_logs: HANDSHAKE_CAUSES.map(|(cause, _, _, _)| {
                 Throttle::named(format!("agent handshakes refused ({cause})"))
             }),
             unauthorized_logs: Default::default(),
@@ -344,12 +366,12 @@ impl GatewayMetrics {
 
     /// Counts a refused handshake and logs it, in summary per cause, with what to do.
     pub(crate) fn refused_handshake(&self, error: &str) {
-        self.handshakes_refused.increment(1);
         let index = HANDSHAKE_CAUSES
             .iter()
-            .position(|(_, needles, _)| needles.iter().any(|n| error.contains(n)))
+            .position(|(_, needles, _, _)| needles.iter().any(|n| error.contains(n)))
             .unwrap_or(HANDSHAKE_CAUSES.len() - 1);
-        let (cause, _, fix) = HANDSHAKE_CAUSES[index];
+        self.handshakes_failed[index].increment(1);
+        let (cause, _, fix, _) = HANDSHAKE_CAUSES[index];
         if let Some(refused) = self.handshake_logs[index].note() {
             tracing::warn!(cause, %error, refused, "agent handshake refused: {fix} (one line a minute at most per cause)");
         }
@@ -425,42 +447,58 @@ const MAX_LOGGED_IDENTITIES: usize = 256;
 
 /// Why an agent handshake failed, told from the error text (rustls and quinn name the cause),
 /// with what an operator does about it. The last entry takes the rest.
-const HANDSHAKE_CAUSES: [(&str, &[&str], &str); 7] = [
+/// The last field is the `handshakes_total{result}` label: every certificate problem is
+/// `refused`; a peer that speaks no teeway version, or no TLS at all, or too slowly, is not.
+const HANDSHAKE_CAUSES: [(&str, &[&str], &str, &str); 9] = [
     (
         "certificate_expired",
-        &["Expired", "NotValidYet"],
+        &["Expired", "expired", "NotValidYet", "not valid yet", "not valid before"],
         "the agent's certificate has expired or is not yet valid: renew it (`teeway certs issue`), check the clocks",
+        "refused",
     ),
     (
         "unknown_ca",
-        &["UnknownIssuer", "BadSignature", "UnknownCA"],
+        &["UnknownIssuer", "BadSignature", "UnknownCA", "unknown issuer", "bad signature"],
         "the agent's certificate is not signed by a CA in tls.ca: issue it from the gateway's CA or add its CA to tls.ca",
+        "refused",
     ),
     (
         "no_certificate",
-        &["NoCertificatesPresented", "CertificateRequired"],
+        &["NoCertificatesPresented", "CertificateRequired", "no certificates", "certificate required"],
         "the peer presented no client certificate: only teeway agents with gateway.cert connect here",
+        "refused",
     ),
     (
         "not_client_certificate",
-        &["InvalidPurpose", "UnsupportedCertificate"],
+        &["InvalidPurpose", "UnsupportedCertificate", "purpose"],
         "the agent's certificate is not for client authentication (extendedKeyUsage clientAuth)",
+        "refused",
     ),
     (
         "alpn",
         &["NoApplicationProtocol", "application protocol"],
         "the peer does not speak a teeway protocol version this gateway knows (ALPN)",
+        "alpn",
+    ),
+    (
+        "not_tls",
+        &["InvalidContentType", "corrupt message", "InvalidMessage", "invalid message"],
+        "the peer does not speak TLS on this port (a port scanner, or plain HTTP)",
+        "not_tls",
     ),
     (
         "timeout",
-        &["timed out", "TimedOut"],
+        &["timed out", "TimedOut", "not completed in time"],
         "the handshake did not finish in time: a slow or lossy path, or a port scanner",
+        "timeout",
     ),
     (
-        "other",
-        &[],
-        "see the error",
+        "certificate",
+        &["certificate", "Certificate"],
+        "the agent's certificate was not accepted: see the error",
+        "refused",
     ),
+    ("other", &[], "see the error", "failed"),
 ];
 
 const REPLAYED_HELP: &str =

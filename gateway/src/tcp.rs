@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use teeway_wire::{Frame, MirroredRequest, Welcome, PROTOCOL_VERSION};
+use teeway_wire::{DecodeError, Frame, MirroredRequest, Welcome, PROTOCOL_VERSION};
 
-use crate::listener::{Dispatcher, MAX_STREAM_BYTES};
+use crate::budget::{ConnectionBudget, Held};
+use crate::listener::{Dispatcher, Refused, MAX_STREAM_BYTES};
 
 /// Time allowed for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,10 +89,14 @@ pub async fn serve(
 enum End {
     /// Closed by the agent, or idle.
     Gone(String),
-    /// Broke the protocol.
-    Protocol(String),
-    /// A batch larger than the protocol allows.
-    TooLarge,
+    /// Refused: broke the protocol, too large, over the memory budget, too slow.
+    Refused(Refused),
+}
+
+impl From<Refused> for End {
+    fn from(why: Refused) -> Self {
+        End::Refused(why)
+    }
 }
 
 async fn serve_connection(
@@ -113,26 +118,25 @@ async fn serve_connection(
         let _ = stream.shutdown().await;
         return;
     }
+    let Ok(share) = dispatcher.connection_budget(&identity) else {
+        let _ = stream.shutdown().await;
+        return;
+    };
     dispatcher.metrics.handshakes_ok.increment(1);
     dispatcher.metrics.agents_connected.increment(1.0);
     tracing::info!(%identity, %peer, "agent connected over TLS/TCP");
     let end = tokio::select! {
         () = shutdown.cancelled() => End::Gone("gateway shutting down".into()),
-        end = exchange(&mut stream, dispatcher, &identity) => end,
+        end = exchange(&mut stream, dispatcher, &identity, &share) => end,
     };
     let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.shutdown()).await;
     dispatcher.metrics.agents_connected.decrement(1.0);
     let reason = match end {
         End::Gone(reason) => reason,
-        End::Protocol(problem) => {
-            dispatcher.metrics.streams_rejected_protocol.increment(1);
-            dispatcher.note_rejected(&identity, &problem);
-            problem
-        }
-        End::TooLarge => {
-            dispatcher.metrics.streams_rejected_too_large.increment(1);
-            dispatcher.note_rejected(&identity, "batch larger than the protocol allows");
-            "batch too large".into()
+        End::Refused(why) => {
+            let reason = format!("{why:?}");
+            dispatcher.refuse_stream(&identity, why);
+            reason
         }
     };
     tracing::info!(%identity, %reason, "agent disconnected");
@@ -143,10 +147,13 @@ async fn exchange(
     stream: &mut TlsStream<TcpStream>,
     dispatcher: &Dispatcher,
     identity: &Arc<str>,
+    share: &ConnectionBudget,
 ) -> End {
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    // What the read buffer holds, and what the batch being read holds, from the budget.
+    let mut buffered = share.hold();
     let mut out = BytesMut::new();
-    match next_frame(stream, &mut buf).await {
+    match next_frame(stream, &mut buf, &mut buffered, None).await {
         Ok(Frame::Hello(hello)) => {
             tracing::info!(
                 %identity,
@@ -155,7 +162,9 @@ async fn exchange(
                 "agent greeted"
             );
         }
-        Ok(other) => return End::Protocol(format!("first frame is not HELLO: {}", name(&other))),
+        Ok(other) => {
+            return Refused::Protocol(format!("first frame is not HELLO: {}", name(&other))).into()
+        }
         Err(end) => return end,
     }
     // The version the connection's ALPN id chose (an agent of version 1 is still served).
@@ -173,18 +182,29 @@ async fn exchange(
         return end;
     }
     let mut batch: Vec<MirroredRequest> = Vec::new();
-    let mut batch_bytes = 0usize;
+    let mut held = share.hold();
+    // A batch arrives whole within the stream timeout, from its first frame.
+    let mut deadline = None;
     loop {
-        let frame = match next_frame(stream, &mut buf).await {
+        let frame = match next_frame(stream, &mut buf, &mut buffered, deadline).await {
             Ok(frame) => frame,
             Err(end) => return end,
         };
         match frame {
             Frame::Request(record) => {
-                batch_bytes += record.frame_len();
-                if batch_bytes > MAX_STREAM_BYTES {
-                    return End::TooLarge;
+                let len = record.frame_len();
+                if held.bytes() as usize + len > MAX_STREAM_BYTES {
+                    return Refused::TooLarge.into();
                 }
+                if !held.grow(len) {
+                    return Refused::OverBudget.into();
+                }
+                deadline.get_or_insert_with(|| {
+                    (
+                        tokio::time::Instant::now() + share.stream_timeout(),
+                        share.stream_timeout(),
+                    )
+                });
                 batch.push(record);
             }
             Frame::End => {
@@ -197,17 +217,19 @@ async fn exchange(
                 for record in batch.drain(..) {
                     dispatcher.dispatch(record, identity);
                 }
-                batch_bytes = 0;
+                held = share.hold();
+                deadline = None;
                 Frame::Ack { accepted }.encode(&mut out);
                 if let Err(end) = write(stream, &mut out).await {
                     return end;
                 }
             }
             other => {
-                return End::Protocol(format!(
+                return Refused::Protocol(format!(
                     "{} in a batch (a batch is REQUEST frames closed by END)",
                     name(&other)
                 ))
+                .into()
             }
         }
     }
@@ -225,25 +247,49 @@ fn name(frame: &Frame) -> &'static str {
     }
 }
 
-/// The next whole frame, reading as needed within the idle timeout.
-async fn next_frame(stream: &mut TlsStream<TcpStream>, buf: &mut BytesMut) -> Result<Frame, End> {
+/// The next whole frame, reading as needed within the idle timeout (and the batch's
+/// `deadline`, when one is under way). What `buf` holds is held in `buffered`.
+async fn next_frame(
+    stream: &mut TlsStream<TcpStream>,
+    buf: &mut BytesMut,
+    buffered: &mut Held,
+    deadline: Option<(tokio::time::Instant, std::time::Duration)>,
+) -> Result<Frame, End> {
     loop {
+        let before = buf.len();
         match Frame::decode(buf) {
-            Ok(Some(frame)) => return Ok(frame),
+            Ok(Some(frame)) => {
+                buffered.shrink(before - buf.len());
+                return Ok(frame);
+            }
             Ok(None) => {}
-            Err(e) => return Err(End::Protocol(e.to_string())),
+            Err(DecodeError::FrameTooLarge { .. }) => return Err(Refused::TooLarge.into()),
+            Err(e) => return Err(Refused::Protocol(e.to_string()).into()),
         }
-        match tokio::time::timeout(IDLE_TIMEOUT, stream.read_buf(buf)).await {
+        let idle = tokio::time::Instant::now() + IDLE_TIMEOUT;
+        let until = deadline.map_or(idle, |(d, _)| d.min(idle));
+        let read = tokio::time::timeout_at(until, stream.read_buf(buf)).await;
+        match read {
             Ok(Ok(0)) if buf.is_empty() => return Err(End::Gone("closed by the agent".into())),
             Ok(Ok(0)) => {
-                return Err(End::Protocol(format!(
+                return Err(Refused::Protocol(format!(
                     "connection ends inside a frame ({} bytes left)",
                     buf.len()
-                )))
+                ))
+                .into())
             }
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => {
+                if !buffered.grow(n) {
+                    return Err(Refused::OverBudget.into());
+                }
+            }
             Ok(Err(e)) => return Err(End::Gone(e.to_string())),
-            Err(_) => return Err(End::Gone(format!("silent for {IDLE_TIMEOUT:?}"))),
+            Err(_) => {
+                return Err(match deadline {
+                    Some((d, after)) if d <= idle => Refused::Timeout(after).into(),
+                    _ => End::Gone(format!("silent for {IDLE_TIMEOUT:?}")),
+                })
+            }
         }
     }
 }

@@ -188,7 +188,8 @@ impl Frame {
         }
         let total = PREFIX_LEN + len as usize;
         if src.len() < total {
-            src.reserve(total - src.len());
+            // No `reserve` for the announced length: an announcement is not memory the peer
+            // has earned (a gateway charges what arrives against its budget, not what is said).
             return Ok(None);
         }
         src.advance(PREFIX_LEN);
