@@ -276,6 +276,12 @@ impl Agent {
         // burst that stopped is still reported with its total.
         let summaries_stop = CancellationToken::new();
         let summaries = tokio::spawn(teeway_runtime::logging::flush_until(summaries_stop.clone()));
+        // Histogram samples are folded on a timer, scraped or not (see `upkeep_until`).
+        let upkeep_owner = self.accounting.clone();
+        tokio::spawn(teeway_runtime::metrics::upkeep_until(
+            move || upkeep_owner.registry().run_upkeep(),
+            summaries_stop.clone(),
+        ));
         let config = &self.config;
         let resolver = Resolver::from_system()?;
         // Copies from the tee (request path) to the uplink task, or to the archive when there

@@ -40,6 +40,13 @@ pub enum Frame {
         /// Why.
         why: String,
     },
+    /// A frame that decodes to more than [`MAX_FRAME`] (a file compressed whole by another
+    /// tool, or by an older teeway): not read here; the caller reads it as a stream from
+    /// `offset`. Nothing after it is read by this reader.
+    TooLarge {
+        /// Offset of the frame.
+        offset: u64,
+    },
     /// The file ends inside a frame: a writer stopped mid-write.
     Torn {
         /// Offset of the cut frame.
@@ -128,22 +135,26 @@ impl<R: Read> Frames<R> {
             return self.resync(1, "no zstd frame starts here".into());
         }
         match self.decode() {
-            Ok(Some((consumed, bytes))) => {
+            Ok(Decoded::Whole(consumed, bytes)) => {
                 self.consume(consumed);
                 Ok(Frame::Data { offset, bytes })
             }
-            Ok(None) => {
+            Ok(Decoded::Cut) => {
                 let len = self.buf.len() as u64;
                 self.consume(self.buf.len());
                 Ok(Frame::Torn { offset, len })
+            }
+            Ok(Decoded::TooLarge) => {
+                self.eof = true;
+                self.buf.clear();
+                Ok(Frame::TooLarge { offset })
             }
             Err(why) => self.resync(1, why),
         }
     }
 
-    /// Decodes the frame at `buf[0]`: its compressed length and bytes; `None` when the file
-    /// ends inside it; `Err` when it does not decode.
-    fn decode(&mut self) -> Result<Option<(usize, Vec<u8>)>, String> {
+    /// Decodes the frame at `buf[0]`; `Err` when it does not decode.
+    fn decode(&mut self) -> Result<Decoded, String> {
         self.decoder.reinit().map_err(|e| format!("zstd: {e}"))?;
         let mut out: Vec<u8> = Vec::new();
         let mut consumed = 0;
@@ -151,12 +162,13 @@ impl<R: Read> Frames<R> {
             if consumed == self.buf.len() {
                 match self.read_more() {
                     Ok(true) => {}
-                    Ok(false) => return Ok(None),
+                    Ok(false) => return Ok(Decoded::Cut),
                     Err(e) => return Err(format!("read failed: {e}")),
                 }
             }
             if out.capacity() - out.len() < READ_CHUNK {
-                out.reserve(READ_CHUNK);
+                // Exact growth: the buffer never holds much more than MAX_FRAME.
+                out.reserve_exact(READ_CHUNK.max(out.len() / 2));
             }
             let mut input = InBuffer::around(&self.buf[consumed..]);
             let pos = out.len();
@@ -166,52 +178,57 @@ impl<R: Read> Frames<R> {
                 .run(&mut input, &mut output)
                 .map_err(|e| format!("zstd frame does not decode: {e}"))?;
             consumed += input.pos();
-            if hint == 0 {
-                return Ok(Some((consumed, out)));
-            }
+            // Checked before a finished frame is taken too: no frame over the limit is held.
             if out.len() > MAX_FRAME {
-                return Err(format!(
-                    "zstd frame decodes to more than {} MiB: not written by teeway's archive writer (decompress it with `zstd -d` and read the plain file)",
-                    MAX_FRAME >> 20
-                ));
+                return Ok(Decoded::TooLarge);
+            }
+            if hint == 0 {
+                return Ok(Decoded::Whole(consumed, out));
             }
         }
     }
 
-    /// Skips from `buf[0]` to the next frame magic at or after `from`.
+    /// Skips from `buf[0]` to the next frame magic at or after `from`, dropping what it has
+    /// scanned as it goes (a damaged tail of any length costs one read buffer of memory).
     fn resync(&mut self, from: usize, why: String) -> io::Result<Frame> {
         let offset = self.offset;
-        let mut at = from;
+        let mut at = from.min(self.buf.len());
         loop {
-            if let Some(i) = self.buf[at.min(self.buf.len())..]
+            if let Some(i) = self.buf[at..]
                 .windows(ZSTD_MAGIC.len())
                 .position(|w| w == ZSTD_MAGIC)
             {
-                let skip = at + i;
-                self.consume(skip);
+                self.consume(at + i);
                 return Ok(Frame::Damaged {
                     offset,
-                    skipped: skip as u64,
+                    skipped: self.offset - offset,
                     why,
                 });
             }
             // Keep the last bytes: a magic may straddle two reads.
-            at = self
-                .buf
-                .len()
-                .saturating_sub(ZSTD_MAGIC.len() - 1)
-                .max(from);
+            let keep = self.buf.len().min(ZSTD_MAGIC.len() - 1);
+            self.consume(self.buf.len() - keep);
+            at = 0;
             if !self.read_more()? {
-                let skipped = self.buf.len() as u64;
                 self.consume(self.buf.len());
                 return Ok(Frame::Damaged {
                     offset,
-                    skipped,
+                    skipped: self.offset - offset,
                     why,
                 });
             }
         }
     }
+}
+
+/// How a frame decoded.
+enum Decoded {
+    /// Its compressed length and its bytes.
+    Whole(usize, Vec<u8>),
+    /// The file ends inside it.
+    Cut,
+    /// It decodes to more than [`MAX_FRAME`].
+    TooLarge,
 }
 
 /// One zstd frame of `raw`, with zstd's content checksum, as the archive writes each batch.

@@ -381,40 +381,60 @@ impl FileReader {
 /// record boundary (the writer compresses whole records per frame).
 struct Framed {
     frames: Frames<File>,
-    /// The records of the frame being read, and the frame's offset in the file.
-    current: Option<(u64, SegmentReader<Cursor<Vec<u8>>>)>,
+    /// The records being read, and the offset of the frame they come from: one frame decoded
+    /// in memory, or (a frame larger than `MAX_FRAME`) the rest of the file as a stream.
+    current: Option<(u64, SegmentReader<Box<dyn Read + Send>>)>,
     /// An issue met while opening, returned first.
     pending: Option<(u64, IssueKind, String)>,
     /// Reading the file failed: nothing more comes from it.
     failed: bool,
 }
 
+/// The rest of a zstd file from `offset` (a frame boundary), decompressed as a stream.
+fn stream_from(path: &Path, offset: u64) -> io::Result<Box<dyn Read + Send>> {
+    use std::io::Seek;
+    let mut file = File::open(path)?;
+    file.seek(io::SeekFrom::Start(offset))?;
+    Ok(Box::new(zstd::Decoder::new(file)?))
+}
+
 impl Framed {
-    /// `None` when the file's first frame decodes to something else than a native segment
-    /// (a zstd-compressed gor file): it is read as a stream.
+    /// `None` when the file decodes to something else than a native segment (a
+    /// zstd-compressed gor file): it is read as a stream. Only the first bytes are decoded to
+    /// tell.
     fn open(path: &Path) -> io::Result<Option<Self>> {
-        let mut frames = Frames::new(File::open(path)?)?;
         let named_native = path
             .to_string_lossy()
             .trim_end_matches(PARTIAL_SUFFIX)
             .ends_with(".twa.zst");
+        let mut head = [0u8; MAGIC.len()];
+        let probed = zstd::Decoder::new(File::open(path)?)
+            .and_then(|mut d| crate::native::read_full(&mut d, &mut head));
+        match probed {
+            Ok(n) if n == MAGIC.len() && head == MAGIC => {}
+            Ok(n) if n > 0 && n < MAGIC.len() && MAGIC.starts_with(&head[..n]) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "segment ends inside its header",
+                ));
+            }
+            // A damaged first frame of a native segment: its later frames hold whole records.
+            _ if named_native => {}
+            _ => return Ok(None),
+        }
+        let mut frames = Frames::new(File::open(path)?)?;
         let (current, pending) = loop {
             match frames.next_frame()? {
                 Frame::Data { bytes, .. } if bytes.is_empty() => continue,
                 Frame::Data { offset, bytes } => {
-                    if bytes.starts_with(&MAGIC) {
-                        break (
-                            Some((offset, SegmentReader::new(Cursor::new(bytes))?)),
-                            None,
-                        );
-                    }
-                    if MAGIC.starts_with(&bytes) {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "segment ends inside its header",
-                        ));
-                    }
-                    return Ok(None);
+                    let first: Box<dyn Read + Send> = Box::new(Cursor::new(bytes));
+                    break (Some((offset, SegmentReader::new(first)?)), None);
+                }
+                Frame::TooLarge { offset } => {
+                    break (
+                        Some((offset, SegmentReader::new(stream_from(path, offset)?)?)),
+                        None,
+                    );
                 }
                 Frame::End => break (None, None),
                 // The segment header is lost with the first frame; the name says what the
@@ -423,22 +443,13 @@ impl Framed {
                     offset,
                     skipped,
                     why,
-                } if named_native => {
+                } => {
                     let detail = format!("{why}; {skipped} bytes skipped to the next zstd frame");
                     break (None, Some((offset, IssueKind::Unreadable, detail)));
                 }
-                Frame::Torn { offset, len } if named_native => {
+                Frame::Torn { offset, len } => {
                     let detail = format!("the file ends {len} bytes into a zstd frame");
                     break (None, Some((offset, IssueKind::Torn, detail)));
-                }
-                Frame::Damaged { why, .. } => {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, why));
-                }
-                Frame::Torn { .. } => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the file ends inside its first zstd frame",
-                    ));
                 }
             }
         };
@@ -493,8 +504,16 @@ impl Framed {
             }
             match self.frames.next_frame() {
                 Ok(Frame::Data { offset, bytes }) => {
-                    self.current = Some((offset, SegmentReader::records(Cursor::new(bytes), 0)));
+                    let records: Box<dyn Read + Send> = Box::new(Cursor::new(bytes));
+                    self.current = Some((offset, SegmentReader::records(records, 0)));
                 }
+                Ok(Frame::TooLarge { offset }) => match stream_from(path, offset) {
+                    Ok(rest) => self.current = Some((offset, SegmentReader::records(rest, 0))),
+                    Err(e) => {
+                        self.failed = true;
+                        return issue(offset, IssueKind::Unreadable, format!("read failed: {e}"));
+                    }
+                },
                 Ok(Frame::Damaged {
                     offset,
                     skipped,
@@ -772,6 +791,42 @@ pub(crate) mod tests {
         let first: Vec<u64> = narrow.by_ref().map(|r| r.unix_nanos()).collect();
         assert_eq!(first, [30, 10, 20, 50, 40]);
         assert_eq!(narrow.stats.reordered, 3);
+    }
+
+    #[test]
+    fn zstd_files_other_tools_made_are_read_as_streams() {
+        // A gor capture compressed with the zstd CLI, and a native segment compressed whole
+        // (one frame, as an older `convert` wrote): both read, neither decoded whole first.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut gor = Vec::new();
+        for i in 0..3u64 {
+            let message = format!("GET /{i} HTTP/1.1\r\nHost: h\r\n\r\n");
+            gor.extend(gor_record(
+                1,
+                &format!("z{i}"),
+                10 + i,
+                true,
+                message.as_bytes(),
+            ));
+        }
+        let gor_path = dir.path().join("capture.gor.zst");
+        std::fs::write(&gor_path, zstd::encode_all(&gor[..], 3).expect("zstd")).expect("write");
+        let mut native = bytes::BytesMut::new();
+        crate::native::put_segment_header(&mut native);
+        for i in 0..3 {
+            crate::native::put_record(&Record::Request(sample_request(i, b"x")), &mut native);
+        }
+        let native_path = dir.path().join("whole.twa.zst");
+        std::fs::write(
+            &native_path,
+            zstd::encode_all(&native[..], 3).expect("zstd"),
+        )
+        .expect("write");
+        for path in [gor_path, native_path] {
+            let mut reader = Reader::with_files(vec![path.clone()], 0);
+            assert_eq!(reader.by_ref().count(), 3, "{path:?}");
+            assert_eq!(reader.stats.skipped(), 0, "{:?}", reader.stats.issues);
+        }
     }
 
     #[test]

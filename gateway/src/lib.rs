@@ -342,6 +342,12 @@ impl Gateway {
         // burst that stopped is still reported with its total.
         let summaries_stop = CancellationToken::new();
         let summaries = tokio::spawn(teeway_runtime::logging::flush_until(summaries_stop.clone()));
+        // Histogram samples are folded on a timer, scraped or not (see `upkeep_until`).
+        let upkeep_owner = self.metrics.clone();
+        tokio::spawn(teeway_runtime::metrics::upkeep_until(
+            move || upkeep_owner.registry().run_upkeep(),
+            summaries_stop.clone(),
+        ));
         let config = &self.config;
         let resolver = match self.resolver.get() {
             Some(r) => r.clone(),

@@ -19,9 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Registry;
 
-/// How often pending histogram samples are folded when nobody scrapes.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
 /// What the admin listener reports on.
 pub trait AdminState: Send + Sync + 'static {
     /// The instance's metrics.
@@ -47,15 +44,9 @@ pub fn listen_addr(listener: Option<&TcpListener>) -> String {
 
 /// Serves the admin endpoints on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>, shutdown: CancellationToken) {
-    let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
-    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = upkeep.tick() => {
-                state.registry().run_upkeep();
-                continue;
-            }
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {

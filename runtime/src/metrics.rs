@@ -205,6 +205,24 @@ impl Registry {
     }
 }
 
+/// How often histogram samples are folded into their buckets.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `upkeep` (a registry's [`Registry::run_upkeep`]) every [`UPKEEP_INTERVAL`] until `stop`.
+/// The exporter keeps each histogram sample until upkeep or a scrape folds it: an agent nobody
+/// scrapes (no `admin:`) would otherwise grow by a sample per request, so the agent and the
+/// gateway run this whether or not they serve `/metrics`.
+pub async fn upkeep_until(upkeep: impl Fn() + Send, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => upkeep(),
+        }
+    }
+}
+
 /// `teeway_build_info{version,commit}`.
 pub const BUILD_INFO: &str = "teeway_build_info";
 /// `teeway_certificate_expiry_timestamp_seconds{cert}`.
