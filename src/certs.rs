@@ -57,7 +57,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
         }
     }
     if options.agent_name.trim().is_empty() {
-        bail!("--agent-name must not be empty");
+        return Err(crate::usage("--agent-name must not be empty"));
     }
     check_days(options.days)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -119,20 +119,28 @@ pub fn issue(options: &IssueOptions) -> anyhow::Result<Vec<PathBuf>> {
     let (stem, certified) = match (&options.agent_name, options.gateway_names.first()) {
         (Some(agent), None) => {
             if !valid_file_stem(agent) {
-                bail!("--agent-name {agent:?}: use letters, digits, `-`, `_` and `.` only");
+                return Err(crate::usage(format!(
+                    "--agent-name {agent:?}: use letters, digits, `-`, `_`, `.` and `:` only"
+                )));
             }
             (format!("agent-{agent}"), ca.agent(agent)?)
         }
         (None, Some(first)) => {
             if !valid_file_stem(first) {
-                bail!("--gateway-name {first:?}: the first name must be a DNS name or IP address");
+                return Err(crate::usage(format!(
+                    "--gateway-name {first:?}: the first name must be a DNS name or IP address"
+                )));
             }
             (
                 format!("gateway-{first}"),
                 ca.gateway(&options.gateway_names)?,
             )
         }
-        _ => bail!("give either --agent-name NAME or --gateway-name NAME (repeatable)"),
+        _ => {
+            return Err(crate::usage(
+                "give either --agent-name NAME or --gateway-name NAME (repeatable)",
+            ))
+        }
     };
     let paths = vec![
         dir.join(format!("{stem}.pem")),
@@ -161,7 +169,9 @@ fn valid_file_stem(name: &str) -> bool {
 
 fn check_days(days: u32) -> anyhow::Result<()> {
     if !(1..=3650).contains(&days) {
-        bail!("--days {days}: give 1 to 3650 (leaf certificates are meant to be renewed)");
+        return Err(crate::usage(format!(
+            "--days {days}: give 1 to 3650 (leaf certificates are meant to be renewed)"
+        )));
     }
     Ok(())
 }

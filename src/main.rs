@@ -238,7 +238,15 @@ static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// json` one JSON object (level ERROR), like every other line of the process.
 fn report_error(text: impl std::fmt::Display) {
     if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
-        tracing::error!("{text}");
+        // Written here, not through `tracing`: a RUST_LOG filter must not hide why the process
+        // stopped.
+        let line = serde_json::json!({
+            "timestamp": teeway_archive::har::iso8601(std::time::SystemTime::now()),
+            "level": "ERROR",
+            "target": "teeway",
+            "message": text.to_string(),
+        });
+        eprintln!("{line}");
     } else {
         eprintln!("{text}");
     }
@@ -331,10 +339,7 @@ fn main() -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(FAILED)
-                }
+                Err(e) => command_failure(&e),
             }
         }
         Command::Agent { config: path } => {
@@ -410,10 +415,7 @@ fn main() -> ExitCode {
             {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(FAILED),
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(FAILED)
-                }
+                Err(e) => command_failure(&e),
             }
         }
     }
@@ -426,10 +428,7 @@ fn archive_command(command: ArchiveCommand) -> ExitCode {
                 out(format_args!("{}", summary.to_string().trim_end()));
                 damage_exit(summary.read.skipped())
             }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(FAILED)
-            }
+            Err(e) => command_failure(&e),
         },
         ArchiveCommand::Verify { paths } => match archive_cmd::verify(&paths) {
             Ok(verdicts) => {
@@ -462,10 +461,7 @@ fn archive_command(command: ArchiveCommand) -> ExitCode {
                 ));
                 damage_exit(issues)
             }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(FAILED)
-            }
+            Err(e) => command_failure(&e),
         },
         ArchiveCommand::Convert { to, mut paths } => {
             let Some(output) = paths.pop() else {
@@ -482,12 +478,20 @@ fn archive_command(command: ArchiveCommand) -> ExitCode {
                     ));
                     damage_exit(stats.skipped())
                 }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(FAILED)
-                }
+                Err(e) => command_failure(&e),
             }
         }
+    }
+}
+
+/// An error that ends a command: exit code 2 for a bad command line ([`teeway::Usage`]), 1 for
+/// anything else; said on stderr (a JSON line with `--log-format json`).
+fn command_failure(e: &anyhow::Error) -> ExitCode {
+    report_error(format_args!("error: {e:#}"));
+    if e.downcast_ref::<teeway::Usage>().is_some() {
+        ExitCode::from(INVALID)
+    } else {
+        ExitCode::from(FAILED)
     }
 }
 
@@ -497,7 +501,9 @@ fn damage_exit(skipped: u64) -> ExitCode {
     if skipped == 0 {
         return ExitCode::SUCCESS;
     }
-    eprintln!("error: {skipped} part(s) of the archive could not be read (listed above)");
+    report_error(format_args!(
+        "error: {skipped} part(s) of the archive could not be read (listed above)"
+    ));
     ExitCode::from(FAILED)
 }
 
@@ -507,7 +513,9 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         (_, Some(rate), _) => Pace::Rate(rate),
         (Some(speed), _, _) if speed > 0.0 && speed.is_finite() => Pace::Speed(speed),
         (Some(speed), _, _) => {
-            eprintln!("error: --speed {speed}: give a factor above 0, such as 2 for twice as fast");
+            report_error(format_args!(
+                "error: --speed {speed}: give a factor above 0, such as 2 for twice as fast"
+            ));
             return ExitCode::from(INVALID);
         }
         (None, None, false) => Pace::Speed(1.0),
@@ -538,10 +546,7 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
     };
     let report = match runtime().and_then(|rt| rt.block_on(replay::run(options))) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::from(FAILED);
-        }
+        Err(e) => return command_failure(&e),
     };
     if args.report == "json" {
         out(report.to_json());
@@ -549,10 +554,10 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         out(&report);
     }
     if report.unreachable() > 0 {
-        eprintln!(
+        report_error(format_args!(
             "error: the target was unreachable for {} request(s)",
             report.unreachable()
-        );
+        ));
         return ExitCode::from(FAILED);
     }
     ExitCode::SUCCESS

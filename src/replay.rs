@@ -327,9 +327,17 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
     let files = teeway_archive::read::discover(&options.archives)?;
     let target_value = teeway_runtime::yaml::Value::from(options.target.as_str());
     let target_url = teeway_runtime::config::http_target(&target_value)
-        .map_err(|e| anyhow::anyhow!("--target {}: {e}", options.target))?;
+        .map_err(|e| crate::usage(format!("--target {}: {e}", options.target)))?;
     if options.ca.is_some() && !target_url.tls {
-        anyhow::bail!("--ca is given but --target {} is not https", options.target);
+        return Err(crate::usage(format!(
+            "--ca is given but --target {} is not https",
+            options.target
+        )));
+    }
+    if options.loops == 0 || options.concurrency == 0 || options.timeout.is_zero() {
+        return Err(crate::usage(
+            "--loop, --concurrency and --timeout must be above zero",
+        ));
     }
     let tls = if target_url.tls {
         let mut problems = teeway_runtime::config::Problems::default();

@@ -280,10 +280,13 @@ fn json_logs_stay_json_for_start_up_and_fatal_errors() {
     )
     .expect("write");
     for (file, code, says) in [("bad.yaml", 2, "tls.key"), ("busy.yaml", 1, "error")] {
-        let out = teeway(
-            tmp.path(),
-            &["gateway", "--config", file, "--log-format", "json"],
-        );
+        // RUST_LOG as the help text suggests it: the fatal line must not be filtered away.
+        let out = Command::new(env!("CARGO_BIN_EXE_teeway"))
+            .args(["gateway", "--config", file, "--log-format", "json"])
+            .env("RUST_LOG", "teeway_gateway=debug")
+            .current_dir(tmp.path())
+            .output()
+            .expect("teeway runs");
         assert_eq!(out.status.code(), Some(code), "{}", text(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.trim().is_empty());

@@ -454,3 +454,66 @@ async fn goreplay_captures_replay_as_recorded_and_the_report_says_what_it_change
         text(&out)
     );
 }
+
+/// One exit-code scheme (README "Exit codes"): a command line that asks for the impossible is 2,
+/// whoever notices it (clap, or the command), and nothing is done.
+#[test]
+fn bad_command_lines_exit_2_whoever_finds_them() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    write_archive(&dir.join("a.twa"), 1, 0);
+    let init = piped(dir, &["certs", "init", "--dir", "c"]);
+    assert!(init.status.success(), "{}", text(&init));
+    for args in [
+        vec!["certs", "issue", "--dir", "c"],
+        vec![
+            "certs",
+            "issue",
+            "--dir",
+            "c",
+            "--agent-name",
+            "x",
+            "--days",
+            "0",
+        ],
+        vec!["certs", "issue", "--dir", "c", "--agent-name", "a/b"],
+        vec!["replay", "--target", "ftp://x", "a.twa"],
+        vec![
+            "replay",
+            "--target",
+            "http://127.0.0.1:9",
+            "--loop",
+            "0",
+            "a.twa",
+        ],
+        vec![
+            "replay",
+            "--target",
+            "http://127.0.0.1:9",
+            "--timeout",
+            "0s",
+            "a.twa",
+        ],
+        vec![
+            "replay",
+            "--target",
+            "http://127.0.0.1:9",
+            "--ca",
+            "c/ca.pem",
+            "a.twa",
+        ],
+        vec![
+            "replay",
+            "--target",
+            "http://127.0.0.1:9",
+            "--speed",
+            "0",
+            "a.twa",
+        ],
+        vec!["replay", "--no-such-flag"],
+    ] {
+        let out = piped(dir, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+    }
+    assert!(!dir.join("c/agent-x.pem").exists(), "nothing was done");
+}

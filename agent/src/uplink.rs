@@ -174,8 +174,9 @@ struct Shared {
     endpoints: Mutex<[Option<Endpoint>; 2]>,
     /// "Cannot reach" warnings, at most one a minute across supervisors...
     unreachable_log: Throttle,
-    /// ...unless the cause changed: the last one logged.
-    last_unreachable: Mutex<String>,
+    /// ...unless the cause is new: the causes logged since the last regular line (a few; the
+    /// gateway's address is taken out, so several gateways failing alike are one cause).
+    causes_logged: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Uplink {
@@ -235,7 +236,7 @@ impl Uplink {
                 source_cluster: source_cluster.to_owned(),
                 endpoints: Mutex::new([None, None]),
                 unreachable_log: Throttle::named("gateway connection attempts failed"),
-                last_unreachable: Mutex::new(String::new()),
+                causes_logged: Mutex::new(Vec::new()),
             }),
             resolver,
             state,
@@ -617,21 +618,27 @@ async fn supervise(
             }
             Err(e) => {
                 shared.accounting.connects_failed.increment(1);
-                let cause = e.to_string();
-                let new_cause = {
-                    let mut last = shared
-                        .last_unreachable
+                let due = {
+                    let cause = cause_of(&e, addr);
+                    let mut logged = shared
+                        .causes_logged
                         .lock()
                         .unwrap_or_else(|p| p.into_inner());
-                    let changed = *last != cause;
-                    if changed {
-                        last.clone_from(&cause);
+                    match shared.unreachable_log.note() {
+                        Some(attempts) => {
+                            logged.clear();
+                            logged.push(cause);
+                            Some(attempts)
+                        }
+                        None if !logged.contains(&cause) && logged.len() < MAX_CAUSES_LOGGED => {
+                            logged.push(cause);
+                            Some(shared.unreachable_log.note_now())
+                        }
+                        None => None,
                     }
-                    changed
                 };
-                let due = shared.unreachable_log.note();
-                if let Some(attempts) = due.or(new_cause.then_some(1)) {
-                    tracing::warn!(gateway = %addr, error = %e, attempts, "cannot reach a gateway; retrying with backoff (one line a minute at most, and at once when the cause changes)");
+                if let Some(attempts) = due {
+                    tracing::warn!(gateway = %addr, error = %e, attempts, "cannot reach a gateway; retrying with backoff (one line a minute at most, and at once for a new cause)");
                 } else {
                     tracing::debug!(gateway = %addr, error = %e, "gateway connection attempt failed");
                 }
@@ -643,6 +650,20 @@ async fn supervise(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// Causes of failed connection attempts logged at once between two regular lines.
+const MAX_CAUSES_LOGGED: usize = 4;
+
+/// What went wrong in a connection attempt, without the address it was made to (so gateways
+/// failing alike make one cause), and where `auto` tried both transports, the first one's
+/// failure only (the gateway's reason is what matters, not each transport's wording).
+fn cause_of(e: &UplinkError, addr: SocketAddr) -> String {
+    let text = e.to_string().replace(&addr.to_string(), "");
+    match text.split_once(" and over TLS/TCP") {
+        Some((first, _)) => first.to_owned(),
+        None => text,
     }
 }
 

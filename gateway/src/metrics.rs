@@ -366,9 +366,10 @@ impl GatewayMetrics {
 
     /// Counts a refused handshake and logs it, in summary per cause, with what to do.
     pub(crate) fn refused_handshake(&self, error: &str) {
+        let (cause, _) = handshake_cause(error);
         let index = HANDSHAKE_CAUSES
             .iter()
-            .position(|(_, needles, _, _)| needles.iter().any(|n| error.contains(n)))
+            .position(|(c, _, _, _)| *c == cause)
             .unwrap_or(HANDSHAKE_CAUSES.len() - 1);
         self.handshakes_failed[index].increment(1);
         let (cause, _, fix, _) = HANDSHAKE_CAUSES[index];
@@ -470,13 +471,13 @@ const HANDSHAKE_CAUSES: [(&str, &[&str], &str, &str); 9] = [
     ),
     (
         "not_client_certificate",
-        &["InvalidPurpose", "UnsupportedCertificate", "purpose"],
+        &["InvalidPurpose", "UnsupportedCertificate", "extended key usage"],
         "the agent's certificate is not for client authentication (extendedKeyUsage clientAuth)",
         "refused",
     ),
     (
         "alpn",
-        &["NoApplicationProtocol", "application protocol"],
+        &["NoApplicationProtocol", "known protocol", "application protocol"],
         "the peer does not speak a teeway protocol version this gateway knows (ALPN)",
         "alpn",
     ),
@@ -500,6 +501,15 @@ const HANDSHAKE_CAUSES: [(&str, &[&str], &str, &str); 9] = [
     ),
     ("other", &[], "see the error", "failed"),
 ];
+
+/// The cause [`GatewayMetrics::refused_handshake`] logs for `error`, and its result label.
+fn handshake_cause(error: &str) -> (&'static str, &'static str) {
+    let (cause, _, _, result) = HANDSHAKE_CAUSES
+        .iter()
+        .find(|(_, needles, _, _)| needles.iter().any(|n| error.contains(n)))
+        .unwrap_or(&HANDSHAKE_CAUSES[HANDSHAKE_CAUSES.len() - 1]);
+    (cause, result)
+}
 
 const REPLAYED_HELP: &str =
     "Replays completed, by route, target and status class of the shadow's response";
@@ -555,5 +565,29 @@ impl TargetMetrics {
     /// Counts a replay not attempted by policy.
     pub fn skipped(&self, reason: SkipReason) {
         self.skipped[reason as usize].increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_errors_are_told_apart_as_rustls_and_quinn_word_them() {
+        for (error, cause, result) in [
+            ("the cryptographic handshake failed: error 42: invalid peer certificate: certificate expired: verification time 1700000000 (UNIX), but certificate is not valid after 1600000000 (100000000 seconds ago)", "certificate_expired", "refused"),
+            ("invalid peer certificate: certificate not valid yet: verification time 1, but certificate is not valid before 2", "certificate_expired", "refused"),
+            ("the cryptographic handshake failed: error 51: invalid peer certificate: BadSignature", "unknown_ca", "refused"),
+            ("invalid peer certificate: UnknownIssuer", "unknown_ca", "refused"),
+            ("peer sent no certificates", "no_certificate", "refused"),
+            ("invalid peer certificate: certificate does not allow extended key usage for client authentication", "not_client_certificate", "refused"),
+            ("peer doesn't support any known protocol", "alpn", "alpn"),
+            ("received corrupt message of type InvalidContentType", "not_tls", "not_tls"),
+            ("handshake not completed in time", "timeout", "timeout"),
+            ("invalid peer certificate: certificate revoked", "certificate", "refused"),
+            ("connection reset by peer", "other", "failed"),
+        ] {
+            assert_eq!(handshake_cause(error), (cause, result), "{error}");
+        }
     }
 }

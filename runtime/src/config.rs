@@ -382,13 +382,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// A value as the operator wrote it, for error messages.
+/// A value as the operator wrote it, for error messages (which reach logs and `/config`): a
+/// URL's password masked.
 fn render(value: &Value) -> String {
     match value {
         Value::Null => "null".into(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => crate::reload::without_url_password(s).unwrap_or_else(|| s.clone()),
         Value::Sequence(_) => "[...]".into(),
         Value::Mapping(_) => "{...}".into(),
         Value::Tagged(t) => format!("!{} ...", t.tag),

@@ -77,6 +77,17 @@ impl Throttle {
     }
 }
 
+impl Throttle {
+    /// Counts one event and starts a new line now, whether due or not (the caller has a reason
+    /// to log at once, such as a new cause): the events since the last line, this one included.
+    pub fn note_now(&self) -> u64 {
+        let t = &self.inner;
+        t.pending.fetch_add(1, Ordering::Relaxed);
+        t.last.store(t.now(), Ordering::Relaxed);
+        t.pending.swap(0, Ordering::Relaxed)
+    }
+}
+
 impl Inner {
     fn now(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_millis())

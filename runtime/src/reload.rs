@@ -47,17 +47,17 @@ const SECRET_KEYS: [&str; 5] = ["secret", "password", "token", "hash_key", "priv
 /// Keys that hold header names and values (`set_headers`, a matcher's `headers`): the values of
 /// credential-like names among them are masked.
 const HEADER_MAPS: [&str; 2] = ["set_headers", "headers"];
-/// Words that make a header name credential-like.
+/// Words that make a header name credential-like: any name containing one is masked.
 const CREDENTIAL_WORDS: [&str; 9] = [
-    "authorization",
+    "auth",
     "cookie",
     "token",
     "secret",
-    "password",
-    "api-key",
-    "api_key",
-    "apikey",
+    "pass",
+    "key",
     "session",
+    "credential",
+    "signature",
 ];
 
 /// The configuration in force, for `GET /config`, and the reload counters.
@@ -135,7 +135,9 @@ impl ConfigState {
 
     /// Records a rejected reload; the configuration in force is unchanged.
     pub fn rejected(&self, error: &str) {
-        self.lock().last_error = Some(error.to_owned());
+        // The error quotes values found in the file: a URL's password among them.
+        self.lock().last_error =
+            Some(without_url_password(error).unwrap_or_else(|| error.to_owned()));
         self.rejected.increment(1);
     }
 
@@ -254,7 +256,8 @@ fn mask_credential_headers(v: &mut serde_json::Value) {
     };
     for (name, value) in map.iter_mut() {
         let name = name.to_ascii_lowercase();
-        if CREDENTIAL_WORDS.iter().any(|w| name.contains(w)) && value.is_string() {
+        if CREDENTIAL_WORDS.iter().any(|w| name.contains(w)) {
+            // Whatever its YAML type: `x-api-key: 9876543210` is a number to YAML.
             *value = serde_json::Value::String(MASKED.into());
         } else {
             mask_secrets(value);
@@ -262,14 +265,36 @@ fn mask_credential_headers(v: &mut serde_json::Value) {
     }
 }
 
-/// `scheme://user:password@host...` with the password masked; `None` when there is none.
-fn without_url_password(text: &str) -> Option<String> {
-    let (scheme, rest) = text.split_once("://")?;
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (userinfo, _) = rest[..end].rsplit_once('@')?;
-    let (user, _) = userinfo.split_once(':')?;
-    let host_and_rest = &rest[userinfo.len() + 1..];
-    Some(format!("{scheme}://{user}:{MASKED}@{host_and_rest}"))
+/// `text` with the userinfo of every URL in it masked (`http://user:(masked)@host`, a token
+/// alone as `https://(masked)@host`); `None` when there is none.
+pub fn without_url_password(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut changed = false;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let end = after
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#') || c.is_whitespace() || c == '`' || c == '"'
+            })
+            .unwrap_or(after.len());
+        match after[..end].rfind('@') {
+            Some(userinfo_end) => {
+                let userinfo = &after[..userinfo_end];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => out.push_str(&format!("{user}:{MASKED}")),
+                    None => out.push_str(MASKED),
+                }
+                out.push_str(&after[userinfo_end..end]);
+                changed = true;
+            }
+            None => out.push_str(&after[..end]),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    changed.then_some(out)
 }
 
 /// What a reload function returns: `Ok` with the settings that need a restart (possibly none),
@@ -437,7 +462,7 @@ mod tests {
     #[test]
     fn credential_headers_and_url_passwords_are_masked_and_restart_settings_shown_pending() {
         let registry = Registry::new();
-        let start = "listen: 127.0.0.1:4433\nadmin: { listen: 127.0.0.1:9902 }\nroutes:\n  - targets: [http://u:hunter2@shadow:80]\n    set_headers: { authorization: Bearer abc, x-api-key: k1, x-env: shadow }\n    match: { headers: { cookie: 'session=s1' } }\n";
+        let start = "listen: 127.0.0.1:4433\nadmin: { listen: 127.0.0.1:9902 }\nroutes:\n  - targets: [http://u:hunter2@shadow:80]\n    set_headers: { authorization: Bearer abc, x-api-key: 9876543210, x-env: shadow }\n    match: { headers: { cookie: 'session=s1' } }\n";
         let state = ConfigState::new(&registry, "gateway.yaml", Some(start));
         let shown: serde_json::Value = serde_json::from_str(&state.render()).expect("json");
         let route = &shown["config"]["routes"][0];
@@ -447,6 +472,12 @@ mod tests {
         assert_eq!(route["match"]["headers"]["cookie"], "(masked)");
         assert_eq!(route["targets"][0], "http://u:(masked)@shadow:80");
         assert!(!state.render().contains("hunter2"));
+        assert_eq!(
+            without_url_password("found `https://tok3n@h:1/x` and http://a:b@c").as_deref(),
+            Some("found `https://(masked)@h:1/x` and http://a:(masked)@c")
+        );
+        state.rejected("primary: must not carry credentials (found `http://u:s3cret@p:80`)");
+        assert!(!state.render().contains("s3cret"));
 
         let next = start
             .replace("listen: 127.0.0.1:4433", "listen: 127.0.0.1:5544")
