@@ -158,3 +158,21 @@ pub fn verify(paths: &[PathBuf]) -> anyhow::Result<Vec<FileVerdict>> {
     }
     Ok(verdicts)
 }
+
+/// Whether an issue is damage: everything but the torn tail of a `.partial` segment, which a
+/// writer may be appending to right now (a crash's torn tail is closed, and named, by the next
+/// writer to start in its directory).
+pub fn is_damage(issue: &teeway_archive::Issue) -> bool {
+    !(issue.kind == teeway_archive::IssueKind::Torn
+        && issue
+            .path
+            .to_string_lossy()
+            .ends_with(teeway_archive::read::PARTIAL_SUFFIX))
+}
+
+/// The parts of an archive that could not be read, less the torn tails of open segments.
+pub fn damage(stats: &ReadStats) -> u64 {
+    // Issues beyond the first hundred are counted but not kept: those are all damage.
+    let kept_open_tails = stats.issues.iter().filter(|i| !is_damage(i)).count() as u64;
+    stats.skipped() - kept_open_tails
+}

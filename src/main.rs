@@ -195,8 +195,8 @@ enum CertsCommand {
         /// Folder to write into.
         #[arg(long)]
         dir: PathBuf,
-        /// Extra DNS name or IP for the gateway certificate (repeatable); localhost and
-        /// 127.0.0.1 are always covered.
+        /// Extra DNS name or IP for the gateway certificate (repeatable); localhost,
+        /// 127.0.0.1 and ::1 are always covered.
         #[arg(long = "gateway-name")]
         gateway_names: Vec<String>,
         /// The agent's identity, carried in its certificate.
@@ -218,8 +218,8 @@ enum CertsCommand {
         /// An agent certificate with this identity: agent-NAME.pem and agent-NAME.key.
         #[arg(long, conflicts_with = "gateway_names")]
         agent_name: Option<String>,
-        /// A gateway certificate for these names (repeatable; localhost and 127.0.0.1 are
-        /// always covered): gateway-FIRST.pem and gateway-FIRST.key.
+        /// A gateway certificate for these names (repeatable; localhost, 127.0.0.1 and ::1
+        /// are always covered): gateway-FIRST.pem and gateway-FIRST.key.
         #[arg(long = "gateway-name")]
         gateway_names: Vec<String>,
         /// Validity in days.
@@ -426,7 +426,7 @@ fn archive_command(command: ArchiveCommand) -> ExitCode {
         ArchiveCommand::Inspect { paths } => match archive_cmd::inspect(&paths) {
             Ok(summary) => {
                 out(format_args!("{}", summary.to_string().trim_end()));
-                damage_exit(summary.read.skipped())
+                damage_exit(archive_cmd::damage(&summary.read))
             }
             Err(e) => command_failure(&e),
         },
@@ -435,23 +435,34 @@ fn archive_command(command: ArchiveCommand) -> ExitCode {
                 let (mut records, mut damaged, mut issues) = (0, 0, 0);
                 for v in &verdicts {
                     records += v.records;
-                    if v.issues.is_empty() {
+                    let open_tail = v.issues.iter().any(|i| !archive_cmd::is_damage(i));
+                    let damage: Vec<_> = v
+                        .issues
+                        .iter()
+                        .filter(|i| archive_cmd::is_damage(i))
+                        .collect();
+                    if damage.is_empty() {
+                        let note = if open_tail {
+                            "; its last record is still being written"
+                        } else {
+                            ""
+                        };
                         out(format_args!(
-                            "ok       {} ({} records)",
+                            "ok       {} ({} records{note})",
                             v.path.display(),
                             v.records
                         ));
                         continue;
                     }
                     damaged += 1;
-                    issues += v.issues.len() as u64;
+                    issues += damage.len() as u64;
                     out(format_args!(
                         "DAMAGED  {} ({} records read, {} part(s) not)",
                         v.path.display(),
                         v.records,
-                        v.issues.len()
+                        damage.len()
                     ));
-                    for issue in &v.issues {
+                    for issue in damage {
                         out(format_args!("  {issue}"));
                     }
                 }
@@ -476,7 +487,7 @@ fn archive_command(command: ArchiveCommand) -> ExitCode {
                         stats.corrupt,
                         stats.unreadable
                     ));
-                    damage_exit(stats.skipped())
+                    damage_exit(archive_cmd::damage(&stats))
                 }
                 Err(e) => command_failure(&e),
             }

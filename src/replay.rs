@@ -200,7 +200,7 @@ impl Report {
     /// Achieved requests per second.
     pub fn rate(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
+        if secs > 0.0 && !self.dry_run {
             self.sent as f64 / secs
         } else {
             0.0
@@ -385,10 +385,11 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
         let files = files.clone();
         let reader = tokio::task::spawn_blocking(move || {
             let mut reader = Reader::with_files(files, teeway_archive::read::DEFAULT_WINDOW);
-            let mut responses = 0u64;
+            let (mut requests, mut responses) = (0u64, 0u64);
             for record in reader.by_ref() {
                 match record {
                     Record::Request(r) => {
+                        requests += 1;
                         if tx.blocking_send(r).is_err() {
                             break;
                         }
@@ -396,7 +397,7 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
                     Record::Response(_) => responses += 1,
                 }
             }
-            (reader.stats, responses)
+            (reader.stats, requests, responses)
         });
         let mut due = Instant::now();
         let mut this_pass = 0u64;
@@ -447,14 +448,14 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
                 }
             });
         }
-        let (stats, responses) = reader.await.context("archive reader failed")?;
+        let (stats, requests, responses) = reader.await.context("archive reader failed")?;
         if pass == 0 {
             // Every pass sends the same: from now on the progress line knows the total.
             total.store(
                 this_pass * u64::from(loops),
                 std::sync::atomic::Ordering::Relaxed,
             );
-            if this_pass == 0 {
+            if requests == 0 {
                 tracing::warn!(
                     responses,
                     records = stats.records,
@@ -470,7 +471,10 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
                 r.responses = responses;
             }
         }
-        merge(&mut read_stats, stats);
+        if pass == 0 {
+            // Every pass reads the same files: the report describes the archive once.
+            read_stats = stats;
+        }
     }
     tasks.close();
     tasks.wait().await;
@@ -489,19 +493,6 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
 fn skip(report: &Mutex<Report>, why: &'static str) {
     if let Ok(mut r) = report.lock() {
         *r.skipped.entry(why).or_default() += 1;
-    }
-}
-
-fn merge(total: &mut ReadStats, loop_stats: ReadStats) {
-    total.files += loop_stats.files;
-    total.open_segments += loop_stats.open_segments;
-    total.records += loop_stats.records;
-    total.torn += loop_stats.torn;
-    total.corrupt += loop_stats.corrupt;
-    total.unreadable += loop_stats.unreadable;
-    total.reordered += loop_stats.reordered;
-    if total.issues.is_empty() {
-        total.issues = loop_stats.issues;
     }
 }
 

@@ -527,7 +527,8 @@ async fn a_full_disk_drops_and_counts_without_littering_segments() {
     config.queue_bytes = 64 << 20;
     let registry = teeway_runtime::metrics::Registry::new();
     let (archive, task) = teeway_archive::Archive::start(&config, &registry).expect("start");
-    // 2 MiB of records into 256 KiB, in bursts so that many batches meet the full disk.
+    // 2 MiB of records into 256 KiB, in bursts over about 2 s, so that many batches meet the
+    // full disk and the writer tries the disk again after its one-second retry window.
     for round in 0..20u64 {
         for i in 0..100u64 {
             let mut r = gor::parse_record(&gor_record(
@@ -543,7 +544,7 @@ async fn a_full_disk_drops_and_counts_without_littering_segments() {
             }
             archive.try_submit(r, None);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     task.close().await;
     let metrics = teeway_runtime::metrics::Snapshot::parse(&registry.render());

@@ -345,9 +345,10 @@ async fn refused_agents_are_told_why_and_the_gateway_does_not_repeat_itself() {
 
     let foreign = Proc::spawn(tmp.path(), &["agent", "--config", "foreign.yaml"]);
     let line = foreign.wait_for_line("cannot reach a gateway");
-    assert!(line.contains("unknown_ca"), "{line}");
+    // Another CA's signature: unknown_ca or decrypt_error, as the verifier meets it.
     assert!(
-        line.contains("not signed by a CA the gateway trusts"),
+        line.contains("not signed by a CA the gateway trusts")
+            || line.contains("does not verify against the gateway's tls.ca"),
         "{line}"
     );
     let line = gateway.wait_for_line("agent handshake refused");
@@ -372,19 +373,24 @@ async fn refused_agents_are_told_why_and_the_gateway_does_not_repeat_itself() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(unlisted.terminate_and_wait().success());
-    let rest = gateway.unread_lines();
-    assert!(
-        !rest.contains("its certificate identity is not in agents.allow"),
-        "one line per identity a minute, not one per retry:\n{rest}"
-    );
-    // At shutdown the gateway says how many refusals its one line stood for.
+    // At shutdown the gateway says how many refusals its one line stood for; until then, no
+    // line per retry (every line it wrote is read, up to the summary).
     let status = Command::new("kill")
         .args(["-TERM", &gateway.child.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
-    let summary = gateway.wait_for_line("not in agents.allow: ");
-    let more: u64 = field(&summary, "events").parse().expect("events");
+    let lines = gateway.lines_until("not in agents.allow: ");
+    let repeated: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("its certificate identity is not in agents.allow"))
+        .collect();
+    assert!(
+        repeated.is_empty(),
+        "one line per identity a minute, not one per retry: {repeated:?}"
+    );
+    let summary = lines.last().expect("the summary");
+    let more: u64 = field(summary, "events").parse().expect("events");
     assert!(more >= 3, "{summary}");
 }
 

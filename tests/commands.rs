@@ -414,6 +414,10 @@ async fn goreplay_captures_replay_as_recorded_and_the_report_says_what_it_change
     let got = recording.requests();
     let old = got.iter().find(|r| r.uri.path() == "/old").expect("/old");
     assert_eq!(old.version, Version::HTTP_10, "replayed as 1.0");
+    assert_eq!(
+        old.headers["connection"], "close",
+        "a 1.0 request without keep-alive: the connection is not pooled"
+    );
     let cut = got.iter().find(|r| r.uri.path() == "/cut").expect("/cut");
     assert_eq!(&cut.body[..], b"only this");
     assert_eq!(cut.headers["content-length"], "9");

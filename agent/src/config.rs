@@ -343,11 +343,11 @@ impl AgentConfig {
         );
         a.finish(&mut p);
         if let (Some(listen), Some(admin)) = (listen, admin_listen) {
-            if listen == admin && listen.port() != 0 {
+            if cfg::addresses_clash(listen, admin) {
                 p.push(
                     "admin.listen",
                     None,
-                    format!("is the same address as listen ({listen})"),
+                    format!("cannot be bound beside listen ({listen}): same port, same or overlapping address"),
                     "give the admin listener its own port",
                 );
             }
@@ -362,7 +362,7 @@ impl AgentConfig {
                         .map(|(other, o)| (format!("{other}.listen"), o.listen)),
                 );
             for (name, addr) in taken {
-                if addr == t.listen && addr.port() != 0 {
+                if cfg::addresses_clash(addr, t.listen) {
                     p.push(
                         format!("{path}.listen"),
                         None,

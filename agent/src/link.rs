@@ -324,6 +324,34 @@ pub(crate) fn close_reason(close: &quinn::ConnectionError) -> String {
     }
 }
 
+/// A TLS-over-TCP error naming the alert the gateway sent (rustls: `received fatal alert:
+/// DecryptError`), with what it means, as the QUIC path says it.
+fn with_tls_alert_advice(detail: String) -> String {
+    const ALERTS: [(&str, u64); 7] = [
+        ("BadCertificate", 42),
+        ("UnsupportedCertificate", 43),
+        ("CertificateExpired", 45),
+        ("CertificateUnknown", 46),
+        ("UnknownCA", 48),
+        ("DecryptError", 51),
+        ("CertificateRequired", 116),
+    ];
+    let Some((_, name)) = detail.split_once("received fatal alert: ") else {
+        return detail;
+    };
+    let name = name
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .next()
+        .unwrap_or("");
+    match ALERTS.iter().find(|(n, _)| *n == name) {
+        Some((_, alert)) => format!(
+            "the gateway refused this agent's certificate (TLS alert {alert}): {}",
+            alert_advice(*alert)
+        ),
+        None => detail,
+    }
+}
+
 /// What a TLS alert from the gateway means for this agent's configuration.
 pub(crate) fn alert_advice(alert: u64) -> &'static str {
     match alert {
@@ -331,7 +359,8 @@ pub(crate) fn alert_advice(alert: u64) -> &'static str {
         43 => "unsupported_certificate: it is not a client certificate (extendedKeyUsage clientAuth); issue it with `teeway certs issue --agent-name`",
         45 => "certificate_expired: gateway.cert has expired or is not yet valid; renew it and check the clocks",
         46 => "certificate_unknown: the gateway does not accept it; check it was issued by the gateway's CA",
-        48 | 51 => "unknown_ca: gateway.cert is not signed by a CA the gateway trusts (its tls.ca); issue it from that CA",
+        48 => "unknown_ca: gateway.cert is not signed by a CA the gateway trusts (its tls.ca); issue it from that CA",
+        51 => "decrypt_error: gateway.cert's signature does not verify against the gateway's tls.ca (issued by another CA?); issue it from that CA",
         116 => "certificate_required: gateway.cert was not presented",
         _ => "see the gateway's log for the cause",
     }
@@ -452,7 +481,10 @@ async fn connect_tls(
             addr,
             detail: format!("TLS handshake: {e}"),
         })?;
-    let refused = |detail: String| UplinkError::Refused { addr, detail };
+    let refused = |detail: String| UplinkError::Refused {
+        addr,
+        detail: with_tls_alert_advice(detail),
+    };
     stream
         .write_all(&hello(dialer.source_cluster))
         .await

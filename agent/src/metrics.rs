@@ -77,7 +77,7 @@ pub const ACCEPT_ERRORS_TOTAL: &str = "teeway_agent_accept_errors_total";
 pub const PRIMARY_RESPONSES_TOTAL: &str = "teeway_agent_primary_responses_total";
 /// Time from sending a request to the primary to its response head (retries included).
 pub const PRIMARY_DURATION_SECONDS: &str = "teeway_agent_primary_duration_seconds";
-/// Bytes the uplink wrote to gateways (frames of acknowledged and unacknowledged batches).
+/// Bytes of the batches gateways acknowledged.
 pub const UPLINK_BYTES_SENT_TOTAL: &str = "teeway_agent_uplink_bytes_sent_total";
 
 /// Why a copy was given up.
@@ -275,7 +275,7 @@ impl Accounting {
             ),
             uplink_bytes: registry.counter(
                 UPLINK_BYTES_SENT_TOTAL,
-                "Bytes the uplink wrote to gateways",
+                "Bytes of the batches gateways acknowledged",
                 &[],
             ),
             registry,

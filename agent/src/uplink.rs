@@ -813,7 +813,7 @@ async fn send_batch(
     _permit: OwnedSemaphorePermit,
 ) {
     let Batch { frames, accounts } = batch;
-    sent.increment(frames.len() as u64);
+    let bytes = frames.len() as u64;
     let outcome = match tokio::time::timeout(ACK_TIMEOUT, link.send_batch(frames.freeze())).await {
         Ok(result) => result,
         Err(_) => Err(BatchFailure::Transport(format!(
@@ -821,7 +821,10 @@ async fn send_batch(
         ))),
     };
     match outcome {
-        Ok(accepted) => accounts.acknowledged(accepted),
+        Ok(accepted) => {
+            sent.increment(bytes);
+            accounts.acknowledged(accepted);
+        }
         Err(BatchFailure::Rejected(detail)) => {
             tracing::debug!(%detail, records = accounts.len(), "gateway rejected a batch");
             accounts.failed(true);

@@ -80,7 +80,7 @@ fn put_request(r: &MirroredRequest, dst: &mut Vec<u8>) {
             }
         }
     }
-    put_head_and_body(&mut headers, &r.body, dst);
+    put_head_and_body(&mut headers, &r.body, r.body_truncated, dst);
 }
 
 fn put_response(r: &ResponseRecord, dst: &mut Vec<u8>) {
@@ -101,17 +101,21 @@ fn put_response(r: &ResponseRecord, dst: &mut Vec<u8>) {
     let reason = r.status.canonical_reason().unwrap_or("");
     dst.extend_from_slice(format!("{version} {} {reason}\r\n", r.status.as_u16()).as_bytes());
     let mut headers = r.headers.clone();
-    put_head_and_body(&mut headers, &r.body, dst);
+    put_head_and_body(&mut headers, &r.body, r.body_truncated, dst);
 }
 
-/// Headers (framing made to match the body we hold) then the body.
-fn put_head_and_body(headers: &mut HeaderMap, body: &[u8], dst: &mut Vec<u8>) {
+/// Headers (framing made to match the body we hold) then the body. A `truncated` body keeps a
+/// longer declared `Content-Length`: the record then looks as a capture that cut the body looks,
+/// and readers (ours included) see the cut. A truncated body that was chunked has no declared
+/// length to keep: gor cannot say it was cut.
+fn put_head_and_body(headers: &mut HeaderMap, body: &[u8], truncated: bool, dst: &mut Vec<u8>) {
     headers.remove(header::TRANSFER_ENCODING);
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared != Some(body.len()) && (!body.is_empty() || declared.is_some()) {
+    let shows_the_cut = truncated && declared.is_some_and(|d| d > body.len());
+    if !shows_the_cut && declared != Some(body.len()) && (!body.is_empty() || declared.is_some()) {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     for (name, value) in headers.iter() {
@@ -261,16 +265,14 @@ fn parse_request(
     let mut headers = to_header_map(req.headers)?;
     let body = body_of(&mut headers, &message[head_len..])?;
     // Captures (pcap, GoReplay's raw socket) often cut a body short: sent as it is, the server
-    // would wait for the rest. Such a record is marked truncated, like a copy the agent cut, and
-    // its Content-Length is corrected to what is there.
+    // would wait for the rest. Such a record is marked truncated, like a copy the agent cut;
+    // its Content-Length stays as captured (so the cut survives a conversion) and a replay
+    // announces the length it sends.
     let announced = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let body_truncated = announced.is_some_and(|n| n > body.len() as u64);
-    if body_truncated {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    }
     Ok(MirroredRequest {
         id,
         received_at: at,
@@ -390,6 +392,21 @@ mod tests {
             out.push(raw);
         }
         out
+    }
+
+    #[test]
+    fn a_cut_body_stays_cut_through_a_round_trip() {
+        let raw = b"1 c1 5 -1\nPOST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nonly this";
+        let record = parse_record(raw).expect("parses");
+        let Record::Request(r) = &record else {
+            panic!("a request")
+        };
+        assert!(r.body_truncated);
+        assert_eq!(r.headers["content-length"], "100", "as captured");
+        let mut out = Vec::new();
+        put_record(&record, &mut out);
+        let back = parse_record(&out[..out.len() - SEPARATOR.len()]).expect("parses");
+        assert_eq!(back, record, "written back as cut, read back as cut");
     }
 
     #[test]

@@ -16,6 +16,10 @@ use serde_json::{json, Value};
 
 use crate::{MirroredRequest, Record, ResponseRecord};
 
+/// Largest decoded body written into a HAR entry: a small compressed body can decode to
+/// gigabytes.
+const MAX_DECODED_BODY: usize = 16 << 20;
+
 /// Requests held back waiting for their responses.
 pub const MAX_PENDING: usize = 10_000;
 
@@ -163,7 +167,9 @@ fn entry(r: &MirroredRequest, resp: Option<&ResponseRecord>) -> Value {
             }),
         };
         if r.body_truncated {
-            post["comment"] = json!("truncated at the agent's max_body_bytes");
+            post["comment"] = json!(
+                "truncated (at the agent's max_body_bytes, or cut short of its Content-Length in a capture)"
+            );
         }
         request["postData"] = post;
     }
@@ -254,18 +260,26 @@ fn decode_content(headers: &http::HeaderMap, body: &[u8]) -> (Vec<u8>, Option<St
         .filter(|c| !c.is_empty() && c != "identity")
         .collect();
     let mut data = body.to_vec();
+    let limit = MAX_DECODED_BODY as u64 + 1;
     for coding in codings.iter().rev() {
         let mut out = Vec::new();
         let done = match coding.as_str() {
-            "gzip" | "x-gzip" => flate2::read::MultiGzDecoder::new(&data[..]).read_to_end(&mut out),
+            "gzip" | "x-gzip" => flate2::read::MultiGzDecoder::new(&data[..])
+                .take(limit)
+                .read_to_end(&mut out),
             // RFC 9110 says zlib, servers often send raw deflate: try both.
             "deflate" => flate2::read::ZlibDecoder::new(&data[..])
+                .take(limit)
                 .read_to_end(&mut out)
                 .or_else(|_| {
                     out.clear();
-                    flate2::read::DeflateDecoder::new(&data[..]).read_to_end(&mut out)
+                    flate2::read::DeflateDecoder::new(&data[..])
+                        .take(limit)
+                        .read_to_end(&mut out)
                 }),
-            "br" => brotli_decompressor::Decompressor::new(&data[..], 4096).read_to_end(&mut out),
+            "br" => brotli_decompressor::Decompressor::new(&data[..], 4096)
+                .take(limit)
+                .read_to_end(&mut out),
             other => {
                 return (
                     body.to_vec(),
@@ -275,11 +289,30 @@ fn decode_content(headers: &http::HeaderMap, body: &[u8]) -> (Vec<u8>, Option<St
                 )
             }
         };
-        if let Err(e) = done {
+        if out.len() > MAX_DECODED_BODY {
+            out.truncate(MAX_DECODED_BODY);
             return (
-                body.to_vec(),
+                out,
                 Some(format!(
-                    "content-encoding {coding} could not be undone ({e}): text is the body as sent"
+                    "decoded body cut at {} MiB (a compression bomb, or a very large answer)",
+                    MAX_DECODED_BODY >> 20
+                )),
+            );
+        }
+        if let Err(e) = done {
+            // A body the archive cut (max_response_body) decodes up to the cut: keep that.
+            if out.is_empty() {
+                return (
+                    body.to_vec(),
+                    Some(format!(
+                        "content-encoding {coding} could not be undone ({e}): text is the body as sent"
+                    )),
+                );
+            }
+            return (
+                out,
+                Some(format!(
+                    "content-encoding {coding}: the decoded start of a body that does not decode whole ({e}; cut by the archive?)"
                 )),
             );
         }

@@ -336,7 +336,9 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        // Closing: write whatever is already queued, then the segment.
+        // Closing: write whatever is already queued, then the segment. The disk is tried again
+        // now, whatever the retry window says: this is the last chance for these records.
+        self.files.failing = None;
         loop {
             self.fill(&mut batch);
             if batch.is_empty() {

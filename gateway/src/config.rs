@@ -389,12 +389,7 @@ impl GatewayConfig {
         a.finish(&mut p);
         if let (Some(listen), Some(admin)) = (listen, admin) {
             // The TLS-over-TCP transport listens on `listen`'s port too.
-            if listen.port() != 0
-                && admin.port() == listen.port()
-                && (admin.ip() == listen.ip()
-                    || admin.ip().is_unspecified()
-                    || listen.ip().is_unspecified())
-            {
+            if transports.tls && cfg::addresses_clash(listen, admin) {
                 p.push(
                     "admin.listen",
                     None,

@@ -335,7 +335,11 @@ impl GatewayMetrics {
                     &labels(Some(("status_class", class))),
                 )
             }),
+            // `no_route` belongs to no route: it has its own series, with empty labels.
             failed: FailReason::ALL.map(|reason| {
+                if reason == FailReason::NoRoute {
+                    return Counter::noop();
+                }
                 r.counter_labels(
                     REPLAY_FAILED_TOTAL,
                     FAILED_HELP,

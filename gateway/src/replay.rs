@@ -397,7 +397,18 @@ impl Target {
             Version::HTTP_2
         } else if rewrite.keep_http10 && record.version == Version::HTTP_10 {
             // A 1.0 request replayed as 1.0: servers answer 1.0 differently (no chunking,
-            // connection closed by default), and that difference is what is being tested.
+            // connection closed by default), and that difference is what is being tested. Unless
+            // the client asked for keep-alive, the server closes after answering: say so, so the
+            // connection is not pooled for the next request (which would fail on it).
+            let keep_alive = record
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"keep-alive"));
+            headers.insert(
+                header::CONNECTION,
+                HeaderValue::from_static(if keep_alive { "keep-alive" } else { "close" }),
+            );
             Version::HTTP_10
         } else {
             Version::HTTP_11

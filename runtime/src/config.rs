@@ -483,6 +483,21 @@ pub fn socket_addr(value: &Value) -> Result<SocketAddr, String> {
         .map_err(|_| "is not an `ip:port` address to listen on".into())
 }
 
+/// Whether two listen addresses cannot both be bound: the same port (not 0) and the same
+/// address, or one of them the wildcard covering the other (`0.0.0.0` covers IPv4; `[::]`,
+/// dual-stack on Linux, covers both families).
+pub fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let covers = |wild: SocketAddr, other: SocketAddr| match wild.ip() {
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => true,
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => other.is_ipv4(),
+        _ => false,
+    };
+    a.ip() == b.ip() || covers(a, b) || covers(b, a)
+}
+
 /// `host:port` as text, an IPv6 literal in brackets (`[::1]:4433`), for logs and URIs.
 pub fn join_host_port(host: &str, port: u16) -> String {
     if host.contains(':') && !host.starts_with('[') {
@@ -789,6 +804,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("extra: unknown key; remove it"), "{text}");
+    }
+
+    #[test]
+    fn wildcards_clash_with_what_they_cover() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert!(addresses_clash(a("127.0.0.1:80"), a("0.0.0.0:80")));
+        assert!(addresses_clash(a("[::]:80"), a("[::1]:80")));
+        assert!(
+            addresses_clash(a("[::]:80"), a("127.0.0.1:80")),
+            "dual-stack"
+        );
+        assert!(!addresses_clash(a("0.0.0.0:80"), a("[::1]:80")));
+        assert!(!addresses_clash(a("127.0.0.1:80"), a("127.0.0.1:81")));
+        assert!(
+            !addresses_clash(a("127.0.0.1:0"), a("127.0.0.1:0")),
+            "port 0 never clashes"
+        );
     }
 
     #[test]

@@ -19,29 +19,54 @@ pub fn parse(text: &str) -> Result<Value, YamlError> {
     serde_yaml::from_str(text).map_err(|e| YamlError(with_position(text, e.to_string())))
 }
 
-/// The parser names a duplicate key without saying where: add the line and column of the
-/// key's second appearance at the same indentation as its first (a good guess, said as one).
+/// The parser names a duplicate key with the position of the mapping that holds it (or none):
+/// give the line and column of the key's second appearance in that mapping instead.
 fn with_position(text: &str, message: String) -> String {
-    let Some(key) = message
-        .strip_prefix("duplicate entry with key \"")
-        .and_then(|rest| rest.split('"').next())
-    else {
+    const NEEDLE: &str = "duplicate entry with key \"";
+    let Some(at) = message.find(NEEDLE) else {
         return message;
     };
-    let mut seen: Vec<usize> = Vec::new();
-    for (number, line) in text.lines().enumerate() {
+    let rest = &message[at + NEEDLE.len()..];
+    let Some(key) = rest.split('"').next() else {
+        return message;
+    };
+    // The mapping's own position, when the parser gave one: the search starts there.
+    let (head, start_line) = match message.rfind(" at line ") {
+        Some(p) if p > at => {
+            let line = message[p + 9..]
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(1);
+            (message[..p].to_owned(), line)
+        }
+        _ => (message.clone(), 1),
+    };
+    let mut first_indent: Option<usize> = None;
+    for (number, line) in text.lines().enumerate().skip(start_line.saturating_sub(1)) {
         let body = line.trim_start_matches([' ', '-']);
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
         let indent = line.len() - body.len();
+        if let Some(first) = first_indent {
+            if indent < first {
+                break; // the mapping ended without a second one
+            }
+        }
         let named = body
             .strip_prefix(key)
-            .is_some_and(|rest| rest.trim_start().starts_with(':'));
+            .is_some_and(|r| r.trim_start().starts_with(':'));
         if !named {
             continue;
         }
-        if seen.contains(&indent) {
-            return format!("{message} at line {} column {}", number + 1, indent + 1);
+        match first_indent {
+            Some(first) if first == indent => {
+                return format!("{head} at line {} column {}", number + 1, indent + 1);
+            }
+            Some(_) => {}
+            None => first_indent = Some(indent),
         }
-        seen.push(indent);
     }
     message
 }
@@ -79,6 +104,13 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "duplicate entry with key \"listen\" at line 3 column 1"
+        );
+        let nested = "routes:\n  - name: a\n    timeout: 1s\n  - name: b\n    timeout: 2s\n    timeout: 3s\n";
+        let err = parse(nested).expect_err("duplicate");
+        assert!(
+            err.to_string()
+                .ends_with("duplicate entry with key \"timeout\" at line 6 column 5"),
+            "{err}"
         );
     }
 

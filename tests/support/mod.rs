@@ -291,6 +291,23 @@ impl Proc {
         panic!("no log line containing {needle:?}");
     }
 
+    /// Every log line up to and including the first containing `needle`.
+    pub fn lines_until(&self, needle: &str) -> Vec<String> {
+        let deadline = std::time::Instant::now() + LIMIT;
+        let mut lines = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                break;
+            };
+            let done = line.contains(needle);
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+        panic!("no log line containing {needle:?} among {lines:?}");
+    }
+
     /// The log lines not yet read, for a failure message.
     pub fn unread_lines(&self) -> String {
         let mut out = String::new();
