@@ -340,10 +340,9 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
                     reject(&mut send, &mut recv, codes::PROTOCOL_ERROR);
                     return;
                 }
-                // What is allocated is what is charged: the buffer's growth, not the bytes.
-                let capacity = buf.capacity();
-                buf.reserve(chunk.bytes.len());
-                if !held.grow(buf.capacity().saturating_sub(capacity)) {
+                // The bytes that arrived are charged: what is resident (a buffer's spare capacity
+                // is not touched, so not resident), and never what a frame prefix announces.
+                if !held.grow(chunk.bytes.len()) {
                     dispatcher.refuse_stream(identity, Refused::OverBudget);
                     reject(&mut send, &mut recv, codes::OVERLOADED);
                     return;
