@@ -122,6 +122,7 @@ pub fn agent_config(
             tls,
             tls_files: Default::default(),
             spool: None,
+            ack_timeout: teeway_agent::config::DEFAULT_ACK_TIMEOUT,
         }),
         archive: None,
         tcp: Vec::new(),

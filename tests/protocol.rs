@@ -394,3 +394,92 @@ async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
     }
     gateway.stop().await.expect("gateway stops");
 }
+
+/// Protocol 3: a batch sent again (its ACK lost or late) is acknowledged and not replayed twice;
+/// a batch marked as sent before that the gateway never saw is replayed and counted as retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_batch_is_replayed_once_however_often_it_is_sent() {
+    teeway_wire::tls::install_default_provider();
+    let pki = Pki::generate("raw-agent").expect("pki");
+    let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
+    let gateway = RunningGateway::start(stack::gateway_config(
+        pki.gateway_material(),
+        &[shadow.addr],
+    ))
+    .await
+    .expect("gateway");
+    let (endpoint, conn) = connect(&pki, gateway.addr).await;
+    assert_eq!(
+        conn.handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol),
+        Some(teeway_wire::ALPN.to_vec()),
+        "protocol 3 negotiated"
+    );
+    exchange(&conn, &hello()).await.expect("welcome");
+    let batch = |seq: u64, retry: bool, id: u64| {
+        let mut buf = BytesMut::new();
+        Frame::Batch(teeway_wire::BatchId {
+            session: 42,
+            seq,
+            retry,
+        })
+        .encode(&mut buf);
+        let mut headers = http::HeaderMap::new();
+        headers.insert("host", http::HeaderValue::from_static("api.example.com"));
+        let record = teeway_wire::MirroredRequest {
+            id,
+            received_at: std::time::SystemTime::now(),
+            source_cluster: "raw".into(),
+            method: http::Method::GET,
+            uri: format!("/batch/{seq}").parse().expect("uri"),
+            version: http::Version::HTTP_11,
+            headers,
+            body: bytes::Bytes::new(),
+            trailers: None,
+            body_truncated: false,
+        };
+        Frame::Request(record).encode(&mut buf);
+        buf.to_vec()
+    };
+    let ack = |reply: Vec<u8>| match Frame::decode(&mut BytesMut::from(&reply[..])) {
+        Ok(Some(Frame::Ack { accepted })) => accepted,
+        other => panic!("expected ACK, got {other:?}"),
+    };
+    assert_eq!(
+        ack(exchange(&conn, &batch(1, false, 1)).await.expect("ack")),
+        1
+    );
+    // Its ACK was lost: the agent sends it again; acknowledged, not replayed.
+    assert_eq!(
+        ack(exchange(&conn, &batch(1, true, 1)).await.expect("ack")),
+        1
+    );
+    assert_eq!(
+        ack(exchange(&conn, &batch(1, true, 1)).await.expect("ack")),
+        1
+    );
+    // Sent before, but its first copy never arrived: replayed, counted as retried.
+    assert_eq!(
+        ack(exchange(&conn, &batch(2, true, 2)).await.expect("ack")),
+        1
+    );
+    let g = settle(
+        || gateway.gateway.metrics(),
+        |s| s.get(gm::RECEIVED_TOTAL) >= 2.0 && support::gateway_settled(s, 1.0),
+    )
+    .await;
+    assert_eq!(g.get(gm::RECEIVED_TOTAL), 2.0, "{g:?}");
+    assert_eq!(g.get(gm::DUPLICATES_TOTAL), 2.0);
+    assert_eq!(g.get(gm::RETRIED_TOTAL), 1.0);
+    assert_eq!(recording.wait_for(2, support::LIMIT).await, 2);
+    let paths: Vec<String> = recording
+        .requests()
+        .iter()
+        .map(|r| r.uri.path().to_owned())
+        .collect();
+    assert_eq!(paths.len(), 2, "replayed once each: {paths:?}");
+    conn.close(VarInt::from_u32(0), b"done");
+    endpoint.wait_idle().await;
+    gateway.stop().await.expect("gateway stops");
+}

@@ -136,10 +136,16 @@ pub struct GatewayConfig {
     pub tls: TlsMaterial,
     /// The files `tls` was read from (shown by `teeway check`).
     pub tls_files: [PathBuf; 3],
+    /// Time a batch waits for its acknowledgement before it is sent again (protocol 3) or
+    /// counted as `uplink_error`; a batch is sent again until four times this has passed.
+    pub ack_timeout: Duration,
     /// Where copies wait on disk while no gateway is reachable; `None`: they are dropped as
     /// `no_uplink`.
     pub spool: Option<SpoolConfig>,
 }
+
+/// Default `gateway.ack_timeout`.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// `listen_tls:`: the certificate the agent presents to production clients.
 #[derive(Debug, Clone)]
@@ -656,6 +662,17 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
             cfg::socket_addr,
         )
         .unwrap_or_default();
+    let ack_timeout = g
+        .optional(
+            p,
+            "ack_timeout",
+            "use a duration from 1s to 10m, such as 15s",
+            |v| match cfg::duration(v)? {
+                t if t >= Duration::from_secs(1) && t <= Duration::from_secs(600) => Ok(t),
+                _ => Err("must be from 1s to 10m".into()),
+            },
+        )
+        .unwrap_or(DEFAULT_ACK_TIMEOUT);
     let spool = spool_block(g, p, base_dir);
     let (host, port) = address?;
     Some(GatewayConfig {
@@ -667,6 +684,7 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
         tls: tls?,
         tls_files: [ca?, cert?, key?],
         spool,
+        ack_timeout,
     })
 }
 

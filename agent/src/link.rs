@@ -125,6 +125,8 @@ pub enum BatchFailure {
     Rejected(String),
     /// The link failed before the acknowledgement came.
     Transport(String),
+    /// The gateway had no room for the batch now (`OVERLOADED`): worth sending again.
+    Busy(String),
 }
 
 /// One welcomed connection to one gateway. Cloning shares the connection.
@@ -369,22 +371,24 @@ pub(crate) fn alert_advice(alert: u64) -> &'static str {
 async fn exchange_quic(conn: &Connection, frames: &[u8]) -> Result<u32, BatchFailure> {
     let transport = |e: &dyn std::fmt::Display| BatchFailure::Transport(e.to_string());
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
+    let refused = |code: VarInt, how: &str| {
+        let detail = format!("stream {how} with code {code}");
+        if code.into_inner() == u64::from(codes::OVERLOADED) {
+            BatchFailure::Busy(detail)
+        } else {
+            BatchFailure::Rejected(detail)
+        }
+    };
     match send.write_all(frames).await {
         Ok(()) => {}
-        Err(quinn::WriteError::Stopped(code)) => {
-            return Err(BatchFailure::Rejected(format!(
-                "stream stopped with code {code}"
-            )))
-        }
+        Err(quinn::WriteError::Stopped(code)) => return Err(refused(code, "stopped")),
         Err(e) => return Err(transport(&e)),
     }
     send.finish().map_err(|e| transport(&e))?;
     let reply = match recv.read_to_end(MAX_REPLY_BYTES).await {
         Ok(reply) => reply,
         Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
-            return Err(BatchFailure::Rejected(format!(
-                "stream reset with code {code}"
-            )));
+            return Err(refused(code, "reset"));
         }
         Err(e) => return Err(transport(&e)),
     };

@@ -73,8 +73,6 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const HEALTHY_AFTER: Duration = Duration::from_secs(5);
 /// Time allowed for one handshake: transport, TLS and `HELLO` / `WELCOME`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for a batch to be written and acknowledged.
-const ACK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Time allowed at exit for the close to reach the gateway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bounds on when the gateway's name is resolved again: never sooner than this after the last
@@ -177,6 +175,10 @@ struct Shared {
     /// ...unless the cause is new: the causes logged since the last regular line (a few; the
     /// gateway's address is taken out, so several gateways failing alike are one cause).
     causes_logged: Mutex<Vec<String>>,
+    /// This agent process's batch session (protocol 3), random and not zero.
+    session: u64,
+    /// The next batch's sequence number in the session.
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Uplink {
@@ -214,6 +216,8 @@ enum Event {
 struct Live {
     addr: SocketAddr,
     link: Link,
+    /// The protocol version the gateway chose for this link (3: batches are named).
+    version: u16,
     /// The link's batches under way; its length is the link's load.
     batches: TaskTracker,
 }
@@ -237,6 +241,8 @@ impl Uplink {
                 endpoints: Mutex::new([None, None]),
                 unreachable_log: Throttle::named("gateway connection attempts failed"),
                 causes_logged: Mutex::new(Vec::new()),
+                session: fastrand::u64(1..),
+                next_seq: std::sync::atomic::AtomicU64::new(1),
             }),
             resolver,
             state,
@@ -300,6 +306,9 @@ impl Uplink {
             ))
         });
         let spooling = self.spool.is_some();
+        // Batches to send again (their slot goes with them, so the bound on batches in flight
+        // holds); dropped with the loop, their copies then count as `shutdown`.
+        let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<(Batch, OwnedSemaphorePermit)>();
         let end = loop {
             // Reap finished batch tasks so the set does not grow.
             while batches.try_join_next().is_some() {}
@@ -329,7 +338,7 @@ impl Uplink {
                     Event::Up { addr, link, welcome } => {
                         let transport = link.transport();
                         live.retain(|l| l.addr != addr);
-                        live.push(Live { addr, link, batches: TaskTracker::new() });
+                        live.push(Live { addr, link, version: welcome.protocol_version, batches: TaskTracker::new() });
                         // Published before it is logged: whoever reads the line can use the link.
                         self.links_changed(&live);
                         tracing::info!(
@@ -373,21 +382,25 @@ impl Uplink {
                         }
                         (_, false) => {
                             let Some(permit) = permit.take() else { continue };
-                            let batch = Batch::live(collect(first, &mut queue_rx));
+                            let batch = Batch::live(collect(first, &mut queue_rx), self.shared.next_seq());
                             rotate = rotate.wrapping_add(1);
                             let target = least_loaded(&live, rotate);
-                            let link = target.link.clone();
-                            batches.spawn(target.batches.track_future(send_batch(link, batch, self.shared.accounting.uplink_bytes.clone(), permit)));
+                            batches.spawn(target.batches.track_future(send_batch(self.sender(target, &retry_tx), batch, permit)));
                         }
                     }
                 }
                 Some(chunk) = spool_rx.recv(), if permit.is_some() && !live.is_empty() && !drain.is_started() => {
                     let Some(permit) = permit.take() else { continue };
-                    let batch = Batch::spooled(chunk);
+                    let batch = Batch::spooled(chunk, self.shared.next_seq());
                     rotate = rotate.wrapping_add(1);
                     let target = least_loaded(&live, rotate);
-                    let link = target.link.clone();
-                    batches.spawn(target.batches.track_future(send_batch(link, batch, self.shared.accounting.uplink_bytes.clone(), permit)));
+                    batches.spawn(target.batches.track_future(send_batch(self.sender(target, &retry_tx), batch, permit)));
+                }
+                // A batch whose acknowledgement did not come goes out again, before new ones.
+                Some((batch, permit)) = retry_rx.recv(), if !live.is_empty() => {
+                    rotate = rotate.wrapping_add(1);
+                    let target = least_loaded(&live, rotate);
+                    batches.spawn(target.batches.track_future(send_batch(self.sender(target, &retry_tx), batch, permit)));
                 }
             }
         };
@@ -706,6 +719,41 @@ impl Drain {
     }
 }
 
+impl Shared {
+    fn next_seq(&self) -> u64 {
+        self.next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Uplink {
+    /// What a batch task needs to send on `target` and to hand its batch back for a retry.
+    fn sender(
+        &self,
+        target: &Live,
+        retry_tx: &mpsc::UnboundedSender<(Batch, OwnedSemaphorePermit)>,
+    ) -> Sender {
+        Sender {
+            link: target.link.clone(),
+            version: target.version,
+            session: self.shared.session,
+            ack_timeout: self.shared.gateway.ack_timeout,
+            sent: self.shared.accounting.uplink_bytes.clone(),
+            retry_tx: retry_tx.clone(),
+        }
+    }
+}
+
+/// A batch task's link and what it answers to.
+struct Sender {
+    link: Link,
+    version: u16,
+    session: u64,
+    ack_timeout: Duration,
+    sent: metrics::Counter,
+    retry_tx: mpsc::UnboundedSender<(Batch, OwnedSemaphorePermit)>,
+}
+
 /// `first` and whatever else is already waiting, within the batch limits.
 fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> Vec<Queued> {
     let mut bytes = first.record.frame_len();
@@ -724,8 +772,14 @@ fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> Vec<Queued> 
 
 /// Copies sent together on one stream, and their accounts.
 struct Batch {
-    frames: BytesMut,
+    frames: bytes::Bytes,
     accounts: Accounts,
+    /// Its number in the agent's session (protocol 3 names it on the wire).
+    seq: u64,
+    /// When it was first sent: it is sent again until four acknowledgement timeouts have passed.
+    first_sent: Option<Instant>,
+    /// It went out before without an acknowledgement (the `BATCH` frame says so).
+    sent_before: bool,
 }
 
 /// Who answers for a batch's records: the tickets of live copies, or one share of a spool lease.
@@ -735,7 +789,7 @@ enum Accounts {
 }
 
 impl Batch {
-    fn live(copies: Vec<Queued>) -> Self {
+    fn live(copies: Vec<Queued>, seq: u64) -> Self {
         let mut frames = BytesMut::new();
         let tickets = copies
             .into_iter()
@@ -745,19 +799,25 @@ impl Batch {
             })
             .collect();
         Self {
-            frames,
+            frames: frames.freeze(),
             accounts: Accounts::Live(tickets),
+            seq,
+            first_sent: None,
+            sent_before: false,
         }
     }
 
-    fn spooled(chunk: SpoolChunk) -> Self {
+    fn spooled(chunk: SpoolChunk, seq: u64) -> Self {
         let mut frames = BytesMut::new();
         for record in chunk.records {
             Frame::Request(record).encode(&mut frames);
         }
         Self {
-            frames,
+            frames: frames.freeze(),
             accounts: Accounts::Spooled(chunk.share),
+            seq,
+            first_sent: None,
+            sent_before: false,
         }
     }
 }
@@ -806,32 +866,64 @@ impl Accounts {
     }
 }
 
-async fn send_batch(
-    link: Link,
-    batch: Batch,
-    sent: metrics::Counter,
-    _permit: OwnedSemaphorePermit,
-) {
-    let Batch { frames, accounts } = batch;
+/// Sends `batch` on `sender`'s link and resolves its accounts by the answer. A batch whose
+/// acknowledgement does not come (a link lost, an ACK late or lost, a gateway out of room) is
+/// handed back for another link when the gateway names batches (protocol 3: it will not replay
+/// one twice), until four acknowledgement timeouts have passed since it was first sent.
+async fn send_batch(sender: Sender, mut batch: Batch, permit: OwnedSemaphorePermit) {
+    let first_sent = *batch.first_sent.get_or_insert_with(Instant::now);
+    let frames = if sender.version >= 3 {
+        let mut out = BytesMut::with_capacity(batch.frames.len() + 32);
+        Frame::Batch(teeway_wire::BatchId {
+            session: sender.session,
+            seq: batch.seq,
+            retry: batch.sent_before,
+        })
+        .encode(&mut out);
+        out.extend_from_slice(&batch.frames);
+        out.freeze()
+    } else {
+        batch.frames.clone()
+    };
     let bytes = frames.len() as u64;
-    let outcome = match tokio::time::timeout(ACK_TIMEOUT, link.send_batch(frames.freeze())).await {
+    let ack_timeout = sender.ack_timeout;
+    let outcome = match tokio::time::timeout(ack_timeout, sender.link.send_batch(frames)).await {
         Ok(result) => result,
         Err(_) => Err(BatchFailure::Transport(format!(
-            "no acknowledgement within {ACK_TIMEOUT:?}"
+            "no acknowledgement within {ack_timeout:?}"
         ))),
+    };
+    let again = |detail: &str| {
+        sender.version >= 3 && first_sent.elapsed() < ack_timeout * 4 && {
+            tracing::debug!(%detail, seq = batch.seq, "batch not acknowledged; sending it again");
+            true
+        }
     };
     match outcome {
         Ok(accepted) => {
-            sent.increment(bytes);
-            accounts.acknowledged(accepted);
+            sender.sent.increment(bytes);
+            batch.accounts.acknowledged(accepted);
+        }
+        Err(BatchFailure::Busy(detail)) | Err(BatchFailure::Transport(detail))
+            if again(&detail) =>
+        {
+            batch.sent_before = true;
+            if let Err(e) = sender.retry_tx.send((batch, permit)) {
+                // The uplink stopped: the copies count as `shutdown` when dropped.
+                drop(e);
+            }
         }
         Err(BatchFailure::Rejected(detail)) => {
-            tracing::debug!(%detail, records = accounts.len(), "gateway rejected a batch");
-            accounts.failed(true);
+            tracing::debug!(%detail, records = batch.accounts.len(), "gateway rejected a batch");
+            batch.accounts.failed(true);
+        }
+        Err(BatchFailure::Busy(detail)) => {
+            tracing::debug!(%detail, records = batch.accounts.len(), "gateway had no room for a batch");
+            batch.accounts.failed(true);
         }
         Err(BatchFailure::Transport(detail)) => {
-            tracing::debug!(%detail, records = accounts.len(), "batch lost with the connection");
-            accounts.failed(false);
+            tracing::debug!(%detail, records = batch.accounts.len(), "batch lost with the connection");
+            batch.accounts.failed(false);
         }
     }
 }

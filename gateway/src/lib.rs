@@ -48,6 +48,7 @@ use teeway_wire::codes;
 
 pub mod budget;
 pub mod config;
+pub mod dedupe;
 pub mod error;
 pub mod listener;
 pub mod metrics;
@@ -378,6 +379,7 @@ impl Gateway {
             replays: TaskTracker::new(),
             archive,
             budget: budget::Budget::new(config.limits, self.metrics.buffered.clone()),
+            dedupe: Default::default(),
         });
 
         let admin_addr = admin::listen_addr(listeners.admin.as_ref());

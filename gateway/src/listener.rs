@@ -42,6 +42,8 @@ pub struct Dispatcher {
     pub(crate) archive: Option<teeway_archive::Archive>,
     /// Memory for what agents send (`limits:`).
     pub(crate) budget: Arc<Budget>,
+    /// Batches received, by agent session, so that one sent again is not replayed twice.
+    pub(crate) dedupe: crate::dedupe::Dedupe,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -112,6 +114,33 @@ impl Dispatcher {
                 "agent streams refused and reset (one line a minute at most; see teeway_gateway_streams_rejected_total)"
             );
         }
+    }
+
+    /// Takes a whole batch from `identity`: dispatches its records unless `id` names a batch
+    /// received already; returns how many records the ACK acknowledges (all of them either way).
+    pub(crate) fn take_batch(
+        &self,
+        id: Option<teeway_wire::BatchId>,
+        records: Vec<MirroredRequest>,
+        identity: &Arc<str>,
+    ) -> u32 {
+        let accepted = u32::try_from(records.len()).unwrap_or(u32::MAX);
+        if let Some(id) = id {
+            match self.dedupe.mark(identity, id.session, id.seq) {
+                crate::dedupe::Verdict::Duplicate => {
+                    self.metrics.duplicates.increment(u64::from(accepted));
+                    return accepted;
+                }
+                crate::dedupe::Verdict::New | crate::dedupe::Verdict::Unknown if id.retry => {
+                    self.metrics.retried.increment(u64::from(accepted));
+                }
+                _ => {}
+            }
+        }
+        for record in records {
+            self.dispatch(record, identity);
+        }
+        accepted
     }
 
     /// Counts `record` from the agent `identity` and starts its replays; never waits.
@@ -278,10 +307,9 @@ fn negotiated_version(conn: &Connection) -> u16 {
         .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.protocol);
-    match alpn.as_deref() {
-        Some(teeway_wire::ALPN_V1) => 1,
-        _ => PROTOCOL_VERSION,
-    }
+    alpn.as_deref()
+        .and_then(teeway_wire::version_of_alpn)
+        .unwrap_or(PROTOCOL_VERSION)
 }
 
 /// Who sent a stream, and what it may say.
@@ -417,16 +445,37 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
         (None, Some(Frame::Request(_)))
             if frames.iter().all(|f| matches!(f, Frame::Request(_))) =>
         {
-            let accepted = u32::try_from(frames.len()).unwrap_or(u32::MAX);
-            for frame in frames {
-                if let Frame::Request(record) = frame {
-                    dispatcher.dispatch(record, identity);
-                }
-            }
-            Ok(Frame::Ack { accepted })
+            let records = frames
+                .into_iter()
+                .filter_map(|f| match f {
+                    Frame::Request(r) => Some(r),
+                    _ => None,
+                })
+                .collect();
+            Ok(Frame::Ack {
+                accepted: dispatcher.take_batch(None, records, identity),
+            })
+        }
+        // Protocol 3: a named batch.
+        (None, Some(Frame::Batch(id)))
+            if version >= 3
+                && frames.len() > 1
+                && frames[1..].iter().all(|f| matches!(f, Frame::Request(_))) =>
+        {
+            let id = *id;
+            let records = frames
+                .into_iter()
+                .filter_map(|f| match f {
+                    Frame::Request(r) => Some(r),
+                    _ => None,
+                })
+                .collect();
+            Ok(Frame::Ack {
+                accepted: dispatcher.take_batch(Some(id), records, identity),
+            })
         }
         (None, Some(_)) => {
-            Err("frames out of place (an agent sends one HELLO, or only REQUEST frames)".to_owned())
+            Err("frames out of place (an agent sends one HELLO, or REQUEST frames, after a BATCH on protocol 3)".to_owned())
         }
     };
     match reply {

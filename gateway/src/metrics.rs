@@ -41,6 +41,12 @@ pub const REPLAY_SKIPPED_TOTAL: &str = "teeway_gateway_replay_skipped_total";
 pub const HANDSHAKES_TOTAL: &str = "teeway_gateway_handshakes_total";
 /// Agents connected now.
 pub const AGENTS_CONNECTED: &str = "teeway_gateway_agents_connected";
+/// Records of batches an agent sent again that had been received already: acknowledged, not
+/// replayed.
+pub const DUPLICATES_TOTAL: &str = "teeway_gateway_duplicates_total";
+/// Records of batches an agent marked as sent before that were dispatched (not known here as
+/// received: a late first copy, or one a restarted gateway cannot remember; possibly a duplicate).
+pub const RETRIED_TOTAL: &str = "teeway_gateway_retried_total";
 /// Bytes buffered from agents now (batches not yet complete), against `limits.buffer_bytes`.
 pub const BUFFERED_BYTES: &str = "teeway_gateway_buffered_bytes";
 /// Streams refused because they broke the protocol, by reason.
@@ -188,6 +194,8 @@ pub struct GatewayMetrics {
     handshakes_failed: [Counter; HANDSHAKE_CAUSES.len()],
     /// `teeway_gateway_buffered_bytes`.
     pub(crate) buffered: Gauge,
+    pub(crate) duplicates: Counter,
+    pub(crate) retried: Counter,
     /// Refused streams, logged in summary (an authenticated peer could send many).
     pub(crate) rejected_log: Throttle,
     /// Refused handshakes, logged in summary per cause (anyone who can reach the port can cause
@@ -296,6 +304,16 @@ impl GatewayMetrics {
                     &[("result", result)],
                 )
             }),
+            duplicates: r.counter(
+                DUPLICATES_TOTAL,
+                "Records of batches sent again and received already: acknowledged, not replayed",
+                &[],
+            ),
+            retried: r.counter(
+                RETRIED_TOTAL,
+                "Records of batches marked as sent before, dispatched (possibly duplicates)",
+                &[],
+            ),
             buffered: r.gauge(
                 BUFFERED_BYTES,
                 "Bytes buffered from agents (batches not yet complete), against limits.buffer_bytes",

@@ -167,11 +167,13 @@ async fn exchange(
         }
         Err(end) => return end,
     }
-    // The version the connection's ALPN id chose (an agent of version 1 is still served).
-    let version = match stream.get_ref().1.alpn_protocol() {
-        Some(teeway_wire::ALPN_V1) => 1,
-        _ => PROTOCOL_VERSION,
-    };
+    // The version the connection's ALPN id chose (agents of older versions are still served).
+    let version = stream
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .and_then(teeway_wire::version_of_alpn)
+        .unwrap_or(PROTOCOL_VERSION);
     Frame::Welcome(Welcome {
         protocol_version: version,
         agent_identity: identity.to_string(),
@@ -182,6 +184,8 @@ async fn exchange(
         return end;
     }
     let mut batch: Vec<MirroredRequest> = Vec::new();
+    // Protocol 3: the name of the batch being read (`BATCH` before its first record).
+    let mut batch_id = None;
     let mut held = share.hold();
     // A batch arrives whole within the stream timeout, from its first frame.
     let mut deadline = None;
@@ -213,16 +217,17 @@ async fn exchange(
                     dispatcher.unauthorized(identity);
                     return End::Gone("no longer in agents.allow".into());
                 }
-                let accepted = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-                for record in batch.drain(..) {
-                    dispatcher.dispatch(record, identity);
-                }
+                let accepted =
+                    dispatcher.take_batch(batch_id.take(), std::mem::take(&mut batch), identity);
                 held = share.hold();
                 deadline = None;
                 Frame::Ack { accepted }.encode(&mut out);
                 if let Err(end) = write(stream, &mut out).await {
                     return end;
                 }
+            }
+            Frame::Batch(id) if version >= 3 && batch.is_empty() && batch_id.is_none() => {
+                batch_id = Some(id);
             }
             other => {
                 return Refused::Protocol(format!(
@@ -244,6 +249,7 @@ fn name(frame: &Frame) -> &'static str {
         Frame::End => "END",
         Frame::TcpOpen(_) => "TCP_OPEN (TCP tee streams need QUIC)",
         Frame::TcpData(_) => "TCP_DATA (TCP tee streams need QUIC)",
+        Frame::Batch(_) => "BATCH (protocol 3: once, before a batch's records)",
     }
 }
 

@@ -36,6 +36,9 @@ const TYPE_ACK: u8 = 0x04;
 const TYPE_END: u8 = 0x05;
 const TYPE_TCP_OPEN: u8 = 0x06;
 const TYPE_TCP_DATA: u8 = 0x07;
+const TYPE_BATCH: u8 = 0x08;
+/// `BATCH` flag: the agent sent this batch before and got no acknowledgement.
+const BATCH_RETRY: u8 = 0x01;
 
 /// Record flag: the body was cut at the agent's size limit.
 const FLAG_BODY_TRUNCATED: u8 = 0x01;
@@ -71,6 +74,20 @@ pub enum Frame {
     /// Agent to gateway, after `TcpOpen` on the same stream: the next bytes the client sent, in
     /// order. The end of the stream is the end of the client's side of the connection.
     TcpData(Bytes),
+    /// Agent to gateway, protocol 3: the first frame of a batch, naming it so that a batch sent
+    /// again (its acknowledgement lost or late) is recognised and not replayed twice.
+    Batch(BatchId),
+}
+
+/// Which batch a `BATCH` frame opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchId {
+    /// Random per agent process (an agent session); with `seq`, unique.
+    pub session: u64,
+    /// Increases by one per batch of the session, from 1.
+    pub seq: u64,
+    /// The agent sent this batch before without getting its acknowledgement.
+    pub retry: bool,
 }
 
 /// The opening of a TCP tee stream: which production connection it copies.
@@ -147,6 +164,12 @@ impl Frame {
                 dst.put_u8(TYPE_TCP_DATA);
                 put_bytes32(dst, data);
             }
+            Frame::Batch(id) => {
+                dst.put_u8(TYPE_BATCH);
+                dst.put_u64(id.session);
+                dst.put_u64(id.seq);
+                dst.put_u8(if id.retry { BATCH_RETRY } else { 0 });
+            }
         }
         let len = dst.len() - start - PREFIX_LEN;
         let len = u32::try_from(len).unwrap_or(u32::MAX);
@@ -165,6 +188,7 @@ impl Frame {
                 Frame::End => 0,
                 Frame::TcpOpen(o) => 8 + 8 + str16_len(&o.source_cluster) + str16_len(&o.listener),
                 Frame::TcpData(data) => 4 + data.len(),
+                Frame::Batch(_) => 8 + 8 + 1,
             }
     }
 
@@ -220,6 +244,17 @@ impl Frame {
             TYPE_TCP_DATA => {
                 let len = get_u32(&mut payload, "data")? as usize;
                 Frame::TcpData(take(&mut payload, len, "data")?)
+            }
+            TYPE_BATCH => {
+                let session = get_u64(&mut payload, "session")?;
+                let seq = get_u64(&mut payload, "seq")?;
+                // Readers ignore flag bits they do not know.
+                let flags = get_u8(&mut payload, "flags")?;
+                Frame::Batch(BatchId {
+                    session,
+                    seq,
+                    retry: flags & BATCH_RETRY != 0,
+                })
             }
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
@@ -382,6 +417,25 @@ mod tests {
         let decoded = Frame::decode(&mut buf).expect("decodes").expect("complete");
         assert!(buf.is_empty(), "exactly one frame consumed");
         decoded
+    }
+
+    #[test]
+    fn batch_names_round_trip_and_unknown_flags_are_ignored() {
+        let id = BatchId {
+            session: 0xdead_beef,
+            seq: 7,
+            retry: true,
+        };
+        assert_eq!(round_trip(&Frame::Batch(id)), Frame::Batch(id));
+        let mut buf = BytesMut::new();
+        Frame::Batch(BatchId { retry: false, ..id }).encode(&mut buf);
+        assert_eq!(buf.len(), Frame::Batch(id).encoded_len());
+        let last = buf.len() - 1;
+        buf[last] = 0xfe; // a flag bit from the future, and no retry bit
+        assert_eq!(
+            Frame::decode(&mut buf).expect("decodes"),
+            Some(Frame::Batch(BatchId { retry: false, ..id }))
+        );
     }
 
     #[test]

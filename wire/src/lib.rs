@@ -1,7 +1,7 @@
 //! The teeway protocol, shared by the agent and the gateway. Sans-IO: nothing here opens a socket.
 //!
 //! An agent tees copies of production requests to a gateway over one QUIC connection with mutual
-//! TLS. The ALPN protocol id [`ALPN`] (`teeway/2`) names the protocol version; every stream on the
+//! TLS. The ALPN protocol id [`ALPN`] (`teeway/3`) names the protocol version; every stream on the
 //! connection is a sequence of length-prefixed [`Frame`]s. `docs/protocol.md` is the normative
 //! description of the bytes; this crate is its reference implementation.
 //!
@@ -34,19 +34,34 @@ pub mod record;
 pub mod tls;
 
 pub use error::{DecodeError, TlsError};
-pub use frame::{Frame, Hello, TcpOpen, Welcome};
+pub use frame::{BatchId, Frame, Hello, TcpOpen, Welcome};
 pub use record::MirroredRequest;
 
-/// The ALPN protocol id of this protocol version, offered by agents and first in the gateways'
-/// list. Version 2 added the TCP tee streams (`TCP_OPEN`, `TCP_DATA`).
-pub const ALPN: &[u8] = b"teeway/2";
+/// The ALPN protocol id of this protocol version, first in both ends' lists. Version 3 added
+/// the `BATCH` frame (batches named, so one sent again is delivered once); version 2 the TCP tee
+/// streams (`TCP_OPEN`, `TCP_DATA`).
+pub const ALPN: &[u8] = b"teeway/3";
+
+/// The ALPN id of version 2 (batches not named): gateways accept it so that older agents keep
+/// working, and agents offer it so that they work with a gateway not yet upgraded.
+pub const ALPN_V2: &[u8] = b"teeway/2";
 
 /// The ALPN id of version 1 (no TCP tee), still accepted by gateways so that agents released
 /// before version 2 keep working while gateways are upgraded first.
 pub const ALPN_V1: &[u8] = b"teeway/1";
 
 /// The protocol version number carried in the `HELLO` and `WELCOME` frames.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// The version an ALPN id names (`None`: not teeway).
+pub fn version_of_alpn(alpn: &[u8]) -> Option<u16> {
+    match alpn {
+        ALPN => Some(3),
+        ALPN_V2 => Some(2),
+        ALPN_V1 => Some(1),
+        _ => None,
+    }
+}
 
 /// Largest frame a peer may send, length prefix excluded.
 ///

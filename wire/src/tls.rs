@@ -166,7 +166,11 @@ pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, Tls
             source,
         })?;
     // Newest first: rustls picks the server's first protocol the client offers.
-    config.alpn_protocols = vec![crate::ALPN.to_vec(), crate::ALPN_V1.to_vec()];
+    config.alpn_protocols = vec![
+        crate::ALPN.to_vec(),
+        crate::ALPN_V2.to_vec(),
+        crate::ALPN_V1.to_vec(),
+    ];
     Ok(config)
 }
 
@@ -205,7 +209,9 @@ pub fn client_config(material: &TlsMaterial) -> Result<rustls::ClientConfig, Tls
             context: "the agent certificate and key do not fit together",
             source,
         })?;
-    config.alpn_protocols = vec![crate::ALPN.to_vec()];
+    // Version 2 too: an agent upgraded before its gateway still mirrors (without naming its
+    // batches).
+    config.alpn_protocols = vec![crate::ALPN.to_vec(), crate::ALPN_V2.to_vec()];
     Ok(config)
 }
 
@@ -323,9 +329,17 @@ mod tests {
             client_config(&TlsMaterial::from_generated(&ca.certified, &agent)).expect("client");
         assert_eq!(
             server.alpn_protocols,
-            vec![b"teeway/2".to_vec(), b"teeway/1".to_vec()]
+            vec![
+                b"teeway/3".to_vec(),
+                b"teeway/2".to_vec(),
+                b"teeway/1".to_vec()
+            ]
         );
-        assert_eq!(client.alpn_protocols, vec![b"teeway/2".to_vec()]);
+        assert_eq!(
+            client.alpn_protocols,
+            vec![b"teeway/3".to_vec(), b"teeway/2".to_vec()],
+            "an agent also speaks version 2 to a gateway not yet upgraded"
+        );
     }
 
     #[test]

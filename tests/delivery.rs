@@ -1,0 +1,113 @@
+//! Exactly-once delivery of copies across the link (protocol 3): a gateway that stops
+//! answering (a process frozen with SIGSTOP, as a long GC pause or a congested link looks to the
+//! agent) makes the agent's acknowledgements late; the agent sends those batches again, the
+//! gateway recognises them, and once it answers, the agent's books and the gateway's agree
+//! exactly and the shadow got each request once.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use teeway::sample;
+use teeway::stack::{self, Pki, RunningAgent};
+use teeway_runtime::metrics::Snapshot;
+
+use support::{admin_get, agent_settled, field, get, settle, settle_async, KeepAlive, Proc, LIMIT};
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).expect("write");
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_acknowledgements_are_sent_again_and_delivered_once() {
+    teeway_wire::tls::install_default_provider();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let pki = Pki::generate("prod-eu-1").expect("pki");
+    write(dir, "ca.pem", &pki.ca.certified.cert_pem);
+    write(dir, "gateway.pem", &pki.gateway.cert_pem);
+    write(dir, "gateway.key", &pki.gateway.key_pem);
+    let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
+    write(
+        dir,
+        "gateway.yaml",
+        &format!(
+            "listen: 127.0.0.1:0\ntransports: [quic]\ntls: {{ ca: ca.pem, cert: gateway.pem, key: gateway.key }}\nroutes:\n  - targets: [{}]\nadmin: {{ listen: 127.0.0.1:0 }}\n",
+            shadow.url()
+        ),
+    );
+    let gateway = Proc::spawn(dir, &["gateway", "--config", "gateway.yaml"]);
+    let serving = gateway.wait_for_line("gateway serving");
+    let addr: std::net::SocketAddr = field(&serving, "listen").parse().expect("listen");
+    let admin: std::net::SocketAddr = field(&serving, "admin").parse().expect("admin");
+    let pid = gateway.child.id();
+
+    let primary = sample::start_primary().await.expect("primary");
+    let mut config = stack::agent_config(pki.agent_material(), primary.addr, addr, 100.0);
+    if let Some(g) = config.gateway.as_mut() {
+        // Short, so the test is: a batch is sent again after 1 s, for up to 4 s.
+        g.ack_timeout = Duration::from_secs(1);
+    }
+    let agent = RunningAgent::start(config).await.expect("agent");
+    assert!(agent.wait_connected(LIMIT).await);
+
+    // The gateway freezes; production traffic goes on (it never waits for the mirror).
+    signal(pid, "-STOP");
+    let n = 30;
+    let mut client = KeepAlive::open(agent.addr).await;
+    for i in 0..n {
+        assert_eq!(
+            client.send(get(&format!("/late/{i}"))).await,
+            Ok(http::StatusCode::OK)
+        );
+    }
+    // The fault lasts long enough for every batch to time out and go out again (1 s), and
+    // ends within the agent's retry window (4 s).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    signal(pid, "-CONT");
+
+    let a = settle(|| agent.agent.metrics(), agent_settled).await;
+    let g = settle_async(
+        || async { Snapshot::parse(&admin_get(admin, "/metrics").await.1) },
+        |m: &Snapshot| m.get("teeway_gateway_received_total") >= n as f64,
+    )
+    .await;
+    assert_eq!(a.get(teeway_agent::metrics::REQUESTS_TOTAL), n as f64);
+    assert_eq!(
+        a.get(teeway_agent::metrics::MIRRORED_TOTAL),
+        n as f64,
+        "late ACKs are mirrored, not drops: {a:?}"
+    );
+    assert_eq!(a.sum(teeway_agent::metrics::MIRROR_DROPPED_TOTAL), 0.0);
+    assert_eq!(
+        g.get("teeway_gateway_received_total"),
+        n as f64,
+        "the two sides' books agree exactly: {g:?}"
+    );
+    assert!(
+        g.get("teeway_gateway_duplicates_total") >= 1.0,
+        "batches were sent again and recognised: {g:?}"
+    );
+    assert_eq!(recording.wait_for(n, LIMIT).await, n);
+    let mut paths: Vec<String> = recording
+        .requests()
+        .iter()
+        .map(|r| r.uri.path().to_owned())
+        .collect();
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), n, "each request reached the shadow");
+    assert_eq!(recording.count(), n, "and only once");
+
+    agent.stop().await.expect("agent stops");
+    assert!(gateway.terminate_and_wait().success());
+}
