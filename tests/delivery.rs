@@ -54,8 +54,8 @@ async fn late_acknowledgements_are_sent_again_and_delivered_once() {
     let primary = sample::start_primary().await.expect("primary");
     let mut config = stack::agent_config(pki.agent_material(), primary.addr, addr, 100.0);
     if let Some(g) = config.gateway.as_mut() {
-        // Short, so the test is: a batch is sent again after 1 s, for up to 4 s.
-        g.ack_timeout = Duration::from_secs(1);
+        // Short, so the test is: a batch is sent again after 2 s, for up to 8 s.
+        g.ack_timeout = Duration::from_secs(2);
     }
     let agent = RunningAgent::start(config).await.expect("agent");
     assert!(agent.wait_connected(LIMIT).await);
@@ -70,9 +70,10 @@ async fn late_acknowledgements_are_sent_again_and_delivered_once() {
             Ok(http::StatusCode::OK)
         );
     }
-    // The fault lasts long enough for every batch to time out and go out again (1 s), and
-    // ends within the agent's retry window (4 s).
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // The fault lasts long enough for every batch to time out and go out again (2 s), and
+    // ends well within the agent's retry window (8 s). (A fault's length, not a wait for an
+    // event: what follows waits on the books.)
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
     signal(pid, "-CONT");
 
     let a = settle(|| agent.agent.metrics(), agent_settled).await;

@@ -213,6 +213,14 @@ impl Link {
         }
     }
 
+    /// Whether the link is gone (a batch sent on it again would fail at once).
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Link::Quic(c) => c.close_reason().is_some(),
+            Link::Tls(t) => t.inner.closed.is_cancelled(),
+        }
+    }
+
     /// Closes the link on purpose.
     pub fn close(&self, reason: &'static str) {
         match self {
@@ -261,7 +269,8 @@ fn hello(source_cluster: &str) -> BytesMut {
 
 fn welcome_from(addr: SocketAddr, frame: Option<Frame>) -> Result<Welcome, UplinkError> {
     match frame {
-        Some(Frame::Welcome(w)) if w.protocol_version == PROTOCOL_VERSION => Ok(w),
+        // Version 2 too: a gateway not yet upgraded (its batches are then not named).
+        Some(Frame::Welcome(w)) if (2..=PROTOCOL_VERSION).contains(&w.protocol_version) => Ok(w),
         Some(Frame::Welcome(w)) => Err(UplinkError::Refused {
             addr,
             detail: format!(
@@ -370,7 +379,7 @@ pub(crate) fn alert_advice(alert: u64) -> &'static str {
 
 async fn exchange_quic(conn: &Connection, frames: &[u8]) -> Result<u32, BatchFailure> {
     let transport = |e: &dyn std::fmt::Display| BatchFailure::Transport(e.to_string());
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
+    let (send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
     let refused = |code: VarInt, how: &str| {
         let detail = format!("stream {how} with code {code}");
         if code.into_inner() == u64::from(codes::OVERLOADED) {
@@ -379,12 +388,20 @@ async fn exchange_quic(conn: &Connection, frames: &[u8]) -> Result<u32, BatchFai
             BatchFailure::Rejected(detail)
         }
     };
+    // Given up part way (the acknowledgement timed out while writing), the stream is reset, not
+    // finished: a finished stream means "these are all the bytes", and a cut batch must never
+    // read as a whole one.
+    let mut guard = ResetOnDrop(Some(send));
+    let Some(send) = guard.0.as_mut() else {
+        return Err(transport(&"stream gone"));
+    };
     match send.write_all(frames).await {
         Ok(()) => {}
         Err(quinn::WriteError::Stopped(code)) => return Err(refused(code, "stopped")),
         Err(e) => return Err(transport(&e)),
     }
     send.finish().map_err(|e| transport(&e))?;
+    guard.0 = None;
     let reply = match recv.read_to_end(MAX_REPLY_BYTES).await {
         Ok(reply) => reply,
         Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
@@ -398,6 +415,17 @@ async fn exchange_quic(conn: &Connection, frames: &[u8]) -> Result<u32, BatchFai
             "the gateway's reply was not an ACK".into(),
         )),
         Err(e) => Err(BatchFailure::Rejected(format!("undecodable reply: {e}"))),
+    }
+}
+
+/// Resets a batch stream dropped before it was finished.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut send) = self.0.take() {
+            let _ = send.reset(VarInt::from_u32(codes::ABANDONED));
+        }
     }
 }
 
@@ -636,5 +664,39 @@ async fn tls_reader(
             Ok(Err(e)) => return format!("read failed: {e}"),
             Err(_) => return format!("nothing heard from the gateway for {IDLE_TIMEOUT:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gateway_of_version_2_or_3_is_spoken_to_and_older_or_newer_are_not() {
+        let addr: SocketAddr = "127.0.0.1:4433".parse().expect("addr");
+        let welcome = |v: u16| {
+            Some(Frame::Welcome(Welcome {
+                protocol_version: v,
+                agent_identity: "prod".into(),
+                software: "teeway".into(),
+            }))
+        };
+        assert!(
+            welcome_from(addr, welcome(2)).is_ok(),
+            "a gateway not yet upgraded"
+        );
+        assert!(welcome_from(addr, welcome(PROTOCOL_VERSION)).is_ok());
+        assert!(welcome_from(addr, welcome(1)).is_err());
+        assert!(welcome_from(addr, welcome(PROTOCOL_VERSION + 1)).is_err());
+        assert!(welcome_from(addr, None).is_err());
+    }
+
+    #[test]
+    fn tls_alerts_get_the_advice_quic_alerts_get() {
+        let text = with_tls_alert_advice("TLS handshake: received fatal alert: UnknownCA".into());
+        assert!(text.contains("TLS alert 48"), "{text}");
+        assert!(text.contains("unknown_ca"), "{text}");
+        let other = "connection refused".to_owned();
+        assert_eq!(with_tls_alert_advice(other.clone()), other);
     }
 }

@@ -230,14 +230,24 @@ impl Redaction {
     /// The query of `Referer` (the page the request came from: often a URL with a token) gets
     /// the same scrubbing as the request's own, and its userinfo goes.
     fn scrub_referer(&self, headers: &mut HeaderMap) {
-        let Some(value) = headers.get(http::header::REFERER) else {
+        if !headers.contains_key(http::header::REFERER) {
             return;
-        };
-        let Some(text) = value.to_str().ok() else {
-            // Not text: it cannot be scrubbed piece by piece, so it does not leave.
-            headers.remove(http::header::REFERER);
-            return;
-        };
+        }
+        // Every value, in order: a second Referer must not carry what the first does not.
+        let values: Vec<Option<HeaderValue>> = headers
+            .get_all(http::header::REFERER)
+            .iter()
+            .map(|v| self.scrubbed_referer(v))
+            .collect();
+        headers.remove(http::header::REFERER);
+        for v in values.into_iter().flatten() {
+            headers.append(http::header::REFERER, v);
+        }
+    }
+
+    /// One `Referer` value scrubbed; `None` when it cannot be (not text) and so does not leave.
+    fn scrubbed_referer(&self, value: &HeaderValue) -> Option<HeaderValue> {
+        let text = value.to_str().ok()?;
         let (without_fragment, fragment) = match text.split_once('#') {
             Some((a, f)) => (a, Some(f)),
             None => (text, None),
@@ -247,26 +257,20 @@ impl Redaction {
             None => (without_fragment, None),
         };
         let base = without_userinfo(base);
+        let scrubbed = query.and_then(|q| self.scrubbed_query(q));
+        if scrubbed.is_none() && fragment.is_none() && matches!(base, std::borrow::Cow::Borrowed(_))
+        {
+            return Some(value.clone());
+        }
         let mut out = base.into_owned();
-        if let Some(q) = query {
-            let q = self.scrubbed_query(q).unwrap_or_else(|| q.to_owned());
+        if let Some(q) = scrubbed.or_else(|| query.map(str::to_owned)) {
             if !q.is_empty() {
                 out.push('?');
                 out.push_str(&q);
             }
         }
         // A fragment can carry tokens too (OAuth implicit flow): it does not leave.
-        let _ = fragment;
-        if out != text {
-            match HeaderValue::from_str(&out) {
-                Ok(v) => {
-                    headers.insert(http::header::REFERER, v);
-                }
-                Err(_) => {
-                    headers.remove(http::header::REFERER);
-                }
-            }
-        }
+        HeaderValue::from_str(&out).ok()
     }
 
     /// Scrubs a copy's header fields: its head, or its trailers (credentials can travel in
@@ -1026,6 +1030,20 @@ mod tests {
             "query tokens, userinfo and the fragment go"
         );
         assert_eq!(headers["x-kept"], "visible");
+        // Two Referer values: each scrubbed, in order.
+        let mut two = HeaderMap::new();
+        two.append("referer", HeaderValue::from_static("https://a.example/"));
+        two.append(
+            "referer",
+            HeaderValue::from_static("https://b.example/?access_token=t2&q=1"),
+        );
+        r.apply(&mut two, &Uri::from_static("/"));
+        let values: Vec<&str> = two
+            .get_all("referer")
+            .iter()
+            .map(|v| v.to_str().expect("text"))
+            .collect();
+        assert_eq!(values, ["https://a.example/", "https://b.example/?q=1"]);
         let all = format!("{headers:?}");
         for secret in ["k1", "t1", "s1", "c1", "f1", "pw1", "r1", "h1"] {
             assert!(!all.contains(secret), "{secret} left in {all}");

@@ -306,9 +306,6 @@ impl Uplink {
             ))
         });
         let spooling = self.spool.is_some();
-        // Batches to send again (their slot goes with them, so the bound on batches in flight
-        // holds); dropped with the loop, their copies then count as `shutdown`.
-        let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<(Batch, OwnedSemaphorePermit)>();
         let end = loop {
             // Reap finished batch tasks so the set does not grow.
             while batches.try_join_next().is_some() {}
@@ -385,7 +382,7 @@ impl Uplink {
                             let batch = Batch::live(collect(first, &mut queue_rx), self.shared.next_seq());
                             rotate = rotate.wrapping_add(1);
                             let target = least_loaded(&live, rotate);
-                            batches.spawn(target.batches.track_future(send_batch(self.sender(target, &retry_tx), batch, permit)));
+                            batches.spawn(target.batches.track_future(send_batch(self.sender(target), batch, permit)));
                         }
                     }
                 }
@@ -394,14 +391,9 @@ impl Uplink {
                     let batch = Batch::spooled(chunk, self.shared.next_seq());
                     rotate = rotate.wrapping_add(1);
                     let target = least_loaded(&live, rotate);
-                    batches.spawn(target.batches.track_future(send_batch(self.sender(target, &retry_tx), batch, permit)));
+                    batches.spawn(target.batches.track_future(send_batch(self.sender(target), batch, permit)));
                 }
-                // A batch whose acknowledgement did not come goes out again, before new ones.
-                Some((batch, permit)) = retry_rx.recv(), if !live.is_empty() => {
-                    rotate = rotate.wrapping_add(1);
-                    let target = least_loaded(&live, rotate);
-                    batches.spawn(target.batches.track_future(send_batch(self.sender(target, &retry_tx), batch, permit)));
-                }
+
             }
         };
         if let SessionEnd::Drained = end {
@@ -727,19 +719,14 @@ impl Shared {
 }
 
 impl Uplink {
-    /// What a batch task needs to send on `target` and to hand its batch back for a retry.
-    fn sender(
-        &self,
-        target: &Live,
-        retry_tx: &mpsc::UnboundedSender<(Batch, OwnedSemaphorePermit)>,
-    ) -> Sender {
+    /// What a batch task needs to send on `target`.
+    fn sender(&self, target: &Live) -> Sender {
         Sender {
             link: target.link.clone(),
             version: target.version,
             session: self.shared.session,
             ack_timeout: self.shared.gateway.ack_timeout,
             sent: self.shared.accounting.uplink_bytes.clone(),
-            retry_tx: retry_tx.clone(),
         }
     }
 }
@@ -751,7 +738,6 @@ struct Sender {
     session: u64,
     ack_timeout: Duration,
     sent: metrics::Counter,
-    retry_tx: mpsc::UnboundedSender<(Batch, OwnedSemaphorePermit)>,
 }
 
 /// `first` and whatever else is already waiting, within the batch limits.
@@ -776,8 +762,6 @@ struct Batch {
     accounts: Accounts,
     /// Its number in the agent's session (protocol 3 names it on the wire).
     seq: u64,
-    /// When it was first sent: it is sent again until four acknowledgement timeouts have passed.
-    first_sent: Option<Instant>,
     /// It went out before without an acknowledgement (the `BATCH` frame says so).
     sent_before: bool,
 }
@@ -802,7 +786,6 @@ impl Batch {
             frames: frames.freeze(),
             accounts: Accounts::Live(tickets),
             seq,
-            first_sent: None,
             sent_before: false,
         }
     }
@@ -816,7 +799,6 @@ impl Batch {
             frames: frames.freeze(),
             accounts: Accounts::Spooled(chunk.share),
             seq,
-            first_sent: None,
             sent_before: false,
         }
     }
@@ -866,64 +848,71 @@ impl Accounts {
     }
 }
 
-/// Sends `batch` on `sender`'s link and resolves its accounts by the answer. A batch whose
-/// acknowledgement does not come (a link lost, an ACK late or lost, a gateway out of room) is
-/// handed back for another link when the gateway names batches (protocol 3: it will not replay
-/// one twice), until four acknowledgement timeouts have passed since it was first sent.
-async fn send_batch(sender: Sender, mut batch: Batch, permit: OwnedSemaphorePermit) {
-    let first_sent = *batch.first_sent.get_or_insert_with(Instant::now);
-    let frames = if sender.version >= 3 {
-        let mut out = BytesMut::with_capacity(batch.frames.len() + 32);
-        Frame::Batch(teeway_wire::BatchId {
-            session: sender.session,
-            seq: batch.seq,
-            retry: batch.sent_before,
-        })
-        .encode(&mut out);
-        out.extend_from_slice(&batch.frames);
-        out.freeze()
-    } else {
-        batch.frames.clone()
-    };
-    let bytes = frames.len() as u64;
+/// Sends `batch` on `sender`'s link and resolves its accounts by the answer. When the gateway
+/// names batches (protocol 3: it replays one once however often it arrives), a batch whose
+/// acknowledgement does not come (late, lost) or that the gateway had no room for is sent again
+/// **on the same link** (only that gateway can tell it has it), with backoff after a refusal,
+/// until four acknowledgement timeouts have passed since it was first sent or the link is gone;
+/// then it counts as `uplink_error` (`rejected` after refusals). The batch keeps its slot
+/// meanwhile, so retries stay within the bound on batches in flight.
+async fn send_batch(sender: Sender, mut batch: Batch, _permit: OwnedSemaphorePermit) {
+    let first_sent = Instant::now();
     let ack_timeout = sender.ack_timeout;
-    let outcome = match tokio::time::timeout(ack_timeout, sender.link.send_batch(frames)).await {
-        Ok(result) => result,
-        Err(_) => Err(BatchFailure::Transport(format!(
-            "no acknowledgement within {ack_timeout:?}"
-        ))),
-    };
-    let again = |detail: &str| {
-        sender.version >= 3 && first_sent.elapsed() < ack_timeout * 4 && {
-            tracing::debug!(%detail, seq = batch.seq, "batch not acknowledged; sending it again");
-            true
-        }
-    };
-    match outcome {
-        Ok(accepted) => {
-            sender.sent.increment(bytes);
-            batch.accounts.acknowledged(accepted);
-        }
-        Err(BatchFailure::Busy(detail)) | Err(BatchFailure::Transport(detail))
-            if again(&detail) =>
+    let mut busy_backoff = Duration::from_millis(100);
+    loop {
+        let frames = if sender.version >= 3 {
+            let mut out = BytesMut::with_capacity(batch.frames.len() + 32);
+            Frame::Batch(teeway_wire::BatchId {
+                session: sender.session,
+                seq: batch.seq,
+                retry: batch.sent_before,
+            })
+            .encode(&mut out);
+            out.extend_from_slice(&batch.frames);
+            out.freeze()
+        } else {
+            batch.frames.clone()
+        };
+        let bytes = frames.len() as u64;
+        let outcome = match tokio::time::timeout(ack_timeout, sender.link.send_batch(frames)).await
         {
-            batch.sent_before = true;
-            if let Err(e) = sender.retry_tx.send((batch, permit)) {
-                // The uplink stopped: the copies count as `shutdown` when dropped.
-                drop(e);
+            Ok(result) => result,
+            Err(_) => Err(BatchFailure::Transport(format!(
+                "no acknowledgement within {ack_timeout:?}"
+            ))),
+        };
+        let may_retry = sender.version >= 3
+            && first_sent.elapsed() < ack_timeout * 4
+            && !sender.link.is_closed();
+        match outcome {
+            Ok(accepted) => {
+                sender.sent.increment(bytes);
+                batch.accounts.acknowledged(accepted);
+                return;
             }
-        }
-        Err(BatchFailure::Rejected(detail)) => {
-            tracing::debug!(%detail, records = batch.accounts.len(), "gateway rejected a batch");
-            batch.accounts.failed(true);
-        }
-        Err(BatchFailure::Busy(detail)) => {
-            tracing::debug!(%detail, records = batch.accounts.len(), "gateway had no room for a batch");
-            batch.accounts.failed(true);
-        }
-        Err(BatchFailure::Transport(detail)) => {
-            tracing::debug!(%detail, records = batch.accounts.len(), "batch lost with the connection");
-            batch.accounts.failed(false);
+            // Refused while reading (no room): not dispatched; try again a little later.
+            Err(BatchFailure::Busy(detail)) if may_retry => {
+                tracing::debug!(%detail, seq = batch.seq, "gateway had no room for a batch; sending it again");
+                let jitter =
+                    Duration::from_millis(fastrand::u64(0..=busy_backoff.as_millis() as u64));
+                tokio::time::sleep(busy_backoff / 2 + jitter / 2).await;
+                busy_backoff = (busy_backoff * 2).min(ack_timeout);
+            }
+            // The gateway may have it: the same gateway gets it again, marked so.
+            Err(BatchFailure::Transport(detail)) if may_retry => {
+                tracing::debug!(%detail, seq = batch.seq, "batch not acknowledged; sending it again");
+                batch.sent_before = true;
+            }
+            Err(BatchFailure::Rejected(detail)) | Err(BatchFailure::Busy(detail)) => {
+                tracing::debug!(%detail, records = batch.accounts.len(), "gateway rejected a batch");
+                batch.accounts.failed(true);
+                return;
+            }
+            Err(BatchFailure::Transport(detail)) => {
+                tracing::debug!(%detail, records = batch.accounts.len(), "batch lost with the connection");
+                batch.accounts.failed(false);
+                return;
+            }
         }
     }
 }

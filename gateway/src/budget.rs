@@ -5,7 +5,7 @@
 //! the gateway buffers from agents before dispatch (the bytes of a batch stream not yet complete,
 //! the records of a TLS batch not yet closed by `END`) is therefore taken from three byte
 //! budgets: the whole gateway's (`limits.buffer_bytes`), the agent identity's
-//! (`limits.identity_buffer_bytes`, so agents with another certificate always find room) and
+//! (`limits.identity_buffer_bytes`, so one identity cannot take it all) and
 //! the connection's (`limits.connection_buffer_bytes`). A stream whose
 //! next bytes do not fit is reset ([`teeway_wire::codes::OVERLOADED`]) and its bytes given back
 //! at once; nothing waits for budget, so budget never deadlocks. A batch must also arrive whole

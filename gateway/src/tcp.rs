@@ -228,6 +228,12 @@ async fn exchange(
             }
             Frame::Batch(id) if version >= 3 && batch.is_empty() && batch_id.is_none() => {
                 batch_id = Some(id);
+                deadline.get_or_insert_with(|| {
+                    (
+                        tokio::time::Instant::now() + share.stream_timeout(),
+                        share.stream_timeout(),
+                    )
+                });
             }
             other => {
                 return Refused::Protocol(format!(
