@@ -497,6 +497,7 @@ impl AgentConfig {
                         && a.transport == b.transport
                         && a.nameservers == b.nameservers
                         && a.spool == b.spool
+                        && a.ack_timeout == b.ack_timeout
                 }
                 (None, None) => true,
                 _ => false,
