@@ -1,6 +1,7 @@
 //! A gateway process against an agent that holds a valid certificate and misbehaves: it opens
 //! every connection its identity may, on each many streams that announce 16 MiB frames and stall
-//! part way, and one that drips a byte at a time. The gateway's memory stays within its
+//! part way (the streams the budget admits then reach the stream timeout). The gateway's memory
+//! stays within its
 //! configured budget (measured as the process's resident memory), the over-budget streams, the
 //! slow one and the connection over the limit are refused and counted by reason, and a
 //! well-behaved agent with another certificate keeps mirroring with exact accounting meanwhile.

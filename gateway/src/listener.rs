@@ -363,7 +363,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
         };
         match chunk {
             Ok(Some(chunk)) => {
-                if buf.len() + chunk.bytes.len() > MAX_STREAM_BYTES {
+                if held.bytes() as usize + chunk.bytes.len() > MAX_STREAM_BYTES {
                     dispatcher.refuse_stream(identity, Refused::TooLarge);
                     reject(&mut send, &mut recv, codes::PROTOCOL_ERROR);
                     return;
@@ -421,6 +421,9 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
             Err(e) => break Some(e.to_string()),
         }
     });
+    // Everything is read and decoded: the budget is given back before dispatch and the answer.
+    drop(held);
+    drop(buf);
     let reply = match (problem, frames.first()) {
         (Some(problem), _) => Err(problem),
         (None, None) => Err("empty stream".to_owned()),
