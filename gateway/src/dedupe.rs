@@ -65,11 +65,15 @@ impl Window {
     fn mark(&mut self, seq: u64, now: u64) -> Verdict {
         self.last_seen = now;
         if seq > self.highest {
-            // Forget the slots the window moves past.
-            let moved = (seq - self.highest).min(WINDOW);
-            for s in (seq - moved + 1)..=seq {
-                let (word, bit) = Self::index(s);
-                self.bits[word] &= !bit;
+            // Forget the slots the window moves past (all of them in one fill when it jumps).
+            let moved = seq - self.highest;
+            if moved >= WINDOW {
+                self.bits.fill(0);
+            } else {
+                for s in (seq - moved + 1)..=seq {
+                    let (word, bit) = Self::index(s);
+                    self.bits[word] &= !bit;
+                }
             }
             self.highest = seq;
             self.set(seq);
