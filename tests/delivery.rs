@@ -6,18 +6,15 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use teeway::sample;
 use teeway::stack::{self, Pki, RunningAgent};
 use teeway_runtime::metrics::Snapshot;
 
-use support::{admin_get, agent_settled, field, get, settle, settle_async, KeepAlive, Proc, LIMIT};
-
-fn write(dir: &Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).expect("write");
-}
+use support::{
+    admin_get, agent_settled, get, settle, settle_async, GatewayProcess, KeepAlive, LIMIT,
+};
 
 fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill")
@@ -33,23 +30,9 @@ async fn late_acknowledgements_are_sent_again_and_delivered_once() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let pki = Pki::generate("prod-eu-1").expect("pki");
-    write(dir, "ca.pem", &pki.ca.certified.cert_pem);
-    write(dir, "gateway.pem", &pki.gateway.cert_pem);
-    write(dir, "gateway.key", &pki.gateway.key_pem);
     let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-    write(
-        dir,
-        "gateway.yaml",
-        &format!(
-            "listen: 127.0.0.1:0\ntransports: [quic]\ntls: {{ ca: ca.pem, cert: gateway.pem, key: gateway.key }}\nroutes:\n  - targets: [{}]\nadmin: {{ listen: 127.0.0.1:0 }}\n",
-            shadow.url()
-        ),
-    );
-    let gateway = Proc::spawn(dir, &["gateway", "--config", "gateway.yaml"]);
-    let serving = gateway.wait_for_line("gateway serving");
-    let addr: std::net::SocketAddr = field(&serving, "listen").parse().expect("listen");
-    let admin: std::net::SocketAddr = field(&serving, "admin").parse().expect("admin");
-    let pid = gateway.child.id();
+    let gateway = GatewayProcess::spawn(dir, &pki, &shadow.url(), "");
+    let (addr, admin, pid) = (gateway.addr, gateway.admin, gateway.pid());
 
     let primary = sample::start_primary().await.expect("primary");
     let mut config = stack::agent_config(pki.agent_material(), primary.addr, addr, 100.0);
@@ -110,5 +93,5 @@ async fn late_acknowledgements_are_sent_again_and_delivered_once() {
     assert_eq!(recording.count(), n, "and only once");
 
     agent.stop().await.expect("agent stops");
-    assert!(gateway.terminate_and_wait().success());
+    assert!(gateway.proc.terminate_and_wait().success());
 }

@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use teeway::stack::{self, Pki, RunningAgent};
 use teeway_runtime::metrics::Snapshot;
 use teeway_wire::tls::TlsMaterial;
 
-use support::{admin_get, field, get, settle_async, KeepAlive, Proc, LIMIT};
+use support::{admin_get, get, settle_async, GatewayProcess, KeepAlive, LIMIT};
 
 const MIB: u64 = 1024 * 1024;
 /// The gateway's budget in this test: the whole, one identity's, one connection's.
@@ -28,10 +27,6 @@ const BUFFER: u64 = 64 * MIB;
 const PER_IDENTITY: u64 = 32 * MIB;
 const PER_CONNECTION: u64 = 20 * MIB;
 const CONNECTIONS_PER_IDENTITY: usize = 4;
-
-fn write(dir: &Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).expect("write");
-}
 
 /// Resident memory of process `pid`, in bytes.
 fn rss(pid: u32) -> u64 {
@@ -98,23 +93,9 @@ async fn a_certified_agent_cannot_take_the_gateways_memory_nor_starve_another() 
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let pki = Pki::generate("prod-eu-1").expect("pki");
-    write(dir, "ca.pem", &pki.ca.certified.cert_pem);
-    write(dir, "gateway.pem", &pki.gateway.cert_pem);
-    write(dir, "gateway.key", &pki.gateway.key_pem);
     let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-    write(
-        dir,
-        "gateway.yaml",
-        &format!(
-            "listen: 127.0.0.1:0\ntransports: [quic]\ntls: {{ ca: ca.pem, cert: gateway.pem, key: gateway.key }}\nroutes:\n  - targets: [{}]\nadmin: {{ listen: 127.0.0.1:0 }}\nlimits:\n  buffer_bytes: {BUFFER}\n  identity_buffer_bytes: {PER_IDENTITY}\n  connection_buffer_bytes: {PER_CONNECTION}\n  connections_per_identity: {CONNECTIONS_PER_IDENTITY}\n  stream_timeout: 3s\n",
-            shadow.url()
-        ),
-    );
-    let gateway = Proc::spawn(dir, &["gateway", "--config", "gateway.yaml"]);
-    let serving = gateway.wait_for_line("gateway serving");
-    let addr: std::net::SocketAddr = field(&serving, "listen").parse().expect("listen");
-    let admin: std::net::SocketAddr = field(&serving, "admin").parse().expect("admin");
-    let pid = gateway.child.id();
+    let gateway = GatewayProcess::spawn(dir, &pki, &shadow.url(), &format!("limits:\n  buffer_bytes: {BUFFER}\n  identity_buffer_bytes: {PER_IDENTITY}\n  connection_buffer_bytes: {PER_CONNECTION}\n  connections_per_identity: {CONNECTIONS_PER_IDENTITY}\n  stream_timeout: 3s\n"));
+    let (addr, admin, pid) = (gateway.addr, gateway.admin, gateway.pid());
 
     // The well-behaved agent, in this process.
     let primary = sample::start_primary().await.expect("primary");
@@ -233,5 +214,5 @@ async fn a_certified_agent_cannot_take_the_gateways_memory_nor_starve_another() 
     drop(connections);
     drop(extra);
     agent.stop().await.expect("agent stops");
-    assert!(gateway.terminate_and_wait().success());
+    assert!(gateway.proc.terminate_and_wait().success());
 }

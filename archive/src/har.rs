@@ -13,6 +13,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+use teeway_runtime::proxy::percent_decode;
 
 use crate::{MirroredRequest, Record, ResponseRecord};
 
@@ -319,26 +320,6 @@ fn decode_content(headers: &http::HeaderMap, body: &[u8]) -> (Vec<u8>, Option<St
         data = out;
     }
     (data, None)
-}
-
-/// `%XX` sequences decoded (as UTF-8, lossily); `+` kept, as browsers' HAR exports keep it.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// HAR cookies of a request: each `name=value` pair of its `Cookie` headers.

@@ -448,13 +448,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
         (None, Some(Frame::Request(_)))
             if frames.iter().all(|f| matches!(f, Frame::Request(_))) =>
         {
-            let records = frames
-                .into_iter()
-                .filter_map(|f| match f {
-                    Frame::Request(r) => Some(r),
-                    _ => None,
-                })
-                .collect();
+            let records = requests(frames);
             Ok(Frame::Ack {
                 accepted: dispatcher.take_batch(None, records, identity),
             })
@@ -466,13 +460,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
                 && frames[1..].iter().all(|f| matches!(f, Frame::Request(_))) =>
         {
             let id = *id;
-            let records = frames
-                .into_iter()
-                .filter_map(|f| match f {
-                    Frame::Request(r) => Some(r),
-                    _ => None,
-                })
-                .collect();
+            let records = requests(frames);
             Ok(Frame::Ack {
                 accepted: dispatcher.take_batch(Some(id), records, identity),
             })
@@ -498,6 +486,17 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
             reject(&mut send, &mut recv, codes::PROTOCOL_ERROR);
         }
     }
+}
+
+/// The records of a batch's frames (the caller checked they are `REQUEST`s, a `BATCH` aside).
+fn requests(frames: Vec<Frame>) -> Vec<MirroredRequest> {
+    frames
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Request(r) => Some(r),
+            _ => None,
+        })
+        .collect()
 }
 
 fn reject(send: &mut SendStream, recv: &mut RecvStream, code: u32) {

@@ -1,5 +1,6 @@
 //! HTTP proxy hygiene shared by the agent (client to primary) and the gateway (record to shadow).
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -14,6 +15,31 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+/// `%XX` sequences decoded (as UTF-8, lossily; an invalid sequence is kept as written, and `+`
+/// stays `+`): query parameter names compared by meaning, HAR query values as browsers show them.
+/// Text without `%` is returned as it is, without a copy.
+pub fn percent_decode(text: &str) -> Cow<'_, str> {
+    if !text.contains('%') {
+        return Cow::Borrowed(text);
+    }
+    let bytes = text.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
 
 /// Removes hop-by-hop headers, including every header named in `Connection`, and keeps the
 /// order of the rest.

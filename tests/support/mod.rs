@@ -345,6 +345,48 @@ impl Drop for Proc {
     }
 }
 
+/// A gateway process (the real binary) over QUIC, trusting `pki`'s CA, replaying every copy to
+/// `shadow_url`; `extra` is appended to its `gateway.yaml` (a `limits:` block, say). Its files go
+/// in `dir`.
+pub struct GatewayProcess {
+    pub proc: Proc,
+    /// Where agents connect.
+    pub addr: SocketAddr,
+    /// Its admin listener.
+    pub admin: SocketAddr,
+}
+
+impl GatewayProcess {
+    pub fn spawn(dir: &Path, pki: &Pki, shadow_url: &str, extra: &str) -> GatewayProcess {
+        for (name, text) in [
+            ("ca.pem", &pki.ca.certified.cert_pem),
+            ("gateway.pem", &pki.gateway.cert_pem),
+            ("gateway.key", &pki.gateway.key_pem),
+        ] {
+            std::fs::write(dir.join(name), text).expect("write");
+        }
+        std::fs::write(
+            dir.join("gateway.yaml"),
+            format!(
+                "listen: 127.0.0.1:0\ntransports: [quic]\ntls: {{ ca: ca.pem, cert: gateway.pem, key: gateway.key }}\nroutes:\n  - targets: [{shadow_url}]\nadmin: {{ listen: 127.0.0.1:0 }}\n{extra}"
+            ),
+        )
+        .expect("write");
+        let proc = Proc::spawn(dir, &["gateway", "--config", "gateway.yaml"]);
+        let serving = proc.wait_for_line("gateway serving");
+        GatewayProcess {
+            addr: field(&serving, "listen").parse().expect("listen"),
+            admin: field(&serving, "admin").parse().expect("admin"),
+            proc,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+}
+
 /// The value of `name=` in a log line.
 pub fn field(line: &str, name: &str) -> String {
     let key = format!("{name}=");
