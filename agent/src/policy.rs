@@ -348,55 +348,44 @@ impl Redaction {
     /// without regard to case, after percent-decoding, so `Access_Token` and `access%5Ftoken`
     /// are the same parameter).
     fn scrubbed_query(&self, query: &str) -> Option<String> {
+        // Every sampled copy with a query passes here (the defaults are never empty): nothing is
+        // built unless some parameter is to be scrubbed.
+        let pairs = || {
+            query.split('&').map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (pair, name, value, self.query_action(name))
+            })
+        };
+        if pairs().all(|(.., action)| action.is_none()) {
+            // The query stays byte for byte (an empty `?` included).
+            return None;
+        }
         let mut out = String::with_capacity(query.len());
-        let mut changed = false;
-        for pair in query.split('&') {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let decoded = percent_decoded(name);
-            let action = self
-                .query
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(&decoded))
-                .map(|(_, a)| *a);
+        for (pair, name, value, action) in pairs() {
             let piece = match action {
-                None => Some(pair.to_owned()),
-                Some(RedactAction::Remove) => None,
+                None => pair.to_owned(),
+                Some(RedactAction::Remove) => continue,
                 Some(a) => {
                     let v = self.replacement(a, value.as_bytes());
-                    Some(format!("{name}={}", v.to_str().unwrap_or(DEFAULT_MARKER)))
+                    format!("{name}={}", v.to_str().unwrap_or(DEFAULT_MARKER))
                 }
             };
-            changed |= action.is_some();
-            if let Some(piece) = piece {
-                if !out.is_empty() {
-                    out.push('&');
-                }
-                out.push_str(&piece);
+            if !out.is_empty() {
+                out.push('&');
             }
+            out.push_str(&piece);
         }
-        // Nothing to scrub: the query stays byte for byte (an empty `?` included).
-        changed.then_some(out)
+        Some(out)
     }
-}
 
-/// `%XX` decoded (invalid sequences kept as they are), for comparing parameter names.
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = |b: u8| (b as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
+    /// What happens to query parameter `name` (as written, percent-encoded or not).
+    fn query_action(&self, name: &str) -> Option<RedactAction> {
+        let decoded = teeway_runtime::proxy::percent_decode(name);
+        self.query
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(&decoded))
+            .map(|(_, a)| *a)
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `scheme://user:pass@host/...` without `user:pass@`.
