@@ -30,6 +30,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 TEEWAY = os.environ.get("TEEWAY_BIN", os.path.join(ROOT, "target", "release", "teeway"))
+RELAY = os.environ.get("TEEWAY_RELAY_BIN", os.path.join(ROOT, "target", "release", "examples", "wan_relay"))
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WAIT_LIMIT = 30.0  # seconds: upper bound on any readiness or drain wait
@@ -56,6 +57,13 @@ done = function(summary, latency, requests)
     summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
     latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
 end
+"""
+
+# The WAN scenarios' requests: POSTs of 1 KiB, so a copy is about 1.2 KiB on the link.
+WRK_POST_1K = """
+wrk.method = "POST"
+wrk.body = string.rep("x", 1024)
+wrk.headers["Content-Type"] = "application/octet-stream"
 """
 
 
@@ -151,6 +159,46 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGTERM)
             try:
                 self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+
+class Relay(Proc):
+    """The long-haul link (examples/wan_relay.rs): UDP and TCP on one port towards the gateway, with
+    a fixed delay each way and UDP loss; `command()` cuts it, blocks UDP, and so on."""
+
+    def __init__(self, work, upstream_port, one_way_ms, loss):
+        self.name = "wan"
+        self.popen = subprocess.Popen([RELAY, f"127.0.0.1:{upstream_port}", str(one_way_ms), str(loss)],
+                                      cwd=work, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      start_new_session=True, preexec_fn=pin(TEST_CPU))
+        line = self.popen.stdout.readline()
+        if not line.startswith("listening "):
+            raise RuntimeError(f"wan_relay did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def command(self, cmd):
+        """Sends `cmd`; returns what the relay printed before its `ok`."""
+        self.popen.stdin.write(cmd + "\n")
+        self.popen.stdin.flush()
+        said = []
+        while (line := self.popen.stdout.readline().strip()) != "ok":
+            if not line:
+                raise RuntimeError(f"wan_relay stopped at {cmd!r}")
+            said.append(line)
+        return said
+
+    def datagrams(self):
+        """(forwarded, dropped on purpose) so far."""
+        words = self.command("stats")[0].split()
+        return int(words[1]), int(words[3])
+
+    def stop(self):
+        if self.popen.poll() is None:
+            self.popen.stdin.close()
+            try:
+                self.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait()
@@ -352,7 +400,7 @@ def nginx_proxy(work, primary_port, shadow=None, workers=2, nofile=None):
 
 
 def teeway_pair(work, primary_port, shadow, percentage, start_gateway=True, transport="auto", grpc=False,
-                sink=False, nofile=None, primary_protocol=None):
+                sink=False, nofile=None, primary_protocol=None, wan=None):
     """Gateway (unless told not to) and agent. `grpc`: HTTP/2 end to end (the agent speaks the
     client's version to the primary, the gateway the copy's to the shadow). `sink`: the agent has
     no primary and takes a mirror feed on its port."""
@@ -376,6 +424,12 @@ admin: {{ listen: 127.0.0.1:{gw_admin} }}
         procs.append(Proc("gateway", [TEEWAY, "gateway", "--config", "gateway.yaml"], work,
                           env=dict(os.environ, RUST_LOG="warn")))
         wait_until(lambda: port_open(gw_admin), "gateway admin")
+    uplink_port = gw_port
+    if wan:
+        # The agent reaches the gateway through the long-haul relay.
+        relay = Relay(work, gw_port, *wan)
+        procs.append(relay)
+        uplink_port = relay.port
     port, admin = free_port(), free_port()
     with open(os.path.join(work, "agent.yaml"), "w") as f:
         f.write(f"""cluster: bench
@@ -383,7 +437,7 @@ listen: 127.0.0.1:{port}
 {"sink: {}" if sink else f"primary: http://127.0.0.1:{primary_port}"}
 primary_protocol: {primary_protocol or ("auto" if grpc else "http1")}
 mirror: {{ percentage: {percentage} }}
-{agent_uplink(gw_port, certs, admin, transport)}""")
+{agent_uplink(uplink_port, certs, admin, transport)}""")
     agent = Proc("agent", [TEEWAY, "agent", "--config", "agent.yaml"], work, env=dict(os.environ, RUST_LOG="warn"),
                  nofile=nofile)
     procs.insert(0, agent)
@@ -420,10 +474,10 @@ def metrics(port):
     return out
 
 
-def run_wrk(port, duration, connections, threads):
+def run_wrk(port, duration, connections, threads, post_1k=False):
     script = os.path.join(tempfile.gettempdir(), "teeway-bench-report.lua")
     with open(script, "w") as f:
-        f.write(WRK_REPORT)
+        f.write((WRK_POST_1K if post_1k else "") + WRK_REPORT)
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script,
                           f"http://127.0.0.1:{port}/bench/item?id=42"],
                          capture_output=True, text=True, timeout=duration + 60, preexec_fn=pin(TEST_CPU)).stdout
@@ -465,6 +519,80 @@ def run_wrk_killing_gateway(args, port, procs, work, gateway_admin):
     reconnect = time.monotonic() - back
     runner.join()
     result["reconnect_s"] = reconnect
+    return result
+
+
+CUT_AT, CUT_FOR = 3.0, 10.0  # the link cut scenario: seconds into the run, and how long
+UDP_BLOCK_AT, UDP_BLOCK_FOR = 3.0, 8.0  # the blocked UDP scenario
+WAN_FLOW_LIMIT = 30.0  # seconds: longest wait for copies (or QUIC) to come back
+
+
+def gateway_received(admin):
+    return sum(v for k, v in metrics(admin).items() if k.startswith("teeway_gateway_received_total"))
+
+
+def uplink_links(admin, transport):
+    return metrics(admin).get(f'teeway_agent_uplink_links{{transport="{transport}"}}', 0)
+
+
+def udp_receive_buffer_drops():
+    """Datagrams the kernel dropped for want of socket buffer space, machine-wide: a loss on top of
+    the relay's own, which the WAN scenarios report."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    header, values = rows[0], rows[1]
+    return int(values[header.index("RcvbufErrors")])
+
+
+def seconds_until(check, limit=WAN_FLOW_LIMIT):
+    """Seconds until `check()` holds, polled every 20 ms; None if it never did within `limit`."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.02)
+    return None
+
+
+def run_wrk_wan(args, port, procs, admins, fault):
+    """wrk POSTing 1 KiB bodies through the agent, whose uplink crosses the relay. `fault`: None
+    (the scenario's duration), "cut" (the link cut for CUT_FOR s, CUT_AT s in: how long after
+    the cut ends copies reach the gateway again), or "udp" (UDP blocked for UDP_BLOCK_FOR s:
+    how long until copies arrive over TLS, and how long after UDP returns the agent is back on
+    QUIC)."""
+    agent_admin, gateway_admin = admins
+    relay = next(p for p in procs if p.name == "wan")
+    duration = {None: args.duration, "cut": CUT_AT + CUT_FOR + 5, "udp": UDP_BLOCK_AT + UDP_BLOCK_FOR + 12}[fault]
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(
+        run_wrk(port, int(duration), args.connections, args.threads, post_1k=True)))
+    rcvbuf_before = udp_receive_buffer_drops()
+    runner.start()
+    wan = {}
+    if fault == "cut":
+        time.sleep(CUT_AT)
+        relay.command("cut")
+        time.sleep(CUT_FOR)
+        before = gateway_received(gateway_admin)
+        relay.command("restore")
+        wan["flow_s"] = seconds_until(lambda: gateway_received(gateway_admin) > before)
+    elif fault == "udp":
+        time.sleep(UDP_BLOCK_AT)
+        relay.command("block-udp")
+        blocked = time.monotonic()
+        # Copies are flowing over TLS when the agent has a TLS link and the gateway's count moves.
+        if seconds_until(lambda: uplink_links(agent_admin, "tls") >= 1) is not None:
+            before = gateway_received(gateway_admin)
+            if seconds_until(lambda: gateway_received(gateway_admin) > before) is not None:
+                wan["tls_s"] = time.monotonic() - blocked
+        time.sleep(max(0.0, blocked + UDP_BLOCK_FOR - time.monotonic()))
+        relay.command("unblock-udp")
+        wan["quic_s"] = seconds_until(lambda: uplink_links(agent_admin, "quic") >= 1)
+    runner.join()
+    forwarded, dropped = relay.datagrams()
+    wan["datagrams"] = f"{forwarded} relayed, {dropped} dropped by the relay, " \
+                       f"{udp_receive_buffer_drops() - rcvbuf_before} by the kernel (receive buffers full)"
+    result["wan"] = wan
     return result
 
 
@@ -630,6 +758,9 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             load = run_wrk_killing_gateway(args, target_port, procs, work, gateway_admin)
             row["reconnect_s"] = load.pop("reconnect_s")
             gateway_admin = None  # the first gateway's counters died with it
+        elif driver.startswith("wan"):
+            load = run_wrk_wan(args, target_port, procs, admins, driver.partition("+")[2] or None)
+            row["wan"] = load.pop("wan")
         elif driver == "redis":
             load = run_redis_benchmark(target_port, args.connections)
         elif driver == "grpc":
@@ -664,6 +795,9 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
         if gateway_admin:
             wait_until(lambda: metrics(gateway_admin).get("teeway_gateway_replay_in_flight", 1) == 0, "gateway drain")
             g = metrics(gateway_admin)
+            row["gateway_received"] = int(sum(v for k, v in g.items() if k.startswith("teeway_gateway_received_total")))
+            if "wan" in row:
+                row["wan"]["copies_per_s"] = row["agent_mirrored"] / (load["requests"] / load["rps"])
             row["gateway_replayed"] = int(sum(v for k, v in g.items() if k.startswith("teeway_gateway_replayed_total")))
             row["gateway_shed"] = int(sum(v for k, v in g.items() if k.startswith("teeway_gateway_replay_failed_total")))
             reasons = []
@@ -756,11 +890,12 @@ def main():
             return port, [proxy, pproc, shadow.proc], shadow, None
         return setup
 
-    def with_teeway(percentage, delay_ms=0, gateway=True, transport="auto", nofile=None):
+    def with_teeway(percentage, delay_ms=0, gateway=True, transport="auto", nofile=None, wan=None):
         def setup(work):
             pport, pproc = primary(work)
             shadow = Shadow(work, delay_ms)
-            port, admins, procs = teeway_pair(work, pport, shadow, percentage, gateway, transport, nofile=nofile)
+            port, admins, procs = teeway_pair(work, pport, shadow, percentage, gateway, transport, nofile=nofile,
+                                              wan=wan)
             return port, procs + [pproc, shadow.proc], shadow if percentage > 0 else None, admins
         return setup
 
@@ -840,6 +975,14 @@ def main():
         ("18", "teeway agent 0% under the same slowloris", with_teeway(0, nofile=ATTACK_NOFILE), "wrk+slowloris"),
         ("19", "h2load through teeway 0% to an h2c nginx primary sending GOAWAY every 1,000 requests", h2_goaway,
          "h2load"),
+        ("20", "WAN: 1 KiB POSTs through teeway 100%, uplink over a relay with 40 ms each way (80 ms RTT)",
+         with_teeway(100, wan=(40, 0)), "wan"),
+        ("21", "WAN: as 20 with 2% of UDP datagrams lost each way", with_teeway(100, wan=(40, 0.02)), "wan"),
+        ("22", f"WAN: as 21, the link cut for {CUT_FOR:.0f} s", with_teeway(100, wan=(40, 0.02)), "wan+cut"),
+        ("22b", f"WAN: as 22 with transport: quic (no TLS fallback)",
+         with_teeway(100, transport="quic", wan=(40, 0.02)), "wan+cut"),
+        ("23", f"WAN: as 20, UDP blocked for {UDP_BLOCK_FOR:.0f} s (transport: auto)", with_teeway(100, wan=(40, 0)),
+         "wan+udp"),
     ]
     info = versions()
     print(f"teeway benchmark: {info['machine']}; {args.duration}s per scenario, {args.connections} connections")
@@ -887,6 +1030,8 @@ def write_results(args, info, rows):
             delivered += f"; uplink back {r['reconnect_s']:.2f} s after the gateway returned"
         if "attack" in r:
             delivered += f" (attack: {r['attack']})"
+        if "wan" in r:
+            delivered += " (" + wan_summary(r) + ")"
         if r.get("agent_retries"):
             delivered += f" (agent: {r['agent_retries']} requests retried on a new primary connection, " \
                          f"{r['agent_primary_errors']} answered 502)"
@@ -900,12 +1045,29 @@ def write_results(args, info, rows):
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     keys = ["n", "scenario", "rps", "p50_ms", "p99_ms", "p999_ms", "errors", "delivered", "agent_seen",
-            "agent_mirrored", "agent_dropped", "agent_retries", "gateway_replayed", "gateway_shed", "reconnect_s",
-            "attack", "cpu_per_1k", "peak_rss", "error"]
+            "agent_mirrored", "agent_dropped", "agent_retries", "gateway_received", "gateway_replayed", "gateway_shed", "reconnect_s",
+            "attack", "wan", "cpu_per_1k", "peak_rss", "error"]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+
+
+def wan_summary(r):
+    w = r["wan"]
+    parts = [f"{w.get('copies_per_s', 0):.0f} copies/s acknowledged",
+             f"books: agent mirrored {r.get('agent_mirrored')} = gateway received {r.get('gateway_received')}"
+             if r.get("agent_mirrored") == r.get("gateway_received")
+             else f"books DIFFER: agent mirrored {r.get('agent_mirrored')}, gateway received {r.get('gateway_received')}"]
+    secs = lambda v: "never" if v is None else f"{v:.2f} s"
+    if "flow_s" in w:
+        parts.append(f"copies again {secs(w['flow_s'])} after the link returned")
+    if "datagrams" in w:
+        parts.append("UDP datagrams: " + w["datagrams"])
+    if "quic_s" in w:
+        parts.append(f"over TLS {secs(w.get('tls_s'))} after UDP was blocked, back on QUIC {secs(w['quic_s'])}"
+                     " after it returned")
+    return "; ".join(parts)
 
 
 def targets(by):
@@ -963,6 +1125,30 @@ def targets(by):
     if "19" in by:
         check("HTTP/2 primary GOAWAY (19): no client errors", by["19"]["errors"] == 0,
               f"{by['19']['errors']} errors, {by['19'].get('agent_retries', 0)} requests retried")
+    wan = lambda n, key: by[n]["wan"].get(key) if n in by and "wan" in by[n] else None
+    lossless, lossy = wan("20", "copies_per_s"), wan("21", "copies_per_s")
+    if lossless and lossy:
+        check("WAN (21 vs 20): with 2% loss the uplink carries at least 80% of what it carries without",
+              lossy >= 0.8 * lossless, f"{lossy:.0f} vs {lossless:.0f} copies/s, {lossy / lossless * 100:.1f}%")
+        check("WAN (21): at least 10,000 copies/s of 1 KiB requests at 80 ms RTT and 2% loss", lossy >= 10_000,
+              f"{lossy:.0f} copies/s")
+    for n in ("22", "22b"):
+        if n in by and "wan" in by[n]:
+            v = wan(n, "flow_s")
+            check(f"WAN ({n}): copies flow again within 2 s of a cut link's return", v is not None and v <= 2,
+                  "never" if v is None else f"{v:.2f} s")
+    if "23" in by and "wan" in by["23"]:
+        v = wan("23", "tls_s")
+        check("WAN (23): blocked UDP detected and TLS carrying copies within 5 s", v is not None and v <= 5,
+              "never" if v is None else f"{v:.2f} s")
+        v = wan("23", "quic_s")
+        check("WAN (23): back on QUIC after UDP returns", v is not None,
+              "never" if v is None else f"{v:.2f} s")
+    books = [n for n in ("20", "21", "22", "22b", "23") if n in by]
+    if books:
+        exact = [n for n in books if by[n].get("agent_mirrored") == by[n].get("gateway_received")]
+        check("WAN: agent mirrored_total equals gateway received_total exactly", len(exact) == len(books),
+              f"{len(exact)} of {len(books)} scenarios")
     rss = [r["rss_agent_mib"] for r in by.values() if "rss_agent_mib" in r]
     if rss:
         check("agent peak RSS under 64 MiB in every scenario", max(rss) < 64, f"max {max(rss):.1f} MiB")
