@@ -112,16 +112,41 @@ impl GatewayListeners {
     }
 }
 
+/// The UDP receive buffer the gateway asks for. Agents send in bursts (a batch is many
+/// datagrams at once, and a long-haul path delivers a window's worth together); with Linux's
+/// default of 208 KiB a gateway busy for a moment dropped a third of the datagrams of an
+/// agent sending 15 MB/s, and every drop is a retransmission and a congestion signal.
+const UDP_RECEIVE_BUFFER: usize = 8 << 20;
+
+/// Asks for [`UDP_RECEIVE_BUFFER`]; the kernel caps the request at `net.core.rmem_max`, which
+/// is said once at startup when it is the smaller (raising it is the operator's call).
+fn widen_receive_buffer(socket: &std::net::UdpSocket) {
+    let socket = socket2::SockRef::from(socket);
+    let _ = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER);
+    // Linux reports twice what it grants (the doubling covers its bookkeeping).
+    match socket.recv_buffer_size() {
+        Ok(granted) if granted / 2 < UDP_RECEIVE_BUFFER => tracing::info!(
+            granted_bytes = granted / 2,
+            wanted_bytes = UDP_RECEIVE_BUFFER,
+            "UDP receive buffer capped by the kernel; for agents sending tens of MB/s raise it with `sysctl -w net.core.rmem_max=8388608`"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot read the UDP receive buffer size"),
+    }
+}
+
 type TransportSockets = (Option<std::net::UdpSocket>, Option<std::net::TcpListener>);
 
 fn bind_transport_pair(listen: SocketAddr, transports: Transports) -> io::Result<TransportSockets> {
     let udp = |addr: SocketAddr| {
-        std::net::UdpSocket::bind(addr).map_err(|e| {
+        let socket = std::net::UdpSocket::bind(addr).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on udp {addr} (listen): {e}"),
             )
-        })
+        })?;
+        widen_receive_buffer(&socket);
+        Ok::<_, io::Error>(socket)
     };
     let tcp = |addr: SocketAddr| {
         let listener = std::net::TcpListener::bind(addr).map_err(|e| {
@@ -527,6 +552,11 @@ fn restart_stable_keys(
     )
 }
 
+/// Unread bytes quinn holds for one stream (QUIC flow control): a batch's first MiB.
+const QUIC_STREAM_WINDOW: u32 = 1 << 20;
+/// Unread bytes quinn holds for one connection, across its streams.
+const QUIC_CONNECTION_WINDOW: u32 = 4 << 20;
+
 /// The QUIC server configuration for `material`: mTLS, stream limits, idle timeout.
 fn quic_server_config(
     material: &teeway_wire::tls::TlsMaterial,
@@ -540,6 +570,11 @@ fn quic_server_config(
     transport.max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_per_connection));
 
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // What quinn holds of a connection's data before the gateway reads it: bounded per stream
+    // and per connection, so that an agent cannot park memory outside the budget by opening
+    // streams faster than they are read. 4 MiB a round trip is 50 MB/s at 80 ms.
+    transport.stream_receive_window(VarInt::from_u32(QUIC_STREAM_WINDOW));
+    transport.receive_window(VarInt::from_u32(QUIC_CONNECTION_WINDOW));
     transport.max_idle_timeout(Some(
         IDLE_TIMEOUT
             .try_into()

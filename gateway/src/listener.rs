@@ -352,8 +352,19 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
     let mut problem = None;
     let deadline = tokio::time::Instant::now() + share.stream_timeout();
     loop {
-        let chunk = match tokio::time::timeout_at(deadline, recv.read_chunk(64 * 1024, true)).await
-        {
+        let read = tokio::time::timeout_at(deadline, recv.read_chunk(64 * 1024, true));
+        let read = tokio::select! {
+            // A batch still arriving at shutdown is not waited for (its agent may be gone, and
+            // the stream would hold the exit for the stream timeout): nothing of it was
+            // dispatched, and "no room" tells the agent to send it again.
+            () = shutdown.cancelled() => {
+                tracing::debug!(%identity, "batch still arriving at shutdown; abandoned for the agent to send again");
+                reject(&mut send, &mut recv, codes::OVERLOADED);
+                return;
+            }
+            read = read => read,
+        };
+        let chunk = match read {
             Ok(chunk) => chunk,
             Err(_) => {
                 dispatcher.refuse_stream(identity, Refused::Timeout(share.stream_timeout()));
@@ -478,8 +489,13 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
                 return;
             }
             let _ = send.finish();
-            // Wait until the answer is delivered before the stream is dropped.
-            let _ = send.stopped().await;
+            // Wait until the answer is delivered before the stream is dropped; at shutdown not
+            // (an agent that vanished would hold the exit until its connection times out, and
+            // an unanswered batch is sent again by the agent).
+            tokio::select! {
+                _ = send.stopped() => {}
+                () = shutdown.cancelled() => {}
+            }
         }
         Err(problem) => {
             dispatcher.refuse_stream(identity, Refused::Protocol(problem));
