@@ -123,6 +123,7 @@ pub fn agent_config(
             tls_files: Default::default(),
             spool: None,
             ack_timeout: teeway_agent::config::DEFAULT_ACK_TIMEOUT,
+            quic_retry: teeway_agent::config::DEFAULT_QUIC_RETRY,
         }),
         archive: None,
         tcp: Vec::new(),

@@ -182,9 +182,9 @@ async fn several_gateways_behind_one_name_share_fail_over_and_follow_dns() {
     let links = |n: f64| {
         let agent = stack.agent.agent.clone();
         async move {
-            settle(|| agent.metrics(), |s| s.get(am::UPLINK_LINKS) == n)
+            settle(|| agent.metrics(), |s| s.sum(am::UPLINK_LINKS) == n)
                 .await
-                .get(am::UPLINK_LINKS)
+                .sum(am::UPLINK_LINKS)
         }
     };
     assert_eq!(links(2.0).await, 2.0, "one link per address");

@@ -139,6 +139,8 @@ pub struct GatewayConfig {
     /// Time a batch waits for its acknowledgement before it is sent again (protocol 3) or
     /// counted as `uplink_error`; a batch is sent again until four times this has passed.
     pub ack_timeout: Duration,
+    /// With `transport: auto`, how often a link that fell back to TLS over TCP tries QUIC again.
+    pub quic_retry: Duration,
     /// Where copies wait on disk while no gateway is reachable; `None`: they are dropped as
     /// `no_uplink`.
     pub spool: Option<SpoolConfig>,
@@ -146,6 +148,9 @@ pub struct GatewayConfig {
 
 /// Default `gateway.ack_timeout`.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Default `gateway.quic_retry`.
+pub const DEFAULT_QUIC_RETRY: Duration = Duration::from_secs(10);
 
 /// `listen_tls:`: the certificate the agent presents to production clients.
 #[derive(Debug, Clone)]
@@ -498,6 +503,7 @@ impl AgentConfig {
                         && a.nameservers == b.nameservers
                         && a.spool == b.spool
                         && a.ack_timeout == b.ack_timeout
+                        && a.quic_retry == b.quic_retry
                 }
                 (None, None) => true,
                 _ => false,
@@ -674,6 +680,17 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
             },
         )
         .unwrap_or(DEFAULT_ACK_TIMEOUT);
+    let quic_retry = g
+        .optional(
+            p,
+            "quic_retry",
+            "use a duration from 1s to 1h, such as 10s",
+            |v| match cfg::duration(v)? {
+                t if t >= Duration::from_secs(1) && t <= Duration::from_secs(3600) => Ok(t),
+                _ => Err("must be from 1s to 1h".into()),
+            },
+        )
+        .unwrap_or(DEFAULT_QUIC_RETRY);
     let spool = spool_block(g, p, base_dir);
     let (host, port) = address?;
     Some(GatewayConfig {
@@ -686,6 +703,7 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
         tls_files: [ca?, cert?, key?],
         spool,
         ack_timeout,
+        quic_retry,
     })
 }
 

@@ -12,8 +12,15 @@
 //!   batch (a lone `END`) every [`KEEP_ALIVE`], and a link that hears nothing for
 //!   [`IDLE_TIMEOUT`] is dead: TCP alone would take minutes to notice a vanished peer.
 //!
-//! `transport: auto` tries QUIC first and falls back to TLS over TCP when QUIC gives no answer
-//! within [`AUTO_QUIC_TIMEOUT`] (UDP dropped on the way) or fails before TLS is reached.
+//! `transport: auto` tries QUIC first; when QUIC has not answered within [`AUTO_TLS_HEADSTART`]
+//! (UDP dropped on the way) TLS over TCP is tried beside it and the first welcomed wins, and when
+//! QUIC fails before TLS is reached TLS is tried at once.
+//!
+//! **Long-haul links.** QUIC runs BBR, not quinn's default CUBIC: CUBIC reads every lost datagram
+//! as congestion, and on an 80 ms path losing 2% of datagrams it settled at a few hundred KiB/s;
+//! BBR paces by the bandwidth and round trip it measures, so random loss costs little. Whether a
+//! link still carries anything is read from [`Link::heard`]: datagrams received on QUIC (the
+//! gateway acknowledges every packet within a few milliseconds), bytes read on TLS.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -42,6 +49,13 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// With `transport: auto`, how long QUIC has to answer before TLS over TCP is tried.
 pub const AUTO_QUIC_TIMEOUT: Duration = Duration::from_secs(2);
+/// With `transport: auto`, how long QUIC is tried alone before TLS over TCP is tried beside it
+/// (the first to be welcomed wins; QUIC, when both would be, since it starts first).
+pub const AUTO_TLS_HEADSTART: Duration = Duration::from_secs(1);
+/// With `transport: auto`, how long the TLS fallback has to connect. Shorter than a lone
+/// transport's handshake time so that, while the path is cut, attempts cycle back to QUIC
+/// often: a link that returns is found within about this long, not after TCP's backed-off SYNs.
+pub const AUTO_TLS_TIMEOUT: Duration = Duration::from_secs(4);
 /// QUIC's first round-trip estimate. Lower than the RFC's 333 ms so that a handshake whose first
 /// packets met a gateway still restarting is retried within about 300 ms; replaced by the
 /// measured RTT after the first exchange, so long-haul links are not misjudged.
@@ -96,6 +110,7 @@ impl ClientConfigs {
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(KEEP_ALIVE));
         transport.initial_rtt(INITIAL_RTT);
+        transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
         transport.max_idle_timeout(Some(
             IDLE_TIMEOUT
                 .try_into()
@@ -156,33 +171,56 @@ impl Link {
                 }),
             }
         };
-        let tls = || async move {
-            match tokio::time::timeout(dialer.timeout, connect_tls(addr, dialer)).await {
+        let tls = |timeout: Duration| async move {
+            match tokio::time::timeout(timeout, connect_tls(addr, dialer)).await {
                 Ok(result) => result,
                 Err(_) => Err(UplinkError::Timeout {
                     addr,
-                    after: dialer.timeout,
+                    after: timeout,
                 }),
             }
         };
         match transport {
             Transport::Quic => quic(dialer.timeout, endpoint()?).await,
-            Transport::Tls => tls().await,
-            Transport::Auto => match quic(AUTO_QUIC_TIMEOUT, endpoint()?).await {
-                Ok(pair) => Ok(pair),
-                // The gateway answered over QUIC and refused us: TCP would hear the same.
-                Err(e @ UplinkError::Refused { .. }) => Err(e),
-                Err(quic_error) => {
-                    tracing::debug!(%addr, error = %quic_error, "QUIC failed; trying TLS over TCP");
-                    tls()
-                        .await
-                        .map_err(|tls_error| UplinkError::BothTransports {
-                            addr,
-                            quic: quic_error.to_string(),
-                            tls: tls_error.to_string(),
-                        })
+            Transport::Tls => tls(dialer.timeout).await,
+            Transport::Auto => {
+                let both = |quic: UplinkError, tls: UplinkError| UplinkError::BothTransports {
+                    addr,
+                    quic: quic.to_string(),
+                    tls: tls.to_string(),
+                };
+                let tls_timeout = AUTO_TLS_TIMEOUT.min(dialer.timeout);
+                let quic_attempt = quic(AUTO_QUIC_TIMEOUT, endpoint()?);
+                tokio::pin!(quic_attempt);
+                // QUIC alone first; TLS joins the race if QUIC has not answered by then.
+                match tokio::time::timeout(AUTO_TLS_HEADSTART, &mut quic_attempt).await {
+                    Ok(Ok(pair)) => return Ok(pair),
+                    // The gateway answered over QUIC and refused us: TCP would hear the same.
+                    Ok(Err(e @ UplinkError::Refused { .. })) => return Err(e),
+                    Ok(Err(quic_error)) => {
+                        tracing::debug!(%addr, error = %quic_error, "QUIC failed; trying TLS over TCP");
+                        return tls(tls_timeout).await.map_err(|e| both(quic_error, e));
+                    }
+                    Err(_) => {}
                 }
-            },
+                let tls_attempt = tls(tls_timeout);
+                tokio::pin!(tls_attempt);
+                tokio::select! {
+                    biased;
+                    result = &mut quic_attempt => match result {
+                        Ok(pair) => Ok(pair),
+                        Err(e @ UplinkError::Refused { .. }) => Err(e),
+                        Err(quic_error) => tls_attempt.await.map_err(|e| both(quic_error, e)),
+                    },
+                    result = &mut tls_attempt => match result {
+                        Ok(pair) => {
+                            tracing::debug!(%addr, "no answer over QUIC; TLS over TCP answered");
+                            Ok(pair)
+                        }
+                        Err(tls_error) => quic_attempt.await.map_err(|e| both(e, tls_error)),
+                    },
+                }
+            }
         }
     }
 
@@ -218,6 +256,17 @@ impl Link {
         match self {
             Link::Quic(c) => c.close_reason().is_some(),
             Link::Tls(t) => t.inner.closed.is_cancelled(),
+        }
+    }
+
+    /// A count that moves while the gateway is heard from: datagrams received on QUIC (each
+    /// packet the agent sends is acknowledged within the peer's ACK delay), bytes read on TLS
+    /// (acknowledgements and keep-alive answers). A link with batches out whose count stands still
+    /// carries nothing.
+    pub fn heard(&self) -> u64 {
+        match self {
+            Link::Quic(c) => c.stats().udp_rx.datagrams,
+            Link::Tls(t) => t.inner.heard.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -443,6 +492,8 @@ struct TlsInner {
     /// Cancelled when either task ends or the link is closed on purpose.
     closed: CancellationToken,
     reason: std::sync::Mutex<Option<String>>,
+    /// Reads from the gateway so far (see [`Link::heard`]).
+    heard: Arc<std::sync::atomic::AtomicU64>,
 }
 
 type AckTx = oneshot::Sender<u32>;
@@ -549,11 +600,13 @@ async fn connect_tls(
     let (batches_tx, batches_rx) = mpsc::channel(8);
     let (pending_tx, pending_rx) = mpsc::unbounded_channel();
     let closed = CancellationToken::new();
+    let heard = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let inner = Arc::new(TlsInner {
         addr,
         batches_tx,
         closed: closed.clone(),
         reason: std::sync::Mutex::new(None),
+        heard: heard.clone(),
     });
     let link = TlsLink {
         inner: inner.clone(),
@@ -575,7 +628,7 @@ async fn connect_tls(
     });
     let closed_r = closed.clone();
     tokio::spawn(async move {
-        let why = tls_reader(read, buf, pending_rx, &closed_r).await;
+        let why = tls_reader(read, buf, pending_rx, &closed_r, &heard).await;
         report(why);
         closed_r.cancel();
     });
@@ -632,6 +685,7 @@ async fn tls_reader(
     mut buf: BytesMut,
     mut pending_rx: mpsc::UnboundedReceiver<Option<AckTx>>,
     closed: &CancellationToken,
+    heard: &std::sync::atomic::AtomicU64,
 ) -> String {
     let mut waiting: VecDeque<Option<AckTx>> = VecDeque::new();
     loop {
@@ -660,7 +714,9 @@ async fn tls_reader(
         };
         match read {
             Ok(Ok(0)) => return "the gateway closed the connection".into(),
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => {
+                heard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Ok(Err(e)) => return format!("read failed: {e}"),
             Err(_) => return format!("nothing heard from the gateway for {IDLE_TIMEOUT:?}"),
         }

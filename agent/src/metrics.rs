@@ -46,10 +46,13 @@ pub const MIRROR_SPOOLED_TOTAL: &str = "teeway_agent_mirror_spooled_total";
 pub const MIRROR_IN_FLIGHT: &str = "teeway_agent_mirror_in_flight";
 /// Bytes of copies held against `mirror.queue_bytes`.
 pub const MIRROR_HELD_BYTES: &str = "teeway_agent_mirror_held_bytes";
-/// 1 while the uplink is connected and welcomed by a gateway, else 0.
+/// 1 while at least one gateway link is delivering (welcomed and not stalled), else 0.
 pub const UPLINK_CONNECTED: &str = "teeway_agent_uplink_connected";
-/// Live links: gateways that have welcomed this agent and are taking batches.
+/// Delivering links (gateways that have welcomed this agent and are taking batches), by
+/// transport.
 pub const UPLINK_LINKS: &str = "teeway_agent_uplink_links";
+/// Links judged stalled: batches out and nothing heard from the gateway for 1.5 s.
+pub const UPLINK_STALLS_TOTAL: &str = "teeway_agent_uplink_stalls_total";
 /// Uplink connection attempts, by result.
 pub const UPLINK_CONNECTS_TOTAL: &str = "teeway_agent_uplink_connects_total";
 /// Always 1; its labels say which production cluster this agent serves (`cluster`) and which
@@ -163,7 +166,9 @@ pub struct Accounting {
     in_flight: Gauge,
     held_bytes_gauge: Gauge,
     pub(crate) uplink_connected: Gauge,
-    pub(crate) uplink_links: Gauge,
+    pub(crate) uplink_links_quic: Gauge,
+    pub(crate) uplink_links_tls: Gauge,
+    pub(crate) uplink_stalls: Counter,
     pub(crate) connects_ok: Counter,
     pub(crate) connects_failed: Counter,
     pub(crate) primary_errors: Counter,
@@ -228,12 +233,22 @@ impl Accounting {
             ),
             uplink_connected: registry.gauge(
                 UPLINK_CONNECTED,
-                "1 while the uplink to a gateway is up",
+                "1 while at least one gateway link is delivering (welcomed, not stalled)",
                 &[],
             ),
-            uplink_links: registry.gauge(
+            uplink_links_quic: registry.gauge(
                 UPLINK_LINKS,
-                "Gateways this agent has a welcomed link to",
+                "Delivering gateway links (welcomed, not stalled), by transport",
+                &[("transport", "quic")],
+            ),
+            uplink_links_tls: registry.gauge(
+                UPLINK_LINKS,
+                "Delivering gateway links (welcomed, not stalled), by transport",
+                &[("transport", "tls")],
+            ),
+            uplink_stalls: registry.counter(
+                UPLINK_STALLS_TOTAL,
+                "Gateway links judged stalled: batches out and nothing heard for 1.5 s",
                 &[],
             ),
             connects_ok: registry.counter(

@@ -17,14 +17,28 @@
 //! drops at once keeps the backoff growing, so a flapping gateway never causes a tight loop.
 //!
 //! **Batches.** The task takes copies off the queue in batches (whatever is waiting, up to
-//! [`MAX_BATCH_RECORDS`] records or [`MAX_BATCH_BYTES`]) and sends each on the live link with the
-//! fewest batches outstanding, so load spreads across gateways and moves off a slow one. A batch
-//! is resolved by the gateway's `ACK`: mirrored when acknowledged, `rejected` when the gateway
-//! refused it, `uplink_error` when the link failed first (never retried elsewhere: the gateway may
-//! have replayed it). At most [`MAX_IN_FLIGHT_BATCHES`] batches are out at once across all links;
-//! when they are, copies wait in the queue, and when the queue is full the tee drops them. When a
-//! link dies the others take the next batch at once; while no link is up the queue is emptied as
-//! `no_uplink` drops, never hoarded.
+//! [`MAX_BATCH_RECORDS`] records or [`MAX_BATCH_BYTES`]) and sends each on the delivering link
+//! with the fewest batches outstanding, so load spreads across gateways and moves off a slow
+//! one. A batch is resolved by the gateway's `ACK`: mirrored when acknowledged, `rejected` when
+//! the gateway refused it. A batch not acknowledged goes again to the same gateway address, never
+//! to another (only that gateway can tell it has it): on the same link, or on the connection that
+//! replaces it; after four `gateway.ack_timeout`s it is `uplink_error` (see `send_batch`). At
+//! most [`MAX_IN_FLIGHT_BATCHES`] batches are out at once across all links; when they are,
+//! copies wait in the queue, and when the queue is full the tee drops them. When a link dies the
+//! others take the next batch at once; while no link delivers the queue is emptied as
+//! `no_uplink` drops (or into the spool), never hoarded.
+//!
+//! **Health.** A connection can stay open while nothing crosses it (a cut path, UDP dropped on
+//! the way, a frozen gateway): QUIC's idle timeout takes 30 s to say so, and after a cut its
+//! retransmission timer has backed off to many seconds. So each supervisor looks at its link
+//! every 250 ms: a link with batches out that has heard nothing for [`STALL_AFTER`] is
+//! *stalled*. It takes no new batches and does not count as connected (`/readyz`,
+//! `uplink_connected`), and the supervisor connects again beside it, with a short handshake time
+//! so that attempts follow each other closely while the path is down. Whichever comes first: the
+//! old link is heard again (it delivers again, the attempt is dropped), or the new one is welcomed
+//! (it takes over; the old one is closed and its batches go again on the new one). With
+//! `transport: auto` a link that fell back to TLS tries QUIC every `gateway.quic_retry` and moves
+//! back once QUIC is welcomed.
 //!
 //! **Spool.** With `gateway.spool`, copies that find no live link are written to the disk spool
 //! ([`crate::spool`]) instead of being dropped: one writer task appends them in queue order, on a
@@ -34,7 +48,9 @@
 //! copy is waiting, so a backlog drains behind live traffic, never ahead of it.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,7 +71,7 @@ use teeway_wire::{codes, Frame, MirroredRequest, Welcome, MAX_BATCH_BYTES, MAX_B
 
 use crate::config::GatewayConfig;
 use crate::error::UplinkError;
-use crate::link::{BatchFailure, ClientConfigs, Dialer, Link};
+use crate::link::{BatchFailure, ClientConfigs, Dialer, Link, Transport, AUTO_QUIC_TIMEOUT};
 use crate::metrics::{Accounting, DropReason, Ticket};
 use crate::spool::{Share, Spool, SpoolDrop};
 use crate::tee::Queued;
@@ -200,12 +216,21 @@ pub fn client_configs(tls: &TlsMaterial) -> Result<ClientConfigs, UplinkError> {
 
 /// What supervisors tell the uplink task.
 enum Event {
-    /// A link to `addr` is up and welcomed.
+    /// A link to `addr` is up and welcomed (replacing the address's previous link, if any).
     Up {
         addr: SocketAddr,
         link: Link,
         welcome: Welcome,
+        /// Batches sent on the link, which its supervisor watches.
+        batches: TaskTracker,
+        /// Where the address's link in force is published, for batches to be sent again on.
+        slot: watch::Receiver<Option<Current>>,
     },
+    /// The link to `addr` has batches out and has heard nothing for [`STALL_AFTER`]: it takes
+    /// no new batches until it is heard from again or replaced.
+    Stalled { addr: SocketAddr },
+    /// The stalled link to `addr` is heard from again.
+    Delivering { addr: SocketAddr },
     /// The link to `addr` is gone (or its address left the DNS answer).
     Down { addr: SocketAddr, reason: String },
     /// A lookup finished.
@@ -220,6 +245,22 @@ struct Live {
     version: u16,
     /// The link's batches under way; its length is the link's load.
     batches: TaskTracker,
+    /// The address's link in force, which a batch whose link failed is sent again on.
+    slot: watch::Receiver<Option<Current>>,
+    /// Heard nothing for a while with batches out: takes no new batches.
+    stalled: bool,
+}
+
+/// An address's link in force and the protocol version its gateway chose.
+#[derive(Clone)]
+struct Current {
+    link: Link,
+    version: u16,
+}
+
+/// The live links that take new batches.
+fn delivering(live: &[Live]) -> impl Iterator<Item = &Live> {
+    live.iter().filter(|l| !l.stalled)
 }
 
 impl Uplink {
@@ -332,10 +373,10 @@ impl Uplink {
                         }
                         next_lookup = Some(Instant::now() + RESOLVE_MIN_GAP);
                     }
-                    Event::Up { addr, link, welcome } => {
+                    Event::Up { addr, link, welcome, batches, slot } => {
                         let transport = link.transport();
                         live.retain(|l| l.addr != addr);
-                        live.push(Live { addr, link, version: welcome.protocol_version, batches: TaskTracker::new() });
+                        live.push(Live { addr, link, version: welcome.protocol_version, batches, slot, stalled: false });
                         // Published before it is logged: whoever reads the line can use the link.
                         self.links_changed(&live);
                         tracing::info!(
@@ -347,6 +388,8 @@ impl Uplink {
                             "uplink connected"
                         );
                     }
+                    Event::Stalled { addr } => self.mark(&mut live, addr, true),
+                    Event::Delivering { addr } => self.mark(&mut live, addr, false),
                     Event::Down { addr, reason } => {
                         let before = live.len();
                         live.retain(|l| l.addr != addr);
@@ -359,15 +402,15 @@ impl Uplink {
                         next_lookup = Some(next_lookup.map_or(soonest, |t| t.min(soonest)));
                     }
                 },
-                p = in_flight.clone().acquire_owned(), if permit.is_none() && (!live.is_empty() || spooling) => {
+                p = in_flight.clone().acquire_owned(), if permit.is_none() && (delivering(&live).next().is_some() || spooling) => {
                     match p {
                         Ok(p) => permit = Some(p),
                         Err(_) => break SessionEnd::GraceOver,
                     }
                 }
-                q = queue_rx.recv(), if permit.is_some() || (live.is_empty() && !spooling) => {
+                q = queue_rx.recv(), if permit.is_some() || (delivering(&live).next().is_none() && !spooling) => {
                     let Some(first) = q else { break SessionEnd::Drained };
-                    match (&self.spool, live.is_empty()) {
+                    match (&self.spool, delivering(&live).next().is_none()) {
                         (None, true) => first.ticket.dropped(DropReason::NoUplink),
                         (Some(_), true) => {
                             let Some(permit) = permit.take() else { continue };
@@ -381,16 +424,16 @@ impl Uplink {
                             let Some(permit) = permit.take() else { continue };
                             let batch = Batch::live(collect(first, &mut queue_rx), self.shared.next_seq());
                             rotate = rotate.wrapping_add(1);
-                            let target = least_loaded(&live, rotate);
+                            let Some(target) = least_loaded(&live, rotate) else { continue };
                             batches.spawn(target.batches.track_future(send_batch(self.sender(target), batch, permit)));
                         }
                     }
                 }
-                Some(chunk) = spool_rx.recv(), if permit.is_some() && !live.is_empty() && !drain.is_started() => {
+                Some(chunk) = spool_rx.recv(), if permit.is_some() && delivering(&live).next().is_some() && !drain.is_started() => {
                     let Some(permit) = permit.take() else { continue };
                     let batch = Batch::spooled(chunk, self.shared.next_seq());
                     rotate = rotate.wrapping_add(1);
-                    let target = least_loaded(&live, rotate);
+                    let Some(target) = least_loaded(&live, rotate) else { continue };
                     batches.spawn(target.batches.track_future(send_batch(self.sender(target), batch, permit)));
                 }
 
@@ -453,17 +496,29 @@ impl Uplink {
         }
     }
 
+    /// Marks `addr`'s link stalled or delivering again.
+    fn mark(&self, live: &mut [Live], addr: SocketAddr, stalled: bool) {
+        if let Some(l) = live.iter_mut().find(|l| l.addr == addr) {
+            l.stalled = stalled;
+        }
+        self.links_changed(live);
+    }
+
+    /// Publishes the links that take batches: for the TCP tee, readiness and the gauges. A
+    /// stalled link counts as down: the uplink is connected when copies are being delivered,
+    /// not merely while a connection is open.
     fn links_changed(&self, live: &[Live]) {
-        let links = live.len();
-        self.state
-            .links
-            .store(Arc::new(live.iter().map(|l| l.link.clone()).collect()));
+        let up: Vec<Link> = delivering(live).map(|l| l.link.clone()).collect();
+        let links = up.len();
+        let quic = up.iter().filter(|l| matches!(l, Link::Quic(_))).count();
+        self.state.links.store(Arc::new(up));
         self.state.set(links > 0);
         let accounting = &self.shared.accounting;
         accounting
             .uplink_connected
             .set(if links > 0 { 1.0 } else { 0.0 });
-        accounting.uplink_links.set(links as f64);
+        accounting.uplink_links_quic.set(quic as f64);
+        accounting.uplink_links_tls.set((links - quic) as f64);
     }
 
     fn spawn_lookup(&self, events_tx: mpsc::Sender<Event>) {
@@ -515,13 +570,13 @@ impl Uplink {
     }
 }
 
-/// The live link with the fewest batches under way; ties go round-robin from `rotate`.
-fn least_loaded(live: &[Live], rotate: usize) -> &Live {
+/// The delivering link with the fewest batches under way; ties go round-robin from `rotate`.
+fn least_loaded(live: &[Live], rotate: usize) -> Option<&Live> {
     let n = live.len();
     (0..n)
         .map(|i| &live[(rotate + i) % n])
+        .filter(|l| !l.stalled)
         .min_by_key(|l| l.batches.len())
-        .unwrap_or(&live[0])
 }
 
 fn far_future() -> Instant {
@@ -559,102 +614,320 @@ impl Shared {
         Ok(endpoint)
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<(Link, Welcome), UplinkError> {
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        transport: Transport,
+        timeout: Duration,
+    ) -> Result<(Link, Welcome), UplinkError> {
         let configs = self.configs.load_full();
         let dialer = Dialer {
             configs: &configs,
             server_name: &self.gateway.server_name,
             source_cluster: &self.source_cluster,
-            timeout: HANDSHAKE_TIMEOUT,
+            timeout,
         };
-        Link::connect(addr, self.gateway.transport, &dialer, || {
-            self.endpoint_for(addr)
-        })
-        .await
+        Link::connect(addr, transport, &dialer, || self.endpoint_for(addr)).await
     }
 }
 
-/// Keeps one link to `addr` up until `stop`, reporting each link that comes up and goes down.
+/// Time between two looks at a link's health.
+const HEALTH_TICK: Duration = Duration::from_millis(250);
+/// A link with batches out that has heard nothing from its gateway for this long is stalled:
+/// on QUIC the gateway acknowledges each packet within milliseconds, so this is many round trips
+/// of silence, not a slow gateway.
+pub const STALL_AFTER: Duration = Duration::from_millis(1500);
+/// Time allowed for a connection made beside a stalled link: short, so that while the path is
+/// cut attempts follow each other closely and the path's return is found within about a second.
+const REPLACE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a connection attempt is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// No link, or the link in force stalled: `gateway.transport` as configured.
+    Link,
+    /// The link in force fell back to TLS over TCP: QUIC alone, to move back once UDP passes.
+    QuicAgain,
+}
+
+type Connecting =
+    Pin<Box<dyn Future<Output = (Attempt, Result<(Link, Welcome), UplinkError>)> + Send + 'static>>;
+
+/// `attempt` after `delay`.
+fn connect_after(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+    delay: Duration,
+    attempt: Attempt,
+    timeout: Duration,
+) -> Connecting {
+    let shared = shared.clone();
+    Box::pin(async move {
+        tokio::time::sleep(delay).await;
+        let transport = match attempt {
+            Attempt::Link => shared.gateway.transport,
+            Attempt::QuicAgain => Transport::Quic,
+        };
+        (attempt, shared.connect(addr, transport, timeout).await)
+    })
+}
+
+/// The link a supervisor keeps, and what it knows of its health.
+struct Watched {
+    link: Link,
+    batches: TaskTracker,
+    since: Instant,
+    health: Health,
+}
+
+impl Watched {
+    fn new(link: Link, batches: TaskTracker) -> Self {
+        let now = Instant::now();
+        Self {
+            health: Health::new(link.heard(), now),
+            link,
+            batches,
+            since: now,
+        }
+    }
+
+    /// Looks at the link's health at `now`; see [`Health::observe`].
+    fn look(&mut self, now: Instant) -> Option<bool> {
+        let heard = self.link.heard();
+        let busy = !self.batches.is_empty();
+        self.health.observe(heard, busy, now)
+    }
+
+    fn stalled(&self) -> bool {
+        self.health.stalled
+    }
+}
+
+/// Whether a link delivers, judged from a count that moves while its gateway is heard from.
+#[derive(Debug)]
+struct Health {
+    /// The count at the last look, and when it last moved (or the link was idle).
+    heard: u64,
+    heard_at: Instant,
+    stalled: bool,
+}
+
+impl Health {
+    fn new(heard: u64, now: Instant) -> Self {
+        Self {
+            heard,
+            heard_at: now,
+            stalled: false,
+        }
+    }
+
+    /// Takes the count `heard` at `now`, with batches out or not (`busy`); returns the new
+    /// state when it changed (`true`: stalled). Silence counts only while batches are out: an
+    /// idle link has nothing to hear. A stalled link delivers again only once it is heard.
+    fn observe(&mut self, heard: u64, busy: bool, now: Instant) -> Option<bool> {
+        if heard != self.heard {
+            self.heard = heard;
+            self.heard_at = now;
+            if self.stalled {
+                self.stalled = false;
+                return Some(false);
+            }
+        } else if !busy && !self.stalled {
+            self.heard_at = now;
+        } else if !self.stalled && now.duration_since(self.heard_at) >= STALL_AFTER {
+            self.stalled = true;
+            return Some(true);
+        }
+        None
+    }
+}
+
+/// Keeps one link to `addr` up until `stop`, reporting each link that comes up, stalls, is heard
+/// again and goes down. A stalled link gets a new connection made beside it; when that one is
+/// welcomed it takes over and the old one is closed, so its batches are sent again on the new
+/// one. With `transport: auto`, a link that fell back to TLS tries QUIC every
+/// `gateway.quic_retry`, and moves back once QUIC is welcomed (the TLS link is closed when its
+/// batches are answered).
 async fn supervise(
     shared: Arc<Shared>,
     addr: SocketAddr,
     events_tx: mpsc::Sender<Event>,
     stop: CancellationToken,
 ) {
+    // Where batches find this address's link in force, when theirs failed.
+    let slot = watch::channel(None::<Current>).0;
+    let mut watched: Option<Watched> = None;
     let mut failures: u32 = 0;
+    let mut connecting: Option<(Attempt, Connecting)> = Some((
+        Attempt::Link,
+        connect_after(
+            &shared,
+            addr,
+            Duration::ZERO,
+            Attempt::Link,
+            HANDSHAKE_TIMEOUT,
+        ),
+    ));
+    let quic_retry = shared.gateway.quic_retry;
+    let mut next_quic_try = Instant::now() + quic_retry;
+    let mut tick = tokio::time::interval(HEALTH_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let attempt = tokio::select! {
-            () = stop.cancelled() => return,
-            attempt = shared.connect(addr) => attempt,
+        let attempt_done = async {
+            match connecting.as_mut() {
+                Some((_, attempt)) => attempt.await,
+                None => std::future::pending().await,
+            }
         };
-        match attempt {
-            Ok((link, welcome)) => {
-                shared.accounting.connects_ok.increment(1);
-                let since = Instant::now();
-                if events_tx
-                    .send(Event::Up {
-                        addr,
-                        link: link.clone(),
-                        welcome,
-                    })
-                    .await
-                    .is_err()
-                {
-                    link.close("agent shutting down");
+        let link_closed = async {
+            match watched.as_ref() {
+                Some(w) => w.link.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => break,
+            (attempt, result) = attempt_done => {
+                connecting = None;
+                match result {
+                    Ok((link, welcome)) => {
+                        shared.accounting.connects_ok.increment(1);
+                        if let Some(old) = watched.take() {
+                            retire(old, attempt, shared.gateway.ack_timeout * 4);
+                        }
+                        let batches = TaskTracker::new();
+                        slot.send_replace(Some(Current {
+                            link: link.clone(),
+                            version: welcome.protocol_version,
+                        }));
+                        let up = Event::Up {
+                            addr,
+                            link: link.clone(),
+                            welcome,
+                            batches: batches.clone(),
+                            slot: slot.subscribe(),
+                        };
+                        if events_tx.send(up).await.is_err() {
+                            link.close("agent shutting down");
+                            return;
+                        }
+                        watched = Some(Watched::new(link, batches));
+                        next_quic_try = Instant::now() + quic_retry;
+                    }
+                    Err(e) if attempt == Attempt::QuicAgain => {
+                        tracing::debug!(gateway = %addr, error = %e, "QUIC still does not get through; staying on TLS over TCP");
+                    }
+                    Err(e) => {
+                        shared.accounting.connects_failed.increment(1);
+                        log_failed_attempt(&shared, addr, &e);
+                        if watched.as_ref().is_none_or(Watched::stalled) {
+                            let timeout = if watched.is_some() { REPLACE_TIMEOUT } else { HANDSHAKE_TIMEOUT };
+                            connecting = Some((Attempt::Link, connect_after(&shared, addr, backoff(failures), Attempt::Link, timeout)));
+                            failures = failures.saturating_add(1);
+                        }
+                    }
+                }
+            }
+            reason = link_closed => {
+                let Some(w) = watched.take() else { continue };
+                if events_tx.send(Event::Down { addr, reason }).await.is_err() {
                     return;
                 }
-                let reason = tokio::select! {
-                    () = stop.cancelled() => None,
-                    reason = link.closed() => Some(reason),
-                };
-                let _ = events_tx
-                    .send(Event::Down {
-                        addr,
-                        reason: reason.clone().unwrap_or_else(|| "stopped".into()),
-                    })
-                    .await;
-                let Some(_) = reason else {
-                    // Stopped: the uplink closes the link once its batches are done.
-                    return;
-                };
-                if since.elapsed() >= HEALTHY_AFTER {
+                if w.since.elapsed() >= HEALTHY_AFTER {
                     failures = 0;
                 }
+                if !matches!(connecting, Some((Attempt::Link, _))) {
+                    connecting = Some((Attempt::Link, connect_after(&shared, addr, backoff(failures), Attempt::Link, HANDSHAKE_TIMEOUT)));
+                    failures = failures.saturating_add(1);
+                }
             }
-            Err(e) => {
-                shared.accounting.connects_failed.increment(1);
-                let due = {
-                    let cause = cause_of(&e, addr);
-                    let mut logged = shared
-                        .causes_logged
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    match shared.unreachable_log.note() {
-                        Some(attempts) => {
-                            logged.clear();
-                            logged.push(cause);
-                            Some(attempts)
+            _ = tick.tick() => {
+                let Some(w) = watched.as_mut() else { continue };
+                let now = Instant::now();
+                match w.look(now) {
+                    Some(true) => {
+                        shared.accounting.uplink_stalls.increment(1);
+                        tracing::warn!(gateway = %addr, transport = w.link.transport(), silent_for = ?STALL_AFTER, "uplink link stalled: batches out and nothing heard from the gateway; connecting again beside it");
+                        if events_tx.send(Event::Stalled { addr }).await.is_err() {
+                            return;
                         }
-                        None if !logged.contains(&cause) && logged.len() < MAX_CAUSES_LOGGED => {
-                            logged.push(cause);
-                            Some(shared.unreachable_log.note_now())
+                        if !matches!(connecting, Some((Attempt::Link, _))) {
+                            connecting = Some((Attempt::Link, connect_after(&shared, addr, Duration::ZERO, Attempt::Link, REPLACE_TIMEOUT)));
                         }
-                        None => None,
                     }
-                };
-                if let Some(attempts) = due {
-                    tracing::warn!(gateway = %addr, error = %e, attempts, "cannot reach a gateway; retrying with backoff (one line a minute at most, and at once for a new cause)");
-                } else {
-                    tracing::debug!(gateway = %addr, error = %e, "gateway connection attempt failed");
+                    Some(false) => {
+                        tracing::info!(gateway = %addr, transport = w.link.transport(), "stalled uplink link heard from again");
+                        if events_tx.send(Event::Delivering { addr }).await.is_err() {
+                            return;
+                        }
+                        // The link is back: no replacement needed.
+                        if matches!(connecting, Some((Attempt::Link, _))) {
+                            connecting = None;
+                        }
+                    }
+                    None => {}
+                }
+                let on_fallback = shared.gateway.transport == Transport::Auto
+                    && matches!(w.link, Link::Tls(_))
+                    && !w.stalled();
+                if on_fallback && connecting.is_none() && now >= next_quic_try {
+                    next_quic_try = now + quic_retry;
+                    connecting = Some((Attempt::QuicAgain, connect_after(&shared, addr, Duration::ZERO, Attempt::QuicAgain, AUTO_QUIC_TIMEOUT)));
                 }
             }
         }
-        let delay = backoff(failures);
-        failures = failures.saturating_add(1);
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
+    }
+    // Stopped: the uplink closes the link once its batches are done.
+    if watched.is_some() {
+        let _ = events_tx
+            .send(Event::Down {
+                addr,
+                reason: "stopped".into(),
+            })
+            .await;
+    }
+}
+
+/// Takes `old` out of service after a new link to its address was welcomed. A stalled link is
+/// closed at once (its batches then go again on the new link); a healthy TLS link that QUIC
+/// replaces is closed once its batches are answered, within `patience`.
+fn retire(old: Watched, attempt: Attempt, patience: Duration) {
+    if old.stalled() || attempt == Attempt::Link {
+        old.link.close("replaced by a new connection");
+        return;
+    }
+    tokio::spawn(async move {
+        old.batches.close();
+        let _ = tokio::time::timeout(patience, old.batches.wait()).await;
+        old.link.close("moved back to QUIC");
+    });
+}
+
+/// Logs a failed connection attempt: one line a minute at most, and at once for a new cause.
+fn log_failed_attempt(shared: &Shared, addr: SocketAddr, e: &UplinkError) {
+    let due = {
+        let cause = cause_of(e, addr);
+        let mut logged = shared
+            .causes_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match shared.unreachable_log.note() {
+            Some(attempts) => {
+                logged.clear();
+                logged.push(cause);
+                Some(attempts)
+            }
+            None if !logged.contains(&cause) && logged.len() < MAX_CAUSES_LOGGED => {
+                logged.push(cause);
+                Some(shared.unreachable_log.note_now())
+            }
+            None => None,
         }
+    };
+    if let Some(attempts) = due {
+        tracing::warn!(gateway = %addr, error = %e, attempts, "cannot reach a gateway; retrying with backoff (one line a minute at most, and at once for a new cause)");
+    } else {
+        tracing::debug!(gateway = %addr, error = %e, "gateway connection attempt failed");
     }
 }
 
@@ -724,6 +997,7 @@ impl Uplink {
         Sender {
             link: target.link.clone(),
             version: target.version,
+            slot: target.slot.clone(),
             session: self.shared.session,
             ack_timeout: self.shared.gateway.ack_timeout,
             sent: self.shared.accounting.uplink_bytes.clone(),
@@ -735,6 +1009,8 @@ impl Uplink {
 struct Sender {
     link: Link,
     version: u16,
+    /// The address's link in force: where the batch goes again if its link fails.
+    slot: watch::Receiver<Option<Current>>,
     session: u64,
     ack_timeout: Duration,
     sent: metrics::Counter,
@@ -851,13 +1127,19 @@ impl Accounts {
 /// Sends `batch` on `sender`'s link and resolves its accounts by the answer. When the gateway
 /// names batches (protocol 3: it replays one once however often it arrives), a batch whose
 /// acknowledgement does not come (late, lost) or that the gateway had no room for is sent again
-/// **on the same link** (only that gateway can tell it has it), with backoff after a refusal,
-/// until four acknowledgement timeouts have passed since it was first sent or the link is gone;
-/// then it counts as `uplink_error` (`rejected` after refusals). The batch keeps its slot
-/// meanwhile, so retries stay within the bound on batches in flight.
-async fn send_batch(sender: Sender, mut batch: Batch, _permit: OwnedSemaphorePermit) {
+/// **to the same gateway address** (only that gateway can tell it has it): on the same link while
+/// it is up, else on the connection that replaces it (a stalled link replaced, a connection
+/// lost and made again, QUIC back after TLS). Refusals back off. This goes on until four
+/// acknowledgement timeouts have passed since the batch was first sent; then it counts as
+/// `uplink_error` (`rejected` after refusals). The batch keeps its slot while it is on a link,
+/// so retries stay within the bound on batches in flight, and gives it up while it waits for a
+/// new connection, so that copies can go to the spool meanwhile (its memory stays counted in
+/// `queue_bytes`).
+async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphorePermit) {
+    let mut permit = Some(permit);
     let first_sent = Instant::now();
     let ack_timeout = sender.ack_timeout;
+    let deadline = first_sent + ack_timeout * 4;
     let mut busy_backoff = Duration::from_millis(100);
     loop {
         let frames = if sender.version >= 3 {
@@ -881,17 +1163,16 @@ async fn send_batch(sender: Sender, mut batch: Batch, _permit: OwnedSemaphorePer
                 "no acknowledgement within {ack_timeout:?}"
             ))),
         };
-        let may_retry = sender.version >= 3
-            && first_sent.elapsed() < ack_timeout * 4
-            && !sender.link.is_closed();
+        let may_retry = sender.version >= 3 && Instant::now() < deadline;
         match outcome {
             Ok(accepted) => {
                 sender.sent.increment(bytes);
                 batch.accounts.acknowledged(accepted);
                 return;
             }
-            // Refused while reading (no room): not dispatched; try again a little later.
-            Err(BatchFailure::Busy(detail)) if may_retry => {
+            // Refused while reading (no room): not dispatched; try again a little later. (On
+            // a link that is closing meanwhile it goes again on the next, as below.)
+            Err(BatchFailure::Busy(detail)) if may_retry && !sender.link.is_closed() => {
                 tracing::debug!(%detail, seq = batch.seq, "gateway had no room for a batch; sending it again");
                 let jitter =
                     Duration::from_millis(fastrand::u64(0..=busy_backoff.as_millis() as u64));
@@ -899,9 +1180,26 @@ async fn send_batch(sender: Sender, mut batch: Batch, _permit: OwnedSemaphorePer
                 busy_backoff = (busy_backoff * 2).min(ack_timeout);
             }
             // The gateway may have it: the same gateway gets it again, marked so.
-            Err(BatchFailure::Transport(detail)) if may_retry => {
+            Err(BatchFailure::Transport(detail) | BatchFailure::Busy(detail)) if may_retry => {
                 tracing::debug!(%detail, seq = batch.seq, "batch not acknowledged; sending it again");
                 batch.sent_before = true;
+                if sender.link.is_closed() {
+                    drop(permit.take());
+                }
+                match next_link(&mut sender.slot, deadline).await {
+                    Some(current) if current.version >= 3 => {
+                        sender.link = current.link;
+                        sender.version = current.version;
+                    }
+                    _ => {
+                        tracing::debug!(
+                            records = batch.accounts.len(),
+                            "no connection to the batch's gateway in time"
+                        );
+                        batch.accounts.failed(false);
+                        return;
+                    }
+                }
             }
             Err(BatchFailure::Rejected(detail)) | Err(BatchFailure::Busy(detail)) => {
                 tracing::debug!(%detail, records = batch.accounts.len(), "gateway rejected a batch");
@@ -914,6 +1212,19 @@ async fn send_batch(sender: Sender, mut batch: Batch, _permit: OwnedSemaphorePer
                 return;
             }
         }
+    }
+}
+
+/// The address's link in force once it is usable (not closed), or `None` if none is by
+/// `deadline` or the address is no longer followed.
+async fn next_link(
+    slot: &mut watch::Receiver<Option<Current>>,
+    deadline: Instant,
+) -> Option<Current> {
+    let usable = |c: &Option<Current>| c.as_ref().is_some_and(|c| !c.link.is_closed());
+    match tokio::time::timeout_at(deadline, slot.wait_for(usable)).await {
+        Ok(Ok(current)) => current.clone(),
+        _ => None,
     }
 }
 
@@ -1027,6 +1338,29 @@ fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_stalls_only_when_batches_are_out_and_nothing_is_heard() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut h = Health::new(7, t0);
+        // Idle and silent for a long time: nothing was asked of it.
+        assert_eq!(h.observe(7, false, at(60_000)), None);
+        // Busy and heard from: fine.
+        assert_eq!(h.observe(8, true, at(61_000)), None);
+        // Busy and silent, but not for long enough.
+        assert_eq!(h.observe(8, true, at(62_000)), None);
+        // Busy and silent for STALL_AFTER: stalled, said once.
+        let stall = 61_000 + STALL_AFTER.as_millis() as u64;
+        assert_eq!(h.observe(8, true, at(stall)), Some(true));
+        assert_eq!(h.observe(8, true, at(stall + 250)), None);
+        // Its batches given up, still silent: still stalled (only hearing clears it).
+        assert_eq!(h.observe(8, false, at(stall + 500)), None);
+        assert!(h.stalled);
+        // Heard again: delivering.
+        assert_eq!(h.observe(9, false, at(stall + 750)), Some(false));
+        assert!(!h.stalled);
+    }
 
     #[test]
     fn backoff_grows_and_is_capped_with_jitter() {
