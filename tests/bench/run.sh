@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # teeway vs nginx mirror, side by side: one command, one table.
-#   tests/bench/run.sh                 full run (10 s per scenario, ~3 minutes)
+#   tests/bench/run.sh                 full run (10 s per scenario, ~10 minutes)
 #   tests/bench/run.sh --duration 3    quicker
 #   tests/bench/run.sh --only 3,5      some scenarios
 # Installs what it needs (Debian: nginx, its echo module, wrk, h2load), builds teeway in release
