@@ -60,6 +60,8 @@ pub const AUTO_TLS_TIMEOUT: Duration = Duration::from_secs(4);
 /// packets met a gateway still restarting is retried within about 300 ms; replaced by the
 /// measured RTT after the first exchange, so long-haul links are not misjudged.
 const INITIAL_RTT: Duration = Duration::from_millis(100);
+/// What the TLS writer hands TCP at once; each piece taken counts as hearing from the gateway.
+const WRITE_PIECE: usize = 64 * 1024;
 /// Largest reply read on a QUIC stream (a `WELCOME` or an `ACK`).
 const MAX_REPLY_BYTES: usize = 64 * 1024;
 
@@ -260,9 +262,10 @@ impl Link {
     }
 
     /// A count that moves while the gateway is heard from: datagrams received on QUIC (each
-    /// packet the agent sends is acknowledged within the peer's ACK delay), bytes read on TLS
-    /// (acknowledgements and keep-alive answers). A link with batches out whose count stands still
-    /// carries nothing.
+    /// packet the agent sends is acknowledged within the peer's ACK delay); on TLS, reads
+    /// (acknowledgements and keep-alive answers) and each 64 KiB that TCP took of a batch (the
+    /// socket's buffer drains only as the gateway acknowledges). A link with batches out whose
+    /// count stands still carries nothing.
     pub fn heard(&self) -> u64 {
         match self {
             Link::Quic(c) => c.stats().udp_rx.datagrams,
@@ -620,9 +623,10 @@ async fn connect_tls(
         }
     };
     let report_w = report.clone();
+    let heard_w = heard.clone();
     let closed_w = closed.clone();
     tokio::spawn(async move {
-        let why = tls_writer(write, batches_rx, pending_tx, &closed_w).await;
+        let why = tls_writer(write, batches_rx, pending_tx, &closed_w, &heard_w).await;
         report_w(why);
         closed_w.cancel();
     });
@@ -642,6 +646,7 @@ async fn tls_writer(
     mut batches_rx: mpsc::Receiver<Outgoing>,
     pending_tx: mpsc::UnboundedSender<Option<AckTx>>,
     closed: &CancellationToken,
+    heard: &std::sync::atomic::AtomicU64,
 ) -> String {
     let mut end = BytesMut::new();
     Frame::End.encode(&mut end);
@@ -662,8 +667,13 @@ async fn tls_writer(
         if pending_tx.send(ack).is_err() {
             return "reader stopped".into();
         }
+        // In pieces, each counted as heard: TCP taking bytes means the gateway acknowledges
+        // them, so a slow upload is progress, not a stalled link.
         let written = async {
-            write.write_all(&frames).await?;
+            for piece in frames.chunks(WRITE_PIECE) {
+                write.write_all(piece).await?;
+                heard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             write.write_all(&end).await?;
             write.flush().await
         };

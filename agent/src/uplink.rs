@@ -221,8 +221,8 @@ enum Event {
         addr: SocketAddr,
         link: Link,
         welcome: Welcome,
-        /// Batches sent on the link, which its supervisor watches.
-        batches: TaskTracker,
+        /// Sends under way on the link, which its supervisor watches.
+        load: Load,
         /// Where the address's link in force is published, for batches to be sent again on.
         slot: watch::Receiver<Option<Current>>,
     },
@@ -243,8 +243,8 @@ struct Live {
     link: Link,
     /// The protocol version the gateway chose for this link (3: batches are named).
     version: u16,
-    /// The link's batches under way; its length is the link's load.
-    batches: TaskTracker,
+    /// Sends under way on the link.
+    load: Load,
     /// The address's link in force, which a batch whose link failed is sent again on.
     slot: watch::Receiver<Option<Current>>,
     /// Heard nothing for a while with batches out: takes no new batches.
@@ -256,6 +256,55 @@ struct Live {
 struct Current {
     link: Link,
     version: u16,
+    load: Load,
+}
+
+/// The sends under way on one link: its load, and whether it waits to hear from its gateway.
+/// A batch counts on the link it is being sent on, only while it is (not while it backs off
+/// after a refusal, nor on the link it left).
+#[derive(Clone, Default)]
+struct Load(Arc<LoadInner>);
+
+#[derive(Default)]
+struct LoadInner {
+    sends: std::sync::atomic::AtomicUsize,
+    idle: Notify,
+}
+
+impl Load {
+    fn get(&self) -> usize {
+        self.0.sends.load(Ordering::Relaxed)
+    }
+
+    /// Counts one send until the guard is dropped.
+    fn enter(&self) -> LoadGuard {
+        self.0.sends.fetch_add(1, Ordering::Relaxed);
+        LoadGuard(self.clone())
+    }
+
+    /// Resolves when no send is under way.
+    async fn until_idle(&self) {
+        loop {
+            let idle = self.0.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the count is read, so a send ending in between still wakes us.
+            idle.as_mut().enable();
+            if self.get() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+struct LoadGuard(Load);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        if self.0 .0.sends.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0 .0.idle.notify_waiters();
+        }
+    }
 }
 
 /// The live links that take new batches.
@@ -373,10 +422,10 @@ impl Uplink {
                         }
                         next_lookup = Some(Instant::now() + RESOLVE_MIN_GAP);
                     }
-                    Event::Up { addr, link, welcome, batches, slot } => {
+                    Event::Up { addr, link, welcome, load, slot } => {
                         let transport = link.transport();
                         live.retain(|l| l.addr != addr);
-                        live.push(Live { addr, link, version: welcome.protocol_version, batches, slot, stalled: false });
+                        live.push(Live { addr, link, version: welcome.protocol_version, load, slot, stalled: false });
                         // Published before it is logged: whoever reads the line can use the link.
                         self.links_changed(&live);
                         tracing::info!(
@@ -421,20 +470,28 @@ impl Uplink {
                             }
                         }
                         (_, false) => {
-                            let Some(permit) = permit.take() else { continue };
-                            let batch = Batch::live(collect(first, &mut queue_rx), self.shared.next_seq());
                             rotate = rotate.wrapping_add(1);
-                            let Some(target) = least_loaded(&live, rotate) else { continue };
-                            batches.spawn(target.batches.track_future(send_batch(self.sender(target), batch, permit)));
+                            // A link delivers (the branch's guard): the target is chosen before
+                            // the copies are taken, so none is taken without one.
+                            let (Some(permit), Some(target)) = (permit.take(), least_loaded(&live, rotate)) else {
+                                first.ticket.dropped(DropReason::NoUplink);
+                                continue;
+                            };
+                            let batch = Batch::live(collect(first, &mut queue_rx), self.shared.next_seq());
+                            batches.spawn(send_batch(self.sender(target, &in_flight), batch, permit));
                         }
                     }
                 }
                 Some(chunk) = spool_rx.recv(), if permit.is_some() && delivering(&live).next().is_some() && !drain.is_started() => {
-                    let Some(permit) = permit.take() else { continue };
-                    let batch = Batch::spooled(chunk, self.shared.next_seq());
                     rotate = rotate.wrapping_add(1);
-                    let Some(target) = least_loaded(&live, rotate) else { continue };
-                    batches.spawn(target.batches.track_future(send_batch(self.sender(target), batch, permit)));
+                    let (Some(permit), Some(target)) = (permit.take(), least_loaded(&live, rotate)) else {
+                        // Unreachable (the branch's guard); the records go back to the spool.
+                        let SpoolChunk { records, share } = chunk;
+                        let _ = tokio::task::spawn_blocking(move || share.put_back(records)).await;
+                        continue;
+                    };
+                    let batch = Batch::spooled(chunk, self.shared.next_seq());
+                    batches.spawn(send_batch(self.sender(target, &in_flight), batch, permit));
                 }
 
             }
@@ -576,7 +633,7 @@ fn least_loaded(live: &[Live], rotate: usize) -> Option<&Live> {
     (0..n)
         .map(|i| &live[(rotate + i) % n])
         .filter(|l| !l.stalled)
-        .min_by_key(|l| l.batches.len())
+        .min_by_key(|l| l.load.get())
 }
 
 fn far_future() -> Instant {
@@ -675,18 +732,18 @@ fn connect_after(
 /// The link a supervisor keeps, and what it knows of its health.
 struct Watched {
     link: Link,
-    batches: TaskTracker,
+    load: Load,
     since: Instant,
     health: Health,
 }
 
 impl Watched {
-    fn new(link: Link, batches: TaskTracker) -> Self {
+    fn new(link: Link, load: Load) -> Self {
         let now = Instant::now();
         Self {
             health: Health::new(link.heard(), now),
             link,
-            batches,
+            load,
             since: now,
         }
     }
@@ -694,7 +751,7 @@ impl Watched {
     /// Looks at the link's health at `now`; see [`Health::observe`].
     fn look(&mut self, now: Instant) -> Option<bool> {
         let heard = self.link.heard();
-        let busy = !self.batches.is_empty();
+        let busy = self.load.get() > 0;
         self.health.observe(heard, busy, now)
     }
 
@@ -795,23 +852,24 @@ async fn supervise(
                         if let Some(old) = watched.take() {
                             retire(old, attempt, shared.gateway.ack_timeout * 4);
                         }
-                        let batches = TaskTracker::new();
+                        let load = Load::default();
                         slot.send_replace(Some(Current {
                             link: link.clone(),
                             version: welcome.protocol_version,
+                            load: load.clone(),
                         }));
                         let up = Event::Up {
                             addr,
                             link: link.clone(),
                             welcome,
-                            batches: batches.clone(),
+                            load: load.clone(),
                             slot: slot.subscribe(),
                         };
                         if events_tx.send(up).await.is_err() {
                             link.close("agent shutting down");
                             return;
                         }
-                        watched = Some(Watched::new(link, batches));
+                        watched = Some(Watched::new(link, load));
                         next_quic_try = Instant::now() + quic_retry;
                     }
                     Err(e) if attempt == Attempt::QuicAgain => {
@@ -897,8 +955,7 @@ fn retire(old: Watched, attempt: Attempt, patience: Duration) {
         return;
     }
     tokio::spawn(async move {
-        old.batches.close();
-        let _ = tokio::time::timeout(patience, old.batches.wait()).await;
+        let _ = tokio::time::timeout(patience, old.load.until_idle()).await;
         old.link.close("moved back to QUIC");
     });
 }
@@ -993,11 +1050,13 @@ impl Shared {
 
 impl Uplink {
     /// What a batch task needs to send on `target`.
-    fn sender(&self, target: &Live) -> Sender {
+    fn sender(&self, target: &Live, in_flight: &Arc<Semaphore>) -> Sender {
         Sender {
             link: target.link.clone(),
             version: target.version,
+            load: target.load.clone(),
             slot: target.slot.clone(),
+            in_flight: in_flight.clone(),
             session: self.shared.session,
             ack_timeout: self.shared.gateway.ack_timeout,
             sent: self.shared.accounting.uplink_bytes.clone(),
@@ -1009,8 +1068,12 @@ impl Uplink {
 struct Sender {
     link: Link,
     version: u16,
+    /// Sends under way on `link`.
+    load: Load,
     /// The address's link in force: where the batch goes again if its link fails.
     slot: watch::Receiver<Option<Current>>,
+    /// The slots of batches in flight, taken again by a batch that waited for a new link.
+    in_flight: Arc<Semaphore>,
     session: u64,
     ack_timeout: Duration,
     sent: metrics::Counter,
@@ -1132,9 +1195,9 @@ impl Accounts {
 /// lost and made again, QUIC back after TLS). Refusals back off. This goes on until four
 /// acknowledgement timeouts have passed since the batch was first sent; then it counts as
 /// `uplink_error` (`rejected` after refusals). The batch keeps its slot while it is on a link,
-/// so retries stay within the bound on batches in flight, and gives it up while it waits for a
-/// new connection, so that copies can go to the spool meanwhile (its memory stays counted in
-/// `queue_bytes`).
+/// so retries stay within the bound on batches in flight; it gives the slot up while it waits
+/// for a new connection, so that copies can go to the spool meanwhile, and takes one again
+/// before it is sent on it.
 async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphorePermit) {
     let mut permit = Some(permit);
     let first_sent = Instant::now();
@@ -1156,6 +1219,7 @@ async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphore
             batch.frames.clone()
         };
         let bytes = frames.len() as u64;
+        let sending = sender.load.enter();
         let outcome = match tokio::time::timeout(ack_timeout, sender.link.send_batch(frames)).await
         {
             Ok(result) => result,
@@ -1163,6 +1227,7 @@ async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphore
                 "no acknowledgement within {ack_timeout:?}"
             ))),
         };
+        drop(sending);
         let may_retry = sender.version >= 3 && Instant::now() < deadline;
         match outcome {
             Ok(accepted) => {
@@ -1186,10 +1251,19 @@ async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphore
                 if sender.link.is_closed() {
                     drop(permit.take());
                 }
-                match next_link(&mut sender.slot, deadline).await {
+                let next = async {
+                    let current = next_link(&mut sender.slot, deadline).await?;
+                    if permit.is_none() {
+                        let slot = sender.in_flight.clone().acquire_owned();
+                        permit = tokio::time::timeout_at(deadline, slot).await.ok()?.ok();
+                    }
+                    permit.as_ref().map(|_| current)
+                };
+                match next.await {
                     Some(current) if current.version >= 3 => {
                         sender.link = current.link;
                         sender.version = current.version;
+                        sender.load = current.load;
                     }
                     _ => {
                         tracing::debug!(

@@ -23,8 +23,11 @@
 //! # Shutdown
 //!
 //! When the `shutdown` token passed to [`Gateway::run`] is cancelled, the gateway stops accepting
-//! agents and streams, lets replays under way finish (up to `shutdown_grace`), then closes every
-//! connection with [`teeway_wire::codes::SHUTDOWN`] and waits for the close to be delivered.
+//! agents and streams. A batch still arriving is reset (`OVERLOADED`: nothing of it was
+//! dispatched, its agent sends it again); an answer already written gets a second to be
+//! delivered; then each connection is closed with [`teeway_wire::codes::SHUTDOWN`]. Replays under
+//! way finish (up to `shutdown_grace`), and the gateway waits (a second at most) for the closes
+//! to be delivered.
 
 use std::io;
 use std::net::SocketAddr;

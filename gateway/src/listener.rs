@@ -205,6 +205,9 @@ impl Dispatcher {
     }
 }
 
+/// At shutdown, how long an answer already written may take to be acknowledged by its agent.
+const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Accepts agent connections until `shutdown`.
 pub async fn serve(endpoint: Endpoint, dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
     let connections = TaskTracker::new();
@@ -288,6 +291,10 @@ async fn serve_connection(
     };
     streams.close();
     streams.wait().await;
+    if shutdown.is_cancelled() {
+        // Said, not implied by dropping the connection: the agent learns why at once.
+        conn.close(VarInt::from_u32(codes::SHUTDOWN), b"gateway shutting down");
+    }
     dispatcher.metrics.agents_connected.decrement(1.0);
     tracing::info!(%identity, %reason, "agent disconnected");
 }
@@ -489,12 +496,17 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
                 return;
             }
             let _ = send.finish();
-            // Wait until the answer is delivered before the stream is dropped; at shutdown not
-            // (an agent that vanished would hold the exit until its connection times out, and
-            // an unanswered batch is sent again by the agent).
+            // Wait until the answer is delivered before the stream is dropped (dropping the
+            // connection discards what is unsent, and a dispatched batch whose ACK is lost is
+            // one the agent sends again); at shutdown for [`ANSWER_GRACE`] at most, so that an
+            // agent that vanished does not hold the exit until its connection times out.
+            let grace = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(ANSWER_GRACE).await;
+            };
             tokio::select! {
                 _ = send.stopped() => {}
-                () = shutdown.cancelled() => {}
+                () = grace => {}
             }
         }
         Err(problem) => {
