@@ -1,5 +1,7 @@
 //! Interoperability with an independent QUIC stack: an agent written on aioquic (PyPI) from
-//! `docs/protocol.md` alone (`tests/interop/aioquic_agent.py`) talks to a gateway. It is welcomed
+//! `docs/protocol.md` alone (`tests/interop/aioquic_agent.py`), speaking version 3 (so this is also
+//! the test that a gateway of version 4 keeps serving agents of version 3), talks to a gateway. It
+//! is welcomed
 //! under the identity in its certificate, its named batches are acknowledged and replayed, the
 //! same batch sent again as a retry is acknowledged and not replayed twice, and a frame announced
 //! over the limit is refused on its stream with `PROTOCOL_ERROR`.
@@ -85,6 +87,10 @@ async fn an_aioquic_agent_written_from_the_spec_is_served_and_held_to_the_rules(
         serde_json::from_slice(&out.stdout).expect("one JSON line from the aioquic agent");
 
     assert_eq!(report["welcome"]["version"], 3, "{report}");
+    assert_eq!(
+        report["welcome"]["extra_bytes"], 0,
+        "a version 3 agent gets a version 3 WELCOME (no gateway instance): {report}"
+    );
     assert_eq!(
         report["welcome"]["identity"], "prod-eu-1",
         "the identity read from the certificate: {report}"

@@ -253,6 +253,15 @@ impl Link {
         }
     }
 
+    /// Whether `other` is this same connection.
+    pub fn same(&self, other: &Link) -> bool {
+        match (self, other) {
+            (Link::Quic(a), Link::Quic(b)) => a.stable_id() == b.stable_id(),
+            (Link::Tls(a), Link::Tls(b)) => Arc::ptr_eq(&a.inner, &b.inner),
+            _ => false,
+        }
+    }
+
     /// Whether the link is gone (a batch sent on it again would fail at once).
     pub fn is_closed(&self) -> bool {
         match self {
@@ -738,13 +747,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_gateway_of_version_2_or_3_is_spoken_to_and_older_or_newer_are_not() {
+    fn a_gateway_of_version_2_to_4_is_spoken_to_and_older_or_newer_are_not() {
         let addr: SocketAddr = "127.0.0.1:4433".parse().expect("addr");
         let welcome = |v: u16| {
             Some(Frame::Welcome(Welcome {
                 protocol_version: v,
                 agent_identity: "prod".into(),
                 software: "teeway".into(),
+                gateway_instance: 0,
             }))
         };
         assert!(

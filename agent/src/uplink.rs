@@ -243,6 +243,8 @@ struct Live {
     link: Link,
     /// The protocol version the gateway chose for this link (3: batches are named).
     version: u16,
+    /// The gateway process behind it (0: not said).
+    instance: u64,
     /// Sends under way on the link.
     load: Load,
     /// The address's link in force, which a batch whose link failed is sent again on.
@@ -256,6 +258,8 @@ struct Live {
 struct Current {
     link: Link,
     version: u16,
+    /// The gateway process behind the link (`WELCOME`, version 4; 0: not said).
+    instance: u64,
     load: Load,
 }
 
@@ -425,7 +429,7 @@ impl Uplink {
                     Event::Up { addr, link, welcome, load, slot } => {
                         let transport = link.transport();
                         live.retain(|l| l.addr != addr);
-                        live.push(Live { addr, link, version: welcome.protocol_version, load, slot, stalled: false });
+                        live.push(Live { addr, link, version: welcome.protocol_version, instance: welcome.gateway_instance, load, slot, stalled: false });
                         // Published before it is logged: whoever reads the line can use the link.
                         self.links_changed(&live);
                         tracing::info!(
@@ -856,6 +860,7 @@ async fn supervise(
                         slot.send_replace(Some(Current {
                             link: link.clone(),
                             version: welcome.protocol_version,
+                            instance: welcome.gateway_instance,
                             load: load.clone(),
                         }));
                         let up = Event::Up {
@@ -1054,6 +1059,7 @@ impl Uplink {
         Sender {
             link: target.link.clone(),
             version: target.version,
+            instance: target.instance,
             load: target.load.clone(),
             slot: target.slot.clone(),
             in_flight: in_flight.clone(),
@@ -1068,6 +1074,8 @@ impl Uplink {
 struct Sender {
     link: Link,
     version: u16,
+    /// The gateway process the batch was first sent to (0: not said).
+    instance: u64,
     /// Sends under way on `link`.
     load: Load,
     /// The address's link in force: where the batch goes again if its link fails.
@@ -1260,7 +1268,14 @@ async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphore
                     permit.as_ref().map(|_| current)
                 };
                 match next.await {
-                    Some(current) if current.version >= 3 => {
+                    Some(current)
+                        if current.version >= 3
+                            && same_gateway(
+                                sender.instance,
+                                current.link.same(&sender.link),
+                                current.instance,
+                            ) =>
+                    {
                         sender.link = current.link;
                         sender.version = current.version;
                         sender.load = current.load;
@@ -1268,7 +1283,7 @@ async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphore
                     _ => {
                         tracing::debug!(
                             records = batch.accounts.len(),
-                            "no connection to the batch's gateway in time"
+                            "no connection to the gateway process that may have the batch, in time"
                         );
                         batch.accounts.failed(false);
                         return;
@@ -1287,6 +1302,14 @@ async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphore
             }
         }
     }
+}
+
+/// Whether a batch first sent to gateway process `sent_to` may go again on a connection to
+/// `now`: the same connection, or one whose `WELCOME` names the same process. An address is not
+/// a process: behind a load balancer a new connection may reach another replica, which would
+/// replay the batch a second time, so there the batch ends as `uplink_error` instead.
+fn same_gateway(sent_to: u64, same_connection: bool, now: u64) -> bool {
+    same_connection || (sent_to != 0 && sent_to == now)
 }
 
 /// The address's link in force once it is usable (not closed), or `None` if none is by
@@ -1434,6 +1457,27 @@ mod tests {
         // Heard again: delivering.
         assert_eq!(h.observe(9, false, at(stall + 750)), Some(false));
         assert!(!h.stalled);
+    }
+
+    #[test]
+    fn a_batch_goes_again_only_to_the_gateway_process_that_may_have_it() {
+        assert!(
+            same_gateway(0, true, 0),
+            "the same connection, whatever the version"
+        );
+        assert!(
+            same_gateway(7, false, 7),
+            "a new connection to the same process"
+        );
+        assert!(
+            !same_gateway(7, false, 9),
+            "another replica behind the same address"
+        );
+        assert!(
+            !same_gateway(0, false, 0),
+            "a gateway of version 3 cannot say"
+        );
+        assert!(!same_gateway(7, false, 0));
     }
 
     #[test]

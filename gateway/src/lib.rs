@@ -408,6 +408,7 @@ impl Gateway {
             archive,
             budget: budget::Budget::new(config.limits, self.metrics.buffered.clone()),
             dedupe: Default::default(),
+            instance: fastrand::u64(1..),
         });
 
         let admin_addr = admin::listen_addr(listeners.admin.as_ref());

@@ -44,6 +44,9 @@ pub struct Dispatcher {
     pub(crate) budget: Arc<Budget>,
     /// Batches received, by agent session, so that one sent again is not replayed twice.
     pub(crate) dedupe: crate::dedupe::Dedupe,
+    /// This dispatcher (and its `dedupe` memory), named in `WELCOME` (version 4) so that agents
+    /// send a batch again on a new connection only when it reaches the same one.
+    pub(crate) instance: u64,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -53,6 +56,17 @@ impl std::fmt::Debug for Dispatcher {
 }
 
 impl Dispatcher {
+    /// The `WELCOME` for an agent `identity` on a connection of protocol `version`: this
+    /// gateway's instance from version 4 on (older agents would refuse the extra field).
+    pub(crate) fn welcome(&self, version: u16, identity: &str) -> Welcome {
+        Welcome {
+            protocol_version: version,
+            agent_identity: identity.to_owned(),
+            software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
+            gateway_instance: if version >= 4 { self.instance } else { 0 },
+        }
+    }
+
     /// Counts a failed handshake and says why (one line a minute at most: anyone can knock).
     pub(crate) fn refused_handshake(&self, error: &str) {
         self.metrics.refused_handshake(error);
@@ -457,11 +471,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
                 agent_software = %hello.software,
                 "agent greeted"
             );
-            Ok(Frame::Welcome(Welcome {
-                protocol_version: version,
-                agent_identity: identity.to_string(),
-                software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
-            }))
+            Ok(Frame::Welcome(dispatcher.welcome(version, identity)))
         }
         (None, Some(Frame::Request(_)))
             if frames.iter().all(|f| matches!(f, Frame::Request(_))) =>

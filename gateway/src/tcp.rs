@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use teeway_wire::{DecodeError, Frame, MirroredRequest, Welcome, PROTOCOL_VERSION};
+use teeway_wire::{DecodeError, Frame, MirroredRequest, PROTOCOL_VERSION};
 
 use crate::budget::{ConnectionBudget, Held};
 use crate::listener::{Dispatcher, Refused, MAX_STREAM_BYTES};
@@ -174,12 +174,7 @@ async fn exchange(
         .alpn_protocol()
         .and_then(teeway_wire::version_of_alpn)
         .unwrap_or(PROTOCOL_VERSION);
-    Frame::Welcome(Welcome {
-        protocol_version: version,
-        agent_identity: identity.to_string(),
-        software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
-    })
-    .encode(&mut out);
+    Frame::Welcome(dispatcher.welcome(version, identity)).encode(&mut out);
     if let Err(end) = write(stream, &mut out).await {
         return end;
     }

@@ -114,7 +114,11 @@ async def main():
         payload = frames[0][1]
         (version,) = struct.unpack(">H", payload[:2])
         (n,) = struct.unpack(">H", payload[2:4])
-        report["welcome"] = {"version": version, "identity": payload[4:4 + n].decode()}
+        rest = payload[4 + n:]
+        (m,) = struct.unpack(">H", rest[:2])
+        # Version 3 (what this agent offers): nothing after `software`.
+        report["welcome"] = {"version": version, "identity": payload[4:4 + n].decode(),
+                             "extra_bytes": len(rest) - 2 - m}
 
         session = random.getrandbits(63) | 1
         first = None

@@ -124,6 +124,10 @@ pub struct Welcome {
     pub agent_identity: String,
     /// The gateway's software version, for logs.
     pub software: String,
+    /// The gateway process, random per start and not 0 (version 4); 0: not said (version 3 and
+    /// older, where the field is absent). A batch goes again on a new connection only when both
+    /// connections' `WELCOME` name the same instance: only that process remembers it.
+    pub gateway_instance: u64,
 }
 
 impl Frame {
@@ -143,6 +147,9 @@ impl Frame {
                 dst.put_u16(welcome.protocol_version);
                 put_str16(dst, &welcome.agent_identity);
                 put_str16(dst, &welcome.software);
+                if welcome.gateway_instance != 0 {
+                    dst.put_u64(welcome.gateway_instance);
+                }
             }
             Frame::Request(request) => {
                 dst.put_u8(TYPE_REQUEST);
@@ -182,7 +189,11 @@ impl Frame {
             + 1
             + match self {
                 Frame::Hello(h) => 2 + str16_len(&h.source_cluster) + str16_len(&h.software),
-                Frame::Welcome(w) => 2 + str16_len(&w.agent_identity) + str16_len(&w.software),
+                Frame::Welcome(w) => {
+                    2 + str16_len(&w.agent_identity)
+                        + str16_len(&w.software)
+                        + if w.gateway_instance != 0 { 8 } else { 0 }
+                }
                 Frame::Request(r) => request_len(r),
                 Frame::Ack { .. } => 4,
                 Frame::End => 0,
@@ -229,6 +240,12 @@ impl Frame {
                 protocol_version: get_u16(&mut payload, "protocol_version")?,
                 agent_identity: get_str16(&mut payload, "agent_identity")?,
                 software: get_str16(&mut payload, "software")?,
+                // Version 4 appends it; absent before.
+                gateway_instance: if payload.has_remaining() {
+                    get_u64(&mut payload, "gateway_instance")?
+                } else {
+                    0
+                },
             }),
             TYPE_REQUEST => Frame::Request(decode_request(&mut payload)?),
             TYPE_ACK => Frame::Ack {
@@ -453,9 +470,16 @@ mod tests {
                 software: "teeway 0.1.0".into(),
             }),
             Frame::Welcome(Welcome {
-                protocol_version: 1,
+                protocol_version: 3,
                 agent_identity: "agent".into(),
                 software: "teeway 0.1.0".into(),
+                gateway_instance: 0,
+            }),
+            Frame::Welcome(Welcome {
+                protocol_version: 4,
+                agent_identity: "agent".into(),
+                software: "teeway 0.1.0".into(),
+                gateway_instance: 0x1234_5678_9abc_def0,
             }),
             Frame::Ack { accepted: 7 },
             Frame::End,

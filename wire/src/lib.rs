@@ -1,7 +1,7 @@
 //! The teeway protocol, shared by the agent and the gateway. Sans-IO: nothing here opens a socket.
 //!
 //! An agent tees copies of production requests to a gateway over one QUIC connection with mutual
-//! TLS. The ALPN protocol id [`ALPN`] (`teeway/3`) names the protocol version; every stream on the
+//! TLS. The ALPN protocol id [`ALPN`] (`teeway/4`) names the protocol version; every stream on the
 //! connection is a sequence of length-prefixed [`Frame`]s. `docs/protocol.md` is the normative
 //! description of the bytes; this crate is its reference implementation.
 //!
@@ -37,10 +37,15 @@ pub use error::{DecodeError, TlsError};
 pub use frame::{BatchId, Frame, Hello, TcpOpen, Welcome};
 pub use record::MirroredRequest;
 
-/// The ALPN protocol id of this protocol version, first in both ends' lists. Version 3 added
-/// the `BATCH` frame (batches named, so one sent again is delivered once); version 2 the TCP tee
-/// streams (`TCP_OPEN`, `TCP_DATA`).
-pub const ALPN: &[u8] = b"teeway/3";
+/// The ALPN protocol id of this protocol version, first in both ends' lists. Version 4 added
+/// the gateway's instance to `WELCOME` (an agent sends a batch again on a new connection only to
+/// the same gateway process); version 3 the `BATCH` frame (batches named, so one sent again is
+/// delivered once); version 2 the TCP tee streams (`TCP_OPEN`, `TCP_DATA`).
+pub const ALPN: &[u8] = b"teeway/4";
+
+/// The ALPN id of version 3 (no gateway instance in `WELCOME`): accepted and offered by both
+/// ends, so that either may be upgraded first.
+pub const ALPN_V3: &[u8] = b"teeway/3";
 
 /// The ALPN id of version 2 (batches not named): gateways accept it so that older agents keep
 /// working, and agents offer it so that they work with a gateway not yet upgraded.
@@ -51,12 +56,13 @@ pub const ALPN_V2: &[u8] = b"teeway/2";
 pub const ALPN_V1: &[u8] = b"teeway/1";
 
 /// The protocol version number carried in the `HELLO` and `WELCOME` frames.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The version an ALPN id names (`None`: not teeway).
 pub fn version_of_alpn(alpn: &[u8]) -> Option<u16> {
     match alpn {
-        ALPN => Some(3),
+        ALPN => Some(4),
+        ALPN_V3 => Some(3),
         ALPN_V2 => Some(2),
         ALPN_V1 => Some(1),
         _ => None,

@@ -168,6 +168,7 @@ pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, Tls
     // Newest first: rustls picks the server's first protocol the client offers.
     config.alpn_protocols = vec![
         crate::ALPN.to_vec(),
+        crate::ALPN_V3.to_vec(),
         crate::ALPN_V2.to_vec(),
         crate::ALPN_V1.to_vec(),
     ];
@@ -211,7 +212,11 @@ pub fn client_config(material: &TlsMaterial) -> Result<rustls::ClientConfig, Tls
         })?;
     // Version 2 too: an agent upgraded before its gateway still mirrors (without naming its
     // batches).
-    config.alpn_protocols = vec![crate::ALPN.to_vec(), crate::ALPN_V2.to_vec()];
+    config.alpn_protocols = vec![
+        crate::ALPN.to_vec(),
+        crate::ALPN_V3.to_vec(),
+        crate::ALPN_V2.to_vec(),
+    ];
     Ok(config)
 }
 
@@ -330,6 +335,7 @@ mod tests {
         assert_eq!(
             server.alpn_protocols,
             vec![
+                b"teeway/4".to_vec(),
                 b"teeway/3".to_vec(),
                 b"teeway/2".to_vec(),
                 b"teeway/1".to_vec()
@@ -337,7 +343,11 @@ mod tests {
         );
         assert_eq!(
             client.alpn_protocols,
-            vec![b"teeway/3".to_vec(), b"teeway/2".to_vec()],
+            vec![
+                b"teeway/4".to_vec(),
+                b"teeway/3".to_vec(),
+                b"teeway/2".to_vec()
+            ],
             "an agent also speaks version 2 to a gateway not yet upgraded"
         );
     }
