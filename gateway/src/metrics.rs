@@ -395,6 +395,11 @@ impl GatewayMetrics {
             .unwrap_or(HANDSHAKE_CAUSES.len() - 1);
         self.handshakes_failed[index].increment(1);
         let (cause, _, fix, _) = HANDSHAKE_CAUSES[index];
+        if cause == "abandoned" {
+            // Normal for agents racing QUIC and TLS: counted, not warned about.
+            tracing::debug!(%error, "agent handshake abandoned by the peer: {fix}");
+            return;
+        }
         if let Some(refused) = self.handshake_logs[index].note() {
             tracing::warn!(cause, %error, refused, "agent handshake refused: {fix} (one line a minute at most per cause)");
         }
@@ -472,7 +477,7 @@ const MAX_LOGGED_IDENTITIES: usize = 256;
 /// with what an operator does about it. The last entry takes the rest.
 /// The last field is the `handshakes_total{result}` label: every certificate problem is
 /// `refused`; a peer that speaks no teeway version, or no TLS at all, or too slowly, is not.
-const HANDSHAKE_CAUSES: [(&str, &[&str], &str, &str); 9] = [
+const HANDSHAKE_CAUSES: [(&str, &[&str], &str, &str); 10] = [
     (
         "certificate_expired",
         &["Expired", "expired", "NotValidYet", "not valid yet", "not valid before"],
@@ -496,6 +501,14 @@ const HANDSHAKE_CAUSES: [(&str, &[&str], &str, &str); 9] = [
         &["InvalidPurpose", "UnsupportedCertificate", "extended key usage"],
         "the agent's certificate is not for client authentication (extendedKeyUsage clientAuth)",
         "refused",
+    ),
+    (
+        // Before "alpn": quinn words a peer's close during the handshake "the application or
+        // application protocol caused the connection to be closed".
+        "abandoned",
+        &["aborted by peer", "handshake eof"],
+        "the peer closed before the handshake finished: an agent that got through another way (it tries QUIC and TLS side by side), or a TCP health check",
+        "abandoned",
     ),
     (
         "alpn",
@@ -604,6 +617,8 @@ mod tests {
             ("peer sent no certificates", "no_certificate", "refused"),
             ("invalid peer certificate: certificate does not allow extended key usage for client authentication", "not_client_certificate", "refused"),
             ("peer doesn't support any known protocol", "alpn", "alpn"),
+            ("aborted by peer: the application or application protocol caused the connection to be closed during the handshake", "abandoned", "abandoned"),
+            ("tls handshake eof", "abandoned", "abandoned"),
             ("received corrupt message of type InvalidContentType", "not_tls", "not_tls"),
             ("handshake not completed in time", "timeout", "timeout"),
             ("invalid peer certificate: certificate revoked", "certificate", "refused"),
