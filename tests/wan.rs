@@ -1,5 +1,5 @@
 //! The uplink over a long-haul link that fails the way WANs fail: cut for seconds, or passing
-//! TCP while dropping UDP. Agent and gateway talk through a user-space relay
+//! TCP while dropping UDP. An agent and a gateway process talk through a user-space relay
 //! (`support::wan`) that delays every packet and can cut the link or block UDP. In each test
 //! production keeps being answered, the agent says when its uplink stops delivering (readiness
 //! and `uplink_connected` follow acknowledged batches, not an open connection), copies flow again
@@ -14,19 +14,22 @@ mod support;
 use std::time::Duration;
 
 use teeway::sample::{self, Recording, Service};
-use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
+use teeway::stack::{self, Pki, RunningAgent};
 use teeway_agent::link::Transport;
 use teeway_agent::metrics as am;
 use teeway_runtime::metrics::Snapshot;
 
 use support::wan::Wan;
-use support::{admin_get, agent_settled, get, settle, KeepAlive, LIMIT};
+use support::{
+    admin_get, agent_settled, get, settle, settle_async, GatewayProcess, KeepAlive, LIMIT,
+};
 
 /// One-way delay of the test link: long enough that the link has packets in flight.
 const ONE_WAY: Duration = Duration::from_millis(20);
 
 struct WanStack {
-    gateway: RunningGateway,
+    gateway: GatewayProcess,
+    _dir: tempfile::TempDir,
     agent: RunningAgent,
     recording: Recording,
     wan: Wan,
@@ -47,12 +50,9 @@ impl WanStack {
         teeway_wire::tls::install_default_provider();
         let pki = Pki::generate("prod-eu-1").expect("pki");
         let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-        let gateway = RunningGateway::start(stack::gateway_config(
-            pki.gateway_material(),
-            &[shadow.addr],
-        ))
-        .await
-        .expect("gateway");
+        let dir = tempfile::tempdir().expect("tmp");
+        let gateway =
+            GatewayProcess::spawn_serving(dir.path(), &pki, &shadow.url(), "[quic, tls]", "");
         let wan = Wan::start(gateway.addr, ONE_WAY, 0.0).await.expect("relay");
         let primary = sample::start_primary().await.expect("primary");
         let mut config = stack::agent_config(pki.agent_material(), primary.addr, wan.addr, 100.0);
@@ -65,6 +65,7 @@ impl WanStack {
         let client = KeepAlive::open(agent.addr).await;
         Self {
             gateway,
+            _dir: dir,
             agent,
             recording,
             wan,
@@ -117,8 +118,9 @@ impl WanStack {
         assert_eq!(a.get(am::REQUESTS_TOTAL), self.sent as f64);
         let mirrored = a.get(am::MIRRORED_TOTAL);
         assert!(mirrored > 0.0, "copies were delivered: {a:?}");
-        let g = settle(
-            || self.gateway.gateway.metrics(),
+        let admin = self.gateway.admin;
+        let g = settle_async(
+            || async move { Snapshot::parse(&admin_get(admin, "/metrics").await.1) },
             |g: &Snapshot| g.get("teeway_gateway_received_total") >= mirrored,
         )
         .await;
@@ -140,7 +142,7 @@ impl WanStack {
         assert_eq!(paths.len(), n, "each mirrored copy reached the shadow");
         assert_eq!(self.recording.count(), n, "and only once");
         self.agent.stop().await.expect("agent stops");
-        self.gateway.stop().await.expect("gateway stops");
+        assert!(self.gateway.proc.terminate_and_wait().success());
         self.wan.stop();
     }
 }

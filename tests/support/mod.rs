@@ -359,6 +359,17 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     pub fn spawn(dir: &Path, pki: &Pki, shadow_url: &str, extra: &str) -> GatewayProcess {
+        Self::spawn_serving(dir, pki, shadow_url, "[quic]", extra)
+    }
+
+    /// As [`GatewayProcess::spawn`], serving `transports` (`[quic, tls]`: both).
+    pub fn spawn_serving(
+        dir: &Path,
+        pki: &Pki,
+        shadow_url: &str,
+        transports: &str,
+        extra: &str,
+    ) -> GatewayProcess {
         for (name, text) in [
             ("ca.pem", &pki.ca.certified.cert_pem),
             ("gateway.pem", &pki.gateway.cert_pem),
@@ -369,7 +380,7 @@ impl GatewayProcess {
         std::fs::write(
             dir.join("gateway.yaml"),
             format!(
-                "listen: 127.0.0.1:0\ntransports: [quic]\ntls: {{ ca: ca.pem, cert: gateway.pem, key: gateway.key }}\nroutes:\n  - targets: [{shadow_url}]\nadmin: {{ listen: 127.0.0.1:0 }}\n{extra}"
+                "listen: 127.0.0.1:0\ntransports: {transports}\ntls: {{ ca: ca.pem, cert: gateway.pem, key: gateway.key }}\nroutes:\n  - targets: [{shadow_url}]\nadmin: {{ listen: 127.0.0.1:0 }}\n{extra}"
             ),
         )
         .expect("write");
