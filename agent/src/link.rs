@@ -291,10 +291,12 @@ impl Link {
     }
 
     /// Sends one batch (encoded `REQUEST` frames) and waits for its acknowledgement.
-    pub async fn send_batch(&self, frames: Bytes) -> Result<u32, BatchFailure> {
+    /// `head` (a `BATCH` frame, or nothing) goes before `frames`; both are handed to the
+    /// transport as they are, never copied into one buffer (a batch sent again costs no copy).
+    pub async fn send_batch(&self, head: Bytes, frames: Bytes) -> Result<u32, BatchFailure> {
         match self {
-            Link::Quic(c) => exchange_quic(c, &frames).await,
-            Link::Tls(t) => t.exchange(frames).await,
+            Link::Quic(c) => exchange_quic(c, head, frames).await,
+            Link::Tls(t) => t.exchange(head, frames).await,
         }
     }
 }
@@ -438,7 +440,7 @@ pub(crate) fn alert_advice(alert: u64) -> &'static str {
     }
 }
 
-async fn exchange_quic(conn: &Connection, frames: &[u8]) -> Result<u32, BatchFailure> {
+async fn exchange_quic(conn: &Connection, head: Bytes, frames: Bytes) -> Result<u32, BatchFailure> {
     let transport = |e: &dyn std::fmt::Display| BatchFailure::Transport(e.to_string());
     let (send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
     let refused = |code: VarInt, how: &str| {
@@ -456,7 +458,7 @@ async fn exchange_quic(conn: &Connection, frames: &[u8]) -> Result<u32, BatchFai
     let Some(send) = guard.0.as_mut() else {
         return Err(transport(&"stream gone"));
     };
-    match send.write_all(frames).await {
+    match send.write_all_chunks(&mut [head, frames]).await {
         Ok(()) => {}
         Err(quinn::WriteError::Stopped(code)) => return Err(refused(code, "stopped")),
         Err(e) => return Err(transport(&e)),
@@ -512,6 +514,7 @@ type AckTx = oneshot::Sender<u32>;
 
 #[derive(Debug)]
 struct Outgoing {
+    head: Bytes,
     frames: Bytes,
     ack: AckTx,
 }
@@ -524,12 +527,12 @@ impl Drop for TlsInner {
 }
 
 impl TlsLink {
-    async fn exchange(&self, frames: Bytes) -> Result<u32, BatchFailure> {
+    async fn exchange(&self, head: Bytes, frames: Bytes) -> Result<u32, BatchFailure> {
         let (ack, ack_rx) = oneshot::channel();
         let lost = || BatchFailure::Transport(format!("link lost: {}", self.reason()));
         self.inner
             .batches_tx
-            .send(Outgoing { frames, ack })
+            .send(Outgoing { head, frames, ack })
             .await
             .map_err(|_| lost())?;
         ack_rx.await.map_err(|_| lost())
@@ -668,10 +671,10 @@ async fn tls_writer(
             }
             next = tokio::time::timeout(KEEP_ALIVE, batches_rx.recv()) => next,
         };
-        let (frames, ack) = match next {
-            Ok(Some(out)) => (out.frames, Some(out.ack)),
+        let (head, frames, ack) = match next {
+            Ok(Some(out)) => (out.head, out.frames, Some(out.ack)),
             Ok(None) => return "closed".into(),
-            Err(_) => (Bytes::new(), None),
+            Err(_) => (Bytes::new(), Bytes::new(), None),
         };
         if pending_tx.send(ack).is_err() {
             return "reader stopped".into();
@@ -679,6 +682,7 @@ async fn tls_writer(
         // In pieces, each counted as heard: TCP taking bytes means the gateway acknowledges
         // them, so a slow upload is progress, not a stalled link.
         let written = async {
+            write.write_all(&head).await?;
             for piece in frames.chunks(WRITE_PIECE) {
                 write.write_all(piece).await?;
                 heard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

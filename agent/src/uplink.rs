@@ -1121,7 +1121,8 @@ enum Accounts {
 
 impl Batch {
     fn live(copies: Vec<Queued>, seq: u64) -> Self {
-        let mut frames = BytesMut::new();
+        // Sized once: growing a buffer of up to 1 MiB by doubling copied it about twice over.
+        let mut frames = BytesMut::with_capacity(copies.iter().map(|q| q.record.frame_len()).sum());
         let tickets = copies
             .into_iter()
             .map(|q| {
@@ -1138,7 +1139,8 @@ impl Batch {
     }
 
     fn spooled(chunk: SpoolChunk, seq: u64) -> Self {
-        let mut frames = BytesMut::new();
+        let mut frames =
+            BytesMut::with_capacity(chunk.records.iter().map(MirroredRequest::frame_len).sum());
         for record in chunk.records {
             Frame::Request(record).encode(&mut frames);
         }
@@ -1213,28 +1215,30 @@ async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphore
     let deadline = first_sent + ack_timeout * 4;
     let mut busy_backoff = Duration::from_millis(100);
     loop {
-        let frames = if sender.version >= 3 {
-            let mut out = BytesMut::with_capacity(batch.frames.len() + 32);
+        // The batch's name goes before its frames, in a buffer of its own: the frames are
+        // handed over as they are, on every attempt.
+        let head = if sender.version >= 3 {
+            let mut head = BytesMut::with_capacity(32);
             Frame::Batch(teeway_wire::BatchId {
                 session: sender.session,
                 seq: batch.seq,
                 retry: batch.sent_before,
             })
-            .encode(&mut out);
-            out.extend_from_slice(&batch.frames);
-            out.freeze()
+            .encode(&mut head);
+            head.freeze()
         } else {
-            batch.frames.clone()
+            bytes::Bytes::new()
         };
-        let bytes = frames.len() as u64;
+        let frames = batch.frames.clone();
+        let bytes = (head.len() + frames.len()) as u64;
         let sending = sender.load.enter();
-        let outcome = match tokio::time::timeout(ack_timeout, sender.link.send_batch(frames)).await
-        {
-            Ok(result) => result,
-            Err(_) => Err(BatchFailure::Transport(format!(
-                "no acknowledgement within {ack_timeout:?}"
-            ))),
-        };
+        let outcome =
+            match tokio::time::timeout(ack_timeout, sender.link.send_batch(head, frames)).await {
+                Ok(result) => result,
+                Err(_) => Err(BatchFailure::Transport(format!(
+                    "no acknowledgement within {ack_timeout:?}"
+                ))),
+            };
         drop(sending);
         let may_retry = sender.version >= 3 && Instant::now() < deadline;
         match outcome {
