@@ -13,7 +13,8 @@ use teeway::stack::{self, Pki, RunningAgent};
 use teeway_runtime::metrics::Snapshot;
 
 use support::{
-    admin_get, agent_settled, get, settle, settle_async, GatewayProcess, KeepAlive, LIMIT,
+    admin_get, agent_settled, distinct_paths, get, settle, settle_async, GatewayProcess, KeepAlive,
+    LIMIT,
 };
 
 fn signal(pid: u32, sig: &str) {
@@ -82,14 +83,11 @@ async fn late_acknowledgements_are_sent_again_and_delivered_once() {
         "batches were sent again and recognised: {g:?}"
     );
     assert_eq!(recording.wait_for(n, LIMIT).await, n);
-    let mut paths: Vec<String> = recording
-        .requests()
-        .iter()
-        .map(|r| r.uri.path().to_owned())
-        .collect();
-    paths.sort();
-    paths.dedup();
-    assert_eq!(paths.len(), n, "each request reached the shadow");
+    assert_eq!(
+        distinct_paths(&recording),
+        n,
+        "each request reached the shadow"
+    );
     assert_eq!(recording.count(), n, "and only once");
 
     agent.stop().await.expect("agent stops");

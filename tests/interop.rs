@@ -15,7 +15,7 @@ use teeway::sample;
 use teeway::stack::{self, RunningGateway};
 use teeway_wire::tls::TlsMaterial;
 
-use support::{certs_init, settle, tool_missing, LIMIT};
+use support::{certs_init, distinct_paths, settle, tool_missing, LIMIT};
 
 const BATCHES: usize = 3;
 const RECORDS: usize = 5;
@@ -129,14 +129,7 @@ async fn an_aioquic_agent_written_from_the_spec_is_served_and_held_to_the_rules(
         "{g:?}"
     );
     assert_eq!(recording.wait_for(n, LIMIT).await, n);
-    let mut paths: Vec<String> = recording
-        .requests()
-        .iter()
-        .map(|r| r.uri.path().to_owned())
-        .collect();
-    paths.sort();
-    paths.dedup();
-    assert_eq!(paths.len(), n, "every record replayed");
+    assert_eq!(distinct_paths(&recording), n, "every record replayed");
     assert_eq!(recording.count(), n, "and the retried batch not again");
     let bodies: usize = recording.requests().iter().map(|r| r.body.len()).sum();
     assert_eq!(

@@ -21,7 +21,8 @@ use teeway_runtime::metrics::Snapshot;
 
 use support::wan::Wan;
 use support::{
-    admin_get, agent_settled, get, settle, settle_async, GatewayProcess, KeepAlive, LIMIT,
+    admin_get, agent_settled, distinct_paths, get, settle, settle_async, GatewayProcess, KeepAlive,
+    LIMIT,
 };
 
 /// One-way delay of the test link: long enough that the link has packets in flight.
@@ -131,15 +132,11 @@ impl WanStack {
         );
         let n = mirrored as usize;
         assert_eq!(self.recording.wait_for(n, LIMIT).await, n);
-        let mut paths: Vec<String> = self
-            .recording
-            .requests()
-            .iter()
-            .map(|r| r.uri.path().to_owned())
-            .collect();
-        paths.sort();
-        paths.dedup();
-        assert_eq!(paths.len(), n, "each mirrored copy reached the shadow");
+        assert_eq!(
+            distinct_paths(&self.recording),
+            n,
+            "each mirrored copy reached the shadow"
+        );
         assert_eq!(self.recording.count(), n, "and only once");
         self.agent.stop().await.expect("agent stops");
         assert!(self.gateway.proc.terminate_and_wait().success());

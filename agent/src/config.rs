@@ -674,10 +674,7 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
             p,
             "ack_timeout",
             "use a duration from 1s to 10m, such as 15s",
-            |v| match cfg::duration(v)? {
-                t if t >= Duration::from_secs(1) && t <= Duration::from_secs(600) => Ok(t),
-                _ => Err("must be from 1s to 10m".into()),
-            },
+            cfg::duration_from_to("1s", "10m"),
         )
         .unwrap_or(DEFAULT_ACK_TIMEOUT);
     let quic_retry = g
@@ -685,10 +682,7 @@ fn gateway_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Opti
             p,
             "quic_retry",
             "use a duration from 1s to 1h, such as 10s",
-            |v| match cfg::duration(v)? {
-                t if t >= Duration::from_secs(1) && t <= Duration::from_secs(3600) => Ok(t),
-                _ => Err("must be from 1s to 1h".into()),
-            },
+            cfg::duration_from_to("1s", "1h"),
         )
         .unwrap_or(DEFAULT_QUIC_RETRY);
     let spool = spool_block(g, p, base_dir);

@@ -24,6 +24,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -278,7 +279,7 @@ impl Link {
     pub fn heard(&self) -> u64 {
         match self {
             Link::Quic(c) => c.stats().udp_rx.datagrams,
-            Link::Tls(t) => t.inner.heard.load(std::sync::atomic::Ordering::Relaxed),
+            Link::Tls(t) => t.inner.heard.load(Ordering::Relaxed),
         }
     }
 
@@ -507,7 +508,7 @@ struct TlsInner {
     closed: CancellationToken,
     reason: std::sync::Mutex<Option<String>>,
     /// Reads from the gateway so far (see [`Link::heard`]).
-    heard: Arc<std::sync::atomic::AtomicU64>,
+    heard: Arc<AtomicU64>,
 }
 
 type AckTx = oneshot::Sender<u32>;
@@ -615,7 +616,7 @@ async fn connect_tls(
     let (batches_tx, batches_rx) = mpsc::channel(8);
     let (pending_tx, pending_rx) = mpsc::unbounded_channel();
     let closed = CancellationToken::new();
-    let heard = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let heard = Arc::new(AtomicU64::new(0));
     let inner = Arc::new(TlsInner {
         addr,
         batches_tx,
@@ -658,7 +659,7 @@ async fn tls_writer(
     mut batches_rx: mpsc::Receiver<Outgoing>,
     pending_tx: mpsc::UnboundedSender<Option<AckTx>>,
     closed: &CancellationToken,
-    heard: &std::sync::atomic::AtomicU64,
+    heard: &AtomicU64,
 ) -> String {
     let mut end = BytesMut::new();
     Frame::End.encode(&mut end);
@@ -685,7 +686,7 @@ async fn tls_writer(
             write.write_all(&head).await?;
             for piece in frames.chunks(WRITE_PIECE) {
                 write.write_all(piece).await?;
-                heard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                heard.fetch_add(1, Ordering::Relaxed);
             }
             write.write_all(&end).await?;
             write.flush().await
@@ -708,7 +709,7 @@ async fn tls_reader(
     mut buf: BytesMut,
     mut pending_rx: mpsc::UnboundedReceiver<Option<AckTx>>,
     closed: &CancellationToken,
-    heard: &std::sync::atomic::AtomicU64,
+    heard: &AtomicU64,
 ) -> String {
     let mut waiting: VecDeque<Option<AckTx>> = VecDeque::new();
     loop {
@@ -738,7 +739,7 @@ async fn tls_reader(
         match read {
             Ok(Ok(0)) => return "the gateway closed the connection".into(),
             Ok(Ok(_)) => {
-                heard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                heard.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Err(e)) => return format!("read failed: {e}"),
             Err(_) => return format!("nothing heard from the gateway for {IDLE_TIMEOUT:?}"),

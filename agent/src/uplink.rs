@@ -51,7 +51,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -194,7 +194,7 @@ struct Shared {
     /// This agent process's batch session (protocol 3), random and not zero.
     session: u64,
     /// The next batch's sequence number in the session.
-    next_seq: std::sync::atomic::AtomicU64,
+    next_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Uplink {
@@ -271,7 +271,7 @@ struct Load(Arc<LoadInner>);
 
 #[derive(Default)]
 struct LoadInner {
-    sends: std::sync::atomic::AtomicUsize,
+    sends: AtomicUsize,
     idle: Notify,
 }
 
@@ -336,7 +336,7 @@ impl Uplink {
                 unreachable_log: Throttle::named("gateway connection attempts failed"),
                 causes_logged: Mutex::new(Vec::new()),
                 session: fastrand::u64(1..),
-                next_seq: std::sync::atomic::AtomicU64::new(1),
+                next_seq: AtomicU64::new(1),
             }),
             resolver,
             state,
@@ -467,7 +467,7 @@ impl Uplink {
                         (None, true) => first.ticket.dropped(DropReason::NoUplink),
                         (Some(_), true) => {
                             let Some(permit) = permit.take() else { continue };
-                            let copies = collect(first, &mut queue_rx);
+                            let (copies, _) = collect(first, &mut queue_rx);
                             if let Err(e) = spool_writes.try_send((copies, permit)) {
                                 let (copies, _) = e.into_inner();
                                 copies.into_iter().for_each(|q| q.ticket.dropped(DropReason::SpoolError));
@@ -481,7 +481,8 @@ impl Uplink {
                                 first.ticket.dropped(DropReason::NoUplink);
                                 continue;
                             };
-                            let batch = Batch::live(collect(first, &mut queue_rx), self.shared.next_seq());
+                            let (copies, bytes) = collect(first, &mut queue_rx);
+                            let batch = Batch::live(copies, bytes, self.shared.next_seq());
                             batches.spawn(send_batch(self.sender(target, &in_flight), batch, permit));
                         }
                     }
@@ -490,7 +491,7 @@ impl Uplink {
                     rotate = rotate.wrapping_add(1);
                     let (Some(permit), Some(target)) = (permit.take(), least_loaded(&live, rotate)) else {
                         // Unreachable (the branch's guard); the records go back to the spool.
-                        let SpoolChunk { records, share } = chunk;
+                        let SpoolChunk { records, share, .. } = chunk;
                         let _ = tokio::task::spawn_blocking(move || share.put_back(records)).await;
                         continue;
                     };
@@ -521,7 +522,7 @@ impl Uplink {
         stop_reading.cancel();
         spool_rx.close();
         while let Ok(chunk) = spool_rx.try_recv() {
-            let SpoolChunk { records, share } = chunk;
+            let SpoolChunk { records, share, .. } = chunk;
             let _ = tokio::task::spawn_blocking(move || share.put_back(records)).await;
         }
         if let Some(reader) = spool_reader {
@@ -1048,8 +1049,7 @@ impl Drain {
 
 impl Shared {
     fn next_seq(&self) -> u64 {
-        self.next_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -1087,8 +1087,9 @@ struct Sender {
     sent: metrics::Counter,
 }
 
-/// `first` and whatever else is already waiting, within the batch limits.
-fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> Vec<Queued> {
+/// `first` and whatever else is already waiting, within the batch limits, and their frames'
+/// size (the batch's buffer is sized from it).
+fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> (Vec<Queued>, usize) {
     let mut bytes = first.record.frame_len();
     let mut copies = vec![first];
     while copies.len() < MAX_BATCH_RECORDS && bytes < MAX_BATCH_BYTES {
@@ -1100,7 +1101,7 @@ fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> Vec<Queued> 
             Err(_) => break,
         }
     }
-    copies
+    (copies, bytes)
 }
 
 /// Copies sent together on one stream, and their accounts.
@@ -1120,9 +1121,10 @@ enum Accounts {
 }
 
 impl Batch {
-    fn live(copies: Vec<Queued>, seq: u64) -> Self {
-        // Sized once: growing a buffer of up to 1 MiB by doubling copied it about twice over.
-        let mut frames = BytesMut::with_capacity(copies.iter().map(|q| q.record.frame_len()).sum());
+    /// `bytes`: the copies' frames' size, from [`collect`]. Sized once: growing a buffer of up
+    /// to 1 MiB by doubling copied it about twice over.
+    fn live(copies: Vec<Queued>, bytes: usize, seq: u64) -> Self {
+        let mut frames = BytesMut::with_capacity(bytes);
         let tickets = copies
             .into_iter()
             .map(|q| {
@@ -1139,8 +1141,7 @@ impl Batch {
     }
 
     fn spooled(chunk: SpoolChunk, seq: u64) -> Self {
-        let mut frames =
-            BytesMut::with_capacity(chunk.records.iter().map(MirroredRequest::frame_len).sum());
+        let mut frames = BytesMut::with_capacity(chunk.bytes);
         for record in chunk.records {
             Frame::Request(record).encode(&mut frames);
         }
@@ -1332,6 +1333,8 @@ async fn next_link(
 /// Leased spool records offered to the uplink as one batch.
 struct SpoolChunk {
     records: Vec<MirroredRequest>,
+    /// Their frames' size.
+    bytes: usize,
     share: Share,
 }
 
@@ -1401,12 +1404,13 @@ async fn read_spool(
             let mut chunk = Vec::new();
             let mut bytes = 0;
             while let Some(r) = records.front() {
+                let len = r.frame_len();
                 if chunk.len() >= MAX_BATCH_RECORDS
-                    || (!chunk.is_empty() && bytes + r.frame_len() > MAX_BATCH_BYTES)
+                    || (!chunk.is_empty() && bytes + len > MAX_BATCH_BYTES)
                 {
                     break;
                 }
-                bytes += r.frame_len();
+                bytes += len;
                 chunk.extend(records.pop_front());
             }
             // Reserving is cancel-safe: at `stop` the chunk is still ours to put back.
@@ -1422,6 +1426,7 @@ async fn read_spool(
             let share = lease.share(chunk.len());
             slot.send(SpoolChunk {
                 records: chunk,
+                bytes,
                 share,
             });
         }

@@ -879,10 +879,7 @@ fn limits_block(root: &mut Section<'_>, p: &mut Problems) -> crate::budget::Limi
             p,
             "streams_per_connection",
             "use a whole number from 16 to 65536",
-            |v| match cfg::whole_number(v)? {
-                n @ 16..=65_536 => Ok(n as u32),
-                _ => Err("must be from 16 to 65536".into()),
-            },
+            |v| cfg::whole_number_from_to(16, 65_536)(v).map(|n| n as u32),
         )
         .unwrap_or(d.streams_per_connection);
     let connections_per_identity = l
@@ -890,10 +887,7 @@ fn limits_block(root: &mut Section<'_>, p: &mut Problems) -> crate::budget::Limi
             p,
             "connections_per_identity",
             "use a whole number from 1 to 100000",
-            |v| match cfg::whole_number(v)? {
-                n @ 1..=100_000 => Ok(n as usize),
-                _ => Err("must be from 1 to 100000".into()),
-            },
+            |v| cfg::whole_number_from_to(1, 100_000)(v).map(|n| n as usize),
         )
         .unwrap_or(d.connections_per_identity);
     let stream_timeout = l
@@ -901,10 +895,7 @@ fn limits_block(root: &mut Section<'_>, p: &mut Problems) -> crate::budget::Limi
             p,
             "stream_timeout",
             "use a duration from 1s to 10m, such as 30s",
-            |v| match cfg::duration(v)? {
-                t if t >= Duration::from_secs(1) && t <= Duration::from_secs(600) => Ok(t),
-                _ => Err("must be from 1s to 10m".into()),
-            },
+            cfg::duration_from_to("1s", "10m"),
         )
         .unwrap_or(d.stream_timeout);
     let path = l.path_of("buffer_bytes");

@@ -467,6 +467,28 @@ pub fn duration(value: &Value) -> Result<Duration, String> {
     crate::units::parse_duration(&string(value)?)
 }
 
+/// A duration from `min` to `max`, both written as a configuration writes them (`"1s"`,
+/// `"10m"`), so that the error says the range in the reader's words: `must be from 1s to 10m`.
+pub fn duration_from_to(
+    min: &'static str,
+    max: &'static str,
+) -> impl Fn(&Value) -> Result<Duration, String> {
+    let low = crate::units::parse_duration(min).unwrap_or(Duration::ZERO);
+    let high = crate::units::parse_duration(max).unwrap_or(Duration::MAX);
+    move |value| match duration(value)? {
+        d if d >= low && d <= high => Ok(d),
+        _ => Err(format!("must be from {min} to {max}")),
+    }
+}
+
+/// A whole number from `min` to `max`: `must be from 16 to 65536` otherwise.
+pub fn whole_number_from_to(min: u64, max: u64) -> impl Fn(&Value) -> Result<u64, String> {
+    move |value| match whole_number(value)? {
+        n if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("must be from {min} to {max}")),
+    }
+}
+
 /// A duration above zero (a timeout of `0s` would fail everything at once).
 pub fn positive_duration(value: &Value) -> Result<Duration, String> {
     match duration(value)? {
@@ -765,6 +787,22 @@ pub fn readable_file(base: &Path) -> impl Fn(&Value) -> Result<PathBuf, String> 
 mod tests {
     use super::*;
     use crate::yaml::parse;
+
+    #[test]
+    fn ranges_say_their_bounds_as_written() {
+        let value = |text: &str| parse(&format!("v: {text}")).expect("yaml")["v"].clone();
+        let timeout = duration_from_to("1s", "10m");
+        assert_eq!(timeout(&value("1s")), Ok(Duration::from_secs(1)));
+        assert_eq!(timeout(&value("10m")), Ok(Duration::from_secs(600)));
+        assert_eq!(timeout(&value("0s")), Err("must be from 1s to 10m".into()));
+        assert_eq!(timeout(&value("11m")), Err("must be from 1s to 10m".into()));
+        let streams = whole_number_from_to(16, 65_536);
+        assert_eq!(streams(&value("16")), Ok(16));
+        assert_eq!(
+            streams(&value("15")),
+            Err("must be from 16 to 65536".into())
+        );
+    }
 
     #[test]
     fn collects_every_problem_with_path_value_and_fix() {

@@ -189,6 +189,17 @@ impl KeepAlive {
     }
 }
 
+/// How many different paths the shadow received: tests that send each request to a path of its
+/// own compare this with the count received to tell "each once" from "some twice".
+pub fn distinct_paths(recording: &Recording) -> usize {
+    recording
+        .requests()
+        .iter()
+        .map(|r| r.uri.path().to_owned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
 /// The value of `metric{reason="<reason>"}` in a scrape.
 pub fn by_reason(s: &Snapshot, metric: &str, reason: &str) -> f64 {
     s.get(&format!("{metric}{{reason=\"{reason}\"}}"))
