@@ -331,6 +331,18 @@ async fn legal_requests_pass_and_refusals_are_counted_by_reason() {
     }
     many.extend_from_slice(b"\r\n");
     assert_eq!(exchange(many).await, 200);
+    // `limits.max_header_lines` lines exactly pass; one more is refused (the limit is explicit).
+    let lines = |n: usize| {
+        let mut head = b"GET /lines HTTP/1.1\r\nHost: api.example.com\r\n".to_vec();
+        for i in 1..n {
+            head.extend_from_slice(format!("X-Line-{i}: {i}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        head
+    };
+    let max = teeway_agent::ingress::DEFAULT_MAX_HEADER_LINES;
+    assert_eq!(exchange(lines(max)).await, 200);
+    assert_eq!(exchange(lines(max + 1)).await, 431);
     let long = format!(
         "GET /long?q={} HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
         "a".repeat(64_000)
@@ -354,14 +366,14 @@ async fn legal_requests_pass_and_refusals_are_counted_by_reason() {
     let s = settle(|| stack.agent_metrics(), agent_settled).await;
     let refused = |reason: &str| support::by_reason(&s, am::REQUESTS_REFUSED_TOTAL, reason);
     assert_eq!(refused("uri_too_long"), 1.0, "{s:?}");
-    assert_eq!(refused("head_too_large"), 1.0);
+    assert_eq!(refused("head_too_large"), 2.0);
     assert_eq!(refused("bad_request"), 1.0);
     assert_eq!(
         s.get(am::REQUESTS_TOTAL),
-        2.0,
+        3.0,
         "refusals stand beside the identity"
     );
-    assert_eq!(s.get(am::MIRRORED_TOTAL), 2.0);
+    assert_eq!(s.get(am::MIRRORED_TOTAL), 3.0);
     assert_agent_identity(&s);
     stack.stop().await;
 }

@@ -368,14 +368,14 @@ impl Agent {
                     primary.port,
                     resolver,
                     PRIMARY_CONNECT_TIMEOUT,
-                )
-                .with_tls(match &config.primary_tls {
-                    Some(tls) => Some(
-                        TlsSetup::new(tls.configs.clone(), &tls.server_name)
-                            .map_err(AgentError::PrimaryServerName)?,
-                    ),
-                    None => None,
-                });
+                    match &config.primary_tls {
+                        Some(tls) => Some(
+                            TlsSetup::new(tls.configs.clone(), &tls.server_name)
+                                .map_err(AgentError::PrimaryServerName)?,
+                        ),
+                        None => None,
+                    },
+                );
                 Front::Proxy(Box::new(Proxy::new(
                     tee,
                     connector,

@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::connect::UpstreamConnector;
-use teeway_runtime::proxy::{add_forwarding, remove_hop_by_hop};
+use teeway_runtime::proxy::{remove_hop_by_hop, Forwarding};
 
 use crate::ingress::ClientLimits;
 use crate::metrics::{
@@ -127,27 +127,22 @@ impl Proxy {
         }
     }
 
-    /// Handles one client request.
-    /// `tls`: the client connected over `listen_tls` (the primary is told with
+    /// Handles one client request from `peer` (over `listen_tls`, the primary is told with
     /// `x-forwarded-proto: https` unless the request already says).
     ///
     /// What changes on the way to the primary, and nothing else: hop-by-hop headers go, the
     /// forwarding headers are added, `Host` is the authority the client addressed (see
     /// [`request_host`]), `Expect: 100-continue` is answered here and not forwarded, and the
     /// version is the one `primary_protocol` says.
-    pub async fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        client: SocketAddr,
-        tls: bool,
-    ) -> Response<ProxyBody> {
-        if tls {
+    pub async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+        let client = peer.addr;
+        if peer.tls {
             req.headers_mut()
                 .entry("x-forwarded-proto")
                 .or_insert(HeaderValue::from_static("https"));
         }
         if let Some(protocol) = upgrade_to(&req) {
-            return self.pass_upgrade(req, protocol, client).await;
+            return self.pass_upgrade(req, protocol, peer).await;
         }
         let received_at = SystemTime::now();
         let (mut parts, body) = req.into_parts();
@@ -172,7 +167,7 @@ impl Proxy {
         if version == Version::HTTP_2 && !use_http2 {
             join_cookies(&mut parts.headers);
         }
-        add_forwarding(&mut parts.headers, client.ip(), version);
+        peer.forwarding.apply(&mut parts.headers, version);
 
         // The copy never carries userinfo (`http://user:pass@host/`).
         let copy = self.tee.admit(
@@ -245,8 +240,9 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         protocol: HeaderValue,
-        client: SocketAddr,
+        peer: &Peer,
     ) -> Response<ProxyBody> {
+        let client = peer.addr;
         let client_side = hyper::upgrade::on(&mut req);
         let (mut parts, body) = req.into_parts();
         let original_uri = parts.uri.clone();
@@ -256,7 +252,7 @@ impl Proxy {
         };
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.insert(header::HOST, host);
-        add_forwarding(&mut parts.headers, client.ip(), parts.version);
+        peer.forwarding.apply(&mut parts.headers, parts.version);
         self.tee
             .unmirrorable(&parts.method, &original_uri, &parts.headers);
         parts
@@ -530,16 +526,33 @@ pub enum Front {
     Sink(Sink),
 }
 
+/// The client connection a request came on: fixed for the connection's life.
+#[derive(Debug)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// The client connected over `listen_tls`.
+    pub tls: bool,
+    /// What the proxy adds for this client (`x-forwarded-for`, `via`), made once.
+    pub forwarding: Forwarding,
+}
+
+impl Peer {
+    /// A client at `addr` (`tls`: over `listen_tls`).
+    pub fn new(addr: SocketAddr, tls: bool) -> Self {
+        Self {
+            addr,
+            tls,
+            forwarding: Forwarding::new(addr.ip()),
+        }
+    }
+}
+
 impl Front {
-    /// Handles one request from `client` (`tls`: it came over `listen_tls`).
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        client: SocketAddr,
-        tls: bool,
-    ) -> Response<ProxyBody> {
+    /// Handles one request from `peer`.
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         match self {
-            Front::Proxy(proxy) => proxy.handle(req, client, tls).await,
+            Front::Proxy(proxy) => proxy.handle(req, peer).await,
             Front::Sink(sink) => sink.handle(req).await,
         }
     }

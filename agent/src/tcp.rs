@@ -246,6 +246,7 @@ impl TcpTee {
                 config.primary.1,
                 resolver,
                 PRIMARY_CONNECT_TIMEOUT,
+                None,
             ),
             uplink,
             // Connection numbers start at a random point so that agents sharing a certificate

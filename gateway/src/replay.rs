@@ -177,8 +177,7 @@ impl Target {
             None => None,
         };
         let connector =
-            UpstreamConnector::new(&target.host, target.port, resolver, CONNECT_TIMEOUT)
-                .with_tls(tls);
+            UpstreamConnector::new(&target.host, target.port, resolver, CONNECT_TIMEOUT, tls);
         let client = |http2_only: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())

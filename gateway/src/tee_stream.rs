@@ -63,7 +63,7 @@ pub struct TcpTarget {
 impl TcpTarget {
     fn new(host: String, port: u16, max_connections: usize, resolver: Resolver) -> Self {
         Self {
-            connector: UpstreamConnector::new(&host, port, resolver, CONNECT_TIMEOUT),
+            connector: UpstreamConnector::new(&host, port, resolver, CONNECT_TIMEOUT, None),
             slots: Arc::new(Semaphore::new(max_connections)),
             host,
             port,

@@ -143,57 +143,70 @@ impl AsyncWrite for UpstreamStream {
 }
 
 /// Dials `host:port`, trying each resolved address in turn.
+///
+/// Cheap to clone (one shared allocation): hyper-util's client clones its connector for every
+/// request, pooled connection or not.
 #[derive(Clone, Debug)]
 pub struct UpstreamConnector {
-    host: Arc<str>,
-    port: u16,
-    resolver: Resolver,
-    connect_timeout: Duration,
-    /// Which address of the answer the next connection starts with.
-    next: Arc<AtomicUsize>,
-    /// `https://` upstreams.
-    tls: Option<Arc<TlsSetup>>,
+    shared: Arc<Dialer>,
     /// Offer `h2` (not `http/1.1`) in ALPN.
     http2: bool,
 }
 
+/// What every clone of a connector shares.
+#[derive(Debug)]
+struct Dialer {
+    host: Box<str>,
+    port: u16,
+    resolver: Resolver,
+    connect_timeout: Duration,
+    /// Which address of the answer the next connection starts with.
+    next: AtomicUsize,
+    /// `https://` upstreams.
+    tls: Option<TlsSetup>,
+}
+
 impl UpstreamConnector {
-    /// A connector for `host:port`, giving up on one address after `connect_timeout`.
-    pub fn new(host: &str, port: u16, resolver: Resolver, connect_timeout: Duration) -> Self {
+    /// A connector for `host:port`, giving up on one address after `connect_timeout`;
+    /// connections run a TLS handshake per `tls` after connecting.
+    pub fn new(
+        host: &str,
+        port: u16,
+        resolver: Resolver,
+        connect_timeout: Duration,
+        tls: Option<TlsSetup>,
+    ) -> Self {
         Self {
-            host: host.into(),
-            port,
-            resolver,
-            connect_timeout,
-            next: Arc::new(AtomicUsize::new(0)),
-            tls: None,
+            shared: Arc::new(Dialer {
+                host: host.into(),
+                port,
+                resolver,
+                connect_timeout,
+                next: AtomicUsize::new(0),
+                tls,
+            }),
             http2: false,
         }
     }
 
-    /// Connections run a TLS handshake per `tls` after connecting.
-    pub fn with_tls(mut self, tls: Option<TlsSetup>) -> Self {
-        self.tls = tls.map(Arc::new);
-        self
-    }
-
     /// Whether connections are TLS (the request URI's scheme is then `https`).
     pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
+        self.shared.tls.is_some()
     }
 
     /// The same connector (sharing its address rotation) for a client that speaks HTTP/2
     /// (`http2`) or HTTP/1.1: with TLS, ALPN offers that version only.
     pub fn for_version(&self, http2: bool) -> Self {
         Self {
+            shared: self.shared.clone(),
             http2,
-            ..self.clone()
         }
     }
 
     async fn connect(self) -> io::Result<TokioIo<UpstreamStream>> {
         let tcp = self.connect_tcp().await?;
-        let Some(tls) = &self.tls else {
+        let dialer = &self.shared;
+        let Some(tls) = &dialer.tls else {
             return Ok(TokioIo::new(UpstreamStream::Plain(tcp)));
         };
         let config = if self.http2 {
@@ -202,21 +215,21 @@ impl UpstreamConnector {
             tls.configs.http1.clone()
         };
         let handshake = TlsConnector::from(config).connect(tls.server_name.clone(), tcp);
-        let stream = tokio::time::timeout(self.connect_timeout, handshake)
+        let stream = tokio::time::timeout(dialer.connect_timeout, handshake)
             .await
             .map_err(|_| {
                 io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
                         "{}:{}: TLS handshake timed out after {:?}",
-                        self.host, self.port, self.connect_timeout
+                        dialer.host, dialer.port, dialer.connect_timeout
                     ),
                 )
             })?
             .map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!("{}:{}: TLS handshake: {e}", self.host, self.port),
+                    format!("{}:{}: TLS handshake: {e}", dialer.host, dialer.port),
                 )
             })?;
         Ok(TokioIo::new(UpstreamStream::Tls(Box::new(stream))))
@@ -226,15 +239,16 @@ impl UpstreamConnector {
     /// address tried in turn (starting one further each call) within the connect timeout, Nagle
     /// off. The raw TCP tee connects its primaries and shadows with it.
     pub async fn connect_tcp(&self) -> io::Result<TcpStream> {
-        let addrs = self
+        let dialer = &self.shared;
+        let addrs = dialer
             .resolver
-            .lookup(&self.host, self.port)
+            .lookup(&dialer.host, dialer.port)
             .await
             .map_err(io::Error::other)?;
         let mut last_error = None;
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % addrs.len().max(1);
+        let start = dialer.next.fetch_add(1, Ordering::Relaxed) % addrs.len().max(1);
         for addr in addrs.iter().cycle().skip(start).take(addrs.len()).copied() {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            match tokio::time::timeout(dialer.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     stream.set_nodelay(true)?;
                     return Ok(stream);
@@ -243,7 +257,10 @@ impl UpstreamConnector {
                 Err(_) => {
                     last_error = Some(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("{addr}: connect timed out after {:?}", self.connect_timeout),
+                        format!(
+                            "{addr}: connect timed out after {:?}",
+                            dialer.connect_timeout
+                        ),
                     ))
                 }
             }
