@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use teeway::replay::{Pace, ReplayOptions};
 use teeway::stack::{self, Pki, RunningGateway};
+use teeway_agent::bench_support::Queued;
+use teeway_agent::bench_support::{Uplink, UplinkState};
 use teeway_agent::metrics::Accounting;
-use teeway_agent::tee::Queued;
-use teeway_agent::uplink::{Uplink, UplinkState};
 use teeway_archive::config::{ArchiveConfig, Compression, Format};
 use teeway_archive::write::{Archive, Outcome};
 use teeway_archive::Record;

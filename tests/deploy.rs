@@ -364,7 +364,7 @@ async fn dashboard_and_alerts_query_only_metrics_the_binaries_export() {
                 buffer_bytes: 64 * 1024,
             }];
             if let Some(g) = agent.gateway.as_mut() {
-                g.spool = Some(teeway_agent::spool::SpoolConfig {
+                g.spool = Some(teeway_agent::SpoolConfig {
                     dir: tmp.path().join("spool"),
                     max_bytes: 16 << 20,
                 });

@@ -455,7 +455,7 @@ async fn default_redaction_keeps_credentials_out_of_shadow_archive_and_spool() {
         .expect("gateway");
     let mut config = stack::agent_config(pki.agent_material(), primary.addr, gateway.addr, 100.0);
     if let Some(g) = config.gateway.as_mut() {
-        g.spool = Some(teeway_agent::spool::SpoolConfig {
+        g.spool = Some(teeway_agent::SpoolConfig {
             dir: tmp.path().join("spool"),
             max_bytes: 16 << 20,
         });

@@ -340,7 +340,7 @@ async fn legal_requests_pass_and_refusals_are_counted_by_reason() {
         head.extend_from_slice(b"\r\n");
         head
     };
-    let max = teeway_agent::ingress::DEFAULT_MAX_HEADER_LINES;
+    let max = teeway_agent::config::ClientLimits::default().max_header_lines;
     assert_eq!(exchange(lines(max)).await, 200);
     assert_eq!(exchange(lines(max + 1)).await, 431);
     let long = format!(

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use teeway::demo::{compare, plan, send_plan};
 use teeway::stack::{self, RunningGateway};
-use teeway_agent::link::Transport;
 use teeway_agent::metrics as am;
+use teeway_agent::Transport;
 use teeway_gateway::config::Transports;
 use teeway_gateway::metrics as gm;
 

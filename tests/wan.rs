@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use teeway::sample::{self, Recording, Service};
 use teeway::stack::{self, Pki, RunningAgent};
-use teeway_agent::link::Transport;
 use teeway_agent::metrics as am;
+use teeway_agent::Transport;
 use teeway_runtime::metrics::Snapshot;
 
 use support::wan::Wan;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use teeway_archive::ArchiveConfig;
 
-use crate::ingress::{self, ClientLimits};
+use crate::downstream;
+pub use crate::downstream::ClientLimits;
 use crate::link::Transport;
 use crate::policy::PolicyConfig;
 use crate::spool::{SpoolConfig, MIN_SPOOL_BYTES};
@@ -420,7 +421,7 @@ impl AgentConfig {
                     d => Ok(d),
                 },
             )
-            .unwrap_or(ingress::DEFAULT_DRAIN_TIME);
+            .unwrap_or(downstream::DEFAULT_DRAIN_TIME);
         let limits = limits_block(&mut root, &mut p);
         root.finish(&mut p);
 
@@ -584,7 +585,7 @@ fn limits_block(root: &mut Section<'_>, p: &mut Problems) -> ClientLimits {
             "max_header_bytes",
             "use a size from 8KiB to 16MiB, such as 128KiB",
             |v| match cfg::size(v)? {
-                n if n < ingress::MIN_MAX_HEADER_BYTES as u64 => {
+                n if n < downstream::MIN_MAX_HEADER_BYTES as u64 => {
                     Err("must be at least 8KiB".to_owned())
                 }
                 n if n > 16 * 1024 * 1024 => Err("must be at most 16MiB".to_owned()),
@@ -967,7 +968,7 @@ admin:
             "localhost"
         );
         assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
-        assert_eq!(c.drain_time, ingress::DEFAULT_DRAIN_TIME);
+        assert_eq!(c.drain_time, downstream::DEFAULT_DRAIN_TIME);
         assert_eq!(c.limits, ClientLimits::default());
         std::fs::remove_dir_all(dir).ok();
     }
@@ -984,7 +985,7 @@ admin:
         assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.limits.max_connections, 100);
         assert_eq!(c.limits.max_header_bytes, 64 * 1024);
-        assert_eq!(c.limits.idle_timeout, ingress::DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(c.limits.idle_timeout, downstream::DEFAULT_IDLE_TIMEOUT);
         let bad = format!(
             "{VALID}limits:\n  header_read_timeout: 0s\n  max_header_lines: 5\n  max_header_bytes: 1KiB\n  idle: 3s\n"
         );

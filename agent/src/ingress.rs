@@ -60,30 +60,13 @@ use tracing::Instrument;
 use teeway_runtime::logging::Throttle;
 use teeway_runtime::metrics::Registry;
 
+use crate::downstream::{ClientLimits, Peer, ProxyBody, MIN_MAX_HEADER_BYTES};
+use crate::front::Front;
 use crate::metrics::{
     ACCEPT_ERRORS_TOTAL, CLIENT_CONNECTIONS, CLIENT_CONNECTIONS_CLOSED_TOTAL,
     REQUESTS_REFUSED_TOTAL,
 };
-use crate::proxy::{Front, Peer, ProxyBody};
 
-/// Default `limits.header_read_timeout` (nginx's `client_header_timeout` is 60 s).
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default `limits.idle_timeout` (nginx's `keepalive_timeout` is 75 s).
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
-/// Default `limits.max_connections`.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-/// Default `limits.max_header_lines`. nginx has no count, only 32 KiB of header buffers; Envoy
-/// counts 100, HAProxy 101. Every request pays for the limit, not for its own lines: hyper sets
-/// aside a slot per allowed line for each head it parses (the client's and the primary's), and
-/// at 4096 that cost 9 us of CPU per request, a third of the agent's (tests/bench, scenario 4);
-/// at 256 it is under 0.5 us, and 2.5 times what Envoy lets through.
-pub const DEFAULT_MAX_HEADER_LINES: usize = 256;
-/// Default `limits.max_header_bytes` (nginx: 1 KiB + 4 x 8 KiB of header buffers).
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 128 * 1024;
-/// Smallest `limits.max_header_bytes` (hyper's smallest read buffer).
-pub const MIN_MAX_HEADER_BYTES: usize = 8192;
-/// Default `drain_time` (Istio's `terminationDrainDuration` is 5 s).
-pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(5);
 /// Time a client has to complete the TLS handshake on `listen_tls`.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Descriptors kept for everything but client connections (uplink, files, listeners).
@@ -98,33 +81,6 @@ const RESERVED_FDS: u64 = 64;
 const EVICT_MIN_IDLE: Duration = Duration::from_secs(1);
 /// How long a connection asked to close gracefully (idle HTTP/2, evicted) gets before it is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// `limits:`: what one client may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientLimits {
-    /// Time from a request head's first byte to its end.
-    pub header_read_timeout: Duration,
-    /// Time a connection with no request in flight is kept.
-    pub idle_timeout: Duration,
-    /// Client connections open at once.
-    pub max_connections: usize,
-    /// Header lines in one HTTP/1 request head.
-    pub max_header_lines: usize,
-    /// Bytes of one request head (HTTP/1 request line and headers; HTTP/2 header list).
-    pub max_header_bytes: usize,
-}
-
-impl Default for ClientLimits {
-    fn default() -> Self {
-        Self {
-            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_header_lines: DEFAULT_MAX_HEADER_LINES,
-            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
-        }
-    }
-}
 
 /// Why the agent closed a client connection itself.
 #[derive(Debug, Clone, Copy)]

@@ -3,21 +3,34 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: `agent.yaml`, validated in full before anything binds.
-//! - [`ingress`]: accepting production clients: connection cap, header and idle timeouts, the
-//!   drain on shutdown.
-//! - [`proxy`]: the inline reverse proxy (HTTP/1.1 and HTTP/2) in front of the primary.
-//! - [`retry`]: sending a request the primary never processed again; finishing copies of bodies
-//!   the primary left unread.
+//! A request's path, in the order it meets the code:
+//!
+//! - taps, which turn production traffic into copies and know nothing of links:
+//!   - `ingress`: accepting production clients: connection cap, header and idle timeouts, the
+//!     drain on shutdown; each request goes to the `front`.
+//!   - `front`: what answers on `listen`: the proxy, or the sink.
+//!   - `downstream`: the clients as the taps see them: who (`Peer`), what
+//!     they may send, the body they get back.
+//!   - `proxy`: the inline reverse proxy (HTTP/1.1 and HTTP/2) in front of the primary.
+//!   - `sink`: takes an ingress's mirror feed (nginx `mirror`, Envoy/Istio mirroring), answers
+//!     at once.
+//!   - `retry`: sending a request the primary never processed again; finishing copies of bodies
+//!     the primary left unread.
+//!   - `tcp`: `tcp:` listeners, a byte-stream proxy teeing each sampled connection on its own
+//!     QUIC stream.
 //! - [`policy`]: mirror rules, consistent sampling, redaction, the body-size policy.
-//! - [`tcp`]: `tcp:` listeners, a byte-stream proxy teeing each sampled connection on its own
-//!   QUIC stream.
-//! - [`tee`]: applying the policy, copying bodies as they stream, the bounded queue.
-//! - [`uplink`]: links to every gateway address, spreading batches, reconnecting with backoff.
-//! - [`link`]: one connection over QUIC or TLS over TCP, and the batch exchange on it.
-//! - [`spool`]: the optional disk spool where copies wait while no gateway is reachable.
+//! - `tee`: applying the policy, copying bodies as they stream, handing finished copies to the
+//!   uplink's bounded queue without waiting.
+//! - the shipper, which owns everything past the queue:
+//!   - `uplink`: links to every gateway address, batches, acknowledgements, retries,
+//!     reconnecting with backoff, the spool and the archive.
+//!   - `link`: one connection over QUIC or TLS over TCP, and the batch exchange on it.
+//!   - `spool`: the optional disk spool where copies wait while no gateway is reachable.
+//! - [`config`]: `agent.yaml`, validated in full before anything binds.
 //! - [`metrics`]: metric names and the accounting that makes every request add up.
 //! - [`error`]: the agent's errors.
+//!
+//! Only what the binary and the tests use is public; the rest is the crate's own.
 //!
 //! # Reload
 //!
@@ -30,7 +43,7 @@
 //!
 //! When the `shutdown` token passed to [`Agent::run`] is cancelled, the agent drains: `/readyz`
 //! says not ready, and for `drain_time` it goes on accepting and serving while clients are asked
-//! to reconnect (see [`ingress`]). Then it stops accepting and lets open requests and `tcp:`
+//! to reconnect (see `ingress`). Then it stops accepting and lets open requests and `tcp:`
 //! connections finish (up to `shutdown_grace`; TCP connections still open then are cut and their
 //! copies counted `shutdown`); then it closes the queue, sends what it holds (up to
 //! `shutdown_grace` again) and counts the rest as `shutdown` drops.
@@ -55,33 +68,45 @@ use teeway_runtime::metrics::{Registry, Snapshot};
 use teeway_runtime::reload::{ConfigState, ReloadResult};
 
 pub mod config;
+mod downstream;
 pub mod error;
-pub mod ingress;
-pub mod link;
+mod front;
+mod ingress;
+pub(crate) mod link;
 pub mod metrics;
 pub mod policy;
-pub mod proxy;
-pub mod retry;
-pub mod sink;
-pub mod spool;
-pub mod tcp;
-pub mod tee;
-pub mod uplink;
+mod proxy;
+mod retry;
+mod sink;
+pub(crate) mod spool;
+mod tcp;
+mod tee;
+mod uplink;
 
 pub use config::AgentConfig;
 pub use error::{AgentError, UplinkError};
+pub use link::Transport;
+pub use spool::SpoolConfig;
+
+/// The uplink's parts, for the component benchmarks (benches/components.rs) only: not an API.
+#[doc(hidden)]
+pub mod bench_support {
+    pub use crate::uplink::{Queued, Uplink, UplinkState};
+}
 
 use teeway_archive::{Archive, ArchiveDrop, Outcome, Record};
 
+use crate::front::Front;
 use crate::ingress::IngressState;
 use crate::link::ClientConfigs;
 use crate::metrics::{Accounting, DropReason};
 use crate::policy::MirrorPolicy;
-use crate::proxy::{Front, Proxy};
+use crate::proxy::Proxy;
 use crate::sink::Sink;
 use crate::spool::{Spool, SpoolMetrics};
 use crate::tcp::TcpTee;
-use crate::tee::{Queued, Tee};
+use crate::tee::Tee;
+use crate::uplink::Queued;
 use crate::uplink::{Uplink, UplinkState};
 
 /// How long one connection attempt to the primary may take.

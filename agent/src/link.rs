@@ -227,14 +227,6 @@ impl Link {
         }
     }
 
-    /// The gateway's address.
-    pub fn remote_address(&self) -> SocketAddr {
-        match self {
-            Link::Quic(c) => c.remote_address(),
-            Link::Tls(t) => t.inner.addr,
-        }
-    }
-
     /// `quic` or `tls`, for logs and metrics.
     pub fn transport(&self) -> &'static str {
         match self {
@@ -501,7 +493,6 @@ pub struct TlsLink {
 
 #[derive(Debug)]
 struct TlsInner {
-    addr: SocketAddr,
     /// Batches for the writer, each with where its acknowledgement goes.
     batches_tx: mpsc::Sender<Outgoing>,
     /// Cancelled when either task ends or the link is closed on purpose.
@@ -618,7 +609,6 @@ async fn connect_tls(
     let closed = CancellationToken::new();
     let heard = Arc::new(AtomicU64::new(0));
     let inner = Arc::new(TlsInner {
-        addr,
         batches_tx,
         closed: closed.clone(),
         reason: std::sync::Mutex::new(None),

@@ -18,7 +18,7 @@
 //!
 //! A copy written to the disk spool (`gateway.spool`, while no gateway is reachable) leaves this
 //! identity as `spooled`; from there the spool's own identity accounts for it (see
-//! [`crate::spool`]).
+//! the `spool` module).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,6 +40,9 @@ pub const MIRRORED_TOTAL: &str = "teeway_agent_mirrored_total";
 pub const MIRROR_TRUNCATED_TOTAL: &str = "teeway_agent_mirror_truncated_total";
 /// Copies given up, by reason.
 pub const MIRROR_DROPPED_TOTAL: &str = "teeway_agent_mirror_dropped_total";
+pub use crate::spool::{
+    SPOOL_BYTES, SPOOL_DROPPED_TOTAL, SPOOL_PENDING, SPOOL_RECOVERED_TOTAL, SPOOL_SENT_TOTAL,
+};
 /// Copies written to the disk spool while no gateway was reachable; the spool metrics take over.
 pub const MIRROR_SPOOLED_TOTAL: &str = "teeway_agent_mirror_spooled_total";
 /// Copies sampled and not yet resolved (body being read, queued, or awaiting the gateway's ack).

@@ -27,23 +27,19 @@ use tracing::Instrument;
 
 use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::connect::UpstreamConnector;
-use teeway_runtime::proxy::{remove_hop_by_hop, Forwarding};
+use teeway_runtime::proxy::remove_hop_by_hop;
 
-use crate::ingress::ClientLimits;
+use crate::downstream::{ClientLimits, Peer, ProxyBody, MIN_MAX_HEADER_BYTES};
 use crate::metrics::{
     Accounting, CLIENT_ABORTS_TOTAL, PRIMARY_ERRORS_TOTAL, REQUESTS_REFUSED_TOTAL,
 };
 use crate::retry::{may_retry, ReplayBody, MAX_ATTEMPTS, RETRY_BUFFER_BYTES};
-use crate::sink::Sink;
 use crate::tee::{Tee, TeeBody};
 
 /// How long an idle pooled connection to the primary is kept. Shorter than the keep-alive
 /// timeouts of common servers (nginx 75 s), so the agent is rarely the one to find a connection
 /// the primary closed.
 const PRIMARY_POOL_IDLE: Duration = Duration::from_secs(50);
-
-/// The body of a response to the client: the primary's, or one the agent wrote itself.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 /// A request body on its way to the primary: copied by the tee, replayable for a retry.
 type PrimaryBody = ReplayBody<TeeBody<Incoming>>;
@@ -92,11 +88,7 @@ impl Proxy {
                 .pool_idle_timeout(PRIMARY_POOL_IDLE)
                 .http1_preserve_header_case(true)
                 .http1_max_headers(limits.max_header_lines)
-                .http1_max_buf_size(
-                    limits
-                        .max_header_bytes
-                        .max(crate::ingress::MIN_MAX_HEADER_BYTES),
-                )
+                .http1_max_buf_size(limits.max_header_bytes.max(MIN_MAX_HEADER_BYTES))
                 .http2_max_header_list_size(
                     u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
                 )
@@ -515,45 +507,4 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
-}
-
-/// What answers on `listen`: the proxy to the primary, or the sink of an ingress's mirror feed.
-#[derive(Debug)]
-pub enum Front {
-    /// Production traffic, proxied to the primary and teed.
-    Proxy(Box<Proxy>),
-    /// Copies an ingress mirrors, answered at once and teed.
-    Sink(Sink),
-}
-
-/// The client connection a request came on: fixed for the connection's life.
-#[derive(Debug)]
-pub struct Peer {
-    /// The client's address.
-    pub addr: SocketAddr,
-    /// The client connected over `listen_tls`.
-    pub tls: bool,
-    /// What the proxy adds for this client (`x-forwarded-for`, `via`), made once.
-    pub forwarding: Forwarding,
-}
-
-impl Peer {
-    /// A client at `addr` (`tls`: over `listen_tls`).
-    pub fn new(addr: SocketAddr, tls: bool) -> Self {
-        Self {
-            addr,
-            tls,
-            forwarding: Forwarding::new(addr.ip()),
-        }
-    }
-}
-
-impl Front {
-    /// Handles one request from `peer`.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
-        match self {
-            Front::Proxy(proxy) => proxy.handle(req, peer).await,
-            Front::Sink(sink) => sink.handle(req).await,
-        }
-    }
 }

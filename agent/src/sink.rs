@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 
 use teeway_runtime::proxy::remove_hop_by_hop;
 
-use crate::proxy::ProxyBody;
+use crate::downstream::ProxyBody;
 use crate::tee::Tee;
 
 /// Answers mirror feeds at once and tees what they carry.

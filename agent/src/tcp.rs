@@ -267,7 +267,7 @@ impl TcpTee {
     }
 
     /// Decides whether connection `id` is teed and, if so, starts its copy task.
-    fn start_copy(self: &Arc<Self>, id: u64, tasks: &TaskTracker) -> Option<Copy> {
+    fn start_copy(self: &Arc<Self>, id: u64, tasks: &TaskTracker) -> Option<CopyFeed> {
         if !self.sampled() {
             self.metrics.not_sampled.increment(1);
             return None;
@@ -304,7 +304,7 @@ impl TcpTee {
             outcome,
             permit,
         ));
-        Some(Copy { queue, abandon })
+        Some(CopyFeed { queue, abandon })
     }
 
     async fn connect_primary(&self) -> io::Result<TcpStream> {
@@ -379,13 +379,13 @@ impl Abandon {
 }
 
 /// The proxy's end of a connection's copy.
-struct Copy {
+struct CopyFeed {
     queue: mpsc::Sender<Bytes>,
     abandon: Abandon,
 }
 
 /// Offers `chunk` to the copy without waiting; a copy too far behind is given up.
-fn offer(copy: &mut Option<Copy>, chunk: &Bytes) {
+fn offer(copy: &mut Option<CopyFeed>, chunk: &Bytes) {
     let Some(c) = copy else { return };
     match c.queue.try_send(chunk.clone()) {
         Ok(()) => {}
@@ -483,7 +483,7 @@ async fn serve_connection(
 
 /// Joins the client and the primary, offering what the client sends to `copy`. Ends when the
 /// primary's side is done (after the client's, normally), or at the first error.
-async fn proxy(tee: &TcpTee, client: TcpStream, primary: TcpStream, mut copy: Option<Copy>) {
+async fn proxy(tee: &TcpTee, client: TcpStream, primary: TcpStream, mut copy: Option<CopyFeed>) {
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mut primary_rd, mut primary_wr) = primary.into_split();
     let upstream = async {

@@ -22,17 +22,8 @@ use tokio::sync::mpsc;
 
 use crate::metrics::{Accounting, DropReason, Ticket};
 use crate::policy::{MirrorPolicy, OverLimit};
-use crate::uplink::UplinkState;
+use crate::uplink::{Queued, UplinkState};
 use teeway_archive::{Archive, Record};
-
-/// A finished copy on its way to the uplink, with its account.
-#[derive(Debug)]
-pub struct Queued {
-    /// The copy.
-    pub record: MirroredRequest,
-    /// Its account, resolved by the uplink.
-    pub ticket: Ticket,
-}
 
 /// The request-path side of the tee.
 #[derive(Debug)]
@@ -100,7 +91,7 @@ impl Tee {
         version: Version,
         headers: &HeaderMap,
         received_at: SystemTime,
-    ) -> Option<Copy> {
+    ) -> Option<Admitted> {
         self.accounting.requests.increment(1);
         // A guard for the decision (no reference count touched); an owned `Arc` only for the
         // sampled requests whose copy keeps the policy it was admitted under.
@@ -117,7 +108,7 @@ impl Tee {
         let policy = arc_swap::Guard::into_inner(policy);
         let mut copy_headers = headers.clone();
         let uri = policy.redaction.apply(&mut copy_headers, uri);
-        Some(Copy {
+        Some(Admitted {
             head: Head {
                 method: method.clone(),
                 uri,
@@ -148,7 +139,7 @@ impl Tee {
     /// Wraps a request body so that it is copied as it streams to the primary.
     ///
     /// `copy` is what [`Tee::admit`] returned: `None` for a request passed over.
-    pub fn body<B>(self: &Arc<Self>, inner: B, copy: Option<Copy>) -> TeeBody<B>
+    pub fn body<B>(self: &Arc<Self>, inner: B, copy: Option<Admitted>) -> TeeBody<B>
     where
         B: Body<Data = Bytes>,
     {
@@ -193,7 +184,7 @@ impl Tee {
 
 /// A sampled request's copy in the making, as [`Tee::admit`] hands it out.
 #[derive(Debug)]
-pub struct Copy {
+pub struct Admitted {
     /// The redacted head.
     pub head: Head,
     /// Its account.
@@ -382,7 +373,7 @@ mod tests {
         tee_with(queue, policy(max_body, OverLimit::Skip))
     }
 
-    fn admit(tee: &Arc<Tee>) -> Option<Copy> {
+    fn admit(tee: &Arc<Tee>) -> Option<Admitted> {
         let mut headers = HeaderMap::new();
         headers.insert(
             http::header::AUTHORIZATION,

@@ -74,7 +74,6 @@ use crate::error::UplinkError;
 use crate::link::{BatchFailure, ClientConfigs, Dialer, Link, Transport, AUTO_QUIC_TIMEOUT};
 use crate::metrics::{Accounting, DropReason, Ticket};
 use crate::spool::{Share, Spool, SpoolDrop};
-use crate::tee::Queued;
 
 /// Batches on the wire at once, across all links. Enough to keep a long-haul link busy (32
 /// batches of up to 256 records per round trip), few enough that unacknowledged copies stay a
@@ -99,6 +98,15 @@ const RESOLVE_MIN_GAP: Duration = Duration::from_secs(1);
 const RESOLVE_MAX_AGE: Duration = Duration::from_secs(30);
 /// Time allowed for one lookup.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A finished copy on its way to the uplink, with its account: what a tap hands the uplink.
+#[derive(Debug)]
+pub struct Queued {
+    /// The copy.
+    pub record: MirroredRequest,
+    /// Its account, resolved by the uplink.
+    pub ticket: Ticket,
+}
 
 /// Whether the uplink is connected, shared with the admin listener and with callers that want
 /// to wait for it.

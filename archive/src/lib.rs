@@ -18,7 +18,7 @@
 //! - [`frames`]: zstd files read frame by frame, so damage costs one frame.
 //! - [`read`]: finding archive files, detecting format and compression, reading records in
 //!   timestamp order with every skipped byte accounted for.
-//! - [`write`]: the archive writer: a bounded queue in front of a dedicated thread that writes,
+//! - [`write`](mod@write): the archive writer: a bounded queue in front of a dedicated thread that writes,
 //!   rotates, compresses and deletes old segments; drops are counted, never waited for.
 //! - [`config`]: the `archive:` block shared by `agent.yaml` and `gateway.yaml`.
 //! - [`inspect`]: the summary printed by `teeway archive inspect`.

@@ -19,6 +19,11 @@ use std::time::Duration;
 use metrics::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Largest stream (or, over TLS, batch) accepted: a full batch plus one maximal frame (a batch
+/// stops growing once it reaches `MAX_BATCH_BYTES`, so its last record may pass that mark).
+pub const MAX_STREAM_BYTES: usize =
+    teeway_wire::MAX_BATCH_BYTES + teeway_wire::MAX_FRAME_LEN as usize + 4;
+
 /// Default `limits.buffer_bytes`: bytes buffered from all agents at once.
 pub const DEFAULT_BUFFER_BYTES: u64 = 128 * 1024 * 1024;
 /// Default `limits.identity_buffer_bytes`: half the gateway's, so one identity leaves room.
@@ -100,11 +105,6 @@ impl Budget {
             identities: Mutex::new(HashMap::new()),
             buffered,
         })
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
     }
 
     /// A connection's share for `identity`, or a refusal when the identity holds its limit of

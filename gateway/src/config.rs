@@ -1,6 +1,7 @@
 //! The gateway's configuration (`gateway.yaml`), read and validated in full before any port is
 //! bound. The README's configuration reference documents every key.
 
+pub use crate::budget::Limits;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,8 +18,8 @@ use teeway_wire::tls::{Role, TlsMaterial};
 
 /// Default time one replay (request sent, response read to the end) may take.
 pub const DEFAULT_REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default replays in flight per target; beyond it copies are dropped as `overloaded` so a slow
-/// shadow never makes the gateway hoard.
+/// Default replays in flight per target; beyond it (and a short, bounded wait for a slot) copies
+/// are dropped as `overloaded` so a slow shadow never makes the gateway hoard.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 256;
 /// Default time allowed, on SIGTERM, for replays in flight to finish.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -48,7 +49,7 @@ pub struct GatewayConfig {
     /// Time allowed to drain on SIGTERM.
     pub shutdown_grace: Duration,
     /// What agents may make the gateway hold (`limits:`).
-    pub limits: crate::budget::Limits,
+    pub limits: Limits,
 }
 
 /// `transports:`: what the gateway serves on its `listen` port.
@@ -117,7 +118,8 @@ pub struct TargetConfig {
     pub percentage: f64,
     /// Time allowed for one replay.
     pub timeout: Duration,
-    /// Replays in flight at most; beyond it records are dropped as `overloaded`.
+    /// Replays in flight at most; beyond it (and as many records waiting briefly for a slot)
+    /// records are dropped as `overloaded`.
     pub max_concurrency: usize,
     /// Replays started per second at most; beyond it records are dropped as `rate_limited`.
     pub rate_limit: Option<RateLimit>,
@@ -849,7 +851,7 @@ fn limits_block(root: &mut Section<'_>, p: &mut Problems) -> crate::budget::Limi
         }
     };
     // One connection must be able to hold one largest stream.
-    let stream = crate::listener::MAX_STREAM_BYTES as u64;
+    let stream = crate::budget::MAX_STREAM_BYTES as u64;
     let buffer_bytes = l
         .optional(
             p,

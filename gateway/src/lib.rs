@@ -3,14 +3,22 @@
 //!
 //! # Layout
 //!
+//! A copy's path, in the order it meets the code:
+//!
+//! - `listener`: the receivers. `listener::quic` (the default) and `listener::tls` (TLS over
+//!   TCP, for agents whose network blocks UDP) accept agents by certificate, read batches, and
+//!   answer them.
+//! - `dispatch`: what both listeners hand batches to: the books, the memory budget (`budget`),
+//!   exactly-once delivery (`dedupe`), the archive, and routing each record.
+//! - `router`: first-match routing on source cluster, host, path, methods and headers.
+//! - [`replay`]: the HTTP replayer: per-target pooled clients, concurrency limits, the replay
+//!   itself (also used by `teeway replay`).
+//! - `tee_stream`: TCP tee streams (`tcp_routes`), replayed on a fresh connection per target.
 //! - [`config`]: `gateway.yaml`, validated in full before anything binds.
-//! - [`listener`]: the QUIC listener, agent identities, stream decoding and dispatch.
-//! - [`tcp`]: the TLS-over-TCP listener for agents whose network blocks UDP.
-//! - [`router`]: first-match routing on source cluster, host, path, methods and headers.
-//! - [`replay`]: per-target pooled clients, concurrency limits, the replay itself.
-//! - [`tee_stream`]: TCP tee streams (`tcp_routes`), replayed on a fresh connection per target.
 //! - [`metrics`]: metric names and the accounting of every record.
 //! - [`error`]: the gateway's errors.
+//!
+//! Only what the binary and the tests use is public; the rest is the crate's own.
 //!
 //! # Reload
 //!
@@ -49,22 +57,22 @@ use teeway_runtime::metrics::{Registry, Snapshot};
 use teeway_runtime::reload::{ConfigState, ReloadResult};
 use teeway_wire::codes;
 
-pub mod budget;
+mod budget;
 pub mod config;
-pub mod dedupe;
+mod dedupe;
+mod dispatch;
 pub mod error;
-pub mod listener;
+mod listener;
 pub mod metrics;
 pub mod replay;
-pub mod router;
-pub mod tcp;
-pub mod tee_stream;
+mod router;
+mod tee_stream;
 
 pub use config::GatewayConfig;
 pub use error::GatewayError;
 
 use crate::config::Transports;
-use crate::listener::Dispatcher;
+use crate::dispatch::Dispatcher;
 use crate::metrics::GatewayMetrics;
 use crate::replay::{Target, TargetSpec};
 use crate::router::{Route, Router};
@@ -446,14 +454,14 @@ impl Gateway {
         );
 
         let quic_task = endpoint.clone().map(|endpoint| {
-            tokio::spawn(listener::serve(
+            tokio::spawn(listener::quic::serve(
                 endpoint,
                 dispatcher.clone(),
                 shutdown.clone(),
             ))
         });
         let tcp_task = tcp.map(|(listener, tls)| {
-            tokio::spawn(tcp::serve(
+            tokio::spawn(listener::tls::serve(
                 listener,
                 tls,
                 dispatcher.clone(),

@@ -37,7 +37,7 @@ use teeway_runtime::dns::Resolver;
 use teeway_wire::{codes, Frame, TcpOpen};
 
 use crate::config::{identity_matches, TcpRouteConfig};
-use crate::listener::Dispatcher;
+use crate::dispatch::Dispatcher;
 use crate::metrics::TcpResult;
 
 /// Chunks a target may fall behind the stream before it is closed as `lagging`. The agent reads

@@ -7,7 +7,7 @@
 //! keep-alive, answered with `ACK(0)`; a connection silent for 30 s is closed.
 //!
 //! On this transport the connection is the unit of refusal: a batch that breaks the protocol or
-//! outgrows [`MAX_STREAM_BYTES`] closes that agent's connection (counted like a refused QUIC
+//! outgrows [`MAX_STREAM_BYTES`](crate::budget::MAX_STREAM_BYTES) closes that agent's connection (counted like a refused QUIC
 //! stream), never the listener or anyone else's connection.
 
 use std::net::SocketAddr;
@@ -25,8 +25,9 @@ use tracing::Instrument;
 
 use teeway_wire::{DecodeError, Frame, MirroredRequest, PROTOCOL_VERSION};
 
+use crate::budget::MAX_STREAM_BYTES;
 use crate::budget::{ConnectionBudget, Held};
-use crate::listener::{Dispatcher, Refused, MAX_STREAM_BYTES};
+use crate::dispatch::{Dispatcher, Refused};
 
 /// Time allowed for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,218 @@
+//! The dispatcher: what both agent listeners hand their batches to. It owns the gateway's side
+//! of the books (received, duplicates, refusals), the memory budget, exactly-once delivery
+//! across connections (`dedupe`), the archive, and routing each record to its replays.
+//!
+//! Listeners ([`crate::listener`]) own transports and framing; the dispatcher knows neither.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::task::TaskTracker;
+
+use teeway_wire::{MirroredRequest, Welcome};
+
+use crate::budget::{Budget, ConnectionBudget, MAX_STREAM_BYTES};
+use crate::metrics::{FailReason, GatewayMetrics, SkipReason};
+use crate::replay::Refusal;
+use crate::Routing;
+
+/// What stream handlers share.
+pub struct Dispatcher {
+    /// Routes and allowed agents in force; swapped whole by a reload.
+    pub(crate) routing: Arc<ArcSwap<Routing>>,
+    pub(crate) metrics: Arc<GatewayMetrics>,
+    /// Replays under way, awaited at shutdown.
+    pub(crate) replays: TaskTracker,
+    /// Where every received record is also written, if anywhere.
+    pub(crate) archive: Option<teeway_archive::Archive>,
+    /// Memory for what agents send (`limits:`).
+    pub(crate) budget: Arc<Budget>,
+    /// Batches received, by agent session, so that one sent again is not replayed twice.
+    pub(crate) dedupe: crate::dedupe::Dedupe,
+    /// This dispatcher (and its `dedupe` memory), named in `WELCOME` (version 4) so that agents
+    /// send a batch again on a new connection only when it reaches the same one.
+    pub(crate) instance: u64,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    /// The `WELCOME` for an agent `identity` on a connection of protocol `version`: this
+    /// gateway's instance from version 4 on (older agents would refuse the extra field).
+    pub(crate) fn welcome(&self, version: u16, identity: &str) -> Welcome {
+        Welcome {
+            protocol_version: version,
+            agent_identity: identity.to_owned(),
+            software: concat!("teeway ", env!("CARGO_PKG_VERSION")).to_owned(),
+            gateway_instance: if version >= 4 { self.instance } else { 0 },
+        }
+    }
+
+    /// Counts a failed handshake and says why (one line a minute at most: anyone can knock).
+    pub(crate) fn refused_handshake(&self, error: &str) {
+        self.metrics.refused_handshake(error);
+    }
+
+    /// Counts and logs an agent whose identity `agents.allow` does not name.
+    pub(crate) fn unauthorized(&self, identity: &str) {
+        self.metrics.unauthorized(identity);
+    }
+
+    /// A connection's share of the memory budget, or why the identity may not open another
+    /// (counted and logged in summary).
+    pub(crate) fn connection_budget(
+        &self,
+        identity: &Arc<str>,
+    ) -> Result<ConnectionBudget, String> {
+        self.budget.connection(identity).map_err(|too_many| {
+            self.metrics.handshakes_connection_limit.increment(1);
+            let why = format!(
+                "agent identity {identity:?} holds limits.connections_per_identity ({}) connections already",
+                too_many.limit
+            );
+            self.note_rejected(identity, &why);
+            why
+        })
+    }
+
+    /// Counts a refused stream by reason and logs it in summary.
+    pub(crate) fn refuse_stream(&self, identity: &str, why: Refused) {
+        let m = &self.metrics;
+        let text = match why {
+            Refused::Protocol(problem) => {
+                m.streams_rejected_protocol.increment(1);
+                problem
+            }
+            Refused::TooLarge => {
+                m.streams_rejected_too_large.increment(1);
+                format!("a stream larger than the protocol allows ({MAX_STREAM_BYTES} bytes)")
+            }
+            Refused::OverBudget => {
+                m.streams_rejected_over_budget.increment(1);
+                "the memory budget for incoming data is spent (limits.buffer_bytes or connection_buffer_bytes); the agent retries".to_owned()
+            }
+            Refused::Timeout(after) => {
+                m.streams_rejected_timeout.increment(1);
+                format!("a batch did not arrive whole within limits.stream_timeout ({after:?})")
+            }
+        };
+        self.note_rejected(identity, &text);
+    }
+
+    /// Logs, in summary, a stream (or TLS connection) refused.
+    pub(crate) fn note_rejected(&self, identity: &str, problem: &str) {
+        if let Some(streams) = self.metrics.rejected_log.note() {
+            tracing::warn!(
+                %identity,
+                %problem,
+                streams,
+                "agent streams refused and reset (one line a minute at most; see teeway_gateway_streams_rejected_total)"
+            );
+        }
+    }
+
+    /// Takes a whole batch from `identity`: dispatches its records unless `id` names a batch
+    /// received already; returns how many records the ACK acknowledges (all of them either way).
+    pub(crate) fn take_batch(
+        &self,
+        id: Option<teeway_wire::BatchId>,
+        records: Vec<MirroredRequest>,
+        identity: &Arc<str>,
+    ) -> u32 {
+        let accepted = u32::try_from(records.len()).unwrap_or(u32::MAX);
+        if let Some(id) = id {
+            match self.dedupe.mark(identity, id.session, id.seq) {
+                crate::dedupe::Verdict::Duplicate => {
+                    self.metrics.duplicates.increment(u64::from(accepted));
+                    return accepted;
+                }
+                crate::dedupe::Verdict::New | crate::dedupe::Verdict::Unknown if id.retry => {
+                    self.metrics.retried.increment(u64::from(accepted));
+                }
+                _ => {}
+            }
+        }
+        for record in records {
+            self.dispatch(record, identity);
+        }
+        accepted
+    }
+
+    /// Counts `record` from the agent `identity` and starts its replays; never waits.
+    pub(crate) fn dispatch(&self, record: MirroredRequest, identity: &Arc<str>) {
+        self.metrics.received.increment(1);
+        let routing = self.routing.load();
+        if let Some(archive) = &self.archive {
+            archive.try_submit(teeway_archive::Record::Request(record.clone()), None);
+            if routing.router.is_empty() {
+                // A capture-only gateway: the archive is the destination.
+                return;
+            }
+        }
+        let Some(route) = routing.router.route(&record, identity) else {
+            self.metrics.no_route();
+            return;
+        };
+        if record.body_truncated && !route.replay_truncated {
+            for (_, handles) in &route.targets {
+                handles.skipped(SkipReason::Truncated);
+            }
+            return;
+        }
+        let record = Arc::new(record);
+        for (target, handles) in &route.targets {
+            let slot = match target.admit() {
+                Ok(slot) => slot,
+                Err(Refusal::NotSampled) => {
+                    handles.skipped(SkipReason::NotSampled);
+                    continue;
+                }
+                Err(Refusal::RateLimited) => {
+                    self.metrics.failed(handles, FailReason::RateLimited);
+                    continue;
+                }
+                Err(Refusal::Overloaded) => {
+                    self.metrics.failed(handles, FailReason::Overloaded);
+                    continue;
+                }
+            };
+            // In flight from admission, not from when the task first runs, so the identity
+            // holds at every scrape.
+            self.metrics.in_flight.increment(1.0);
+            let target = target.clone();
+            let handles = handles.clone();
+            let record = record.clone();
+            let metrics = self.metrics.clone();
+            let archive = self.archive.clone();
+            let identity = identity.clone();
+            self.replays.spawn(async move {
+                target
+                    .replay(
+                        &record,
+                        &identity,
+                        (&metrics, &handles),
+                        archive.as_ref(),
+                        slot,
+                    )
+                    .await
+            });
+        }
+    }
+}
+
+/// Why a stream (or, over TLS, a connection's batch) was refused.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// It broke the protocol.
+    Protocol(String),
+    /// It announced or carried more than the protocol allows.
+    TooLarge,
+    /// Its bytes did not fit in the memory budget.
+    OverBudget,
+    /// It did not arrive whole in time.
+    Timeout(std::time::Duration),
+}

@@ -1,0 +1,348 @@
+//! The QUIC listener: accepts agents by client certificate and reads their streams.
+//!
+//! An agent whose certificate does not chain to the gateway's CA (or that presents none) fails the
+//! handshake; the refusal is logged with the peer address and counted. On an accepted connection
+//! every bidirectional stream is read whole (bounded by [`MAX_STREAM_BYTES`](crate::budget::MAX_STREAM_BYTES)) and decoded: a
+//! `HELLO` is answered with `WELCOME`; a batch of `REQUEST` frames is dispatched and answered with
+//! `ACK`. A stream that breaks the protocol is reset with [`codes::PROTOCOL_ERROR`]: that stream
+//! only, never the connection or the process.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use teeway_wire::{codes, DecodeError, Frame, MirroredRequest, PROTOCOL_VERSION};
+
+use crate::budget::ConnectionBudget;
+use crate::budget::MAX_STREAM_BYTES;
+use crate::dispatch::{Dispatcher, Refused};
+use crate::tee_stream;
+
+/// At shutdown, how long an answer already written may take to be acknowledged by its agent.
+const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Accepts agent connections until `shutdown`.
+pub async fn serve(endpoint: Endpoint, dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
+    let connections = TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let peer = incoming.remote_address();
+        let dispatcher = dispatcher.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(
+            async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        dispatcher.refused_handshake(&e.to_string());
+                        return;
+                    }
+                };
+                serve_connection(conn, dispatcher, shutdown).await;
+            }
+            .instrument(tracing::info_span!("agent", %peer)),
+        );
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+async fn serve_connection(
+    conn: Connection,
+    dispatcher: Arc<Dispatcher>,
+    shutdown: CancellationToken,
+) {
+    let identity: Arc<str> = agent_identity(&conn)
+        .unwrap_or_else(|| "(unnamed)".into())
+        .into();
+    if !dispatcher.routing.load().allows(&identity) {
+        refuse(&conn, &identity, &dispatcher);
+        return;
+    }
+    let share = match dispatcher.connection_budget(&identity) {
+        Ok(share) => Arc::new(share),
+        Err(why) => {
+            conn.close(VarInt::from_u32(codes::OVERLOADED), why.as_bytes());
+            return;
+        }
+    };
+    dispatcher.metrics.handshakes_ok.increment(1);
+    dispatcher.metrics.agents_connected.increment(1.0);
+    let version = negotiated_version(&conn);
+    let greeted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tracing::info!(%identity, protocol_version = version, "agent connected");
+    let streams = TaskTracker::new();
+    let reason = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break "gateway shutting down".to_owned(),
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    // A reload may have taken the agent off agents.allow.
+                    if !dispatcher.routing.load().allows(&identity) {
+                        refuse(&conn, &identity, &dispatcher);
+                        break "no longer in agents.allow".to_owned();
+                    }
+                    let dispatcher = dispatcher.clone();
+                    let identity = identity.clone();
+                    let shutdown = shutdown.clone();
+                    let share = share.clone();
+                    let greeted = greeted.clone();
+                    streams.spawn(async move {
+                        let peer = Peer { dispatcher: &dispatcher, identity: &identity, version, shutdown: &shutdown, share: &share, greeted: &greeted };
+                        serve_stream(send, recv, peer).await
+                    });
+                }
+                Err(e) => break e.to_string(),
+            },
+        }
+    };
+    streams.close();
+    streams.wait().await;
+    if shutdown.is_cancelled() {
+        // Said, not implied by dropping the connection: the agent learns why at once.
+        conn.close(VarInt::from_u32(codes::SHUTDOWN), b"gateway shutting down");
+    }
+    dispatcher.metrics.agents_connected.decrement(1.0);
+    tracing::info!(%identity, %reason, "agent disconnected");
+}
+
+/// Closes the connection of an agent that `agents.allow` does not name, saying why.
+fn refuse(conn: &Connection, identity: &str, dispatcher: &Dispatcher) {
+    dispatcher.unauthorized(identity);
+    conn.close(
+        VarInt::from_u32(codes::NOT_AUTHORIZED),
+        format!("agent identity {identity:?} is not in agents.allow").as_bytes(),
+    );
+}
+
+/// The protocol version the connection's ALPN id chose: 1 for `teeway/1`, else this version.
+fn negotiated_version(conn: &Connection) -> u16 {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    alpn.as_deref()
+        .and_then(teeway_wire::version_of_alpn)
+        .unwrap_or(PROTOCOL_VERSION)
+}
+
+/// Who sent a stream, and what it may say.
+#[derive(Clone, Copy)]
+struct Peer<'a> {
+    dispatcher: &'a Dispatcher,
+    identity: &'a Arc<str>,
+    /// Protocol version of the connection: TCP tee streams need 2.
+    version: u16,
+    shutdown: &'a CancellationToken,
+    /// The connection's share of the memory budget.
+    share: &'a ConnectionBudget,
+    /// Whether the connection has said HELLO (once is the protocol).
+    greeted: &'a std::sync::atomic::AtomicBool,
+}
+
+/// The identity in the agent's certificate (see [`teeway_wire::tls::peer_identity`]).
+fn agent_identity(conn: &Connection) -> Option<String> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().and_then(teeway_wire::tls::peer_identity)
+}
+
+async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>) {
+    let Peer {
+        dispatcher,
+        identity,
+        version,
+        shutdown,
+        share,
+        greeted,
+    } = peer;
+    // Read until the first frame is known: a TCP tee stream is served as it arrives, any other
+    // stream is read whole first, within the stream timeout and the memory budget.
+    let mut buf = BytesMut::new();
+    let mut held = share.hold();
+    let mut frames = Vec::new();
+    let mut problem = None;
+    let deadline = tokio::time::Instant::now() + share.stream_timeout();
+    loop {
+        let read = tokio::time::timeout_at(deadline, recv.read_chunk(64 * 1024, true));
+        let read = tokio::select! {
+            // A batch still arriving at shutdown is not waited for (its agent may be gone, and
+            // the stream would hold the exit for the stream timeout): nothing of it was
+            // dispatched, and "no room" tells the agent to send it again.
+            () = shutdown.cancelled() => {
+                tracing::debug!(%identity, "batch still arriving at shutdown; abandoned for the agent to send again");
+                reject(&mut send, &mut recv, codes::OVERLOADED);
+                return;
+            }
+            read = read => read,
+        };
+        let chunk = match read {
+            Ok(chunk) => chunk,
+            Err(_) => {
+                dispatcher.refuse_stream(identity, Refused::Timeout(share.stream_timeout()));
+                reject(&mut send, &mut recv, codes::OVERLOADED);
+                return;
+            }
+        };
+        match chunk {
+            Ok(Some(chunk)) => {
+                if held.bytes() as usize + chunk.bytes.len() > MAX_STREAM_BYTES {
+                    dispatcher.refuse_stream(identity, Refused::TooLarge);
+                    reject(&mut send, &mut recv, codes::PROTOCOL_ERROR);
+                    return;
+                }
+                // The bytes that arrived are charged: what is resident (a buffer's spare capacity
+                // is not touched, so not resident), and never what a frame prefix announces.
+                if !held.grow(chunk.bytes.len()) {
+                    dispatcher.refuse_stream(identity, Refused::OverBudget);
+                    reject(&mut send, &mut recv, codes::OVERLOADED);
+                    return;
+                }
+                buf.extend_from_slice(&chunk.bytes);
+                if frames.is_empty() && problem.is_none() {
+                    match Frame::decode(&mut buf) {
+                        Ok(Some(Frame::TcpOpen(open))) if version >= 2 => {
+                            let buf = std::mem::take(&mut buf);
+                            // The tee stream's own queues bound what it holds from here.
+                            drop(held);
+                            tee_stream::serve(
+                                open, buf, send, recv, dispatcher, identity, shutdown,
+                            )
+                            .await;
+                            return;
+                        }
+                        Ok(Some(frame)) => frames.push(frame),
+                        Ok(None) => {}
+                        Err(DecodeError::FrameTooLarge { len, max }) => {
+                            // Announced, not sent: refused before anything more is read.
+                            dispatcher.refuse_stream(identity, Refused::TooLarge);
+                            tracing::debug!(%identity, len, max, "frame announced over the limit");
+                            reject(&mut send, &mut recv, codes::PROTOCOL_ERROR);
+                            return;
+                        }
+                        Err(e) => problem = Some(e.to_string()),
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "stream ended before it was complete");
+                return;
+            }
+        }
+    }
+    let problem = problem.or_else(|| loop {
+        match Frame::decode(&mut buf) {
+            Ok(Some(frame)) => frames.push(frame),
+            Ok(None) if buf.is_empty() => break None,
+            Ok(None) => {
+                break Some(format!(
+                    "stream ends inside a frame ({} bytes left)",
+                    buf.len()
+                ))
+            }
+            Err(e) => break Some(e.to_string()),
+        }
+    });
+    // Everything is read and decoded: the budget is given back before dispatch and the answer.
+    drop(held);
+    drop(buf);
+    let reply = match (problem, frames.first()) {
+        (Some(problem), _) => Err(problem),
+        (None, None) => Err("empty stream".to_owned()),
+        (None, Some(Frame::Hello(_)))
+            if frames.len() == 1 && greeted.swap(true, std::sync::atomic::Ordering::Relaxed) =>
+        {
+            Err("a second HELLO (an agent greets once per connection)".to_owned())
+        }
+        (None, Some(Frame::Hello(hello))) if frames.len() == 1 => {
+            tracing::info!(
+                %identity,
+                source_cluster = %hello.source_cluster,
+                agent_software = %hello.software,
+                "agent greeted"
+            );
+            Ok(Frame::Welcome(dispatcher.welcome(version, identity)))
+        }
+        (None, Some(Frame::Request(_)))
+            if frames.iter().all(|f| matches!(f, Frame::Request(_))) =>
+        {
+            let records = requests(frames);
+            Ok(Frame::Ack {
+                accepted: dispatcher.take_batch(None, records, identity),
+            })
+        }
+        // Protocol 3: a named batch.
+        (None, Some(Frame::Batch(id)))
+            if version >= 3
+                && frames.len() > 1
+                && frames[1..].iter().all(|f| matches!(f, Frame::Request(_))) =>
+        {
+            let id = *id;
+            let records = requests(frames);
+            Ok(Frame::Ack {
+                accepted: dispatcher.take_batch(Some(id), records, identity),
+            })
+        }
+        (None, Some(_)) => {
+            Err("frames out of place (an agent sends one HELLO, or REQUEST frames, after a BATCH on protocol 3)".to_owned())
+        }
+    };
+    match reply {
+        Ok(frame) => {
+            let mut out = BytesMut::new();
+            frame.encode(&mut out);
+            if let Err(e) = send.write_all(&out).await {
+                tracing::debug!(error = %e, "could not answer the agent");
+                return;
+            }
+            let _ = send.finish();
+            // Wait until the answer is delivered before the stream is dropped (dropping the
+            // connection discards what is unsent, and a dispatched batch whose ACK is lost is
+            // one the agent sends again); at shutdown for [`ANSWER_GRACE`] at most, so that an
+            // agent that vanished does not hold the exit until its connection times out.
+            let grace = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(ANSWER_GRACE).await;
+            };
+            tokio::select! {
+                _ = send.stopped() => {}
+                () = grace => {}
+            }
+        }
+        Err(problem) => {
+            dispatcher.refuse_stream(identity, Refused::Protocol(problem));
+            reject(&mut send, &mut recv, codes::PROTOCOL_ERROR);
+        }
+    }
+}
+
+/// The records of a batch's frames (the caller checked they are `REQUEST`s, a `BATCH` aside).
+fn requests(frames: Vec<Frame>) -> Vec<MirroredRequest> {
+    frames
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Request(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reject(send: &mut SendStream, recv: &mut RecvStream, code: u32) {
+    let code = VarInt::from_u32(code);
+    let _ = recv.stop(code);
+    let _ = send.reset(code);
+}
