@@ -2,10 +2,13 @@
 //! dropping it.
 //!
 //! Each target has its own pooled hyper clients (HTTP/1.1, and HTTP/2 with prior knowledge, as the
-//! route's `protocol` says) and its own concurrency limit. A record that finds the limit
-//! reached is dropped and counted as `overloaded`: queueing it would let a slow shadow grow the
-//! gateway's memory without bound.
+//! route's `protocol` says) and its own concurrency limit. A record that finds every slot taken
+//! waits for one, briefly ([`SLOT_WAIT`]) and only if fewer records than the target has slots
+//! are waiting already; otherwise it is dropped and counted as `overloaded`. A batch arriving at
+//! once no longer loses its tail to a shadow that keeps up, and a slow shadow still cannot make
+//! the gateway hoard: what waits is bounded by the same `max_concurrency`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -94,6 +97,48 @@ pub struct TargetSpec {
     pub rewrite: Rewrite,
 }
 
+/// How long a record that finds every slot of its target taken may wait for one. Long enough
+/// for a shadow that keeps up to finish the replays ahead of a batch that arrived at once; short
+/// enough that a stalled shadow sheds at once what it cannot take.
+pub const SLOT_WAIT: Duration = Duration::from_millis(50);
+
+/// A record's place at a target, as [`Target::admit`] grants it.
+#[derive(Debug)]
+pub enum Slot {
+    /// A slot, free when it was asked for.
+    Held(OwnedSemaphorePermit),
+    /// A place among the records waiting for a slot.
+    Waiting(WaitingSlot),
+}
+
+/// A record waiting for a slot; counted among the target's waiting records until dropped.
+#[derive(Debug)]
+pub struct WaitingSlot {
+    limit: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Drop for WaitingSlot {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Slot {
+    /// The slot: at once, or after waiting up to [`SLOT_WAIT`]; `None` if none came free.
+    pub async fn take(self) -> Option<OwnedSemaphorePermit> {
+        match self {
+            Slot::Held(permit) => Some(permit),
+            Slot::Waiting(waiting) => {
+                let permit =
+                    tokio::time::timeout(SLOT_WAIT, waiting.limit.clone().acquire_owned()).await;
+                drop(waiting);
+                permit.ok().and_then(Result::ok)
+            }
+        }
+    }
+}
+
 /// One shadow service of one route.
 pub struct Target {
     /// The URL as configured.
@@ -103,6 +148,8 @@ pub struct Target {
     http1: ShadowClient,
     http2: ShadowClient,
     limit: Arc<Semaphore>,
+    /// Records waiting for a slot of `limit` (at most as many as it has slots).
+    waiting: Arc<AtomicUsize>,
     /// A draw below this is replayed; `None` replays all.
     sample_below: Option<u64>,
     bucket: Option<Mutex<Bucket>>,
@@ -157,7 +204,7 @@ pub enum Refusal {
     NotSampled,
     /// No token in the rate limit's bucket.
     RateLimited,
-    /// `max_concurrency` replays under way.
+    /// `max_concurrency` replays under way, and as many records waiting for a slot.
     Overloaded,
 }
 
@@ -192,6 +239,7 @@ impl Target {
             http1: client(false),
             http2: client(true),
             limit: Arc::new(Semaphore::new(spec.target.max_concurrency)),
+            waiting: Arc::new(AtomicUsize::new(0)),
             sample_below: (percentage < 100.0).then(|| {
                 ((percentage / 100.0).clamp(0.0, 1.0) * 18_446_744_073_709_551_616.0) as u64
             }),
@@ -211,9 +259,9 @@ impl Target {
         &self.spec
     }
 
-    /// Decides, without waiting, whether a record is replayed to this target now: its share,
-    /// then its rate limit, then a free slot.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+    /// Decides, without waiting, whether a record is replayed to this target: its share, then
+    /// its rate limit, then a free slot, or a place among those waiting for one.
+    pub fn admit(&self) -> Result<Slot, Refusal> {
         if let Some(below) = self.sample_below {
             if fastrand::u64(..) >= below {
                 return Err(Refusal::NotSampled);
@@ -226,10 +274,18 @@ impl Target {
                 return Err(Refusal::RateLimited);
             }
         }
-        self.limit
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Overloaded)
+        if let Ok(permit) = self.limit.clone().try_acquire_owned() {
+            return Ok(Slot::Held(permit));
+        }
+        let slots = self.spec.target.max_concurrency;
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= slots {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refusal::Overloaded);
+        }
+        Ok(Slot::Waiting(WaitingSlot {
+            limit: self.limit.clone(),
+            waiting: self.waiting.clone(),
+        }))
     }
 
     /// Waits for a replay slot (for `teeway replay`, which paces itself rather than shedding).
@@ -243,16 +299,22 @@ impl Target {
 
     /// Replays `record`, reads the response to the end and counts the outcome; when `archive`
     /// records responses, the response goes to it. The caller counted the pair in
-    /// `replay_in_flight` when [`Target::admit`] granted `_slot`; it leaves that gauge here, once
-    /// its outcome is counted.
+    /// `replay_in_flight` when [`Target::admit`] granted `slot`; it leaves that gauge here, once
+    /// its outcome is counted. A record still waiting for its slot after [`SLOT_WAIT`] is
+    /// counted `overloaded`.
     pub async fn replay(
         &self,
         record: &MirroredRequest,
         source: &str,
         (metrics, handles): (&GatewayMetrics, &TargetMetrics),
         archive: Option<&Archive>,
-        _slot: OwnedSemaphorePermit,
+        slot: Slot,
     ) {
+        let Some(_slot) = slot.take().await else {
+            metrics.failed(handles, FailReason::Overloaded);
+            metrics.in_flight.decrement(1.0);
+            return;
+        };
         let capture = archive
             .filter(|a| a.config().record_responses)
             .map(|a| a.config().max_response_body);
@@ -498,6 +560,33 @@ mod tests {
     fn target(policy: HostPolicy) -> Target {
         let resolver = Resolver::from_system().expect("resolver");
         Target::new(spec(Rewrite::host_only(policy)), resolver).expect("target")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_target_lets_as_many_wait_briefly_and_sheds_the_rest() {
+        let mut spec = spec(Rewrite::host_only(HostPolicy::Keep));
+        spec.target.max_concurrency = 2;
+        let resolver = Resolver::from_system().expect("resolver");
+        let target = Target::new(spec, resolver).expect("target");
+        let held: Vec<_> = (0..2).map(|_| target.admit().expect("free slot")).collect();
+        assert!(held.iter().all(|s| matches!(s, Slot::Held(_))));
+        let first = target.admit().expect("may wait");
+        let second = target.admit().expect("may wait");
+        assert!(matches!(first, Slot::Waiting(_)) && matches!(second, Slot::Waiting(_)));
+        assert_eq!(target.admit().err(), Some(Refusal::Overloaded), "waiting is bounded");
+
+        // A slot freed within the wait goes to a waiting record.
+        let waiter = tokio::spawn(first.take());
+        tokio::task::yield_now().await;
+        drop(held);
+        assert!(waiter.await.expect("task").is_some());
+        // One no slot comes free for gives up after SLOT_WAIT, and leaves the waiting count.
+        let occupy: Vec<_> = (0..2).map(|_| target.admit().expect("slot")).collect();
+        let started = tokio::time::Instant::now();
+        assert!(second.take().await.is_none());
+        assert_eq!(started.elapsed(), SLOT_WAIT);
+        assert!(matches!(target.admit(), Ok(Slot::Waiting(_))));
+        drop(occupy);
     }
 
     fn record(version: Version, uri: &'static str, host: Option<&'static str>) -> MirroredRequest {
