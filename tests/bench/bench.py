@@ -11,6 +11,7 @@ both tools, so neither is measured against a slow upstream. Standard library onl
 import argparse
 import csv
 import datetime
+import json
 import os
 import platform
 import re
@@ -34,9 +35,12 @@ RELAY = os.environ.get("TEEWAY_RELAY_BIN", os.path.join(ROOT, "target", "release
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WAIT_LIMIT = 30.0  # seconds: upper bound on any readiness or drain wait
-# The production side (primary, the proxy or agent in front of it) runs on one core; the test side
-# (gateway, shadows) and the load generator on the other, so neither steals from the other.
+# The production side (the clients, the proxy or agent, the primary behind it) runs on one core;
+# the test side (gateway, shadows, the WAN relay) on the other, so mirroring work cannot slow
+# production down by taking its core, nor by taking the clients' (which would lower the offered
+# load and pass for a cost of mirroring).
 PRODUCTION_CPU, TEST_CPU = 0, 1
+LOAD_CPU = PRODUCTION_CPU
 PRODUCTION_SIDE = ("primary", "grpc-primary", "h2-primary", "proxy", "agent", "redis-primary")
 
 
@@ -331,7 +335,7 @@ def run_redis_benchmark(port, connections):
     """SET of random keys, one command per round trip (no pipelining: the latency shows)."""
     argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set", "-n", str(REDIS_REQUESTS),
             "-r", "100000", "-c", str(connections), "--csv"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, preexec_fn=pin(TEST_CPU)).stdout
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, preexec_fn=pin(LOAD_CPU)).stdout
     rows = [line.replace('"', "").split(",") for line in out.splitlines() if line.startswith('"SET"')]
     if not rows:
         raise RuntimeError(f"redis-benchmark printed no SET row:\n{out}")
@@ -482,7 +486,7 @@ def run_wrk(port, duration, connections, threads, post_1k=False):
         f.write((WRK_POST_1K if post_1k else "") + WRK_REPORT)
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script,
                           f"http://127.0.0.1:{port}/bench/item?id=42"],
-                         capture_output=True, text=True, timeout=duration + 60, preexec_fn=pin(TEST_CPU)).stdout
+                         capture_output=True, text=True, timeout=duration + 60, preexec_fn=pin(LOAD_CPU)).stdout
     m = re.search(r"BENCH (.*)", out)
     if not m:
         raise RuntimeError(f"wrk printed no report:\n{out}")
@@ -598,6 +602,40 @@ def run_wrk_wan(args, port, procs, admins, fault):
     return result
 
 
+# The fixed-rate scenarios' rate: half what the agent carried with every request mirrored
+# (scenario 5), set when that scenario has run; this when it has not.
+FIXED_RATE = {"per_s": 8000}
+
+
+def run_fixed_rate(port, duration, per_s, work):
+    """GETs at a fixed rate, open loop up to 64 in flight: `teeway replay --rate` of a GoReplay
+    file of 1,000 requests, looped for about `duration` seconds (wrk has no fixed-rate mode)."""
+    gor = os.path.join(work, "fixed-rate.gor")
+    with open(gor, "w") as f:
+        for i in range(1000):
+            f.write(f"1 {i:024x} {1_700_000_000_000_000_000 + i * 1_000_000} 0\n"
+                    f"GET /bench/item?id={i} HTTP/1.1\r\nHost: bench.local\r\nUser-Agent: fixed-rate\r\n\r\n"
+                    "\n\U0001f435\U0001f648\U0001f649\n")
+    loops = max(1, round(per_s * duration / 1000))
+    out = subprocess.run([TEEWAY, "replay", "--target", f"http://127.0.0.1:{port}", "--rate", f"{per_s}/s",
+                          "--loop", str(loops), "--concurrency", "64", "--report", "json", "--quiet", gor],
+                         capture_output=True, text=True, timeout=duration * 4 + 60, preexec_fn=pin(LOAD_CPU))
+    try:
+        report = json.loads(out.stdout)
+    except ValueError:
+        raise RuntimeError(f"teeway replay printed no report: {out.stderr[-300:]}")
+    latency = report["latency_ms"]
+    return {
+        "requests": report["sent"],
+        "errors": report["sent"] - report["succeeded"],
+        "rps": report["rate_per_s"],
+        "p50_ms": latency["p50"],
+        "p99_ms": latency["p99"],
+        "p999_ms": None,
+        "behind_ms": report["max_behind_schedule_ms"],
+    }
+
+
 def run_h2load(port, duration, connections, grpc=False):
     argv = ["h2load", "-c", str(connections), "-m", "10", "-t", "1", "-D", str(duration)]
     url = f"http://127.0.0.1:{port}/bench/item?id=42"
@@ -609,7 +647,7 @@ def run_h2load(port, duration, connections, grpc=False):
         argv += ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
         url = f"http://127.0.0.1:{port}/bench.Echo/Say"
     out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=duration + 60,
-                         preexec_fn=pin(TEST_CPU)).stdout
+                         preexec_fn=pin(LOAD_CPU)).stdout
     rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
@@ -696,7 +734,7 @@ def run_wrk_under_slowloris(args, port):
     server's descriptors filled before wrk connects."""
     attack = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--attack", str(port),
                                str(ATTACK_SLOW), str(ATTACK_IDLE), str(args.duration + 8)],
-                              stdout=subprocess.PIPE, text=True, preexec_fn=pin(TEST_CPU))
+                              stdout=subprocess.PIPE, text=True, preexec_fn=pin(LOAD_CPU))
     try:
         if attack.stdout.readline().strip() != "ready":
             raise RuntimeError("the slowloris attacker did not start")
@@ -763,6 +801,8 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
         elif driver.startswith("wan"):
             load = run_wrk_wan(args, target_port, procs, admins, driver.partition("+")[2] or None)
             row["wan"] = load.pop("wan")
+        elif driver == "rate":
+            load = run_fixed_rate(target_port, args.duration, FIXED_RATE["per_s"], work)
         elif driver == "redis":
             load = run_redis_benchmark(target_port, args.connections)
         elif driver == "grpc":
@@ -813,6 +853,7 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
         for p in procs:
             used = p.cpu_seconds() - cpu_before[p.name]
             per_k.append(f"{p.name} {1000 * used / max(load['requests'], 1):.3f}")
+            row[f"cpu_{p.name}"] = used / max(load["requests"], 1)
             rss.append(f"{p.name} {p.peak_rss_mib():.1f}")
             row[f"rss_{p.name}_mib"] = p.peak_rss_mib()
         row["cpu_per_1k"] = ", ".join(per_k)
@@ -960,6 +1001,9 @@ def main():
         ("3b", "nginx mirror -> shadow answering 204", mirror_nginx(status=204), "wrk"),
         ("4", "teeway agent, mirroring off (0%)", with_teeway(0), "wrk"),
         ("5", "teeway agent 100% -> QUIC gateway -> shadow", with_teeway(100), "wrk"),
+        ("5r", "teeway 100% at a fixed rate, half of 5's throughput (teeway replay --rate)", with_teeway(100),
+         "rate"),
+        ("2r", "nginx reverse proxy, no mirror, at 5r's rate", proxy_only, "rate"),
         ("6", "nginx mirror, shadow answers in 200 ms", mirror_nginx(delay_ms=200), "wrk"),
         ("7", "teeway 100%, shadow answers in 200 ms", with_teeway(100, delay_ms=200), "wrk"),
         ("8", "teeway 100%, gateway down", with_teeway(100, gateway=False), "wrk"),
@@ -992,7 +1036,11 @@ def main():
     for number, title, setup, driver in plan:
         if only and number not in only:
             continue
+        if driver == "rate":
+            title = f"{title}: {FIXED_RATE['per_s']} req/s"
         rows.append(scenario(args, number, title, setup, driver))
+        if number == "5" and rows[-1].get("rps"):
+            FIXED_RATE["per_s"] = int(rows[-1]["rps"] / 2)
     rows.sort(key=lambda r: (int(re.match(r"\d+", r["n"]).group()), r["n"]))
     write_results(args, info, rows)
 
@@ -1007,9 +1055,9 @@ def write_results(args, info, rows):
         f"- versions: {info['teeway']}; {info['nginx']}; {info['wrk']}; {info['h2load']}",
         f"- load: wrk -t{args.threads} -c{args.connections}, {args.duration} s per scenario, GET of a tiny response;"
         f" h2load -c{args.connections} -m10 for HTTP/2",
-        f"- pinning: the production side (primary, proxy or agent) on core {PRODUCTION_CPU}; the test side (gateway,"
-        f" shadows) and the load generator on core {TEST_CPU}; CPU is user+system seconds per 1,000 requests; RSS is"
-        " the peak (VmHWM) of each process during its scenario",
+        f"- pinning: the production side (load generator, proxy or agent, primary) on core {PRODUCTION_CPU}; the test"
+        f" side (gateway, shadows, WAN relay) on core {TEST_CPU}; CPU is user+system seconds per 1,000 requests; RSS"
+        " is the peak (VmHWM) of each process during its scenario",
         "",
         "| # | scenario | req/s | p50 ms | p99 ms | p99.9 ms | errors | delivered to shadow | CPU s / 1k req | peak RSS MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
@@ -1154,8 +1202,28 @@ def targets(by):
     rss = [r["rss_agent_mib"] for r in by.values() if "rss_agent_mib" in r]
     if rss:
         check("agent peak RSS under 64 MiB in every scenario", max(rss) < 64, f"max {max(rss):.1f} MiB")
-    lines.append("- not measured here: delivery at a fixed rate of half the maximum (wrk has no fixed-rate mode; "
-                 "see README)")
+    if "5r" in by and "delivered" in by["5r"]:
+        d = by["5r"]
+        check("fixed rate (5r): every copy delivered at half the agent's maximum", d["delivered"] >= 0.99995,
+              f"delivered {d['delivered'] * 100:.2f}% at {d['rps']:.0f} req/s")
+    # Issue 20's table: the production side's cost against nginx's, same run.
+    cpu = lambda n, proc: by[n].get(f"cpu_{proc}") if n in by else None
+    pairs = [
+        ("proxy CPU per request, mirroring off (4) vs nginx proxy (2)", cpu("4", "agent"), cpu("2", "proxy"), 1.0),
+        ("proxy CPU per request, 100% mirrored (5) vs nginx proxy without mirror (2)", cpu("5", "agent"),
+         cpu("2", "proxy"), 1.3),
+        ("proxy CPU per request at a fixed rate, 100% mirrored (5r) vs nginx proxy (2r)", cpu("5r", "agent"),
+         cpu("2r", "proxy"), 1.3),
+        ("gateway CPU per copy (5) vs nginx proxy per request (2)", cpu("5", "gateway"), cpu("2", "proxy"), 1.0),
+    ]
+    for name, ours, theirs, bound in pairs:
+        if ours and theirs:
+            check(f"{name} at most {bound}x", ours <= bound * theirs,
+                  f"{ours * 1e6:.1f} us vs {theirs * 1e6:.1f} us, {ours / theirs:.2f}x")
+    for n in ("5", "10", "13"):
+        if n in by and "delivered" in by[n]:
+            check(f"delivery to a shadow that keeps up ({n}) 100.00%", by[n]["delivered"] >= 0.99995,
+                  f"{by[n]['delivered'] * 100:.2f}%")
     return lines
 
 
