@@ -13,6 +13,7 @@ use teeway_wire::{MirroredRequest, Welcome};
 
 use crate::budget::{Budget, ConnectionBudget, MAX_STREAM_BYTES};
 use crate::metrics::{FailReason, GatewayMetrics, SkipReason};
+use crate::observe::{Observer, Outcome, Pending};
 use crate::replay::Refusal;
 use crate::Routing;
 
@@ -25,6 +26,9 @@ pub struct Dispatcher {
     pub(crate) replays: TaskTracker,
     /// Where every received record is also written, if anywhere.
     pub(crate) archive: Option<teeway_archive::Archive>,
+    /// What sees each copy's finished exchange (every target's outcome); none: no exchange is
+    /// made.
+    pub(crate) observers: Arc<[Arc<dyn Observer>]>,
     /// Memory for what agents send (`limits:`).
     pub(crate) budget: Arc<Budget>,
     /// Batches received, by agent session, so that one sent again is not replayed twice.
@@ -157,26 +161,49 @@ impl Dispatcher {
             self.metrics.no_route();
             return;
         };
+        let record = Arc::new(record);
+        let pending = (!self.observers.is_empty()).then(|| {
+            Arc::new(Pending::new(
+                record.clone(),
+                identity.clone(),
+                &route.name,
+                route.targets.iter().map(|(t, _)| t.url.clone()).collect(),
+                self.observers.clone(),
+            ))
+        });
+        let report = |index: usize, outcome: Outcome| {
+            if let Some(pending) = &pending {
+                pending.report(index, outcome);
+            }
+        };
         if record.body_truncated && !route.replay_truncated {
-            for (_, handles) in &route.targets {
+            for (index, (_, handles)) in route.targets.iter().enumerate() {
                 handles.skipped(SkipReason::Truncated);
+                report(index, Outcome::Skipped(SkipReason::Truncated));
             }
             return;
         }
-        let record = Arc::new(record);
-        for (target, handles) in &route.targets {
+        let capture = self
+            .observers
+            .iter()
+            .filter_map(|o| o.response_body_bytes())
+            .max();
+        for (index, (target, handles)) in route.targets.iter().enumerate() {
             let slot = match target.admit() {
                 Ok(slot) => slot,
                 Err(Refusal::NotSampled) => {
                     handles.skipped(SkipReason::NotSampled);
+                    report(index, Outcome::Skipped(SkipReason::NotSampled));
                     continue;
                 }
                 Err(Refusal::RateLimited) => {
                     self.metrics.failed(handles, FailReason::RateLimited);
+                    report(index, Outcome::Failed(FailReason::RateLimited));
                     continue;
                 }
                 Err(Refusal::Overloaded) => {
                     self.metrics.failed(handles, FailReason::Overloaded);
+                    report(index, Outcome::Failed(FailReason::Overloaded));
                     continue;
                 }
             };
@@ -187,18 +214,18 @@ impl Dispatcher {
             let handles = handles.clone();
             let record = record.clone();
             let metrics = self.metrics.clone();
-            let archive = self.archive.clone();
             let identity = identity.clone();
+            let pending = pending.clone();
             self.replays.spawn(async move {
-                target
-                    .replay(
-                        &record,
-                        &identity,
-                        (&metrics, &handles),
-                        archive.as_ref(),
-                        slot,
-                    )
-                    .await
+                let outcome = target
+                    .replay(&record, &identity, (&metrics, &handles), capture, slot)
+                    .await;
+                if let Some(pending) = pending {
+                    pending.report(
+                        index,
+                        outcome.map_or_else(Outcome::Failed, Outcome::Answered),
+                    );
+                }
             });
         }
     }

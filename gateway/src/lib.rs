@@ -11,6 +11,9 @@
 //! - `dispatch`: what both listeners hand batches to: the books, the memory budget (`budget`),
 //!   exactly-once delivery (`dedupe`), the archive, and routing each record.
 //! - `router`: first-match routing on source cluster, host, path, methods and headers.
+//! - `observe`: observers, which see each copy once every target of its route has answered,
+//!   failed or been skipped (one exchange, every outcome): the response archive now, comparing
+//!   versions next.
 //! - [`replay`]: the HTTP replayer: per-target pooled clients, concurrency limits, the replay
 //!   itself (also used by `teeway replay`).
 //! - `tee_stream`: TCP tee streams (`tcp_routes`), replayed on a fresh connection per target.
@@ -64,6 +67,7 @@ mod dispatch;
 pub mod error;
 mod listener;
 pub mod metrics;
+mod observe;
 pub mod replay;
 mod router;
 mod tee_stream;
@@ -413,6 +417,13 @@ impl Gateway {
             routing: self.routing.clone(),
             metrics: self.metrics.clone(),
             replays: TaskTracker::new(),
+            observers: match &archive {
+                Some(a) if a.config().record_responses => {
+                    Arc::new([Arc::new(observe::ArchiveResponses::new(a.clone()))
+                        as Arc<dyn observe::Observer>])
+                }
+                _ => Arc::new([]),
+            },
             archive,
             budget: budget::Budget::new(config.limits, self.metrics.buffered.clone()),
             dedupe: Default::default(),

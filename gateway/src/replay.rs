@@ -22,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use teeway_archive::{Archive, Record, ResponseOrigin, ResponseRecord};
+use teeway_archive::{ResponseOrigin, ResponseRecord};
 use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::connect::{TlsSetup, UpstreamConnector};
 use teeway_runtime::dns::Resolver;
@@ -304,43 +304,41 @@ impl Target {
         }
     }
 
-    /// Replays `record`, reads the response to the end and counts the outcome; when `archive`
-    /// records responses, the response goes to it. The caller counted the pair in
-    /// `replay_in_flight` when [`Target::admit`] granted `slot`; it leaves that gauge here, once
-    /// its outcome is counted. A record still waiting for its slot after [`SLOT_WAIT`] is
-    /// counted `overloaded`.
+    /// Replays `record`, reads the response to the end, counts the outcome and returns it (with
+    /// the response and up to `capture` bytes of its body, when `capture` is set). The caller
+    /// counted the pair in `replay_in_flight` when [`Target::admit`] granted `slot`; it leaves
+    /// that gauge here, once its outcome is counted. A record still waiting for its slot after
+    /// [`SLOT_WAIT`] is counted `overloaded`.
     pub async fn replay(
         &self,
         record: &MirroredRequest,
         source: &str,
         (metrics, handles): (&GatewayMetrics, &TargetMetrics),
-        archive: Option<&Archive>,
+        capture: Option<u64>,
         slot: Slot,
-    ) {
+    ) -> Result<Answer, FailReason> {
         let Some(_slot) = slot.take().await else {
             metrics.failed(handles, FailReason::Overloaded);
             metrics.in_flight.decrement(1.0);
-            return;
+            return Err(FailReason::Overloaded);
         };
-        let capture = archive
-            .filter(|a| a.config().record_responses)
-            .map(|a| a.config().max_response_body);
-        let outcome = self.send(record, source, capture).await;
-        match outcome {
-            Ok(exchange) => {
+        let outcome = match self.send(record, source, capture).await {
+            Ok(answer) => {
                 handles.replayed(
-                    exchange.status,
-                    exchange.elapsed,
-                    exchange.grpc_status.as_ref().map(|v| v.as_bytes()),
+                    answer.status,
+                    answer.elapsed,
+                    answer.grpc_status.as_ref().map(|v| v.as_bytes()),
                 );
-                if let (Some(archive), Some(response)) = (archive, exchange.response) {
-                    archive.try_submit(Record::Response(response), None);
-                }
+                Ok(answer)
             }
-            Err(reason) => metrics.failed(handles, reason),
-        }
+            Err(reason) => {
+                metrics.failed(handles, reason);
+                Err(reason)
+            }
+        };
         // Only after the outcome is counted: a scrape never sees the pair in neither bucket.
         metrics.in_flight.decrement(1.0);
+        outcome
     }
 
     /// Sends `record` (mirrored from the agent `source`) and reads the response to the end.
@@ -351,7 +349,7 @@ impl Target {
         record: &MirroredRequest,
         source: &str,
         capture: Option<u64>,
-    ) -> Result<Exchange, FailReason> {
+    ) -> Result<Answer, FailReason> {
         let request = self
             .request_for(record, source)
             .ok_or(FailReason::InvalidRequest)?;
@@ -393,23 +391,25 @@ impl Target {
                     kept.extend_from_slice(&data[..data.len().min(room)]);
                 }
             }
-            let response = capture.map(|_| ResponseRecord {
-                request_id: record.id,
-                source_cluster: record.source_cluster.clone(),
-                origin: ResponseOrigin::Replayed,
-                target: self.url.clone(),
-                received_at: head_at.0,
-                latency: head_at.1,
-                status: parts.status,
-                version: parts.version,
-                headers: parts.headers,
-                body: Bytes::from(kept),
-                body_truncated: truncated,
+            let response = capture.map(|_| {
+                Box::new(ResponseRecord {
+                    request_id: record.id,
+                    source_cluster: record.source_cluster.clone(),
+                    origin: ResponseOrigin::Replayed,
+                    target: self.url.clone(),
+                    received_at: head_at.0,
+                    latency: head_at.1,
+                    status: parts.status,
+                    version: parts.version,
+                    headers: parts.headers,
+                    body: Bytes::from(kept),
+                    body_truncated: truncated,
+                })
             });
             Ok((parts.status, response, grpc_status))
         };
         match tokio::time::timeout(self.spec.target.timeout, exchange).await {
-            Ok(Ok((status, response, grpc_status))) => Ok(Exchange {
+            Ok(Ok((status, response, grpc_status))) => Ok(Answer {
                 status,
                 elapsed: started.elapsed(),
                 response,
@@ -508,13 +508,13 @@ impl Target {
 
 /// What one replay got back.
 #[derive(Debug)]
-pub struct Exchange {
+pub struct Answer {
     /// The response status.
     pub status: http::StatusCode,
     /// From sending the request to the end of the response body.
     pub elapsed: Duration,
-    /// The response, when asked for.
-    pub response: Option<ResponseRecord>,
+    /// The response, when asked for (boxed: most replays carry none).
+    pub response: Option<Box<ResponseRecord>>,
     /// The `grpc-status` the shadow answered (trailers, or a trailers-only head), if any.
     pub grpc_status: Option<HeaderValue>,
 }

@@ -1,0 +1,273 @@
+//! Observers: what sees each copy once, when every target of its route has answered, failed or
+//! been skipped. A copy replayed to several targets is one [`Exchange`] with one [`Outcome`] per
+//! target, so the answers meet here: the response archive is an observer today, and comparing a
+//! candidate's answers with a primary's (Diffy-style) is one to come.
+//!
+//! The dispatcher makes an exchange only when some observer is installed: without one, a copy
+//! costs nothing here. Per-target metrics stay where each replay ends (see [`crate::replay`]), so
+//! the books never wait for the slowest target.
+
+use std::sync::{Arc, Mutex};
+
+use teeway_archive::{Archive, Record, ResponseRecord};
+use teeway_wire::MirroredRequest;
+
+use crate::metrics::{FailReason, SkipReason};
+use crate::replay::Answer;
+
+/// One copy and what each target of its route made of it.
+#[derive(Debug)]
+#[expect(
+    dead_code,
+    reason = "the response archive reads only the outcomes; comparing versions reads the rest"
+)]
+pub struct Exchange {
+    /// The copy.
+    pub record: Arc<MirroredRequest>,
+    /// The agent identity it came from.
+    pub source: Arc<str>,
+    /// The route it took.
+    pub route: String,
+    /// Per target, in the route's order.
+    pub outcomes: Vec<TargetOutcome>,
+}
+
+/// What one target made of a copy.
+#[derive(Debug)]
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "read by the comparison of versions, next")
+)]
+pub struct TargetOutcome {
+    /// The target's URL as configured.
+    pub target: String,
+    /// Its answer, failure or skip.
+    pub outcome: Outcome,
+}
+
+/// How one replay ended.
+#[derive(Debug)]
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "why a target failed is read by the comparison of versions, next"
+    )
+)]
+pub enum Outcome {
+    /// The target answered (any status); its answer was read to the end.
+    Answered(Answer),
+    /// The replay failed or was shed.
+    Failed(FailReason),
+    /// The copy was not sent to this target.
+    Skipped(SkipReason),
+}
+
+/// Sees every finished exchange. Called on the task of the replay that finished last: an
+/// observer must not block (hand slow work to a queue of its own, as the archive does).
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// Whether this observer needs each target's response in its [`Answer`], and if so how many
+    /// of its body bytes at most; `None`: it needs none.
+    fn response_body_bytes(&self) -> Option<u64>;
+    /// One exchange, finished.
+    fn finished(&self, exchange: &Exchange);
+}
+
+/// Writes every answered replay's response to the archive (`archive.record_responses`).
+#[derive(Debug)]
+pub struct ArchiveResponses {
+    archive: Archive,
+}
+
+impl ArchiveResponses {
+    /// An observer writing to `archive`, which must be recording responses.
+    pub fn new(archive: Archive) -> Self {
+        Self { archive }
+    }
+}
+
+impl Observer for ArchiveResponses {
+    fn response_body_bytes(&self) -> Option<u64> {
+        Some(self.archive.config().max_response_body)
+    }
+
+    fn finished(&self, exchange: &Exchange) {
+        for outcome in &exchange.outcomes {
+            if let Outcome::Answered(Answer {
+                response: Some(response),
+                ..
+            }) = &outcome.outcome
+            {
+                self.archive
+                    .try_submit(Record::Response(ResponseRecord::clone(response)), None);
+            }
+        }
+    }
+}
+
+/// An exchange being put together: each target's slot is filled as its replay ends, and the last
+/// to fill one hands the whole to the observers.
+#[derive(Debug)]
+pub struct Pending {
+    record: Arc<MirroredRequest>,
+    source: Arc<str>,
+    route: String,
+    targets: Vec<String>,
+    slots: Mutex<Slots>,
+    observers: Arc<[Arc<dyn Observer>]>,
+}
+
+#[derive(Debug)]
+struct Slots {
+    outcomes: Vec<Option<Outcome>>,
+    missing: usize,
+}
+
+impl Pending {
+    /// An exchange of `record` over `targets` (their URLs, in the route's order).
+    pub fn new(
+        record: Arc<MirroredRequest>,
+        source: Arc<str>,
+        route: &str,
+        targets: Vec<String>,
+        observers: Arc<[Arc<dyn Observer>]>,
+    ) -> Self {
+        let slots = Slots {
+            outcomes: targets.iter().map(|_| None).collect(),
+            missing: targets.len(),
+        };
+        Self {
+            record,
+            source,
+            route: route.to_owned(),
+            targets,
+            slots: Mutex::new(slots),
+            observers,
+        }
+    }
+
+    /// Target `index`'s outcome; the last one hands the exchange to the observers. A second
+    /// report for the same target is ignored.
+    pub fn report(&self, index: usize, outcome: Outcome) {
+        let outcomes = {
+            // Held for a few moves; never across an await or an observer.
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            match slots.outcomes.get_mut(index) {
+                Some(slot @ None) => *slot = Some(outcome),
+                _ => return,
+            }
+            slots.missing -= 1;
+            if slots.missing > 0 {
+                return;
+            }
+            std::mem::take(&mut slots.outcomes)
+        };
+        let exchange = Exchange {
+            record: self.record.clone(),
+            source: self.source.clone(),
+            route: self.route.clone(),
+            outcomes: self
+                .targets
+                .iter()
+                .zip(outcomes.into_iter().flatten())
+                .map(|(target, outcome)| TargetOutcome {
+                    target: target.clone(),
+                    outcome,
+                })
+                .collect(),
+        };
+        for observer in self.observers.iter() {
+            observer.finished(&exchange);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[derive(Debug, Default)]
+    struct Seen(Mutex<Vec<(String, Vec<String>)>>);
+
+    impl Observer for Seen {
+        fn response_body_bytes(&self) -> Option<u64> {
+            None
+        }
+
+        fn finished(&self, exchange: &Exchange) {
+            let outcomes = exchange
+                .outcomes
+                .iter()
+                .map(|o| {
+                    let what = match &o.outcome {
+                        Outcome::Answered(a) => a.status.as_str().to_owned(),
+                        Outcome::Failed(f) => f.as_str().to_owned(),
+                        Outcome::Skipped(s) => s.as_str().to_owned(),
+                    };
+                    format!("{} {what}", o.target)
+                })
+                .collect();
+            self.0
+                .lock()
+                .expect("lock")
+                .push((exchange.route.clone(), outcomes));
+        }
+    }
+
+    fn record() -> Arc<MirroredRequest> {
+        Arc::new(MirroredRequest {
+            id: 7,
+            received_at: UNIX_EPOCH,
+            source_cluster: "c".into(),
+            method: http::Method::GET,
+            uri: http::Uri::from_static("/"),
+            version: http::Version::HTTP_11,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::new(),
+            trailers: None,
+            body_truncated: false,
+        })
+    }
+
+    #[test]
+    fn every_target_reported_in_any_order_makes_one_exchange_in_route_order() {
+        let seen = Arc::new(Seen::default());
+        let observers: Arc<[Arc<dyn Observer>]> = Arc::new([seen.clone() as Arc<dyn Observer>]);
+        let pending = Pending::new(
+            record(),
+            "agent-a".into(),
+            "api",
+            vec!["http://v1".into(), "http://v2".into(), "http://v3".into()],
+            observers,
+        );
+        let answer = |status: u16| Answer {
+            status: http::StatusCode::from_u16(status).expect("status"),
+            elapsed: Duration::from_millis(3),
+            response: None,
+            grpc_status: None,
+        };
+        pending.report(2, Outcome::Failed(FailReason::Timeout));
+        pending.report(0, Outcome::Answered(answer(200)));
+        pending.report(2, Outcome::Answered(answer(500)));
+        assert!(
+            seen.0.lock().expect("lock").is_empty(),
+            "a target is missing"
+        );
+        pending.report(1, Outcome::Skipped(SkipReason::NotSampled));
+        pending.report(1, Outcome::Answered(answer(204)));
+        let seen = seen.0.lock().expect("lock");
+        assert_eq!(
+            *seen,
+            vec![(
+                "api".to_owned(),
+                vec![
+                    "http://v1 200".to_owned(),
+                    "http://v2 not_sampled".to_owned(),
+                    "http://v3 timeout".to_owned(),
+                ]
+            )],
+            "once, with every outcome, the first report per target kept"
+        );
+    }
+}
