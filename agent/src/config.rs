@@ -153,6 +153,33 @@ pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default `gateway.quic_retry`.
 pub const DEFAULT_QUIC_RETRY: Duration = Duration::from_secs(10);
 
+impl GatewayConfig {
+    /// Whether going from `old` to this needs a restart: any setting of the uplink but its
+    /// certificates, which reload live. Every field is named, so a new one must be classified.
+    fn needs_restart(&self, old: &GatewayConfig) -> bool {
+        let GatewayConfig {
+            host,
+            port,
+            transport,
+            nameservers,
+            server_name,
+            tls: _,
+            tls_files: _,
+            ack_timeout,
+            quic_retry,
+            spool,
+        } = self;
+        *host != old.host
+            || *port != old.port
+            || *transport != old.transport
+            || *nameservers != old.nameservers
+            || *server_name != old.server_name
+            || *ack_timeout != old.ack_timeout
+            || *quic_retry != old.quic_retry
+            || *spool != old.spool
+    }
+}
+
 /// `listen_tls:`: the certificate the agent presents to production clients.
 #[derive(Debug, Clone)]
 pub struct ListenTls {
@@ -191,6 +218,7 @@ impl AgentConfig {
         let mut p = Problems::default();
         let mut root = Section::root(&doc, &mut p);
 
+        // Each block on its own, then the checks that span blocks.
         let cluster = root.required(
             &mut p,
             "cluster",
@@ -198,249 +226,38 @@ impl AgentConfig {
             cfg::nonempty_string,
         );
         let tcp = tcp_block(&mut root, &mut p);
-        // An agent that only tees TCP has no HTTP front: no listen, primary or sink.
-        let http_front = !root_has(&doc, "tcp")
-            || ["listen", "primary", "sink", "listen_tls"]
-                .iter()
-                .any(|k| root_has(&doc, k));
-        let listen_fix =
-            "give the address production traffic enters on, for example `listen: 0.0.0.0:8080`";
-        let listen = if http_front {
-            root.required(&mut p, "listen", listen_fix, cfg::socket_addr)
-        } else {
-            None
-        };
-        let listen_tls = listen_tls_block(&mut root, &mut p, base_dir);
-        let sink = sink_block(&mut root, &mut p);
-        let primary = if !http_front {
-            None
-        } else if sink.is_some() {
-            let primary = root.optional(
-                &mut p,
-                "primary",
-                "remove `primary:` (and primary_protocol, primary_tls), or remove `sink:`",
-                cfg::http_target,
-            );
-            if primary.is_some() {
-                p.push(
-                    "primary",
-                    None,
-                    "cannot be used with `sink:` (a sink answers the mirror feed itself)",
-                    "remove `primary:` for a sink, or remove `sink:` to proxy to the primary",
-                );
-            }
-            None
-        } else {
-            root.required(
-                &mut p,
-                "primary",
-                "give the real service's URL, for example `primary: http://127.0.0.1:9000`, or add `sink: {}` to take an ingress's mirror feed instead",
-                cfg::http_target,
-            )
-        };
-        let primary_tls =
-            cfg::tls_block(&mut root, &mut p, "primary_tls", base_dir, primary.as_ref());
-
-        let primary_protocol = root
-            .optional(
-                &mut p,
-                "primary_protocol",
-                "use http1 (default), http2 (h2c) or auto (the client's version; for gRPC)",
-                cfg::upstream_protocol,
-            )
-            .unwrap_or(UpstreamProtocol::Http1);
-
-        let mut m = root.section(&mut p, "mirror");
-        let percentage = m
-            .optional(
-                &mut p,
-                "percentage",
-                "use a number from 0 to 100, such as 100 or 0.5",
-                cfg::percentage,
-            )
-            .unwrap_or(100.0);
-        let max_body_fix = format!(
-            "use a size up to {}, such as 1MiB",
-            format_size(teeway_wire::MAX_BODY_BYTES)
-        );
-        let max_body_bytes = m
-            .optional(&mut p, "max_body_bytes", &max_body_fix, |v| {
-                let n = cfg::size(v)?;
-                if n > teeway_wire::MAX_BODY_BYTES {
-                    return Err(format!(
-                        "exceeds the protocol's limit of {}",
-                        format_size(teeway_wire::MAX_BODY_BYTES)
-                    ));
-                }
-                Ok(n)
-            })
-            .unwrap_or(DEFAULT_MAX_BODY_BYTES);
-        let queue = m
-            .optional(
-                &mut p,
-                "queue",
-                "use a whole number from 1 to 1000000, such as 10000",
-                |v| match cfg::whole_number(v)? {
-                    0 => Err("must be at least 1".into()),
-                    n if n > MAX_QUEUE => Err(format!("must be at most {MAX_QUEUE}")),
-                    n => Ok(n as usize),
-                },
-            )
-            .unwrap_or(DEFAULT_QUEUE);
-        let queue_bytes_path = m.path_of("queue_bytes");
-        let queue_bytes = m
-            .optional(&mut p, "queue_bytes", "use a size such as 16MiB", cfg::size)
-            .unwrap_or(DEFAULT_QUEUE_BYTES);
-        if queue_bytes < max_body_bytes {
-            p.push(
-                queue_bytes_path,
-                None,
-                format!(
-                    "{} is smaller than max_body_bytes ({}), so the largest copies could never be held",
-                    format_size(queue_bytes),
-                    format_size(max_body_bytes)
-                ),
-                "raise queue_bytes or lower max_body_bytes",
-            );
-        }
-        let policy = PolicyConfig::read(
-            &mut m,
-            &mut root,
-            &mut p,
-            base_dir,
-            percentage,
-            max_body_bytes,
-        );
-        m.finish(&mut p);
-
+        let front = front_block(&mut root, &mut p, &doc, base_dir);
+        let mirror = mirror_block(&mut root, &mut p, base_dir);
         let archive = ArchiveConfig::from_section(&mut root, &mut p, base_dir, false);
-        let archive_given = doc.get("archive").is_some_and(|v| !v.is_null());
-        let mut g = root.section(&mut p, "gateway");
-        let gateway_given = g.is_present();
-        if !gateway_given && !archive_given {
-            p.push(
-                "gateway",
-                None,
-                "is required unless `archive:` is set (copies must go somewhere)",
-                "add a `gateway:` block with address, ca, cert and key, or an `archive:` block with a dir",
-            );
-        }
-        let gateway = if gateway_given || !archive_given {
-            gateway_block(&mut g, &mut p, base_dir)
-        } else {
-            None
-        };
-        g.finish(&mut p);
-        if let Some(spool) = gateway.as_ref().and_then(|g| g.spool.as_ref()) {
-            if spool.max_bytes < max_body_bytes {
-                p.push(
-                    "gateway.spool.max_bytes",
-                    None,
-                    format!(
-                        "{} is smaller than mirror.max_body_bytes ({}), so the largest copies could never be spooled",
-                        format_size(spool.max_bytes),
-                        format_size(max_body_bytes)
-                    ),
-                    "raise gateway.spool.max_bytes or lower mirror.max_body_bytes",
-                );
-            }
-        }
-
-        let mut a = root.section(&mut p, "admin");
-        let admin_listen = a.optional(
-            &mut p,
-            "listen",
-            "give an ip:port such as 127.0.0.1:9901",
-            cfg::socket_addr,
-        );
-        a.finish(&mut p);
-        if let (Some(listen), Some(admin)) = (listen, admin_listen) {
-            if cfg::addresses_clash(listen, admin) {
-                p.push(
-                    "admin.listen",
-                    None,
-                    format!("cannot be bound beside listen ({listen}): same port, same or overlapping address"),
-                    "give the admin listener its own port",
-                );
-            }
-        }
-        for (i, (path, t)) in tcp.iter().enumerate() {
-            let taken = [("listen", listen), ("admin.listen", admin_listen)]
-                .into_iter()
-                .filter_map(|(name, addr)| addr.map(|a| (name.to_owned(), a)))
-                .chain(
-                    tcp[..i]
-                        .iter()
-                        .map(|(other, o)| (format!("{other}.listen"), o.listen)),
-                );
-            for (name, addr) in taken {
-                if cfg::addresses_clash(addr, t.listen) {
-                    p.push(
-                        format!("{path}.listen"),
-                        None,
-                        format!("is the same address as {name} ({addr})"),
-                        "give each listener its own port",
-                    );
-                }
-            }
-        }
-        if !tcp.is_empty() {
-            match &gateway {
-                None if gateway_given => {}
-                None => p.push(
-                    "tcp",
-                    None,
-                    "needs `gateway:` (TCP connections are teed to a gateway over QUIC; archives hold HTTP only)",
-                    "add a `gateway:` block, or remove `tcp:`",
-                ),
-                Some(g) if g.transport == Transport::Tls => p.push(
-                    "gateway.transport",
-                    None,
-                    "is `tls`, but TCP connections are teed on QUIC streams",
-                    "use `transport: quic` or `auto` (with auto, connections teed while only TLS links are up are counted `no_quic_link`)",
-                ),
-                Some(_) => {}
-            }
-        }
-
-        let shutdown_grace = root
-            .optional(
-                &mut p,
-                "shutdown_grace",
-                "use a duration such as 10s",
-                cfg::duration,
-            )
-            .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
-        let drain_time = root
-            .optional(
-                &mut p,
-                "drain_time",
-                "use a duration such as 5s (0s stops accepting at once)",
-                |v| match cfg::duration(v)? {
-                    d if d > Duration::from_secs(3600) => Err("must be at most 1h".to_owned()),
-                    d => Ok(d),
-                },
-            )
-            .unwrap_or(downstream::DEFAULT_DRAIN_TIME);
+        let (gateway, gateway_given) = uplink_block(&mut root, &mut p, &doc, base_dir);
+        let admin_listen = admin_block(&mut root, &mut p);
+        let (shutdown_grace, drain_time) = lifecycle_block(&mut root, &mut p);
         let limits = limits_block(&mut root, &mut p);
         root.finish(&mut p);
+        validate(
+            &Across {
+                listen: front.listen,
+                admin: admin_listen,
+                tcp: &tcp,
+                gateway: gateway.as_ref(),
+                gateway_given,
+                max_body_bytes: mirror.policy.max_body_bytes,
+            },
+            &mut p,
+        );
 
-        let front_complete =
-            !http_front || (listen.is_some() && (primary.is_some() || sink.is_some()));
+        let front_complete = !front.http
+            || (front.listen.is_some() && (front.primary.is_some() || front.sink.is_some()));
         let assembled = match (cluster, front_complete) {
             (Some(cluster), true) => Some(AgentConfig {
                 cluster,
-                listen,
-                listen_tls,
-                primary,
-                primary_protocol,
-                primary_tls,
-                sink,
-                mirror: MirrorConfig {
-                    queue,
-                    queue_bytes,
-                    policy,
-                },
+                listen: front.listen,
+                listen_tls: front.listen_tls,
+                primary: front.primary,
+                primary_protocol: front.primary_protocol,
+                primary_tls: front.primary_tls,
+                sink: front.sink,
+                mirror,
                 gateway,
                 archive,
                 tcp: tcp.into_iter().map(|(_, t)| t).collect(),
@@ -464,61 +281,74 @@ impl AgentConfig {
 
     /// The settings that differ from `old` and cannot change while the agent runs.
     pub fn restart_required(&self, old: &AgentConfig) -> Vec<String> {
+        // Every field is named, without `..`: a new setting does not compile until it is
+        // classified here as live or as needing a restart.
+        let AgentConfig {
+            cluster,
+            listen,
+            listen_tls,
+            primary,
+            primary_protocol,
+            primary_tls,
+            sink,
+            mirror,
+            gateway,
+            archive,
+            tcp,
+            admin,
+            shutdown_grace,
+            drain_time,
+            limits,
+        } = self;
+        let MirrorConfig {
+            queue,
+            queue_bytes,
+            // Live: swapped whole by a reload.
+            policy: _,
+        } = mirror;
         let mut changed = Vec::new();
         let mut check = |name: &str, same: bool| {
             if !same {
                 changed.push(name.to_owned());
             }
         };
-        check("cluster", self.cluster == old.cluster);
-        check("listen", self.listen == old.listen);
+        check("cluster", *cluster == old.cluster);
+        check("listen", *listen == old.listen);
+        // The certificate files reload live; which files, and where clients connect, do not.
         check(
             "listen_tls",
-            self.listen_tls.as_ref().map(|t| (&t.cert, &t.key))
+            listen_tls.as_ref().map(|t| (&t.cert, &t.key))
                 == old.listen_tls.as_ref().map(|t| (&t.cert, &t.key)),
         );
         check(
             "primary",
-            self.primary.as_ref().map(|p| &p.url) == old.primary.as_ref().map(|p| &p.url),
+            primary.as_ref().map(|p| &p.url) == old.primary.as_ref().map(|p| &p.url),
         );
-        check("sink", self.sink == old.sink);
+        check("sink", *sink == old.sink);
         check(
             "primary_protocol",
-            self.primary_protocol == old.primary_protocol,
+            *primary_protocol == old.primary_protocol,
         );
-        check("primary_tls", self.primary_tls == old.primary_tls);
-        check("mirror.queue", self.mirror.queue == old.mirror.queue);
-        check(
-            "mirror.queue_bytes",
-            self.mirror.queue_bytes == old.mirror.queue_bytes,
-        );
+        check("primary_tls", *primary_tls == old.primary_tls);
+        check("mirror.queue", *queue == old.mirror.queue);
+        check("mirror.queue_bytes", *queue_bytes == old.mirror.queue_bytes);
         check(
             "gateway",
-            match (&self.gateway, &old.gateway) {
-                (Some(a), Some(b)) => {
-                    // Certificates are not compared: they reload live.
-                    a.host == b.host
-                        && a.port == b.port
-                        && a.server_name == b.server_name
-                        && a.transport == b.transport
-                        && a.nameservers == b.nameservers
-                        && a.spool == b.spool
-                        && a.ack_timeout == b.ack_timeout
-                        && a.quic_retry == b.quic_retry
-                }
+            match (gateway, &old.gateway) {
+                (Some(new), Some(old)) => !new.needs_restart(old),
                 (None, None) => true,
                 _ => false,
             },
         );
-        check("archive", self.archive == old.archive);
-        check("tcp", self.tcp == old.tcp);
+        check("archive", *archive == old.archive);
+        check("tcp", *tcp == old.tcp);
         check(
             "admin.listen",
-            self.admin.as_ref().map(|a| a.listen) == old.admin.as_ref().map(|a| a.listen),
+            admin.as_ref().map(|a| a.listen) == old.admin.as_ref().map(|a| a.listen),
         );
-        check("shutdown_grace", self.shutdown_grace == old.shutdown_grace);
-        check("drain_time", self.drain_time == old.drain_time);
-        check("limits", self.limits == old.limits);
+        check("shutdown_grace", *shutdown_grace == old.shutdown_grace);
+        check("drain_time", *drain_time == old.drain_time);
+        check("limits", *limits == old.limits);
         changed
     }
 
@@ -528,6 +358,292 @@ impl AgentConfig {
         // Relative paths inside the file are taken from the working directory, as the shell takes
         // the path of the file itself.
         Self::from_yaml(&text, Path::new(".")).map_err(|e| e.in_file(&path.display().to_string()))
+    }
+}
+
+/// The HTTP front: where production traffic enters (`listen`, `listen_tls`) and what answers it
+/// (`primary` with its `primary_protocol` and `primary_tls`, or `sink`).
+struct Front {
+    /// Whether the agent has an HTTP front at all (a TCP-only agent has none).
+    http: bool,
+    listen: Option<SocketAddr>,
+    listen_tls: Option<ListenTls>,
+    sink: Option<SinkConfig>,
+    primary: Option<HttpTarget>,
+    primary_tls: Option<UpstreamTlsConfig>,
+    primary_protocol: UpstreamProtocol,
+}
+
+fn front_block(
+    root: &mut Section<'_>,
+    p: &mut Problems,
+    doc: &teeway_runtime::yaml::Value,
+    base_dir: &Path,
+) -> Front {
+    // An agent that only tees TCP has no HTTP front: no listen, primary or sink.
+    let http = !root_has(doc, "tcp")
+        || ["listen", "primary", "sink", "listen_tls"]
+            .iter()
+            .any(|k| root_has(doc, k));
+    let listen_fix =
+        "give the address production traffic enters on, for example `listen: 0.0.0.0:8080`";
+    let listen = if http {
+        root.required(p, "listen", listen_fix, cfg::socket_addr)
+    } else {
+        None
+    };
+    let listen_tls = listen_tls_block(root, p, base_dir);
+    let sink = sink_block(root, p);
+    let primary = if !http {
+        None
+    } else if sink.is_some() {
+        let primary = root.optional(
+            p,
+            "primary",
+            "remove `primary:` (and primary_protocol, primary_tls), or remove `sink:`",
+            cfg::http_target,
+        );
+        if primary.is_some() {
+            p.push(
+                "primary",
+                None,
+                "cannot be used with `sink:` (a sink answers the mirror feed itself)",
+                "remove `primary:` for a sink, or remove `sink:` to proxy to the primary",
+            );
+        }
+        None
+    } else {
+        root.required(
+            p,
+            "primary",
+            "give the real service's URL, for example `primary: http://127.0.0.1:9000`, or add `sink: {}` to take an ingress's mirror feed instead",
+            cfg::http_target,
+        )
+    };
+    let primary_tls = cfg::tls_block(root, p, "primary_tls", base_dir, primary.as_ref());
+    let primary_protocol = root
+        .optional(
+            p,
+            "primary_protocol",
+            "use http1 (default), http2 (h2c) or auto (the client's version; for gRPC)",
+            cfg::upstream_protocol,
+        )
+        .unwrap_or(UpstreamProtocol::Http1);
+    Front {
+        http,
+        listen,
+        listen_tls,
+        sink,
+        primary,
+        primary_tls,
+        primary_protocol,
+    }
+}
+
+/// `mirror:`: the queue and the policy (what is copied, redacted, and up to what size).
+fn mirror_block(root: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> MirrorConfig {
+    let mut m = root.section(p, "mirror");
+    let percentage = m
+        .optional(
+            p,
+            "percentage",
+            "use a number from 0 to 100, such as 100 or 0.5",
+            cfg::percentage,
+        )
+        .unwrap_or(100.0);
+    let max_body_fix = format!(
+        "use a size up to {}, such as 1MiB",
+        format_size(teeway_wire::MAX_BODY_BYTES)
+    );
+    let max_body_bytes = m
+        .optional(p, "max_body_bytes", &max_body_fix, |v| {
+            let n = cfg::size(v)?;
+            if n > teeway_wire::MAX_BODY_BYTES {
+                return Err(format!(
+                    "exceeds the protocol's limit of {}",
+                    format_size(teeway_wire::MAX_BODY_BYTES)
+                ));
+            }
+            Ok(n)
+        })
+        .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    let queue = m
+        .optional(
+            p,
+            "queue",
+            "use a whole number from 1 to 1000000, such as 10000",
+            |v| match cfg::whole_number(v)? {
+                0 => Err("must be at least 1".into()),
+                n if n > MAX_QUEUE => Err(format!("must be at most {MAX_QUEUE}")),
+                n => Ok(n as usize),
+            },
+        )
+        .unwrap_or(DEFAULT_QUEUE);
+    let queue_bytes_path = m.path_of("queue_bytes");
+    let queue_bytes = m
+        .optional(p, "queue_bytes", "use a size such as 16MiB", cfg::size)
+        .unwrap_or(DEFAULT_QUEUE_BYTES);
+    if queue_bytes < max_body_bytes {
+        p.push(
+            queue_bytes_path,
+            None,
+            format!(
+                "{} is smaller than max_body_bytes ({}), so the largest copies could never be held",
+                format_size(queue_bytes),
+                format_size(max_body_bytes)
+            ),
+            "raise queue_bytes or lower max_body_bytes",
+        );
+    }
+    let policy = PolicyConfig::read(&mut m, root, p, base_dir, percentage, max_body_bytes);
+    m.finish(p);
+    MirrorConfig {
+        queue,
+        queue_bytes,
+        policy,
+    }
+}
+
+/// `gateway:`, required unless `archive:` is set; and whether it was given at all (a given but
+/// invalid block has recorded its problems).
+fn uplink_block(
+    root: &mut Section<'_>,
+    p: &mut Problems,
+    doc: &teeway_runtime::yaml::Value,
+    base_dir: &Path,
+) -> (Option<GatewayConfig>, bool) {
+    let archive_given = root_has(doc, "archive");
+    let mut g = root.section(p, "gateway");
+    let given = g.is_present();
+    if !given && !archive_given {
+        p.push(
+            "gateway",
+            None,
+            "is required unless `archive:` is set (copies must go somewhere)",
+            "add a `gateway:` block with address, ca, cert and key, or an `archive:` block with a dir",
+        );
+    }
+    let gateway = if given || !archive_given {
+        gateway_block(&mut g, p, base_dir)
+    } else {
+        None
+    };
+    g.finish(p);
+    (gateway, given)
+}
+
+/// `admin: { listen }`.
+fn admin_block(root: &mut Section<'_>, p: &mut Problems) -> Option<SocketAddr> {
+    let mut a = root.section(p, "admin");
+    let listen = a.optional(
+        p,
+        "listen",
+        "give an ip:port such as 127.0.0.1:9901",
+        cfg::socket_addr,
+    );
+    a.finish(p);
+    listen
+}
+
+/// `shutdown_grace` and `drain_time`.
+fn lifecycle_block(root: &mut Section<'_>, p: &mut Problems) -> (Duration, Duration) {
+    let shutdown_grace = root
+        .optional(
+            p,
+            "shutdown_grace",
+            "use a duration such as 10s",
+            cfg::duration,
+        )
+        .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+    let drain_time = root
+        .optional(
+            p,
+            "drain_time",
+            "use a duration such as 5s (0s stops accepting at once)",
+            |v| match cfg::duration(v)? {
+                d if d > Duration::from_secs(3600) => Err("must be at most 1h".to_owned()),
+                d => Ok(d),
+            },
+        )
+        .unwrap_or(downstream::DEFAULT_DRAIN_TIME);
+    (shutdown_grace, drain_time)
+}
+
+/// What the checks across blocks look at, whether or not the rest of the file is valid.
+struct Across<'a> {
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    tcp: &'a [(String, TcpListenerConfig)],
+    gateway: Option<&'a GatewayConfig>,
+    /// `gateway:` was written, even if invalid (its problems are already recorded).
+    gateway_given: bool,
+    max_body_bytes: u64,
+}
+
+/// The checks that span blocks: listeners that would clash, a spool too small for the largest
+/// copy, TCP listeners without a QUIC uplink.
+fn validate(a: &Across<'_>, p: &mut Problems) {
+    if let Some(spool) = a.gateway.and_then(|g| g.spool.as_ref()) {
+        if spool.max_bytes < a.max_body_bytes {
+            p.push(
+                "gateway.spool.max_bytes",
+                None,
+                format!(
+                    "{} is smaller than mirror.max_body_bytes ({}), so the largest copies could never be spooled",
+                    format_size(spool.max_bytes),
+                    format_size(a.max_body_bytes)
+                ),
+                "raise gateway.spool.max_bytes or lower mirror.max_body_bytes",
+            );
+        }
+    }
+    if let (Some(listen), Some(admin)) = (a.listen, a.admin) {
+        if cfg::addresses_clash(listen, admin) {
+            p.push(
+                "admin.listen",
+                None,
+                format!("cannot be bound beside listen ({listen}): same port, same or overlapping address"),
+                "give the admin listener its own port",
+            );
+        }
+    }
+    for (i, (path, t)) in a.tcp.iter().enumerate() {
+        let taken = [("listen", a.listen), ("admin.listen", a.admin)]
+            .into_iter()
+            .filter_map(|(name, addr)| addr.map(|addr| (name.to_owned(), addr)))
+            .chain(
+                a.tcp[..i]
+                    .iter()
+                    .map(|(other, o)| (format!("{other}.listen"), o.listen)),
+            );
+        for (name, addr) in taken {
+            if cfg::addresses_clash(addr, t.listen) {
+                p.push(
+                    format!("{path}.listen"),
+                    None,
+                    format!("is the same address as {name} ({addr})"),
+                    "give each listener its own port",
+                );
+            }
+        }
+    }
+    if !a.tcp.is_empty() {
+        match a.gateway {
+            None if a.gateway_given => {}
+            None => p.push(
+                "tcp",
+                None,
+                "needs `gateway:` (TCP connections are teed to a gateway over QUIC; archives hold HTTP only)",
+                "add a `gateway:` block, or remove `tcp:`",
+            ),
+            Some(g) if g.transport == Transport::Tls => p.push(
+                "gateway.transport",
+                None,
+                "is `tls`, but TCP connections are teed on QUIC streams",
+                "use `transport: quic` or `auto` (with auto, connections teed while only TLS links are up are counted `no_quic_link`)",
+            ),
+            Some(_) => {}
+        }
     }
 }
 
@@ -921,6 +1037,66 @@ fn spool_block(g: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_across_blocks_name_each_clash_and_a_tcp_tee_without_uplink() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let tcp = |name: &str, listen: &str| {
+            (
+                format!("tcp[{name}]"),
+                TcpListenerConfig {
+                    name: name.into(),
+                    listen: addr(listen),
+                    primary: ("127.0.0.1".into(), 6379),
+                    percentage: 100.0,
+                    max_teed_connections: DEFAULT_TCP_MAX_TEED,
+                    buffer_bytes: DEFAULT_TCP_BUFFER_BYTES,
+                },
+            )
+        };
+        let listeners = [tcp("a", "0.0.0.0:8080"), tcp("b", "127.0.0.1:7000")];
+        let mut p = Problems::default();
+        validate(
+            &Across {
+                listen: Some(addr("127.0.0.1:8080")),
+                admin: Some(addr("0.0.0.0:8080")),
+                tcp: &listeners,
+                gateway: None,
+                gateway_given: false,
+                max_body_bytes: 1024,
+            },
+            &mut p,
+        );
+        let paths: Vec<String> = p
+            .finish(())
+            .expect_err("clashes")
+            .problems
+            .into_iter()
+            .map(|problem| problem.path)
+            .collect();
+        assert_eq!(
+            paths,
+            ["admin.listen", "tcp[a].listen", "tcp[a].listen", "tcp"],
+            "admin beside listen through a wildcard, tcp[a] on both, and no gateway for tcp"
+        );
+
+        let mut p = Problems::default();
+        validate(
+            &Across {
+                listen: Some(addr("127.0.0.1:8080")),
+                admin: Some(addr("127.0.0.1:9901")),
+                tcp: &listeners[1..],
+                gateway: None,
+                gateway_given: true,
+                max_body_bytes: 1024,
+            },
+            &mut p,
+        );
+        assert!(
+            p.is_empty(),
+            "distinct ports; an invalid gateway block already said why: {p:?}"
+        );
+    }
 
     fn write_certs(dir: &Path) {
         let ca = teeway_wire::pki::CertificateAuthority::generate("ca").expect("ca");

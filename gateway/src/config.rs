@@ -932,25 +932,34 @@ fn default_burst(per_second: f64) -> u32 {
 impl GatewayConfig {
     /// The settings that differ from `old` and cannot change while the gateway runs.
     pub fn restart_required(&self, old: &GatewayConfig) -> Vec<String> {
+        // Every field is named, without `..`: a new setting does not compile until it is
+        // classified here as live or as needing a restart.
+        let GatewayConfig {
+            listen,
+            transports,
+            // Live: certificates reload, agents.allow and routes swap whole.
+            tls: _,
+            tls_files: _,
+            agents_allow: _,
+            routes: _,
+            tcp_routes: _,
+            archive,
+            admin,
+            shutdown_grace,
+            limits,
+        } = self;
         let mut changed = Vec::new();
-        if self.listen != old.listen {
-            changed.push("listen".to_owned());
-        }
-        if self.transports != old.transports {
-            changed.push("transports".to_owned());
-        }
-        if self.archive != old.archive {
-            changed.push("archive".to_owned());
-        }
-        if self.limits != old.limits {
-            changed.push("limits".to_owned());
-        }
-        if self.admin != old.admin {
-            changed.push("admin.listen".to_owned());
-        }
-        if self.shutdown_grace != old.shutdown_grace {
-            changed.push("shutdown_grace".to_owned());
-        }
+        let mut check = |name: &str, same: bool| {
+            if !same {
+                changed.push(name.to_owned());
+            }
+        };
+        check("listen", *listen == old.listen);
+        check("transports", *transports == old.transports);
+        check("archive", *archive == old.archive);
+        check("limits", *limits == old.limits);
+        check("admin.listen", *admin == old.admin);
+        check("shutdown_grace", *shutdown_grace == old.shutdown_grace);
         changed
     }
 
