@@ -297,20 +297,78 @@ impl Agent {
         listeners: AgentListeners,
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
-        // Throttled log summaries are written out on a timer and once more at the end, so a
-        // burst that stopped is still reported with its total.
-        let summaries_stop = CancellationToken::new();
-        let summaries = tokio::spawn(teeway_runtime::logging::flush_until(summaries_stop.clone()));
-        // Histogram samples are folded on a timer, scraped or not (see `upkeep_until`).
-        let upkeep_owner = self.accounting.clone();
-        tokio::spawn(teeway_runtime::metrics::upkeep_until(
-            move || upkeep_owner.registry().run_upkeep(),
-            summaries_stop.clone(),
-        ));
         let config = &self.config;
+        let background = Background::start(&self.accounting);
         let resolver = Resolver::from_system()?;
-        // Copies from the tee (request path) to the uplink task, or to the archive when there
-        // is no gateway.
+
+        // Past the tee, everything is the shipper's: queue, uplink, spool, archive.
+        let shipper = self.shipper(&resolver).await?;
+        let tee = Arc::new(shipper.tee(self, config));
+        let tcp_tees: Vec<Arc<TcpTee>> = config
+            .tcp
+            .iter()
+            .map(|t| {
+                Arc::new(TcpTee::new(
+                    t.clone(),
+                    &config.cluster,
+                    resolver.clone(),
+                    self.uplink_state.clone(),
+                    self.accounting.registry(),
+                ))
+            })
+            .collect();
+        let front = match (&config.primary, &config.sink) {
+            (Some(_), _) => Some(self.proxy(tee, resolver)?),
+            (None, Some(sink)) => Some(Front::Sink(Sink::new(tee, &sink.strip_host_suffix))),
+            // An agent that only tees TCP.
+            (None, None) if listeners.proxy.is_none() && !tcp_tees.is_empty() => None,
+            (None, None) => return Err(AgentError::NoFront),
+        };
+        let drain = CancellationToken::new();
+        let shipping = shipper.start(drain.clone(), config.shutdown_grace)?;
+        let admin_addr = admin::listen_addr(listeners.admin.as_ref());
+        let admin_stop = CancellationToken::new();
+        let admin_task = listeners.admin.map(|listener| {
+            let state: Arc<dyn AdminState> = Arc::new(AdminView {
+                accounting: self.accounting.clone(),
+                uplink: config.gateway.as_ref().map(|_| self.uplink_state.clone()),
+                config: self.config_state.clone(),
+                ingress: self.ingress.clone(),
+            });
+            tokio::spawn(admin::serve(listener, state, admin_stop.clone()))
+        });
+        tracing::info!(
+            listen = %listeners.proxy.as_ref().and_then(|l| l.local_addr().ok()).map_or("none".into(), |a| a.to_string()),
+            tcp = %if listeners.tcp.is_empty() { "none".to_owned() } else { listeners.tcp.iter().zip(&tcp_tees).map(|(l, t)| format!("{}@{}", t.name(), l.local_addr().map(|a| a.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(",") },
+            admin = %admin_addr,
+            primary = %config.primary.as_ref().map_or("none (sink)", |p| p.url.as_str()),
+            gateway = %config.gateway.as_ref().map_or("none".into(), |g| teeway_runtime::config::join_host_port(&g.host, g.port)),
+            archive = %config.archive.as_ref().map_or("off".into(), |a| a.dir.display().to_string()),
+            percentage = config.mirror.policy.percentage,
+            tls = config.listen_tls.is_some(),
+            "agent serving"
+        );
+
+        self.serve(listeners.proxy, front, listeners.tcp, tcp_tees, shutdown)
+            .await?;
+
+        // Then, in order: the uplink drains and closes its links, the archive flushes, the
+        // admin listener stops, the last log summaries are written.
+        drain.cancel();
+        shipping.finish().await;
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        background.stop().await;
+        tracing::info!("agent stopped");
+        Ok(())
+    }
+
+    /// The shipper's parts, before it runs: the queue, the archive (with its writer), the spool
+    /// (read back from disk first, so the counts start right) and the uplink.
+    async fn shipper(&self, resolver: &Resolver) -> Result<Shipper, AgentError> {
+        let config = &self.config;
         let (queue_tx, queue_rx) = mpsc::channel(config.mirror.queue);
         let (archive, archive_task) = match &config.archive {
             Some(a) => {
@@ -322,8 +380,7 @@ impl Agent {
         };
         let spool = match config.gateway.as_ref().and_then(|g| g.spool.clone()) {
             Some(spool) => {
-                // Reading what a previous run left takes about a second per GiB; it is done
-                // before serving so that the counts start right.
+                // Reading what a previous run left takes about a second per GiB.
                 let metrics = SpoolMetrics::new(self.accounting.registry());
                 let opened = tokio::task::spawn_blocking(move || Spool::open(&spool, metrics))
                     .await
@@ -360,97 +417,57 @@ impl Agent {
             }
             None => None,
         };
-        let tee = Arc::new(Tee::new(
+        Ok(Shipper {
             queue_tx,
-            self.accounting.clone(),
-            self.policy.clone(),
-            &config.cluster,
-            // With a spool, copies are made while no gateway is reachable: they go to disk.
-            uplink
-                .as_ref()
-                .filter(|u| !u.has_spool())
-                .map(|_| self.uplink_state.clone()),
-            archive.clone().filter(|_| uplink.is_some()),
-        ));
-        let tcp_tees: Vec<Arc<TcpTee>> = config
-            .tcp
-            .iter()
-            .map(|t| {
-                Arc::new(TcpTee::new(
-                    t.clone(),
-                    &config.cluster,
-                    resolver.clone(),
-                    self.uplink_state.clone(),
-                    self.accounting.registry(),
-                ))
-            })
-            .collect();
-        let front = match (&config.primary, &config.sink) {
-            (Some(primary), _) => Some({
-                let authority = authority(&primary.host, primary.port)?;
-                let connector = UpstreamConnector::new(
-                    &primary.host,
-                    primary.port,
-                    resolver,
-                    PRIMARY_CONNECT_TIMEOUT,
-                    match &config.primary_tls {
-                        Some(tls) => Some(
-                            TlsSetup::new(tls.configs.clone(), &tls.server_name)
-                                .map_err(AgentError::PrimaryServerName)?,
-                        ),
-                        None => None,
-                    },
-                );
-                Front::Proxy(Box::new(Proxy::new(
-                    tee,
-                    connector,
-                    authority,
-                    config.primary_protocol,
-                    self.accounting.clone(),
-                    &config.limits,
-                )))
-            }),
-            (None, Some(sink)) => Some(Front::Sink(Sink::new(tee, &sink.strip_host_suffix))),
-            // An agent that only tees TCP.
-            (None, None) if listeners.proxy.is_none() && !tcp_tees.is_empty() => None,
-            (None, None) => return Err(AgentError::NoFront),
-        };
+            queue_rx,
+            uplink,
+            archive,
+            archive_task,
+        })
+    }
 
-        let admin_addr = admin::listen_addr(listeners.admin.as_ref());
-        let drain = CancellationToken::new();
-        let consumer = match (uplink, &archive) {
-            (Some(uplink), _) => {
-                tokio::spawn(uplink.run(queue_rx, drain.clone(), config.shutdown_grace))
-            }
-            (None, Some(archive)) => {
-                tokio::spawn(archive_sink(queue_rx, archive.clone(), drain.clone()))
-            }
-            (None, None) => return Err(AgentError::NoDestination),
+    /// The inline proxy to the primary, copying through `tee`.
+    fn proxy(&self, tee: Arc<Tee>, resolver: Resolver) -> Result<Front, AgentError> {
+        let config = &self.config;
+        let Some(primary) = &config.primary else {
+            return Err(AgentError::NoFront);
         };
-        drop(archive);
-        let admin_stop = CancellationToken::new();
-        let admin_task = listeners.admin.map(|listener| {
-            let state: Arc<dyn AdminState> = Arc::new(AdminView {
-                accounting: self.accounting.clone(),
-                uplink: config.gateway.as_ref().map(|_| self.uplink_state.clone()),
-                config: self.config_state.clone(),
-                ingress: self.ingress.clone(),
-            });
-            tokio::spawn(admin::serve(listener, state, admin_stop.clone()))
-        });
-        tracing::info!(
-            listen = %listeners.proxy.as_ref().and_then(|l| l.local_addr().ok()).map_or("none".into(), |a| a.to_string()),
-            tcp = %if listeners.tcp.is_empty() { "none".to_owned() } else { listeners.tcp.iter().zip(&tcp_tees).map(|(l, t)| format!("{}@{}", t.name(), l.local_addr().map(|a| a.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(",") },
-            admin = %admin_addr,
-            primary = %config.primary.as_ref().map_or("none (sink)", |p| p.url.as_str()),
-            gateway = %config.gateway.as_ref().map_or("none".into(), |g| teeway_runtime::config::join_host_port(&g.host, g.port)),
-            archive = %config.archive.as_ref().map_or("off".into(), |a| a.dir.display().to_string()),
-            percentage = config.mirror.policy.percentage,
-            tls = config.listen_tls.is_some(),
-            "agent serving"
+        let tls = match &config.primary_tls {
+            Some(tls) => Some(
+                TlsSetup::new(tls.configs.clone(), &tls.server_name)
+                    .map_err(AgentError::PrimaryServerName)?,
+            ),
+            None => None,
+        };
+        let connector = UpstreamConnector::new(
+            &primary.host,
+            primary.port,
+            resolver,
+            PRIMARY_CONNECT_TIMEOUT,
+            tls,
         );
+        Ok(Front::Proxy(Box::new(Proxy::new(
+            tee,
+            connector,
+            authority(&primary.host, primary.port)?,
+            config.primary_protocol,
+            self.accounting.clone(),
+            &config.limits,
+        ))))
+    }
 
-        let tls = config.listen_tls.as_ref().map(|t| t.config.clone());
+    /// Serves production until `shutdown` and its drain are over: the HTTP front on `proxy`,
+    /// each `tcp:` listener with its tee. Returns once their connections are done (or cut after
+    /// `shutdown_grace`), TCP copies included.
+    async fn serve(
+        &self,
+        proxy: Option<TcpListener>,
+        front: Option<Front>,
+        tcp: Vec<TcpListener>,
+        tcp_tees: Vec<Arc<TcpTee>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), AgentError> {
+        let config = &self.config;
         // `tcp:` listeners go on accepting through the drain time too.
         let stop_accepting = CancellationToken::new();
         {
@@ -462,8 +479,7 @@ impl Agent {
                 stop.cancel();
             });
         }
-        let tcp_tasks: Vec<_> = listeners
-            .tcp
+        let tcp_tasks: Vec<_> = tcp
             .into_iter()
             .zip(tcp_tees)
             .map(|(listener, tee)| {
@@ -475,12 +491,12 @@ impl Agent {
                 ))
             })
             .collect();
-        match (listeners.proxy, front) {
+        match (proxy, front) {
             (Some(listener), Some(front)) => {
                 ingress::serve(
                     listener,
                     Arc::new(front),
-                    tls,
+                    config.listen_tls.as_ref().map(|t| t.config.clone()),
                     config.limits,
                     ingress::Shutdown {
                         drain: shutdown.clone(),
@@ -501,21 +517,106 @@ impl Agent {
                 tracing::error!(error = %e, "tcp listener task failed");
             }
         }
-        drain.cancel();
-        if let Err(e) = consumer.await {
+        Ok(())
+    }
+}
+
+/// The shipper before it runs: everything past the tee's queue. A tap hands copies to the queue
+/// and knows nothing of what is behind it.
+struct Shipper {
+    queue_tx: mpsc::Sender<Queued>,
+    queue_rx: mpsc::Receiver<Queued>,
+    uplink: Option<Uplink>,
+    archive: Option<Archive>,
+    archive_task: Option<teeway_archive::write::ArchiveTask>,
+}
+
+impl Shipper {
+    /// The tee feeding this shipper's queue.
+    fn tee(&self, agent: &Agent, config: &AgentConfig) -> Tee {
+        Tee::new(
+            self.queue_tx.clone(),
+            agent.accounting.clone(),
+            agent.policy.clone(),
+            &config.cluster,
+            // With a spool, copies are made while no gateway is reachable: they go to disk.
+            self.uplink
+                .as_ref()
+                .filter(|u| !u.has_spool())
+                .map(|_| agent.uplink_state.clone()),
+            self.archive.clone().filter(|_| self.uplink.is_some()),
+        )
+    }
+
+    /// Starts taking copies off the queue: the uplink, or the archive alone when there is no
+    /// gateway. `drain` ends it (what it holds gets `shutdown_grace`).
+    fn start(
+        self,
+        drain: CancellationToken,
+        shutdown_grace: Duration,
+    ) -> Result<Shipping, AgentError> {
+        let Shipper {
+            queue_tx,
+            queue_rx,
+            uplink,
+            archive,
+            archive_task,
+        } = self;
+        // The taps hold their own senders; the queue closes when the last of them is gone.
+        drop(queue_tx);
+        let consumer = match (uplink, archive) {
+            (Some(uplink), _) => tokio::spawn(uplink.run(queue_rx, drain, shutdown_grace)),
+            (None, Some(archive)) => tokio::spawn(archive_sink(queue_rx, archive, drain)),
+            (None, None) => return Err(AgentError::NoDestination),
+        };
+        Ok(Shipping {
+            consumer,
+            archive_task,
+        })
+    }
+}
+
+/// The shipper running.
+struct Shipping {
+    consumer: tokio::task::JoinHandle<()>,
+    archive_task: Option<teeway_archive::write::ArchiveTask>,
+}
+
+impl Shipping {
+    /// Waits for the uplink (or archive sink) to finish draining, then for the archive writer.
+    async fn finish(self) {
+        if let Err(e) = self.consumer.await {
             tracing::error!(error = %e, "uplink task failed");
         }
-        if let Some(task) = archive_task {
+        if let Some(task) = self.archive_task {
             task.close().await;
         }
-        admin_stop.cancel();
-        if let Some(task) = admin_task {
-            let _ = task.await;
-        }
-        summaries_stop.cancel();
-        let _ = summaries.await;
-        tracing::info!("agent stopped");
-        Ok(())
+    }
+}
+
+/// Tasks beside the agent's work: throttled log summaries written out on a timer (and once more
+/// at the end, so a burst that stopped is still reported with its total), and histogram samples
+/// folded on a timer, scraped or not.
+struct Background {
+    stop: CancellationToken,
+    summaries: tokio::task::JoinHandle<()>,
+}
+
+impl Background {
+    fn start(accounting: &Arc<Accounting>) -> Self {
+        let stop = CancellationToken::new();
+        let summaries = tokio::spawn(teeway_runtime::logging::flush_until(stop.clone()));
+        let owner = accounting.clone();
+        tokio::spawn(teeway_runtime::metrics::upkeep_until(
+            move || owner.registry().run_upkeep(),
+            stop.clone(),
+        ));
+        Self { stop, summaries }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.summaries.await;
     }
 }
 
