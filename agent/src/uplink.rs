@@ -384,55 +384,32 @@ impl Uplink {
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BATCHES));
         let mut permit: Option<OwnedSemaphorePermit> = None;
         let mut batches = JoinSet::new();
-        let mut next_lookup = Some(Instant::now());
-        let mut last_lookup: Option<Instant> = None;
+        let mut lookups = Lookups::new(Instant::now());
         let mut rotate = 0usize;
-        // The spool's reader offers leased records here, one batch at a time.
-        let (spool_tx, mut spool_rx) = mpsc::channel::<SpoolChunk>(1);
-        let spool_written = Arc::new(Notify::new());
-        // Copies for the spool, to the one writer that keeps them in order. Each holds a slot,
-        // so the channel (as large as the slots) always has room.
-        let (spool_writes, spool_writes_rx) = mpsc::channel(MAX_IN_FLIGHT_BATCHES);
-        let spool_writer = self
-            .spool
-            .clone()
-            .map(|spool| tokio::spawn(write_spool(spool, spool_writes_rx, spool_written.clone())));
-        let stop_reading = CancellationToken::new();
-        let spool_reader = self.spool.clone().map(|spool| {
-            tokio::spawn(read_spool(
-                spool,
-                self.state.clone(),
-                spool_tx,
-                spool_written.clone(),
-                stop_reading.clone(),
-            ))
-        });
-        let spooling = self.spool.is_some();
+        let mut spooling = Spooling::start(self.spool.clone(), &self.state);
+        let spooling_on = self.spool.is_some();
         let end = loop {
             // Reap finished batch tasks so the set does not grow.
             while batches.try_join_next().is_some() {}
-            let lookup_due = next_lookup.unwrap_or_else(far_future);
             tokio::select! {
                 // In this order: live copies before spooled ones.
                 biased;
                 () = drain.deadline(), if drain.is_started() => break SessionEnd::GraceOver,
                 () = drain.started(), if !drain.is_started() => drain.start(&mut queue_rx),
-                () = tokio::time::sleep_until(lookup_due), if next_lookup.is_some() => {
-                    next_lookup = None;
-                    last_lookup = Some(Instant::now());
+                () = tokio::time::sleep_until(lookups.due()), if lookups.is_due_later() => {
+                    lookups.started(Instant::now());
                     self.spawn_lookup(events_tx.clone());
                 }
                 Some(event) = events_rx.recv() => match event {
                     Event::Resolved(Ok((addrs, valid_until))) => {
-                        let now = Instant::now();
-                        next_lookup = Some(valid_until.clamp(now + RESOLVE_MIN_GAP, now + RESOLVE_MAX_AGE));
+                        lookups.answered(valid_until, Instant::now());
                         self.follow(&addrs, &mut supervisors, &supervisor_tasks, &events_tx);
                     }
                     Event::Resolved(Err(e)) => {
                         if self.shared.unreachable_log.note().is_some() {
                             tracing::warn!(error = %e, host = %self.shared.gateway.host, "cannot resolve the gateway; keeping the addresses known so far");
                         }
-                        next_lookup = Some(Instant::now() + RESOLVE_MIN_GAP);
+                        lookups.failed(Instant::now());
                     }
                     Event::Up { addr, link, welcome, load, slot } => {
                         let transport = link.transport();
@@ -459,24 +436,23 @@ impl Uplink {
                             self.links_changed(&live);
                         }
                         // A gateway gone may mean the name now points elsewhere.
-                        let soonest = last_lookup.map_or_else(Instant::now, |t| t + RESOLVE_MIN_GAP);
-                        next_lookup = Some(next_lookup.map_or(soonest, |t| t.min(soonest)));
+                        lookups.link_lost(Instant::now());
                     }
                 },
-                p = in_flight.clone().acquire_owned(), if permit.is_none() && (delivering(&live).next().is_some() || spooling) => {
+                p = in_flight.clone().acquire_owned(), if permit.is_none() && (delivering(&live).next().is_some() || spooling_on) => {
                     match p {
                         Ok(p) => permit = Some(p),
                         Err(_) => break SessionEnd::GraceOver,
                     }
                 }
-                q = queue_rx.recv(), if permit.is_some() || (delivering(&live).next().is_none() && !spooling) => {
+                q = queue_rx.recv(), if permit.is_some() || (delivering(&live).next().is_none() && !spooling_on) => {
                     let Some(first) = q else { break SessionEnd::Drained };
                     match (&self.spool, delivering(&live).next().is_none()) {
                         (None, true) => first.ticket.dropped(DropReason::NoUplink),
                         (Some(_), true) => {
                             let Some(permit) = permit.take() else { continue };
                             let (copies, _) = collect(first, &mut queue_rx);
-                            if let Err(e) = spool_writes.try_send((copies, permit)) {
+                            if let Err(e) = spooling.writes.try_send((copies, permit)) {
                                 let (copies, _) = e.into_inner();
                                 copies.into_iter().for_each(|q| q.ticket.dropped(DropReason::SpoolError));
                             }
@@ -495,7 +471,7 @@ impl Uplink {
                         }
                     }
                 }
-                Some(chunk) = spool_rx.recv(), if permit.is_some() && delivering(&live).next().is_some() && !drain.is_started() => {
+                Some(chunk) = spooling.leased.recv(), if permit.is_some() && delivering(&live).next().is_some() && !drain.is_started() => {
                     rotate = rotate.wrapping_add(1);
                     let (Some(permit), Some(target)) = (permit.take(), least_loaded(&live, rotate)) else {
                         // Unreachable (the branch's guard); the records go back to the spool.
@@ -521,21 +497,7 @@ impl Uplink {
         }
         // Past the deadline: aborting drops the tickets, which count as `shutdown`.
         batches.shutdown().await;
-        // Copies handed to the spool writer are written (local disk, at most a slot's worth each).
-        drop(spool_writes);
-        if let Some(writer) = spool_writer {
-            let _ = writer.await;
-        }
-        // Leased records not yet sent go back to the spool for the next run.
-        stop_reading.cancel();
-        spool_rx.close();
-        while let Ok(chunk) = spool_rx.try_recv() {
-            let SpoolChunk { records, share, .. } = chunk;
-            let _ = tokio::task::spawn_blocking(move || share.put_back(records)).await;
-        }
-        if let Some(reader) = spool_reader {
-            let _ = reader.await;
-        }
+        spooling.close().await;
         for stop in supervisors.values() {
             stop.cancel();
         }
@@ -640,6 +602,74 @@ impl Uplink {
     }
 }
 
+/// The spool's two tasks around the uplink's loop: one writer that keeps copies in order, and
+/// one reader that offers leased records back, a batch at a time, while a link delivers.
+struct Spooling {
+    /// Copies for the writer. Each holds an in-flight slot, so the channel (as large as the
+    /// slots) always has room.
+    writes: mpsc::Sender<(Vec<Queued>, OwnedSemaphorePermit)>,
+    /// Records the reader leased, one batch at a time.
+    leased: mpsc::Receiver<SpoolChunk>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+    stop_reading: CancellationToken,
+}
+
+impl Spooling {
+    /// Starts the writer and the reader of `spool` (with none, nothing runs and the channels
+    /// stay empty).
+    fn start(spool: Option<Spool>, state: &Arc<UplinkState>) -> Self {
+        let (leased_tx, leased) = mpsc::channel::<SpoolChunk>(1);
+        let written = Arc::new(Notify::new());
+        let (writes, writes_rx) = mpsc::channel(MAX_IN_FLIGHT_BATCHES);
+        let stop_reading = CancellationToken::new();
+        let writer = spool
+            .clone()
+            .map(|spool| tokio::spawn(write_spool(spool, writes_rx, written.clone())));
+        let reader = spool.map(|spool| {
+            tokio::spawn(read_spool(
+                spool,
+                state.clone(),
+                leased_tx,
+                written,
+                stop_reading.clone(),
+            ))
+        });
+        Self {
+            writes,
+            leased,
+            writer,
+            reader,
+            stop_reading,
+        }
+    }
+
+    /// At shutdown: copies handed to the writer are written (local disk, at most a slot's worth
+    /// each), and leased records not yet sent go back to the spool for the next run.
+    async fn close(self) {
+        let Spooling {
+            writes,
+            mut leased,
+            writer,
+            reader,
+            stop_reading,
+        } = self;
+        drop(writes);
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
+        stop_reading.cancel();
+        leased.close();
+        while let Ok(chunk) = leased.try_recv() {
+            let SpoolChunk { records, share, .. } = chunk;
+            let _ = tokio::task::spawn_blocking(move || share.put_back(records)).await;
+        }
+        if let Some(reader) = reader {
+            let _ = reader.await;
+        }
+    }
+}
+
 /// The delivering link with the fewest batches under way; ties go round-robin from `rotate`.
 fn least_loaded(live: &[Live], rotate: usize) -> Option<&Live> {
     let n = live.len();
@@ -651,6 +681,55 @@ fn least_loaded(live: &[Live], rotate: usize) -> Option<&Live> {
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400)
+}
+
+/// When the gateway's name is looked up next: at once at start; then when the answer's TTL runs
+/// out, but no sooner than [`RESOLVE_MIN_GAP`] and no later than [`RESOLVE_MAX_AGE`]; a second
+/// after a failed lookup; and soon after a link is lost (the name may point elsewhere now), never
+/// sooner than a gap after the last lookup. At most one lookup is under way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Lookups {
+    /// The next lookup; `None` while one is under way.
+    next: Option<Instant>,
+    /// When the last one started.
+    last: Option<Instant>,
+}
+
+impl Lookups {
+    fn new(now: Instant) -> Self {
+        Self {
+            next: Some(now),
+            last: None,
+        }
+    }
+
+    /// When the next lookup is due (far off while one is under way).
+    fn due(&self) -> Instant {
+        self.next.unwrap_or_else(far_future)
+    }
+
+    /// Whether a lookup is scheduled (none is under way).
+    fn is_due_later(&self) -> bool {
+        self.next.is_some()
+    }
+
+    fn started(&mut self, now: Instant) {
+        self.next = None;
+        self.last = Some(now);
+    }
+
+    fn answered(&mut self, valid_until: Instant, now: Instant) {
+        self.next = Some(valid_until.clamp(now + RESOLVE_MIN_GAP, now + RESOLVE_MAX_AGE));
+    }
+
+    fn failed(&mut self, now: Instant) {
+        self.next = Some(now + RESOLVE_MIN_GAP);
+    }
+
+    fn link_lost(&mut self, now: Instant) {
+        let soonest = self.last.map_or(now, |t| t + RESOLVE_MIN_GAP);
+        self.next = Some(self.next.map_or(soonest, |t| t.min(soonest)));
+    }
 }
 
 /// What ended the uplink's loop.
@@ -1452,6 +1531,34 @@ fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookups_follow_the_ttl_within_bounds_and_come_early_when_a_link_is_lost() {
+        let t0 = Instant::now();
+        let mut l = Lookups::new(t0);
+        assert_eq!(l.due(), t0, "at once at start");
+        l.started(t0);
+        assert!(!l.is_due_later(), "one lookup at a time");
+        // A TTL of 5 minutes is looked at again after RESOLVE_MAX_AGE; one of 10 ms after a gap.
+        l.answered(t0 + Duration::from_secs(300), t0);
+        assert_eq!(l.due(), t0 + RESOLVE_MAX_AGE);
+        l.answered(t0 + Duration::from_millis(10), t0);
+        assert_eq!(l.due(), t0 + RESOLVE_MIN_GAP);
+        l.answered(t0 + Duration::from_secs(7), t0);
+        assert_eq!(l.due(), t0 + Duration::from_secs(7));
+        // A link lost soon after the lookup: the next comes a gap after the last, not at once.
+        l.link_lost(t0 + Duration::from_millis(100));
+        assert_eq!(l.due(), t0 + RESOLVE_MIN_GAP);
+        // Later, with a lookup due in a while: the earlier of the two (here already past).
+        let later = t0 + Duration::from_secs(5);
+        l.started(t0);
+        l.answered(t0 + Duration::from_secs(20), t0);
+        l.link_lost(later);
+        assert_eq!(l.due(), t0 + RESOLVE_MIN_GAP, "the earlier of the two");
+        l.started(later);
+        l.failed(later);
+        assert_eq!(l.due(), later + RESOLVE_MIN_GAP);
+    }
 
     #[test]
     fn a_link_stalls_only_when_batches_are_out_and_nothing_is_heard() {
