@@ -517,6 +517,101 @@ fn read_route(
             cfg::nonempty_string,
         )
         .unwrap_or_else(|| r.path().to_owned());
+    let matcher = route_match(r, p, catch_all_at);
+    let targets = route_targets(r, p, base_dir);
+    let host = r
+        .optional(
+            p,
+            "host_header",
+            "use keep, target, append-shadow, or a host[:port] such as orders.test.internal",
+            HostPolicy::parse,
+        )
+        .unwrap_or(HostPolicy::Keep);
+    let protocol = r
+        .optional(
+            p,
+            "protocol",
+            "use http1 (default), http2 (h2c) or auto (the original request's version; for gRPC)",
+            cfg::upstream_protocol,
+        )
+        .unwrap_or(UpstreamProtocol::Http1);
+    let rewrite_prefix = r.optional(
+        p,
+        "rewrite_path_prefix",
+        "give the prefix that replaces match.path_prefix, such as /v2",
+        |v| {
+            let s = cfg::nonempty_string(v)?;
+            if !s.starts_with('/') {
+                return Err("must start with /".into());
+            }
+            Ok(s)
+        },
+    );
+    let path_prefix = match (
+        rewrite_prefix,
+        matcher.as_ref().and_then(|m| m.request.path_prefix()),
+    ) {
+        (Some(to), Some(from)) => Some((from.to_owned(), to)),
+        (Some(_), None) => {
+            p.push(
+                r.path_of("rewrite_path_prefix"),
+                None,
+                "needs match.path_prefix (the part it replaces)",
+                "add `path_prefix:` to the route's match, or remove rewrite_path_prefix",
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    let set_headers = set_headers(r, p);
+    let remove_headers = r
+        .list(
+            p,
+            "remove_headers",
+            "list header names such as [x-debug]",
+            header_name,
+        )
+        .unwrap_or_default();
+    let marker = r
+        .optional(
+            p,
+            "mirror_header",
+            "give a header name such as x-teeway-mirror, or false for none",
+            |v| match v {
+                Value::Bool(false) => Ok(None),
+                other => header_name(other).map(Some),
+            },
+        )
+        .unwrap_or_else(|| Some(HeaderName::from_static(DEFAULT_MARKER_HEADER)));
+    let replay_truncated = r
+        .optional(p, "replay_truncated", "use true or false", |v| {
+            v.as_bool()
+                .ok_or_else(|| "must be true or false".to_owned())
+        })
+        .unwrap_or(false);
+    Some(RouteConfig {
+        name,
+        matcher,
+        targets,
+        protocol,
+        rewrite: Rewrite {
+            host,
+            path_prefix,
+            set_headers,
+            remove_headers,
+            marker,
+            keep_http10: false,
+        },
+        replay_truncated,
+    })
+}
+
+/// A route's `match:`; `None` (and noted in `catch_all_at`) when it has none and takes all.
+fn route_match(
+    r: &mut Section<'_>,
+    p: &mut Problems,
+    catch_all_at: &mut Option<String>,
+) -> Option<RouteMatch> {
     let mut m = r.section(p, "match");
     let matcher = if m.is_present() {
         let source_clusters = m
@@ -538,6 +633,12 @@ fn read_route(
     };
     m.finish(p);
 
+    matcher
+}
+
+/// A route's `targets:`, each with the route-wide `timeout` and `max_concurrency` unless it says
+/// otherwise.
+fn route_targets(r: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Vec<TargetConfig> {
     // Route-wide defaults for its targets.
     let timeout = r
         .optional(
@@ -584,50 +685,11 @@ fn read_route(
             "add `targets: [http://shadow:8080]`",
         );
     }
-    let host = r
-        .optional(
-            p,
-            "host_header",
-            "use keep, target, append-shadow, or a host[:port] such as orders.test.internal",
-            HostPolicy::parse,
-        )
-        .unwrap_or(HostPolicy::Keep);
-    let protocol = r
-        .optional(
-            p,
-            "protocol",
-            "use http1 (default), http2 (h2c) or auto (the original request's version; for gRPC)",
-            cfg::upstream_protocol,
-        )
-        .unwrap_or(UpstreamProtocol::Http1);
-    let rewrite_prefix = r.optional(
-        p,
-        "rewrite_path_prefix",
-        "give the prefix that replaces match.path_prefix, such as /v2",
-        |v| {
-            let s = cfg::nonempty_string(v)?;
-            if !s.starts_with('/') {
-                return Err("must start with /".into());
-            }
-            Ok(s)
-        },
-    );
-    let path_prefix = match (
-        rewrite_prefix,
-        matcher.as_ref().and_then(|m| m.request.path_prefix()),
-    ) {
-        (Some(to), Some(from)) => Some((from.to_owned(), to)),
-        (Some(_), None) => {
-            p.push(
-                r.path_of("rewrite_path_prefix"),
-                None,
-                "needs match.path_prefix (the part it replaces)",
-                "add `path_prefix:` to the route's match, or remove rewrite_path_prefix",
-            );
-            None
-        }
-        (None, _) => None,
-    };
+    targets
+}
+
+/// A route's `set_headers: { name: value }`.
+fn set_headers(r: &mut Section<'_>, p: &mut Problems) -> Vec<(HeaderName, HeaderValue)> {
     let set_headers_path = r.path_of("set_headers");
     let mut set_headers = Vec::new();
     match r.get("set_headers") {
@@ -658,46 +720,7 @@ fn read_route(
             "write `set_headers: { x-env: test }`",
         ),
     }
-    let remove_headers = r
-        .list(
-            p,
-            "remove_headers",
-            "list header names such as [x-debug]",
-            header_name,
-        )
-        .unwrap_or_default();
-    let marker = r
-        .optional(
-            p,
-            "mirror_header",
-            "give a header name such as x-teeway-mirror, or false for none",
-            |v| match v {
-                Value::Bool(false) => Ok(None),
-                other => header_name(other).map(Some),
-            },
-        )
-        .unwrap_or_else(|| Some(HeaderName::from_static(DEFAULT_MARKER_HEADER)));
-    let replay_truncated = r
-        .optional(p, "replay_truncated", "use true or false", |v| {
-            v.as_bool()
-                .ok_or_else(|| "must be true or false".to_owned())
-        })
-        .unwrap_or(false);
-    Some(RouteConfig {
-        name,
-        matcher,
-        targets,
-        protocol,
-        rewrite: Rewrite {
-            host,
-            path_prefix,
-            set_headers,
-            remove_headers,
-            marker,
-            keep_http10: false,
-        },
-        replay_truncated,
-    })
+    set_headers
 }
 
 fn max_concurrency(v: &Value) -> Result<usize, String> {
