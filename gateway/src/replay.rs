@@ -425,8 +425,7 @@ impl Target {
     /// and hop-by-hop headers removed.
     fn request_for(&self, record: &MirroredRequest, source: &str) -> Option<Request<RecordBody>> {
         let rewrite = &self.spec.rewrite;
-        let original_host = original_host(record);
-        let host = match (&rewrite.host, original_host) {
+        let host = || match (&rewrite.host, original_host(record)) {
             (HostPolicy::Keep, Some(h)) => h,
             (HostPolicy::AppendShadow, Some(h)) => append_shadow(&h),
             (HostPolicy::Literal(h), _) => h.clone(),
@@ -484,9 +483,16 @@ impl Target {
         let authority = if version == Version::HTTP_2 {
             // HTTP/2 carries the host in `:authority`, taken from the URI.
             headers.remove(header::HOST);
-            host.parse::<Authority>().ok()?
+            host().parse::<Authority>().ok()?
         } else {
-            headers.insert(header::HOST, HeaderValue::from_str(&host).ok()?);
+            // The usual case, the copy's own Host kept, is already in place.
+            // (Unless `set_headers` or `remove_headers` changed it: the host policy wins.)
+            let kept = matches!(rewrite.host, HostPolicy::Keep)
+                && headers.get(header::HOST).is_some()
+                && headers.get(header::HOST) == record.headers.get(header::HOST);
+            if !kept {
+                headers.insert(header::HOST, HeaderValue::from_str(&host()).ok()?);
+            }
             self.authority.clone()
         };
         let mut parts = http::uri::Parts::default();
@@ -684,6 +690,29 @@ mod tests {
             "/v20/x",
             "a prefix is text, as in the match"
         );
+    }
+
+    #[tokio::test]
+    async fn a_kept_host_is_the_copys_even_if_set_headers_or_remove_headers_name_host() {
+        for (set, remove) in [
+            (
+                vec![(header::HOST, HeaderValue::from_static("other.example"))],
+                vec![],
+            ),
+            (vec![], vec![header::HOST]),
+        ] {
+            let rewrite = Rewrite {
+                set_headers: set,
+                remove_headers: remove,
+                ..Rewrite::host_only(HostPolicy::Keep)
+            };
+            let t = Target::new(spec(rewrite), Resolver::from_system().expect("resolver"))
+                .expect("target");
+            let r = record(Version::HTTP_11, "/x", Some("api.example.com"));
+            let req = t.request_for(&r, "prod").expect("request");
+            assert_eq!(req.headers()[header::HOST], "api.example.com");
+            assert_eq!(req.headers().get_all(header::HOST).iter().count(), 1);
+        }
     }
 
     #[test]
