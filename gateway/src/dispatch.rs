@@ -189,7 +189,7 @@ impl Dispatcher {
             .filter_map(|o| o.response_body_bytes())
             .max();
         for (index, (target, handles)) in route.targets.iter().enumerate() {
-            let slot = match target.admit() {
+            let slot = match target.admit(&record) {
                 Ok(slot) => slot,
                 Err(Refusal::NotSampled) => {
                     handles.skipped(SkipReason::NotSampled);

@@ -3,13 +3,13 @@
 //!
 //! Each target has its own pooled hyper clients (HTTP/1.1, and HTTP/2 with prior knowledge, as the
 //! route's `protocol` says) and its own concurrency limit. A record that finds every slot taken
-//! waits for one, briefly ([`SLOT_WAIT`]) and only if fewer than [`WAITING_PER_SLOT`] records per
-//! slot are waiting already; otherwise it is dropped and counted as `overloaded`. Batches
-//! arriving together (an agent has several in flight, of up to 256 records each) no longer lose
-//! their tails to a shadow that keeps up, and a slow shadow still cannot make the gateway hoard:
-//! what waits is bounded by `max_concurrency`, and for 50 ms at most.
+//! waits for one, briefly ([`SLOT_WAIT`]) and only while fewer than [`WAITING_PER_SLOT`] records
+//! per slot, and [`WAITING_BYTES`], are waiting already; otherwise it is dropped and counted as
+//! `overloaded`. Batches arriving together (an agent has several in flight, of up to 256 records
+//! each) no longer lose their tails to a shadow that keeps up, and a slow shadow still cannot make
+//! the gateway hoard: what waits is bounded in count and bytes, and for 200 ms at most.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -99,14 +99,20 @@ pub struct TargetSpec {
 }
 
 /// How long a record that finds every slot of its target taken may wait for one. Long enough
-/// for a shadow that keeps up to finish the replays ahead of a batch that arrived at once; short
-/// enough that a stalled shadow sheds at once what it cannot take.
-pub const SLOT_WAIT: Duration = Duration::from_millis(50);
+/// for a shadow that keeps up to work through batches that landed together (with 50 ms, HTTP/2
+/// and gRPC clients in tests/bench, scenarios 10 and 13, still lost 0.2-0.5% of their copies;
+/// with 200 ms, none); short enough that a stalled shadow sheds what it cannot take.
+pub const SLOT_WAIT: Duration = Duration::from_millis(200);
 
-/// Records that may wait for a slot, per slot of the target (`max_concurrency`). Measured: with
-/// as many waiting as slots, scenario 5 of tests/bench still shed 17 copies in 115,000 when
-/// several batches of 256 arrived together.
-pub const WAITING_PER_SLOT: usize = 4;
+/// Records that may wait for a slot, per slot of the target (`max_concurrency`). An agent may
+/// have 32 batches of up to 256 records in flight, and they can land together: with as many
+/// waiting as slots, scenario 5 of tests/bench shed 17 copies in 115,000; with 4 per slot,
+/// HTTP/2 and gRPC clients (scenarios 10, 13) still lost 0.6%.
+pub const WAITING_PER_SLOT: usize = 16;
+
+/// Bytes of records (as framed on the wire) that may wait for a slot, per target: what bounds
+/// the waiting records' memory, whatever their count.
+pub const WAITING_BYTES: u64 = 16 * 1024 * 1024;
 
 /// A record's place at a target, as [`Target::admit`] grants it.
 #[derive(Debug)]
@@ -117,16 +123,25 @@ pub enum Slot {
     Waiting(WaitingSlot),
 }
 
+/// The records waiting for a target's slots: how many, and their bytes.
+#[derive(Debug, Default)]
+struct Waiting {
+    count: AtomicUsize,
+    bytes: AtomicU64,
+}
+
 /// A record waiting for a slot; counted among the target's waiting records until dropped.
 #[derive(Debug)]
 pub struct WaitingSlot {
     limit: Arc<Semaphore>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waiting>,
+    bytes: u64,
 }
 
 impl Drop for WaitingSlot {
     fn drop(&mut self) {
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.waiting.count.fetch_sub(1, Ordering::Relaxed);
+        self.waiting.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -154,8 +169,9 @@ pub struct Target {
     http1: ShadowClient,
     http2: ShadowClient,
     limit: Arc<Semaphore>,
-    /// Records waiting for a slot of `limit` (at most [`WAITING_PER_SLOT`] per slot).
-    waiting: Arc<AtomicUsize>,
+    /// Records waiting for a slot of `limit` (at most [`WAITING_PER_SLOT`] per slot), and their
+    /// bytes (at most [`WAITING_BYTES`]).
+    waiting: Arc<Waiting>,
     /// A draw below this is replayed; `None` replays all.
     sample_below: Option<u64>,
     bucket: Option<Mutex<Bucket>>,
@@ -246,7 +262,7 @@ impl Target {
             http1: client(false),
             http2: client(true),
             limit: Arc::new(Semaphore::new(spec.target.max_concurrency)),
-            waiting: Arc::new(AtomicUsize::new(0)),
+            waiting: Arc::default(),
             sample_below: (percentage < 100.0).then(|| {
                 ((percentage / 100.0).clamp(0.0, 1.0) * 18_446_744_073_709_551_616.0) as u64
             }),
@@ -266,9 +282,9 @@ impl Target {
         &self.spec
     }
 
-    /// Decides, without waiting, whether a record is replayed to this target: its share, then
+    /// Decides, without waiting, whether `record` is replayed to this target: its share, then
     /// its rate limit, then a free slot, or a place among those waiting for one.
-    pub fn admit(&self) -> Result<Slot, Refusal> {
+    pub fn admit(&self, record: &MirroredRequest) -> Result<Slot, Refusal> {
         if let Some(below) = self.sample_below {
             if fastrand::u64(..) >= below {
                 return Err(Refusal::NotSampled);
@@ -285,14 +301,21 @@ impl Target {
             return Ok(Slot::Held(permit));
         }
         let may_wait = self.spec.target.max_concurrency * WAITING_PER_SLOT;
-        if self.waiting.fetch_add(1, Ordering::Relaxed) >= may_wait {
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let bytes = record.frame_len() as u64;
+        let waiting = &self.waiting;
+        let count = waiting.count.fetch_add(1, Ordering::Relaxed);
+        let held = waiting.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let slot = WaitingSlot {
+            limit: self.limit.clone(),
+            waiting: waiting.clone(),
+            bytes,
+        };
+        if count >= may_wait || held + bytes > WAITING_BYTES {
+            // Dropping the place gives both back.
+            drop(slot);
             return Err(Refusal::Overloaded);
         }
-        Ok(Slot::Waiting(WaitingSlot {
-            limit: self.limit.clone(),
-            waiting: self.waiting.clone(),
-        }))
+        Ok(Slot::Waiting(slot))
     }
 
     /// Waits for a replay slot (for `teeway replay`, which paces itself rather than shedding).
@@ -576,21 +599,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_full_target_lets_as_many_wait_briefly_and_sheds_the_rest() {
+    async fn a_full_target_lets_a_bounded_number_wait_briefly_and_sheds_the_rest() {
         let mut spec = spec(Rewrite::host_only(HostPolicy::Keep));
         spec.target.max_concurrency = 2;
         let resolver = Resolver::from_system().expect("resolver");
         let target = Target::new(spec, resolver).expect("target");
-        let held: Vec<_> = (0..2).map(|_| target.admit().expect("free slot")).collect();
+        let small = record(Version::HTTP_11, "/", Some("a"));
+        let held: Vec<_> = (0..2)
+            .map(|_| target.admit(&small).expect("free slot"))
+            .collect();
         assert!(held.iter().all(|s| matches!(s, Slot::Held(_))));
         let mut waiting: Vec<_> = (0..2 * WAITING_PER_SLOT)
-            .map(|_| target.admit().expect("may wait"))
+            .map(|_| target.admit(&small).expect("may wait"))
             .collect();
         assert!(waiting.iter().all(|s| matches!(s, Slot::Waiting(_))));
         assert_eq!(
-            target.admit().err(),
+            target.admit(&small).err(),
             Some(Refusal::Overloaded),
-            "waiting is bounded"
+            "waiting is bounded in count"
         );
         let (first, second) = (waiting.remove(0), waiting.remove(0));
 
@@ -600,12 +626,20 @@ mod tests {
         drop(held);
         assert!(waiter.await.expect("task").is_some());
         // One no slot comes free for gives up after SLOT_WAIT, and leaves the waiting count.
-        let occupy: Vec<_> = (0..2).map(|_| target.admit().expect("slot")).collect();
+        let occupy: Vec<_> = (0..2)
+            .map(|_| target.admit(&small).expect("slot"))
+            .collect();
         let started = tokio::time::Instant::now();
         assert!(second.take().await.is_none());
         assert_eq!(started.elapsed(), SLOT_WAIT);
-        assert!(matches!(target.admit(), Ok(Slot::Waiting(_))));
-        drop((occupy, waiting));
+        assert!(matches!(target.admit(&small), Ok(Slot::Waiting(_))));
+        drop(waiting);
+        // And in bytes: a record as large as the whole allowance does not wait.
+        let mut large = record(Version::HTTP_11, "/", Some("a"));
+        large.body = Bytes::from(vec![0; WAITING_BYTES as usize]);
+        assert_eq!(target.admit(&large).err(), Some(Refusal::Overloaded));
+        assert!(matches!(target.admit(&small), Ok(Slot::Waiting(_))));
+        drop(occupy);
     }
 
     fn record(version: Version, uri: &'static str, host: Option<&'static str>) -> MirroredRequest {
