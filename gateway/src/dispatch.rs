@@ -26,8 +26,8 @@ pub struct Dispatcher {
     pub(crate) replays: TaskTracker,
     /// Where every received record is also written, if anywhere.
     pub(crate) archive: Option<teeway_archive::Archive>,
-    /// What sees each copy's finished exchange (every target's outcome); none: no exchange is
-    /// made.
+    /// What sees each answer, and (if any asks) each copy's finished exchange with every
+    /// target's outcome; none asking: no exchange is made.
     pub(crate) observers: Arc<[Arc<dyn Observer>]>,
     /// Memory for what agents send (`limits:`).
     pub(crate) budget: Arc<Budget>,
@@ -162,7 +162,7 @@ impl Dispatcher {
             return;
         };
         let record = Arc::new(record);
-        let pending = (!self.observers.is_empty()).then(|| {
+        let pending = self.observers.iter().any(|o| o.wants_exchanges()).then(|| {
             Arc::new(Pending::new(
                 record.clone(),
                 identity.clone(),
@@ -216,10 +216,16 @@ impl Dispatcher {
             let metrics = self.metrics.clone();
             let identity = identity.clone();
             let pending = pending.clone();
+            let observers = self.observers.clone();
             self.replays.spawn(async move {
                 let outcome = target
                     .replay(&record, &identity, (&metrics, &handles), capture, slot)
                     .await;
+                if let Ok(answer) = &outcome {
+                    for observer in observers.iter() {
+                        observer.answered(&record, &target.url, answer);
+                    }
+                }
                 if let Some(pending) = pending {
                     pending.report(
                         index,

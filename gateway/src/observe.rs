@@ -3,9 +3,11 @@
 //! target, so the answers meet here: the response archive is an observer today, and comparing a
 //! candidate's answers with a primary's (Diffy-style) is one to come.
 //!
-//! The dispatcher makes an exchange only when some observer is installed: without one, a copy
-//! costs nothing here. Per-target metrics stay where each replay ends (see [`crate::replay`]), so
-//! the books never wait for the slowest target.
+//! Each answer is also shown to observers as soon as it is read (the archive writes responses
+//! then, so nothing waits for the slowest target). The dispatcher makes an exchange only when
+//! some observer asks for whole exchanges: without one, a copy costs nothing more here.
+//! Per-target metrics stay where each replay ends (see [`crate::replay`]), so the books never
+//! wait for the slowest target.
 
 use std::sync::{Arc, Mutex};
 
@@ -63,14 +65,24 @@ pub enum Outcome {
     Skipped(SkipReason),
 }
 
-/// Sees every finished exchange. Called on the task of the replay that finished last: an
-/// observer must not block (hand slow work to a queue of its own, as the archive does).
+/// Sees each target's answer as it comes, and, if it asks, each finished exchange. Called on the
+/// task of the replay that ended (for an exchange: the last one; when no target was sent the
+/// copy, the dispatcher's): an observer must not block (hand slow work to a queue of its own, as
+/// the archive does).
 pub trait Observer: Send + Sync + std::fmt::Debug {
     /// Whether this observer needs each target's response in its [`Answer`], and if so how many
     /// of its body bytes at most; `None`: it needs none.
     fn response_body_bytes(&self) -> Option<u64>;
+    /// Whether it wants whole exchanges ([`Observer::finished`]). An exchange holds every
+    /// target's answer until the slowest target ends, so only an observer that compares answers
+    /// should ask.
+    fn wants_exchanges(&self) -> bool {
+        false
+    }
+    /// One target's answer, as soon as it is read.
+    fn answered(&self, _record: &MirroredRequest, _target: &str, _answer: &Answer) {}
     /// One exchange, finished.
-    fn finished(&self, exchange: &Exchange);
+    fn finished(&self, _exchange: &Exchange) {}
 }
 
 /// Writes every answered replay's response to the archive (`archive.record_responses`).
@@ -91,16 +103,10 @@ impl Observer for ArchiveResponses {
         Some(self.archive.config().max_response_body)
     }
 
-    fn finished(&self, exchange: &Exchange) {
-        for outcome in &exchange.outcomes {
-            if let Outcome::Answered(Answer {
-                response: Some(response),
-                ..
-            }) = &outcome.outcome
-            {
-                self.archive
-                    .try_submit(Record::Response(ResponseRecord::clone(response)), None);
-            }
+    fn answered(&self, _record: &MirroredRequest, _target: &str, answer: &Answer) {
+        if let Some(response) = &answer.response {
+            self.archive
+                .try_submit(Record::Response(ResponseRecord::clone(response)), None);
         }
     }
 }
@@ -193,6 +199,10 @@ mod tests {
     impl Observer for Seen {
         fn response_body_bytes(&self) -> Option<u64> {
             None
+        }
+
+        fn wants_exchanges(&self) -> bool {
+            true
         }
 
         fn finished(&self, exchange: &Exchange) {
