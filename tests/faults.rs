@@ -414,8 +414,9 @@ async fn slow_and_silent_shadows_never_hold_clients_or_grow_the_gateway() {
     assert_eq!(a.get(am::MIRRORED_TOTAL), N as f64, "{a:?}");
     assert_settled_identity(&a);
 
-    // The gateway held at most max_concurrency replays per target; the rest were dropped and
-    // counted, the held ones timed out and were counted: (record, target) pairs add up.
+    // The gateway held at most max_concurrency replays per target (and a bounded number waiting
+    // briefly for a slot); the rest were dropped and counted, the held ones timed out and were
+    // counted: (record, target) pairs add up.
     let pairs = (2 * N) as f64;
     let g = settle(
         || stack.gateway_metrics(),

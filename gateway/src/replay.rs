@@ -4,7 +4,7 @@
 //! Each target has its own pooled hyper clients (HTTP/1.1, and HTTP/2 with prior knowledge, as the
 //! route's `protocol` says) and its own concurrency limit. A record that finds every slot taken
 //! waits for one, briefly ([`SLOT_WAIT`]) and only while fewer than [`WAITING_PER_SLOT`] records
-//! per slot, and [`WAITING_BYTES`], are waiting already; otherwise it is dropped and counted as
+//! per slot ([`MAX_WAITING`] at most), and [`WAITING_BYTES`], are waiting already; otherwise it is dropped and counted as
 //! `overloaded`. Batches arriving together (an agent has several in flight, of up to 256 records
 //! each) no longer lose their tails to a shadow that keeps up, and a slow shadow still cannot make
 //! the gateway hoard: what waits is bounded in count and bytes, and for 200 ms at most.
@@ -109,6 +109,10 @@ pub const SLOT_WAIT: Duration = Duration::from_millis(200);
 /// waiting as slots, scenario 5 of tests/bench shed 17 copies in 115,000; with 4 per slot,
 /// HTTP/2 and gRPC clients (scenarios 10, 13) still lost 0.6%.
 pub const WAITING_PER_SLOT: usize = 16;
+
+/// Records that may wait for a slot, per target, whatever `max_concurrency` is (up to 65,536):
+/// each waiting record is a task with its decoded head, more than its bytes on the wire.
+pub const MAX_WAITING: usize = 4096;
 
 /// Bytes of records (as framed on the wire) that may wait for a slot, per target: what bounds
 /// the waiting records' memory, whatever their count.
@@ -300,7 +304,7 @@ impl Target {
         if let Ok(permit) = self.limit.clone().try_acquire_owned() {
             return Ok(Slot::Held(permit));
         }
-        let may_wait = self.spec.target.max_concurrency * WAITING_PER_SLOT;
+        let may_wait = (self.spec.target.max_concurrency * WAITING_PER_SLOT).min(MAX_WAITING);
         let bytes = record.frame_len() as u64;
         let waiting = &self.waiting;
         let count = waiting.count.fetch_add(1, Ordering::Relaxed);
@@ -511,8 +515,11 @@ impl Target {
             // The usual case, the copy's own Host kept, is already in place.
             // (Unless `set_headers` or `remove_headers` changed it: the host policy wins.)
             let kept = matches!(rewrite.host, HostPolicy::Keep)
-                && headers.get(header::HOST).is_some()
-                && headers.get(header::HOST) == record.headers.get(header::HOST);
+                && headers.get_all(header::HOST).iter().count() == 1
+                && headers.get(header::HOST) == record.headers.get(header::HOST)
+                && headers
+                    .get(header::HOST)
+                    .is_some_and(|h| h.to_str().is_ok());
             if !kept {
                 headers.insert(header::HOST, HeaderValue::from_str(&host()).ok()?);
             }
@@ -605,7 +612,7 @@ mod tests {
         let resolver = Resolver::from_system().expect("resolver");
         let target = Target::new(spec, resolver).expect("target");
         let small = record(Version::HTTP_11, "/", Some("a"));
-        let held: Vec<_> = (0..2)
+        let mut held: Vec<_> = (0..2)
             .map(|_| target.admit(&small).expect("free slot"))
             .collect();
         assert!(held.iter().all(|s| matches!(s, Slot::Held(_))));
@@ -618,28 +625,31 @@ mod tests {
             Some(Refusal::Overloaded),
             "waiting is bounded in count"
         );
-        let (first, second) = (waiting.remove(0), waiting.remove(0));
 
         // A slot freed within the wait goes to a waiting record.
+        let first = waiting.remove(0);
         let waiter = tokio::spawn(first.take());
         tokio::task::yield_now().await;
-        drop(held);
-        assert!(waiter.await.expect("task").is_some());
-        // One no slot comes free for gives up after SLOT_WAIT, and leaves the waiting count.
-        let occupy: Vec<_> = (0..2)
-            .map(|_| target.admit(&small).expect("slot"))
-            .collect();
+        drop(held.pop());
+        let permit = waiter.await.expect("task");
+        assert!(permit.is_some());
+        // It left the waiting count: exactly one place is free again.
+        let refill = target.admit(&small).expect("a place came free");
+        assert!(matches!(refill, Slot::Waiting(_)));
+        assert_eq!(target.admit(&small).err(), Some(Refusal::Overloaded));
+        // One that no slot comes free for gives up after SLOT_WAIT, and leaves its place too.
         let started = tokio::time::Instant::now();
-        assert!(second.take().await.is_none());
+        assert!(refill.take().await.is_none());
         assert_eq!(started.elapsed(), SLOT_WAIT);
-        assert!(matches!(target.admit(&small), Ok(Slot::Waiting(_))));
-        drop(waiting);
-        // And in bytes: a record as large as the whole allowance does not wait.
+        let again = target.admit(&small).expect("a place came free");
+        assert!(matches!(again, Slot::Waiting(_)));
+        // In bytes: with places free, a record as large as the whole allowance does not wait.
+        drop((again, waiting.pop()));
         let mut large = record(Version::HTTP_11, "/", Some("a"));
         large.body = Bytes::from(vec![0; WAITING_BYTES as usize]);
         assert_eq!(target.admit(&large).err(), Some(Refusal::Overloaded));
         assert!(matches!(target.admit(&small), Ok(Slot::Waiting(_))));
-        drop(occupy);
+        drop((permit, held, waiting));
     }
 
     fn record(version: Version, uri: &'static str, host: Option<&'static str>) -> MirroredRequest {
