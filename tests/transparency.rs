@@ -788,3 +788,72 @@ async fn http11_without_host_or_with_two_is_refused_and_userinfo_never_leaves() 
     );
     stack.stop().await;
 }
+
+/// An HTTP/1.1 primary answering every request with `extra` header lines (plus Content-Length).
+async fn primary_with_header_lines(extra: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut head = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n".to_vec();
+    for i in 0..extra {
+        head.extend_from_slice(format!("X-Line-{i}: {i}\r\n").as_bytes());
+    }
+    head.extend_from_slice(b"\r\nok\n");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answer = head.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut seen = Vec::new();
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        seen.clear();
+                        if stream.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_primary_response_over_the_header_line_limit_is_a_502_that_names_the_limit() {
+    let max = teeway_agent::config::ClientLimits::default().max_header_lines;
+    for (extra, expected) in [(max - 1, 200), (max, 502)] {
+        let primary = primary_with_header_lines(extra).await;
+        let stack = Stack::start_with(0.0, |c| {
+            c.primary = Some(loopback_target(primary));
+            c.primary_protocol = UpstreamProtocol::Http1;
+        })
+        .await;
+        // A raw client: hyper's own would refuse the 256-line answer itself.
+        let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+        s.write_all(b"GET /lines HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+            .await
+            .expect("write");
+        let response = read_response(&mut s).await;
+        assert_eq!(
+            status_of(&response),
+            expected,
+            "{extra} extra lines + Content-Length"
+        );
+        let s = settle(|| stack.agent_metrics(), agent_settled).await;
+        if expected == 502 {
+            let text = String::from_utf8_lossy(&response);
+            assert!(
+                text.contains("limits.max_header_lines"),
+                "the answer says which limit: {text}"
+            );
+            assert_eq!(s.get(am::PRIMARY_ERRORS_TOTAL), 1.0, "{s:?}");
+        } else {
+            assert_eq!(s.get(am::PRIMARY_ERRORS_TOTAL), 0.0, "{s:?}");
+        }
+        stack.stop().await;
+    }
+}

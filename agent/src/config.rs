@@ -691,7 +691,7 @@ fn limits_block(root: &mut Section<'_>, p: &mut Problems) -> ClientLimits {
         .optional(
             p,
             "max_header_lines",
-            "use a whole number from 100 to 100000, such as 4096",
+            "use a whole number from 100 to 100000, such as 256 (the default)",
             count(100, 100_000),
         )
         .unwrap_or(defaults.max_header_lines);

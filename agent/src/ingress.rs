@@ -135,6 +135,20 @@ impl Refused {
         }
     }
 
+    /// What the client was answered, and which setting says so.
+    fn detail(self) -> &'static str {
+        match self {
+            Refused::HeaderTimeout => {
+                "closed: the head did not arrive within limits.header_read_timeout"
+            }
+            Refused::HeadTooLarge => {
+                "431: the head is over limits.max_header_lines or limits.max_header_bytes"
+            }
+            Refused::UriTooLong => "414: the request target is over 65,534 bytes",
+            Refused::BadRequest => "400: a malformed request head",
+        }
+    }
+
     /// The refusal a connection's error stands for, if it is one.
     fn of(e: &(dyn std::error::Error + 'static)) -> Option<Refused> {
         let mut source = Some(e);
@@ -206,6 +220,7 @@ impl IngressMetrics {
         if let Some(count) = self.refused_log.note() {
             tracing::warn!(
                 reason = why.as_str(),
+                detail = why.detail(),
                 %peer,
                 count,
                 "client requests refused before reaching the primary (one line a minute at most; see {REQUESTS_REFUSED_TOTAL})"

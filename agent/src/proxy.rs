@@ -57,6 +57,8 @@ pub struct Proxy {
     /// `https` for a TLS primary (HTTP/2 sends it as `:scheme`).
     primary_scheme: Scheme,
     primary_protocol: UpstreamProtocol,
+    /// What the primary's response heads may hold, named when one is over.
+    limits: ClientLimits,
     accounting: Arc<Accounting>,
     /// `requests_refused_total{reason="bad_request"}`, shared with the listener's refusals.
     refused_bad_request: metrics::Counter,
@@ -109,6 +111,7 @@ impl Proxy {
             primary_authority,
             primary_host,
             primary_protocol,
+            limits: *limits,
             refused_bad_request: accounting.registry().counter(
                 REQUESTS_REFUSED_TOTAL,
                 "Requests refused before reaching the proxy (never sent to the primary), by reason",
@@ -310,11 +313,32 @@ impl Proxy {
 
     fn primary_failed(&self, e: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
         self.accounting.primary_errors.increment(1);
+        // The primary answered, with a head over the agent's limits: say which, not "unreachable".
+        let too_large = std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+        .filter_map(|e| e.downcast_ref::<hyper::Error>())
+        .any(hyper::Error::is_parse_too_large);
         if let Some(failures) = self.accounting.primary_error_log.note() {
-            tracing::warn!(
-                error = %error_chain(e),
-                failures,
-                "primary requests failed, answered 502 (one line a minute at most; see {PRIMARY_ERRORS_TOTAL})"
+            if too_large {
+                tracing::warn!(
+                    error = %error_chain(e),
+                    failures,
+                    max_header_lines = self.limits.max_header_lines,
+                    max_header_bytes = self.limits.max_header_bytes,
+                    "primary responses over limits.max_header_lines or limits.max_header_bytes, answered 502 (raise the limit if the primary means it; one line a minute at most; see {PRIMARY_ERRORS_TOTAL})"
+                );
+            } else {
+                tracing::warn!(
+                    error = %error_chain(e),
+                    failures,
+                    "primary requests failed, answered 502 (one line a minute at most; see {PRIMARY_ERRORS_TOTAL})"
+                );
+            }
+        }
+        if too_large {
+            return bad_gateway_because(
+                "teeway: the primary's response head is over limits.max_header_lines or limits.max_header_bytes\n",
             );
         }
         bad_gateway()
@@ -486,9 +510,11 @@ fn upgrade_to<B>(req: &Request<B>) -> Option<HeaderValue> {
 }
 
 fn bad_gateway() -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
-        b"teeway: the primary service could not be reached\n",
-    ))));
+    bad_gateway_because("teeway: the primary service could not be reached\n")
+}
+
+fn bad_gateway_because(why: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(why.as_bytes()))));
     *resp.status_mut() = StatusCode::BAD_GATEWAY;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
