@@ -87,6 +87,8 @@ pub const MAX_IN_FLIGHT_BATCHES: usize = 32;
 /// gateway's per copy by 5 us (of 17) (tests/bench, scenario 5). Copies are asynchronous: a
 /// millisecond more on their way costs production nothing.
 pub const BATCH_LINGER: Duration = Duration::from_millis(1);
+/// A first copy this large already makes a batch worth its cost: it goes without waiting.
+const LINGER_BELOW_BYTES: usize = 64 * 1024;
 /// First reconnection delay.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(50);
 /// Longest reconnection delay: a gateway that comes back is found within about a second.
@@ -404,7 +406,7 @@ impl Uplink {
                 biased;
                 () = drain.deadline(), if drain.is_started() => break SessionEnd::GraceOver,
                 () = drain.started(), if !drain.is_started() => drain.start(&mut queue_rx),
-                () = tokio::time::sleep_until(lookups.due()), if lookups.is_due_later() => {
+                () = tokio::time::sleep_until(lookups.due()), if lookups.is_scheduled() => {
                     lookups.started(Instant::now());
                     self.spawn_lookup(events_tx.clone());
                 }
@@ -475,7 +477,9 @@ impl Uplink {
                             };
                             // A batch that would go out short waits a moment for more copies
                             // (see BATCH_LINGER). The other arms wait meanwhile, a millisecond.
-                            if queue_rx.len() + 1 < MAX_BATCH_RECORDS && !drain.is_started() {
+                            let short = queue_rx.len() + 1 < MAX_BATCH_RECORDS
+                                && first.record.frame_len() < LINGER_BELOW_BYTES;
+                            if short && !drain.is_started() {
                                 tokio::time::sleep(BATCH_LINGER).await;
                             }
                             let (copies, bytes) = collect(first, &mut queue_rx);
@@ -699,7 +703,8 @@ fn far_future() -> Instant {
 /// When the gateway's name is looked up next: at once at start; then when the answer's TTL runs
 /// out, but no sooner than [`RESOLVE_MIN_GAP`] and no later than [`RESOLVE_MAX_AGE`]; a second
 /// after a failed lookup; and soon after a link is lost (the name may point elsewhere now), never
-/// sooner than a gap after the last lookup. At most one lookup is under way.
+/// sooner than a gap after the last lookup. None is scheduled while one is under way, unless a
+/// link is lost meanwhile.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Lookups {
     /// The next lookup; `None` while one is under way.
@@ -721,8 +726,8 @@ impl Lookups {
         self.next.unwrap_or_else(far_future)
     }
 
-    /// Whether a lookup is scheduled (none is under way).
-    fn is_due_later(&self) -> bool {
+    /// Whether a lookup is scheduled.
+    fn is_scheduled(&self) -> bool {
         self.next.is_some()
     }
 
@@ -1551,7 +1556,7 @@ mod tests {
         let mut l = Lookups::new(t0);
         assert_eq!(l.due(), t0, "at once at start");
         l.started(t0);
-        assert!(!l.is_due_later(), "one lookup at a time");
+        assert!(!l.is_scheduled(), "none scheduled while one is under way");
         // A TTL of 5 minutes is looked at again after RESOLVE_MAX_AGE; one of 10 ms after a gap.
         l.answered(t0 + Duration::from_secs(300), t0);
         assert_eq!(l.due(), t0 + RESOLVE_MAX_AGE);
