@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 const CRATES: [&str; 5] = ["wire", "runtime", "archive", "agent", "gateway"];
 
 /// Top-level module -> the crate's other top-level modules its code (not its comments, not its
-/// unit tests) names as `crate::<module>`.
+/// unit tests) names as `crate::<module>` or in a `crate::{...}` group on one line.
+/// (`super::` from a top-level module names the crate root, never a sibling.)
 fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for file in rust_files(src) {
@@ -32,17 +33,46 @@ fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
                 continue;
             }
             for (at, _) in line.match_indices("crate::") {
-                let name: String = line[at + "crate::".len()..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
-                    .collect();
-                if !name.is_empty() && name != module {
-                    deps.insert(name);
+                for name in named_modules(&line[at + "crate::".len()..]) {
+                    if name != module {
+                        deps.insert(name);
+                    }
                 }
             }
         }
     }
     graph
+}
+
+/// The top-level modules named right after a `crate::`: one (`crate::tee::Tee`), or each of a
+/// group's (`crate::{tee, uplink::Queued}`, on one line).
+fn named_modules(after: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+            .collect()
+    };
+    let Some(group) = after.strip_prefix('{') else {
+        return vec![ident(after)]
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect();
+    };
+    // Names at the group's top level: after the brace and after each comma at depth 0.
+    let mut names = vec![ident(group)];
+    let mut depth = 0;
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => break,
+            '}' => depth -= 1,
+            ',' if depth == 0 => names.push(ident(&group[i + 1..])),
+            _ => {}
+        }
+    }
+    names.retain(|n| !n.is_empty() && n != "self");
+    names
 }
 
 fn rust_files(dir: &Path) -> Vec<PathBuf> {
@@ -114,6 +144,16 @@ fn no_crate_has_a_module_cycle() {
             );
         }
     }
+}
+
+#[test]
+fn grouped_imports_name_each_module() {
+    assert_eq!(named_modules("tee::Tee;"), ["tee"]);
+    assert_eq!(
+        named_modules("{tee, uplink::{Queued, Uplink}, self, front::Front};"),
+        ["tee", "uplink", "front"]
+    );
+    assert_eq!(named_modules("Routing;"), Vec::<String>::new());
 }
 
 #[test]
