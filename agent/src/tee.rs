@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use teeway_wire::MirroredRequest;
 use tokio::sync::mpsc;
@@ -24,6 +24,34 @@ use crate::metrics::{Accounting, DropReason, Ticket};
 use crate::policy::{MirrorPolicy, OverLimit};
 use crate::uplink::{Queued, UplinkState};
 use teeway_archive::{Archive, Record};
+
+/// The copy's own head: the target and header values in one new allocation.
+///
+/// hyper hands out the target and header values as slices of the connection's read buffer
+/// (8 KiB to `max_header_bytes`); a copy that kept them would keep that whole buffer alive for as
+/// long as it waits in the queue, many times what `queue_bytes` counts for it.
+fn detach(headers: &HeaderMap, uri: &Uri) -> (HeaderMap, Uri) {
+    let target = uri.to_string();
+    let size = target.len() + headers.values().map(|v| v.len()).sum::<usize>();
+    let mut buf = BytesMut::with_capacity(size);
+    buf.extend_from_slice(target.as_bytes());
+    for value in headers.values() {
+        buf.extend_from_slice(value.as_bytes());
+    }
+    let buf = buf.freeze();
+    let own_uri = Uri::from_maybe_shared(buf.slice(..target.len())).unwrap_or_else(|_| uri.clone());
+    let mut own = HeaderMap::with_capacity(headers.len());
+    let mut at = target.len();
+    for (name, value) in headers {
+        let end = at + value.len();
+        let mut copied =
+            HeaderValue::from_maybe_shared(buf.slice(at..end)).unwrap_or_else(|_| value.clone());
+        copied.set_sensitive(value.is_sensitive());
+        own.append(name.clone(), copied);
+        at = end;
+    }
+    (own, own_uri)
+}
 
 /// The request-path side of the tee.
 #[derive(Debug)]
@@ -106,8 +134,8 @@ impl Tee {
             return None;
         }
         let policy = arc_swap::Guard::into_inner(policy);
-        let mut copy_headers = headers.clone();
-        let uri = policy.redaction.apply(&mut copy_headers, uri);
+        let (mut copy_headers, own_uri) = detach(headers, uri);
+        let uri = policy.redaction.apply(&mut copy_headers, &own_uri);
         Some(Admitted {
             head: Head {
                 method: method.clone(),
@@ -345,6 +373,47 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copys_head_is_equal_and_keeps_nothing_of_the_read_buffer() {
+        // Values and target as hyper makes them: slices of one large read buffer.
+        let read_buffer = Bytes::from(
+            b"/orders/17?page=2 api.example.com application/json \xe9t\xe9"
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(b' ', 16 * 1024))
+                .collect::<Vec<u8>>(),
+        );
+        let uri = Uri::from_maybe_shared(read_buffer.slice(0..17)).expect("uri");
+        let mut headers = HeaderMap::new();
+        headers.append(
+            http::header::HOST,
+            HeaderValue::from_maybe_shared(read_buffer.slice(18..33)).expect("host"),
+        );
+        headers.append(
+            "x-kind",
+            HeaderValue::from_maybe_shared(read_buffer.slice(34..50)).expect("value"),
+        );
+        headers.append(
+            "x-kind",
+            HeaderValue::from_maybe_shared(read_buffer.slice(51..56)).expect("obs-text"),
+        );
+        let mut secret = HeaderValue::from_static("token");
+        secret.set_sensitive(true);
+        headers.append(http::header::AUTHORIZATION, secret);
+
+        let (own, own_uri) = detach(&headers, &uri);
+        assert_eq!(own_uri, uri);
+        assert_eq!(own, headers, "same fields, same order within a name");
+        assert!(own[http::header::AUTHORIZATION].is_sensitive());
+        let buffer = read_buffer.as_ptr_range();
+        let outside = |p: *const u8| !buffer.contains(&p);
+        assert!(outside(own_uri.path().as_ptr()), "the target is copied");
+        assert!(
+            own.values().all(|v| outside(v.as_bytes().as_ptr())),
+            "every value is copied"
+        );
+    }
     use http_body_util::{BodyExt, Full, StreamBody};
     use teeway_runtime::metrics::Snapshot;
 
