@@ -313,7 +313,7 @@ async fn uplink_run(
         while ticket.hold(r.frame_len() as u64).is_err() {
             tokio::task::yield_now().await;
         }
-        tx.send(Queued { record: r, ticket })
+        tx.send(Queued::new(r, ticket))
             .await
             .expect("uplink running");
     }

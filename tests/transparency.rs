@@ -157,44 +157,54 @@ async fn an_http2_primary_sending_goaway_costs_clients_nothing() {
     stack.stop().await;
 }
 
-/// An HTTP/1.1 primary that answers the first request of each connection as keep-alive, then
-/// reads the next one and closes without a word: the worst case of a keep-alive connection
-/// closed as a request goes out. Counts the requests it answered.
-async fn closing_primary() -> (SocketAddr, Arc<AtomicU64>) {
+/// A raw HTTP/1.1 primary: for the `n`th request head of a connection (from 0), `answer(n)`
+/// gives the bytes to write back, or `None` to close the connection without a word.
+async fn raw_primary(
+    answer: impl Fn(usize) -> Option<Vec<u8>> + Clone + Send + 'static,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let answered = Arc::new(AtomicU64::new(0));
-    let count = answered.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let count = count.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 let mut seen = Vec::new();
-                let mut answered_here = false;
-                loop {
-                    let Ok(n) = stream.read(&mut buf).await else {
-                        return;
-                    };
+                let mut heads = 0;
+                while let Ok(n) = stream.read(&mut buf).await {
                     if n == 0 {
                         return;
                     }
                     seen.extend_from_slice(&buf[..n]);
                     if seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        if answered_here {
-                            return; // the second request: close unanswered
-                        }
                         seen.clear();
-                        answered_here = true;
-                        count.fetch_add(1, Ordering::Relaxed);
-                        let _ = stream
-                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
-                            .await;
+                        let Some(bytes) = answer(heads) else { return };
+                        heads += 1;
+                        if stream.write_all(&bytes).await.is_err() {
+                            return;
+                        }
                     }
                 }
             });
         }
     });
+    addr
+}
+
+/// An HTTP/1.1 primary that answers the first request of each connection as keep-alive, then
+/// reads the next one and closes without a word: the worst case of a keep-alive connection
+/// closed as a request goes out. Counts the requests it answered.
+async fn closing_primary() -> (SocketAddr, Arc<AtomicU64>) {
+    let answered = Arc::new(AtomicU64::new(0));
+    let count = answered.clone();
+    let addr = raw_primary(move |n| {
+        // The second request: closed unanswered.
+        (n == 0).then(|| {
+            count.fetch_add(1, Ordering::Relaxed);
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n".to_vec()
+        })
+    })
+    .await;
     (addr, answered)
 }
 
@@ -791,35 +801,12 @@ async fn http11_without_host_or_with_two_is_refused_and_userinfo_never_leaves() 
 
 /// An HTTP/1.1 primary answering every request with `extra` header lines (plus Content-Length).
 async fn primary_with_header_lines(extra: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let mut head = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n".to_vec();
     for i in 0..extra {
         head.extend_from_slice(format!("X-Line-{i}: {i}\r\n").as_bytes());
     }
     head.extend_from_slice(b"\r\nok\n");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let answer = head.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let mut seen = Vec::new();
-                while let Ok(n) = stream.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        seen.clear();
-                        if stream.write_all(&answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
+    raw_primary(move |_| Some(head.clone())).await
 }
 
 #[tokio::test]

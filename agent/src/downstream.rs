@@ -82,3 +82,9 @@ impl Default for ClientLimits {
         }
     }
 }
+
+/// The first hyper error among `e` and its sources: what tells a refused client head (too large,
+/// malformed) or a primary answer over the limits apart from other failures.
+pub fn hyper_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {
+    std::iter::successors(Some(e), |e| e.source()).find_map(|e| e.downcast_ref::<hyper::Error>())
+}

@@ -60,7 +60,7 @@ use tracing::Instrument;
 use teeway_runtime::logging::Throttle;
 use teeway_runtime::metrics::Registry;
 
-use crate::downstream::{ClientLimits, Peer, ProxyBody, MIN_MAX_HEADER_BYTES};
+use crate::downstream::{hyper_cause, ClientLimits, Peer, ProxyBody, MIN_MAX_HEADER_BYTES};
 use crate::front::Front;
 use crate::metrics::{
     ACCEPT_ERRORS_TOTAL, CLIENT_CONNECTIONS, CLIENT_CONNECTIONS_CLOSED_TOTAL,
@@ -151,25 +151,16 @@ impl Refused {
 
     /// The refusal a connection's error stands for, if it is one.
     fn of(e: &(dyn std::error::Error + 'static)) -> Option<Refused> {
-        let mut source = Some(e);
-        while let Some(e) = source {
-            if let Some(h) = e.downcast_ref::<hyper::Error>() {
-                if h.is_parse_too_large() {
-                    // hyper names the two apart only in its message.
-                    return Some(if h.to_string().contains("URI") {
-                        Refused::UriTooLong
-                    } else {
-                        Refused::HeadTooLarge
-                    });
-                }
-                if h.is_parse() && !h.is_parse_version_h2() {
-                    return Some(Refused::BadRequest);
-                }
-                return None;
-            }
-            source = e.source();
+        let h = hyper_cause(e)?;
+        if h.is_parse_too_large() {
+            // hyper names the two apart only in its message.
+            return Some(if h.to_string().contains("URI") {
+                Refused::UriTooLong
+            } else {
+                Refused::HeadTooLarge
+            });
         }
-        None
+        (h.is_parse() && !h.is_parse_version_h2()).then_some(Refused::BadRequest)
     }
 }
 

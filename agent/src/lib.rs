@@ -303,7 +303,7 @@ impl Agent {
 
         // Past the tee, everything is the shipper's: queue, uplink, spool, archive.
         let shipper = self.shipper(&resolver).await?;
-        let tee = Arc::new(shipper.tee(self, config));
+        let tee = Arc::new(shipper.tee(self));
         let tcp_tees: Vec<Arc<TcpTee>> = config
             .tcp
             .iter()
@@ -533,12 +533,12 @@ struct Shipper {
 
 impl Shipper {
     /// The tee feeding this shipper's queue.
-    fn tee(&self, agent: &Agent, config: &AgentConfig) -> Tee {
+    fn tee(&self, agent: &Agent) -> Tee {
         Tee::new(
             self.queue_tx.clone(),
             agent.accounting.clone(),
             agent.policy.clone(),
-            &config.cluster,
+            &agent.config.cluster,
             // With a spool, copies are made while no gateway is reachable: they go to disk.
             self.uplink
                 .as_ref()
@@ -657,7 +657,7 @@ async fn archive_sink(
     }
 }
 
-fn archive_one(archive: &Archive, Queued { record, ticket }: Queued) {
+fn archive_one(archive: &Archive, Queued { record, ticket, .. }: Queued) {
     let done = move |outcome| match outcome {
         Outcome::Written => ticket.mirrored(),
         Outcome::Dropped(reason) => ticket.dropped(match reason {

@@ -29,7 +29,7 @@ use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::proxy::remove_hop_by_hop;
 
-use crate::downstream::{ClientLimits, Peer, ProxyBody, MIN_MAX_HEADER_BYTES};
+use crate::downstream::{hyper_cause, ClientLimits, Peer, ProxyBody, MIN_MAX_HEADER_BYTES};
 use crate::metrics::{
     Accounting, CLIENT_ABORTS_TOTAL, PRIMARY_ERRORS_TOTAL, REQUESTS_REFUSED_TOTAL,
 };
@@ -314,11 +314,7 @@ impl Proxy {
     fn primary_failed(&self, e: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
         self.accounting.primary_errors.increment(1);
         // The primary answered, with a head over the agent's limits: say which, not "unreachable".
-        let too_large = std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |e| {
-            e.source()
-        })
-        .filter_map(|e| e.downcast_ref::<hyper::Error>())
-        .any(hyper::Error::is_parse_too_large);
+        let too_large = hyper_cause(e).is_some_and(hyper::Error::is_parse_too_large);
         if let Some(failures) = self.accounting.primary_error_log.note() {
             if too_large {
                 tracing::warn!(

@@ -31,17 +31,22 @@ use teeway_archive::{Archive, Record};
 /// (8 KiB to `max_header_bytes`); a copy that kept them would keep that whole buffer alive for as
 /// long as it waits in the queue, many times what `queue_bytes` counts for it.
 fn detach(headers: &HeaderMap, uri: &Uri) -> (HeaderMap, Uri) {
-    let target = uri.to_string();
-    let size = target.len() + headers.values().map(|v| v.len()).sum::<usize>();
-    let mut buf = BytesMut::with_capacity(size);
-    buf.extend_from_slice(target.as_bytes());
+    let values = headers.values().map(|v| v.len()).sum::<usize>();
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri
+            .authority()
+            .map_or(0, |a| a.as_str().len() + "https://".len());
+    let mut buf = BytesMut::with_capacity(target + values);
+    // The target as text, written straight into the shared buffer.
+    let _ = std::fmt::Write::write_fmt(&mut buf, format_args!("{uri}"));
+    let target_len = buf.len();
     for value in headers.values() {
         buf.extend_from_slice(value.as_bytes());
     }
     let buf = buf.freeze();
-    let own_uri = Uri::from_maybe_shared(buf.slice(..target.len())).unwrap_or_else(|_| uri.clone());
+    let own_uri = Uri::from_maybe_shared(buf.slice(..target_len)).unwrap_or_else(|_| uri.clone());
     let mut own = HeaderMap::with_capacity(headers.len());
-    let mut at = target.len();
+    let mut at = target_len;
     for (name, value) in headers {
         let end = at + value.len();
         let mut copied =
@@ -194,15 +199,16 @@ impl Tee {
         body
     }
 
-    fn enqueue(&self, record: MirroredRequest, mut ticket: Ticket) {
-        if let Err(reason) = ticket.hold(record.frame_len() as u64) {
-            ticket.dropped(reason);
+    fn enqueue(&self, record: MirroredRequest, ticket: Ticket) {
+        let mut queued = Queued::new(record, ticket);
+        if let Err(reason) = queued.ticket.hold(queued.len as u64) {
+            queued.ticket.dropped(reason);
             return;
         }
         if let Some(archive) = &self.archive_also {
-            archive.try_submit(Record::Request(record.clone()), None);
+            archive.try_submit(Record::Request(queued.record.clone()), None);
         }
-        match self.queue_tx.try_send(Queued { record, ticket }) {
+        match self.queue_tx.try_send(queued) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(q)) => q.ticket.dropped(DropReason::QueueFull),
             Err(mpsc::error::TrySendError::Closed(q)) => q.ticket.dropped(DropReason::Shutdown),

@@ -116,6 +116,20 @@ pub struct Queued {
     pub record: MirroredRequest,
     /// Its account, resolved by the uplink.
     pub ticket: Ticket,
+    /// Its frame's size, prefix included: worked out once, when it is queued.
+    pub len: usize,
+}
+
+impl Queued {
+    /// `record` with its account, and its frame's size.
+    pub fn new(record: MirroredRequest, ticket: Ticket) -> Self {
+        let len = record.frame_len();
+        Self {
+            record,
+            ticket,
+            len,
+        }
+    }
 }
 
 /// Whether the uplink is connected, shared with the admin listener and with callers that want
@@ -478,7 +492,7 @@ impl Uplink {
                             // A batch that would go out short waits a moment for more copies
                             // (see BATCH_LINGER). The other arms wait meanwhile, a millisecond.
                             let short = queue_rx.len() + 1 < MAX_BATCH_RECORDS
-                                && first.record.frame_len() < LINGER_BELOW_BYTES;
+                                && first.len < LINGER_BELOW_BYTES;
                             if short && !drain.is_started() {
                                 tokio::time::sleep(BATCH_LINGER).await;
                             }
@@ -1195,12 +1209,12 @@ struct Sender {
 /// `first` and whatever else is already waiting, within the batch limits, and their frames'
 /// size (the batch's buffer is sized from it).
 fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> (Vec<Queued>, usize) {
-    let mut bytes = first.record.frame_len();
+    let mut bytes = first.len;
     let mut copies = vec![first];
     while copies.len() < MAX_BATCH_RECORDS && bytes < MAX_BATCH_BYTES {
         match queue_rx.try_recv() {
             Ok(q) => {
-                bytes += q.record.frame_len();
+                bytes += q.len;
                 copies.push(q);
             }
             Err(_) => break,

@@ -13,7 +13,7 @@ use teeway_wire::{MirroredRequest, Welcome};
 
 use crate::budget::{Budget, ConnectionBudget, MAX_STREAM_BYTES};
 use crate::metrics::{FailReason, GatewayMetrics, SkipReason};
-use crate::observe::{Observer, Outcome, Pending};
+use crate::observe::{Observers, Outcome};
 use crate::replay::Refusal;
 use crate::Routing;
 
@@ -28,7 +28,7 @@ pub struct Dispatcher {
     pub(crate) archive: Option<teeway_archive::Archive>,
     /// What sees each answer, and (if any asks) each copy's finished exchange with every
     /// target's outcome; none asking: no exchange is made.
-    pub(crate) observers: Arc<[Arc<dyn Observer>]>,
+    pub(crate) observers: Observers,
     /// Memory for what agents send (`limits:`).
     pub(crate) budget: Arc<Budget>,
     /// Batches received, by agent session, so that one sent again is not replayed twice.
@@ -162,14 +162,8 @@ impl Dispatcher {
             return;
         };
         let record = Arc::new(record);
-        let pending = self.observers.iter().any(|o| o.wants_exchanges()).then(|| {
-            Arc::new(Pending::new(
-                record.clone(),
-                identity.clone(),
-                &route.name,
-                route.targets.iter().map(|(t, _)| t.url.clone()).collect(),
-                self.observers.clone(),
-            ))
+        let pending = self.observers.exchange(&record, identity, &route.name, || {
+            route.targets.iter().map(|(t, _)| t.url.clone()).collect()
         });
         let report = |index: usize, outcome: Outcome| {
             if let Some(pending) = &pending {
@@ -183,11 +177,7 @@ impl Dispatcher {
             }
             return;
         }
-        let capture = self
-            .observers
-            .iter()
-            .filter_map(|o| o.response_body_bytes())
-            .max();
+        let capture = self.observers.capture();
         for (index, (target, handles)) in route.targets.iter().enumerate() {
             let slot = match target.admit(&record) {
                 Ok(slot) => slot,
@@ -222,9 +212,7 @@ impl Dispatcher {
                     .replay(&record, &identity, (&metrics, &handles), capture, slot)
                     .await;
                 if let Ok(answer) = &outcome {
-                    for observer in observers.iter() {
-                        observer.answered(&record, &target.url, answer);
-                    }
+                    observers.answered(&record, &target.url, answer);
                 }
                 if let Some(pending) = pending {
                     pending.report(

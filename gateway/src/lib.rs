@@ -417,13 +417,12 @@ impl Gateway {
             routing: self.routing.clone(),
             metrics: self.metrics.clone(),
             replays: TaskTracker::new(),
-            observers: match &archive {
+            observers: observe::Observers::new(match &archive {
                 Some(a) if a.config().record_responses => {
-                    Arc::new([Arc::new(observe::ArchiveResponses::new(a.clone()))
-                        as Arc<dyn observe::Observer>])
+                    vec![Arc::new(observe::ArchiveResponses::new(a.clone()))]
                 }
-                _ => Arc::new([]),
-            },
+                _ => Vec::new(),
+            }),
             archive,
             budget: budget::Budget::new(config.limits, self.metrics.buffered.clone()),
             dedupe: Default::default(),

@@ -85,6 +85,58 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
     fn finished(&self, _exchange: &Exchange) {}
 }
 
+/// The observers installed, with what they ask of every copy worked out once.
+#[derive(Debug, Clone)]
+pub struct Observers {
+    list: Arc<[Arc<dyn Observer>]>,
+    /// The most response body bytes any observer needs; `None`: no response is kept.
+    capture: Option<u64>,
+    /// Some observer wants whole exchanges.
+    exchanges: bool,
+}
+
+impl Observers {
+    /// These observers (possibly none).
+    pub fn new(list: Vec<Arc<dyn Observer>>) -> Self {
+        Self {
+            capture: list.iter().filter_map(|o| o.response_body_bytes()).max(),
+            exchanges: list.iter().any(|o| o.wants_exchanges()),
+            list: list.into(),
+        }
+    }
+
+    /// How many response body bytes each replay keeps; `None`: no response is kept.
+    pub fn capture(&self) -> Option<u64> {
+        self.capture
+    }
+
+    /// An exchange for `record` over `targets`, if some observer wants exchanges.
+    pub fn exchange(
+        &self,
+        record: &Arc<MirroredRequest>,
+        source: &Arc<str>,
+        route: &str,
+        targets: impl FnOnce() -> Vec<String>,
+    ) -> Option<Arc<Pending>> {
+        self.exchanges.then(|| {
+            Arc::new(Pending::new(
+                record.clone(),
+                source.clone(),
+                route,
+                targets(),
+                self.list.clone(),
+            ))
+        })
+    }
+
+    /// Shows every observer one target's answer.
+    pub fn answered(&self, record: &MirroredRequest, target: &str, answer: &Answer) {
+        for observer in self.list.iter() {
+            observer.answered(record, target, answer);
+        }
+    }
+}
+
 /// Writes every answered replay's response to the archive (`archive.record_responses`).
 #[derive(Debug)]
 pub struct ArchiveResponses {

@@ -49,19 +49,12 @@ pub fn percent_decode(text: &str) -> Cow<'_, str> {
 /// removed the map is rebuilt in order instead. (Lines of one name stay together, in their own
 /// order: `HeaderMap` groups them, so interleaving with other names is not kept.)
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names, compared as text, tells.
-    let any = headers.keys().any(|name| {
-        matches!(
-            name.as_str(),
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "transfer-encoding"
-                | "upgrade"
-                | "te"
-        )
-    });
-    if !any {
+    // Most messages carry none of them (a `Connection` naming others is one of them): one pass
+    // over the names tells, before anything is collected.
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || name == header::TE)
+    {
         return;
     }
     let named: Vec<HeaderName> = headers
