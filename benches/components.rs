@@ -26,7 +26,7 @@ use teeway_agent::bench_support::{Uplink, UplinkState};
 use teeway_agent::metrics::Accounting;
 use teeway_archive::config::{ArchiveConfig, Compression, Format};
 use teeway_archive::write::{Archive, Outcome};
-use teeway_archive::Record;
+use teeway_archive::Envelope;
 use teeway_gateway::config::{HostPolicy, RouteMatch};
 use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::dns::Resolver;
@@ -43,9 +43,7 @@ fn record(body_len: usize) -> MirroredRequest {
         HeaderValue::from_static("0f8fad5b-d9cb-469f-a165-70867728950e"),
     );
     MirroredRequest {
-        id: 1,
-        received_at: SystemTime::now(),
-        source_cluster: "bench".into(),
+        meta: teeway_wire::Meta::basic(1, SystemTime::now(), "bench".into()),
         method: Method::POST,
         uri: Uri::from_static("/v1/orders?customer=42"),
         version: Version::HTTP_11,
@@ -81,8 +79,8 @@ fn json_body(seed: u64, len: usize) -> Bytes {
 
 fn archived_request(n: u64) -> MirroredRequest {
     let mut r = record(0);
-    r.id = n;
-    r.received_at = SystemTime::UNIX_EPOCH
+    r.meta.id = n;
+    r.meta.received_at = SystemTime::UNIX_EPOCH
         + Duration::from_secs(1_790_000_000)
         + Duration::from_micros(n * 250);
     r.body = json_body(n, 1024);
@@ -114,11 +112,11 @@ async fn archive_write(
             .await
             .expect("semaphore open");
         let mut r = records[(n % 1024) as usize].clone();
-        r.id = n;
+        r.meta.id = n;
         request_bytes += r.frame_len() as u64;
         let written = written.clone();
         archive.try_submit(
-            Record::Request(r),
+            Envelope::HttpRequest(r),
             Some(Box::new(move |outcome| {
                 if outcome == Outcome::Written {
                     written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -207,7 +205,7 @@ async fn offline_replay() {
             .await
             .expect("semaphore open");
         archive.try_submit(
-            Record::Request(archived_request(n)),
+            Envelope::HttpRequest(archived_request(n)),
             Some(Box::new(move |_| drop(permit))),
         );
     }
@@ -305,12 +303,15 @@ async fn uplink_run(
     let drain = CancellationToken::new();
     let task = tokio::spawn(uplink.run(rx, drain.clone(), Duration::from_secs(30)));
     state.wait_for(true).await;
-    let template = record(body_len);
+    // The tee encodes each copy once, at admission; the uplink is measured from there on.
+    let mut template = bytes::BytesMut::new();
+    teeway_wire::Frame::Envelope(Envelope::HttpRequest(record(body_len))).encode(&mut template);
+    let template = template.freeze();
     let started = Instant::now();
     for _ in 0..count {
         let mut ticket = accounting.ticket();
         let r = template.clone();
-        while ticket.hold(r.frame_len() as u64).is_err() {
+        while ticket.hold(r.len() as u64).is_err() {
             tokio::task::yield_now().await;
         }
         tx.send(Queued::new(r, ticket))

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use teeway_archive::read::{ReadStats, Reader};
-use teeway_archive::Record;
+use teeway_archive::Envelope;
 use teeway_gateway::config::HostPolicy;
 use teeway_gateway::config::{Rewrite, TargetConfig};
 use teeway_gateway::replay::{Target, TargetSpec};
@@ -309,7 +309,7 @@ impl std::fmt::Display for Report {
         if self.responses > 0 {
             writeln!(
                 f,
-                "responses: {} response record(s) in the input, not replayed",
+                "responses: {} response record(s) (or records of kinds this teeway does not know) in the input, not replayed",
                 self.responses
             )?;
         }
@@ -388,13 +388,16 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
             let (mut requests, mut responses) = (0u64, 0u64);
             for record in reader.by_ref() {
                 match record {
-                    Record::Request(r) => {
+                    Envelope::HttpRequest(r) => {
                         requests += 1;
                         if tx.blocking_send(r).is_err() {
                             break;
                         }
                     }
-                    Record::Response(_) => responses += 1,
+                    Envelope::HttpResponse(_) => responses += 1,
+                    // A kind this teeway cannot replay (written by a newer one): like a
+                    // response, counted and not replayed.
+                    Envelope::Other { .. } => responses += 1,
                 }
             }
             (reader.stats, requests, responses)
@@ -432,7 +435,9 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
             let target = target.clone();
             let report = report.clone();
             tasks.spawn(async move {
-                let outcome = target.send(&request, &request.source_cluster, None).await;
+                let outcome = target
+                    .send(&request, &request.meta.source_cluster, None)
+                    .await;
                 drop(slot);
                 let Ok(mut r) = report.lock() else { return };
                 match outcome {

@@ -22,7 +22,7 @@ use teeway::sample;
 use teeway::stack::{self, Pki, RunningAgent, RunningGateway};
 use teeway_archive::config::{ArchiveConfig, Compression, Format};
 use teeway_archive::read::Reader;
-use teeway_archive::{gor, native, MirroredRequest, Record};
+use teeway_archive::{gor, native, Envelope, MirroredRequest};
 use teeway_gateway::config::HostPolicy;
 use teeway_runtime::config::UpstreamProtocol;
 
@@ -51,8 +51,8 @@ fn requests_in(dir: &Path) -> Vec<MirroredRequest> {
     Reader::open(&[dir.to_owned()])
         .expect("archive opens")
         .filter_map(|r| match r {
-            Record::Request(r) => Some(r),
-            Record::Response(_) => None,
+            Envelope::HttpRequest(r) => Some(r),
+            _ => None,
         })
         .collect()
 }
@@ -93,13 +93,13 @@ async fn captured_traffic_replays_byte_identical_in_recorded_order() {
         .expect("gateway stops, closing the archive");
 
     let mut reader = Reader::open(&[dir.path().to_owned()]).expect("archive");
-    let records: Vec<Record> = reader.by_ref().collect();
+    let records: Vec<Envelope> = reader.by_ref().collect();
     assert_eq!(reader.stats.skipped(), 0, "{:?}", reader.stats.issues);
     let archived: Vec<&MirroredRequest> = records
         .iter()
         .filter_map(|r| match r {
-            Record::Request(r) => Some(r),
-            Record::Response(_) => None,
+            Envelope::HttpRequest(r) => Some(r),
+            _ => None,
         })
         .collect();
     let responses = records.len() - archived.len();
@@ -109,7 +109,9 @@ async fn captured_traffic_replays_byte_identical_in_recorded_order() {
         "every received request archived"
     );
     assert_eq!(responses, plan.len(), "every shadow response archived");
-    assert!(archived.iter().all(|r| &*r.source_cluster == "demo-prod"));
+    assert!(archived
+        .iter()
+        .all(|r| &*r.meta.source_cluster == "demo-prod"));
 
     // Replay against a fresh recording server, one at a time so arrival order is send order.
     let (fresh, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
@@ -230,17 +232,17 @@ async fn goreplay_fixtures_replay_in_timestamp_order_with_exact_bodies() {
     )
     .expect("convert");
     assert_eq!(written, 4);
-    let original: Vec<Record> = Reader::open(&[path]).expect("open").collect();
-    let back: Vec<Record> = Reader::open(&[ours]).expect("open").collect();
+    let original: Vec<Envelope> = Reader::open(&[path]).expect("open").collect();
+    let back: Vec<Envelope> = Reader::open(&[ours]).expect("open").collect();
     assert_eq!(back.len(), original.len());
     for (a, b) in original.iter().zip(&back) {
         match (a, b) {
-            (Record::Request(a), Record::Request(b)) => {
+            (Envelope::HttpRequest(a), Envelope::HttpRequest(b)) => {
                 assert_eq!((&a.method, &a.uri, &a.body), (&b.method, &b.uri, &b.body));
                 assert_eq!(a.headers, b.headers);
-                assert_eq!(a.received_at, b.received_at);
+                assert_eq!(a.meta.received_at, b.meta.received_at);
             }
-            (Record::Response(a), Record::Response(b)) => {
+            (Envelope::HttpResponse(a), Envelope::HttpResponse(b)) => {
                 assert_eq!(
                     (a.status, &a.body, a.latency),
                     (b.status, &b.body, b.latency)
@@ -260,11 +262,11 @@ async fn speed_one_follows_the_recorded_gaps() {
     native::put_segment_header(&mut bytes);
     for (i, ms) in offsets_ms.iter().enumerate() {
         let request = MirroredRequest {
-            id: i as u64,
-            received_at: UNIX_EPOCH
-                + Duration::from_secs(1_700_000_000)
-                + Duration::from_millis(*ms),
-            source_cluster: "c".into(),
+            meta: teeway_wire::Meta::basic(
+                i as u64,
+                UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(*ms),
+                "c".into(),
+            ),
             method: Method::GET,
             uri: Uri::from_maybe_shared(format!("/{i}")).expect("uri"),
             version: Version::HTTP_11,
@@ -273,7 +275,7 @@ async fn speed_one_follows_the_recorded_gaps() {
             trailers: None,
             body_truncated: false,
         };
-        native::put_record(&Record::Request(request), &mut bytes);
+        native::put_record(&Envelope::HttpRequest(request), &mut bytes);
     }
     let path = dir.path().join("paced.twa");
     std::fs::write(&path, &bytes).expect("write");
@@ -371,8 +373,8 @@ async fn sigkill_of_the_writer_loses_no_flushed_record() {
     let records: Vec<MirroredRequest> = reader
         .by_ref()
         .filter_map(|r| match r {
-            Record::Request(r) => Some(r),
-            Record::Response(_) => None,
+            Envelope::HttpRequest(r) => Some(r),
+            _ => None,
         })
         .collect();
     assert!(
@@ -539,7 +541,7 @@ async fn a_full_disk_drops_and_counts_without_littering_segments() {
                 b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n",
             ))
             .expect("record");
-            if let Record::Request(req) = &mut r {
+            if let Envelope::HttpRequest(req) = &mut r {
                 req.body = Bytes::from(vec![b'x'; 1024]);
             }
             archive.try_submit(r, None);

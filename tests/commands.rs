@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri, Version};
 
 use teeway::sample;
 use teeway_archive::frames::{Frame, Frames};
-use teeway_archive::{native, MirroredRequest, Record};
+use teeway_archive::{native, Envelope, MirroredRequest};
 
 use support::LIMIT;
 
@@ -26,7 +26,7 @@ fn write_archive(path: &Path, count: u64, body_len: usize) {
     let mut buf = BytesMut::new();
     native::put_segment_header(&mut buf);
     for id in 0..count {
-        native::put_record(&Record::Request(request(id, body_len)), &mut buf);
+        native::put_record(&Envelope::HttpRequest(request(id, body_len)), &mut buf);
     }
     std::fs::write(path, &buf).expect("write archive");
 }
@@ -41,9 +41,11 @@ fn request(id: u64, body_len: usize) -> MirroredRequest {
     };
     let body: Vec<u8> = (0..body_len).map(|i| (i as u64 ^ id) as u8).collect();
     MirroredRequest {
-        id,
-        received_at: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + id * 2_000_000),
-        source_cluster: "prod-eu-1".into(),
+        meta: teeway_wire::Meta::basic(
+            id,
+            UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + id * 2_000_000),
+            "prod-eu-1".into(),
+        ),
         method: if body_len > 0 {
             Method::POST
         } else {

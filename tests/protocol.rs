@@ -13,7 +13,7 @@ use quinn::{Connection, Endpoint, ReadError, ReadToEndError, VarInt};
 use teeway::sample;
 use teeway::stack::{self, Pki, RunningGateway};
 use teeway_gateway::metrics as gm;
-use teeway_wire::{codes, Frame, Hello, PROTOCOL_VERSION};
+use teeway_wire::{codes, Envelope, Frame, Hello, PROTOCOL_VERSION};
 
 use support::settle;
 
@@ -317,9 +317,7 @@ async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
 
     let mut s = tls_tcp(&pki, gateway.addr, good).await.expect("tls");
     let request = teeway_wire::MirroredRequest {
-        id: 1,
-        received_at: std::time::SystemTime::now(),
-        source_cluster: "raw".into(),
+        meta: teeway_wire::Meta::basic(1, std::time::SystemTime::now(), "raw".into()),
         method: http::Method::POST,
         uri: "/big".parse().expect("uri"),
         version: http::Version::HTTP_11,
@@ -345,7 +343,7 @@ async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
     }
     let mut big = BytesMut::new();
     for _ in 0..6 {
-        Frame::Request(request.clone()).encode(&mut big);
+        Frame::Envelope(Envelope::HttpRequest(request.clone())).encode(&mut big);
     }
     // The gateway closes mid-write: the write fails or the read ends; either way, no ACK.
     let reply = tcp_exchange(&mut s, &big).await.unwrap_or_default();
@@ -372,7 +370,7 @@ async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
     let mut small = request.clone();
     small.body = bytes::Bytes::from_static(b"ok");
     let mut frames = BytesMut::new();
-    Frame::Request(small).encode(&mut frames);
+    Frame::Envelope(Envelope::HttpRequest(small)).encode(&mut frames);
     Frame::End.encode(&mut frames);
     batch.extend_from_slice(&frames);
     {
@@ -414,7 +412,7 @@ async fn a_named_batch_is_replayed_once_however_often_it_is_sent() {
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|d| d.protocol),
         Some(teeway_wire::ALPN.to_vec()),
-        "protocol 3 negotiated"
+        "the newest protocol negotiated"
     );
     exchange(&conn, &hello()).await.expect("welcome");
     let batch = |seq: u64, retry: bool, id: u64| {
@@ -428,9 +426,7 @@ async fn a_named_batch_is_replayed_once_however_often_it_is_sent() {
         let mut headers = http::HeaderMap::new();
         headers.insert("host", http::HeaderValue::from_static("api.example.com"));
         let record = teeway_wire::MirroredRequest {
-            id,
-            received_at: std::time::SystemTime::now(),
-            source_cluster: "raw".into(),
+            meta: teeway_wire::Meta::basic(id, std::time::SystemTime::now(), "raw".into()),
             method: http::Method::GET,
             uri: format!("/batch/{seq}").parse().expect("uri"),
             version: http::Version::HTTP_11,
@@ -439,7 +435,7 @@ async fn a_named_batch_is_replayed_once_however_often_it_is_sent() {
             trailers: None,
             body_truncated: false,
         };
-        Frame::Request(record).encode(&mut buf);
+        Frame::Envelope(Envelope::HttpRequest(record)).encode(&mut buf);
         buf.to_vec()
     };
     let ack = |reply: Vec<u8>| match Frame::decode(&mut BytesMut::from(&reply[..])) {
@@ -482,4 +478,149 @@ async fn a_named_batch_is_replayed_once_however_often_it_is_sent() {
     conn.close(VarInt::from_u32(0), b"done");
     endpoint.wait_idle().await;
     gateway.stop().await.expect("gateway stops");
+}
+
+/// A batch's records are what its connection's version says: `REQUEST` frames up to version 4,
+/// `ENVELOPE` frames from version 5; the other is out of place. An envelope of a kind the gateway
+/// does not know is accepted, counted as having no route and archived unchanged, and the
+/// identity a record claims is replaced by its certificate's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_follow_the_connections_version_and_unknown_kinds_are_kept() {
+    teeway_wire::tls::install_default_provider();
+    let pki = Pki::generate("raw-agent").expect("pki");
+    let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
+    let archive_dir = tempfile::tempdir().expect("tempdir");
+    let mut config = stack::gateway_config(pki.gateway_material(), &[shadow.addr]);
+    config.archive = Some(teeway_archive::ArchiveConfig::new(
+        archive_dir.path(),
+        teeway_archive::Format::Teeway,
+    ));
+    let gateway = RunningGateway::start(config).await.expect("gateway");
+    let record = |path: &str| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("host", http::HeaderValue::from_static("api.example.com"));
+        let mut meta = teeway_wire::Meta::basic(1, std::time::SystemTime::now(), "raw".into());
+        meta.source_identity = "someone-else".into();
+        meta.tap = "http".into();
+        teeway_wire::MirroredRequest {
+            meta,
+            method: http::Method::GET,
+            uri: path.parse().expect("uri"),
+            version: http::Version::HTTP_11,
+            headers,
+            body: bytes::Bytes::new(),
+            trailers: None,
+            body_truncated: false,
+        }
+    };
+    let frames = |frame: Frame| {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf);
+        buf.to_vec()
+    };
+    let ack = |reply: Result<Vec<u8>, u64>| match reply {
+        Ok(reply) => match Frame::decode(&mut BytesMut::from(&reply[..])) {
+            Ok(Some(Frame::Ack { accepted })) => Ok(accepted),
+            other => panic!("expected ACK, got {other:?}"),
+        },
+        Err(code) => Err(code),
+    };
+    let protocol_error = Err(u64::from(codes::PROTOCOL_ERROR));
+
+    // Version 5.
+    let (endpoint, conn) = connect(&pki, gateway.addr).await;
+    exchange(&conn, &hello()).await.expect("welcome");
+    let request = Frame::Request(record("/v4-frame-on-v5"));
+    assert_eq!(ack(exchange(&conn, &frames(request)).await), protocol_error);
+    let envelope = Frame::Envelope(Envelope::HttpRequest(record("/v5")));
+    assert_eq!(ack(exchange(&conn, &frames(envelope)).await), Ok(1));
+    let future = Envelope::Other {
+        meta: teeway_wire::Meta::basic(2, std::time::SystemTime::now(), "raw".into()),
+        kind: 200,
+        part: bytes::Bytes::from_static(b"a kind from a newer agent"),
+    };
+    assert_eq!(
+        ack(exchange(&conn, &frames(Frame::Envelope(future.clone()))).await),
+        Ok(1)
+    );
+    conn.close(VarInt::from_u32(0), b"done");
+    endpoint.wait_idle().await;
+
+    // Version 4: an agent of this version talking to it sends `REQUEST`s.
+    let mut tls = teeway_wire::tls::client_config(&pki.agent_material()).expect("tls");
+    tls.alpn_protocols = vec![teeway_wire::ALPN_V4.to_vec()];
+    let mut endpoint = Endpoint::client(([127, 0, 0, 1], 0).into()).expect("endpoint");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls).expect("quic"),
+    )));
+    let conn = endpoint
+        .connect(gateway.addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    exchange(&conn, &hello()).await.expect("welcome");
+    let envelope = Frame::Envelope(Envelope::HttpRequest(record("/v5-frame-on-v4")));
+    assert_eq!(
+        ack(exchange(&conn, &frames(envelope)).await),
+        protocol_error
+    );
+    let request = Frame::Request(record("/v4"));
+    assert_eq!(ack(exchange(&conn, &frames(request)).await), Ok(1));
+    conn.close(VarInt::from_u32(0), b"done");
+    endpoint.wait_idle().await;
+
+    assert_eq!(recording.wait_for(2, support::LIMIT).await, 2);
+    let mut paths: Vec<String> = recording
+        .requests()
+        .iter()
+        .map(|r| r.uri.path().to_owned())
+        .collect();
+    paths.sort();
+    assert_eq!(paths, ["/v4", "/v5"]);
+    let g = settle(
+        || gateway.gateway.metrics(),
+        |s| s.get(gm::RECEIVED_TOTAL) >= 3.0 && support::gateway_settled(s, 2.0),
+    )
+    .await;
+    assert_eq!(g.get(gm::RECEIVED_TOTAL), 3.0, "{g:?}");
+    assert_eq!(
+        g.get("teeway_gateway_replay_failed_total{route=\"\",target=\"\",reason=\"no_route\"}"),
+        1.0,
+        "the unknown kind has no route"
+    );
+    assert_eq!(
+        g.get("teeway_gateway_streams_rejected_total{reason=\"protocol\"}"),
+        2.0
+    );
+    gateway
+        .stop()
+        .await
+        .expect("gateway stops, closing the archive");
+
+    let archived: Vec<Envelope> = teeway_archive::Reader::open(&[archive_dir.path().to_owned()])
+        .expect("archive")
+        .collect();
+    assert_eq!(archived.len(), 3, "{archived:?}");
+    assert!(
+        archived
+            .iter()
+            .all(|r| &*r.meta().source_identity == "raw-agent"),
+        "the certificate's identity, not the claimed one: {archived:?}"
+    );
+    let kept = archived
+        .iter()
+        .find(|r| matches!(r, Envelope::Other { .. }))
+        .expect("the unknown kind is archived");
+    let Envelope::Other { kind, part, .. } = kept else {
+        unreachable!()
+    };
+    assert_eq!((*kind, &part[..]), (200, &b"a kind from a newer agent"[..]));
+    let v5 = archived
+        .iter()
+        .find_map(|r| match r {
+            Envelope::HttpRequest(r) if r.uri.path() == "/v5" => Some(r),
+            _ => None,
+        })
+        .expect("the v5 request is archived");
+    assert_eq!(&*v5.meta.tap, "http", "the envelope's metadata is kept");
 }

@@ -94,7 +94,7 @@ pub mod bench_support {
     pub use crate::uplink::{Queued, Uplink, UplinkState};
 }
 
-use teeway_archive::{Archive, ArchiveDrop, Outcome, Record};
+use teeway_archive::{Archive, ArchiveDrop, Outcome};
 
 use crate::front::Front;
 use crate::ingress::IngressState;
@@ -303,7 +303,12 @@ impl Agent {
 
         // Past the tee, everything is the shipper's: queue, uplink, spool, archive.
         let shipper = self.shipper(&resolver).await?;
-        let tee = Arc::new(shipper.tee(self));
+        let tap = if config.primary.is_some() {
+            "http"
+        } else {
+            "sink"
+        };
+        let tee = Arc::new(shipper.tee(self, tap));
         let tcp_tees: Vec<Arc<TcpTee>> = config
             .tcp
             .iter()
@@ -420,6 +425,10 @@ impl Agent {
         Ok(Shipper {
             queue_tx,
             queue_rx,
+            // The uplink names its batches with the session; the copies carry the same one.
+            session: uplink
+                .as_ref()
+                .map_or_else(|| fastrand::u64(1..), Uplink::session),
             uplink,
             archive,
             archive_task,
@@ -526,19 +535,25 @@ impl Agent {
 struct Shipper {
     queue_tx: mpsc::Sender<Queued>,
     queue_rx: mpsc::Receiver<Queued>,
+    /// This agent process's session, random per start: in every copy's envelope.
+    session: u64,
     uplink: Option<Uplink>,
     archive: Option<Archive>,
     archive_task: Option<teeway_archive::write::ArchiveTask>,
 }
 
 impl Shipper {
-    /// The tee feeding this shipper's queue.
-    fn tee(&self, agent: &Agent) -> Tee {
+    /// The tee feeding this shipper's queue, for the tap named `tap`.
+    fn tee(&self, agent: &Agent, tap: &str) -> Tee {
         Tee::new(
             self.queue_tx.clone(),
             agent.accounting.clone(),
             agent.policy.clone(),
-            &agent.config.cluster,
+            tee::Origin {
+                cluster: agent.config.cluster.as_str().into(),
+                tap: tap.into(),
+                session: self.session,
+            },
             // With a spool, copies are made while no gateway is reachable: they go to disk.
             self.uplink
                 .as_ref()
@@ -558,6 +573,7 @@ impl Shipper {
         let Shipper {
             queue_tx,
             queue_rx,
+            session: _,
             uplink,
             archive,
             archive_task,
@@ -657,7 +673,7 @@ async fn archive_sink(
     }
 }
 
-fn archive_one(archive: &Archive, Queued { record, ticket, .. }: Queued) {
+fn archive_one(archive: &Archive, Queued { frame, ticket }: Queued) {
     let done = move |outcome| match outcome {
         Outcome::Written => ticket.mirrored(),
         Outcome::Dropped(reason) => ticket.dropped(match reason {
@@ -667,7 +683,7 @@ fn archive_one(archive: &Archive, Queued { record, ticket, .. }: Queued) {
             ArchiveDrop::Shutdown => DropReason::Shutdown,
         }),
     };
-    archive.try_submit(Record::Request(record), Some(Box::new(done)));
+    archive.try_submit_frame(frame, Some(Box::new(done)));
 }
 
 struct AdminView {

@@ -26,6 +26,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
@@ -116,6 +117,25 @@ impl Fraction {
     }
 }
 
+/// Why a request was copied: what its envelope says of the decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Chosen<'a> {
+    /// The rule that matched; `None`: none did (`mirror.percentage`).
+    pub rule: Option<&'a Arc<str>>,
+    /// The share of such requests copied.
+    pub fraction: Fraction,
+}
+
+impl Fraction {
+    /// The share in parts per million, rounded down (1,000,000: all).
+    pub fn ppm(self) -> u32 {
+        match self.threshold {
+            None => 1_000_000,
+            Some(t) => ((u128::from(t) * 1_000_000) >> 64) as u32,
+        }
+    }
+}
+
 /// What a matching request gets.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -128,8 +148,9 @@ pub struct Decision {
 /// One `mirror.rules` entry.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    /// `name`, or `rules[i]`; the `rule` label of [`RULE_MATCHED_TOTAL`].
-    pub name: String,
+    /// `name`, or `rules[i]`; the `rule` label of [`RULE_MATCHED_TOTAL`], and what a copy's
+    /// envelope names as the rule that chose it.
+    pub name: Arc<str>,
     /// When it applies.
     pub matcher: RequestMatch,
     /// What it decides.
@@ -481,7 +502,7 @@ impl PolicyConfig {
                 .rules
                 .iter()
                 .map(|(name, matcher, decision)| Rule {
-                    name: name.clone(),
+                    name: name.as_str().into(),
                     matcher: matcher.clone(),
                     decision: decision.clone(),
                     matched: counter(name).unwrap_or_else(Counter::noop),
@@ -581,22 +602,23 @@ impl PolicyConfig {
 }
 
 impl MirrorPolicy {
-    /// Whether the request is copied. `draw` gives a uniform random `u64` when the request has
-    /// no sampling key (a parameter so that tests can seed it).
+    /// Whether the request is copied, and if so by which rule (`None`: by `mirror.percentage`)
+    /// and at what rate. `draw` gives a uniform random `u64` when the request has no sampling
+    /// key (a parameter so that tests can seed it).
     pub fn decide(
         &self,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         draw: impl FnOnce() -> u64,
-    ) -> bool {
+    ) -> Option<Chosen<'_>> {
         let host = request_host(uri, headers);
         let path = uri.path();
-        let decision = match self
+        let rule = self
             .rules
             .iter()
-            .find(|r| r.matcher.matches(method, host, path, headers))
-        {
+            .find(|r| r.matcher.matches(method, host, path, headers));
+        let decision = match rule {
             Some(rule) => {
                 rule.matched.increment(1);
                 &rule.decision
@@ -613,19 +635,23 @@ impl MirrorPolicy {
             .as_ref()
             .is_some_and(|m| !m.contains(method))
         {
-            return false;
+            return None;
         }
         if decision.fraction == Fraction::OFF {
-            return false;
+            return None;
         }
+        let chosen = Chosen {
+            rule: rule.map(|r| &r.name),
+            fraction: decision.fraction,
+        };
         if decision.fraction.threshold.is_none() {
-            return true;
+            return Some(chosen);
         }
         let d = match self.sample_key(uri, headers) {
             Some(key) => key_hash(key),
             None => draw(),
         };
-        decision.fraction.takes(d)
+        decision.fraction.takes(d).then_some(chosen)
     }
 
     fn sample_key<'a>(&self, uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a [u8]> {
@@ -854,7 +880,7 @@ mod tests {
     }
 
     fn decide(p: &MirrorPolicy, r: &(Method, Uri, HeaderMap), d: u64) -> bool {
-        p.decide(&r.0, &r.1, &r.2, || d)
+        p.decide(&r.0, &r.1, &r.2, || d).is_some()
     }
 
     #[test]
@@ -874,7 +900,7 @@ mod tests {
 ",
         )
         .expect("valid");
-        assert_eq!(p.rules[1].name, "rules[1]");
+        assert_eq!(&*p.rules[1].name, "rules[1]");
         let any = u64::MAX - 1;
         assert!(!decide(&p, &req(Method::GET, "/healthz", &[]), 0));
         assert!(decide(

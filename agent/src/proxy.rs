@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -139,7 +139,6 @@ impl Proxy {
         if let Some(protocol) = upgrade_to(&req) {
             return self.pass_upgrade(req, protocol, peer).await;
         }
-        let received_at = SystemTime::now();
         let (mut parts, body) = req.into_parts();
         let original_uri = parts.uri.clone();
         let version = parts.version;
@@ -170,7 +169,6 @@ impl Proxy {
             &without_userinfo(&original_uri),
             version,
             &parts.headers,
-            received_at,
         );
         let body = ReplayBody::new(
             self.tee.body(body, copy),

@@ -17,7 +17,6 @@
 //! the client was (`X-Forwarded-For` and the like travel with the copy, subject to redaction).
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use http::uri::Authority;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
@@ -48,7 +47,6 @@ impl Sink {
 
     /// Takes one mirrored request: admits it, reads its body, answers `204`.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let received_at = SystemTime::now();
         let (mut parts, body) = req.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         if !self.strip_host_suffix.is_empty() {
@@ -63,13 +61,9 @@ impl Sink {
                 parts.uri = uri;
             }
         }
-        let copy = self.tee.admit(
-            &parts.method,
-            &parts.uri,
-            parts.version,
-            &parts.headers,
-            received_at,
-        );
+        let copy = self
+            .tee
+            .admit(&parts.method, &parts.uri, parts.version, &parts.headers);
         // Reading the body to its end is what completes the copy; past the limit the tee stops
         // copying and the rest is only read.
         let mut body = self.tee.body(body, copy);

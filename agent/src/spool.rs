@@ -44,14 +44,15 @@ use std::io::{self, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use metrics::{Counter, Gauge};
 
 use teeway_archive::native::{self, Next, SegmentReader};
-use teeway_archive::Record;
+use teeway_archive::Envelope;
 use teeway_runtime::logging::Throttle;
 use teeway_runtime::metrics::Registry;
-use teeway_wire::MirroredRequest;
+use teeway_wire::frame::PREFIX_LEN;
+use teeway_wire::Frame;
 
 /// Records found in the spool directory at start.
 pub const SPOOL_RECOVERED_TOTAL: &str = "teeway_agent_spool_recovered_total";
@@ -301,9 +302,9 @@ impl Spool {
             || state.open.as_ref().is_some_and(|o| o.segment.records > 0)
     }
 
-    /// Writes `records` as new spooled records; on error nothing of them is kept. Then evicts
+    /// Writes `records` (`ENVELOPE` frames, as the tee made them) as new spooled records; on error nothing of them is kept. Then evicts
     /// the oldest segments while the spool is over `max_bytes`. Blocking.
-    pub fn append(&self, records: Vec<MirroredRequest>) -> io::Result<()> {
+    pub fn append(&self, records: Vec<Bytes>) -> io::Result<()> {
         let n = records.len() as u64;
         self.write(records)?;
         self.inner.metrics.pending.increment(n as f64);
@@ -312,18 +313,19 @@ impl Spool {
     }
 
     /// Writes records leased and not sent back to the spool (at shutdown); they stay pending.
-    fn put_back(&self, records: Vec<MirroredRequest>) -> io::Result<()> {
+    fn put_back(&self, records: Vec<Bytes>) -> io::Result<()> {
         self.write(records)
     }
 
-    fn write(&self, records: Vec<MirroredRequest>) -> io::Result<()> {
+    fn write(&self, records: Vec<Bytes>) -> io::Result<()> {
         let n = records.len() as u64;
         if n == 0 {
             return Ok(());
         }
         let mut buf = BytesMut::new();
-        for record in records {
-            native::put_record(&Record::Request(record), &mut buf);
+        for frame in records {
+            // A frame's body is a record's payload: stored as it is.
+            native::put_frame_body(frame.get(PREFIX_LEN..).unwrap_or_default(), &mut buf);
         }
         let mut state = self.lock();
         if state.open.is_none() {
@@ -487,7 +489,7 @@ fn seq_of(path: &Path) -> Option<u64> {
 }
 
 struct Scan {
-    records: Vec<MirroredRequest>,
+    records: Vec<Bytes>,
     /// Records known to be unreadable.
     bad: u64,
     problem: Option<String>,
@@ -509,10 +511,16 @@ fn read_segment(path: &Path) -> Scan {
     };
     loop {
         match reader.next_record() {
-            Next::Record(Record::Request(r)) => scan.records.push(r),
-            Next::Record(Record::Response(_)) => {
+            Next::Record(Envelope::HttpResponse(_)) => {
                 scan.bad += 1;
                 scan.problem = Some("a response record in a spool segment".into());
+            }
+            // A copy, spooled by this version (as it was encoded) or an older one (as a
+            // request record): sent as an `ENVELOPE` frame.
+            Next::Record(envelope) => {
+                let mut frame = BytesMut::new();
+                Frame::Envelope(envelope).encode(&mut frame);
+                scan.records.push(frame.freeze());
             }
             Next::End => break,
             Next::Skipped { why, .. } => {
@@ -534,7 +542,7 @@ fn read_segment(path: &Path) -> Scan {
 pub struct Lease {
     file: Arc<LeasedFile>,
     /// Its readable records, oldest first.
-    pub records: Vec<MirroredRequest>,
+    pub records: Vec<Bytes>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -557,7 +565,7 @@ impl Lease {
 
     /// Writes records taken from the lease and never sent back to the spool, where they stay
     /// pending (shutdown came first). Blocking.
-    pub fn put_back(&self, records: Vec<MirroredRequest>) {
+    pub fn put_back(&self, records: Vec<Bytes>) {
         let n = records.len() as u64;
         if let Err(e) = self.file.spool.put_back(records) {
             tracing::warn!(error = %e, records = n, "cannot write leased records back to the spool; counted as io_error");
@@ -627,7 +635,7 @@ impl Share {
 
     /// Writes `records` (the ones this share accounts for, never sent) back to the spool, where
     /// they stay pending (shutdown came first). Blocking.
-    pub fn put_back(mut self, records: Vec<MirroredRequest>) {
+    pub fn put_back(mut self, records: Vec<Bytes>) {
         if let Some(file) = self.file.take() {
             if let Err(e) = file.spool.put_back(records) {
                 tracing::warn!(error = %e, records = self.n, "cannot write leased records back to the spool; counted as io_error");
@@ -662,11 +670,13 @@ mod tests {
     use super::*;
     use teeway_runtime::metrics::Snapshot;
 
-    fn request(id: u64, body: usize) -> MirroredRequest {
-        MirroredRequest {
-            id,
-            received_at: std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(id),
-            source_cluster: "prod".into(),
+    fn copy(id: u64, body: usize) -> teeway_wire::MirroredRequest {
+        teeway_wire::MirroredRequest {
+            meta: teeway_wire::Meta::basic(
+                id,
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(id),
+                "prod".into(),
+            ),
             method: http::Method::POST,
             uri: format!("/items/{id}").parse().expect("uri"),
             version: http::Version::HTTP_11,
@@ -674,6 +684,20 @@ mod tests {
             body: vec![b'x'; body].into(),
             trailers: None,
             body_truncated: false,
+        }
+    }
+
+    /// A copy's `ENVELOPE` frame, as the tee makes it.
+    fn request(id: u64, body: usize) -> Bytes {
+        let mut frame = BytesMut::new();
+        Frame::Envelope(Envelope::HttpRequest(copy(id, body))).encode(&mut frame);
+        frame.freeze()
+    }
+
+    fn id_of(frame: &Bytes) -> u64 {
+        match Frame::decode(&mut BytesMut::from(&frame[..])) {
+            Ok(Some(Frame::Envelope(e))) => e.meta().id,
+            other => panic!("not an envelope frame: {other:?}"),
         }
     }
 
@@ -731,7 +755,7 @@ mod tests {
         assert!(spool.has_records());
         assert_eq!(f.metrics().get(SPOOL_PENDING), 20.0);
         let lease = spool.lease_oldest().expect("lease");
-        let ids: Vec<u64> = lease.records.iter().map(|r| r.id).collect();
+        let ids: Vec<u64> = lease.records.iter().map(id_of).collect();
         assert_eq!(ids, (0..20).collect::<Vec<_>>());
         assert_eq!(lease.records[3], request(3, 100), "byte for byte");
         assert!(!spool.has_records());
@@ -784,7 +808,7 @@ mod tests {
         // What is left is the newest records, oldest of them first.
         let mut ids = Vec::new();
         while let Some(lease) = spool.lease_oldest() {
-            ids.extend(lease.records.iter().map(|r| r.id));
+            ids.extend(lease.records.iter().map(id_of));
             let share = lease.share(lease.records.len());
             share.acknowledged(u64::MAX);
         }
@@ -814,7 +838,7 @@ mod tests {
             .expect("entry")
             .path();
         let mut torn = BytesMut::new();
-        native::put_record(&Record::Request(request(5, 10)), &mut torn);
+        native::put_record(&Envelope::HttpRequest(copy(5, 10)), &mut torn);
         let mut file = OpenOptions::new().append(true).open(&path).expect("open");
         file.write_all(&torn[..torn.len() / 2]).expect("write");
         drop(file);

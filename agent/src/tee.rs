@@ -6,6 +6,11 @@
 //! a sampling draw, appending body chunks to a buffer capped at `max_body_bytes` (over the cap,
 //! copying stops: the copy is dropped or, with `over_limit: truncate`, sent truncated), and a
 //! `try_send` into a bounded queue (full: the copy is dropped and counted).
+//!
+//! A copy is encoded once, as it is made: when a request is sampled its redacted head goes into
+//! a new buffer as an `ENVELOPE` frame ([`RequestFrame`]), the body's chunks are appended to it as
+//! they stream, and the finished frame is what the uplink sends, the spool and the archive store.
+//! The copy holds nothing of hyper's buffers: a queued copy costs what `queue_bytes` counts.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,49 +19,17 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, Uri, Version};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use teeway_wire::MirroredRequest;
+use teeway_wire::record::empty;
+use teeway_wire::{Meta, RequestFrame, Sampling};
 use tokio::sync::mpsc;
 
 use crate::metrics::{Accounting, DropReason, Ticket};
 use crate::policy::{MirrorPolicy, OverLimit};
 use crate::uplink::{Queued, UplinkState};
-use teeway_archive::{Archive, Record};
-
-/// The copy's own head: the target and header values in one new allocation.
-///
-/// hyper hands out the target and header values as slices of the connection's read buffer
-/// (8 KiB to `max_header_bytes`); a copy that kept them would keep that whole buffer alive for as
-/// long as it waits in the queue, many times what `queue_bytes` counts for it.
-fn detach(headers: &HeaderMap, uri: &Uri) -> (HeaderMap, Uri) {
-    let values = headers.values().map(|v| v.len()).sum::<usize>();
-    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
-        + uri
-            .authority()
-            .map_or(0, |a| a.as_str().len() + "https://".len());
-    let mut buf = BytesMut::with_capacity(target + values);
-    // The target as text, written straight into the shared buffer.
-    let _ = std::fmt::Write::write_fmt(&mut buf, format_args!("{uri}"));
-    let target_len = buf.len();
-    for value in headers.values() {
-        buf.extend_from_slice(value.as_bytes());
-    }
-    let buf = buf.freeze();
-    let own_uri = Uri::from_maybe_shared(buf.slice(..target_len)).unwrap_or_else(|_| uri.clone());
-    let mut own = HeaderMap::with_capacity(headers.len());
-    let mut at = target_len;
-    for (name, value) in headers {
-        let end = at + value.len();
-        let mut copied =
-            HeaderValue::from_maybe_shared(buf.slice(at..end)).unwrap_or_else(|_| value.clone());
-        copied.set_sensitive(value.is_sensitive());
-        own.append(name.clone(), copied);
-        at = end;
-    }
-    (own, own_uri)
-}
+use teeway_archive::Archive;
 
 /// The request-path side of the tee.
 #[derive(Debug)]
@@ -67,6 +40,10 @@ pub struct Tee {
     /// The policy in force; swapped whole by a reload.
     policy: Arc<ArcSwap<MirrorPolicy>>,
     source_cluster: Arc<str>,
+    /// The tap its copies come from (`http`, `sink`), which their envelopes name.
+    tap: Arc<str>,
+    /// The agent process's session, which envelopes carry.
+    session: u64,
     next_id: AtomicU64,
     /// Read on every sampled request: with no uplink, a copy is dropped before it is made.
     /// `None` when copies go only to an archive.
@@ -76,19 +53,15 @@ pub struct Tee {
     archive_also: Option<Archive>,
 }
 
-/// What the tee needs to know of a request head.
-#[derive(Debug)]
-pub struct Head {
-    /// Method.
-    pub method: Method,
-    /// Request target as received.
-    pub uri: Uri,
-    /// Version the client spoke.
-    pub version: Version,
-    /// Headers as forwarded to the primary.
-    pub headers: HeaderMap,
-    /// When the head arrived.
-    pub received_at: SystemTime,
+/// Who a tee's copies say they come from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The agent's `cluster`.
+    pub cluster: Arc<str>,
+    /// The tap: `http` (the proxy) or `sink`.
+    pub tap: Arc<str>,
+    /// The agent process's session (random per start, not 0).
+    pub session: u64,
 }
 
 impl Tee {
@@ -97,7 +70,7 @@ impl Tee {
         queue_tx: mpsc::Sender<Queued>,
         accounting: Arc<Accounting>,
         policy: Arc<ArcSwap<MirrorPolicy>>,
-        source_cluster: &str,
+        origin: Origin,
         uplink: Option<Arc<UplinkState>>,
         archive_also: Option<Archive>,
     ) -> Self {
@@ -105,7 +78,9 @@ impl Tee {
             queue_tx,
             accounting,
             policy,
-            source_cluster: source_cluster.into(),
+            source_cluster: origin.cluster,
+            tap: origin.tap,
+            session: origin.session,
             next_id: AtomicU64::new(1),
             uplink,
             archive_also,
@@ -113,7 +88,7 @@ impl Tee {
     }
 
     /// Counts the request and decides, under the policy in force, whether it is copied;
-    /// `Some` with the copy's redacted head and its account when it is.
+    /// `Some` with the copy's frame (its redacted head encoded) and its account when it is.
     ///
     /// While the uplink is down a sampled request is counted as a `no_uplink` drop here, before
     /// any header is cloned or body byte copied: a dead gateway costs production nothing.
@@ -123,32 +98,53 @@ impl Tee {
         uri: &Uri,
         version: Version,
         headers: &HeaderMap,
-        received_at: SystemTime,
     ) -> Option<Admitted> {
         self.accounting.requests.increment(1);
         // A guard for the decision (no reference count touched); an owned `Arc` only for the
         // sampled requests whose copy keeps the policy it was admitted under.
         let policy = self.policy.load();
-        if !policy.decide(method, uri, headers, || fastrand::u64(..)) {
+        let Some(chosen) = policy.decide(method, uri, headers, || fastrand::u64(..)) else {
             self.accounting.not_sampled.increment(1);
             return None;
-        }
+        };
         let ticket = self.accounting.ticket();
         if self.uplink.as_ref().is_some_and(|u| !u.is_connected()) {
             ticket.dropped(DropReason::NoUplink);
             return None;
         }
-        let policy = arc_swap::Guard::into_inner(policy);
-        let (mut copy_headers, own_uri) = detach(headers, uri);
-        let uri = policy.redaction.apply(&mut copy_headers, &own_uri);
-        Some(Admitted {
-            head: Head {
-                method: method.clone(),
-                uri,
-                version,
-                headers: copy_headers,
-                received_at,
+        let meta = Meta {
+            session: self.session,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            received_at: SystemTime::now(),
+            source_cluster: self.source_cluster.clone(),
+            // The gateway names the agent from its certificate.
+            source_identity: empty(),
+            tap: self.tap.clone(),
+            sampling: Sampling {
+                rule: chosen.rule.cloned().unwrap_or_else(empty),
+                rate_ppm: chosen.fraction.ppm(),
             },
+        };
+        let policy = arc_swap::Guard::into_inner(policy);
+        let mut copy_headers = headers.clone();
+        let uri = policy.redaction.apply(&mut copy_headers, uri);
+        let max_body_bytes = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
+        // Room for the body as announced (no more than is kept): such a body is copied once.
+        let announced = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let frame = RequestFrame::new(
+            &meta,
+            method,
+            &uri,
+            version,
+            &copy_headers,
+            announced.min(max_body_bytes),
+        );
+        Some(Admitted {
+            frame,
             ticket,
             policy,
         })
@@ -158,10 +154,11 @@ impl Tee {
     /// the like): `not_sampled` when the policy passes it over, else dropped as `not_mirrorable`.
     pub fn unmirrorable(&self, method: &Method, uri: &Uri, headers: &HeaderMap) {
         self.accounting.requests.increment(1);
-        if !self
+        if self
             .policy
             .load()
             .decide(method, uri, headers, || fastrand::u64(..))
+            .is_none()
         {
             self.accounting.not_sampled.increment(1);
             return;
@@ -180,8 +177,7 @@ impl Tee {
             inner,
             capture: copy.map(|copy| Capture {
                 tee: self.clone(),
-                head: Some(copy.head),
-                body: BytesMut::new(),
+                frame: Some(copy.frame),
                 trailers: None,
                 ticket: Some(copy.ticket),
                 max_body_bytes: usize::try_from(copy.policy.max_body_bytes).unwrap_or(usize::MAX),
@@ -199,14 +195,14 @@ impl Tee {
         body
     }
 
-    fn enqueue(&self, record: MirroredRequest, ticket: Ticket) {
-        let mut queued = Queued::new(record, ticket);
-        if let Err(reason) = queued.ticket.hold(queued.len as u64) {
+    fn enqueue(&self, frame: Bytes, ticket: Ticket) {
+        let mut queued = Queued::new(frame, ticket);
+        if let Err(reason) = queued.ticket.hold(queued.size() as u64) {
             queued.ticket.dropped(reason);
             return;
         }
         if let Some(archive) = &self.archive_also {
-            archive.try_submit(Record::Request(queued.record.clone()), None);
+            archive.try_submit_frame(queued.frame.clone(), None);
         }
         match self.queue_tx.try_send(queued) {
             Ok(()) => {}
@@ -219,8 +215,8 @@ impl Tee {
 /// A sampled request's copy in the making, as [`Tee::admit`] hands it out.
 #[derive(Debug)]
 pub struct Admitted {
-    /// The redacted head.
-    pub head: Head,
+    /// The copy's frame, its redacted head encoded.
+    frame: RequestFrame,
     /// Its account.
     pub ticket: Ticket,
     /// The policy it was decided under, which also sets its body limit.
@@ -230,8 +226,7 @@ pub struct Admitted {
 /// The copy being built while the body streams.
 struct Capture {
     tee: Arc<Tee>,
-    head: Option<Head>,
-    body: BytesMut,
+    frame: Option<RequestFrame>,
     trailers: Option<HeaderMap>,
     ticket: Option<Ticket>,
     max_body_bytes: usize,
@@ -245,13 +240,17 @@ struct Capture {
 impl Capture {
     /// Appends a chunk; `false` when the body outgrew the limit and the copy is dropped.
     fn push(&mut self, chunk: &[u8]) -> bool {
+        let Some(frame) = self.frame.as_mut() else {
+            return false;
+        };
         if self.truncated {
             return true;
         }
-        if self.body.len() + chunk.len() > self.max_body_bytes {
+        let kept = frame.body_len();
+        if kept + chunk.len() > self.max_body_bytes {
             if self.over_limit == OverLimit::Truncate {
-                let room = self.max_body_bytes - self.body.len();
-                self.body.extend_from_slice(&chunk[..room]);
+                let room = self.max_body_bytes - kept;
+                frame.push_body(&chunk[..room]);
                 self.truncated = true;
                 return true;
             }
@@ -260,30 +259,27 @@ impl Capture {
             }
             return false;
         }
-        self.body.extend_from_slice(chunk);
+        frame.push_body(chunk);
         true
     }
 
     fn finish(mut self) {
-        let (Some(head), Some(ticket)) = (self.head.take(), self.ticket.take()) else {
+        let (Some(frame), Some(ticket)) = (self.frame.take(), self.ticket.take()) else {
             return;
         };
-        let record = MirroredRequest {
-            id: self.tee.next_id.fetch_add(1, Ordering::Relaxed),
-            received_at: head.received_at,
-            source_cluster: self.tee.source_cluster.clone(),
-            method: head.method,
-            uri: head.uri,
-            version: head.version,
-            headers: head.headers,
-            body: std::mem::take(&mut self.body).freeze(),
-            trailers: self.trailers.take(),
-            body_truncated: self.truncated,
+        let (frame, held) = frame.finish(self.trailers.as_ref(), self.truncated);
+        // A body that came without a length grew its buffer by doubling: a copy that would hold
+        // much more than its bytes is moved into a buffer of its own size, so that what the
+        // queue counts is what it holds.
+        let frame = if held - frame.len() > frame.len() / 16 + 64 {
+            Bytes::copy_from_slice(&frame)
+        } else {
+            frame
         };
         if self.truncated {
             self.tee.accounting.truncated.increment(1);
         }
-        self.tee.enqueue(record, ticket);
+        self.tee.enqueue(frame, ticket);
     }
 }
 
@@ -380,8 +376,8 @@ where
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_copys_head_is_equal_and_keeps_nothing_of_the_read_buffer() {
+    #[tokio::test]
+    async fn a_copy_is_one_frame_that_keeps_nothing_of_the_read_buffer() {
         // Values and target as hyper makes them: slices of one large read buffer.
         let read_buffer = Bytes::from(
             b"/orders/17?page=2 api.example.com application/json \xe9t\xe9"
@@ -404,22 +400,48 @@ mod tests {
             "x-kind",
             HeaderValue::from_maybe_shared(read_buffer.slice(51..56)).expect("obs-text"),
         );
-        let mut secret = HeaderValue::from_static("token");
-        secret.set_sensitive(true);
-        headers.append(http::header::AUTHORIZATION, secret);
-
-        let (own, own_uri) = detach(&headers, &uri);
-        assert_eq!(own_uri, uri);
-        assert_eq!(own, headers, "same fields, same order within a name");
-        assert!(own[http::header::AUTHORIZATION].is_sensitive());
-        let buffer = read_buffer.as_ptr_range();
-        let outside = |p: *const u8| !buffer.contains(&p);
-        assert!(outside(own_uri.path().as_ptr()), "the target is copied");
-        assert!(
-            own.values().all(|v| outside(v.as_bytes().as_ptr())),
-            "every value is copied"
+        headers.append(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer secret"),
         );
+        headers.append(http::header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let (tee, mut rx, _) = tee(4, 1024);
+        let copy = tee.admit(&Method::PUT, &uri, Version::HTTP_11, &headers);
+        let body = tee.body(Full::new(Bytes::from_static(b"hello")), copy);
+        body.collect().await.expect("body");
+        let q = rx.try_recv().expect("copy queued");
+
+        let buffer = read_buffer.as_ptr_range();
+        let frame = q.frame.as_ptr_range();
+        assert!(
+            frame.end <= buffer.start || frame.start >= buffer.end,
+            "the frame is an allocation of its own"
+        );
+        let copy = decoded(&q);
+        assert_eq!(copy.uri, uri);
+        assert_eq!(copy.method, Method::PUT);
+        assert_eq!(&copy.body[..], b"hello");
+        let mut want = headers.clone();
+        want.remove(http::header::AUTHORIZATION);
+        assert_eq!(
+            copy.headers, want,
+            "same fields, same order, credentials removed"
+        );
+        assert_eq!(&*copy.meta.tap, "http");
+        assert_eq!(copy.meta.session, 9);
+        assert_eq!(copy.meta.sampling.rate_ppm, 1_000_000);
+        q.ticket.mirrored();
     }
+
+    /// The copy a queued frame holds.
+    fn decoded(q: &Queued) -> teeway_wire::MirroredRequest {
+        match teeway_wire::Frame::decode(&mut bytes::BytesMut::from(&q.frame[..])) {
+            Ok(Some(teeway_wire::Frame::Envelope(teeway_wire::Envelope::HttpRequest(r)))) => r,
+            other => panic!("not a request's envelope: {other:?}"),
+        }
+    }
+
+    use http::HeaderValue;
     use http_body_util::{BodyExt, Full, StreamBody};
     use teeway_runtime::metrics::Snapshot;
 
@@ -438,10 +460,25 @@ mod tests {
         let uplink = Arc::new(UplinkState::default());
         uplink.set(true);
         (
-            Arc::new(Tee::new(tx, acc.clone(), policy, "c", Some(uplink), None)),
+            Arc::new(Tee::new(
+                tx,
+                acc.clone(),
+                policy,
+                origin(),
+                Some(uplink),
+                None,
+            )),
             rx,
             acc,
         )
+    }
+
+    fn origin() -> Origin {
+        Origin {
+            cluster: "c".into(),
+            tap: "http".into(),
+            session: 9,
+        }
     }
 
     fn tee(queue: usize, max_body: u64) -> (Arc<Tee>, mpsc::Receiver<Queued>, Arc<Accounting>) {
@@ -459,7 +496,6 @@ mod tests {
             &Uri::from_static("/x"),
             Version::HTTP_11,
             &headers,
-            SystemTime::now(),
         )
     }
 
@@ -481,7 +517,7 @@ mod tests {
         let passed = body.collect().await.expect("body").to_bytes();
         assert_eq!(&passed[..], b"hello world");
         let q = rx.try_recv().expect("copy queued");
-        assert_eq!(&q.record.body[..], b"hello world");
+        assert_eq!(&decoded(&q).body[..], b"hello world");
         q.ticket.mirrored();
     }
 
@@ -498,9 +534,10 @@ mod tests {
         let passed = body.collect().await.expect("body").to_bytes();
         assert_eq!(&passed[..], b"abcdefghij", "the primary gets every byte");
         let q = rx.try_recv().expect("copy queued");
-        assert_eq!(&q.record.body[..], b"abcd");
-        assert!(q.record.body_truncated);
-        assert!(q.record.headers.get(http::header::AUTHORIZATION).is_none());
+        let copy = decoded(&q);
+        assert_eq!(&copy.body[..], b"abcd");
+        assert!(copy.body_truncated);
+        assert!(copy.headers.get(http::header::AUTHORIZATION).is_none());
         q.ticket.mirrored();
         let s = Snapshot::parse(&acc.registry().render());
         assert_eq!(s.get(crate::metrics::MIRROR_TRUNCATED_TOTAL), 1.0);
@@ -563,7 +600,7 @@ mod tests {
             tx,
             acc.clone(),
             policy(1024, OverLimit::Skip),
-            "c",
+            origin(),
             Some(down),
             None,
         ));

@@ -57,7 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use quinn::{Endpoint, VarInt};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -68,7 +68,7 @@ use tokio_util::task::TaskTracker;
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::logging::Throttle;
 use teeway_wire::tls::TlsMaterial;
-use teeway_wire::{codes, Frame, MirroredRequest, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
+use teeway_wire::{codes, Envelope, Frame, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
 
 use crate::config::GatewayConfig;
 use crate::error::UplinkError;
@@ -112,23 +112,21 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A finished copy on its way to the uplink, with its account: what a tap hands the uplink.
 #[derive(Debug)]
 pub struct Queued {
-    /// The copy.
-    pub record: MirroredRequest,
+    /// The copy: its `ENVELOPE` frame, prefix included, encoded once by the tap.
+    pub frame: Bytes,
     /// Its account, resolved by the uplink.
     pub ticket: Ticket,
-    /// Its frame's size, prefix included: worked out once, when it is queued.
-    pub len: usize,
 }
 
 impl Queued {
-    /// `record` with its account, and its frame's size.
-    pub fn new(record: MirroredRequest, ticket: Ticket) -> Self {
-        let len = record.frame_len();
-        Self {
-            record,
-            ticket,
-            len,
-        }
+    /// `frame` with its account.
+    pub fn new(frame: Bytes, ticket: Ticket) -> Self {
+        Self { frame, ticket }
+    }
+
+    /// The frame's size, prefix included.
+    pub fn size(&self) -> usize {
+        self.frame.len()
     }
 }
 
@@ -376,6 +374,11 @@ impl Uplink {
         })
     }
 
+    /// This agent process's session (random, not 0), which names its batches.
+    pub fn session(&self) -> u64 {
+        self.shared.session
+    }
+
     /// Whether copies that find no live link go to a spool.
     pub fn has_spool(&self) -> bool {
         self.spool.is_some()
@@ -492,7 +495,7 @@ impl Uplink {
                             // A batch that would go out short waits a moment for more copies
                             // (see BATCH_LINGER). The other arms wait meanwhile, a millisecond.
                             let short = queue_rx.len() + 1 < MAX_BATCH_RECORDS
-                                && first.len < LINGER_BELOW_BYTES;
+                                && first.size() < LINGER_BELOW_BYTES;
                             if short && !drain.is_started() {
                                 tokio::time::sleep(BATCH_LINGER).await;
                             }
@@ -506,7 +509,7 @@ impl Uplink {
                     rotate = rotate.wrapping_add(1);
                     let (Some(permit), Some(target)) = (permit.take(), least_loaded(&live, rotate)) else {
                         // Unreachable (the branch's guard); the records go back to the spool.
-                        let SpoolChunk { records, share, .. } = chunk;
+                        let SpoolChunk { frames: records, share, .. } = chunk;
                         let _ = tokio::task::spawn_blocking(move || share.put_back(records)).await;
                         continue;
                     };
@@ -692,7 +695,11 @@ impl Spooling {
         stop_reading.cancel();
         leased.close();
         while let Ok(chunk) = leased.try_recv() {
-            let SpoolChunk { records, share, .. } = chunk;
+            let SpoolChunk {
+                frames: records,
+                share,
+                ..
+            } = chunk;
             let _ = tokio::task::spawn_blocking(move || share.put_back(records)).await;
         }
         if let Some(reader) = reader {
@@ -1209,12 +1216,12 @@ struct Sender {
 /// `first` and whatever else is already waiting, within the batch limits, and their frames'
 /// size (the batch's buffer is sized from it).
 fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> (Vec<Queued>, usize) {
-    let mut bytes = first.len;
+    let mut bytes = first.size();
     let mut copies = vec![first];
     while copies.len() < MAX_BATCH_RECORDS && bytes < MAX_BATCH_BYTES {
         match queue_rx.try_recv() {
             Ok(q) => {
-                bytes += q.len;
+                bytes += q.size();
                 copies.push(q);
             }
             Err(_) => break,
@@ -1247,7 +1254,7 @@ impl Batch {
         let tickets = copies
             .into_iter()
             .map(|q| {
-                Frame::Request(q.record).encode(&mut frames);
+                frames.extend_from_slice(&q.frame);
                 q.ticket
             })
             .collect();
@@ -1261,8 +1268,8 @@ impl Batch {
 
     fn spooled(chunk: SpoolChunk, seq: u64) -> Self {
         let mut frames = BytesMut::with_capacity(chunk.bytes);
-        for record in chunk.records {
-            Frame::Request(record).encode(&mut frames);
+        for frame in chunk.frames {
+            frames.extend_from_slice(&frame);
         }
         Self {
             frames: frames.freeze(),
@@ -1349,7 +1356,12 @@ async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphore
         } else {
             bytes::Bytes::new()
         };
-        let frames = batch.frames.clone();
+        // Copies are `ENVELOPE` frames; a gateway of version 4 or older reads `REQUEST`s.
+        let frames = if sender.version >= 5 {
+            batch.frames.clone()
+        } else {
+            as_requests(&batch.frames)
+        };
         let bytes = (head.len() + frames.len()) as u64;
         let sending = sender.load.enter();
         let outcome =
@@ -1451,7 +1463,7 @@ async fn next_link(
 
 /// Leased spool records offered to the uplink as one batch.
 struct SpoolChunk {
-    records: Vec<MirroredRequest>,
+    frames: Vec<Bytes>,
     /// Their frames' size.
     bytes: usize,
     share: Share,
@@ -1470,9 +1482,9 @@ async fn write_spool(
         let spool = spool.clone();
         let failures = failures.clone();
         let write = tokio::task::spawn_blocking(move || {
-            let (records, tickets): (Vec<_>, Vec<_>) =
-                copies.into_iter().map(|q| (q.record, q.ticket)).unzip();
-            match spool.append(records) {
+            let (frames, tickets): (Vec<_>, Vec<_>) =
+                copies.into_iter().map(|q| (q.frame, q.ticket)).unzip();
+            match spool.append(frames) {
                 Ok(()) => tickets.into_iter().for_each(Ticket::spooled),
                 Err(e) => {
                     if let Some(failed) = failures.note() {
@@ -1516,14 +1528,14 @@ async fn read_spool(
                 () = written.notified() => continue,
             }
         };
-        let records = std::mem::take(&mut lease.records);
-        tracing::info!(records = records.len(), "sending spooled copies");
-        let mut records = VecDeque::from(records);
+        let frames = std::mem::take(&mut lease.records);
+        tracing::info!(records = frames.len(), "sending spooled copies");
+        let mut records = VecDeque::from(frames);
         while !records.is_empty() {
             let mut chunk = Vec::new();
             let mut bytes = 0;
             while let Some(r) = records.front() {
-                let len = r.frame_len();
+                let len = r.len();
                 if chunk.len() >= MAX_BATCH_RECORDS
                     || (!chunk.is_empty() && bytes + len > MAX_BATCH_BYTES)
                 {
@@ -1544,12 +1556,26 @@ async fn read_spool(
             };
             let share = lease.share(chunk.len());
             slot.send(SpoolChunk {
-                records: chunk,
+                frames: chunk,
                 bytes,
                 share,
             });
         }
     }
+}
+
+/// `frames` (`ENVELOPE` frames) as `REQUEST` frames, for a gateway of protocol 4 or older, which
+/// knows no other. Every copy the taps make today is an HTTP request, which `REQUEST` holds
+/// (less the metadata version 5 added); the slow path of a mixed-version rollout only.
+fn as_requests(frames: &Bytes) -> Bytes {
+    let mut src = BytesMut::from(&frames[..]);
+    let mut out = BytesMut::with_capacity(frames.len());
+    while let Ok(Some(frame)) = Frame::decode(&mut src) {
+        if let Frame::Envelope(Envelope::HttpRequest(r)) = frame {
+            Frame::Request(r).encode(&mut out);
+        }
+    }
+    out.freeze()
 }
 
 /// Full-jitter exponential backoff: a random delay in `[d/2, d]` with `d = min(max, base·2^n)`.

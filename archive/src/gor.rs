@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
-use crate::{fnv1a64, unix_nanos, MirroredRequest, Record, ResponseOrigin, ResponseRecord};
+use crate::{fnv1a64, unix_nanos, Envelope, Meta, MirroredRequest, ResponseOrigin, ResponseRecord};
 
 /// The record separator, newlines included.
 pub const SEPARATOR: &[u8] = "\n🐵🙈🙉\n".as_bytes();
@@ -54,16 +54,18 @@ pub fn id_of_token(token: &str) -> u64 {
 }
 
 /// Appends `record` in gor form, separator included.
-pub fn put_record(record: &Record, dst: &mut Vec<u8>) {
+pub fn put_record(record: &Envelope, dst: &mut Vec<u8>) {
     match record {
-        Record::Request(r) => put_request(r, dst),
-        Record::Response(r) => put_response(r, dst),
+        Envelope::HttpRequest(r) => put_request(r, dst),
+        Envelope::HttpResponse(r) => put_response(r, dst),
+        // gor holds HTTP only; a kind it cannot hold is left out.
+        Envelope::Other { .. } => return,
     }
     dst.extend_from_slice(SEPARATOR);
 }
 
 fn put_request(r: &MirroredRequest, dst: &mut Vec<u8>) {
-    let id = token(r.id, &r.source_cluster);
+    let id = token(r.meta.id, &r.meta.source_cluster);
     dst.extend_from_slice(format!("1 {id} {} -1\n", r.received_at_unix_nanos()).as_bytes());
     let target = r.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let version = if r.version == Version::HTTP_10 {
@@ -88,10 +90,10 @@ fn put_response(r: &ResponseRecord, dst: &mut Vec<u8>) {
         ResponseOrigin::Original => 2,
         ResponseOrigin::Replayed => 3,
     };
-    let id = token(r.request_id, &r.source_cluster);
+    let id = token(r.meta.id, &r.meta.source_cluster);
     let latency = u64::try_from(r.latency.as_nanos()).unwrap_or(u64::MAX);
     dst.extend_from_slice(
-        format!("{kind} {id} {} {latency}\n", unix_nanos(r.received_at)).as_bytes(),
+        format!("{kind} {id} {} {latency}\n", unix_nanos(r.meta.received_at)).as_bytes(),
     );
     let version = if r.version == Version::HTTP_10 {
         "HTTP/1.0"
@@ -200,7 +202,7 @@ pub enum ParseError {
 }
 
 /// Parses one complete raw record.
-pub fn parse_record(raw: &[u8]) -> Result<Record, ParseError> {
+pub fn parse_record(raw: &[u8]) -> Result<Envelope, ParseError> {
     let newline = raw
         .iter()
         .position(|&b| b == b'\n')
@@ -224,7 +226,7 @@ pub fn parse_record(raw: &[u8]) -> Result<Record, ParseError> {
     let id = id_of_token(fields[1]);
     let at = UNIX_EPOCH + Duration::from_nanos(timestamp);
     match fields[0] {
-        "1" => parse_request(message, id, at).map(Record::Request),
+        "1" => parse_request(message, id, at).map(Envelope::HttpRequest),
         "2" | "3" => {
             let origin = if fields[0] == "2" {
                 ResponseOrigin::Original
@@ -232,7 +234,7 @@ pub fn parse_record(raw: &[u8]) -> Result<Record, ParseError> {
                 ResponseOrigin::Replayed
             };
             let latency = Duration::from_nanos(u64::try_from(latency).unwrap_or(0));
-            parse_response(message, id, at, origin, latency).map(Record::Response)
+            parse_response(message, id, at, origin, latency).map(Envelope::HttpResponse)
         }
         other => Err(ParseError::Header(format!("unknown type {other:?}"))),
     }
@@ -274,9 +276,7 @@ fn parse_request(
         .and_then(|v| v.trim().parse::<u64>().ok());
     let body_truncated = announced.is_some_and(|n| n > body.len() as u64);
     Ok(MirroredRequest {
-        id,
-        received_at: at,
-        source_cluster: Arc::from(GOR_CLUSTER),
+        meta: Meta::basic(id, at, Arc::from(GOR_CLUSTER)),
         method,
         uri,
         version,
@@ -311,11 +311,9 @@ fn parse_response(
     let mut headers = to_header_map(resp.headers)?;
     let body = body_of(&mut headers, &message[head_len..])?;
     Ok(ResponseRecord {
-        request_id: id,
-        source_cluster: Arc::from(GOR_CLUSTER),
+        meta: Meta::basic(id, at, Arc::from(GOR_CLUSTER)),
         origin,
         target: String::new(),
-        received_at: at,
         latency,
         status,
         version,
@@ -398,7 +396,7 @@ mod tests {
     fn a_cut_body_stays_cut_through_a_round_trip() {
         let raw = b"1 c1 5 -1\nPOST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nonly this";
         let record = parse_record(raw).expect("parses");
-        let Record::Request(r) = &record else {
+        let Envelope::HttpRequest(r) = &record else {
             panic!("a request")
         };
         assert!(r.body_truncated);
@@ -417,10 +415,10 @@ mod tests {
             .insert(header::HOST, HeaderValue::from_static("api.example.com"));
         r.uri = Uri::from_static("/v1/items?q=1");
         let mut out = Vec::new();
-        put_record(&Record::Request(r.clone()), &mut out);
+        put_record(&Envelope::HttpRequest(r.clone()), &mut out);
         let expected = format!(
             "1 {} {} -1\nPOST /v1/items?q=1 HTTP/1.1\r\nhost: api.example.com\r\ncontent-length: 3\r\n\r\na=1\n🐵🙈🙉\n",
-            token(0x2a, &r.source_cluster),
+            token(0x2a, &r.meta.source_cluster),
             r.received_at_unix_nanos()
         );
         assert_eq!(String::from_utf8(out).expect("utf8"), expected);
@@ -431,44 +429,44 @@ mod tests {
     #[test]
     fn requests_and_responses_round_trip() {
         let mut req = sample_request(5, b"line1\r\nline2\r\n\x00\x01\xfe\xff");
-        req.source_cluster = GOR_CLUSTER.into();
+        req.meta.source_cluster = GOR_CLUSTER.into();
         let mut resp = sample_response(5);
-        resp.source_cluster = GOR_CLUSTER.into();
+        resp.meta.source_cluster = GOR_CLUSTER.into();
         resp.target = String::new();
         resp.version = Version::HTTP_11;
         let mut out = Vec::new();
-        put_record(&Record::Request(req.clone()), &mut out);
-        put_record(&Record::Response(resp.clone()), &mut out);
+        put_record(&Envelope::HttpRequest(req.clone()), &mut out);
+        put_record(&Envelope::HttpResponse(resp.clone()), &mut out);
         let raws = split_all(&out);
         assert_eq!(raws.len(), 2);
-        let back: Vec<Record> = raws
+        let back: Vec<Envelope> = raws
             .iter()
             .map(|r| match r {
                 Raw::Complete(b) => parse_record(b).expect("parses"),
                 other => panic!("{other:?}"),
             })
             .collect();
-        let Record::Request(got) = &back[0] else {
+        let Envelope::HttpRequest(got) = &back[0] else {
             panic!("request expected")
         };
         assert_eq!(got.method, req.method);
         assert_eq!(got.uri, req.uri);
         assert_eq!(got.body, req.body);
-        assert_eq!(got.received_at, req.received_at);
-        assert_eq!(got.id, req.id);
+        assert_eq!(got.meta.received_at, req.meta.received_at);
+        assert_eq!(got.meta.id, req.meta.id);
         for (name, value) in &req.headers {
             assert!(
                 got.headers.get_all(name).iter().any(|v| v == value),
                 "{name}"
             );
         }
-        let Record::Response(got) = &back[1] else {
+        let Envelope::HttpResponse(got) = &back[1] else {
             panic!("response expected")
         };
         assert_eq!(got.status, resp.status);
         assert_eq!(got.latency, resp.latency);
         assert_eq!(got.body, resp.body);
-        assert_eq!(got.request_id, 5);
+        assert_eq!(got.meta.id, 5);
     }
 
     #[test]
@@ -478,7 +476,7 @@ mod tests {
         r.uri = Uri::from_static("http://grpc.example:50051/pkg.Svc/Call");
         r.headers = HeaderMap::new();
         let mut out = Vec::new();
-        put_record(&Record::Request(r), &mut out);
+        put_record(&Envelope::HttpRequest(r), &mut out);
         let text = String::from_utf8_lossy(&out);
         assert!(
             text.contains("POST /pkg.Svc/Call HTTP/1.1\r\nhost: grpc.example:50051\r\n"),
@@ -489,15 +487,15 @@ mod tests {
     #[test]
     fn three_field_headers_and_chunked_bodies_parse() {
         let raw = b"1 abc 1700000000000000000\nPOST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;ext=1\r\n\r\n\r\n0\r\n\r\n";
-        let Record::Request(r) = parse_record(raw).expect("parses") else {
+        let Envelope::HttpRequest(r) = parse_record(raw).expect("parses") else {
             panic!("request expected")
         };
         assert_eq!(&r.body[..], b"abc\r\n");
         assert!(r.headers.get(header::TRANSFER_ENCODING).is_none());
         assert_eq!(r.headers[header::CONTENT_LENGTH], "5");
-        assert_eq!(r.id, fnv1a64(b"abc"));
+        assert_eq!(r.meta.id, fnv1a64(b"abc"));
         assert_eq!(
-            r.received_at,
+            r.meta.received_at,
             UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000)
         );
     }

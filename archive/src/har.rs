@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use teeway_runtime::proxy::percent_decode;
 
-use crate::{MirroredRequest, Record, ResponseRecord};
+use crate::{Envelope, MirroredRequest, ResponseRecord};
 
 /// Largest decoded body written into a HAR entry: a small compressed body can decode to
 /// gigabytes.
@@ -62,10 +62,10 @@ impl<W: Write> HarWriter<W> {
     }
 
     /// Adds a record: a request waits for its response; a response completes its request.
-    pub fn push(&mut self, record: Record) -> io::Result<()> {
+    pub fn push(&mut self, record: Envelope) -> io::Result<()> {
         match record {
-            Record::Request(r) => {
-                let key = (r.source_cluster.clone(), r.id);
+            Envelope::HttpRequest(r) => {
+                let key = (r.meta.source_cluster.clone(), r.meta.id);
                 if let Some((previous, answered)) = self.pending.insert(key.clone(), (r, false)) {
                     if !answered {
                         self.entry(&previous, None)?;
@@ -77,15 +77,18 @@ impl<W: Write> HarWriter<W> {
                 }
             }
             // An interim response (100 Continue, 103 Early Hints) is not the answer.
-            Record::Response(resp) if resp.status.is_informational() && resp.status != 101 => {}
-            Record::Response(resp) => {
-                let key = (resp.source_cluster.clone(), resp.request_id);
+            Envelope::HttpResponse(resp)
+                if resp.status.is_informational() && resp.status != 101 => {}
+            Envelope::HttpResponse(resp) => {
+                let key = (resp.meta.source_cluster.clone(), resp.meta.id);
                 if let Some((request, _)) = self.pending.remove(&key) {
                     let written = self.entry(&request, Some(&resp));
                     self.pending.insert(key, (request, true));
                     written?;
                 }
             }
+            // HAR holds HTTP only.
+            Envelope::Other { .. } => {}
         }
         Ok(())
     }
@@ -233,7 +236,7 @@ fn entry(r: &MirroredRequest, resp: Option<&ResponseRecord>) -> Value {
         ),
     };
     json!({
-        "startedDateTime": iso8601(r.received_at),
+        "startedDateTime": iso8601(r.meta.received_at),
         "time": wait,
         "request": request,
         "response": response,
@@ -242,9 +245,9 @@ fn entry(r: &MirroredRequest, resp: Option<&ResponseRecord>) -> Value {
         "comment": match resp {
             Some(resp) if !resp.target.is_empty() => format!(
                 "source cluster {}, id {}, answered by {}",
-                r.source_cluster, r.id, resp.target
+                r.meta.source_cluster, r.meta.id, resp.target
             ),
-            _ => format!("source cluster {}, id {}", r.source_cluster, r.id),
+            _ => format!("source cluster {}, id {}", r.meta.source_cluster, r.meta.id),
         },
     })
 }
@@ -432,11 +435,12 @@ mod tests {
     #[test]
     fn document_is_valid_har_with_paired_responses() {
         let mut w = HarWriter::new(Vec::new()).expect("start");
-        w.push(Record::Request(sample_request(1, b"{\"a\":1}")))
+        w.push(Envelope::HttpRequest(sample_request(1, b"{\"a\":1}")))
             .expect("push");
-        w.push(Record::Request(sample_request(2, &[0xff, 0x00])))
+        w.push(Envelope::HttpRequest(sample_request(2, &[0xff, 0x00])))
             .expect("push");
-        w.push(Record::Response(sample_response(1))).expect("push");
+        w.push(Envelope::HttpResponse(sample_response(1)))
+            .expect("push");
         let (out, written) = w.finish().expect("finish");
         assert_eq!(written, 2, "entries still pending at the end are counted");
         let doc: Value = serde_json::from_slice(&out).expect("valid JSON");
@@ -486,10 +490,10 @@ mod tests {
         interim.status = http::StatusCode::CONTINUE;
 
         let mut w = HarWriter::new(Vec::new()).expect("start");
-        w.push(Record::Request(request)).expect("push");
-        w.push(Record::Response(interim)).expect("push");
-        w.push(Record::Response(answer)).expect("push");
-        w.push(Record::Response(second)).expect("push");
+        w.push(Envelope::HttpRequest(request)).expect("push");
+        w.push(Envelope::HttpResponse(interim)).expect("push");
+        w.push(Envelope::HttpResponse(answer)).expect("push");
+        w.push(Envelope::HttpResponse(second)).expect("push");
         let (out, written) = w.finish().expect("finish");
         assert_eq!(
             written, 2,

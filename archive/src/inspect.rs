@@ -8,7 +8,7 @@ use teeway_runtime::units::format_size;
 
 use crate::har::iso8601;
 use crate::read::{ReadStats, Reader};
-use crate::Record;
+use crate::Envelope;
 
 /// Distinct paths counted one by one; past this, new paths are counted as `(other)`.
 const MAX_DISTINCT_PATHS: usize = 10_000;
@@ -22,6 +22,8 @@ pub struct Summary {
     pub requests: u64,
     /// Responses read.
     pub responses: u64,
+    /// Records of kinds this teeway does not know (written by a newer one).
+    pub other_kinds: u64,
     /// Earliest and latest record timestamps (ns since the epoch).
     pub span: Option<(u64, u64)>,
     /// Requests by method.
@@ -53,10 +55,12 @@ impl Summary {
                 Some((a, b)) => (a.min(at), b.max(at)),
             });
             match record {
-                Record::Request(r) => {
+                Envelope::HttpRequest(r) => {
                     s.requests += 1;
                     *s.methods.entry(r.method.to_string()).or_default() += 1;
-                    *s.clusters.entry(r.source_cluster.to_string()).or_default() += 1;
+                    *s.clusters
+                        .entry(r.meta.source_cluster.to_string())
+                        .or_default() += 1;
                     let path = r.uri.path();
                     if let Some(n) = s.paths.get_mut(path) {
                         *n += 1;
@@ -69,7 +73,8 @@ impl Summary {
                     s.max_body = s.max_body.max(r.body.len() as u64);
                     s.truncated += u64::from(r.body_truncated);
                 }
-                Record::Response(_) => s.responses += 1,
+                Envelope::HttpResponse(_) => s.responses += 1,
+                Envelope::Other { .. } => s.other_kinds += 1,
             }
         }
         s.read = reader.stats;
@@ -103,10 +108,17 @@ impl fmt::Display for Summary {
         writeln!(
             f,
             "records:    {} ({} requests, {} responses)",
-            self.requests + self.responses,
+            self.requests + self.responses + self.other_kinds,
             self.requests,
             self.responses
         )?;
+        if self.other_kinds > 0 {
+            writeln!(
+                f,
+                "            {} of kinds this teeway does not know (written by a newer one)",
+                self.other_kinds
+            )?;
+        }
         if let Some((first, last)) = self.span {
             let t = |ns: u64| iso8601(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns));
             let secs = (last - first) as f64 / 1e9;

@@ -23,13 +23,9 @@
 //! - [`config`]: the `archive:` block shared by `agent.yaml` and `gateway.yaml`.
 //! - [`inspect`]: the summary printed by `teeway archive inspect`.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http::{HeaderMap, StatusCode, Version};
-
-pub use teeway_wire::MirroredRequest;
+pub use teeway_wire::{Envelope, Meta, MirroredRequest, ResponseOrigin, ResponseRecord};
 
 pub mod config;
 pub mod frames;
@@ -44,79 +40,9 @@ pub use config::{ArchiveConfig, Compression, Format};
 pub use read::{Issue, IssueKind, ReadError, Reader};
 pub use write::{Archive, ArchiveDrop, Outcome};
 
-/// One archived record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record {
-    /// A mirrored request.
-    Request(MirroredRequest),
-    /// A response to an archived request.
-    Response(ResponseRecord),
-}
-
-impl Record {
-    /// When the request (or response) was received.
-    pub fn received_at(&self) -> SystemTime {
-        match self {
-            Record::Request(r) => r.received_at,
-            Record::Response(r) => r.received_at,
-        }
-    }
-
-    /// Nanoseconds since the Unix epoch of [`Record::received_at`].
-    pub fn unix_nanos(&self) -> u64 {
-        unix_nanos(self.received_at())
-    }
-
-    /// Bytes the record holds in memory, roughly: what a queue budget counts.
-    pub fn size_hint(&self) -> usize {
-        match self {
-            Record::Request(r) => r.frame_len(),
-            Record::Response(r) => {
-                64 + r.target.len()
-                    + r.body.len()
-                    + r.headers
-                        .iter()
-                        .map(|(n, v)| n.as_str().len() + v.len() + 8)
-                        .sum::<usize>()
-            }
-        }
-    }
-}
-
-/// Who produced an archived response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResponseOrigin {
-    /// The production service's answer (GoReplay type 2; teeway never captures these).
-    Original,
-    /// A shadow's answer to the replayed request (GoReplay type 3).
-    Replayed,
-}
-
-/// A response, tied to its request by `request_id` and `source_cluster`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResponseRecord {
-    /// The [`MirroredRequest::id`] of the request answered.
-    pub request_id: u64,
-    /// The request's source cluster.
-    pub source_cluster: Arc<str>,
-    /// Who answered.
-    pub origin: ResponseOrigin,
-    /// The shadow's URL (empty when unknown, as in GoReplay files).
-    pub target: String,
-    /// When the response head arrived.
-    pub received_at: SystemTime,
-    /// Time from sending the request to the response head.
-    pub latency: Duration,
-    /// Status code.
-    pub status: StatusCode,
-    /// HTTP version of the response.
-    pub version: Version,
-    /// Response headers.
-    pub headers: HeaderMap,
-    /// Response body, up to the archive's limit.
-    pub body: Bytes,
-    /// The body was cut at the archive's limit.
-    pub body_truncated: bool,
+/// Bytes `envelope` holds in memory, roughly: what a queue budget counts.
+pub fn size_hint(envelope: &Envelope) -> usize {
+    native::RECORD_HEADER_LEN + 1 + teeway_wire::envelope::encoded_len(envelope)
 }
 
 /// Nanoseconds since the Unix epoch (0 before it, saturating far after).

@@ -7,6 +7,11 @@
 //! payload = kind:u8 fields...
 //! ```
 //!
+//! Version 2 writes every record as kind 9, an [`Envelope`] in the bytes of the protocol's
+//! `ENVELOPE` frame (whose type is also 9: a frame's body is a record's payload, byte for byte).
+//! Readers also take version 1 segments, whose kinds 1 (request) and 2 (response) predate
+//! envelopes.
+//!
 //! `header_crc` is the CRC-32C of the eight bytes before it and `payload_crc` that of the payload.
 //! A reader therefore knows, for every record, which of three things happened:
 //!
@@ -34,12 +39,14 @@ use teeway_wire::fields::{
 };
 use teeway_wire::{DecodeError, MirroredRequest};
 
-use crate::{unix_nanos, Record, ResponseOrigin, ResponseRecord};
+use crate::{unix_nanos, Envelope, ResponseOrigin, ResponseRecord};
 
 /// First bytes of every native segment.
 pub const MAGIC: [u8; 8] = *b"\x89TWA\r\n\x1a\n";
-/// Format version written in the segment header.
-pub const VERSION: u16 = 1;
+/// Format version written in the segment header: 2, records are envelopes. Readers take 1 too.
+pub const VERSION: u16 = 2;
+/// The oldest version readers take.
+pub const OLDEST_VERSION: u16 = 1;
 /// Size of the segment header.
 pub const SEGMENT_HEADER_LEN: usize = 12;
 /// Size of a record header.
@@ -47,10 +54,12 @@ pub const RECORD_HEADER_LEN: usize = 12;
 /// Largest payload a reader accepts; a larger length is treated as a corrupt header.
 pub const MAX_RECORD_LEN: u32 = 64 * 1024 * 1024;
 
-/// Record kind: a [`MirroredRequest`] in the wire's `REQUEST` field layout.
+/// Record kind (version 1): a [`MirroredRequest`] in the layout of protocol 4's `REQUEST` frame.
 pub const KIND_REQUEST: u8 = 1;
-/// Record kind: a [`ResponseRecord`].
+/// Record kind (version 1): a [`ResponseRecord`] without envelope metadata.
 pub const KIND_RESPONSE: u8 = 2;
+/// Record kind (version 2): an [`Envelope`]; the same number as the `ENVELOPE` frame type.
+pub const KIND_ENVELOPE: u8 = 9;
 
 const FLAG_BODY_TRUNCATED: u8 = 0x01;
 
@@ -62,19 +71,25 @@ pub fn put_segment_header(dst: &mut BytesMut) {
 }
 
 /// Appends one record, header and checksums included.
-pub fn put_record(record: &Record, dst: &mut BytesMut) {
+pub fn put_record(record: &Envelope, dst: &mut BytesMut) {
     let start = dst.len();
     dst.put_bytes(0, RECORD_HEADER_LEN);
-    match record {
-        Record::Request(r) => {
-            dst.put_u8(KIND_REQUEST);
-            r.encode_fields(dst);
-        }
-        Record::Response(r) => {
-            dst.put_u8(KIND_RESPONSE);
-            put_response(r, dst);
-        }
-    }
+    dst.put_u8(KIND_ENVELOPE);
+    teeway_wire::envelope::encode(record, dst);
+    seal(dst, start);
+}
+
+/// Appends one record whose payload is an encoded `ENVELOPE` frame's body (the frame without
+/// its length prefix): what an agent encoded once, at admission, is stored as it is.
+pub fn put_frame_body(body: &[u8], dst: &mut BytesMut) {
+    let start = dst.len();
+    dst.put_bytes(0, RECORD_HEADER_LEN);
+    dst.put_slice(body);
+    seal(dst, start);
+}
+
+/// Fills in the header of the record that starts at `start` and runs to the end of `dst`.
+fn seal(dst: &mut BytesMut, start: usize) {
     let payload_len = dst.len() - start - RECORD_HEADER_LEN;
     let payload_crc = crc32c::crc32c(&dst[start + RECORD_HEADER_LEN..]);
     let mut header = [0u8; RECORD_HEADER_LEN];
@@ -85,15 +100,34 @@ pub fn put_record(record: &Record, dst: &mut BytesMut) {
     dst[start..start + RECORD_HEADER_LEN].copy_from_slice(&header);
 }
 
+/// Writes a record in the version 1 layout (kinds 1 and 2), for tests of old archives.
+#[doc(hidden)]
+pub fn put_record_v1(record: &Envelope, dst: &mut BytesMut) {
+    let start = dst.len();
+    dst.put_bytes(0, RECORD_HEADER_LEN);
+    match record {
+        Envelope::HttpRequest(r) => {
+            dst.put_u8(KIND_REQUEST);
+            r.encode_fields(dst);
+        }
+        Envelope::HttpResponse(r) => {
+            dst.put_u8(KIND_RESPONSE);
+            put_response(r, dst);
+        }
+        Envelope::Other { .. } => {}
+    }
+    seal(dst, start);
+}
+
 fn put_response(r: &ResponseRecord, dst: &mut BytesMut) {
-    dst.put_u64(r.request_id);
-    put_str16(dst, &r.source_cluster);
+    dst.put_u64(r.meta.id);
+    put_str16(dst, &r.meta.source_cluster);
     dst.put_u8(match r.origin {
         ResponseOrigin::Original => 2,
         ResponseOrigin::Replayed => 3,
     });
     put_str16(dst, &r.target);
-    dst.put_u64(unix_nanos(r.received_at));
+    dst.put_u64(unix_nanos(r.meta.received_at));
     dst.put_u64(u64::try_from(r.latency.as_nanos()).unwrap_or(u64::MAX));
     dst.put_u16(r.status.as_u16());
     dst.put_u8(match r.version {
@@ -111,12 +145,13 @@ fn put_response(r: &ResponseRecord, dst: &mut BytesMut) {
 }
 
 /// Decodes a verified payload.
-pub fn decode_payload(payload: Bytes) -> Result<Record, PayloadError> {
+pub fn decode_payload(payload: Bytes) -> Result<Envelope, PayloadError> {
     let mut src = payload;
     let kind = get_u8(&mut src, "kind").map_err(PayloadError::Fields)?;
     let record = match kind {
-        KIND_REQUEST => Record::Request(MirroredRequest::decode_fields(&mut src)?),
-        KIND_RESPONSE => Record::Response(decode_response(&mut src)?),
+        KIND_REQUEST => Envelope::HttpRequest(MirroredRequest::decode_fields(&mut src)?),
+        KIND_RESPONSE => Envelope::HttpResponse(decode_response(&mut src)?),
+        KIND_ENVELOPE => teeway_wire::envelope::decode(&mut src)?,
         other => return Err(PayloadError::UnknownKind(other)),
     };
     Ok(record)
@@ -144,11 +179,9 @@ fn decode_response(src: &mut Bytes) -> Result<ResponseRecord, DecodeError> {
     let body_len = teeway_wire::fields::get_u32(src, "body")? as usize;
     let body = teeway_wire::fields::take(src, body_len, "body")?;
     Ok(ResponseRecord {
-        request_id,
-        source_cluster,
+        meta: teeway_wire::Meta::basic(request_id, received_at, source_cluster),
         origin,
         target,
-        received_at,
         latency,
         status,
         version,
@@ -175,7 +208,7 @@ pub enum PayloadError {
 #[derive(Debug)]
 pub enum Next {
     /// A verified record.
-    Record(Record),
+    Record(Envelope),
     /// The segment ended cleanly.
     End,
     /// The record at `offset` was skipped; reading goes on after it.
@@ -216,10 +249,10 @@ impl<R: Read> SegmentReader<R> {
             ));
         }
         let version = u16::from_be_bytes([header[8], header[9]]);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("archive format version {version} is not supported (this teeway reads {VERSION})"),
+                format!("archive format version {version} is not supported (this teeway reads {OLDEST_VERSION} to {VERSION}); it was written by a newer teeway"),
             ));
         }
         Ok(Self {
@@ -328,7 +361,7 @@ mod tests {
     use super::*;
     use crate::read::tests::{sample_request, sample_response};
 
-    fn segment(records: &[Record]) -> Vec<u8> {
+    fn segment(records: &[Envelope]) -> Vec<u8> {
         let mut buf = BytesMut::new();
         put_segment_header(&mut buf);
         for r in records {
@@ -337,7 +370,7 @@ mod tests {
         buf.to_vec()
     }
 
-    fn read_all(bytes: &[u8]) -> (Vec<Record>, Vec<Next>) {
+    fn read_all(bytes: &[u8]) -> (Vec<Envelope>, Vec<Next>) {
         let mut reader = SegmentReader::new(bytes).expect("header");
         let (mut records, mut other) = (Vec::new(), Vec::new());
         loop {
@@ -353,9 +386,9 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let records = vec![
-            Record::Request(sample_request(1, b"hello\r\n\x00\xff")),
-            Record::Response(sample_response(1)),
-            Record::Request(sample_request(2, b"")),
+            Envelope::HttpRequest(sample_request(1, b"hello\r\n\x00\xff")),
+            Envelope::HttpResponse(sample_response(1)),
+            Envelope::HttpRequest(sample_request(2, b"")),
         ];
         let (back, other) = read_all(&segment(&records));
         assert_eq!(back, records);
@@ -364,8 +397,8 @@ mod tests {
 
     #[test]
     fn every_truncation_is_a_torn_tail_after_intact_records() {
-        let records: Vec<Record> = (0..3)
-            .map(|i| Record::Request(sample_request(i, b"body")))
+        let records: Vec<Envelope> = (0..3)
+            .map(|i| Envelope::HttpRequest(sample_request(i, b"body")))
             .collect();
         let full = segment(&records);
         let mut ends = vec![SEGMENT_HEADER_LEN];
@@ -392,8 +425,8 @@ mod tests {
 
     #[test]
     fn corrupt_payload_is_skipped_and_reading_resumes() {
-        let records: Vec<Record> = (0..3)
-            .map(|i| Record::Request(sample_request(i, b"body-bytes")))
+        let records: Vec<Envelope> = (0..3)
+            .map(|i| Envelope::HttpRequest(sample_request(i, b"body-bytes")))
             .collect();
         let mut bytes = segment(&records);
         // Flip a byte inside the second record's payload.
@@ -409,8 +442,8 @@ mod tests {
 
     #[test]
     fn corrupt_header_stops_without_returning_garbage() {
-        let records: Vec<Record> = (0..3)
-            .map(|i| Record::Request(sample_request(i, b"x")))
+        let records: Vec<Envelope> = (0..3)
+            .map(|i| Envelope::HttpRequest(sample_request(i, b"x")))
             .collect();
         let mut bytes = segment(&records);
         let first_len = segment(&records[..1]).len();
@@ -427,7 +460,7 @@ mod tests {
     fn unknown_kind_is_skipped() {
         let mut buf = BytesMut::new();
         put_segment_header(&mut buf);
-        let payload = [9u8, 1, 2, 3];
+        let payload = [200u8, 1, 2, 3];
         let crc = crc32c::crc32c(&payload);
         let mut header = [0u8; 8];
         header[..4].copy_from_slice(&4u32.to_be_bytes());
@@ -435,20 +468,64 @@ mod tests {
         buf.put_slice(&header);
         buf.put_u32(crc32c::crc32c(&header));
         buf.put_slice(&payload);
-        put_record(&Record::Request(sample_request(7, b"")), &mut buf);
+        put_record(&Envelope::HttpRequest(sample_request(7, b"")), &mut buf);
         let (back, other) = read_all(&buf);
         assert_eq!(back.len(), 1);
         assert!(
-            matches!(&other[..], [Next::Skipped { why, .. }] if why.contains("unknown record kind 9"))
+            matches!(&other[..], [Next::Skipped { why, .. }] if why.contains("unknown record kind 200"))
         );
     }
 
     #[test]
     fn bad_magic_and_version_are_errors() {
         assert!(SegmentReader::new(&b"GET / HTTP/1.1\r\n"[..]).is_err());
-        let mut v2 = segment(&[]);
-        v2[9] = 2;
-        let err = SegmentReader::new(&v2[..]).expect_err("version 2");
-        assert!(err.to_string().contains("version 2"), "{err}");
+        let mut v3 = segment(&[]);
+        v3[9] = 3;
+        let err = SegmentReader::new(&v3[..]).expect_err("version 3");
+        assert!(
+            err.to_string().contains("version 3") && err.to_string().contains("newer teeway"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn version_1_segments_are_still_read() {
+        let request = sample_request(3, b"body");
+        let response = crate::read::tests::sample_response(3);
+        let mut buf = BytesMut::new();
+        buf.put_slice(&MAGIC);
+        buf.put_u16(1);
+        buf.put_u16(0);
+        put_record_v1(&Envelope::HttpRequest(request.clone()), &mut buf);
+        put_record_v1(&Envelope::HttpResponse(response.clone()), &mut buf);
+        let (back, other) = read_all(&buf);
+        assert!(other.is_empty(), "{other:?}");
+        assert_eq!(
+            back,
+            [
+                Envelope::HttpRequest(request),
+                Envelope::HttpResponse(response)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_encoded_frame_is_stored_as_it_is() {
+        let mut request = sample_request(4, b"payload");
+        request.meta.session = 77;
+        request.meta.tap = "http".into();
+        let envelope = Envelope::HttpRequest(request);
+        let mut frame = BytesMut::new();
+        teeway_wire::Frame::Envelope(envelope.clone()).encode(&mut frame);
+        let mut stored = BytesMut::new();
+        put_segment_header(&mut stored);
+        put_frame_body(&frame[teeway_wire::frame::PREFIX_LEN..], &mut stored);
+        assert_eq!(
+            &stored[..],
+            &segment(std::slice::from_ref(&envelope))[..],
+            "the same bytes as the record written from the decoded envelope"
+        );
+        let (back, _) = read_all(&stored);
+        assert_eq!(back, [envelope]);
     }
 }

@@ -21,7 +21,7 @@ use crate::config::{Compression, Format};
 use crate::frames::{Frame, Frames, ZSTD_MAGIC};
 use crate::gor::{self, Raw, Splitter};
 use crate::native::{Next, SegmentReader, MAGIC};
-use crate::Record;
+use crate::Envelope;
 
 /// Records held back to restore timestamp order.
 pub const DEFAULT_WINDOW: usize = 1024;
@@ -230,7 +230,7 @@ impl std::fmt::Debug for FileReader {
 #[derive(Debug)]
 pub enum Step {
     /// A record.
-    Record(Record),
+    Record(Envelope),
     /// Something skipped; reading goes on.
     Issue(Issue),
     /// The file is done.
@@ -587,7 +587,7 @@ impl std::fmt::Debug for Reader {
 struct Held {
     at: u64,
     seq: u64,
-    record: Record,
+    record: Envelope,
 }
 
 impl PartialEq for Held {
@@ -627,7 +627,7 @@ impl Reader {
     }
 
     /// The next record from the files, in file order, skipping (and noting) what is unreadable.
-    fn pull(&mut self) -> Option<Record> {
+    fn pull(&mut self) -> Option<Envelope> {
         loop {
             if self.current.is_none() {
                 let path = self.files.pop_front()?;
@@ -666,9 +666,9 @@ impl Reader {
 }
 
 impl Iterator for Reader {
-    type Item = Record;
+    type Item = Envelope;
 
-    fn next(&mut self) -> Option<Record> {
+    fn next(&mut self) -> Option<Envelope> {
         while self.held.len() < self.window.max(1) {
             match self.pull() {
                 Some(record) => {
@@ -712,9 +712,11 @@ pub(crate) mod tests {
         headers.append("x-repeat", HeaderValue::from_static("one"));
         headers.append("x-repeat", HeaderValue::from_static("two"));
         MirroredRequest {
-            id,
-            received_at: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + id * 1000),
-            source_cluster: "prod-eu".into(),
+            meta: teeway_wire::Meta::basic(
+                id,
+                UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + id * 1000),
+                "prod-eu".into(),
+            ),
             method: Method::POST,
             uri: Uri::from_static("/v1/items?id=7&x=%20"),
             version: Version::HTTP_11,
@@ -729,11 +731,13 @@ pub(crate) mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("content-type", HeaderValue::from_static("text/plain"));
         ResponseRecord {
-            request_id: id,
-            source_cluster: "prod-eu".into(),
+            meta: teeway_wire::Meta::basic(
+                id,
+                UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_500_000 + id * 1000),
+                "prod-eu".into(),
+            ),
             origin: ResponseOrigin::Replayed,
             target: "http://127.0.0.1:9000".into(),
-            received_at: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_500_000 + id * 1000),
             latency: Duration::from_micros(1500),
             status: StatusCode::CREATED,
             version: Version::HTTP_2,
@@ -781,8 +785,8 @@ pub(crate) mod tests {
         let paths: Vec<String> = reader
             .by_ref()
             .map(|r| match r {
-                Record::Request(r) => r.uri.to_string(),
-                Record::Response(_) => "response".into(),
+                Envelope::HttpRequest(r) => r.uri.to_string(),
+                _ => "response".into(),
             })
             .collect();
         assert_eq!(paths, ["/1", "/2", "/0", "/4", "/3"]);
@@ -814,7 +818,7 @@ pub(crate) mod tests {
         let mut native = bytes::BytesMut::new();
         crate::native::put_segment_header(&mut native);
         for i in 0..3 {
-            crate::native::put_record(&Record::Request(sample_request(i, b"x")), &mut native);
+            crate::native::put_record(&Envelope::HttpRequest(sample_request(i, b"x")), &mut native);
         }
         let native_path = dir.path().join("whole.twa.zst");
         std::fs::write(

@@ -26,10 +26,11 @@ use bytes::BytesMut;
 use metrics::{Counter, Gauge};
 
 use teeway_runtime::metrics::Registry;
+use teeway_wire::frame::PREFIX_LEN;
 
 use crate::config::{ArchiveConfig, Compression, Format};
 use crate::read::PARTIAL_SUFFIX;
-use crate::{gor, native, Record};
+use crate::{gor, native, Envelope};
 
 /// Records written.
 pub const RECORDS_TOTAL: &str = "teeway_archive_records_total";
@@ -151,9 +152,17 @@ struct Shared {
     closing: AtomicBool,
 }
 
+/// A record as submitted: decoded, or as the `ENVELOPE` frame an agent encoded at admission.
+// A queue entry either way: boxing the decoded one would cost an allocation per record.
+#[allow(clippy::large_enum_variant)]
+enum Submitted {
+    Record(Envelope),
+    Frame(bytes::Bytes),
+}
+
 /// A queued record; ends exactly once, even when dropped unwritten.
 struct Entry {
-    record: Record,
+    record: Submitted,
     size: u64,
     done: Option<Done>,
     shared: Arc<Shared>,
@@ -259,8 +268,21 @@ impl Archive {
 
     /// Queues `record` without waiting. `done`, when given, hears the outcome exactly once:
     /// at once when refused, later when written or dropped.
-    pub fn try_submit(&self, record: Record, done: Option<Done>) {
-        let size = record.size_hint() as u64;
+    pub fn try_submit(&self, record: Envelope, done: Option<Done>) {
+        let size = crate::size_hint(&record) as u64;
+        self.submit(Submitted::Record(record), size, done);
+    }
+
+    /// Queues a record given as an encoded `ENVELOPE` frame, length prefix included, as an
+    /// agent's tee makes it: the native format stores its bytes as they are (a frame's body is a
+    /// record's payload); gor decodes it first, on the writer's thread. As
+    /// [`Archive::try_submit`] otherwise.
+    pub fn try_submit_frame(&self, frame: bytes::Bytes, done: Option<Done>) {
+        let size = (native::RECORD_HEADER_LEN + frame.len()) as u64;
+        self.submit(Submitted::Frame(frame), size, done);
+    }
+
+    fn submit(&self, record: Submitted, size: u64, done: Option<Done>) {
         let mut entry = Entry {
             record,
             size: 0,
@@ -366,7 +388,7 @@ impl Writer {
     }
 
     fn write(&mut self, batch: &mut Vec<Entry>) {
-        let records: Vec<&Record> = batch.iter().map(|e| &e.record).collect();
+        let records: Vec<&Submitted> = batch.iter().map(|e| &e.record).collect();
         let written = match self.files.append(&records, &self.shared.metrics) {
             Ok(()) => batch.len(),
             Err((written, e)) => {
@@ -474,7 +496,11 @@ impl SegmentFiles {
 
     /// Writes `records`, starting new segments as they fill up. On failure, says how many
     /// records were written before it.
-    fn append(&mut self, records: &[&Record], metrics: &Metrics) -> Result<(), (usize, io::Error)> {
+    fn append(
+        &mut self,
+        records: &[&Submitted],
+        metrics: &Metrics,
+    ) -> Result<(), (usize, io::Error)> {
         if let Some((until, kind, text)) = &self.failing {
             if Instant::now() < *until {
                 return Err((0, io::Error::new(*kind, text.clone())));
@@ -490,7 +516,7 @@ impl SegmentFiles {
 
     fn append_now(
         &mut self,
-        records: &[&Record],
+        records: &[&Submitted],
         metrics: &Metrics,
     ) -> Result<(), (usize, io::Error)> {
         let mut done = 0;
@@ -509,9 +535,19 @@ impl SegmentFiles {
             let mut text = Vec::new();
             let mut taken = 0;
             for record in &records[done..] {
-                match self.format {
-                    Format::Teeway => native::put_record(record, &mut raw),
-                    Format::Gor => gor::put_record(record, &mut text),
+                match (self.format, record) {
+                    (Format::Teeway, Submitted::Record(r)) => native::put_record(r, &mut raw),
+                    (Format::Teeway, Submitted::Frame(f)) => {
+                        native::put_frame_body(f.get(PREFIX_LEN..).unwrap_or_default(), &mut raw)
+                    }
+                    (Format::Gor, Submitted::Record(r)) => gor::put_record(r, &mut text),
+                    (Format::Gor, Submitted::Frame(f)) => {
+                        // Our own encoding (prefix, type, envelope): it decodes.
+                        let mut envelope = f.slice((PREFIX_LEN + 1).min(f.len())..);
+                        if let Ok(r) = teeway_wire::envelope::decode(&mut envelope) {
+                            gor::put_record(&r, &mut text);
+                        }
+                    }
                 }
                 taken += 1;
                 if (raw.len() + text.len()) as u64 >= room {
@@ -708,9 +744,9 @@ mod tests {
         (seen, make)
     }
 
-    fn read_back(dir: &Path) -> (Vec<Record>, crate::read::ReadStats) {
+    fn read_back(dir: &Path) -> (Vec<Envelope>, crate::read::ReadStats) {
         let mut reader = Reader::open(&[dir.to_owned()]).expect("open");
-        let records: Vec<Record> = reader.by_ref().collect();
+        let records: Vec<Envelope> = reader.by_ref().collect();
         (records, reader.stats)
     }
 
@@ -729,8 +765,8 @@ mod tests {
             let registry = Registry::new();
             let (archive, task) = Archive::start(&config, &registry).expect("start");
             let (seen, done) = outcomes();
-            let sent: Vec<Record> = (0..50)
-                .map(|i| Record::Request(sample_request(i, &[b'x'; 100])))
+            let sent: Vec<Envelope> = (0..50)
+                .map(|i| Envelope::HttpRequest(sample_request(i, &[b'x'; 100])))
                 .collect();
             for r in &sent {
                 archive.try_submit(r.clone(), done());
@@ -748,8 +784,8 @@ mod tests {
             let ids: Vec<u64> = back
                 .iter()
                 .map(|r| match r {
-                    Record::Request(r) => r.id,
-                    Record::Response(_) => u64::MAX,
+                    Envelope::HttpRequest(r) => r.meta.id,
+                    _ => u64::MAX,
                 })
                 .collect();
             assert_eq!(ids, (0..50).collect::<Vec<_>>());
@@ -775,10 +811,10 @@ mod tests {
         let (seen, done) = outcomes();
         // One record always fits an empty queue; while it is held, the next is over the budget.
         for i in 0..200 {
-            archive.try_submit(Record::Request(sample_request(i, &[0; 1000])), done());
+            archive.try_submit(Envelope::HttpRequest(sample_request(i, &[0; 1000])), done());
         }
         task.close().await;
-        archive.try_submit(Record::Request(sample_request(999, b"")), done());
+        archive.try_submit(Envelope::HttpRequest(sample_request(999, b"")), done());
         let seen = seen.lock().expect("lock").clone();
         assert_eq!(seen.len(), 201, "every record has exactly one outcome");
         let written = seen.iter().filter(|o| **o == Outcome::Written).count();
@@ -809,7 +845,10 @@ mod tests {
             let done: Done = Box::new(move |o| {
                 let _ = tx.send(o);
             });
-            archive.try_submit(Record::Request(sample_request(i, &[0; 900])), Some(done));
+            archive.try_submit(
+                Envelope::HttpRequest(sample_request(i, &[0; 900])),
+                Some(done),
+            );
             // Each record is written before the next is sent, so each lands in its own segment.
             let outcome = rx.recv_timeout(Duration::from_secs(10)).expect("outcome");
             assert_eq!(outcome, Outcome::Written);
@@ -825,8 +864,8 @@ mod tests {
         assert!(total <= 3000, "{total}");
         let (back, _) = read_back(dir.path());
         let last = back.last().and_then(|r| match r {
-            Record::Request(r) => Some(r.id),
-            Record::Response(_) => None,
+            Envelope::HttpRequest(r) => Some(r.meta.id),
+            _ => None,
         });
         assert_eq!(last, Some(19), "the newest records are kept");
     }
@@ -836,7 +875,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut bytes = BytesMut::new();
         native::put_segment_header(&mut bytes);
-        native::put_record(&Record::Request(sample_request(1, b"a")), &mut bytes);
+        native::put_record(&Envelope::HttpRequest(sample_request(1, b"a")), &mut bytes);
         let partial = dir
             .path()
             .join("teeway-20260101T000000Z-000007.twa.partial");
@@ -844,7 +883,7 @@ mod tests {
         let config = ArchiveConfig::new(dir.path(), Format::Teeway);
         let (archive, task) = Archive::start(&config, &Registry::new()).expect("start");
         assert!(!partial.exists());
-        archive.try_submit(Record::Request(sample_request(2, b"b")), None);
+        archive.try_submit(Envelope::HttpRequest(sample_request(2, b"b")), None);
         task.close().await;
         let mut names: Vec<String> = fs::read_dir(dir.path())
             .expect("dir")

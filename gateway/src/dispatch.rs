@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::task::TaskTracker;
 
-use teeway_wire::{MirroredRequest, Welcome};
+use teeway_wire::{Envelope, MirroredRequest, Welcome};
 
 use crate::budget::{Budget, ConnectionBudget, MAX_STREAM_BYTES};
 use crate::metrics::{FailReason, GatewayMetrics, SkipReason};
@@ -124,7 +124,7 @@ impl Dispatcher {
     pub(crate) fn take_batch(
         &self,
         id: Option<teeway_wire::BatchId>,
-        records: Vec<MirroredRequest>,
+        records: Vec<Envelope>,
         identity: &Arc<str>,
     ) -> u32 {
         let accepted = u32::try_from(records.len()).unwrap_or(u32::MAX);
@@ -140,23 +140,36 @@ impl Dispatcher {
                 _ => {}
             }
         }
-        for record in records {
+        for mut record in records {
+            // Who sent it is what the certificate says, whatever the agent wrote.
+            record.meta_mut().source_identity = identity.clone();
             self.dispatch(record, identity);
         }
         accepted
     }
 
-    /// Counts `record` from the agent `identity` and starts its replays; never waits.
-    pub(crate) fn dispatch(&self, record: MirroredRequest, identity: &Arc<str>) {
+    /// Counts `record` from the agent `identity`, archives it, and hands it to the replayer of
+    /// its kind; never waits.
+    pub(crate) fn dispatch(&self, record: Envelope, identity: &Arc<str>) {
         self.metrics.received.increment(1);
         let routing = self.routing.load();
         if let Some(archive) = &self.archive {
-            archive.try_submit(teeway_archive::Record::Request(record.clone()), None);
+            archive.try_submit(record.clone(), None);
             if routing.router.is_empty() {
                 // A capture-only gateway: the archive is the destination.
                 return;
             }
         }
+        match record {
+            Envelope::HttpRequest(request) => self.dispatch_http(request, identity, &routing),
+            // Only HTTP requests have a replayer (RPC replayers will sit beside it); anything
+            // else has no route here, and is counted so.
+            Envelope::HttpResponse(_) | Envelope::Other { .. } => self.metrics.no_route(),
+        }
+    }
+
+    /// Routes an HTTP request's copy and starts its replays.
+    fn dispatch_http(&self, record: MirroredRequest, identity: &Arc<str>, routing: &Routing) {
         let Some(route) = routing.router.route(&record, identity) else {
             self.metrics.no_route();
             return;

@@ -4,3 +4,27 @@
 
 pub(crate) mod quic;
 pub(crate) mod tls;
+
+use teeway_wire::{Envelope, Frame};
+
+/// The record a batch frame carries on a connection of protocol `version`: an `ENVELOPE` from
+/// version 5 on, a `REQUEST` before (an HTTP request with the metadata protocol 4 had). Any
+/// other frame, or one of the other version, is handed back: it is out of place in a batch.
+// The frame is handed back as it came (a move, only when a batch is out of place).
+#[allow(clippy::result_large_err)]
+pub(crate) fn record(frame: Frame, version: u16) -> Result<Envelope, Frame> {
+    match frame {
+        Frame::Envelope(envelope) if version >= 5 => Ok(envelope),
+        Frame::Request(request) if version < 5 => Ok(Envelope::HttpRequest(request)),
+        other => Err(other),
+    }
+}
+
+/// Whether `frame` is a record on a connection of protocol `version` (see [`record`]).
+pub(crate) fn is_record(frame: &Frame, version: u16) -> bool {
+    match frame {
+        Frame::Envelope(_) => version >= 5,
+        Frame::Request(_) => version < 5,
+        _ => false,
+    }
+}

@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use teeway_archive::{Archive, Record, ResponseRecord};
+use teeway_archive::{Archive, Envelope, ResponseRecord};
 use teeway_wire::MirroredRequest;
 
 use crate::metrics::{FailReason, SkipReason};
@@ -157,8 +157,10 @@ impl Observer for ArchiveResponses {
 
     fn answered(&self, _record: &MirroredRequest, _target: &str, answer: &Answer) {
         if let Some(response) = &answer.response {
-            self.archive
-                .try_submit(Record::Response(ResponseRecord::clone(response)), None);
+            self.archive.try_submit(
+                Envelope::HttpResponse(ResponseRecord::clone(response)),
+                None,
+            );
         }
     }
 }
@@ -279,9 +281,7 @@ mod tests {
 
     fn record() -> Arc<MirroredRequest> {
         Arc::new(MirroredRequest {
-            id: 7,
-            received_at: UNIX_EPOCH,
-            source_cluster: "c".into(),
+            meta: teeway_wire::Meta::basic(7, UNIX_EPOCH, "c".into()),
             method: http::Method::GET,
             uri: http::Uri::from_static("/"),
             version: http::Version::HTTP_11,

@@ -420,11 +420,12 @@ impl Target {
             }
             let response = capture.map(|_| {
                 Box::new(ResponseRecord {
-                    request_id: record.id,
-                    source_cluster: record.source_cluster.clone(),
+                    meta: teeway_wire::Meta {
+                        received_at: head_at.0,
+                        ..record.meta.clone()
+                    },
                     origin: ResponseOrigin::Replayed,
                     target: self.url.clone(),
-                    received_at: head_at.0,
                     latency: head_at.1,
                     status: parts.status,
                     version: parts.version,
@@ -660,9 +661,7 @@ mod tests {
         headers.insert("x-keep", HeaderValue::from_static("1"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         MirroredRequest {
-            id: 1,
-            received_at: UNIX_EPOCH,
-            source_cluster: "c".into(),
+            meta: teeway_wire::Meta::basic(1, UNIX_EPOCH, "c".into()),
             method: Method::PUT,
             uri: Uri::from_static(uri),
             version,

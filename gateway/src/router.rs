@@ -82,9 +82,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(http::header::HOST, host.parse().expect("host"));
         MirroredRequest {
-            id: 1,
-            received_at: UNIX_EPOCH,
-            source_cluster: "self-declared".into(),
+            meta: teeway_wire::Meta::basic(1, UNIX_EPOCH, "self-declared".into()),
             method: Method::GET,
             uri: Uri::from_static(path),
             version: Version::HTTP_11,

@@ -37,6 +37,9 @@ pub enum DecodeError {
     /// The request URI does not parse.
     #[error("invalid request URI")]
     InvalidUri,
+    /// The HTTP status code is out of range.
+    #[error("invalid HTTP status {0}")]
+    InvalidStatus(u16),
     /// The HTTP version code is not known.
     #[error("unknown HTTP version code {0}")]
     InvalidVersion(u8),

@@ -3,7 +3,7 @@
 //! Every reader names the field it was reading when the input ran out or was invalid.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 
 use crate::error::DecodeError;
 
@@ -100,4 +100,28 @@ pub fn get_u32(src: &mut Bytes, field: &'static str) -> Result<u32, DecodeError>
 /// Reads a big-endian `u64`.
 pub fn get_u64(src: &mut Bytes, field: &'static str) -> Result<u64, DecodeError> {
     src.try_get_u64().map_err(|_| DecodeError::Truncated(field))
+}
+
+/// Reads an HTTP method (`str16`).
+pub fn get_method(src: &mut Bytes) -> Result<Method, DecodeError> {
+    let len = get_u16(src, "method")? as usize;
+    let method = take(src, len, "method")?;
+    Method::from_bytes(&method).map_err(|_| DecodeError::InvalidMethod)
+}
+
+/// Reads a request target (`bytes32`).
+pub fn get_uri(src: &mut Bytes) -> Result<Uri, DecodeError> {
+    let len = get_u32(src, "uri")? as usize;
+    let uri = take(src, len, "uri")?;
+    Uri::from_maybe_shared(uri).map_err(|_| DecodeError::InvalidUri)
+}
+
+/// The URI as sent: `*`-form and origin-form stay as they are, absolute form keeps its authority.
+pub fn uri_bytes(uri: &Uri) -> std::borrow::Cow<'_, str> {
+    match (uri.scheme(), uri.authority()) {
+        (None, None) => {
+            std::borrow::Cow::Borrowed(uri.path_and_query().map_or("/", |pq| pq.as_str()))
+        }
+        _ => std::borrow::Cow::Owned(uri.to_string()),
+    }
 }

@@ -8,6 +8,9 @@
 //! [`MAX_FRAME_LEN`]. Integers are big-endian. `str16` is a `u16` length then UTF-8 bytes;
 //! `bytes32` is a `u32` length then raw bytes. `docs/protocol.md` lists every frame's fields.
 //!
+//! [`RequestFrame`] builds one HTTP request's `ENVELOPE` frame while the request streams: the
+//! agent encodes each copy once, at admission, and never again.
+//!
 //! [`Frame::decode`] is incremental: it returns `Ok(None)` until a whole frame is buffered, then
 //! consumes exactly that frame. It checks the announced length before waiting for the payload, so
 //! a peer cannot make a reader buffer more than one maximal frame.
@@ -16,14 +19,18 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{Method, Uri};
+use http::{HeaderMap, Method, Uri, Version};
 
+use crate::envelope::{
+    encoded_len_of_request, meta_len, put_meta, put_request_head, request_flags, KIND_HTTP_REQUEST,
+};
 use crate::error::DecodeError;
 use crate::fields::{
     get_headers, get_str16, get_u16, get_u32, get_u64, get_u8, headers_len, put_bytes32,
     put_headers, put_str16, str16_len, take,
 };
-use crate::record::{version_code, version_from_code, MirroredRequest};
+use crate::fields::{get_method, get_uri, uri_bytes};
+use crate::record::{version_code, version_from_code, Envelope, Meta, MirroredRequest};
 use crate::MAX_FRAME_LEN;
 
 /// Length of the frame prefix.
@@ -37,6 +44,7 @@ const TYPE_END: u8 = 0x05;
 const TYPE_TCP_OPEN: u8 = 0x06;
 const TYPE_TCP_DATA: u8 = 0x07;
 const TYPE_BATCH: u8 = 0x08;
+const TYPE_ENVELOPE: u8 = 0x09;
 /// `BATCH` flag: the agent sent this batch before and got no acknowledgement.
 const BATCH_RETRY: u8 = 0x01;
 
@@ -56,8 +64,12 @@ pub enum Frame {
     Hello(Hello),
     /// Gateway to agent, in answer to `Hello`: the agent is accepted.
     Welcome(Welcome),
-    /// Agent to gateway: one mirrored request. A batch stream holds one or more.
+    /// Agent to gateway, protocol 1 to 4: one mirrored request. A batch stream holds one or
+    /// more. Only the id, time and source cluster of its [`Meta`] travel.
     Request(MirroredRequest),
+    /// Agent to gateway, protocol 5: one record of any kind (an HTTP request today). A batch
+    /// stream holds one or more.
+    Envelope(Envelope),
     /// Gateway to agent, the only frame on the gateway's side of a batch stream: how many of the
     /// batch's records it accepted.
     Ack {
@@ -155,6 +167,10 @@ impl Frame {
                 dst.put_u8(TYPE_REQUEST);
                 encode_request(request, dst);
             }
+            Frame::Envelope(envelope) => {
+                dst.put_u8(TYPE_ENVELOPE);
+                crate::envelope::encode(envelope, dst);
+            }
             Frame::Ack { accepted } => {
                 dst.put_u8(TYPE_ACK);
                 dst.put_u32(*accepted);
@@ -195,6 +211,7 @@ impl Frame {
                         + if w.gateway_instance != 0 { 8 } else { 0 }
                 }
                 Frame::Request(r) => request_len(r),
+                Frame::Envelope(e) => crate::envelope::encoded_len(e),
                 Frame::Ack { .. } => 4,
                 Frame::End => 0,
                 Frame::TcpOpen(o) => 8 + 8 + str16_len(&o.source_cluster) + str16_len(&o.listener),
@@ -248,6 +265,7 @@ impl Frame {
                 },
             }),
             TYPE_REQUEST => Frame::Request(decode_request(&mut payload)?),
+            TYPE_ENVELOPE => Frame::Envelope(crate::envelope::decode(&mut payload)?),
             TYPE_ACK => Frame::Ack {
                 accepted: get_u32(&mut payload, "accepted")?,
             },
@@ -298,14 +316,8 @@ impl Frame {
 }
 
 impl MirroredRequest {
-    /// Size of this record's `REQUEST` frame, prefix included; what it costs in a batch and in
-    /// the agent's queue budget.
-    pub fn frame_len(&self) -> usize {
-        PREFIX_LEN + 1 + request_len(self)
-    }
-
-    /// Appends the record's fields (a `REQUEST` frame's payload) to `dst`; the native archive
-    /// stores requests in this same layout.
+    /// Appends the record's fields in the layout of a `REQUEST` frame's payload (protocol 4 and
+    /// older; native archive records of kind 1) to `dst`.
     pub fn encode_fields(&self, dst: &mut BytesMut) {
         encode_request(self, dst);
     }
@@ -317,7 +329,7 @@ impl MirroredRequest {
 }
 
 fn encode_request(r: &MirroredRequest, dst: &mut BytesMut) {
-    dst.put_u64(r.id);
+    dst.put_u64(r.meta.id);
     dst.put_u64(r.received_at_unix_nanos());
     dst.put_u8(version_code(r.version));
     let mut flags = 0;
@@ -328,7 +340,7 @@ fn encode_request(r: &MirroredRequest, dst: &mut BytesMut) {
         flags |= FLAG_HAS_TRAILERS;
     }
     dst.put_u8(flags);
-    put_str16(dst, &r.source_cluster);
+    put_str16(dst, &r.meta.source_cluster);
     put_str16(dst, r.method.as_str());
     put_bytes32(dst, uri_bytes(&r.uri).as_bytes());
     put_headers(dst, &r.headers);
@@ -342,7 +354,7 @@ fn request_len(r: &MirroredRequest) -> usize {
     8 + 8
         + 1
         + 1
-        + str16_len(&r.source_cluster)
+        + str16_len(&r.meta.source_cluster)
         + str16_len(r.method.as_str())
         + 4
         + uri_bytes(&r.uri).len()
@@ -350,16 +362,6 @@ fn request_len(r: &MirroredRequest) -> usize {
         + 4
         + r.body.len()
         + r.trailers.as_ref().map_or(0, headers_len)
-}
-
-/// The URI as sent: `*`-form and origin-form stay as they are, absolute form keeps its authority.
-fn uri_bytes(uri: &Uri) -> std::borrow::Cow<'_, str> {
-    match (uri.scheme(), uri.authority()) {
-        (None, None) => {
-            std::borrow::Cow::Borrowed(uri.path_and_query().map_or("/", |pq| pq.as_str()))
-        }
-        _ => std::borrow::Cow::Owned(uri.to_string()),
-    }
 }
 
 fn decode_request(src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
@@ -370,12 +372,8 @@ fn decode_request(src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
         version_from_code(version_code).ok_or(DecodeError::InvalidVersion(version_code))?;
     let flags = get_u8(src, "flags")?;
     let source_cluster: Arc<str> = get_str16(src, "source_cluster")?.into();
-    let method_len = get_u16(src, "method")? as usize;
-    let method = take(src, method_len, "method")?;
-    let method = Method::from_bytes(&method).map_err(|_| DecodeError::InvalidMethod)?;
-    let uri_len = get_u32(src, "uri")? as usize;
-    let uri = take(src, uri_len, "uri")?;
-    let uri = Uri::from_maybe_shared(uri).map_err(|_| DecodeError::InvalidUri)?;
+    let method = get_method(src)?;
+    let uri = get_uri(src)?;
     let headers = get_headers(src)?;
     let body_len = get_u32(src, "body")? as usize;
     let body = take(src, body_len, "body")?;
@@ -385,9 +383,7 @@ fn decode_request(src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
         None
     };
     Ok(MirroredRequest {
-        id,
-        received_at: UNIX_EPOCH + Duration::from_nanos(nanos),
-        source_cluster,
+        meta: Meta::basic(id, UNIX_EPOCH + Duration::from_nanos(nanos), source_cluster),
         method,
         uri,
         version,
@@ -398,10 +394,101 @@ fn decode_request(src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
     })
 }
 
+impl MirroredRequest {
+    /// Size of this record's `ENVELOPE` frame, prefix included: what it costs in a batch and in
+    /// a queue's budget.
+    pub fn frame_len(&self) -> usize {
+        PREFIX_LEN + 1 + encoded_len_of_request(self)
+    }
+}
+
+/// An HTTP request's `ENVELOPE` frame, built while the request streams: the head when it is
+/// admitted, the body chunk by chunk, the trailers and flags at the end. The finished frame is
+/// the one allocation a copy makes, and it holds nothing of the connection's buffers.
+#[derive(Debug)]
+pub struct RequestFrame {
+    buf: BytesMut,
+    /// Where the part's flags byte is.
+    flags_at: usize,
+    /// Where the body's length is; the body follows it.
+    body_at: usize,
+}
+
+impl RequestFrame {
+    /// Starts the frame with `meta` and the request head; room is made for `body_hint` body
+    /// bytes (the announced length, capped at the limit), so that a body that comes as announced
+    /// is copied once and never moved.
+    pub fn new(
+        meta: &Meta,
+        method: &Method,
+        uri: &Uri,
+        version: Version,
+        headers: &HeaderMap,
+        body_hint: usize,
+    ) -> Self {
+        let uri_text = uri_bytes(uri);
+        let head = PREFIX_LEN
+            + 1
+            + 1
+            + meta_len(meta)
+            + 2
+            + str16_len(method.as_str())
+            + 4
+            + uri_text.len()
+            + headers_len(headers)
+            + 4;
+        let mut buf = BytesMut::with_capacity(head + body_hint);
+        buf.put_u32(0); // the frame's length, patched by `finish`
+        buf.put_u8(TYPE_ENVELOPE);
+        buf.put_u8(KIND_HTTP_REQUEST);
+        put_meta(meta, &mut buf);
+        let flags_at = buf.len() + 1;
+        // Flags are known once the body has ended.
+        put_request_head(version, 0, method, uri, headers, &mut buf);
+        let body_at = buf.len();
+        buf.put_u32(0); // the body's length, patched by `finish`
+        Self {
+            buf,
+            flags_at,
+            body_at,
+        }
+    }
+
+    /// Body bytes appended so far.
+    pub fn body_len(&self) -> usize {
+        self.buf.len() - self.body_at - 4
+    }
+
+    /// Appends body bytes.
+    pub fn push_body(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// Memory the frame holds now (its buffer's capacity).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Ends the body, appends `trailers` if there are any, and returns the whole frame, prefix
+    /// included, with the memory it holds.
+    pub fn finish(mut self, trailers: Option<&HeaderMap>, truncated: bool) -> (Bytes, usize) {
+        let body_len = u32::try_from(self.body_len()).unwrap_or(u32::MAX);
+        self.buf[self.body_at..self.body_at + 4].copy_from_slice(&body_len.to_be_bytes());
+        if let Some(trailers) = trailers {
+            put_headers(&mut self.buf, trailers);
+        }
+        self.buf[self.flags_at] = request_flags(truncated, trailers.is_some());
+        let len = u32::try_from(self.buf.len() - PREFIX_LEN).unwrap_or(u32::MAX);
+        self.buf[..PREFIX_LEN].copy_from_slice(&len.to_be_bytes());
+        let held = self.buf.capacity();
+        (self.buf.freeze(), held)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{HeaderMap, HeaderName, HeaderValue, Version};
+    use http::{HeaderName, HeaderValue};
     use proptest::prelude::*;
 
     fn sample_request() -> MirroredRequest {
@@ -414,9 +501,11 @@ mod tests {
             HeaderValue::from_bytes(b"\xfe\xff opaque").expect("obs-text is allowed"),
         );
         MirroredRequest {
-            id: 42,
-            received_at: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
-            source_cluster: "prod-eu-1".into(),
+            meta: Meta::basic(
+                42,
+                UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
+                "prod-eu-1".into(),
+            ),
             method: Method::POST,
             uri: Uri::from_static("/v1/items?x=1&y=%20"),
             version: Version::HTTP_11,
@@ -434,6 +523,34 @@ mod tests {
         let decoded = Frame::decode(&mut buf).expect("decodes").expect("complete");
         assert!(buf.is_empty(), "exactly one frame consumed");
         decoded
+    }
+
+    #[test]
+    fn built_frame_is_the_encoded_frame() {
+        for (trailers, truncated) in [(false, false), (true, true)] {
+            let mut r = sample_request();
+            r.meta.session = 7;
+            r.meta.tap = "http".into();
+            r.meta.sampling = crate::Sampling {
+                rule: "checkout".into(),
+                rate_ppm: 250_000,
+            };
+            if trailers {
+                let mut t = HeaderMap::new();
+                t.insert("x-checksum", HeaderValue::from_static("abc"));
+                r.trailers = Some(t);
+            }
+            r.body_truncated = truncated;
+            let mut built = RequestFrame::new(&r.meta, &r.method, &r.uri, r.version, &r.headers, 2);
+            for chunk in r.body.chunks(3) {
+                built.push_body(chunk);
+            }
+            let (frame, held) = built.finish(r.trailers.as_ref(), truncated);
+            assert!(held >= frame.len());
+            let mut want = BytesMut::new();
+            Frame::Envelope(Envelope::HttpRequest(r.clone())).encode(&mut want);
+            assert_eq!(&frame[..], &want[..], "trailers {trailers}");
+        }
     }
 
     #[test]
@@ -616,9 +733,7 @@ mod tests {
                 None => path,
             };
             MirroredRequest {
-                id,
-                received_at: UNIX_EPOCH + Duration::from_nanos(nanos),
-                source_cluster: cluster.into(),
+                meta: Meta::basic(id, UNIX_EPOCH + Duration::from_nanos(nanos), cluster.into()),
                 method,
                 uri: target.parse().expect("generated URIs are valid"),
                 version,
@@ -674,6 +789,28 @@ mod tests {
         fn any_tcp_data_round_trips(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let frame = Frame::TcpData(Bytes::from(data));
             prop_assert_eq!(round_trip(&frame), frame);
+        }
+
+        #[test]
+        fn any_envelope_round_trips_and_any_cut_of_it_waits(
+            request in arb_request(),
+            session in any::<u64>(),
+            tap in "[a-z]{0,8}",
+            rule in "[a-z0-9\\[\\]]{0,12}",
+            rate_ppm in any::<u32>(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut request = request;
+            request.meta.session = session;
+            request.meta.tap = tap.into();
+            request.meta.sampling = crate::Sampling { rule: rule.into(), rate_ppm };
+            let frame = Frame::Envelope(Envelope::HttpRequest(request));
+            prop_assert_eq!(round_trip(&frame), frame.clone());
+            let mut full = BytesMut::new();
+            frame.encode(&mut full);
+            let cut = cut.index(full.len());
+            let mut part = BytesMut::from(&full[..cut]);
+            prop_assert_eq!(Frame::decode(&mut part), Ok(None));
         }
 
         #[test]

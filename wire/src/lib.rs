@@ -1,7 +1,7 @@
 //! The teeway protocol, shared by the agent and the gateway. Sans-IO: nothing here opens a socket.
 //!
 //! An agent tees copies of production requests to a gateway over one QUIC connection with mutual
-//! TLS. The ALPN protocol id [`ALPN`] (`teeway/4`) names the protocol version; every stream on the
+//! TLS. The ALPN protocol id [`ALPN`] (`teeway/5`) names the protocol version; every stream on the
 //! connection is a sequence of length-prefixed [`Frame`]s. `docs/protocol.md` is the normative
 //! description of the bytes; this crate is its reference implementation.
 //!
@@ -16,9 +16,13 @@
 //!
 //! # Layout
 //!
-//! - [`frame`]: the frame codec (`encode` into a `BytesMut`, `decode` out of one).
+//! - [`frame`]: the frame codec (`encode` into a `BytesMut`, `decode` out of one), and
+//!   [`RequestFrame`], which encodes a request's copy once, while it streams.
 //! - [`fields`]: the primitive field codec frames and the native archive share.
-//! - [`record`]: [`MirroredRequest`], the copy of one production request.
+//! - [`record`]: [`Envelope`], the one record type that crosses the link and lands in archives:
+//!   [`Meta`]data every kind shares, plus a protocol part ([`MirroredRequest`], the copy of one
+//!   production HTTP request; [`ResponseRecord`], an answer).
+//! - [`envelope`]: the envelope codec, shared by the `ENVELOPE` frame and native archive records.
 //! - [`tls`]: rustls configurations for both ends (TLS 1.3, ALPN, client certificates) and the
 //!   agent identity read from a peer certificate.
 //! - [`pki`]: certificate generation for `teeway certs init`, the demo and the tests.
@@ -26,6 +30,7 @@
 //! - [`error`]: the errors of this crate.
 
 pub mod certinfo;
+pub mod envelope;
 pub mod error;
 pub mod fields;
 pub mod frame;
@@ -34,14 +39,20 @@ pub mod record;
 pub mod tls;
 
 pub use error::{DecodeError, TlsError};
+pub use frame::RequestFrame;
 pub use frame::{BatchId, Frame, Hello, TcpOpen, Welcome};
-pub use record::MirroredRequest;
+pub use record::{Envelope, Meta, MirroredRequest, ResponseOrigin, ResponseRecord, Sampling};
 
-/// The ALPN protocol id of this protocol version, first in both ends' lists. Version 4 added
-/// the gateway's instance to `WELCOME` (an agent sends a batch again on a new connection only to
+/// The ALPN protocol id of this protocol version, first in both ends' lists. Version 5 carries
+/// records as envelopes (`ENVELOPE`: metadata every kind shares, then the protocol's part);
+/// version 4 added the gateway's instance to `WELCOME` (an agent sends a batch again on a new connection only to
 /// the same gateway process); version 3 the `BATCH` frame (batches named, so one sent again is
 /// delivered once); version 2 the TCP tee streams (`TCP_OPEN`, `TCP_DATA`).
-pub const ALPN: &[u8] = b"teeway/4";
+pub const ALPN: &[u8] = b"teeway/5";
+
+/// The ALPN id of version 4 (records as `REQUEST` frames): accepted and offered by both ends, so
+/// that either may be upgraded first.
+pub const ALPN_V4: &[u8] = b"teeway/4";
 
 /// The ALPN id of version 3 (no gateway instance in `WELCOME`): accepted and offered by both
 /// ends, so that either may be upgraded first.
@@ -56,12 +67,13 @@ pub const ALPN_V2: &[u8] = b"teeway/2";
 pub const ALPN_V1: &[u8] = b"teeway/1";
 
 /// The protocol version number carried in the `HELLO` and `WELCOME` frames.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The version an ALPN id names (`None`: not teeway).
 pub fn version_of_alpn(alpn: &[u8]) -> Option<u16> {
     match alpn {
-        ALPN => Some(4),
+        ALPN => Some(5),
+        ALPN_V4 => Some(4),
         ALPN_V3 => Some(3),
         ALPN_V2 => Some(2),
         ALPN_V1 => Some(1),

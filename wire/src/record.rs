@@ -1,10 +1,139 @@
-//! [`MirroredRequest`]: the copy of one production request that travels from agent to gateway.
+//! The records that cross the link and land in archives: one [`Envelope`] type, common
+//! [`Meta`]data plus a protocol part per kind. `docs/protocol.md` and `docs/archive.md` describe
+//! its bytes; [`crate::envelope`] is their codec.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Uri, Version};
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
+
+/// One record: what an agent's tap saw, or what a target answered. Every kind carries the same
+/// [`Meta`]; the rest is the protocol's own.
+///
+/// Kinds an HTTP agent makes today are requests; the gateway's archive adds responses. RPC
+/// requests and answers and TCP stream data are kinds to come (their numbers are reserved in
+/// `docs/protocol.md`); a reader that meets a kind it does not know keeps it as
+/// [`Envelope::Other`], meta and bytes, so it can count it, route on its meta and archive it
+/// unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
+pub enum Envelope {
+    /// A copy of one production HTTP request.
+    HttpRequest(MirroredRequest),
+    /// An HTTP response to a request of the same [`Meta::key`].
+    HttpResponse(ResponseRecord),
+    /// A kind this reader does not know (written by a newer teeway), kept as it came.
+    Other {
+        /// Its metadata, which every kind shares.
+        meta: Meta,
+        /// Its kind code.
+        kind: u8,
+        /// Its protocol part, undecoded.
+        part: Bytes,
+    },
+}
+
+impl Envelope {
+    /// The metadata every kind carries.
+    pub fn meta(&self) -> &Meta {
+        match self {
+            Envelope::HttpRequest(r) => &r.meta,
+            Envelope::HttpResponse(r) => &r.meta,
+            Envelope::Other { meta, .. } => meta,
+        }
+    }
+
+    /// The metadata, to change (a gateway sets [`Meta::source_identity`] from the certificate).
+    pub fn meta_mut(&mut self) -> &mut Meta {
+        match self {
+            Envelope::HttpRequest(r) => &mut r.meta,
+            Envelope::HttpResponse(r) => &mut r.meta,
+            Envelope::Other { meta, .. } => meta,
+        }
+    }
+
+    /// When the request (or response) was received.
+    pub fn received_at(&self) -> SystemTime {
+        self.meta().received_at
+    }
+
+    /// Nanoseconds since the Unix epoch of [`Envelope::received_at`].
+    pub fn unix_nanos(&self) -> u64 {
+        unix_nanos(self.received_at())
+    }
+}
+
+/// What every record says of itself, whatever its protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// The agent process (session) that made the record: random per start, not 0. 0: not known
+    /// (records of protocol 4 and older, and archives written before envelopes).
+    pub session: u64,
+    /// Sequence number, unique in the session; for correlation, never for routing. A response
+    /// carries the id of the request it answers.
+    pub id: u64,
+    /// When the agent received the request head (a response: when its head arrived).
+    pub received_at: SystemTime,
+    /// The agent's `cluster` setting: which production cluster the traffic came from.
+    pub source_cluster: Arc<str>,
+    /// The agent's certificate identity. The gateway sets it from the certificate of the
+    /// connection the record came on, whatever the agent wrote; empty when not known.
+    pub source_identity: Arc<str>,
+    /// The agent listener (tap) that saw the traffic: `http` for the proxy, the sink's and TCP
+    /// listeners' names for theirs; empty when not known.
+    pub tap: Arc<str>,
+    /// How the record was chosen.
+    pub sampling: Sampling,
+}
+
+impl Meta {
+    /// Metadata with only the essentials known: what older formats carried.
+    pub fn basic(id: u64, received_at: SystemTime, source_cluster: Arc<str>) -> Self {
+        Self {
+            session: 0,
+            id,
+            received_at,
+            source_cluster,
+            source_identity: empty(),
+            tap: empty(),
+            sampling: Sampling::unknown(),
+        }
+    }
+
+    /// Ties a response to its request: the same session, cluster and id.
+    pub fn key(&self) -> (u64, &str, u64) {
+        (self.session, &self.source_cluster, self.id)
+    }
+}
+
+/// The sampling decision that chose a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sampling {
+    /// The name of the agent's mirror rule that matched; empty: `mirror.percentage`, or not
+    /// known.
+    pub rule: Arc<str>,
+    /// The share of matching requests copied, in parts per million (1,000,000: every one); 0
+    /// when not known. A reader can scale what it counts by it.
+    pub rate_ppm: u32,
+}
+
+impl Sampling {
+    /// Nothing known of the decision.
+    pub fn unknown() -> Self {
+        Self {
+            rule: empty(),
+            rate_ppm: 0,
+        }
+    }
+}
+
+/// The empty string, shared: records of older formats and taps that say nothing cost no
+/// allocation for the fields they lack.
+pub fn empty() -> Arc<str> {
+    static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    EMPTY.clone()
+}
 
 /// A copy of one production request, as the primary received it.
 ///
@@ -13,13 +142,8 @@ use http::{HeaderMap, Method, Uri, Version};
 /// [`MirroredRequest::body_truncated`] says otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirroredRequest {
-    /// Agent-assigned sequence number, unique per agent process; for correlation in logs and
-    /// archives, never for routing.
-    pub id: u64,
-    /// When the agent received the request head.
-    pub received_at: SystemTime,
-    /// The agent's `cluster` setting: which production cluster this request came from.
-    pub source_cluster: Arc<str>,
+    /// What every record carries: session, id, time, source, sampling.
+    pub meta: Meta,
     /// HTTP method.
     pub method: Method,
     /// Request target as the client sent it (origin form for HTTP/1, absolute for HTTP/2).
@@ -40,7 +164,7 @@ impl MirroredRequest {
     /// The request's receive time as nanoseconds since the Unix epoch (0 for times before it,
     /// saturating far in the future).
     pub fn received_at_unix_nanos(&self) -> u64 {
-        unix_nanos(self.received_at)
+        unix_nanos(self.meta.received_at)
     }
 
     /// The host the client addressed: the URI authority (HTTP/2) or the `Host` header (HTTP/1).
@@ -56,6 +180,38 @@ impl MirroredRequest {
     pub fn path(&self) -> &str {
         self.uri.path()
     }
+}
+
+/// Who produced a response record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseOrigin {
+    /// The production service's answer (GoReplay type 2).
+    Original,
+    /// A shadow's answer to the replayed request (GoReplay type 3).
+    Replayed,
+}
+
+/// An HTTP response, tied to its request by [`Meta::key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseRecord {
+    /// The request's metadata, except `received_at`: when this response's head arrived.
+    pub meta: Meta,
+    /// Who answered.
+    pub origin: ResponseOrigin,
+    /// The shadow's URL (empty when unknown, as in GoReplay files).
+    pub target: String,
+    /// Time from sending the request to the response head.
+    pub latency: Duration,
+    /// Status code.
+    pub status: StatusCode,
+    /// HTTP version of the response.
+    pub version: Version,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// Response body, up to the writer's limit.
+    pub body: Bytes,
+    /// The body was cut at the writer's limit.
+    pub body_truncated: bool,
 }
 
 /// `time` as nanoseconds since the Unix epoch, as timestamps travel on the wire: 0 for times
@@ -108,9 +264,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(http::header::HOST, host.parse().expect("valid host"));
         MirroredRequest {
-            id: 1,
-            received_at: UNIX_EPOCH,
-            source_cluster: "c".into(),
+            meta: Meta::basic(1, UNIX_EPOCH, "c".into()),
             method: Method::GET,
             uri: Uri::from_static("/x"),
             version: Version::HTTP_11,

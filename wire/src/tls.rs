@@ -168,6 +168,7 @@ pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, Tls
     // Newest first: rustls picks the server's first protocol the client offers.
     config.alpn_protocols = vec![
         crate::ALPN.to_vec(),
+        crate::ALPN_V4.to_vec(),
         crate::ALPN_V3.to_vec(),
         crate::ALPN_V2.to_vec(),
         crate::ALPN_V1.to_vec(),
@@ -214,6 +215,7 @@ pub fn client_config(material: &TlsMaterial) -> Result<rustls::ClientConfig, Tls
     // batches).
     config.alpn_protocols = vec![
         crate::ALPN.to_vec(),
+        crate::ALPN_V4.to_vec(),
         crate::ALPN_V3.to_vec(),
         crate::ALPN_V2.to_vec(),
     ];
@@ -335,6 +337,7 @@ mod tests {
         assert_eq!(
             server.alpn_protocols,
             vec![
+                b"teeway/5".to_vec(),
                 b"teeway/4".to_vec(),
                 b"teeway/3".to_vec(),
                 b"teeway/2".to_vec(),
@@ -344,6 +347,7 @@ mod tests {
         assert_eq!(
             client.alpn_protocols,
             vec![
+                b"teeway/5".to_vec(),
                 b"teeway/4".to_vec(),
                 b"teeway/3".to_vec(),
                 b"teeway/2".to_vec()

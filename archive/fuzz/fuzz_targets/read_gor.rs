@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use teeway_archive::gor::{self, Raw, Splitter};
-use teeway_archive::Record;
+use teeway_archive::Envelope;
 
 fuzz_target!(|data: &[u8]| {
     let mut splitter = Splitter::new(data);
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         let mut again = Vec::new();
         gor::put_record(&record, &mut again);
         let body = &again[..again.len() - gor::SEPARATOR.len()];
-        if let (Record::Request(a), Ok(Record::Request(b))) = (&record, gor::parse_record(body)) {
+        if let (Envelope::HttpRequest(a), Ok(Envelope::HttpRequest(b))) = (&record, gor::parse_record(body)) {
             assert_eq!((&a.method, &a.uri, &a.body), (&b.method, &b.uri, &b.body));
         }
     }

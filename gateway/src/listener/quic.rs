@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use teeway_wire::{codes, DecodeError, Frame, MirroredRequest, PROTOCOL_VERSION};
+use teeway_wire::{codes, DecodeError, Envelope, Frame, PROTOCOL_VERSION};
 
 use crate::budget::ConnectionBudget;
 use crate::budget::MAX_STREAM_BYTES;
@@ -277,10 +277,11 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
             );
             Ok(Frame::Welcome(dispatcher.welcome(version, identity)))
         }
-        (None, Some(Frame::Request(_)))
-            if frames.iter().all(|f| matches!(f, Frame::Request(_))) =>
+        (None, Some(first))
+            if super::is_record(first, version)
+                && frames.iter().all(|f| super::is_record(f, version)) =>
         {
-            let records = requests(frames);
+            let records = records(frames, version);
             Ok(Frame::Ack {
                 accepted: dispatcher.take_batch(None, records, identity),
             })
@@ -289,16 +290,16 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
         (None, Some(Frame::Batch(id)))
             if version >= 3
                 && frames.len() > 1
-                && frames[1..].iter().all(|f| matches!(f, Frame::Request(_))) =>
+                && frames[1..].iter().all(|f| super::is_record(f, version)) =>
         {
             let id = *id;
-            let records = requests(frames);
+            let records = records(frames, version);
             Ok(Frame::Ack {
                 accepted: dispatcher.take_batch(Some(id), records, identity),
             })
         }
         (None, Some(_)) => {
-            Err("frames out of place (an agent sends one HELLO, or REQUEST frames, after a BATCH on protocol 3)".to_owned())
+            Err("frames out of place (an agent sends one HELLO, or records: REQUEST frames, after a BATCH from protocol 3, ENVELOPE frames instead from protocol 5)".to_owned())
         }
     };
     match reply {
@@ -330,14 +331,11 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
     }
 }
 
-/// The records of a batch's frames (the caller checked they are `REQUEST`s, a `BATCH` aside).
-fn requests(frames: Vec<Frame>) -> Vec<MirroredRequest> {
+/// The records of a batch's frames (the caller checked they are records, a `BATCH` aside).
+fn records(frames: Vec<Frame>, version: u16) -> Vec<Envelope> {
     frames
         .into_iter()
-        .filter_map(|f| match f {
-            Frame::Request(r) => Some(r),
-            _ => None,
-        })
+        .filter_map(|f| super::record(f, version).ok())
         .collect()
 }
 

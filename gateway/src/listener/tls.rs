@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use teeway_wire::{DecodeError, Frame, MirroredRequest, PROTOCOL_VERSION};
+use teeway_wire::{DecodeError, Envelope, Frame, PROTOCOL_VERSION};
 
 use crate::budget::MAX_STREAM_BYTES;
 use crate::budget::{ConnectionBudget, Held};
@@ -179,7 +179,7 @@ async fn exchange(
     if let Err(end) = write(stream, &mut out).await {
         return end;
     }
-    let mut batch: Vec<MirroredRequest> = Vec::new();
+    let mut batch: Vec<Envelope> = Vec::new();
     // Protocol 3: the name of the batch being read (`BATCH` before its first record).
     let mut batch_id = None;
     let mut held = share.hold();
@@ -190,9 +190,9 @@ async fn exchange(
             Ok(frame) => frame,
             Err(end) => return end,
         };
-        match frame {
-            Frame::Request(record) => {
-                let len = record.frame_len();
+        let frame = match super::record(frame, version) {
+            Ok(record) => {
+                let len = teeway_wire::envelope::encoded_len(&record);
                 if held.bytes() as usize + len > MAX_STREAM_BYTES {
                     return Refused::TooLarge.into();
                 }
@@ -206,7 +206,11 @@ async fn exchange(
                     )
                 });
                 batch.push(record);
+                continue;
             }
+            Err(other) => other,
+        };
+        match frame {
             Frame::End => {
                 // A reload may have taken the agent off agents.allow.
                 if !dispatcher.routing.load().allows(identity) {
@@ -233,7 +237,7 @@ async fn exchange(
             }
             other => {
                 return Refused::Protocol(format!(
-                    "{} in a batch (a batch is REQUEST frames closed by END)",
+                    "{} in a batch (a batch is records closed by END: REQUEST frames, ENVELOPE from protocol 5)",
                     name(&other)
                 ))
                 .into()
@@ -247,6 +251,7 @@ fn name(frame: &Frame) -> &'static str {
         Frame::Hello(_) => "HELLO",
         Frame::Welcome(_) => "WELCOME",
         Frame::Request(_) => "REQUEST",
+        Frame::Envelope(_) => "ENVELOPE",
         Frame::Ack { .. } => "ACK",
         Frame::End => "END",
         Frame::TcpOpen(_) => "TCP_OPEN (TCP tee streams need QUIC)",

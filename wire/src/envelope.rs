@@ -1,0 +1,389 @@
+//! The envelope codec: the bytes of an [`Envelope`], the same in an `ENVELOPE` frame (protocol
+//! 5) and in a native archive record (kind 9).
+//!
+//! ```text
+//! envelope = kind:u8  meta_len:u32  meta[meta_len]  part
+//! meta     = session:u64  id:u64  received_at:u64  source_cluster:str16  source_identity:str16
+//!            tap:str16  sampling_rule:str16  sampling_rate_ppm:u32  [fields of later versions]
+//! ```
+//!
+//! `meta_len` lets a later version append metadata fields that this reader skips; the part runs
+//! to the end of the frame (or record), so a reader keeps a kind it does not know as
+//! [`Envelope::Other`], bytes and all. `docs/protocol.md` lists the parts of each kind.
+//!
+//! An agent encodes a request once, at admission, with [`crate::RequestFrame`], from the parts
+//! this module lends it.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
+
+use crate::error::DecodeError;
+use crate::fields::{
+    get_headers, get_method, get_str16, get_u16, get_u32, get_u64, get_u8, get_uri, headers_len,
+    put_bytes32, put_headers, put_str16, str16_len, take, uri_bytes,
+};
+use crate::record::{
+    empty, unix_nanos, version_code, version_from_code, Envelope, Meta, MirroredRequest,
+    ResponseOrigin, ResponseRecord, Sampling,
+};
+
+/// Envelope kind: an HTTP request ([`MirroredRequest`]).
+pub const KIND_HTTP_REQUEST: u8 = 1;
+/// Envelope kind: an HTTP response ([`ResponseRecord`]).
+pub const KIND_HTTP_RESPONSE: u8 = 2;
+
+/// Part flag, both HTTP kinds: the body was cut at the writer's limit.
+const FLAG_BODY_TRUNCATED: u8 = 0x01;
+/// Part flag, HTTP request: trailers follow the body (possibly zero of them).
+const FLAG_HAS_TRAILERS: u8 = 0x02;
+
+/// Response origin codes (as GoReplay's record types).
+const ORIGIN_ORIGINAL: u8 = 2;
+const ORIGIN_REPLAYED: u8 = 3;
+
+/// Appends `envelope`'s bytes (no frame prefix or type) to `dst`.
+pub fn encode(envelope: &Envelope, dst: &mut BytesMut) {
+    match envelope {
+        Envelope::HttpRequest(r) => {
+            dst.put_u8(KIND_HTTP_REQUEST);
+            put_meta(&r.meta, dst);
+            let flags = request_flags(r.body_truncated, r.trailers.is_some());
+            put_request_head(r.version, flags, &r.method, &r.uri, &r.headers, dst);
+            put_bytes32(dst, &r.body);
+            if let Some(trailers) = &r.trailers {
+                put_headers(dst, trailers);
+            }
+        }
+        Envelope::HttpResponse(r) => {
+            dst.put_u8(KIND_HTTP_RESPONSE);
+            put_meta(&r.meta, dst);
+            dst.put_u8(match r.origin {
+                ResponseOrigin::Original => ORIGIN_ORIGINAL,
+                ResponseOrigin::Replayed => ORIGIN_REPLAYED,
+            });
+            put_str16(dst, &r.target);
+            dst.put_u64(u64::try_from(r.latency.as_nanos()).unwrap_or(u64::MAX));
+            dst.put_u16(r.status.as_u16());
+            dst.put_u8(version_code(r.version));
+            dst.put_u8(if r.body_truncated {
+                FLAG_BODY_TRUNCATED
+            } else {
+                0
+            });
+            put_headers(dst, &r.headers);
+            put_bytes32(dst, &r.body);
+        }
+        Envelope::Other { meta, kind, part } => {
+            dst.put_u8(*kind);
+            put_meta(meta, dst);
+            dst.put_slice(part);
+        }
+    }
+}
+
+/// Encoded size of `envelope` (no frame prefix or type).
+pub fn encoded_len(envelope: &Envelope) -> usize {
+    1 + match envelope {
+        Envelope::HttpRequest(r) => return encoded_len_of_request(r),
+        Envelope::HttpResponse(r) => {
+            meta_len(&r.meta)
+                + 1
+                + str16_len(&r.target)
+                + 8
+                + 2
+                + 1
+                + 1
+                + headers_len(&r.headers)
+                + 4
+                + r.body.len()
+        }
+        Envelope::Other { meta, part, .. } => meta_len(meta) + part.len(),
+    }
+}
+
+pub(crate) fn encoded_len_of_request(r: &MirroredRequest) -> usize {
+    1 + meta_len(&r.meta) + 2 + head_len_after_flags(r) + request_tail_len(r)
+}
+
+/// Reads one envelope that fills `src` exactly.
+pub fn decode(src: &mut Bytes) -> Result<Envelope, DecodeError> {
+    let kind = get_u8(src, "kind")?;
+    let meta = get_meta(src)?;
+    Ok(match kind {
+        KIND_HTTP_REQUEST => Envelope::HttpRequest(get_request(meta, src)?),
+        KIND_HTTP_RESPONSE => Envelope::HttpResponse(get_response(meta, src)?),
+        kind => Envelope::Other {
+            meta,
+            kind,
+            part: src.split_off(0),
+        },
+    })
+}
+
+pub(crate) fn request_flags(truncated: bool, trailers: bool) -> u8 {
+    let mut flags = 0;
+    if truncated {
+        flags |= FLAG_BODY_TRUNCATED;
+    }
+    if trailers {
+        flags |= FLAG_HAS_TRAILERS;
+    }
+    flags
+}
+
+/// The request part from the method on, up to the body.
+fn head_len_after_flags(r: &MirroredRequest) -> usize {
+    str16_len(r.method.as_str()) + 4 + uri_bytes(&r.uri).len() + headers_len(&r.headers)
+}
+
+/// The body and trailers of a request part.
+fn request_tail_len(r: &MirroredRequest) -> usize {
+    4 + r.body.len() + r.trailers.as_ref().map_or(0, headers_len)
+}
+
+pub(crate) fn meta_len(meta: &Meta) -> usize {
+    4 + meta_fields_len(meta)
+}
+
+fn meta_fields_len(meta: &Meta) -> usize {
+    8 + 8
+        + 8
+        + str16_len(&meta.source_cluster)
+        + str16_len(&meta.source_identity)
+        + str16_len(&meta.tap)
+        + str16_len(&meta.sampling.rule)
+        + 4
+}
+
+pub(crate) fn put_meta(meta: &Meta, dst: &mut BytesMut) {
+    dst.put_u32(u32::try_from(meta_fields_len(meta)).unwrap_or(u32::MAX));
+    dst.put_u64(meta.session);
+    dst.put_u64(meta.id);
+    dst.put_u64(unix_nanos(meta.received_at));
+    put_str16(dst, &meta.source_cluster);
+    put_str16(dst, &meta.source_identity);
+    put_str16(dst, &meta.tap);
+    put_str16(dst, &meta.sampling.rule);
+    dst.put_u32(meta.sampling.rate_ppm);
+}
+
+fn get_meta(src: &mut Bytes) -> Result<Meta, DecodeError> {
+    let len = get_u32(src, "meta_len")? as usize;
+    let mut meta = take(src, len, "meta")?;
+    let m = &mut meta;
+    let decoded = Meta {
+        session: get_u64(m, "session")?,
+        id: get_u64(m, "id")?,
+        received_at: UNIX_EPOCH + Duration::from_nanos(get_u64(m, "received_at")?),
+        source_cluster: get_shared_str(m, "source_cluster")?,
+        source_identity: get_shared_str(m, "source_identity")?,
+        tap: get_shared_str(m, "tap")?,
+        sampling: Sampling {
+            rule: get_shared_str(m, "sampling_rule")?,
+            rate_ppm: get_u32(m, "sampling_rate_ppm")?,
+        },
+    };
+    // Fields a later version appended: this reader does not know them, and skips them.
+    Ok(decoded)
+}
+
+/// A `str16` as a shared string; the empty one without an allocation.
+fn get_shared_str(src: &mut Bytes, field: &'static str) -> Result<Arc<str>, DecodeError> {
+    let s = get_str16(src, field)?;
+    Ok(if s.is_empty() { empty() } else { s.into() })
+}
+
+pub(crate) fn put_request_head(
+    version: Version,
+    flags: u8,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    dst: &mut BytesMut,
+) {
+    dst.put_u8(version_code(version));
+    dst.put_u8(flags);
+    put_str16(dst, method.as_str());
+    put_bytes32(dst, uri_bytes(uri).as_bytes());
+    put_headers(dst, headers);
+}
+
+fn get_request(meta: Meta, src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
+    let version_code = get_u8(src, "version")?;
+    let version =
+        version_from_code(version_code).ok_or(DecodeError::InvalidVersion(version_code))?;
+    let flags = get_u8(src, "flags")?;
+    let method = get_method(src)?;
+    let uri = get_uri(src)?;
+    let headers = get_headers(src)?;
+    let body_len = get_u32(src, "body")? as usize;
+    let body = take(src, body_len, "body")?;
+    let trailers = if flags & FLAG_HAS_TRAILERS != 0 {
+        Some(get_headers(src)?)
+    } else {
+        None
+    };
+    Ok(MirroredRequest {
+        meta,
+        method,
+        uri,
+        version,
+        headers,
+        body,
+        trailers,
+        body_truncated: flags & FLAG_BODY_TRUNCATED != 0,
+    })
+}
+
+fn get_response(meta: Meta, src: &mut Bytes) -> Result<ResponseRecord, DecodeError> {
+    let origin = match get_u8(src, "origin")? {
+        ORIGIN_ORIGINAL => ResponseOrigin::Original,
+        _ => ResponseOrigin::Replayed,
+    };
+    let target = get_str16(src, "target")?;
+    let latency = Duration::from_nanos(get_u64(src, "latency")?);
+    let status = get_u16(src, "status")?;
+    let status = StatusCode::from_u16(status).map_err(|_| DecodeError::InvalidStatus(status))?;
+    let version_code = get_u8(src, "version")?;
+    let version =
+        version_from_code(version_code).ok_or(DecodeError::InvalidVersion(version_code))?;
+    let flags = get_u8(src, "flags")?;
+    let headers = get_headers(src)?;
+    let body_len = get_u32(src, "body")? as usize;
+    let body = take(src, body_len, "body")?;
+    Ok(ResponseRecord {
+        meta,
+        origin,
+        target,
+        latency,
+        status,
+        version,
+        headers,
+        body,
+        body_truncated: flags & FLAG_BODY_TRUNCATED != 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn meta() -> Meta {
+        Meta {
+            session: 7,
+            id: 42,
+            received_at: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
+            source_cluster: "prod-eu-1".into(),
+            source_identity: "agent-a".into(),
+            tap: "http".into(),
+            sampling: Sampling {
+                rule: "checkout".into(),
+                rate_ppm: 250_000,
+            },
+        }
+    }
+
+    fn request() -> MirroredRequest {
+        let mut headers = HeaderMap::new();
+        headers.append("host", HeaderValue::from_static("api.example.com"));
+        headers.append("x-repeat", HeaderValue::from_static("one"));
+        headers.append("x-repeat", HeaderValue::from_static("two"));
+        MirroredRequest {
+            meta: meta(),
+            method: Method::POST,
+            uri: Uri::from_static("/v1/items?x=1"),
+            version: Version::HTTP_11,
+            headers,
+            body: Bytes::from_static(b"\x00body\xff"),
+            trailers: None,
+            body_truncated: false,
+        }
+    }
+
+    fn round_trip(envelope: &Envelope) -> Envelope {
+        let mut buf = BytesMut::new();
+        encode(envelope, &mut buf);
+        assert_eq!(buf.len(), encoded_len(envelope), "encoded_len is exact");
+        let mut bytes = buf.freeze();
+        let decoded = decode(&mut bytes).expect("decodes");
+        assert!(bytes.is_empty());
+        decoded
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let mut with_trailers = request();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        with_trailers.trailers = Some(trailers);
+        with_trailers.body_truncated = true;
+        let response = ResponseRecord {
+            meta: meta(),
+            origin: ResponseOrigin::Replayed,
+            target: "http://shadow:8080".into(),
+            latency: Duration::from_micros(1500),
+            status: StatusCode::CREATED,
+            version: Version::HTTP_2,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"{}"),
+            body_truncated: true,
+        };
+        for envelope in [
+            Envelope::HttpRequest(request()),
+            Envelope::HttpRequest(with_trailers),
+            Envelope::HttpResponse(response),
+            Envelope::Other {
+                meta: meta(),
+                kind: 200,
+                part: Bytes::from_static(b"a kind from the future"),
+            },
+        ] {
+            assert_eq!(round_trip(&envelope), envelope);
+        }
+    }
+
+    #[test]
+    fn later_meta_fields_are_skipped() {
+        let mut buf = BytesMut::new();
+        encode(&Envelope::HttpRequest(request()), &mut buf);
+        // A later version appends 8 bytes of metadata: the length grows, the reader skips them.
+        let meta_at = 1;
+        let len = u32::from_be_bytes(buf[meta_at..meta_at + 4].try_into().expect("4 bytes"));
+        let end = meta_at + 4 + len as usize;
+        let mut later = BytesMut::new();
+        later.extend_from_slice(&buf[..meta_at]);
+        later.put_u32(len + 8);
+        later.extend_from_slice(&buf[meta_at + 4..end]);
+        later.put_u64(0xfeed);
+        later.extend_from_slice(&buf[end..]);
+        let decoded = decode(&mut later.freeze()).expect("decodes");
+        assert_eq!(decoded, Envelope::HttpRequest(request()));
+    }
+
+    #[test]
+    fn meta_shorter_than_its_fields_is_refused() {
+        let mut buf = BytesMut::new();
+        encode(&Envelope::HttpRequest(request()), &mut buf);
+        buf[4] = buf[4].wrapping_sub(1); // meta_len one short
+        assert_eq!(
+            decode(&mut buf.freeze()),
+            Err(DecodeError::Truncated("sampling_rate_ppm"))
+        );
+    }
+
+    #[test]
+    fn empty_strings_share_one_allocation() {
+        let mut m = meta();
+        m.tap = "".into();
+        m.source_identity = empty();
+        let mut r = request();
+        r.meta = m;
+        let a = round_trip(&Envelope::HttpRequest(r.clone()));
+        let b = round_trip(&Envelope::HttpRequest(r));
+        assert!(Arc::ptr_eq(&a.meta().tap, &b.meta().tap));
+    }
+}
