@@ -60,7 +60,9 @@ use tracing::Instrument;
 use teeway_runtime::logging::Throttle;
 use teeway_runtime::metrics::Registry;
 
-use crate::downstream::{hyper_cause, ClientLimits, Peer, ProxyBody, MIN_MAX_HEADER_BYTES};
+use crate::downstream::{
+    hyper_cause, ClientLimits, Peer, ProxyBody, HYPER_MAX_HEADERS, MIN_MAX_HEADER_BYTES,
+};
 use crate::front::Front;
 use crate::metrics::{
     ACCEPT_ERRORS_TOTAL, CLIENT_CONNECTIONS, CLIENT_CONNECTIONS_CLOSED_TOTAL,
@@ -490,15 +492,17 @@ pub async fn serve(
     let metrics = Arc::new(IngressMetrics::new(registry));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = builder.http1();
+    http1
         .timer(TokioTimer::new())
         // The watchdog times heads and idle periods apart; hyper's timer would run across both.
         .header_read_timeout(None)
         .preserve_header_case(true)
         .auto_date_header(false)
-        .max_headers(limits.max_header_lines)
         .max_buf_size(limits.max_header_bytes.max(MIN_MAX_HEADER_BYTES));
+    if limits.max_header_lines != HYPER_MAX_HEADERS {
+        http1.max_headers(limits.max_header_lines);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())

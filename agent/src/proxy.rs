@@ -29,7 +29,9 @@ use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::proxy::remove_hop_by_hop;
 
-use crate::downstream::{hyper_cause, ClientLimits, Peer, ProxyBody, MIN_MAX_HEADER_BYTES};
+use crate::downstream::{
+    hyper_cause, ClientLimits, Peer, ProxyBody, HYPER_MAX_HEADERS, MIN_MAX_HEADER_BYTES,
+};
 use crate::metrics::{
     Accounting, CLIENT_ABORTS_TOTAL, PRIMARY_ERRORS_TOTAL, REQUESTS_REFUSED_TOTAL,
 };
@@ -85,11 +87,14 @@ impl Proxy {
         limits: &ClientLimits,
     ) -> Self {
         let client = |http2_only: bool| {
-            Client::builder(TokioExecutor::new())
+            let mut builder = Client::builder(TokioExecutor::new());
+            if limits.max_header_lines != HYPER_MAX_HEADERS {
+                builder.http1_max_headers(limits.max_header_lines);
+            }
+            builder
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(PRIMARY_POOL_IDLE)
                 .http1_preserve_header_case(true)
-                .http1_max_headers(limits.max_header_lines)
                 .http1_max_buf_size(limits.max_header_bytes.max(MIN_MAX_HEADER_BYTES))
                 .http2_max_header_list_size(
                     u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
