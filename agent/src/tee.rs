@@ -31,6 +31,10 @@ use crate::policy::{MirrorPolicy, OverLimit};
 use crate::uplink::{Queued, UplinkState};
 use teeway_archive::Archive;
 
+/// Most body bytes reserved for a copy before they arrive. A larger body's buffer grows as it
+/// comes (and is moved to one of its own size at the end if growing left much unused).
+const MAX_BODY_RESERVE: usize = 64 * 1024;
+
 /// The request-path side of the tee.
 #[derive(Debug)]
 pub struct Tee {
@@ -129,7 +133,9 @@ impl Tee {
         let mut copy_headers = headers.clone();
         let uri = policy.redaction.apply(&mut copy_headers, uri);
         let max_body_bytes = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
-        // Room for the body as announced (no more than is kept): such a body is copied once.
+        // Room for the body as announced (no more than is kept, and no more than a client that
+        // announces much and sends little could make the agent set aside up front): such a
+        // body is copied once, into a buffer of its size.
         let announced = headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -141,7 +147,7 @@ impl Tee {
             &uri,
             version,
             &copy_headers,
-            announced.min(max_body_bytes),
+            announced.min(max_body_bytes).min(MAX_BODY_RESERVE),
         );
         Some(Admitted {
             frame,
@@ -610,6 +616,46 @@ mod tests {
         let s = Snapshot::parse(&acc.registry().render());
         assert_eq!(s.get(crate::metrics::MIRROR_IN_FLIGHT), 0.0);
         assert_eq!(s.get(crate::metrics::REQUESTS_TOTAL), 1.0);
+    }
+
+    #[tokio::test]
+    async fn what_a_client_announces_is_not_set_aside_before_it_comes() {
+        let (tee, _rx, _) = tee(4, 8 << 20);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_LENGTH,
+            HeaderValue::from_static("8000000"),
+        );
+        let copy = tee
+            .admit(
+                &Method::POST,
+                &Uri::from_static("/x"),
+                Version::HTTP_11,
+                &headers,
+            )
+            .expect("sampled");
+        assert!(
+            copy.frame.capacity() <= MAX_BODY_RESERVE + 1024,
+            "{} bytes reserved for 8 MB announced",
+            copy.frame.capacity()
+        );
+        let mut small = HeaderMap::new();
+        small.insert(
+            http::header::CONTENT_LENGTH,
+            HeaderValue::from_static("3000"),
+        );
+        let copy = tee
+            .admit(
+                &Method::POST,
+                &Uri::from_static("/x"),
+                Version::HTTP_11,
+                &small,
+            )
+            .expect("sampled");
+        assert!(
+            copy.frame.capacity() >= 3000,
+            "an announced small body fits at once"
+        );
     }
 
     #[tokio::test]
