@@ -176,8 +176,7 @@ fn decode_response(src: &mut Bytes) -> Result<ResponseRecord, DecodeError> {
     };
     let flags = get_u8(src, "flags")?;
     let headers = get_headers(src)?;
-    let body_len = teeway_wire::fields::get_u32(src, "body")? as usize;
-    let body = teeway_wire::fields::take(src, body_len, "body")?;
+    let body = teeway_wire::fields::get_bytes32(src, "body")?;
     Ok(ResponseRecord {
         meta: teeway_wire::Meta::basic(request_id, received_at, source_cluster),
         origin,

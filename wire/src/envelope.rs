@@ -22,8 +22,8 @@ use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 use crate::error::DecodeError;
 use crate::fields::{
-    get_headers, get_method, get_str16, get_u16, get_u32, get_u64, get_u8, get_uri, headers_len,
-    put_bytes32, put_headers, put_str16, str16_len, take, uri_bytes,
+    get_bytes32, get_headers, get_method, get_str16, get_u16, get_u32, get_u64, get_u8, get_uri,
+    headers_len, put_bytes32, put_headers, put_str16, str16_len, take, uri_bytes,
 };
 use crate::record::{
     empty, unix_nanos, version_code, version_from_code, Envelope, Meta, MirroredRequest,
@@ -106,6 +106,12 @@ pub fn encoded_len(envelope: &Envelope) -> usize {
 
 pub(crate) fn encoded_len_of_request(r: &MirroredRequest) -> usize {
     1 + meta_len(&r.meta) + 2 + head_len_after_flags(r) + request_tail_len(r)
+}
+
+/// Reads an HTTP version code.
+pub(crate) fn get_version(src: &mut Bytes) -> Result<Version, DecodeError> {
+    let code = get_u8(src, "version")?;
+    version_from_code(code).ok_or(DecodeError::InvalidVersion(code))
 }
 
 /// Reads one envelope that fills `src` exactly.
@@ -212,15 +218,23 @@ pub(crate) fn put_request_head(
 }
 
 fn get_request(meta: Meta, src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
-    let version_code = get_u8(src, "version")?;
-    let version =
-        version_from_code(version_code).ok_or(DecodeError::InvalidVersion(version_code))?;
+    let version = get_version(src)?;
     let flags = get_u8(src, "flags")?;
+    get_request_rest(meta, version, flags, src)
+}
+
+/// An HTTP request's fields from the method on: the same in an envelope and in protocol 4's
+/// `REQUEST`, whose metadata came before.
+pub(crate) fn get_request_rest(
+    meta: Meta,
+    version: Version,
+    flags: u8,
+    src: &mut Bytes,
+) -> Result<MirroredRequest, DecodeError> {
     let method = get_method(src)?;
     let uri = get_uri(src)?;
     let headers = get_headers(src)?;
-    let body_len = get_u32(src, "body")? as usize;
-    let body = take(src, body_len, "body")?;
+    let body = get_bytes32(src, "body")?;
     let trailers = if flags & FLAG_HAS_TRAILERS != 0 {
         Some(get_headers(src)?)
     } else {
@@ -247,13 +261,10 @@ fn get_response(meta: Meta, src: &mut Bytes) -> Result<ResponseRecord, DecodeErr
     let latency = Duration::from_nanos(get_u64(src, "latency")?);
     let status = get_u16(src, "status")?;
     let status = StatusCode::from_u16(status).map_err(|_| DecodeError::InvalidStatus(status))?;
-    let version_code = get_u8(src, "version")?;
-    let version =
-        version_from_code(version_code).ok_or(DecodeError::InvalidVersion(version_code))?;
+    let version = get_version(src)?;
     let flags = get_u8(src, "flags")?;
     let headers = get_headers(src)?;
-    let body_len = get_u32(src, "body")? as usize;
-    let body = take(src, body_len, "body")?;
+    let body = get_bytes32(src, "body")?;
     Ok(ResponseRecord {
         meta,
         origin,

@@ -75,6 +75,12 @@ pub fn take(src: &mut Bytes, len: usize, field: &'static str) -> Result<Bytes, D
     Ok(src.split_to(len))
 }
 
+/// Reads a `bytes32`.
+pub fn get_bytes32(src: &mut Bytes, field: &'static str) -> Result<Bytes, DecodeError> {
+    let len = get_u32(src, field)? as usize;
+    take(src, len, field)
+}
+
 /// Reads a `str16`.
 pub fn get_str16(src: &mut Bytes, field: &'static str) -> Result<String, DecodeError> {
     let len = get_u16(src, field)? as usize;

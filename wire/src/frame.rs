@@ -22,15 +22,16 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, Method, Uri, Version};
 
 use crate::envelope::{
-    encoded_len_of_request, meta_len, put_meta, put_request_head, request_flags, KIND_HTTP_REQUEST,
+    encoded_len_of_request, get_request_rest, get_version, meta_len, put_meta, put_request_head,
+    request_flags, KIND_HTTP_REQUEST,
 };
 use crate::error::DecodeError;
+use crate::fields::uri_bytes;
 use crate::fields::{
-    get_headers, get_str16, get_u16, get_u32, get_u64, get_u8, headers_len, put_bytes32,
-    put_headers, put_str16, str16_len, take,
+    get_str16, get_u16, get_u32, get_u64, get_u8, headers_len, put_bytes32, put_headers, put_str16,
+    str16_len, take,
 };
-use crate::fields::{get_method, get_uri, uri_bytes};
-use crate::record::{version_code, version_from_code, Envelope, Meta, MirroredRequest};
+use crate::record::{version_code, Envelope, Meta, MirroredRequest};
 use crate::MAX_FRAME_LEN;
 
 /// Length of the frame prefix.
@@ -47,11 +48,6 @@ const TYPE_BATCH: u8 = 0x08;
 const TYPE_ENVELOPE: u8 = 0x09;
 /// `BATCH` flag: the agent sent this batch before and got no acknowledgement.
 const BATCH_RETRY: u8 = 0x01;
-
-/// Record flag: the body was cut at the agent's size limit.
-const FLAG_BODY_TRUNCATED: u8 = 0x01;
-/// Record flag: the record carries trailers (possibly zero of them).
-const FLAG_HAS_TRAILERS: u8 = 0x02;
 
 /// One protocol frame.
 ///
@@ -332,14 +328,8 @@ fn encode_request(r: &MirroredRequest, dst: &mut BytesMut) {
     dst.put_u64(r.meta.id);
     dst.put_u64(r.received_at_unix_nanos());
     dst.put_u8(version_code(r.version));
-    let mut flags = 0;
-    if r.body_truncated {
-        flags |= FLAG_BODY_TRUNCATED;
-    }
-    if r.trailers.is_some() {
-        flags |= FLAG_HAS_TRAILERS;
-    }
-    dst.put_u8(flags);
+    // The same flags as an envelope's request part.
+    dst.put_u8(request_flags(r.body_truncated, r.trailers.is_some()));
     put_str16(dst, &r.meta.source_cluster);
     put_str16(dst, r.method.as_str());
     put_bytes32(dst, uri_bytes(&r.uri).as_bytes());
@@ -367,31 +357,11 @@ fn request_len(r: &MirroredRequest) -> usize {
 fn decode_request(src: &mut Bytes) -> Result<MirroredRequest, DecodeError> {
     let id = get_u64(src, "id")?;
     let nanos = get_u64(src, "received_at")?;
-    let version_code = get_u8(src, "version")?;
-    let version =
-        version_from_code(version_code).ok_or(DecodeError::InvalidVersion(version_code))?;
+    let version = get_version(src)?;
     let flags = get_u8(src, "flags")?;
     let source_cluster: Arc<str> = get_str16(src, "source_cluster")?.into();
-    let method = get_method(src)?;
-    let uri = get_uri(src)?;
-    let headers = get_headers(src)?;
-    let body_len = get_u32(src, "body")? as usize;
-    let body = take(src, body_len, "body")?;
-    let trailers = if flags & FLAG_HAS_TRAILERS != 0 {
-        Some(get_headers(src)?)
-    } else {
-        None
-    };
-    Ok(MirroredRequest {
-        meta: Meta::basic(id, UNIX_EPOCH + Duration::from_nanos(nanos), source_cluster),
-        method,
-        uri,
-        version,
-        headers,
-        body,
-        trailers,
-        body_truncated: flags & FLAG_BODY_TRUNCATED != 0,
-    })
+    let meta = Meta::basic(id, UNIX_EPOCH + Duration::from_nanos(nanos), source_cluster);
+    get_request_rest(meta, version, flags, src)
 }
 
 impl MirroredRequest {
