@@ -112,6 +112,26 @@ async fn captured_traffic_replays_byte_identical_in_recorded_order() {
     assert!(archived
         .iter()
         .all(|r| &*r.meta.source_cluster == "demo-prod"));
+    // The envelope's metadata, as `inspect` shows it: one agent process, its certificate's
+    // identity, the proxy as tap, chosen by mirror.percentage.
+    let summary = teeway_archive::inspect::Summary::of(
+        Reader::open(&[dir.path().to_owned()]).expect("archive"),
+    );
+    assert_eq!(summary.sessions.len(), 1);
+    assert_eq!(summary.before_envelopes, 0);
+    assert_eq!(
+        summary.agents.get("prod-eu").copied(),
+        Some(plan.len() as u64),
+        "{summary}"
+    );
+    assert_eq!(summary.taps.get("http").copied(), Some(plan.len() as u64));
+    assert_eq!(
+        summary.rules.get("mirror.percentage").copied(),
+        Some(plan.len() as u64)
+    );
+    assert!(summary
+        .to_string()
+        .contains("sampled by: mirror.percentage"));
 
     // Replay against a fresh recording server, one at a time so arrival order is send order.
     let (fresh, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");

@@ -11,7 +11,9 @@
 //! Older GoReplay versions wrote three header fields; both forms are read. Requests are written
 //! with latency `-1`, as GoReplay does.
 //!
-//! teeway writes ids as 24 hex digits: its request id (16) then a hash of the source cluster (8).
+//! teeway writes ids as 24 hex digits: its request id (16) then a hash of the source cluster and
+//! the agent session (8), so that the requests of two agents (whose ids both count from 1) keep
+//! their responses apart.
 //! Reading, a 16-hex-digit prefix becomes the request id again; other tokens are hashed. HTTP/2
 //! requests are written in HTTP/1.1 form (the authority becomes `Host`), bodies de-chunked with a
 //! `Content-Length`. A body that itself contains the separator cannot be told apart from two
@@ -38,10 +40,15 @@ pub const GOR_CLUSTER: &str = "gor";
 /// Most headers parsed in one message.
 const MAX_HEADERS: usize = 256;
 
-/// The id token of a request: 16 hex digits of the id, 8 of the cluster's hash.
-pub fn token(request_id: u64, source_cluster: &str) -> String {
-    let cluster = fnv1a64(source_cluster.as_bytes()) as u32;
-    format!("{request_id:016x}{cluster:08x}")
+/// The id token of a record: 16 hex digits of its id, 8 of a hash of its source cluster and
+/// agent session (the cluster's alone when the session is not known, as before sessions).
+pub fn token(meta: &Meta) -> String {
+    let mut source = meta.source_cluster.as_bytes().to_vec();
+    if meta.session != 0 {
+        source.extend_from_slice(&meta.session.to_be_bytes());
+    }
+    let source = fnv1a64(&source) as u32;
+    format!("{:016x}{source:08x}", meta.id)
 }
 
 /// The request id a token stands for (see the module docs).
@@ -65,7 +72,7 @@ pub fn put_record(record: &Envelope, dst: &mut Vec<u8>) {
 }
 
 fn put_request(r: &MirroredRequest, dst: &mut Vec<u8>) {
-    let id = token(r.meta.id, &r.meta.source_cluster);
+    let id = token(&r.meta);
     dst.extend_from_slice(format!("1 {id} {} -1\n", r.received_at_unix_nanos()).as_bytes());
     let target = r.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let version = if r.version == Version::HTTP_10 {
@@ -90,7 +97,7 @@ fn put_response(r: &ResponseRecord, dst: &mut Vec<u8>) {
         ResponseOrigin::Original => 2,
         ResponseOrigin::Replayed => 3,
     };
-    let id = token(r.meta.id, &r.meta.source_cluster);
+    let id = token(&r.meta);
     let latency = u64::try_from(r.latency.as_nanos()).unwrap_or(u64::MAX);
     dst.extend_from_slice(
         format!("{kind} {id} {} {latency}\n", unix_nanos(r.meta.received_at)).as_bytes(),
@@ -418,12 +425,19 @@ mod tests {
         put_record(&Envelope::HttpRequest(r.clone()), &mut out);
         let expected = format!(
             "1 {} {} -1\nPOST /v1/items?q=1 HTTP/1.1\r\nhost: api.example.com\r\ncontent-length: 3\r\n\r\na=1\n🐵🙈🙉\n",
-            token(0x2a, &r.meta.source_cluster),
+            token(&r.meta),
             r.received_at_unix_nanos()
         );
         assert_eq!(String::from_utf8(out).expect("utf8"), expected);
-        assert!(token(0x2a, "c").starts_with("000000000000002a"));
-        assert_eq!(id_of_token(&token(0x2a, "c")), 0x2a);
+        assert!(token(&r.meta).starts_with("000000000000002a"));
+        assert_eq!(id_of_token(&token(&r.meta)), 0x2a);
+        let mut other_agent = r.meta.clone();
+        other_agent.session = 7;
+        assert_ne!(
+            token(&other_agent),
+            token(&r.meta),
+            "two agents' requests of the same id keep apart"
+        );
     }
 
     #[test]

@@ -29,9 +29,10 @@ pub struct HarWriter<W: Write> {
     out: W,
     first: bool,
     /// Requests held back, and whether a response has been written for them yet (a request
-    /// replayed to several targets gets one entry per target's answer).
-    pending: HashMap<(Arc<str>, u64), (MirroredRequest, bool)>,
-    order: VecDeque<(Arc<str>, u64)>,
+    /// replayed to several targets gets one entry per target's answer), by (agent session,
+    /// source cluster, id): what ties a response to its request.
+    pending: HashMap<(u64, Arc<str>, u64), (MirroredRequest, bool)>,
+    order: VecDeque<(u64, Arc<str>, u64)>,
     /// Entries written.
     pub entries: u64,
 }
@@ -65,7 +66,7 @@ impl<W: Write> HarWriter<W> {
     pub fn push(&mut self, record: Envelope) -> io::Result<()> {
         match record {
             Envelope::HttpRequest(r) => {
-                let key = (r.meta.source_cluster.clone(), r.meta.id);
+                let key = (r.meta.session, r.meta.source_cluster.clone(), r.meta.id);
                 if let Some((previous, answered)) = self.pending.insert(key.clone(), (r, false)) {
                     if !answered {
                         self.entry(&previous, None)?;
@@ -80,7 +81,11 @@ impl<W: Write> HarWriter<W> {
             Envelope::HttpResponse(resp)
                 if resp.status.is_informational() && resp.status != 101 => {}
             Envelope::HttpResponse(resp) => {
-                let key = (resp.meta.source_cluster.clone(), resp.meta.id);
+                let key = (
+                    resp.meta.session,
+                    resp.meta.source_cluster.clone(),
+                    resp.meta.id,
+                );
                 if let Some((request, _)) = self.pending.remove(&key) {
                     let written = self.entry(&request, Some(&resp));
                     self.pending.insert(key, (request, true));

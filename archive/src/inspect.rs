@@ -1,7 +1,7 @@
 //! The summary printed by `teeway archive inspect`: what an archive holds, and what in it could
 //! not be read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use teeway_runtime::units::format_size;
@@ -14,6 +14,10 @@ use crate::Envelope;
 const MAX_DISTINCT_PATHS: usize = 10_000;
 /// Paths listed in the summary.
 const TOP_PATHS: usize = 10;
+/// Distinct agents, taps, rules counted by name; past this, as `(other)`.
+const MAX_DISTINCT_LABELS: usize = 100;
+/// Distinct agent sessions counted.
+const MAX_DISTINCT_SESSIONS: usize = 10_000;
 
 /// What an archive holds.
 #[derive(Debug, Default)]
@@ -40,6 +44,16 @@ pub struct Summary {
     pub truncated: u64,
     /// Requests by source cluster.
     pub clusters: BTreeMap<String, u64>,
+    /// Requests by agent identity (from its certificate, as the gateway read it).
+    pub agents: BTreeMap<String, u64>,
+    /// Requests by the agent listener that saw them.
+    pub taps: BTreeMap<String, u64>,
+    /// Requests by the mirror rule that chose them.
+    pub rules: BTreeMap<String, u64>,
+    /// Agent processes (sessions) the requests came from, up to 10,000.
+    pub sessions: HashSet<u64>,
+    /// Requests written before envelopes (archive format 1): no session, tap or sampling.
+    pub before_envelopes: u64,
     /// What the reader counted and skipped.
     pub read: ReadStats,
 }
@@ -72,6 +86,24 @@ impl Summary {
                     s.body_bytes += r.body.len() as u64;
                     s.max_body = s.max_body.max(r.body.len() as u64);
                     s.truncated += u64::from(r.body_truncated);
+                    let m = &r.meta;
+                    if m.session == 0 {
+                        s.before_envelopes += 1;
+                    } else {
+                        if s.sessions.len() < MAX_DISTINCT_SESSIONS {
+                            s.sessions.insert(m.session);
+                        }
+                        tally(&mut s.taps, &m.tap);
+                        let rule = if m.sampling.rule.is_empty() {
+                            "mirror.percentage"
+                        } else {
+                            &m.sampling.rule
+                        };
+                        tally(&mut s.rules, rule);
+                    }
+                    if !m.source_identity.is_empty() {
+                        tally(&mut s.agents, &m.source_identity);
+                    }
                 }
                 Envelope::HttpResponse(_) => s.responses += 1,
                 Envelope::Other { .. } => s.other_kinds += 1,
@@ -136,6 +168,40 @@ impl fmt::Display for Summary {
             .map(|(c, n)| format!("{c} {n}"))
             .collect();
         writeln!(f, "clusters:   {}", clusters.join(", "))?;
+        let listed = |map: &BTreeMap<String, u64>| {
+            map.iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !self.agents.is_empty() {
+            writeln!(
+                f,
+                "agents:     {} (certificate identities)",
+                listed(&self.agents)
+            )?;
+        }
+        if !self.sessions.is_empty() {
+            writeln!(
+                f,
+                "sessions:   {}{} agent process(es)",
+                self.sessions.len(),
+                if self.sessions.len() >= MAX_DISTINCT_SESSIONS {
+                    "+"
+                } else {
+                    ""
+                }
+            )?;
+            writeln!(f, "taps:       {}", listed(&self.taps))?;
+            writeln!(f, "sampled by: {}", listed(&self.rules))?;
+        }
+        if self.before_envelopes > 0 {
+            writeln!(
+                f,
+                "            {} request(s) written before envelopes (archive format 1: no session, tap or sampling rule)",
+                self.before_envelopes
+            )?;
+        }
         let mean = self.body_bytes.checked_div(self.requests).unwrap_or(0);
         writeln!(
             f,
@@ -165,5 +231,16 @@ impl fmt::Display for Summary {
             writeln!(f, "  {issue}")?;
         }
         Ok(())
+    }
+}
+
+/// Counts one more `key` in `map`, by name for the first [`MAX_DISTINCT_LABELS`] names.
+fn tally(map: &mut BTreeMap<String, u64>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n += 1;
+    } else if map.len() < MAX_DISTINCT_LABELS {
+        map.insert(key.to_owned(), 1);
+    } else {
+        *map.entry("(other)".to_owned()).or_default() += 1;
     }
 }

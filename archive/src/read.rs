@@ -33,8 +33,9 @@ pub const PARTIAL_SUFFIX: &str = ".partial";
 /// A path that cannot be read as an archive at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    /// The path does not exist or cannot be listed.
-    #[error("{path}: {source}")]
+    /// The path does not exist or cannot be listed. (What the system said is the error's
+    /// source, which callers print after it.)
+    #[error("cannot read {}", path.display())]
     Io {
         /// The path.
         path: PathBuf,
