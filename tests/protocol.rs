@@ -534,8 +534,11 @@ async fn records_follow_the_connections_version_and_unknown_kinds_are_kept() {
     assert_eq!(ack(exchange(&conn, &frames(request)).await), protocol_error);
     let envelope = Frame::Envelope(Envelope::HttpRequest(record("/v5")));
     assert_eq!(ack(exchange(&conn, &frames(envelope)).await), Ok(1));
+    // A newer agent's record: a kind and a metadata field this gateway does not know.
+    let mut later_meta = teeway_wire::Meta::basic(2, std::time::SystemTime::now(), "raw".into());
+    later_meta.extra = bytes::Bytes::from_static(b"\x00\x07a later field");
     let future = Envelope::Other {
-        meta: teeway_wire::Meta::basic(2, std::time::SystemTime::now(), "raw".into()),
+        meta: later_meta,
         kind: 200,
         part: bytes::Bytes::from_static(b"a kind from a newer agent"),
     };
@@ -611,10 +614,15 @@ async fn records_follow_the_connections_version_and_unknown_kinds_are_kept() {
         .iter()
         .find(|r| matches!(r, Envelope::Other { .. }))
         .expect("the unknown kind is archived");
-    let Envelope::Other { kind, part, .. } = kept else {
+    let Envelope::Other { kind, part, meta } = kept else {
         unreachable!()
     };
     assert_eq!((*kind, &part[..]), (200, &b"a kind from a newer agent"[..]));
+    assert_eq!(
+        &meta.extra[..],
+        b"\x00\x07a later field",
+        "metadata it does not know is kept"
+    );
     let v5 = archived
         .iter()
         .find_map(|r| match r {

@@ -378,6 +378,25 @@ impl Ticket {
         Ok(())
     }
 
+    /// Holds exactly `total` bytes against `mirror.queue_bytes`, more or less than before (a copy
+    /// in the making grows; a finished one settles at its size); `Err(QueueBytes)` when growing
+    /// would spend the budget, and what was held stays held.
+    pub fn hold_total(&mut self, total: u64) -> Result<(), DropReason> {
+        if total == self.held {
+            return Ok(());
+        }
+        if total > self.held {
+            return self.hold(total - self.held);
+        }
+        if let Some(acc) = &self.accounting {
+            let less = self.held - total;
+            acc.held_bytes.fetch_sub(less, Ordering::Relaxed);
+            acc.held_bytes_gauge.decrement(less as f64);
+        }
+        self.held = total;
+        Ok(())
+    }
+
     /// The gateway acknowledged the copy.
     pub fn mirrored(mut self) {
         if let Some(acc) = self.accounting.take() {

@@ -127,11 +127,13 @@ pub struct Chosen<'a> {
 }
 
 impl Fraction {
-    /// The share in parts per million, rounded down (1,000,000: all).
+    /// The share in parts per million, to the nearest (1,000,000: all; a share that takes
+    /// anything is at least 1, as 0 means "not known" in an envelope).
     pub fn ppm(self) -> u32 {
         match self.threshold {
             None => 1_000_000,
-            Some(t) => ((u128::from(t) * 1_000_000) >> 64) as u32,
+            Some(0) => 0,
+            Some(t) => (((u128::from(t) * 1_000_000) + (1 << 63)) >> 64).max(1) as u32,
         }
     }
 }
@@ -877,6 +879,19 @@ mod tests {
             );
         }
         (method, uri.parse().expect("uri"), h)
+    }
+
+    #[test]
+    fn sampling_rates_in_parts_per_million() {
+        assert_eq!(Fraction::percent(100.0).ppm(), 1_000_000);
+        assert_eq!(Fraction::percent(30.0).ppm(), 300_000);
+        assert_eq!(Fraction::percent(0.1).ppm(), 1_000);
+        assert_eq!(
+            Fraction::percent(0.00001).ppm(),
+            1,
+            "anything at all is not 'not known'"
+        );
+        assert_eq!(Fraction::OFF.ppm(), 0);
     }
 
     fn decide(p: &MirrorPolicy, r: &(Method, Uri, HeaderMap), d: u64) -> bool {

@@ -511,12 +511,14 @@ fn read_segment(path: &Path) -> Scan {
     };
     loop {
         match reader.next_record() {
-            Next::Record(Envelope::HttpResponse(_)) => {
+            Next::Record(Envelope::HttpResponse(_) | Envelope::Other { .. }) => {
                 scan.bad += 1;
-                scan.problem = Some("a response record in a spool segment".into());
+                scan.problem =
+                    Some("a record of a kind this agent does not send in a spool segment".into());
             }
             // A copy, spooled by this version (as it was encoded) or an older one (as a
-            // request record): sent as an `ENVELOPE` frame.
+            // request record): sent as an `ENVELOPE` frame. (Read back after a restart, it is
+            // decoded and encoded again: the rare path.)
             Next::Record(envelope) => {
                 let mut frame = BytesMut::new();
                 Frame::Envelope(envelope).encode(&mut frame);

@@ -128,6 +128,7 @@ impl Tee {
                 rule: chosen.rule.cloned().unwrap_or_else(empty),
                 rate_ppm: chosen.fraction.ppm(),
             },
+            extra: Bytes::new(),
         };
         let policy = arc_swap::Guard::into_inner(policy);
         let mut copy_headers = headers.clone();
@@ -149,6 +150,13 @@ impl Tee {
             &copy_headers,
             announced.min(max_body_bytes).min(MAX_BODY_RESERVE),
         );
+        // What a copy sets aside counts from the start, not from when it is queued: copies in
+        // the making are bounded by `queue_bytes` too.
+        let mut ticket = ticket;
+        if let Err(reason) = ticket.hold(frame.capacity() as u64) {
+            ticket.dropped(reason);
+            return None;
+        }
         Some(Admitted {
             frame,
             ticket,
@@ -203,7 +211,7 @@ impl Tee {
 
     fn enqueue(&self, frame: Bytes, ticket: Ticket) {
         let mut queued = Queued::new(frame, ticket);
-        if let Err(reason) = queued.ticket.hold(queued.size() as u64) {
+        if let Err(reason) = queued.ticket.hold_total(queued.size() as u64) {
             queued.ticket.dropped(reason);
             return;
         }
@@ -266,6 +274,16 @@ impl Capture {
             return false;
         }
         frame.push_body(chunk);
+        // A body longer than what was set aside grows its buffer: that counts as it happens.
+        let held = frame.capacity() as u64;
+        if let Some(ticket) = self.ticket.as_mut() {
+            if let Err(reason) = ticket.hold_total(held) {
+                if let Some(ticket) = self.ticket.take() {
+                    ticket.dropped(reason);
+                }
+                return false;
+            }
+        }
         true
     }
 
@@ -655,6 +673,50 @@ mod tests {
         assert!(
             copy.frame.capacity() >= 3000,
             "an announced small body fits at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn copies_in_the_making_count_against_queue_bytes() {
+        let acc = Arc::new(Accounting::new(8 * 1024));
+        let (tx, mut rx) = mpsc::channel(4);
+        let uplink = Arc::new(UplinkState::default());
+        uplink.set(true);
+        let tee = Arc::new(Tee::new(
+            tx,
+            acc.clone(),
+            policy(1 << 20, OverLimit::Skip),
+            origin(),
+            Some(uplink),
+            None,
+        ));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_LENGTH,
+            HeaderValue::from_static("5000"),
+        );
+        let admit = || {
+            tee.admit(
+                &Method::POST,
+                &Uri::from_static("/x"),
+                Version::HTTP_11,
+                &headers,
+            )
+        };
+        let first = admit().expect("room for one");
+        assert!(
+            admit().is_none(),
+            "the first one's 5000 bytes are set aside already"
+        );
+        assert_eq!(dropped(&acc, "queue_bytes"), 1.0);
+        let body = tee.body(Full::new(Bytes::from(vec![7u8; 5000])), Some(first));
+        body.collect().await.expect("body");
+        let q = rx.try_recv().expect("queued");
+        assert_eq!(decoded(&q).body.len(), 5000);
+        q.ticket.mirrored();
+        assert!(
+            admit().is_some(),
+            "room again once the first one is resolved"
         );
     }
 

@@ -1233,6 +1233,9 @@ fn collect(first: Queued, queue_rx: &mut mpsc::Receiver<Queued>) -> (Vec<Queued>
 /// Copies sent together on one stream, and their accounts.
 struct Batch {
     frames: bytes::Bytes,
+    /// The same records as `REQUEST` frames, for a gateway of protocol 4 or older: made once,
+    /// when first needed.
+    requests: Option<bytes::Bytes>,
     accounts: Accounts,
     /// Its number in the agent's session (protocol 3 names it on the wire).
     seq: u64,
@@ -1260,6 +1263,7 @@ impl Batch {
             .collect();
         Self {
             frames: frames.freeze(),
+            requests: None,
             accounts: Accounts::Live(tickets),
             seq,
             sent_before: false,
@@ -1273,6 +1277,7 @@ impl Batch {
         }
         Self {
             frames: frames.freeze(),
+            requests: None,
             accounts: Accounts::Spooled(chunk.share),
             seq,
             sent_before: false,
@@ -1359,8 +1364,19 @@ async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphore
         // Copies are `ENVELOPE` frames; a gateway of version 4 or older reads `REQUEST`s.
         let frames = if sender.version >= 5 {
             batch.frames.clone()
+        } else if let Some(requests) = &batch.requests {
+            requests.clone()
         } else {
-            as_requests(&batch.frames)
+            match as_requests(&batch.frames, batch.accounts.len()) {
+                Some(requests) => batch.requests.insert(requests).clone(),
+                None => {
+                    // Never the case for the copies taps make today; were it, the ACK's count
+                    // would no longer line up with the batch's accounts.
+                    tracing::warn!(records = batch.accounts.len(), "a batch holds records a gateway of protocol 4 cannot take; counted as rejected");
+                    batch.accounts.failed(true);
+                    return;
+                }
+            }
         };
         let bytes = (head.len() + frames.len()) as u64;
         let sending = sender.load.enter();
@@ -1564,18 +1580,25 @@ async fn read_spool(
     }
 }
 
-/// `frames` (`ENVELOPE` frames) as `REQUEST` frames, for a gateway of protocol 4 or older, which
-/// knows no other. Every copy the taps make today is an HTTP request, which `REQUEST` holds
-/// (less the metadata version 5 added); the slow path of a mixed-version rollout only.
-fn as_requests(frames: &Bytes) -> Bytes {
+/// `frames` (`records` `ENVELOPE` frames) as `REQUEST` frames, for a gateway of protocol 4 or
+/// older, which knows no other: `None` unless every one is an HTTP request (the gateway's ACK
+/// counts records in order, so none may be left out). Every copy the taps make today is one,
+/// which `REQUEST` holds less the metadata version 5 added; the slow path of a mixed-version
+/// rollout only.
+fn as_requests(frames: &Bytes, records: usize) -> Option<Bytes> {
     let mut src = BytesMut::from(&frames[..]);
     let mut out = BytesMut::with_capacity(frames.len());
-    while let Ok(Some(frame)) = Frame::decode(&mut src) {
-        if let Frame::Envelope(Envelope::HttpRequest(r)) = frame {
-            Frame::Request(r).encode(&mut out);
+    let mut done = 0;
+    while !src.is_empty() {
+        match Frame::decode(&mut src) {
+            Ok(Some(Frame::Envelope(Envelope::HttpRequest(r)))) => {
+                Frame::Request(r).encode(&mut out);
+                done += 1;
+            }
+            _ => return None,
         }
     }
-    out.freeze()
+    (done == records).then(|| out.freeze())
 }
 
 /// Full-jitter exponential backoff: a random delay in `[d/2, d]` with `d = min(max, base·2^n)`.
@@ -1589,6 +1612,46 @@ fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_for_an_old_gateway_is_all_of_its_records_as_requests_or_nothing() {
+        let request = |id: u64| teeway_wire::MirroredRequest {
+            meta: teeway_wire::Meta::basic(id, std::time::UNIX_EPOCH, "c".into()),
+            method: http::Method::GET,
+            uri: http::Uri::from_static("/x"),
+            version: http::Version::HTTP_11,
+            headers: http::HeaderMap::new(),
+            body: Bytes::from_static(b"b"),
+            trailers: None,
+            body_truncated: false,
+        };
+        let mut frames = BytesMut::new();
+        for id in [1, 2] {
+            Frame::Envelope(Envelope::HttpRequest(request(id))).encode(&mut frames);
+        }
+        let frames = frames.freeze();
+        let mut converted = BytesMut::from(&as_requests(&frames, 2).expect("converted")[..]);
+        for id in [1, 2] {
+            assert_eq!(
+                Frame::decode(&mut converted),
+                Ok(Some(Frame::Request(request(id))))
+            );
+        }
+        assert!(converted.is_empty());
+        assert_eq!(as_requests(&frames, 3), None, "a count that does not match");
+        let mut mixed = BytesMut::from(&frames[..]);
+        Frame::Envelope(Envelope::Other {
+            meta: teeway_wire::Meta::basic(3, std::time::UNIX_EPOCH, "c".into()),
+            kind: 200,
+            part: Bytes::new(),
+        })
+        .encode(&mut mixed);
+        assert_eq!(
+            as_requests(&mixed.freeze(), 3),
+            None,
+            "a kind REQUEST cannot hold"
+        );
+    }
 
     #[test]
     fn lookups_follow_the_ttl_within_bounds_and_come_early_when_a_link_is_lost() {

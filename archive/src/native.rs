@@ -154,6 +154,10 @@ pub fn decode_payload(payload: Bytes) -> Result<Envelope, PayloadError> {
         KIND_ENVELOPE => teeway_wire::envelope::decode(&mut src)?,
         other => return Err(PayloadError::UnknownKind(other)),
     };
+    // As in a frame: the fields end exactly where the payload does.
+    if !src.is_empty() {
+        return Err(DecodeError::TrailingBytes(src.len()).into());
+    }
     Ok(record)
 }
 

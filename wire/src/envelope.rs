@@ -162,6 +162,7 @@ fn meta_fields_len(meta: &Meta) -> usize {
         + str16_len(&meta.tap)
         + str16_len(&meta.sampling.rule)
         + 4
+        + meta.extra.len()
 }
 
 pub(crate) fn put_meta(meta: &Meta, dst: &mut BytesMut) {
@@ -174,6 +175,7 @@ pub(crate) fn put_meta(meta: &Meta, dst: &mut BytesMut) {
     put_str16(dst, &meta.tap);
     put_str16(dst, &meta.sampling.rule);
     dst.put_u32(meta.sampling.rate_ppm);
+    dst.put_slice(&meta.extra);
 }
 
 fn get_meta(src: &mut Bytes) -> Result<Meta, DecodeError> {
@@ -191,8 +193,9 @@ fn get_meta(src: &mut Bytes) -> Result<Meta, DecodeError> {
             rule: get_shared_str(m, "sampling_rule")?,
             rate_ppm: get_u32(m, "sampling_rate_ppm")?,
         },
+        // Fields a later version appended: this reader does not know them, and keeps them.
+        extra: meta.split_off(0),
     };
-    // Fields a later version appended: this reader does not know them, and skips them.
     Ok(decoded)
 }
 
@@ -295,6 +298,7 @@ mod tests {
                 rule: "checkout".into(),
                 rate_ppm: 250_000,
             },
+            extra: Bytes::new(),
         }
     }
 
@@ -358,7 +362,7 @@ mod tests {
     }
 
     #[test]
-    fn later_meta_fields_are_skipped() {
+    fn later_meta_fields_are_kept_and_written_back() {
         let mut buf = BytesMut::new();
         encode(&Envelope::HttpRequest(request()), &mut buf);
         // A later version appends 8 bytes of metadata: the length grows, the reader skips them.
@@ -371,8 +375,14 @@ mod tests {
         later.extend_from_slice(&buf[meta_at + 4..end]);
         later.put_u64(0xfeed);
         later.extend_from_slice(&buf[end..]);
-        let decoded = decode(&mut later.freeze()).expect("decodes");
-        assert_eq!(decoded, Envelope::HttpRequest(request()));
+        let later = later.freeze();
+        let decoded = decode(&mut later.clone()).expect("decodes");
+        let mut want = request();
+        want.meta.extra = Bytes::copy_from_slice(&0xfeed_u64.to_be_bytes());
+        assert_eq!(decoded, Envelope::HttpRequest(want));
+        let mut again = BytesMut::new();
+        encode(&decoded, &mut again);
+        assert_eq!(&again[..], &later[..], "passed on byte for byte");
     }
 
     #[test]

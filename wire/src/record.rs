@@ -85,6 +85,9 @@ pub struct Meta {
     pub tap: Arc<str>,
     /// How the record was chosen.
     pub sampling: Sampling,
+    /// Metadata fields of a later version that this one does not know, as they came: written
+    /// back unchanged, so that a record passes through an older reader whole.
+    pub extra: Bytes,
 }
 
 impl Meta {
@@ -98,6 +101,7 @@ impl Meta {
             source_identity: empty(),
             tap: empty(),
             sampling: Sampling::unknown(),
+            extra: Bytes::new(),
         }
     }
 

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use teeway_wire::{DecodeError, Envelope, Frame, PROTOCOL_VERSION};
+use teeway_wire::{DecodeError, Envelope, Frame};
 
 use crate::budget::MAX_STREAM_BYTES;
 use crate::budget::{ConnectionBudget, Held};
@@ -169,12 +169,18 @@ async fn exchange(
         Err(end) => return end,
     }
     // The version the connection's ALPN id chose (agents of older versions are still served).
-    let version = stream
+    // Every agent offers its versions; a client that agreed on none is not one.
+    let Some(version) = stream
         .get_ref()
         .1
         .alpn_protocol()
         .and_then(teeway_wire::version_of_alpn)
-        .unwrap_or(PROTOCOL_VERSION);
+    else {
+        return Refused::Protocol(
+            "no teeway protocol version agreed in the TLS handshake (agents offer ALPN teeway/5 to teeway/2)".into(),
+        )
+        .into();
+    };
     Frame::Welcome(dispatcher.welcome(version, identity)).encode(&mut out);
     if let Err(end) = write(stream, &mut out).await {
         return end;
