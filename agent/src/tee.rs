@@ -209,9 +209,10 @@ impl Tee {
         body
     }
 
-    fn enqueue(&self, frame: Bytes, ticket: Ticket) {
+    /// Queues a finished copy, which holds `held` bytes (its frame's allocation).
+    fn enqueue(&self, frame: Bytes, held: usize, ticket: Ticket) {
         let mut queued = Queued::new(frame, ticket);
-        if let Err(reason) = queued.ticket.hold_total(queued.size() as u64) {
+        if let Err(reason) = queued.ticket.hold_total(held as u64) {
             queued.ticket.dropped(reason);
             return;
         }
@@ -295,15 +296,17 @@ impl Capture {
         // A body that came without a length grew its buffer by doubling: a copy that would hold
         // much more than its bytes is moved into a buffer of its own size, so that what the
         // queue counts is what it holds.
-        let frame = if held - frame.len() > frame.len() / 16 + 64 {
-            Bytes::copy_from_slice(&frame)
+        let (frame, held) = if held - frame.len() > frame.len() / 16 + 64 {
+            let exact = Bytes::copy_from_slice(&frame);
+            let held = exact.len();
+            (exact, held)
         } else {
-            frame
+            (frame, held)
         };
         if self.truncated {
             self.tee.accounting.truncated.increment(1);
         }
-        self.tee.enqueue(frame, ticket);
+        self.tee.enqueue(frame, held, ticket);
     }
 }
 
