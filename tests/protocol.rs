@@ -632,3 +632,138 @@ async fn records_follow_the_connections_version_and_unknown_kinds_are_kept() {
         .expect("the v5 request is archived");
     assert_eq!(&*v5.meta.tap, "http", "the envelope's metadata is kept");
 }
+
+/// A gateway of protocol 4, written from docs/protocol.md: QUIC with ALPN `teeway/4` only,
+/// `WELCOME` of version 4, and batches of `BATCH` then `REQUEST` frames, each acknowledged in
+/// full. Every record it takes is kept; anything else in a batch is noted.
+async fn old_gateway(
+    pki: &Pki,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<Frame>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut tls = teeway_wire::tls::server_config(&pki.gateway_material()).expect("tls");
+    tls.alpn_protocols = vec![teeway_wire::ALPN_V4.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("quic");
+    let endpoint = Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(quic)),
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .expect("endpoint");
+    let addr = endpoint.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let task = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let Ok(bytes) = recv.read_to_end(4 << 20).await else {
+                            continue;
+                        };
+                        let mut buf = BytesMut::from(&bytes[..]);
+                        let mut frames = Vec::new();
+                        while let Ok(Some(frame)) = Frame::decode(&mut buf) {
+                            frames.push(frame);
+                        }
+                        let reply = match frames.first() {
+                            Some(Frame::Hello(_)) => Frame::Welcome(teeway_wire::Welcome {
+                                protocol_version: 4,
+                                agent_identity: "agent".into(),
+                                software: "an old gateway".into(),
+                                gateway_instance: 1,
+                            }),
+                            _ => {
+                                let records = frames
+                                    .iter()
+                                    .filter(|f| matches!(f, Frame::Request(_)))
+                                    .count();
+                                seen.lock().expect("lock").extend(frames);
+                                Frame::Ack {
+                                    accepted: records as u32,
+                                }
+                            }
+                        };
+                        let mut out = BytesMut::new();
+                        reply.encode(&mut out);
+                        let _ = send.write_all(&out).await;
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    }
+                });
+            }
+        }
+    });
+    (addr, seen, task)
+}
+
+/// An agent of this version against a gateway of protocol 4 (gateways first is the rule, but a
+/// rollout can go the other way): it agrees on version 4 and sends its copies as `REQUEST`
+/// frames, each one acknowledged and counted as mirrored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_mirrors_to_a_gateway_of_protocol_4_with_request_frames() {
+    teeway_wire::tls::install_default_provider();
+    let pki = Pki::generate("agent").expect("pki");
+    let (gateway, seen, task) = old_gateway(&pki).await;
+    let primary = sample::start_primary().await.expect("primary");
+    let agent = teeway::stack::RunningAgent::start(stack::agent_config(
+        pki.agent_material(),
+        primary.addr,
+        gateway,
+        100.0,
+    ))
+    .await
+    .expect("agent");
+    assert!(
+        agent.wait_connected(support::LIMIT).await,
+        "welcomed as version 4"
+    );
+    let client = twenty_gets(agent.addr).await;
+    assert_eq!(client, 20, "production answered every request");
+    let a = settle(
+        || agent.agent.metrics(),
+        |s| s.get(teeway_agent::metrics::MIRRORED_TOTAL) >= 20.0,
+    )
+    .await;
+    assert_eq!(a.get(teeway_agent::metrics::MIRRORED_TOTAL), 20.0, "{a:?}");
+    let frames = seen.lock().expect("lock").clone();
+    let paths: Vec<String> = frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Request(r) => Some(r.uri.path().to_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(paths.len(), 20, "every copy as a REQUEST frame");
+    assert!(paths.iter().all(|p| p.starts_with("/old-gateway/")));
+    assert!(
+        frames
+            .iter()
+            .all(|f| matches!(f, Frame::Request(_) | Frame::Batch(_))),
+        "nothing a gateway of version 4 cannot read"
+    );
+    agent.stop().await.expect("agent stops");
+    task.abort();
+}
+
+/// Sends 20 GETs through the agent on one connection; returns how many were answered 200.
+async fn twenty_gets(addr: std::net::SocketAddr) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut ok = 0;
+    for i in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!(
+            "GET /old-gateway/{i} HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await.expect("read");
+        if resp.starts_with(b"HTTP/1.1 200") {
+            ok += 1;
+        }
+    }
+    ok
+}
