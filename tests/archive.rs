@@ -118,7 +118,7 @@ async fn captured_traffic_replays_byte_identical_in_recorded_order() {
         Reader::open(&[dir.path().to_owned()]).expect("archive"),
     );
     assert_eq!(summary.sessions.len(), 1);
-    assert_eq!(summary.before_envelopes, 0);
+    assert_eq!(summary.without_metadata, 0);
     assert_eq!(
         summary.agents.get("prod-eu").copied(),
         Some(plan.len() as u64),

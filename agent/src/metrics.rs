@@ -231,7 +231,7 @@ impl Accounting {
             ),
             held_bytes_gauge: registry.gauge(
                 MIRROR_HELD_BYTES,
-                "Bytes of copies held (queued or in flight) against mirror.queue_bytes",
+                "Bytes of copies held (being copied, queued or in flight) against mirror.queue_bytes",
                 &[],
             ),
             uplink_connected: registry.gauge(

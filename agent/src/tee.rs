@@ -157,8 +157,13 @@ impl Tee {
             ticket.dropped(reason);
             return None;
         }
+        let expected_body = match announced {
+            0 => max_body_bytes,
+            announced => announced.min(max_body_bytes),
+        };
         Some(Admitted {
             frame,
+            expected_body,
             ticket,
             policy,
         })
@@ -195,6 +200,7 @@ impl Tee {
                 trailers: None,
                 ticket: Some(copy.ticket),
                 max_body_bytes: usize::try_from(copy.policy.max_body_bytes).unwrap_or(usize::MAX),
+                expected_body: copy.expected_body,
                 over_limit: copy.policy.over_limit,
                 truncated: false,
                 policy: copy.policy,
@@ -232,6 +238,8 @@ impl Tee {
 pub struct Admitted {
     /// The copy's frame, its redacted head encoded.
     frame: RequestFrame,
+    /// Body bytes it will keep at most: the announced length, or the limit.
+    expected_body: usize,
     /// Its account.
     pub ticket: Ticket,
     /// The policy it was decided under, which also sets its body limit.
@@ -245,6 +253,8 @@ struct Capture {
     trailers: Option<HeaderMap>,
     ticket: Option<Ticket>,
     max_body_bytes: usize,
+    /// Body bytes the copy will keep at most: the announced length, or the limit.
+    expected_body: usize,
     over_limit: OverLimit,
     /// Over the limit with `over_limit: truncate`: later chunks pass without being copied.
     truncated: bool,
@@ -262,19 +272,19 @@ impl Capture {
             return true;
         }
         let kept = frame.body_len();
-        if kept + chunk.len() > self.max_body_bytes {
-            if self.over_limit == OverLimit::Truncate {
-                let room = self.max_body_bytes - kept;
-                frame.push_body(&chunk[..room]);
-                self.truncated = true;
-                return true;
+        let chunk = if kept + chunk.len() > self.max_body_bytes {
+            if self.over_limit != OverLimit::Truncate {
+                if let Some(ticket) = self.ticket.take() {
+                    ticket.dropped(DropReason::BodyTooLarge);
+                }
+                return false;
             }
-            if let Some(ticket) = self.ticket.take() {
-                ticket.dropped(DropReason::BodyTooLarge);
-            }
-            return false;
-        }
-        frame.push_body(chunk);
+            self.truncated = true;
+            &chunk[..self.max_body_bytes - kept]
+        } else {
+            chunk
+        };
+        frame.push_body(chunk, self.expected_body);
         // A body longer than what was set aside grows its buffer: that counts as it happens.
         let held = frame.capacity() as u64;
         if let Some(ticket) = self.ticket.as_mut() {
@@ -298,6 +308,7 @@ impl Capture {
         // queue counts is what it holds.
         let (frame, held) = if held - frame.len() > frame.len() / 16 + 64 {
             let exact = Bytes::copy_from_slice(&frame);
+            drop(frame);
             let held = exact.len();
             (exact, held)
         } else {
@@ -721,6 +732,52 @@ mod tests {
             admit().is_some(),
             "room again once the first one is resolved"
         );
+    }
+
+    #[tokio::test]
+    async fn held_bytes_return_to_zero_whatever_becomes_of_a_copy() {
+        let held = |acc: &Accounting| {
+            Snapshot::parse(&acc.registry().render()).get(crate::metrics::MIRROR_HELD_BYTES)
+        };
+        let body = |b: &'static [u8]| Full::new(Bytes::from_static(b));
+        for over_limit in [OverLimit::Skip, OverLimit::Truncate] {
+            let (tee, mut rx, acc) = tee_with(1, policy(16, over_limit));
+            // Too large (dropped, or truncated and queued), in one chunk and in several.
+            let passed = tee.body(body(&[1; 40]), admit(&tee));
+            passed.collect().await.expect("body");
+            let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = (0..10)
+                .map(|_| Ok(Frame::data(Bytes::from_static(&[2; 5]))))
+                .collect();
+            let passed = tee.body(
+                StreamBody::new(futures_util::stream::iter(chunks)),
+                admit(&tee),
+            );
+            passed.collect().await.expect("body");
+            // The client goes away mid-body.
+            let aborted: Vec<Result<Frame<Bytes>, &str>> =
+                vec![Ok(Frame::data(Bytes::from_static(b"ab"))), Err("gone")];
+            let passed = tee.body(
+                StreamBody::new(futures_util::stream::iter(aborted)),
+                admit(&tee),
+            );
+            assert!(passed.collect().await.is_err());
+            // Nobody reads the body to its end.
+            drop(tee.body(body(b"unread"), admit(&tee)));
+            // Fits, queued (the queue holds one; the rest find it full).
+            for _ in 0..3 {
+                tee.body(body(b"fits"), admit(&tee))
+                    .collect()
+                    .await
+                    .expect("body");
+            }
+            assert!(held(&acc) > 0.0, "the queued copy holds its frame");
+            while let Ok(q) = rx.try_recv() {
+                q.ticket.mirrored();
+            }
+            assert_eq!(held(&acc), 0.0, "{over_limit:?}");
+            let s = Snapshot::parse(&acc.registry().render());
+            assert_eq!(s.get(crate::metrics::MIRROR_IN_FLIGHT), 0.0);
+        }
     }
 
     #[tokio::test]

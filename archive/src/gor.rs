@@ -13,7 +13,7 @@
 //!
 //! teeway writes ids as 24 hex digits: its request id (16) then a hash of the source cluster and
 //! the agent session (8), so that the requests of two agents (whose ids both count from 1) keep
-//! their responses apart.
+//! their responses apart (GoReplay pairs by the whole token).
 //! Reading, a 16-hex-digit prefix becomes the request id again; other tokens are hashed. HTTP/2
 //! requests are written in HTTP/1.1 form (the authority becomes `Host`), bodies de-chunked with a
 //! `Content-Length`. A body that itself contains the separator cannot be told apart from two

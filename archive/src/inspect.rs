@@ -52,8 +52,9 @@ pub struct Summary {
     pub rules: BTreeMap<String, u64>,
     /// Agent processes (sessions) the requests came from, up to 10,000.
     pub sessions: HashSet<u64>,
-    /// Requests written before envelopes (archive format 1): no session, tap or sampling.
-    pub before_envelopes: u64,
+    /// Requests without envelope metadata (no tap: archive format 1, an agent of protocol 4, a
+    /// copy spooled before envelopes, a gor file): no session, tap or sampling.
+    pub without_metadata: u64,
     /// What the reader counted and skipped.
     pub read: ReadStats,
 }
@@ -87,8 +88,10 @@ impl Summary {
                     s.max_body = s.max_body.max(r.body.len() as u64);
                     s.truncated += u64::from(r.body_truncated);
                     let m = &r.meta;
-                    if m.session == 0 {
-                        s.before_envelopes += 1;
+                    // A tap is what every agent of protocol 5 names; gor files, archives of
+                    // format 1 and agents of protocol 4 say nothing of it.
+                    if m.tap.is_empty() {
+                        s.without_metadata += 1;
                     } else {
                         if s.sessions.len() < MAX_DISTINCT_SESSIONS {
                             s.sessions.insert(m.session);
@@ -195,11 +198,11 @@ impl fmt::Display for Summary {
             writeln!(f, "taps:       {}", listed(&self.taps))?;
             writeln!(f, "sampled by: {}", listed(&self.rules))?;
         }
-        if self.before_envelopes > 0 {
+        if self.without_metadata > 0 {
             writeln!(
                 f,
-                "            {} request(s) written before envelopes (archive format 1: no session, tap or sampling rule)",
-                self.before_envelopes
+                "            {} request(s) without envelope metadata (no session, tap or sampling rule: written before envelopes or by GoReplay, sent by an agent of protocol 4, or spooled before envelopes)",
+                self.without_metadata
             )?;
         }
         let mean = self.body_bytes.checked_div(self.requests).unwrap_or(0);

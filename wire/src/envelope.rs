@@ -193,8 +193,13 @@ fn get_meta(src: &mut Bytes) -> Result<Meta, DecodeError> {
             rule: get_shared_str(m, "sampling_rule")?,
             rate_ppm: get_u32(m, "sampling_rate_ppm")?,
         },
-        // Fields a later version appended: this reader does not know them, and keeps them.
-        extra: meta.split_off(0),
+        // Fields a later version appended: this reader does not know them, and keeps them, in
+        // a buffer of their own (a slice would keep the whole received batch alive).
+        extra: if meta.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&meta)
+        },
     };
     Ok(decoded)
 }

@@ -429,8 +429,19 @@ impl RequestFrame {
         self.buf.len() - self.body_at - 4
     }
 
-    /// Appends body bytes.
-    pub fn push_body(&mut self, chunk: &[u8]) {
+    /// Appends body bytes. When the buffer must grow, it doubles, but never past room for
+    /// `expected` body bytes (what the caller will keep at most: the announced length, or the
+    /// limit) unless a chunk needs more: a body that comes as announced ends in a buffer of its
+    /// size, and no buffer grows past what the limit lets a copy hold.
+    pub fn push_body(&mut self, chunk: &[u8], expected: usize) {
+        let needed = self.buf.len() + chunk.len();
+        if needed > self.buf.capacity() {
+            let most = self.body_at + 4 + expected;
+            let grown = (self.buf.capacity() * 2).min(most).max(needed);
+            let mut bigger = BytesMut::with_capacity(grown);
+            bigger.extend_from_slice(&self.buf);
+            self.buf = bigger;
+        }
         self.buf.extend_from_slice(chunk);
     }
 
@@ -513,7 +524,7 @@ mod tests {
             r.body_truncated = truncated;
             let mut built = RequestFrame::new(&r.meta, &r.method, &r.uri, r.version, &r.headers, 2);
             for chunk in r.body.chunks(3) {
-                built.push_body(chunk);
+                built.push_body(chunk, r.body.len());
             }
             let (frame, _held) = built.finish(r.trailers.as_ref(), truncated);
             let mut want = BytesMut::new();
@@ -530,13 +541,22 @@ mod tests {
             &r.headers,
             r.body.len(),
         );
-        built.push_body(&r.body);
+        built.push_body(&r.body, r.body.len());
         let (frame, held) = built.finish(None, false);
         assert_eq!(
             held,
             frame.len(),
             "nothing set aside in vain, nothing grown"
         );
+        // Without room set aside, growing stops at what is expected: a body that comes as
+        // announced, in chunks, still ends in a buffer of its size.
+        let mut built = RequestFrame::new(&r.meta, &r.method, &r.uri, r.version, &r.headers, 0);
+        for chunk in r.body.chunks(2) {
+            built.push_body(chunk, r.body.len());
+        }
+        let (grown, held) = built.finish(None, false);
+        assert_eq!(&grown[..], &frame[..]);
+        assert_eq!(held, grown.len(), "grew to the expected size, not past it");
     }
 
     #[test]
