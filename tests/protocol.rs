@@ -234,6 +234,16 @@ async fn tls_tcp(
     gateway: std::net::SocketAddr,
     client: Option<&teeway_wire::pki::CertifiedKey>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    tls_tcp_offering(pki, gateway, client, vec![teeway_wire::ALPN.to_vec()]).await
+}
+
+/// As [`tls_tcp`], offering the ALPN ids `alpn`.
+async fn tls_tcp_offering(
+    pki: &Pki,
+    gateway: std::net::SocketAddr,
+    client: Option<&teeway_wire::pki::CertifiedKey>,
+    alpn: Vec<Vec<u8>>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.certified.cert_der()).expect("root");
     let builder = rustls::ClientConfig::builder_with_provider(teeway_wire::tls::provider())
@@ -246,7 +256,7 @@ async fn tls_tcp(
             .expect("client cert"),
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![teeway_wire::ALPN.to_vec()];
+    tls.alpn_protocols = alpn;
     let tcp = tokio::net::TcpStream::connect(gateway).await?;
     tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect("localhost".try_into().expect("name"), tcp)
@@ -315,6 +325,14 @@ async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
     ));
     assert!(reply.is_empty(), "nothing but WELCOME before the close");
 
+    // A client with a good certificate that agreed on no teeway version (no ALPN) is not an
+    // agent of any version: closed without a WELCOME.
+    let mut s = tls_tcp_offering(&pki, gateway.addr, good, Vec::new())
+        .await
+        .expect("tls");
+    let reply = tcp_exchange(&mut s, &hello()).await.unwrap_or_default();
+    assert!(reply.is_empty(), "no WELCOME without ALPN: {reply:?}");
+
     let mut s = tls_tcp(&pki, gateway.addr, good).await.expect("tls");
     let request = teeway_wire::MirroredRequest {
         meta: teeway_wire::Meta::basic(1, std::time::SystemTime::now(), "raw".into()),
@@ -350,7 +368,8 @@ async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
     let reply = BytesMut::from(&reply[..]);
     assert!(reply.is_empty(), "no ACK for an oversized batch: {reply:?}");
 
-    // Both counted; nothing received; a well-behaved agent is still welcomed and acknowledged.
+    // All counted (the garbage and the client without ALPN as protocol errors); nothing
+    // received; a well-behaved agent is still welcomed and acknowledged.
     let g = settle(
         || gateway.gateway.metrics(),
         |s| s.get("teeway_gateway_streams_rejected_total{reason=\"too_large\"}") >= 1.0,
@@ -358,7 +377,7 @@ async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
     .await;
     assert_eq!(
         g.get("teeway_gateway_streams_rejected_total{reason=\"protocol\"}"),
-        1.0
+        2.0
     );
     assert_eq!(
         g.get("teeway_gateway_streams_rejected_total{reason=\"too_large\"}"),
@@ -749,7 +768,8 @@ async fn an_agent_mirrors_to_a_gateway_of_protocol_4_with_request_frames() {
     task.abort();
 }
 
-/// Sends 20 GETs through the agent on one connection; returns how many were answered 200.
+/// Sends 20 GETs through the agent, each on a connection of its own; returns how many were
+/// answered 200.
 async fn twenty_gets(addr: std::net::SocketAddr) -> usize {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut ok = 0;
