@@ -111,7 +111,7 @@ impl Tee {
             self.accounting.not_sampled.increment(1);
             return None;
         };
-        let ticket = self.accounting.ticket();
+        let mut ticket = self.accounting.ticket();
         if self.uplink.as_ref().is_some_and(|u| !u.is_connected()) {
             ticket.dropped(DropReason::NoUplink);
             return None;
@@ -152,7 +152,6 @@ impl Tee {
         );
         // What a copy sets aside counts from the start, not from when it is queued: copies in
         // the making are bounded by `queue_bytes` too.
-        let mut ticket = ticket;
         if let Err(reason) = ticket.hold(frame.capacity() as u64) {
             ticket.dropped(reason);
             return None;
