@@ -66,7 +66,7 @@ impl<W: Write> HarWriter<W> {
     pub fn push(&mut self, record: Envelope) -> io::Result<()> {
         match record {
             Envelope::HttpRequest(r) => {
-                let key = (r.meta.session, r.meta.source_cluster.clone(), r.meta.id);
+                let key = r.meta.key();
                 if let Some((previous, answered)) = self.pending.insert(key.clone(), (r, false)) {
                     if !answered {
                         self.entry(&previous, None)?;
@@ -81,11 +81,7 @@ impl<W: Write> HarWriter<W> {
             Envelope::HttpResponse(resp)
                 if resp.status.is_informational() && resp.status != 101 => {}
             Envelope::HttpResponse(resp) => {
-                let key = (
-                    resp.meta.session,
-                    resp.meta.source_cluster.clone(),
-                    resp.meta.id,
-                );
+                let key = resp.meta.key();
                 if let Some((request, _)) = self.pending.remove(&key) {
                     let written = self.entry(&request, Some(&resp));
                     self.pending.insert(key, (request, true));

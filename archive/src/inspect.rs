@@ -159,24 +159,14 @@ impl fmt::Display for Summary {
             let secs = (last - first) as f64 / 1e9;
             writeln!(f, "time span:  {} .. {} ({secs:.3} s)", t(first), t(last))?;
         }
-        let methods: Vec<String> = self
-            .methods
-            .iter()
-            .map(|(m, n)| format!("{m} {n}"))
-            .collect();
-        writeln!(f, "methods:    {}", methods.join(", "))?;
-        let clusters: Vec<String> = self
-            .clusters
-            .iter()
-            .map(|(c, n)| format!("{c} {n}"))
-            .collect();
-        writeln!(f, "clusters:   {}", clusters.join(", "))?;
         let listed = |map: &BTreeMap<String, u64>| {
             map.iter()
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        writeln!(f, "methods:    {}", listed(&self.methods))?;
+        writeln!(f, "clusters:   {}", listed(&self.clusters))?;
         if !self.agents.is_empty() {
             writeln!(
                 f,

@@ -13,9 +13,12 @@ use teeway_wire::{Envelope, Frame};
 // The frame is handed back as it came (a move, only when a batch is out of place).
 #[allow(clippy::result_large_err)]
 pub(crate) fn record(frame: Frame, version: u16) -> Result<Envelope, Frame> {
+    if !is_record(&frame, version) {
+        return Err(frame);
+    }
     match frame {
-        Frame::Envelope(envelope) if version >= 5 => Ok(envelope),
-        Frame::Request(request) if version < 5 => Ok(Envelope::HttpRequest(request)),
+        Frame::Envelope(envelope) => Ok(envelope),
+        Frame::Request(request) => Ok(Envelope::HttpRequest(request)),
         other => Err(other),
     }
 }

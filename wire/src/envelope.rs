@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, Method, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, StatusCode, Version};
 
 use crate::error::DecodeError;
 use crate::fields::{
@@ -51,7 +51,8 @@ pub fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             dst.put_u8(KIND_HTTP_REQUEST);
             put_meta(&r.meta, dst);
             let flags = request_flags(r.body_truncated, r.trailers.is_some());
-            put_request_head(r.version, flags, &r.method, &r.uri, &r.headers, dst);
+            let uri = uri_bytes(&r.uri);
+            put_request_head(r.version, flags, &r.method, &uri, &r.headers, dst);
             put_bytes32(dst, &r.body);
             if let Some(trailers) = &r.trailers {
                 put_headers(dst, trailers);
@@ -206,22 +207,25 @@ fn get_meta(src: &mut Bytes) -> Result<Meta, DecodeError> {
 
 /// A `str16` as a shared string; the empty one without an allocation.
 fn get_shared_str(src: &mut Bytes, field: &'static str) -> Result<Arc<str>, DecodeError> {
-    let s = get_str16(src, field)?;
-    Ok(if s.is_empty() { empty() } else { s.into() })
+    let len = get_u16(src, field)? as usize;
+    let bytes = take(src, len, field)?;
+    let s = std::str::from_utf8(&bytes).map_err(|_| DecodeError::InvalidUtf8(field))?;
+    // Straight from the received bytes into the shared string: one allocation, not two.
+    Ok(if s.is_empty() { empty() } else { Arc::from(s) })
 }
 
 pub(crate) fn put_request_head(
     version: Version,
     flags: u8,
     method: &Method,
-    uri: &Uri,
+    uri: &str,
     headers: &HeaderMap,
     dst: &mut BytesMut,
 ) {
     dst.put_u8(version_code(version));
     dst.put_u8(flags);
     put_str16(dst, method.as_str());
-    put_bytes32(dst, uri_bytes(uri).as_bytes());
+    put_bytes32(dst, uri.as_bytes());
     put_headers(dst, headers);
 }
 
@@ -289,7 +293,7 @@ fn get_response(meta: Meta, src: &mut Bytes) -> Result<ResponseRecord, DecodeErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use http::{HeaderValue, Uri};
 
     fn meta() -> Meta {
         Meta {

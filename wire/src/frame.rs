@@ -414,7 +414,7 @@ impl RequestFrame {
         put_meta(meta, &mut buf);
         let flags_at = buf.len() + 1;
         // Flags are known once the body has ended.
-        put_request_head(version, 0, method, uri, headers, &mut buf);
+        put_request_head(version, 0, method, &uri_text, headers, &mut buf);
         let body_at = buf.len();
         buf.put_u32(0); // the body's length, patched by `finish`
         Self {

@@ -106,8 +106,8 @@ impl Meta {
     }
 
     /// Ties a response to its request: the same session, cluster and id.
-    pub fn key(&self) -> (u64, &str, u64) {
-        (self.session, &self.source_cluster, self.id)
+    pub fn key(&self) -> (u64, Arc<str>, u64) {
+        (self.session, self.source_cluster.clone(), self.id)
     }
 }
 
