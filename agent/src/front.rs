@@ -25,4 +25,12 @@ impl Front {
             Front::Sink(sink) => sink.handle(req).await,
         }
     }
+
+    /// The proxy, when it forwards plain HTTP/1.1 requests itself ([`crate::proxy::h1`]).
+    pub fn h1_proxy(&self) -> Option<&Proxy> {
+        match self {
+            Front::Proxy(proxy) if proxy.forwards_h1() => Some(proxy),
+            _ => None,
+        }
+    }
 }

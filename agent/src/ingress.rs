@@ -33,6 +33,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
@@ -68,6 +69,7 @@ use crate::metrics::{
     ACCEPT_ERRORS_TOTAL, CLIENT_CONNECTIONS, CLIENT_CONNECTIONS_CLOSED_TOTAL,
     REQUESTS_REFUSED_TOTAL,
 };
+use crate::proxy::h1::{self, Ended, Rewind};
 
 /// Time a client has to complete the TLS handshake on `listen_tls`.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -264,6 +266,8 @@ struct Conn {
     evict: Notify,
     /// Already asked: the next eviction picks another connection.
     evicting: AtomicBool,
+    /// Asks the HTTP/1 forwarder ([`h1`]) to close gracefully.
+    close: h1::CloseSignal,
 }
 
 impl Conn {
@@ -277,6 +281,7 @@ impl Conn {
             http2: AtomicBool::new(false),
             evict: Notify::new(),
             evicting: AtomicBool::new(false),
+            close: h1::CloseSignal::default(),
         }
     }
 
@@ -691,9 +696,39 @@ impl Connection {
             stop,
             cut,
         } = self;
+        let client = Arc::new(Peer::new(peer, tls));
+        let watchdog = Watchdog {
+            conn: &conn,
+            limits,
+            metrics: &metrics,
+            peer,
+            drain: &drain,
+            stop: &stop,
+            cut: &cut,
+        };
+        let io = Watched {
+            io,
+            conn: conn.clone(),
+        };
+        // Plain HTTP/1.1 requests are forwarded without hyper until one is not: hyper then
+        // serves the rest of the connection.
+        let io = match front.h1_proxy() {
+            Some(proxy) => {
+                let hooks = Hooks {
+                    conn: &conn,
+                    state: &state,
+                };
+                let forwarder = h1::serve(proxy, io, &client, &hooks);
+                let served = pin!(graceful(forwarder, |_| conn.close.ask()));
+                match watchdog.run(served).await {
+                    Some(Ended::Handoff(io)) => io,
+                    Some(Ended::Closed) | None => return,
+                }
+            }
+            None => Rewind::new(io),
+        };
         let service = {
             let conn = conn.clone();
-            let client = Arc::new(Peer::new(peer, tls));
             service_fn(move |req: Request<Incoming>| {
                 let front = front.clone();
                 let conn = conn.clone();
@@ -714,25 +749,112 @@ impl Connection {
                 }
             })
         };
-        let io = TokioIo::new(Watched {
-            io,
-            conn: conn.clone(),
-        });
-        let mut served = pin!(builder.serve_connection_with_upgrades(io, service));
+        let served = pin!(graceful(
+            builder.serve_connection_with_upgrades(TokioIo::new(io), service),
+            |served| served.graceful_shutdown(),
+        ));
+        if let Some(Err(e)) = watchdog.run(served).await {
+            match Refused::of(e.as_ref()) {
+                Some(why) => metrics.refused(why, peer),
+                None => tracing::debug!(error = %e, "client connection ended with an error"),
+            }
+        }
+    }
+}
+
+/// What the HTTP/1 forwarder tells the connection's registry entry.
+struct Hooks<'a> {
+    conn: &'a Conn,
+    state: &'a IngressState,
+}
+
+impl h1::Hooks for Hooks<'_> {
+    fn request_started(&self) {
+        self.conn.request_started(Version::HTTP_11);
+    }
+
+    fn request_ended(&self) {
+        self.conn.request_ended();
+    }
+
+    fn draining(&self) -> bool {
+        self.state.is_draining()
+    }
+
+    fn close(&self) -> &h1::CloseSignal {
+        &self.conn.close
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's server (hyper's, or the HTTP/1 forwarder) and how to ask it to close
+    /// gracefully: what the watchdog drives.
+    struct Graceful<F, G> {
+        #[pin]
+        served: F,
+        shutdown: G,
+    }
+}
+
+fn graceful<F: Future, G: FnMut(Pin<&mut F>)>(served: F, shutdown: G) -> Graceful<F, G> {
+    Graceful { served, shutdown }
+}
+
+impl<F: Future, G: FnMut(Pin<&mut F>)> Future for Graceful<F, G> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().served.poll(cx)
+    }
+}
+
+impl<F: Future, G: FnMut(Pin<&mut F>)> Graceful<F, G> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        let this = self.project();
+        (this.shutdown)(this.served);
+    }
+}
+
+/// Times a connection's heads and idle periods, and closes it on eviction, drain and shutdown.
+struct Watchdog<'a> {
+    conn: &'a Conn,
+    limits: ClientLimits,
+    metrics: &'a IngressMetrics,
+    peer: SocketAddr,
+    drain: &'a CancellationToken,
+    stop: &'a CancellationToken,
+    cut: &'a CancellationToken,
+}
+
+impl Watchdog<'_> {
+    /// Drives `served` to its end (`Some`), or until the connection is to be dropped (`None`).
+    async fn run<F: Future, G: FnMut(Pin<&mut F>)>(
+        &self,
+        mut served: Pin<&mut Graceful<F, G>>,
+    ) -> Option<F::Output> {
+        let Watchdog {
+            conn,
+            limits,
+            metrics,
+            peer,
+            drain,
+            stop,
+            cut,
+        } = self;
         let mut closing: Option<Instant> = None;
         let mut drain_seen = false;
         let mut stop_seen = false;
-        let outcome = loop {
-            let wake = match conn.check(&limits) {
+        loop {
+            let wake = match conn.check(limits) {
                 Verdict::Later(at) => closing
                     .filter(|c| *c > Instant::now())
                     .map_or(at, |c| c.min(at)),
                 Verdict::HeaderTimeout => {
                     metrics.closed(Closed::HeaderTimeout);
                     if conn.head_started.load(Ordering::Relaxed) != 0 {
-                        metrics.refused(Refused::HeaderTimeout, peer);
+                        metrics.refused(Refused::HeaderTimeout, *peer);
                     }
-                    break None;
+                    return None;
                 }
                 Verdict::Idle if closing.is_none() => {
                     metrics.closed(Closed::IdleTimeout);
@@ -746,10 +868,10 @@ impl Connection {
             // Asked to close while idle and still open after the grace: cut it, unless a request
             // slipped in meanwhile (it finishes first; the watchdog looks again later).
             if closing.is_some_and(|c| Instant::now() >= c) && conn.is_idle() {
-                break None;
+                return None;
             }
             tokio::select! {
-                result = served.as_mut() => break Some(result),
+                result = served.as_mut() => return Some(result),
                 () = tokio::time::sleep_until(wake) => {}
                 () = conn.evict.notified() => {
                     if !conn.is_idle() {
@@ -758,7 +880,7 @@ impl Connection {
                     } else {
                         metrics.closed(Closed::ConnectionLimit);
                         if conn.served.load(Ordering::Relaxed) == 0 || conn.head_started.load(Ordering::Relaxed) != 0 {
-                            break None;
+                            return None;
                         }
                         served.as_mut().graceful_shutdown();
                         closing.get_or_insert(Instant::now() + CLOSE_GRACE);
@@ -776,20 +898,14 @@ impl Connection {
                     stop_seen = true;
                     if conn.served.load(Ordering::Relaxed) == 0 && conn.is_idle() {
                         metrics.closed(Closed::Shutdown);
-                        break None;
+                        return None;
                     }
                     served.as_mut().graceful_shutdown();
                 }
                 () = cut.cancelled() => {
                     metrics.closed(Closed::Shutdown);
-                    break None;
+                    return None;
                 }
-            }
-        };
-        if let Some(Err(e)) = outcome {
-            match Refused::of(e.as_ref()) {
-                Some(why) => metrics.refused(why, peer),
-                None => tracing::debug!(error = %e, "client connection ended with an error"),
             }
         }
     }

@@ -604,6 +604,19 @@ impl PolicyConfig {
 }
 
 impl MirrorPolicy {
+    /// When no request can be sampled (no rules, and the default takes none): counts one request
+    /// as [`MirrorPolicy::decide`] would (matched by the default) and returns `true`, without
+    /// looking at it. `false`: the request must be decided.
+    pub fn passes_over_all(&self) -> bool {
+        if !self.rules.is_empty() || self.default.fraction != Fraction::OFF {
+            return false;
+        }
+        if let Some(c) = &self.default_matched {
+            c.increment(1);
+        }
+        true
+    }
+
     /// Whether the request is copied, and if so by which rule (`None`: by `mirror.percentage`)
     /// and at what rate. `draw` gives a uniform random `u64` when the request has no sampling
     /// key (a parameter so that tests can seed it).

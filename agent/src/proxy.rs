@@ -10,6 +10,9 @@
 //! `Upgrade` header; when the primary answers `101 Switching Protocols`, the client's connection
 //! and the primary's are joined byte for byte until either side closes. Such requests are not
 //! mirrored (what follows the upgrade is not HTTP) and are counted as `not_mirrorable`.
+//!
+//! The common request (HTTP/1.1 without a body, to an HTTP/1.1 primary) does not go through
+//! hyper: [`h1`] forwards it from the client connection's own task, with the same changes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +41,8 @@ use crate::metrics::{
 use crate::retry::{may_retry, ReplayBody, MAX_ATTEMPTS, RETRY_BUFFER_BYTES};
 use crate::tee::{Tee, TeeBody};
 
+pub(crate) mod h1;
+
 /// How long an idle pooled connection to the primary is kept. Shorter than the keep-alive
 /// timeouts of common servers (nginx 75 s), so the agent is rarely the one to find a connection
 /// the primary closed.
@@ -52,6 +57,9 @@ type PrimaryClient = Client<UpstreamConnector, PrimaryBody>;
 pub struct Proxy {
     tee: Arc<Tee>,
     http1: PrimaryClient,
+    /// What [`h1`] dials the primary with, and its idle connections.
+    connector_h1: UpstreamConnector,
+    idle: h1::Idle,
     http2: PrimaryClient,
     primary_authority: Authority,
     /// The primary's authority as a Host value (HTTP/1.0 requests without a Host get it).
@@ -107,6 +115,8 @@ impl Proxy {
         Self {
             tee,
             http1: client(false),
+            connector_h1: connector.for_version(false),
+            idle: h1::Idle::default(),
             http2: client(true),
             primary_scheme: if connector.is_tls() {
                 Scheme::HTTPS
@@ -315,13 +325,23 @@ impl Proxy {
     }
 
     fn primary_failed(&self, e: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
-        self.accounting.primary_errors.increment(1);
         // The primary answered, with a head over the agent's limits: say which, not "unreachable".
         let too_large = hyper_cause(e).is_some_and(hyper::Error::is_parse_too_large);
+        self.note_primary_failure(&error_chain(e), too_large);
+        if too_large {
+            return bad_gateway_because(HEAD_TOO_LARGE);
+        }
+        bad_gateway()
+    }
+
+    /// Counts and logs (in summary) a request the primary failed, answered 502; `too_large`:
+    /// its response head was over the limits.
+    fn note_primary_failure(&self, error: &dyn std::fmt::Display, too_large: bool) {
+        self.accounting.primary_errors.increment(1);
         if let Some(failures) = self.accounting.primary_error_log.note() {
             if too_large {
                 tracing::warn!(
-                    error = %error_chain(e),
+                    error = %error,
                     failures,
                     max_header_lines = self.limits.max_header_lines,
                     max_header_bytes = self.limits.max_header_bytes,
@@ -329,18 +349,18 @@ impl Proxy {
                 );
             } else {
                 tracing::warn!(
-                    error = %error_chain(e),
+                    error = %error,
                     failures,
                     "primary requests failed, answered 502 (one line a minute at most; see {PRIMARY_ERRORS_TOTAL})"
                 );
             }
         }
-        if too_large {
-            return bad_gateway_because(
-                "teeway: the primary's response head is over limits.max_header_lines or limits.max_header_bytes\n",
-            );
-        }
-        bad_gateway()
+    }
+
+    /// Whether [`h1`] forwards this proxy's plain HTTP/1.1 requests (the primary is asked in
+    /// HTTP/1.1 too).
+    pub fn forwards_h1(&self) -> bool {
+        !self.primary_protocol.use_http2(Version::HTTP_11)
     }
 
     /// The URI sent upstream. The connector always dials the primary, so the authority only
@@ -508,8 +528,13 @@ fn upgrade_to<B>(req: &Request<B>) -> Option<HeaderValue> {
         .flatten()
 }
 
+/// The 502 body when the primary could not be reached or failed before answering.
+const UNREACHABLE: &str = "teeway: the primary service could not be reached\n";
+/// The 502 body when the primary's response head is over the limits.
+const HEAD_TOO_LARGE: &str = "teeway: the primary's response head is over limits.max_header_lines or limits.max_header_bytes\n";
+
 fn bad_gateway() -> Response<ProxyBody> {
-    bad_gateway_because("teeway: the primary service could not be reached\n")
+    bad_gateway_because(UNREACHABLE)
 }
 
 fn bad_gateway_because(why: &'static str) -> Response<ProxyBody> {

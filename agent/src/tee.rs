@@ -168,6 +168,23 @@ impl Tee {
         })
     }
 
+    /// Counts a request without looking at it when the policy in force samples nothing (no
+    /// rules, `percentage: 0`): `true` then, as [`Tee::admit`] would have counted it. `false`:
+    /// the request must go through [`Tee::admit`].
+    pub fn pass_over_if_off(&self) -> bool {
+        if !self.policy.load().passes_over_all() {
+            return false;
+        }
+        self.accounting.requests.increment(1);
+        self.accounting.not_sampled.increment(1);
+        true
+    }
+
+    /// Queues the copy of a request that has no body: it is complete as admitted.
+    pub fn complete(self: &Arc<Self>, copy: Admitted) {
+        self.capture(copy).finish();
+    }
+
     /// Counts a request that is proxied but cannot be copied (an HTTP/1.1 upgrade: WebSocket and
     /// the like): `not_sampled` when the policy passes it over, else dropped as `not_mirrorable`.
     pub fn unmirrorable(&self, method: &Method, uri: &Uri, headers: &HeaderMap) {
@@ -193,17 +210,7 @@ impl Tee {
     {
         let mut body = TeeBody {
             inner,
-            capture: copy.map(|copy| Capture {
-                tee: self.clone(),
-                frame: Some(copy.frame),
-                trailers: None,
-                ticket: Some(copy.ticket),
-                max_body_bytes: usize::try_from(copy.policy.max_body_bytes).unwrap_or(usize::MAX),
-                expected_body: copy.expected_body,
-                over_limit: copy.policy.over_limit,
-                truncated: false,
-                policy: copy.policy,
-            }),
+            capture: copy.map(|copy| self.capture(copy)),
         };
         if body.inner.is_end_stream() {
             // No body (a GET, say): hyper may never poll it, so the copy is complete now.
@@ -212,6 +219,20 @@ impl Tee {
             }
         }
         body
+    }
+
+    fn capture(self: &Arc<Self>, copy: Admitted) -> Capture {
+        Capture {
+            tee: self.clone(),
+            frame: Some(copy.frame),
+            trailers: None,
+            ticket: Some(copy.ticket),
+            max_body_bytes: usize::try_from(copy.policy.max_body_bytes).unwrap_or(usize::MAX),
+            expected_body: copy.expected_body,
+            over_limit: copy.policy.over_limit,
+            truncated: false,
+            policy: copy.policy,
+        }
     }
 
     /// Queues a finished copy, which holds `held` bytes (its frame's allocation).

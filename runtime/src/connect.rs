@@ -203,11 +203,13 @@ impl UpstreamConnector {
         }
     }
 
-    async fn connect(self) -> io::Result<TokioIo<UpstreamStream>> {
+    /// A connection to the upstream, TLS handshake done when it is `https://` (ALPN offering the
+    /// version [`UpstreamConnector::for_version`] chose).
+    pub async fn connect(&self) -> io::Result<UpstreamStream> {
         let tcp = self.connect_tcp().await?;
         let dialer = &self.shared;
         let Some(tls) = &dialer.tls else {
-            return Ok(TokioIo::new(UpstreamStream::Plain(tcp)));
+            return Ok(UpstreamStream::Plain(tcp));
         };
         let config = if self.http2 {
             tls.configs.http2.clone()
@@ -232,7 +234,7 @@ impl UpstreamConnector {
                     format!("{}:{}: TLS handshake: {e}", dialer.host, dialer.port),
                 )
             })?;
-        Ok(TokioIo::new(UpstreamStream::Tls(Box::new(stream))))
+        Ok(UpstreamStream::Tls(Box::new(stream)))
     }
 
     /// A plain TCP connection to the upstream (no TLS): its name resolved with hickory, each
@@ -279,6 +281,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
-        Box::pin(self.clone().connect())
+        let connector = self.clone();
+        Box::pin(async move { connector.connect().await.map(TokioIo::new) })
     }
 }

@@ -116,6 +116,11 @@ impl Forwarding {
         Self { client }
     }
 
+    /// The client's address, as `x-forwarded-for` gets it.
+    pub fn client(&self) -> &HeaderValue {
+        &self.client
+    }
+
     /// Adds the client's address to `x-forwarded-for` and this hop to `via` (a list already
     /// there is folded into one line and extended). `version` is the request's, which `via`
     /// names.

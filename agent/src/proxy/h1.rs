@@ -1,0 +1,1246 @@
+//! The common HTTP/1.1 request forwarded without hyper: a request with no body, read, checked
+//! and sent on by the client connection's own task over an upstream connection it holds, its
+//! response's bytes passed back as they come.
+//!
+//! Most production requests are HTTP/1.1 GETs: a head in, a response out. Through hyper each
+//! one is parsed into a header map, rebuilt, handed to the pool's connection task through a
+//! channel, encoded again, and its response parsed, handed back and encoded again: three
+//! quarters of the agent's own CPU per request (tests/bench, scenario 4). Here the head is
+//! parsed in place (httparse), written to the primary with only the proxy's changes (the same
+//! as [`Proxy::handle`] makes: hop-by-hop fields out, forwarding fields in), and the response's
+//! head is checked, cleaned of hop-by-hop fields and passed on with its body's bytes as the
+//! primary framed them (length, chunks and trailers, or the connection's end).
+//!
+//! Anything else goes to hyper, for the rest of the connection, with the bytes already read
+//! ([`Rewind`]): HTTP/2, HTTP/1.0, a request with a body, `Expect`, an upgrade, absolute-form
+//! or unusual targets, a head hyper would refuse (too large, malformed: hyper answers and counts
+//! it as it always did). The request is handed over whole, before anything of it was counted or
+//! sent, so each request is handled by exactly one of the two.
+//!
+//! The upstream connection is the client connection's while requests come; one idle for
+//! [`UPSTREAM_KEEP`] goes back to the proxy's shared idle set ([`Idle`]), where the next client
+//! connection takes it: a lock per connection, not per request. A connection taken after being
+//! idle is checked for a close first, and a request whose reused connection closed before any
+//! response is sent again on a new one if its method is idempotent, as the hyper path does.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use teeway_runtime::connect::UpstreamStream;
+use teeway_runtime::proxy::remove_hop_by_hop;
+
+use super::{Proxy, PRIMARY_POOL_IDLE};
+use crate::downstream::Peer;
+use crate::retry::MAX_ATTEMPTS;
+
+/// How long a client connection keeps its upstream connection while it sends nothing; then the
+/// upstream connection goes to the shared idle set.
+const UPSTREAM_KEEP: Duration = Duration::from_secs(1);
+/// An upstream connection idle this long is checked for a close before it is used again.
+const CHECK_AFTER: Duration = Duration::from_millis(500);
+/// Most idle upstream connections kept for other client connections.
+const IDLE_MAX: usize = 1024;
+/// Header lines parsed without a heap allocation; heads with more are parsed again, up to the
+/// configured limit.
+const STACK_HEADERS: usize = 48;
+/// Read buffers start at this size, and are topped up to it before a read.
+const READ_SIZE: usize = 8 * 1024;
+/// A response whose head and body are this small is written to the client in one write.
+const ONE_WRITE: usize = 16 * 1024;
+
+/// What the connection's owner (the listener) knows and the forwarder tells it.
+pub trait Hooks {
+    /// A request was read whole and will be forwarded.
+    fn request_started(&self);
+    /// Its response was written (or failed).
+    fn request_ended(&self);
+    /// Responses ask the client to reconnect (`Connection: close`).
+    fn draining(&self) -> bool;
+    /// Asks the connection to close once no request is in flight.
+    fn close(&self) -> &CloseSignal;
+}
+
+/// A request to close a connection gracefully: at once when it is idle, after its response when
+/// a request is in flight.
+#[derive(Debug, Default)]
+pub struct CloseSignal {
+    asked: AtomicBool,
+    notify: Notify,
+}
+
+impl CloseSignal {
+    /// Asks the connection to close.
+    pub fn ask(&self) {
+        self.asked.store(true, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    fn asked(&self) -> bool {
+        self.asked.load(Ordering::Relaxed)
+    }
+}
+
+/// How the forwarder left a connection.
+pub enum Ended<IO> {
+    /// Closed, or to be closed: the client went away, asked to close, or an error ended it.
+    Closed,
+    /// A request it does not forward: hyper serves the connection from here, the bytes already
+    /// read first.
+    Handoff(Rewind<IO>),
+}
+
+/// A connection whose first bytes were already read: they are read again first.
+pub struct Rewind<IO> {
+    prefix: Bytes,
+    io: IO,
+}
+
+impl<IO> Rewind<IO> {
+    /// `io`, with nothing read yet.
+    pub fn new(io: IO) -> Self {
+        Self {
+            prefix: Bytes::new(),
+            io,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Idle upstream connections shared by the client connections, oldest first.
+#[derive(Debug, Default)]
+pub(super) struct Idle {
+    conns: Mutex<VecDeque<Upstream>>,
+}
+
+impl Idle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Upstream>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used idle connection still open, if any.
+    fn take(&self) -> Option<Upstream> {
+        loop {
+            let mut up = self.lock().pop_back()?;
+            if up.usable() {
+                return Some(up);
+            }
+        }
+    }
+
+    fn put(&self, up: Upstream) {
+        let expired = {
+            let mut conns = self.lock();
+            conns.push_back(up);
+            let mut expired = Vec::new();
+            while conns.len() > IDLE_MAX
+                || conns
+                    .front()
+                    .is_some_and(|c| c.last_used.elapsed() >= PRIMARY_POOL_IDLE)
+            {
+                expired.extend(conns.pop_front());
+            }
+            expired
+        };
+        // Closed outside the lock.
+        drop(expired);
+    }
+}
+
+/// A connection to the primary.
+#[derive(Debug)]
+struct Upstream {
+    io: UpstreamStream,
+    /// When its last response ended (or it was made).
+    last_used: Instant,
+    /// It carried a request before: a close found on it may be a keep-alive race.
+    reused: bool,
+}
+
+impl Upstream {
+    /// Whether it may carry a request: not idle past the pool's timeout, and (idle a while) not
+    /// closed by the primary meanwhile, which a read that does not wait tells.
+    fn usable(&mut self) -> bool {
+        let idle = self.last_used.elapsed();
+        if idle >= PRIMARY_POOL_IDLE {
+            return false;
+        }
+        if idle < CHECK_AFTER {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        // Pending: open and quiet. Anything read (a close, bytes nobody asked for): unusable.
+        self.io.read(&mut probe).now_or_never().is_none()
+    }
+}
+
+/// The request head read, checked and rewritten for the primary.
+struct Head {
+    /// Its length in the client's buffer.
+    len: usize,
+    /// The response has no body (a HEAD request).
+    head_only: bool,
+    /// It may be sent again when its connection closed before any response (RFC 9110 §9.2.2).
+    idempotent: bool,
+    /// The client asked to close after the response.
+    close: bool,
+}
+
+/// What reading a request head found.
+enum Parsed {
+    /// Not all of it yet.
+    Partial,
+    /// Not for this path: hyper takes the connection.
+    Other,
+    /// Read, checked, and written for the primary into the request buffer.
+    Request(Head),
+}
+
+/// How the primary's response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the primary closes the connection.
+    Close,
+}
+
+/// The primary's response head, checked and rewritten for the client.
+#[derive(Debug)]
+struct ResponseHead {
+    len: usize,
+    status: u16,
+    framing: Framing,
+    /// The primary keeps the connection open after it.
+    keep_alive: bool,
+}
+
+/// A response head this proxy will not pass on.
+#[derive(Debug, PartialEq, Eq)]
+enum BadResponse {
+    /// Over `limits.max_header_lines` or `limits.max_header_bytes`.
+    TooLarge,
+    /// Not HTTP/1, or framed ambiguously (lengths that disagree), or a `101` nobody asked for.
+    Malformed,
+}
+
+/// Why a request's exchange with the primary ended early.
+enum Failure {
+    /// The client went away before the primary's response head: a client abort.
+    ClientAborted,
+    /// The client went away once the response had begun.
+    ClientGone,
+    /// The primary failed before its response head; `true` when the connection had carried a
+    /// request before and nothing of a response came (a keep-alive race).
+    BeforeHead(io::Error, bool),
+    /// The primary's head is not one to pass on.
+    BadHead(BadResponse),
+    /// The primary failed mid-response: the client connection is cut, as hyper cuts it.
+    MidResponse,
+}
+
+/// One client connection's forwarding state.
+struct Conn<'a, IO> {
+    proxy: &'a Proxy,
+    peer: &'a Peer,
+    io: IO,
+    /// Bytes read from the client, not yet forwarded.
+    buf: BytesMut,
+    /// The request head for the primary (kept until answered: a retry sends it again).
+    req: Vec<u8>,
+    /// The response head for the client, and small bodies with it.
+    resp: Vec<u8>,
+    /// Bytes read from the primary.
+    ubuf: BytesMut,
+    upstream: Option<Upstream>,
+}
+
+/// Serves `io` (a client connection on the proxy's `listen`) for as long as its requests are
+/// ones this path forwards, then hands it to hyper; see the module documentation.
+pub async fn serve<IO, H>(proxy: &Proxy, io: IO, peer: &Peer, hooks: &H) -> Ended<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Hooks,
+{
+    let mut conn = Conn {
+        proxy,
+        peer,
+        io,
+        buf: BytesMut::with_capacity(READ_SIZE),
+        req: Vec::with_capacity(1024),
+        resp: Vec::with_capacity(1024),
+        ubuf: BytesMut::new(),
+        upstream: None,
+    };
+    let ended = conn.run(hooks).await;
+    if let Some(up) = conn.upstream.take() {
+        proxy.idle.put(up);
+    }
+    match ended {
+        Some(()) => Ended::Closed,
+        None => Ended::Handoff(Rewind {
+            prefix: conn.buf.freeze(),
+            io: conn.io,
+        }),
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
+    /// `Some` when the connection is done, `None` to hand it to hyper.
+    async fn run<H: Hooks>(&mut self, hooks: &H) -> Option<()> {
+        loop {
+            let head = loop {
+                match self.parse_request() {
+                    Parsed::Request(head) => break head,
+                    Parsed::Other => return None,
+                    Parsed::Partial => {}
+                }
+                if self.buf.len() >= self.proxy.limits.max_header_bytes {
+                    // Over the limit: hyper answers 431 and counts it.
+                    return None;
+                }
+                if self.buf.is_empty() && hooks.close().asked() {
+                    return Some(());
+                }
+                match self.read_client(hooks).await {
+                    Ok(0) if self.buf.is_empty() => return Some(()),
+                    // A head cut short: hyper ends it as it would have.
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(_) => return Some(()),
+                }
+            };
+            hooks.request_started();
+            self.buf.advance(head.len);
+            let close = self.forward(&head, hooks).await;
+            hooks.request_ended();
+            match close {
+                // Asked to close (idle timeout, eviction, drain): after this response, as hyper.
+                Ok(false) if !head.close && !hooks.close().asked() => {}
+                Ok(_) => {
+                    let _ = self.io.shutdown().await;
+                    return Some(());
+                }
+                Err(()) => return Some(()),
+            }
+        }
+    }
+
+    /// Reads more of the client's next request; gives the upstream connection back to the idle
+    /// set once the client has been quiet for [`UPSTREAM_KEEP`]. `Ok(0)`: closed, or asked to
+    /// close while waiting for a head that has not begun.
+    async fn read_client<H: Hooks>(&mut self, hooks: &H) -> io::Result<usize> {
+        self.buf.reserve(READ_SIZE);
+        let waiting_for_head = self.buf.is_empty();
+        let close = hooks.close();
+        let keep = tokio::time::sleep(UPSTREAM_KEEP);
+        tokio::pin!(keep);
+        loop {
+            tokio::select! {
+                biased;
+                read = self.io.read_buf(&mut self.buf) => return read,
+                () = close.notify.notified(), if waiting_for_head => {
+                    if close.asked() {
+                        return Ok(0);
+                    }
+                }
+                () = &mut keep, if self.upstream.is_some() => {
+                    if let Some(up) = self.upstream.take() {
+                        self.proxy.idle.put(up);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the request head at the start of the buffer and, if this path forwards it, writes
+    /// the primary's head and admits its copy. Nothing is counted for a request handed to hyper.
+    fn parse_request(&mut self) -> Parsed {
+        let (proxy, peer) = (self.proxy, self.peer);
+        let max_lines = proxy.limits.max_header_lines;
+        let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        let mut req = httparse::Request::new(&mut slots);
+        match req.parse(&self.buf) {
+            Ok(httparse::Status::Complete(len)) => prepare(proxy, peer, &req, len, &mut self.req),
+            Ok(httparse::Status::Partial) => Parsed::Partial,
+            Err(httparse::Error::TooManyHeaders) if max_lines > STACK_HEADERS => {
+                let mut slots = vec![httparse::EMPTY_HEADER; max_lines];
+                let mut req = httparse::Request::new(&mut slots);
+                match req.parse(&self.buf) {
+                    Ok(httparse::Status::Complete(len)) => {
+                        prepare(proxy, peer, &req, len, &mut self.req)
+                    }
+                    Ok(httparse::Status::Partial) => Parsed::Partial,
+                    Err(_) => Parsed::Other,
+                }
+            }
+            Err(_) => Parsed::Other,
+        }
+    }
+
+    /// Forwards the request whose head is in `req`, retrying on a new connection when a reused
+    /// one closed first. `Ok`: whether the client connection must close after the response;
+    /// `Err`: it is cut now.
+    async fn forward<H: Hooks>(&mut self, head: &Head, hooks: &H) -> Result<bool, ()> {
+        let close_after = head.close || hooks.draining();
+        let mut attempt = 1;
+        loop {
+            let failure = match self.exchange(head, close_after).await {
+                Ok(close) => return Ok(close),
+                Err(failure) => failure,
+            };
+            self.upstream = None;
+            self.ubuf.clear();
+            match failure {
+                Failure::ClientAborted => {
+                    self.proxy.accounting.client_aborts.increment(1);
+                    return Err(());
+                }
+                Failure::ClientGone | Failure::MidResponse => return Err(()),
+                Failure::BeforeHead(e, reused) => {
+                    if reused && head.idempotent && attempt < MAX_ATTEMPTS {
+                        attempt += 1;
+                        self.proxy.accounting.primary_retries.increment(1);
+                        tracing::debug!(error = %e, attempt, "the primary closed a kept-alive connection before answering; sending the request again");
+                        continue;
+                    }
+                    self.proxy.note_primary_failure(&e, false);
+                    return self.answer_502(close_after, super::UNREACHABLE).await;
+                }
+                Failure::BadHead(BadResponse::TooLarge) => {
+                    self.proxy
+                        .note_primary_failure(&"the response head is over the limits", true);
+                    return self.answer_502(close_after, super::HEAD_TOO_LARGE).await;
+                }
+                Failure::BadHead(BadResponse::Malformed) => {
+                    self.proxy
+                        .note_primary_failure(&"the response head is malformed", false);
+                    return self.answer_502(close_after, super::UNREACHABLE).await;
+                }
+            }
+        }
+    }
+
+    /// An upstream connection for the next request: the one held, one from the idle set, or a
+    /// new one.
+    async fn upstream(&mut self) -> io::Result<Upstream> {
+        if let Some(mut up) = self.upstream.take() {
+            if up.usable() {
+                return Ok(up);
+            }
+        }
+        if let Some(up) = self.proxy.idle.take() {
+            return Ok(up);
+        }
+        let io = self.proxy.connector_h1.connect().await?;
+        Ok(Upstream {
+            io,
+            last_used: Instant::now(),
+            reused: false,
+        })
+    }
+
+    /// One attempt: the head to the primary, its response back to the client. `Ok`: whether the
+    /// client connection closes after it.
+    async fn exchange(&mut self, head: &Head, close_after: bool) -> Result<bool, Failure> {
+        let limits = self.proxy.limits;
+        let mut up = self
+            .upstream()
+            .await
+            .map_err(|e| Failure::BeforeHead(e, false))?;
+        let reused = up.reused;
+        up.reused = true;
+        let sent = async {
+            up.io.write_all(&self.req).await?;
+            up.io.flush().await
+        };
+        sent.await.map_err(|e| Failure::BeforeHead(e, reused))?;
+        let sent_at = std::time::Instant::now();
+        self.ubuf.clear();
+        let response = loop {
+            match parse_response(
+                &self.ubuf,
+                head.head_only,
+                limits.max_header_lines,
+                close_after,
+                &mut self.resp,
+            ) {
+                Ok(Some(r)) if (100..200).contains(&r.status) => {
+                    // Informational (103 Early Hints and the like): hyper's client passes them
+                    // over too.
+                    self.ubuf.advance(r.len);
+                    continue;
+                }
+                Ok(Some(r)) => break r,
+                Ok(None) => {}
+                Err(bad) => return Err(Failure::BadHead(bad)),
+            }
+            if self.ubuf.len() >= limits.max_header_bytes.max(super::MIN_MAX_HEADER_BYTES) {
+                return Err(Failure::BadHead(BadResponse::TooLarge));
+            }
+            self.ubuf.reserve(READ_SIZE);
+            let watch_client = self.buf.len() < limits.max_header_bytes;
+            tokio::select! {
+                biased;
+                read = up.io.read_buf(&mut self.ubuf) => match read {
+                    Ok(0) => {
+                        let nothing = self.ubuf.is_empty();
+                        return Err(Failure::BeforeHead(
+                            io::Error::new(io::ErrorKind::UnexpectedEof, "the primary closed the connection before its response"),
+                            reused && nothing,
+                        ));
+                    }
+                    Err(e) => {
+                        let nothing = self.ubuf.is_empty();
+                        return Err(Failure::BeforeHead(e, reused && nothing));
+                    }
+                    Ok(_) => {}
+                },
+                // The client may send its next request meanwhile; going away is an abort.
+                read = self.io.read_buf(&mut self.buf), if watch_client => match read {
+                    Ok(0) | Err(_) => return Err(Failure::ClientAborted),
+                    Ok(_) => {}
+                },
+            }
+        };
+        let status = http::StatusCode::from_u16(response.status)
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        self.proxy
+            .accounting
+            .primary_answered(status, sent_at.elapsed());
+        self.ubuf.advance(response.len);
+        let close = close_after || response.framing == Framing::Close;
+        let clean = self.pass_body(&mut up, response.framing).await?;
+        self.io.flush().await.map_err(|_| Failure::ClientGone)?;
+        if response.keep_alive && clean && response.framing != Framing::Close {
+            up.last_used = Instant::now();
+            self.upstream = Some(up);
+        }
+        Ok(close)
+    }
+
+    /// Writes the response head (in `resp`) and passes the body as the primary framed it.
+    /// `Ok(true)`: the body ended where its framing said, nothing after it (the upstream
+    /// connection may carry another request).
+    async fn pass_body(&mut self, up: &mut Upstream, framing: Framing) -> Result<bool, Failure> {
+        match framing {
+            Framing::None => {
+                self.send_resp().await?;
+                Ok(self.ubuf.is_empty())
+            }
+            Framing::Length(mut left) => {
+                let now = self
+                    .ubuf
+                    .len()
+                    .min(usize::try_from(left).unwrap_or(usize::MAX));
+                if self.resp.len() + now <= ONE_WRITE {
+                    self.resp.extend_from_slice(&self.ubuf[..now]);
+                    self.ubuf.advance(now);
+                    left -= now as u64;
+                }
+                self.send_resp().await?;
+                while left > 0 {
+                    if self.ubuf.is_empty() {
+                        self.io.flush().await.map_err(|_| Failure::ClientGone)?;
+                        self.read_upstream(up).await?;
+                    }
+                    let n = self
+                        .ubuf
+                        .len()
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.io
+                        .write_all(&self.ubuf[..n])
+                        .await
+                        .map_err(|_| Failure::ClientGone)?;
+                    self.ubuf.advance(n);
+                    left -= n as u64;
+                }
+                Ok(self.ubuf.is_empty())
+            }
+            Framing::Chunked => {
+                let mut chunks = Chunks::default();
+                loop {
+                    let end = chunks
+                        .advance(&self.ubuf)
+                        .map_err(|()| Failure::MidResponse)?;
+                    let n = end.unwrap_or(self.ubuf.len());
+                    if self.resp.len() + n <= ONE_WRITE {
+                        self.resp.extend_from_slice(&self.ubuf[..n]);
+                    } else {
+                        self.send_resp().await?;
+                        self.io
+                            .write_all(&self.ubuf[..n])
+                            .await
+                            .map_err(|_| Failure::ClientGone)?;
+                    }
+                    self.ubuf.advance(n);
+                    // What came is passed on before waiting for more (a stream of events must
+                    // not wait for the next one).
+                    self.send_resp().await?;
+                    if end.is_some() {
+                        return Ok(self.ubuf.is_empty());
+                    }
+                    self.io.flush().await.map_err(|_| Failure::ClientGone)?;
+                    self.read_upstream(up).await?;
+                }
+            }
+            Framing::Close => {
+                self.send_resp().await?;
+                loop {
+                    self.io
+                        .write_all(&self.ubuf)
+                        .await
+                        .map_err(|_| Failure::ClientGone)?;
+                    self.ubuf.clear();
+                    self.ubuf.reserve(READ_SIZE);
+                    self.io.flush().await.map_err(|_| Failure::ClientGone)?;
+                    match up.io.read_buf(&mut self.ubuf).await {
+                        Ok(0) => return Ok(false),
+                        Ok(_) => {}
+                        Err(_) => return Err(Failure::MidResponse),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes what `resp` holds to the client, if anything.
+    async fn send_resp(&mut self) -> Result<(), Failure> {
+        if !self.resp.is_empty() {
+            self.io
+                .write_all(&self.resp)
+                .await
+                .map_err(|_| Failure::ClientGone)?;
+            self.resp.clear();
+        }
+        Ok(())
+    }
+
+    /// More of the response body; the primary closing before its end is a failure.
+    async fn read_upstream(&mut self, up: &mut Upstream) -> Result<(), Failure> {
+        self.ubuf.reserve(READ_SIZE);
+        match up.io.read_buf(&mut self.ubuf).await {
+            Ok(0) | Err(_) => Err(Failure::MidResponse),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// Answers 502 itself. `Ok`: whether the client connection closes after it.
+    async fn answer_502(&mut self, close: bool, body: &str) -> Result<bool, ()> {
+        self.resp.clear();
+        self.resp.extend_from_slice(
+            b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ",
+        );
+        self.resp
+            .extend_from_slice(body.len().to_string().as_bytes());
+        if close {
+            self.resp.extend_from_slice(b"\r\nconnection: close");
+        }
+        self.resp.extend_from_slice(b"\r\n\r\n");
+        self.resp.extend_from_slice(body.as_bytes());
+        let sent = self.send_resp().await;
+        let flushed = self.io.flush().await;
+        match (sent, flushed) {
+            (Ok(()), Ok(())) => Ok(close),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Checks a complete request head and, if this path forwards it, writes the primary's head into
+/// `out` and decides (and counts) its copy, as [`Proxy::handle`] does.
+fn prepare(
+    proxy: &Proxy,
+    peer: &Peer,
+    req: &httparse::Request<'_, '_>,
+    len: usize,
+    out: &mut Vec<u8>,
+) -> Parsed {
+    let limits = &proxy.limits;
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Other;
+    };
+    if req.headers.len() > limits.max_header_lines
+        || len > limits.max_header_bytes
+        || method == "CONNECT"
+        || !plain_target(target.as_bytes())
+    {
+        return Parsed::Other;
+    }
+    let Some(fields) = Fields::read(req.headers) else {
+        return Parsed::Other;
+    };
+    let tee = &proxy.tee;
+    if !tee.pass_over_if_off() {
+        let (Ok(method), Ok(uri)) = (Method::from_bytes(method.as_bytes()), Uri::try_from(target))
+        else {
+            return Parsed::Other;
+        };
+        let headers = copy_headers(peer, req.headers);
+        if let Some(copy) = tee.admit(&method, &uri, Version::HTTP_11, &headers) {
+            tee.complete(copy);
+        }
+    }
+    write_request(out, method, target, req.headers, peer);
+    Parsed::Request(Head {
+        len,
+        head_only: method == "HEAD",
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
+        close: fields.close,
+    })
+}
+
+/// The head as the copy sees it: what [`Proxy::handle`] makes of the client's fields.
+fn copy_headers(peer: &Peer, fields: &[httparse::Header<'_>]) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(fields.len() + 2);
+    for f in fields {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(f.name.as_bytes()),
+            HeaderValue::from_bytes(f.value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    if peer.tls {
+        headers
+            .entry("x-forwarded-proto")
+            .or_insert(HeaderValue::from_static("https"));
+    }
+    remove_hop_by_hop(&mut headers);
+    peer.forwarding.apply(&mut headers, Version::HTTP_11);
+    headers
+}
+
+/// Writes the head the primary gets: the request line as it came (version 1.1), the client's
+/// fields in their order and case but for hop-by-hop ones, then the forwarding fields
+/// (`x-forwarded-proto` over TLS unless sent, `x-forwarded-for` and `via`, each folded into the
+/// client's own line when it sent one).
+fn write_request(
+    out: &mut Vec<u8>,
+    method: &str,
+    target: &str,
+    fields: &[httparse::Header<'_>],
+    peer: &Peer,
+) {
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let client = peer.forwarding.client().as_bytes();
+    let (mut forwarded_for, mut via, mut proto) = (false, false, false);
+    for f in fields {
+        let name = f.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection")
+            || name.eq_ignore_ascii_case(b"keep-alive")
+            || name.eq_ignore_ascii_case(b"proxy-connection")
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            if !forwarded_for {
+                forwarded_for = true;
+                write_folded(out, f.name, fields, client);
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"via") {
+            if !via {
+                via = true;
+                write_folded(out, f.name, fields, VIA);
+            }
+            continue;
+        }
+        proto |= name.eq_ignore_ascii_case(b"x-forwarded-proto");
+        write_field(out, name, f.value);
+    }
+    if peer.tls && !proto {
+        write_field(out, b"x-forwarded-proto", b"https");
+    }
+    if !forwarded_for {
+        write_field(out, b"x-forwarded-for", client);
+    }
+    if !via {
+        write_field(out, b"via", VIA);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What `via` says of this hop for an HTTP/1.1 request.
+const VIA: &[u8] = b"1.1 teeway";
+
+fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One line named `name` (as the client spelled its first) holding every value of the fields
+/// so named, in order, then `item`.
+fn write_folded(out: &mut Vec<u8>, name: &str, fields: &[httparse::Header<'_>], item: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for f in fields.iter().filter(|f| f.name.eq_ignore_ascii_case(name)) {
+        out.extend_from_slice(f.value);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(item);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What the proxy must know of a request's fields, read in one pass; `None` when the request is
+/// not one this path forwards: a body, `Expect`, an upgrade, a `Connection` naming other fields,
+/// `TE` other than `trailers`, no `Host` or several.
+struct Fields {
+    close: bool,
+}
+
+impl Fields {
+    fn read(fields: &[httparse::Header<'_>]) -> Option<Fields> {
+        let mut close = false;
+        let mut hosts = 0;
+        for f in fields {
+            let name = f.name.as_bytes();
+            let value = f.value;
+            if name.eq_ignore_ascii_case(b"host") {
+                hosts += 1;
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                if value.is_empty() || !value.iter().all(|b| *b == b'0') {
+                    return None;
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"expect")
+                || name.eq_ignore_ascii_case(b"upgrade")
+            {
+                return None;
+            } else if name.eq_ignore_ascii_case(b"te") {
+                if !value.trim_ascii().eq_ignore_ascii_case(b"trailers") {
+                    return None;
+                }
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                        return None;
+                    }
+                }
+            }
+        }
+        (hosts == 1).then_some(Fields { close })
+    }
+}
+
+/// Whether a request target is origin-form made of the characters every URI parser takes
+/// (RFC 3986 unreserved, sub-delims, `:@/?%`): anything else is left to hyper's judgement.
+fn plain_target(target: &[u8]) -> bool {
+    target.first() == Some(&b'/')
+        && target.iter().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'@'
+                        | b'/'
+                        | b'?'
+                        | b'%'
+                )
+        })
+}
+
+/// Reads the primary's response head at the start of `buf` and writes the client's into `out`:
+/// status line as HTTP/1.1, the primary's fields in their order and case but for hop-by-hop
+/// ones (and `Content-Length` beside `Transfer-Encoding`, which wins: RFC 9112 §6.3), and
+/// `connection: close` when the client connection closes after it. `Ok(None)`: not all of it yet.
+fn parse_response(
+    buf: &[u8],
+    head_only: bool,
+    max_lines: usize,
+    close_client: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<ResponseHead>, BadResponse> {
+    let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            response_head(&resp, len, head_only, max_lines, close_client, out).map(Some)
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) if max_lines > STACK_HEADERS => {
+            let mut slots = vec![httparse::EMPTY_HEADER; max_lines];
+            let mut resp = httparse::Response::new(&mut slots);
+            match resp.parse(buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    response_head(&resp, len, head_only, max_lines, close_client, out).map(Some)
+                }
+                Ok(httparse::Status::Partial) => Ok(None),
+                Err(httparse::Error::TooManyHeaders) => Err(BadResponse::TooLarge),
+                Err(_) => Err(BadResponse::Malformed),
+            }
+        }
+        Err(httparse::Error::TooManyHeaders) => Err(BadResponse::TooLarge),
+        Err(_) => Err(BadResponse::Malformed),
+    }
+}
+
+fn response_head(
+    resp: &httparse::Response<'_, '_>,
+    len: usize,
+    head_only: bool,
+    max_lines: usize,
+    close_client: bool,
+    out: &mut Vec<u8>,
+) -> Result<ResponseHead, BadResponse> {
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return Err(BadResponse::Malformed);
+    };
+    if resp.headers.len() > max_lines {
+        return Err(BadResponse::TooLarge);
+    }
+    if status == 101 || status < 100 {
+        return Err(BadResponse::Malformed);
+    }
+    // What `Connection` says and names, and how the body is framed.
+    let mut keep_alive = version == 1;
+    let mut named: Vec<&[u8]> = Vec::new();
+    let mut chunked = None;
+    let mut length: Option<u64> = None;
+    for f in resp.headers.iter() {
+        let name = f.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in f.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive |= version == 0;
+                } else if !token.is_empty() {
+                    named.push(token);
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // The last coding decides: chunked, or the body runs to the connection's end.
+            let last = f.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            // A list of one value repeated (`2, 2`) is that value (RFC 9110 §8.6).
+            for item in f.value.split(|b| *b == b',') {
+                let n = std::str::from_utf8(item.trim_ascii())
+                    .ok()
+                    .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .ok_or(BadResponse::Malformed)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(BadResponse::Malformed);
+                }
+                length = Some(n);
+            }
+        }
+    }
+    let framing = if head_only || status < 200 || status == 204 || status == 304 {
+        Framing::None
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::Close,
+            (None, Some(0)) => Framing::None,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::Close,
+        }
+    };
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for f in resp.headers.iter() {
+        let name = f.name.as_bytes();
+        let hop = name.eq_ignore_ascii_case(b"connection")
+            || name.eq_ignore_ascii_case(b"keep-alive")
+            || name.eq_ignore_ascii_case(b"proxy-connection")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || (name.eq_ignore_ascii_case(b"te")
+                && !f.value.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+            || (name.eq_ignore_ascii_case(b"content-length") && chunked.is_some())
+            || named.iter().any(|n| n.eq_ignore_ascii_case(name));
+        if !hop {
+            write_field(out, name, f.value);
+        }
+    }
+    if close_client || framing == Framing::Close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(ResponseHead {
+        len,
+        status,
+        framing,
+        keep_alive,
+    })
+}
+
+/// Where a chunked body ends (RFC 9112 §7.1), found as its bytes pass: sizes, data, the last
+/// chunk and the trailer section.
+#[derive(Debug, Default)]
+struct Chunks {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+enum ChunkState {
+    /// In a chunk-size line: the size so far, its digits, whether in an extension.
+    #[default]
+    SizeStart,
+    Size {
+        size: u64,
+        ext: bool,
+    },
+    SizeLf {
+        size: u64,
+    },
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// In the trailer section; `true` at the start of a line.
+    Trailer(bool),
+    TrailerLf(bool),
+}
+
+impl Chunks {
+    /// Follows `bytes`; `Some(n)`: the body ends after the first `n` of them.
+    fn advance(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            self.state = match self.state {
+                ChunkState::SizeStart => match hex(b) {
+                    Some(d) => ChunkState::Size {
+                        size: u64::from(d),
+                        ext: false,
+                    },
+                    None => return Err(()),
+                },
+                ChunkState::Size { size, ext } => match (b, hex(b)) {
+                    (b'\r', _) => ChunkState::SizeLf { size },
+                    (_, Some(d)) if !ext => ChunkState::Size {
+                        size: size
+                            .checked_mul(16)
+                            .and_then(|s| s.checked_add(u64::from(d)))
+                            .ok_or(())?,
+                        ext,
+                    },
+                    (b';' | b' ' | b'\t', _) => ChunkState::Size { size, ext: true },
+                    _ if ext => ChunkState::Size { size, ext },
+                    _ => return Err(()),
+                },
+                ChunkState::SizeLf { size } => match (b, size) {
+                    (b'\n', 0) => ChunkState::Trailer(true),
+                    (b'\n', size) => ChunkState::Data(size),
+                    _ => return Err(()),
+                },
+                ChunkState::Data(left) => {
+                    let take = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    i += take;
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataCr
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    continue;
+                }
+                ChunkState::DataCr if b == b'\r' => ChunkState::DataLf,
+                ChunkState::DataLf if b == b'\n' => ChunkState::SizeStart,
+                ChunkState::DataCr | ChunkState::DataLf => return Err(()),
+                ChunkState::Trailer(start) => match b {
+                    b'\r' => ChunkState::TrailerLf(start),
+                    _ => ChunkState::Trailer(false),
+                },
+                ChunkState::TrailerLf(start) => match (b, start) {
+                    (b'\n', true) => return Ok(Some(i + 1)),
+                    (b'\n', false) => ChunkState::Trailer(true),
+                    _ => return Err(()),
+                },
+            };
+            i += 1;
+        }
+        Ok(None)
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends(body: &[u8]) -> Result<Option<usize>, ()> {
+        Chunks::default().advance(body)
+    }
+
+    #[test]
+    fn a_chunked_body_ends_after_its_trailers() {
+        let body = b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nx-trailer: 1\r\n\r\nGET / HTTP/1.1";
+        let end = body.len() - b"GET / HTTP/1.1".len();
+        assert_eq!(ends(body), Ok(Some(end)));
+        // Byte by byte, the same end is found.
+        let mut chunks = Chunks::default();
+        let mut found = None;
+        for (i, b) in body.iter().enumerate() {
+            if let Some(n) = chunks.advance(std::slice::from_ref(b)).expect("valid") {
+                found = Some(i + n);
+                break;
+            }
+        }
+        assert_eq!(found, Some(end));
+        assert_eq!(ends(b"0\r\n\r\n"), Ok(Some(5)));
+        assert_eq!(ends(b"A\r\n0123456789\r\n"), Ok(None));
+    }
+
+    #[test]
+    fn a_malformed_chunked_body_is_an_error() {
+        assert_eq!(ends(b"z\r\n"), Err(()));
+        assert_eq!(ends(b"2\r\nabc\r\n"), Err(()));
+        assert_eq!(ends(b"fffffffffffffffff\r\n"), Err(()));
+    }
+
+    fn response(
+        head: &str,
+        head_only: bool,
+    ) -> (Result<Option<ResponseHead>, BadResponse>, String) {
+        let mut out = Vec::new();
+        let r = parse_response(head.as_bytes(), head_only, 100, false, &mut out);
+        (r, String::from_utf8(out).expect("ascii"))
+    }
+
+    #[test]
+    fn response_heads_lose_hop_by_hop_fields_and_keep_their_framing() {
+        let (r, out) = response(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\nX-Kept: yes\r\n\r\n",
+            false,
+        );
+        let r = r.expect("valid").expect("complete");
+        assert_eq!(r.framing, Framing::Chunked);
+        assert!(r.keep_alive);
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\n\r\n"
+        );
+        let (r, out) = response("HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n", false);
+        let r = r.expect("valid").expect("complete");
+        assert_eq!((r.framing, r.keep_alive), (Framing::Length(3), false));
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n");
+        let (r, out) = response("HTTP/1.1 200 OK\r\nServer: x\r\n\r\n", false);
+        assert_eq!(r.expect("valid").expect("complete").framing, Framing::Close);
+        assert!(out.ends_with("connection: close\r\n\r\n"), "{out}");
+        let (r, _) = response("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true);
+        assert_eq!(r.expect("valid").expect("complete").framing, Framing::None);
+        let (r, _) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.err(), Some(BadResponse::Malformed));
+        let (r, _) = response("HTTP/1.1 200 OK\r\nContent-Len", false);
+        assert!(matches!(r, Ok(None)));
+    }
+
+    #[test]
+    fn only_plain_requests_take_this_path() {
+        let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
+        let host = h("Host", b"a");
+        assert!(Fields::read(&[host]).is_some());
+        assert!(Fields::read(&[]).is_none(), "no Host");
+        assert!(Fields::read(&[host, host]).is_none(), "two Hosts");
+        assert!(Fields::read(&[host, h("Content-Length", b"0")]).is_some());
+        assert!(Fields::read(&[host, h("Content-Length", b"1")]).is_none());
+        assert!(Fields::read(&[host, h("Transfer-Encoding", b"chunked")]).is_none());
+        assert!(Fields::read(&[host, h("Expect", b"100-continue")]).is_none());
+        assert!(Fields::read(&[host, h("Connection", b"Upgrade")]).is_none());
+        assert!(Fields::read(&[host, h("Connection", b"x-private")]).is_none());
+        assert!(Fields::read(&[host, h("Connection", b"close")]).is_some_and(|f| f.close));
+        assert!(plain_target(b"/a/b?c=d&e=%20"));
+        assert!(!plain_target(b"http://x/"));
+        assert!(!plain_target(b"*"));
+        assert!(!plain_target(b"/a b"));
+        assert!(!plain_target(b"/{x}"));
+    }
+}
