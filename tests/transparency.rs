@@ -844,3 +844,152 @@ async fn a_primary_response_over_the_header_line_limit_is_a_502_that_names_the_l
         stack.stop().await;
     }
 }
+
+/// An HTTP/1.1 primary that answers every request with its method, target and body length
+/// (`POST /b 5`), reading `Content-Length` bodies; counts the connections it accepted.
+async fn echo_primary() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut seen: Vec<u8> = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        if seen.len() < end + 4 + length {
+                            break;
+                        }
+                        let line: Vec<&str> =
+                            head.lines().next().unwrap_or("").split(' ').collect();
+                        let body = format!("{} {} {length}", line[0], line.get(1).unwrap_or(&""));
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        seen.drain(..end + 4 + length);
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// The bodies of `n` HTTP/1.1 responses read from `stream` (each framed by `Content-Length`).
+async fn read_bodies(stream: &mut TcpStream, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut bodies = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while bodies.len() < n {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                assert!(head.starts_with("http/1.1 200"), "{head}");
+                bodies.push(String::from_utf8_lossy(&got[end + 4..end + 4 + length]).into_owned());
+                got.drain(..end + 4 + length);
+                continue;
+            }
+        }
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("responses in time")
+            .expect("read");
+        assert!(
+            read > 0,
+            "closed after {} responses: {bodies:?}",
+            bodies.len()
+        );
+        got.extend_from_slice(&buf[..read]);
+    }
+    bodies
+}
+
+/// Plain requests are forwarded by the agent's own HTTP/1.1 path, others by hyper: a connection
+/// that mixes them, pipelined or one at a time, gets every answer in order, and each request is
+/// counted once.
+#[tokio::test]
+async fn one_connection_mixes_plain_requests_and_requests_with_bodies() {
+    let (primary, _) = echo_primary().await;
+    let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(primary))).await;
+    let requests = [
+        "GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+        "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        "GET /c HTTP/1.1\r\nHost: x\r\n\r\n",
+    ];
+    let expected = ["GET /a 0", "POST /b 5", "GET /c 0"];
+    // Pipelined: the request with a body is already read when hyper takes the connection.
+    let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+    s.write_all(requests.concat().as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_bodies(&mut s, 3).await, expected);
+    // One at a time, on a new connection.
+    let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+    for (request, answer) in requests.iter().zip(expected) {
+        s.write_all(request.as_bytes()).await.expect("write");
+        assert_eq!(read_bodies(&mut s, 1).await, [answer]);
+    }
+    let m = settle(
+        || stack.agent_metrics(),
+        |m| m.get(am::REQUESTS_TOTAL) >= 6.0,
+    )
+    .await;
+    assert_eq!(m.get(am::REQUESTS_TOTAL), 6.0, "each request counted once");
+    assert_eq!(m.get(am::NOT_SAMPLED_TOTAL), 6.0);
+    assert_eq!(m.get(am::PRIMARY_ERRORS_TOTAL), 0.0);
+    stack.stop().await;
+}
+
+/// Clients that open a connection per request (`Connection: close`) do not cost the primary a
+/// connection each: the agent keeps its connection to the primary for the next client.
+#[tokio::test]
+async fn clients_that_reconnect_per_request_reuse_one_primary_connection() {
+    let (primary, accepted) = echo_primary().await;
+    let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(primary))).await;
+    for i in 0..5 {
+        let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+        s.write_all(
+            format!("GET /{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let (answer, closed) = read_to_close(&mut s).await;
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(closed, "the agent closes after the response, as asked");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with(&format!("\r\n\r\nGET /{i} 0")), "{answer}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        1,
+        "one connection to the primary for five client connections"
+    );
+    stack.stop().await;
+}

@@ -375,6 +375,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 // Asked to close (idle timeout, eviction, drain): after this response, as hyper.
                 Ok(false) if !head.close && !hooks.close().asked() => {}
                 Ok(_) => {
+                    // The upstream connection is free before the client hears the close: a
+                    // client that reconnects at once finds it in the idle set.
+                    if let Some(up) = self.upstream.take() {
+                        self.proxy.idle.put(up);
+                    }
                     let _ = self.io.shutdown().await;
                     return Some(());
                 }
@@ -1221,6 +1226,65 @@ mod tests {
         assert_eq!(r.err(), Some(BadResponse::Malformed));
         let (r, _) = response("HTTP/1.1 200 OK\r\nContent-Len", false);
         assert!(matches!(r, Ok(None)));
+    }
+
+    /// The head as a map, from the bytes `write_request` wrote (names lower-cased).
+    fn written(peer: &Peer, fields: &[httparse::Header<'_>]) -> (String, HeaderMap) {
+        let mut out = Vec::new();
+        write_request(&mut out, "GET", "/x?y=1", fields, peer);
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(matches!(req.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()));
+        assert_eq!(
+            (req.method, req.path, req.version),
+            (Some("GET"), Some("/x?y=1"), Some(1))
+        );
+        let mut map = HeaderMap::new();
+        for f in req.headers.iter() {
+            map.append(
+                HeaderName::from_bytes(f.name.as_bytes()).expect("name"),
+                HeaderValue::from_bytes(f.value).expect("value"),
+            );
+        }
+        (String::from_utf8(out).expect("ascii"), map)
+    }
+
+    #[test]
+    fn the_primary_gets_the_head_the_hyper_path_makes() {
+        let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
+        let cases: [&[httparse::Header<'_>]; 4] = [
+            &[h("Host", b"api.example.com"), h("Accept", b"*/*")],
+            &[
+                h("Host", b"a"),
+                h("X-Forwarded-For", b"203.0.113.9"),
+                h("Via", b"1.1 edge"),
+                h("x-forwarded-for", b"198.51.100.1"),
+                h("Connection", b"keep-alive"),
+                h("Keep-Alive", b"timeout=5"),
+                h("Proxy-Connection", b"keep-alive"),
+                h("TE", b"trailers"),
+            ],
+            &[h("Host", b"a"), h("X-Forwarded-Proto", b"http")],
+            &[h("Host", b"a"), h("Content-Length", b"0")],
+        ];
+        for tls in [false, true] {
+            let peer = Peer::new("192.0.2.7:4000".parse().expect("addr"), tls);
+            for fields in cases {
+                let (text, sent) = written(&peer, fields);
+                assert_eq!(
+                    sent,
+                    copy_headers(&peer, fields),
+                    "tls {tls}: the same fields as the hyper path's, in:\n{text}"
+                );
+            }
+        }
+        // Case and order as the client sent them, the forwarding fields folded in place.
+        let peer = Peer::new("192.0.2.7:4000".parse().expect("addr"), false);
+        let (text, _) = written(&peer, cases[1]);
+        assert_eq!(
+            text,
+            "GET /x?y=1 HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 203.0.113.9, 198.51.100.1, 192.0.2.7\r\nVia: 1.1 edge, 1.1 teeway\r\nTE: trailers\r\n\r\n"
+        );
     }
 
     #[test]
