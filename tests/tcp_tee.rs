@@ -630,15 +630,9 @@ async fn a_shadow_that_never_reads_does_not_hold_up_the_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_shadow_is_counted_and_the_primary_is_served() {
     let primary = counting_primary().await;
-    let dead = support::free_port();
+    let (_held, dead) = support::refusing_addr();
     let dir = tempfile::tempdir().expect("tempdir");
-    let pair = Pair::start(
-        dir.path(),
-        "bulk",
-        primary,
-        &format!("127.0.0.1:{dead}"),
-        "",
-    );
+    let pair = Pair::start(dir.path(), "bulk", primary, &dead.to_string(), "");
     for _ in 0..3 {
         assert_eq!(send_and_count(pair.listen, 100_000).await.trim(), "100000");
     }

@@ -577,6 +577,23 @@ pub fn tool_missing(tool: &str, why: &str, install: &str) {
     eprintln!("SKIPPED: {tool} not found ({why}); {install} to run this");
 }
 
+/// A loopback address that refuses connections for as long as the returned socket lives: bound,
+/// never listening, so no other test (they run in parallel) can take the port meanwhile, as one
+/// could a port merely found free.
+pub fn refusing_addr() -> (socket2::Socket, SocketAddr) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let addr = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("an inet address");
+    (socket, addr)
+}
+
 /// A loopback port nobody listens on now, for a program that cannot be told to bind port 0
 /// (nginx, redis-server). Another process may take it before the program binds, so callers
 /// retry with a new port when the program reports the address in use.
