@@ -17,6 +17,10 @@
 //! - Accept errors (out of descriptors) back off from 10 ms to 1 s, free an idle connection,
 //!   and are logged once a minute with their count.
 //!
+//! A connection is served by the proxy's own HTTP/1 path ([`crate::proxy::h1`]) while its
+//! requests are plain ones, then by hyper (HTTP/2, bodies, upgrades, and the sink); one
+//! [`Watchdog`] times and closes either.
+//!
 //! Requests refused by the HTTP layer (a head larger than `max_header_bytes`, more than
 //! `max_header_lines` lines, a target over 65,534 bytes, a malformed head) are answered by hyper
 //! (431, 414, 400) and counted here by reason, beside the accounting identity: they never reach

@@ -57,6 +57,11 @@ const IDLE_MAX: usize = 1024;
 const STACK_HEADERS: usize = 48;
 /// Read buffers start at this size, and are topped up to it before a read.
 const READ_SIZE: usize = 8 * 1024;
+/// Bytes asked of the primary per read while a response body streams.
+const BODY_READ: usize = 32 * 1024;
+/// A buffer that grew past this (a large head, a fast body) is let go once empty: an idle
+/// connection keeps little.
+const KEEP_CAPACITY: usize = 64 * 1024;
 /// A response whose head and body are this small is written to the client in one write.
 const ONE_WRITE: usize = 16 * 1024;
 
@@ -270,6 +275,9 @@ struct ResponseHead {
     framing: Framing,
     /// The primary keeps the connection open after it.
     keep_alive: bool,
+    /// The client connection closes after it: asked, or the body ends with the connection, or
+    /// the primary spoke HTTP/1.0 (whose version the client is told).
+    close: bool,
 }
 
 /// A response head this proxy will not pass on.
@@ -371,6 +379,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             self.buf.advance(head.len);
             let close = self.forward(&head, hooks).await;
             hooks.request_ended();
+            self.trim();
             match close {
                 // Asked to close (idle timeout, eviction, drain): after this response, as hyper.
                 Ok(false) if !head.close && !hooks.close().asked() => {}
@@ -385,6 +394,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 }
                 Err(()) => return Some(()),
             }
+        }
+    }
+
+    /// Lets go of buffers that grew large, once empty.
+    fn trim(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
+            self.buf = BytesMut::new();
+        }
+        if self.ubuf.is_empty() && self.ubuf.capacity() > KEEP_CAPACITY {
+            self.ubuf = BytesMut::new();
         }
     }
 
@@ -444,15 +463,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
     /// one closed first. `Ok`: whether the client connection must close after the response;
     /// `Err`: it is cut now.
     async fn forward<H: Hooks>(&mut self, head: &Head, hooks: &H) -> Result<bool, ()> {
-        let close_after = head.close || hooks.draining();
         let mut attempt = 1;
         loop {
-            let failure = match self.exchange(head, close_after).await {
+            let failure = match self.exchange(head, hooks).await {
                 Ok(close) => return Ok(close),
                 Err(failure) => failure,
             };
             self.upstream = None;
             self.ubuf.clear();
+            let close_after = head.close || hooks.draining() || hooks.close().asked();
             match failure {
                 Failure::ClientAborted => {
                     self.proxy.accounting.client_aborts.increment(1);
@@ -504,7 +523,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
 
     /// One attempt: the head to the primary, its response back to the client. `Ok`: whether the
     /// client connection closes after it.
-    async fn exchange(&mut self, head: &Head, close_after: bool) -> Result<bool, Failure> {
+    async fn exchange<H: Hooks>(&mut self, head: &Head, hooks: &H) -> Result<bool, Failure> {
         let limits = self.proxy.limits;
         let mut up = self
             .upstream()
@@ -524,7 +543,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 &self.ubuf,
                 head.head_only,
                 limits.max_header_lines,
-                close_after,
+                // Decided as the head is written: a drain or a close asked meanwhile counts.
+                head.close || hooks.draining() || hooks.close().asked(),
                 &mut self.resp,
             ) {
                 Ok(Some(r)) if (100..200).contains(&r.status) => {
@@ -571,7 +591,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             .accounting
             .primary_answered(status, sent_at.elapsed());
         self.ubuf.advance(response.len);
-        let close = close_after || response.framing == Framing::Close;
+        let close = response.close;
         let clean = self.pass_body(&mut up, response.framing).await?;
         self.io.flush().await.map_err(|_| Failure::ClientGone)?;
         if response.keep_alive && clean && response.framing != Framing::Close {
@@ -654,7 +674,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                         .await
                         .map_err(|_| Failure::ClientGone)?;
                     self.ubuf.clear();
-                    self.ubuf.reserve(READ_SIZE);
+                    self.ubuf.reserve(BODY_READ);
                     self.io.flush().await.map_err(|_| Failure::ClientGone)?;
                     match up.io.read_buf(&mut self.ubuf).await {
                         Ok(0) => return Ok(false),
@@ -680,7 +700,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
 
     /// More of the response body; the primary closing before its end is a failure.
     async fn read_upstream(&mut self, up: &mut Upstream) -> Result<(), Failure> {
-        self.ubuf.reserve(READ_SIZE);
+        self.ubuf.reserve(BODY_READ);
         match up.io.read_buf(&mut self.ubuf).await {
             Ok(0) | Err(_) => Err(Failure::MidResponse),
             Ok(_) => Ok(()),
@@ -1030,7 +1050,14 @@ fn response_head(
         }
     };
     out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
+    // The status line's version is the lower of the client's (1.1) and the primary's, as
+    // hyper writes it; an HTTP/1.0 answer is the connection's last.
+    let close = close_client || framing == Framing::Close || version == 0;
+    out.extend_from_slice(if version == 0 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
     out.extend_from_slice(status.to_string().as_bytes());
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
@@ -1049,7 +1076,7 @@ fn response_head(
             write_field(out, name, f.value);
         }
     }
-    if close_client || framing == Framing::Close {
+    if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -1058,6 +1085,7 @@ fn response_head(
         status,
         framing,
         keep_alive,
+        close,
     })
 }
 
@@ -1212,8 +1240,14 @@ mod tests {
         );
         let (r, out) = response("HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n", false);
         let r = r.expect("valid").expect("complete");
-        assert_eq!((r.framing, r.keep_alive), (Framing::Length(3), false));
-        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!(
+            (r.framing, r.keep_alive, r.close),
+            (Framing::Length(3), false, true)
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.0 200 OK\r\nContent-Length: 3\r\nconnection: close\r\n\r\n"
+        );
         let (r, out) = response("HTTP/1.1 200 OK\r\nServer: x\r\n\r\n", false);
         assert_eq!(r.expect("valid").expect("complete").framing, Framing::Close);
         assert!(out.ends_with("connection: close\r\n\r\n"), "{out}");
