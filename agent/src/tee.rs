@@ -12,6 +12,7 @@
 //! they stream, and the finished frame is what the uplink sends, the spool and the archive store.
 //! The copy holds nothing of hyper's buffers: a queued copy costs what `queue_bytes` counts.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -103,11 +104,33 @@ impl Tee {
         version: Version,
         headers: &HeaderMap,
     ) -> Option<Admitted> {
+        self.admit_head(method, uri, version, Cow::Borrowed(headers))
+    }
+
+    /// [`Tee::admit`] for a head made for the copy alone: a sampled copy takes it as it is, no
+    /// clone made.
+    pub fn admit_owned(
+        self: &Arc<Self>,
+        method: &Method,
+        uri: &Uri,
+        version: Version,
+        headers: HeaderMap,
+    ) -> Option<Admitted> {
+        self.admit_head(method, uri, version, Cow::Owned(headers))
+    }
+
+    fn admit_head(
+        self: &Arc<Self>,
+        method: &Method,
+        uri: &Uri,
+        version: Version,
+        headers: Cow<'_, HeaderMap>,
+    ) -> Option<Admitted> {
         self.accounting.requests.increment(1);
         // A guard for the decision (no reference count touched); an owned `Arc` only for the
         // sampled requests whose copy keeps the policy it was admitted under.
         let policy = self.policy.load();
-        let Some(chosen) = policy.decide(method, uri, headers, || fastrand::u64(..)) else {
+        let Some(chosen) = policy.decide(method, uri, &headers, || fastrand::u64(..)) else {
             self.accounting.not_sampled.increment(1);
             return None;
         };
@@ -131,9 +154,6 @@ impl Tee {
             extra: Bytes::new(),
         };
         let policy = arc_swap::Guard::into_inner(policy);
-        let mut copy_headers = headers.clone();
-        let uri = policy.redaction.apply(&mut copy_headers, uri);
-        let max_body_bytes = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
         // Room for the body as announced (no more than is kept, and no more than a client that
         // announces much and sends little could make the agent set aside up front): such a
         // body is copied once, into a buffer of its size.
@@ -142,6 +162,9 @@ impl Tee {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(0);
+        let mut copy_headers = headers.into_owned();
+        let uri = policy.redaction.apply(&mut copy_headers, uri);
+        let max_body_bytes = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
         let frame = RequestFrame::new(
             &meta,
             method,

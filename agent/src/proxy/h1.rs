@@ -442,14 +442,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
         let mut req = httparse::Request::new(&mut slots);
         match req.parse(&self.buf) {
-            Ok(httparse::Status::Complete(len)) => prepare(proxy, peer, &req, len, &mut self.req),
+            Ok(httparse::Status::Complete(len)) => {
+                prepare(proxy, peer, &self.buf, &req, len, &mut self.req)
+            }
             Ok(httparse::Status::Partial) => Parsed::Partial,
             Err(httparse::Error::TooManyHeaders) if max_lines > STACK_HEADERS => {
                 let mut slots = vec![httparse::EMPTY_HEADER; max_lines];
                 let mut req = httparse::Request::new(&mut slots);
                 match req.parse(&self.buf) {
                     Ok(httparse::Status::Complete(len)) => {
-                        prepare(proxy, peer, &req, len, &mut self.req)
+                        prepare(proxy, peer, &self.buf, &req, len, &mut self.req)
                     }
                     Ok(httparse::Status::Partial) => Parsed::Partial,
                     Err(_) => Parsed::Other,
@@ -734,6 +736,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
 fn prepare(
     proxy: &Proxy,
     peer: &Peer,
+    buf: &[u8],
     req: &httparse::Request<'_, '_>,
     len: usize,
     out: &mut Vec<u8>,
@@ -754,12 +757,23 @@ fn prepare(
     };
     let tee = &proxy.tee;
     if !tee.pass_over_if_off() {
-        let (Ok(method), Ok(uri)) = (Method::from_bytes(method.as_bytes()), Uri::try_from(target))
-        else {
+        // The copy's target and values share one copy of the head.
+        let head = Bytes::copy_from_slice(&buf[..len]);
+        let part = |s: &[u8]| {
+            let at = (s.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+            match at.checked_add(s.len()) {
+                Some(end) if end <= head.len() => head.slice(at..end),
+                _ => Bytes::copy_from_slice(s),
+            }
+        };
+        let (Ok(method), Ok(uri)) = (
+            Method::from_bytes(method.as_bytes()),
+            Uri::from_maybe_shared(part(target.as_bytes())),
+        ) else {
             return Parsed::Other;
         };
-        let headers = copy_headers(peer, req.headers);
-        if let Some(copy) = tee.admit(&method, &uri, Version::HTTP_11, &headers) {
+        let headers = copy_headers(peer, req.headers, part);
+        if let Some(copy) = tee.admit_owned(&method, &uri, Version::HTTP_11, headers) {
             tee.complete(copy);
         }
     }
@@ -776,12 +790,17 @@ fn prepare(
 }
 
 /// The head as the copy sees it: what [`Proxy::handle`] makes of the client's fields.
-fn copy_headers(peer: &Peer, fields: &[httparse::Header<'_>]) -> HeaderMap {
+/// `part` gives a field value's bytes.
+fn copy_headers(
+    peer: &Peer,
+    fields: &[httparse::Header<'_>],
+    part: impl Fn(&[u8]) -> Bytes,
+) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(fields.len() + 2);
     for f in fields {
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(f.name.as_bytes()),
-            HeaderValue::from_bytes(f.value),
+            HeaderValue::from_maybe_shared(part(f.value)),
         ) {
             headers.append(name, value);
         }
@@ -1307,7 +1326,7 @@ mod tests {
                 let (text, sent) = written(&peer, fields);
                 assert_eq!(
                     sent,
-                    copy_headers(&peer, fields),
+                    copy_headers(&peer, fields, Bytes::copy_from_slice),
                     "tls {tls}: the same fields as the hyper path's, in:\n{text}"
                 );
             }
