@@ -846,15 +846,24 @@ async fn a_primary_response_over_the_header_line_limit_is_a_502_that_names_the_l
 }
 
 /// An HTTP/1.1 primary that answers every request with its method, target and body length
-/// (`POST /b 5`), reading `Content-Length` bodies; counts the connections it accepted.
-async fn echo_primary() -> (SocketAddr, Arc<AtomicU64>) {
+/// (`POST /b 5`), reading `Content-Length` bodies, with fields of one name interleaved with
+/// another's (`X-A`, `X-B`, `X-A`: hyper groups them, the agent's own HTTP/1 path keeps them as
+/// sent, which tells the two apart). A `HEAD` gets its head, then, in a later write, four bytes
+/// nobody asked for; `strays` hears of each. Counts the connections it accepted.
+async fn echo_primary() -> (
+    SocketAddr,
+    Arc<AtomicU64>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicU64::new(0));
     let count = accepted.clone();
+    let (strays_tx, strays) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::Relaxed);
+            let strays_tx = strays_tx.clone();
             tokio::spawn(async move {
                 let mut seen: Vec<u8> = Vec::new();
                 let mut buf = vec![0u8; 65536];
@@ -877,10 +886,21 @@ async fn echo_primary() -> (SocketAddr, Arc<AtomicU64>) {
                             head.lines().next().unwrap_or("").split(' ').collect();
                         let body = format!("{} {} {length}", line[0], line.get(1).unwrap_or(&""));
                         let answer = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            "HTTP/1.1 200 OK\r\nX-A: 1\r\nX-B: 2\r\nX-A: 3\r\nContent-Length: {}\r\n\r\n",
                             body.len()
                         );
-                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                        let sent = if line[0] == "HEAD" {
+                            stream.write_all(answer.as_bytes()).await.is_ok()
+                                && stream.flush().await.is_ok()
+                                && stream.write_all(b"junk").await.is_ok()
+                                && strays_tx.send(()).is_ok()
+                        } else {
+                            stream
+                                .write_all(format!("{answer}{body}").as_bytes())
+                                .await
+                                .is_ok()
+                        };
+                        if !sent {
                             return;
                         }
                         seen.drain(..end + 4 + length);
@@ -893,26 +913,32 @@ async fn echo_primary() -> (SocketAddr, Arc<AtomicU64>) {
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, strays)
 }
 
-/// The bodies of `n` HTTP/1.1 responses read from `stream` (each framed by `Content-Length`).
-async fn read_bodies(stream: &mut TcpStream, n: usize) -> Vec<String> {
+/// `n` HTTP/1.1 responses read from `stream` (each framed by `Content-Length`; `HEAD`s' without
+/// a body): each head and body.
+async fn read_answers(stream: &mut TcpStream, heads: &[bool]) -> Vec<(String, String)> {
     let mut got = Vec::new();
-    let mut bodies = Vec::new();
+    let mut answers = Vec::new();
     let mut buf = [0u8; 8192];
     let deadline = tokio::time::Instant::now() + LIMIT;
-    while bodies.len() < n {
+    while answers.len() < heads.len() {
         if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
+            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+            let length: usize = if heads[answers.len()] {
+                0
+            } else {
+                head.to_ascii_lowercase()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:").map(str::to_owned))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0)
+            };
             if got.len() >= end + 4 + length {
-                assert!(head.starts_with("http/1.1 200"), "{head}");
-                bodies.push(String::from_utf8_lossy(&got[end + 4..end + 4 + length]).into_owned());
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                let body = String::from_utf8_lossy(&got[end + 4..end + 4 + length]).into_owned();
+                answers.push((head, body));
                 got.drain(..end + 4 + length);
                 continue;
             }
@@ -923,47 +949,165 @@ async fn read_bodies(stream: &mut TcpStream, n: usize) -> Vec<String> {
             .expect("read");
         assert!(
             read > 0,
-            "closed after {} responses: {bodies:?}",
-            bodies.len()
+            "closed after {} responses: {answers:?}",
+            answers.len()
         );
         got.extend_from_slice(&buf[..read]);
     }
-    bodies
+    assert!(got.is_empty(), "nothing after the answers: {got:?}");
+    answers
 }
 
-/// Plain requests are forwarded by the agent's own HTTP/1.1 path, others by hyper: a connection
-/// that mixes them, pipelined or one at a time, gets every answer in order, and each request is
-/// counted once.
+/// Which path answered: the agent's HTTP/1 path keeps interleaved fields as sent, hyper groups
+/// them by name.
+fn path_of(head: &str) -> &'static str {
+    if head.contains("X-A: 1\r\nX-B: 2\r\nX-A: 3") {
+        "h1"
+    } else if head.contains("X-A: 1\r\nX-A: 3\r\nX-B: 2") {
+        "hyper"
+    } else {
+        "neither"
+    }
+}
+
+/// Plain requests are forwarded by the agent's own HTTP/1 path, others by hyper: a connection
+/// that mixes them, pipelined or one at a time, gets every answer in order from the path the
+/// README names, and each request is counted once, sampled or not.
 #[tokio::test]
 async fn one_connection_mixes_plain_requests_and_requests_with_bodies() {
-    let (primary, _) = echo_primary().await;
-    let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(primary))).await;
     let requests = [
         "GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
         "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
         "GET /c HTTP/1.1\r\nHost: x\r\n\r\n",
     ];
-    let expected = ["GET /a 0", "POST /b 5", "GET /c 0"];
-    // Pipelined: the request with a body is already read when hyper takes the connection.
+    let bodies = ["GET /a 0", "POST /b 5", "GET /c 0"];
+    // The first request by the HTTP/1 path; from the one with a body on, hyper.
+    let paths = ["h1", "hyper", "hyper"];
+    for percentage in [0.0, 100.0] {
+        let (primary, _, _) = echo_primary().await;
+        let stack =
+            Stack::start_with(percentage, |c| c.primary = Some(loopback_target(primary))).await;
+        // Pipelined: the request with a body is already read when hyper takes the connection.
+        let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+        s.write_all(requests.concat().as_bytes())
+            .await
+            .expect("write");
+        let answers = read_answers(&mut s, &[false; 3]).await;
+        let got: Vec<(&str, &str)> = answers
+            .iter()
+            .map(|(h, b)| (path_of(h), b.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            paths.into_iter().zip(bodies).collect::<Vec<_>>(),
+            "pipelined"
+        );
+        // One at a time, on a new connection.
+        let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+        for ((request, body), path) in requests.iter().zip(bodies).zip(paths) {
+            s.write_all(request.as_bytes()).await.expect("write");
+            let answers = read_answers(&mut s, &[false]).await;
+            assert_eq!(
+                (path_of(&answers[0].0), answers[0].1.as_str()),
+                (path, body)
+            );
+        }
+        let m = settle(
+            || stack.agent_metrics(),
+            |m| agent_settled(m) && m.get(am::REQUESTS_TOTAL) >= 6.0,
+        )
+        .await;
+        assert_agent_identity(&m);
+        assert_eq!(m.get(am::REQUESTS_TOTAL), 6.0, "each request counted once");
+        let copied = if percentage > 0.0 { 6.0 } else { 0.0 };
+        assert_eq!(m.get(am::MIRRORED_TOTAL), copied, "{percentage}%");
+        assert_eq!(m.get(am::NOT_SAMPLED_TOTAL), 6.0 - copied, "{percentage}%");
+        assert_eq!(m.get(am::PRIMARY_ERRORS_TOTAL), 0.0);
+        stack.stop().await;
+    }
+}
+
+/// A client may send its requests and close its side at once (`printf ... | nc`): every one of
+/// them is answered before the agent closes.
+#[tokio::test]
+async fn pipelined_requests_before_a_half_close_are_all_answered() {
+    let (primary, _, _) = echo_primary().await;
+    let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(primary))).await;
     let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
-    s.write_all(requests.concat().as_bytes())
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("write");
-    assert_eq!(read_bodies(&mut s, 3).await, expected);
-    // One at a time, on a new connection.
+    s.shutdown().await.expect("half-close");
+    let (answer, closed) = read_to_close(&mut s).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(closed, "the agent closes once it answered");
+    assert!(
+        answer.contains("\r\n\r\nGET /a 0HTTP/1.1 200 OK\r\n"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\nGET /b 0"), "{answer}");
+    let m = stack.agent_metrics();
+    assert_eq!(m.get(am::CLIENT_ABORTS_TOTAL), 0.0, "not an abort");
+    stack.stop().await;
+}
+
+/// A primary that sends bytes after a response's end (here a body on a `HEAD` answer) leaves
+/// its connection unusable: the next request, whoever sends it, goes on another connection and
+/// gets its own answer, never the stray bytes.
+#[tokio::test]
+async fn bytes_a_primary_sends_after_a_response_never_answer_the_next_request() {
+    let (primary, accepted, mut strays) = echo_primary().await;
+    let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(primary))).await;
     let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
-    for (request, answer) in requests.iter().zip(expected) {
-        s.write_all(request.as_bytes()).await.expect("write");
-        assert_eq!(read_bodies(&mut s, 1).await, [answer]);
+    s.write_all(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let answers = read_answers(&mut s, &[true]).await;
+    assert_eq!(answers[0].1, "");
+    tokio::time::timeout(LIMIT, strays.recv())
+        .await
+        .expect("the stray bytes were sent in time");
+    for i in 0..3 {
+        s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let answers = read_answers(&mut s, &[false]).await;
+        assert_eq!(answers[0].1, format!("GET /{i} 0"));
     }
-    let m = settle(
-        || stack.agent_metrics(),
-        |m| m.get(am::REQUESTS_TOTAL) >= 6.0,
-    )
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        2,
+        "the connection with stray bytes was let go, the next one kept"
+    );
+    assert_eq!(stack.agent_metrics().get(am::PRIMARY_ERRORS_TOTAL), 0.0);
+    stack.stop().await;
+}
+
+/// A primary whose `Connection` names its framing fields still has its answer framed by them:
+/// the client gets `Content-Length` and the connection goes on.
+#[tokio::test]
+async fn connection_never_takes_a_response_framing_away() {
+    let primary = raw_primary(|_| {
+        Some(
+            b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\nhello"
+                .to_vec(),
+        )
+    })
     .await;
-    assert_eq!(m.get(am::REQUESTS_TOTAL), 6.0, "each request counted once");
-    assert_eq!(m.get(am::NOT_SAMPLED_TOTAL), 6.0);
-    assert_eq!(m.get(am::PRIMARY_ERRORS_TOTAL), 0.0);
+    let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(primary))).await;
+    let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let answers = read_answers(&mut s, &[false]).await;
+        assert!(
+            answers[0].0.contains("Content-Length: 5"),
+            "{:?}",
+            answers[0]
+        );
+        assert_eq!(answers[0].1, "hello");
+    }
     stack.stop().await;
 }
 
@@ -971,7 +1115,7 @@ async fn one_connection_mixes_plain_requests_and_requests_with_bodies() {
 /// connection each: the agent keeps its connection to the primary for the next client.
 #[tokio::test]
 async fn clients_that_reconnect_per_request_reuse_one_primary_connection() {
-    let (primary, accepted) = echo_primary().await;
+    let (primary, accepted, _) = echo_primary().await;
     let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(primary))).await;
     for i in 0..5 {
         let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");

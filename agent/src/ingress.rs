@@ -517,6 +517,11 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .auto_date_header(false)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    // A connection the HTTP/1 forwarder served requests on stays HTTP/1 when hyper takes it.
+    let builders = Arc::new(Builders {
+        http1_only: builder.clone().http1_only(),
+        auto: builder,
+    });
     let cap = effective_cap(limits.max_connections);
     let conns = Arc::new(Open::default());
     let tracker = TaskTracker::new();
@@ -607,7 +612,7 @@ pub async fn serve(
             cut: cut.clone(),
         };
         let acceptor = acceptor.clone();
-        let builder = builder.clone();
+        let builders = builders.clone();
         let conns = conns.clone();
         let metrics = metrics.clone();
         tracker.spawn(
@@ -615,7 +620,7 @@ pub async fn serve(
                 // Leaves the registry however the task ends (a panic included).
                 let _slot = Slot { conns, id, metrics };
                 match acceptor {
-                    None => task.run(&builder, stream).await,
+                    None => task.run(&builders, stream).await,
                     Some(acceptor) => {
                         let handshake =
                             tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
@@ -623,7 +628,7 @@ pub async fn serve(
                         let metrics = task.metrics.clone();
                         tokio::select! {
                             done = handshake => match done {
-                                Ok(Ok(stream)) => task.run(&builder, stream).await,
+                                Ok(Ok(stream)) => task.run(&builders, stream).await,
                                 Ok(Err(e)) => tracing::debug!(error = %e, "client TLS handshake failed"),
                                 Err(_) => tracing::debug!("client TLS handshake timed out"),
                             },
@@ -652,6 +657,13 @@ pub async fn serve(
         cut.cancel();
         tracker.wait().await;
     }
+}
+
+/// hyper's servers: HTTP/1 or HTTP/2 as the client speaks, or HTTP/1 only (a connection the
+/// HTTP/1 forwarder served requests on, which cannot turn HTTP/2 halfway).
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    http1_only: auto::Builder<TokioExecutor>,
 }
 
 /// A connection's place in the registry and the gauge, given back on drop.
@@ -684,7 +696,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run<IO>(self, builder: &auto::Builder<TokioExecutor>, io: IO)
+    async fn run<IO>(self, builders: &Builders, io: IO)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -714,6 +726,7 @@ impl Connection {
             io,
             conn: conn.clone(),
         };
+        let mut seen = Seen::default();
         // Plain HTTP/1.1 requests are forwarded without hyper until one is not: hyper then
         // serves the rest of the connection.
         let io = match front.h1_proxy() {
@@ -724,7 +737,7 @@ impl Connection {
                 };
                 let forwarder = h1::serve(proxy, io, &client, &hooks);
                 let served = pin!(graceful(forwarder, |_| conn.close.ask()));
-                match watchdog.run(served).await {
+                match watchdog.run(served, &mut seen).await {
                     Some(Ended::Handoff(io)) => io,
                     Some(Ended::Closed) | None => return,
                 }
@@ -753,11 +766,16 @@ impl Connection {
                 }
             })
         };
+        let builder = if conn.served.load(Ordering::Relaxed) > 0 {
+            &builders.http1_only
+        } else {
+            &builders.auto
+        };
         let served = pin!(graceful(
             builder.serve_connection_with_upgrades(TokioIo::new(io), service),
             |served| served.graceful_shutdown(),
         ));
-        if let Some(Err(e)) = watchdog.run(served).await {
+        if let Some(Err(e)) = watchdog.run(served, &mut seen).await {
             match Refused::of(e.as_ref()) {
                 Some(why) => metrics.refused(why, peer),
                 None => tracing::debug!(error = %e, "client connection ended with an error"),
@@ -819,6 +837,16 @@ impl<F: Future, G: FnMut(Pin<&mut F>)> Graceful<F, G> {
     }
 }
 
+/// What a connection's watchdog has acted on, carried from the HTTP/1 forwarder to hyper when
+/// one hands the connection to the other.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Asked to close gracefully, and cut if still open at this time.
+    closing: Option<Instant>,
+    drain: bool,
+    stop: bool,
+}
+
 /// Times a connection's heads and idle periods, and closes it on eviction, drain and shutdown.
 struct Watchdog<'a> {
     conn: &'a Conn,
@@ -832,9 +860,11 @@ struct Watchdog<'a> {
 
 impl Watchdog<'_> {
     /// Drives `served` to its end (`Some`), or until the connection is to be dropped (`None`).
+    /// `seen` carries what was already acted on from one server of the connection to the next.
     async fn run<F: Future, G: FnMut(Pin<&mut F>)>(
         &self,
         mut served: Pin<&mut Graceful<F, G>>,
+        seen: &mut Seen,
     ) -> Option<F::Output> {
         let Watchdog {
             conn,
@@ -845,12 +875,16 @@ impl Watchdog<'_> {
             stop,
             cut,
         } = self;
-        let mut closing: Option<Instant> = None;
-        let mut drain_seen = false;
-        let mut stop_seen = false;
+        let Seen {
+            closing,
+            drain: drain_seen,
+            stop: stop_seen,
+        } = seen;
         loop {
             let wake = match conn.check(limits) {
                 Verdict::Later(at) => closing
+                    .as_ref()
+                    .copied()
                     .filter(|c| *c > Instant::now())
                     .map_or(at, |c| c.min(at)),
                 Verdict::HeaderTimeout => {
@@ -864,7 +898,7 @@ impl Watchdog<'_> {
                     metrics.closed(Closed::IdleTimeout);
                     served.as_mut().graceful_shutdown();
                     let at = Instant::now() + CLOSE_GRACE;
-                    closing = Some(at);
+                    *closing = Some(at);
                     at
                 }
                 Verdict::Idle => closing.unwrap_or_else(Instant::now),
@@ -890,16 +924,16 @@ impl Watchdog<'_> {
                         closing.get_or_insert(Instant::now() + CLOSE_GRACE);
                     }
                 }
-                () = drain.cancelled(), if !drain_seen => {
-                    drain_seen = true;
+                () = drain.cancelled(), if !*drain_seen => {
+                    *drain_seen = true;
                     // HTTP/2 gets GOAWAY now; an HTTP/1 request in flight gets `Connection:
                     // close`; an idle HTTP/1 connection is left for its next response to close.
                     if conn.http2.load(Ordering::Relaxed) || !conn.is_idle() {
                         served.as_mut().graceful_shutdown();
                     }
                 }
-                () = stop.cancelled(), if !stop_seen => {
-                    stop_seen = true;
+                () = stop.cancelled(), if !*stop_seen => {
+                    *stop_seen = true;
                     if conn.served.load(Ordering::Relaxed) == 0 && conn.is_idle() {
                         metrics.closed(Closed::Shutdown);
                         return None;

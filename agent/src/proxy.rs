@@ -59,7 +59,7 @@ pub struct Proxy {
     http1: PrimaryClient,
     /// What [`h1`] dials the primary with, and its idle connections.
     connector_h1: UpstreamConnector,
-    idle: h1::Idle,
+    idle: Arc<h1::Idle>,
     http2: PrimaryClient,
     primary_authority: Authority,
     /// The primary's authority as a Host value (HTTP/1.0 requests without a Host get it).
@@ -116,7 +116,7 @@ impl Proxy {
             tee,
             http1: client(false),
             connector_h1: connector.for_version(false),
-            idle: h1::Idle::default(),
+            idle: Arc::default(),
             http2: client(true),
             primary_scheme: if connector.is_tls() {
                 Scheme::HTTPS

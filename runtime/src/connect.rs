@@ -67,6 +67,24 @@ pub enum UpstreamStream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+impl UpstreamStream {
+    /// Whether the connection is open with nothing to read: what a pooled connection must be
+    /// before it carries a request. A peek at the socket, which always asks the kernel (a read
+    /// through tokio would trust readiness it may not have heard of yet): a close, or bytes
+    /// nobody asked for (TLS included), make it `false`.
+    pub fn is_quiet(&self) -> bool {
+        let tcp = match self {
+            UpstreamStream::Plain(tcp) => tcp,
+            UpstreamStream::Tls(tls) => tls.get_ref().0,
+        };
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(
+            socket2::SockRef::from(tcp).peek(&mut probe),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+}
+
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
         match self {

@@ -17,22 +17,23 @@
 //! it as it always did). The request is handed over whole, before anything of it was counted or
 //! sent, so each request is handled by exactly one of the two.
 //!
-//! The upstream connection is the client connection's while requests come; one idle for
-//! [`UPSTREAM_KEEP`] goes back to the proxy's shared idle set ([`Idle`]), where the next client
-//! connection takes it: a lock per connection, not per request. A connection taken after being
-//! idle is checked for a close first, and a request whose reused connection closed before any
-//! response is sent again on a new one if its method is idempotent, as the hyper path does.
+//! Upstream connections are pooled per request, like hyper's: taken from the proxy's idle set
+//! ([`Idle`]) for a request and given back when its response ended cleanly, so the primary sees
+//! as many connections as there are requests in flight, not as many as there are clients. A
+//! connection is checked for a close or stray bytes each time it is taken (a read that does not
+//! wait), idle ones are closed after [`PRIMARY_POOL_IDLE`], and a request whose reused
+//! connection closed before any response byte is sent again on a new one if its method is
+//! idempotent, as the hyper path does.
 
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
@@ -45,11 +46,13 @@ use super::{Proxy, PRIMARY_POOL_IDLE};
 use crate::downstream::Peer;
 use crate::retry::MAX_ATTEMPTS;
 
-/// How long a client connection keeps its upstream connection while it sends nothing; then the
-/// upstream connection goes to the shared idle set.
-const UPSTREAM_KEEP: Duration = Duration::from_secs(1);
-/// An upstream connection idle this long is checked for a close before it is used again.
-const CHECK_AFTER: Duration = Duration::from_millis(500);
+/// How often idle upstream connections past [`PRIMARY_POOL_IDLE`], or closed by the primary,
+/// are let go while no request comes to do it.
+const REAP_EVERY: Duration = Duration::from_secs(5);
+/// Longest request target forwarded; hyper answers longer ones 414.
+const MAX_TARGET: usize = 65_534;
+/// Longest chunk extension or trailer section passed on (hyper's limits too).
+const MAX_CHUNK_LINE: usize = 16 * 1024;
 /// Most idle upstream connections kept for other client connections.
 const IDLE_MAX: usize = 1024;
 /// Header lines parsed without a heap allocation; heads with more are parsed again, up to the
@@ -172,6 +175,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
 #[derive(Debug, Default)]
 pub(super) struct Idle {
     conns: Mutex<VecDeque<Upstream>>,
+    /// The task that lets go of expired connections runs (started with the first one kept).
+    reaping: AtomicBool,
 }
 
 impl Idle {
@@ -179,7 +184,7 @@ impl Idle {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used idle connection still open, if any.
+    /// The most recently used idle connection still open and quiet, if any.
     fn take(&self) -> Option<Upstream> {
         loop {
             let mut up = self.lock().pop_back()?;
@@ -189,22 +194,34 @@ impl Idle {
         }
     }
 
-    fn put(&self, up: Upstream) {
-        let expired = {
+    /// Keeps `up` for the next request; the oldest go beyond [`IDLE_MAX`].
+    fn put(self: &Arc<Self>, mut up: Upstream) {
+        up.last_used = Instant::now();
+        let over = {
             let mut conns = self.lock();
             conns.push_back(up);
-            let mut expired = Vec::new();
-            while conns.len() > IDLE_MAX
-                || conns
-                    .front()
-                    .is_some_and(|c| c.last_used.elapsed() >= PRIMARY_POOL_IDLE)
-            {
-                expired.extend(conns.pop_front());
-            }
-            expired
+            (conns.len() > IDLE_MAX).then(|| conns.pop_front())
         };
         // Closed outside the lock.
-        drop(expired);
+        drop(over);
+        if !self.reaping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(self)));
+        }
+    }
+
+    /// Lets go of connections idle past [`PRIMARY_POOL_IDLE`] or closed by the primary (their
+    /// sockets would otherwise wait in CLOSE_WAIT for the next request).
+    fn expire(&self) {
+        self.lock().retain_mut(Upstream::usable);
+    }
+}
+
+/// Expires `idle`'s connections every [`REAP_EVERY`] while its proxy lives.
+async fn reap(idle: std::sync::Weak<Idle>) {
+    loop {
+        tokio::time::sleep(REAP_EVERY).await;
+        let Some(idle) = idle.upgrade() else { return };
+        idle.expire();
     }
 }
 
@@ -219,19 +236,10 @@ struct Upstream {
 }
 
 impl Upstream {
-    /// Whether it may carry a request: not idle past the pool's timeout, and (idle a while) not
-    /// closed by the primary meanwhile, which a read that does not wait tells.
+    /// Whether it may carry a request: not idle past the pool's timeout, and not closed by the
+    /// primary, nor sent bytes nobody asked for, since its last response.
     fn usable(&mut self) -> bool {
-        let idle = self.last_used.elapsed();
-        if idle >= PRIMARY_POOL_IDLE {
-            return false;
-        }
-        if idle < CHECK_AFTER {
-            return true;
-        }
-        let mut probe = [0u8; 1];
-        // Pending: open and quiet. Anything read (a close, bytes nobody asked for): unusable.
-        self.io.read(&mut probe).now_or_never().is_none()
+        self.last_used.elapsed() < PRIMARY_POOL_IDLE && self.io.is_quiet()
     }
 }
 
@@ -311,13 +319,14 @@ struct Conn<'a, IO> {
     io: IO,
     /// Bytes read from the client, not yet forwarded.
     buf: BytesMut,
+    /// The client closed its side (after pipelining what `buf` holds): nothing more to read.
+    client_eof: bool,
     /// The request head for the primary (kept until answered: a retry sends it again).
     req: Vec<u8>,
     /// The response head for the client, and small bodies with it.
     resp: Vec<u8>,
     /// Bytes read from the primary.
     ubuf: BytesMut,
-    upstream: Option<Upstream>,
 }
 
 /// Serves `io` (a client connection on the proxy's `listen`) for as long as its requests are
@@ -332,16 +341,12 @@ where
         peer,
         io,
         buf: BytesMut::with_capacity(READ_SIZE),
+        client_eof: false,
         req: Vec::with_capacity(1024),
         resp: Vec::with_capacity(1024),
         ubuf: BytesMut::new(),
-        upstream: None,
     };
-    let ended = conn.run(hooks).await;
-    if let Some(up) = conn.upstream.take() {
-        proxy.idle.put(up);
-    }
-    match ended {
+    match conn.run(hooks).await {
         Some(()) => Ended::Closed,
         None => Ended::Handoff(Rewind {
             prefix: conn.buf.freeze(),
@@ -357,6 +362,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             let head = loop {
                 match self.parse_request() {
                     Parsed::Request(head) => break head,
+                    // Asked to close: the next request is not begun by anyone (hyper, told to
+                    // close before it read a request, would not answer it either).
+                    Parsed::Other if hooks.close().asked() => return Some(()),
                     Parsed::Other => return None,
                     Parsed::Partial => {}
                 }
@@ -367,9 +375,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 if self.buf.is_empty() && hooks.close().asked() {
                     return Some(());
                 }
+                if self.client_eof {
+                    // A head cut short: hyper ends it as it would have.
+                    return if self.buf.is_empty() { Some(()) } else { None };
+                }
                 match self.read_client(hooks).await {
                     Ok(0) if self.buf.is_empty() => return Some(()),
-                    // A head cut short: hyper ends it as it would have.
                     Ok(0) => return None,
                     Ok(_) => {}
                     Err(_) => return Some(()),
@@ -384,11 +395,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 // Asked to close (idle timeout, eviction, drain): after this response, as hyper.
                 Ok(false) if !head.close && !hooks.close().asked() => {}
                 Ok(_) => {
-                    // The upstream connection is free before the client hears the close: a
-                    // client that reconnects at once finds it in the idle set.
-                    if let Some(up) = self.upstream.take() {
-                        self.proxy.idle.put(up);
-                    }
                     let _ = self.io.shutdown().await;
                     return Some(());
                 }
@@ -405,17 +411,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         if self.ubuf.is_empty() && self.ubuf.capacity() > KEEP_CAPACITY {
             self.ubuf = BytesMut::new();
         }
+        for v in [&mut self.req, &mut self.resp] {
+            if v.capacity() > KEEP_CAPACITY {
+                *v = Vec::new();
+            }
+        }
     }
 
-    /// Reads more of the client's next request; gives the upstream connection back to the idle
-    /// set once the client has been quiet for [`UPSTREAM_KEEP`]. `Ok(0)`: closed, or asked to
-    /// close while waiting for a head that has not begun.
+    /// Reads more of the client's next request. `Ok(0)`: closed, or asked to close while
+    /// waiting for a head that has not begun.
     async fn read_client<H: Hooks>(&mut self, hooks: &H) -> io::Result<usize> {
         self.buf.reserve(READ_SIZE);
         let waiting_for_head = self.buf.is_empty();
         let close = hooks.close();
-        let keep = tokio::time::sleep(UPSTREAM_KEEP);
-        tokio::pin!(keep);
         loop {
             tokio::select! {
                 biased;
@@ -425,12 +433,27 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                         return Ok(0);
                     }
                 }
-                () = &mut keep, if self.upstream.is_some() => {
-                    if let Some(up) = self.upstream.take() {
-                        self.proxy.idle.put(up);
-                    }
-                }
             }
+        }
+    }
+
+    /// Whether to read the client while its request is at the primary: its next requests
+    /// (pipelined, up to a head's worth), or its going away.
+    fn watch_client(&self) -> bool {
+        !self.client_eof && self.buf.len() < self.proxy.limits.max_header_bytes
+    }
+
+    /// What a read of the client while a request is in flight found: `Err` when the client went
+    /// away with nothing more to answer (a close with pipelined requests left is a half-close:
+    /// they are answered, as hyper answers them).
+    fn client_read(&mut self, read: io::Result<usize>) -> Result<(), ()> {
+        match read {
+            Ok(0) if !self.buf.is_empty() => {
+                self.client_eof = true;
+                Ok(())
+            }
+            Ok(0) | Err(_) => Err(()),
+            Ok(_) => Ok(()),
         }
     }
 
@@ -462,8 +485,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
     }
 
     /// Forwards the request whose head is in `req`, retrying on a new connection when a reused
-    /// one closed first. `Ok`: whether the client connection must close after the response;
-    /// `Err`: it is cut now.
+    /// one closed before any response byte. `Ok`: whether the client connection must close
+    /// after the response; `Err`: it is cut now.
     async fn forward<H: Hooks>(&mut self, head: &Head, hooks: &H) -> Result<bool, ()> {
         let mut attempt = 1;
         loop {
@@ -471,15 +494,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 Ok(close) => return Ok(close),
                 Err(failure) => failure,
             };
-            self.upstream = None;
             self.ubuf.clear();
             let close_after = head.close || hooks.draining() || hooks.close().asked();
             match failure {
-                Failure::ClientAborted => {
-                    self.proxy.accounting.client_aborts.increment(1);
-                    return Err(());
+                Failure::ClientAborted | Failure::ClientGone | Failure::MidResponse => {
+                    return Err(())
                 }
-                Failure::ClientGone | Failure::MidResponse => return Err(()),
                 Failure::BeforeHead(e, reused) => {
                     if reused && head.idempotent && attempt < MAX_ATTEMPTS {
                         attempt += 1;
@@ -504,14 +524,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         }
     }
 
-    /// An upstream connection for the next request: the one held, one from the idle set, or a
-    /// new one.
-    async fn upstream(&mut self) -> io::Result<Upstream> {
-        if let Some(mut up) = self.upstream.take() {
-            if up.usable() {
-                return Ok(up);
-            }
-        }
+    /// An upstream connection for a request: an idle one, or a new one.
+    async fn upstream(&self) -> io::Result<Upstream> {
         if let Some(up) = self.proxy.idle.take() {
             return Ok(up);
         }
@@ -526,19 +540,31 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
     /// One attempt: the head to the primary, its response back to the client. `Ok`: whether the
     /// client connection closes after it.
     async fn exchange<H: Hooks>(&mut self, head: &Head, hooks: &H) -> Result<bool, Failure> {
-        let limits = self.proxy.limits;
-        let mut up = self
-            .upstream()
-            .await
-            .map_err(|e| Failure::BeforeHead(e, false))?;
+        let proxy = self.proxy;
+        let limits = proxy.limits;
+        // A request dropped before the primary answered or failed (its client went away, or
+        // the connection was cut) is a client abort, as through hyper.
+        let mut abort = super::AbortGuard::new(&proxy.accounting);
+        let primary_failed = |abort: &mut super::AbortGuard<'_>, failure| {
+            abort.disarm();
+            failure
+        };
+        let mut up = match self.upstream().await {
+            Ok(up) => up,
+            Err(e) => return Err(primary_failed(&mut abort, Failure::BeforeHead(e, false))),
+        };
         let reused = up.reused;
         up.reused = true;
         let sent = async {
             up.io.write_all(&self.req).await?;
             up.io.flush().await
         };
-        sent.await.map_err(|e| Failure::BeforeHead(e, reused))?;
+        if let Err(e) = sent.await {
+            return Err(primary_failed(&mut abort, Failure::BeforeHead(e, reused)));
+        }
         let sent_at = std::time::Instant::now();
+        // Any byte of an answer (an interim 1xx included) means the primary took the request.
+        let mut heard = false;
         self.ubuf.clear();
         let response = loop {
             match parse_response(
@@ -557,50 +583,49 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 }
                 Ok(Some(r)) => break r,
                 Ok(None) => {}
-                Err(bad) => return Err(Failure::BadHead(bad)),
+                Err(bad) => return Err(primary_failed(&mut abort, Failure::BadHead(bad))),
             }
             if self.ubuf.len() >= limits.max_header_bytes.max(super::MIN_MAX_HEADER_BYTES) {
-                return Err(Failure::BadHead(BadResponse::TooLarge));
+                return Err(primary_failed(
+                    &mut abort,
+                    Failure::BadHead(BadResponse::TooLarge),
+                ));
             }
             self.ubuf.reserve(READ_SIZE);
-            let watch_client = self.buf.len() < limits.max_header_bytes;
+            let watch_client = self.watch_client();
             tokio::select! {
                 biased;
                 read = up.io.read_buf(&mut self.ubuf) => match read {
                     Ok(0) => {
-                        let nothing = self.ubuf.is_empty();
-                        return Err(Failure::BeforeHead(
-                            io::Error::new(io::ErrorKind::UnexpectedEof, "the primary closed the connection before its response"),
-                            reused && nothing,
-                        ));
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the primary closed the connection before its response",
+                        );
+                        return Err(primary_failed(&mut abort, Failure::BeforeHead(e, reused && !heard)));
                     }
                     Err(e) => {
-                        let nothing = self.ubuf.is_empty();
-                        return Err(Failure::BeforeHead(e, reused && nothing));
+                        return Err(primary_failed(&mut abort, Failure::BeforeHead(e, reused && !heard)));
                     }
-                    Ok(_) => {}
+                    Ok(_) => heard = true,
                 },
-                // The client may send its next request meanwhile; going away is an abort.
-                read = self.io.read_buf(&mut self.buf), if watch_client => match read {
-                    Ok(0) | Err(_) => return Err(Failure::ClientAborted),
-                    Ok(_) => {}
-                },
+                read = self.io.read_buf(&mut self.buf), if watch_client => {
+                    if self.client_read(read).is_err() {
+                        return Err(Failure::ClientAborted);
+                    }
+                }
             }
         };
+        abort.disarm();
         let status = http::StatusCode::from_u16(response.status)
             .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-        self.proxy
-            .accounting
-            .primary_answered(status, sent_at.elapsed());
+        proxy.accounting.primary_answered(status, sent_at.elapsed());
         self.ubuf.advance(response.len);
-        let close = response.close;
         let clean = self.pass_body(&mut up, response.framing).await?;
         self.io.flush().await.map_err(|_| Failure::ClientGone)?;
         if response.keep_alive && clean && response.framing != Framing::Close {
-            up.last_used = Instant::now();
-            self.upstream = Some(up);
+            proxy.idle.put(up);
         }
-        Ok(close)
+        Ok(response.close)
     }
 
     /// Writes the response head (in `resp`) and passes the body as the primary framed it.
@@ -626,7 +651,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 while left > 0 {
                     if self.ubuf.is_empty() {
                         self.io.flush().await.map_err(|_| Failure::ClientGone)?;
-                        self.read_upstream(up).await?;
+                        self.read_body(up).await?;
                     }
                     let n = self
                         .ubuf
@@ -665,7 +690,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                         return Ok(self.ubuf.is_empty());
                     }
                     self.io.flush().await.map_err(|_| Failure::ClientGone)?;
-                    self.read_upstream(up).await?;
+                    self.read_body(up).await?;
                 }
             }
             Framing::Close => {
@@ -676,12 +701,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                         .await
                         .map_err(|_| Failure::ClientGone)?;
                     self.ubuf.clear();
-                    self.ubuf.reserve(BODY_READ);
                     self.io.flush().await.map_err(|_| Failure::ClientGone)?;
-                    match up.io.read_buf(&mut self.ubuf).await {
-                        Ok(0) => return Ok(false),
-                        Ok(_) => {}
-                        Err(_) => return Err(Failure::MidResponse),
+                    match self.read_body(up).await {
+                        Ok(()) => {}
+                        // The primary's close ends this body.
+                        Err(Failure::MidResponse) => return Ok(false),
+                        Err(other) => return Err(other),
                     }
                 }
             }
@@ -700,12 +725,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         Ok(())
     }
 
-    /// More of the response body; the primary closing before its end is a failure.
-    async fn read_upstream(&mut self, up: &mut Upstream) -> Result<(), Failure> {
+    /// More of the response body, watching the client meanwhile: a client gone stops the
+    /// response (and the primary's connection), as hyper stops it. The primary closing or
+    /// failing is `MidResponse`.
+    async fn read_body(&mut self, up: &mut Upstream) -> Result<(), Failure> {
         self.ubuf.reserve(BODY_READ);
-        match up.io.read_buf(&mut self.ubuf).await {
-            Ok(0) | Err(_) => Err(Failure::MidResponse),
-            Ok(_) => Ok(()),
+        loop {
+            let watch_client = self.watch_client();
+            tokio::select! {
+                biased;
+                read = up.io.read_buf(&mut self.ubuf) => return match read {
+                    Ok(0) | Err(_) => Err(Failure::MidResponse),
+                    Ok(_) => Ok(()),
+                },
+                read = self.io.read_buf(&mut self.buf), if watch_client => {
+                    if self.client_read(read).is_err() {
+                        return Err(Failure::ClientGone);
+                    }
+                }
+            }
         }
     }
 
@@ -748,6 +786,7 @@ fn prepare(
     if req.headers.len() > limits.max_header_lines
         || len > limits.max_header_bytes
         || method == "CONNECT"
+        || target.len() > MAX_TARGET
         || !plain_target(target.as_bytes())
     {
         return Parsed::Other;
@@ -1020,6 +1059,9 @@ fn response_head(
     if status == 101 || status < 100 {
         return Err(BadResponse::Malformed);
     }
+    // hyper's client reads no body for these whatever the framing fields say, and so checks
+    // none of them.
+    let no_body = head_only || status < 200 || status == 204 || status == 304;
     // What `Connection` says and names, and how the body is framed.
     let mut keep_alive = version == 1;
     let mut named: Vec<&[u8]> = Vec::new();
@@ -1034,15 +1076,24 @@ fn response_head(
                     keep_alive = false;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive |= version == 0;
-                } else if !token.is_empty() {
+                } else if !token.is_empty()
+                    && !token.eq_ignore_ascii_case(b"content-length")
+                    && !token.eq_ignore_ascii_case(b"transfer-encoding")
+                {
+                    // Named fields are hop-by-hop; the framing fields never are: the body is
+                    // passed on as they frame it.
                     named.push(token);
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") && !no_body {
+            if version == 0 {
+                // Chunked framing in HTTP/1.0 is faulty (RFC 9112 §6.1); hyper refuses it.
+                return Err(BadResponse::Malformed);
+            }
             // The last coding decides: chunked, or the body runs to the connection's end.
             let last = f.value.rsplit(|b| *b == b',').next().unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"content-length") {
+        } else if name.eq_ignore_ascii_case(b"content-length") && !no_body {
             // A list of one value repeated (`2, 2`) is that value (RFC 9110 §8.6).
             for item in f.value.split(|b| *b == b',') {
                 let n = std::str::from_utf8(item.trim_ascii())
@@ -1057,7 +1108,7 @@ fn response_head(
             }
         }
     }
-    let framing = if head_only || status < 200 || status == 204 || status == 304 {
+    let framing = if no_body {
         Framing::None
     } else {
         match (chunked, length) {
@@ -1109,24 +1160,28 @@ fn response_head(
 }
 
 /// Where a chunked body ends (RFC 9112 §7.1), found as its bytes pass: sizes, data, the last
-/// chunk and the trailer section.
+/// chunk and the trailer section. Strict where a lenient reading could end the body elsewhere
+/// than the client will: lines end in CRLF only, whitespace only before an extension, and
+/// extensions and trailers at most [`MAX_CHUNK_LINE`] bytes (as hyper).
 #[derive(Debug, Default)]
 struct Chunks {
     state: ChunkState,
+    /// Bytes of the current extension, or of the trailer section.
+    line: usize,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 enum ChunkState {
-    /// In a chunk-size line: the size so far, its digits, whether in an extension.
+    /// The first digit of a chunk size.
     #[default]
     SizeStart,
-    Size {
-        size: u64,
-        ext: bool,
-    },
-    SizeLf {
-        size: u64,
-    },
+    /// More digits.
+    Size(u64),
+    /// Whitespace after the digits: an extension or the line's end follows.
+    SizeWs(u64),
+    /// In an extension.
+    Ext(u64),
+    SizeLf(u64),
     Data(u64),
     DataCr,
     DataLf,
@@ -1142,28 +1197,40 @@ impl Chunks {
         while i < bytes.len() {
             let b = bytes[i];
             self.state = match self.state {
-                ChunkState::SizeStart => match hex(b) {
-                    Some(d) => ChunkState::Size {
-                        size: u64::from(d),
-                        ext: false,
-                    },
-                    None => return Err(()),
-                },
-                ChunkState::Size { size, ext } => match (b, hex(b)) {
-                    (b'\r', _) => ChunkState::SizeLf { size },
-                    (_, Some(d)) if !ext => ChunkState::Size {
-                        size: size
-                            .checked_mul(16)
+                ChunkState::SizeStart => ChunkState::Size(u64::from(hex(b).ok_or(())?)),
+                ChunkState::Size(size) => match (b, hex(b)) {
+                    (_, Some(d)) => ChunkState::Size(
+                        size.checked_mul(16)
                             .and_then(|s| s.checked_add(u64::from(d)))
                             .ok_or(())?,
-                        ext,
-                    },
-                    (b';' | b' ' | b'\t', _) => ChunkState::Size { size, ext: true },
-                    _ if ext => ChunkState::Size { size, ext },
+                    ),
+                    (b' ' | b'\t', _) => ChunkState::SizeWs(size),
+                    (b';', _) => self.extension(size),
+                    (b'\r', _) => ChunkState::SizeLf(size),
                     _ => return Err(()),
                 },
-                ChunkState::SizeLf { size } => match (b, size) {
-                    (b'\n', 0) => ChunkState::Trailer(true),
+                ChunkState::SizeWs(size) => match b {
+                    b' ' | b'\t' => ChunkState::SizeWs(size),
+                    b';' => self.extension(size),
+                    b'\r' => ChunkState::SizeLf(size),
+                    _ => return Err(()),
+                },
+                ChunkState::Ext(size) => match b {
+                    b'\r' => ChunkState::SizeLf(size),
+                    b'\n' => return Err(()),
+                    _ => {
+                        self.line += 1;
+                        if self.line > MAX_CHUNK_LINE {
+                            return Err(());
+                        }
+                        ChunkState::Ext(size)
+                    }
+                },
+                ChunkState::SizeLf(size) => match (b, size) {
+                    (b'\n', 0) => {
+                        self.line = 0;
+                        ChunkState::Trailer(true)
+                    }
                     (b'\n', size) => ChunkState::Data(size),
                     _ => return Err(()),
                 },
@@ -1181,10 +1248,17 @@ impl Chunks {
                 ChunkState::DataCr if b == b'\r' => ChunkState::DataLf,
                 ChunkState::DataLf if b == b'\n' => ChunkState::SizeStart,
                 ChunkState::DataCr | ChunkState::DataLf => return Err(()),
-                ChunkState::Trailer(start) => match b {
-                    b'\r' => ChunkState::TrailerLf(start),
-                    _ => ChunkState::Trailer(false),
-                },
+                ChunkState::Trailer(start) => {
+                    self.line += 1;
+                    if self.line > MAX_CHUNK_LINE {
+                        return Err(());
+                    }
+                    match b {
+                        b'\r' => ChunkState::TrailerLf(start),
+                        b'\n' => return Err(()),
+                        _ => ChunkState::Trailer(false),
+                    }
+                }
                 ChunkState::TrailerLf(start) => match (b, start) {
                     (b'\n', true) => return Ok(Some(i + 1)),
                     (b'\n', false) => ChunkState::Trailer(true),
@@ -1194,6 +1268,12 @@ impl Chunks {
             i += 1;
         }
         Ok(None)
+    }
+
+    /// An extension begins: counted afresh.
+    fn extension(&mut self, size: u64) -> ChunkState {
+        self.line = 0;
+        ChunkState::Ext(size)
     }
 }
 
@@ -1233,6 +1313,25 @@ mod tests {
         assert_eq!(ends(b"z\r\n"), Err(()));
         assert_eq!(ends(b"2\r\nabc\r\n"), Err(()));
         assert_eq!(ends(b"fffffffffffffffff\r\n"), Err(()));
+        // Where a lenient reader and a strict client would disagree on the end: refused.
+        assert_eq!(
+            ends(b"3;x\nabc\r\n0\r\n\r\n"),
+            Err(()),
+            "bare LF in an extension"
+        );
+        assert_eq!(
+            ends(b"5 5\r\nhello\r\n"),
+            Err(()),
+            "a space inside the size"
+        );
+        assert_eq!(ends(b"0\r\nx: 1\n\r\n"), Err(()), "bare LF in the trailers");
+        assert_eq!(ends(b"5 ;a=b\r\nhello\r\n0\r\n\r\n"), Ok(Some(20)));
+        let long = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE + 1));
+        assert_eq!(
+            ends(long.as_bytes()),
+            Err(()),
+            "an extension over the limit"
+        );
     }
 
     fn response(
@@ -1274,6 +1373,27 @@ mod tests {
         assert_eq!(r.expect("valid").expect("complete").framing, Framing::None);
         let (r, _) = response(
             "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.err(), Some(BadResponse::Malformed));
+        // `Connection` never takes the framing fields away.
+        let (r, out) = response(
+            "HTTP/1.1 200 OK\r\nConnection: Content-Length, Transfer-Encoding\r\nContent-Length: 5\r\n\r\n",
+            false,
+        );
+        assert_eq!(
+            r.expect("valid").expect("complete").framing,
+            Framing::Length(5)
+        );
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+        // No body: the framing fields are not read, as hyper does not read them.
+        let (r, _) = response(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: x\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.expect("valid").expect("complete").framing, Framing::None);
+        let (r, _) = response(
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
         );
         assert_eq!(r.err(), Some(BadResponse::Malformed));
