@@ -1,5 +1,5 @@
 //! The common HTTP/1.1 request forwarded without hyper: a request with no body, read, checked
-//! and sent on by the client connection's own task over an upstream connection it holds, its
+//! and sent on by the client connection's own task over a pooled upstream connection, its
 //! response's bytes passed back as they come.
 //!
 //! Most production requests are HTTP/1.1 GETs: a head in, a response out. Through hyper each
