@@ -73,7 +73,7 @@ use crate::metrics::{
     ACCEPT_ERRORS_TOTAL, CLIENT_CONNECTIONS, CLIENT_CONNECTIONS_CLOSED_TOTAL,
     REQUESTS_REFUSED_TOTAL,
 };
-use crate::proxy::h1::{self, Ended, Rewind};
+use crate::proxy::h1::{self, Ended};
 
 /// Time a client has to complete the TLS handshake on `listen_tls`.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -725,6 +725,7 @@ impl Connection {
         let io = Watched {
             io,
             conn: conn.clone(),
+            read: Bytes::new(),
         };
         let mut seen = Seen::default();
         // Plain HTTP/1.1 requests are forwarded without hyper until one is not: hyper then
@@ -738,11 +739,14 @@ impl Connection {
                 let forwarder = h1::serve(proxy, io, &client, &hooks);
                 let served = pin!(graceful(forwarder, |_| conn.close.ask()));
                 match watchdog.run(served, &mut seen).await {
-                    Some(Ended::Handoff(io)) => io,
+                    Some(Ended::Handoff { read, mut io }) => {
+                        io.read = read;
+                        io
+                    }
                     Some(Ended::Closed) | None => return,
                 }
             }
-            None => Rewind::new(io),
+            None => io,
         };
         let service = {
             let conn = conn.clone();
@@ -987,10 +991,13 @@ impl Body for Tracked {
     }
 }
 
-/// A client socket that notes when a request head starts arriving.
+/// A client socket that notes when a request head starts arriving, and gives the bytes the
+/// HTTP/1 forwarder read but did not serve to hyper first.
 struct Watched<IO> {
     io: IO,
     conn: Arc<Conn>,
+    /// Read already (and noted then), to be read again.
+    read: Bytes,
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
@@ -999,6 +1006,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            bytes::Buf::advance(&mut self.read, n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         // HTTP/2 connections read frames between requests (PING, WINDOW_UPDATE, SETTINGS): only

@@ -12,7 +12,7 @@
 //! primary framed them (length, chunks and trailers, or the connection's end).
 //!
 //! Anything else goes to hyper, for the rest of the connection, with the bytes already read
-//! ([`Rewind`]): HTTP/2, HTTP/1.0, a request with a body, `Expect`, an upgrade, absolute-form
+//! ([`Ended::Handoff`]): HTTP/2, HTTP/1.0, a request with a body, `Expect`, an upgrade, absolute-form
 //! or unusual targets, a head hyper would refuse (too large, malformed: hyper answers and counts
 //! it as it always did). The request is handed over whole, before anything of it was counted or
 //! sent, so each request is handled by exactly one of the two.
@@ -27,15 +27,13 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -104,71 +102,14 @@ impl CloseSignal {
 pub enum Ended<IO> {
     /// Closed, or to be closed: the client went away, asked to close, or an error ended it.
     Closed,
-    /// A request it does not forward: hyper serves the connection from here, the bytes already
-    /// read first.
-    Handoff(Rewind<IO>),
-}
-
-/// A connection whose first bytes were already read: they are read again first.
-pub struct Rewind<IO> {
-    prefix: Bytes,
-    io: IO,
-}
-
-impl<IO> Rewind<IO> {
-    /// `io`, with nothing read yet.
-    pub fn new(io: IO) -> Self {
-        Self {
-            prefix: Bytes::new(),
-            io,
-        }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+    /// A request it does not forward: hyper serves the connection from here, `read` (the bytes
+    /// already read from `io`, that request's first) before anything more.
+    Handoff {
+        /// Read from the client and not yet served.
+        read: Bytes,
+        /// The connection.
+        io: IO,
+    },
 }
 
 /// Idle upstream connections shared by the client connections, oldest first.
@@ -348,10 +289,10 @@ where
     };
     match conn.run(hooks).await {
         Some(()) => Ended::Closed,
-        None => Ended::Handoff(Rewind {
-            prefix: conn.buf.freeze(),
+        None => Ended::Handoff {
+            read: conn.buf.freeze(),
             io: conn.io,
-        }),
+        },
     }
 }
 
