@@ -889,6 +889,10 @@ async fn echo_primary() -> (
                             "HTTP/1.1 200 OK\r\nX-A: 1\r\nX-B: 2\r\nX-A: 3\r\nContent-Length: {}\r\n\r\n",
                             body.len()
                         );
+                        if line.get(1) == Some(&"/slow") {
+                            // A primary slower than the client's close.
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
                         let sent = if line[0] == "HEAD" {
                             stream.write_all(answer.as_bytes()).await.is_ok()
                                 && stream.flush().await.is_ok()
@@ -1027,14 +1031,15 @@ async fn one_connection_mixes_plain_requests_and_requests_with_bodies() {
     }
 }
 
-/// A client may send its requests and close its side at once (`printf ... | nc`): every one of
-/// them is answered before the agent closes.
+/// A client may send its requests and close its side at once (`printf ... | nc`): the requests
+/// it pipelined behind the one at the primary are answered before the agent closes. (The last
+/// one's wait is where a close means the client went away: hyper and nginx stop there too.)
 #[tokio::test]
 async fn pipelined_requests_before_a_half_close_are_all_answered() {
     let (primary, _, _) = echo_primary().await;
     let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(primary))).await;
     let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
-    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("write");
     s.shutdown().await.expect("half-close");
@@ -1042,7 +1047,7 @@ async fn pipelined_requests_before_a_half_close_are_all_answered() {
     let answer = String::from_utf8_lossy(&answer).into_owned();
     assert!(closed, "the agent closes once it answered");
     assert!(
-        answer.contains("\r\n\r\nGET /a 0HTTP/1.1 200 OK\r\n"),
+        answer.contains("\r\n\r\nGET /slow 0HTTP/1.1 200 OK\r\n"),
         "{answer}"
     );
     assert!(answer.ends_with("\r\n\r\nGET /b 0"), "{answer}");
@@ -1135,5 +1140,38 @@ async fn clients_that_reconnect_per_request_reuse_one_primary_connection() {
         1,
         "one connection to the primary for five client connections"
     );
+    stack.stop().await;
+}
+
+/// The agent's own 502 to a `HEAD` is a head alone: a client that keeps its connection reads
+/// the next answer from the right byte.
+#[tokio::test]
+async fn the_agents_own_answer_to_a_head_has_no_body() {
+    let (_held, refusing) = support::refusing_addr();
+    let stack = Stack::start_with(0.0, |c| c.primary = Some(loopback_target(refusing))).await;
+    let mut s = TcpStream::connect(stack.agent.addr).await.expect("connect");
+    s.write_all(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while got.windows(12).filter(|w| *w == b"HTTP/1.1 502").count() < 2
+        || !got.ends_with(b"could not be reached\n")
+    {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("answers in time")
+            .expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let second = text.rfind("HTTP/1.1 502").expect("two answers");
+    assert!(
+        text[..second].ends_with("\r\n\r\n"),
+        "the HEAD's answer ends with its head: {text}"
+    );
+    assert_eq!(stack.agent_metrics().get(am::PRIMARY_ERRORS_TOTAL), 2.0);
     stack.stop().await;
 }

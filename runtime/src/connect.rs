@@ -71,11 +71,18 @@ impl UpstreamStream {
     /// Whether the connection is open with nothing to read: what a pooled connection must be
     /// before it carries a request. A peek at the socket, which always asks the kernel (a read
     /// through tokio would trust readiness it may not have heard of yet): a close, or bytes
-    /// nobody asked for (TLS included), make it `false`.
+    /// nobody asked for, make it `false`; over TLS, so do records already taken from the
+    /// socket and decrypted but not read, or the server's close_notify.
     pub fn is_quiet(&self) -> bool {
         let tcp = match self {
             UpstreamStream::Plain(tcp) => tcp,
-            UpstreamStream::Tls(tls) => tls.get_ref().0,
+            UpstreamStream::Tls(tls) => {
+                let (tcp, session) = tls.get_ref();
+                if !session.wants_read() {
+                    return false;
+                }
+                tcp
+            }
         };
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         matches!(

@@ -153,7 +153,12 @@ impl Idle {
     /// Lets go of connections idle past [`PRIMARY_POOL_IDLE`] or closed by the primary (their
     /// sockets would otherwise wait in CLOSE_WAIT for the next request).
     fn expire(&self) {
-        self.lock().retain_mut(Upstream::usable);
+        let mut all = std::mem::take(&mut *self.lock());
+        all.retain_mut(Upstream::usable);
+        // Those kept are older than any given back meanwhile.
+        let mut conns = self.lock();
+        all.extend(conns.drain(..));
+        *conns = all;
     }
 }
 
@@ -244,8 +249,9 @@ enum Failure {
     ClientAborted,
     /// The client went away once the response had begun.
     ClientGone,
-    /// The primary failed before its response head; `true` when the connection had carried a
-    /// request before and nothing of a response came (a keep-alive race).
+    /// The primary failed before its response head; `true` when it cannot have taken the
+    /// request: nothing of an answer came, and the connection closed, or it had carried a
+    /// request before (a keep-alive race).
     BeforeHead(io::Error, bool),
     /// The primary's head is not one to pass on.
     BadHead(BadResponse),
@@ -305,7 +311,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                     Parsed::Request(head) => break head,
                     // Asked to close: the next request is not begun by anyone (hyper, told to
                     // close before it read a request, would not answer it either).
-                    Parsed::Other if hooks.close().asked() => return Some(()),
+                    Parsed::Other if hooks.close().asked() => return self.close().await,
                     Parsed::Other => return None,
                     Parsed::Partial => {}
                 }
@@ -314,14 +320,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                     return None;
                 }
                 if self.buf.is_empty() && hooks.close().asked() {
-                    return Some(());
+                    return self.close().await;
                 }
                 if self.client_eof {
                     // A head cut short: hyper ends it as it would have.
-                    return if self.buf.is_empty() { Some(()) } else { None };
+                    return if self.buf.is_empty() {
+                        self.close().await
+                    } else {
+                        None
+                    };
                 }
                 match self.read_client(hooks).await {
-                    Ok(0) if self.buf.is_empty() => return Some(()),
+                    Ok(0) if self.buf.is_empty() => return self.close().await,
                     Ok(0) => return None,
                     Ok(_) => {}
                     Err(_) => return Some(()),
@@ -335,13 +345,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             match close {
                 // Asked to close (idle timeout, eviction, drain): after this response, as hyper.
                 Ok(false) if !head.close && !hooks.close().asked() => {}
-                Ok(_) => {
-                    let _ = self.io.shutdown().await;
-                    return Some(());
-                }
+                Ok(_) => return self.close().await,
                 Err(()) => return Some(()),
             }
         }
+    }
+
+    /// Closes the client connection cleanly (TLS: close_notify), as hyper's graceful close does.
+    async fn close(&mut self) -> Option<()> {
+        let _ = self.io.shutdown().await;
+        Some(())
     }
 
     /// Lets go of buffers that grew large, once empty.
@@ -449,17 +462,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                         continue;
                     }
                     self.proxy.note_primary_failure(&e, false);
-                    return self.answer_502(close_after, super::UNREACHABLE).await;
+                    return self.answer_502(head, close_after, super::UNREACHABLE).await;
                 }
                 Failure::BadHead(BadResponse::TooLarge) => {
                     self.proxy
                         .note_primary_failure(&"the response head is over the limits", true);
-                    return self.answer_502(close_after, super::HEAD_TOO_LARGE).await;
+                    return self
+                        .answer_502(head, close_after, super::HEAD_TOO_LARGE)
+                        .await;
                 }
                 Failure::BadHead(BadResponse::Malformed) => {
                     self.proxy
                         .note_primary_failure(&"the response head is malformed", false);
-                    return self.answer_502(close_after, super::UNREACHABLE).await;
+                    return self.answer_502(head, close_after, super::UNREACHABLE).await;
                 }
             }
         }
@@ -542,7 +557,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                             io::ErrorKind::UnexpectedEof,
                             "the primary closed the connection before its response",
                         );
-                        return Err(primary_failed(&mut abort, Failure::BeforeHead(e, reused && !heard)));
+                        // A close before any answer: the primary did not take the request (on a
+                        // new connection too, as hyper's client judges it).
+                        return Err(primary_failed(&mut abort, Failure::BeforeHead(e, !heard)));
                     }
                     Err(e) => {
                         return Err(primary_failed(&mut abort, Failure::BeforeHead(e, reused && !heard)));
@@ -592,7 +609,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 while left > 0 {
                     if self.ubuf.is_empty() {
                         self.io.flush().await.map_err(|_| Failure::ClientGone)?;
-                        self.read_body(up).await?;
+                        if !self.read_body(up).await? {
+                            return Err(Failure::MidResponse);
+                        }
                     }
                     let n = self
                         .ubuf
@@ -631,7 +650,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                         return Ok(self.ubuf.is_empty());
                     }
                     self.io.flush().await.map_err(|_| Failure::ClientGone)?;
-                    self.read_body(up).await?;
+                    if !self.read_body(up).await? {
+                        return Err(Failure::MidResponse);
+                    }
                 }
             }
             Framing::Close => {
@@ -643,11 +664,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                         .map_err(|_| Failure::ClientGone)?;
                     self.ubuf.clear();
                     self.io.flush().await.map_err(|_| Failure::ClientGone)?;
-                    match self.read_body(up).await {
-                        Ok(()) => {}
-                        // The primary's close ends this body.
-                        Err(Failure::MidResponse) => return Ok(false),
-                        Err(other) => return Err(other),
+                    // The primary's close ends this body; a failure cuts it short, and the
+                    // client's connection with it (a clean end would pass a truncated body
+                    // off as whole).
+                    if !self.read_body(up).await? {
+                        return Ok(false);
                     }
                 }
             }
@@ -667,17 +688,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
     }
 
     /// More of the response body, watching the client meanwhile: a client gone stops the
-    /// response (and the primary's connection), as hyper stops it. The primary closing or
-    /// failing is `MidResponse`.
-    async fn read_body(&mut self, up: &mut Upstream) -> Result<(), Failure> {
+    /// response (and the primary's connection), as hyper stops it. `Ok(false)`: the primary
+    /// closed the connection; failing (a reset, TLS without close_notify) is `MidResponse`.
+    async fn read_body(&mut self, up: &mut Upstream) -> Result<bool, Failure> {
         self.ubuf.reserve(BODY_READ);
         loop {
             let watch_client = self.watch_client();
             tokio::select! {
                 biased;
                 read = up.io.read_buf(&mut self.ubuf) => return match read {
-                    Ok(0) | Err(_) => Err(Failure::MidResponse),
-                    Ok(_) => Ok(()),
+                    Ok(0) => Ok(false),
+                    Err(_) => Err(Failure::MidResponse),
+                    Ok(_) => Ok(true),
                 },
                 read = self.io.read_buf(&mut self.buf), if watch_client => {
                     if self.client_read(read).is_err() {
@@ -688,8 +710,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         }
     }
 
-    /// Answers 502 itself. `Ok`: whether the client connection closes after it.
-    async fn answer_502(&mut self, close: bool, body: &str) -> Result<bool, ()> {
+    /// Answers 502 itself (a `HEAD` gets the head alone). `Ok`: whether the client connection
+    /// closes after it.
+    async fn answer_502(&mut self, head: &Head, close: bool, body: &str) -> Result<bool, ()> {
         self.resp.clear();
         self.resp.extend_from_slice(
             b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ",
@@ -700,7 +723,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             self.resp.extend_from_slice(b"\r\nconnection: close");
         }
         self.resp.extend_from_slice(b"\r\n\r\n");
-        self.resp.extend_from_slice(body.as_bytes());
+        if !head.head_only {
+            self.resp.extend_from_slice(body.as_bytes());
+        }
         let sent = self.send_resp().await;
         let flushed = self.io.flush().await;
         match (sent, flushed) {
@@ -1101,14 +1126,17 @@ fn response_head(
 }
 
 /// Where a chunked body ends (RFC 9112 §7.1), found as its bytes pass: sizes, data, the last
-/// chunk and the trailer section. Strict where a lenient reading could end the body elsewhere
-/// than the client will: lines end in CRLF only, whitespace only before an extension, and
-/// extensions and trailers at most [`MAX_CHUNK_LINE`] bytes (as hyper).
+/// chunk and the trailer section. As strict as hyper, whose client reading would end the body
+/// where this does: size lines end in CRLF only, whitespace only before an extension,
+/// extensions (over the body) and the trailer section at most [`MAX_CHUNK_LINE`] bytes each;
+/// trailer lines may end in a bare LF.
 #[derive(Debug, Default)]
 struct Chunks {
     state: ChunkState,
-    /// Bytes of the current extension, or of the trailer section.
-    line: usize,
+    /// Bytes of extensions so far, over the whole body (hyper counts them so).
+    extensions: usize,
+    /// Bytes of the trailer section so far.
+    trailers: usize,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -1146,13 +1174,13 @@ impl Chunks {
                             .ok_or(())?,
                     ),
                     (b' ' | b'\t', _) => ChunkState::SizeWs(size),
-                    (b';', _) => self.extension(size),
+                    (b';', _) => ChunkState::Ext(size),
                     (b'\r', _) => ChunkState::SizeLf(size),
                     _ => return Err(()),
                 },
                 ChunkState::SizeWs(size) => match b {
                     b' ' | b'\t' => ChunkState::SizeWs(size),
-                    b';' => self.extension(size),
+                    b';' => ChunkState::Ext(size),
                     b'\r' => ChunkState::SizeLf(size),
                     _ => return Err(()),
                 },
@@ -1160,18 +1188,15 @@ impl Chunks {
                     b'\r' => ChunkState::SizeLf(size),
                     b'\n' => return Err(()),
                     _ => {
-                        self.line += 1;
-                        if self.line > MAX_CHUNK_LINE {
+                        self.extensions += 1;
+                        if self.extensions > MAX_CHUNK_LINE {
                             return Err(());
                         }
                         ChunkState::Ext(size)
                     }
                 },
                 ChunkState::SizeLf(size) => match (b, size) {
-                    (b'\n', 0) => {
-                        self.line = 0;
-                        ChunkState::Trailer(true)
-                    }
+                    (b'\n', 0) => ChunkState::Trailer(true),
                     (b'\n', size) => ChunkState::Data(size),
                     _ => return Err(()),
                 },
@@ -1190,14 +1215,17 @@ impl Chunks {
                 ChunkState::DataLf if b == b'\n' => ChunkState::SizeStart,
                 ChunkState::DataCr | ChunkState::DataLf => return Err(()),
                 ChunkState::Trailer(start) => {
-                    self.line += 1;
-                    if self.line > MAX_CHUNK_LINE {
+                    self.trailers += 1;
+                    if self.trailers > MAX_CHUNK_LINE {
                         return Err(());
                     }
-                    match b {
-                        b'\r' => ChunkState::TrailerLf(start),
-                        b'\n' => return Err(()),
-                        _ => ChunkState::Trailer(false),
+                    match (b, start) {
+                        (b'\r', _) => ChunkState::TrailerLf(start),
+                        // Trailer lines may end in a bare LF, as httparse (and so hyper)
+                        // reads them.
+                        (b'\n', true) => return Ok(Some(i + 1)),
+                        (b'\n', false) => ChunkState::Trailer(true),
+                        (_, _) => ChunkState::Trailer(false),
                     }
                 }
                 ChunkState::TrailerLf(start) => match (b, start) {
@@ -1209,12 +1237,6 @@ impl Chunks {
             i += 1;
         }
         Ok(None)
-    }
-
-    /// An extension begins: counted afresh.
-    fn extension(&mut self, size: u64) -> ChunkState {
-        self.line = 0;
-        ChunkState::Ext(size)
     }
 }
 
@@ -1265,7 +1287,11 @@ mod tests {
             Err(()),
             "a space inside the size"
         );
-        assert_eq!(ends(b"0\r\nx: 1\n\r\n"), Err(()), "bare LF in the trailers");
+        assert_eq!(
+            ends(b"0\r\nx: 1\n\n"),
+            Ok(Some(9)),
+            "trailer lines may end in a bare LF, as hyper reads them"
+        );
         assert_eq!(ends(b"5 ;a=b\r\nhello\r\n0\r\n\r\n"), Ok(Some(20)));
         let long = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE + 1));
         assert_eq!(
