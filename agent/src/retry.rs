@@ -262,10 +262,7 @@ fn copy_frame(frame: &Frame<Bytes>) -> Frame<Bytes> {
 /// (a keep-alive connection the primary closed as the request went out) only for idempotent
 /// methods (RFC 9110 §9.2.2).
 pub fn may_retry(error: &(dyn std::error::Error + 'static), method: &Method) -> bool {
-    let idempotent = matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
+    let idempotent = method.is_idempotent();
     let mut source = Some(error);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {

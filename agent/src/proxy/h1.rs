@@ -201,6 +201,14 @@ struct Head {
     close: bool,
 }
 
+impl Head {
+    /// Whether the client connection closes after this request's response: the client asked,
+    /// the agent drains, or the connection was asked to close.
+    fn closes_after(&self, hooks: &impl Hooks) -> bool {
+        self.close || hooks.draining() || hooks.close().asked()
+    }
+}
+
 /// What reading a request head found.
 enum Parsed {
     /// Not all of it yet.
@@ -449,7 +457,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 Err(failure) => failure,
             };
             self.ubuf.clear();
-            let close_after = head.close || hooks.draining() || hooks.close().asked();
+            let close_after = head.closes_after(hooks);
             match failure {
                 Failure::ClientAborted | Failure::ClientGone | Failure::MidResponse => {
                     return Err(())
@@ -528,7 +536,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 head.head_only,
                 limits.max_header_lines,
                 // Decided as the head is written: a drain or a close asked meanwhile counts.
-                head.close || hooks.draining() || hooks.close().asked(),
+                head.closes_after(hooks),
                 &mut self.resp,
             ) {
                 Ok(Some(r)) if (100..200).contains(&r.status) => {
@@ -580,7 +588,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         self.ubuf.advance(response.len);
         let clean = self.pass_body(&mut up, response.framing).await?;
         self.io.flush().await.map_err(|_| Failure::ClientGone)?;
-        if response.keep_alive && clean && response.framing != Framing::Close {
+        if response.keep_alive && clean {
             proxy.idle.put(up);
         }
         Ok(response.close)
@@ -749,15 +757,18 @@ fn prepare(
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Other;
     };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Other;
+    };
     if req.headers.len() > limits.max_header_lines
         || len > limits.max_header_bytes
-        || method == "CONNECT"
+        || method == Method::CONNECT
         || target.len() > MAX_TARGET
         || !plain_target(target.as_bytes())
     {
         return Parsed::Other;
     }
-    let Some(fields) = Fields::read(req.headers) else {
+    let Some(close) = write_request(out, method.as_str(), target, req.headers, peer) else {
         return Parsed::Other;
     };
     let tee = &proxy.tee;
@@ -771,10 +782,7 @@ fn prepare(
                 _ => Bytes::copy_from_slice(s),
             }
         };
-        let (Ok(method), Ok(uri)) = (
-            Method::from_bytes(method.as_bytes()),
-            Uri::from_maybe_shared(part(target.as_bytes())),
-        ) else {
+        let Ok(uri) = Uri::from_maybe_shared(part(target.as_bytes())) else {
             return Parsed::Other;
         };
         let headers = copy_headers(peer, req.headers, part);
@@ -782,15 +790,11 @@ fn prepare(
             tee.complete(copy);
         }
     }
-    write_request(out, method, target, req.headers, peer);
     Parsed::Request(Head {
         len,
-        head_only: method == "HEAD",
-        idempotent: matches!(
-            method,
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        ),
-        close: fields.close,
+        head_only: method == Method::HEAD,
+        idempotent: method.is_idempotent(),
+        close,
     })
 }
 
@@ -823,14 +827,17 @@ fn copy_headers(
 /// Writes the head the primary gets: the request line as it came (version 1.1), the client's
 /// fields in their order and case but for hop-by-hop ones, then the forwarding fields
 /// (`x-forwarded-proto` over TLS unless sent, `x-forwarded-for` and `via`, each folded into the
-/// client's own line when it sent one).
+/// client's own line when it sent one). Checks the fields on the way, in the same pass: `None`
+/// when the request is not one this path forwards (a body, `Expect`, an upgrade, a `Connection`
+/// naming other fields, `TE` other than `trailers`, no `Host` or several); else whether the
+/// client asked to close after the response.
 fn write_request(
     out: &mut Vec<u8>,
     method: &str,
     target: &str,
     fields: &[httparse::Header<'_>],
     peer: &Peer,
-) {
+) -> Option<bool> {
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
@@ -838,22 +845,46 @@ fn write_request(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let client = peer.forwarding.client().as_bytes();
     let (mut forwarded_for, mut via, mut proto) = (false, false, false);
+    let (mut close, mut hosts) = (false, 0);
     for f in fields {
         let name = f.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"connection")
-            || name.eq_ignore_ascii_case(b"keep-alive")
+        let value = f.value;
+        if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            if value.is_empty() || !value.iter().all(|b| *b == b'0') {
+                return None;
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return None;
+        } else if name.eq_ignore_ascii_case(b"te") {
+            if !value.trim_ascii().eq_ignore_ascii_case(b"trailers") {
+                return None;
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                    return None;
+                }
+            }
+            continue;
+        } else if name.eq_ignore_ascii_case(b"keep-alive")
             || name.eq_ignore_ascii_case(b"proxy-connection")
         {
             continue;
-        }
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+        } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
             if !forwarded_for {
                 forwarded_for = true;
                 write_folded(out, f.name, fields, client);
             }
             continue;
-        }
-        if name.eq_ignore_ascii_case(b"via") {
+        } else if name.eq_ignore_ascii_case(b"via") {
             if !via {
                 via = true;
                 write_folded(out, f.name, fields, VIA);
@@ -861,7 +892,10 @@ fn write_request(
             continue;
         }
         proto |= name.eq_ignore_ascii_case(b"x-forwarded-proto");
-        write_field(out, name, f.value);
+        write_field(out, name, value);
+    }
+    if hosts != 1 {
+        return None;
     }
     if peer.tls && !proto {
         write_field(out, b"x-forwarded-proto", b"https");
@@ -873,6 +907,7 @@ fn write_request(
         write_field(out, b"via", VIA);
     }
     out.extend_from_slice(b"\r\n");
+    Some(close)
 }
 
 /// What `via` says of this hop for an HTTP/1.1 request.
@@ -896,50 +931,6 @@ fn write_folded(out: &mut Vec<u8>, name: &str, fields: &[httparse::Header<'_>], 
     }
     out.extend_from_slice(item);
     out.extend_from_slice(b"\r\n");
-}
-
-/// What the proxy must know of a request's fields, read in one pass; `None` when the request is
-/// not one this path forwards: a body, `Expect`, an upgrade, a `Connection` naming other fields,
-/// `TE` other than `trailers`, no `Host` or several.
-struct Fields {
-    close: bool,
-}
-
-impl Fields {
-    fn read(fields: &[httparse::Header<'_>]) -> Option<Fields> {
-        let mut close = false;
-        let mut hosts = 0;
-        for f in fields {
-            let name = f.name.as_bytes();
-            let value = f.value;
-            if name.eq_ignore_ascii_case(b"host") {
-                hosts += 1;
-            } else if name.eq_ignore_ascii_case(b"content-length") {
-                if value.is_empty() || !value.iter().all(|b| *b == b'0') {
-                    return None;
-                }
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-                || name.eq_ignore_ascii_case(b"expect")
-                || name.eq_ignore_ascii_case(b"upgrade")
-            {
-                return None;
-            } else if name.eq_ignore_ascii_case(b"te") {
-                if !value.trim_ascii().eq_ignore_ascii_case(b"trailers") {
-                    return None;
-                }
-            } else if name.eq_ignore_ascii_case(b"connection") {
-                for token in value.split(|b| *b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
-                        return None;
-                    }
-                }
-            }
-        }
-        (hosts == 1).then_some(Fields { close })
-    }
 }
 
 /// Whether a request target is origin-form made of the characters every URI parser takes
@@ -1371,7 +1362,7 @@ mod tests {
     /// The head as a map, from the bytes `write_request` wrote (names lower-cased).
     fn written(peer: &Peer, fields: &[httparse::Header<'_>]) -> (String, HeaderMap) {
         let mut out = Vec::new();
-        write_request(&mut out, "GET", "/x?y=1", fields, peer);
+        assert!(write_request(&mut out, "GET", "/x?y=1", fields, peer).is_some());
         let mut slots = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut slots);
         assert!(matches!(req.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()));
@@ -1430,17 +1421,21 @@ mod tests {
     #[test]
     fn only_plain_requests_take_this_path() {
         let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
+        let peer = Peer::new("192.0.2.7:4000".parse().expect("addr"), false);
+        let read = |fields: &[httparse::Header<'_>]| {
+            write_request(&mut Vec::new(), "GET", "/", fields, &peer)
+        };
         let host = h("Host", b"a");
-        assert!(Fields::read(&[host]).is_some());
-        assert!(Fields::read(&[]).is_none(), "no Host");
-        assert!(Fields::read(&[host, host]).is_none(), "two Hosts");
-        assert!(Fields::read(&[host, h("Content-Length", b"0")]).is_some());
-        assert!(Fields::read(&[host, h("Content-Length", b"1")]).is_none());
-        assert!(Fields::read(&[host, h("Transfer-Encoding", b"chunked")]).is_none());
-        assert!(Fields::read(&[host, h("Expect", b"100-continue")]).is_none());
-        assert!(Fields::read(&[host, h("Connection", b"Upgrade")]).is_none());
-        assert!(Fields::read(&[host, h("Connection", b"x-private")]).is_none());
-        assert!(Fields::read(&[host, h("Connection", b"close")]).is_some_and(|f| f.close));
+        assert!(read(&[host]).is_some());
+        assert!(read(&[]).is_none(), "no Host");
+        assert!(read(&[host, host]).is_none(), "two Hosts");
+        assert!(read(&[host, h("Content-Length", b"0")]).is_some());
+        assert!(read(&[host, h("Content-Length", b"1")]).is_none());
+        assert!(read(&[host, h("Transfer-Encoding", b"chunked")]).is_none());
+        assert!(read(&[host, h("Expect", b"100-continue")]).is_none());
+        assert!(read(&[host, h("Connection", b"Upgrade")]).is_none());
+        assert!(read(&[host, h("Connection", b"x-private")]).is_none());
+        assert!(read(&[host, h("Connection", b"close")]).is_some_and(|close| close));
         assert!(plain_target(b"/a/b?c=d&e=%20"));
         assert!(!plain_target(b"http://x/"));
         assert!(!plain_target(b"*"));
