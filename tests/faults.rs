@@ -391,7 +391,9 @@ async fn slow_and_silent_shadows_never_hold_clients_or_grow_the_gateway() {
                 targets.push(t);
             }
         },
-        |_| {},
+        // Every copy reaches the gateway, whose limits are what this test is about (the agent
+        // making fewer copies of what is shed is `copies_a_shadow_cannot_take_are_not_made`).
+        |a| a.mirror.policy.follow_shedding = false,
     )
     .await;
     const N: usize = 300;
@@ -438,6 +440,76 @@ async fn slow_and_silent_shadows_never_hold_clients_or_grow_the_gateway() {
     let overloaded = g.sum_where(gm::REPLAY_FAILED_TOTAL, &[("reason", "overloaded")]);
     assert!(timeouts >= 1.0 && overloaded >= 1.0, "{g:?}");
     assert_eq!(timeouts + overloaded, pairs, "{g:?}");
+    stack.stop().await;
+}
+
+/// A shadow that cannot keep up: the gateway sheds what its slots cannot take and says so in its
+/// `ACK`s; the agent then makes about as many copies as the shadow replays and counts the rest
+/// `gateway_shedding`. Clients notice nothing and the two sides' books still agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_a_shadow_cannot_take_are_not_made() {
+    let (slow, slow_recording) = sample::start_shadow(Duration::from_millis(100))
+        .await
+        .expect("slow shadow");
+    let stack = Stack::start_configured(
+        100.0,
+        |g| {
+            let mut t =
+                teeway_gateway::config::TargetConfig::new(stack::loopback_target(slow.addr));
+            t.max_concurrency = 2;
+            g.routes[0].targets = vec![t];
+        },
+        |_| {},
+    )
+    .await;
+    let load = Load::start(stack.agent.addr, 8);
+    // Until the agent has passed over many requests the shadow could not have taken.
+    const PACED: f64 = 2000.0;
+    let a = settle(
+        || stack.agent_metrics(),
+        |s| support::by_reason(s, am::MIRROR_DROPPED_TOTAL, "gateway_shedding") >= PACED,
+    )
+    .await;
+    let report = load.finish().await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(
+        support::by_reason(&a, am::MIRROR_DROPPED_TOTAL, "gateway_shedding") >= PACED,
+        "the agent went on making copies the gateway shed: {:?}",
+        dropped_by_reason(&a)
+    );
+    assert!(
+        a.get("teeway_agent_mirror_pace_ratio{rule=\"default\"}") < 1.0,
+        "{a:?}"
+    );
+    let a = settle(|| stack.agent_metrics(), agent_settled).await;
+    assert_settled_identity(&a);
+    let paced = support::by_reason(&a, am::MIRROR_DROPPED_TOTAL, "gateway_shedding");
+    assert_eq!(
+        paced + a.get(am::MIRRORED_TOTAL),
+        a.get(am::REQUESTS_TOTAL),
+        "every request either mirrored or passed over by the pace: {:?}",
+        dropped_by_reason(&a)
+    );
+    // The gateway's books agree with the agent's, and it shed far fewer copies than the agent
+    // chose not to make.
+    let mirrored = a.get(am::MIRRORED_TOTAL);
+    let g = settle(
+        || stack.gateway_metrics(),
+        |s| gateway_settled(s, 1.0) && s.get(gm::RECEIVED_TOTAL) == mirrored,
+    )
+    .await;
+    assert_eq!(g.get(gm::RECEIVED_TOTAL), mirrored, "{g:?}");
+    let shed = g.sum_where(gm::REPLAY_FAILED_TOTAL, &[("reason", "overloaded")]);
+    assert!(
+        shed < paced / 2.0,
+        "the gateway shed {shed} copies, the agent passed over {paced}"
+    );
+    let replayed = g.sum(gm::REPLAYED_TOTAL);
+    assert!(replayed >= 1.0, "{g:?}");
+    assert_eq!(
+        slow_recording.wait_for(replayed as usize, LIMIT).await,
+        replayed as usize
+    );
     stack.stop().await;
 }
 

@@ -13,12 +13,24 @@ use quinn::{Connection, Endpoint, ReadError, ReadToEndError, VarInt};
 use teeway::sample;
 use teeway::stack::{self, Pki, RunningGateway};
 use teeway_gateway::metrics as gm;
-use teeway_wire::{codes, Envelope, Frame, Hello, PROTOCOL_VERSION};
+use teeway_wire::{codes, Envelope, Frame, Hello, Shed, PROTOCOL_VERSION};
 
 use support::settle;
 
 async fn connect(pki: &Pki, gateway: std::net::SocketAddr) -> (Endpoint, Connection) {
-    let tls = teeway_wire::tls::client_config(&pki.agent_material()).expect("tls");
+    connect_offering(pki, gateway, None).await
+}
+
+/// As [`connect`], offering only the ALPN id `alpn` when it is given.
+async fn connect_offering(
+    pki: &Pki,
+    gateway: std::net::SocketAddr,
+    alpn: Option<&[u8]>,
+) -> (Endpoint, Connection) {
+    let mut tls = teeway_wire::tls::client_config(&pki.agent_material()).expect("tls");
+    if let Some(alpn) = alpn {
+        tls.alpn_protocols = vec![alpn.to_vec()];
+    }
     let quic = QuicClientConfig::try_from(tls).expect("quic tls");
     let mut endpoint = Endpoint::client(([127, 0, 0, 1], 0).into()).expect("endpoint");
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
@@ -407,7 +419,13 @@ async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
             }
         }
         assert!(matches!(frames_seen[0], Frame::Welcome(_)));
-        assert_eq!(frames_seen[1], Frame::Ack { accepted: 1 });
+        assert_eq!(
+            frames_seen[1],
+            Frame::Ack {
+                accepted: 1,
+                shed: Shed::default()
+            }
+        );
     }
     gateway.stop().await.expect("gateway stops");
 }
@@ -458,7 +476,7 @@ async fn a_named_batch_is_replayed_once_however_often_it_is_sent() {
         buf.to_vec()
     };
     let ack = |reply: Vec<u8>| match Frame::decode(&mut BytesMut::from(&reply[..])) {
-        Ok(Some(Frame::Ack { accepted })) => accepted,
+        Ok(Some(Frame::Ack { accepted, .. })) => accepted,
         other => panic!("expected ACK, got {other:?}"),
     };
     assert_eq!(
@@ -497,6 +515,94 @@ async fn a_named_batch_is_replayed_once_however_often_it_is_sent() {
     conn.close(VarInt::from_u32(0), b"done");
     endpoint.wait_idle().await;
     gateway.stop().await.expect("gateway stops");
+}
+
+/// Protocol 6: the `ACK` marks the records no target could take, so that the agent makes
+/// fewer of them; an agent of protocol 5 gets the `ACK` it knows, without the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_names_the_records_shed_from_version_6_on() {
+    teeway_wire::tls::install_default_provider();
+    let pki = Pki::generate("raw-agent").expect("pki");
+    // A shadow that accepts and never answers: its one slot stays taken.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent = listener.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut config = stack::gateway_config(pki.gateway_material(), &[silent]);
+    config.routes[0].targets[0].max_concurrency = 1;
+    config.routes[0].targets[0].timeout = Duration::from_secs(2);
+    let gateway = RunningGateway::start(config).await.expect("gateway");
+    const RECORDS: usize = 40;
+    let batch = |session: u64| {
+        let mut buf = BytesMut::new();
+        Frame::Batch(teeway_wire::BatchId {
+            session,
+            seq: 1,
+            retry: false,
+        })
+        .encode(&mut buf);
+        for id in 0..RECORDS as u64 {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("host", http::HeaderValue::from_static("api.example.com"));
+            let record = teeway_wire::MirroredRequest {
+                meta: teeway_wire::Meta::basic(id, std::time::SystemTime::now(), "raw".into()),
+                method: http::Method::GET,
+                uri: format!("/shed/{id}").parse().expect("uri"),
+                version: http::Version::HTTP_11,
+                headers,
+                body: bytes::Bytes::new(),
+                trailers: None,
+                body_truncated: false,
+            };
+            Frame::Envelope(Envelope::HttpRequest(record)).encode(&mut buf);
+        }
+        buf.to_vec()
+    };
+
+    let (endpoint, conn) = connect_offering(&pki, gateway.addr, Some(teeway_wire::ALPN)).await;
+    exchange(&conn, &hello()).await.expect("welcome");
+    let reply = exchange(&conn, &batch(1)).await.expect("ack");
+    let Ok(Some(Frame::Ack { accepted, shed })) = Frame::decode(&mut BytesMut::from(&reply[..]))
+    else {
+        panic!("expected ACK, got {reply:?}");
+    };
+    assert_eq!(accepted, RECORDS as u32);
+    // The first record took the slot and a few wait briefly for it; the rest were shed, in order.
+    let first_shed = (0..RECORDS).find(|i| shed.contains(*i));
+    assert!(
+        matches!(first_shed, Some(i) if i > 0),
+        "the first record took the slot, later ones were shed: {shed:?}"
+    );
+    let first_shed = first_shed.unwrap_or(RECORDS);
+    assert!(
+        (first_shed..RECORDS).all(|i| shed.contains(i)) && !shed.contains(RECORDS),
+        "{shed:?}"
+    );
+    conn.close(VarInt::from_u32(0), b"done");
+    endpoint.wait_idle().await;
+
+    // Version 5: the slot is still taken and records are shed, but the ACK is the one version 5
+    // knows, byte for byte.
+    let (endpoint, conn) = connect_offering(&pki, gateway.addr, Some(teeway_wire::ALPN_V5)).await;
+    exchange(&conn, &hello()).await.expect("welcome");
+    let reply = exchange(&conn, &batch(2)).await.expect("ack");
+    assert_eq!(reply, [0, 0, 0, 5, 0x04, 0, 0, 0, RECORDS as u8]);
+    conn.close(VarInt::from_u32(0), b"done");
+    endpoint.wait_idle().await;
+    let g = gateway.gateway.metrics();
+    assert!(
+        g.sum_where(gm::REPLAY_FAILED_TOTAL, &[("reason", "overloaded")])
+            >= (RECORDS - first_shed) as f64,
+        "every record shed is counted overloaded: {g:?}"
+    );
+    gateway.stop().await.expect("gateway stops");
+    holder.abort();
 }
 
 /// A batch's records are what its connection's version says: `REQUEST` frames up to version 4,
@@ -539,7 +645,7 @@ async fn records_follow_the_connections_version_and_unknown_kinds_are_kept() {
     };
     let ack = |reply: Result<Vec<u8>, u64>| match reply {
         Ok(reply) => match Frame::decode(&mut BytesMut::from(&reply[..])) {
-            Ok(Some(Frame::Ack { accepted })) => Ok(accepted),
+            Ok(Some(Frame::Ack { accepted, .. })) => Ok(accepted),
             other => panic!("expected ACK, got {other:?}"),
         },
         Err(code) => Err(code),
@@ -703,6 +809,7 @@ async fn old_gateway(
                                 seen.lock().expect("lock").extend(frames);
                                 Frame::Ack {
                                     accepted: records as u32,
+                                    shed: Shed::default(),
                                 }
                             }
                         };

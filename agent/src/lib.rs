@@ -21,6 +21,7 @@
 //! - [`policy`]: mirror rules, consistent sampling, redaction, the body-size policy.
 //! - `tee`: applying the policy, copying bodies as they stream, handing finished copies to the
 //!   uplink's bounded queue without waiting.
+//! - `pace`: each rule's share of sampled requests copied, lowered while the gateway sheds them.
 //! - the shipper, which owns everything past the queue:
 //!   - `uplink`: links to every gateway address, batches, acknowledgements, retries,
 //!     reconnecting with backoff, the spool and the archive.
@@ -74,6 +75,7 @@ mod front;
 mod ingress;
 pub(crate) mod link;
 pub mod metrics;
+mod pace;
 pub mod policy;
 mod proxy;
 mod retry;

@@ -39,7 +39,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use teeway_wire::tls::TlsMaterial;
-use teeway_wire::{codes, Frame, Hello, Welcome, PROTOCOL_VERSION};
+use teeway_wire::{codes, Frame, Hello, Shed, Welcome, PROTOCOL_VERSION};
 
 use crate::error::UplinkError;
 
@@ -135,6 +135,10 @@ pub struct Dialer<'a> {
     /// Time allowed for one handshake (transport, TLS and `HELLO` / `WELCOME`).
     pub timeout: Duration,
 }
+
+/// A batch's acknowledgement: how many of its records the gateway accepted, and which of those
+/// it shed (protocol 6).
+pub type Acked = (u32, Shed);
 
 /// How a batch ended, short of an acknowledgement.
 #[derive(Debug)]
@@ -283,10 +287,10 @@ impl Link {
         }
     }
 
-    /// Sends one batch (encoded `REQUEST` frames) and waits for its acknowledgement.
+    /// Sends one batch (encoded records) and waits for its acknowledgement.
     /// `head` (a `BATCH` frame, or nothing) goes before `frames`; both are handed to the
     /// transport as they are, never copied into one buffer (a batch sent again costs no copy).
-    pub async fn send_batch(&self, head: Bytes, frames: Bytes) -> Result<u32, BatchFailure> {
+    pub async fn send_batch(&self, head: Bytes, frames: Bytes) -> Result<Acked, BatchFailure> {
         match self {
             Link::Quic(c) => exchange_quic(c, head, frames).await,
             Link::Tls(t) => t.exchange(head, frames).await,
@@ -433,7 +437,11 @@ pub(crate) fn alert_advice(alert: u64) -> &'static str {
     }
 }
 
-async fn exchange_quic(conn: &Connection, head: Bytes, frames: Bytes) -> Result<u32, BatchFailure> {
+async fn exchange_quic(
+    conn: &Connection,
+    head: Bytes,
+    frames: Bytes,
+) -> Result<Acked, BatchFailure> {
     let transport = |e: &dyn std::fmt::Display| BatchFailure::Transport(e.to_string());
     let (send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
     let refused = |code: VarInt, how: &str| {
@@ -466,7 +474,7 @@ async fn exchange_quic(conn: &Connection, head: Bytes, frames: Bytes) -> Result<
         Err(e) => return Err(transport(&e)),
     };
     match Frame::decode(&mut BytesMut::from(&reply[..])) {
-        Ok(Some(Frame::Ack { accepted })) => Ok(accepted),
+        Ok(Some(Frame::Ack { accepted, shed })) => Ok((accepted, shed)),
         Ok(_) => Err(BatchFailure::Rejected(
             "the gateway's reply was not an ACK".into(),
         )),
@@ -502,7 +510,7 @@ struct TlsInner {
     heard: Arc<AtomicU64>,
 }
 
-type AckTx = oneshot::Sender<u32>;
+type AckTx = oneshot::Sender<Acked>;
 
 #[derive(Debug)]
 struct Outgoing {
@@ -519,7 +527,7 @@ impl Drop for TlsInner {
 }
 
 impl TlsLink {
-    async fn exchange(&self, head: Bytes, frames: Bytes) -> Result<u32, BatchFailure> {
+    async fn exchange(&self, head: Bytes, frames: Bytes) -> Result<Acked, BatchFailure> {
         let (ack, ack_rx) = oneshot::channel();
         let lost = || BatchFailure::Transport(format!("link lost: {}", self.reason()));
         self.inner
@@ -705,13 +713,13 @@ async fn tls_reader(
     loop {
         loop {
             match Frame::decode(&mut buf) {
-                Ok(Some(Frame::Ack { accepted })) => {
+                Ok(Some(Frame::Ack { accepted, shed })) => {
                     while let Ok(p) = pending_rx.try_recv() {
                         waiting.push_back(p);
                     }
                     match waiting.pop_front() {
                         Some(Some(ack)) => {
-                            let _ = ack.send(accepted);
+                            let _ = ack.send((accepted, shed));
                         }
                         Some(None) => {} // a keep-alive
                         None => return "the gateway acknowledged a batch never sent".into(),

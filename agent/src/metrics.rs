@@ -27,6 +27,8 @@ use metrics::{Counter, Gauge};
 use teeway_runtime::logging::Throttle;
 use teeway_runtime::metrics::Registry;
 
+use crate::pace::Pace;
+
 /// Requests seen by the agent's listener.
 pub const REQUESTS_TOTAL: &str = "teeway_agent_requests_total";
 /// Requests the mirror policy passed over: not sampled, a rule `off`, or a method not allowed
@@ -115,11 +117,14 @@ pub enum DropReason {
     NotMirrorable,
     /// The client went away before its request arrived whole.
     ClientAborted,
+    /// The gateway was shedding copies of the request's rule (every target full or over its
+    /// rate limit): the rule's pace passed this one over (see `mirror.follow_shedding`).
+    GatewayShedding,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::BodyTooLarge,
         DropReason::IncompleteBody,
         DropReason::QueueFull,
@@ -132,6 +137,7 @@ impl DropReason {
         DropReason::SpoolError,
         DropReason::NotMirrorable,
         DropReason::ClientAborted,
+        DropReason::GatewayShedding,
     ];
 
     /// The `reason` label value.
@@ -149,6 +155,7 @@ impl DropReason {
             DropReason::SpoolError => "spool_error",
             DropReason::NotMirrorable => "not_mirrorable",
             DropReason::ClientAborted => "client_aborted",
+            DropReason::GatewayShedding => "gateway_shedding",
         }
     }
 
@@ -165,7 +172,7 @@ pub struct Accounting {
     pub(crate) truncated: Counter,
     mirrored: Counter,
     spooled: Counter,
-    dropped: [Counter; 12],
+    dropped: [Counter; DropReason::ALL.len()],
     in_flight: Gauge,
     held_bytes_gauge: Gauge,
     pub(crate) uplink_connected: Gauge,
@@ -183,7 +190,7 @@ pub struct Accounting {
     held_bytes: AtomicU64,
     held_bytes_limit: u64,
     /// One log summary per drop reason (drops are counted always, logged in summary).
-    drop_logs: [Throttle; 12],
+    drop_logs: [Throttle; DropReason::ALL.len()],
     /// Primary failures, logged in summary for the same reason.
     pub(crate) primary_error_log: Throttle,
 }
@@ -322,6 +329,7 @@ impl Accounting {
         Ticket {
             accounting: Some(self.clone()),
             held: 0,
+            pace: None,
         }
     }
 
@@ -360,6 +368,8 @@ enum End {
 pub struct Ticket {
     accounting: Option<Arc<Accounting>>,
     held: u64,
+    /// The pace of the rule that chose the copy, told what the gateway made of it.
+    pace: Option<Arc<Pace>>,
 }
 
 impl Ticket {
@@ -395,6 +405,22 @@ impl Ticket {
         }
         self.held = total;
         Ok(())
+    }
+
+    /// Tells `pace` what the gateway makes of the copy.
+    pub(crate) fn paced_by(&mut self, pace: Arc<Pace>) {
+        self.pace = Some(pace);
+    }
+
+    /// The gateway acknowledged the copy; `shed`: it could not replay it anywhere. Returns the
+    /// pace it told, to be settled once the batch is counted.
+    pub(crate) fn acknowledged(mut self, shed: bool) -> Option<Arc<Pace>> {
+        let pace = self.pace.take();
+        if let Some(pace) = &pace {
+            pace.acknowledged(shed);
+        }
+        self.mirrored();
+        pace
     }
 
     /// The gateway acknowledged the copy.

@@ -37,8 +37,13 @@ use teeway_runtime::matching::{parse_method, RequestMatch};
 use teeway_runtime::metrics::Registry;
 use teeway_runtime::yaml::Value;
 
+use crate::pace::Pace;
+
 /// Requests matched by each rule (`rule="default"` for none).
 pub const RULE_MATCHED_TOTAL: &str = "teeway_agent_rule_matched_total";
+
+/// The share of each rule's sampled requests copied while the gateway sheds ([`Pace`]).
+pub const PACE_RATIO: &str = "teeway_agent_mirror_pace_ratio";
 
 /// The headers that never leave production unless `redact.pass` names them: the standard
 /// credentials, and the de-facto ones API gateways, cloud SDKs, CSRF protection and OAuth
@@ -124,6 +129,9 @@ pub struct Chosen<'a> {
     pub rule: Option<&'a Arc<str>>,
     /// The share of such requests copied.
     pub fraction: Fraction,
+    /// The rule's pace, which the gateway's shedding lowers; `None` with
+    /// `mirror.follow_shedding: false`.
+    pub(crate) pace: Option<&'a Arc<Pace>>,
 }
 
 impl Fraction {
@@ -158,6 +166,7 @@ pub struct Rule {
     /// What it decides.
     pub decision: Decision,
     matched: Counter,
+    pace: Arc<Pace>,
 }
 
 /// Where the consistent-sampling key is read.
@@ -447,7 +456,10 @@ pub struct MirrorPolicy {
     pub max_body_bytes: u64,
     /// Beyond it.
     pub over_limit: OverLimit,
+    /// `mirror.follow_shedding`: copies of a rule the gateway sheds are made less often.
+    pub follow_shedding: bool,
     default_matched: Option<Counter>,
+    default_pace: Arc<Pace>,
 }
 
 /// The parts of `mirror:` and `redact:` read from a document, before metrics are attached.
@@ -467,6 +479,8 @@ pub struct PolicyConfig {
     pub max_body_bytes: u64,
     /// See [`MirrorPolicy::over_limit`].
     pub over_limit: OverLimit,
+    /// See [`MirrorPolicy::follow_shedding`].
+    pub follow_shedding: bool,
 }
 
 impl PolicyConfig {
@@ -483,6 +497,7 @@ impl PolicyConfig {
             redaction: Redaction::default(),
             max_body_bytes,
             over_limit: OverLimit::Skip,
+            follow_shedding: true,
         }
     }
 
@@ -499,6 +514,16 @@ impl PolicyConfig {
                 )
             })
         };
+        let pace = |name: &str| {
+            let gauge = registry.map_or_else(metrics::Gauge::noop, |r| {
+                r.gauge_owned(
+                    PACE_RATIO,
+                    "Share of each mirror rule's sampled requests copied: below 1 while the gateway sheds them (mirror.follow_shedding)",
+                    &[("rule", name.to_owned())],
+                )
+            });
+            Arc::new(Pace::new(gauge))
+        };
         MirrorPolicy {
             rules: self
                 .rules
@@ -508,6 +533,7 @@ impl PolicyConfig {
                     matcher: matcher.clone(),
                     decision: decision.clone(),
                     matched: counter(name).unwrap_or_else(Counter::noop),
+                    pace: pace(name),
                 })
                 .collect(),
             default: self.default.clone(),
@@ -515,7 +541,9 @@ impl PolicyConfig {
             redaction: self.redaction.clone(),
             max_body_bytes: self.max_body_bytes,
             over_limit: self.over_limit,
+            follow_shedding: self.follow_shedding,
             default_matched: counter("default"),
+            default_pace: pace("default"),
         }
     }
 
@@ -553,6 +581,17 @@ impl PolicyConfig {
                 },
             )
             .unwrap_or(OverLimit::Skip);
+        let follow_shedding = m
+            .optional(
+                p,
+                "follow_shedding",
+                "use true (default: make fewer copies of what the gateway sheds) or false",
+                |v| {
+                    v.as_bool()
+                        .ok_or_else(|| "must be true or false".to_owned())
+                },
+            )
+            .unwrap_or(true);
         let mut rules = Vec::new();
         for mut r in m.sections(p, "rules") {
             let name = r
@@ -599,6 +638,7 @@ impl PolicyConfig {
             redaction,
             max_body_bytes,
             over_limit,
+            follow_shedding,
         }
     }
 }
@@ -633,16 +673,16 @@ impl MirrorPolicy {
             .rules
             .iter()
             .find(|r| r.matcher.matches(method, host, path, headers));
-        let decision = match rule {
+        let (decision, pace) = match rule {
             Some(rule) => {
                 rule.matched.increment(1);
-                &rule.decision
+                (&rule.decision, &rule.pace)
             }
             None => {
                 if let Some(c) = &self.default_matched {
                     c.increment(1);
                 }
-                &self.default
+                (&self.default, &self.default_pace)
             }
         };
         if decision
@@ -658,6 +698,7 @@ impl MirrorPolicy {
         let chosen = Chosen {
             rule: rule.map(|r| &r.name),
             fraction: decision.fraction,
+            pace: self.follow_shedding.then_some(pace),
         };
         if decision.fraction.threshold.is_none() {
             return Some(chosen);

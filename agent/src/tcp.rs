@@ -593,7 +593,7 @@ async fn run_copy(
     };
     let reason = match reply {
         Ok(Ok(reply)) => match Frame::decode(&mut BytesMut::from(&reply[..])) {
-            Ok(Some(Frame::Ack { accepted })) if accepted > 0 => return outcome.teed(),
+            Ok(Some(Frame::Ack { accepted, .. })) if accepted > 0 => return outcome.teed(),
             _ => TcpDropReason::Rejected,
         },
         Ok(Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)))) => TcpDropReason::Rejected,

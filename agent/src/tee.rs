@@ -139,6 +139,15 @@ impl Tee {
             ticket.dropped(DropReason::NoUplink);
             return None;
         }
+        // Copies the gateway would shed are not made at all (see `pace`), unless this agent
+        // archives them too: an archived copy is of use whatever the gateway makes of it.
+        if let (Some(pace), Some(_), None) = (chosen.pace, &self.uplink, &self.archive_also) {
+            if !pace.admits() {
+                ticket.dropped(DropReason::GatewayShedding);
+                return None;
+            }
+            ticket.paced_by(pace.clone());
+        }
         let meta = Meta {
             session: self.session,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),

@@ -68,12 +68,13 @@ use tokio_util::task::TaskTracker;
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::logging::Throttle;
 use teeway_wire::tls::TlsMaterial;
-use teeway_wire::{codes, Envelope, Frame, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
+use teeway_wire::{codes, Envelope, Frame, Shed, Welcome, MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
 
 use crate::config::GatewayConfig;
 use crate::error::UplinkError;
 use crate::link::{BatchFailure, ClientConfigs, Dialer, Link, Transport, AUTO_QUIC_TIMEOUT};
 use crate::metrics::{Accounting, DropReason, Ticket};
+use crate::pace::Pace;
 use crate::spool::{Share, Spool, SpoolDrop};
 
 /// Batches on the wire at once, across all links. Enough to keep a long-haul link busy (32
@@ -1293,16 +1294,27 @@ impl Accounts {
         }
     }
 
-    /// The gateway acknowledged the first `accepted` records and refused the rest.
-    fn acknowledged(self, accepted: u32) {
+    /// The gateway acknowledged the first `accepted` records (of which it shed `shed`) and
+    /// refused the rest.
+    fn acknowledged(self, accepted: u32, shed: &Shed) {
         match self {
             Accounts::Live(tickets) => {
+                // The paces told, each settled once (a batch's copies mostly share one).
+                let mut told: Vec<Arc<Pace>> = Vec::new();
                 for (i, ticket) in tickets.into_iter().enumerate() {
                     if i < accepted as usize {
-                        ticket.mirrored();
+                        if let Some(pace) = ticket.acknowledged(shed.contains(i)) {
+                            if !told.iter().any(|p| Arc::ptr_eq(p, &pace)) {
+                                told.push(pace);
+                            }
+                        }
                     } else {
                         ticket.dropped(DropReason::Rejected);
                     }
+                }
+                let now = std::time::Instant::now();
+                for pace in told {
+                    pace.settle(now);
                 }
             }
             Accounts::Spooled(share) => share.acknowledged(u64::from(accepted)),
@@ -1390,9 +1402,9 @@ async fn send_batch(mut sender: Sender, mut batch: Batch, permit: OwnedSemaphore
         drop(sending);
         let may_retry = sender.version >= 3 && Instant::now() < deadline;
         match outcome {
-            Ok(accepted) => {
+            Ok((accepted, shed)) => {
                 sender.sent.increment(bytes);
-                batch.accounts.acknowledged(accepted);
+                batch.accounts.acknowledged(accepted, &shed);
                 return;
             }
             // Refused while reading (no room): not dispatched; try again a little later. (On

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::task::TaskTracker;
 
-use teeway_wire::{Envelope, MirroredRequest, Welcome};
+use teeway_wire::{Envelope, Frame, MirroredRequest, Shed, Welcome};
 
 use crate::budget::{Budget, ConnectionBudget, MAX_STREAM_BYTES};
 use crate::metrics::{FailReason, GatewayMetrics, SkipReason};
@@ -119,20 +119,23 @@ impl Dispatcher {
         }
     }
 
-    /// Takes a whole batch from `identity`: dispatches its records unless `id` names a batch
-    /// received already; returns how many records the ACK acknowledges (all of them either way).
+    /// Takes a whole batch from `identity`, an agent of protocol `version`: dispatches its records
+    /// unless `id` names a batch received already, and answers with the `ACK`: every record
+    /// accepted, and (version 6) those no target could take marked shed.
     pub(crate) fn take_batch(
         &self,
+        version: u16,
         id: Option<teeway_wire::BatchId>,
         records: Vec<Envelope>,
         identity: &Arc<str>,
-    ) -> u32 {
+    ) -> Frame {
         let accepted = u32::try_from(records.len()).unwrap_or(u32::MAX);
+        let mut shed = Shed::default();
         if let Some(id) = id {
             match self.dedupe.mark(identity, id.session, id.seq) {
                 crate::dedupe::Verdict::Duplicate => {
                     self.metrics.duplicates.increment(u64::from(accepted));
-                    return accepted;
+                    return Frame::Ack { accepted, shed };
                 }
                 crate::dedupe::Verdict::New | crate::dedupe::Verdict::Unknown if id.retry => {
                     self.metrics.retried.increment(u64::from(accepted));
@@ -140,39 +143,55 @@ impl Dispatcher {
                 _ => {}
             }
         }
-        for mut record in records {
+        for (index, mut record) in records.into_iter().enumerate() {
             // Who sent it is what the certificate says, whatever the agent wrote.
             record.meta_mut().source_identity = identity.clone();
-            self.dispatch(record, identity);
+            if self.dispatch(record, identity) == Taken::Shed && version >= 6 {
+                shed.insert(index);
+            }
         }
-        accepted
+        Frame::Ack { accepted, shed }
     }
 
     /// Counts `record` from the agent `identity`, archives it, and hands it to the replayer of
     /// its kind; never waits.
-    pub(crate) fn dispatch(&self, record: Envelope, identity: &Arc<str>) {
+    pub(crate) fn dispatch(&self, record: Envelope, identity: &Arc<str>) -> Taken {
         self.metrics.received.increment(1);
         let routing = self.routing.load();
         if let Some(archive) = &self.archive {
             archive.try_submit(record.clone(), None);
             if routing.router.is_empty() {
                 // A capture-only gateway: the archive is the destination.
-                return;
+                return Taken::Kept;
             }
         }
-        match record {
+        let taken = match record {
             Envelope::HttpRequest(request) => self.dispatch_http(request, identity, &routing),
             // Only HTTP requests have a replayer (RPC replayers will sit beside it); anything
             // else has no route here, and is counted so.
-            Envelope::HttpResponse(_) | Envelope::Other { .. } => self.metrics.no_route(),
+            Envelope::HttpResponse(_) | Envelope::Other { .. } => {
+                self.metrics.no_route();
+                Taken::Kept
+            }
+        };
+        // An archived copy was of use, whatever its targets made of it.
+        if self.archive.is_some() {
+            Taken::Kept
+        } else {
+            taken
         }
     }
 
     /// Routes an HTTP request's copy and starts its replays.
-    fn dispatch_http(&self, record: MirroredRequest, identity: &Arc<str>, routing: &Routing) {
+    fn dispatch_http(
+        &self,
+        record: MirroredRequest,
+        identity: &Arc<str>,
+        routing: &Routing,
+    ) -> Taken {
         let Some(route) = routing.router.route(&record, identity) else {
             self.metrics.no_route();
-            return;
+            return Taken::Kept;
         };
         let record = Arc::new(record);
         let pending = self.observers.exchange(&record, identity, &route.name, || {
@@ -188,9 +207,11 @@ impl Dispatcher {
                 handles.skipped(SkipReason::Truncated);
                 report(index, Outcome::Skipped(SkipReason::Truncated));
             }
-            return;
+            return Taken::Kept;
         }
         let capture = self.observers.capture();
+        // Shed unless a target takes it, if any target was full or over its rate.
+        let mut taken = Taken::Kept;
         for (index, (target, handles)) in route.targets.iter().enumerate() {
             let slot = match target.admit(&record) {
                 Ok(slot) => slot,
@@ -199,17 +220,21 @@ impl Dispatcher {
                     report(index, Outcome::Skipped(SkipReason::NotSampled));
                     continue;
                 }
-                Err(Refusal::RateLimited) => {
-                    self.metrics.failed(handles, FailReason::RateLimited);
-                    report(index, Outcome::Failed(FailReason::RateLimited));
-                    continue;
-                }
-                Err(Refusal::Overloaded) => {
-                    self.metrics.failed(handles, FailReason::Overloaded);
-                    report(index, Outcome::Failed(FailReason::Overloaded));
+                Err(refusal @ (Refusal::RateLimited | Refusal::Overloaded)) => {
+                    let reason = if refusal == Refusal::RateLimited {
+                        FailReason::RateLimited
+                    } else {
+                        FailReason::Overloaded
+                    };
+                    self.metrics.failed(handles, reason);
+                    report(index, Outcome::Failed(reason));
+                    if taken == Taken::Kept {
+                        taken = Taken::Shed;
+                    }
                     continue;
                 }
             };
+            taken = Taken::Replayed;
             // In flight from admission, not from when the task first runs, so the identity
             // holds at every scrape.
             self.metrics.in_flight.increment(1.0);
@@ -235,7 +260,20 @@ impl Dispatcher {
                 }
             });
         }
+        taken
     }
+}
+
+/// What became of a record at dispatch: what the agent learns of it in the `ACK`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Taken {
+    /// At least one target is replaying it (or waits briefly for a slot).
+    Replayed,
+    /// Every target that would replay it was full or over its rate limit, and no archive kept
+    /// it: a copy nobody could take, which the agent is told of so that it makes fewer.
+    Shed,
+    /// Anything else: archived, no route, skipped by every target, or not of a kind replayed.
+    Kept,
 }
 
 /// Why a stream (or, over TLS, a connection's batch) was refused.

@@ -325,7 +325,11 @@ fn abandon_all(replaying: Vec<Replaying>, result: TcpResult) {
 /// Answers a stream taken whole: `ACK(accepted)`, then waits for it to be delivered.
 async fn answer(send: &mut SendStream, accepted: u32) {
     let mut out = BytesMut::new();
-    Frame::Ack { accepted }.encode(&mut out);
+    Frame::Ack {
+        accepted,
+        shed: teeway_wire::Shed::default(),
+    }
+    .encode(&mut out);
     if send.write_all(&out).await.is_ok() {
         let _ = send.finish();
         let _ = send.stopped().await;

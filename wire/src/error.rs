@@ -28,6 +28,9 @@ pub enum DecodeError {
     /// The frame has bytes left over after its last field.
     #[error("{0} bytes left over at the end of the frame")]
     TrailingBytes(usize),
+    /// A field's value is outside what the protocol allows.
+    #[error("field `{0}` is out of range")]
+    OutOfRange(&'static str),
     /// A text field is not UTF-8.
     #[error("field `{0}` is not valid UTF-8")]
     InvalidUtf8(&'static str),

@@ -32,7 +32,7 @@ use crate::fields::{
     str16_len, take,
 };
 use crate::record::{version_code, Envelope, Meta, MirroredRequest};
-use crate::MAX_FRAME_LEN;
+use crate::{MAX_BATCH_RECORDS, MAX_FRAME_LEN};
 
 /// Length of the frame prefix.
 pub const PREFIX_LEN: usize = 4;
@@ -67,10 +67,13 @@ pub enum Frame {
     /// stream holds one or more.
     Envelope(Envelope),
     /// Gateway to agent, the only frame on the gateway's side of a batch stream: how many of the
-    /// batch's records it accepted.
+    /// batch's records it accepted, and (version 6) which of those it shed.
     Ack {
         /// Records accepted; the agent counts the rest of the batch as rejected.
         accepted: u32,
+        /// Accepted records no target could take (version 6; empty before, and never sent to
+        /// an agent of an older version): the agent makes fewer such copies.
+        shed: Shed,
     },
     /// Agent to gateway, TLS-over-TCP transport only: the batch before it is complete (on QUIC
     /// the end of the stream says so). A batch may be empty: an `END` alone is a keep-alive,
@@ -85,6 +88,74 @@ pub enum Frame {
     /// Agent to gateway, protocol 3: the first frame of a batch, naming it so that a batch sent
     /// again (its acknowledgement lost or late) is recognised and not replayed twice.
     Batch(BatchId),
+}
+
+/// Which records of a batch the gateway shed (`ACK`, version 6): it accepted them, but every
+/// target they were routed to was at its concurrency or rate limit and no archive kept them.
+/// Bit `i` stands for the batch's record `i`, counted from 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shed([u64; MAX_BATCH_RECORDS / 64]);
+
+impl FromIterator<usize> for Shed {
+    fn from_iter<I: IntoIterator<Item = usize>>(indexes: I) -> Self {
+        let mut shed = Self::default();
+        for index in indexes {
+            shed.insert(index);
+        }
+        shed
+    }
+}
+
+impl Shed {
+    /// Most bytes the field's bitmap takes: one bit per record of a full batch.
+    const MAX_BYTES: usize = MAX_BATCH_RECORDS / 8;
+
+    /// Marks record `index` shed; indexes past a full batch are ignored.
+    pub fn insert(&mut self, index: usize) {
+        if let Some(word) = self.0.get_mut(index / 64) {
+            *word |= 1 << (index % 64);
+        }
+    }
+
+    /// Whether record `index` was shed.
+    pub fn contains(&self, index: usize) -> bool {
+        self.0
+            .get(index / 64)
+            .is_some_and(|word| word & (1 << (index % 64)) != 0)
+    }
+
+    /// Whether no record was shed.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|word| *word == 0)
+    }
+
+    /// How many records were shed.
+    pub fn len(&self) -> u32 {
+        self.0.iter().map(|word| word.count_ones()).sum()
+    }
+
+    /// The bitmap's bytes, record 0 in the low bit of the first, without trailing zero bytes.
+    fn bytes(&self) -> ([u8; Self::MAX_BYTES], usize) {
+        let mut out = [0u8; Self::MAX_BYTES];
+        for (i, word) in self.0.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&word.to_le_bytes());
+        }
+        let used = out.iter().rposition(|b| *b != 0).map_or(0, |last| last + 1);
+        (out, used)
+    }
+
+    fn decode(src: &mut Bytes) -> Result<Self, DecodeError> {
+        let len = usize::from(get_u8(src, "shed")?);
+        if len > Self::MAX_BYTES {
+            return Err(DecodeError::OutOfRange("shed"));
+        }
+        let bitmap = take(src, len, "shed")?;
+        let mut shed = Self::default();
+        for (i, byte) in bitmap.iter().enumerate() {
+            shed.0[i / 8] |= u64::from(*byte) << ((i % 8) * 8);
+        }
+        Ok(shed)
+    }
 }
 
 /// Which batch a `BATCH` frame opens.
@@ -167,9 +238,14 @@ impl Frame {
                 dst.put_u8(TYPE_ENVELOPE);
                 crate::envelope::encode(envelope, dst);
             }
-            Frame::Ack { accepted } => {
+            Frame::Ack { accepted, shed } => {
                 dst.put_u8(TYPE_ACK);
                 dst.put_u32(*accepted);
+                if !shed.is_empty() {
+                    let (bitmap, used) = shed.bytes();
+                    dst.put_u8(used as u8);
+                    dst.put_slice(&bitmap[..used]);
+                }
             }
             Frame::End => dst.put_u8(TYPE_END),
             Frame::TcpOpen(open) => {
@@ -208,7 +284,8 @@ impl Frame {
                 }
                 Frame::Request(r) => request_len(r),
                 Frame::Envelope(e) => crate::envelope::encoded_len(e),
-                Frame::Ack { .. } => 4,
+                Frame::Ack { shed, .. } if shed.is_empty() => 4,
+                Frame::Ack { shed, .. } => 4 + 1 + shed.bytes().1,
                 Frame::End => 0,
                 Frame::TcpOpen(o) => 8 + 8 + str16_len(&o.source_cluster) + str16_len(&o.listener),
                 Frame::TcpData(data) => 4 + data.len(),
@@ -264,6 +341,12 @@ impl Frame {
             TYPE_ENVELOPE => Frame::Envelope(crate::envelope::decode(&mut payload)?),
             TYPE_ACK => Frame::Ack {
                 accepted: get_u32(&mut payload, "accepted")?,
+                // Version 6 appends it when any record was shed; absent before.
+                shed: if payload.has_remaining() {
+                    Shed::decode(&mut payload)?
+                } else {
+                    Shed::default()
+                },
             },
             TYPE_END => Frame::End,
             TYPE_TCP_OPEN => Frame::TcpOpen(TcpOpen {
@@ -497,6 +580,36 @@ mod tests {
         }
     }
 
+    fn ack(accepted: u32) -> Frame {
+        Frame::Ack {
+            accepted,
+            shed: Shed::default(),
+        }
+    }
+
+    #[test]
+    fn shed_bitmap_names_records_by_index() {
+        let shed: Shed = [0, 9, 255, 256].into_iter().collect();
+        assert!(shed.contains(0) && shed.contains(9) && shed.contains(255));
+        assert!(
+            !shed.contains(1) && !shed.contains(256),
+            "past a full batch nothing is shed"
+        );
+        assert_eq!(shed.len(), 3);
+        // Record 9 is the second byte's bit 1; the bitmap ends with its last non-zero byte.
+        let mut buf = BytesMut::new();
+        Frame::Ack {
+            accepted: 10,
+            shed: [9].into_iter().collect(),
+        }
+        .encode(&mut buf);
+        assert_eq!(&buf[..], &[0, 0, 0, 8, TYPE_ACK, 0, 0, 0, 10, 2, 0, 0b10]);
+        // A version 5 ACK (nothing shed) is exactly what version 5 sent.
+        let mut buf = BytesMut::new();
+        ack(10).encode(&mut buf);
+        assert_eq!(&buf[..], &[0, 0, 0, 5, TYPE_ACK, 0, 0, 0, 10]);
+    }
+
     fn round_trip(frame: &Frame) -> Frame {
         let mut buf = BytesMut::new();
         frame.encode(&mut buf);
@@ -604,7 +717,14 @@ mod tests {
                 software: "teeway 0.1.0".into(),
                 gateway_instance: 0x1234_5678_9abc_def0,
             }),
-            Frame::Ack { accepted: 7 },
+            Frame::Ack {
+                accepted: 7,
+                shed: Shed::default(),
+            },
+            Frame::Ack {
+                accepted: 256,
+                shed: [0, 9, 63, 64, 255].into_iter().collect(),
+            },
             Frame::End,
         ] {
             assert_eq!(round_trip(&frame), frame);
@@ -638,16 +758,10 @@ mod tests {
     #[test]
     fn two_frames_back_to_back() {
         let mut buf = BytesMut::new();
-        Frame::Ack { accepted: 1 }.encode(&mut buf);
-        Frame::Ack { accepted: 2 }.encode(&mut buf);
-        assert_eq!(
-            Frame::decode(&mut buf),
-            Ok(Some(Frame::Ack { accepted: 1 }))
-        );
-        assert_eq!(
-            Frame::decode(&mut buf),
-            Ok(Some(Frame::Ack { accepted: 2 }))
-        );
+        ack(1).encode(&mut buf);
+        ack(2).encode(&mut buf);
+        assert_eq!(Frame::decode(&mut buf), Ok(Some(ack(1))));
+        assert_eq!(Frame::decode(&mut buf), Ok(Some(ack(2))));
         assert_eq!(Frame::decode(&mut buf), Ok(None));
     }
 
@@ -673,8 +787,16 @@ mod tests {
                 DecodeError::Truncated("accepted"),
             ),
             (
-                &[0, 0, 0, 6, TYPE_ACK, 0, 0, 0, 1, 9],
+                &[0, 0, 0, 8, TYPE_ACK, 0, 0, 0, 1, 1, 9, 9],
                 DecodeError::TrailingBytes(1),
+            ),
+            (
+                &[0, 0, 0, 7, TYPE_ACK, 0, 0, 0, 1, 2, 9],
+                DecodeError::Truncated("shed"),
+            ),
+            (
+                &[0, 0, 0, 6, TYPE_ACK, 0, 0, 0, 1, 33],
+                DecodeError::OutOfRange("shed"),
             ),
         ];
         for (bytes, want) in cases {

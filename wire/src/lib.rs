@@ -1,7 +1,7 @@
 //! The teeway protocol, shared by the agent and the gateway. Sans-IO: nothing here opens a socket.
 //!
 //! An agent tees copies of production requests to a gateway over one QUIC connection with mutual
-//! TLS. The ALPN protocol id [`ALPN`] (`teeway/5`) names the protocol version; every stream on the
+//! TLS. The ALPN protocol id [`ALPN`] (`teeway/6`) names the protocol version; every stream on the
 //! connection is a sequence of length-prefixed [`Frame`]s. `docs/protocol.md` is the normative
 //! description of the bytes; this crate is its reference implementation.
 //!
@@ -40,15 +40,20 @@ pub mod tls;
 
 pub use error::{DecodeError, TlsError};
 pub use frame::RequestFrame;
-pub use frame::{BatchId, Frame, Hello, TcpOpen, Welcome};
+pub use frame::{BatchId, Frame, Hello, Shed, TcpOpen, Welcome};
 pub use record::{Envelope, Meta, MirroredRequest, ResponseOrigin, ResponseRecord, Sampling};
 
-/// The ALPN protocol id of this protocol version, first in both ends' lists. Version 5 carries
-/// records as envelopes (`ENVELOPE`: metadata every kind shares, then the protocol's part);
+/// The ALPN protocol id of this protocol version, first in both ends' lists. Version 6 says in
+/// `ACK` which records the gateway shed (so agents make fewer copies nobody can take); version 5
+/// carries records as envelopes (`ENVELOPE`: metadata every kind shares, then the protocol's part);
 /// version 4 added the gateway's instance to `WELCOME` (an agent sends a batch again on a new connection only to
 /// the same gateway process); version 3 the `BATCH` frame (batches named, so one sent again is
 /// delivered once); version 2 the TCP tee streams (`TCP_OPEN`, `TCP_DATA`).
-pub const ALPN: &[u8] = b"teeway/5";
+pub const ALPN: &[u8] = b"teeway/6";
+
+/// The ALPN id of version 5 (`ACK` without `shed`): accepted and offered by both ends, so that
+/// either may be upgraded first.
+pub const ALPN_V5: &[u8] = b"teeway/5";
 
 /// The ALPN id of version 4 (records as `REQUEST` frames): accepted and offered by both ends, so
 /// that either may be upgraded first.
@@ -67,12 +72,13 @@ pub const ALPN_V2: &[u8] = b"teeway/2";
 pub const ALPN_V1: &[u8] = b"teeway/1";
 
 /// The protocol version number carried in the `HELLO` and `WELCOME` frames.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The version an ALPN id names (`None`: not teeway).
 pub fn version_of_alpn(alpn: &[u8]) -> Option<u16> {
     match alpn {
-        ALPN => Some(5),
+        ALPN => Some(6),
+        ALPN_V5 => Some(5),
         ALPN_V4 => Some(4),
         ALPN_V3 => Some(3),
         ALPN_V2 => Some(2),

@@ -168,6 +168,7 @@ pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, Tls
     // Newest first: rustls picks the server's first protocol the client offers.
     config.alpn_protocols = vec![
         crate::ALPN.to_vec(),
+        crate::ALPN_V5.to_vec(),
         crate::ALPN_V4.to_vec(),
         crate::ALPN_V3.to_vec(),
         crate::ALPN_V2.to_vec(),
@@ -215,6 +216,7 @@ pub fn client_config(material: &TlsMaterial) -> Result<rustls::ClientConfig, Tls
     // batches).
     config.alpn_protocols = vec![
         crate::ALPN.to_vec(),
+        crate::ALPN_V5.to_vec(),
         crate::ALPN_V4.to_vec(),
         crate::ALPN_V3.to_vec(),
         crate::ALPN_V2.to_vec(),
@@ -337,6 +339,7 @@ mod tests {
         assert_eq!(
             server.alpn_protocols,
             vec![
+                b"teeway/6".to_vec(),
                 b"teeway/5".to_vec(),
                 b"teeway/4".to_vec(),
                 b"teeway/3".to_vec(),
@@ -347,6 +350,7 @@ mod tests {
         assert_eq!(
             client.alpn_protocols,
             vec![
+                b"teeway/6".to_vec(),
                 b"teeway/5".to_vec(),
                 b"teeway/4".to_vec(),
                 b"teeway/3".to_vec(),

@@ -282,9 +282,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
                 && frames.iter().all(|f| super::is_record(f, version)) =>
         {
             let records = records(frames, version);
-            Ok(Frame::Ack {
-                accepted: dispatcher.take_batch(None, records, identity),
-            })
+            Ok(dispatcher.take_batch(version, None, records, identity))
         }
         // Protocol 3: a named batch.
         (None, Some(Frame::Batch(id)))
@@ -294,9 +292,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
         {
             let id = *id;
             let records = records(frames, version);
-            Ok(Frame::Ack {
-                accepted: dispatcher.take_batch(Some(id), records, identity),
-            })
+            Ok(dispatcher.take_batch(version, Some(id), records, identity))
         }
         (None, Some(_)) => {
             Err("frames out of place (an agent sends one HELLO, or records: REQUEST frames, after a BATCH from protocol 3, ENVELOPE frames instead from protocol 5)".to_owned())

@@ -177,7 +177,7 @@ async fn exchange(
         .and_then(teeway_wire::version_of_alpn)
     else {
         return Refused::Protocol(
-            "no teeway protocol version agreed in the TLS handshake (agents offer ALPN teeway/5 to teeway/2)".into(),
+            "no teeway protocol version agreed in the TLS handshake (agents offer ALPN teeway/6 to teeway/2)".into(),
         )
         .into();
     };
@@ -223,11 +223,15 @@ async fn exchange(
                     dispatcher.unauthorized(identity);
                     return End::Gone("no longer in agents.allow".into());
                 }
-                let accepted =
-                    dispatcher.take_batch(batch_id.take(), std::mem::take(&mut batch), identity);
+                let ack = dispatcher.take_batch(
+                    version,
+                    batch_id.take(),
+                    std::mem::take(&mut batch),
+                    identity,
+                );
                 held = share.hold();
                 deadline = None;
-                Frame::Ack { accepted }.encode(&mut out);
+                ack.encode(&mut out);
                 if let Err(end) = write(stream, &mut out).await {
                     return end;
                 }
