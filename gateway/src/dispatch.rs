@@ -210,11 +210,20 @@ impl Dispatcher {
             return Taken::Kept;
         }
         let capture = self.observers.capture();
-        // Shed unless a target takes it, if any target was full or over its rate.
+        // Shed unless a target replays it at once, if any target was full or over its rate.
         let mut taken = Taken::Kept;
         for (index, (target, handles)) in route.targets.iter().enumerate() {
             let slot = match target.admit(&record) {
-                Ok(slot) => slot,
+                Ok(slot) => {
+                    // A record that must wait for a slot found the target full: under
+                    // sustained load the wait ends in `overloaded`, after the ACK has gone.
+                    if slot.is_held() {
+                        taken = Taken::Replayed;
+                    } else if taken == Taken::Kept {
+                        taken = Taken::Shed;
+                    }
+                    slot
+                }
                 Err(Refusal::NotSampled) => {
                     handles.skipped(SkipReason::NotSampled);
                     report(index, Outcome::Skipped(SkipReason::NotSampled));
@@ -234,7 +243,6 @@ impl Dispatcher {
                     continue;
                 }
             };
-            taken = Taken::Replayed;
             // In flight from admission, not from when the task first runs, so the identity
             // holds at every scrape.
             self.metrics.in_flight.increment(1.0);
@@ -267,10 +275,11 @@ impl Dispatcher {
 /// What became of a record at dispatch: what the agent learns of it in the `ACK`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Taken {
-    /// At least one target is replaying it (or waits briefly for a slot).
+    /// At least one target is replaying it.
     Replayed,
-    /// Every target that would replay it was full or over its rate limit, and no archive kept
-    /// it: a copy nobody could take, which the agent is told of so that it makes fewer.
+    /// Every target that would replay it was full (it was dropped, or waits briefly for a slot)
+    /// or over its rate limit, and no archive kept it: a copy the targets could not take, which
+    /// the agent is told of so that it makes fewer.
     Shed,
     /// Anything else: archived, no route, skipped by every target, or not of a kind replayed.
     Kept,

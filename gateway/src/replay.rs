@@ -150,6 +150,11 @@ impl Drop for WaitingSlot {
 }
 
 impl Slot {
+    /// Whether the slot was free at once (not a place among those waiting for one).
+    pub fn is_held(&self) -> bool {
+        matches!(self, Slot::Held(_))
+    }
+
     /// The slot: at once, or after waiting up to [`SLOT_WAIT`]; `None` if none came free.
     pub async fn take(self) -> Option<OwnedSemaphorePermit> {
         match self {
