@@ -33,7 +33,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use metrics::Counter;
 
 use teeway_runtime::config::{self as cfg, Problems, Section};
-use teeway_runtime::matching::{parse_method, RequestMatch};
+use teeway_runtime::matching::{field_text, parse_method, Fields, RequestMatch};
 use teeway_runtime::metrics::Registry;
 use teeway_runtime::yaml::Value;
 
@@ -460,6 +460,8 @@ pub struct MirrorPolicy {
     pub follow_shedding: bool,
     default_matched: Option<Counter>,
     default_pace: Arc<Pace>,
+    /// See [`MirrorPolicy::reads_proxied_fields`].
+    reads_proxied_fields: bool,
 }
 
 /// The parts of `mirror:` and `redact:` read from a document, before metrics are attached.
@@ -499,6 +501,21 @@ impl PolicyConfig {
             over_limit: OverLimit::Skip,
             follow_shedding: true,
         }
+    }
+
+    /// See [`MirrorPolicy::reads_proxied_fields`].
+    fn reads_proxied_fields(&self) -> bool {
+        let by_rules = self
+            .rules
+            .iter()
+            .flat_map(|(_, matcher, _)| matcher.headers.iter().map(|(name, _)| name));
+        let by_key = match &self.sample_by {
+            Some(SampleKey::Header(name)) => Some(name),
+            _ => None,
+        };
+        by_rules
+            .chain(by_key)
+            .any(|name| PROXIED_FIELDS.contains(&name.as_str()))
     }
 
     /// The policy, with its per-rule counters registered in `registry` (or found there, after a
@@ -544,6 +561,7 @@ impl PolicyConfig {
             follow_shedding: self.follow_shedding,
             default_matched: counter("default"),
             default_pace: pace("default"),
+            reads_proxied_fields: self.reads_proxied_fields(),
         }
     }
 
@@ -667,12 +685,23 @@ impl MirrorPolicy {
         headers: &HeaderMap,
         draw: impl FnOnce() -> u64,
     ) -> Option<Chosen<'_>> {
-        let host = request_host(uri, headers);
-        let path = uri.path();
+        self.decide_on(method, Target::of(uri), headers, draw)
+    }
+
+    /// [`MirrorPolicy::decide`] on a request's parts: its target, and its fields however they
+    /// are held.
+    pub fn decide_on(
+        &self,
+        method: &Method,
+        target: Target<'_>,
+        fields: &impl Fields,
+        draw: impl FnOnce() -> u64,
+    ) -> Option<Chosen<'_>> {
+        let host = target.host(fields);
         let rule = self
             .rules
             .iter()
-            .find(|r| r.matcher.matches(method, host, path, headers));
+            .find(|r| r.matcher.matches(method, host, target.path, fields));
         let (decision, pace) = match rule {
             Some(rule) => {
                 rule.matched.increment(1);
@@ -703,17 +732,24 @@ impl MirrorPolicy {
         if decision.fraction.threshold.is_none() {
             return Some(chosen);
         }
-        let d = match self.sample_key(uri, headers) {
+        let d = match self.sample_key(&target, fields) {
             Some(key) => key_hash(key),
             None => draw(),
         };
         decision.fraction.takes(d).then_some(chosen)
     }
 
-    fn sample_key<'a>(&self, uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a [u8]> {
+    /// Whether deciding reads a field the proxy changes on the way to the primary (hop-by-hop
+    /// fields, `x-forwarded-for`, `x-forwarded-proto`, `via`): a request must then be decided on
+    /// its fields as the primary gets them, not as the client sent them.
+    pub fn reads_proxied_fields(&self) -> bool {
+        self.reads_proxied_fields
+    }
+
+    fn sample_key<'a>(&self, target: &Target<'a>, fields: &'a impl Fields) -> Option<&'a [u8]> {
         match self.sample_by.as_ref()? {
-            SampleKey::Header(name) => headers.get(name).map(HeaderValue::as_bytes),
-            SampleKey::Query(name) => uri.query()?.split('&').find_map(|pair| {
+            SampleKey::Header(name) => fields.first(name),
+            SampleKey::Query(name) => target.query?.split('&').find_map(|pair| {
                 let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
                 (n == name).then_some(v.as_bytes())
             }),
@@ -721,19 +757,76 @@ impl MirrorPolicy {
     }
 }
 
+/// The fields the proxy changes on the way to the primary: a rule reading one of them decides
+/// on the primary's view of the request.
+const PROXIED_FIELDS: [&str; 12] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "via",
+    "forwarded",
+];
+
+/// What a policy reads of a request's target.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The host of the URI's authority (HTTP/2, absolute-form); `None`: the `Host` field names it.
+    pub authority: Option<&'a str>,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The query, without the `?`.
+    pub query: Option<&'a str>,
+}
+
+impl<'a> Target<'a> {
+    /// A URI's parts.
+    pub fn of(uri: &'a Uri) -> Self {
+        Self {
+            authority: uri.authority().map(http::uri::Authority::host),
+            path: uri.path(),
+            query: uri.query(),
+        }
+    }
+
+    /// An origin-form request target's parts (`/path?query`).
+    pub fn origin_form(target: &'a str) -> Self {
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (target, None),
+        };
+        Self {
+            authority: None,
+            path: if path.is_empty() { "/" } else { path },
+            query,
+        }
+    }
+
+    /// The host the request names: the authority's, or the `Host` field's without its port.
+    pub fn host(&self, fields: &'a impl Fields) -> Option<&'a str> {
+        if let Some(host) = self.authority {
+            return Some(host);
+        }
+        let host = field_text(fields.first(&http::header::HOST)?)?;
+        if let Some(rest) = host.strip_prefix('[') {
+            return rest.split_once(']').map(|(v6, _)| v6);
+        }
+        Some(match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        })
+    }
+}
+
 /// The host a request names: its URI authority (HTTP/2, absolute-form) or its Host header.
 pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
-    if let Some(a) = uri.authority() {
-        return Some(a.host());
-    }
-    let host = headers.get(http::header::HOST)?.to_str().ok()?;
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split_once(']').map(|(v6, _)| v6);
-    }
-    Some(match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    })
+    Target::of(uri).host(headers)
 }
 
 /// A fixed, documented hash of a sampling key: FNV-1a 64 then the SplitMix64 finalizer (FNV
@@ -906,11 +999,18 @@ fn read_redaction(root: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> 
     }
 }
 
+/// A policy read from an agent document's `mirror:` and `redact:` (`percentage` 100 unless
+/// given, `max_body_bytes` 1 KiB), for tests.
+#[cfg(test)]
+pub(crate) fn test_policy(yaml: &str) -> Result<MirrorPolicy, String> {
+    tests::policy(yaml)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn policy(yaml: &str) -> Result<MirrorPolicy, String> {
+    pub(super) fn policy(yaml: &str) -> Result<MirrorPolicy, String> {
         let doc = teeway_runtime::yaml::parse(yaml).expect("yaml");
         let mut p = Problems::default();
         let mut root = Section::root(&doc, &mut p);

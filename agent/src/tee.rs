@@ -23,12 +23,13 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
+use teeway_runtime::matching::Fields;
 use teeway_wire::record::empty;
 use teeway_wire::{Meta, RequestFrame, Sampling};
 use tokio::sync::mpsc;
 
 use crate::metrics::{Accounting, DropReason, Ticket};
-use crate::policy::{MirrorPolicy, OverLimit};
+use crate::policy::{Chosen, MirrorPolicy, OverLimit, Target};
 use crate::uplink::{Queued, UplinkState};
 use teeway_archive::Archive;
 
@@ -130,7 +131,63 @@ impl Tee {
         // A guard for the decision (no reference count touched); an owned `Arc` only for the
         // sampled requests whose copy keeps the policy it was admitted under.
         let policy = self.policy.load();
-        let Some(chosen) = policy.decide(method, uri, &headers, || fastrand::u64(..)) else {
+        let (ticket, meta) =
+            self.decided(policy.decide(method, uri, &headers, || fastrand::u64(..)))?;
+        let policy = arc_swap::Guard::into_inner(policy);
+        self.copy(policy, ticket, &meta, method, uri, version, headers)
+    }
+
+    /// [`Tee::admit`] for an HTTP/1.1 head read in place: decided on the client's fields as they
+    /// came (`target` is origin-form), with no `HeaderMap` made unless the request is copied;
+    /// then `head` makes the copy's URI and fields, as the primary gets them. A policy that
+    /// reads fields the proxy changes decides on `head`'s fields instead.
+    pub fn admit_parsed(
+        self: &Arc<Self>,
+        method: &Method,
+        target: &str,
+        fields: &impl Fields,
+        head: impl FnOnce() -> Option<(Uri, HeaderMap)>,
+    ) -> Option<Admitted> {
+        let policy = self.policy.load();
+        if policy.reads_proxied_fields() {
+            drop(policy);
+            let Some((uri, headers)) = head() else {
+                return self.unmakeable();
+            };
+            return self.admit_owned(method, &uri, Version::HTTP_11, headers);
+        }
+        self.accounting.requests.increment(1);
+        let target = Target::origin_form(target);
+        let chosen = policy.decide_on(method, target, fields, || fastrand::u64(..));
+        let (ticket, meta) = self.decided(chosen)?;
+        let policy = arc_swap::Guard::into_inner(policy);
+        let Some((uri, headers)) = head() else {
+            ticket.dropped(DropReason::NotMirrorable);
+            return None;
+        };
+        self.copy(
+            policy,
+            ticket,
+            &meta,
+            method,
+            &uri,
+            Version::HTTP_11,
+            Cow::Owned(headers),
+        )
+    }
+
+    /// Counts a request whose copy's head could not be made (never, for heads the HTTP/1 path
+    /// takes): `not_mirrorable`.
+    fn unmakeable(&self) -> Option<Admitted> {
+        self.accounting.requests.increment(1);
+        self.accounting.ticket().dropped(DropReason::NotMirrorable);
+        None
+    }
+
+    /// After the policy's decision: `None` for a request not copied (counted: not sampled, no
+    /// uplink, or passed over by its rule's pace); else the copy's account and metadata.
+    fn decided(&self, chosen: Option<Chosen<'_>>) -> Option<(Ticket, Meta)> {
+        let Some(chosen) = chosen else {
             self.accounting.not_sampled.increment(1);
             return None;
         };
@@ -162,7 +219,21 @@ impl Tee {
             },
             extra: Bytes::new(),
         };
-        let policy = arc_swap::Guard::into_inner(policy);
+        Some((ticket, meta))
+    }
+
+    /// Makes a sampled request's copy: its redacted head encoded, room set aside for its body.
+    #[allow(clippy::too_many_arguments)]
+    fn copy(
+        &self,
+        policy: Arc<MirrorPolicy>,
+        mut ticket: Ticket,
+        meta: &Meta,
+        method: &Method,
+        uri: &Uri,
+        version: Version,
+        headers: Cow<'_, HeaderMap>,
+    ) -> Option<Admitted> {
         // Room for the body as announced (no more than is kept, and no more than a client that
         // announces much and sends little could make the agent set aside up front): such a
         // body is copied once, into a buffer of its size.
@@ -175,7 +246,7 @@ impl Tee {
         let uri = policy.redaction.apply(&mut copy_headers, uri);
         let max_body_bytes = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
         let frame = RequestFrame::new(
-            &meta,
+            meta,
             method,
             &uri,
             version,

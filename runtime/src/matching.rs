@@ -16,7 +16,7 @@
 //! Regexes are the `regex` crate's (linear time, no backtracking), so a rule can never make the
 //! request path slow whatever it is given; they are unanchored unless written with `^`/`$`.
 
-use http::{HeaderMap, HeaderName, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use regex::Regex;
 
 use crate::config::{self as cfg, Problems, Section};
@@ -53,6 +53,38 @@ pub enum HeaderMatch {
     Value(Regex),
 }
 
+/// A request's header fields as a matcher reads them: a [`HeaderMap`], or the fields of a head
+/// read in place (the agent's HTTP/1 path), so that deciding on a request needs no map.
+pub trait Fields {
+    /// The first value of the fields named `name` (names compare case-insensitively).
+    fn first(&self, name: &HeaderName) -> Option<&[u8]>;
+
+    /// Whether any value of the fields named `name` satisfies `pred`.
+    fn any_value(&self, name: &HeaderName, pred: impl FnMut(&[u8]) -> bool) -> bool;
+}
+
+impl Fields for HeaderMap {
+    fn first(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.get(name).map(HeaderValue::as_bytes)
+    }
+
+    fn any_value(&self, name: &HeaderName, mut pred: impl FnMut(&[u8]) -> bool) -> bool {
+        self.get_all(name).iter().any(|v| pred(v.as_bytes()))
+    }
+}
+
+/// A field value as text, as [`HeaderValue::to_str`] reads it: visible ASCII and tabs only.
+pub fn field_text(value: &[u8]) -> Option<&str> {
+    if value
+        .iter()
+        .all(|b| (0x20..0x7f).contains(b) || *b == b'\t')
+    {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
 /// A `match:` block. The default matches everything.
 #[derive(Debug, Clone, Default)]
 pub struct RequestMatch {
@@ -73,7 +105,7 @@ impl RequestMatch {
         method: &Method,
         host: Option<&str>,
         path: &str,
-        headers: &HeaderMap,
+        headers: &impl Fields,
     ) -> bool {
         if let Some(want) = &self.host {
             let Some(host) = host else { return false };
@@ -97,12 +129,11 @@ impl RequestMatch {
             }
         }
         self.headers.iter().all(|(name, want)| match want {
-            HeaderMatch::Present => headers.contains_key(name),
-            HeaderMatch::Absent => !headers.contains_key(name),
-            HeaderMatch::Value(r) => headers
-                .get_all(name)
-                .iter()
-                .any(|v| v.to_str().is_ok_and(|v| r.is_match(v))),
+            HeaderMatch::Present => headers.first(name).is_some(),
+            HeaderMatch::Absent => headers.first(name).is_none(),
+            HeaderMatch::Value(r) => {
+                headers.any_value(name, |v| field_text(v).is_some_and(|v| r.is_match(v)))
+            }
         })
     }
 

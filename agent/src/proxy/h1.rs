@@ -38,6 +38,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use teeway_runtime::connect::UpstreamStream;
+use teeway_runtime::matching::Fields;
 use teeway_runtime::proxy::remove_hop_by_hop;
 
 use super::{Proxy, PRIMARY_POOL_IDLE};
@@ -773,20 +774,23 @@ fn prepare(
     };
     let tee = &proxy.tee;
     if !tee.pass_over_if_off() {
-        // The copy's target and values share one copy of the head.
-        let head = Bytes::copy_from_slice(&buf[..len]);
-        let part = |s: &[u8]| {
-            let at = (s.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
-            match at.checked_add(s.len()) {
-                Some(end) if end <= head.len() => head.slice(at..end),
-                _ => Bytes::copy_from_slice(s),
-            }
+        // Made only for a request that is copied: the copy's target and values share one copy
+        // of the head.
+        let copy_head = || {
+            let head = Bytes::copy_from_slice(&buf[..len]);
+            let part = |s: &[u8]| {
+                let at = (s.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+                match at.checked_add(s.len()) {
+                    Some(end) if end <= head.len() => head.slice(at..end),
+                    _ => Bytes::copy_from_slice(s),
+                }
+            };
+            // Every plain target is a URI.
+            let uri = Uri::from_maybe_shared(part(target.as_bytes())).ok()?;
+            Some((uri, copy_headers(peer, req.headers, part)))
         };
-        let Ok(uri) = Uri::from_maybe_shared(part(target.as_bytes())) else {
-            return Parsed::Other;
-        };
-        let headers = copy_headers(peer, req.headers, part);
-        if let Some(copy) = tee.admit_owned(&method, &uri, Version::HTTP_11, headers) {
+        if let Some(copy) = tee.admit_parsed(&method, target, &ClientFields(req.headers), copy_head)
+        {
             tee.complete(copy);
         }
     }
@@ -796,6 +800,27 @@ fn prepare(
         idempotent: method.is_idempotent(),
         close,
     })
+}
+
+/// A head's fields as the client sent them, which the mirror policy decides on (a policy that
+/// reads fields the proxy changes decides on [`copy_headers`]' instead).
+struct ClientFields<'h, 'b>(&'h [httparse::Header<'b>]);
+
+impl Fields for ClientFields<'_, '_> {
+    fn first(&self, name: &HeaderName) -> Option<&[u8]> {
+        let name = name.as_str();
+        self.0
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.value)
+    }
+
+    fn any_value(&self, name: &HeaderName, mut pred: impl FnMut(&[u8]) -> bool) -> bool {
+        let name = name.as_str();
+        self.0
+            .iter()
+            .any(|f| f.name.eq_ignore_ascii_case(name) && pred(f.value))
+    }
 }
 
 /// The head as the copy sees it: what [`Proxy::handle`] makes of the client's fields.
@@ -1416,6 +1441,66 @@ mod tests {
             text,
             "GET /x?y=1 HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 203.0.113.9, 198.51.100.1, 192.0.2.7\r\nVia: 1.1 edge, 1.1 teeway\r\nTE: trailers\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn the_policy_decides_on_the_clients_fields_as_on_the_copys() {
+        let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
+        let heads: [&[httparse::Header<'_>]; 6] = [
+            &[h("Host", b"api.example.com"), h("Accept", b"*/*")],
+            &[h("HOST", b"API.example.com:8080"), h("X-Canary", b"yes")],
+            &[
+                h("Host", b"[::1]:80"),
+                h("x-canary", b"no"),
+                h("X-Canary", b"yes"),
+            ],
+            &[h("Host", b"a"), h("X-Debug", b"1"), h("X-User", b"u1")],
+            &[
+                h("Host", b"a"),
+                h("X-User", b"u2"),
+                h("Connection", b"close"),
+            ],
+            &[h("Host", b"a"), h("X-Canary", b"\xffyes")],
+        ];
+        let policies = [
+            "mirror: { percentage: 0, rules: [ { match: { host: api.example.com, path_prefix: /x }, percentage: 100 } ] }",
+            "mirror: { percentage: 0, rules: [ { name: canary, match: { headers: { x-canary: \"^yes$\" } }, percentage: 100 } ] }",
+            "mirror: { percentage: 0, rules: [ { match: { host: api.example.com }, percentage: 100 }, { match: { headers: { x-debug: false } }, percentage: 50 } ] }",
+            "mirror: { percentage: 50, sample_by: \"header:x-user\" }",
+            "mirror: { percentage: 50, sample_by: \"query:y\", rules: [ { match: { path: /x }, percentage: 30 } ] }",
+        ];
+        let uri: Uri = "/x?y=1".parse().expect("uri");
+        for yaml in policies {
+            let policy = crate::policy::test_policy(yaml).expect("policy");
+            assert!(!policy.reads_proxied_fields(), "{yaml}");
+            for tls in [false, true] {
+                let peer = Peer::new("192.0.2.7:4000".parse().expect("addr"), tls);
+                for fields in heads {
+                    for draw in [0, u64::MAX / 3, u64::MAX / 2 + 1, u64::MAX - 1] {
+                        let outcome = |c: Option<crate::policy::Chosen<'_>>| {
+                            c.map(|c| (c.rule.cloned(), c.fraction.ppm()))
+                        };
+                        let on_client = outcome(policy.decide_on(
+                            &Method::GET,
+                            crate::policy::Target::origin_form("/x?y=1"),
+                            &ClientFields(fields),
+                            || draw,
+                        ));
+                        let copy = copy_headers(&peer, fields, Bytes::copy_from_slice);
+                        let on_copy = outcome(policy.decide(&Method::GET, &uri, &copy, || draw));
+                        assert_eq!(on_client, on_copy, "{yaml}\n{fields:?}, draw {draw}");
+                    }
+                }
+            }
+        }
+        // A policy reading what the proxy changes decides on the copy's fields.
+        for yaml in [
+            "mirror: { rules: [ { match: { headers: { x-forwarded-for: \"^10\\\\.\" } }, percentage: 100 } ] }",
+            "mirror: { percentage: 5, sample_by: \"header:Via\" }",
+        ] {
+            let policy = crate::policy::test_policy(yaml).expect("policy");
+            assert!(policy.reads_proxied_fields(), "{yaml}");
+        }
     }
 
     #[test]
