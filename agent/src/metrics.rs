@@ -333,20 +333,28 @@ impl Accounting {
         }
     }
 
+    /// Counts a sampled request whose copy is not made at all (no uplink, or its rule's pace
+    /// passed it over): dropped for `reason`, never in flight.
+    pub(crate) fn unmade(&self, reason: DropReason) {
+        self.count_drop(reason);
+    }
+
+    fn count_drop(&self, reason: DropReason) {
+        self.dropped[reason.index()].increment(1);
+        if let Some(dropped) = self.drop_logs[reason.index()].note() {
+            tracing::warn!(
+                reason = reason.as_str(),
+                dropped,
+                "mirror copies dropped (one line a minute at most per reason; see {MIRROR_DROPPED_TOTAL})"
+            );
+        }
+    }
+
     fn resolve(&self, held: u64, outcome: End) {
         match outcome {
             End::Mirrored => self.mirrored.increment(1),
             End::Spooled => self.spooled.increment(1),
-            End::Dropped(reason) => {
-                self.dropped[reason.index()].increment(1);
-                if let Some(dropped) = self.drop_logs[reason.index()].note() {
-                    tracing::warn!(
-                        reason = reason.as_str(),
-                        dropped,
-                        "mirror copies dropped (one line a minute at most per reason; see {MIRROR_DROPPED_TOTAL})"
-                    );
-                }
-            }
+            End::Dropped(reason) => self.count_drop(reason),
         }
         if held > 0 {
             self.held_bytes.fetch_sub(held, Ordering::Relaxed);

@@ -191,19 +191,25 @@ impl Tee {
             self.accounting.not_sampled.increment(1);
             return None;
         };
-        let mut ticket = self.accounting.ticket();
         if self.uplink.as_ref().is_some_and(|u| !u.is_connected()) {
-            ticket.dropped(DropReason::NoUplink);
+            self.accounting.unmade(DropReason::NoUplink);
             return None;
         }
         // Copies the gateway would shed are not made at all (see `pace`), unless this agent
         // archives them too: an archived copy is of use whatever the gateway makes of it.
-        if let (Some(pace), Some(_), None) = (chosen.pace, &self.uplink, &self.archive_also) {
-            if !pace.admits() {
-                ticket.dropped(DropReason::GatewayShedding);
-                return None;
+        let pace = match (chosen.pace, &self.uplink, &self.archive_also) {
+            (Some(pace), Some(_), None) => {
+                if !pace.admits() {
+                    self.accounting.unmade(DropReason::GatewayShedding);
+                    return None;
+                }
+                Some(pace.clone())
             }
-            ticket.paced_by(pace.clone());
+            _ => None,
+        };
+        let mut ticket = self.accounting.ticket();
+        if let Some(pace) = pace {
+            ticket.paced_by(pace);
         }
         let meta = Meta {
             session: self.session,

@@ -215,9 +215,10 @@ impl Dispatcher {
         for (index, (target, handles)) in route.targets.iter().enumerate() {
             let slot = match target.admit(&record) {
                 Ok(slot) => {
-                    // A record that must wait for a slot found the target full: under
-                    // sustained load the wait ends in `overloaded`, after the ACK has gone.
-                    if slot.is_held() {
+                    // A record that must wait for a slot of a target that has been shedding
+                    // will most likely be shed too, after the ACK has gone: it is marked. (A
+                    // burst that a target keeping up absorbs by a brief wait is not.)
+                    if slot.is_held() || !target.shedding() {
                         taken = Taken::Replayed;
                     } else if taken == Taken::Kept {
                         taken = Taken::Shed;
@@ -277,9 +278,9 @@ impl Dispatcher {
 pub(crate) enum Taken {
     /// At least one target is replaying it.
     Replayed,
-    /// Every target that would replay it was full (it was dropped, or waits briefly for a slot)
-    /// or over its rate limit, and no archive kept it: a copy the targets could not take, which
-    /// the agent is told of so that it makes fewer.
+    /// Every target that would replay it was full (it was dropped, or waits briefly for a slot
+    /// of a target that has been shedding) or over its rate limit, and no archive kept it: a
+    /// copy the targets could not take, which the agent is told of so that it makes fewer.
     Shed,
     /// Anything else: archived, no route, skipped by every target, or not of a kind replayed.
     Kept,

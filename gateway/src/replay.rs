@@ -184,7 +184,14 @@ pub struct Target {
     /// A draw below this is replayed; `None` replays all.
     sample_below: Option<u64>,
     bucket: Option<Mutex<Bucket>>,
+    /// When the target last shed a record for want of a slot, in milliseconds since `born`
+    /// (0: never): see [`Target::shedding`].
+    shed_at: AtomicU64,
+    born: Instant,
 }
+
+/// How long a target that shed a record for want of a slot counts as shedding.
+pub const SHEDDING_FOR: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -282,8 +289,28 @@ impl Target {
                     limit,
                 })
             }),
+            shed_at: AtomicU64::new(0),
+            born: Instant::now(),
             spec,
         })
+    }
+
+    /// Whether the target shed a record for want of a slot within [`SHEDDING_FOR`]: a record
+    /// that must wait for a slot then will most likely be shed too.
+    pub fn shedding(&self) -> bool {
+        let at = self.shed_at.load(Ordering::Relaxed);
+        at != 0 && self.millis() < at.saturating_add(SHEDDING_FOR.as_millis() as u64)
+    }
+
+    fn note_shed(&self) {
+        self.shed_at.store(self.millis(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the target was made, from 1.
+    fn millis(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
     }
 
     /// What the target was built from.
@@ -322,6 +349,7 @@ impl Target {
         if count >= may_wait || held + bytes > WAITING_BYTES {
             // Dropping the place gives both back.
             drop(slot);
+            self.note_shed();
             return Err(Refusal::Overloaded);
         }
         Ok(Slot::Waiting(slot))
@@ -350,6 +378,7 @@ impl Target {
         slot: Slot,
     ) -> Result<Answer, FailReason> {
         let Some(_slot) = slot.take().await else {
+            self.note_shed();
             metrics.failed(handles, FailReason::Overloaded);
             metrics.in_flight.decrement(1.0);
             return Err(FailReason::Overloaded);
