@@ -253,9 +253,11 @@ impl Agent {
             }
             _ => None,
         };
-        self.policy.store(Arc::new(
-            new.mirror.policy.build(Some(self.accounting.registry())),
-        ));
+        let policy = new
+            .mirror
+            .policy
+            .build_after(Some(self.accounting.registry()), Some(&self.policy.load()));
+        self.policy.store(Arc::new(policy));
         if let Some((material, configs)) = new_tls {
             if let Some(handle) = &tls.client_configs {
                 handle.store(Arc::new(configs));

@@ -27,7 +27,7 @@ use metrics::{Counter, Gauge};
 use teeway_runtime::logging::Throttle;
 use teeway_runtime::metrics::Registry;
 
-use crate::pace::Pace;
+use crate::pace::{Pace, Paced};
 
 /// Requests seen by the agent's listener.
 pub const REQUESTS_TOTAL: &str = "teeway_agent_requests_total";
@@ -341,6 +341,9 @@ impl Accounting {
 
     fn count_drop(&self, reason: DropReason) {
         self.dropped[reason.index()].increment(1);
+        if reason == DropReason::GatewayShedding {
+            return; // deliberate: the rule's pace says so in its own line
+        }
         if let Some(dropped) = self.drop_logs[reason.index()].note() {
             tracing::warn!(
                 reason = reason.as_str(),
@@ -377,7 +380,7 @@ pub struct Ticket {
     accounting: Option<Arc<Accounting>>,
     held: u64,
     /// The pace of the rule that chose the copy, told what the gateway made of it.
-    pace: Option<Arc<Pace>>,
+    pace: Option<Paced>,
 }
 
 impl Ticket {
@@ -416,17 +419,14 @@ impl Ticket {
     }
 
     /// Tells `pace` what the gateway makes of the copy.
-    pub(crate) fn paced_by(&mut self, pace: Arc<Pace>) {
+    pub(crate) fn paced_by(&mut self, pace: Paced) {
         self.pace = Some(pace);
     }
 
     /// The gateway acknowledged the copy; `shed`: it could not replay it anywhere. Returns the
     /// pace it told, to be settled once the batch is counted.
     pub(crate) fn acknowledged(mut self, shed: bool) -> Option<Arc<Pace>> {
-        let pace = self.pace.take();
-        if let Some(pace) = &pace {
-            pace.acknowledged(shed);
-        }
+        let pace = self.pace.take().map(|p| p.acknowledged(shed));
         self.mirrored();
         pace
     }

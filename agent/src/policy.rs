@@ -132,6 +132,10 @@ pub struct Chosen<'a> {
     /// The rule's pace, which the gateway's shedding lowers; `None` with
     /// `mirror.follow_shedding: false`.
     pub(crate) pace: Option<&'a Arc<Pace>>,
+    /// Where the request fell in the share its rule copies, in parts per million: from its
+    /// sampling key when it has one (so a paced rule keeps a key's requests together), else
+    /// `None` (a random draw will do).
+    pub(crate) position: Option<u32>,
 }
 
 impl Fraction {
@@ -521,6 +525,17 @@ impl PolicyConfig {
     /// The policy, with its per-rule counters registered in `registry` (or found there, after a
     /// reload).
     pub fn build(&self, registry: Option<&Registry>) -> MirrorPolicy {
+        self.build_after(registry, None)
+    }
+
+    /// [`PolicyConfig::build`] for a reload: each rule keeps the pace of the rule of its name
+    /// in `previous` (the default, the default's), so that a reload does not send a shedding
+    /// gateway a burst of copies.
+    pub fn build_after(
+        &self,
+        registry: Option<&Registry>,
+        previous: Option<&MirrorPolicy>,
+    ) -> MirrorPolicy {
         let counter = |name: &str| {
             registry.map(|r| {
                 r.counter_owned(
@@ -532,6 +547,15 @@ impl PolicyConfig {
             })
         };
         let pace = |name: &str| {
+            let kept = previous.and_then(|p| {
+                if name == "default" {
+                    return Some(&p.default_pace);
+                }
+                p.rules.iter().find(|r| &*r.name == name).map(|r| &r.pace)
+            });
+            if let Some(kept) = kept {
+                return kept.clone();
+            }
             let gauge = registry.map_or_else(metrics::Gauge::noop, |r| {
                 r.gauge_owned(
                     PACE_RATIO,
@@ -539,7 +563,7 @@ impl PolicyConfig {
                     &[("rule", name.to_owned())],
                 )
             });
-            Arc::new(Pace::new(gauge))
+            Arc::new(Pace::new(name.into(), gauge))
         };
         MirrorPolicy {
             rules: self
@@ -724,19 +748,24 @@ impl MirrorPolicy {
         if decision.fraction == Fraction::OFF {
             return None;
         }
-        let chosen = Chosen {
+        let key = self.sample_key(&target, fields).map(key_hash);
+        let d = match (key, decision.fraction.threshold) {
+            (Some(hash), _) => hash,
+            (None, Some(_)) => draw(),
+            (None, None) => 0,
+        };
+        if !decision.fraction.takes(d) {
+            return None;
+        }
+        // The draw's place below the threshold: uniform over the sampled share.
+        let share = decision.fraction.threshold.map_or(1u128 << 64, u128::from);
+        let position = key.map(|_| (u128::from(d) * 1_000_000 / share.max(1)) as u32);
+        Some(Chosen {
             rule: rule.map(|r| &r.name),
             fraction: decision.fraction,
             pace: self.follow_shedding.then_some(pace),
-        };
-        if decision.fraction.threshold.is_none() {
-            return Some(chosen);
-        }
-        let d = match self.sample_key(&target, fields) {
-            Some(key) => key_hash(key),
-            None => draw(),
-        };
-        decision.fraction.takes(d).then_some(chosen)
+            position,
+        })
     }
 
     /// Whether deciding reads a field the proxy changes on the way to the primary (hop-by-hop

@@ -29,6 +29,7 @@ use teeway_wire::{Meta, RequestFrame, Sampling};
 use tokio::sync::mpsc;
 
 use crate::metrics::{Accounting, DropReason, Ticket};
+use crate::pace;
 use crate::policy::{Chosen, MirrorPolicy, OverLimit, Target};
 use crate::uplink::{Queued, UplinkState};
 use teeway_archive::Archive;
@@ -197,19 +198,26 @@ impl Tee {
         }
         // Copies the gateway would shed are not made at all (see `pace`), unless this agent
         // archives them too: an archived copy is of use whatever the gateway makes of it.
-        let pace = match (chosen.pace, &self.uplink, &self.archive_also) {
+        let mut rate_ppm = chosen.fraction.ppm();
+        let paced = match (chosen.pace, &self.uplink, &self.archive_also) {
             (Some(pace), Some(_), None) => {
-                if !pace.admits() {
+                let position = chosen.position;
+                let draw = || position.unwrap_or_else(|| fastrand::u32(..pace::FULL));
+                let Some((ppm, paced)) = pace.admits(draw) else {
                     self.accounting.unmade(DropReason::GatewayShedding);
                     return None;
+                };
+                if ppm < pace::FULL {
+                    let paced_rate = u64::from(rate_ppm) * u64::from(ppm) / u64::from(pace::FULL);
+                    rate_ppm = u32::try_from(paced_rate).unwrap_or(rate_ppm).max(1);
                 }
-                Some(pace.clone())
+                Some(paced)
             }
             _ => None,
         };
         let mut ticket = self.accounting.ticket();
-        if let Some(pace) = pace {
-            ticket.paced_by(pace);
+        if let Some(paced) = paced {
+            ticket.paced_by(paced);
         }
         let meta = Meta {
             session: self.session,
@@ -221,7 +229,7 @@ impl Tee {
             tap: self.tap.clone(),
             sampling: Sampling {
                 rule: chosen.rule.cloned().unwrap_or_else(empty),
-                rate_ppm: chosen.fraction.ppm(),
+                rate_ppm,
             },
             extra: Bytes::new(),
         };

@@ -1312,9 +1312,8 @@ impl Accounts {
                         ticket.dropped(DropReason::Rejected);
                     }
                 }
-                let now = std::time::Instant::now();
                 for pace in told {
-                    pace.settle(now);
+                    pace.settle();
                 }
             }
             Accounts::Spooled(share) => share.acknowledged(u64::from(accepted)),

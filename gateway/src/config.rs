@@ -584,10 +584,7 @@ fn read_route(
         )
         .unwrap_or_else(|| Some(HeaderName::from_static(DEFAULT_MARKER_HEADER)));
     let replay_truncated = r
-        .optional(p, "replay_truncated", "use true or false", |v| {
-            v.as_bool()
-                .ok_or_else(|| "must be true or false".to_owned())
-        })
+        .optional(p, "replay_truncated", "use true or false", cfg::boolean)
         .unwrap_or(false);
     Some(RouteConfig {
         name,

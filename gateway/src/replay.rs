@@ -190,8 +190,9 @@ pub struct Target {
     born: Instant,
 }
 
-/// How long a target that shed a record for want of a slot counts as shedding.
-pub const SHEDDING_FOR: Duration = Duration::from_secs(1);
+/// How long a target that shed a record for want of a slot counts as shedding: the longest a
+/// record waits for a slot.
+pub const SHEDDING_FOR: Duration = SLOT_WAIT;
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

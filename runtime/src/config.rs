@@ -398,6 +398,17 @@ fn render(value: &Value) -> String {
 
 // Conversions, each returning a message that reads after the field path.
 
+/// `true` or `false`; a quoted one is refused with a message that says so.
+pub fn boolean(value: &Value) -> Result<bool, String> {
+    match value {
+        Value::Bool(b) => Ok(*b),
+        Value::String(s) if s == "true" || s == "false" => Err(format!(
+            "must be true or false without quotes (found the string \"{s}\")"
+        )),
+        _ => Err("must be true or false".to_owned()),
+    }
+}
+
 /// A string (numbers and booleans are accepted as written).
 pub fn string(value: &Value) -> Result<String, String> {
     match value {
