@@ -88,7 +88,7 @@ impl Summary {
                     s.max_body = s.max_body.max(r.body.len() as u64);
                     s.truncated += u64::from(r.body_truncated);
                     let m = &r.meta;
-                    // A tap is what every agent of protocol 5 names; gor files, archives of
+                    // A tap is what every agent of protocol 5 or later names; gor files, archives of
                     // format 1 and agents of protocol 4 say nothing of it.
                     if m.tap.is_empty() {
                         s.without_metadata += 1;

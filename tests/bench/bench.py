@@ -150,6 +150,19 @@ class Proc:
                 pass
         return total / CLK_TCK
 
+    def rss_mib(self):
+        """Resident memory now (VmRSS), MiB."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
     def peak_rss_mib(self):
         total = 0
         for pid in self.pids():
@@ -532,6 +545,38 @@ def run_wrk_killing_gateway(args, port, procs, work, gateway_admin):
     return result
 
 
+PAUSE_AT, PAUSE_FOR = 3.0, 3.0  # the paused gateway scenario: seconds into the run, and how long
+
+
+def run_wrk_pausing_gateway(args, port, procs, admins):
+    """wrk POSTing 1 KiB bodies for the scenario's duration; PAUSE_AT s in, the gateway is
+    stopped (SIGSTOP) for PAUSE_FOR s, so that the agent's copies pile up against
+    mirror.queue_bytes. Reports how much the bytes the agent counts against it (held bytes) and
+    its resident memory grew meanwhile, each from just before the pause to its peak."""
+    agent_admin, _ = admins
+    agent = next(p for p in procs if p.name == "agent")
+    gateway = next(p for p in procs if p.name == "gateway")
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(
+        run_wrk(port, args.duration, args.connections, args.threads, post_1k=True)))
+    runner.start()
+    time.sleep(PAUSE_AT)
+    held = lambda: metrics(agent_admin).get("teeway_agent_mirror_held_bytes", 0) / 2**20
+    rss_before, held_before = agent.rss_mib(), held()
+    os.killpg(gateway.popen.pid, signal.SIGSTOP)
+    try:
+        rss_peak, held_peak = rss_before, held_before
+        end = time.monotonic() + PAUSE_FOR
+        while time.monotonic() < end:
+            rss_peak, held_peak = max(rss_peak, agent.rss_mib()), max(held_peak, held())
+            time.sleep(0.02)
+    finally:
+        os.killpg(gateway.popen.pid, signal.SIGCONT)
+    runner.join()
+    result["memory"] = (held_peak - held_before, rss_peak - rss_before)
+    return result
+
+
 CUT_AT, CUT_FOR = 3.0, 10.0  # the link cut scenario: seconds into the run, and how long
 UDP_BLOCK_AT, UDP_BLOCK_FOR = 3.0, 8.0  # the blocked UDP scenario
 WAN_FLOW_LIMIT = 30.0  # seconds: longest wait for copies (or QUIC) to come back
@@ -802,6 +847,9 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             load = run_wrk_killing_gateway(args, target_port, procs, work, gateway_admin)
             row["reconnect_s"] = load.pop("reconnect_s")
             gateway_admin = None  # the first gateway's counters died with it
+        elif driver == "wrk+pause":
+            load = run_wrk_pausing_gateway(args, target_port, procs, admins)
+            row["memory"] = load.pop("memory")
         elif driver.startswith("wan"):
             load = run_wrk_wan(args, target_port, procs, admins, driver.partition("+")[2] or None)
             row["wan"] = load.pop("wan")
@@ -1014,6 +1062,8 @@ def main():
         ("9", "teeway 100% over TLS-over-TCP (transport: tls)", with_teeway(100, transport="tls"), "wrk"),
         ("10", "HTTP/2 clients (h2load) through teeway 100%", with_teeway(100), "h2load"),
         ("11", "teeway 100%, gateway SIGKILLed and restarted mid-run", with_teeway(100), "wrk+kill"),
+        ("24", f"teeway 100%, 1 KiB POSTs, gateway paused (SIGSTOP) {PAUSE_FOR:.0f} s: memory against"
+               " mirror.queue_bytes", with_teeway(100), "wrk+pause"),
         ("12", "gRPC unary calls (h2load, h2c) direct to the primary", grpc_direct, "grpc"),
         ("13", "gRPC unary calls through teeway 100% -> gateway -> h2c shadow", grpc_teeway, "grpc"),
         ("14", "nginx mirror -> teeway sink -> gateway -> shadow", nginx_into_sink, "wrk"),
@@ -1084,6 +1134,9 @@ def write_results(args, info, rows):
             delivered += f"; uplink back {r['reconnect_s']:.2f} s after the gateway returned"
         if "attack" in r:
             delivered += f" (attack: {r['attack']})"
+        if "memory" in r:
+            held, rss = r["memory"]
+            delivered += f" (while the gateway was paused: held bytes +{held:.1f} MiB, agent RSS +{rss:.1f} MiB)"
         if "wan" in r:
             delivered += " (" + wan_summary(r) + ")"
         if r.get("agent_retries"):
@@ -1157,6 +1210,11 @@ def targets(by):
     if "8" in by and "rss_agent_mib" in by["8"]:
         check("scenario 8 (gateway down): agent RSS within mirror.queue_bytes (16 MiB) + 64 MiB",
               by["8"]["rss_agent_mib"] < 16 + 64, f"{by['8']['rss_agent_mib']:.1f} MiB")
+    if "24" in by and "memory" in by["24"]:
+        held, rss = by["24"]["memory"]
+        check("scenario 24: the agent's memory grows as mirror.queue_bytes counts it (held bytes), within 10%",
+              held > 1 and abs(rss - held) <= 0.1 * held,
+              f"held bytes +{held:.1f} MiB, RSS +{rss:.1f} MiB: {rss / held * 100 if held else 0:.0f}%")
     if "11" in by and "reconnect_s" in by["11"]:
         check("scenario 11: uplink back within 2 s of the gateway's return", by["11"]["reconnect_s"] < 2,
               f"{by['11']['reconnect_s']:.2f} s")
