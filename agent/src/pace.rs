@@ -27,7 +27,7 @@
 //! together (give them rules of their own, or turn pacing off with
 //! `mirror.follow_shedding: false`).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,8 @@ pub struct Pace {
     gauge: Gauge,
     rule: Arc<str>,
     log: Throttle,
+    /// A cut was logged and its end not yet.
+    announced: AtomicBool,
 }
 
 /// A copy's place in its rule's pace: which epoch made it.
@@ -106,6 +108,7 @@ impl Pace {
                 format!("gateway shedding rule {rule}"),
                 Duration::from_secs(60),
             ),
+            announced: AtomicBool::new(false),
             rule,
         }
     }
@@ -139,8 +142,8 @@ impl Pace {
         let climbed = climb(cut_ppm, windows);
         if self.hot.ppm.swap(climbed, Ordering::Relaxed) != climbed {
             self.gauge.set(f64::from(climbed) / f64::from(FULL));
-            if climbed == FULL {
-                tracing::info!(rule = %self.rule, "the gateway took this rule's copies again: copying every sampled request");
+            if climbed == FULL && self.announced.swap(false, Ordering::Relaxed) {
+                tracing::info!(rule = %self.rule, "the gateway takes this rule's copies again: copying every sampled request");
             }
         }
         climbed
@@ -172,6 +175,7 @@ impl Pace {
         self.gauge.set(f64::from(after) / f64::from(FULL));
         if before == FULL {
             if let Some(times) = self.log.note() {
+                self.announced.store(true, Ordering::Relaxed);
                 tracing::info!(
                     rule = %self.rule,
                     shed,

@@ -644,6 +644,15 @@ impl PolicyConfig {
                     cfg::nonempty_string,
                 )
                 .unwrap_or_else(|| r.path().trim_start_matches("mirror.").to_owned());
+            // A rule's name labels its metrics and keys its pace across reloads.
+            if name == "default" || rules.iter().any(|(n, _, _)| *n == name) {
+                p.push(
+                    r.path_of("name"),
+                    None,
+                    format!("`{name}` is taken (by another rule, or by `default`: requests no rule matches)"),
+                    "give each rule a name of its own",
+                );
+            }
             let mut ms = r.section(p, "match");
             let matcher = RequestMatch::read(&mut ms, p);
             ms.finish(p);
@@ -1079,6 +1088,29 @@ mod tests {
 
     fn decide(p: &MirrorPolicy, r: &(Method, Uri, HeaderMap), d: u64) -> bool {
         p.decide(&r.0, &r.1, &r.2, || d).is_some()
+    }
+
+    #[test]
+    fn rule_names_are_unique_and_not_default() {
+        for (yaml, path) in [
+            (
+                "mirror: { rules: [ { name: a, percentage: 1 }, { name: a, percentage: 2 } ] }",
+                "mirror.rules[1].name",
+            ),
+            (
+                "mirror: { rules: [ { name: default, percentage: 1 } ] }",
+                "mirror.rules[0].name",
+            ),
+        ] {
+            let error = policy(yaml).expect_err(yaml);
+            assert!(
+                error.contains(path) && error.contains("is taken"),
+                "{error}"
+            );
+        }
+        assert!(
+            policy("mirror: { rules: [ { name: a, percentage: 1 }, { percentage: 2 } ] }").is_ok()
+        );
     }
 
     #[test]
