@@ -54,6 +54,42 @@ async fn start_gateway(pki: &Pki) -> (sample::Service, RunningGateway) {
     (shadow, gateway)
 }
 
+/// A copy of a `GET` of `path` to api.example.com, numbered `id`.
+fn get_record(id: u64, path: &str) -> teeway_wire::MirroredRequest {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", http::HeaderValue::from_static("api.example.com"));
+    teeway_wire::MirroredRequest {
+        meta: teeway_wire::Meta::basic(id, std::time::SystemTime::now(), "raw".into()),
+        method: http::Method::GET,
+        uri: path.parse().expect("uri"),
+        version: http::Version::HTTP_11,
+        headers,
+        body: bytes::Bytes::new(),
+        trailers: None,
+        body_truncated: false,
+    }
+}
+
+/// A named batch, encoded: its `BATCH` frame, then one `ENVELOPE` per record.
+fn named_batch(
+    session: u64,
+    seq: u64,
+    retry: bool,
+    records: impl IntoIterator<Item = teeway_wire::MirroredRequest>,
+) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    Frame::Batch(teeway_wire::BatchId {
+        session,
+        seq,
+        retry,
+    })
+    .encode(&mut buf);
+    for record in records {
+        Frame::Envelope(Envelope::HttpRequest(record)).encode(&mut buf);
+    }
+    buf.to_vec()
+}
+
 /// Sends `bytes` on a new stream and returns the gateway's answer or its reset code.
 async fn exchange(conn: &Connection, bytes: &[u8]) -> Result<Vec<u8>, u64> {
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");
@@ -453,27 +489,7 @@ async fn a_named_batch_is_replayed_once_however_often_it_is_sent() {
     );
     exchange(&conn, &hello()).await.expect("welcome");
     let batch = |seq: u64, retry: bool, id: u64| {
-        let mut buf = BytesMut::new();
-        Frame::Batch(teeway_wire::BatchId {
-            session: 42,
-            seq,
-            retry,
-        })
-        .encode(&mut buf);
-        let mut headers = http::HeaderMap::new();
-        headers.insert("host", http::HeaderValue::from_static("api.example.com"));
-        let record = teeway_wire::MirroredRequest {
-            meta: teeway_wire::Meta::basic(id, std::time::SystemTime::now(), "raw".into()),
-            method: http::Method::GET,
-            uri: format!("/batch/{seq}").parse().expect("uri"),
-            version: http::Version::HTTP_11,
-            headers,
-            body: bytes::Bytes::new(),
-            trailers: None,
-            body_truncated: false,
-        };
-        Frame::Envelope(Envelope::HttpRequest(record)).encode(&mut buf);
-        buf.to_vec()
+        named_batch(42, seq, retry, [get_record(id, &format!("/batch/{seq}"))])
     };
     let ack = |reply: Vec<u8>| match Frame::decode(&mut BytesMut::from(&reply[..])) {
         Ok(Some(Frame::Ack { accepted, .. })) => accepted,
@@ -540,29 +556,8 @@ async fn the_ack_names_the_records_shed_from_version_6_on() {
     let gateway = RunningGateway::start(config).await.expect("gateway");
     const RECORDS: usize = 40;
     let batch = |session: u64| {
-        let mut buf = BytesMut::new();
-        Frame::Batch(teeway_wire::BatchId {
-            session,
-            seq: 1,
-            retry: false,
-        })
-        .encode(&mut buf);
-        for id in 0..RECORDS as u64 {
-            let mut headers = http::HeaderMap::new();
-            headers.insert("host", http::HeaderValue::from_static("api.example.com"));
-            let record = teeway_wire::MirroredRequest {
-                meta: teeway_wire::Meta::basic(id, std::time::SystemTime::now(), "raw".into()),
-                method: http::Method::GET,
-                uri: format!("/shed/{id}").parse().expect("uri"),
-                version: http::Version::HTTP_11,
-                headers,
-                body: bytes::Bytes::new(),
-                trailers: None,
-                body_truncated: false,
-            };
-            Frame::Envelope(Envelope::HttpRequest(record)).encode(&mut buf);
-        }
-        buf.to_vec()
+        let records = (0..RECORDS as u64).map(|id| get_record(id, &format!("/shed/{id}")));
+        named_batch(session, 1, false, records)
     };
 
     let (endpoint, conn) = connect_offering(&pki, gateway.addr, Some(teeway_wire::ALPN)).await;
