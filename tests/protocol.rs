@@ -635,21 +635,10 @@ async fn records_follow_the_connections_version_and_unknown_kinds_are_kept() {
     ));
     let gateway = RunningGateway::start(config).await.expect("gateway");
     let record = |path: &str| {
-        let mut headers = http::HeaderMap::new();
-        headers.insert("host", http::HeaderValue::from_static("api.example.com"));
-        let mut meta = teeway_wire::Meta::basic(1, std::time::SystemTime::now(), "raw".into());
-        meta.source_identity = "someone-else".into();
-        meta.tap = "http".into();
-        teeway_wire::MirroredRequest {
-            meta,
-            method: http::Method::GET,
-            uri: path.parse().expect("uri"),
-            version: http::Version::HTTP_11,
-            headers,
-            body: bytes::Bytes::new(),
-            trailers: None,
-            body_truncated: false,
-        }
+        let mut record = get_record(1, path);
+        record.meta.source_identity = "someone-else".into();
+        record.meta.tap = "http".into();
+        record
     };
     let frames = |frame: Frame| {
         let mut buf = BytesMut::new();
