@@ -150,30 +150,26 @@ class Proc:
                 pass
         return total / CLK_TCK
 
-    def rss_mib(self):
-        """Resident memory now (VmRSS), MiB."""
+    def status_mib(self, field):
+        """A memory field of /proc/PID/status (VmRSS, VmHWM), summed over the process tree, MiB."""
         total = 0
         for pid in self.pids():
             try:
                 with open(f"/proc/{pid}/status") as f:
                     for line in f:
-                        if line.startswith("VmRSS:"):
+                        if line.startswith(field + ":"):
                             total += int(line.split()[1])
             except OSError:
                 pass
         return total / 1024
 
+    def rss_mib(self):
+        """Resident memory now."""
+        return self.status_mib("VmRSS")
+
     def peak_rss_mib(self):
-        total = 0
-        for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmHWM:"):
-                            total += int(line.split()[1])
-            except OSError:
-                pass
-        return total / 1024
+        """Peak resident memory."""
+        return self.status_mib("VmHWM")
 
     def stop(self):
         if self.popen.poll() is None:
