@@ -580,19 +580,9 @@ async fn the_ack_names_the_records_shed_from_version_6_on() {
         (first_shed..RECORDS).all(|i| shed.contains(i)) && !shed.contains(RECORDS),
         "{shed:?}"
     );
-    // Once the waiting records have been shed too (their wait timed out), the target is
-    // shedding: a record that must wait for the slot is marked as well as those refused.
-    let dropped = (RECORDS - 1) as f64;
-    let g = settle(
-        || gateway.gateway.metrics(),
-        |s| s.sum_where(gm::REPLAY_FAILED_TOTAL, &[("reason", "overloaded")]) >= dropped,
-    )
-    .await;
-    assert_eq!(
-        g.sum_where(gm::REPLAY_FAILED_TOTAL, &[("reason", "overloaded")]),
-        dropped,
-        "all but the first record shed: {g:?}"
-    );
+    // The target is shedding now: the next batch, while the slot and the places to wait for it
+    // are still taken, is marked whole. (A record that waits while the target sheds is marked
+    // too: gateway/src/replay.rs's unit tests hold `shedding`.)
     let reply = exchange(&conn, &batch(3)).await.expect("ack");
     let Ok(Some(Frame::Ack { accepted, shed })) = Frame::decode(&mut BytesMut::from(&reply[..]))
     else {

@@ -21,7 +21,8 @@
 //! rule copies all of a key's requests or none, as sampling does. A sampled request the pace
 //! passes over is counted `teeway_agent_mirror_dropped_total{reason="gateway_shedding"}` (the books
 //! still close); a copy's envelope carries its rate times the pace; the pace in force is the
-//! gauge `teeway_agent_mirror_pace_ratio{rule}` (updated as copies are admitted or acknowledged).
+//! gauge `teeway_agent_mirror_pace_ratio{rule}`, updated as the rule's requests and
+//! acknowledgements come (an idle rule's gauge keeps its last value).
 //! A reload keeps each rule's pace by name. The rule is the unit because the agent knows nothing
 //! of the gateway's routes: copies of one rule that go to a fast and to a slow shadow are paced
 //! together (give them rules of their own, or turn pacing off with
@@ -29,10 +30,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(not(test))]
+use std::time::Instant;
 
 use metrics::Gauge;
-use teeway_runtime::logging::Throttle;
 
 /// The pace in parts per million when every sampled request is copied.
 pub const FULL: u32 = 1_000_000;
@@ -46,6 +48,8 @@ pub const TOLERANCE_PERCENT: u64 = 2;
 pub const FLOOR_PPM: u32 = 100;
 /// The climb per window since the last cut.
 pub const GROWTH: f64 = 1.25;
+/// At most one line per this about a rule's pace being cut.
+const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What `admits` reads on every sampled request, on a cache line of its own: the uplink's
 /// acknowledgements update the counters beside it in [`Pace`] without slowing the request path.
@@ -54,37 +58,53 @@ pub const GROWTH: f64 = 1.25;
 struct Hot {
     /// The pace in force (`FULL`: no draw at all).
     ppm: AtomicU32,
-    /// The pace the last cut set, and when (milliseconds since `born`, from 1).
-    cut_ppm: AtomicU32,
-    cut_at: AtomicU64,
-    /// Bumped by every cut.
+    /// The last cut, in one word so that a climb never reads half of one: the pace it set
+    /// (high half) and when (low half, in windows since the pace was made).
+    cut: AtomicU64,
+    /// Bumped by every cut, after its pace is in force.
     epoch: AtomicU32,
+    #[cfg(not(test))]
+    born: Instant,
 }
 
 /// The share of one rule's sampled requests the agent copies; see the module docs.
 #[derive(Debug)]
 pub struct Pace {
     hot: Hot,
-    born: Instant,
-    /// Milliseconds added to the clock (tests move time on with it).
-    skew: AtomicU64,
-    /// Current-epoch acknowledgements gathered for the window being judged, and the marked ones.
+    /// For the current epoch's window being judged: copies acknowledged, how many the gateway
+    /// marked, and the sum of the paces the unmarked ones were made at.
     acked: AtomicU64,
     shed: AtomicU64,
-    /// When the window being gathered started (milliseconds since `born`); held while judging.
+    taken_ppm: AtomicU64,
+    /// When the window being gathered started (milliseconds since the pace was made); held
+    /// while judging.
     window: Mutex<u64>,
     gauge: Gauge,
     rule: Arc<str>,
-    log: Throttle,
+    /// When a cut was last logged (milliseconds since the pace was made, plus one; 0: never):
+    /// one line a minute at most.
+    logged_at: AtomicU64,
     /// A cut was logged and its end not yet.
     announced: AtomicBool,
+    /// Milliseconds added to the clock: tests move time on with it, and only with it.
+    #[cfg(test)]
+    skew: AtomicU64,
 }
 
-/// A copy's place in its rule's pace: which epoch made it.
+/// A copy's place in its rule's pace: the epoch and the pace it was made at.
 #[derive(Debug, Clone)]
 pub struct Paced {
     pace: Arc<Pace>,
     epoch: u32,
+    ppm: u32,
+}
+
+fn pack(ppm: u32, at: u32) -> u64 {
+    u64::from(ppm) << 32 | u64::from(at)
+}
+
+fn unpack(cut: u64) -> (u32, u32) {
+    ((cut >> 32) as u32, cut as u32)
 }
 
 impl Pace {
@@ -94,57 +114,71 @@ impl Pace {
         Self {
             hot: Hot {
                 ppm: AtomicU32::new(FULL),
-                cut_ppm: AtomicU32::new(FULL),
-                cut_at: AtomicU64::new(0),
+                cut: AtomicU64::new(pack(FULL, 0)),
                 epoch: AtomicU32::new(0),
+                #[cfg(not(test))]
+                born: Instant::now(),
             },
-            born: Instant::now(),
-            skew: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             shed: AtomicU64::new(0),
+            taken_ppm: AtomicU64::new(0),
             window: Mutex::new(0),
             gauge,
-            log: Throttle::new(
-                format!("gateway shedding rule {rule}"),
-                Duration::from_secs(60),
-            ),
+            logged_at: AtomicU64::new(0),
             announced: AtomicBool::new(false),
             rule,
+            #[cfg(test)]
+            skew: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the rule is copying every sampled request (no draw needed).
+    #[inline]
+    pub fn is_full(&self) -> bool {
+        self.hot.ppm.load(Ordering::Relaxed) >= FULL
     }
 
     /// Whether the rule's sampled request is copied: `Some` with the pace it was admitted at.
     /// `draw` is where the request fell in its sampled share, in parts per million (from its
-    /// sampling key, or random). At full pace: one atomic load.
+    /// sampling key, or random). At full pace: two atomic loads.
     #[inline]
     pub fn admits(self: &Arc<Self>, draw: impl FnOnce() -> u32) -> Option<(u32, Paced)> {
+        // The epoch first: a copy that sees a cut's epoch sees its pace (stored before it).
+        let epoch = self.hot.epoch.load(Ordering::Acquire);
         let mut ppm = self.hot.ppm.load(Ordering::Relaxed);
         if ppm < FULL {
-            ppm = self.climbed();
+            ppm = self.climbed(ppm);
             if draw() >= ppm {
                 return None;
             }
         }
         let paced = Paced {
             pace: self.clone(),
-            epoch: self.hot.epoch.load(Ordering::Relaxed),
+            epoch,
+            ppm,
         };
         Some((ppm, paced))
     }
 
-    /// The pace after its climb since the last cut; stored when it moved.
-    fn climbed(&self) -> u32 {
-        let cut_ppm = self.hot.cut_ppm.load(Ordering::Relaxed);
-        let windows = self
-            .millis()
-            .saturating_sub(self.hot.cut_at.load(Ordering::Relaxed))
-            / WINDOW.as_millis() as u64;
-        let climbed = climb(cut_ppm, windows);
-        if self.hot.ppm.swap(climbed, Ordering::Relaxed) != climbed {
-            self.gauge.set(f64::from(climbed) / f64::from(FULL));
-            if climbed == FULL && self.announced.swap(false, Ordering::Relaxed) {
-                tracing::info!(rule = %self.rule, "the gateway takes this rule's copies again: copying every sampled request");
-            }
+    /// The pace after its climb since the last cut, stored unless a cut (or another climb)
+    /// changed the pace since it was `seen`; then the pace in force.
+    fn climbed(&self, seen: u32) -> u32 {
+        let (cut_ppm, cut_at) = unpack(self.hot.cut.load(Ordering::Acquire));
+        let windows = self.windows().saturating_sub(cut_at);
+        let climbed = climb(cut_ppm, u64::from(windows));
+        if climbed == seen {
+            return seen;
+        }
+        if let Err(now) =
+            self.hot
+                .ppm
+                .compare_exchange(seen, climbed, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            return now;
+        }
+        self.gauge.set(f64::from(climbed) / f64::from(FULL));
+        if climbed == FULL && self.announced.swap(false, Ordering::Relaxed) {
+            tracing::info!(rule = %self.rule, "the gateway takes this rule's copies again: copying every sampled request");
         }
         climbed
     }
@@ -156,44 +190,59 @@ impl Pace {
             return; // another batch's acknowledgement is judging it
         };
         let now = self.millis();
-        let acked = self.acked.load(Ordering::Relaxed);
-        if now.saturating_sub(*started) < WINDOW.as_millis() as u64 || acked < MIN_ACKS {
+        if now.saturating_sub(*started) < WINDOW.as_millis() as u64
+            || self.acked.load(Ordering::Relaxed) < MIN_ACKS
+        {
             return;
         }
         let acked = self.acked.swap(0, Ordering::Relaxed);
         let shed = self.shed.swap(0, Ordering::Relaxed).min(acked);
+        let taken_ppm = self.taken_ppm.swap(0, Ordering::Relaxed);
         *started = now;
-        if shed * 100 <= acked * TOLERANCE_PERCENT {
+        if acked == 0 || shed * 100 <= acked * TOLERANCE_PERCENT {
             return;
         }
-        let before = self.climbed();
-        let after = cut(before, acked, shed);
-        self.hot.cut_ppm.store(after, Ordering::Relaxed);
-        self.hot.cut_at.store(now, Ordering::Relaxed);
+        let before = self.hot.ppm.load(Ordering::Relaxed);
+        // The share the gateway took, at the paces the judged copies were made at.
+        let after = cut(before, taken_ppm / acked);
+        self.hot
+            .cut
+            .store(pack(after, self.windows()), Ordering::Release);
         self.hot.ppm.store(after, Ordering::Relaxed);
-        self.hot.epoch.fetch_add(1, Ordering::Relaxed);
+        self.hot.epoch.fetch_add(1, Ordering::Release);
+        // Acknowledgements of the old epoch counted while this was judged are not the new one's.
+        self.acked.store(0, Ordering::Relaxed);
+        self.shed.store(0, Ordering::Relaxed);
+        self.taken_ppm.store(0, Ordering::Relaxed);
         self.gauge.set(f64::from(after) / f64::from(FULL));
-        if before == FULL {
-            if let Some(times) = self.log.note() {
-                self.announced.store(true, Ordering::Relaxed);
-                tracing::info!(
-                    rule = %self.rule,
-                    shed,
-                    of = acked,
-                    pace = f64::from(after) / f64::from(FULL),
-                    times,
-                    "the gateway is shedding this rule's copies (its targets are full): copying fewer sampled requests, the rest counted as dropped{{reason=\"gateway_shedding\"}} (one line a minute at most)"
-                );
-            }
+        let last = self.logged_at.load(Ordering::Relaxed);
+        if before == FULL && (last == 0 || now + 1 >= last + LOG_EVERY.as_millis() as u64) {
+            self.logged_at.store(now + 1, Ordering::Relaxed);
+            self.announced.store(true, Ordering::Relaxed);
+            tracing::info!(
+                rule = %self.rule,
+                shed,
+                of = acked,
+                pace = f64::from(after) / f64::from(FULL),
+                "the gateway is shedding this rule's copies (its targets are full): copying fewer sampled requests, the rest counted as dropped{{reason=\"gateway_shedding\"}} (one line a minute at most, and one when it is over)"
+            );
         }
     }
 
-    /// Milliseconds since the pace was made, from 1.
+    /// Milliseconds since the pace was made.
+    #[cfg(not(test))]
     fn millis(&self) -> u64 {
-        u64::try_from(self.born.elapsed().as_millis())
-            .unwrap_or(u64::MAX - 1)
-            .saturating_add(1)
-            .saturating_add(self.skew.load(Ordering::Relaxed))
+        u64::try_from(self.hot.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    #[cfg(test)]
+    fn millis(&self) -> u64 {
+        self.skew.load(Ordering::Relaxed)
+    }
+
+    /// Whole windows since the pace was made (a `u32` of them lasts 13 years).
+    fn windows(&self) -> u32 {
+        u32::try_from(self.millis() / WINDOW.as_millis() as u64).unwrap_or(u32::MAX)
     }
 
     /// Moves the pace's clock on by `by`.
@@ -214,21 +263,26 @@ impl Paced {
     /// The gateway acknowledged the copy; `shed`: it marked it. Copies made before the pace's
     /// last cut are not judged. Returns the pace, to be settled once the batch is counted.
     pub fn acknowledged(self, shed: bool) -> Arc<Pace> {
-        if self.epoch == self.pace.hot.epoch.load(Ordering::Relaxed) {
+        if self.epoch == self.pace.hot.epoch.load(Ordering::Acquire) {
             self.pace.acked.fetch_add(1, Ordering::Relaxed);
             if shed {
                 self.pace.shed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.pace
+                    .taken_ppm
+                    .fetch_add(u64::from(self.ppm), Ordering::Relaxed);
             }
         }
         self.pace
     }
 }
 
-/// The pace after a window in which `shed` of `acked` copies made at `ppm` were marked: the share
-/// the gateway took, but at most an eighth of `ppm`, and not below the floor.
-fn cut(ppm: u32, acked: u64, shed: u64) -> u32 {
-    let taken = u64::from(ppm) * (acked - shed.min(acked)) / acked.max(1);
-    let taken = u32::try_from(taken).unwrap_or(FULL);
+/// The pace after a window in which the gateway took copies worth `taken` (the paces of the
+/// copies it took, summed, over all the copies judged: the share it took, in parts per million
+/// of all sampled requests), cut from `ppm`: `taken`, but at least an eighth of `ppm` and the
+/// floor.
+fn cut(ppm: u32, taken: u64) -> u32 {
+    let taken = u32::try_from(taken).unwrap_or(FULL).min(ppm);
     taken.max(ppm / 8).max(FLOOR_PPM)
 }
 
@@ -249,10 +303,11 @@ mod tests {
 
     #[test]
     fn a_cut_takes_the_share_taken_at_most_an_eighth_and_time_climbs_back() {
-        // 30% shed: 70% kept; 96% shed: an eighth; all shed from the floor: the floor.
-        assert_eq!(cut(FULL, 1000, 300), 700_000);
-        assert_eq!(cut(FULL, 1000, 960), FULL / 8);
-        assert_eq!(cut(FLOOR_PPM, 100, 100), FLOOR_PPM);
+        // 70% taken: 70%; 4% taken: an eighth; nothing taken at the floor: the floor; never up.
+        assert_eq!(cut(FULL, 700_000), 700_000);
+        assert_eq!(cut(FULL, 40_000), FULL / 8);
+        assert_eq!(cut(FLOOR_PPM, 0), FLOOR_PPM);
+        assert_eq!(cut(200_000, 300_000), 200_000);
         // From the floor back to full pace within 4.2 s of the last cut.
         assert_eq!(climb(FLOOR_PPM, 0), FLOOR_PPM);
         assert_eq!(climb(FLOOR_PPM, 1), 125);
@@ -262,7 +317,7 @@ mod tests {
     }
 
     #[test]
-    fn windows_are_judged_on_enough_current_copies_and_a_cut_ignores_older_ones() {
+    fn windows_are_judged_on_enough_current_copies_at_the_paces_they_were_made_at() {
         let pace = Arc::new(Pace::new("r".into(), Gauge::noop()));
         let made = |n: usize| -> Vec<Paced> {
             (0..n)
@@ -270,36 +325,43 @@ mod tests {
                 .collect()
         };
         // Too few acknowledgements: one shed copy of a quiet rule is no signal.
-        let before = made(40);
-        for p in before.iter().take(MIN_ACKS as usize - 1).cloned() {
+        let first = made(40);
+        for p in first[..15].iter().cloned() {
             p.acknowledged(true).settle();
         }
         pace.wait(WINDOW);
         pace.settle();
         assert_eq!(pace.ppm(), FULL);
-        // Enough, after a window: 31 of 40 shed, the share taken.
-        for (i, p) in before
-            .iter()
-            .skip(MIN_ACKS as usize - 1)
-            .cloned()
-            .enumerate()
-        {
+        // Enough, after a window: 31 of 40 shed, 9 taken at full pace: the share taken.
+        for (i, p) in first[15..].iter().cloned().enumerate() {
             p.acknowledged(i % 3 != 0);
         }
         pace.settle();
         assert_eq!(pace.ppm(), FULL * 9 / 40);
-        let cut_to = pace.ppm();
-        // Copies made before the cut, all shed, are not judged again.
-        for p in made(0).into_iter().chain(before.into_iter().take(20)) {
+        // Copies made before the cut, all shed, are not judged: the next window has none.
+        for p in first.into_iter().take(20) {
             p.acknowledged(true);
         }
         pace.wait(WINDOW);
         pace.settle();
-        assert!(pace.ppm() >= cut_to, "{} < {cut_to}", pace.ppm());
+        assert_eq!(pace.ppm(), FULL * 9 / 40);
+        // Copies made since are: made a window after the cut (1.25x), half of them shed. The
+        // cut is to half the pace they were made at, not of what the pace has climbed to since.
+        let second = made(32);
+        let made_at = pace.ppm();
+        assert_eq!(made_at, 281_250);
+        pace.wait(WINDOW * 4);
+        assert!(pace.admits(|| 0).is_some());
+        assert!(pace.ppm() > made_at * 2);
+        for (i, p) in second.into_iter().enumerate() {
+            p.acknowledged(i % 2 == 0);
+        }
+        pace.settle();
+        assert_eq!(pace.ppm(), made_at / 2);
         // The draw decides below full pace; time alone brings the pace back.
         assert!(pace.admits(|| FULL - 1).is_none());
         assert!(pace.admits(|| 0).is_some());
-        pace.wait(WINDOW * 6);
+        pace.wait(WINDOW * 9);
         assert!(pace.admits(|| FULL - 1).is_some(), "it climbed with time");
         assert_eq!(pace.ppm(), FULL);
     }

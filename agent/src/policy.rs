@@ -628,28 +628,30 @@ impl PolicyConfig {
                 p,
                 "follow_shedding",
                 "use true (default: make fewer copies of what the gateway sheds) or false",
-                |v| {
-                    v.as_bool()
-                        .ok_or_else(|| "must be true or false".to_owned())
-                },
+                cfg::boolean,
             )
             .unwrap_or(true);
         let mut rules = Vec::new();
         for mut r in m.sections(p, "rules") {
-            let name = r
-                .optional(
-                    p,
-                    "name",
-                    "give a short name such as checkout",
-                    cfg::nonempty_string,
-                )
-                .unwrap_or_else(|| r.path().trim_start_matches("mirror.").to_owned());
+            let named = r.optional(
+                p,
+                "name",
+                "give a short name such as checkout",
+                cfg::nonempty_string,
+            );
+            let unnamed = named.is_none();
+            let name = named.unwrap_or_else(|| r.path().trim_start_matches("mirror.").to_owned());
             // A rule's name labels its metrics and keys its pace across reloads.
             if name == "default" || rules.iter().any(|(n, _, _)| *n == name) {
+                let message = if unnamed {
+                    format!("this rule has no name, and `{name}`, the one it gets, is taken by another rule")
+                } else {
+                    format!("`{name}` is taken (by another rule, or by `default`: requests no rule matches)")
+                };
                 p.push(
                     r.path_of("name"),
                     None,
-                    format!("`{name}` is taken (by another rule, or by `default`: requests no rule matches)"),
+                    message,
                     "give each rule a name of its own",
                 );
             }
@@ -757,7 +759,13 @@ impl MirrorPolicy {
         if decision.fraction == Fraction::OFF {
             return None;
         }
-        let key = self.sample_key(&target, fields).map(key_hash);
+        // The key is read when it decides, or places the request for a pace below full.
+        let paced = self.follow_shedding && !pace.is_full();
+        let key = if decision.fraction.threshold.is_some() || paced {
+            self.sample_key(&target, fields).map(key_hash)
+        } else {
+            None
+        };
         let d = match (key, decision.fraction.threshold) {
             (Some(hash), _) => hash,
             (None, Some(_)) => draw(),

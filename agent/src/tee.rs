@@ -38,10 +38,11 @@ use teeway_archive::Archive;
 /// comes (and is moved to one of its own size at the end if growing left much unused).
 const MAX_BODY_RESERVE: usize = 64 * 1024;
 
-/// What a copy costs beside its frame's bytes, held against `queue_bytes` with them: its place
-/// in the queue and then in its batch's accounts, and what the allocator and `Bytes` keep for its
-/// frame's buffer (measured in bench scenario 24: without it, the agent's memory grew about 12%
-/// more than the bytes it counted while copies piled up).
+/// What a copy costs beside its frame's bytes, held against `queue_bytes` with them: its slot in
+/// the queue (a `Queued`, its account included), then its account's place in a batch, and about
+/// 100 bytes that the allocator and `Bytes` keep for its frame's buffer (header, rounding, the
+/// shared handle). Bench scenario 24 measures it: counting frame bytes alone, the agent's memory
+/// grew 12-14% more than what it counted while copies piled up.
 const PER_COPY: u64 = (std::mem::size_of::<Queued>() + std::mem::size_of::<Ticket>() + 96) as u64;
 
 /// The bytes a copy whose frame has `capacity` bytes holds against `queue_bytes`.

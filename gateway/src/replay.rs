@@ -656,11 +656,13 @@ mod tests {
             .map(|_| target.admit(&small).expect("may wait"))
             .collect();
         assert!(waiting.iter().all(|s| matches!(s, Slot::Waiting(_))));
+        assert!(!target.shedding(), "records waiting is not shedding");
         assert_eq!(
             target.admit(&small).err(),
             Some(Refusal::Overloaded),
             "waiting is bounded in count"
         );
+        assert!(target.shedding(), "a record refused for want of a slot is");
 
         // A slot freed within the wait goes to a waiting record.
         let first = waiting.remove(0);
