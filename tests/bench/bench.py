@@ -879,6 +879,12 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             m = metrics(agent_admin)
             row["agent_mirrored"] = int(m.get("teeway_agent_mirrored_total", 0))
             row["agent_dropped"] = int(sum(v for k, v in m.items() if k.startswith("teeway_agent_mirror_dropped_total")))
+            reasons = []
+            for k, v in m.items():
+                found = re.search(r'mirror_dropped_total\{.*reason="([^"]+)"', k)
+                if found and v:
+                    reasons.append(found.group(1) + " " + str(int(v)))
+            row["agent_reasons"] = ", ".join(reasons)
             row["agent_seen"] = int(m.get("teeway_agent_requests_total", 0))
             row["agent_retries"] = int(m.get("teeway_agent_primary_retries_total", 0))
             row["agent_primary_errors"] = int(m.get("teeway_agent_primary_errors_total", 0))
@@ -1119,6 +1125,8 @@ def write_results(args, info, rows):
         delivered = f"{r['delivered'] * 100:.2f}%" if "delivered" in r else "-"
         if "agent_seen" in r and "delivered" in r:
             delivered += f" (agent: {r['agent_mirrored']} mirrored, {r['agent_dropped']} dropped of {r['agent_seen']}"
+            if r.get("agent_reasons"):
+                delivered += f" ({r['agent_reasons']})"
             if "gateway_replayed" in r:
                 delivered += f"; gateway: {r['gateway_replayed']} replayed, {r['gateway_shed']} failed or shed"
                 if r.get("gateway_reasons"):
