@@ -17,8 +17,9 @@
 //!   back to 100% about four seconds after its last cut, and the next marks cut it again if the
 //!   targets still cannot keep up.
 //!
-//! The draw follows the request's sampling key when it has one (`mirror.sample_by`): a paced
-//! rule copies all of a key's requests or none, as sampling does. A sampled request the pace
+//! The draw follows the request's sampling key when it has one (`mirror.sample_by`): while the
+//! pace holds, a paced rule copies all of a key's requests or none, as sampling does (the gateway
+//! may still shed some of a chosen key's copies). A sampled request the pace
 //! passes over is counted `teeway_agent_mirror_dropped_total{reason="gateway_shedding"}` (the books
 //! still close); a copy's envelope carries its rate times the pace; the pace in force is the
 //! gauge `teeway_agent_mirror_pace_ratio{rule}`, updated as the rule's requests and
