@@ -8,11 +8,14 @@
 //! client ◀──────────────────────────────────────────────── primary
 //! ```
 //!
-//! **Production never waits.** The proxy hands each chunk it read to the connection's copy with
-//! `try_send` on a bounded queue ([`crate::config::TcpListenerConfig::buffer_bytes`]); the copy task
-//! does all the waiting (opening the stream, QUIC flow control, the gateway's `ACK`). A copy that
-//! falls further behind than its buffer is given up (its stream reset with
-//! [`codes::ABANDONED`]) and the client's connection goes on untouched.
+//! **Production never waits.** The proxy hands each chunk it read to the connection's copy without
+//! waiting, on a queue bounded in bytes ([`crate::config::TcpListenerConfig::buffer_bytes`], each
+//! chunk counting [`CHUNK_OVERHEAD`] more for its bookkeeping); the copy task does all the
+//! waiting (opening the stream, QUIC flow control, the gateway's `ACK`) and sends what piled up
+//! meanwhile as one `TCP_DATA` frame of up to [`COALESCE_BYTES`], so a client that writes in
+//! small pieces costs a frame per send, not per read. A copy that falls further behind than its
+//! buffer is given up (its stream reset with [`codes::ABANDONED`]) and the client's connection
+//! goes on untouched.
 //!
 //! **Ordered and whole.** One QUIC stream per teed connection carries its bytes in order; the end
 //! of the client's side finishes the stream, and the gateway's `ACK` says it took it all. The TLS
@@ -210,8 +213,8 @@ pub struct TcpTee {
     uplink: Arc<UplinkState>,
     /// One permit per copy under way (`max_teed_connections`).
     slots: Arc<Semaphore>,
-    /// Chunks a copy may hold: `buffer_bytes` in reads of at most [`READ_SIZE`].
-    queue_chunks: usize,
+    /// Bytes a copy may hold (`buffer_bytes`).
+    buffer_bytes: u64,
     metrics: TcpMetrics,
     next_id: AtomicU64,
 }
@@ -233,13 +236,10 @@ impl TcpTee {
         uplink: Arc<UplinkState>,
         registry: &Registry,
     ) -> Self {
-        let queue_chunks = usize::try_from(config.buffer_bytes.div_ceil(READ_SIZE as u64))
-            .unwrap_or(usize::MAX)
-            .max(1);
         Self {
+            buffer_bytes: config.buffer_bytes,
             metrics: TcpMetrics::new(registry, &config.name),
             slots: Arc::new(Semaphore::new(config.max_teed_connections)),
-            queue_chunks,
             cluster: cluster.to_owned(),
             primary: UpstreamConnector::new(
                 &config.primary.0,
@@ -294,17 +294,25 @@ impl TcpTee {
             source_cluster: self.cluster.clone(),
             listener: self.config.name.clone(),
         };
-        let (queue, queue_rx) = mpsc::channel(self.queue_chunks);
+        let (queue, queue_rx) = mpsc::unbounded_channel();
         let abandon = Abandon::default();
+        let backlog = Arc::new(Backlog::new(self.buffer_bytes));
         tasks.spawn(run_copy(
             conn,
             open,
-            queue_rx,
+            Feed {
+                queue: queue_rx,
+                backlog: backlog.clone(),
+            },
             abandon.clone(),
             outcome,
             permit,
         ));
-        Some(CopyFeed { queue, abandon })
+        Some(CopyFeed {
+            queue,
+            backlog,
+            abandon,
+        })
     }
 
     async fn connect_primary(&self) -> io::Result<TcpStream> {
@@ -378,23 +386,99 @@ impl Abandon {
     }
 }
 
+/// What a copy may hold beside a chunk's bytes, counted against `buffer_bytes` with them (its
+/// place in the queue and its `Bytes` handle): a client writing a byte at a time cannot make a
+/// copy hold much more than `buffer_bytes`.
+pub const CHUNK_OVERHEAD: u64 = 64;
+
+/// Most client bytes a copy sends as one `TCP_DATA` frame when they piled up while it waited.
+pub const COALESCE_BYTES: usize = 64 * 1024;
+
+/// The bytes a copy holds and has not handed to QUIC yet, against its `buffer_bytes`.
+#[derive(Debug)]
+struct Backlog {
+    held: AtomicU64,
+    limit: u64,
+}
+
+impl Backlog {
+    fn new(limit: u64) -> Self {
+        Self {
+            held: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// What a chunk of `len` bytes holds.
+    fn cost(len: usize) -> u64 {
+        len as u64 + CHUNK_OVERHEAD
+    }
+
+    /// Takes room for `cost`; `false` (and nothing taken) when it would pass the limit.
+    fn take(&self, cost: u64) -> bool {
+        let before = self.held.fetch_add(cost, Ordering::Relaxed);
+        if before + cost > self.limit {
+            self.held.fetch_sub(cost, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn give_back(&self, cost: u64) {
+        self.held.fetch_sub(cost, Ordering::Relaxed);
+    }
+}
+
 /// The proxy's end of a connection's copy.
 struct CopyFeed {
-    queue: mpsc::Sender<Bytes>,
+    queue: mpsc::UnboundedSender<Bytes>,
+    backlog: Arc<Backlog>,
     abandon: Abandon,
+}
+
+/// The copy task's end.
+struct Feed {
+    queue: mpsc::UnboundedReceiver<Bytes>,
+    backlog: Arc<Backlog>,
+}
+
+impl Feed {
+    /// The next bytes to send: a chunk, or (when more piled up) as many chunks as are queued,
+    /// up to [`COALESCE_BYTES`], joined. `None` when the proxy is done with the copy.
+    async fn next(&mut self) -> Option<Bytes> {
+        let first = self.queue.recv().await?;
+        let mut cost = Backlog::cost(first.len());
+        let mut joined: Option<BytesMut> = None;
+        while joined.as_ref().map_or(first.len(), BytesMut::len) < COALESCE_BYTES {
+            let Ok(more) = self.queue.try_recv() else {
+                break;
+            };
+            cost += Backlog::cost(more.len());
+            joined
+                .get_or_insert_with(|| {
+                    let mut b = BytesMut::with_capacity(COALESCE_BYTES.max(first.len()));
+                    b.extend_from_slice(&first);
+                    b
+                })
+                .extend_from_slice(&more);
+        }
+        // Handed over: from here QUIC's flow control bounds what waits.
+        self.backlog.give_back(cost);
+        Some(joined.map_or(first, BytesMut::freeze))
+    }
 }
 
 /// Offers `chunk` to the copy without waiting; a copy too far behind is given up.
 fn offer(copy: &mut Option<CopyFeed>, chunk: &Bytes) {
     let Some(c) = copy else { return };
-    match c.queue.try_send(chunk.clone()) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            c.abandon.now(TcpDropReason::BufferFull);
-            *copy = None;
-        }
-        // The copy task ended on its own (refused, link lost) and resolved itself.
-        Err(mpsc::error::TrySendError::Closed(_)) => *copy = None,
+    if !c.backlog.take(Backlog::cost(chunk.len())) {
+        c.abandon.now(TcpDropReason::BufferFull);
+        *copy = None;
+        return;
+    }
+    // Closed: the copy task ended on its own (refused, link lost) and resolved itself.
+    if c.queue.send(chunk.clone()).is_err() {
+        *copy = None;
     }
 }
 
@@ -536,7 +620,7 @@ enum Sent {
 async fn run_copy(
     conn: quinn::Connection,
     open: TcpOpen,
-    mut queue: mpsc::Receiver<Bytes>,
+    mut feed: Feed,
     abandon: Abandon,
     mut outcome: Outcome,
     permit: OwnedSemaphorePermit,
@@ -554,7 +638,7 @@ async fn run_copy(
     let bytes = &mut outcome.bytes;
     let sending = async {
         send.write_all(&head).await.map_err(write_failure)?;
-        while let Some(chunk) = queue.recv().await {
+        while let Some(chunk) = feed.next().await {
             send.write_all(&Frame::tcp_data_header(chunk.len()))
                 .await
                 .map_err(write_failure)?;
@@ -607,5 +691,65 @@ fn write_failure(e: quinn::WriteError) -> TcpDropReason {
     match e {
         quinn::WriteError::Stopped(_) => TcpDropReason::Rejected,
         _ => TcpDropReason::UplinkError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(limit: u64) -> (Option<CopyFeed>, Feed) {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(Backlog::new(limit));
+        let copy = CopyFeed {
+            queue,
+            backlog: backlog.clone(),
+            abandon: Abandon::default(),
+        };
+        (Some(copy), Feed { queue: rx, backlog })
+    }
+
+    #[tokio::test]
+    async fn a_copy_falls_behind_by_buffer_bytes_however_small_the_reads() {
+        // 100-byte reads: given up once they and their bookkeeping pass 64 KiB, not after the
+        // few reads a queue of 16 KiB slots held.
+        let (mut copy, _feed) = feed(64 * 1024);
+        let abandon = copy.as_ref().map(|c| c.abandon.clone()).expect("copy");
+        let chunk = Bytes::from(vec![b'x'; 100]);
+        let mut kept = 0;
+        loop {
+            offer(&mut copy, &chunk);
+            if copy.is_none() {
+                break;
+            }
+            kept += 1;
+            assert!(kept < 10_000, "never given up");
+        }
+        assert_eq!(kept, 64 * 1024 / (100 + CHUNK_OVERHEAD as usize));
+        assert_eq!(abandon.reason(), TcpDropReason::BufferFull);
+    }
+
+    #[tokio::test]
+    async fn what_piled_up_goes_as_one_frame_and_gives_its_room_back() {
+        let (mut copy, mut feed) = feed(1 << 20);
+        for i in 0..10u8 {
+            offer(&mut copy, &Bytes::from(vec![i; 10]));
+        }
+        let sent = feed.next().await.expect("bytes");
+        assert_eq!(sent.len(), 100);
+        assert_eq!((&sent[..10], &sent[90..]), (&[0; 10][..], &[9; 10][..]));
+        assert_eq!(feed.backlog.held.load(Ordering::Relaxed), 0);
+        // A chunk alone goes as it is.
+        offer(&mut copy, &Bytes::from_static(b"one"));
+        assert_eq!(feed.next().await, Some(Bytes::from_static(b"one")));
+        // Joining stops once a frame reaches COALESCE_BYTES.
+        let big = Bytes::from(vec![1; 40 * 1024]);
+        for _ in 0..3 {
+            offer(&mut copy, &big);
+        }
+        assert_eq!(feed.next().await.map(|b| b.len()), Some(80 * 1024));
+        assert_eq!(feed.next().await.map(|b| b.len()), Some(40 * 1024));
+        drop(copy);
+        assert_eq!(feed.next().await, None);
     }
 }
