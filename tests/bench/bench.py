@@ -824,6 +824,16 @@ def probe_new_connections(port, probes, stop):
         stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))
 
 
+def by_reason(scrape, metric):
+    """`metric`'s non-zero series in a scrape, as "reason count, ..."."""
+    reasons = []
+    for k, v in scrape.items():
+        found = re.search(metric + r'\{.*reason="([^"]+)"', k)
+        if found and v:
+            reasons.append(f"{found.group(1)} {int(v)}")
+    return ", ".join(reasons)
+
+
 def scenario(args, number, title, setup, driver="wrk", mirror=None):
     """Starts what `setup` starts, drives it, measures it, stops it."""
     work = tempfile.mkdtemp(prefix=f"teeway-bench-{number}-")
@@ -879,12 +889,7 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             m = metrics(agent_admin)
             row["agent_mirrored"] = int(m.get("teeway_agent_mirrored_total", 0))
             row["agent_dropped"] = int(sum(v for k, v in m.items() if k.startswith("teeway_agent_mirror_dropped_total")))
-            reasons = []
-            for k, v in m.items():
-                found = re.search(r'mirror_dropped_total\{.*reason="([^"]+)"', k)
-                if found and v:
-                    reasons.append(found.group(1) + " " + str(int(v)))
-            row["agent_reasons"] = ", ".join(reasons)
+            row["agent_reasons"] = by_reason(m, "mirror_dropped_total")
             row["agent_seen"] = int(m.get("teeway_agent_requests_total", 0))
             row["agent_retries"] = int(m.get("teeway_agent_primary_retries_total", 0))
             row["agent_primary_errors"] = int(m.get("teeway_agent_primary_errors_total", 0))
@@ -896,12 +901,7 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
                 row["wan"]["copies_per_s"] = row["agent_mirrored"] / (load["requests"] / load["rps"])
             row["gateway_replayed"] = int(sum(v for k, v in g.items() if k.startswith("teeway_gateway_replayed_total")))
             row["gateway_shed"] = int(sum(v for k, v in g.items() if k.startswith("teeway_gateway_replay_failed_total")))
-            reasons = []
-            for k, v in g.items():
-                m = re.search(r'replay_failed_total\{.*reason="([^"]+)"', k)
-                if m and v:
-                    reasons.append(m.group(1) + " " + str(int(v)))
-            row["gateway_reasons"] = ", ".join(reasons)
+            row["gateway_reasons"] = by_reason(g, "replay_failed_total")
         per_k = []
         rss = []
         for p in procs:
