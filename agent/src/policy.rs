@@ -697,19 +697,6 @@ impl PolicyConfig {
 }
 
 impl MirrorPolicy {
-    /// When no request can be sampled (no rules, and the default takes none): counts one request
-    /// as [`MirrorPolicy::decide`] would (matched by the default) and returns `true`, without
-    /// looking at it. `false`: the request must be decided.
-    pub fn passes_over_all(&self) -> bool {
-        if !self.rules.is_empty() || self.default.fraction != Fraction::OFF {
-            return false;
-        }
-        if let Some(c) = &self.default_matched {
-            c.increment(1);
-        }
-        true
-    }
-
     /// Whether the request is copied, and if so by which rule (`None`: by `mirror.percentage`)
     /// and at what rate. `draw` gives a uniform random `u64` when the request has no sampling
     /// key (a parameter so that tests can seed it).
@@ -732,7 +719,12 @@ impl MirrorPolicy {
         fields: &impl Fields,
         draw: impl FnOnce() -> u64,
     ) -> Option<Chosen<'_>> {
-        let host = target.host(fields);
+        // The host is read only for rules to match it on.
+        let host = if self.rules.is_empty() {
+            None
+        } else {
+            target.host(fields)
+        };
         let rule = self
             .rules
             .iter()

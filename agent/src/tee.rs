@@ -297,18 +297,6 @@ impl Tee {
         })
     }
 
-    /// Counts a request without looking at it when the policy in force samples nothing (no
-    /// rules, `percentage: 0`): `true` then, as [`Tee::admit`] would have counted it. `false`:
-    /// the request must go through [`Tee::admit`].
-    pub fn pass_over_if_off(&self) -> bool {
-        if !self.policy.load().passes_over_all() {
-            return false;
-        }
-        self.accounting.requests.increment(1);
-        self.accounting.not_sampled.increment(1);
-        true
-    }
-
     /// Queues the copy of a request that has no body: it is complete as admitted.
     pub fn complete(self: &Arc<Self>, copy: Admitted) {
         self.capture(copy).finish();

@@ -1299,20 +1299,24 @@ impl Accounts {
     fn acknowledged(self, accepted: u32, shed: &Shed) {
         match self {
             Accounts::Live(tickets) => {
-                // The paces told, each settled once (a batch's copies mostly share one).
-                let mut told: Vec<Arc<Pace>> = Vec::new();
+                // Each pace told is settled once its run of copies ends (a batch's copies
+                // mostly share one); settling more often than that is harmless.
+                let mut told: Option<Arc<Pace>> = None;
                 for (i, ticket) in tickets.into_iter().enumerate() {
-                    if i < accepted as usize {
-                        if let Some(pace) = ticket.acknowledged(shed.contains(i)) {
-                            if !told.iter().any(|p| Arc::ptr_eq(p, &pace)) {
-                                told.push(pace);
-                            }
-                        }
-                    } else {
+                    if i >= accepted as usize {
                         ticket.dropped(DropReason::Rejected);
+                        continue;
+                    }
+                    let Some(pace) = ticket.acknowledged(shed.contains(i)) else {
+                        continue;
+                    };
+                    if let Some(before) = told.replace(pace) {
+                        if told.as_ref().is_some_and(|p| !Arc::ptr_eq(p, &before)) {
+                            before.settle();
+                        }
                     }
                 }
-                for pace in told {
+                if let Some(pace) = told {
                     pace.settle();
                 }
             }

@@ -231,10 +231,9 @@ impl Dispatcher {
                     continue;
                 }
                 Err(refusal @ (Refusal::RateLimited | Refusal::Overloaded)) => {
-                    let reason = if refusal == Refusal::RateLimited {
-                        FailReason::RateLimited
-                    } else {
-                        FailReason::Overloaded
+                    let reason = match refusal {
+                        Refusal::RateLimited => FailReason::RateLimited,
+                        _ => FailReason::Overloaded,
                     };
                     self.metrics.failed(handles, reason);
                     report(index, Outcome::Failed(reason));

@@ -772,27 +772,24 @@ fn prepare(
     let Some(close) = write_request(out, method.as_str(), target, req.headers, peer) else {
         return Parsed::Other;
     };
-    let tee = &proxy.tee;
-    if !tee.pass_over_if_off() {
-        // Made only for a request that is copied: the copy's target and values share one copy
-        // of the head.
-        let copy_head = || {
-            let head = Bytes::copy_from_slice(&buf[..len]);
-            let part = |s: &[u8]| {
-                let at = (s.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
-                match at.checked_add(s.len()) {
-                    Some(end) if end <= head.len() => head.slice(at..end),
-                    _ => Bytes::copy_from_slice(s),
-                }
-            };
-            // Every plain target is a URI.
-            let uri = Uri::from_maybe_shared(part(target.as_bytes())).ok()?;
-            Some((uri, copy_headers(peer, req.headers, part)))
+    // Made only for a request that is copied: the copy's target and values share one copy of
+    // the head.
+    let copy_head = || {
+        let head = Bytes::copy_from_slice(&buf[..len]);
+        let part = |s: &[u8]| {
+            let at = (s.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+            match at.checked_add(s.len()) {
+                Some(end) if end <= head.len() => head.slice(at..end),
+                _ => Bytes::copy_from_slice(s),
+            }
         };
-        if let Some(copy) = tee.admit_parsed(&method, target, &ClientFields(req.headers), copy_head)
-        {
-            tee.complete(copy);
-        }
+        // Every plain target is a URI.
+        let uri = Uri::from_maybe_shared(part(target.as_bytes())).ok()?;
+        Some((uri, copy_headers(peer, req.headers, part)))
+    };
+    let tee = &proxy.tee;
+    if let Some(copy) = tee.admit_parsed(&method, target, &ClientFields(req.headers), copy_head) {
+        tee.complete(copy);
     }
     Parsed::Request(Head {
         len,
