@@ -402,9 +402,9 @@ fn render(value: &Value) -> String {
 pub fn boolean(value: &Value) -> Result<bool, String> {
     match value {
         Value::Bool(b) => Ok(*b),
-        Value::String(s) if s == "true" || s == "false" => Err(format!(
-            "must be true or false without quotes (found the string \"{s}\")"
-        )),
+        Value::String(s) if s == "true" || s == "false" => {
+            Err("must be true or false, not a quoted string".to_owned())
+        }
         _ => Err("must be true or false".to_owned()),
     }
 }
