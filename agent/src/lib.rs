@@ -550,9 +550,16 @@ impl Shipper {
     /// The tee feeding this shipper's queue, for the tap named `tap`.
     fn tee(&self, agent: &Agent, tap: &str) -> Tee {
         Tee::new(
-            self.queue_tx.clone(),
-            agent.accounting.clone(),
+            self.outlet(agent, agent.accounting.books.clone(), tap),
             agent.policy.clone(),
+        )
+    }
+
+    /// An outlet to this shipper's queue for the tap named `tap`, counting in `books`.
+    fn outlet(&self, agent: &Agent, books: Arc<metrics::Books>, tap: &str) -> tee::Outlet {
+        tee::Outlet::new(
+            self.queue_tx.clone(),
+            books,
             tee::Origin {
                 cluster: agent.config.cluster.as_str().into(),
                 tap: tap.into(),

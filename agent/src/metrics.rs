@@ -88,6 +88,20 @@ pub const PRIMARY_DURATION_SECONDS: &str = "teeway_agent_primary_duration_second
 /// Bytes of the batches gateways acknowledged.
 pub const UPLINK_BYTES_SENT_TOTAL: &str = "teeway_agent_uplink_bytes_sent_total";
 
+/// Requests (commands, calls) read by each `rpc:` listener, by `listener`; the same identity as
+/// the HTTP families, per listener, over the `teeway_agent_rpc_*` families below.
+pub const RPC_REQUESTS_TOTAL: &str = "teeway_agent_rpc_requests_total";
+/// RPC requests the listener's policy passed over, or that are never copied.
+pub const RPC_NOT_SAMPLED_TOTAL: &str = "teeway_agent_rpc_not_sampled_total";
+/// RPC copies delivered.
+pub const RPC_MIRRORED_TOTAL: &str = "teeway_agent_rpc_mirrored_total";
+/// RPC copies given up, by `reason`.
+pub const RPC_DROPPED_TOTAL: &str = "teeway_agent_rpc_dropped_total";
+/// RPC copies written to the disk spool.
+pub const RPC_SPOOLED_TOTAL: &str = "teeway_agent_rpc_spooled_total";
+/// RPC copies sampled and not yet resolved.
+pub const RPC_IN_FLIGHT: &str = "teeway_agent_rpc_in_flight";
+
 /// Why a copy was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
@@ -164,9 +178,11 @@ impl DropReason {
     }
 }
 
-/// The agent's counters, registered once; the hot path only touches atomics.
-pub struct Accounting {
-    registry: Registry,
+/// The books of one tap: what its requests became, each in exactly one bucket (the module's
+/// identity). The HTTP listener (or sink) keeps the unlabelled `teeway_agent_*` families; each
+/// `rpc:` listener keeps its own, labelled by `listener` ([`Books::rpc`]). All of them hold
+/// their copies' bytes against the one `mirror.queue_bytes` budget.
+pub struct Books {
     pub(crate) requests: Counter,
     pub(crate) not_sampled: Counter,
     pub(crate) truncated: Counter,
@@ -174,7 +190,31 @@ pub struct Accounting {
     spooled: Counter,
     dropped: [Counter; DropReason::ALL.len()],
     in_flight: Gauge,
-    held_bytes_gauge: Gauge,
+    budget: Arc<Budget>,
+    /// One log summary per drop reason (drops are counted always, logged in summary).
+    drop_logs: [Throttle; DropReason::ALL.len()],
+}
+
+impl std::fmt::Debug for Books {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Books").finish_non_exhaustive()
+    }
+}
+
+/// `mirror.queue_bytes`: the memory every tap's copies share, held from when a copy is made
+/// until it resolves.
+struct Budget {
+    held: AtomicU64,
+    limit: u64,
+    gauge: Gauge,
+}
+
+/// The agent's counters, registered once; the hot path only touches atomics.
+pub struct Accounting {
+    registry: Registry,
+    /// The HTTP listener's (or the sink's) books.
+    pub(crate) books: Arc<Books>,
+    budget: Arc<Budget>,
     pub(crate) uplink_connected: Gauge,
     pub(crate) uplink_links_quic: Gauge,
     pub(crate) uplink_links_tls: Gauge,
@@ -187,10 +227,6 @@ pub struct Accounting {
     primary_responses: [Counter; 5],
     primary_duration: metrics::Histogram,
     pub(crate) uplink_bytes: Counter,
-    held_bytes: AtomicU64,
-    held_bytes_limit: u64,
-    /// One log summary per drop reason (drops are counted always, logged in summary).
-    drop_logs: [Throttle; DropReason::ALL.len()],
     /// Primary failures, logged in summary for the same reason.
     pub(crate) primary_error_log: Throttle,
 }
@@ -205,42 +241,19 @@ impl Accounting {
     /// Registers every agent metric; `held_bytes_limit` is `mirror.queue_bytes`.
     pub fn new(held_bytes_limit: u64) -> Self {
         let registry = Registry::new();
-        let dropped = DropReason::ALL.map(|r| {
-            registry.counter(
-                MIRROR_DROPPED_TOTAL,
-                "Copies of sampled requests given up, by reason",
-                &[("reason", r.as_str())],
-            )
-        });
-        Self {
-            requests: registry.counter(REQUESTS_TOTAL, "Requests seen by the agent", &[]),
-            not_sampled: registry.counter(
-                NOT_SAMPLED_TOTAL,
-                "Requests the sampler passed over",
-                &[],
-            ),
-            truncated: registry.counter(
-                MIRROR_TRUNCATED_TOTAL,
-                "Copies whose body was cut at max_body_bytes (over_limit: truncate)",
-                &[],
-            ),
-            mirrored: registry.counter(MIRRORED_TOTAL, "Copies delivered: acknowledged by the gateway, or written to the archive when there is no gateway", &[]),
-            spooled: registry.counter(
-                MIRROR_SPOOLED_TOTAL,
-                "Copies written to the disk spool while no gateway was reachable",
-                &[],
-            ),
-            dropped,
-            in_flight: registry.gauge(
-                MIRROR_IN_FLIGHT,
-                "Copies sampled and not yet mirrored or dropped",
-                &[],
-            ),
-            held_bytes_gauge: registry.gauge(
+        let budget = Arc::new(Budget {
+            held: AtomicU64::new(0),
+            limit: held_bytes_limit,
+            gauge: registry.gauge(
                 MIRROR_HELD_BYTES,
                 "Bytes of copies held (being copied, queued or in flight) against mirror.queue_bytes",
                 &[],
             ),
+        });
+        let books = Arc::new(Books::http(&registry, budget.clone()));
+        Self {
+            books,
+            budget,
             uplink_connected: registry.gauge(
                 UPLINK_CONNECTED,
                 "1 while at least one gateway link is delivering (welcomed, not stalled)",
@@ -304,9 +317,6 @@ impl Accounting {
                 &[],
             ),
             registry,
-            held_bytes: AtomicU64::new(0),
-            held_bytes_limit,
-            drop_logs: DropReason::ALL.map(|r| Throttle::named(format!("mirror copies dropped ({})", r.as_str()))),
             primary_error_log: Throttle::named("primary requests failed (answered 502)"),
         }
     }
@@ -323,11 +333,109 @@ impl Accounting {
         &self.registry
     }
 
+    /// A new account in the HTTP listener's books (see [`Books::ticket`]).
+    pub fn ticket(&self) -> Ticket {
+        self.books.ticket()
+    }
+
+    /// The books of the `rpc:` listener `name`, sharing this agent's `mirror.queue_bytes`.
+    pub fn rpc_books(&self, name: &str) -> Arc<Books> {
+        Arc::new(Books::rpc(&self.registry, name, self.budget.clone()))
+    }
+}
+
+impl Books {
+    /// The HTTP listener's (or sink's) books: the unlabelled `teeway_agent_*` families.
+    fn http(registry: &Registry, budget: Arc<Budget>) -> Self {
+        Self {
+            requests: registry.counter(REQUESTS_TOTAL, "Requests seen by the agent", &[]),
+            not_sampled: registry.counter(
+                NOT_SAMPLED_TOTAL,
+                "Requests the sampler passed over",
+                &[],
+            ),
+            truncated: registry.counter(
+                MIRROR_TRUNCATED_TOTAL,
+                "Copies whose body was cut at max_body_bytes (over_limit: truncate)",
+                &[],
+            ),
+            mirrored: registry.counter(MIRRORED_TOTAL, "Copies delivered: acknowledged by the gateway, or written to the archive when there is no gateway", &[]),
+            spooled: registry.counter(
+                MIRROR_SPOOLED_TOTAL,
+                "Copies written to the disk spool while no gateway was reachable",
+                &[],
+            ),
+            dropped: DropReason::ALL.map(|r| {
+                registry.counter(
+                    MIRROR_DROPPED_TOTAL,
+                    "Copies of sampled requests given up, by reason",
+                    &[("reason", r.as_str())],
+                )
+            }),
+            in_flight: registry.gauge(
+                MIRROR_IN_FLIGHT,
+                "Copies sampled and not yet mirrored or dropped",
+                &[],
+            ),
+            budget,
+            drop_logs: DropReason::ALL
+                .map(|r| Throttle::named(format!("mirror copies dropped ({})", r.as_str()))),
+        }
+    }
+
+    /// The books of the `rpc:` listener `listener`: the `teeway_agent_rpc_*` families.
+    fn rpc(registry: &Registry, listener: &str, budget: Arc<Budget>) -> Self {
+        let name = || ("listener", listener.to_owned());
+        Self {
+            requests: registry.counter_labels(
+                RPC_REQUESTS_TOTAL,
+                "Requests (commands, calls) an rpc listener read from its clients",
+                &[name()],
+            ),
+            not_sampled: registry.counter_labels(
+                RPC_NOT_SAMPLED_TOTAL,
+                "Requests an rpc listener's policy passed over (or that are never copied)",
+                &[name()],
+            ),
+            // No RPC copy is ever truncated: one over max_message_bytes is dropped.
+            truncated: Counter::noop(),
+            mirrored: registry.counter_labels(
+                RPC_MIRRORED_TOTAL,
+                "RPC copies delivered: acknowledged by the gateway, or archived",
+                &[name()],
+            ),
+            spooled: registry.counter_labels(
+                RPC_SPOOLED_TOTAL,
+                "RPC copies written to the disk spool while no gateway was reachable",
+                &[name()],
+            ),
+            dropped: DropReason::ALL.map(|r| {
+                registry.counter_labels(
+                    RPC_DROPPED_TOTAL,
+                    "RPC copies of sampled requests given up, by reason",
+                    &[name(), ("reason", r.as_str().to_owned())],
+                )
+            }),
+            in_flight: registry.gauge_owned(
+                RPC_IN_FLIGHT,
+                "RPC copies sampled and not yet mirrored or dropped",
+                &[name()],
+            ),
+            budget,
+            drop_logs: DropReason::ALL.map(|r| {
+                Throttle::named(format!(
+                    "rpc listener {listener}: copies dropped ({})",
+                    r.as_str()
+                ))
+            }),
+        }
+    }
+
     /// Opens the account of one sampled request.
     pub fn ticket(self: &Arc<Self>) -> Ticket {
         self.in_flight.increment(1.0);
         Ticket {
-            accounting: Some(self.clone()),
+            books: Some(self.clone()),
             held: 0,
             pace: None,
         }
@@ -348,7 +456,7 @@ impl Accounting {
             tracing::warn!(
                 reason = reason.as_str(),
                 dropped,
-                "mirror copies dropped (one line a minute at most per reason; see {MIRROR_DROPPED_TOTAL})"
+                "mirror copies dropped (one line a minute at most per reason; see {MIRROR_DROPPED_TOTAL} and {RPC_DROPPED_TOTAL})"
             );
         }
     }
@@ -360,8 +468,8 @@ impl Accounting {
             End::Dropped(reason) => self.count_drop(reason),
         }
         if held > 0 {
-            self.held_bytes.fetch_sub(held, Ordering::Relaxed);
-            self.held_bytes_gauge.decrement(held as f64);
+            self.budget.held.fetch_sub(held, Ordering::Relaxed);
+            self.budget.gauge.decrement(held as f64);
         }
         self.in_flight.decrement(1.0);
     }
@@ -377,7 +485,7 @@ enum End {
 /// The account of one sampled request; see the module docs.
 #[derive(Debug)]
 pub struct Ticket {
-    accounting: Option<Arc<Accounting>>,
+    books: Option<Arc<Books>>,
     held: u64,
     /// The pace of the rule that chose the copy, told what the gateway made of it.
     pace: Option<Paced>,
@@ -386,15 +494,16 @@ pub struct Ticket {
 impl Ticket {
     /// Holds `bytes` against `mirror.queue_bytes`; `Err(QueueBytes)` when the budget is spent.
     pub fn hold(&mut self, bytes: u64) -> Result<(), DropReason> {
-        let Some(acc) = &self.accounting else {
+        let Some(books) = &self.books else {
             return Ok(());
         };
-        let before = acc.held_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if before + bytes > acc.held_bytes_limit {
-            acc.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let budget = &books.budget;
+        let before = budget.held.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > budget.limit {
+            budget.held.fetch_sub(bytes, Ordering::Relaxed);
             return Err(DropReason::QueueBytes);
         }
-        acc.held_bytes_gauge.increment(bytes as f64);
+        budget.gauge.increment(bytes as f64);
         self.held += bytes;
         Ok(())
     }
@@ -409,10 +518,10 @@ impl Ticket {
         if total > self.held {
             return self.hold(total - self.held);
         }
-        if let Some(acc) = &self.accounting {
+        if let Some(books) = &self.books {
             let less = self.held - total;
-            acc.held_bytes.fetch_sub(less, Ordering::Relaxed);
-            acc.held_bytes_gauge.decrement(less as f64);
+            books.budget.held.fetch_sub(less, Ordering::Relaxed);
+            books.budget.gauge.decrement(less as f64);
         }
         self.held = total;
         Ok(())
@@ -433,30 +542,30 @@ impl Ticket {
 
     /// The gateway acknowledged the copy.
     pub fn mirrored(mut self) {
-        if let Some(acc) = self.accounting.take() {
-            acc.resolve(self.held, End::Mirrored);
+        if let Some(books) = self.books.take() {
+            books.resolve(self.held, End::Mirrored);
         }
     }
 
     /// The copy was written to the disk spool, whose metrics account for it from now on.
     pub fn spooled(mut self) {
-        if let Some(acc) = self.accounting.take() {
-            acc.resolve(self.held, End::Spooled);
+        if let Some(books) = self.books.take() {
+            books.resolve(self.held, End::Spooled);
         }
     }
 
     /// The copy was given up.
     pub fn dropped(mut self, reason: DropReason) {
-        if let Some(acc) = self.accounting.take() {
-            acc.resolve(self.held, End::Dropped(reason));
+        if let Some(books) = self.books.take() {
+            books.resolve(self.held, End::Dropped(reason));
         }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some(acc) = self.accounting.take() {
-            acc.resolve(self.held, End::Dropped(DropReason::Shutdown));
+        if let Some(books) = self.books.take() {
+            books.resolve(self.held, End::Dropped(DropReason::Shutdown));
         }
     }
 }

@@ -28,7 +28,7 @@ use teeway_wire::record::empty;
 use teeway_wire::{Meta, RequestFrame, Sampling};
 use tokio::sync::mpsc;
 
-use crate::metrics::{Accounting, DropReason, Ticket};
+use crate::metrics::{Books, DropReason, Ticket};
 use crate::pace;
 use crate::policy::{Chosen, MirrorPolicy, OverLimit, Target};
 use crate::uplink::{Queued, UplinkState};
@@ -53,13 +53,23 @@ fn footprint(capacity: usize) -> u64 {
 /// The request-path side of the tee.
 #[derive(Debug)]
 pub struct Tee {
-    /// Copies to the uplink task, which owns the receiving end.
-    queue_tx: mpsc::Sender<Queued>,
-    accounting: Arc<Accounting>,
+    /// Where its copies go, and whose books count them.
+    out: Outlet,
     /// The policy in force; swapped whole by a reload.
     policy: Arc<ArcSwap<MirrorPolicy>>,
+}
+
+/// What every tap shares past its own decision: the books a copy is counted in, its envelope's
+/// metadata, and the queue to the uplink (or archive). The HTTP [`Tee`] and each `rpc:`
+/// listener own one.
+#[derive(Debug)]
+pub struct Outlet {
+    /// Copies to the uplink task, which owns the receiving end.
+    queue_tx: mpsc::Sender<Queued>,
+    books: Arc<Books>,
     source_cluster: Arc<str>,
-    /// The tap its copies come from (`http`, `sink`), which their envelopes name.
+    /// The tap its copies come from (`http`, `sink`, an `rpc:` listener's name), which their
+    /// envelopes name.
     tap: Arc<str>,
     /// The agent process's session, which envelopes carry.
     session: u64,
@@ -83,20 +93,18 @@ pub struct Origin {
     pub session: u64,
 }
 
-impl Tee {
-    /// A tee feeding `queue_tx`.
+impl Outlet {
+    /// An outlet feeding `queue_tx`, counting in `books`.
     pub fn new(
         queue_tx: mpsc::Sender<Queued>,
-        accounting: Arc<Accounting>,
-        policy: Arc<ArcSwap<MirrorPolicy>>,
+        books: Arc<Books>,
         origin: Origin,
         uplink: Option<Arc<UplinkState>>,
         archive_also: Option<Archive>,
     ) -> Self {
         Self {
             queue_tx,
-            accounting,
-            policy,
+            books,
             source_cluster: origin.cluster,
             tap: origin.tap,
             session: origin.session,
@@ -104,6 +112,13 @@ impl Tee {
             uplink,
             archive_also,
         }
+    }
+}
+
+impl Tee {
+    /// A tee deciding under `policy`, its copies going out through `out`.
+    pub fn new(out: Outlet, policy: Arc<ArcSwap<MirrorPolicy>>) -> Self {
+        Self { out, policy }
     }
 
     /// Counts the request and decides, under the policy in force, whether it is copied;
@@ -140,12 +155,13 @@ impl Tee {
         version: Version,
         headers: Cow<'_, HeaderMap>,
     ) -> Option<Admitted> {
-        self.accounting.requests.increment(1);
+        self.out.books.requests.increment(1);
         // A guard for the decision (no reference count touched); an owned `Arc` only for the
         // sampled requests whose copy keeps the policy it was admitted under.
         let policy = self.policy.load();
-        let (ticket, meta) =
-            self.decided(policy.decide(method, uri, &headers, || fastrand::u64(..)))?;
+        let (ticket, meta) = self
+            .out
+            .decided(policy.decide(method, uri, &headers, || fastrand::u64(..)))?;
         let policy = arc_swap::Guard::into_inner(policy);
         self.copy(policy, ticket, &meta, method, uri, version, headers)
     }
@@ -169,10 +185,10 @@ impl Tee {
             };
             return self.admit_owned(method, &uri, Version::HTTP_11, headers);
         }
-        self.accounting.requests.increment(1);
+        self.out.books.requests.increment(1);
         let target = Target::origin_form(target);
         let chosen = policy.decide_on(method, target, fields, || fastrand::u64(..));
-        let (ticket, meta) = self.decided(chosen)?;
+        let (ticket, meta) = self.out.decided(chosen)?;
         let policy = arc_swap::Guard::into_inner(policy);
         let Some((uri, headers)) = head() else {
             ticket.dropped(DropReason::NotMirrorable);
@@ -192,20 +208,22 @@ impl Tee {
     /// Counts a request whose copy's head could not be made (never, for heads the HTTP/1 path
     /// takes): `not_mirrorable`.
     fn unmakeable(&self) -> Option<Admitted> {
-        self.accounting.requests.increment(1);
-        self.accounting.ticket().dropped(DropReason::NotMirrorable);
+        self.out.books.requests.increment(1);
+        self.out.books.ticket().dropped(DropReason::NotMirrorable);
         None
     }
+}
 
+impl Outlet {
     /// After the policy's decision: `None` for a request not copied (counted: not sampled, no
     /// uplink, or passed over by its rule's pace); else the copy's account and metadata.
-    fn decided(&self, chosen: Option<Chosen<'_>>) -> Option<(Ticket, Meta)> {
+    pub(crate) fn decided(&self, chosen: Option<Chosen<'_>>) -> Option<(Ticket, Meta)> {
         let Some(chosen) = chosen else {
-            self.accounting.not_sampled.increment(1);
+            self.books.not_sampled.increment(1);
             return None;
         };
         if self.uplink.as_ref().is_some_and(|u| !u.is_connected()) {
-            self.accounting.unmade(DropReason::NoUplink);
+            self.books.unmade(DropReason::NoUplink);
             return None;
         }
         // Copies the gateway would shed are not made at all (see `pace`), unless this agent
@@ -216,7 +234,7 @@ impl Tee {
                 let position = chosen.position;
                 let draw = || position.unwrap_or_else(|| fastrand::u32(..pace::FULL));
                 let Some((ppm, paced)) = pace.admits(draw) else {
-                    self.accounting.unmade(DropReason::GatewayShedding);
+                    self.books.unmade(DropReason::GatewayShedding);
                     return None;
                 };
                 if ppm < pace::FULL {
@@ -227,7 +245,7 @@ impl Tee {
             }
             _ => None,
         };
-        let mut ticket = self.accounting.ticket();
+        let mut ticket = self.books.ticket();
         if let Some(paced) = paced {
             ticket.paced_by(paced);
         }
@@ -248,6 +266,25 @@ impl Tee {
         Some((ticket, meta))
     }
 
+    /// Queues a finished copy, which holds `held` bytes (its frame's allocation).
+    pub(crate) fn enqueue(&self, frame: Bytes, held: usize, ticket: Ticket) {
+        let mut queued = Queued::new(frame, ticket);
+        if let Err(reason) = queued.ticket.hold_total(footprint(held)) {
+            queued.ticket.dropped(reason);
+            return;
+        }
+        if let Some(archive) = &self.archive_also {
+            archive.try_submit_frame(queued.frame.clone(), None);
+        }
+        match self.queue_tx.try_send(queued) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(q)) => q.ticket.dropped(DropReason::QueueFull),
+            Err(mpsc::error::TrySendError::Closed(q)) => q.ticket.dropped(DropReason::Shutdown),
+        }
+    }
+}
+
+impl Tee {
     /// Makes a sampled request's copy: its redacted head encoded, room set aside for its body.
     #[allow(clippy::too_many_arguments)]
     fn copy(
@@ -305,17 +342,17 @@ impl Tee {
     /// Counts a request that is proxied but cannot be copied (an HTTP/1.1 upgrade: WebSocket and
     /// the like): `not_sampled` when the policy passes it over, else dropped as `not_mirrorable`.
     pub fn unmirrorable(&self, method: &Method, uri: &Uri, headers: &HeaderMap) {
-        self.accounting.requests.increment(1);
+        self.out.books.requests.increment(1);
         if self
             .policy
             .load()
             .decide(method, uri, headers, || fastrand::u64(..))
             .is_none()
         {
-            self.accounting.not_sampled.increment(1);
+            self.out.books.not_sampled.increment(1);
             return;
         }
-        self.accounting.ticket().dropped(DropReason::NotMirrorable);
+        self.out.books.ticket().dropped(DropReason::NotMirrorable);
     }
 
     /// Wraps a request body so that it is copied as it streams to the primary.
@@ -349,23 +386,6 @@ impl Tee {
             over_limit: copy.policy.over_limit,
             truncated: false,
             policy: copy.policy,
-        }
-    }
-
-    /// Queues a finished copy, which holds `held` bytes (its frame's allocation).
-    fn enqueue(&self, frame: Bytes, held: usize, ticket: Ticket) {
-        let mut queued = Queued::new(frame, ticket);
-        if let Err(reason) = queued.ticket.hold_total(footprint(held)) {
-            queued.ticket.dropped(reason);
-            return;
-        }
-        if let Some(archive) = &self.archive_also {
-            archive.try_submit_frame(queued.frame.clone(), None);
-        }
-        match self.queue_tx.try_send(queued) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(q)) => q.ticket.dropped(DropReason::QueueFull),
-            Err(mpsc::error::TrySendError::Closed(q)) => q.ticket.dropped(DropReason::Shutdown),
         }
     }
 }
@@ -452,9 +472,9 @@ impl Capture {
             (frame, held)
         };
         if self.truncated {
-            self.tee.accounting.truncated.increment(1);
+            self.tee.out.books.truncated.increment(1);
         }
-        self.tee.enqueue(frame, held, ticket);
+        self.tee.out.enqueue(frame, held, ticket);
     }
 }
 
@@ -620,6 +640,8 @@ mod tests {
     use http_body_util::{BodyExt, Full, StreamBody};
     use teeway_runtime::metrics::Snapshot;
 
+    use crate::metrics::Accounting;
+
     fn policy(max_body: u64, over_limit: OverLimit) -> Arc<ArcSwap<MirrorPolicy>> {
         let mut config = crate::policy::PolicyConfig::simple(100.0, max_body);
         config.over_limit = over_limit;
@@ -636,12 +658,8 @@ mod tests {
         uplink.set(true);
         (
             Arc::new(Tee::new(
-                tx,
-                acc.clone(),
+                Outlet::new(tx, acc.books.clone(), origin(), Some(uplink), None),
                 policy,
-                origin(),
-                Some(uplink),
-                None,
             )),
             rx,
             acc,
@@ -772,12 +790,8 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let down = Arc::new(UplinkState::default());
         let tee = Arc::new(Tee::new(
-            tx,
-            acc.clone(),
+            Outlet::new(tx, acc.books.clone(), origin(), Some(down), None),
             policy(1024, OverLimit::Skip),
-            origin(),
-            Some(down),
-            None,
         ));
         assert!(admit(&tee).is_none(), "no ticket, so no copy is made");
         assert!(rx.try_recv().is_err());
@@ -834,12 +848,8 @@ mod tests {
         let uplink = Arc::new(UplinkState::default());
         uplink.set(true);
         let tee = Arc::new(Tee::new(
-            tx,
-            acc.clone(),
+            Outlet::new(tx, acc.books.clone(), origin(), Some(uplink), None),
             policy(1 << 20, OverLimit::Skip),
-            origin(),
-            Some(uplink),
-            None,
         ));
         let mut headers = HeaderMap::new();
         headers.insert(
