@@ -395,9 +395,9 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
                         }
                     }
                     Envelope::HttpResponse(_) => responses += 1,
-                    // A kind this teeway cannot replay (written by a newer one): like a
-                    // response, counted and not replayed.
-                    Envelope::Other { .. } => responses += 1,
+                    // A kind this command does not replay (RPC requests; a kind written by a
+                    // newer teeway): like a response, counted and not replayed.
+                    Envelope::RpcRequest(_) | Envelope::Other { .. } => responses += 1,
                 }
             }
             (reader.stats, requests, responses)

@@ -66,7 +66,7 @@ pub fn put_record(record: &Envelope, dst: &mut Vec<u8>) {
         Envelope::HttpRequest(r) => put_request(r, dst),
         Envelope::HttpResponse(r) => put_response(r, dst),
         // gor holds HTTP only; a kind it cannot hold is left out.
-        Envelope::Other { .. } => return,
+        Envelope::RpcRequest(_) | Envelope::Other { .. } => return,
     }
     dst.extend_from_slice(SEPARATOR);
 }

@@ -89,7 +89,7 @@ impl<W: Write> HarWriter<W> {
                 }
             }
             // HAR holds HTTP only.
-            Envelope::Other { .. } => {}
+            Envelope::RpcRequest(_) | Envelope::Other { .. } => {}
         }
         Ok(())
     }

@@ -26,6 +26,10 @@ pub struct Summary {
     pub requests: u64,
     /// Responses read.
     pub responses: u64,
+    /// RPC requests read (Redis commands, Thrift and Dubbo calls).
+    pub rpc_requests: u64,
+    /// RPC requests by protocol, service and method.
+    pub rpc_calls: BTreeMap<String, u64>,
     /// Records of kinds this teeway does not know (written by a newer one).
     pub other_kinds: u64,
     /// Earliest and latest record timestamps (ns since the epoch).
@@ -109,6 +113,19 @@ impl Summary {
                     }
                 }
                 Envelope::HttpResponse(_) => s.responses += 1,
+                Envelope::RpcRequest(r) => {
+                    s.rpc_requests += 1;
+                    let c = &r.call;
+                    let call = if c.service.is_empty() {
+                        format!("{} {}", c.protocol.name(), c.method)
+                    } else {
+                        format!("{} {}.{}", c.protocol.name(), c.service, c.method)
+                    };
+                    tally(&mut s.rpc_calls, &call);
+                    *s.clusters
+                        .entry(r.meta.source_cluster.to_string())
+                        .or_default() += 1;
+                }
                 Envelope::Other { .. } => s.other_kinds += 1,
             }
         }
@@ -143,7 +160,7 @@ impl fmt::Display for Summary {
         writeln!(
             f,
             "records:    {} ({} requests, {} responses)",
-            self.requests + self.responses + self.other_kinds,
+            self.requests + self.responses + self.rpc_requests + self.other_kinds,
             self.requests,
             self.responses
         )?;
@@ -166,6 +183,14 @@ impl fmt::Display for Summary {
                 .join(", ")
         };
         writeln!(f, "methods:    {}", listed(&self.methods))?;
+        if self.rpc_requests > 0 {
+            writeln!(
+                f,
+                "rpc:        {} requests: {}",
+                self.rpc_requests,
+                listed(&self.rpc_calls)
+            )?;
+        }
         writeln!(f, "clusters:   {}", listed(&self.clusters))?;
         if !self.agents.is_empty() {
             writeln!(

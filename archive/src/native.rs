@@ -114,7 +114,7 @@ pub fn put_record_v1(record: &Envelope, dst: &mut BytesMut) {
             dst.put_u8(KIND_RESPONSE);
             put_response(r, dst);
         }
-        Envelope::Other { .. } => {}
+        Envelope::RpcRequest(_) | Envelope::Other { .. } => {}
     }
     seal(dst, start);
 }

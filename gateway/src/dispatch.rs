@@ -169,7 +169,7 @@ impl Dispatcher {
             Envelope::HttpRequest(request) => self.dispatch_http(request, identity, &routing),
             // Only HTTP requests have a replayer (RPC replayers will sit beside it); anything
             // else has no route here, and is counted so.
-            Envelope::HttpResponse(_) | Envelope::Other { .. } => {
+            Envelope::HttpResponse(_) | Envelope::RpcRequest(_) | Envelope::Other { .. } => {
                 self.metrics.no_route();
                 Taken::Kept
             }

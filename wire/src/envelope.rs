@@ -27,13 +27,15 @@ use crate::fields::{
 };
 use crate::record::{
     empty, unix_nanos, version_code, version_from_code, Envelope, Meta, MirroredRequest,
-    ResponseOrigin, ResponseRecord, Sampling,
+    ResponseOrigin, ResponseRecord, RpcCall, RpcProtocol, RpcRequest, Sampling,
 };
 
 /// Envelope kind: an HTTP request ([`MirroredRequest`]).
 pub const KIND_HTTP_REQUEST: u8 = 1;
 /// Envelope kind: an HTTP response ([`ResponseRecord`]).
 pub const KIND_HTTP_RESPONSE: u8 = 2;
+/// Envelope kind: an RPC request ([`RpcRequest`]).
+pub const KIND_RPC_REQUEST: u8 = 3;
 
 /// Part flag, both HTTP kinds: the body was cut at the writer's limit.
 const FLAG_BODY_TRUNCATED: u8 = 0x01;
@@ -77,6 +79,7 @@ pub fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             put_headers(dst, &r.headers);
             put_bytes32(dst, &r.body);
         }
+        Envelope::RpcRequest(r) => put_rpc_request(&r.meta, &r.call, &r.message, dst),
         Envelope::Other { meta, kind, part } => {
             dst.put_u8(*kind);
             put_meta(meta, dst);
@@ -101,8 +104,70 @@ pub fn encoded_len(envelope: &Envelope) -> usize {
                 + 4
                 + r.body.len()
         }
+        Envelope::RpcRequest(r) => return rpc_request_len(&r.meta, &r.call, r.message.len()),
         Envelope::Other { meta, part, .. } => meta_len(meta) + part.len(),
     }
+}
+
+/// Appends an RPC request's envelope (kind 3, no frame prefix or type) made of its parts, so that
+/// an agent copies a message's bytes once, into the frame it sends.
+pub fn put_rpc_request(meta: &Meta, call: &RpcCall, message: &[u8], dst: &mut BytesMut) {
+    dst.put_u8(KIND_RPC_REQUEST);
+    put_meta(meta, dst);
+    dst.put_u8(call.protocol.code());
+    dst.put_u8(0); // flags: none defined yet
+    put_str16(dst, &call.service);
+    put_str16(dst, &call.method);
+    let count = call.attachments.len().min(usize::from(u16::MAX));
+    dst.put_u16(count as u16);
+    for (name, value) in &call.attachments[..count] {
+        put_str16(dst, name);
+        put_str16(dst, value);
+    }
+    put_bytes32(dst, message);
+}
+
+/// Encoded size of an RPC request's envelope whose message has `message_len` bytes.
+pub fn rpc_request_len(meta: &Meta, call: &RpcCall, message_len: usize) -> usize {
+    1 + meta_len(meta)
+        + 2
+        + str16_len(&call.service)
+        + str16_len(&call.method)
+        + 2
+        + call
+            .attachments
+            .iter()
+            .take(usize::from(u16::MAX))
+            .map(|(n, v)| str16_len(n) + str16_len(v))
+            .sum::<usize>()
+        + 4
+        + message_len
+}
+
+fn get_rpc_request(meta: Meta, src: &mut Bytes) -> Result<RpcRequest, DecodeError> {
+    let protocol = RpcProtocol::from_code(get_u8(src, "protocol")?);
+    let _flags = get_u8(src, "flags")?;
+    let service = get_str16(src, "service")?;
+    let method = get_str16(src, "method")?;
+    let count = get_u16(src, "attachments")?;
+    let mut attachments = Vec::with_capacity(usize::from(count).min(64));
+    for _ in 0..count {
+        attachments.push((
+            get_str16(src, "attachment name")?,
+            get_str16(src, "attachment value")?,
+        ));
+    }
+    let message = get_bytes32(src, "message")?;
+    Ok(RpcRequest {
+        meta,
+        call: RpcCall {
+            protocol,
+            service,
+            method,
+            attachments,
+        },
+        message,
+    })
 }
 
 pub(crate) fn encoded_len_of_request(r: &MirroredRequest) -> usize {
@@ -122,6 +187,7 @@ pub fn decode(src: &mut Bytes) -> Result<Envelope, DecodeError> {
     Ok(match kind {
         KIND_HTTP_REQUEST => Envelope::HttpRequest(get_request(meta, src)?),
         KIND_HTTP_RESPONSE => Envelope::HttpResponse(get_response(meta, src)?),
+        KIND_RPC_REQUEST => Envelope::RpcRequest(get_rpc_request(meta, src)?),
         kind => Envelope::Other {
             meta,
             kind,
@@ -360,6 +426,16 @@ mod tests {
             Envelope::HttpRequest(request()),
             Envelope::HttpRequest(with_trailers),
             Envelope::HttpResponse(response),
+            Envelope::RpcRequest(RpcRequest {
+                meta: meta(),
+                call: RpcCall {
+                    protocol: RpcProtocol::Redis,
+                    service: String::new(),
+                    method: "SET".into(),
+                    attachments: vec![("db".into(), "3".into())],
+                },
+                message: Bytes::from_static(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"),
+            }),
             Envelope::Other {
                 meta: meta(),
                 kind: 200,

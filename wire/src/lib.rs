@@ -41,7 +41,10 @@ pub mod tls;
 pub use error::{DecodeError, TlsError};
 pub use frame::RequestFrame;
 pub use frame::{BatchId, Frame, Hello, Shed, TcpOpen, Welcome};
-pub use record::{Envelope, Meta, MirroredRequest, ResponseOrigin, ResponseRecord, Sampling};
+pub use record::{
+    Envelope, Meta, MirroredRequest, ResponseOrigin, ResponseRecord, RpcCall, RpcProtocol,
+    RpcRequest, Sampling,
+};
 
 /// The ALPN protocol id of this protocol version, first in both ends' lists. Version 6 says in
 /// `ACK` which records the gateway shed (so agents make fewer copies nobody can take); version 5

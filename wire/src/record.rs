@@ -23,6 +23,8 @@ pub enum Envelope {
     HttpRequest(MirroredRequest),
     /// An HTTP response to a request of the same [`Meta::key`].
     HttpResponse(ResponseRecord),
+    /// A copy of one production RPC request (a Redis command, a Thrift or Dubbo call).
+    RpcRequest(RpcRequest),
     /// A kind this reader does not know (written by a newer teeway), kept as it came.
     Other {
         /// Its metadata, which every kind shares.
@@ -40,6 +42,7 @@ impl Envelope {
         match self {
             Envelope::HttpRequest(r) => &r.meta,
             Envelope::HttpResponse(r) => &r.meta,
+            Envelope::RpcRequest(r) => &r.meta,
             Envelope::Other { meta, .. } => meta,
         }
     }
@@ -49,6 +52,7 @@ impl Envelope {
         match self {
             Envelope::HttpRequest(r) => &mut r.meta,
             Envelope::HttpResponse(r) => &mut r.meta,
+            Envelope::RpcRequest(r) => &mut r.meta,
             Envelope::Other { meta, .. } => meta,
         }
     }
@@ -108,6 +112,68 @@ impl Meta {
     /// Ties a response to its request: the same session, cluster and id.
     pub fn key(&self) -> (u64, Arc<str>, u64) {
         (self.session, self.source_cluster.clone(), self.id)
+    }
+}
+
+/// A copy of one RPC request: what the agent's codec read of it, and its bytes as the client sent
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcRequest {
+    /// Who saw it, when, and why it was copied.
+    pub meta: Meta,
+    /// What it calls.
+    pub call: RpcCall,
+    /// The request's message, whole, as the client sent it (one RESP command; a Thrift or
+    /// Dubbo message, its frame or header included).
+    pub message: Bytes,
+}
+
+/// What an RPC request calls, as its codec read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcCall {
+    /// The protocol the message is in.
+    pub protocol: RpcProtocol,
+    /// The service (Dubbo's service path, Thrift's multiplexed service name); empty where the
+    /// protocol has none (Redis).
+    pub service: String,
+    /// The method (a Redis command's name in capitals, a Thrift or Dubbo method).
+    pub method: String,
+    /// What the request carries besides (Dubbo's attachments; Redis: `db` when not 0).
+    pub attachments: Vec<(String, String)>,
+}
+
+/// An RPC protocol, as an envelope names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RpcProtocol {
+    /// Redis: RESP2 or RESP3 commands (code 1).
+    Redis,
+    /// A code this reader does not know.
+    Other(u8),
+}
+
+impl RpcProtocol {
+    /// The protocol's code in an envelope.
+    pub fn code(self) -> u8 {
+        match self {
+            RpcProtocol::Redis => 1,
+            RpcProtocol::Other(code) => code,
+        }
+    }
+
+    /// The protocol of `code`.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            1 => RpcProtocol::Redis,
+            code => RpcProtocol::Other(code),
+        }
+    }
+
+    /// Its name in configuration and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            RpcProtocol::Redis => "redis",
+            RpcProtocol::Other(_) => "unknown",
+        }
     }
 }
 
