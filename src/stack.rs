@@ -113,6 +113,7 @@ pub fn agent_config(
         primary_tls: None,
         sink: None,
         mirror: MirrorConfig::simple(percentage),
+        rpc: Vec::new(),
         gateway: Some(UplinkTarget {
             host: gateway.ip().to_string(),
             port: gateway.port(),

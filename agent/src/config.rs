@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub archive: Option<ArchiveConfig>,
     /// Raw TCP listeners: byte-stream proxies to their primaries, each connection teed whole.
     pub tcp: Vec<TcpListenerConfig>,
+    /// `rpc:` listeners, copying RPC requests one by one (Redis).
+    pub rpc: Vec<crate::rpc::RpcListenerConfig>,
     /// The admin listener, if any.
     pub admin: Option<AdminConfig>,
     /// Time allowed, after the listener closed, for requests in flight and then for the queue.
@@ -226,6 +228,7 @@ impl AgentConfig {
             cfg::nonempty_string,
         );
         let tcp = tcp_block(&mut root, &mut p);
+        let rpc = crate::rpc::rpc_block(&mut root, &mut p);
         let front = front_block(&mut root, &mut p, &doc, base_dir);
         let mirror = mirror_block(&mut root, &mut p, base_dir);
         let archive = ArchiveConfig::from_section(&mut root, &mut p, base_dir, false);
@@ -239,6 +242,7 @@ impl AgentConfig {
                 listen: front.listen,
                 admin: admin_listen,
                 tcp: &tcp,
+                rpc: &rpc,
                 gateway: gateway.as_ref(),
                 gateway_given,
                 max_body_bytes: mirror.policy.max_body_bytes,
@@ -261,6 +265,7 @@ impl AgentConfig {
                 gateway,
                 archive,
                 tcp: tcp.into_iter().map(|(_, t)| t).collect(),
+                rpc: rpc.into_iter().map(|(_, r)| r).collect(),
                 admin: admin_listen.map(|listen| AdminConfig { listen }),
                 shutdown_grace,
                 drain_time,
@@ -295,6 +300,7 @@ impl AgentConfig {
             gateway,
             archive,
             tcp,
+            rpc,
             admin,
             shutdown_grace,
             drain_time,
@@ -342,6 +348,13 @@ impl AgentConfig {
         );
         check("archive", *archive == old.archive);
         check("tcp", *tcp == old.tcp);
+        // Which listeners there are, where, to what: a restart. What they copy: live.
+        let bound = |rpc: &[crate::rpc::RpcListenerConfig]| {
+            rpc.iter()
+                .map(|r| (r.name.clone(), r.protocol, r.listen, r.primary.clone()))
+                .collect::<Vec<_>>()
+        };
+        check("rpc", bound(rpc) == bound(&old.rpc));
         check(
             "admin.listen",
             admin.as_ref().map(|a| a.listen) == old.admin.as_ref().map(|a| a.listen),
@@ -381,7 +394,7 @@ fn front_block(
     base_dir: &Path,
 ) -> Front {
     // An agent that only tees TCP has no HTTP front: no listen, primary or sink.
-    let http = !root_has(doc, "tcp")
+    let http = !(root_has(doc, "tcp") || root_has(doc, "rpc"))
         || ["listen", "primary", "sink", "listen_tls"]
             .iter()
             .any(|k| root_has(doc, k));
@@ -574,6 +587,7 @@ struct Across<'a> {
     listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     tcp: &'a [(String, TcpListenerConfig)],
+    rpc: &'a [(String, crate::rpc::RpcListenerConfig)],
     gateway: Option<&'a GatewayConfig>,
     /// `gateway:` was written, even if invalid (its problems are already recorded).
     gateway_given: bool,
@@ -607,17 +621,23 @@ fn validate(a: &Across<'_>, p: &mut Problems) {
             );
         }
     }
-    for (i, (path, t)) in a.tcp.iter().enumerate() {
+    let listeners: Vec<(&str, SocketAddr)> = a
+        .tcp
+        .iter()
+        .map(|(path, t)| (path.as_str(), t.listen))
+        .chain(a.rpc.iter().map(|(path, r)| (path.as_str(), r.listen)))
+        .collect();
+    for (i, (path, listen)) in listeners.iter().enumerate() {
         let taken = [("listen", a.listen), ("admin.listen", a.admin)]
             .into_iter()
             .filter_map(|(name, addr)| addr.map(|addr| (name.to_owned(), addr)))
             .chain(
-                a.tcp[..i]
+                listeners[..i]
                     .iter()
-                    .map(|(other, o)| (format!("{other}.listen"), o.listen)),
+                    .map(|(other, o)| (format!("{other}.listen"), *o)),
             );
         for (name, addr) in taken {
-            if cfg::addresses_clash(addr, t.listen) {
+            if cfg::addresses_clash(addr, *listen) {
                 p.push(
                     format!("{path}.listen"),
                     None,
@@ -822,6 +842,19 @@ fn root_has(doc: &teeway_runtime::yaml::Value, key: &str) -> bool {
     doc.get(key).is_some_and(|v| !v.is_null())
 }
 
+/// A `tcp:` or `rpc:` listener's name: it labels metrics and routes at the gateway.
+pub(crate) fn listener_name(v: &teeway_runtime::yaml::Value) -> Result<String, String> {
+    let name = cfg::nonempty_string(v)?;
+    if name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("must be at most 64 letters, digits, `-`, `_` or `.`".into());
+    }
+    Ok(name)
+}
+
 /// `tcp:`, the raw TCP listeners; entries with problems are left out (the problems recorded).
 /// Each entry comes with its path (`tcp[i]`), for problems found later.
 fn tcp_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, TcpListenerConfig)> {
@@ -832,17 +865,7 @@ fn tcp_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, TcpListen
             p,
             "name",
             "name the listener (letters, digits, `-`, `_`, `.`), such as `name: redis`; the gateway's tcp_routes use it",
-            |v| {
-                let name = cfg::nonempty_string(v)?;
-                if name.len() > 64
-                    || !name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-                {
-                    return Err("must be at most 64 letters, digits, `-`, `_` or `.`".into());
-                }
-                Ok(name)
-            },
+            listener_name,
         );
         if let Some(name) = &name {
             if names.contains(name) {
@@ -1061,6 +1084,7 @@ mod tests {
                 listen: Some(addr("127.0.0.1:8080")),
                 admin: Some(addr("0.0.0.0:8080")),
                 tcp: &listeners,
+                rpc: &[],
                 gateway: None,
                 gateway_given: false,
                 max_body_bytes: 1024,
@@ -1086,6 +1110,7 @@ mod tests {
                 listen: Some(addr("127.0.0.1:8080")),
                 admin: Some(addr("127.0.0.1:9901")),
                 tcp: &listeners[1..],
+                rpc: &[],
                 gateway: None,
                 gateway_given: true,
                 max_body_bytes: 1024,

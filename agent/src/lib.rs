@@ -18,6 +18,8 @@
 //!     the primary left unread.
 //!   - `tcp`: `tcp:` listeners, a byte-stream proxy teeing each sampled connection on its own
 //!     QUIC stream.
+//!   - [`rpc`]: `rpc:` listeners, a byte-stream proxy that reads each request (a Redis command)
+//!     beside it and copies the chosen ones one by one, under a policy of their own.
 //! - [`policy`]: mirror rules, consistent sampling, redaction, the body-size policy.
 //! - `tee`: applying the policy, copying bodies as they stream, handing finished copies to the
 //!   uplink's bounded queue without waiting.
@@ -79,6 +81,7 @@ mod pace;
 pub mod policy;
 mod proxy;
 mod retry;
+pub mod rpc;
 mod sink;
 pub(crate) mod spool;
 mod tcp;
@@ -106,6 +109,7 @@ use crate::policy::MirrorPolicy;
 use crate::proxy::Proxy;
 use crate::sink::Sink;
 use crate::spool::{Spool, SpoolMetrics};
+use crate::rpc::{RpcPolicy, RpcTap};
 use crate::tcp::TcpTee;
 use crate::tee::Tee;
 use crate::uplink::Queued;
@@ -122,6 +126,8 @@ pub struct AgentListeners {
     pub proxy: Option<TcpListener>,
     /// The `tcp:` listeners, in configuration order.
     pub tcp: Vec<TcpListener>,
+    /// The `rpc:` listeners, in configuration order.
+    pub rpc: Vec<TcpListener>,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub admin: Option<TcpListener>,
 }
@@ -144,6 +150,15 @@ impl AgentListeners {
                 )
             })?);
         }
+        let mut rpc = Vec::with_capacity(config.rpc.len());
+        for (i, r) in config.rpc.iter().enumerate() {
+            rpc.push(TcpListener::bind(r.listen).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {} (rpc[{i}].listen): {e}", r.listen),
+                )
+            })?);
+        }
         let admin = match &config.admin {
             Some(a) => Some(TcpListener::bind(a.listen).await.map_err(|e| {
                 io::Error::new(
@@ -153,7 +168,12 @@ impl AgentListeners {
             })?),
             None => None,
         };
-        Ok(Self { proxy, tcp, admin })
+        Ok(Self {
+            proxy,
+            tcp,
+            rpc,
+            admin,
+        })
     }
 }
 
@@ -166,6 +186,8 @@ pub struct Agent {
     uplink_state: Arc<UplinkState>,
     /// The mirror policy in force, shared with the tee.
     policy: Arc<ArcSwap<MirrorPolicy>>,
+    /// Each `rpc:` listener's policy in force, in configuration order.
+    rpc_policies: Vec<Arc<ArcSwap<RpcPolicy>>>,
     config_state: Arc<ConfigState>,
     /// Whether the listener is draining (`/readyz` says not ready).
     ingress: Arc<IngressState>,
@@ -196,6 +218,14 @@ impl Agent {
     pub fn with_source(config: AgentConfig, source: &str, text: Option<&str>) -> Self {
         let accounting = Arc::new(Accounting::new(config.mirror.queue_bytes));
         let policy = config.mirror.policy.build(Some(accounting.registry()));
+        let rpc_policies = config
+            .rpc
+            .iter()
+            .map(|r| {
+                let policy = r.policy.build(&r.name, Some(accounting.registry()), None);
+                Arc::new(ArcSwap::from_pointee(policy))
+            })
+            .collect();
         let config_state = Arc::new(ConfigState::new(accounting.registry(), source, text));
         accounting
             .registry()
@@ -231,6 +261,7 @@ impl Agent {
             accounting,
             uplink_state: Arc::new(UplinkState::default()),
             policy: Arc::new(ArcSwap::from_pointee(policy)),
+            rpc_policies,
             config_state,
             ingress: Arc::new(IngressState::default()),
             uplink_tls,
@@ -258,6 +289,18 @@ impl Agent {
             .policy
             .build_after(Some(self.accounting.registry()), Some(&self.policy.load()));
         self.policy.store(Arc::new(policy));
+        // The listeners are those the agent started with (others need a restart): each takes
+        // its new policy by name.
+        for (running, in_force) in self.config.rpc.iter().zip(&self.rpc_policies) {
+            if let Some(new) = new.rpc.iter().find(|r| r.name == running.name) {
+                let built = new.policy.build(
+                    &running.name,
+                    Some(self.accounting.registry()),
+                    Some(&in_force.load()),
+                );
+                in_force.store(Arc::new(built));
+            }
+        }
         if let Some((material, configs)) = new_tls {
             if let Some(handle) = &tls.client_configs {
                 handle.store(Arc::new(configs));
@@ -326,11 +369,30 @@ impl Agent {
                 ))
             })
             .collect();
+        let rpc_taps: Vec<Arc<RpcTap>> = config
+            .rpc
+            .iter()
+            .zip(&self.rpc_policies)
+            .map(|(r, policy)| {
+                let books = self.accounting.rpc_books(&r.name);
+                Arc::new(RpcTap::new(
+                    r,
+                    policy.clone(),
+                    shipper.outlet(self, books, &r.name),
+                    resolver.clone(),
+                    self.accounting.registry(),
+                ))
+            })
+            .collect();
         let front = match (&config.primary, &config.sink) {
             (Some(_), _) => Some(self.proxy(tee, resolver)?),
             (None, Some(sink)) => Some(Front::Sink(Sink::new(tee, &sink.strip_host_suffix))),
-            // An agent that only tees TCP.
-            (None, None) if listeners.proxy.is_none() && !tcp_tees.is_empty() => None,
+            // An agent that only tees TCP or reads RPC.
+            (None, None)
+                if listeners.proxy.is_none() && !(tcp_tees.is_empty() && rpc_taps.is_empty()) =>
+            {
+                None
+            }
             (None, None) => return Err(AgentError::NoFront),
         };
         let drain = CancellationToken::new();
@@ -349,6 +411,7 @@ impl Agent {
         tracing::info!(
             listen = %listeners.proxy.as_ref().and_then(|l| l.local_addr().ok()).map_or("none".into(), |a| a.to_string()),
             tcp = %if listeners.tcp.is_empty() { "none".to_owned() } else { listeners.tcp.iter().zip(&tcp_tees).map(|(l, t)| format!("{}@{}", t.name(), l.local_addr().map(|a| a.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(",") },
+            rpc = %if listeners.rpc.is_empty() { "none".to_owned() } else { listeners.rpc.iter().zip(&rpc_taps).map(|(l, t)| format!("{}@{}", t.name(), l.local_addr().map(|a| a.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(",") },
             admin = %admin_addr,
             primary = %config.primary.as_ref().map_or("none (sink)", |p| p.url.as_str()),
             gateway = %config.gateway.as_ref().map_or("none".into(), |g| teeway_runtime::config::join_host_port(&g.host, g.port)),
@@ -358,8 +421,14 @@ impl Agent {
             "agent serving"
         );
 
-        self.serve(listeners.proxy, front, listeners.tcp, tcp_tees, shutdown)
-            .await?;
+        self.serve(
+            listeners.proxy,
+            front,
+            (listeners.tcp, tcp_tees),
+            (listeners.rpc, rpc_taps),
+            shutdown,
+        )
+        .await?;
 
         // Then, in order: the uplink drains and closes its links, the archive flushes, the
         // admin listener stops, the last log summaries are written.
@@ -476,8 +545,8 @@ impl Agent {
         &self,
         proxy: Option<TcpListener>,
         front: Option<Front>,
-        tcp: Vec<TcpListener>,
-        tcp_tees: Vec<Arc<TcpTee>>,
+        (tcp, tcp_tees): (Vec<TcpListener>, Vec<Arc<TcpTee>>),
+        (rpc, rpc_taps): (Vec<TcpListener>, Vec<Arc<RpcTap>>),
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
         let config = &self.config;
@@ -492,7 +561,7 @@ impl Agent {
                 stop.cancel();
             });
         }
-        let tcp_tasks: Vec<_> = tcp
+        let mut tcp_tasks: Vec<_> = tcp
             .into_iter()
             .zip(tcp_tees)
             .map(|(listener, tee)| {
@@ -504,6 +573,14 @@ impl Agent {
                 ))
             })
             .collect();
+        tcp_tasks.extend(rpc.into_iter().zip(rpc_taps).map(|(listener, tap)| {
+            tokio::spawn(rpc::serve(
+                listener,
+                tap,
+                stop_accepting.clone(),
+                config.shutdown_grace,
+            ))
+        }));
         match (proxy, front) {
             (Some(listener), Some(front)) => {
                 ingress::serve(

@@ -134,11 +134,13 @@ pub enum DropReason {
     /// The gateway was shedding copies of the request's rule (every target full or over its
     /// rate limit): the rule's pace passed this one over (see `mirror.follow_shedding`).
     GatewayShedding,
+    /// An RPC request was larger than its listener's `max_message_bytes`.
+    MessageTooLarge,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::BodyTooLarge,
         DropReason::IncompleteBody,
         DropReason::QueueFull,
@@ -152,6 +154,7 @@ impl DropReason {
         DropReason::NotMirrorable,
         DropReason::ClientAborted,
         DropReason::GatewayShedding,
+        DropReason::MessageTooLarge,
     ];
 
     /// The `reason` label value.
@@ -170,6 +173,7 @@ impl DropReason {
             DropReason::NotMirrorable => "not_mirrorable",
             DropReason::ClientAborted => "client_aborted",
             DropReason::GatewayShedding => "gateway_shedding",
+            DropReason::MessageTooLarge => "message_too_large",
         }
     }
 
@@ -366,6 +370,9 @@ impl Books {
                 &[],
             ),
             dropped: DropReason::ALL.map(|r| {
+                if r == DropReason::MessageTooLarge {
+                    return Counter::noop();
+                }
                 registry.counter(
                     MIRROR_DROPPED_TOTAL,
                     "Copies of sampled requests given up, by reason",
@@ -410,6 +417,16 @@ impl Books {
                 &[name()],
             ),
             dropped: DropReason::ALL.map(|r| {
+                // What only an HTTP body or connection upgrade can come to.
+                if matches!(
+                    r,
+                    DropReason::BodyTooLarge
+                        | DropReason::IncompleteBody
+                        | DropReason::NotMirrorable
+                        | DropReason::ClientAborted
+                ) {
+                    return Counter::noop();
+                }
                 registry.counter_labels(
                     RPC_DROPPED_TOTAL,
                     "RPC copies of sampled requests given up, by reason",

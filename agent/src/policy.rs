@@ -748,33 +748,13 @@ impl MirrorPolicy {
         {
             return None;
         }
-        if decision.fraction == Fraction::OFF {
-            return None;
-        }
-        // The key is read when it decides, or places the request for a pace below full.
-        let paced = self.follow_shedding && !pace.is_full();
-        let key = if decision.fraction.threshold.is_some() || paced {
-            self.sample_key(&target, fields).map(key_hash)
-        } else {
-            None
-        };
-        let d = match (key, decision.fraction.threshold) {
-            (Some(hash), _) => hash,
-            (None, Some(_)) => draw(),
-            (None, None) => 0,
-        };
-        if !decision.fraction.takes(d) {
-            return None;
-        }
-        // The draw's place below the threshold: uniform over the sampled share.
-        let share = decision.fraction.threshold.map_or(1u128 << 64, u128::from);
-        let position = key.map(|_| (u128::from(d) * 1_000_000 / share.max(1)) as u32);
-        Some(Chosen {
-            rule: rule.map(|r| &r.name),
-            fraction: decision.fraction,
-            pace: self.follow_shedding.then_some(pace),
-            position,
-        })
+        choose(
+            rule.map(|r| &r.name),
+            decision.fraction,
+            self.follow_shedding.then_some(pace),
+            || self.sample_key(&target, fields),
+            draw,
+        )
     }
 
     /// Whether deciding reads a field the proxy changes on the way to the primary (hop-by-hop
@@ -865,6 +845,45 @@ impl<'a> Target<'a> {
 /// The host a request names: its URI authority (HTTP/2, absolute-form) or its Host header.
 pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     Target::of(uri).host(headers)
+}
+
+/// The draw for a request that `rule` (`None`: the default) copies at `fraction`, under `pace`
+/// (`None`: not following the gateway's shedding): `key` gives its sampling key, read only when
+/// it decides (a fraction below all) or places the request for a pace below full; without one,
+/// `draw` is random.
+pub(crate) fn choose<'a, 'k>(
+    rule: Option<&'a Arc<str>>,
+    fraction: Fraction,
+    pace: Option<&'a Arc<Pace>>,
+    key: impl FnOnce() -> Option<&'k [u8]>,
+    draw: impl FnOnce() -> u64,
+) -> Option<Chosen<'a>> {
+    if fraction == Fraction::OFF {
+        return None;
+    }
+    let paced = pace.is_some_and(|p| !p.is_full());
+    let key = if fraction.threshold.is_some() || paced {
+        key().map(key_hash)
+    } else {
+        None
+    };
+    let d = match (key, fraction.threshold) {
+        (Some(hash), _) => hash,
+        (None, Some(_)) => draw(),
+        (None, None) => 0,
+    };
+    if !fraction.takes(d) {
+        return None;
+    }
+    // The draw's place below the threshold: uniform over the sampled share.
+    let share = fraction.threshold.map_or(1u128 << 64, u128::from);
+    let position = key.map(|_| (u128::from(d) * 1_000_000 / share.max(1)) as u32);
+    Some(Chosen {
+        rule,
+        fraction,
+        pace,
+        position,
+    })
 }
 
 /// A fixed, documented hash of a sampling key: FNV-1a 64 then the SplitMix64 finalizer (FNV

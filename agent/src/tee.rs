@@ -66,7 +66,7 @@ pub struct Tee {
 pub struct Outlet {
     /// Copies to the uplink task, which owns the receiving end.
     queue_tx: mpsc::Sender<Queued>,
-    books: Arc<Books>,
+    pub(crate) books: Arc<Books>,
     source_cluster: Arc<str>,
     /// The tap its copies come from (`http`, `sink`, an `rpc:` listener's name), which their
     /// envelopes name.

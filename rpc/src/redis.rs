@@ -274,19 +274,15 @@ pub struct Command<'a> {
 impl<'a> Command<'a> {
     /// Reads the command `message` holds (as a [`Scanner`] of [`Side::Client`] delimited it);
     /// `None` for an empty one. At most `max_args` arguments are read (the rest are not needed
-    /// to decide on it).
+    /// to decide on it); given only the start of a command, the arguments it holds whole.
     pub fn parse(message: &'a [u8], max_args: usize) -> Option<Self> {
         let mut args = Vec::with_capacity(max_args.min(4));
         if message.first() == Some(&b'*') {
             let mut rest = message;
             let count = number_line(&mut rest)?;
             for _ in 0..count.min(max_args as u64) {
-                if rest.first() != Some(&b'$') {
-                    return None;
-                }
-                let len = usize::try_from(number_line(&mut rest)?).ok()?;
-                let arg = rest.get(..len)?;
-                rest = rest.get(len + 2..)?;
+                // The start of a message (one too large to keep whole) reads as far as it goes.
+                let Some(arg) = bulk(&mut rest) else { break };
                 args.push(arg);
             }
         } else {
@@ -339,6 +335,18 @@ impl<'a> Command<'a> {
             }
         }
     }
+}
+
+/// Reads one bulk string off the front of `rest`.
+fn bulk<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    if rest.first() != Some(&b'$') {
+        return None;
+    }
+    let mut after = *rest;
+    let len = usize::try_from(number_line(&mut after)?).ok()?;
+    let arg = after.get(..len)?;
+    *rest = after.get(len + 2..)?;
+    Some(arg)
 }
 
 /// Reads `<type><number>\r\n` off the front of `rest`.
@@ -774,6 +782,8 @@ mod tests {
         );
         assert!(Command::parse(b"\r\n", 4).is_none());
         assert!(Command::parse(b"*0\r\n", 4).is_none());
+        let start = Command::parse(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$9999\r\nxx", 4).unwrap();
+        assert_eq!((start.name(), start.first_key()), (&b"SET"[..], Some(&b"k"[..])));
         assert_eq!(Info::of(b"JSON.SET").name, None);
     }
 

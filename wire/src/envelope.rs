@@ -447,6 +447,26 @@ mod tests {
     }
 
     #[test]
+    fn an_rpc_frame_made_of_parts_is_the_envelope_frame() {
+        let request = RpcRequest {
+            meta: meta(),
+            call: RpcCall {
+                protocol: RpcProtocol::Redis,
+                service: String::new(),
+                method: "INCR".into(),
+                attachments: vec![],
+            },
+            message: Bytes::from_static(b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n"),
+        };
+        let frame = crate::Frame::Envelope(Envelope::RpcRequest(request.clone()));
+        let mut want = BytesMut::new();
+        frame.encode(&mut want);
+        let made = crate::Frame::rpc_request(&request.meta, &request.call, &request.message);
+        assert_eq!(made, want.freeze());
+        assert_eq!(made.len(), frame.encoded_len());
+    }
+
+    #[test]
     fn later_meta_fields_are_kept_and_written_back() {
         let mut buf = BytesMut::new();
         encode(&Envelope::HttpRequest(request()), &mut buf);

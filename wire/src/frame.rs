@@ -31,7 +31,7 @@ use crate::fields::{
     get_str16, get_u16, get_u32, get_u64, get_u8, headers_len, put_bytes32, put_headers, put_str16,
     str16_len, take,
 };
-use crate::record::{version_code, Envelope, Meta, MirroredRequest};
+use crate::record::{version_code, Envelope, Meta, MirroredRequest, RpcCall};
 use crate::{MAX_BATCH_RECORDS, MAX_FRAME_LEN};
 
 /// Length of the frame prefix.
@@ -391,6 +391,18 @@ impl Frame {
         out[4] = TYPE_TCP_DATA;
         out[5..].copy_from_slice(&data.to_be_bytes());
         out
+    }
+
+    /// The `ENVELOPE` frame of an RPC request made of its parts: the same bytes as
+    /// `Frame::Envelope(Envelope::RpcRequest(..)).encode`, with `message` copied once, into a
+    /// buffer of exactly the frame's size.
+    pub fn rpc_request(meta: &Meta, call: &RpcCall, message: &[u8]) -> Bytes {
+        let len = 1 + crate::envelope::rpc_request_len(meta, call, message.len());
+        let mut dst = BytesMut::with_capacity(PREFIX_LEN + len);
+        dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        dst.put_u8(TYPE_ENVELOPE);
+        crate::envelope::put_rpc_request(meta, call, message, &mut dst);
+        dst.freeze()
     }
 }
 

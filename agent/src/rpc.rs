@@ -1,0 +1,360 @@
+//! Per-request RPC mirroring (`rpc:` listeners): a byte proxy to the primary that finds each
+//! request in what its clients send, and copies the chosen ones, one by one, to the gateway.
+//!
+//! ```text
+//! client ──▶ read ──▶ write ─────────────────────────────────────▶ primary
+//!                └──▶ scanner: a request ended ─▶ session, policy ─▶ Outlet (queue, uplink)
+//! client ◀───────────────────────────────────────────────────────── primary
+//! ```
+//!
+//! **Production's bytes are never touched.** What a client sends is written to the primary as it
+//! was read, before anything is decided; the codec ([`teeway_rpc`]) reads beside it. A request
+//! is copied once it has passed whole, so what the copy carries is exactly what the primary got.
+//! A stream the codec cannot follow (a protocol error) is proxied on untouched: its later
+//! requests are neither counted nor copied, the connection is counted in
+//! `teeway_agent_rpc_unparsable_total` and logged (one line a minute at most).
+//!
+//! **Memory is bounded per connection**: a request is kept until it ends only up to
+//! `max_message_bytes`; past that its bytes go on to the primary and are dropped here, the codec
+//! still following them, and the request counts as `message_too_large` if it would have been
+//! copied. Copies are held against `mirror.queue_bytes` like HTTP copies.
+//!
+//! **Every request is accounted for**, per listener, as for HTTP (see [`crate::metrics`]):
+//! `teeway_agent_rpc_requests_total = not_sampled + mirrored + dropped{reason} + in_flight +
+//! spooled`.
+
+mod policy;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::{Buf, BytesMut};
+use metrics::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use teeway_rpc::redis::{Command, Scanner, Session, Side};
+use teeway_runtime::connect::UpstreamConnector;
+use teeway_runtime::dns::Resolver;
+use teeway_runtime::logging::Throttle;
+use teeway_runtime::metrics::Registry;
+use teeway_wire::{Frame, RpcCall, RpcProtocol};
+
+use crate::metrics::DropReason;
+use crate::tee::Outlet;
+
+pub use policy::{
+    rpc_block, Commands, KeyPattern, RpcListenerConfig, RpcPolicy, RpcPolicyConfig,
+    RpcRuleConfig, DEFAULT_MAX_MESSAGE_BYTES, RPC_PACE_RATIO, RPC_RULE_MATCHED_TOTAL,
+};
+
+/// Largest read from a client at once.
+const READ_SIZE: usize = 16 * 1024;
+/// Time allowed to connect to the primary.
+const PRIMARY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Client connections an `rpc:` listener accepted.
+pub const RPC_CONNECTIONS_TOTAL: &str = "teeway_agent_rpc_connections_total";
+/// Connections whose stream the codec could not follow: proxied on, their later requests
+/// neither counted nor copied.
+pub const RPC_UNPARSABLE_TOTAL: &str = "teeway_agent_rpc_unparsable_total";
+/// Connections closed because the primary could not be reached.
+pub const RPC_PRIMARY_ERRORS_TOTAL: &str = "teeway_agent_rpc_primary_errors_total";
+
+/// One `rpc:` listener: its settings, policy, counters and outlet.
+pub struct RpcTap {
+    name: String,
+    protocol: RpcProtocol,
+    /// The policy in force; swapped whole by a reload.
+    policy: Arc<ArcSwap<RpcPolicy>>,
+    out: Outlet,
+    primary: UpstreamConnector,
+    connections: Counter,
+    unparsable: Counter,
+    unparsable_log: Throttle,
+    primary_errors: Counter,
+    primary_error_log: Throttle,
+}
+
+impl std::fmt::Debug for RpcTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcTap")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RpcTap {
+    /// The tap of the listener `config`, deciding under `policy` and copying through `out`.
+    pub fn new(
+        config: &RpcListenerConfig,
+        policy: Arc<ArcSwap<RpcPolicy>>,
+        out: Outlet,
+        resolver: Resolver,
+        registry: &Registry,
+    ) -> Self {
+        let one = |name, help| registry.counter_owned(name, help, "listener", &config.name);
+        Self {
+            name: config.name.clone(),
+            protocol: config.protocol,
+            policy,
+            out,
+            primary: UpstreamConnector::new(
+                &config.primary.0,
+                config.primary.1,
+                resolver,
+                PRIMARY_CONNECT_TIMEOUT,
+                None,
+            ),
+            connections: one(
+                RPC_CONNECTIONS_TOTAL,
+                "Client connections an rpc listener accepted",
+            ),
+            unparsable: one(
+                RPC_UNPARSABLE_TOTAL,
+                "rpc connections whose stream the codec could not follow (proxied on, later requests not counted)",
+            ),
+            unparsable_log: Throttle::named(format!(
+                "rpc listener {}: streams the codec could not follow",
+                config.name
+            )),
+            primary_errors: one(
+                RPC_PRIMARY_ERRORS_TOTAL,
+                "rpc connections closed because the primary could not be reached",
+            ),
+            primary_error_log: Throttle::named(format!(
+                "rpc primary connections failed on listener {}",
+                config.name
+            )),
+        }
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// One whole request, as the client sent it, on a connection in `session`.
+    fn request(&self, message: &[u8], session: &mut Session) {
+        let Some(command) = Command::parse(message, policy::MAX_ARGS) else {
+            return; // an empty command: servers ignore it, and so does the count
+        };
+        let copyable = session.follow(&command);
+        self.out.books.requests.increment(1);
+        let policy = self.policy.load();
+        let chosen = policy.decide(&command, copyable, || fastrand::u64(..));
+        let Some((ticket, meta)) = self.out.decided(chosen) else {
+            return;
+        };
+        let info = command.info();
+        let method = match info.name {
+            Some(name) => name.to_owned(),
+            None => String::from_utf8_lossy(command.name()).to_ascii_uppercase(),
+        };
+        let call = RpcCall {
+            protocol: self.protocol,
+            service: String::new(),
+            method,
+            attachments: if session.db == 0 {
+                Vec::new()
+            } else {
+                vec![("db".to_owned(), session.db.to_string())]
+            },
+        };
+        let frame = Frame::rpc_request(&meta, &call, message);
+        let held = frame.len();
+        self.out.enqueue(frame, held, ticket);
+    }
+
+    /// The start of a request over `max_message_bytes`, which is not kept: counted when the
+    /// request ends, as a drop if it would have been copied.
+    fn oversized(&self, start: &[u8], session: &mut Session) {
+        let Some(command) = Command::parse(start, policy::MAX_ARGS) else {
+            return;
+        };
+        let copyable = session.follow(&command);
+        self.out.books.requests.increment(1);
+        if self.policy.load().wanted(&command, copyable) {
+            self.out.books.unmade(DropReason::MessageTooLarge);
+        } else {
+            self.out.books.not_sampled.increment(1);
+        }
+    }
+
+    fn lost_track(&self, error: &teeway_rpc::CodecError) {
+        self.unparsable.increment(1);
+        if let Some(streams) = self.unparsable_log.note() {
+            tracing::warn!(listener = %self.name, %error, streams, "a client's stream could not be followed: it is proxied on, and its later requests are neither counted nor copied (one line a minute at most)");
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown`; then lets connections finish for up to `grace`, and cuts
+/// those still open.
+pub async fn serve(
+    listener: TcpListener,
+    tap: Arc<RpcTap>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let tasks = TaskTracker::new();
+    let cut = CancellationToken::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, _)) => {
+                let _ = client.set_nodelay(true);
+                let (tap, cut) = (tap.clone(), cut.clone());
+                tasks.spawn(async move {
+                    tokio::select! {
+                        () = cut.cancelled() => {}
+                        () = serve_connection(&tap, client) => {}
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                tracing::warn!(listener = %tap.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!(listener = %tap.name, "rpc connections still open after the grace period; closing them");
+        cut.cancel();
+        tasks.wait().await;
+    }
+}
+
+async fn serve_connection(tap: &RpcTap, client: TcpStream) {
+    tap.connections.increment(1);
+    let primary = match tokio::time::timeout(PRIMARY_CONNECT_TIMEOUT, tap.primary.connect_tcp())
+        .await
+    {
+        Ok(Ok(primary)) => primary,
+        failed => {
+            let error = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "connect timed out".to_owned(),
+            };
+            tap.primary_errors.increment(1);
+            if let Some(failed) = tap.primary_error_log.note() {
+                tracing::warn!(listener = %tap.name, %error, failed, "cannot reach the rpc primary; closing the client's connection (one line a minute at most)");
+            }
+            return;
+        }
+    };
+    let _ = primary.set_nodelay(true);
+    proxy(tap, client, primary).await;
+}
+
+/// Joins the client and the primary, reading requests out of what the client sends. Ends when
+/// the primary's side is done (after the client's, normally), or at the first error.
+async fn proxy(tap: &RpcTap, client: TcpStream, primary: TcpStream) {
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mut primary_rd, mut primary_wr) = primary.into_split();
+    let upstream = async {
+        let mut reader = Requests::new();
+        let mut buf = BytesMut::new();
+        loop {
+            buf.reserve(READ_SIZE);
+            let read = buf.len();
+            match (&mut client_rd)
+                .take(READ_SIZE as u64)
+                .read_buf(&mut buf)
+                .await
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            // Production first: the primary gets the bytes before anything is decided.
+            if primary_wr.write_all(&buf[read..]).await.is_err() {
+                break;
+            }
+            let max = tap.policy.load().max_message_bytes;
+            reader.read(tap, &mut buf, read, usize::try_from(max).unwrap_or(usize::MAX));
+        }
+        let _ = primary_wr.shutdown().await;
+    };
+    let downstream = async {
+        let _ = tokio::io::copy(&mut primary_rd, &mut client_wr).await;
+        let _ = client_wr.shutdown().await;
+    };
+    tokio::pin!(upstream, downstream);
+    tokio::select! {
+        () = &mut upstream => downstream.await,
+        // The primary is done first: the connection is over (the client has its answer).
+        () = &mut downstream => {}
+    }
+}
+
+/// A connection's requests as they are read: the codec's place, the connection's session, and
+/// whether the request under way is too large to keep.
+struct Requests {
+    scanner: Scanner,
+    session: Session,
+    /// The request under way passed `max_message_bytes`: its bytes are not kept.
+    skipping: bool,
+    /// The codec lost the stream: nothing more is read.
+    lost: bool,
+}
+
+impl Requests {
+    fn new() -> Self {
+        Self {
+            scanner: Scanner::new(Side::Client),
+            session: Session::default(),
+            skipping: false,
+            lost: false,
+        }
+    }
+
+    /// Reads what `buf` got from `new` on (before it: the start of the request under way, kept);
+    /// hands each whole request to `tap`, and leaves in `buf` only what the next needs.
+    fn read(&mut self, tap: &RpcTap, buf: &mut BytesMut, new: usize, max: usize) {
+        if self.lost {
+            buf.clear();
+            return;
+        }
+        let mut start = 0;
+        let mut at = new;
+        while at < buf.len() {
+            match self.scanner.feed(&buf[at..]) {
+                Ok(Some(n)) => {
+                    let end = at + n;
+                    if self.skipping {
+                        self.skipping = false;
+                    } else {
+                        tap.request(&buf[start..end], &mut self.session);
+                    }
+                    start = end;
+                    at = end;
+                }
+                Ok(None) => at = buf.len(),
+                Err(error) => {
+                    tap.lost_track(&error);
+                    self.lost = true;
+                    buf.clear();
+                    return;
+                }
+            }
+        }
+        buf.advance(start);
+        if self.skipping {
+            buf.clear();
+        } else if buf.len() > max {
+            // Counted now, from its start (its name and keys come first); the rest only passes.
+            tap.oversized(buf, &mut self.session);
+            self.skipping = true;
+            buf.clear();
+        }
+    }
+}

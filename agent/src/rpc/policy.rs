@@ -1,0 +1,578 @@
+//! An `rpc:` listener's configuration and its mirror policy: which requests are copied, decided
+//! per request.
+//!
+//! `rules` are tried in order and the first whose `match` holds decides, else the listener's own
+//! `commands` and `percentage` do, as `mirror.rules` do for HTTP. With `sample_by: key`, the draw
+//! is the hash of the command's first key ([`crate::policy::key_hash`]), so a key's commands are
+//! all copied or none, on every agent replica. Commands that cannot be replayed alone on a
+//! shared connection are never copied, whatever the rules say (see
+//! [`teeway_rpc::redis::Class::Never`]); they count as not sampled, under
+//! `rule_matched{rule="unmirrorable"}`.
+//!
+//! Like the HTTP policy, a built policy is immutable and a reload swaps it whole; its rules keep
+//! their paces across reloads by name.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use metrics::Counter;
+use teeway_rpc::redis::{Class, Command};
+use teeway_runtime::config::{self as cfg, Problems, Section};
+use teeway_runtime::metrics::Registry;
+use teeway_runtime::yaml::Value;
+use teeway_wire::RpcProtocol;
+
+use crate::pace::Pace;
+use crate::policy::{choose, Chosen, Fraction};
+
+/// Requests matched by each rule of an `rpc:` listener (`default`: by none; `unmirrorable`:
+/// commands never copied).
+pub const RPC_RULE_MATCHED_TOTAL: &str = "teeway_agent_rpc_rule_matched_total";
+/// The share of each rpc rule's sampled requests copied while the gateway sheds them.
+pub const RPC_PACE_RATIO: &str = "teeway_agent_rpc_pace_ratio";
+
+/// Default `rpc[].max_message_bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
+/// Most arguments of a command read to decide on it (its name, its keys, `STREAMS`).
+pub const MAX_ARGS: usize = 16;
+
+/// `rpc[i]`: a listener proxying one RPC protocol to its primary, copying requests one by one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcListenerConfig {
+    /// Names the listener in metrics and to the gateway, whose `rpc_routes` route on it.
+    pub name: String,
+    /// The protocol its clients speak.
+    pub protocol: RpcProtocol,
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// The real service, host and port.
+    pub primary: (String, u16),
+    /// Which requests are copied (reloadable).
+    pub policy: RpcPolicyConfig,
+}
+
+/// Which commands a rule (or the listener's default) takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commands {
+    /// Every command that can be copied.
+    All,
+    /// Those that may change data (the command table's `write` flag, scripts included): a
+    /// shadow kept in step with the primary's data, without its read load.
+    Writes,
+    /// These, in capitals.
+    Listed(Vec<String>),
+}
+
+impl Commands {
+    fn takes(&self, command: &Command<'_>, class: Class) -> bool {
+        match self {
+            Commands::All => true,
+            Commands::Writes => class == Class::Write,
+            Commands::Listed(names) => names
+                .iter()
+                .any(|n| n.as_bytes().eq_ignore_ascii_case(command.name())),
+        }
+    }
+
+    fn read(v: &Value) -> Result<Self, String> {
+        match v {
+            Value::String(s) if s == "all" => Ok(Commands::All),
+            Value::String(s) if s == "writes" => Ok(Commands::Writes),
+            Value::Sequence(items) if !items.is_empty() => items
+                .iter()
+                .map(|item| {
+                    let name = cfg::nonempty_string(item)?;
+                    if name.bytes().all(|b| b.is_ascii_graphic()) {
+                        Ok(name.to_ascii_uppercase())
+                    } else {
+                        Err(format!("`{name}` is not a command name"))
+                    }
+                })
+                .collect::<Result<_, _>>()
+                .map(Commands::Listed),
+            _ => Err("is not a command set".into()),
+        }
+    }
+}
+
+/// A key pattern as Redis's `KEYS` takes it, `*` and `?` only: `session:*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPattern(Vec<u8>);
+
+impl KeyPattern {
+    /// Whether `key` matches.
+    pub fn matches(&self, key: &[u8]) -> bool {
+        glob(&self.0, key)
+    }
+}
+
+/// `*` (any run of bytes) and `?` (any one byte) over bytes; iterative, linear in practice.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// One rule as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcRuleConfig {
+    /// Its name (`rules[i]` when none is given).
+    pub name: String,
+    /// `match.commands`.
+    pub commands: Option<Commands>,
+    /// `match.keys`.
+    pub keys: Option<KeyPattern>,
+    /// `percentage`.
+    pub fraction: Fraction,
+}
+
+/// What decides which requests an `rpc:` listener copies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcPolicyConfig {
+    /// The share of the requests no rule matches that is copied.
+    pub percentage: f64,
+    /// The commands copied when no rule matches.
+    pub commands: Commands,
+    /// `sample_by: key`: the draw is the hash of the first key.
+    pub sample_by_key: bool,
+    /// First match wins.
+    pub rules: Vec<RpcRuleConfig>,
+    /// Requests larger than this are not copied (counted `message_too_large`).
+    pub max_message_bytes: u64,
+    /// `follow_shedding`, as for HTTP.
+    pub follow_shedding: bool,
+}
+
+impl RpcPolicyConfig {
+    /// Every command copied at `percentage`.
+    pub fn simple(percentage: f64) -> Self {
+        Self {
+            percentage,
+            commands: Commands::All,
+            sample_by_key: false,
+            rules: Vec::new(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            follow_shedding: true,
+        }
+    }
+
+    /// The policy of the listener `listener`, its counters registered in `registry`; rules
+    /// keep the paces they had in `previous`.
+    pub fn build(
+        &self,
+        listener: &str,
+        registry: Option<&Registry>,
+        previous: Option<&RpcPolicy>,
+    ) -> RpcPolicy {
+        let counter = |rule: &str| {
+            registry.map_or_else(Counter::noop, |r| {
+                r.counter_labels(
+                    RPC_RULE_MATCHED_TOTAL,
+                    "Requests matched by each rule of an rpc listener (default: by none; unmirrorable: never copied)",
+                    &[("listener", listener.to_owned()), ("rule", rule.to_owned())],
+                )
+            })
+        };
+        let pace = |rule: &str| {
+            let kept = previous.and_then(|p| {
+                if rule == "default" {
+                    return Some(&p.default_pace);
+                }
+                p.rules.iter().find(|r| &*r.name == rule).map(|r| &r.pace)
+            });
+            if let Some(kept) = kept {
+                return kept.clone();
+            }
+            let gauge = registry.map_or_else(metrics::Gauge::noop, |r| {
+                r.gauge_owned(
+                    RPC_PACE_RATIO,
+                    "Share of each rpc rule's sampled requests copied: below 1 while the gateway sheds them",
+                    &[("listener", listener.to_owned()), ("rule", rule.to_owned())],
+                )
+            });
+            Arc::new(Pace::new(format!("{listener}/{rule}").into(), gauge))
+        };
+        RpcPolicy {
+            rules: self
+                .rules
+                .iter()
+                .map(|r| RpcRule {
+                    name: r.name.as_str().into(),
+                    commands: r.commands.clone(),
+                    keys: r.keys.clone(),
+                    fraction: r.fraction,
+                    matched: counter(&r.name),
+                    pace: pace(&r.name),
+                })
+                .collect(),
+            commands: self.commands.clone(),
+            fraction: Fraction::percent(self.percentage),
+            default_matched: counter("default"),
+            default_pace: pace("default"),
+            unmirrorable: counter("unmirrorable"),
+            sample_by_key: self.sample_by_key,
+            max_message_bytes: self.max_message_bytes,
+            follow_shedding: self.follow_shedding,
+        }
+    }
+}
+
+/// A rule in force.
+#[derive(Debug)]
+struct RpcRule {
+    name: Arc<str>,
+    commands: Option<Commands>,
+    keys: Option<KeyPattern>,
+    fraction: Fraction,
+    matched: Counter,
+    pace: Arc<Pace>,
+}
+
+/// An `rpc:` listener's policy in force; see the module docs.
+#[derive(Debug)]
+pub struct RpcPolicy {
+    rules: Vec<RpcRule>,
+    commands: Commands,
+    fraction: Fraction,
+    default_matched: Counter,
+    default_pace: Arc<Pace>,
+    unmirrorable: Counter,
+    sample_by_key: bool,
+    /// Requests larger than this are not copied.
+    pub max_message_bytes: u64,
+    follow_shedding: bool,
+}
+
+impl RpcPolicy {
+    /// Whether `command` is copied, and by which rule; `copyable` is what the connection's
+    /// session said (`false`: it is never copied). `draw` is random, for requests without a key.
+    pub fn decide(
+        &self,
+        command: &Command<'_>,
+        copyable: bool,
+        draw: impl FnOnce() -> u64,
+    ) -> Option<Chosen<'_>> {
+        if !copyable {
+            self.unmirrorable.increment(1);
+            return None;
+        }
+        let class = command.info().class;
+        let key = command.first_key();
+        let rule = self.rules.iter().find(|r| {
+            r.commands.as_ref().is_none_or(|c| c.takes(command, class))
+                && r.keys
+                    .as_ref()
+                    .is_none_or(|k| key.is_some_and(|key| k.matches(key)))
+        });
+        let (fraction, pace) = match rule {
+            Some(rule) => {
+                rule.matched.increment(1);
+                (rule.fraction, &rule.pace)
+            }
+            None => {
+                self.default_matched.increment(1);
+                if !self.commands.takes(command, class) {
+                    return None;
+                }
+                (self.fraction, &self.default_pace)
+            }
+        };
+        choose(
+            rule.map(|r| &r.name),
+            fraction,
+            self.follow_shedding.then_some(pace),
+            || if self.sample_by_key { key } else { None },
+            draw,
+        )
+    }
+
+    /// Counts a command that would be copied but is over `max_message_bytes`: whether it would
+    /// have been, without a draw's randomness mattering (a request whose share is below all is
+    /// counted as it draws).
+    pub fn wanted(&self, command: &Command<'_>, copyable: bool) -> bool {
+        self.decide(command, copyable, || fastrand::u64(..)).is_some()
+    }
+}
+
+/// `rpc:`, the per-request RPC listeners; entries with problems are left out (the problems
+/// recorded). Each comes with its path (`rpc[i]`), for problems found later.
+pub fn rpc_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, RpcListenerConfig)> {
+    let mut out = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for mut r in root.sections(p, "rpc") {
+        let name = r.required(
+            p,
+            "name",
+            "name the listener (letters, digits, `-`, `_`, `.`), such as `name: redis`; the gateway's rpc_routes use it",
+            crate::config::listener_name,
+        );
+        if let Some(name) = &name {
+            if names.contains(name) {
+                p.push(
+                    r.path_of("name"),
+                    None,
+                    format!("`{name}` names an earlier rpc listener too"),
+                    "give each rpc listener its own name",
+                );
+            }
+            names.push(name.clone());
+        }
+        let protocol = r.required(
+            p,
+            "protocol",
+            "use `protocol: redis` (Thrift and Dubbo are to come; for them, a `tcp:` listener tees whole connections)",
+            |v| match cfg::string(v)?.as_str() {
+                "redis" => Ok(RpcProtocol::Redis),
+                other => Err(format!("`{other}` is not a protocol teeway reads per request")),
+            },
+        );
+        let listen = r.required(
+            p,
+            "listen",
+            "give the address clients connect to, such as `listen: 0.0.0.0:6380`",
+            cfg::socket_addr,
+        );
+        let primary = r.required(
+            p,
+            "primary",
+            "give the real service as host:port, such as `primary: redis-primary:6379`",
+            cfg::host_port,
+        );
+        let policy = read_policy(&mut r, p);
+        let path = r.path().to_owned();
+        r.finish(p);
+        if let (Some(name), Some(protocol), Some(listen), Some(primary)) =
+            (name, protocol, listen, primary)
+        {
+            out.push((
+                path,
+                RpcListenerConfig {
+                    name,
+                    protocol,
+                    listen,
+                    primary,
+                    policy,
+                },
+            ));
+        }
+    }
+    out
+}
+
+fn read_percentage(v: &Value) -> Result<Fraction, String> {
+    match v {
+        Value::String(s) if s == "off" => Ok(Fraction::OFF),
+        Value::Bool(false) => Ok(Fraction::OFF),
+        other => cfg::percentage(other).map(Fraction::percent),
+    }
+}
+
+const COMMANDS_FIX: &str = "use `all`, `writes` (commands that may change data), or a list such as [SET, DEL]";
+
+fn read_policy(r: &mut Section<'_>, p: &mut Problems) -> RpcPolicyConfig {
+    let percentage = r
+        .optional(
+            p,
+            "percentage",
+            "use a number from 0 to 100 (the share of requests copied)",
+            cfg::percentage,
+        )
+        .unwrap_or(100.0);
+    let commands = r
+        .optional(p, "commands", COMMANDS_FIX, Commands::read)
+        .unwrap_or(Commands::All);
+    let sample_by_key = r
+        .optional(
+            p,
+            "sample_by",
+            "use `key` (the same key, the same decision) or leave it out (a random draw)",
+            |v| match cfg::string(v)?.as_str() {
+                "key" => Ok(true),
+                _ => Err("is not a sampling key".into()),
+            },
+        )
+        .unwrap_or(false);
+    let max_message_bytes = r
+        .optional(
+            p,
+            "max_message_bytes",
+            "use a size from 1KiB to 64MiB, such as 1MiB",
+            |v| match cfg::size(v)? {
+                n if n < 1024 => Err("must be at least 1KiB".into()),
+                n if n > 64 * 1024 * 1024 => Err("must be at most 64MiB".into()),
+                n => Ok(n),
+            },
+        )
+        .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+    let follow_shedding = r
+        .optional(
+            p,
+            "follow_shedding",
+            "use true (default: make fewer copies of what the gateway sheds) or false",
+            cfg::boolean,
+        )
+        .unwrap_or(true);
+    let mut rules: Vec<RpcRuleConfig> = Vec::new();
+    for (i, mut rule) in r.sections(p, "rules").into_iter().enumerate() {
+        let name = rule
+            .optional(p, "name", "give a short name such as sessions", cfg::nonempty_string)
+            .unwrap_or_else(|| format!("rules[{i}]"));
+        if ["default", "unmirrorable"].contains(&name.as_str())
+            || rules.iter().any(|r| r.name == name)
+        {
+            p.push(
+                rule.path_of("name"),
+                None,
+                format!("`{name}` is taken (by another rule, or by `default` or `unmirrorable`)"),
+                "give each rule a name of its own",
+            );
+        }
+        let mut m = rule.section(p, "match");
+        let commands = m.optional(p, "commands", COMMANDS_FIX, Commands::read);
+        let keys = m.optional(
+            p,
+            "keys",
+            "give a key pattern such as `session:*` (`*` any run of characters, `?` any one)",
+            |v| cfg::nonempty_string(v).map(|s| KeyPattern(s.into_bytes())),
+        );
+        m.finish(p);
+        let fraction = rule
+            .required(
+                p,
+                "percentage",
+                "use a number from 0 to 100 (such as 5 or 0.01), or off",
+                read_percentage,
+            )
+            .unwrap_or(Fraction::OFF);
+        rule.finish(p);
+        rules.push(RpcRuleConfig {
+            name,
+            commands,
+            keys,
+            fraction,
+        });
+    }
+    RpcPolicyConfig {
+        percentage,
+        commands,
+        sample_by_key,
+        rules,
+        max_message_bytes,
+        follow_shedding,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(text: &'static [u8]) -> Command<'static> {
+        Command::parse(text, MAX_ARGS).unwrap()
+    }
+
+    #[test]
+    fn key_patterns_glob_as_redis_does() {
+        let k = |p: &str, key: &str| KeyPattern(p.as_bytes().to_vec()).matches(key.as_bytes());
+        assert!(k("session:*", "session:17"));
+        assert!(k("session:*", "session:"));
+        assert!(!k("session:*", "sessions:1"));
+        assert!(k("*:cart:?", "user:cart:1"));
+        assert!(!k("*:cart:?", "user:cart:12"));
+        assert!(k("*", ""));
+        assert!(k("a*b*c", "axxbyyc"));
+        assert!(!k("a*b*c", "axxbyy"));
+    }
+
+    #[test]
+    fn first_rule_wins_then_the_listeners_commands_decide() {
+        let mut config = RpcPolicyConfig::simple(100.0);
+        config.commands = Commands::Writes;
+        config.rules = vec![
+            RpcRuleConfig {
+                name: "no-sessions".into(),
+                commands: None,
+                keys: Some(KeyPattern(b"session:*".to_vec())),
+                fraction: Fraction::OFF,
+            },
+            RpcRuleConfig {
+                name: "gets".into(),
+                commands: Some(Commands::Listed(vec!["GET".into()])),
+                keys: None,
+                fraction: Fraction::percent(100.0),
+            },
+        ];
+        let policy = config.build("redis", None, None);
+        let decide = |text: &'static [u8]| {
+            policy
+                .decide(&command(text), true, || 0)
+                .map(|c| c.rule.map(|r| r.to_string()))
+        };
+        assert_eq!(decide(b"SET session:1 x\r\n"), None, "rule off");
+        assert_eq!(decide(b"get user:1\r\n"), Some(Some("gets".into())));
+        assert_eq!(decide(b"SET user:1 x\r\n"), Some(None), "a write, by default");
+        assert_eq!(decide(b"HGET user:1 f\r\n"), None, "a read, not copied by default");
+        assert!(policy.decide(&command(b"SET a b\r\n"), false, || 0).is_none());
+    }
+
+    #[test]
+    fn sampling_by_key_keeps_a_keys_commands_together() {
+        let mut config = RpcPolicyConfig::simple(50.0);
+        config.sample_by_key = true;
+        let policy = config.build("redis", None, None);
+        let mut copied = 0;
+        for i in 0..200u32 {
+            let set = format!("*3\r\n$3\r\nSET\r\n${}\r\nk{i}\r\n$1\r\nv\r\n", format!("k{i}").len());
+            let get = format!("*2\r\n$3\r\nGET\r\n${}\r\nk{i}\r\n", format!("k{i}").len());
+            let a = policy.decide(&Command::parse(set.as_bytes(), 4).unwrap(), true, || fastrand::u64(..));
+            let b = policy.decide(&Command::parse(get.as_bytes(), 4).unwrap(), true, || fastrand::u64(..));
+            assert_eq!(a.is_some(), b.is_some(), "k{i}");
+            copied += usize::from(a.is_some());
+        }
+        assert!((60..140).contains(&copied), "about half of 200 keys: {copied}");
+    }
+
+    #[test]
+    fn the_block_reads_with_defaults_and_names_its_problems() {
+        let doc = teeway_runtime::yaml::parse(
+            "rpc:\n  - name: redis\n    protocol: redis\n    listen: 127.0.0.1:6380\n    primary: redis:6379\n    commands: writes\n    sample_by: key\n    rules:\n      - name: sessions\n        match: { keys: \"session:*\", commands: [set, del] }\n        percentage: 30\n  - name: redis\n    protocol: thrift\n    listen: 127.0.0.1:6381\n    primary: x:1\n    rules:\n      - { name: default, percentage: 5 }\n",
+        )
+        .unwrap();
+        let mut p = Problems::default();
+        let mut root = Section::root(&doc, &mut p);
+        let read = rpc_block(&mut root, &mut p);
+        assert_eq!(read.len(), 1, "the second entry has problems");
+        let c = &read[0].1;
+        assert_eq!(c.primary, ("redis".into(), 6379));
+        assert_eq!(c.policy.commands, Commands::Writes);
+        assert!(c.policy.sample_by_key);
+        assert_eq!(
+            c.policy.rules[0].commands,
+            Some(Commands::Listed(vec!["SET".into(), "DEL".into()]))
+        );
+        assert_eq!(c.policy.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+        let text = p.finish(()).unwrap_err().to_string();
+        for needle in ["rpc[1].name", "rpc[1].protocol", "`thrift`", "rpc[1].rules[0].name"] {
+            assert!(text.contains(needle), "{needle} in {text}");
+        }
+    }
+}
