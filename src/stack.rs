@@ -89,6 +89,7 @@ pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig
             replay_truncated: false,
         }],
         tcp_routes: Vec::new(),
+        rpc_routes: Vec::new(),
         archive: None,
         admin: Some(([127, 0, 0, 1], 0).into()),
         shutdown_grace: Duration::from_secs(5),

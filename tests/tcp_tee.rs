@@ -14,7 +14,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use teeway_runtime::metrics::Snapshot;
 
+use support::redis::{redis_cli, redis_server, Reap};
 use support::{certs_init, field, scrape, settle_async, Proc, LIMIT};
 
 /// A gateway (replaying listener `name` to `shadow`) and a TCP-only agent in front of `primary`.
@@ -185,62 +186,6 @@ fn assert_tcp_identity(s: &Snapshot) {
 
 // ---------------------------------------------------------------------------------------------
 // Redis
-
-/// A `redis-server` on a free loopback port, without persistence; `None` if it will not start.
-async fn redis_server(dir: &Path, program: &Path, tag: &str) -> (std::process::Child, SocketAddr) {
-    for _ in 0..5 {
-        let port = support::free_port();
-        let work = dir.join(tag);
-        std::fs::create_dir_all(&work).expect("mkdir");
-        let mut child = Command::new(program)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--enable-debug-command",
-                "local",
-                "--dir",
-            ])
-            .arg(&work)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        if support::wait_listening(addr, &mut child).await {
-            return (child, addr);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    panic!("redis-server did not start on any of 5 free ports");
-}
-
-/// Kills a child process on drop.
-struct Reap(std::process::Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs `redis-cli -h 127.0.0.1 -p PORT ARGS...` and returns its output.
-fn redis_cli(cli: &Path, addr: SocketAddr, args: &[&str]) -> String {
-    let out = Command::new(cli)
-        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli runs");
-    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_benchmark_through_the_agent_leaves_the_shadow_with_the_primary_data() {

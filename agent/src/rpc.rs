@@ -25,6 +25,7 @@
 
 mod policy;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,8 +48,8 @@ use crate::metrics::DropReason;
 use crate::tee::Outlet;
 
 pub use policy::{
-    rpc_block, Commands, KeyPattern, RpcListenerConfig, RpcPolicy, RpcPolicyConfig,
-    RpcRuleConfig, DEFAULT_MAX_MESSAGE_BYTES, RPC_PACE_RATIO, RPC_RULE_MATCHED_TOTAL,
+    rpc_block, Commands, KeyPattern, RpcListenerConfig, RpcPolicy, RpcPolicyConfig, RpcRuleConfig,
+    DEFAULT_MAX_MESSAGE_BYTES, RPC_PACE_RATIO, RPC_RULE_MATCHED_TOTAL,
 };
 
 /// Largest read from a client at once.
@@ -77,6 +78,8 @@ pub struct RpcTap {
     unparsable_log: Throttle,
     primary_errors: Counter,
     primary_error_log: Throttle,
+    /// Numbers client connections: copies name theirs, so that the gateway keeps their order.
+    next_connection: AtomicU64,
 }
 
 impl std::fmt::Debug for RpcTap {
@@ -129,6 +132,7 @@ impl RpcTap {
                 "rpc primary connections failed on listener {}",
                 config.name
             )),
+            next_connection: AtomicU64::new(1),
         }
     }
 
@@ -138,7 +142,7 @@ impl RpcTap {
     }
 
     /// One whole request, as the client sent it, on a connection in `session`.
-    fn request(&self, message: &[u8], session: &mut Session) {
+    fn request(&self, message: &[u8], connection: u64, session: &mut Session) {
         let Some(command) = Command::parse(message, policy::MAX_ARGS) else {
             return; // an empty command: servers ignore it, and so does the count
         };
@@ -164,7 +168,7 @@ impl RpcTap {
                 vec![("db".to_owned(), session.db.to_string())]
             },
         };
-        let frame = Frame::rpc_request(&meta, &call, message);
+        let frame = Frame::rpc_request(&meta, connection, &call, message);
         let held = frame.len();
         self.out.enqueue(frame, held, ticket);
     }
@@ -236,6 +240,7 @@ pub async fn serve(
 
 async fn serve_connection(tap: &RpcTap, client: TcpStream) {
     tap.connections.increment(1);
+    let number = tap.next_connection.fetch_add(1, Ordering::Relaxed);
     let primary = match tokio::time::timeout(PRIMARY_CONNECT_TIMEOUT, tap.primary.connect_tcp())
         .await
     {
@@ -253,16 +258,16 @@ async fn serve_connection(tap: &RpcTap, client: TcpStream) {
         }
     };
     let _ = primary.set_nodelay(true);
-    proxy(tap, client, primary).await;
+    proxy(tap, client, primary, number).await;
 }
 
 /// Joins the client and the primary, reading requests out of what the client sends. Ends when
 /// the primary's side is done (after the client's, normally), or at the first error.
-async fn proxy(tap: &RpcTap, client: TcpStream, primary: TcpStream) {
+async fn proxy(tap: &RpcTap, client: TcpStream, primary: TcpStream, number: u64) {
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mut primary_rd, mut primary_wr) = primary.into_split();
     let upstream = async {
-        let mut reader = Requests::new();
+        let mut reader = Requests::new(number);
         let mut buf = BytesMut::new();
         loop {
             buf.reserve(READ_SIZE);
@@ -280,7 +285,12 @@ async fn proxy(tap: &RpcTap, client: TcpStream, primary: TcpStream) {
                 break;
             }
             let max = tap.policy.load().max_message_bytes;
-            reader.read(tap, &mut buf, read, usize::try_from(max).unwrap_or(usize::MAX));
+            reader.read(
+                tap,
+                &mut buf,
+                read,
+                usize::try_from(max).unwrap_or(usize::MAX),
+            );
         }
         let _ = primary_wr.shutdown().await;
     };
@@ -299,6 +309,8 @@ async fn proxy(tap: &RpcTap, client: TcpStream, primary: TcpStream) {
 /// A connection's requests as they are read: the codec's place, the connection's session, and
 /// whether the request under way is too large to keep.
 struct Requests {
+    /// The connection's number, which its copies carry.
+    number: u64,
     scanner: Scanner,
     session: Session,
     /// The request under way passed `max_message_bytes`: its bytes are not kept.
@@ -308,8 +320,9 @@ struct Requests {
 }
 
 impl Requests {
-    fn new() -> Self {
+    fn new(number: u64) -> Self {
         Self {
+            number,
             scanner: Scanner::new(Side::Client),
             session: Session::default(),
             skipping: false,
@@ -332,8 +345,10 @@ impl Requests {
                     let end = at + n;
                     if self.skipping {
                         self.skipping = false;
+                    } else if end - start > max {
+                        tap.oversized(&buf[start..end], &mut self.session);
                     } else {
-                        tap.request(&buf[start..end], &mut self.session);
+                        tap.request(&buf[start..end], self.number, &mut self.session);
                     }
                     start = end;
                     at = end;

@@ -15,6 +15,7 @@ use teeway_runtime::config::{
 use teeway_runtime::matching::RequestMatch;
 use teeway_runtime::yaml::Value;
 use teeway_wire::tls::{Role, TlsMaterial};
+use teeway_wire::RpcProtocol;
 
 /// Default time one replay (request sent, response read to the end) may take.
 pub const DEFAULT_REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +43,8 @@ pub struct GatewayConfig {
     pub routes: Vec<RouteConfig>,
     /// Where the agents' TCP tee streams are replayed, by the agent listener's name.
     pub tcp_routes: Vec<TcpRouteConfig>,
+    /// Where the agents' RPC copies (agent `rpc:` listeners) are replayed, first match wins.
+    pub rpc_routes: Vec<RpcRouteConfig>,
     /// Where received records are archived, if anywhere.
     pub archive: Option<ArchiveConfig>,
     /// The admin listener, if any.
@@ -101,6 +104,42 @@ pub struct TcpRouteConfig {
     /// target as `overloaded`.
     pub max_connections: usize,
 }
+
+/// One `rpc_routes[i]` entry: where RPC copies (one request each) are replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcRouteConfig {
+    /// `name`, or `rpc_routes[i]`: labels its metrics.
+    pub name: String,
+    /// The protocol its targets speak; copies of another protocol do not match it.
+    pub protocol: RpcProtocol,
+    /// `match.listener`: the agent `rpc:` listener (tap) the copy came from; `None`: any.
+    pub listener: Option<String>,
+    /// `match.source_cluster`: agent identities (patterns); empty: every agent.
+    pub source_clusters: Vec<String>,
+    /// `match.service`: services taken; empty: any.
+    pub services: Vec<String>,
+    /// `match.method`: methods taken (Redis commands, in any case); empty: any.
+    pub methods: Vec<String>,
+    /// Shadow `host:port` addresses each matching copy is replayed to.
+    pub targets: Vec<(String, u16)>,
+    /// Time for one replay, its reply read whole.
+    pub timeout: Duration,
+    /// Replays in flight per target (pipelined on its connections); beyond it, or beyond
+    /// [`RPC_TARGET_BYTES`] of their messages, copies are `overloaded`.
+    pub max_concurrency: usize,
+    /// Connections kept open to each target, requests pipelined on them.
+    pub connections: usize,
+}
+
+/// Default `rpc_routes[].max_concurrency`: pipelined requests are cheap to keep in flight, and
+/// an agent may send 32 batches of up to 256 copies at once.
+pub const DEFAULT_RPC_MAX_CONCURRENCY: usize = 8192;
+/// Bytes of messages in flight per RPC target, whatever their count: what bounds their memory.
+pub const RPC_TARGET_BYTES: u64 = 32 * 1024 * 1024;
+/// Default `rpc_routes[].timeout`.
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `rpc_routes[].connections`.
+pub const DEFAULT_RPC_CONNECTIONS: usize = 4;
 
 /// Default `tcp_routes[].max_connections`.
 pub const DEFAULT_TCP_MAX_CONNECTIONS: usize = 256;
@@ -365,11 +404,22 @@ impl GatewayConfig {
             }
             r.finish(&mut p);
         }
-        if route_sections.is_empty() && !archive_given && !root_has(&doc, "tcp_routes") {
+        let mut rpc_routes = Vec::new();
+        for (i, mut r) in root.sections(&mut p, "rpc_routes").into_iter().enumerate() {
+            if let Some(route) = read_rpc_route(&mut r, &mut p, i, &rpc_routes) {
+                rpc_routes.push(route);
+            }
+            r.finish(&mut p);
+        }
+        if route_sections.is_empty()
+            && !archive_given
+            && !root_has(&doc, "tcp_routes")
+            && !root_has(&doc, "rpc_routes")
+        {
             p.push(
                 "routes",
                 None,
-                "needs at least one route (or `tcp_routes:`, or an `archive:` block, for a capture-only gateway)",
+                "needs at least one route (or `tcp_routes:` or `rpc_routes:`, or an `archive:` block, for a capture-only gateway)",
                 "add `routes:` with `- targets: [http://shadow:8080]` to replay everything to one shadow",
             );
         }
@@ -421,6 +471,7 @@ impl GatewayConfig {
                 agents_allow,
                 routes,
                 tcp_routes,
+                rpc_routes,
                 archive,
                 admin,
                 shutdown_grace,
@@ -491,6 +542,121 @@ fn read_tcp_route(r: &mut Section<'_>, p: &mut Problems) -> Option<TcpRouteConfi
         source_clusters,
         targets: targets?,
         max_connections,
+    })
+}
+
+/// One `rpc_routes[i]` entry (the `i`th, after `earlier`); `None` when it cannot be used (the
+/// problems are recorded).
+fn read_rpc_route(
+    r: &mut Section<'_>,
+    p: &mut Problems,
+    i: usize,
+    earlier: &[RpcRouteConfig],
+) -> Option<RpcRouteConfig> {
+    let name = r
+        .optional(
+            p,
+            "name",
+            "give a short name such as redis-shadow",
+            cfg::nonempty_string,
+        )
+        .unwrap_or_else(|| format!("rpc_routes[{i}]"));
+    if earlier.iter().any(|e| e.name == name) {
+        p.push(
+            r.path_of("name"),
+            None,
+            format!("`{name}` names an earlier rpc route too"),
+            "give each rpc route its own name (it labels the route's metrics)",
+        );
+    }
+    let protocol = r.required(
+        p,
+        "protocol",
+        "use `protocol: redis`, what the targets speak",
+        |v| match cfg::string(v)?.as_str() {
+            "redis" => Ok(RpcProtocol::Redis),
+            other => Err(format!(
+                "`{other}` is not a protocol teeway replays per request"
+            )),
+        },
+    );
+    let mut m = r.section(p, "match");
+    let listener = m.optional(
+        p,
+        "listener",
+        "name the agent's `rpc:` listener, such as `listener: redis`",
+        cfg::nonempty_string,
+    );
+    let strings = |m: &mut Section<'_>, p: &mut Problems, key, fix| {
+        m.list(p, key, fix, cfg::nonempty_string)
+            .unwrap_or_default()
+    };
+    let source_clusters = strings(
+        &mut m,
+        p,
+        "source_cluster",
+        "list agent identities, such as [prod-eu-1] or [prod-*]",
+    );
+    let services = strings(
+        &mut m,
+        p,
+        "service",
+        "list services, such as [orders.OrderService]",
+    );
+    let methods = strings(
+        &mut m,
+        p,
+        "method",
+        "list methods or commands, such as [SET, DEL]",
+    );
+    m.finish(p);
+    let targets_fix = "list shadow addresses as host:port, such as [shadow-redis:6379]";
+    let targets = match r.list(p, "targets", targets_fix, cfg::host_port) {
+        Some(t) if !t.is_empty() => Some(t),
+        Some(_) => {
+            p.push(r.path_of("targets"), None, "is empty", targets_fix);
+            None
+        }
+        None => {
+            p.push(r.path_of("targets"), None, "is required", targets_fix);
+            None
+        }
+    };
+    let timeout = r
+        .optional(
+            p,
+            "timeout",
+            "use a duration from 1ms to 5m, such as 5s",
+            cfg::duration_from_to("1ms", "5m"),
+        )
+        .unwrap_or(DEFAULT_RPC_TIMEOUT);
+    let max_concurrency = r
+        .optional(
+            p,
+            "max_concurrency",
+            "use a whole number from 1 to 65536, such as 8192",
+            cfg::whole_number_from_to(1, 65_536),
+        )
+        .map_or(DEFAULT_RPC_MAX_CONCURRENCY, |n| n as usize);
+    let connections = r
+        .optional(
+            p,
+            "connections",
+            "use a whole number from 1 to 64, such as 4",
+            cfg::whole_number_from_to(1, 64),
+        )
+        .map_or(DEFAULT_RPC_CONNECTIONS, |n| n as usize);
+    Some(RpcRouteConfig {
+        name,
+        protocol: protocol?,
+        listener,
+        source_clusters,
+        services,
+        methods,
+        targets: targets?,
+        timeout,
+        max_concurrency,
+        connections,
     })
 }
 
@@ -963,6 +1129,7 @@ impl GatewayConfig {
             agents_allow: _,
             routes: _,
             tcp_routes: _,
+            rpc_routes: _,
             archive,
             admin,
             shutdown_grace,

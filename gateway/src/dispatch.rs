@@ -167,9 +167,9 @@ impl Dispatcher {
         }
         let taken = match record {
             Envelope::HttpRequest(request) => self.dispatch_http(request, identity, &routing),
-            // Only HTTP requests have a replayer (RPC replayers will sit beside it); anything
-            // else has no route here, and is counted so.
-            Envelope::HttpResponse(_) | Envelope::RpcRequest(_) | Envelope::Other { .. } => {
+            // Requests have replayers; anything else has no route here, and is counted so.
+            Envelope::RpcRequest(request) => self.dispatch_rpc(request, identity, &routing),
+            Envelope::HttpResponse(_) | Envelope::Other { .. } => {
                 self.metrics.no_route();
                 Taken::Kept
             }
@@ -267,6 +267,48 @@ impl Dispatcher {
                     );
                 }
             });
+        }
+        taken
+    }
+}
+
+impl Dispatcher {
+    /// Routes an RPC request's copy and starts its replays, one per target of its route.
+    fn dispatch_rpc(
+        &self,
+        request: teeway_wire::RpcRequest,
+        identity: &Arc<str>,
+        routing: &Routing,
+    ) -> Taken {
+        let Some(route) = routing.rpc.route(&request, identity) else {
+            self.metrics.no_route();
+            return Taken::Kept;
+        };
+        let request = Arc::new(request);
+        let mut taken = Taken::Kept;
+        for (target, handles) in &route.targets {
+            let Some(permit) = target.admit(request.message.len()) else {
+                crate::rpc::overloaded(&request, handles);
+                if taken == Taken::Kept {
+                    taken = Taken::Shed;
+                }
+                continue;
+            };
+            taken = Taken::Replayed;
+            crate::rpc::started(handles);
+            // Sent here, in the order the copies came; only the wait for the answer is a task.
+            let answer = target.send(
+                request.connection,
+                request.message.clone(),
+                crate::rpc::db_of(&request),
+                route.timeout(),
+            );
+            self.replays.spawn(crate::rpc::ended(
+                answer,
+                request.clone(),
+                handles.clone(),
+                permit,
+            ));
         }
         taken
     }

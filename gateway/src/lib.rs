@@ -70,6 +70,7 @@ pub mod metrics;
 mod observe;
 pub mod replay;
 mod router;
+pub mod rpc;
 mod tee_stream;
 
 pub use config::GatewayConfig;
@@ -205,6 +206,8 @@ pub struct Routing {
     pub router: Router,
     /// Where TCP tee streams go.
     pub tcp: tee_stream::TcpRouter,
+    /// Where RPC copies go.
+    pub rpc: rpc::RpcRouter,
     /// `agents.allow`; `None` allows every agent the CA signed.
     pub allow: Option<Vec<String>>,
 }
@@ -215,7 +218,7 @@ impl Routing {
         config: &GatewayConfig,
         resolver: &Resolver,
         old: Option<&Routing>,
-        metrics: &GatewayMetrics,
+        metrics: &Arc<GatewayMetrics>,
     ) -> Result<Self, GatewayError> {
         let mut reusable: Vec<Arc<Target>> = old
             .map(|o| o.router.targets().cloned().collect())
@@ -251,6 +254,7 @@ impl Routing {
         Ok(Self {
             router: Router::new(routes),
             tcp: tee_stream::TcpRouter::build(&config.tcp_routes, resolver, old.map(|o| &o.tcp)),
+            rpc: rpc::RpcRouter::build(&config.rpc_routes, resolver, old.map(|o| &o.rpc), metrics),
             allow: config.agents_allow.clone(),
         })
     }

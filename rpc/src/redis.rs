@@ -674,7 +674,7 @@ mod tests {
         let want = vec![31, 37, 38, 52, 56];
         for step in 1..=stream.len() {
             assert_eq!(
-                ends(Side::Client, stream, step).unwrap(),
+                ends(Side::Client, stream, step).expect("test input"),
                 want,
                 "step {step}"
             );
@@ -709,7 +709,7 @@ mod tests {
         }
         for step in [1, 2, 3, 7, stream.len()] {
             assert_eq!(
-                ends(Side::Server, &stream, step).unwrap(),
+                ends(Side::Server, &stream, step).expect("test input"),
                 want,
                 "step {step}"
             );
@@ -762,28 +762,33 @@ mod tests {
 
     #[test]
     fn commands_read_in_place() {
-        let c = Command::parse(b"*3\r\n$3\r\nset\r\n$4\r\nuser\r\n$1\r\nv\r\n", 4).unwrap();
+        let c =
+            Command::parse(b"*3\r\n$3\r\nset\r\n$4\r\nuser\r\n$1\r\nv\r\n", 4).expect("test input");
         assert_eq!(c.name(), b"set");
         assert_eq!(c.info().name, Some("SET"));
         assert_eq!(c.info().class, Class::Write);
         assert_eq!(c.first_key(), Some(&b"user"[..]));
-        let c = Command::parse(b"get  session:1\r\n", 4).unwrap();
+        let c = Command::parse(b"get  session:1\r\n", 4).expect("test input");
         assert_eq!(c.info().class, Class::Read);
         assert_eq!(c.first_key(), Some(&b"session:1"[..]));
         let eval = b"*5\r\n$4\r\nEVAL\r\n$6\r\nreturn\r\n$1\r\n1\r\n$2\r\nk1\r\n$1\r\na\r\n";
         assert_eq!(
-            Command::parse(eval, 8).unwrap().first_key(),
+            Command::parse(eval, 8).expect("test input").first_key(),
             Some(&b"k1"[..])
         );
         let xread = b"*4\r\n$5\r\nXREAD\r\n$7\r\nSTREAMS\r\n$1\r\ns\r\n$1\r\n0\r\n";
         assert_eq!(
-            Command::parse(xread, 8).unwrap().first_key(),
+            Command::parse(xread, 8).expect("test input").first_key(),
             Some(&b"s"[..])
         );
         assert!(Command::parse(b"\r\n", 4).is_none());
         assert!(Command::parse(b"*0\r\n", 4).is_none());
-        let start = Command::parse(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$9999\r\nxx", 4).unwrap();
-        assert_eq!((start.name(), start.first_key()), (&b"SET"[..], Some(&b"k"[..])));
+        let start =
+            Command::parse(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$9999\r\nxx", 4).expect("test input");
+        assert_eq!(
+            (start.name(), start.first_key()),
+            (&b"SET"[..], Some(&b"k"[..]))
+        );
         assert_eq!(Info::of(b"JSON.SET").name, None);
     }
 
@@ -800,7 +805,7 @@ mod tests {
     #[test]
     fn a_session_follows_select_and_transactions() {
         let mut s = Session::default();
-        let cmd = |m: &'static [u8]| Command::parse(m, 4).unwrap();
+        let cmd = |m: &'static [u8]| Command::parse(m, 4).expect("test input");
         assert!(s.follow(&cmd(b"SET a 1\r\n")));
         assert!(!s.follow(&cmd(b"SELECT 3\r\n")));
         assert_eq!(s.db, 3);

@@ -5,6 +5,7 @@
 
 pub mod nginx;
 pub mod recorder;
+pub mod redis;
 pub mod wan;
 
 use std::io::{BufRead, BufReader};

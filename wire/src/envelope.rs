@@ -79,7 +79,7 @@ pub fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             put_headers(dst, &r.headers);
             put_bytes32(dst, &r.body);
         }
-        Envelope::RpcRequest(r) => put_rpc_request(&r.meta, &r.call, &r.message, dst),
+        Envelope::RpcRequest(r) => put_rpc_request(&r.meta, r.connection, &r.call, &r.message, dst),
         Envelope::Other { meta, kind, part } => {
             dst.put_u8(*kind);
             put_meta(meta, dst);
@@ -111,11 +111,18 @@ pub fn encoded_len(envelope: &Envelope) -> usize {
 
 /// Appends an RPC request's envelope (kind 3, no frame prefix or type) made of its parts, so that
 /// an agent copies a message's bytes once, into the frame it sends.
-pub fn put_rpc_request(meta: &Meta, call: &RpcCall, message: &[u8], dst: &mut BytesMut) {
+pub fn put_rpc_request(
+    meta: &Meta,
+    connection: u64,
+    call: &RpcCall,
+    message: &[u8],
+    dst: &mut BytesMut,
+) {
     dst.put_u8(KIND_RPC_REQUEST);
     put_meta(meta, dst);
     dst.put_u8(call.protocol.code());
     dst.put_u8(0); // flags: none defined yet
+    dst.put_u64(connection);
     put_str16(dst, &call.service);
     put_str16(dst, &call.method);
     let count = call.attachments.len().min(usize::from(u16::MAX));
@@ -131,6 +138,7 @@ pub fn put_rpc_request(meta: &Meta, call: &RpcCall, message: &[u8], dst: &mut By
 pub fn rpc_request_len(meta: &Meta, call: &RpcCall, message_len: usize) -> usize {
     1 + meta_len(meta)
         + 2
+        + 8
         + str16_len(&call.service)
         + str16_len(&call.method)
         + 2
@@ -147,6 +155,7 @@ pub fn rpc_request_len(meta: &Meta, call: &RpcCall, message_len: usize) -> usize
 fn get_rpc_request(meta: Meta, src: &mut Bytes) -> Result<RpcRequest, DecodeError> {
     let protocol = RpcProtocol::from_code(get_u8(src, "protocol")?);
     let _flags = get_u8(src, "flags")?;
+    let connection = get_u64(src, "connection")?;
     let service = get_str16(src, "service")?;
     let method = get_str16(src, "method")?;
     let count = get_u16(src, "attachments")?;
@@ -160,6 +169,7 @@ fn get_rpc_request(meta: Meta, src: &mut Bytes) -> Result<RpcRequest, DecodeErro
     let message = get_bytes32(src, "message")?;
     Ok(RpcRequest {
         meta,
+        connection,
         call: RpcCall {
             protocol,
             service,
@@ -428,6 +438,7 @@ mod tests {
             Envelope::HttpResponse(response),
             Envelope::RpcRequest(RpcRequest {
                 meta: meta(),
+                connection: 7,
                 call: RpcCall {
                     protocol: RpcProtocol::Redis,
                     service: String::new(),
@@ -450,6 +461,7 @@ mod tests {
     fn an_rpc_frame_made_of_parts_is_the_envelope_frame() {
         let request = RpcRequest {
             meta: meta(),
+            connection: u64::MAX - 1,
             call: RpcCall {
                 protocol: RpcProtocol::Redis,
                 service: String::new(),
@@ -461,7 +473,12 @@ mod tests {
         let frame = crate::Frame::Envelope(Envelope::RpcRequest(request.clone()));
         let mut want = BytesMut::new();
         frame.encode(&mut want);
-        let made = crate::Frame::rpc_request(&request.meta, &request.call, &request.message);
+        let made = crate::Frame::rpc_request(
+            &request.meta,
+            request.connection,
+            &request.call,
+            &request.message,
+        );
         assert_eq!(made, want.freeze());
         assert_eq!(made.len(), frame.encoded_len());
     }

@@ -396,12 +396,12 @@ impl Frame {
     /// The `ENVELOPE` frame of an RPC request made of its parts: the same bytes as
     /// `Frame::Envelope(Envelope::RpcRequest(..)).encode`, with `message` copied once, into a
     /// buffer of exactly the frame's size.
-    pub fn rpc_request(meta: &Meta, call: &RpcCall, message: &[u8]) -> Bytes {
+    pub fn rpc_request(meta: &Meta, connection: u64, call: &RpcCall, message: &[u8]) -> Bytes {
         let len = 1 + crate::envelope::rpc_request_len(meta, call, message.len());
         let mut dst = BytesMut::with_capacity(PREFIX_LEN + len);
         dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
         dst.put_u8(TYPE_ENVELOPE);
-        crate::envelope::put_rpc_request(meta, call, message, &mut dst);
+        crate::envelope::put_rpc_request(meta, connection, call, message, &mut dst);
         dst.freeze()
     }
 }

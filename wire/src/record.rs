@@ -121,6 +121,9 @@ impl Meta {
 pub struct RpcRequest {
     /// Who saw it, when, and why it was copied.
     pub meta: Meta,
+    /// The client connection it came on, numbered by the agent (unique within its session): a
+    /// gateway replays one connection's requests in order, on one connection of its own.
+    pub connection: u64,
     /// What it calls.
     pub call: RpcCall,
     /// The request's message, whole, as the client sent it (one RESP command; a Thrift or

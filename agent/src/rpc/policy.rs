@@ -310,7 +310,8 @@ impl RpcPolicy {
     /// have been, without a draw's randomness mattering (a request whose share is below all is
     /// counted as it draws).
     pub fn wanted(&self, command: &Command<'_>, copyable: bool) -> bool {
-        self.decide(command, copyable, || fastrand::u64(..)).is_some()
+        self.decide(command, copyable, || fastrand::u64(..))
+            .is_some()
     }
 }
 
@@ -387,7 +388,8 @@ fn read_percentage(v: &Value) -> Result<Fraction, String> {
     }
 }
 
-const COMMANDS_FIX: &str = "use `all`, `writes` (commands that may change data), or a list such as [SET, DEL]";
+const COMMANDS_FIX: &str =
+    "use `all`, `writes` (commands that may change data), or a list such as [SET, DEL]";
 
 fn read_policy(r: &mut Section<'_>, p: &mut Problems) -> RpcPolicyConfig {
     let percentage = r
@@ -435,7 +437,12 @@ fn read_policy(r: &mut Section<'_>, p: &mut Problems) -> RpcPolicyConfig {
     let mut rules: Vec<RpcRuleConfig> = Vec::new();
     for (i, mut rule) in r.sections(p, "rules").into_iter().enumerate() {
         let name = rule
-            .optional(p, "name", "give a short name such as sessions", cfg::nonempty_string)
+            .optional(
+                p,
+                "name",
+                "give a short name such as sessions",
+                cfg::nonempty_string,
+            )
             .unwrap_or_else(|| format!("rules[{i}]"));
         if ["default", "unmirrorable"].contains(&name.as_str())
             || rules.iter().any(|r| r.name == name)
@@ -487,7 +494,7 @@ mod tests {
     use super::*;
 
     fn command(text: &'static [u8]) -> Command<'static> {
-        Command::parse(text, MAX_ARGS).unwrap()
+        Command::parse(text, MAX_ARGS).expect("test input")
     }
 
     #[test]
@@ -529,9 +536,19 @@ mod tests {
         };
         assert_eq!(decide(b"SET session:1 x\r\n"), None, "rule off");
         assert_eq!(decide(b"get user:1\r\n"), Some(Some("gets".into())));
-        assert_eq!(decide(b"SET user:1 x\r\n"), Some(None), "a write, by default");
-        assert_eq!(decide(b"HGET user:1 f\r\n"), None, "a read, not copied by default");
-        assert!(policy.decide(&command(b"SET a b\r\n"), false, || 0).is_none());
+        assert_eq!(
+            decide(b"SET user:1 x\r\n"),
+            Some(None),
+            "a write, by default"
+        );
+        assert_eq!(
+            decide(b"HGET user:1 f\r\n"),
+            None,
+            "a read, not copied by default"
+        );
+        assert!(policy
+            .decide(&command(b"SET a b\r\n"), false, || 0)
+            .is_none());
     }
 
     #[test]
@@ -541,14 +558,28 @@ mod tests {
         let policy = config.build("redis", None, None);
         let mut copied = 0;
         for i in 0..200u32 {
-            let set = format!("*3\r\n$3\r\nSET\r\n${}\r\nk{i}\r\n$1\r\nv\r\n", format!("k{i}").len());
+            let set = format!(
+                "*3\r\n$3\r\nSET\r\n${}\r\nk{i}\r\n$1\r\nv\r\n",
+                format!("k{i}").len()
+            );
             let get = format!("*2\r\n$3\r\nGET\r\n${}\r\nk{i}\r\n", format!("k{i}").len());
-            let a = policy.decide(&Command::parse(set.as_bytes(), 4).unwrap(), true, || fastrand::u64(..));
-            let b = policy.decide(&Command::parse(get.as_bytes(), 4).unwrap(), true, || fastrand::u64(..));
+            let a = policy.decide(
+                &Command::parse(set.as_bytes(), 4).expect("test input"),
+                true,
+                || fastrand::u64(..),
+            );
+            let b = policy.decide(
+                &Command::parse(get.as_bytes(), 4).expect("test input"),
+                true,
+                || fastrand::u64(..),
+            );
             assert_eq!(a.is_some(), b.is_some(), "k{i}");
             copied += usize::from(a.is_some());
         }
-        assert!((60..140).contains(&copied), "about half of 200 keys: {copied}");
+        assert!(
+            (60..140).contains(&copied),
+            "about half of 200 keys: {copied}"
+        );
     }
 
     #[test]
@@ -556,7 +587,7 @@ mod tests {
         let doc = teeway_runtime::yaml::parse(
             "rpc:\n  - name: redis\n    protocol: redis\n    listen: 127.0.0.1:6380\n    primary: redis:6379\n    commands: writes\n    sample_by: key\n    rules:\n      - name: sessions\n        match: { keys: \"session:*\", commands: [set, del] }\n        percentage: 30\n  - name: redis\n    protocol: thrift\n    listen: 127.0.0.1:6381\n    primary: x:1\n    rules:\n      - { name: default, percentage: 5 }\n",
         )
-        .unwrap();
+        .expect("test input");
         let mut p = Problems::default();
         let mut root = Section::root(&doc, &mut p);
         let read = rpc_block(&mut root, &mut p);
@@ -570,8 +601,13 @@ mod tests {
             Some(Commands::Listed(vec!["SET".into(), "DEL".into()]))
         );
         assert_eq!(c.policy.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
-        let text = p.finish(()).unwrap_err().to_string();
-        for needle in ["rpc[1].name", "rpc[1].protocol", "`thrift`", "rpc[1].rules[0].name"] {
+        let text = p.finish(()).expect_err("problems").to_string();
+        for needle in [
+            "rpc[1].name",
+            "rpc[1].protocol",
+            "`thrift`",
+            "rpc[1].rules[0].name",
+        ] {
             assert!(text.contains(needle), "{needle} in {text}");
         }
     }

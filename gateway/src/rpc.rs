@@ -1,0 +1,657 @@
+//! Replaying RPC copies (envelope kind 3) to shadows, one request each, on pooled connections.
+//!
+//! ```text
+//! copy ─▶ rpc_routes (listener, source cluster, service, method) ─▶ per target:
+//!         slot (max_concurrency) ─▶ connection (one of `connections`) ─▶ writer: [SELECT db] message
+//!                                                                        reader: reply ─▶ outcome
+//! ```
+//!
+//! Each target keeps `connections` connections open and pipelines requests on them: a writer task
+//! writes what it is given as it comes, and a reader task reads the replies in the order the
+//! requests went out (Redis answers in order), scanning each whole ([`teeway_rpc::redis::Scanner`])
+//! without keeping it. A copy from a client that had `SELECT`ed a database carries it (`db`), and
+//! the writer switches the connection's database before it. A connection whose oldest request
+//! has waited longer than the route's `timeout` is closed, its requests failed as `timeout`: a
+//! shadow that stalls cannot make requests pile up behind it.
+//!
+//! Every routed copy ends in exactly one bucket per target of its route (a copy no route takes
+//! counts once, in `teeway_gateway_replay_failed_total{reason="no_route"}`):
+//!
+//! ```text
+//! copies routed × targets = sum(teeway_gateway_rpc_replays_total{outcome})
+//!                         + teeway_gateway_rpc_replays_in_flight
+//! ```
+//!
+//! Outcomes: `ok`, `error_reply` (the shadow answered with an error: Redis `-ERR`, `!`),
+//! `protocol_error` (its answer could not be read, or came unasked), `timeout`, `overloaded`
+//! (`max_concurrency` replays in flight, or [`RPC_TARGET_BYTES`] of them), `connect_error`, `io_error` (the connection broke).
+//! The `method` label is a command's name; a target counts at most [`MAX_METHOD_LABELS`] of them,
+//! the rest as `other`, so a client sending random names cannot grow the metrics without bound.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use metrics::{Counter, Gauge, Histogram};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use teeway_rpc::redis::{Scanner, Side};
+use teeway_runtime::connect::UpstreamConnector;
+use teeway_runtime::dns::Resolver;
+use teeway_runtime::logging::Throttle;
+use teeway_wire::{RpcProtocol, RpcRequest};
+
+use crate::config::{identity_matches, RpcRouteConfig, RPC_TARGET_BYTES};
+use crate::metrics::GatewayMetrics;
+
+/// Copies (RPC requests) replayed, by route, target, method and outcome.
+pub const RPC_REPLAYS_TOTAL: &str = "teeway_gateway_rpc_replays_total";
+/// RPC replays under way, by route and target.
+pub const RPC_REPLAYS_IN_FLIGHT: &str = "teeway_gateway_rpc_replays_in_flight";
+/// Time from handing an RPC copy to a connection to its reply, by route and target.
+pub const RPC_REPLAY_DURATION_SECONDS: &str = "teeway_gateway_rpc_replay_duration_seconds";
+/// Method label values a target counts by name; others count as `other`.
+pub const MAX_METHOD_LABELS: usize = 64;
+
+/// Time allowed to connect to a target.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest read of replies at once.
+const READ_SIZE: usize = 64 * 1024;
+/// Most requests a connection's writer joins into one write.
+const WRITE_BATCH: usize = 128;
+
+/// How one RPC replay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcOutcome {
+    /// The shadow answered.
+    Ok,
+    /// The shadow answered with an error.
+    ErrorReply,
+    /// The shadow's answer could not be read, or came unasked.
+    ProtocolError,
+    /// No answer within the route's `timeout`.
+    Timeout,
+    /// `max_concurrency` replays were in flight already.
+    Overloaded,
+    /// The target could not be connected to.
+    ConnectError,
+    /// The connection broke before the answer.
+    IoError,
+}
+
+impl RpcOutcome {
+    const ALL: [RpcOutcome; 7] = [
+        RpcOutcome::Ok,
+        RpcOutcome::ErrorReply,
+        RpcOutcome::ProtocolError,
+        RpcOutcome::Timeout,
+        RpcOutcome::Overloaded,
+        RpcOutcome::ConnectError,
+        RpcOutcome::IoError,
+    ];
+
+    /// The `outcome` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RpcOutcome::Ok => "ok",
+            RpcOutcome::ErrorReply => "error_reply",
+            RpcOutcome::ProtocolError => "protocol_error",
+            RpcOutcome::Timeout => "timeout",
+            RpcOutcome::Overloaded => "overloaded",
+            RpcOutcome::ConnectError => "connect_error",
+            RpcOutcome::IoError => "io_error",
+        }
+    }
+}
+
+/// One (route, target) pair's handles.
+pub struct RpcTargetMetrics {
+    metrics: Arc<GatewayMetrics>,
+    route: String,
+    target: String,
+    in_flight: Gauge,
+    duration: Histogram,
+    /// Counters by method, registered on first use, up to [`MAX_METHOD_LABELS`] methods.
+    by_method: RwLock<HashMap<String, [Counter; 7]>>,
+    other: [Counter; 7],
+    logs: [Throttle; 7],
+}
+
+impl std::fmt::Debug for RpcTargetMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcTargetMetrics")
+            .field("route", &self.route)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RpcTargetMetrics {
+    fn new(metrics: Arc<GatewayMetrics>, route: &str, target: &str) -> Self {
+        let labels = || vec![("route", route.to_owned()), ("target", target.to_owned())];
+        let r = metrics.registry();
+        Self {
+            in_flight: r.gauge_owned(RPC_REPLAYS_IN_FLIGHT, "RPC replays under way", &labels()),
+            duration: r.histogram_labels(
+                RPC_REPLAY_DURATION_SECONDS,
+                "Time from handing an RPC copy to a shadow connection to its reply",
+                &labels(),
+            ),
+            by_method: RwLock::new(HashMap::new()),
+            other: Self::register(&metrics, route, target, "other"),
+            logs: RpcOutcome::ALL.map(|o| {
+                Throttle::named(format!(
+                    "rpc replays of route {route} to {target}: {}",
+                    o.as_str()
+                ))
+            }),
+            route: route.to_owned(),
+            target: target.to_owned(),
+            metrics: metrics.clone(),
+        }
+    }
+
+    fn register(metrics: &GatewayMetrics, route: &str, target: &str, method: &str) -> [Counter; 7] {
+        RpcOutcome::ALL.map(|o| {
+            metrics.registry().counter_labels(
+                RPC_REPLAYS_TOTAL,
+                "RPC copies replayed, by route, target, method and outcome",
+                &[
+                    ("route", route.to_owned()),
+                    ("target", target.to_owned()),
+                    ("method", method.to_owned()),
+                    ("outcome", o.as_str().to_owned()),
+                ],
+            )
+        })
+    }
+
+    /// Counts a replay of `method` that ended as `outcome`.
+    fn ended(&self, method: &str, outcome: RpcOutcome) {
+        let index = outcome as usize;
+        let counted = self
+            .by_method
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(method)
+            .map(|c| c[index].increment(1))
+            .is_some();
+        if !counted {
+            let mut by_method = self.by_method.write().unwrap_or_else(|e| e.into_inner());
+            if by_method.len() < MAX_METHOD_LABELS || by_method.contains_key(method) {
+                by_method.entry(method.to_owned()).or_insert_with(|| {
+                    Self::register(&self.metrics, &self.route, &self.target, method)
+                })[index]
+                    .increment(1);
+            } else {
+                self.other[index].increment(1);
+            }
+        }
+        if !matches!(outcome, RpcOutcome::Ok | RpcOutcome::ErrorReply) {
+            if let Some(n) = self.logs[index].note() {
+                tracing::warn!(route = %self.route, target = %self.target, outcome = outcome.as_str(), n, "rpc replays failed (one line a minute at most per outcome; see {RPC_REPLAYS_TOTAL})");
+            }
+        }
+    }
+}
+
+/// One request handed to a connection.
+struct Job {
+    message: Bytes,
+    db: u32,
+    deadline: Instant,
+    done: oneshot::Sender<RpcOutcome>,
+}
+
+/// What a connection's reader expects next.
+struct Pending {
+    deadline: Instant,
+    /// `None`: the reply to a `SELECT` the writer put before a request.
+    done: Option<oneshot::Sender<RpcOutcome>>,
+}
+
+/// One replay destination of an RPC route: its slots and its pooled connections.
+#[derive(Debug)]
+pub struct RpcTarget {
+    host: String,
+    port: u16,
+    spec: (usize, usize, Duration),
+    slots: Arc<Semaphore>,
+    /// Bytes of the messages in flight, against [`RPC_TARGET_BYTES`].
+    bytes: Arc<AtomicU64>,
+    connector: UpstreamConnector,
+    /// Each pooled connection's writer queue, made on first use and again after it ends.
+    conns: Vec<Mutex<Option<mpsc::UnboundedSender<Job>>>>,
+    /// Ends every connection's tasks when the target is dropped from the configuration.
+    closed: CancellationToken,
+}
+
+impl Drop for RpcTarget {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+impl RpcTarget {
+    fn new(host: &str, port: u16, route: &RpcRouteConfig, resolver: Resolver) -> Self {
+        Self {
+            connector: UpstreamConnector::new(host, port, resolver, CONNECT_TIMEOUT, None),
+            slots: Arc::new(Semaphore::new(route.max_concurrency)),
+            bytes: Arc::new(AtomicU64::new(0)),
+            conns: (0..route.connections).map(|_| Mutex::new(None)).collect(),
+            closed: CancellationToken::new(),
+            spec: (route.max_concurrency, route.connections, route.timeout),
+            host: host.to_owned(),
+            port,
+        }
+    }
+
+    fn same_spec(&self, host: &str, port: u16, route: &RpcRouteConfig) -> bool {
+        self.host == host
+            && self.port == port
+            && self.spec == (route.max_concurrency, route.connections, route.timeout)
+    }
+
+    /// `host:port`, as metrics label it.
+    pub fn address(&self) -> String {
+        teeway_runtime::config::join_host_port(&self.host, self.port)
+    }
+
+    /// A slot for one replay of a message of `len` bytes, if one is free and the bytes in
+    /// flight leave room for it.
+    pub fn admit(&self, len: usize) -> Option<Slot> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        let len = len as u64;
+        if self.bytes.fetch_add(len, Ordering::Relaxed) + len > RPC_TARGET_BYTES {
+            self.bytes.fetch_sub(len, Ordering::Relaxed);
+            return None;
+        }
+        Some(Slot {
+            _permit: permit,
+            bytes: self.bytes.clone(),
+            len,
+        })
+    }
+
+    /// Sends `message` (against database `db`) on the pooled connection of the client
+    /// connection `stream`, without waiting: one client's requests reach the shadow in the order
+    /// it sent them. The answer is the outcome, within `timeout`.
+    pub fn send(
+        &self,
+        stream: u64,
+        message: Bytes,
+        db: u32,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = RpcOutcome> {
+        let deadline = Instant::now() + timeout;
+        let (done, answer) = oneshot::channel();
+        let job = Job {
+            message,
+            db,
+            deadline,
+            done,
+        };
+        let i = (spread(stream) % self.conns.len() as u64) as usize;
+        let mut conn = self.conns[i].lock().unwrap_or_else(|e| e.into_inner());
+        let job = match conn.as_ref() {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => None,
+                Err(mpsc::error::SendError(job)) => Some(job),
+            },
+            None => Some(job),
+        };
+        if let Some(job) = job {
+            // No live connection in this place of the pool: one is made, and its requests wait
+            // in its queue, in order, while it connects.
+            let (tx, rx) = mpsc::unbounded_channel();
+            let _ = tx.send(job);
+            *conn = Some(tx);
+            tokio::spawn(connection(
+                self.connector.clone(),
+                rx,
+                self.closed.child_token(),
+            ));
+        }
+        drop(conn);
+        wait(answer, deadline)
+    }
+}
+
+/// One replay's place at its target: a slot and its message's bytes, given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    bytes: Arc<AtomicU64>,
+    len: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.bytes.fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
+/// Spreads a client connection number over the pool.
+fn spread(stream: u64) -> u64 {
+    let h = stream.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 29)
+}
+
+async fn wait(answer: oneshot::Receiver<RpcOutcome>, deadline: Instant) -> RpcOutcome {
+    // The reader fails a late request itself; this bound only guards against a lost answer.
+    match tokio::time::timeout_at((deadline + Duration::from_secs(1)).into(), answer).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => RpcOutcome::IoError,
+        Err(_) => RpcOutcome::Timeout,
+    }
+}
+
+/// One pooled connection: connects, then runs its writer and reader until either ends. Requests
+/// queued meanwhile fail as `connect_error` if it cannot connect.
+async fn connection(
+    connector: UpstreamConnector,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    closed: CancellationToken,
+) {
+    let stream = tokio::select! {
+        () = closed.cancelled() => return,
+        stream = connector.connect_tcp() => stream,
+    };
+    let stream = match stream {
+        Ok(stream) => stream,
+        Err(_) => {
+            jobs.close();
+            while let Ok(job) = jobs.try_recv() {
+                let _ = job.done.send(RpcOutcome::ConnectError);
+            }
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let (pending_tx, pending_rx) = mpsc::unbounded_channel();
+    let done = CancellationToken::new();
+    let writer = write_requests(wr, jobs, pending_tx, done.clone());
+    let reader = read_replies(rd, pending_rx, done.clone());
+    tokio::select! {
+        () = closed.cancelled() => {}
+        () = async { tokio::join!(writer, reader); } => {}
+    }
+}
+
+/// Writes each job's request (after a `SELECT` when its database differs), telling the reader
+/// first what to expect. Ends when the pool lets go of the connection, or the reader ended.
+async fn write_requests(
+    mut wr: OwnedWriteHalf,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    pending: mpsc::UnboundedSender<Pending>,
+    done: CancellationToken,
+) {
+    let mut db = 0u32;
+    let mut out = BytesMut::new();
+    loop {
+        let first = tokio::select! {
+            () = done.cancelled() => break,
+            job = jobs.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        let mut job = Some(first);
+        let mut joined = 0;
+        while let Some(j) = job.take() {
+            if j.db != db {
+                out.extend_from_slice(&select(j.db));
+                let _ = pending.send(Pending {
+                    deadline: j.deadline,
+                    done: None,
+                });
+                db = j.db;
+            }
+            out.extend_from_slice(&j.message);
+            let _ = pending.send(Pending {
+                deadline: j.deadline,
+                done: Some(j.done),
+            });
+            joined += 1;
+            if joined < WRITE_BATCH {
+                job = jobs.try_recv().ok();
+            }
+        }
+        if wr.write_all(&out).await.is_err() {
+            break;
+        }
+        out.clear();
+    }
+    done.cancel();
+    // The reader fails what it was told to expect; later jobs find the queue closed.
+    drop(jobs);
+    let _ = wr.shutdown().await;
+}
+
+/// `SELECT db`, as a client sends it.
+fn select(db: u32) -> Vec<u8> {
+    let db = db.to_string();
+    format!("*2\r\n$6\r\nSELECT\r\n${}\r\n{db}\r\n", db.len()).into_bytes()
+}
+
+/// Reads replies in order, each answering the oldest pending request. Ends at the first failure
+/// (failing every pending request with it) or when the writer ended and nothing is pending.
+async fn read_replies(
+    mut rd: OwnedReadHalf,
+    mut pending_rx: mpsc::UnboundedReceiver<Pending>,
+    done: CancellationToken,
+) {
+    let mut queue: VecDeque<Pending> = VecDeque::new();
+    let mut scanner = Scanner::new(Side::Server);
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut writer_done = false;
+    // A failed `SELECT`: the request after it ran against the wrong database.
+    let mut select_failed = false;
+    let failure = loop {
+        let deadline = queue.front().map(|p| p.deadline);
+        if writer_done && queue.is_empty() {
+            break None;
+        }
+        tokio::select! {
+            p = pending_rx.recv(), if !writer_done => match p {
+                Some(p) => queue.push_back(p),
+                None => writer_done = true,
+            },
+            () = done.cancelled(), if !writer_done => writer_done = true,
+            () = sleep_until(deadline) => break Some(RpcOutcome::Timeout),
+            read = rd.read_buf(&mut buf) => {
+                match read {
+                    Ok(0) | Err(_) => break Some(RpcOutcome::IoError),
+                    Ok(_) => {}
+                }
+                let mut at = 0;
+                let mut broken = None;
+                while at < buf.len() {
+                    match scanner.feed(&buf[at..]) {
+                        Ok(Some(n)) => {
+                            at += n;
+                            while let Ok(p) = pending_rx.try_recv() {
+                                queue.push_back(p);
+                            }
+                            let Some(p) = queue.pop_front() else {
+                                broken = Some(RpcOutcome::ProtocolError); // a reply nobody asked for
+                                break;
+                            };
+                            match p.done {
+                                None => select_failed = scanner.was_error(),
+                                Some(done) => {
+                                    let outcome = if scanner.was_error() || select_failed {
+                                        RpcOutcome::ErrorReply
+                                    } else {
+                                        RpcOutcome::Ok
+                                    };
+                                    select_failed = false;
+                                    let _ = done.send(outcome);
+                                }
+                            }
+                        }
+                        Ok(None) => at = buf.len(),
+                        Err(_) => {
+                            broken = Some(RpcOutcome::ProtocolError);
+                            break;
+                        }
+                    }
+                }
+                if broken.is_some() {
+                    break broken;
+                }
+                buf.clear();
+                buf.reserve(READ_SIZE);
+            }
+        }
+    };
+    done.cancel();
+    if let Some(outcome) = failure {
+        while let Ok(p) = pending_rx.try_recv() {
+            queue.push_back(p);
+        }
+        for p in queue {
+            if let Some(done) = p.done {
+                let _ = done.send(outcome);
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An `rpc_routes` entry ready to take copies.
+#[derive(Debug)]
+pub struct RpcRoute {
+    config: RpcRouteConfig,
+    /// Its targets, each with its handles for this route.
+    pub targets: Vec<(Arc<RpcTarget>, Arc<RpcTargetMetrics>)>,
+}
+
+impl RpcRoute {
+    /// The route's timeout for one replay.
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
+    fn takes(&self, request: &RpcRequest, identity: &str) -> bool {
+        let c = &self.config;
+        request.call.protocol == c.protocol
+            && c.listener
+                .as_deref()
+                .is_none_or(|l| *request.meta.tap == *l)
+            && (c.source_clusters.is_empty()
+                || c.source_clusters
+                    .iter()
+                    .any(|p| identity_matches(p, identity)))
+            && (c.services.is_empty() || c.services.contains(&request.call.service))
+            && (c.methods.is_empty()
+                || c.methods
+                    .iter()
+                    .any(|m| m.eq_ignore_ascii_case(&request.call.method)))
+    }
+}
+
+/// The RPC routing table: first match wins.
+#[derive(Debug, Default)]
+pub struct RpcRouter {
+    routes: Vec<RpcRoute>,
+}
+
+impl RpcRouter {
+    /// Builds the table, taking from `old` every target with the same address and limits (its
+    /// connections and slots go on).
+    pub fn build(
+        routes: &[RpcRouteConfig],
+        resolver: &Resolver,
+        old: Option<&RpcRouter>,
+        metrics: &Arc<GatewayMetrics>,
+    ) -> Self {
+        let mut reusable: Vec<Arc<RpcTarget>> = old
+            .map(|o| {
+                o.routes
+                    .iter()
+                    .flat_map(|r| r.targets.iter().map(|(t, _)| t.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let routes = routes
+            .iter()
+            .map(|r| RpcRoute {
+                targets: r
+                    .targets
+                    .iter()
+                    .map(|(host, port)| {
+                        let target = match reusable.iter().position(|t| t.same_spec(host, *port, r))
+                        {
+                            Some(i) => reusable.swap_remove(i),
+                            None => Arc::new(RpcTarget::new(host, *port, r, resolver.clone())),
+                        };
+                        let handles =
+                            RpcTargetMetrics::new(metrics.clone(), &r.name, &target.address());
+                        (target, Arc::new(handles))
+                    })
+                    .collect(),
+                config: r.clone(),
+            })
+            .collect();
+        Self { routes }
+    }
+
+    /// The route that takes `request` from the agent `identity`.
+    pub fn route(&self, request: &RpcRequest, identity: &str) -> Option<&RpcRoute> {
+        self.routes.iter().find(|r| r.takes(request, identity))
+    }
+}
+
+/// The database a Redis copy runs against (its `db` attachment; 0 without one).
+pub fn db_of(request: &RpcRequest) -> u32 {
+    if request.call.protocol != RpcProtocol::Redis {
+        return 0;
+    }
+    request
+        .call
+        .attachments
+        .iter()
+        .find(|(name, _)| name == "db")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits for a replay's `answer` (holding its slot, `permit`) and counts how it ended.
+pub async fn ended(
+    answer: impl std::future::Future<Output = RpcOutcome>,
+    method: Arc<RpcRequest>,
+    handles: Arc<RpcTargetMetrics>,
+    permit: Slot,
+) {
+    let started = Instant::now();
+    let outcome = answer.await;
+    drop(permit);
+    if matches!(outcome, RpcOutcome::Ok | RpcOutcome::ErrorReply) {
+        handles.duration.record(started.elapsed().as_secs_f64());
+    }
+    handles.ended(&method.call.method, outcome);
+    handles.in_flight.decrement(1.0);
+}
+
+/// Counts a copy refused at `target` before it was sent: its slots were all taken.
+pub fn overloaded(request: &RpcRequest, handles: &RpcTargetMetrics) {
+    handles.ended(&request.call.method, RpcOutcome::Overloaded);
+}
+
+/// Counts a copy admitted to a target: in flight until [`replay`] ends.
+pub fn started(handles: &RpcTargetMetrics) {
+    handles.in_flight.increment(1.0);
+}

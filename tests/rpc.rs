@@ -1,0 +1,408 @@
+//! Per-request RPC mirroring, end to end with the real binary, real QUIC and certificates made at
+//! test time: an agent with an `rpc:` listener in front of Debian's `redis-server` as primary, a
+//! gateway whose `rpc_routes` replay each copied command to another `redis-server` as shadow.
+//!
+//! - "Writes only" under `redis-benchmark` (pipelined): the shadow ends with the primary's data
+//!   and has run no read; both sides' books close and agree.
+//! - A shadow that answers every copy with an error is seen to: `error_reply`, by command.
+//! - A client's connection state is followed: `SELECT` moves its copies to that database,
+//!   transactions and `AUTH`-like commands are never copied, a command over `max_message_bytes`
+//!   is counted and the stream is still followed after it.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use teeway_runtime::metrics::Snapshot;
+
+use support::redis::{redis_cli, redis_server, Reap};
+use support::{certs_init, field, scrape, settle_async, Proc, LIMIT};
+
+/// A gateway replaying listener `redis` to `shadow`, and an agent whose only listener is that
+/// `rpc:` listener in front of `primary`, configured with `policy` (YAML lines at its level).
+struct Pair {
+    _gateway: Proc,
+    agent: Proc,
+    gateway_admin: SocketAddr,
+    agent_admin: SocketAddr,
+    /// Where clients connect: the agent's `rpc:` listener.
+    listen: SocketAddr,
+}
+
+impl Pair {
+    fn start(dir: &Path, primary: SocketAddr, shadow: SocketAddr, policy: &str) -> Pair {
+        certs_init(dir);
+        std::fs::write(
+            dir.join("gateway.yaml"),
+            format!(
+                "listen: 127.0.0.1:0
+tls: {{ ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }}
+rpc_routes:
+  - name: redis-shadow
+    protocol: redis
+    match: {{ listener: redis }}
+    targets: [{shadow}]
+admin: {{ listen: 127.0.0.1:0 }}
+"
+            ),
+        )
+        .expect("write");
+        let gateway = Proc::spawn(dir, &["gateway", "--config", "gateway.yaml"]);
+        let serving = gateway.wait_for_line("gateway serving");
+        let gateway_addr = field(&serving, "listen");
+        let gateway_admin = field(&serving, "admin").parse().expect("admin");
+        std::fs::write(
+            dir.join("agent.yaml"),
+            format!(
+                "cluster: prod-eu-1
+rpc:
+  - name: redis
+    protocol: redis
+    listen: 127.0.0.1:0
+    primary: {primary}
+{policy}gateway:
+  address: {gateway_addr}
+  server_name: localhost
+  ca: certs/dev/ca.pem
+  cert: certs/dev/agent.pem
+  key: certs/dev/agent.key
+admin: {{ listen: 127.0.0.1:0 }}
+"
+            ),
+        )
+        .expect("write");
+        let agent = Proc::spawn(dir, &["agent", "--config", "agent.yaml"]);
+        let serving = agent.wait_for_line("agent serving");
+        let listen = field(&serving, "rpc")
+            .strip_prefix("redis@")
+            .unwrap_or_else(|| panic!("listener redis in {serving}"))
+            .parse()
+            .expect("rpc listen addr");
+        let agent_admin = field(&serving, "admin").parse().expect("admin");
+        // Commands copied before the uplink is up would be counted `no_uplink`.
+        agent.wait_for_line("uplink connected");
+        Pair {
+            _gateway: gateway,
+            agent,
+            gateway_admin,
+            agent_admin,
+            listen,
+        }
+    }
+
+    /// Both sides' metrics once `requests` requests are counted, every copy resolved and every
+    /// replay over. The books are part of the wait: a real imbalance never settles and fails the
+    /// assertions after it.
+    async fn settled(&self, requests: f64) -> (Snapshot, Snapshot) {
+        let agent = settle_async(
+            || scrape(self.agent_admin),
+            |s: &Snapshot| {
+                let (seen, accounted) = books(s);
+                seen >= requests && s.sum("teeway_agent_rpc_in_flight") == 0.0 && seen == accounted
+            },
+        )
+        .await;
+        let mirrored = agent.sum("teeway_agent_rpc_mirrored_total");
+        let gateway = settle_async(
+            || scrape(self.gateway_admin),
+            |s: &Snapshot| {
+                s.sum("teeway_gateway_rpc_replays_in_flight") == 0.0
+                    && s.sum("teeway_gateway_rpc_replays_total") >= mirrored
+            },
+        )
+        .await;
+        (agent, gateway)
+    }
+}
+
+/// Requests the agent read, and the sum of its buckets.
+fn books(s: &Snapshot) -> (f64, f64) {
+    (
+        s.sum("teeway_agent_rpc_requests_total"),
+        s.sum("teeway_agent_rpc_not_sampled_total")
+            + s.sum("teeway_agent_rpc_mirrored_total")
+            + s.sum("teeway_agent_rpc_dropped_total")
+            + s.sum("teeway_agent_rpc_in_flight")
+            + s.sum("teeway_agent_rpc_spooled_total"),
+    )
+}
+
+/// Replays that ended as `outcome`, for `method` (any when `None`).
+fn replays(s: &Snapshot, outcome: &str, method: Option<&str>) -> f64 {
+    let mut labels = vec![("outcome", outcome)];
+    if let Some(m) = method {
+        labels.push(("method", m));
+    }
+    s.sum_where("teeway_gateway_rpc_replays_total", &labels)
+}
+
+/// A call count from `INFO commandstats` (0 when the command never ran).
+fn calls(cli: &Path, server: SocketAddr, command: &str) -> u64 {
+    let stats = redis_cli(cli, server, &["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a count"))
+}
+
+struct Redis {
+    cli: std::path::PathBuf,
+    benchmark: std::path::PathBuf,
+    primary: SocketAddr,
+    shadow: SocketAddr,
+    _servers: [Reap; 2],
+}
+
+/// A primary and a shadow `redis-server`; `None` (the test skips, or fails under
+/// `TEEWAY_REQUIRE_TOOLS`) when Redis is not installed.
+async fn redis_pair(dir: &Path) -> Option<Redis> {
+    let found = ["redis-server", "redis-benchmark", "redis-cli"].map(support::find_program);
+    let [Some(server), Some(benchmark), Some(cli)] = found else {
+        support::tool_missing(
+            "redis-server, redis-benchmark, redis-cli",
+            "Redis as primary and shadow of rpc listeners",
+            "apt-get install redis-server redis-tools",
+        );
+        return None;
+    };
+    let (primary, primary_addr) = redis_server(dir, &server, "primary").await;
+    let (shadow, shadow_addr) = redis_server(dir, &server, "shadow").await;
+    Some(Redis {
+        cli,
+        benchmark,
+        primary: primary_addr,
+        shadow: shadow_addr,
+        _servers: [Reap(primary), Reap(shadow)],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_only_leaves_the_shadow_with_the_primary_data_and_none_of_its_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(redis) = redis_pair(dir.path()).await else {
+        return;
+    };
+    let pair = Pair::start(
+        dir.path(),
+        redis.primary,
+        redis.shadow,
+        "    commands: writes\n",
+    );
+    // Writes whose end state does not depend on how clients interleave, and reads; pipelined.
+    let out = Command::new(&redis.benchmark)
+        .args(["-h", "127.0.0.1", "-p", &pair.listen.port().to_string()])
+        .args([
+            "-t",
+            "set,get,incr,lpush,sadd,hset,lrange_100",
+            "-n",
+            "3000",
+            "-r",
+            "500",
+            "-c",
+            "8",
+            "-P",
+            "16",
+            "-q",
+        ])
+        .output()
+        .expect("redis-benchmark runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "redis-benchmark: {out:?}");
+    for test in ["SET", "GET", "INCR", "LPUSH", "SADD", "HSET"] {
+        assert!(
+            report.contains(test),
+            "{test} ran through the agent: {report}"
+        );
+    }
+    let primary_sets = calls(&redis.cli, redis.primary, "set");
+    assert!(
+        primary_sets >= 3000,
+        "every SET reached the primary: {primary_sets}"
+    );
+
+    let (agent, gateway) = pair.settled(1.0).await;
+    let (seen, accounted) = books(&agent);
+    assert_eq!(
+        seen, accounted,
+        "requests = not sampled + mirrored + dropped + in flight"
+    );
+    let mirrored = agent.sum("teeway_agent_rpc_mirrored_total");
+    assert_eq!(
+        agent.sum("teeway_agent_rpc_dropped_total"),
+        0.0,
+        "nothing dropped: {}",
+        pair.agent.unread_lines()
+    );
+    // redis-benchmark may send a few more than -n (pipelines in flight when it stops): the
+    // primary's own count of the writes it ran is the reference.
+    let writes: u64 = ["set", "incr", "lpush", "sadd", "hset"]
+        .iter()
+        .map(|c| calls(&redis.cli, redis.primary, c))
+        .sum();
+    assert!(
+        writes >= 6 * 3000,
+        "LPUSH runs twice (its test, LRANGE's fill): {writes}"
+    );
+    assert_eq!(
+        mirrored, writes as f64,
+        "every write copied, and nothing else"
+    );
+    assert_eq!(
+        replays(&gateway, "ok", None),
+        mirrored,
+        "the gateway replayed every copy the agent counted, and the shadow answered each"
+    );
+    assert_eq!(replays(&gateway, "ok", Some("SET")), primary_sets as f64);
+
+    assert_eq!(calls(&redis.cli, redis.shadow, "set"), primary_sets);
+    assert_eq!(
+        calls(&redis.cli, redis.shadow, "get"),
+        0,
+        "no read reached the shadow"
+    );
+    assert_eq!(calls(&redis.cli, redis.shadow, "lrange"), 0);
+    assert!(calls(&redis.cli, redis.primary, "get") >= 3000);
+    assert_eq!(
+        redis_cli(&redis.cli, redis.shadow, &["DEBUG", "DIGEST"]),
+        redis_cli(&redis.cli, redis.primary, &["DEBUG", "DIGEST"]),
+        "the shadow holds the same data as the primary"
+    );
+}
+
+/// Sends `commands` (inline, one per line) on one connection and reads until the reply to the
+/// final `ECHO done` arrives; returns what the server answered.
+async fn session(listen: SocketAddr, commands: &[&str]) -> String {
+    let mut stream = TcpStream::connect(listen).await.expect("connect");
+    let mut out = String::new();
+    for c in commands {
+        out.push_str(c);
+        out.push_str("\r\n");
+    }
+    out.push_str("ECHO done\r\n");
+    stream.write_all(out.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(LIMIT, async {
+        while !got.ends_with(b"$4\r\ndone\r\n") {
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "the primary closed early: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the primary answered everything");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_state_is_followed_and_shadow_errors_are_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(redis) = redis_pair(dir.path()).await else {
+        return;
+    };
+    // On the shadow only, `k` is a list: every INCR of it is an error there, not at the primary.
+    redis_cli(&redis.cli, redis.shadow, &["RPUSH", "k", "x"]);
+    let pair = Pair::start(
+        dir.path(),
+        redis.primary,
+        redis.shadow,
+        "    max_message_bytes: 1KiB\n    rules:\n      - name: no-sessions\n        match: { keys: \"session:*\" }\n        percentage: off\n",
+    );
+    let big = "x".repeat(4096);
+    let incrs: Vec<&str> = std::iter::repeat_n("INCR k", 100).collect();
+    let mut commands = incrs.clone();
+    commands.extend([
+        "SET session:1 secret",
+        "SELECT 3",
+        "SET in3 yes",
+        "MULTI",
+        "SET queued yes",
+        "EXEC",
+        "CLIENT SETNAME app",
+    ]);
+    let set_big = format!("SET big {big}");
+    commands.push(&set_big);
+    commands.push("SET after-big yes");
+    let answered = session(pair.listen, &commands).await;
+    assert!(
+        answered.starts_with(":1\r\n:2\r\n"),
+        "the primary's INCRs: {answered:.40}"
+    );
+    assert!(
+        answered.contains("+QUEUED\r\n*1\r\n+OK\r\n"),
+        "the transaction ran: {answered}"
+    );
+
+    // 100 INCR, then SET session, SELECT, SET in3, MULTI, SET queued, EXEC, CLIENT, SET big,
+    // SET after-big, ECHO.
+    let (agent, gateway) = pair.settled(110.0).await;
+    let (seen, accounted) = books(&agent);
+    assert_eq!(seen, 110.0, "every command counted once");
+    assert_eq!(
+        seen, accounted,
+        "requests = not sampled + mirrored + dropped + in flight"
+    );
+    assert_eq!(
+        agent.sum_where(
+            "teeway_agent_rpc_dropped_total",
+            &[("reason", "message_too_large")]
+        ),
+        1.0,
+        "the command over max_message_bytes"
+    );
+    // INCR ×100, SET in3, SET after-big, ECHO.
+    assert_eq!(agent.sum("teeway_agent_rpc_mirrored_total"), 103.0);
+    assert_eq!(
+        agent.sum_where(
+            "teeway_agent_rpc_rule_matched_total",
+            &[("rule", "unmirrorable")]
+        ),
+        5.0,
+        "SELECT, MULTI, the command it queued, EXEC, CLIENT"
+    );
+    assert_eq!(
+        agent.sum_where(
+            "teeway_agent_rpc_rule_matched_total",
+            &[("rule", "no-sessions")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        replays(&gateway, "error_reply", Some("INCR")),
+        100.0,
+        "WRONGTYPE at the shadow"
+    );
+    assert_eq!(replays(&gateway, "ok", None), 3.0);
+
+    let get = |db: &str, key: &str| redis_cli(&redis.cli, redis.shadow, &["-n", db, "GET", key]);
+    assert_eq!(
+        get("3", "in3"),
+        "yes",
+        "copied to the database the client had selected"
+    );
+    assert_eq!(get("0", "in3"), "");
+    assert_eq!(
+        get("3", "after-big"),
+        "yes",
+        "the stream was followed past the big command"
+    );
+    assert_eq!(
+        get("3", "queued"),
+        "",
+        "a transaction's commands are not copied"
+    );
+    assert_eq!(get("0", "session:1"), "", "the rule's keys are not copied");
+    assert_eq!(get("3", "big"), "");
+    assert_eq!(calls(&redis.cli, redis.shadow, "client"), 0);
+}
