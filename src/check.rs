@@ -35,7 +35,7 @@ pub fn detect(text: &str) -> Option<Kind> {
     let has = |k: &str| map.contains_key(k);
     match (
         has("primary") || has("mirror") || has("cluster") || has("sink"),
-        has("routes") || has("tcp_routes") || has("tls") || has("agents"),
+        has("routes") || has("tcp_routes") || has("rpc_routes") || has("tls") || has("agents"),
     ) {
         (true, false) => Some(Kind::Agent),
         (false, true) => Some(Kind::Gateway),
@@ -165,8 +165,33 @@ fn agent_summary(c: &AgentConfig) -> String {
             .collect();
         format!(", tcp [{}]", list.join("; "))
     };
+    let rpc = if c.rpc.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = c
+            .rpc
+            .iter()
+            .map(|r| {
+                let commands = match &r.policy.commands {
+                    teeway_agent::rpc::Commands::All => "all commands".to_owned(),
+                    teeway_agent::rpc::Commands::Writes => "writes".to_owned(),
+                    teeway_agent::rpc::Commands::Listed(names) => names.join(","),
+                };
+                format!(
+                    "{} {} {} -> {} {}% of {commands}, {} rule(s)",
+                    r.name,
+                    r.protocol.name(),
+                    r.listen,
+                    teeway_runtime::config::join_host_port(&r.primary.0, r.primary.1),
+                    r.policy.percentage,
+                    r.policy.rules.len()
+                )
+            })
+            .collect();
+        format!(", rpc [{}]", list.join("; "))
+    };
     format!(
-        "agent config: cluster {}, {http}{tcp}, gateway {gateway}, archive {archive}, mirroring {}%",
+        "agent config: cluster {}, {http}{tcp}{rpc}, gateway {gateway}, archive {archive}, mirroring {}%",
         c.cluster, c.mirror.policy.percentage
     )
 }
@@ -178,12 +203,21 @@ fn gateway_summary(c: &GatewayConfig) -> String {
     } else {
         format!(", {} tcp routes", c.tcp_routes.len())
     };
+    let rpc = if c.rpc_routes.is_empty() {
+        String::new()
+    } else {
+        let targets: usize = c.rpc_routes.iter().map(|r| r.targets.len()).sum();
+        format!(
+            ", {} rpc route(s) to {targets} target(s)",
+            c.rpc_routes.len()
+        )
+    };
     let archive = c
         .archive
         .as_ref()
         .map_or("off".to_owned(), |a| a.dir.display().to_string());
     format!(
-        "gateway config: listen {}, {} route(s), {targets} target(s){tcp}, archive {archive}",
+        "gateway config: listen {}, {} route(s), {targets} target(s){tcp}{rpc}, archive {archive}",
         c.listen,
         c.routes.len()
     )

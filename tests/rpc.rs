@@ -274,6 +274,25 @@ async fn writes_only_leaves_the_shadow_with_the_primary_data_and_none_of_its_rea
         redis_cli(&redis.cli, redis.primary, &["DEBUG", "DIGEST"]),
         "the shadow holds the same data as the primary"
     );
+
+    // A reload changes what is copied, live: reads too from now on.
+    let text = std::fs::read_to_string(dir.path().join("agent.yaml")).expect("read");
+    support::replace_file(
+        &dir.path().join("agent.yaml"),
+        text.replace("commands: writes", "commands: all"),
+    );
+    support::hangup(&pair.agent);
+    pair.agent.wait_for_line("configuration reloaded");
+    let gets = calls(&redis.cli, redis.shadow, "get");
+    redis_cli(&redis.cli, pair.listen, &["GET", "key:__rand_int__"]);
+    let (agent, _) = pair.settled(seen + 1.0).await;
+    assert_eq!(agent.sum("teeway_agent_rpc_mirrored_total"), mirrored + 1.0);
+    let replayed = settle_async(
+        || async { calls(&redis.cli, redis.shadow, "get") },
+        |n| *n == gets + 1,
+    )
+    .await;
+    assert_eq!(replayed, gets + 1, "the shadow ran the read");
 }
 
 /// Sends `commands` (inline, one per line) on one connection and reads until the reply to the

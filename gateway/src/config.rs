@@ -405,8 +405,9 @@ impl GatewayConfig {
             r.finish(&mut p);
         }
         let mut rpc_routes = Vec::new();
+        let mut rpc_names = Vec::new();
         for (i, mut r) in root.sections(&mut p, "rpc_routes").into_iter().enumerate() {
-            if let Some(route) = read_rpc_route(&mut r, &mut p, i, &rpc_routes) {
+            if let Some(route) = read_rpc_route(&mut r, &mut p, i, &mut rpc_names) {
                 rpc_routes.push(route);
             }
             r.finish(&mut p);
@@ -545,13 +546,13 @@ fn read_tcp_route(r: &mut Section<'_>, p: &mut Problems) -> Option<TcpRouteConfi
     })
 }
 
-/// One `rpc_routes[i]` entry (the `i`th, after `earlier`); `None` when it cannot be used (the
-/// problems are recorded).
+/// One `rpc_routes[i]` entry (`names`: those of the entries before it, to which it adds its
+/// own); `None` when it cannot be used (the problems are recorded).
 fn read_rpc_route(
     r: &mut Section<'_>,
     p: &mut Problems,
     i: usize,
-    earlier: &[RpcRouteConfig],
+    names: &mut Vec<String>,
 ) -> Option<RpcRouteConfig> {
     let name = r
         .optional(
@@ -561,7 +562,7 @@ fn read_rpc_route(
             cfg::nonempty_string,
         )
         .unwrap_or_else(|| format!("rpc_routes[{i}]"));
-    if earlier.iter().any(|e| e.name == name) {
+    if names.contains(&name) {
         p.push(
             r.path_of("name"),
             None,
@@ -569,15 +570,14 @@ fn read_rpc_route(
             "give each rpc route its own name (it labels the route's metrics)",
         );
     }
+    names.push(name.clone());
     let protocol = r.required(
         p,
         "protocol",
         "use `protocol: redis`, what the targets speak",
         |v| match cfg::string(v)?.as_str() {
             "redis" => Ok(RpcProtocol::Redis),
-            other => Err(format!(
-                "`{other}` is not a protocol teeway replays per request"
-            )),
+            _ => Err("is not a protocol teeway replays per request".into()),
         },
     );
     let mut m = r.section(p, "match");
@@ -1323,6 +1323,65 @@ tcp_routes:
             "tcp_routes[0].targets[0]: is not a `host:port` address",
             "tcp_routes[0].max_connections: must be at least 1",
             "tcp_routes[1].targets: is empty",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn rpc_routes_read_alone_and_their_problems_are_named() {
+        let dir = dir_with_certs("rpc");
+        let c = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+rpc_routes:
+  - protocol: redis
+    match: { listener: redis, source_cluster: [prod-*], method: [set, del] }
+    targets: [shadow-redis:6379]
+    timeout: 250ms
+",
+            &dir,
+        )
+        .expect("valid without http routes");
+        assert_eq!(
+            c.rpc_routes,
+            vec![RpcRouteConfig {
+                name: "rpc_routes[0]".into(),
+                protocol: RpcProtocol::Redis,
+                listener: Some("redis".into()),
+                source_clusters: vec!["prod-*".into()],
+                services: vec![],
+                methods: vec!["set".into(), "del".into()],
+                targets: vec![("shadow-redis".into(), 6379)],
+                timeout: Duration::from_millis(250),
+                max_concurrency: DEFAULT_RPC_MAX_CONCURRENCY,
+                connections: DEFAULT_RPC_CONNECTIONS,
+            }]
+        );
+        let err = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+rpc_routes:
+  - name: a
+    protocol: memcached
+    targets: [shadow:6379]
+    connections: 0
+  - name: a
+    protocol: redis
+    match: { methods: [GET] }
+    targets: []
+",
+            &dir,
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "rpc_routes[0].protocol: is not a protocol teeway replays per request (found `memcached`)",
+            "rpc_routes[0].connections: must be from 1 to 64",
+            "rpc_routes[1].name: `a` names an earlier rpc route too",
+            "rpc_routes[1].match.methods: unknown key; did you mean `method`?",
+            "rpc_routes[1].targets: is empty",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }

@@ -344,7 +344,7 @@ pub fn rpc_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, RpcLi
             "use `protocol: redis` (Thrift and Dubbo are to come; for them, a `tcp:` listener tees whole connections)",
             |v| match cfg::string(v)?.as_str() {
                 "redis" => Ok(RpcProtocol::Redis),
-                other => Err(format!("`{other}` is not a protocol teeway reads per request")),
+                _ => Err("is not a protocol teeway reads per request".into()),
             },
         );
         let listen = r.required(
