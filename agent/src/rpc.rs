@@ -27,7 +27,7 @@ mod policy;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
@@ -142,7 +142,7 @@ impl RpcTap {
     }
 
     /// One whole request, as the client sent it, on a connection in `session`.
-    fn request(&self, message: &[u8], connection: u64, session: &mut Session) {
+    fn request(&self, message: &[u8], read: &mut ReadAt, connection: u64, session: &mut Session) {
         let Some(command) = Command::parse(message, policy::MAX_ARGS) else {
             return; // an empty command: servers ignore it, and so does the count
         };
@@ -150,7 +150,7 @@ impl RpcTap {
         self.out.books.requests.increment(1);
         let policy = self.policy.load();
         let chosen = policy.decide(&command, copyable, || fastrand::u64(..));
-        let Some((ticket, meta)) = self.out.decided(chosen) else {
+        let Some((ticket, meta)) = self.out.decided_at(chosen, || read.time()) else {
             return;
         };
         let info = command.info();
@@ -306,6 +306,15 @@ async fn proxy(tap: &RpcTap, client: TcpStream, primary: TcpStream, number: u64)
     }
 }
 
+/// When the bytes of one read arrived, looked up once for the copies made of them.
+struct ReadAt(Option<SystemTime>);
+
+impl ReadAt {
+    fn time(&mut self) -> SystemTime {
+        *self.0.get_or_insert_with(SystemTime::now)
+    }
+}
+
 /// A connection's requests as they are read: the codec's place, the connection's session, and
 /// whether the request under way is too large to keep.
 struct Requests {
@@ -339,6 +348,7 @@ impl Requests {
         }
         let mut start = 0;
         let mut at = new;
+        let mut read = ReadAt(None);
         while at < buf.len() {
             match self.scanner.feed(&buf[at..]) {
                 Ok(Some(n)) => {
@@ -348,7 +358,7 @@ impl Requests {
                     } else if end - start > max {
                         tap.oversized(&buf[start..end], &mut self.session);
                     } else {
-                        tap.request(&buf[start..end], self.number, &mut self.session);
+                        tap.request(&buf[start..end], &mut read, self.number, &mut self.session);
                     }
                     start = end;
                     at = end;

@@ -218,6 +218,16 @@ impl Outlet {
     /// After the policy's decision: `None` for a request not copied (counted: not sampled, no
     /// uplink, or passed over by its rule's pace); else the copy's account and metadata.
     pub(crate) fn decided(&self, chosen: Option<Chosen<'_>>) -> Option<(Ticket, Meta)> {
+        self.decided_at(chosen, SystemTime::now)
+    }
+
+    /// [`Outlet::decided`] for a request received at `received_at()` (read only for a copy):
+    /// the requests of one read share the time it was read at.
+    pub(crate) fn decided_at(
+        &self,
+        chosen: Option<Chosen<'_>>,
+        received_at: impl FnOnce() -> SystemTime,
+    ) -> Option<(Ticket, Meta)> {
         let Some(chosen) = chosen else {
             self.books.not_sampled.increment(1);
             return None;
@@ -252,7 +262,7 @@ impl Outlet {
         let meta = Meta {
             session: self.session,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            received_at: SystemTime::now(),
+            received_at: received_at(),
             source_cluster: self.source_cluster.clone(),
             // The gateway names the agent from its certificate.
             source_identity: empty(),

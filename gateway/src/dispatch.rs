@@ -295,20 +295,14 @@ impl Dispatcher {
                 continue;
             };
             taken = Taken::Replayed;
-            crate::rpc::started(handles);
-            // Sent here, in the order the copies came; only the wait for the answer is a task.
-            let answer = target.send(
-                request.connection,
-                request.message.clone(),
-                crate::rpc::db_of(&request),
-                route.timeout(),
-            );
-            self.replays.spawn(crate::rpc::ended(
-                answer,
+            // Sent here, in the order the copies came; the connection settles its account.
+            let replay = crate::rpc::Replay::start(
                 request.clone(),
                 handles.clone(),
                 permit,
-            ));
+                self.replays.token(),
+            );
+            target.send(replay, route.timeout());
         }
         taken
     }

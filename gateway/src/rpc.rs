@@ -33,12 +33,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use metrics::{Counter, Gauge, Histogram};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use teeway_rpc::redis::{Scanner, Side};
 use teeway_runtime::connect::UpstreamConnector;
@@ -200,19 +201,73 @@ impl RpcTargetMetrics {
     }
 }
 
+/// One replay's account: its slot, its handles, and when it started. It is settled once, by
+/// whoever learns how the replay ended (the connection's reader, mostly); dropped unsettled (its
+/// connection's tasks were cut), it counts as `io_error`. While it lives it also holds the
+/// dispatcher's replays open, so a stopping gateway gives it its grace.
+pub struct Replay {
+    request: Arc<RpcRequest>,
+    handles: Arc<RpcTargetMetrics>,
+    slot: Option<Slot>,
+    started: Instant,
+    _running: TaskTrackerToken,
+}
+
+impl Replay {
+    /// The account of `request`'s replay in `slot`, counted in flight from now.
+    pub fn start(
+        request: Arc<RpcRequest>,
+        handles: Arc<RpcTargetMetrics>,
+        slot: Slot,
+        running: TaskTrackerToken,
+    ) -> Self {
+        handles.in_flight.increment(1.0);
+        Self {
+            request,
+            handles,
+            slot: Some(slot),
+            started: Instant::now(),
+            _running: running,
+        }
+    }
+
+    fn settle(mut self, outcome: RpcOutcome) {
+        self.finish(outcome);
+    }
+
+    fn finish(&mut self, outcome: RpcOutcome) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        drop(slot);
+        if matches!(outcome, RpcOutcome::Ok | RpcOutcome::ErrorReply) {
+            self.handles
+                .duration
+                .record(self.started.elapsed().as_secs_f64());
+        }
+        self.handles.ended(&self.request.call.method, outcome);
+        self.handles.in_flight.decrement(1.0);
+    }
+}
+
+impl Drop for Replay {
+    fn drop(&mut self) {
+        self.finish(RpcOutcome::IoError);
+    }
+}
+
 /// One request handed to a connection.
 struct Job {
-    message: Bytes,
     db: u32,
     deadline: Instant,
-    done: oneshot::Sender<RpcOutcome>,
+    replay: Replay,
 }
 
 /// What a connection's reader expects next.
 struct Pending {
     deadline: Instant,
     /// `None`: the reply to a `SELECT` the writer put before a request.
-    done: Option<oneshot::Sender<RpcOutcome>>,
+    replay: Option<Replay>,
 }
 
 /// One replay destination of an RPC route: its slots and its pooled connections.
@@ -278,24 +333,16 @@ impl RpcTarget {
         })
     }
 
-    /// Sends `message` (against database `db`) on the pooled connection of the client
-    /// connection `stream`, without waiting: one client's requests reach the shadow in the order
-    /// it sent them. The answer is the outcome, within `timeout`.
-    pub fn send(
-        &self,
-        stream: u64,
-        message: Bytes,
-        db: u32,
-        timeout: Duration,
-    ) -> impl std::future::Future<Output = RpcOutcome> {
-        let deadline = Instant::now() + timeout;
-        let (done, answer) = oneshot::channel();
+    /// Sends the request `replay` accounts for on the pooled connection of its client
+    /// connection, without waiting: one client's requests reach the shadow in the order it sent
+    /// them. Its reply is awaited within `timeout` by the connection, which settles the account.
+    pub fn send(&self, replay: Replay, timeout: Duration) {
         let job = Job {
-            message,
-            db,
-            deadline,
-            done,
+            db: db_of(&replay.request),
+            deadline: Instant::now() + timeout,
+            replay,
         };
+        let stream = job.replay.request.connection;
         let i = (spread(stream) % self.conns.len() as u64) as usize;
         let mut conn = self.conns[i].lock().unwrap_or_else(|e| e.into_inner());
         let job = match conn.as_ref() {
@@ -317,8 +364,6 @@ impl RpcTarget {
                 self.closed.child_token(),
             ));
         }
-        drop(conn);
-        wait(answer, deadline)
     }
 }
 
@@ -342,15 +387,6 @@ fn spread(stream: u64) -> u64 {
     h ^ (h >> 29)
 }
 
-async fn wait(answer: oneshot::Receiver<RpcOutcome>, deadline: Instant) -> RpcOutcome {
-    // The reader fails a late request itself; this bound only guards against a lost answer.
-    match tokio::time::timeout_at((deadline + Duration::from_secs(1)).into(), answer).await {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(_)) => RpcOutcome::IoError,
-        Err(_) => RpcOutcome::Timeout,
-    }
-}
-
 /// One pooled connection: connects, then runs its writer and reader until either ends. Requests
 /// queued meanwhile fail as `connect_error` if it cannot connect.
 async fn connection(
@@ -367,7 +403,7 @@ async fn connection(
         Err(_) => {
             jobs.close();
             while let Ok(job) = jobs.try_recv() {
-                let _ = job.done.send(RpcOutcome::ConnectError);
+                job.replay.settle(RpcOutcome::ConnectError);
             }
             return;
         }
@@ -409,14 +445,14 @@ async fn write_requests(
                 out.extend_from_slice(&select(j.db));
                 let _ = pending.send(Pending {
                     deadline: j.deadline,
-                    done: None,
+                    replay: None,
                 });
                 db = j.db;
             }
-            out.extend_from_slice(&j.message);
+            out.extend_from_slice(&j.replay.request.message);
             let _ = pending.send(Pending {
                 deadline: j.deadline,
-                done: Some(j.done),
+                replay: Some(j.replay),
             });
             joined += 1;
             if joined < WRITE_BATCH {
@@ -483,16 +519,16 @@ async fn read_replies(
                                 broken = Some(RpcOutcome::ProtocolError); // a reply nobody asked for
                                 break;
                             };
-                            match p.done {
+                            match p.replay {
                                 None => select_failed = scanner.was_error(),
-                                Some(done) => {
+                                Some(replay) => {
                                     let outcome = if scanner.was_error() || select_failed {
                                         RpcOutcome::ErrorReply
                                     } else {
                                         RpcOutcome::Ok
                                     };
                                     select_failed = false;
-                                    let _ = done.send(outcome);
+                                    replay.settle(outcome);
                                 }
                             }
                         }
@@ -517,8 +553,8 @@ async fn read_replies(
             queue.push_back(p);
         }
         for p in queue {
-            if let Some(done) = p.done {
-                let _ = done.send(outcome);
+            if let Some(replay) = p.replay {
+                replay.settle(outcome);
             }
         }
     }
@@ -629,29 +665,7 @@ pub fn db_of(request: &RpcRequest) -> u32 {
         .unwrap_or(0)
 }
 
-/// Waits for a replay's `answer` (holding its slot, `permit`) and counts how it ended.
-pub async fn ended(
-    answer: impl std::future::Future<Output = RpcOutcome>,
-    method: Arc<RpcRequest>,
-    handles: Arc<RpcTargetMetrics>,
-    permit: Slot,
-) {
-    let started = Instant::now();
-    let outcome = answer.await;
-    drop(permit);
-    if matches!(outcome, RpcOutcome::Ok | RpcOutcome::ErrorReply) {
-        handles.duration.record(started.elapsed().as_secs_f64());
-    }
-    handles.ended(&method.call.method, outcome);
-    handles.in_flight.decrement(1.0);
-}
-
 /// Counts a copy refused at `target` before it was sent: its slots were all taken.
 pub fn overloaded(request: &RpcRequest, handles: &RpcTargetMetrics) {
     handles.ended(&request.call.method, RpcOutcome::Overloaded);
-}
-
-/// Counts a copy admitted to a target: in flight until [`replay`] ends.
-pub fn started(handles: &RpcTargetMetrics) {
-    handles.in_flight.increment(1.0);
 }

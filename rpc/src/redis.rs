@@ -269,6 +269,8 @@ impl Scanner {
 #[derive(Debug, Clone)]
 pub struct Command<'a> {
     args: Vec<&'a [u8]>,
+    /// The command table's entry for its name, looked up once.
+    info: Info,
 }
 
 impl<'a> Command<'a> {
@@ -294,7 +296,8 @@ impl<'a> Command<'a> {
                     .take(max_args),
             );
         }
-        (!args.is_empty()).then_some(Self { args })
+        let info = Info::of(args.first()?);
+        Some(Self { args, info })
     }
 
     /// The command's name as sent (any case).
@@ -309,7 +312,7 @@ impl<'a> Command<'a> {
 
     /// The command as the table knows it.
     pub fn info(&self) -> Info {
-        Info::of(self.name())
+        self.info
     }
 
     /// The command's first key, where the command table puts it (`None`: it has none, or it
@@ -398,34 +401,53 @@ pub struct Info {
 }
 
 impl Info {
-    /// Looks `name` up, in any case.
+    /// Looks `name` up, in any case: a binary search over integers (names packed into 128
+    /// bits), as it is done for every command a listener reads.
     pub fn of(name: &[u8]) -> Self {
-        let mut upper = [0u8; 24];
         let unknown = Info {
             name: None,
             class: Class::Read,
             key: KeyAt::Arg(1),
         };
-        if name.len() > upper.len() {
+        if name.len() > MAX_NAME {
             return unknown;
         }
-        for (u, b) in upper.iter_mut().zip(name) {
-            *u = b.to_ascii_uppercase();
+        let Ok(i) = KEYS.binary_search(&packed(name)) else {
+            return unknown;
+        };
+        let (known, class, key) = COMMANDS[i];
+        // Names longer than 16 bytes share their key with anything of the same start.
+        if (name.len() > 16 || known.len() > 16) && !known.as_bytes().eq_ignore_ascii_case(name) {
+            return unknown;
         }
-        let upper = &upper[..name.len()];
-        match COMMANDS.binary_search_by(|(n, _, _)| n.as_bytes().cmp(upper)) {
-            Ok(i) => {
-                let (name, class, key) = COMMANDS[i];
-                Info {
-                    name: Some(name),
-                    class,
-                    key,
-                }
-            }
-            Err(_) => unknown,
+        Info {
+            name: Some(known),
+            class,
+            key,
         }
     }
 }
+
+/// The longest command name looked up.
+const MAX_NAME: usize = 24;
+
+/// The first 16 bytes of `name` in capitals, big-endian, zero-padded: integers that sort as the
+/// names do.
+fn packed(name: &[u8]) -> u128 {
+    let mut key = 0u128;
+    for i in 0..16 {
+        key = (key << 8) | u128::from(name.get(i).map_or(0, u8::to_ascii_uppercase));
+    }
+    key
+}
+
+/// [`COMMANDS`]' names, packed.
+static KEYS: std::sync::LazyLock<Vec<u128>> = std::sync::LazyLock::new(|| {
+    COMMANDS
+        .iter()
+        .map(|(name, _, _)| packed(name.as_bytes()))
+        .collect()
+});
 
 use Class::{Never as N, Read as R, Write as W};
 use KeyAt::{AfterNumKeys as Nk, Arg as A, None as NoKey};
@@ -797,6 +819,20 @@ mod tests {
         for pair in COMMANDS.windows(2) {
             assert!(pair[0].0 < pair[1].0, "{} before {}", pair[0].0, pair[1].0);
         }
+        for pair in KEYS.windows(2) {
+            assert!(
+                pair[0] < pair[1],
+                "packed keys sort as names and are distinct"
+            );
+        }
+        for (name, _, _) in COMMANDS {
+            assert_eq!(
+                Info::of(name.to_ascii_lowercase().as_bytes()).name,
+                Some(*name)
+            );
+        }
+        assert_eq!(Info::of(b"GEORADIUSBYMEMBERX").name, None);
+        assert_eq!(Info::of(b"GEORADIUSBYMEMBE").name, None);
         assert!(COMMANDS
             .iter()
             .all(|(n, _, _)| n.len() <= 24 && n.bytes().all(|b| !b.is_ascii_lowercase())));

@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 TEEWAY = os.environ.get("TEEWAY_BIN", os.path.join(ROOT, "target", "release", "teeway"))
 RELAY = os.environ.get("TEEWAY_RELAY_BIN", os.path.join(ROOT, "target", "release", "examples", "wan_relay"))
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
+STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WAIT_LIMIT = 30.0  # seconds: upper bound on any readiness or drain wait
 # The production side (the clients, the proxy or agent, the primary behind it) runs on one core;
@@ -221,13 +222,16 @@ class Relay(Proc):
                 self.popen.wait()
 
 
-def nginx(work, name, server_block, workers=1, echo=False, nofile=None):
+def nginx(work, name, server_block, workers=1, echo=False, nofile=None, stream=None):
+    """nginx with `server_block` in its `http` block, or (`stream`) a `stream` block of its own."""
     prefix = os.path.join(work, name)
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w") as f:
         if echo:
             f.write(f"load_module {ECHO_MODULE};\n")
+        if stream:
+            f.write(f"load_module {STREAM_MODULE};\nstream {{ {stream} }}\n")
         f.write(f"""
 daemon off;
 master_process on;
@@ -341,20 +345,67 @@ tcp:
     return port, (admin, gw_admin), [agent, gateway]
 
 
+def nginx_stream_proxy(work, primary_port):
+    """nginx's stream module as a plain TCP proxy: the field's byte proxy, copying nothing."""
+    port = free_port()
+    proc = nginx(work, "proxy", "", stream=f"server {{ listen 127.0.0.1:{port}; proxy_pass 127.0.0.1:{primary_port}; }}")
+    wait_until(lambda: port_open(port), "nginx stream proxy")
+    return port, proc
+
+
+def teeway_rpc_pair(work, primary_port, shadow_port, percentage=100):
+    """Gateway replaying the `redis` rpc listener's copies to the shadow (rpc_routes), and an agent
+    whose only listener is that `rpc:` listener in front of the primary, copying every command."""
+    certs = os.path.join(work, "certs")
+    subprocess.run([TEEWAY, "certs", "init", "--dir", certs], check=True, capture_output=True)
+    gw_port, gw_admin = free_udp_and_tcp_port(), free_port()
+    with open(os.path.join(work, "gateway.yaml"), "w") as f:
+        f.write(f"""listen: 127.0.0.1:{gw_port}
+tls: {{ ca: {certs}/ca.pem, cert: {certs}/gateway.pem, key: {certs}/gateway.key }}
+rpc_routes:
+  - protocol: redis
+    match: {{ listener: redis }}
+    targets: [127.0.0.1:{shadow_port}]
+admin: {{ listen: 127.0.0.1:{gw_admin} }}
+""")
+    gateway = Proc("gateway", [TEEWAY, "gateway", "--config", "gateway.yaml"], work,
+                   env=dict(os.environ, RUST_LOG="warn"))
+    wait_until(lambda: port_open(gw_admin), "gateway admin")
+    port, admin = free_port(), free_port()
+    with open(os.path.join(work, "agent.yaml"), "w") as f:
+        f.write(f"""cluster: bench
+rpc:
+  - name: redis
+    protocol: redis
+    listen: 127.0.0.1:{port}
+    primary: 127.0.0.1:{primary_port}
+    percentage: {percentage}
+{agent_uplink(gw_port, certs, admin)}""")
+    agent = Proc("agent", [TEEWAY, "agent", "--config", "agent.yaml"], work, env=dict(os.environ, RUST_LOG="warn"))
+    wait_until(lambda: port_open(port) and port_open(admin), "agent")
+    wait_until(lambda: http_status(admin, "/readyz") == 200, "agent uplink")
+    return port, (admin, gw_admin), [agent, gateway]
+
+
 REDIS_REQUESTS = 200_000
+# Pipelined runs send more: each round trip carries REDIS_PIPELINE commands.
+REDIS_PIPELINED_REQUESTS = 2_000_000
+REDIS_PIPELINE = 16
 
 
-def run_redis_benchmark(port, connections):
-    """SET of random keys, one command per round trip (no pipelining: the latency shows)."""
-    argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set", "-n", str(REDIS_REQUESTS),
-            "-r", "100000", "-c", str(connections), "--csv"]
+def run_redis_benchmark(port, connections, pipeline=1):
+    """SET of random keys, one command per round trip (no pipelining: the latency shows), or
+    `pipeline` per round trip (the throughput shows)."""
+    requests = REDIS_REQUESTS if pipeline == 1 else REDIS_PIPELINED_REQUESTS
+    argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set", "-n", str(requests),
+            "-r", "100000", "-c", str(connections), "-P", str(pipeline), "--csv"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, preexec_fn=pin(LOAD_CPU)).stdout
     rows = [line.replace('"', "").split(",") for line in out.splitlines() if line.startswith('"SET"')]
     if not rows:
         raise RuntimeError(f"redis-benchmark printed no SET row:\n{out}")
     row = rows[0]
     # test, rps, avg, min, p50, p95, p99, max (redis 7)
-    return {"requests": REDIS_REQUESTS, "errors": 0, "rps": float(row[1]), "p50_ms": float(row[4]),
+    return {"requests": requests, "errors": 0, "rps": float(row[1]), "p50_ms": float(row[4]),
             "p99_ms": float(row[6]), "p999_ms": None}
 
 
@@ -824,14 +875,14 @@ def probe_new_connections(port, probes, stop):
         stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))
 
 
-def by_reason(scrape, metric):
-    """`metric`'s non-zero series in a scrape, as "reason count, ..."."""
-    reasons = []
+def by_reason(scrape, metric, label="reason"):
+    """`metric`'s non-zero series in a scrape, summed by `label`, as "value count, ..."."""
+    counts = {}
     for k, v in scrape.items():
-        found = re.search(metric + r'\{.*reason="([^"]+)"', k)
+        found = re.search(metric + r'\{.*' + label + r'="([^"]+)"', k)
         if found and v:
-            reasons.append(f"{found.group(1)} {int(v)}")
-    return ", ".join(reasons)
+            counts[found.group(1)] = counts.get(found.group(1), 0) + int(v)
+    return ", ".join(f"{value} {n}" for value, n in counts.items())
 
 
 def scenario(args, number, title, setup, driver="wrk", mirror=None):
@@ -863,12 +914,29 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             load = run_fixed_rate(target_port, args.duration, FIXED_RATE["per_s"], work)
         elif driver == "redis":
             load = run_redis_benchmark(target_port, args.connections)
+        elif driver == "redis+P":
+            load = run_redis_benchmark(target_port, args.connections, pipeline=REDIS_PIPELINE)
         elif driver == "grpc":
             load = run_h2load(target_port, args.duration, args.connections, grpc=True)
         else:
             load = run_h2load(target_port, args.duration, args.connections)
         row.update(load)
-        if driver == "redis" and agent_admin:
+        if driver.startswith("redis") and agent_admin and "rpc" in title:
+            # RPC copies: resolved per command, counted in the rpc identity.
+            rpc_sum = lambda m, name: int(sum(v for k, v in m.items() if k.startswith(name)))
+            wait_until(lambda: rpc_sum(metrics(agent_admin), "teeway_agent_rpc_in_flight") == 0, "agent drain")
+            wait_until(lambda: rpc_sum(metrics(gateway_admin), "teeway_gateway_rpc_replays_in_flight") == 0,
+                       "gateway drain")
+            settle_count(shadow)
+            m, g = metrics(agent_admin), metrics(gateway_admin)
+            row["rpc"] = (f"agent: {rpc_sum(m, 'teeway_agent_rpc_mirrored_total')} mirrored, "
+                          f"{rpc_sum(m, 'teeway_agent_rpc_dropped_total')} dropped of "
+                          f"{rpc_sum(m, 'teeway_agent_rpc_requests_total')} commands"
+                          + (f" ({by_reason(m, 'rpc_dropped_total')})" if by_reason(m, 'rpc_dropped_total') else "")
+                          + f"; gateway: {by_reason(g, 'rpc_replays_total', label='outcome')}")
+            row["delivered"] = (shadow.count() - shadow_before) / max(load["requests"], 1)
+            agent_admin = gateway_admin = shadow = None
+        if driver.startswith("redis") and agent_admin:
             # TCP copies: resolved per connection, counted in the tcp identity.
             wait_until(lambda: sum(v for k, v in metrics(agent_admin).items()
                                    if k.startswith("teeway_agent_tcp_tee_in_flight")) == 0, "agent drain")
@@ -1028,6 +1096,18 @@ def main():
         port, admins, procs = teeway_tcp_pair(work, primary_redis.port, shadow_redis.port)
         return port, procs + [primary_redis.proc, shadow_redis.proc], shadow_redis, admins
 
+    def redis_rpc(percentage=100):
+        def setup(work):
+            primary_redis, shadow_redis = RedisServer(work, "redis-primary"), RedisServer(work, "redis-shadow")
+            port, admins, procs = teeway_rpc_pair(work, primary_redis.port, shadow_redis.port, percentage)
+            return port, procs + [primary_redis.proc, shadow_redis.proc], shadow_redis, admins
+        return setup
+
+    def redis_nginx_stream(work):
+        server = RedisServer(work, "redis-primary")
+        port, proxy = nginx_stream_proxy(work, server.port)
+        return port, [proxy, server.proc], None, None
+
     def proxy_only(work, nofile=None):
         pport, pproc = primary(work)
         port, proxy = nginx_proxy(work, pport, nofile=nofile)
@@ -1072,6 +1152,16 @@ def main():
         ("15", "redis-benchmark SET direct to redis-server", redis_direct, "redis"),
         ("16", "redis-benchmark SET through the teeway TCP tee 100% -> gateway -> shadow redis", redis_teeway,
          "redis"),
+        ("15b", "redis-benchmark SET through nginx's stream proxy (a byte proxy, no mirroring)", redis_nginx_stream,
+         "redis"),
+        ("25", "redis-benchmark SET through a teeway rpc listener, every command copied -> gateway rpc_routes ->"
+               " shadow redis", redis_rpc(), "redis"),
+        ("25b", "as 25, the rpc listener copying nothing (percentage 0)", redis_rpc(0), "redis"),
+        ("26", f"redis-benchmark SET pipelined (-P {REDIS_PIPELINE}) direct to redis-server", redis_direct,
+         "redis+P"),
+        ("26b", "as 26 through nginx's stream proxy", redis_nginx_stream, "redis+P"),
+        ("27", "as 26 through the teeway TCP tee 100%", redis_teeway, "redis+P"),
+        ("28", "as 26 through a teeway rpc listener, every command copied", redis_rpc(), "redis+P"),
         ("17", f"nginx reverse proxy under slowloris ({ATTACK_SLOW} slow heads + {ATTACK_IDLE} idle, "
                f"ulimit -n {ATTACK_NOFILE})", lambda work: proxy_only(work, nofile=ATTACK_NOFILE), "wrk+slowloris"),
         ("18", "teeway agent 0% under the same slowloris", with_teeway(0, nofile=ATTACK_NOFILE), "wrk+slowloris"),
@@ -1134,6 +1224,8 @@ def write_results(args, info, rows):
             delivered += ")"
         if "tcp_teed" in r:
             delivered += f" ({r['tcp_teed']})"
+        if "rpc" in r:
+            delivered += f" ({r['rpc']})"
         if "reconnect_s" in r:
             delivered += f"; uplink back {r['reconnect_s']:.2f} s after the gateway returned"
         if "attack" in r:
@@ -1226,6 +1318,20 @@ def targets(by):
         if n in by and "4" in by and by[n].get("p99_ms") and by["4"].get("p99_ms"):
             lines.append(f"- client p99 with a 200 ms shadow ({n}): {by[n]['p99_ms']:.2f} ms; with mirroring off (4):"
                          f" {by['4']['p99_ms']:.2f} ms")
+    for n, base, what in (("25", "15", "one command per round trip"), ("28", "26", "pipelined")):
+        r = ratio(n, base)
+        if r is not None:
+            check(f"Redis per-command mirroring, {what} ({n}), at least 0.6x of direct ({base})", r >= 0.6,
+                  f"{r:.2f}x")
+    for n, proxy in (("25", "15b"), ("28", "26b"), ("25b", "15b")):
+        r = ratio(n, proxy)
+        if r is not None:
+            lines.append(f"- Redis through teeway's rpc listener ({n}) runs at {r:.2f}x nginx's stream proxy ({proxy}),"
+                         " which copies nothing")
+    for n, tee in (("25", "16"), ("28", "27")):
+        r = ratio(n, tee)
+        if r is not None:
+            lines.append(f"- Redis per-command mirroring ({n}) runs at {r:.2f}x the raw TCP tee ({tee})")
     r = ratio("13", "12")
     if r is not None:
         lines.append(f"- gRPC through teeway with every call mirrored (13) runs at {r * 100:.1f}% of direct calls (12)")

@@ -3,7 +3,7 @@
 #   tests/bench/run.sh                 full run (10 s per scenario, ~10 minutes)
 #   tests/bench/run.sh --duration 3    quicker
 #   tests/bench/run.sh --only 3,5      some scenarios
-# Installs what it needs (Debian: nginx, its echo module, wrk, h2load), builds teeway in release
+# Installs what it needs (Debian: nginx, its echo and stream modules, wrk, h2load, Redis), builds teeway in release
 # mode, runs every scenario on loopback with ports it picks, stops everything it started, and
 # writes results.md and results.csv beside this script (or where --out says).
 set -euo pipefail
@@ -13,6 +13,8 @@ root="$(cd "$here/../.." && pwd)"
 need=()
 command -v nginx >/dev/null || need+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_http_echo_module.so ] || need+=(libnginx-mod-http-echo)
+[ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+command -v redis-benchmark >/dev/null || need+=(redis-server redis-tools)
 command -v wrk >/dev/null || need+=(wrk)
 command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v python3 >/dev/null || need+=(python3)
