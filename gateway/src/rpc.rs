@@ -669,3 +669,170 @@ pub fn db_of(request: &RpcRequest) -> u32 {
 pub fn overloaded(request: &RpcRequest, handles: &RpcTargetMetrics) {
     handles.ended(&request.call.method, RpcOutcome::Overloaded);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use bytes::Bytes;
+    use teeway_runtime::metrics::Snapshot;
+    use teeway_wire::{Meta, RpcCall};
+    use tokio::net::TcpListener;
+    use tokio_util::task::TaskTracker;
+
+    fn route(port: u16, timeout: Duration) -> RpcRouteConfig {
+        RpcRouteConfig {
+            name: "r".into(),
+            protocol: RpcProtocol::Redis,
+            listener: None,
+            source_clusters: vec![],
+            services: vec![],
+            methods: vec![],
+            targets: vec![("127.0.0.1".into(), port)],
+            timeout,
+            max_concurrency: 16,
+            connections: 1,
+        }
+    }
+
+    fn request(message: &'static [u8], db: Option<&str>) -> Arc<RpcRequest> {
+        Arc::new(RpcRequest {
+            meta: Meta::basic(1, std::time::SystemTime::now(), "c".into()),
+            connection: 1,
+            call: RpcCall {
+                protocol: RpcProtocol::Redis,
+                service: String::new(),
+                method: "SET".into(),
+                attachments: db
+                    .map(|db| vec![("db".to_owned(), db.to_owned())])
+                    .unwrap_or_default(),
+            },
+            message: Bytes::from_static(message),
+        })
+    }
+
+    /// Sends `requests` through a route of one target at `shadow`, and returns the replays'
+    /// outcomes once none is in flight.
+    async fn replay_all(
+        shadow: SocketAddr,
+        timeout: Duration,
+        requests: Vec<Arc<RpcRequest>>,
+    ) -> Snapshot {
+        let metrics = Arc::new(GatewayMetrics::new());
+        let config = route(shadow.port(), timeout);
+        let resolver = Resolver::from_system().expect("resolver");
+        let router = RpcRouter::build(&[config], &resolver, None, &metrics);
+        let tracker = TaskTracker::new();
+        let (target, handles) = &router.routes[0].targets[0];
+        for request in requests {
+            let slot = target.admit(request.message.len()).expect("a slot");
+            let replay = Replay::start(request, handles.clone(), slot, tracker.token());
+            target.send(replay, timeout);
+        }
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+            .await
+            .expect("every replay settled");
+        Snapshot::parse(&metrics.registry().render())
+    }
+
+    fn outcomes(s: &Snapshot, outcome: &str) -> f64 {
+        s.sum_where(RPC_REPLAYS_TOTAL, &[("outcome", outcome)])
+    }
+
+    use std::net::SocketAddr;
+
+    #[tokio::test]
+    async fn replies_settle_requests_in_order_and_a_database_is_selected_first() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let shadow = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut got = Vec::new();
+            let want = b"*1\r\n$4\r\nPING\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n*1\r\n$4\r\nPING\r\n";
+            while got.len() < want.len() {
+                let mut buf = [0u8; 256];
+                let n = s.read(&mut buf).await.expect("read");
+                assert!(n > 0);
+                got.extend_from_slice(&buf[..n]);
+            }
+            // In pieces, the second request's answer an error.
+            s.write_all(b"+PONG\r").await.expect("write");
+            s.flush().await.expect("flush");
+            s.write_all(b"\n+OK\r\n-ERR nope\r\n").await.expect("write");
+            got
+        });
+        let ping: &[u8] = b"*1\r\n$4\r\nPING\r\n";
+        let s = replay_all(
+            shadow,
+            Duration::from_secs(5),
+            vec![
+                request(b"*1\r\n$4\r\nPING\r\n", None),
+                request(b"*1\r\n$4\r\nPING\r\n", Some("3")),
+            ],
+        )
+        .await;
+        let got = server.await.expect("server");
+        assert!(got.starts_with(ping));
+        assert_eq!(outcomes(&s, "ok"), 1.0);
+        assert_eq!(outcomes(&s, "error_reply"), 1.0);
+        assert_eq!(s.sum(RPC_REPLAYS_IN_FLIGHT), 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_silent_shadow_times_out_and_an_absent_one_cannot_be_connected() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let shadow = listener.local_addr().expect("addr");
+        let _held = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let started = Instant::now();
+        let s = replay_all(
+            shadow,
+            Duration::from_millis(200),
+            vec![request(b"*1\r\n$4\r\nPING\r\n", None); 3],
+        )
+        .await;
+        assert_eq!(outcomes(&s, "timeout"), 3.0);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "failed at the timeout"
+        );
+
+        // A port nobody listens on (bound, never listening).
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let absent = socket.local_addr().expect("addr");
+        let s = replay_all(
+            absent,
+            Duration::from_secs(2),
+            vec![request(b"*1\r\n$4\r\nPING\r\n", None); 2],
+        )
+        .await;
+        assert_eq!(outcomes(&s, "connect_error"), 2.0);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_reply_is_a_protocol_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let shadow = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"?not resp\r\n").await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let s = replay_all(
+            shadow,
+            Duration::from_secs(5),
+            vec![request(b"*1\r\n$4\r\nPING\r\n", None)],
+        )
+        .await;
+        assert_eq!(outcomes(&s, "protocol_error"), 1.0);
+    }
+}
