@@ -7,6 +7,7 @@
 //! message larger than anything kept is still delimited (and skipped) without being held.
 
 pub mod redis;
+pub mod thrift;
 
 /// What a stream broke: the codec cannot tell where its messages end any more.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
