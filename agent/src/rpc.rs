@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use teeway_rpc::redis::{Command, Scanner, Session, Side};
+use teeway_rpc::thrift::{self, MessageType};
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::logging::Throttle;
@@ -46,6 +47,7 @@ use teeway_wire::{Frame, RpcCall, RpcProtocol};
 
 use crate::metrics::DropReason;
 use crate::tee::Outlet;
+use policy::Call;
 
 pub use policy::{
     rpc_block, Commands, KeyPattern, RpcListenerConfig, RpcPolicy, RpcPolicyConfig, RpcRuleConfig,
@@ -141,47 +143,104 @@ impl RpcTap {
         &self.name
     }
 
-    /// One whole request, as the client sent it, on a connection in `session`.
-    fn request(&self, message: &[u8], read: &mut ReadAt, connection: u64, session: &mut Session) {
-        let Some(command) = Command::parse(message, policy::MAX_ARGS) else {
-            return; // an empty command: servers ignore it, and so does the count
-        };
-        let copyable = session.follow(&command);
+    /// One whole request, as the client sent it, read by `reader`.
+    fn request(&self, message: &[u8], read: &mut ReadAt, connection: u64, reader: &mut Reader) {
+        match reader {
+            Reader::Redis { session, .. } => {
+                let Some(command) = Command::parse(message, policy::MAX_ARGS) else {
+                    return; // an empty command: servers ignore it, and so does the count
+                };
+                let copyable = session.follow(&command);
+                let db = session.db;
+                let copy = Copy {
+                    message,
+                    connection,
+                    variant: 0,
+                    attachments: if db == 0 {
+                        Vec::new()
+                    } else {
+                        vec![("db".to_owned(), db.to_string())]
+                    },
+                };
+                let method = || match command.info().name {
+                    Some(name) => name.to_owned(),
+                    None => String::from_utf8_lossy(command.name()).to_ascii_uppercase(),
+                };
+                self.copy(&Call::redis(&command), copyable, read, copy, method);
+            }
+            Reader::Thrift(Some(scanner)) => {
+                let head = scanner.head();
+                if !matches!(head.kind, MessageType::Call | MessageType::Oneway) {
+                    return; // not a request: clients send calls
+                }
+                let call = Call::thrift(head);
+                let copy = Copy {
+                    message,
+                    connection,
+                    variant: scanner.codec().code(),
+                    attachments: Vec::new(),
+                };
+                let method = || String::from_utf8_lossy(call.method).into_owned();
+                self.copy(&call, true, read, copy, method);
+            }
+            Reader::Thrift(None) => {}
+        }
+    }
+
+    /// Counts `call` and, when the policy takes it, queues its copy.
+    fn copy(
+        &self,
+        call: &Call<'_>,
+        copyable: bool,
+        read: &mut ReadAt,
+        copy: Copy<'_>,
+        method: impl FnOnce() -> String,
+    ) {
         self.out.books.requests.increment(1);
         let policy = self.policy.load();
-        let chosen = policy.decide(&command, copyable, || fastrand::u64(..));
+        let chosen = policy.decide(call, copyable, || fastrand::u64(..));
         let Some((ticket, meta)) = self.out.decided_at(chosen, || read.time()) else {
             return;
         };
-        let info = command.info();
-        let method = match info.name {
-            Some(name) => name.to_owned(),
-            None => String::from_utf8_lossy(command.name()).to_ascii_uppercase(),
-        };
-        let call = RpcCall {
+        let rpc_call = RpcCall {
             protocol: self.protocol,
-            service: String::new(),
-            method,
-            attachments: if session.db == 0 {
-                Vec::new()
-            } else {
-                vec![("db".to_owned(), session.db.to_string())]
-            },
+            variant: copy.variant,
+            service: String::from_utf8_lossy(call.service).into_owned(),
+            method: method(),
+            attachments: copy.attachments,
         };
-        let frame = Frame::rpc_request(&meta, connection, &call, message);
+        let frame = Frame::rpc_request(&meta, copy.connection, &rpc_call, copy.message);
         let held = frame.len();
         self.out.enqueue(frame, held, ticket);
     }
 
-    /// The start of a request over `max_message_bytes`, which is not kept: counted when the
-    /// request ends, as a drop if it would have been copied.
-    fn oversized(&self, start: &[u8], session: &mut Session) {
-        let Some(command) = Command::parse(start, policy::MAX_ARGS) else {
-            return;
+    /// A request over `max_message_bytes`, of which `start` was read (`whole`: all of it): not
+    /// kept; counted as a drop if it would have been copied.
+    fn oversized(&self, start: &[u8], whole: bool, reader: &mut Reader) {
+        let wanted = match reader {
+            Reader::Redis { session, .. } => {
+                let Some(command) = Command::parse(start, policy::MAX_ARGS) else {
+                    return;
+                };
+                let copyable = session.follow(&command);
+                self.out.books.requests.increment(1);
+                self.policy.load().wanted(&Call::redis(&command), copyable)
+            }
+            Reader::Thrift(Some(scanner)) => {
+                let head = if whole {
+                    scanner.head()
+                } else {
+                    scanner.current()
+                };
+                if !matches!(head.kind, MessageType::Call | MessageType::Oneway) {
+                    return;
+                }
+                self.out.books.requests.increment(1);
+                self.policy.load().wanted(&Call::thrift(head), true)
+            }
+            Reader::Thrift(None) => return,
         };
-        let copyable = session.follow(&command);
-        self.out.books.requests.increment(1);
-        if self.policy.load().wanted(&command, copyable) {
+        if wanted {
             self.out.books.unmade(DropReason::MessageTooLarge);
         } else {
             self.out.books.not_sampled.increment(1);
@@ -267,7 +326,7 @@ async fn proxy(tap: &RpcTap, client: TcpStream, primary: TcpStream, number: u64)
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mut primary_rd, mut primary_wr) = primary.into_split();
     let upstream = async {
-        let mut reader = Requests::new(number);
+        let mut reader = Requests::new(number, tap.protocol);
         let mut buf = BytesMut::new();
         loop {
             buf.reserve(READ_SIZE);
@@ -315,13 +374,50 @@ impl ReadAt {
     }
 }
 
-/// A connection's requests as they are read: the codec's place, the connection's session, and
+/// What a request's copy carries besides its policy's decision.
+struct Copy<'a> {
+    message: &'a [u8],
+    connection: u64,
+    variant: u8,
+    attachments: Vec<(String, String)>,
+}
+
+/// What reads a connection's requests: the protocol's scanner, and the state it follows.
+enum Reader {
+    Redis {
+        scanner: Scanner,
+        session: Session,
+    },
+    /// `None` until the stream's first bytes tell its transport and protocol.
+    Thrift(Option<thrift::Scanner>),
+}
+
+impl Reader {
+    fn new(protocol: RpcProtocol) -> Self {
+        match protocol {
+            RpcProtocol::Thrift => Reader::Thrift(None),
+            _ => Reader::Redis {
+                scanner: Scanner::new(Side::Client),
+                session: Session::default(),
+            },
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) -> Result<Option<usize>, teeway_rpc::CodecError> {
+        match self {
+            Reader::Redis { scanner, .. } => scanner.feed(chunk),
+            Reader::Thrift(Some(scanner)) => scanner.feed(chunk),
+            Reader::Thrift(None) => Ok(None),
+        }
+    }
+}
+
+/// A connection's requests as they are read: the codec's place, the connection's state, and
 /// whether the request under way is too large to keep.
 struct Requests {
     /// The connection's number, which its copies carry.
     number: u64,
-    scanner: Scanner,
-    session: Session,
+    reader: Reader,
     /// The request under way passed `max_message_bytes`: its bytes are not kept.
     skipping: bool,
     /// The codec lost the stream: nothing more is read.
@@ -329,11 +425,10 @@ struct Requests {
 }
 
 impl Requests {
-    fn new(number: u64) -> Self {
+    fn new(number: u64, protocol: RpcProtocol) -> Self {
         Self {
             number,
-            scanner: Scanner::new(Side::Client),
-            session: Session::default(),
+            reader: Reader::new(protocol),
             skipping: false,
             lost: false,
         }
@@ -348,17 +443,31 @@ impl Requests {
         }
         let mut start = 0;
         let mut at = new;
+        if let Reader::Thrift(scanner @ None) = &mut self.reader {
+            // Nothing was read yet: the transport and protocol are told by the first bytes.
+            match thrift::Codec::detect(buf) {
+                Ok(Some(codec)) => *scanner = Some(thrift::Scanner::new(codec)),
+                Ok(None) => return,
+                Err(error) => {
+                    tap.lost_track(&error);
+                    self.lost = true;
+                    buf.clear();
+                    return;
+                }
+            }
+            at = 0;
+        }
         let mut read = ReadAt(None);
         while at < buf.len() {
-            match self.scanner.feed(&buf[at..]) {
+            match self.reader.feed(&buf[at..]) {
                 Ok(Some(n)) => {
                     let end = at + n;
                     if self.skipping {
                         self.skipping = false;
                     } else if end - start > max {
-                        tap.oversized(&buf[start..end], &mut self.session);
+                        tap.oversized(&buf[start..end], true, &mut self.reader);
                     } else {
-                        tap.request(&buf[start..end], &mut read, self.number, &mut self.session);
+                        tap.request(&buf[start..end], &mut read, self.number, &mut self.reader);
                     }
                     start = end;
                     at = end;
@@ -377,7 +486,7 @@ impl Requests {
             buf.clear();
         } else if buf.len() > max {
             // Counted now, from its start (its name and keys come first); the rest only passes.
-            tap.oversized(buf, &mut self.session);
+            tap.oversized(buf, false, &mut self.reader);
             self.skipping = true;
             buf.clear();
         }

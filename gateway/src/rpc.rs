@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use teeway_rpc::redis::{Scanner, Side};
+use teeway_rpc::thrift;
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::logging::Throttle;
@@ -268,6 +269,8 @@ struct Pending {
     deadline: Instant,
     /// `None`: the reply to a `SELECT` the writer put before a request.
     replay: Option<Replay>,
+    /// The sequence id its reply carries (Thrift); `None`: replies come in order (Redis).
+    id: Option<i32>,
 }
 
 /// One replay destination of an RPC route: its slots and its pooled connections.
@@ -298,7 +301,9 @@ impl RpcTarget {
             connector: UpstreamConnector::new(host, port, resolver, CONNECT_TIMEOUT, None),
             slots: Arc::new(Semaphore::new(route.max_concurrency)),
             bytes: Arc::new(AtomicU64::new(0)),
-            conns: (0..route.connections).map(|_| Mutex::new(None)).collect(),
+            conns: (0..route.connections * Wire::COUNT)
+                .map(|_| Mutex::new(None))
+                .collect(),
             closed: CancellationToken::new(),
             spec: (route.max_concurrency, route.connections, route.timeout),
             host: host.to_owned(),
@@ -337,13 +342,16 @@ impl RpcTarget {
     /// connection, without waiting: one client's requests reach the shadow in the order it sent
     /// them. Its reply is awaited within `timeout` by the connection, which settles the account.
     pub fn send(&self, replay: Replay, timeout: Duration) {
+        let wire = Wire::of(&replay.request);
         let job = Job {
             db: db_of(&replay.request),
             deadline: Instant::now() + timeout,
             replay,
         };
         let stream = job.replay.request.connection;
-        let i = (spread(stream) % self.conns.len() as u64) as usize;
+        // Each wire (a Thrift transport and protocol) has connections of its own.
+        let per_wire = self.conns.len() / Wire::COUNT;
+        let i = wire.index() * per_wire + (spread(stream) % per_wire as u64) as usize;
         let mut conn = self.conns[i].lock().unwrap_or_else(|e| e.into_inner());
         let job = match conn.as_ref() {
             Some(tx) => match tx.send(job) {
@@ -360,6 +368,7 @@ impl RpcTarget {
             *conn = Some(tx);
             tokio::spawn(connection(
                 self.connector.clone(),
+                wire,
                 rx,
                 self.closed.child_token(),
             ));
@@ -381,6 +390,82 @@ impl Drop for Slot {
     }
 }
 
+/// How a pooled connection speaks: Redis, or Thrift in one transport and protocol (copies say
+/// which in their envelope's variant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Redis,
+    Thrift(thrift::Codec),
+}
+
+impl Wire {
+    /// Kinds of connection a target may have (Thrift's four codecs; Redis takes the first).
+    const COUNT: usize = 4;
+
+    fn of(request: &RpcRequest) -> Wire {
+        match request.call.protocol {
+            RpcProtocol::Thrift => Wire::Thrift(thrift::Codec::from_code(request.call.variant)),
+            _ => Wire::Redis,
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Wire::Redis => 0,
+            Wire::Thrift(codec) => usize::from(codec.code() & 3),
+        }
+    }
+}
+
+/// A Thrift request with its sequence id replaced by `seqid` (the gateway's own on the
+/// connection, so replies are matched whatever ids the clients chose), appended to `out`;
+/// `None` when the message cannot be read, `Some(oneway)` otherwise.
+fn put_thrift(
+    codec: thrift::Codec,
+    message: &[u8],
+    seqid: i32,
+    out: &mut BytesMut,
+) -> Option<bool> {
+    let mut scanner = thrift::Scanner::new(codec);
+    if scanner.feed(message).ok()? != Some(message.len()) {
+        return None;
+    }
+    let head = scanner.head();
+    let oneway = head.kind == thrift::MessageType::Oneway;
+    let (at, len) = head.seqid_at;
+    match codec.protocol {
+        thrift::Protocol::Binary => {
+            out.extend_from_slice(&message[..at]);
+            out.extend_from_slice(&seqid.to_be_bytes());
+            out.extend_from_slice(&message[at + len..]);
+        }
+        thrift::Protocol::Compact => {
+            let mut varint = [0u8; 5];
+            let mut n = 0;
+            let mut v = seqid as u32;
+            loop {
+                if v < 0x80 {
+                    varint[n] = v as u8;
+                    n += 1;
+                    break;
+                }
+                varint[n] = (v as u8 & 0x7f) | 0x80;
+                v >>= 7;
+                n += 1;
+            }
+            let start = out.len();
+            out.extend_from_slice(&message[..at]);
+            out.extend_from_slice(&varint[..n]);
+            out.extend_from_slice(&message[at + len..]);
+            if codec.transport == thrift::Transport::Framed && n != len {
+                let frame = (message.len() - 4 + n - len) as u32;
+                out[start..start + 4].copy_from_slice(&frame.to_be_bytes());
+            }
+        }
+    }
+    Some(oneway)
+}
+
 /// Spreads a client connection number over the pool.
 fn spread(stream: u64) -> u64 {
     let h = stream.wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -391,6 +476,7 @@ fn spread(stream: u64) -> u64 {
 /// queued meanwhile fail as `connect_error` if it cannot connect.
 async fn connection(
     connector: UpstreamConnector,
+    wire: Wire,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     closed: CancellationToken,
 ) {
@@ -412,8 +498,8 @@ async fn connection(
     let (rd, wr) = stream.into_split();
     let (pending_tx, pending_rx) = mpsc::unbounded_channel();
     let done = CancellationToken::new();
-    let writer = write_requests(wr, jobs, pending_tx, done.clone());
-    let reader = read_replies(rd, pending_rx, done.clone());
+    let writer = write_requests(wr, wire, jobs, pending_tx, done.clone());
+    let reader = read_replies(rd, wire, pending_rx, done.clone());
     tokio::select! {
         () = closed.cancelled() => {}
         () = async { tokio::join!(writer, reader); } => {}
@@ -424,11 +510,15 @@ async fn connection(
 /// first what to expect. Ends when the pool lets go of the connection, or the reader ended.
 async fn write_requests(
     mut wr: OwnedWriteHalf,
+    wire: Wire,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     pending: mpsc::UnboundedSender<Pending>,
     done: CancellationToken,
 ) {
     let mut db = 0u32;
+    let mut seqid = 0i32;
+    // Oneway calls have no reply: settled once written.
+    let mut sent: Vec<Replay> = Vec::new();
     let mut out = BytesMut::new();
     loop {
         let first = tokio::select! {
@@ -441,19 +531,39 @@ async fn write_requests(
         let mut job = Some(first);
         let mut joined = 0;
         while let Some(j) = job.take() {
-            if j.db != db {
-                out.extend_from_slice(&select(j.db));
-                let _ = pending.send(Pending {
-                    deadline: j.deadline,
-                    replay: None,
-                });
-                db = j.db;
+            match wire {
+                Wire::Redis => {
+                    if j.db != db {
+                        out.extend_from_slice(&select(j.db));
+                        let _ = pending.send(Pending {
+                            deadline: j.deadline,
+                            replay: None,
+                            id: None,
+                        });
+                        db = j.db;
+                    }
+                    out.extend_from_slice(&j.replay.request.message);
+                    let _ = pending.send(Pending {
+                        deadline: j.deadline,
+                        replay: Some(j.replay),
+                        id: None,
+                    });
+                }
+                Wire::Thrift(codec) => {
+                    seqid = seqid.wrapping_add(1) & i32::MAX;
+                    match put_thrift(codec, &j.replay.request.message, seqid, &mut out) {
+                        None => j.replay.settle(RpcOutcome::ProtocolError),
+                        Some(true) => sent.push(j.replay),
+                        Some(false) => {
+                            let _ = pending.send(Pending {
+                                deadline: j.deadline,
+                                replay: Some(j.replay),
+                                id: Some(seqid),
+                            });
+                        }
+                    }
+                }
             }
-            out.extend_from_slice(&j.replay.request.message);
-            let _ = pending.send(Pending {
-                deadline: j.deadline,
-                replay: Some(j.replay),
-            });
             joined += 1;
             if joined < WRITE_BATCH {
                 job = jobs.try_recv().ok();
@@ -461,6 +571,9 @@ async fn write_requests(
         }
         if wr.write_all(&out).await.is_err() {
             break;
+        }
+        for replay in sent.drain(..) {
+            replay.settle(RpcOutcome::Ok);
         }
         out.clear();
     }
@@ -480,11 +593,12 @@ fn select(db: u32) -> Vec<u8> {
 /// (failing every pending request with it) or when the writer ended and nothing is pending.
 async fn read_replies(
     mut rd: OwnedReadHalf,
+    wire: Wire,
     mut pending_rx: mpsc::UnboundedReceiver<Pending>,
     done: CancellationToken,
 ) {
     let mut queue: VecDeque<Pending> = VecDeque::new();
-    let mut scanner = Scanner::new(Side::Server);
+    let mut scanner = Replies::new(wire);
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     let mut writer_done = false;
     // A failed `SELECT`: the request after it ran against the wrong database.
@@ -515,7 +629,11 @@ async fn read_replies(
                             while let Ok(p) = pending_rx.try_recv() {
                                 queue.push_back(p);
                             }
-                            let Some(p) = queue.pop_front() else {
+                            let asked = match scanner.id() {
+                                None => (!queue.is_empty()).then_some(0),
+                                Some(id) => queue.iter().position(|p| p.id == Some(id)),
+                            };
+                            let Some(p) = asked.and_then(|at| queue.remove(at)) else {
                                 broken = Some(RpcOutcome::ProtocolError); // a reply nobody asked for
                                 break;
                             };
@@ -556,6 +674,45 @@ async fn read_replies(
             if let Some(replay) = p.replay {
                 replay.settle(outcome);
             }
+        }
+    }
+}
+
+/// A connection's replies as its wire writes them.
+enum Replies {
+    Redis(Scanner),
+    Thrift(thrift::Scanner),
+}
+
+impl Replies {
+    fn new(wire: Wire) -> Self {
+        match wire {
+            Wire::Redis => Replies::Redis(Scanner::new(Side::Server)),
+            Wire::Thrift(codec) => Replies::Thrift(thrift::Scanner::new(codec)),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) -> Result<Option<usize>, teeway_rpc::CodecError> {
+        match self {
+            Replies::Redis(s) => s.feed(chunk),
+            Replies::Thrift(s) => s.feed(chunk),
+        }
+    }
+
+    /// Whether the last reply was an error: Redis `-ERR`, a Thrift exception (declared, or a
+    /// `TApplicationException`).
+    fn was_error(&self) -> bool {
+        match self {
+            Replies::Redis(s) => s.was_error(),
+            Replies::Thrift(s) => s.head().is_exception(),
+        }
+    }
+
+    /// The sequence id of the last reply (Thrift); `None` where replies come in order.
+    fn id(&self) -> Option<i32> {
+        match self {
+            Replies::Redis(_) => None,
+            Replies::Thrift(s) => Some(s.head().seqid),
         }
     }
 }
@@ -701,6 +858,7 @@ mod tests {
             connection: 1,
             call: RpcCall {
                 protocol: RpcProtocol::Redis,
+                variant: 0,
                 service: String::new(),
                 method: "SET".into(),
                 attachments: db
@@ -814,6 +972,60 @@ mod tests {
         )
         .await;
         assert_eq!(outcomes(&s, "connect_error"), 2.0);
+    }
+
+    #[test]
+    fn a_thrift_sequence_id_is_rewritten_whatever_its_width() {
+        // Compact, framed: `ping` with sequence id 5 (a one-byte varint) and an empty struct.
+        let mut call = vec![0x82, 0x21, 5, 4];
+        call.extend(b"ping");
+        call.push(0);
+        let mut framed = (call.len() as u32).to_be_bytes().to_vec();
+        framed.extend(&call);
+        for (codec, message) in [
+            (
+                thrift::Codec {
+                    transport: thrift::Transport::Framed,
+                    protocol: thrift::Protocol::Compact,
+                },
+                framed,
+            ),
+            (
+                thrift::Codec {
+                    transport: thrift::Transport::Unframed,
+                    protocol: thrift::Protocol::Compact,
+                },
+                call.clone(),
+            ),
+        ] {
+            for seqid in [7, 300, i32::MAX] {
+                let mut out = BytesMut::new();
+                assert_eq!(put_thrift(codec, &message, seqid, &mut out), Some(false));
+                let mut scanner = thrift::Scanner::new(codec);
+                assert_eq!(scanner.feed(&out), Ok(Some(out.len())), "{codec:?} {seqid}");
+                assert_eq!(scanner.head().seqid, seqid);
+                assert_eq!(scanner.head().name, b"ping");
+            }
+        }
+        let binary = thrift::Codec {
+            transport: thrift::Transport::Unframed,
+            protocol: thrift::Protocol::Binary,
+        };
+        let mut oneway = vec![0x80, 0x01, 0x00, 0x04, 0, 0, 0, 1, b'x'];
+        oneway.extend(9i32.to_be_bytes());
+        oneway.push(0);
+        let mut out = BytesMut::new();
+        assert_eq!(
+            put_thrift(binary, &oneway, 42, &mut out),
+            Some(true),
+            "oneway"
+        );
+        assert_eq!(&out[9..13], &42i32.to_be_bytes());
+        assert_eq!(
+            put_thrift(binary, &oneway[..10], 1, &mut out),
+            None,
+            "cut short"
+        );
     }
 
     #[tokio::test]

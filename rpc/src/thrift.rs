@@ -59,7 +59,12 @@ impl Codec {
     /// The codec a stream starting with `start` is in; `Ok(None)` until enough bytes came to
     /// tell (at most 8).
     pub fn detect(start: &[u8]) -> Result<Option<Codec>, CodecError> {
-        let codec = |transport, protocol| Ok(Some(Codec { transport, protocol }));
+        let codec = |transport, protocol| {
+            Ok(Some(Codec {
+                transport,
+                protocol,
+            }))
+        };
         match start {
             [] | [_] => Ok(None),
             [0x80, 0x01, ..] => codec(Transport::Unframed, Protocol::Binary),
@@ -306,9 +311,10 @@ pub struct Scanner {
     old_head: bool,
     /// Whether the message under way has begun.
     started: bool,
-    head: Head,
+    /// The head of the message under way, as far as it was read.
+    current: Head,
     /// The head of the last message finished.
-    last: Head,
+    head: Head,
 }
 
 impl Scanner {
@@ -324,8 +330,8 @@ impl Scanner {
             frame_end: None,
             old_head: false,
             started: false,
+            current: Head::empty(),
             head: Head::empty(),
-            last: Head::empty(),
         };
         s.begin();
         s
@@ -343,7 +349,12 @@ impl Scanner {
 
     /// The head of the last message finished.
     pub fn head(&self) -> &Head {
-        &self.last
+        &self.head
+    }
+
+    /// The head of the message under way, as far as it was read.
+    pub fn current(&self) -> &Head {
+        &self.current
     }
 
     fn begin(&mut self) {
@@ -353,7 +364,7 @@ impl Scanner {
         self.old_head = false;
         self.started = false;
         self.have = 0;
-        self.head = Head::empty();
+        self.current = Head::empty();
         self.want = match self.codec.transport {
             Transport::Framed => Want::Fixed(4, Use::FrameLength),
             Transport::Unframed => self.head_want(),
@@ -388,9 +399,9 @@ impl Scanner {
                     let take = left.min((chunk.len() - i) as u64) as usize;
                     let naming = matches!(self.want, Want::Name(_));
                     if naming {
-                        let room = MAX_NAME.saturating_sub(self.head.name.len());
+                        let room = MAX_NAME.saturating_sub(self.current.name.len());
                         let kept = take.min(room);
-                        self.head.name.extend_from_slice(&chunk[i..i + kept]);
+                        self.current.name.extend_from_slice(&chunk[i..i + kept]);
                     }
                     i += take;
                     self.offset += take;
@@ -452,7 +463,7 @@ impl Scanner {
                 });
             }
         }
-        self.last = std::mem::replace(&mut self.head, Head::empty());
+        self.head = std::mem::replace(&mut self.current, Head::empty());
         self.begin();
         Ok(())
     }
@@ -499,7 +510,7 @@ impl Scanner {
                         at: "as a binary protocol version",
                     });
                 }
-                self.head.kind = MessageType::of(g[3])?;
+                self.current.kind = MessageType::of(g[3])?;
                 Want::Fixed(4, Use::NameLength)
             }
             Use::BinaryHead => {
@@ -509,12 +520,12 @@ impl Scanner {
             }
             Use::NameLength => self.name(u64::from(be32))?,
             Use::OldType => {
-                self.head.kind = MessageType::of(g[0])?;
+                self.current.kind = MessageType::of(g[0])?;
                 Want::Fixed(4, Use::SeqId)
             }
             Use::SeqId => {
-                self.head.seqid = be32 as i32;
-                self.head.seqid_at = (self.offset - 4, 4);
+                self.current.seqid = be32 as i32;
+                self.current.seqid_at = (self.offset - 4, 4);
                 self.open_struct(true)?;
                 Want::Next
             }
@@ -525,7 +536,7 @@ impl Scanner {
                         at: "as a compact protocol head",
                     });
                 }
-                self.head.kind = MessageType::of(g[1] >> 5)?;
+                self.current.kind = MessageType::of(g[1] >> 5)?;
                 Want::Varint(Use::SeqId)
             }
             Use::Value => Want::Next,
@@ -584,15 +595,14 @@ impl Scanner {
         Ok(match what {
             Use::SeqId => {
                 // The compact head's sequence id is a plain varint (not zigzag).
-                self.head.seqid = value as i32;
-                self.head.seqid_at = (self.offset - len, len);
+                self.current.seqid = value as i32;
+                self.current.seqid_at = (self.offset - len, len);
                 Want::Varint(Use::NameLength)
             }
             Use::NameLength => self.name(value)?,
             Use::CompactFieldId(t) => {
-                let id = i16::try_from(zigzag(value)).map_err(|_| CodecError::BadNumber {
-                    what: "field id",
-                })?;
+                let id = i16::try_from(zigzag(value))
+                    .map_err(|_| CodecError::BadNumber { what: "field id" })?;
                 self.field(id, t)?
             }
             Use::CompactListSize(t) => {
@@ -654,8 +664,8 @@ impl Scanner {
     fn field(&mut self, id: i16, t: u8) -> Result<Want, CodecError> {
         if let Some(Open::Fields { last, top }) = self.open.last_mut() {
             *last = id;
-            if *top && self.head.first_field.is_none() {
-                self.head.first_field = Some(id);
+            if *top && self.current.first_field.is_none() {
+                self.current.first_field = Some(id);
             }
         }
         match self.codec.protocol {
@@ -875,7 +885,9 @@ mod tests {
         assert_eq!(head.service_and_method(), (&b"Store"[..], &b"check"[..]));
         assert_eq!(head.first_field, None);
         let framed_old = framed(&m);
-        let codec = Codec::detect(&framed_old).expect("detects").expect("enough");
+        let codec = Codec::detect(&framed_old)
+            .expect("detects")
+            .expect("enough");
         assert_eq!(codec.transport, Transport::Framed);
         assert_eq!(ends(codec, &framed_old, 3).expect("walks").len(), 1);
     }

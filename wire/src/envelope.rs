@@ -121,7 +121,7 @@ pub fn put_rpc_request(
     dst.put_u8(KIND_RPC_REQUEST);
     put_meta(meta, dst);
     dst.put_u8(call.protocol.code());
-    dst.put_u8(0); // flags: none defined yet
+    dst.put_u8(call.variant);
     dst.put_u64(connection);
     put_str16(dst, &call.service);
     put_str16(dst, &call.method);
@@ -154,7 +154,7 @@ pub fn rpc_request_len(meta: &Meta, call: &RpcCall, message_len: usize) -> usize
 
 fn get_rpc_request(meta: Meta, src: &mut Bytes) -> Result<RpcRequest, DecodeError> {
     let protocol = RpcProtocol::from_code(get_u8(src, "protocol")?);
-    let _flags = get_u8(src, "flags")?;
+    let variant = get_u8(src, "variant")?;
     let connection = get_u64(src, "connection")?;
     let service = get_str16(src, "service")?;
     let method = get_str16(src, "method")?;
@@ -172,6 +172,7 @@ fn get_rpc_request(meta: Meta, src: &mut Bytes) -> Result<RpcRequest, DecodeErro
         connection,
         call: RpcCall {
             protocol,
+            variant,
             service,
             method,
             attachments,
@@ -441,6 +442,7 @@ mod tests {
                 connection: 7,
                 call: RpcCall {
                     protocol: RpcProtocol::Redis,
+                    variant: 0,
                     service: String::new(),
                     method: "SET".into(),
                     attachments: vec![("db".into(), "3".into())],
@@ -463,7 +465,8 @@ mod tests {
             meta: meta(),
             connection: u64::MAX - 1,
             call: RpcCall {
-                protocol: RpcProtocol::Redis,
+                protocol: RpcProtocol::Thrift,
+                variant: 3,
                 service: String::new(),
                 method: "INCR".into(),
                 attachments: vec![],

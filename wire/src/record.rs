@@ -136,6 +136,9 @@ pub struct RpcRequest {
 pub struct RpcCall {
     /// The protocol the message is in.
     pub protocol: RpcProtocol,
+    /// How the protocol is spoken, where it has variants (Thrift: bit 0 framed transport, bit 1
+    /// compact protocol); 0 otherwise.
+    pub variant: u8,
     /// The service (Dubbo's service path, Thrift's multiplexed service name); empty where the
     /// protocol has none (Redis).
     pub service: String,
@@ -150,6 +153,8 @@ pub struct RpcCall {
 pub enum RpcProtocol {
     /// Redis: RESP2 or RESP3 commands (code 1).
     Redis,
+    /// Thrift: a call (code 2), in the transport and protocol [`RpcCall::variant`] says.
+    Thrift,
     /// A code this reader does not know.
     Other(u8),
 }
@@ -159,6 +164,7 @@ impl RpcProtocol {
     pub fn code(self) -> u8 {
         match self {
             RpcProtocol::Redis => 1,
+            RpcProtocol::Thrift => 2,
             RpcProtocol::Other(code) => code,
         }
     }
@@ -167,6 +173,7 @@ impl RpcProtocol {
     pub fn from_code(code: u8) -> Self {
         match code {
             1 => RpcProtocol::Redis,
+            2 => RpcProtocol::Thrift,
             code => RpcProtocol::Other(code),
         }
     }
@@ -175,6 +182,7 @@ impl RpcProtocol {
     pub fn name(self) -> &'static str {
         match self {
             RpcProtocol::Redis => "redis",
+            RpcProtocol::Thrift => "thrift",
             RpcProtocol::Other(_) => "unknown",
         }
     }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use metrics::Counter;
 use teeway_rpc::redis::{Class, Command};
+use teeway_rpc::thrift::Head;
 use teeway_runtime::config::{self as cfg, Problems, Section};
 use teeway_runtime::metrics::Registry;
 use teeway_runtime::yaml::Value;
@@ -51,6 +52,42 @@ pub struct RpcListenerConfig {
     pub policy: RpcPolicyConfig,
 }
 
+/// What a policy decides on, whatever the protocol: a Redis command or a Thrift call.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    /// The service (Thrift's multiplexed service name); empty where there is none.
+    pub service: &'a [u8],
+    /// The method: a Redis command's name as sent, a Thrift method.
+    pub method: &'a [u8],
+    /// What the command table says of it (Redis); other protocols' calls are taken as writes.
+    pub class: Class,
+    /// The first key (Redis).
+    pub key: Option<&'a [u8]>,
+}
+
+impl<'a> Call<'a> {
+    /// A Redis command.
+    pub fn redis(command: &Command<'a>) -> Self {
+        Call {
+            service: b"",
+            method: command.name(),
+            class: command.info().class,
+            key: command.first_key(),
+        }
+    }
+
+    /// A Thrift call.
+    pub fn thrift(head: &'a Head) -> Self {
+        let (service, method) = head.service_and_method();
+        Call {
+            service,
+            method,
+            class: Class::Write,
+            key: None,
+        }
+    }
+}
+
 /// Which commands a rule (or the listener's default) takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Commands {
@@ -64,13 +101,13 @@ pub enum Commands {
 }
 
 impl Commands {
-    fn takes(&self, command: &Command<'_>, class: Class) -> bool {
+    fn takes(&self, call: &Call<'_>) -> bool {
         match self {
             Commands::All => true,
-            Commands::Writes => class == Class::Write,
+            Commands::Writes => call.class == Class::Write,
             Commands::Listed(names) => names
                 .iter()
-                .any(|n| n.as_bytes().eq_ignore_ascii_case(command.name())),
+                .any(|n| n.as_bytes().eq_ignore_ascii_case(call.method)),
         }
     }
 
@@ -142,8 +179,29 @@ pub struct RpcRuleConfig {
     pub commands: Option<Commands>,
     /// `match.keys`.
     pub keys: Option<KeyPattern>,
+    /// `match.service`: services taken (exact names).
+    pub services: Option<Vec<String>>,
+    /// `match.method`: methods taken (exact names).
+    pub methods: Option<Vec<String>>,
     /// `percentage`.
     pub fraction: Fraction,
+}
+
+impl RpcRuleConfig {
+    fn matches(&self, call: &Call<'_>) -> bool {
+        let listed = |names: &Option<Vec<String>>, value: &[u8]| {
+            names
+                .as_ref()
+                .is_none_or(|names| names.iter().any(|n| n.as_bytes() == value))
+        };
+        self.commands.as_ref().is_none_or(|c| c.takes(call))
+            && self
+                .keys
+                .as_ref()
+                .is_none_or(|k| call.key.is_some_and(|key| k.matches(key)))
+            && listed(&self.services, call.service)
+            && listed(&self.methods, call.method)
+    }
 }
 
 /// What decides which requests an `rpc:` listener copies.
@@ -218,9 +276,7 @@ impl RpcPolicyConfig {
                 .iter()
                 .map(|r| RpcRule {
                     name: r.name.as_str().into(),
-                    commands: r.commands.clone(),
-                    keys: r.keys.clone(),
-                    fraction: r.fraction,
+                    config: r.clone(),
                     matched: counter(&r.name),
                     pace: pace(&r.name),
                 })
@@ -241,9 +297,7 @@ impl RpcPolicyConfig {
 #[derive(Debug)]
 struct RpcRule {
     name: Arc<str>,
-    commands: Option<Commands>,
-    keys: Option<KeyPattern>,
-    fraction: Fraction,
+    config: RpcRuleConfig,
     matched: Counter,
     pace: Arc<Pace>,
 }
@@ -264,11 +318,11 @@ pub struct RpcPolicy {
 }
 
 impl RpcPolicy {
-    /// Whether `command` is copied, and by which rule; `copyable` is what the connection's
+    /// Whether `call` is copied, and by which rule; `copyable` is what the connection's
     /// session said (`false`: it is never copied). `draw` is random, for requests without a key.
     pub fn decide(
         &self,
-        command: &Command<'_>,
+        call: &Call<'_>,
         copyable: bool,
         draw: impl FnOnce() -> u64,
     ) -> Option<Chosen<'_>> {
@@ -276,22 +330,15 @@ impl RpcPolicy {
             self.unmirrorable.increment(1);
             return None;
         }
-        let class = command.info().class;
-        let key = command.first_key();
-        let rule = self.rules.iter().find(|r| {
-            r.commands.as_ref().is_none_or(|c| c.takes(command, class))
-                && r.keys
-                    .as_ref()
-                    .is_none_or(|k| key.is_some_and(|key| k.matches(key)))
-        });
+        let rule = self.rules.iter().find(|r| r.config.matches(call));
         let (fraction, pace) = match rule {
             Some(rule) => {
                 rule.matched.increment(1);
-                (rule.fraction, &rule.pace)
+                (rule.config.fraction, &rule.pace)
             }
             None => {
                 self.default_matched.increment(1);
-                if !self.commands.takes(command, class) {
+                if !self.commands.takes(call) {
                     return None;
                 }
                 (self.fraction, &self.default_pace)
@@ -301,17 +348,15 @@ impl RpcPolicy {
             rule.map(|r| &r.name),
             fraction,
             self.follow_shedding.then_some(pace),
-            || if self.sample_by_key { key } else { None },
+            || if self.sample_by_key { call.key } else { None },
             draw,
         )
     }
 
-    /// Counts a command that would be copied but is over `max_message_bytes`: whether it would
-    /// have been, without a draw's randomness mattering (a request whose share is below all is
-    /// counted as it draws).
-    pub fn wanted(&self, command: &Command<'_>, copyable: bool) -> bool {
-        self.decide(command, copyable, || fastrand::u64(..))
-            .is_some()
+    /// Whether a request over `max_message_bytes` would have been copied (its share drawn as
+    /// any other's), to count it.
+    pub fn wanted(&self, call: &Call<'_>, copyable: bool) -> bool {
+        self.decide(call, copyable, || fastrand::u64(..)).is_some()
     }
 }
 
@@ -341,11 +386,8 @@ pub fn rpc_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, RpcLi
         let protocol = r.required(
             p,
             "protocol",
-            "use `protocol: redis` (Thrift and Dubbo are to come; for them, a `tcp:` listener tees whole connections)",
-            |v| match cfg::string(v)?.as_str() {
-                "redis" => Ok(RpcProtocol::Redis),
-                _ => Err("is not a protocol teeway reads per request".into()),
-            },
+            "use `protocol: redis` or `protocol: thrift` (Dubbo is to come; for it, a `tcp:` listener tees whole connections)",
+            protocol,
         );
         let listen = r.required(
             p,
@@ -359,7 +401,7 @@ pub fn rpc_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, RpcLi
             "give the real service as host:port, such as `primary: redis-primary:6379`",
             cfg::host_port,
         );
-        let policy = read_policy(&mut r, p);
+        let policy = read_policy(&mut r, p, protocol.unwrap_or(RpcProtocol::Redis));
         let path = r.path().to_owned();
         r.finish(p);
         if let (Some(name), Some(protocol), Some(listen), Some(primary)) =
@@ -380,6 +422,27 @@ pub fn rpc_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, RpcLi
     out
 }
 
+/// `protocol:` of an `rpc:` listener (and of a gateway's `rpc_routes`).
+pub fn protocol(v: &Value) -> Result<RpcProtocol, String> {
+    match cfg::string(v)?.as_str() {
+        "redis" => Ok(RpcProtocol::Redis),
+        "thrift" => Ok(RpcProtocol::Thrift),
+        _ => Err("is not a protocol teeway reads per request".into()),
+    }
+}
+
+/// Records a problem for `key` of `section` when it is there: it is for Redis listeners only.
+fn redis_only(section: &mut Section<'_>, p: &mut Problems, key: &'static str, fix: &str) {
+    if section.get(key).is_some() {
+        p.push(
+            section.path_of(key),
+            None,
+            "is for Redis listeners (`protocol: redis`)",
+            fix,
+        );
+    }
+}
+
 fn read_percentage(v: &Value) -> Result<Fraction, String> {
     match v {
         Value::String(s) if s == "off" => Ok(Fraction::OFF),
@@ -391,7 +454,9 @@ fn read_percentage(v: &Value) -> Result<Fraction, String> {
 const COMMANDS_FIX: &str =
     "use `all`, `writes` (commands that may change data), or a list such as [SET, DEL]";
 
-fn read_policy(r: &mut Section<'_>, p: &mut Problems) -> RpcPolicyConfig {
+fn read_policy(r: &mut Section<'_>, p: &mut Problems, protocol: RpcProtocol) -> RpcPolicyConfig {
+    let redis = protocol == RpcProtocol::Redis;
+    let calls_fix = "rules of a Thrift listener match on `service` and `method`";
     let percentage = r
         .optional(
             p,
@@ -400,20 +465,32 @@ fn read_policy(r: &mut Section<'_>, p: &mut Problems) -> RpcPolicyConfig {
             cfg::percentage,
         )
         .unwrap_or(100.0);
-    let commands = r
-        .optional(p, "commands", COMMANDS_FIX, Commands::read)
-        .unwrap_or(Commands::All);
-    let sample_by_key = r
-        .optional(
+    let (commands, sample_by_key) = if redis {
+        let commands = r
+            .optional(p, "commands", COMMANDS_FIX, Commands::read)
+            .unwrap_or(Commands::All);
+        let sample_by_key = r
+            .optional(
+                p,
+                "sample_by",
+                "use `key` (the same key, the same decision) or leave it out (a random draw)",
+                |v| match cfg::string(v)?.as_str() {
+                    "key" => Ok(true),
+                    _ => Err("is not a sampling key".into()),
+                },
+            )
+            .unwrap_or(false);
+        (commands, sample_by_key)
+    } else {
+        redis_only(r, p, "commands", calls_fix);
+        redis_only(
+            r,
             p,
             "sample_by",
-            "use `key` (the same key, the same decision) or leave it out (a random draw)",
-            |v| match cfg::string(v)?.as_str() {
-                "key" => Ok(true),
-                _ => Err("is not a sampling key".into()),
-            },
-        )
-        .unwrap_or(false);
+            "leave it out: Thrift calls are drawn at random",
+        );
+        (Commands::All, false)
+    };
     let max_message_bytes = r
         .optional(
             p,
@@ -455,13 +532,38 @@ fn read_policy(r: &mut Section<'_>, p: &mut Problems) -> RpcPolicyConfig {
             );
         }
         let mut m = rule.section(p, "match");
-        let commands = m.optional(p, "commands", COMMANDS_FIX, Commands::read);
-        let keys = m.optional(
-            p,
-            "keys",
-            "give a key pattern such as `session:*` (`*` any run of characters, `?` any one)",
-            |v| cfg::nonempty_string(v).map(|s| KeyPattern(s.into_bytes())),
-        );
+        let (commands, keys) = if redis {
+            let commands = m.optional(p, "commands", COMMANDS_FIX, Commands::read);
+            let keys = m.optional(
+                p,
+                "keys",
+                "give a key pattern such as `session:*` (`*` any run of characters, `?` any one)",
+                |v| cfg::nonempty_string(v).map(|s| KeyPattern(s.into_bytes())),
+            );
+            (commands, keys)
+        } else {
+            redis_only(&mut m, p, "commands", calls_fix);
+            redis_only(&mut m, p, "keys", calls_fix);
+            (None, None)
+        };
+        let (services, methods) = if redis {
+            (None, None)
+        } else {
+            (
+                m.list(
+                    p,
+                    "service",
+                    "list services, such as [Orders]",
+                    cfg::nonempty_string,
+                ),
+                m.list(
+                    p,
+                    "method",
+                    "list methods, such as [placeOrder]",
+                    cfg::nonempty_string,
+                ),
+            )
+        };
         m.finish(p);
         let fraction = rule
             .required(
@@ -476,6 +578,8 @@ fn read_policy(r: &mut Section<'_>, p: &mut Problems) -> RpcPolicyConfig {
             name,
             commands,
             keys,
+            services,
+            methods,
             fraction,
         });
     }
@@ -519,19 +623,23 @@ mod tests {
                 name: "no-sessions".into(),
                 commands: None,
                 keys: Some(KeyPattern(b"session:*".to_vec())),
+                services: None,
+                methods: None,
                 fraction: Fraction::OFF,
             },
             RpcRuleConfig {
                 name: "gets".into(),
                 commands: Some(Commands::Listed(vec!["GET".into()])),
                 keys: None,
+                services: None,
+                methods: None,
                 fraction: Fraction::percent(100.0),
             },
         ];
         let policy = config.build("redis", None, None);
         let decide = |text: &'static [u8]| {
             policy
-                .decide(&command(text), true, || 0)
+                .decide(&Call::redis(&command(text)), true, || 0)
                 .map(|c| c.rule.map(|r| r.to_string()))
         };
         assert_eq!(decide(b"SET session:1 x\r\n"), None, "rule off");
@@ -547,7 +655,7 @@ mod tests {
             "a read, not copied by default"
         );
         assert!(policy
-            .decide(&command(b"SET a b\r\n"), false, || 0)
+            .decide(&Call::redis(&command(b"SET a b\r\n")), false, || 0)
             .is_none());
     }
 
@@ -564,12 +672,12 @@ mod tests {
             );
             let get = format!("*2\r\n$3\r\nGET\r\n${}\r\nk{i}\r\n", format!("k{i}").len());
             let a = policy.decide(
-                &Command::parse(set.as_bytes(), 4).expect("test input"),
+                &Call::redis(&Command::parse(set.as_bytes(), 4).expect("test input")),
                 true,
                 || fastrand::u64(..),
             );
             let b = policy.decide(
-                &Command::parse(get.as_bytes(), 4).expect("test input"),
+                &Call::redis(&Command::parse(get.as_bytes(), 4).expect("test input")),
                 true,
                 || fastrand::u64(..),
             );
@@ -585,13 +693,19 @@ mod tests {
     #[test]
     fn the_block_reads_with_defaults_and_names_its_problems() {
         let doc = teeway_runtime::yaml::parse(
-            "rpc:\n  - name: redis\n    protocol: redis\n    listen: 127.0.0.1:6380\n    primary: redis:6379\n    commands: writes\n    sample_by: key\n    rules:\n      - name: sessions\n        match: { keys: \"session:*\", commands: [set, del] }\n        percentage: 30\n  - name: redis\n    protocol: thrift\n    listen: 127.0.0.1:6381\n    primary: x:1\n    rules:\n      - { name: default, percentage: 5 }\n",
+            "rpc:\n  - name: redis\n    protocol: redis\n    listen: 127.0.0.1:6380\n    primary: redis:6379\n    commands: writes\n    sample_by: key\n    rules:\n      - name: sessions\n        match: { keys: \"session:*\", commands: [set, del] }\n        percentage: 30\n  - name: redis\n    protocol: memcached\n    listen: 127.0.0.1:6381\n    primary: x:1\n    rules:\n      - { name: default, percentage: 5 }\n  - name: orders\n    protocol: thrift\n    listen: 127.0.0.1:9090\n    primary: orders:9090\n    commands: writes\n    rules:\n      - { match: { keys: \"a*\", method: [placeOrder] }, percentage: 5 }\n",
         )
         .expect("test input");
         let mut p = Problems::default();
         let mut root = Section::root(&doc, &mut p);
         let read = rpc_block(&mut root, &mut p);
-        assert_eq!(read.len(), 1, "the second entry has problems");
+        assert_eq!(read.len(), 2, "the second entry cannot be used at all");
+        let thrift = &read[1].1;
+        assert_eq!(thrift.protocol, RpcProtocol::Thrift);
+        assert_eq!(
+            thrift.policy.rules[0].methods,
+            Some(vec!["placeOrder".to_owned()])
+        );
         let c = &read[0].1;
         assert_eq!(c.primary, ("redis".into(), 6379));
         assert_eq!(c.policy.commands, Commands::Writes);
@@ -605,7 +719,9 @@ mod tests {
         for needle in [
             "rpc[1].name",
             "rpc[1].protocol",
-            "`thrift`",
+            "`memcached`",
+            "rpc[2].commands: is for Redis listeners",
+            "rpc[2].rules[0].match.keys: is for Redis listeners",
             "rpc[1].rules[0].name",
         ] {
             assert!(text.contains(needle), "{needle} in {text}");
