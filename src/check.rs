@@ -173,6 +173,7 @@ fn agent_summary(c: &AgentConfig) -> String {
             .iter()
             .map(|r| {
                 let commands = match &r.policy.commands {
+                    _ if r.protocol != teeway_wire::RpcProtocol::Redis => "calls".to_owned(),
                     teeway_agent::rpc::Commands::All => "all commands".to_owned(),
                     teeway_agent::rpc::Commands::Writes => "writes".to_owned(),
                     teeway_agent::rpc::Commands::Listed(names) => names.join(","),

@@ -1,5 +1,8 @@
 //! Per-request RPC mirroring (`rpc:` listeners): a byte proxy to the primary that finds each
 //! request in what its clients send, and copies the chosen ones, one by one, to the gateway.
+//! Redis commands are read with the RESP scanner and the connection's session (`SELECT`,
+//! transactions) followed; Thrift calls with the Thrift scanner, in the transport and protocol
+//! the connection's first bytes tell.
 //!
 //! ```text
 //! client ──▶ read ──▶ write ─────────────────────────────────────▶ primary
