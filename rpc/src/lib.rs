@@ -6,6 +6,7 @@
 //! A codec is fed the stream in whatever pieces it arrives in and remembers where it is, so a
 //! message larger than anything kept is still delimited (and skipped) without being held.
 
+pub mod dubbo;
 pub mod redis;
 pub mod thrift;
 
