@@ -422,7 +422,6 @@ impl Books {
                     r,
                     DropReason::BodyTooLarge
                         | DropReason::IncompleteBody
-                        | DropReason::NotMirrorable
                         | DropReason::ClientAborted
                 ) {
                     return Counter::noop();

@@ -2,7 +2,8 @@
 //! request in what its clients send, and copies the chosen ones, one by one, to the gateway.
 //! Redis commands are read with the RESP scanner and the connection's session (`SELECT`,
 //! transactions) followed; Thrift calls with the Thrift scanner, in the transport and protocol
-//! the connection's first bytes tell.
+//! the connection's first bytes tell; Dubbo invocations by their header and Hessian2 body, their
+//! attachments scrubbed (`redact`) before a copy is made, heartbeats and events never copied.
 //!
 //! ```text
 //! client ──▶ read ──▶ write ─────────────────────────────────────▶ primary
@@ -28,6 +29,7 @@
 
 mod policy;
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -40,6 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use teeway_rpc::dubbo;
 use teeway_rpc::redis::{Command, Scanner, Session, Side};
 use teeway_rpc::thrift::{self, MessageType};
 use teeway_runtime::connect::UpstreamConnector;
@@ -156,7 +159,7 @@ impl RpcTap {
                 let copyable = session.follow(&command);
                 let db = session.db;
                 let copy = Copy {
-                    message,
+                    message: Cow::Borrowed(message),
                     connection,
                     variant: 0,
                     attachments: if db == 0 {
@@ -178,7 +181,7 @@ impl RpcTap {
                 }
                 let call = Call::thrift(head);
                 let copy = Copy {
-                    message,
+                    message: Cow::Borrowed(message),
                     connection,
                     variant: scanner.codec().code(),
                     attachments: Vec::new(),
@@ -187,6 +190,61 @@ impl RpcTap {
                 self.copy(&call, true, read, copy, method);
             }
             Reader::Thrift(None) => {}
+            Reader::Dubbo(scanner) => {
+                let Some(header) = scanner.header().filter(dubbo::Header::is_invocation) else {
+                    return; // heartbeats and other events, and responses, are not requests
+                };
+                let body = &message[dubbo::HEADER_LEN..];
+                let invocation = (header.serialization == dubbo::HESSIAN2)
+                    .then(|| dubbo::Invocation::read(body).ok())
+                    .flatten();
+                let unread = dubbo::Invocation::unknown();
+                let invocation = invocation.as_ref().unwrap_or(&unread);
+                let call = Call::dubbo(invocation);
+                let policy = self.policy.load();
+                // A copy leaves only with its attachments scrubbed: one whose attachments could
+                // not be read is not made.
+                let message = if !invocation.attachments_read() {
+                    None
+                } else {
+                    let red = &policy.redaction;
+                    Some(
+                        match invocation.redacted(message, |n| red.covers(n), red.mask.as_deref()) {
+                            Some(redacted) => Cow::Owned(redacted),
+                            None => Cow::Borrowed(message),
+                        },
+                    )
+                };
+                drop(policy);
+                let attachments = match invocation.version.as_str() {
+                    "" | "0.0.0" => Vec::new(),
+                    version => vec![("version".to_owned(), version.to_owned())],
+                };
+                let method = || invocation.method.clone();
+                match message {
+                    Some(message) => {
+                        let copy = Copy {
+                            message,
+                            connection,
+                            variant: 0,
+                            attachments,
+                        };
+                        self.copy(&call, true, read, copy, method);
+                    }
+                    None => self.unmakeable(&call),
+                }
+            }
+        }
+    }
+
+    /// Counts a request whose copy cannot be made (a Dubbo invocation whose attachments could
+    /// not be read, so could not be scrubbed): a `not_mirrorable` drop if it would be copied.
+    fn unmakeable(&self, call: &Call<'_>) {
+        self.out.books.requests.increment(1);
+        if self.policy.load().wanted(call, true) {
+            self.out.books.unmade(DropReason::NotMirrorable);
+        } else {
+            self.out.books.not_sampled.increment(1);
         }
     }
 
@@ -212,7 +270,7 @@ impl RpcTap {
             method: method(),
             attachments: copy.attachments,
         };
-        let frame = Frame::rpc_request(&meta, copy.connection, &rpc_call, copy.message);
+        let frame = Frame::rpc_request(&meta, copy.connection, &rpc_call, &copy.message);
         let held = frame.len();
         self.out.enqueue(frame, held, ticket);
     }
@@ -242,6 +300,23 @@ impl RpcTap {
                 self.policy.load().wanted(&Call::thrift(head), true)
             }
             Reader::Thrift(None) => return,
+            Reader::Dubbo(scanner) => {
+                let header = if whole {
+                    scanner.header()
+                } else {
+                    scanner.current()
+                };
+                let Some(header) = header.filter(dubbo::Header::is_invocation) else {
+                    return;
+                };
+                let body = start.get(dubbo::HEADER_LEN..).unwrap_or_default();
+                let invocation = (header.serialization == dubbo::HESSIAN2)
+                    .then(|| dubbo::Invocation::read(body).ok())
+                    .flatten()
+                    .unwrap_or_else(dubbo::Invocation::unknown);
+                self.out.books.requests.increment(1);
+                self.policy.load().wanted(&Call::dubbo(&invocation), true)
+            }
         };
         if wanted {
             self.out.books.unmade(DropReason::MessageTooLarge);
@@ -379,7 +454,8 @@ impl ReadAt {
 
 /// What a request's copy carries besides its policy's decision.
 struct Copy<'a> {
-    message: &'a [u8],
+    /// The message as the copy carries it (a Dubbo one with its attachments scrubbed).
+    message: Cow<'a, [u8]>,
     connection: u64,
     variant: u8,
     attachments: Vec<(String, String)>,
@@ -393,12 +469,14 @@ enum Reader {
     },
     /// `None` until the stream's first bytes tell its transport and protocol.
     Thrift(Option<thrift::Scanner>),
+    Dubbo(dubbo::Scanner),
 }
 
 impl Reader {
     fn new(protocol: RpcProtocol) -> Self {
         match protocol {
             RpcProtocol::Thrift => Reader::Thrift(None),
+            RpcProtocol::Dubbo => Reader::Dubbo(dubbo::Scanner::new()),
             _ => Reader::Redis {
                 scanner: Scanner::new(Side::Client),
                 session: Session::default(),
@@ -411,6 +489,7 @@ impl Reader {
             Reader::Redis { scanner, .. } => scanner.feed(chunk),
             Reader::Thrift(Some(scanner)) => scanner.feed(chunk),
             Reader::Thrift(None) => Ok(None),
+            Reader::Dubbo(scanner) => scanner.feed(chunk),
         }
     }
 }

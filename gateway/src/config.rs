@@ -575,10 +575,11 @@ fn read_rpc_route(
     let protocol = r.required(
         p,
         "protocol",
-        "use `protocol: redis` or `protocol: thrift`, what the targets speak",
+        "use `protocol: redis`, `thrift` or `dubbo`, what the targets speak",
         |v| match cfg::string(v)?.as_str() {
             "redis" => Ok(RpcProtocol::Redis),
             "thrift" => Ok(RpcProtocol::Thrift),
+            "dubbo" => Ok(RpcProtocol::Dubbo),
             _ => Err("is not a protocol teeway replays per request".into()),
         },
     );

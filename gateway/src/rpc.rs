@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use teeway_rpc::redis::{Scanner, Side};
-use teeway_rpc::thrift;
+use teeway_rpc::{dubbo, thrift};
 use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::dns::Resolver;
 use teeway_runtime::logging::Throttle;
@@ -269,8 +269,9 @@ struct Pending {
     deadline: Instant,
     /// `None`: the reply to a `SELECT` the writer put before a request.
     replay: Option<Replay>,
-    /// The sequence id its reply carries (Thrift); `None`: replies come in order (Redis).
-    id: Option<i32>,
+    /// The id its reply carries (a Thrift sequence id, a Dubbo request id); `None`: replies
+    /// come in order (Redis).
+    id: Option<u64>,
 }
 
 /// One replay destination of an RPC route: its slots and its pooled connections.
@@ -278,7 +279,7 @@ struct Pending {
 pub struct RpcTarget {
     host: String,
     port: u16,
-    spec: (usize, usize, Duration),
+    spec: (RpcProtocol, usize, usize, Duration),
     slots: Arc<Semaphore>,
     /// Bytes of the messages in flight, against [`RPC_TARGET_BYTES`].
     bytes: Arc<AtomicU64>,
@@ -305,7 +306,12 @@ impl RpcTarget {
                 .map(|_| Mutex::new(None))
                 .collect(),
             closed: CancellationToken::new(),
-            spec: (route.max_concurrency, route.connections, route.timeout),
+            spec: (
+                route.protocol,
+                route.max_concurrency,
+                route.connections,
+                route.timeout,
+            ),
             host: host.to_owned(),
             port,
         }
@@ -314,7 +320,13 @@ impl RpcTarget {
     fn same_spec(&self, host: &str, port: u16, route: &RpcRouteConfig) -> bool {
         self.host == host
             && self.port == port
-            && self.spec == (route.max_concurrency, route.connections, route.timeout)
+            && self.spec
+                == (
+                    route.protocol,
+                    route.max_concurrency,
+                    route.connections,
+                    route.timeout,
+                )
     }
 
     /// `host:port`, as metrics label it.
@@ -396,6 +408,7 @@ impl Drop for Slot {
 enum Wire {
     Redis,
     Thrift(thrift::Codec),
+    Dubbo,
 }
 
 impl Wire {
@@ -405,13 +418,14 @@ impl Wire {
     fn of(request: &RpcRequest) -> Wire {
         match request.call.protocol {
             RpcProtocol::Thrift => Wire::Thrift(thrift::Codec::from_code(request.call.variant)),
+            RpcProtocol::Dubbo => Wire::Dubbo,
             _ => Wire::Redis,
         }
     }
 
     fn index(self) -> usize {
         match self {
-            Wire::Redis => 0,
+            Wire::Redis | Wire::Dubbo => 0,
             Wire::Thrift(codec) => usize::from(codec.code() & 3),
         }
     }
@@ -497,9 +511,11 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let (pending_tx, pending_rx) = mpsc::unbounded_channel();
+    // What the reader asks the writer to answer: a Dubbo provider's heartbeats.
+    let (answer_tx, answer_rx) = mpsc::unbounded_channel();
     let done = CancellationToken::new();
-    let writer = write_requests(wr, wire, jobs, pending_tx, done.clone());
-    let reader = read_replies(rd, wire, pending_rx, done.clone());
+    let writer = write_requests(wr, wire, jobs, answer_rx, pending_tx, done.clone());
+    let reader = read_replies(rd, wire, pending_rx, answer_tx, done.clone());
     tokio::select! {
         () = closed.cancelled() => {}
         () = async { tokio::join!(writer, reader); } => {}
@@ -512,17 +528,27 @@ async fn write_requests(
     mut wr: OwnedWriteHalf,
     wire: Wire,
     mut jobs: mpsc::UnboundedReceiver<Job>,
+    mut answers: mpsc::UnboundedReceiver<Vec<u8>>,
     pending: mpsc::UnboundedSender<Pending>,
     done: CancellationToken,
 ) {
     let mut db = 0u32;
     let mut seqid = 0i32;
+    let mut next_id = 0u64;
     // Oneway calls have no reply: settled once written.
     let mut sent: Vec<Replay> = Vec::new();
     let mut out = BytesMut::new();
     loop {
         let first = tokio::select! {
             () = done.cancelled() => break,
+            answer = answers.recv() => {
+                if let Some(answer) = answer {
+                    if wr.write_all(&answer).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
             job = jobs.recv() => match job {
                 Some(job) => job,
                 None => break,
@@ -549,6 +575,31 @@ async fn write_requests(
                         id: None,
                     });
                 }
+                Wire::Dubbo => {
+                    next_id = next_id.wrapping_add(1);
+                    let message = &j.replay.request.message;
+                    let header = message
+                        .get(..dubbo::HEADER_LEN)
+                        .and_then(|h| <&[u8; dubbo::HEADER_LEN]>::try_from(h).ok())
+                        .and_then(|h| dubbo::Header::parse(h).ok());
+                    match header {
+                        None => j.replay.settle(RpcOutcome::ProtocolError),
+                        Some(header) => {
+                            let start = out.len();
+                            out.extend_from_slice(message);
+                            dubbo::Header::set_id(&mut out[start..], next_id);
+                            if header.two_way {
+                                let _ = pending.send(Pending {
+                                    deadline: j.deadline,
+                                    replay: Some(j.replay),
+                                    id: Some(next_id),
+                                });
+                            } else {
+                                sent.push(j.replay);
+                            }
+                        }
+                    }
+                }
                 Wire::Thrift(codec) => {
                     seqid = seqid.wrapping_add(1) & i32::MAX;
                     match put_thrift(codec, &j.replay.request.message, seqid, &mut out) {
@@ -558,7 +609,7 @@ async fn write_requests(
                             let _ = pending.send(Pending {
                                 deadline: j.deadline,
                                 replay: Some(j.replay),
-                                id: Some(seqid),
+                                id: Some(seqid as u64),
                             });
                         }
                     }
@@ -595,6 +646,7 @@ async fn read_replies(
     mut rd: OwnedReadHalf,
     wire: Wire,
     mut pending_rx: mpsc::UnboundedReceiver<Pending>,
+    answers: mpsc::UnboundedSender<Vec<u8>>,
     done: CancellationToken,
 ) {
     let mut queue: VecDeque<Pending> = VecDeque::new();
@@ -626,6 +678,13 @@ async fn read_replies(
                     match scanner.feed(&buf[at..]) {
                         Ok(Some(n)) => {
                             at += n;
+                            if let Some(answer) = scanner.unasked() {
+                                // A provider's heartbeat (or other event): answered, not counted.
+                                if let Some(answer) = answer {
+                                    let _ = answers.send(answer);
+                                }
+                                continue;
+                            }
                             while let Ok(p) = pending_rx.try_recv() {
                                 queue.push_back(p);
                             }
@@ -682,6 +741,7 @@ async fn read_replies(
 enum Replies {
     Redis(Scanner),
     Thrift(thrift::Scanner),
+    Dubbo(dubbo::Scanner),
 }
 
 impl Replies {
@@ -689,13 +749,31 @@ impl Replies {
         match wire {
             Wire::Redis => Replies::Redis(Scanner::new(Side::Server)),
             Wire::Thrift(codec) => Replies::Thrift(thrift::Scanner::new(codec)),
+            Wire::Dubbo => Replies::Dubbo(dubbo::Scanner::new()),
         }
+    }
+
+    /// `Some` when the last message is not a reply to a request of ours: a Dubbo provider's
+    /// heartbeat or event, with the answer it wants, if any.
+    fn unasked(&self) -> Option<Option<Vec<u8>>> {
+        let Replies::Dubbo(s) = self else {
+            return None;
+        };
+        let header = s.header()?;
+        if !header.request && !header.event {
+            return None;
+        }
+        Some(
+            (header.request && header.two_way)
+                .then(|| dubbo::Header::heartbeat_response(header.id).to_vec()),
+        )
     }
 
     fn feed(&mut self, chunk: &[u8]) -> Result<Option<usize>, teeway_rpc::CodecError> {
         match self {
             Replies::Redis(s) => s.feed(chunk),
             Replies::Thrift(s) => s.feed(chunk),
+            Replies::Dubbo(s) => s.feed(chunk),
         }
     }
 
@@ -705,14 +783,20 @@ impl Replies {
         match self {
             Replies::Redis(s) => s.was_error(),
             Replies::Thrift(s) => s.head().is_exception(),
+            Replies::Dubbo(s) => s.header().is_none_or(|h| {
+                let first = s.first_body_byte().map(|b| [b]);
+                dubbo::Outcome::of(&h, first.as_ref().map_or(&[][..], |b| &b[..]))
+                    != dubbo::Outcome::Value
+            }),
         }
     }
 
     /// The sequence id of the last reply (Thrift); `None` where replies come in order.
-    fn id(&self) -> Option<i32> {
+    fn id(&self) -> Option<u64> {
         match self {
             Replies::Redis(_) => None,
-            Replies::Thrift(s) => Some(s.head().seqid),
+            Replies::Thrift(s) => Some(s.head().seqid as u64),
+            Replies::Dubbo(s) => s.header().map(|h| h.id),
         }
     }
 }

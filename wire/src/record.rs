@@ -155,6 +155,8 @@ pub enum RpcProtocol {
     Redis,
     /// Thrift: a call (code 2), in the transport and protocol [`RpcCall::variant`] says.
     Thrift,
+    /// Dubbo 2: an invocation, its 16-byte header first (code 3).
+    Dubbo,
     /// A code this reader does not know.
     Other(u8),
 }
@@ -165,6 +167,7 @@ impl RpcProtocol {
         match self {
             RpcProtocol::Redis => 1,
             RpcProtocol::Thrift => 2,
+            RpcProtocol::Dubbo => 3,
             RpcProtocol::Other(code) => code,
         }
     }
@@ -174,6 +177,7 @@ impl RpcProtocol {
         match code {
             1 => RpcProtocol::Redis,
             2 => RpcProtocol::Thrift,
+            3 => RpcProtocol::Dubbo,
             code => RpcProtocol::Other(code),
         }
     }
@@ -183,6 +187,7 @@ impl RpcProtocol {
         match self {
             RpcProtocol::Redis => "redis",
             RpcProtocol::Thrift => "thrift",
+            RpcProtocol::Dubbo => "dubbo",
             RpcProtocol::Other(_) => "unknown",
         }
     }

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use metrics::Counter;
+use teeway_rpc::dubbo::{Attachment, Invocation};
 use teeway_rpc::redis::{Class, Command};
 use teeway_rpc::thrift::Head;
 use teeway_runtime::config::{self as cfg, Problems, Section};
@@ -38,7 +39,7 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
 pub const MAX_ARGS: usize = 16;
 
 /// `rpc[i]`: a listener proxying one RPC protocol to its primary, copying requests one by one.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct RpcListenerConfig {
     /// Names the listener in metrics and to the gateway, whose `rpc_routes` route on it.
     pub name: String,
@@ -63,6 +64,8 @@ pub struct Call<'a> {
     pub class: Class,
     /// The first key (Redis).
     pub key: Option<&'a [u8]>,
+    /// Its attachments (Dubbo).
+    pub attachments: &'a [Attachment],
 }
 
 impl<'a> Call<'a> {
@@ -73,6 +76,7 @@ impl<'a> Call<'a> {
             method: command.name(),
             class: command.info().class,
             key: command.first_key(),
+            attachments: &[],
         }
     }
 
@@ -84,6 +88,78 @@ impl<'a> Call<'a> {
             method,
             class: Class::Write,
             key: None,
+            attachments: &[],
+        }
+    }
+
+    /// A Dubbo invocation (its service path and method; its attachments, when read).
+    pub fn dubbo(invocation: &'a Invocation) -> Self {
+        Call {
+            service: invocation.service.as_bytes(),
+            method: invocation.method.as_bytes(),
+            class: Class::Write,
+            key: None,
+            attachments: &invocation.attachments,
+        }
+    }
+
+    /// The string value of attachment `name`.
+    fn attachment(&self, name: &str) -> Option<&'a str> {
+        self.attachments
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| a.value.as_deref())
+    }
+}
+
+/// What keeps a sampling decision consistent (`sample_by`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SampleBy {
+    /// Redis: the command's first key.
+    Key,
+    /// Dubbo: the value of this attachment.
+    Attachment(String),
+}
+
+/// `rpc[].redact`: attachments scrubbed from Dubbo copies (the primary gets them whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentRedaction {
+    /// Names scrubbed (compared without regard to case).
+    pub names: Vec<String>,
+    /// `mask`: their value replaced by this; `None`: removed.
+    pub mask: Option<String>,
+}
+
+/// Attachments that never leave production unless `redact.pass` names them: Dubbo's own
+/// provider token, and what carries credentials by custom.
+pub const DEFAULT_REDACTED_ATTACHMENTS: [&str; 10] = [
+    "token",
+    "authorization",
+    "password",
+    "passwd",
+    "secret",
+    "access_token",
+    "accesstoken",
+    "api_key",
+    "apikey",
+    "cookie",
+];
+
+/// The value a masked attachment gets.
+pub const MASK: &str = "[redacted]";
+
+impl AttachmentRedaction {
+    /// Whether `name` is scrubbed.
+    pub fn covers(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+}
+
+impl Default for AttachmentRedaction {
+    fn default() -> Self {
+        AttachmentRedaction {
+            names: DEFAULT_REDACTED_ATTACHMENTS.map(str::to_owned).to_vec(),
+            mask: None,
         }
     }
 }
@@ -171,7 +247,7 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
 }
 
 /// One rule as configured.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct RpcRuleConfig {
     /// Its name (`rules[i]` when none is given).
     pub name: String,
@@ -183,6 +259,9 @@ pub struct RpcRuleConfig {
     pub services: Option<Vec<String>>,
     /// `match.method`: methods taken (exact names).
     pub methods: Option<Vec<String>>,
+    /// `match.attachments` (Dubbo): each named attachment present with a string value the
+    /// regex finds.
+    pub attachments: Vec<(String, regex::Regex)>,
     /// `percentage`.
     pub fraction: Fraction,
 }
@@ -201,18 +280,24 @@ impl RpcRuleConfig {
                 .is_none_or(|k| call.key.is_some_and(|key| k.matches(key)))
             && listed(&self.services, call.service)
             && listed(&self.methods, call.method)
+            && self
+                .attachments
+                .iter()
+                .all(|(name, re)| call.attachment(name).is_some_and(|v| re.is_match(v)))
     }
 }
 
 /// What decides which requests an `rpc:` listener copies.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct RpcPolicyConfig {
     /// The share of the requests no rule matches that is copied.
     pub percentage: f64,
     /// The commands copied when no rule matches.
     pub commands: Commands,
-    /// `sample_by: key`: the draw is the hash of the first key.
-    pub sample_by_key: bool,
+    /// `sample_by`: the draw is the hash of a key or an attachment.
+    pub sample_by: Option<SampleBy>,
+    /// `redact` (Dubbo attachments).
+    pub redaction: AttachmentRedaction,
     /// First match wins.
     pub rules: Vec<RpcRuleConfig>,
     /// Requests larger than this are not copied (counted `message_too_large`).
@@ -227,7 +312,8 @@ impl RpcPolicyConfig {
         Self {
             percentage,
             commands: Commands::All,
-            sample_by_key: false,
+            sample_by: None,
+            redaction: AttachmentRedaction::default(),
             rules: Vec::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             follow_shedding: true,
@@ -286,7 +372,8 @@ impl RpcPolicyConfig {
             default_matched: counter("default"),
             default_pace: pace("default"),
             unmirrorable: counter("unmirrorable"),
-            sample_by_key: self.sample_by_key,
+            sample_by: self.sample_by.clone(),
+            redaction: self.redaction.clone(),
             max_message_bytes: self.max_message_bytes,
             follow_shedding: self.follow_shedding,
         }
@@ -311,7 +398,9 @@ pub struct RpcPolicy {
     default_matched: Counter,
     default_pace: Arc<Pace>,
     unmirrorable: Counter,
-    sample_by_key: bool,
+    sample_by: Option<SampleBy>,
+    /// Attachments scrubbed from Dubbo copies.
+    pub redaction: AttachmentRedaction,
     /// Requests larger than this are not copied.
     pub max_message_bytes: u64,
     follow_shedding: bool,
@@ -348,7 +437,11 @@ impl RpcPolicy {
             rule.map(|r| &r.name),
             fraction,
             self.follow_shedding.then_some(pace),
-            || if self.sample_by_key { call.key } else { None },
+            || match &self.sample_by {
+                Some(SampleBy::Key) => call.key,
+                Some(SampleBy::Attachment(name)) => call.attachment(name).map(str::as_bytes),
+                None => None,
+            },
             draw,
         )
     }
@@ -386,7 +479,7 @@ pub fn rpc_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, RpcLi
         let protocol = r.required(
             p,
             "protocol",
-            "use `protocol: redis` or `protocol: thrift` (Dubbo is to come; for it, a `tcp:` listener tees whole connections)",
+            "use `protocol: redis`, `thrift` or `dubbo`",
             protocol,
         );
         let listen = r.required(
@@ -427,6 +520,7 @@ pub fn protocol(v: &Value) -> Result<RpcProtocol, String> {
     match cfg::string(v)?.as_str() {
         "redis" => Ok(RpcProtocol::Redis),
         "thrift" => Ok(RpcProtocol::Thrift),
+        "dubbo" => Ok(RpcProtocol::Dubbo),
         _ => Err("is not a protocol teeway reads per request".into()),
     }
 }
@@ -441,6 +535,36 @@ fn redis_only(section: &mut Section<'_>, p: &mut Problems, key: &'static str, fi
             fix,
         );
     }
+}
+
+/// `redact:` of a Dubbo listener: `attachments` (added to the defaults), `pass` (taken out of
+/// them), `action` (`remove` or `mask`).
+fn read_attachment_redaction(r: &mut Section<'_>, p: &mut Problems) -> AttachmentRedaction {
+    let mut red = r.section(p, "redact");
+    let mut redaction = AttachmentRedaction::default();
+    let fix = "list attachment names, such as [x-user-token]";
+    if let Some(more) = red.list(p, "attachments", fix, cfg::nonempty_string) {
+        redaction.names.extend(more);
+    }
+    if let Some(pass) = red.list(p, "pass", fix, cfg::nonempty_string) {
+        redaction
+            .names
+            .retain(|n| !pass.iter().any(|x| x.eq_ignore_ascii_case(n)));
+    }
+    redaction.mask = red
+        .optional(
+            p,
+            "action",
+            "use remove (default) or mask",
+            |v| match cfg::string(v)?.as_str() {
+                "remove" => Ok(None),
+                "mask" => Ok(Some(MASK.to_owned())),
+                _ => Err("is not a redaction action".into()),
+            },
+        )
+        .flatten();
+    red.finish(p);
+    redaction
 }
 
 fn read_percentage(v: &Value) -> Result<Fraction, String> {
@@ -465,22 +589,32 @@ fn read_policy(r: &mut Section<'_>, p: &mut Problems, protocol: RpcProtocol) -> 
             cfg::percentage,
         )
         .unwrap_or(100.0);
-    let (commands, sample_by_key) = if redis {
+    let (commands, sample_by) = if redis {
         let commands = r
             .optional(p, "commands", COMMANDS_FIX, Commands::read)
             .unwrap_or(Commands::All);
-        let sample_by_key = r
-            .optional(
-                p,
-                "sample_by",
-                "use `key` (the same key, the same decision) or leave it out (a random draw)",
-                |v| match cfg::string(v)?.as_str() {
-                    "key" => Ok(true),
-                    _ => Err("is not a sampling key".into()),
-                },
-            )
-            .unwrap_or(false);
-        (commands, sample_by_key)
+        let sample_by = r.optional(
+            p,
+            "sample_by",
+            "use `key` (the same key, the same decision) or leave it out (a random draw)",
+            |v| match cfg::string(v)?.as_str() {
+                "key" => Ok(SampleBy::Key),
+                _ => Err("is not a sampling key".into()),
+            },
+        );
+        (commands, sample_by)
+    } else if protocol == RpcProtocol::Dubbo {
+        redis_only(r, p, "commands", calls_fix);
+        let sample_by = r.optional(
+            p,
+            "sample_by",
+            "use `attachment:NAME` (the same attachment value, the same decision), such as attachment:user",
+            |v| match cfg::string(v)?.strip_prefix("attachment:") {
+                Some(name) if !name.is_empty() => Ok(SampleBy::Attachment(name.to_owned())),
+                _ => Err("is not a sampling key".into()),
+            },
+        );
+        (Commands::All, sample_by)
     } else {
         redis_only(r, p, "commands", calls_fix);
         redis_only(
@@ -489,7 +623,20 @@ fn read_policy(r: &mut Section<'_>, p: &mut Problems, protocol: RpcProtocol) -> 
             "sample_by",
             "leave it out: Thrift calls are drawn at random",
         );
-        (Commands::All, false)
+        (Commands::All, None)
+    };
+    let redaction = if protocol == RpcProtocol::Dubbo {
+        read_attachment_redaction(r, p)
+    } else {
+        if r.get("redact").is_some() {
+            p.push(
+                r.path_of("redact"),
+                None,
+                "is for Dubbo listeners (it scrubs attachments)",
+                "leave it out",
+            );
+        }
+        AttachmentRedaction::default()
     };
     let max_message_bytes = r
         .optional(
@@ -564,6 +711,33 @@ fn read_policy(r: &mut Section<'_>, p: &mut Problems, protocol: RpcProtocol) -> 
                 ),
             )
         };
+        let mut attachments = Vec::new();
+        if protocol == RpcProtocol::Dubbo {
+            let path = m.path_of("attachments");
+            match m.get("attachments") {
+                None => {}
+                Some(Value::Mapping(map)) => {
+                    for (name, want) in map {
+                        let re = want.as_str().map(regex::Regex::new);
+                        match (name.as_str(), re) {
+                            (Some(name), Some(Ok(re))) => attachments.push((name.to_owned(), re)),
+                            _ => p.push(
+                                &path,
+                                Some(want),
+                                "holds an entry that is not `name: regex`",
+                                "give each attachment's name and a regex its value must match, such as `user: \"^beta-\"`",
+                            ),
+                        }
+                    }
+                }
+                Some(other) => p.push(
+                    path,
+                    Some(other),
+                    "must be a mapping of attachment names to regexes",
+                    "such as `attachments: { user: \"^beta-\" }`",
+                ),
+            }
+        }
         m.finish(p);
         let fraction = rule
             .required(
@@ -580,13 +754,15 @@ fn read_policy(r: &mut Section<'_>, p: &mut Problems, protocol: RpcProtocol) -> 
             keys,
             services,
             methods,
+            attachments,
             fraction,
         });
     }
     RpcPolicyConfig {
         percentage,
         commands,
-        sample_by_key,
+        sample_by,
+        redaction,
         rules,
         max_message_bytes,
         follow_shedding,
@@ -625,6 +801,7 @@ mod tests {
                 keys: Some(KeyPattern(b"session:*".to_vec())),
                 services: None,
                 methods: None,
+                attachments: Vec::new(),
                 fraction: Fraction::OFF,
             },
             RpcRuleConfig {
@@ -633,6 +810,7 @@ mod tests {
                 keys: None,
                 services: None,
                 methods: None,
+                attachments: Vec::new(),
                 fraction: Fraction::percent(100.0),
             },
         ];
@@ -662,7 +840,7 @@ mod tests {
     #[test]
     fn sampling_by_key_keeps_a_keys_commands_together() {
         let mut config = RpcPolicyConfig::simple(50.0);
-        config.sample_by_key = true;
+        config.sample_by = Some(SampleBy::Key);
         let policy = config.build("redis", None, None);
         let mut copied = 0;
         for i in 0..200u32 {
@@ -709,7 +887,7 @@ mod tests {
         let c = &read[0].1;
         assert_eq!(c.primary, ("redis".into(), 6379));
         assert_eq!(c.policy.commands, Commands::Writes);
-        assert!(c.policy.sample_by_key);
+        assert_eq!(c.policy.sample_by, Some(SampleBy::Key));
         assert_eq!(
             c.policy.rules[0].commands,
             Some(Commands::Listed(vec!["SET".into(), "DEL".into()]))
