@@ -109,6 +109,10 @@ pub struct Scanner {
     left: Option<u32>,
     current: Option<Header>,
     last: Option<Header>,
+    /// The first body byte of the message under way, and of the last finished (a response's
+    /// type: value, null or exception).
+    first: Option<u8>,
+    last_first: Option<u8>,
 }
 
 impl Default for Scanner {
@@ -126,7 +130,14 @@ impl Scanner {
             left: None,
             current: None,
             last: None,
+            first: None,
+            last_first: None,
         }
+    }
+
+    /// The first body byte of the last message finished (`None`: an empty body).
+    pub fn first_body_byte(&self) -> Option<u8> {
+        self.last_first
     }
 
     /// The header of the last message finished.
@@ -147,12 +158,16 @@ impl Scanner {
                 Some(0) => {
                     self.left = None;
                     self.last = self.current.take();
+                    self.last_first = self.first.take();
                     return Ok(Some(i));
                 }
                 Some(left) => {
                     let take = (left as usize).min(chunk.len() - i);
                     if take == 0 {
                         return Ok(None);
+                    }
+                    if self.current.is_some_and(|h| h.body_len == left) {
+                        self.first = Some(chunk[i]);
                     }
                     i += take;
                     self.left = Some(left - take as u32);
@@ -234,6 +249,20 @@ impl Invocation {
             inv.attachments_at = None;
         }
         Ok(inv)
+    }
+
+    /// An invocation nothing could be read of (another serialization than Hessian2, a body
+    /// that is not an invocation): no service, no method, attachments not read.
+    pub fn unknown() -> Self {
+        Invocation {
+            dubbo_version: String::new(),
+            service: String::new(),
+            version: String::new(),
+            method: String::new(),
+            parameter_types: String::new(),
+            attachments: Vec::new(),
+            attachments_at: None,
+        }
     }
 
     /// Whether its attachments were read (the body was whole and every argument could be
