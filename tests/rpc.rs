@@ -571,3 +571,177 @@ async fn thrift_calls_are_mirrored_one_by_one_with_their_exceptions_and_oneways(
         assert_eq!(shadow_calls, want, "{transport}+{protocol}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Dubbo: PyPI's dubbo-ssl-python as the consumer; the provider (v1 as primary, v2 as shadow, as
+// in Aeraki's Dubbo sample) is tests/interop/dubbo/peer.py, with a Hessian2 codec of its own.
+
+/// `tests/interop/dubbo/peer.py`, if Python's dubbo-ssl-python is installed.
+fn dubbo_peer() -> Option<std::path::PathBuf> {
+    let has_library = Command::new("python3")
+        .args(["-c", "import dubbo_ssl"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_library {
+        support::tool_missing(
+            "python3 with dubbo-ssl-python",
+            "a Dubbo 2 consumer for rpc listeners",
+            "pip install dubbo-ssl-python==0.9.6",
+        );
+        return None;
+    }
+    Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/dubbo/peer.py"))
+}
+
+/// A Dubbo provider (`peer.py serve`) answering as `version`, logging each invocation to `log`.
+fn dubbo_provider(peer: &Path, version: &str, log: &Path) -> (Reap, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = Command::new("python3")
+        .arg(peer)
+        .args(["serve", "--port", "0", "--version", version, "--log"])
+        .arg(log)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("peer.py runs");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("a line");
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("peer.py serve said {line:?}"))
+        .parse::<u16>()
+        .expect("a port");
+    (Reap(child), SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// The invocations a provider logged: (method, first argument, attachments).
+fn invocations(log: &Path) -> Vec<(String, String, serde_json::Value)> {
+    logged(log)
+        .iter()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            (
+                v["method"].as_str().unwrap_or_default().to_owned(),
+                v["args"][0].as_str().unwrap_or_default().to_owned(),
+                v["attachments"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dubbo_invocations_are_chosen_one_by_one_and_their_secrets_stay_home() {
+    let Some(peer) = dubbo_peer() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (v1_log, v2_log) = (dir.path().join("v1.log"), dir.path().join("v2.log"));
+    let (_v1, v1) = dubbo_provider(&peer, "v1", &v1_log);
+    let (_v2, v2) = dubbo_provider(&peer, "v2", &v2_log);
+    // Aeraki's sample mirrors 100%; here a 30% rule on one method and 0% on another show that
+    // the choice is made per invocation, on one pooled client connection.
+    let pair = Pair::start_speaking(
+        dir.path(),
+        "dubbo",
+        v1,
+        v2,
+        "    rules:
+      - name: hello
+        match: { method: [sayHello] }
+        percentage: 30
+      - name: no-goodbye
+        match: { method: [sayGoodbye] }
+        percentage: off
+",
+    );
+    let mut script = String::new();
+    for i in 0..100 {
+        script.push_str(&format!(
+            "{{\"method\": \"sayHello\", \"args\": [\"n{i}\"], \"attachments\": {{\"user\": \"u{i}\", \"token\": \"s3cret\"}}}}\n"
+        ));
+        if i % 5 == 0 {
+            script.push_str(&format!(
+                "{{\"method\": \"sayGoodbye\", \"args\": [\"g{i}\"]}}\n{{\"method\": \"fail\", \"args\": [\"f{i}\"]}}\n"
+            ));
+        }
+    }
+    std::fs::write(dir.path().join("calls.jsonl"), &script).expect("write");
+    let out = Command::new("python3")
+        .arg(&peer)
+        .args([
+            "call",
+            "--port",
+            &pair.listen.port().to_string(),
+            "--script",
+        ])
+        .arg(dir.path().join("calls.jsonl"))
+        .output()
+        .expect("peer.py call runs");
+    let answers = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        answers.contains("Hello n0, response from provider: v1"),
+        "production answered by v1: {answers:.300}"
+    );
+
+    let calls = 100.0 + 20.0 + 20.0;
+    let (agent, gateway) = pair.settled(calls).await;
+    let (seen, accounted) = books(&agent);
+    assert_eq!(
+        seen, calls,
+        "every invocation counted once (heartbeats never)"
+    );
+    assert_eq!(seen, accounted);
+    let hello = agent.sum_where("teeway_agent_rpc_rule_matched_total", &[("rule", "hello")]);
+    assert_eq!(hello, 100.0);
+    let mirrored = agent.sum("teeway_agent_rpc_mirrored_total");
+    let hellos_copied = mirrored - 20.0; // and every `fail`
+    assert!(
+        (10.0..=60.0).contains(&hellos_copied),
+        "about 30% of 100 sayHello: {hellos_copied}"
+    );
+    assert_eq!(replays(&gateway, "ok", Some("sayHello")), hellos_copied);
+    assert_eq!(
+        replays(&gateway, "error_reply", Some("fail")),
+        20.0,
+        "v2's exceptions counted as its errors"
+    );
+
+    // v2 saw exactly the chosen calls, in production's order, with their arguments, and
+    // without the token.
+    let primary = invocations(&v1_log);
+    assert_eq!(primary.len(), 140);
+    assert!(primary
+        .iter()
+        .all(|(m, _, a)| m != "sayHello" || a["token"] == "s3cret"));
+    let shadow = settle_async(
+        || async { invocations(&v2_log) },
+        |l: &Vec<_>| l.len() as f64 >= mirrored,
+    )
+    .await;
+    assert_eq!(shadow.len() as f64, mirrored);
+    assert!(shadow.iter().all(|(m, _, _)| m != "sayGoodbye"), "rule off");
+    let in_order: Vec<&(String, String, serde_json::Value)> = primary
+        .iter()
+        .filter(|p| shadow.iter().any(|s| s.0 == p.0 && s.1 == p.1))
+        .collect();
+    assert_eq!(
+        shadow.iter().collect::<Vec<_>>().len(),
+        in_order.len(),
+        "every shadow call is one production made"
+    );
+    for (s, p) in shadow.iter().zip(&in_order) {
+        assert_eq!((&s.0, &s.1), (&p.0, &p.1), "same order");
+        assert!(
+            s.2.get("token").is_none(),
+            "the token was scrubbed: {}",
+            s.2
+        );
+        if s.0 == "sayHello" {
+            assert_eq!(s.2["user"], p.2["user"], "other attachments kept");
+        }
+    }
+}

@@ -901,6 +901,59 @@ mod tests {
         assert!(parsed.event && !parsed.request && parsed.id == 7);
     }
 
+    /// Frames captured between PyPI's dubbo-ssl-python and the test provider
+    /// (tests/interop/dubbo/README.md).
+    fn sample(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/../tests/interop/dubbo/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn frames_of_a_real_consumer_and_provider_are_read() {
+        let request = sample("sample_request.bin");
+        let mut s = Scanner::new();
+        assert_eq!(s.feed(&request), Ok(Some(request.len())));
+        let header = s.header().expect("a header");
+        assert!(header.is_invocation() && header.two_way);
+        assert_eq!((header.id, header.serialization), (2, HESSIAN2));
+        let inv = Invocation::read(&request[HEADER_LEN..]).expect("reads");
+        assert_eq!(
+            inv.service,
+            "org.apache.dubbo.samples.basic.api.DemoService"
+        );
+        assert_eq!(
+            (inv.version.as_str(), inv.method.as_str()),
+            ("1.0.0", "sayHello")
+        );
+        assert!(inv.attachments_read());
+        let user = inv.attachments.iter().find(|a| a.name == "user");
+        assert_eq!(user.and_then(|a| a.value.as_deref()), Some("u1"));
+        let group = inv.attachments.iter().find(|a| a.name == "group");
+        assert_eq!(group.map(|a| a.value.as_deref()), Some(None), "null");
+        let out = inv
+            .redacted(&request, |n| n == "user", None)
+            .expect("redacted");
+        let again = Invocation::read(&out[HEADER_LEN..]).expect("reads");
+        assert!(again.attachments.iter().all(|a| a.name != "user"));
+        assert_eq!(again.attachments.len(), inv.attachments.len() - 1);
+
+        for (name, want) in [
+            ("sample_response.bin", Outcome::Value),
+            ("sample_exception.bin", Outcome::Exception),
+        ] {
+            let frame = sample(name);
+            let mut s = Scanner::new();
+            assert_eq!(s.feed(&frame), Ok(Some(frame.len())), "{name}");
+            let header = s.header().expect("a header");
+            assert!(!header.request);
+            let first = [s.first_body_byte().expect("a body")];
+            assert_eq!(Outcome::of(&header, &first), want, "{name}");
+        }
+    }
+
     #[test]
     fn long_strings_are_written_in_chunks_and_read_back() {
         for len in [0, 31, 32, 1023, 1024, 40_000, 70_000] {
