@@ -533,6 +533,70 @@ async fn a_named_batch_is_replayed_once_however_often_it_is_sent() {
     gateway.stop().await.expect("gateway stops");
 }
 
+/// Batches travel on streams of their own and can arrive whole out of order: the gateway
+/// dispatches them in the order their streams were opened, so that copies reach the shadow in
+/// the order the agent made them (one RPC client's commands, in its order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_dispatched_in_the_order_their_streams_were_opened() {
+    teeway_wire::tls::install_default_provider();
+    let pki = Pki::generate("raw-agent").expect("pki");
+    let (shadow, recording) = start_gateway_recording(&pki).await;
+    let (gateway, _keep) = shadow;
+    let (endpoint, conn) = connect(&pki, gateway.addr).await;
+    exchange(&conn, &hello()).await.expect("welcome");
+    // The first batch's stream is opened and its bytes sent but for the last one; a second
+    // batch is sent whole after it.
+    let first = named_batch(7, 1, false, [get_record(1, "/first")]);
+    let (mut send1, mut recv1) = conn.open_bi().await.expect("stream");
+    send1
+        .write_all(&first[..first.len() - 1])
+        .await
+        .expect("write");
+    let second = named_batch(7, 2, false, [get_record(2, "/second")]);
+    let (mut send2, mut recv2) = conn.open_bi().await.expect("stream");
+    // Quinn opens a stream lazily: bytes on the first make sure the gateway sees it first.
+    send2.write_all(&second).await.expect("write");
+    send2.finish().expect("finish");
+    // The second is whole but waits its turn: nothing is replayed, no ACK comes.
+    let early = tokio::time::timeout(Duration::from_millis(300), recv2.read_to_end(1024)).await;
+    assert!(
+        early.is_err(),
+        "the second batch was answered before the first: {early:?}"
+    );
+    assert!(recording.requests().is_empty(), "nothing dispatched yet");
+    send1
+        .write_all(&first[first.len() - 1..])
+        .await
+        .expect("write");
+    send1.finish().expect("finish");
+    recv1.read_to_end(1024).await.expect("first ack");
+    recv2.read_to_end(1024).await.expect("second ack");
+    assert_eq!(recording.wait_for(2, support::LIMIT).await, 2);
+    let paths: Vec<String> = recording
+        .requests()
+        .iter()
+        .map(|r| r.uri.path().to_owned())
+        .collect();
+    assert_eq!(paths, ["/first", "/second"]);
+    conn.close(VarInt::from_u32(0), b"done");
+    endpoint.wait_idle().await;
+    gateway.stop().await.expect("gateway stops");
+}
+
+/// A gateway replaying to a recording shadow.
+async fn start_gateway_recording(
+    pki: &Pki,
+) -> ((RunningGateway, sample::Service), sample::Recording) {
+    let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
+    let gateway = RunningGateway::start(stack::gateway_config(
+        pki.gateway_material(),
+        &[shadow.addr],
+    ))
+    .await
+    .expect("gateway");
+    ((gateway, shadow), recording)
+}
+
 /// Protocol 6: the `ACK` marks the records no target could take, so that the agent makes
 /// fewer of them; an agent of protocol 5 gets the `ACK` it knows, without the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

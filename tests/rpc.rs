@@ -734,7 +734,12 @@ async fn dubbo_invocations_are_chosen_one_by_one_and_their_secrets_stay_home() {
         "every shadow call is one production made"
     );
     for (s, p) in shadow.iter().zip(&in_order) {
-        assert_eq!((&s.0, &s.1), (&p.0, &p.1), "same order");
+        assert_eq!(
+            (&s.0, &s.1),
+            (&p.0, &p.1),
+            "same order ({} client connections)",
+            agent.sum("teeway_agent_rpc_connections_total")
+        );
         assert!(
             s.2.get("token").is_none(),
             "the token was scrubbed: {}",

@@ -61,7 +61,7 @@ pub struct AgentConfig {
     /// Raw TCP listeners: byte-stream proxies to their primaries, each connection teed whole.
     pub tcp: Vec<TcpListenerConfig>,
     /// `rpc:` listeners, copying RPC requests one by one (Redis).
-    pub rpc: Vec<crate::rpc::RpcListenerConfig>,
+    pub rpc: Vec<crate::rpc_policy::RpcListenerConfig>,
     /// The admin listener, if any.
     pub admin: Option<AdminConfig>,
     /// Time allowed, after the listener closed, for requests in flight and then for the queue.
@@ -228,7 +228,7 @@ impl AgentConfig {
             cfg::nonempty_string,
         );
         let tcp = tcp_block(&mut root, &mut p);
-        let rpc = crate::rpc::rpc_block(&mut root, &mut p);
+        let rpc = crate::rpc_policy::rpc_block(&mut root, &mut p);
         let front = front_block(&mut root, &mut p, &doc, base_dir);
         let mirror = mirror_block(&mut root, &mut p, base_dir);
         let archive = ArchiveConfig::from_section(&mut root, &mut p, base_dir, false);
@@ -349,7 +349,7 @@ impl AgentConfig {
         check("archive", *archive == old.archive);
         check("tcp", *tcp == old.tcp);
         // Which listeners there are, where, to what: a restart. What they copy: live.
-        let bound = |rpc: &[crate::rpc::RpcListenerConfig]| {
+        let bound = |rpc: &[crate::rpc_policy::RpcListenerConfig]| {
             rpc.iter()
                 .map(|r| (r.name.clone(), r.protocol, r.listen, r.primary.clone()))
                 .collect::<Vec<_>>()
@@ -587,7 +587,7 @@ struct Across<'a> {
     listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     tcp: &'a [(String, TcpListenerConfig)],
-    rpc: &'a [(String, crate::rpc::RpcListenerConfig)],
+    rpc: &'a [(String, crate::rpc_policy::RpcListenerConfig)],
     gateway: Option<&'a GatewayConfig>,
     /// `gateway:` was written, even if invalid (its problems are already recorded).
     gateway_given: bool,
@@ -842,19 +842,6 @@ fn root_has(doc: &teeway_runtime::yaml::Value, key: &str) -> bool {
     doc.get(key).is_some_and(|v| !v.is_null())
 }
 
-/// A `tcp:` or `rpc:` listener's name: it labels metrics and routes at the gateway.
-pub(crate) fn listener_name(v: &teeway_runtime::yaml::Value) -> Result<String, String> {
-    let name = cfg::nonempty_string(v)?;
-    if name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err("must be at most 64 letters, digits, `-`, `_` or `.`".into());
-    }
-    Ok(name)
-}
-
 /// `tcp:`, the raw TCP listeners; entries with problems are left out (the problems recorded).
 /// Each entry comes with its path (`tcp[i]`), for problems found later.
 fn tcp_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, TcpListenerConfig)> {
@@ -865,7 +852,7 @@ fn tcp_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, TcpListen
             p,
             "name",
             "name the listener (letters, digits, `-`, `_`, `.`), such as `name: redis`; the gateway's tcp_routes use it",
-            listener_name,
+            cfg::listener_name,
         );
         if let Some(name) = &name {
             if names.contains(name) {

@@ -21,6 +21,7 @@
 //!   - [`rpc`]: `rpc:` listeners, a byte-stream proxy that reads each request (a Redis command)
 //!     beside it and copies the chosen ones one by one, under a policy of their own.
 //! - [`policy`]: mirror rules, consistent sampling, redaction, the body-size policy.
+//! - `rpc_policy`: `rpc:` listeners' configuration, rules, sampling and attachment redaction.
 //! - `tee`: applying the policy, copying bodies as they stream, handing finished copies to the
 //!   uplink's bounded queue without waiting.
 //! - `pace`: each rule's share of sampled requests copied, lowered while the gateway sheds them.
@@ -82,6 +83,7 @@ pub mod policy;
 mod proxy;
 mod retry;
 pub mod rpc;
+mod rpc_policy;
 mod sink;
 pub(crate) mod spool;
 mod tcp;

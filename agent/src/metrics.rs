@@ -417,7 +417,7 @@ impl Books {
                 &[name()],
             ),
             dropped: DropReason::ALL.map(|r| {
-                // What only an HTTP body or connection upgrade can come to.
+                // What only an HTTP body can come to.
                 if matches!(
                     r,
                     DropReason::BodyTooLarge

@@ -27,8 +27,6 @@
 //! `teeway_agent_rpc_requests_total = not_sampled + mirrored + dropped{reason} + in_flight +
 //! spooled`.
 
-mod policy;
-
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,10 +50,10 @@ use teeway_runtime::metrics::Registry;
 use teeway_wire::{Frame, RpcCall, RpcProtocol};
 
 use crate::metrics::DropReason;
+use crate::rpc_policy::{self as policy, Call};
 use crate::tee::Outlet;
-use policy::Call;
 
-pub use policy::{
+pub use crate::rpc_policy::{
     rpc_block, Commands, KeyPattern, RpcListenerConfig, RpcPolicy, RpcPolicyConfig, RpcRuleConfig,
     DEFAULT_MAX_MESSAGE_BYTES, RPC_PACE_RATIO, RPC_RULE_MATCHED_TOTAL,
 };

@@ -492,6 +492,20 @@ pub fn duration_from_to(
     }
 }
 
+/// A listener's name (an agent's `tcp:` and `rpc:` listeners): it labels metrics and is what a
+/// gateway's routes match.
+pub fn listener_name(value: &Value) -> Result<String, String> {
+    let name = nonempty_string(value)?;
+    if name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("must be at most 64 letters, digits, `-`, `_` or `.`".into());
+    }
+    Ok(name)
+}
+
 /// A whole number from `min` to `max`: `must be from 16 to 65536` otherwise.
 pub fn whole_number_from_to(min: u64, max: u64) -> impl Fn(&Value) -> Result<u64, String> {
     move |value| match whole_number(value)? {

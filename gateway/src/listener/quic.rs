@@ -83,6 +83,8 @@ async fn serve_connection(
     let greeted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tracing::info!(%identity, protocol_version = version, "agent connected");
     let streams = TaskTracker::new();
+    // Batches are dispatched in the order their streams were opened (see `Turn`).
+    let mut previous = Turn::first();
     let reason = loop {
         tokio::select! {
             () = shutdown.cancelled() => break "gateway shutting down".to_owned(),
@@ -98,9 +100,11 @@ async fn serve_connection(
                     let shutdown = shutdown.clone();
                     let share = share.clone();
                     let greeted = greeted.clone();
+                    let (turn, next) = previous.next();
+                    previous = next;
                     streams.spawn(async move {
                         let peer = Peer { dispatcher: &dispatcher, identity: &identity, version, shutdown: &shutdown, share: &share, greeted: &greeted };
-                        serve_stream(send, recv, peer).await
+                        serve_stream(send, recv, peer, turn).await
                     });
                 }
                 Err(e) => break e.to_string(),
@@ -115,6 +119,71 @@ async fn serve_connection(
     }
     dispatcher.metrics.agents_connected.decrement(1.0);
     tracing::info!(%identity, %reason, "agent disconnected");
+}
+
+/// A stream's place in its connection's order of dispatch. Batches travel on streams of their
+/// own and can arrive whole in another order than they were sent (a large one overtaken by a
+/// small one): each is dispatched only once the streams opened before it on the connection were
+/// dispatched or ended, so that copies reach their targets in the order the agent made them (an
+/// RPC client's commands replayed in its order). A stream that ends without dispatching passes
+/// its turn on when it comes; streams have deadlines, so no turn waits for ever.
+struct Turn {
+    /// Resolves when the previous stream is done (its sender sent or dropped).
+    mine: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Tells the next stream it is its turn.
+    next: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The receiving end the next stream's turn waits on.
+struct NextTurn(tokio::sync::oneshot::Receiver<()>);
+
+impl Turn {
+    /// The first stream's: nothing before it.
+    fn first() -> NextTurn {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        drop(tx);
+        NextTurn(rx)
+    }
+
+    /// Waits until the streams before this one are done.
+    async fn wait(&mut self) {
+        if let Some(mine) = self.mine.take() {
+            let _ = mine.await;
+        }
+    }
+
+    /// This stream is done: the next may dispatch.
+    fn done(&mut self) {
+        self.next.take();
+    }
+}
+
+impl NextTurn {
+    /// The turn of a new stream, after the one this came from; and what the stream after it
+    /// waits on.
+    fn next(self) -> (Turn, NextTurn) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (
+            Turn {
+                mine: Some(self.0),
+                next: Some(tx),
+            },
+            NextTurn(rx),
+        )
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        // Ended before its turn came (refused, a TCP tee stream, cut): the turn is passed on
+        // when it comes, not before, so no later batch overtakes an earlier one.
+        if let (Some(mine), Some(next)) = (self.mine.take(), self.next.take()) {
+            tokio::spawn(async move {
+                let _ = mine.await;
+                drop(next);
+            });
+        }
+    }
 }
 
 /// Closes the connection of an agent that `agents.allow` does not name, saying why.
@@ -160,7 +229,7 @@ fn agent_identity(conn: &Connection) -> Option<String> {
     chain.first().and_then(teeway_wire::tls::peer_identity)
 }
 
-async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>) {
+async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>, mut turn: Turn) {
     let Peer {
         dispatcher,
         identity,
@@ -215,6 +284,8 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
                 if frames.is_empty() && problem.is_none() {
                     match Frame::decode(&mut buf) {
                         Ok(Some(Frame::TcpOpen(open))) if version >= 2 => {
+                            // A TCP tee stream lives as long as its connection: not in order.
+                            drop(turn);
                             let buf = std::mem::take(&mut buf);
                             // The tee stream's own queues bound what it holds from here.
                             drop(held);
@@ -260,6 +331,14 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
     // Everything is read and decoded: the budget is given back before dispatch and the answer.
     drop(held);
     drop(buf);
+    tokio::select! {
+        () = turn.wait() => {}
+        // At shutdown nothing more is dispatched: the agent sends it again.
+        () = shutdown.cancelled() => {
+            reject(&mut send, &mut recv, codes::OVERLOADED);
+            return;
+        }
+    }
     let reply = match (problem, frames.first()) {
         (Some(problem), _) => Err(problem),
         (None, None) => Err("empty stream".to_owned()),
@@ -298,6 +377,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, peer: Peer<'_>
             Err("frames out of place (an agent sends one HELLO, or records: REQUEST frames, after a BATCH from protocol 3, ENVELOPE frames instead from protocol 5)".to_owned())
         }
     };
+    turn.done();
     match reply {
         Ok(frame) => {
             let mut out = BytesMut::new();

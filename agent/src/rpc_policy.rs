@@ -463,7 +463,7 @@ pub fn rpc_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, RpcLi
             p,
             "name",
             "name the listener (letters, digits, `-`, `_`, `.`), such as `name: redis`; the gateway's rpc_routes use it",
-            crate::config::listener_name,
+            cfg::listener_name,
         );
         if let Some(name) = &name {
             if names.contains(name) {
