@@ -44,13 +44,7 @@ async fn connect_offering(
 
 /// A gateway trusting `pki`'s CA, replaying to a recording shadow (kept alive by the caller).
 async fn start_gateway(pki: &Pki) -> (sample::Service, RunningGateway) {
-    let (shadow, _recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-    let gateway = RunningGateway::start(stack::gateway_config(
-        pki.gateway_material(),
-        &[shadow.addr],
-    ))
-    .await
-    .expect("gateway");
+    let ((gateway, shadow), _recording) = start_gateway_recording(pki).await;
     (shadow, gateway)
 }
 

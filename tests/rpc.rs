@@ -459,13 +459,15 @@ fn thrift_peer() -> Option<std::path::PathBuf> {
     Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/thrift/peer.py"))
 }
 
-/// A Thrift server (`peer.py serve`) logging every call it receives to `log`.
-fn thrift_server(peer: &Path, transport: &str, protocol: &str, log: &Path) -> (Reap, SocketAddr) {
+/// A test peer's server (`peer.py serve ARGS --port 0 --log LOG`), once it said where it
+/// listens.
+fn peer_server(peer: &Path, args: &[&str], log: &Path) -> (Reap, SocketAddr) {
     use std::io::BufRead;
     let mut child = Command::new("python3")
         .arg(peer)
-        .args(["serve", "--port", "0", "--transport", transport])
-        .args(["--protocol", protocol, "--log"])
+        .arg("serve")
+        .args(args)
+        .args(["--port", "0", "--log"])
         .arg(log)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -482,6 +484,15 @@ fn thrift_server(peer: &Path, transport: &str, protocol: &str, log: &Path) -> (R
         .parse::<u16>()
         .expect("a port");
     (Reap(child), SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// A Thrift server logging every call it receives to `log`.
+fn thrift_server(peer: &Path, transport: &str, protocol: &str, log: &Path) -> (Reap, SocketAddr) {
+    peer_server(
+        peer,
+        &["--transport", transport, "--protocol", protocol],
+        log,
+    )
 }
 
 /// The calls a server logged, one JSON line each.
@@ -593,28 +604,9 @@ fn dubbo_peer() -> Option<std::path::PathBuf> {
     Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/dubbo/peer.py"))
 }
 
-/// A Dubbo provider (`peer.py serve`) answering as `version`, logging each invocation to `log`.
+/// A Dubbo provider answering as `version`, logging each invocation to `log`.
 fn dubbo_provider(peer: &Path, version: &str, log: &Path) -> (Reap, SocketAddr) {
-    use std::io::BufRead;
-    let mut child = Command::new("python3")
-        .arg(peer)
-        .args(["serve", "--port", "0", "--version", version, "--log"])
-        .arg(log)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("peer.py runs");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("a line");
-    let port = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("peer.py serve said {line:?}"))
-        .parse::<u16>()
-        .expect("a port");
-    (Reap(child), SocketAddr::from(([127, 0, 0, 1], port)))
+    peer_server(peer, &["--version", version], log)
 }
 
 /// The invocations a provider logged: (method, first argument, attachments).

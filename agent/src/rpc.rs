@@ -38,7 +38,6 @@ use metrics::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use teeway_rpc::dubbo;
 use teeway_rpc::redis::{Command, Scanner, Session, Side};
@@ -339,38 +338,17 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let tasks = TaskTracker::new();
-    let cut = CancellationToken::new();
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((client, _)) => {
-                let _ = client.set_nodelay(true);
-                let (tap, cut) = (tap.clone(), cut.clone());
-                tasks.spawn(async move {
-                    tokio::select! {
-                        () = cut.cancelled() => {}
-                        () = serve_connection(&tap, client) => {}
-                    }
-                });
+    let name = tap.name.clone();
+    crate::tcp::accept(listener, &name, shutdown, grace, |client, tasks, cut| {
+        let (tap, cut) = (tap.clone(), cut.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                () = cut.cancelled() => {}
+                () = serve_connection(&tap, client) => {}
             }
-            Err(e) => {
-                // Out of file descriptors and the like: wait a little rather than spin.
-                tracing::warn!(listener = %tap.name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    drop(listener);
-    tasks.close();
-    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-        tracing::warn!(listener = %tap.name, "rpc connections still open after the grace period; closing them");
-        cut.cancel();
-        tasks.wait().await;
-    }
+        });
+    })
+    .await;
 }
 
 async fn serve_connection(tap: &RpcTap, client: TcpStream) {

@@ -490,6 +490,28 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
+    let name = tee.name().to_owned();
+    accept(listener, &name, shutdown, grace, |client, tasks, cut| {
+        tasks.spawn(serve_connection(
+            tee.clone(),
+            client,
+            tasks.clone(),
+            cut.clone(),
+        ));
+    })
+    .await;
+}
+
+/// A `tcp:` or `rpc:` listener's accept loop: each client (`TCP_NODELAY` set) is handed to
+/// `serve`, with the tasks it may spawn on and the token that cuts them. Ends at `shutdown`; then
+/// lets connections finish for up to `grace`, and cuts those still open.
+pub(crate) async fn accept(
+    listener: TcpListener,
+    name: &str,
+    shutdown: CancellationToken,
+    grace: Duration,
+    mut serve: impl FnMut(TcpStream, &TaskTracker, &CancellationToken),
+) {
     let tasks = TaskTracker::new();
     let cut = CancellationToken::new();
     loop {
@@ -500,16 +522,11 @@ pub async fn serve(
         match accepted {
             Ok((client, _)) => {
                 let _ = client.set_nodelay(true);
-                tasks.spawn(serve_connection(
-                    tee.clone(),
-                    client,
-                    tasks.clone(),
-                    cut.clone(),
-                ));
+                serve(client, &tasks, &cut);
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait a little rather than spin.
-                tracing::warn!(listener = %tee.name(), error = %e, "accept failed");
+                tracing::warn!(listener = %name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -517,7 +534,7 @@ pub async fn serve(
     drop(listener);
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-        tracing::warn!(listener = %tee.name(), "TCP connections still open after the grace period; closing them");
+        tracing::warn!(listener = %name, "connections still open after the grace period; closing them");
         cut.cancel();
         tasks.wait().await;
     }

@@ -315,18 +315,16 @@ class RedisServer:
         return int(m.group(1)) if m else 0
 
 
-def teeway_tcp_pair(work, primary_port, shadow_port):
-    """Gateway replaying listener `redis` to the shadow, and a TCP-only agent in front of the primary."""
+def teeway_listener_pair(work, routes, listeners):
+    """A gateway with `routes` (YAML at the top level), and an agent with only `listeners` (its
+    `tcp:` or `rpc:` block): the pair the Redis scenarios run through."""
     certs = os.path.join(work, "certs")
     subprocess.run([TEEWAY, "certs", "init", "--dir", certs], check=True, capture_output=True)
     gw_port, gw_admin = free_udp_and_tcp_port(), free_port()
     with open(os.path.join(work, "gateway.yaml"), "w") as f:
         f.write(f"""listen: 127.0.0.1:{gw_port}
 tls: {{ ca: {certs}/ca.pem, cert: {certs}/gateway.pem, key: {certs}/gateway.key }}
-tcp_routes:
-  - listener: redis
-    targets: [127.0.0.1:{shadow_port}]
-admin: {{ listen: 127.0.0.1:{gw_admin} }}
+{routes}admin: {{ listen: 127.0.0.1:{gw_admin} }}
 """)
     gateway = Proc("gateway", [TEEWAY, "gateway", "--config", "gateway.yaml"], work,
                    env=dict(os.environ, RUST_LOG="warn"))
@@ -334,15 +332,23 @@ admin: {{ listen: 127.0.0.1:{gw_admin} }}
     port, admin = free_port(), free_port()
     with open(os.path.join(work, "agent.yaml"), "w") as f:
         f.write(f"""cluster: bench
-tcp:
-  - name: redis
-    listen: 127.0.0.1:{port}
-    primary: 127.0.0.1:{primary_port}
-{agent_uplink(gw_port, certs, admin)}""")
+{listeners.format(port=port)}{agent_uplink(gw_port, certs, admin)}""")
     agent = Proc("agent", [TEEWAY, "agent", "--config", "agent.yaml"], work, env=dict(os.environ, RUST_LOG="warn"))
     wait_until(lambda: port_open(port) and port_open(admin), "agent")
     wait_until(lambda: http_status(admin, "/readyz") == 200, "agent uplink")
     return port, (admin, gw_admin), [agent, gateway]
+
+
+def teeway_tcp_pair(work, primary_port, shadow_port):
+    """Gateway replaying listener `redis` to the shadow, and a TCP-only agent in front of the primary."""
+    return teeway_listener_pair(work, f"""tcp_routes:
+  - listener: redis
+    targets: [127.0.0.1:{shadow_port}]
+""", f"""tcp:
+  - name: redis
+    listen: 127.0.0.1:{{port}}
+    primary: 127.0.0.1:{primary_port}
+""")
 
 
 def nginx_stream_proxy(work, primary_port):
@@ -355,36 +361,18 @@ def nginx_stream_proxy(work, primary_port):
 
 def teeway_rpc_pair(work, primary_port, shadow_port, percentage=100):
     """Gateway replaying the `redis` rpc listener's copies to the shadow (rpc_routes), and an agent
-    whose only listener is that `rpc:` listener in front of the primary, copying every command."""
-    certs = os.path.join(work, "certs")
-    subprocess.run([TEEWAY, "certs", "init", "--dir", certs], check=True, capture_output=True)
-    gw_port, gw_admin = free_udp_and_tcp_port(), free_port()
-    with open(os.path.join(work, "gateway.yaml"), "w") as f:
-        f.write(f"""listen: 127.0.0.1:{gw_port}
-tls: {{ ca: {certs}/ca.pem, cert: {certs}/gateway.pem, key: {certs}/gateway.key }}
-rpc_routes:
+    whose only listener is that `rpc:` listener in front of the primary, copying `percentage`."""
+    return teeway_listener_pair(work, f"""rpc_routes:
   - protocol: redis
     match: {{ listener: redis }}
     targets: [127.0.0.1:{shadow_port}]
-admin: {{ listen: 127.0.0.1:{gw_admin} }}
-""")
-    gateway = Proc("gateway", [TEEWAY, "gateway", "--config", "gateway.yaml"], work,
-                   env=dict(os.environ, RUST_LOG="warn"))
-    wait_until(lambda: port_open(gw_admin), "gateway admin")
-    port, admin = free_port(), free_port()
-    with open(os.path.join(work, "agent.yaml"), "w") as f:
-        f.write(f"""cluster: bench
-rpc:
+""", f"""rpc:
   - name: redis
     protocol: redis
-    listen: 127.0.0.1:{port}
+    listen: 127.0.0.1:{{port}}
     primary: 127.0.0.1:{primary_port}
     percentage: {percentage}
-{agent_uplink(gw_port, certs, admin)}""")
-    agent = Proc("agent", [TEEWAY, "agent", "--config", "agent.yaml"], work, env=dict(os.environ, RUST_LOG="warn"))
-    wait_until(lambda: port_open(port) and port_open(admin), "agent")
-    wait_until(lambda: http_status(admin, "/readyz") == 200, "agent uplink")
-    return port, (admin, gw_admin), [agent, gateway]
+""")
 
 
 REDIS_REQUESTS = 200_000
