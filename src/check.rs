@@ -191,9 +191,14 @@ fn agent_summary(c: &AgentConfig) -> String {
             .collect();
         format!(", rpc [{}]", list.join("; "))
     };
+    let mirroring = if c.listen.is_some() {
+        format!(", mirroring {}%", c.mirror.policy.percentage)
+    } else {
+        String::new()
+    };
     format!(
-        "agent config: cluster {}, {http}{tcp}{rpc}, gateway {gateway}, archive {archive}, mirroring {}%",
-        c.cluster, c.mirror.policy.percentage
+        "agent config: cluster {}, {http}{tcp}{rpc}, gateway {gateway}, archive {archive}{mirroring}",
+        c.cluster
     )
 }
 

@@ -26,7 +26,7 @@ use support::{certs_init, field, scrape, settle_async, Proc, LIMIT};
 /// A gateway replaying listener `redis` to `shadow`, and an agent whose only listener is that
 /// `rpc:` listener in front of `primary`, configured with `policy` (YAML lines at its level).
 struct Pair {
-    _gateway: Proc,
+    gateway: Proc,
     agent: Proc,
     gateway_admin: SocketAddr,
     agent_admin: SocketAddr,
@@ -98,7 +98,7 @@ admin: {{ listen: 127.0.0.1:0 }}
         // Commands copied before the uplink is up would be counted `no_uplink`.
         agent.wait_for_line("uplink connected");
         Pair {
-            _gateway: gateway,
+            gateway,
             agent,
             gateway_admin,
             agent_admin,
@@ -304,6 +304,17 @@ async fn writes_only_leaves_the_shadow_with_the_primary_data_and_none_of_its_rea
     )
     .await;
     assert_eq!(replayed, gets + 1, "the shadow ran the read");
+
+    // A gateway with rpc routes alone reloads too.
+    let text = std::fs::read_to_string(dir.path().join("gateway.yaml")).expect("read");
+    support::replace_file(
+        &dir.path().join("gateway.yaml"),
+        text.replace(
+            "match: { listener: tap }",
+            "match: { listener: tap }\n    timeout: 2s",
+        ),
+    );
+    pair.gateway.wait_for_line("configuration reloaded");
 }
 
 /// Sends `commands` (inline, one per line) on one connection and reads until the reply to the

@@ -415,7 +415,7 @@ impl Agent {
             tcp = %if listeners.tcp.is_empty() { "none".to_owned() } else { listeners.tcp.iter().zip(&tcp_tees).map(|(l, t)| format!("{}@{}", t.name(), l.local_addr().map(|a| a.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(",") },
             rpc = %if listeners.rpc.is_empty() { "none".to_owned() } else { listeners.rpc.iter().zip(&rpc_taps).map(|(l, t)| format!("{}@{}", t.name(), l.local_addr().map(|a| a.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(",") },
             admin = %admin_addr,
-            primary = %config.primary.as_ref().map_or("none (sink)", |p| p.url.as_str()),
+            primary = %config.primary.as_ref().map_or(if config.sink.is_some() { "none (sink)" } else { "none" }, |p| p.url.as_str()),
             gateway = %config.gateway.as_ref().map_or("none".into(), |g| teeway_runtime::config::join_host_port(&g.host, g.port)),
             archive = %config.archive.as_ref().map_or("off".into(), |a| a.dir.display().to_string()),
             percentage = config.mirror.policy.percentage,

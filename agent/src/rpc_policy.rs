@@ -195,11 +195,16 @@ impl Commands {
                 .iter()
                 .map(|item| {
                     let name = cfg::nonempty_string(item)?;
-                    if name.bytes().all(|b| b.is_ascii_graphic()) {
-                        Ok(name.to_ascii_uppercase())
-                    } else {
-                        Err(format!("`{name}` is not a command name"))
+                    if !name.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(format!("`{name}` is not a command name"));
                     }
+                    // Naming one that is never copied would be a rule that can never hold.
+                    if teeway_rpc::redis::Info::of(name.as_bytes()).class == Class::Never {
+                        return Err(format!(
+                            "`{name}` is never copied (it carries or changes its connection's state, or administers the server)"
+                        ));
+                    }
+                    Ok(name.to_ascii_uppercase())
                 })
                 .collect::<Result<_, _>>()
                 .map(Commands::Listed),
@@ -775,6 +780,19 @@ mod tests {
 
     fn command(text: &'static [u8]) -> Command<'static> {
         Command::parse(text, MAX_ARGS).expect("test input")
+    }
+
+    #[test]
+    fn a_command_list_refuses_commands_that_are_never_copied() {
+        let list = |text: &str| Commands::read(&teeway_runtime::yaml::parse(text).expect("yaml"));
+        assert_eq!(
+            list("[set, JSON.SET]"),
+            Ok(Commands::Listed(vec!["SET".into(), "JSON.SET".into()])),
+            "a module's command is taken as written"
+        );
+        let refused = list("[SET, auth]").expect_err("AUTH is never copied");
+        assert!(refused.contains("`auth` is never copied"), "{refused}");
+        assert!(list("[MULTI]").is_err());
     }
 
     #[test]

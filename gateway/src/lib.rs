@@ -340,8 +340,15 @@ impl Gateway {
     /// returns the changed settings that need a restart. When invalid, nothing changes.
     pub fn reload_yaml(&self, text: &str, base_dir: &Path) -> ReloadResult {
         let new = GatewayConfig::from_yaml(text, base_dir).map_err(|e| e.to_string())?;
-        if new.routes.is_empty() && self.config.archive.is_none() {
-            return Err("routes: needs at least one route (this gateway has no archive)".into());
+        if new.routes.is_empty()
+            && new.tcp_routes.is_empty()
+            && new.rpc_routes.is_empty()
+            && self.config.archive.is_none()
+        {
+            return Err(
+                "routes: needs at least one route, tcp route or rpc route (this gateway has no archive)"
+                    .into(),
+            );
         }
         let resolver = match self.resolver.get() {
             Some(r) => r.clone(),
