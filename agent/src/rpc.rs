@@ -59,6 +59,8 @@ pub use crate::rpc_policy::{
 
 /// Largest read from a client at once.
 const READ_SIZE: usize = 16 * 1024;
+/// A connection's buffer beyond this is let go once it is empty.
+const KEPT_BUFFER: usize = 64 * 1024;
 /// Time allowed to connect to the primary.
 const PRIMARY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -201,10 +203,10 @@ impl RpcTap {
                 let policy = self.policy.load();
                 // A copy leaves only with its attachments scrubbed: one whose attachments could
                 // not be read is not made.
-                let message = if !invocation.attachments_read() {
+                let red = &policy.redaction;
+                let message = if !invocation.redactable(|n| red.covers(n)) {
                     None
                 } else {
-                    let red = &policy.redaction;
                     Some(
                         match invocation.redacted(message, |n| red.covers(n), red.mask.as_deref()) {
                             Some(redacted) => Cow::Owned(redacted),
@@ -540,6 +542,10 @@ impl Requests {
             }
         }
         buf.advance(start);
+        // A large request passed: its room is let go, not kept for the connection's life.
+        if buf.is_empty() && buf.capacity() > KEPT_BUFFER {
+            *buf = BytesMut::new();
+        }
         if self.skipping {
             buf.clear();
         } else if buf.len() > max {

@@ -647,10 +647,14 @@ fn read_policy(r: &mut Section<'_>, p: &mut Problems, protocol: RpcProtocol) -> 
         .optional(
             p,
             "max_message_bytes",
-            "use a size from 1KiB to 64MiB, such as 1MiB",
+            "use a size from 1KiB to 8MiB, such as 1MiB",
             |v| match cfg::size(v)? {
                 n if n < 1024 => Err("must be at least 1KiB".into()),
-                n if n > 64 * 1024 * 1024 => Err("must be at most 64MiB".into()),
+                // A copy is one frame, and frames stop at 16 MiB (the HTTP body limit too).
+                n if n > teeway_wire::MAX_BODY_BYTES => Err(format!(
+                    "must be at most {} (a copy travels as one frame)",
+                    teeway_runtime::units::format_size(teeway_wire::MAX_BODY_BYTES)
+                )),
                 n => Ok(n),
             },
         )

@@ -64,6 +64,10 @@ pub const MAX_METHOD_LABELS: usize = 64;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest read of replies at once.
 const READ_SIZE: usize = 64 * 1024;
+/// Heartbeat answers a connection's writer may owe a provider at once.
+const ANSWERS: usize = 16;
+/// A writer's buffer beyond this is let go after a write (one large copy must not keep it).
+const KEPT_BUFFER: usize = 1024 * 1024;
 /// Most requests a connection's writer joins into one write.
 const WRITE_BATCH: usize = 128;
 
@@ -360,7 +364,13 @@ impl RpcTarget {
             deadline: Instant::now() + timeout,
             replay,
         };
-        let stream = job.replay.request.connection;
+        let meta = &job.replay.request.meta;
+        let stream = meta.session
+            ^ crate::rpc::spread(job.replay.request.connection)
+            ^ meta
+                .tap
+                .bytes()
+                .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b));
         // Each wire (a Thrift transport and protocol) has connections of its own.
         let per_wire = self.conns.len() / Wire::COUNT;
         let i = wire.index() * per_wire + (spread(stream) % per_wire as u64) as usize;
@@ -511,8 +521,9 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let (pending_tx, pending_rx) = mpsc::unbounded_channel();
-    // What the reader asks the writer to answer: a Dubbo provider's heartbeats.
-    let (answer_tx, answer_rx) = mpsc::unbounded_channel();
+    // What the reader asks the writer to answer: a Dubbo provider's heartbeats (a few at most:
+    // a provider that sends more than are answered loses the connection).
+    let (answer_tx, answer_rx) = mpsc::channel(ANSWERS);
     let done = CancellationToken::new();
     let writer = write_requests(wr, wire, jobs, answer_rx, pending_tx, done.clone());
     let reader = read_replies(rd, wire, pending_rx, answer_tx, done.clone());
@@ -528,7 +539,7 @@ async fn write_requests(
     mut wr: OwnedWriteHalf,
     wire: Wire,
     mut jobs: mpsc::UnboundedReceiver<Job>,
-    mut answers: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut answers: mpsc::Receiver<Vec<u8>>,
     pending: mpsc::UnboundedSender<Pending>,
     done: CancellationToken,
 ) {
@@ -627,6 +638,9 @@ async fn write_requests(
             replay.settle(RpcOutcome::Ok);
         }
         out.clear();
+        if out.capacity() > KEPT_BUFFER {
+            out = BytesMut::new();
+        }
     }
     done.cancel();
     // The reader fails what it was told to expect; later jobs find the queue closed.
@@ -646,7 +660,7 @@ async fn read_replies(
     mut rd: OwnedReadHalf,
     wire: Wire,
     mut pending_rx: mpsc::UnboundedReceiver<Pending>,
-    answers: mpsc::UnboundedSender<Vec<u8>>,
+    answers: mpsc::Sender<Vec<u8>>,
     done: CancellationToken,
 ) {
     let mut queue: VecDeque<Pending> = VecDeque::new();
@@ -681,7 +695,10 @@ async fn read_replies(
                             if let Some(answer) = scanner.unasked() {
                                 // A provider's heartbeat (or other event): answered, not counted.
                                 if let Some(answer) = answer {
-                                    let _ = answers.send(answer);
+                                    if answers.try_send(answer).is_err() {
+                                        broken = Some(RpcOutcome::ProtocolError);
+                                        break;
+                                    }
                                 }
                                 continue;
                             }

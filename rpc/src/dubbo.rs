@@ -199,6 +199,8 @@ pub struct Attachment {
     pub name: String,
     /// Its value when it is a string (else `None`: a number, a map...).
     pub value: Option<String>,
+    /// Its value is null.
+    pub null: bool,
     /// Where its name and value lie in the body, to copy them as they are.
     span: (usize, usize),
 }
@@ -285,6 +287,7 @@ impl Invocation {
                 while r.peek()? != b'Z' {
                     let start = r.pos;
                     let name = r.string()?.unwrap_or_default();
+                    let null = r.peek()? == b'N';
                     let value = if is_string_start(r.peek()?) {
                         r.string()?
                     } else {
@@ -294,6 +297,7 @@ impl Invocation {
                     self.attachments.push(Attachment {
                         name,
                         value,
+                        null,
                         span: (start, r.pos),
                     });
                 }
@@ -309,6 +313,17 @@ impl Invocation {
         }
         self.attachments_at = Some(at);
         Ok(())
+    }
+
+    /// Whether every attachment `redact` names can be removed or masked safely: its value is a
+    /// string or null (an object's class definition or a reference in it would shift what later
+    /// values refer to).
+    pub fn redactable(&self, redact: impl Fn(&str) -> bool) -> bool {
+        self.attachments_read()
+            && self
+                .attachments
+                .iter()
+                .all(|a| !redact(&a.name) || a.value.is_some() || a.null)
     }
 
     /// `message` (header and whole body) with the attachments `redact` names (in any case)
@@ -834,6 +849,20 @@ mod tests {
             assert_eq!(again.method, "sayHello");
         }
         assert!(inv.redacted(&m, |_| false, None).is_none());
+        assert!(inv.redactable(redact));
+
+        // A value that is not a string (an int here; an object could define classes later values
+        // refer to): not redactable, so not copied.
+        let mut b = body("sayHello", "", &[], &[]);
+        b.pop(); // the map's end
+        put_string(&mut b, "token");
+        b.push(0x91);
+        put_string(&mut b, "none");
+        b.push(b'N');
+        b.push(b'Z');
+        let inv = Invocation::read(&b).expect("reads");
+        assert!(!inv.redactable(|n| n == "token"));
+        assert!(inv.redactable(|n| n == "none"), "null is fine");
     }
 
     #[test]

@@ -221,7 +221,7 @@ impl Scanner {
                 let elements = match kind {
                     b'%' => n.saturating_mul(2),
                     // Attributes precede the value they describe: one more element.
-                    b'|' => n.saturating_mul(2) + 1,
+                    b'|' => n.saturating_mul(2).saturating_add(1),
                     _ => n,
                 };
                 if self.side == Side::Client && self.open.is_empty() && (null || n == 0) {
@@ -295,6 +295,23 @@ impl<'a> Command<'a> {
                     .filter(|a| !a.is_empty())
                     .take(max_args),
             );
+            // Redis undoes quotes and escapes in an inline line, and skips any leading space:
+            // `"AUTH" secret` is AUTH. Such a line is never copied, whatever it says.
+            let plain = |b: &u8| {
+                (b.is_ascii_graphic() || matches!(b, b' ' | b'\t'))
+                    && !matches!(b, b'"' | b'\'' | b'\\')
+            };
+            if !line.iter().all(plain) || line.first().is_some_and(|b| matches!(b, b' ' | b'\t')) {
+                let name = args.first()?;
+                return Some(Self {
+                    info: Info {
+                        name: None,
+                        class: Class::Never,
+                        key: KeyAt::None,
+                    },
+                    args: vec![name],
+                });
+            }
         }
         let info = Info::of(args.first()?);
         Some(Self { args, info })
@@ -370,8 +387,9 @@ pub enum Class {
     /// May change data (the command table's `write` flag, scripts and functions included).
     Write,
     /// Never copied: it depends on or changes its connection's state (`AUTH`, `HELLO`,
-    /// `SELECT`, `MULTI`, pub/sub, `CLIENT`...), or administers the server (replication,
-    /// `CONFIG`, `SHUTDOWN`, `DEBUG`...).
+    /// `SELECT`, `MULTI`, pub/sub, `CLIENT`...), administers the server (replication, `CONFIG`,
+    /// `SHUTDOWN`, `DEBUG`...), or blocks the connection it runs on (`BLPOP` and the other
+    /// blocking pops and moves; `XREAD ... BLOCK`).
     Never,
 }
 
@@ -465,14 +483,14 @@ const COMMANDS: &[(&str, Class, KeyAt)] = &[
     ("BITCOUNT", R, A(1)),
     ("BITFIELD", W, A(1)),
     ("BITOP", W, A(2)),
-    ("BLMOVE", W, A(1)),
-    ("BLMPOP", W, Nk(2)),
-    ("BLPOP", W, A(1)),
-    ("BRPOP", W, A(1)),
-    ("BRPOPLPUSH", W, A(1)),
-    ("BZMPOP", W, Nk(2)),
-    ("BZPOPMAX", W, A(1)),
-    ("BZPOPMIN", W, A(1)),
+    ("BLMOVE", N, A(1)),
+    ("BLMPOP", N, Nk(2)),
+    ("BLPOP", N, A(1)),
+    ("BRPOP", N, A(1)),
+    ("BRPOPLPUSH", N, A(1)),
+    ("BZMPOP", N, Nk(2)),
+    ("BZPOPMAX", N, A(1)),
+    ("BZPOPMIN", N, A(1)),
     ("CLIENT", N, NoKey),
     ("CLUSTER", N, NoKey),
     ("COMMAND", R, NoKey),
@@ -630,6 +648,9 @@ const COMMANDS: &[(&str, Class, KeyAt)] = &[
     ("ZUNIONSTORE", W, A(1)),
 ];
 
+/// Arguments searched for `BLOCK` in `XREAD` and `XREADGROUP` (it comes before `STREAMS`).
+const MAX_BLOCK_ARG: usize = 8;
+
 /// The state a client's connection carries between its commands, as far as copying them goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Session {
@@ -648,8 +669,15 @@ impl Session {
         let info = command.info();
         match info.name {
             Some("SELECT") => {
+                // Plain digits, as Redis takes them (no sign, no leading zero).
+                let plain = |a: &[u8]| {
+                    !a.is_empty()
+                        && a.iter().all(u8::is_ascii_digit)
+                        && (a.len() == 1 || a[0] != b'0')
+                };
                 if let Some(db) = command
                     .arg(1)
+                    .filter(|a| plain(a))
                     .and_then(|a| std::str::from_utf8(a).ok())
                     .and_then(|a| a.parse().ok())
                 {
@@ -663,7 +691,14 @@ impl Session {
             Some("RESET") => *self = Session::default(),
             _ => {}
         }
-        info.class != Class::Never && !self.in_transaction
+        // A blocking read holds the shared shadow connection it is replayed on.
+        let blocks = matches!(info.name, Some("XREAD" | "XREADGROUP"))
+            && (2..MAX_BLOCK_ARG).any(|i| {
+                command
+                    .arg(i)
+                    .is_some_and(|a| a.eq_ignore_ascii_case(b"BLOCK"))
+            });
+        info.class != Class::Never && !self.in_transaction && !blocks
     }
 }
 
@@ -852,5 +887,38 @@ mod tests {
         assert!(!s.follow(&cmd(b"AUTH secret\r\n")));
         assert!(!s.follow(&cmd(b"RESET\r\n")));
         assert_eq!(s, Session::default());
+        assert!(
+            !s.follow(&cmd(b"SELECT +3\r\n")) && s.db == 0,
+            "Redis refuses +3"
+        );
+        assert!(!s.follow(&cmd(b"SELECT 03\r\n")) && s.db == 0);
+        assert!(
+            !s.follow(&cmd(b"BRPOP q 0\r\n")),
+            "blocks a shared connection"
+        );
+        assert!(!s.follow(&cmd(b"XREAD COUNT 1 BLOCK 0 STREAMS s $\r\n")));
+        assert!(s.follow(&cmd(b"XREAD COUNT 1 STREAMS s 0\r\n")));
+    }
+
+    #[test]
+    fn quoted_inline_commands_are_never_copied() {
+        let mut s = Session::default();
+        for line in [
+            &b"\"AUTH\" hunter2\r\n"[..],
+            b"AU\"TH\" hunter2\r\n",
+            b"\x0bAUTH hunter2\r\n",
+            b" SELECT 5\r\n",
+            b"SET k 'v'\r\n",
+        ] {
+            let c = Command::parse(line, 4).expect("a command");
+            assert_eq!(
+                c.info().class,
+                Class::Never,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+            assert!(!s.follow(&c));
+        }
+        assert_eq!(s.db, 0);
     }
 }

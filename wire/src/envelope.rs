@@ -487,6 +487,28 @@ mod tests {
     }
 
     #[test]
+    fn a_name_cut_at_its_limit_keeps_the_frame_length_right() {
+        // 70,000 bytes of two-byte characters: cut at 65,534, a character boundary.
+        let call = RpcCall {
+            protocol: RpcProtocol::Redis,
+            variant: 0,
+            service: String::new(),
+            method: "é".repeat(35_000),
+            attachments: vec![],
+        };
+        let frame = crate::Frame::rpc_request(&meta(), 1, &call, b"x");
+        let mut buf = BytesMut::from(&frame[..]);
+        let Ok(Some(crate::Frame::Envelope(Envelope::RpcRequest(r)))) =
+            crate::Frame::decode(&mut buf)
+        else {
+            panic!("the frame decodes whole");
+        };
+        assert!(buf.is_empty());
+        assert_eq!(r.call.method.len(), 65_534);
+        assert_eq!(&r.message[..], b"x");
+    }
+
+    #[test]
     fn later_meta_fields_are_kept_and_written_back() {
         let mut buf = BytesMut::new();
         encode(&Envelope::HttpRequest(request()), &mut buf);

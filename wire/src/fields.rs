@@ -20,7 +20,12 @@ pub fn put_str16(dst: &mut BytesMut, s: &str) {
 
 /// Encoded size of a `str16`.
 pub fn str16_len(s: &str) -> usize {
-    2 + s.len().min(u16::MAX as usize)
+    // The same cut as `put_str16`: at a character boundary.
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    2 + end
 }
 
 /// Writes a `bytes32`: `u32` length, then raw bytes.
