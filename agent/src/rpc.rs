@@ -148,8 +148,15 @@ impl RpcTap {
         &self.name
     }
 
-    /// One whole request, as the client sent it, read by `reader`.
-    fn request(&self, message: &[u8], read: &mut ReadAt, connection: u64, reader: &mut Reader) {
+    /// One whole request, as the client sent it, read by `reader`, decided under `policy`.
+    fn request(
+        &self,
+        policy: &RpcPolicy,
+        message: &[u8],
+        read: &mut ReadAt,
+        connection: u64,
+        reader: &mut Reader,
+    ) {
         match reader {
             Reader::Redis { session, .. } => {
                 let Some(command) = Command::parse(message, policy::MAX_ARGS) else {
@@ -171,7 +178,7 @@ impl RpcTap {
                     Some(name) => name.to_owned(),
                     None => String::from_utf8_lossy(command.name()).to_ascii_uppercase(),
                 };
-                self.copy(&Call::redis(&command), copyable, read, copy, method);
+                self.copy(policy, &Call::redis(&command), copyable, read, copy, method);
             }
             Reader::Thrift(Some(scanner)) => {
                 let head = scanner.head();
@@ -186,7 +193,7 @@ impl RpcTap {
                     attachments: Vec::new(),
                 };
                 let method = || String::from_utf8_lossy(call.method).into_owned();
-                self.copy(&call, true, read, copy, method);
+                self.copy(policy, &call, true, read, copy, method);
             }
             Reader::Thrift(None) => {}
             Reader::Dubbo(scanner) => {
@@ -200,7 +207,6 @@ impl RpcTap {
                 let unread = dubbo::Invocation::unknown();
                 let invocation = invocation.as_ref().unwrap_or(&unread);
                 let call = Call::dubbo(invocation);
-                let policy = self.policy.load();
                 // A copy leaves only with its attachments scrubbed: one whose attachments could
                 // not be read is not made.
                 let red = &policy.redaction;
@@ -214,7 +220,6 @@ impl RpcTap {
                         },
                     )
                 };
-                drop(policy);
                 let attachments = match invocation.version.as_str() {
                     "" | "0.0.0" => Vec::new(),
                     version => vec![("version".to_owned(), version.to_owned())],
@@ -228,20 +233,21 @@ impl RpcTap {
                             variant: 0,
                             attachments,
                         };
-                        self.copy(&call, true, read, copy, method);
+                        self.copy(policy, &call, true, read, copy, method);
                     }
-                    None => self.unmakeable(&call),
+                    None => self.uncopied(policy, &call, true, DropReason::NotMirrorable),
                 }
             }
         }
     }
 
-    /// Counts a request whose copy cannot be made (a Dubbo invocation whose attachments could
-    /// not be read, so could not be scrubbed): a `not_mirrorable` drop if it would be copied.
-    fn unmakeable(&self, call: &Call<'_>) {
+    /// Counts a request whose copy is not made (over `max_message_bytes`; a Dubbo invocation
+    /// whose attachments could not be scrubbed): dropped for `reason` if the policy would have
+    /// copied it, else not sampled.
+    fn uncopied(&self, policy: &RpcPolicy, call: &Call<'_>, copyable: bool, reason: DropReason) {
         self.out.books.requests.increment(1);
-        if self.policy.load().wanted(call, true) {
-            self.out.books.unmade(DropReason::NotMirrorable);
+        if policy.wanted(call, copyable) {
+            self.out.books.unmade(reason);
         } else {
             self.out.books.not_sampled.increment(1);
         }
@@ -250,6 +256,7 @@ impl RpcTap {
     /// Counts `call` and, when the policy takes it, queues its copy.
     fn copy(
         &self,
+        policy: &RpcPolicy,
         call: &Call<'_>,
         copyable: bool,
         read: &mut ReadAt,
@@ -257,7 +264,6 @@ impl RpcTap {
         method: impl FnOnce() -> String,
     ) {
         self.out.books.requests.increment(1);
-        let policy = self.policy.load();
         let chosen = policy.decide(call, copyable, || fastrand::u64(..));
         let Some((ticket, meta)) = self.out.decided_at(chosen, || read.time()) else {
             return;
@@ -276,15 +282,15 @@ impl RpcTap {
 
     /// A request over `max_message_bytes`, of which `start` was read (`whole`: all of it): not
     /// kept; counted as a drop if it would have been copied.
-    fn oversized(&self, start: &[u8], whole: bool, reader: &mut Reader) {
-        let wanted = match reader {
+    fn oversized(&self, policy: &RpcPolicy, start: &[u8], whole: bool, reader: &mut Reader) {
+        let too_large = DropReason::MessageTooLarge;
+        match reader {
             Reader::Redis { session, .. } => {
                 let Some(command) = Command::parse(start, policy::MAX_ARGS) else {
                     return;
                 };
                 let copyable = session.follow(&command);
-                self.out.books.requests.increment(1);
-                self.policy.load().wanted(&Call::redis(&command), copyable)
+                self.uncopied(policy, &Call::redis(&command), copyable, too_large);
             }
             Reader::Thrift(Some(scanner)) => {
                 let head = if whole {
@@ -292,13 +298,11 @@ impl RpcTap {
                 } else {
                     scanner.current()
                 };
-                if !matches!(head.kind, MessageType::Call | MessageType::Oneway) {
-                    return;
+                if matches!(head.kind, MessageType::Call | MessageType::Oneway) {
+                    self.uncopied(policy, &Call::thrift(head), true, too_large);
                 }
-                self.out.books.requests.increment(1);
-                self.policy.load().wanted(&Call::thrift(head), true)
             }
-            Reader::Thrift(None) => return,
+            Reader::Thrift(None) => {}
             Reader::Dubbo(scanner) => {
                 let header = if whole {
                     scanner.header()
@@ -313,14 +317,8 @@ impl RpcTap {
                     .then(|| dubbo::Invocation::read(body).ok())
                     .flatten()
                     .unwrap_or_else(dubbo::Invocation::unknown);
-                self.out.books.requests.increment(1);
-                self.policy.load().wanted(&Call::dubbo(&invocation), true)
+                self.uncopied(policy, &Call::dubbo(&invocation), true, too_large);
             }
-        };
-        if wanted {
-            self.out.books.unmade(DropReason::MessageTooLarge);
-        } else {
-            self.out.books.not_sampled.increment(1);
         }
     }
 
@@ -379,8 +377,8 @@ async fn serve_connection(tap: &RpcTap, client: TcpStream) {
 /// Joins the client and the primary, reading requests out of what the client sends. Ends when
 /// the primary's side is done (after the client's, normally), or at the first error.
 async fn proxy(tap: &RpcTap, client: TcpStream, primary: TcpStream, number: u64) {
-    let (mut client_rd, mut client_wr) = client.into_split();
-    let (mut primary_rd, mut primary_wr) = primary.into_split();
+    let (mut client_rd, client_wr) = client.into_split();
+    let (primary_rd, mut primary_wr) = primary.into_split();
     let upstream = async {
         let mut reader = Requests::new(number, tap.protocol);
         let mut buf = BytesMut::new();
@@ -399,26 +397,11 @@ async fn proxy(tap: &RpcTap, client: TcpStream, primary: TcpStream, number: u64)
             if primary_wr.write_all(&buf[read..]).await.is_err() {
                 break;
             }
-            let max = tap.policy.load().max_message_bytes;
-            reader.read(
-                tap,
-                &mut buf,
-                read,
-                usize::try_from(max).unwrap_or(usize::MAX),
-            );
+            reader.read(tap, &mut buf, read);
         }
         let _ = primary_wr.shutdown().await;
     };
-    let downstream = async {
-        let _ = tokio::io::copy(&mut primary_rd, &mut client_wr).await;
-        let _ = client_wr.shutdown().await;
-    };
-    tokio::pin!(upstream, downstream);
-    tokio::select! {
-        () = &mut upstream => downstream.await,
-        // The primary is done first: the connection is over (the client has its answer).
-        () = &mut downstream => {}
-    }
+    crate::tcp::answer_beside(upstream, primary_rd, client_wr).await;
 }
 
 /// When the bytes of one read arrived, looked up once for the copies made of them.
@@ -496,11 +479,14 @@ impl Requests {
 
     /// Reads what `buf` got from `new` on (before it: the start of the request under way, kept);
     /// hands each whole request to `tap`, and leaves in `buf` only what the next needs.
-    fn read(&mut self, tap: &RpcTap, buf: &mut BytesMut, new: usize, max: usize) {
+    fn read(&mut self, tap: &RpcTap, buf: &mut BytesMut, new: usize) {
         if self.lost {
             buf.clear();
             return;
         }
+        // One load of the policy for all the requests of a read.
+        let policy = tap.policy.load();
+        let max = usize::try_from(policy.max_message_bytes).unwrap_or(usize::MAX);
         let mut start = 0;
         let mut at = new;
         if let Reader::Thrift(scanner @ None) = &mut self.reader {
@@ -525,9 +511,10 @@ impl Requests {
                     if self.skipping {
                         self.skipping = false;
                     } else if end - start > max {
-                        tap.oversized(&buf[start..end], true, &mut self.reader);
+                        tap.oversized(&policy, &buf[start..end], true, &mut self.reader);
                     } else {
-                        tap.request(&buf[start..end], &mut read, self.number, &mut self.reader);
+                        let message = &buf[start..end];
+                        tap.request(&policy, message, &mut read, self.number, &mut self.reader);
                     }
                     start = end;
                     at = end;
@@ -550,7 +537,7 @@ impl Requests {
             buf.clear();
         } else if buf.len() > max {
             // Counted now, from its start (its name and keys come first); the rest only passes.
-            tap.oversized(buf, false, &mut self.reader);
+            tap.oversized(&policy, buf, false, &mut self.reader);
             self.skipping = true;
             buf.clear();
         }

@@ -522,12 +522,8 @@ pub fn rpc_block(root: &mut Section<'_>, p: &mut Problems) -> Vec<(String, RpcLi
 
 /// `protocol:` of an `rpc:` listener (and of a gateway's `rpc_routes`).
 pub fn protocol(v: &Value) -> Result<RpcProtocol, String> {
-    match cfg::string(v)?.as_str() {
-        "redis" => Ok(RpcProtocol::Redis),
-        "thrift" => Ok(RpcProtocol::Thrift),
-        "dubbo" => Ok(RpcProtocol::Dubbo),
-        _ => Err("is not a protocol teeway reads per request".into()),
-    }
+    RpcProtocol::named(&cfg::string(v)?)
+        .ok_or_else(|| "is not a protocol teeway reads per request".into())
 }
 
 /// Records a problem for `key` of `section` when it is there: it is for Redis listeners only.

@@ -585,8 +585,8 @@ async fn serve_connection(
 /// Joins the client and the primary, offering what the client sends to `copy`. Ends when the
 /// primary's side is done (after the client's, normally), or at the first error.
 async fn proxy(tee: &TcpTee, client: TcpStream, primary: TcpStream, mut copy: Option<CopyFeed>) {
-    let (mut client_rd, mut client_wr) = client.into_split();
-    let (mut primary_rd, mut primary_wr) = primary.into_split();
+    let (mut client_rd, client_wr) = client.into_split();
+    let (primary_rd, mut primary_wr) = primary.into_split();
     let upstream = async {
         let mut buf = BytesMut::new();
         loop {
@@ -611,6 +611,17 @@ async fn proxy(tee: &TcpTee, client: TcpStream, primary: TcpStream, mut copy: Op
         drop(copy);
         let _ = primary_wr.shutdown().await;
     };
+    answer_beside(upstream, primary_rd, client_wr).await;
+}
+
+/// Runs `upstream` (the client's side of a proxied connection) beside the copy of the primary's
+/// answers to the client. Ends when the primary's side is done: after the client's, normally; the
+/// primary first ends the connection (the client has its answer).
+pub(crate) async fn answer_beside(
+    upstream: impl std::future::Future<Output = ()>,
+    mut primary_rd: tokio::net::tcp::OwnedReadHalf,
+    mut client_wr: tokio::net::tcp::OwnedWriteHalf,
+) {
     let downstream = async {
         let _ = tokio::io::copy(&mut primary_rd, &mut client_wr).await;
         let _ = client_wr.shutdown().await;
@@ -618,7 +629,6 @@ async fn proxy(tee: &TcpTee, client: TcpStream, primary: TcpStream, mut copy: Op
     tokio::pin!(upstream, downstream);
     tokio::select! {
         () = &mut upstream => downstream.await,
-        // The primary is done first: the connection is over (the client has its answer).
         () = &mut downstream => {}
     }
 }

@@ -576,11 +576,9 @@ fn read_rpc_route(
         p,
         "protocol",
         "use `protocol: redis`, `thrift` or `dubbo`, what the targets speak",
-        |v| match cfg::string(v)?.as_str() {
-            "redis" => Ok(RpcProtocol::Redis),
-            "thrift" => Ok(RpcProtocol::Thrift),
-            "dubbo" => Ok(RpcProtocol::Dubbo),
-            _ => Err("is not a protocol teeway replays per request".into()),
+        |v| {
+            RpcProtocol::named(&cfg::string(v)?)
+                .ok_or_else(|| "is not a protocol teeway replays per request".into())
         },
     );
     let mut m = r.section(p, "match");

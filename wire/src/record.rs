@@ -182,6 +182,13 @@ impl RpcProtocol {
         }
     }
 
+    /// The protocol configuration names `name` (`redis`, `thrift`, `dubbo`).
+    pub fn named(name: &str) -> Option<Self> {
+        [RpcProtocol::Redis, RpcProtocol::Thrift, RpcProtocol::Dubbo]
+            .into_iter()
+            .find(|p| p.name() == name)
+    }
+
     /// Its name in configuration and logs.
     pub fn name(self) -> &'static str {
         match self {
