@@ -221,6 +221,7 @@ async fn offline_replay() {
             loops: 1,
             concurrency,
             filter_path: None,
+            filter_method: None,
             host_header: HostPolicy::Target,
             protocol,
             timeout: Duration::from_secs(10),

@@ -72,7 +72,7 @@ enum Command {
         command: ArchiveCommand,
     },
     /// Send archived requests to a target, at the recorded pace or faster.
-    Replay(ReplayArgs),
+    Replay(Box<ReplayArgs>),
     /// Run primary, agent, gateway and shadow on loopback and show mirroring end to end.
     Demo {
         /// Requests to send.
@@ -112,7 +112,8 @@ enum ArchiveCommand {
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("pace").args(["speed", "rate", "max_rate"])))]
 struct ReplayArgs {
-    /// Where to send the requests: http://host:port or https://host:port.
+    /// Where to send the requests: http://host:port or https://host:port; for RPC copies,
+    /// redis://host:port, thrift://host:port or dubbo://host:port.
     #[arg(long)]
     target: String,
     /// For an https target: a PEM bundle of the CAs its certificate chains to (default: the
@@ -137,9 +138,13 @@ struct ReplayArgs {
     /// Requests in flight at most.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Only requests whose path matches this regular expression.
+    /// Only requests whose path matches this regular expression (HTTP).
     #[arg(long)]
     filter_path: Option<regex::Regex>,
+    /// Only requests whose method matches this regular expression: an HTTP method, a Redis
+    /// command (in capitals), a Thrift or Dubbo method.
+    #[arg(long)]
+    filter_method: Option<regex::Regex>,
     /// Host header sent: the recorded one (keep) or the target's (target).
     #[arg(long, default_value = "keep", value_parser = ["keep", "target"])]
     host_header: String,
@@ -406,7 +411,7 @@ fn main() -> ExitCode {
         }
         Command::Replay(args) => {
             init_logging(log_format, "warn");
-            replay_command(args)
+            replay_command(*args)
         }
         Command::Demo { requests, serve } => {
             init_logging(log_format, "warn");
@@ -540,6 +545,7 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         loops: args.loops,
         concurrency: args.concurrency,
         filter_path: args.filter_path,
+        filter_method: args.filter_method,
         host_header: if args.host_header == "target" {
             teeway_gateway::config::HostPolicy::Target
         } else {

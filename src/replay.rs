@@ -13,6 +13,13 @@
 //!
 //! When the target cannot keep up, requests go out as soon as a slot frees: the schedule is a
 //! floor, not a promise. The report says how far behind schedule the replay ran.
+//!
+//! RPC copies (envelope kind 3) go to `redis://`, `thrift://` or `dubbo://` targets through the
+//! gateway's [`RpcTarget`]: pooled, pipelined connections on which one recorded client
+//! connection's requests keep their order, Thrift sequence ids and Dubbo request ids rewritten,
+//! a Redis client's `SELECT`ed database selected first. Records of another protocol than the
+//! target's are skipped (`other_protocol`), so one archive of mixed traffic replays to each
+//! kind of target in turn.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -29,11 +36,13 @@ use tokio::time::Instant;
 use teeway_archive::read::{ReadStats, Reader};
 use teeway_archive::Envelope;
 use teeway_gateway::config::HostPolicy;
-use teeway_gateway::config::{Rewrite, TargetConfig};
+use teeway_gateway::config::{Rewrite, RpcRouteConfig, TargetConfig};
+use teeway_gateway::metrics::GatewayMetrics;
 use teeway_gateway::replay::{Target, TargetSpec};
+use teeway_gateway::rpc::{Notice, Replay, RpcOutcome, RpcTarget, RpcTargetMetrics};
 use teeway_runtime::config::UpstreamProtocol;
 use teeway_runtime::dns::Resolver;
-use teeway_wire::MirroredRequest;
+use teeway_wire::RpcProtocol;
 
 /// Default cap on one wait between two requests.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
@@ -58,7 +67,8 @@ pub enum Pace {
 pub struct ReplayOptions {
     /// Archives: files or directories.
     pub archives: Vec<PathBuf>,
-    /// `http://host:port` or `https://host:port` of the target.
+    /// The target: `http://host:port`, `https://host:port`, or `redis://`, `thrift://`,
+    /// `dubbo://` and `host:port` for RPC copies.
     pub target: String,
     /// CA bundle an https target's certificate chains to; `None`: the system's CAs.
     pub ca: Option<PathBuf>,
@@ -70,8 +80,11 @@ pub struct ReplayOptions {
     pub loops: u32,
     /// Requests in flight at most.
     pub concurrency: usize,
-    /// Only requests whose path matches.
+    /// Only requests whose path matches (HTTP).
     pub filter_path: Option<Regex>,
+    /// Only requests whose method matches (HTTP methods; Redis commands, Thrift and Dubbo
+    /// methods).
+    pub filter_method: Option<Regex>,
     /// Host header: the recorded one, or the target's.
     pub host_header: HostPolicy,
     /// HTTP version to the target.
@@ -144,12 +157,14 @@ impl Pacer {
 pub struct Report {
     /// Requests sent.
     pub sent: u64,
-    /// Requests that got a response (any status).
+    /// Requests that got a response (any status; an RPC error reply too).
     pub succeeded: u64,
     /// Requests that got none, by reason.
     pub failed: BTreeMap<&'static str, u64>,
-    /// Responses by status class (`2xx`...).
+    /// Responses by status class (`2xx`...); RPC replies as `ok` or `error_reply`.
     pub status: BTreeMap<String, u64>,
+    /// The protocol replayed: `http`, `redis`, `thrift` or `dubbo`.
+    pub protocol: &'static str,
     /// Requests skipped: path filter, truncated bodies.
     pub skipped: BTreeMap<&'static str, u64>,
     /// Response latency in microseconds.
@@ -173,9 +188,10 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(pace: Pace, dry_run: bool) -> anyhow::Result<Self> {
+    fn new(pace: Pace, dry_run: bool, protocol: &'static str) -> anyhow::Result<Self> {
         Ok(Self {
             pace,
+            protocol,
             shortened: (0, Duration::ZERO),
             responses: 0,
             dry_run,
@@ -214,6 +230,7 @@ impl Report {
     /// The report for machines.
     pub fn to_json(&self) -> serde_json::Value {
         json!({
+            "protocol": self.protocol,
             "sent": self.sent,
             "succeeded": self.succeeded,
             "failed": self.failed,
@@ -273,7 +290,12 @@ impl std::fmt::Display for Report {
                 .join(", ")
         }
         if !self.status.is_empty() {
-            writeln!(f, "status:   {}", join(&self.status))?;
+            let label = if self.protocol == "http" {
+                "status: "
+            } else {
+                "replies:"
+            };
+            writeln!(f, "{label}  {}", join(&self.status))?;
         }
         if failed > 0 {
             writeln!(f, "failed:   {}", join(&self.failed))?;
@@ -322,22 +344,91 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// Replays the archives; the report, or why nothing could be replayed.
-pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
-    let files = teeway_archive::read::discover(&options.archives)?;
+/// Where a replay sends its requests.
+enum Destination {
+    /// An HTTP(S) service.
+    Http(Arc<Target>),
+    /// A Redis, Thrift or Dubbo service, taking RPC copies of its protocol.
+    Rpc {
+        protocol: RpcProtocol,
+        target: Arc<RpcTarget>,
+        handles: Arc<RpcTargetMetrics>,
+    },
+}
+
+impl Destination {
+    fn protocol(&self) -> &'static str {
+        match self {
+            Destination::Http(_) => "http",
+            Destination::Rpc { protocol, .. } => protocol.name(),
+        }
+    }
+}
+
+/// `redis://host[:port]`, `thrift://…`, `dubbo://…`: the protocol and address of an RPC target
+/// (default ports 6379, 9090, 20880); `None` when `text` names no RPC scheme.
+pub fn rpc_target(text: &str) -> Option<Result<(RpcProtocol, String, u16), String>> {
+    let (scheme, rest) = text.trim().split_once("://")?;
+    let (protocol, default_port) = match scheme.to_ascii_lowercase().as_str() {
+        "redis" => (RpcProtocol::Redis, 6379),
+        "thrift" => (RpcProtocol::Thrift, 9090),
+        "dubbo" => (RpcProtocol::Dubbo, 20880),
+        _ => return None,
+    };
+    let address = rest.strip_suffix('/').unwrap_or(rest);
+    if address.is_empty() || address.contains(['/', '@', '?']) {
+        return Some(Err(format!(
+            "give {scheme}://host:port, without a path, user or query"
+        )));
+    }
+    let parsed = teeway_runtime::config::split_host_port(address).or_else(|| {
+        (!address.contains(':') || address.starts_with('[') && address.ends_with(']'))
+            .then(|| (address.trim_matches(['[', ']']).to_owned(), default_port))
+    });
+    Some(
+        parsed
+            .map(|(host, port)| (protocol, host, port))
+            .ok_or_else(|| format!("`{address}` is not a host:port address")),
+    )
+}
+
+/// The target of `options`, checked against the options that apply to it.
+fn destination(options: &ReplayOptions, resolver: Resolver) -> anyhow::Result<Destination> {
+    if let Some(rpc) = rpc_target(&options.target) {
+        let (protocol, host, port) =
+            rpc.map_err(|e| crate::usage(format!("--target {}: {e}", options.target)))?;
+        if options.ca.is_some() || options.filter_path.is_some() {
+            return Err(crate::usage(format!(
+                "--target {} is an RPC target: --ca and --filter-path apply to http(s) targets (filter RPC requests with --filter-method)",
+                options.target
+            )));
+        }
+        let config = RpcRouteConfig {
+            timeout: options.timeout,
+            max_concurrency: options.concurrency,
+            ..RpcRouteConfig::new("replay", protocol, vec![(host, port)])
+        };
+        let metrics = Arc::new(GatewayMetrics::new());
+        let (target, handles) = RpcTarget::lone(&config, resolver, metrics)
+            .ok_or_else(|| anyhow::anyhow!("no target"))?;
+        return Ok(Destination::Rpc {
+            protocol,
+            target,
+            handles,
+        });
+    }
     let target_value = teeway_runtime::yaml::Value::from(options.target.as_str());
-    let target_url = teeway_runtime::config::http_target(&target_value)
-        .map_err(|e| crate::usage(format!("--target {}: {e}", options.target)))?;
+    let target_url = teeway_runtime::config::http_target(&target_value).map_err(|e| {
+        crate::usage(format!(
+            "--target {}: {e}; or give redis://, thrift:// or dubbo://host:port to replay RPC copies",
+            options.target
+        ))
+    })?;
     if options.ca.is_some() && !target_url.tls {
         return Err(crate::usage(format!(
             "--ca is given but --target {} is not https",
             options.target
         )));
-    }
-    if options.loops == 0 || options.concurrency == 0 || options.timeout.is_zero() {
-        return Err(crate::usage(
-            "--loop, --concurrency and --timeout must be above zero",
-        ));
     }
     let tls = if target_url.tls {
         let mut problems = teeway_runtime::config::Problems::default();
@@ -353,25 +444,58 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
     } else {
         None
     };
-    let resolver = Resolver::from_system()?;
-    let target = Arc::new(
-        Target::new(
-            TargetSpec {
-                target: TargetConfig {
-                    timeout: options.timeout,
-                    max_concurrency: options.concurrency.max(1),
-                    tls,
-                    ..TargetConfig::new(target_url)
-                },
-                protocol: options.protocol,
-                rewrite: Rewrite::host_only(options.host_header.clone()),
+    let target = Target::new(
+        TargetSpec {
+            target: TargetConfig {
+                timeout: options.timeout,
+                max_concurrency: options.concurrency.max(1),
+                tls,
+                ..TargetConfig::new(target_url)
             },
-            resolver,
-        )
-        .with_context(|| format!("--target {}", options.target))?,
-    );
+            protocol: options.protocol,
+            rewrite: Rewrite::host_only(options.host_header.clone()),
+        },
+        resolver,
+    )
+    .with_context(|| format!("--target {}", options.target))?;
+    Ok(Destination::Http(Arc::new(target)))
+}
+
+/// Keeps `report` told of each RPC replay's end.
+fn rpc_notice(report: &Arc<Mutex<Report>>) -> Notice {
+    let report = report.clone();
+    Arc::new(move |outcome: RpcOutcome, elapsed: Duration| {
+        let Ok(mut r) = report.lock() else { return };
+        match outcome {
+            RpcOutcome::Ok | RpcOutcome::ErrorReply => {
+                r.succeeded += 1;
+                *r.status.entry(outcome.as_str().to_owned()).or_default() += 1;
+                let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+                r.latency.saturating_record(micros.max(1));
+            }
+            // Named as HTTP's unreachable targets are: the exit status looks at it.
+            RpcOutcome::ConnectError => *r.failed.entry("connect").or_default() += 1,
+            other => *r.failed.entry(other.as_str()).or_default() += 1,
+        }
+    })
+}
+
+/// Replays the archives; the report, or why nothing could be replayed.
+pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
+    let files = teeway_archive::read::discover(&options.archives)?;
+    if options.loops == 0 || options.concurrency == 0 || options.timeout.is_zero() {
+        return Err(crate::usage(
+            "--loop, --concurrency and --timeout must be above zero",
+        ));
+    }
+    let destination = destination(&options, Resolver::from_system()?)?;
     let loops = options.loops.max(1);
-    let report = Arc::new(Mutex::new(Report::new(options.pace, options.dry_run)?));
+    let report = Arc::new(Mutex::new(Report::new(
+        options.pace,
+        options.dry_run,
+        destination.protocol(),
+    )?));
+    let notice = rpc_notice(&report);
     let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let progress = Progress::start(options.progress, report.clone(), total.clone());
     let started = Instant::now();
@@ -381,42 +505,46 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
     let mut scheduled = Duration::ZERO;
     for pass in 0..loops {
         pacer.reset();
-        let (tx, mut rx) = mpsc::channel::<MirroredRequest>(READ_AHEAD);
+        let (tx, mut rx) = mpsc::channel::<Envelope>(READ_AHEAD);
         let files = files.clone();
         let reader = tokio::task::spawn_blocking(move || {
             let mut reader = Reader::with_files(files, teeway_archive::read::DEFAULT_WINDOW);
             let (mut requests, mut responses) = (0u64, 0u64);
             for record in reader.by_ref() {
                 match record {
-                    Envelope::HttpRequest(r) => {
+                    Envelope::HttpRequest(_) | Envelope::RpcRequest(_) => {
                         requests += 1;
-                        if tx.blocking_send(r).is_err() {
+                        if tx.blocking_send(record).is_err() {
                             break;
                         }
                     }
-                    Envelope::HttpResponse(_) => responses += 1,
-                    // A kind this command does not replay (RPC requests; a kind written by a
-                    // newer teeway): like a response, counted and not replayed.
-                    Envelope::RpcRequest(_) | Envelope::Other { .. } => responses += 1,
+                    // Responses, and kinds written by a newer teeway: counted, not replayed.
+                    Envelope::HttpResponse(_) | Envelope::Other { .. } => responses += 1,
                 }
             }
             (reader.stats, requests, responses)
         });
         let mut due = Instant::now();
         let mut this_pass = 0u64;
-        while let Some(request) = rx.recv().await {
-            if let Some(filter) = &options.filter_path {
-                if !filter.is_match(request.uri.path()) {
-                    skip(&report, "filter_path");
-                    continue;
+        while let Some(record) = rx.recv().await {
+            let at = record.unix_nanos();
+            let for_target = match (&record, &destination) {
+                (Envelope::HttpRequest(_), Destination::Http(_)) => true,
+                (Envelope::RpcRequest(r), Destination::Rpc { protocol, .. }) => {
+                    r.call.protocol == *protocol
                 }
+                _ => false,
+            };
+            if !for_target {
+                skip(&report, "other_protocol");
+                continue;
             }
-            if request.body_truncated && !options.replay_truncated {
-                skip(&report, "truncated_body");
+            if let Some(why) = skipped(&record, &options) {
+                skip(&report, why);
                 continue;
             }
             this_pass += 1;
-            let gap = pacer.gap(request.received_at_unix_nanos());
+            let gap = pacer.gap(at);
             scheduled += gap;
             if options.dry_run {
                 if let Ok(mut r) = report.lock() {
@@ -426,32 +554,50 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
             }
             due += gap;
             tokio::time::sleep_until(due).await;
-            let slot = target.reserve().await;
-            let behind = Instant::now().saturating_duration_since(due);
-            if let Ok(mut r) = report.lock() {
-                r.sent += 1;
-                r.max_behind = r.max_behind.max(behind);
-            }
-            let target = target.clone();
-            let report = report.clone();
-            tasks.spawn(async move {
-                let outcome = target
-                    .send(&request, &request.meta.source_cluster, None)
-                    .await;
-                drop(slot);
-                let Ok(mut r) = report.lock() else { return };
-                match outcome {
-                    Ok(exchange) => {
-                        r.succeeded += 1;
-                        let class = format!("{}xx", exchange.status.as_u16() / 100);
-                        *r.status.entry(class).or_default() += 1;
-                        let micros =
-                            u64::try_from(exchange.elapsed.as_micros()).unwrap_or(u64::MAX);
-                        r.latency.saturating_record(micros.max(1));
-                    }
-                    Err(reason) => *r.failed.entry(reason.as_str()).or_default() += 1,
+            match (record, &destination) {
+                (Envelope::HttpRequest(request), Destination::Http(target)) => {
+                    let slot = target.reserve().await;
+                    sent(&report, due);
+                    let target = target.clone();
+                    let report = report.clone();
+                    tasks.spawn(async move {
+                        let outcome = target
+                            .send(&request, &request.meta.source_cluster, None)
+                            .await;
+                        drop(slot);
+                        let Ok(mut r) = report.lock() else { return };
+                        match outcome {
+                            Ok(exchange) => {
+                                r.succeeded += 1;
+                                let class = format!("{}xx", exchange.status.as_u16() / 100);
+                                *r.status.entry(class).or_default() += 1;
+                                let micros =
+                                    u64::try_from(exchange.elapsed.as_micros()).unwrap_or(u64::MAX);
+                                r.latency.saturating_record(micros.max(1));
+                            }
+                            Err(reason) => *r.failed.entry(reason.as_str()).or_default() += 1,
+                        }
+                    });
                 }
-            });
+                (
+                    Envelope::RpcRequest(request),
+                    Destination::Rpc {
+                        target, handles, ..
+                    },
+                ) => {
+                    let Some(slot) = target.reserve(request.message.len()).await else {
+                        break;
+                    };
+                    sent(&report, due);
+                    // Handed over in archive order: one recorded connection's requests reach
+                    // the target in the order they were recorded.
+                    let replay =
+                        Replay::start(Arc::new(request), handles.clone(), slot, tasks.token())
+                            .notify(notice.clone());
+                    target.send(replay, options.timeout);
+                }
+                _ => {}
+            }
         }
         let (stats, requests, responses) = reader.await.context("archive reader failed")?;
         if pass == 0 {
@@ -475,14 +621,14 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
             if let Ok(mut r) = report.lock() {
                 r.responses = responses;
             }
-        }
-        if pass == 0 {
             // Every pass reads the same files: the report describes the archive once.
             read_stats = stats;
         }
     }
     tasks.close();
     tasks.wait().await;
+    // The RPC target's connections and the notice hold the report: let them go first.
+    drop((notice, destination));
     progress.stop().await;
     let mut report = Arc::try_unwrap(report)
         .map_err(|_| anyhow::anyhow!("replay tasks still hold the report"))?
@@ -493,6 +639,45 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
     report.shortened = (pacer.shortened, pacer.shortened_by);
     report.scheduled = scheduled;
     Ok(report)
+}
+
+/// Why the options pass an archived request over, if they do.
+fn skipped(record: &Envelope, options: &ReplayOptions) -> Option<&'static str> {
+    let method = match record {
+        Envelope::HttpRequest(r) => r.method.as_str(),
+        Envelope::RpcRequest(r) => r.call.method.as_str(),
+        _ => return None,
+    };
+    if options
+        .filter_method
+        .as_ref()
+        .is_some_and(|f| !f.is_match(method))
+    {
+        return Some("filter_method");
+    }
+    let Envelope::HttpRequest(r) = record else {
+        return None;
+    };
+    if options
+        .filter_path
+        .as_ref()
+        .is_some_and(|f| !f.is_match(r.uri.path()))
+    {
+        return Some("filter_path");
+    }
+    if r.body_truncated && !options.replay_truncated {
+        return Some("truncated_body");
+    }
+    None
+}
+
+/// Counts a request sent, due at `due`.
+fn sent(report: &Mutex<Report>, due: Instant) {
+    let behind = Instant::now().saturating_duration_since(due);
+    if let Ok(mut r) = report.lock() {
+        r.sent += 1;
+        r.max_behind = r.max_behind.max(behind);
+    }
 }
 
 fn skip(report: &Mutex<Report>, why: &'static str) {
@@ -630,6 +815,32 @@ mod tests {
         assert_eq!(m.gap(10_000 * MS), Duration::ZERO);
         p.reset();
         assert_eq!(p.gap(5), Duration::ZERO, "a new loop starts at once");
+    }
+
+    #[test]
+    fn rpc_targets_parse_with_their_default_ports() {
+        let parse = |t: &str| rpc_target(t).map(|r| r.map(|(p, h, port)| (p.name(), h, port)));
+        assert_eq!(
+            parse("redis://cache:6380"),
+            Some(Ok(("redis", "cache".into(), 6380)))
+        );
+        assert_eq!(
+            parse("redis://cache/"),
+            Some(Ok(("redis", "cache".into(), 6379)))
+        );
+        assert_eq!(
+            parse("THRIFT://[::1]"),
+            Some(Ok(("thrift", "::1".into(), 9090)))
+        );
+        assert_eq!(
+            parse("dubbo://10.0.0.5:20881"),
+            Some(Ok(("dubbo", "10.0.0.5".into(), 20881)))
+        );
+        assert_eq!(parse("http://x:80"), None, "not an RPC target");
+        assert!(matches!(parse("redis://"), Some(Err(_))));
+        assert!(matches!(parse("redis://h:6379/0"), Some(Err(_))));
+        assert!(matches!(parse("redis://user@h:6379"), Some(Err(_))));
+        assert!(matches!(parse("redis://h:port"), Some(Err(_))));
     }
 
     #[test]

@@ -38,6 +38,7 @@ fn options(archives: Vec<PathBuf>, target: String, pace: Pace) -> ReplayOptions 
         loops: 1,
         concurrency: 1,
         filter_path: None,
+        filter_method: None,
         host_header: HostPolicy::Keep,
         protocol: UpstreamProtocol::Http1,
         timeout: Duration::from_secs(10),

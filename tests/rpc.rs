@@ -448,6 +448,181 @@ async fn connection_state_is_followed_and_shadow_errors_are_counted() {
     assert_eq!(calls(&redis.cli, redis.shadow, "client"), 0);
 }
 
+/// `teeway replay`, as the README shows it (progress on), on what an agent archived.
+fn replay(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_teeway"))
+        .arg("replay")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("teeway replay runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `teeway replay --target TARGET --max-rate archive` in `dir`, which must succeed; its report.
+fn replay_archive(dir: &Path, target: &str) -> String {
+    let (ok, stdout, stderr) = replay(dir, &["--target", target, "--max-rate", "archive"]);
+    assert!(ok, "replay to {target} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_of_redis_writes_replays_to_a_shadow_that_ends_with_the_primary_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(redis) = redis_pair(dir.path()).await else {
+        return;
+    };
+    // An agent without a gateway: its rpc listener's copies go to the archive.
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        format!(
+            "cluster: prod-eu-1
+rpc:
+  - name: tap
+    protocol: redis
+    listen: 127.0.0.1:0
+    primary: {}
+    commands: writes
+archive: {{ dir: archive }}
+admin: {{ listen: 127.0.0.1:0 }}
+",
+            redis.primary
+        ),
+    )
+    .expect("write");
+    let agent = Proc::spawn(dir.path(), &["agent", "--config", "agent.yaml"]);
+    let serving = agent.wait_for_line("agent serving");
+    let listen: SocketAddr = field(&serving, "rpc")
+        .strip_prefix("tap@")
+        .unwrap_or_else(|| panic!("listener tap in {serving}"))
+        .parse()
+        .expect("rpc listen addr");
+    let admin: SocketAddr = field(&serving, "admin").parse().expect("admin");
+    let out = Command::new(&redis.benchmark)
+        .args(["-h", "127.0.0.1", "-p", &listen.port().to_string()])
+        .args([
+            "-t",
+            "set,get,incr,lpush,sadd",
+            "-n",
+            "2000",
+            "-r",
+            "300",
+            "-c",
+            "4",
+            "-P",
+            "8",
+            "-q",
+        ])
+        .output()
+        .expect("redis-benchmark runs");
+    assert!(out.status.success(), "redis-benchmark: {out:?}");
+    // A client that selected another database: its writes replay there.
+    session(listen, &["SELECT 5", "SET in5 yes", "GET in5"]).await;
+    let writes: u64 = ["set", "incr", "lpush", "sadd"]
+        .iter()
+        .map(|c| calls(&redis.cli, redis.primary, c))
+        .sum();
+    let agent_books = settle_async(
+        || scrape(admin),
+        |s: &Snapshot| {
+            let (seen, accounted) = books(s);
+            s.sum("teeway_agent_rpc_mirrored_total") >= writes as f64 && seen == accounted
+        },
+    )
+    .await;
+    assert_eq!(
+        agent_books.sum("teeway_agent_rpc_mirrored_total"),
+        writes as f64,
+        "every write archived, and nothing else: {}",
+        agent.unread_lines()
+    );
+    let stopped = agent.terminate_and_wait();
+    assert!(stopped.success(), "the agent stopped cleanly: {stopped:?}");
+
+    // Nothing reached the shadow yet; the replay brings it the primary's data.
+    assert_eq!(calls(&redis.cli, redis.shadow, "set"), 0);
+    let shadow = format!("redis://{}", redis.shadow);
+    let stdout = replay_archive(dir.path(), &shadow);
+    assert!(
+        stdout.contains(&format!("sent {writes} in")),
+        "every archived write sent: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("replies:  ok {writes}\n")),
+        "and answered: {stdout}"
+    );
+    assert_eq!(
+        redis_cli(&redis.cli, redis.shadow, &["DEBUG", "DIGEST"]),
+        redis_cli(&redis.cli, redis.primary, &["DEBUG", "DIGEST"]),
+        "the shadow holds the same data as the primary"
+    );
+    assert_eq!(
+        calls(&redis.cli, redis.shadow, "get"),
+        0,
+        "no read replayed"
+    );
+    assert_eq!(
+        redis_cli(&redis.cli, redis.shadow, &["-n", "5", "GET", "in5"]),
+        "yes"
+    );
+
+    // Only some commands; and the report for machines.
+    let (ok, stdout, stderr) = replay(
+        dir.path(),
+        &[
+            "--target",
+            &shadow,
+            "--max-rate",
+            "--filter-method",
+            "^INCR$",
+            "--report",
+            "json",
+            "--quiet",
+            "archive",
+        ],
+    );
+    assert!(ok, "replay failed:\n{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
+    let incrs = calls(&redis.cli, redis.primary, "incr");
+    assert_eq!(report["protocol"], "redis");
+    assert_eq!(report["sent"], incrs);
+    assert_eq!(report["status"]["ok"], incrs);
+    assert_eq!(report["skipped"]["filter_method"], writes - incrs);
+
+    // The same archive to a target of another protocol: nothing of it is sent.
+    let (ok, stdout, stderr) = replay(
+        dir.path(),
+        &["--target", "http://127.0.0.1:9", "--dry-run", "archive"],
+    );
+    assert!(ok, "dry run failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("skipped:  other_protocol {writes}")),
+        "{stdout}"
+    );
+    // A target that is not there: the exit status says so.
+    let (port_holder, refusing) = support::refusing_addr();
+    let (ok, stdout, _) = replay(
+        dir.path(),
+        &[
+            "--target",
+            &format!("redis://{refusing}"),
+            "--max-rate",
+            "--quiet",
+            "archive",
+        ],
+    );
+    drop(port_holder);
+    assert!(!ok, "an unreachable target fails the command: {stdout}");
+    assert!(
+        stdout.contains(&format!("failed:   connect {writes}")),
+        "{stdout}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Thrift: Apache Thrift's own Python library (PyPI `thrift`) as client, primary and shadow, with
 // code generated by the Thrift compiler (tests/interop/thrift/peer.py).
@@ -536,13 +711,14 @@ async fn thrift_calls_are_mirrored_one_by_one_with_their_exceptions_and_oneways(
         );
         let (_primary, primary) = thrift_server(&peer, transport, protocol, &primary_log);
         let (_shadow, shadow) = thrift_server(&peer, transport, protocol, &shadow_log);
-        // `add` is never copied; everything else is, on one client connection.
+        // `add` is never copied; everything else is, on one client connection. The agent also
+        // archives its copies (a top-level key after the listener's lines).
         let pair = Pair::start_speaking(
             dir.path(),
             "thrift",
             primary,
             shadow,
-            "    rules:\n      - name: no-add\n        match: { method: [add] }\n        percentage: off\n",
+            "    rules:\n      - name: no-add\n        match: { method: [add] }\n        percentage: off\narchive: { dir: archive }\n",
         );
         let script = dir.path().join("calls.jsonl");
         std::fs::write(&script, calls.join("\n")).expect("write");
@@ -591,6 +767,17 @@ async fn thrift_calls_are_mirrored_one_by_one_with_their_exceptions_and_oneways(
         )
         .await;
         assert_eq!(shadow_calls, want, "{transport}+{protocol}");
+
+        // What the agent archived replays to another server as the gateway replayed it.
+        assert!(pair.agent.terminate_and_wait().success());
+        let replay_log = dir.path().join("replayed.log");
+        let (_again, again) = thrift_server(&peer, transport, protocol, &replay_log);
+        let report = replay_archive(dir.path(), &format!("thrift://{again}"));
+        assert!(
+            report.contains("replies:  error_reply 1, ok 4\n"),
+            "{report}"
+        );
+        assert_eq!(logged(&replay_log), want, "{transport}+{protocol} replayed");
     }
 }
 
@@ -658,6 +845,7 @@ async fn dubbo_invocations_are_chosen_one_by_one_and_their_secrets_stay_home() {
       - name: no-goodbye
         match: { method: [sayGoodbye] }
         percentage: off
+archive: { dir: archive }
 ",
     );
     let mut script = String::new();
@@ -752,4 +940,16 @@ async fn dubbo_invocations_are_chosen_one_by_one_and_their_secrets_stay_home() {
             assert_eq!(s.2["user"], p.2["user"], "other attachments kept");
         }
     }
+
+    // The agent archived what it sent, token scrubbed: a replay to another provider gives it
+    // the same invocations as v2, in the same order.
+    assert!(pair.agent.terminate_and_wait().success());
+    let v3_log = dir.path().join("v3.log");
+    let (_v3, v3) = dubbo_provider(&peer, "v3", &v3_log);
+    let report = replay_archive(dir.path(), &format!("dubbo://{v3}"));
+    assert!(
+        report.contains(&format!("replies:  error_reply 20, ok {hellos_copied}\n")),
+        "{report}"
+    );
+    assert_eq!(invocations(&v3_log), shadow, "replayed as mirrored");
 }

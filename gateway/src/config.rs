@@ -129,6 +129,27 @@ pub struct RpcRouteConfig {
     pub max_concurrency: usize,
     /// Connections kept open to each target, requests pipelined on them.
     pub connections: usize,
+    /// Methods a target counts under their own `method` label; later ones count as `other`.
+    pub method_labels: usize,
+}
+
+impl RpcRouteConfig {
+    /// A route named `name` taking every copy of `protocol` to `targets`, with the defaults.
+    pub fn new(name: &str, protocol: RpcProtocol, targets: Vec<(String, u16)>) -> Self {
+        Self {
+            name: name.to_owned(),
+            protocol,
+            listener: None,
+            source_clusters: Vec::new(),
+            services: Vec::new(),
+            methods: Vec::new(),
+            targets,
+            timeout: DEFAULT_RPC_TIMEOUT,
+            max_concurrency: DEFAULT_RPC_MAX_CONCURRENCY,
+            connections: DEFAULT_RPC_CONNECTIONS,
+            method_labels: DEFAULT_RPC_METHOD_LABELS,
+        }
+    }
 }
 
 /// Default `rpc_routes[].max_concurrency`: pipelined requests are cheap to keep in flight (about
@@ -141,6 +162,9 @@ pub const RPC_TARGET_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `rpc_routes[].connections`.
 pub const DEFAULT_RPC_CONNECTIONS: usize = 4;
+/// Default `rpc_routes[].method_labels`: enough for a service's methods or an application's
+/// Redis commands; a client sending random names still makes at most this many series.
+pub const DEFAULT_RPC_METHOD_LABELS: usize = 64;
 
 /// Default `tcp_routes[].max_connections`.
 pub const DEFAULT_TCP_MAX_CONNECTIONS: usize = 256;
@@ -647,6 +671,14 @@ fn read_rpc_route(
             cfg::whole_number_from_to(1, 64),
         )
         .map_or(DEFAULT_RPC_CONNECTIONS, |n| n as usize);
+    let method_labels = r
+        .optional(
+            p,
+            "method_labels",
+            "use a whole number from 0 to 1024, such as 64 (0 counts every method as `other`)",
+            cfg::whole_number_from_to(0, 1024),
+        )
+        .map_or(DEFAULT_RPC_METHOD_LABELS, |n| n as usize);
     Some(RpcRouteConfig {
         name,
         protocol: protocol?,
@@ -658,6 +690,7 @@ fn read_rpc_route(
         timeout,
         max_concurrency,
         connections,
+        method_labels,
     })
 }
 
@@ -1358,6 +1391,7 @@ rpc_routes:
                 timeout: Duration::from_millis(250),
                 max_concurrency: DEFAULT_RPC_MAX_CONCURRENCY,
                 connections: DEFAULT_RPC_CONNECTIONS,
+                method_labels: DEFAULT_RPC_METHOD_LABELS,
             }]
         );
         let err = GatewayConfig::from_yaml(
@@ -1368,6 +1402,7 @@ rpc_routes:
     protocol: memcached
     targets: [shadow:6379]
     connections: 0
+    method_labels: 5000
   - name: a
     protocol: redis
     match: { methods: [GET] }
@@ -1380,6 +1415,7 @@ rpc_routes:
         for needle in [
             "rpc_routes[0].protocol: is not a protocol teeway replays per request (found `memcached`)",
             "rpc_routes[0].connections: must be from 1 to 64",
+            "rpc_routes[0].method_labels: must be from 0 to 1024",
             "rpc_routes[1].name: `a` names an earlier rpc route too",
             "rpc_routes[1].match.methods: unknown key; did you mean `method`?",
             "rpc_routes[1].targets: is empty",

@@ -25,8 +25,13 @@
 //! Outcomes: `ok`, `error_reply` (the shadow answered with an error: Redis `-ERR`, `!`),
 //! `protocol_error` (its answer could not be read, or came unasked), `timeout`, `overloaded`
 //! (`max_concurrency` replays in flight, or [`RPC_TARGET_BYTES`] of them), `connect_error`, `io_error` (the connection broke).
-//! The `method` label is a command's name; a target counts at most [`MAX_METHOD_LABELS`] of them,
-//! the rest as `other`, so a client sending random names cannot grow the metrics without bound.
+//! The `method` label is a command's name; a target counts the first `method_labels` (64 by
+//! default) by name and the rest as `other`, so a client sending random names cannot grow the
+//! metrics without bound.
+//!
+//! `teeway replay` sends archived RPC copies through the same [`RpcTarget`] ([`RpcTarget::lone`]),
+//! waiting for a slot instead of shedding ([`RpcTarget::reserve`]) and hearing each outcome
+//! ([`Replay::notify`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,8 +62,6 @@ pub const RPC_REPLAYS_TOTAL: &str = "teeway_gateway_rpc_replays_total";
 pub const RPC_REPLAYS_IN_FLIGHT: &str = "teeway_gateway_rpc_replays_in_flight";
 /// Time from handing an RPC copy to a connection to its reply, by route and target.
 pub const RPC_REPLAY_DURATION_SECONDS: &str = "teeway_gateway_rpc_replay_duration_seconds";
-/// Method label values a target counts by name; others count as `other`.
-pub const MAX_METHOD_LABELS: usize = 64;
 
 /// Time allowed to connect to a target.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -122,8 +125,9 @@ pub struct RpcTargetMetrics {
     target: String,
     in_flight: Gauge,
     duration: Histogram,
-    /// Counters by method, registered on first use, up to [`MAX_METHOD_LABELS`] methods.
+    /// Counters by method, registered on first use, up to `method_labels` methods.
     by_method: RwLock<HashMap<String, [Counter; 7]>>,
+    method_labels: usize,
     other: [Counter; 7],
     logs: [Throttle; 7],
 }
@@ -138,7 +142,7 @@ impl std::fmt::Debug for RpcTargetMetrics {
 }
 
 impl RpcTargetMetrics {
-    fn new(metrics: Arc<GatewayMetrics>, route: &str, target: &str) -> Self {
+    fn new(metrics: Arc<GatewayMetrics>, route: &str, target: &str, method_labels: usize) -> Self {
         let labels = || vec![("route", route.to_owned()), ("target", target.to_owned())];
         let r = metrics.registry();
         Self {
@@ -149,6 +153,7 @@ impl RpcTargetMetrics {
                 &labels(),
             ),
             by_method: RwLock::new(HashMap::new()),
+            method_labels,
             other: Self::register(&metrics, route, target, "other"),
             logs: RpcOutcome::ALL.map(|o| {
                 Throttle::named(format!(
@@ -189,7 +194,7 @@ impl RpcTargetMetrics {
             .is_some();
         if !counted {
             let mut by_method = self.by_method.write().unwrap_or_else(|e| e.into_inner());
-            if by_method.len() < MAX_METHOD_LABELS || by_method.contains_key(method) {
+            if by_method.len() < self.method_labels || by_method.contains_key(method) {
                 by_method.entry(method.to_owned()).or_insert_with(|| {
                     Self::register(&self.metrics, &self.route, &self.target, method)
                 })[index]
@@ -215,8 +220,12 @@ pub struct Replay {
     handles: Arc<RpcTargetMetrics>,
     slot: Option<Slot>,
     started: Instant,
+    notice: Option<Notice>,
     _running: TaskTrackerToken,
 }
+
+/// Told how each replay ended, and how long it took (`teeway replay` keeps its report so).
+pub type Notice = Arc<dyn Fn(RpcOutcome, Duration) + Send + Sync>;
 
 impl Replay {
     /// The account of `request`'s replay in `slot`, counted in flight from now.
@@ -232,8 +241,15 @@ impl Replay {
             handles,
             slot: Some(slot),
             started: Instant::now(),
+            notice: None,
             _running: running,
         }
+    }
+
+    /// The same account, with `notice` told how it ended when it is settled.
+    pub fn notify(mut self, notice: Notice) -> Self {
+        self.notice = Some(notice);
+        self
     }
 
     fn settle(mut self, outcome: RpcOutcome) {
@@ -245,10 +261,12 @@ impl Replay {
             return;
         };
         drop(slot);
+        let elapsed = self.started.elapsed();
         if matches!(outcome, RpcOutcome::Ok | RpcOutcome::ErrorReply) {
-            self.handles
-                .duration
-                .record(self.started.elapsed().as_secs_f64());
+            self.handles.duration.record(elapsed.as_secs_f64());
+        }
+        if let Some(notice) = self.notice.take() {
+            notice(outcome, elapsed);
         }
         self.handles.ended(&self.request.call.method, outcome);
         self.handles.in_flight.decrement(1.0);
@@ -336,6 +354,39 @@ impl RpcTarget {
     /// `host:port`, as metrics label it.
     pub fn address(&self) -> String {
         teeway_runtime::config::join_host_port(&self.host, self.port)
+    }
+
+    /// A target outside any routing table (`teeway replay`): `config`'s first target, counted
+    /// in `metrics` under its name.
+    pub fn lone(
+        config: &RpcRouteConfig,
+        resolver: Resolver,
+        metrics: Arc<GatewayMetrics>,
+    ) -> Option<(Arc<RpcTarget>, Arc<RpcTargetMetrics>)> {
+        let (host, port) = config.targets.first()?;
+        let target = Arc::new(RpcTarget::new(host, *port, config, resolver));
+        let handles = RpcTargetMetrics::new(
+            metrics,
+            &config.name,
+            &target.address(),
+            config.method_labels,
+        );
+        Some((target, Arc::new(handles)))
+    }
+
+    /// A slot for one replay of a message of `len` bytes, once one is free: for a sender that
+    /// would rather wait than shed. The bytes in flight may then pass [`RPC_TARGET_BYTES`] by
+    /// the message, the slots bounding them instead.
+    pub async fn reserve(&self, len: usize) -> Option<Slot> {
+        // `None` only were the slots closed, which they never are.
+        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        let len = len as u64;
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        Some(Slot {
+            _permit: permit,
+            bytes: self.bytes.clone(),
+            len,
+        })
     }
 
     /// A slot for one replay of a message of `len` bytes, if one is free and the bytes in
@@ -892,8 +943,12 @@ impl RpcRouter {
                             Some(i) => reusable.swap_remove(i),
                             None => Arc::new(RpcTarget::new(host, *port, r, resolver.clone())),
                         };
-                        let handles =
-                            RpcTargetMetrics::new(metrics.clone(), &r.name, &target.address());
+                        let handles = RpcTargetMetrics::new(
+                            metrics.clone(),
+                            &r.name,
+                            &target.address(),
+                            r.method_labels,
+                        );
                         (target, Arc::new(handles))
                     })
                     .collect(),
@@ -940,16 +995,10 @@ mod tests {
 
     fn route(port: u16, timeout: Duration) -> RpcRouteConfig {
         RpcRouteConfig {
-            name: "r".into(),
-            protocol: RpcProtocol::Redis,
-            listener: None,
-            source_clusters: vec![],
-            services: vec![],
-            methods: vec![],
-            targets: vec![("127.0.0.1".into(), port)],
             timeout,
             max_concurrency: 16,
             connections: 1,
+            ..RpcRouteConfig::new("r", RpcProtocol::Redis, vec![("127.0.0.1".into(), port)])
         }
     }
 
@@ -1000,6 +1049,19 @@ mod tests {
     }
 
     use std::net::SocketAddr;
+
+    #[test]
+    fn methods_past_the_label_bound_count_as_other() {
+        let metrics = Arc::new(GatewayMetrics::new());
+        let handles = RpcTargetMetrics::new(metrics.clone(), "r", "shadow:6379", 2);
+        for method in ["SET", "GET", "DEL", "SET", "EVAL"] {
+            handles.ended(method, RpcOutcome::Ok);
+        }
+        let s = Snapshot::parse(&metrics.registry().render());
+        let ok = |method| s.sum_where(RPC_REPLAYS_TOTAL, &[("method", method), ("outcome", "ok")]);
+        assert_eq!((ok("SET"), ok("GET"), ok("other")), (2.0, 1.0, 2.0));
+        assert_eq!(ok("DEL") + ok("EVAL"), 0.0, "no series of their own");
+    }
 
     #[tokio::test]
     async fn replies_settle_requests_in_order_and_a_database_is_selected_first() {
