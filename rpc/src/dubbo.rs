@@ -532,10 +532,22 @@ impl<'a> Reader<'a> {
     /// A string, or null; chunks joined.
     fn string(&mut self) -> Result<Option<String>, CodecError> {
         let mut out = String::new();
+        Ok(self
+            .string_with(|chunk| out.push_str(chunk))?
+            .then_some(out))
+    }
+
+    /// Steps over a string (or null) without keeping it.
+    fn skip_string(&mut self) -> Result<(), CodecError> {
+        self.string_with(|_| {}).map(drop)
+    }
+
+    /// A string's chunks, each handed to `chunk` in order; `false` for null.
+    fn string_with(&mut self, mut chunk: impl FnMut(&'a str)) -> Result<bool, CodecError> {
         loop {
             let b = self.byte()?;
             let (units, last) = match b {
-                b'N' => return Ok(None),
+                b'N' => return Ok(false),
                 0x00..=0x1f => (usize::from(b), true),
                 0x30..=0x33 => (
                     (usize::from(b - 0x30) << 8) | usize::from(self.byte()?),
@@ -550,13 +562,13 @@ impl<'a> Reader<'a> {
                 }
             };
             let bytes = self.utf8_units(units)?;
-            out.push_str(
+            chunk(
                 std::str::from_utf8(bytes).map_err(|_| CodecError::BadNumber {
                     what: "UTF-8 in a Hessian2 string",
                 })?,
             );
             if last {
-                return Ok(Some(out));
+                return Ok(true);
             }
         }
     }
@@ -564,6 +576,13 @@ impl<'a> Reader<'a> {
     /// The bytes of `units` UTF-16 units of UTF-8 text.
     fn utf8_units(&mut self, units: usize) -> Result<&'a [u8], CodecError> {
         let start = self.pos;
+        // Names, versions and most values are ASCII: one unit a byte, checked at once.
+        if let Some(run) = self.buf.get(start..start + units) {
+            if run.is_ascii() {
+                self.pos += units;
+                return Ok(run);
+            }
+        }
         let mut left = units;
         while left > 0 {
             let b = self.peek()?;
@@ -582,7 +601,7 @@ impl<'a> Reader<'a> {
     /// A list's or map's type: a string, or a reference (an int) to an earlier one.
     fn skip_type(&mut self) -> Result<(), CodecError> {
         if is_string_start(self.peek()?) {
-            self.string()?;
+            self.skip_string()?;
         } else {
             self.int()?;
         }
@@ -604,7 +623,7 @@ impl<'a> Reader<'a> {
         let b = self.peek()?;
         match b {
             0x00..=0x1f | 0x30..=0x33 | b'R' | b'S' => {
-                self.string()?;
+                self.skip_string()?;
             }
             0x80..=0xbf | 0xc0..=0xcf | 0xd0..=0xd7 | b'I' => {
                 self.int()?;
@@ -660,10 +679,10 @@ impl<'a> Reader<'a> {
                         self.int()?;
                     }
                     b'C' => {
-                        self.string()?;
+                        self.skip_string()?;
                         let fields = self.count()?;
                         for _ in 0..fields {
-                            self.string()?;
+                            self.skip_string()?;
                         }
                         self.classes.push(fields);
                         // A definition is followed by a value (its first instance, mostly).

@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 TEEWAY = os.environ.get("TEEWAY_BIN", os.path.join(ROOT, "target", "release", "teeway"))
 RELAY = os.environ.get("TEEWAY_RELAY_BIN", os.path.join(ROOT, "target", "release", "examples", "wan_relay"))
+RPC_PEER = os.environ.get("TEEWAY_RPC_PEER_BIN", os.path.join(ROOT, "target", "release", "examples", "rpc_peer"))
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -46,7 +47,7 @@ LOAD_CPU = PRODUCTION_CPU
 # cap (teeway) makes it reconnect in a loop, and on the production core that loop would take the
 # proxy's CPU, measuring the attacker rather than the proxy (a real attacker has its own machine).
 ATTACK_CPU = TEST_CPU
-PRODUCTION_SIDE = ("primary", "grpc-primary", "h2-primary", "proxy", "agent", "redis-primary")
+PRODUCTION_SIDE = ("primary", "grpc-primary", "h2-primary", "proxy", "agent", "redis-primary", "rpc-primary")
 
 
 def pin(cpu):
@@ -298,6 +299,23 @@ admin: {{ listen: 127.0.0.1:{admin} }}
 """
 
 
+class RpcPeer:
+    """examples/rpc_peer.rs serving Thrift or Dubbo; `count()` is the calls it answered."""
+
+    def __init__(self, work, name, protocol):
+        self.port = free_port()
+        self.counts = os.path.join(work, f"{name}.count")
+        self.proc = Proc(name, [RPC_PEER, "serve", protocol, str(self.port), self.counts], work)
+        wait_until(lambda: port_open(self.port), name)
+
+    def count(self):
+        try:
+            with open(self.counts) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+
 class RedisServer:
     """A redis-server without persistence; `count()` is the SET calls it served (the shadow's
     deliveries in the TCP tee scenarios)."""
@@ -359,16 +377,17 @@ def nginx_stream_proxy(work, primary_port):
     return port, proc
 
 
-def teeway_rpc_pair(work, primary_port, shadow_port, percentage=100):
+def teeway_rpc_pair(work, primary_port, shadow_port, percentage=100, protocol="redis"):
     """Gateway replaying the `redis` rpc listener's copies to the shadow (rpc_routes), and an agent
-    whose only listener is that `rpc:` listener in front of the primary, copying `percentage`."""
+    whose only listener is that `rpc:` listener in front of the primary, copying `percentage`
+    (the listener keeps its name whatever `protocol` it speaks)."""
     return teeway_listener_pair(work, f"""rpc_routes:
-  - protocol: redis
+  - protocol: {protocol}
     match: {{ listener: redis }}
     targets: [127.0.0.1:{shadow_port}]
 """, f"""rpc:
   - name: redis
-    protocol: redis
+    protocol: {protocol}
     listen: 127.0.0.1:{{port}}
     primary: 127.0.0.1:{primary_port}
     percentage: {percentage}
@@ -395,6 +414,22 @@ def run_redis_benchmark(port, connections, pipeline=1):
     # test, rps, avg, min, p50, p95, p99, max (redis 7)
     return {"requests": requests, "errors": 0, "rps": float(row[1]), "p50_ms": float(row[4]),
             "p99_ms": float(row[6]), "p999_ms": None}
+
+
+# Thrift calls (one per round trip, on every connection) and Dubbo invocations (16 in flight on
+# each of a few connections, as a consumer multiplexes its calls on shared connections).
+THRIFT_CALLS = 200_000
+DUBBO_CALLS = 1_000_000
+DUBBO_CONNECTIONS, DUBBO_IN_FLIGHT = 4, 16
+
+
+def run_rpc_peer_load(port, protocol, connections, in_flight, calls):
+    """examples/rpc_peer.rs's closed-loop client: the Thrift or Dubbo counterpart of redis-benchmark."""
+    out = subprocess.run([RPC_PEER, "load", protocol, str(port), str(connections), str(in_flight), str(calls)],
+                         capture_output=True, text=True, timeout=600, preexec_fn=pin(LOAD_CPU))
+    if out.returncode != 0:
+        raise RuntimeError(f"rpc_peer load: {out.stderr.strip()[:200]}")
+    return json.loads(out.stdout)
 
 
 def primary(work):
@@ -904,12 +939,17 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             load = run_redis_benchmark(target_port, args.connections)
         elif driver == "redis+P":
             load = run_redis_benchmark(target_port, args.connections, pipeline=REDIS_PIPELINE)
+        elif driver == "thrift":
+            load = run_rpc_peer_load(target_port, "thrift", args.connections, 1, THRIFT_CALLS)
+        elif driver == "dubbo":
+            load = run_rpc_peer_load(target_port, "dubbo", DUBBO_CONNECTIONS, DUBBO_IN_FLIGHT, DUBBO_CALLS)
         elif driver == "grpc":
             load = run_h2load(target_port, args.duration, args.connections, grpc=True)
         else:
             load = run_h2load(target_port, args.duration, args.connections)
         row.update(load)
-        if driver.startswith("redis") and agent_admin and "rpc" in title:
+        byte_stream = driver.startswith(("redis", "thrift", "dubbo"))
+        if byte_stream and agent_admin and "rpc" in title:
             # RPC copies: resolved per command, counted in the rpc identity.
             rpc_sum = lambda m, name: int(sum(v for k, v in m.items() if k.startswith(name)))
             wait_until(lambda: rpc_sum(metrics(agent_admin), "teeway_agent_rpc_in_flight") == 0, "agent drain")
@@ -919,12 +959,12 @@ def scenario(args, number, title, setup, driver="wrk", mirror=None):
             m, g = metrics(agent_admin), metrics(gateway_admin)
             row["rpc"] = (f"agent: {rpc_sum(m, 'teeway_agent_rpc_mirrored_total')} mirrored, "
                           f"{rpc_sum(m, 'teeway_agent_rpc_dropped_total')} dropped of "
-                          f"{rpc_sum(m, 'teeway_agent_rpc_requests_total')} commands"
+                          f"{rpc_sum(m, 'teeway_agent_rpc_requests_total')} {'commands' if driver.startswith('redis') else 'calls'}"
                           + (f" ({by_reason(m, 'rpc_dropped_total')})" if by_reason(m, 'rpc_dropped_total') else "")
                           + f"; gateway: {by_reason(g, 'rpc_replays_total', label='outcome')}")
             row["delivered"] = (shadow.count() - shadow_before) / max(load["requests"], 1)
             agent_admin = gateway_admin = shadow = None
-        if driver.startswith("redis") and agent_admin:
+        if byte_stream and agent_admin:
             # TCP copies: resolved per connection, counted in the tcp identity.
             wait_until(lambda: sum(v for k, v in metrics(agent_admin).items()
                                    if k.startswith("teeway_agent_tcp_tee_in_flight")) == 0, "agent drain")
@@ -1091,6 +1131,31 @@ def main():
             return port, procs + [primary_redis.proc, shadow_redis.proc], shadow_redis, admins
         return setup
 
+    def rpc_direct(protocol):
+        def setup(work):
+            server = RpcPeer(work, "rpc-primary", protocol)
+            return server.port, [server.proc], None, None
+        return setup
+
+    def rpc_nginx_stream(protocol):
+        def setup(work):
+            server = RpcPeer(work, "rpc-primary", protocol)
+            port, proxy = nginx_stream_proxy(work, server.port)
+            return port, [proxy, server.proc], None, None
+        return setup
+
+    def rpc_teeway(protocol, tee):
+        """`tee`: `rpc` (per-call copies) or `tcp` (the raw TCP tee)."""
+        def setup(work):
+            primary_peer = RpcPeer(work, "rpc-primary", protocol)
+            shadow_peer = RpcPeer(work, "rpc-shadow", protocol)
+            if tee == "rpc":
+                port, admins, procs = teeway_rpc_pair(work, primary_peer.port, shadow_peer.port, protocol=protocol)
+            else:
+                port, admins, procs = teeway_tcp_pair(work, primary_peer.port, shadow_peer.port)
+            return port, procs + [primary_peer.proc, shadow_peer.proc], shadow_peer, admins
+        return setup
+
     def redis_nginx_stream(work):
         server = RedisServer(work, "redis-primary")
         port, proxy = nginx_stream_proxy(work, server.port)
@@ -1150,6 +1215,18 @@ def main():
         ("26b", "as 26 through nginx's stream proxy", redis_nginx_stream, "redis+P"),
         ("27", "as 26 through the teeway TCP tee 100%", redis_teeway, "redis+P"),
         ("28", "as 26 through a teeway rpc listener, every command copied", redis_rpc(), "redis+P"),
+        ("29", f"Thrift calls (framed binary, {THRIFT_CALLS:,}, one per round trip) direct to the primary"
+               " (examples/rpc_peer)", rpc_direct("thrift"), "thrift"),
+        ("29b", "as 29 through nginx's stream proxy", rpc_nginx_stream("thrift"), "thrift"),
+        ("30", "as 29 through a teeway rpc listener, every call copied -> gateway rpc_routes -> shadow",
+         rpc_teeway("thrift", "rpc"), "thrift"),
+        ("30t", "as 29 through the teeway TCP tee 100%", rpc_teeway("thrift", "tcp"), "thrift"),
+        ("31", f"Dubbo invocations ({DUBBO_CALLS:,}, {DUBBO_IN_FLIGHT} in flight on each of {DUBBO_CONNECTIONS}"
+               " connections) direct to the provider (examples/rpc_peer)", rpc_direct("dubbo"), "dubbo"),
+        ("31b", "as 31 through nginx's stream proxy", rpc_nginx_stream("dubbo"), "dubbo"),
+        ("32", "as 31 through a teeway rpc listener, every invocation copied -> gateway rpc_routes -> shadow",
+         rpc_teeway("dubbo", "rpc"), "dubbo"),
+        ("32t", "as 31 through the teeway TCP tee 100%", rpc_teeway("dubbo", "tcp"), "dubbo"),
         ("17", f"nginx reverse proxy under slowloris ({ATTACK_SLOW} slow heads + {ATTACK_IDLE} idle, "
                f"ulimit -n {ATTACK_NOFILE})", lambda work: proxy_only(work, nofile=ATTACK_NOFILE), "wrk+slowloris"),
         ("18", "teeway agent 0% under the same slowloris", with_teeway(0, nofile=ATTACK_NOFILE), "wrk+slowloris"),
@@ -1306,20 +1383,25 @@ def targets(by):
         if n in by and "4" in by and by[n].get("p99_ms") and by["4"].get("p99_ms"):
             lines.append(f"- client p99 with a 200 ms shadow ({n}): {by[n]['p99_ms']:.2f} ms; with mirroring off (4):"
                          f" {by['4']['p99_ms']:.2f} ms")
-    for n, base, what in (("25", "15", "one command per round trip"), ("28", "26", "pipelined")):
+    for n, base, what in (("25", "15", "Redis, one command per round trip"), ("28", "26", "Redis, pipelined"),
+                          ("30", "29", "Thrift"), ("32", "31", "Dubbo")):
         r = ratio(n, base)
         if r is not None:
-            check(f"Redis per-command mirroring, {what} ({n}), at least 0.6x of direct ({base})", r >= 0.6,
+            check(f"per-request mirroring, {what} ({n}), at least 0.6x of direct ({base})", r >= 0.6,
                   f"{r:.2f}x")
-    for n, proxy in (("25", "15b"), ("28", "26b"), ("25b", "15b")):
+    for n, proxy in (("25", "15b"), ("28", "26b"), ("25b", "15b"), ("30", "29b"), ("32", "31b")):
         r = ratio(n, proxy)
         if r is not None:
-            lines.append(f"- Redis through teeway's rpc listener ({n}) runs at {r:.2f}x nginx's stream proxy ({proxy}),"
-                         " which copies nothing")
-    for n, tee in (("25", "16"), ("28", "27")):
+            lines.append(f"- teeway's rpc listener copying {'nothing' if n == '25b' else 'every request'} ({n}) runs"
+                         f" at {r:.2f}x nginx's stream proxy ({proxy}), which copies nothing")
+    for n, base in (("15b", "15"), ("26b", "26"), ("29b", "29"), ("31b", "31")):
+        r = ratio(n, base)
+        if r is not None:
+            lines.append(f"- nginx's stream proxy alone ({n}) runs at {r:.2f}x direct ({base})")
+    for n, tee in (("25", "16"), ("28", "27"), ("30", "30t"), ("32", "32t")):
         r = ratio(n, tee)
         if r is not None:
-            lines.append(f"- Redis per-command mirroring ({n}) runs at {r:.2f}x the raw TCP tee ({tee})")
+            lines.append(f"- per-request mirroring ({n}) runs at {r:.2f}x the raw TCP tee ({tee})")
     r = ratio("13", "12")
     if r is not None:
         lines.append(f"- gRPC through teeway with every call mirrored (13) runs at {r * 100:.1f}% of direct calls (12)")
