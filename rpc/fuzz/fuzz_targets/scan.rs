@@ -41,6 +41,20 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let piece = usize::from(*piece).max(1);
+    // The message ends of two scanners made by `new`, one fed whole and one in pieces.
+    fn both<S>(
+        stream: &[u8],
+        piece: usize,
+        new: impl Fn() -> S,
+        feed: impl Fn(&mut S, &[u8]) -> Result<Option<usize>, CodecError>,
+        what: &str,
+    ) -> Vec<usize> {
+        let (mut a, mut b) = (new(), new());
+        let whole = ends(stream, stream.len().max(1), |c| feed(&mut a, c));
+        let pieces = ends(stream, piece, |c| feed(&mut b, c));
+        assert_eq!(whole, pieces, "{what}: chunking changed the message ends");
+        whole.0
+    }
     match codec % 7 {
         side @ (0 | 1) => {
             let side = if side == 0 {
@@ -48,16 +62,15 @@ fuzz_target!(|data: &[u8]| {
             } else {
                 redis::Side::Server
             };
-            let mut a = redis::Scanner::new(side);
-            let mut b = redis::Scanner::new(side);
-            let whole = ends(stream, stream.len().max(1), |c| a.feed(c));
-            let pieces = ends(stream, piece, |c| b.feed(c));
-            assert_eq!(
-                whole, pieces,
-                "redis {side:?}: chunking changed the message ends"
+            let found = both(
+                stream,
+                piece,
+                || redis::Scanner::new(side),
+                redis::Scanner::feed,
+                "redis",
             );
             let mut from = 0;
-            for &end in &whole.0 {
+            for end in found {
                 if let Some(command) = redis::Command::parse(&stream[from..end], 16) {
                     let _ = command.first_key();
                 }
@@ -66,22 +79,23 @@ fuzz_target!(|data: &[u8]| {
         }
         code @ 2..=5 => {
             let codec = thrift::Codec::from_code(code - 2);
-            let mut a = thrift::Scanner::new(codec);
-            let mut b = thrift::Scanner::new(codec);
-            let whole = ends(stream, stream.len().max(1), |c| a.feed(c));
-            let pieces = ends(stream, piece, |c| b.feed(c));
-            assert_eq!(
-                whole, pieces,
-                "thrift {codec:?}: chunking changed the message ends"
+            both(
+                stream,
+                piece,
+                || thrift::Scanner::new(codec),
+                thrift::Scanner::feed,
+                "thrift",
             );
             let _ = thrift::Codec::detect(stream);
         }
         _ => {
-            let mut a = dubbo::Scanner::new();
-            let mut b = dubbo::Scanner::new();
-            let whole = ends(stream, stream.len().max(1), |c| a.feed(c));
-            let pieces = ends(stream, piece, |c| b.feed(c));
-            assert_eq!(whole, pieces, "dubbo: chunking changed the message ends");
+            both(
+                stream,
+                piece,
+                dubbo::Scanner::new,
+                dubbo::Scanner::feed,
+                "dubbo",
+            );
         }
     }
 });
