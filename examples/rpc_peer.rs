@@ -32,6 +32,8 @@ const DUBBO_REQUEST: &[u8] = include_bytes!("../tests/interop/dubbo/sample_reque
 const DUBBO_RESPONSE: &[u8] = include_bytes!("../tests/interop/dubbo/sample_response.bin");
 /// Dubbo's header: magic, flags, status, request id, body length.
 const DUBBO_HEADER: usize = 16;
+/// A message announced longer than this closes the connection (this peer buffers it whole).
+const MAX_MESSAGE: usize = 16 << 20;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Protocol {
@@ -112,9 +114,10 @@ impl Protocol {
                 if flags & 0x80 == 0 || flags & 0x20 != 0 || flags & 0x40 == 0 {
                     return None; // a response, an event, or a one-way call
                 }
+                let id = call.get(4..12)?;
                 let start = out.len();
                 out.extend_from_slice(DUBBO_RESPONSE);
-                out[start + 4..start + 12].copy_from_slice(call.get(4..12)?);
+                out[start + 4..start + 12].copy_from_slice(id);
                 Some(())
             }
         }
@@ -164,7 +167,11 @@ async fn serve(protocol: Protocol, port: u16, count_file: Option<String>) -> any
             loop {
                 let now = answered.load(Ordering::Relaxed);
                 if now != last {
-                    let _ = std::fs::write(&path, format!("{now}\n"));
+                    // Whole or not at all for a reader: written aside, then renamed.
+                    let aside = format!("{path}.new");
+                    if std::fs::write(&aside, format!("{now}\n")).is_ok() {
+                        let _ = std::fs::rename(&aside, &path);
+                    }
                     last = now;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -192,6 +199,9 @@ async fn answer(
     loop {
         let mut at = 0;
         while let Some(len) = protocol.message_len(&buf[at..]) {
+            if len > MAX_MESSAGE {
+                bail!("a message of {len} bytes");
+            }
             if buf.len() - at < len {
                 break;
             }

@@ -410,7 +410,9 @@ fn main() -> ExitCode {
             archive_command(command)
         }
         Command::Replay(args) => {
-            init_logging(log_format, "warn");
+            // The report counts every failure; the gateway's own lines about its replays speak
+            // of routes and metrics a replay does not have.
+            init_logging(log_format, "warn,teeway_gateway::rpc=error");
             replay_command(*args)
         }
         Command::Demo { requests, serve } => {
@@ -569,6 +571,13 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         out(report.to_json());
     } else {
         out(&report);
+    }
+    if let Some(held) = report.wrong_protocol() {
+        report_error(format_args!(
+            "error: the archives hold no request for this target, which speaks {}; they hold {held}: give a --target of their protocol",
+            report.protocol
+        ));
+        return ExitCode::from(FAILED);
     }
     if report.unreachable() > 0 {
         report_error(format_args!(

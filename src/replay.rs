@@ -40,7 +40,7 @@ use teeway_gateway::config::{Rewrite, RpcRouteConfig, TargetConfig};
 use teeway_gateway::metrics::GatewayMetrics;
 use teeway_gateway::replay::{Target, TargetSpec};
 use teeway_gateway::rpc::{Notice, Replay, RpcOutcome, RpcTarget, RpcTargetMetrics};
-use teeway_runtime::config::UpstreamProtocol;
+use teeway_runtime::config::{split_host_port, UpstreamProtocol};
 use teeway_runtime::dns::Resolver;
 use teeway_wire::RpcProtocol;
 
@@ -165,6 +165,8 @@ pub struct Report {
     pub status: BTreeMap<String, u64>,
     /// The protocol replayed: `http`, `redis`, `thrift` or `dubbo`.
     pub protocol: &'static str,
+    /// Requests of other protocols than the target's, by protocol (skipped as `other_protocol`).
+    pub other_protocols: BTreeMap<&'static str, u64>,
     /// Requests skipped: path filter, truncated bodies.
     pub skipped: BTreeMap<&'static str, u64>,
     /// Response latency in microseconds.
@@ -192,6 +194,7 @@ impl Report {
         Ok(Self {
             pace,
             protocol,
+            other_protocols: BTreeMap::new(),
             shortened: (0, Duration::ZERO),
             responses: 0,
             dry_run,
@@ -211,6 +214,18 @@ impl Report {
     /// Requests that could not connect: the target was unreachable.
     pub fn unreachable(&self) -> u64 {
         self.failed.get("connect").copied().unwrap_or(0)
+    }
+
+    /// When no request was for the target though the archives hold requests of another
+    /// protocol: what they hold, such as `redis 120, http 3`.
+    pub fn wrong_protocol(&self) -> Option<String> {
+        (self.sent == 0 && !self.other_protocols.is_empty()).then(|| {
+            self.other_protocols
+                .iter()
+                .map(|(p, n)| format!("{p} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
     }
 
     /// Achieved requests per second.
@@ -381,10 +396,13 @@ pub fn rpc_target(text: &str) -> Option<Result<(RpcProtocol, String, u16), Strin
             "give {scheme}://host:port, without a path, user or query"
         )));
     }
-    let parsed = teeway_runtime::config::split_host_port(address).or_else(|| {
-        (!address.contains(':') || address.starts_with('[') && address.ends_with(']'))
-            .then(|| (address.trim_matches(['[', ']']).to_owned(), default_port))
-    });
+    // Without a port, the protocol's own: the address is checked the same way.
+    let bare = !address.contains(':') || address.starts_with('[') && address.ends_with(']');
+    let parsed = if bare {
+        split_host_port(&format!("{address}:{default_port}"))
+    } else {
+        split_host_port(address)
+    };
     Some(
         parsed
             .map(|(host, port)| (protocol, host, port))
@@ -536,7 +554,14 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
                 _ => false,
             };
             if !for_target {
-                skip(&report, "other_protocol");
+                let of = match &record {
+                    Envelope::RpcRequest(r) => r.call.protocol.name(),
+                    _ => "http",
+                };
+                if let Ok(mut r) = report.lock() {
+                    *r.skipped.entry("other_protocol").or_default() += 1;
+                    *r.other_protocols.entry(of).or_default() += 1;
+                }
                 continue;
             }
             if let Some(why) = skipped(&record, &options) {
@@ -586,11 +611,15 @@ pub async fn run(options: ReplayOptions) -> anyhow::Result<Report> {
                     },
                 ) => {
                     let Some(slot) = target.reserve(request.message.len()).await else {
-                        break;
+                        // The target's slots closed (they never do): counted, not waited for.
+                        if let Ok(mut r) = report.lock() {
+                            *r.failed.entry("overloaded").or_default() += 1;
+                        }
+                        continue;
                     };
                     sent(&report, due);
-                    // Handed over in archive order: one recorded connection's requests reach
-                    // the target in the order they were recorded.
+                    // Handed over in the order read: one recorded connection's requests reach
+                    // the target in the order of their timestamps (their agent's clock).
                     let replay =
                         Replay::start(Arc::new(request), handles.clone(), slot, tasks.token())
                             .notify(notice.clone());

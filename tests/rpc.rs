@@ -520,9 +520,21 @@ admin: {{ listen: 127.0.0.1:0 }}
         .output()
         .expect("redis-benchmark runs");
     assert!(out.status.success(), "redis-benchmark: {out:?}");
-    // A client that selected another database: its writes replay there.
-    session(listen, &["SELECT 5", "SET in5 yes", "GET in5"]).await;
-    let writes: u64 = ["set", "incr", "lpush", "sadd"]
+    // A client that selected another database: its writes replay there, in their order.
+    let ordered = [
+        "SELECT 5",
+        "SET in5 yes",
+        "GET in5",
+        "SET ord a",
+        "APPEND ord b",
+        "SET ord c",
+        "APPEND ord d",
+        "RPUSH l 1",
+        "LPUSH l 0",
+        "RPUSH l 2",
+    ];
+    session(listen, &ordered).await;
+    let writes: u64 = ["set", "incr", "lpush", "sadd", "append", "rpush"]
         .iter()
         .map(|c| calls(&redis.cli, redis.primary, c))
         .sum();
@@ -543,6 +555,21 @@ admin: {{ listen: 127.0.0.1:0 }}
     let stopped = agent.terminate_and_wait();
     assert!(stopped.success(), "the agent stopped cleanly: {stopped:?}");
 
+    let inspect = Command::new(env!("CARGO_BIN_EXE_teeway"))
+        .args(["archive", "inspect", "archive"])
+        .current_dir(dir.path())
+        .output()
+        .expect("teeway archive inspect runs");
+    let summary = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success(), "{inspect:?}");
+    assert!(
+        summary.contains(&format!(
+            "records:    {writes} (0 requests, 0 responses, {writes} rpc requests)"
+        )),
+        "{summary}"
+    );
+    assert!(!summary.contains("top paths"), "no HTTP lines: {summary}");
+
     // Nothing reached the shadow yet; the replay brings it the primary's data.
     assert_eq!(calls(&redis.cli, redis.shadow, "set"), 0);
     let shadow = format!("redis://{}", redis.shadow);
@@ -560,14 +587,20 @@ admin: {{ listen: 127.0.0.1:0 }}
         redis_cli(&redis.cli, redis.primary, &["DEBUG", "DIGEST"]),
         "the shadow holds the same data as the primary"
     );
+    let in5 = |server, args: &[&str]| {
+        let mut all = vec!["-n", "5"];
+        all.extend(args);
+        redis_cli(&redis.cli, server, &all)
+    };
+    assert_eq!(in5(redis.shadow, &["GET", "in5"]), "yes");
     assert_eq!(
-        calls(&redis.cli, redis.shadow, "get"),
-        0,
-        "no read replayed"
+        in5(redis.shadow, &["GET", "ord"]),
+        "cd",
+        "in the client's order"
     );
     assert_eq!(
-        redis_cli(&redis.cli, redis.shadow, &["-n", "5", "GET", "in5"]),
-        "yes"
+        in5(redis.shadow, &["LRANGE", "l", "0", "-1"]),
+        in5(redis.primary, &["LRANGE", "l", "0", "-1"])
     );
 
     // Only some commands; and the report for machines.
@@ -593,15 +626,22 @@ admin: {{ listen: 127.0.0.1:0 }}
     assert_eq!(report["status"]["ok"], incrs);
     assert_eq!(report["skipped"]["filter_method"], writes - incrs);
 
-    // The same archive to a target of another protocol: nothing of it is sent.
+    // The same archive to a target of another protocol: nothing of it is sent, and the
+    // command says why.
     let (ok, stdout, stderr) = replay(
         dir.path(),
         &["--target", "http://127.0.0.1:9", "--dry-run", "archive"],
     );
-    assert!(ok, "dry run failed:\n{stdout}\n{stderr}");
+    assert!(!ok, "nothing to send is a failure:\n{stdout}\n{stderr}");
     assert!(
         stdout.contains(&format!("skipped:  other_protocol {writes}")),
         "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "the archives hold no request for this target, which speaks http; they hold redis {writes}"
+        )),
+        "{stderr}"
     );
     // A target that is not there: the exit status says so.
     let (port_holder, refusing) = support::refusing_addr();

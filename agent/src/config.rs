@@ -232,6 +232,18 @@ impl AgentConfig {
         let front = front_block(&mut root, &mut p, &doc, base_dir);
         let mirror = mirror_block(&mut root, &mut p, base_dir);
         let archive = ArchiveConfig::from_section(&mut root, &mut p, base_dir, false);
+        if !rpc.is_empty()
+            && archive
+                .as_ref()
+                .is_some_and(|a| a.format == teeway_archive::config::Format::Gor)
+        {
+            p.push(
+                "archive.format",
+                Some(&teeway_runtime::yaml::Value::from("gor")),
+                "cannot hold the copies of `rpc:` listeners (GoReplay's format is HTTP only)",
+                "use `format: teeway` (the default) to archive RPC copies",
+            );
+        }
         let (gateway, gateway_given) = uplink_block(&mut root, &mut p, &doc, base_dir);
         let admin_listen = admin_block(&mut root, &mut p);
         let (shutdown_grace, drain_time) = lifecycle_block(&mut root, &mut p);
@@ -1335,6 +1347,20 @@ colour: blue
         );
         let err = AgentConfig::from_yaml(&archive_only, &dir).expect_err("no gateway");
         assert!(err.to_string().contains("tcp: needs `gateway:`"), "{err}");
+        // RPC copies archived where GoReplay's format cannot hold them: refused, not lost.
+        let rpc_gor = format!(
+            "cluster: c\narchive: {{ dir: {}, format: gor }}\nrpc: [{{ name: r, protocol: redis, listen: 127.0.0.1:6380, primary: h:1 }}]\n",
+            dir.display()
+        );
+        let err = AgentConfig::from_yaml(&rpc_gor, &dir).expect_err("gor cannot hold rpc copies");
+        assert!(
+            err.to_string().contains(
+                "archive.format: cannot hold the copies of `rpc:` listeners (GoReplay's format is HTTP only) (found `gor`)"
+            ),
+            "{err}"
+        );
+        AgentConfig::from_yaml(&rpc_gor.replace(", format: gor", ""), &dir)
+            .expect("the default format holds them");
         std::fs::remove_dir_all(dir).ok();
     }
 

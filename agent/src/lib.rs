@@ -771,6 +771,8 @@ fn archive_one(archive: &Archive, Queued { frame, ticket }: Queued) {
             ArchiveDrop::QueueBytes => DropReason::QueueBytes,
             ArchiveDrop::Io => DropReason::ArchiveError,
             ArchiveDrop::Shutdown => DropReason::Shutdown,
+            // Refused by configuration checks (rpc listeners with a gor archive).
+            ArchiveDrop::NotInFormat => DropReason::ArchiveError,
         }),
     };
     archive.try_submit_frame(frame, Some(Box::new(done)));

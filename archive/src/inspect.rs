@@ -157,13 +157,20 @@ impl fmt::Display for Summary {
                 r.files, r.open_segments
             )?;
         }
+        let rpc = if self.rpc_requests > 0 {
+            format!(", {} rpc requests", self.rpc_requests)
+        } else {
+            String::new()
+        };
         writeln!(
             f,
-            "records:    {} ({} requests, {} responses)",
+            "records:    {} ({} requests, {} responses{rpc})",
             self.requests + self.responses + self.rpc_requests + self.other_kinds,
             self.requests,
             self.responses
         )?;
+        // Lines about HTTP say nothing of an archive of RPC copies alone.
+        let http = self.requests + self.responses > 0 || self.rpc_requests == 0;
         if self.other_kinds > 0 {
             writeln!(
                 f,
@@ -182,7 +189,9 @@ impl fmt::Display for Summary {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        writeln!(f, "methods:    {}", listed(&self.methods))?;
+        if http {
+            writeln!(f, "methods:    {}", listed(&self.methods))?;
+        }
         if self.rpc_requests > 0 {
             writeln!(
                 f,
@@ -220,25 +229,27 @@ impl fmt::Display for Summary {
                 self.without_metadata
             )?;
         }
-        let mean = self.body_bytes.checked_div(self.requests).unwrap_or(0);
-        writeln!(
-            f,
-            "bodies:     {} in all, mean {}, largest {}, {} truncated (by the agent's limit, or short of their Content-Length in a capture)",
-            format_size(self.body_bytes),
-            format_size(mean),
-            format_size(self.max_body),
-            self.truncated
-        )?;
-        writeln!(f, "top paths:")?;
-        for (path, n) in self.top_paths() {
-            writeln!(f, "  {n:>10}  {path}")?;
-        }
-        if self.other_paths > 0 {
+        if http {
+            let mean = self.body_bytes.checked_div(self.requests).unwrap_or(0);
             writeln!(
                 f,
-                "  {:>10}  (paths past the first {MAX_DISTINCT_PATHS} distinct)",
-                self.other_paths
+                "bodies:     {} in all, mean {}, largest {}, {} truncated (by the agent's limit, or short of their Content-Length in a capture)",
+                format_size(self.body_bytes),
+                format_size(mean),
+                format_size(self.max_body),
+                self.truncated
             )?;
+            writeln!(f, "top paths:")?;
+            for (path, n) in self.top_paths() {
+                writeln!(f, "  {n:>10}  {path}")?;
+            }
+            if self.other_paths > 0 {
+                writeln!(
+                    f,
+                    "  {:>10}  (paths past the first {MAX_DISTINCT_PATHS} distinct)",
+                    self.other_paths
+                )?;
+            }
         }
         writeln!(
             f,

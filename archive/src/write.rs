@@ -70,15 +70,18 @@ pub enum ArchiveDrop {
     Io,
     /// The archive was closing.
     Shutdown,
+    /// The archive's format cannot hold it (`gor`: anything but HTTP).
+    NotInFormat,
 }
 
 impl ArchiveDrop {
     /// Every reason, in label order.
-    pub const ALL: [ArchiveDrop; 4] = [
+    pub const ALL: [ArchiveDrop; 5] = [
         ArchiveDrop::QueueFull,
         ArchiveDrop::QueueBytes,
         ArchiveDrop::Io,
         ArchiveDrop::Shutdown,
+        ArchiveDrop::NotInFormat,
     ];
 
     /// The `reason` label.
@@ -88,6 +91,7 @@ impl ArchiveDrop {
             ArchiveDrop::QueueBytes => "queue_bytes",
             ArchiveDrop::Io => "io_error",
             ArchiveDrop::Shutdown => "shutdown",
+            ArchiveDrop::NotInFormat => "not_in_format",
         }
     }
 }
@@ -107,7 +111,7 @@ pub type Done = Box<dyn FnOnce(Outcome) + Send>;
 struct Metrics {
     records: Counter,
     bytes: Counter,
-    dropped: [Counter; 4],
+    dropped: [Counter; 5],
     segments: Counter,
     deleted: Counter,
     queued_bytes: Gauge,
@@ -158,6 +162,19 @@ struct Shared {
 enum Submitted {
     Record(Envelope),
     Frame(bytes::Bytes),
+}
+
+impl Submitted {
+    /// Whether it is an HTTP request or response (envelope kinds 1 and 2).
+    fn is_http(&self) -> bool {
+        match self {
+            Submitted::Record(r) => {
+                matches!(r, Envelope::HttpRequest(_) | Envelope::HttpResponse(_))
+            }
+            // Prefix, frame type, then the envelope's kind.
+            Submitted::Frame(f) => matches!(f.get(PREFIX_LEN + 1), Some(1 | 2)),
+        }
+    }
 }
 
 /// A queued record; ends exactly once, even when dropped unwritten.
@@ -388,6 +405,19 @@ impl Writer {
     }
 
     fn write(&mut self, batch: &mut Vec<Entry>) {
+        if self.files.format == Format::Gor {
+            // Counted, not lost in silence: what gor cannot hold (an RPC copy) never reaches
+            // the writer, so it is not counted as written.
+            let (kept, unheld): (Vec<Entry>, Vec<Entry>) =
+                batch.drain(..).partition(|e| e.record.is_http());
+            for entry in unheld {
+                entry.finish(Outcome::Dropped(ArchiveDrop::NotInFormat));
+            }
+            *batch = kept;
+            if batch.is_empty() {
+                return;
+            }
+        }
         let records: Vec<&Submitted> = batch.iter().map(|e| &e.record).collect();
         let written = match self.files.append(&records, &self.shared.metrics) {
             Ok(()) => batch.len(),
@@ -748,6 +778,51 @@ mod tests {
         let mut reader = Reader::open(&[dir.to_owned()]).expect("open");
         let records: Vec<Envelope> = reader.by_ref().collect();
         (records, reader.stats)
+    }
+
+    #[tokio::test]
+    async fn a_gor_archive_counts_the_rpc_copies_it_cannot_hold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = ArchiveConfig::new(dir.path(), Format::Gor);
+        let registry = Registry::new();
+        let (archive, task) = Archive::start(&config, &registry).expect("start");
+        let (seen, done) = outcomes();
+        let rpc = teeway_wire::RpcRequest {
+            meta: teeway_wire::Meta::basic(7, SystemTime::now(), "prod".into()),
+            connection: 1,
+            call: teeway_wire::RpcCall {
+                protocol: teeway_wire::RpcProtocol::Redis,
+                variant: 0,
+                service: String::new(),
+                method: "SET".into(),
+                attachments: vec![],
+            },
+            message: bytes::Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"),
+        };
+        archive.try_submit(Envelope::HttpRequest(sample_request(1, b"x")), done());
+        archive.try_submit(Envelope::RpcRequest(rpc.clone()), done());
+        let frame =
+            teeway_wire::Frame::rpc_request(&rpc.meta, rpc.connection, &rpc.call, &rpc.message);
+        archive.try_submit_frame(frame, done());
+        task.close().await;
+        let mut seen = seen.lock().expect("lock").clone();
+        seen.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(
+            seen,
+            [
+                Outcome::Dropped(ArchiveDrop::NotInFormat),
+                Outcome::Dropped(ArchiveDrop::NotInFormat),
+                Outcome::Written,
+            ]
+        );
+        let (back, _) = read_back(dir.path());
+        assert_eq!(back.len(), 1, "the HTTP request alone");
+        let text = registry.render();
+        assert!(
+            text.contains(&format!("{DROPPED_TOTAL}{{reason=\"not_in_format\"}} 2")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{RECORDS_TOTAL} 1")), "{text}");
     }
 
     #[tokio::test]

@@ -73,6 +73,8 @@ const ANSWERS: usize = 16;
 const KEPT_BUFFER: usize = 1024 * 1024;
 /// Most requests a connection's writer joins into one write.
 const WRITE_BATCH: usize = 128;
+/// Time to write a heartbeat's answer to a provider that stopped reading.
+const HEARTBEAT_WRITE: Duration = Duration::from_secs(5);
 
 /// How one RPC replay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -375,8 +377,8 @@ impl RpcTarget {
     }
 
     /// A slot for one replay of a message of `len` bytes, once one is free: for a sender that
-    /// would rather wait than shed. The bytes in flight may then pass [`RPC_TARGET_BYTES`] by
-    /// the message, the slots bounding them instead.
+    /// would rather wait than shed. The bytes are counted but not held to [`RPC_TARGET_BYTES`]:
+    /// the slots bound them (at most `max_concurrency` messages).
     pub async fn reserve(&self, len: usize) -> Option<Slot> {
         // `None` only were the slots closed, which they never are.
         let permit = self.slots.clone().acquire_owned().await.ok()?;
@@ -605,7 +607,8 @@ async fn write_requests(
             () = done.cancelled() => break,
             answer = answers.recv() => {
                 if let Some(answer) = answer {
-                    if wr.write_all(&answer).await.is_err() {
+                    let by = Instant::now() + HEARTBEAT_WRITE;
+                    if !write_by(&mut wr, &answer, by, &done).await {
                         break;
                     }
                 }
@@ -616,6 +619,9 @@ async fn write_requests(
                 None => break,
             },
         };
+        // The batch must be written by its first request's deadline: a shadow that stops
+        // reading cannot hold the writer (and the requests queued behind it) for longer.
+        let by = first.deadline;
         let mut job = Some(first);
         let mut joined = 0;
         while let Some(j) = job.take() {
@@ -682,7 +688,7 @@ async fn write_requests(
                 job = jobs.try_recv().ok();
             }
         }
-        if wr.write_all(&out).await.is_err() {
+        if !write_by(&mut wr, &out, by, &done).await {
             break;
         }
         for replay in sent.drain(..) {
@@ -697,6 +703,21 @@ async fn write_requests(
     // The reader fails what it was told to expect; later jobs find the queue closed.
     drop(jobs);
     let _ = wr.shutdown().await;
+}
+
+/// Writes `bytes` whole before `by`; `false` when the write failed, did not end in time, or the
+/// reader ended the connection meanwhile (it timed out: the shadow answers nothing either).
+async fn write_by(
+    wr: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    by: Instant,
+    done: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        written = wr.write_all(bytes) => written.is_ok(),
+        () = tokio::time::sleep_until(by.into()) => false,
+        () = done.cancelled() => false,
+    }
 }
 
 /// `SELECT db`, as a client sends it.
@@ -1135,6 +1156,55 @@ mod tests {
         )
         .await;
         assert_eq!(outcomes(&s, "connect_error"), 2.0);
+    }
+
+    #[tokio::test]
+    async fn a_shadow_that_stops_reading_cannot_hold_the_writer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let shadow = listener.local_addr().expect("addr");
+        let _held = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let metrics = Arc::new(GatewayMetrics::new());
+        let timeout = Duration::from_millis(300);
+        let resolver = Resolver::from_system().expect("resolver");
+        let router = RpcRouter::build(&[route(shadow.port(), timeout)], &resolver, None, &metrics);
+        let (target, handles) = &router.routes[0].targets[0];
+        // More than the socket buffers of both ends hold: the writer blocks in its write. Then
+        // a request behind it, on the same connection.
+        let value = "v".repeat(8 << 20);
+        let set: &'static [u8] = format!(
+            "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${}\r\n{value}\r\n",
+            value.len()
+        )
+        .into_bytes()
+        .leak();
+        let started = Instant::now();
+        for message in [set, set, b"*1\r\n$4\r\nPING\r\n"] {
+            let tracker = TaskTracker::new();
+            let request = request(message, None);
+            let slot = target.admit(request.message.len()).expect("a slot");
+            target.send(
+                Replay::start(request, handles.clone(), slot, tracker.token()),
+                timeout,
+            );
+            tracker.close();
+            tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+                .await
+                .expect("settled, though the shadow reads nothing");
+        }
+        let s = Snapshot::parse(&metrics.registry().render());
+        assert_eq!(
+            outcomes(&s, "timeout") + outcomes(&s, "io_error"),
+            3.0,
+            "every replay failed"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "each at its timeout"
+        );
     }
 
     #[test]

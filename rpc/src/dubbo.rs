@@ -390,6 +390,37 @@ impl Outcome {
     }
 }
 
+/// Text as Java's Hessian2 writes it: UTF-8, except that a character beyond the BMP is its two
+/// UTF-16 surrogates, three bytes each (CESU-8). `None` when it is neither.
+fn cesu8(bytes: &[u8]) -> Option<String> {
+    let mut out = String::with_capacity(bytes.len());
+    let mut rest = bytes;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(text) => {
+                out.push_str(text);
+                return Some(out);
+            }
+            Err(e) => {
+                let (good, bad) = rest.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(good).ok()?);
+                let [0xed, h1 @ 0xa0..=0xaf, h2 @ 0x80..=0xbf, 0xed, l1 @ 0xb0..=0xbf, l2 @ 0x80..=0xbf, ..] =
+                    *bad
+                else {
+                    return None;
+                };
+                let unit =
+                    |b1: u8, b2: u8| 0xd000 | (u32::from(b1 & 0x3f) << 6) | u32::from(b2 & 0x3f);
+                let (high, low) = (unit(h1, h2), unit(l1, l2));
+                out.push(char::from_u32(
+                    0x10000 + ((high - 0xd800) << 10) + (low - 0xdc00),
+                )?);
+                rest = &bad[6..];
+            }
+        }
+    }
+}
+
 /// How many arguments a JVM parameter descriptor (`Ljava/lang/String;[IJ`) declares.
 pub fn argument_count(descriptor: &str) -> usize {
     let mut count = 0;
@@ -529,21 +560,28 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// A string, or null; chunks joined.
+    /// A string, or null; chunks joined (a surrogate pair may straddle two), then decoded.
     fn string(&mut self) -> Result<Option<String>, CodecError> {
-        let mut out = String::new();
-        Ok(self
-            .string_with(|chunk| out.push_str(chunk))?
-            .then_some(out))
+        let mut raw = Vec::new();
+        if !self.string_with(|chunk| raw.extend_from_slice(chunk))? {
+            return Ok(None);
+        }
+        String::from_utf8(raw)
+            .or_else(|e| cesu8(e.as_bytes()).ok_or(()))
+            .map(Some)
+            .map_err(|()| CodecError::BadNumber {
+                what: "UTF-8 in a Hessian2 string",
+            })
     }
 
-    /// Steps over a string (or null) without keeping it.
+    /// Steps over a string (or null) without keeping it, nor judging its text: the message is
+    /// copied as it is, whatever the text.
     fn skip_string(&mut self) -> Result<(), CodecError> {
         self.string_with(|_| {}).map(drop)
     }
 
-    /// A string's chunks, each handed to `chunk` in order; `false` for null.
-    fn string_with(&mut self, mut chunk: impl FnMut(&'a str)) -> Result<bool, CodecError> {
+    /// A string's chunks, their bytes handed to `chunk` in order; `false` for null.
+    fn string_with(&mut self, mut chunk: impl FnMut(&'a [u8])) -> Result<bool, CodecError> {
         loop {
             let b = self.byte()?;
             let (units, last) = match b {
@@ -561,12 +599,7 @@ impl<'a> Reader<'a> {
                     })
                 }
             };
-            let bytes = self.utf8_units(units)?;
-            chunk(
-                std::str::from_utf8(bytes).map_err(|_| CodecError::BadNumber {
-                    what: "UTF-8 in a Hessian2 string",
-                })?,
-            );
+            chunk(self.utf8_units(units)?);
             if last {
                 return Ok(true);
             }
@@ -798,6 +831,34 @@ mod tests {
                 .to_owned(),
             a,
         )
+    }
+
+    #[test]
+    fn text_as_java_writes_it_reads_surrogate_pairs_and_all() {
+        // "a😀" as Java's Hessian2Output writes it: the emoji as two 3-byte surrogates (CESU-8),
+        // 3 UTF-16 units in all.
+        let cesu = [0x03, b'a', 0xed, 0xa0, 0xbd, 0xed, 0xb8, 0x80];
+        let mut args = cesu.to_vec();
+        args.extend([0x91]); // int 1
+        let mut b = body("sayHello", "Ljava/lang/String;I", &args, &[("user", "u1")]);
+        // An attachment whose value is that text too.
+        let z = b.len() - 1;
+        b.splice(z..z, [0x04, b'n', b'i', b'c', b'k'].into_iter().chain(cesu));
+        let inv = Invocation::read(&b).expect("reads");
+        assert!(inv.attachments_read(), "past the CESU-8 argument");
+        let values: Vec<_> = inv
+            .attachments
+            .iter()
+            .map(|a| (a.name.as_str(), a.value.as_deref()))
+            .collect();
+        assert_eq!(values, [("user", Some("u1")), ("nick", Some("a😀"))]);
+        // A lone surrogate, or bytes that are no text at all, are not.
+        assert_eq!(cesu8(&[0xed, 0xa0, 0xbd]), None);
+        assert_eq!(cesu8(&[0xff]), None);
+        assert_eq!(
+            cesu8("plain wörld".as_bytes()).as_deref(),
+            Some("plain wörld")
+        );
     }
 
     #[test]
