@@ -1074,6 +1074,28 @@ mod tests {
 
     use std::net::SocketAddr;
 
+    /// A shadow that takes one connection and neither reads nor answers for 30 s.
+    async fn silent_shadow() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let shadow = listener.local_addr().expect("addr");
+        let held = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        (shadow, held)
+    }
+
+    /// An address nobody listens on for as long as the socket lives (bound, never listening).
+    fn absent() -> (tokio::net::TcpSocket, SocketAddr) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        (socket, addr)
+    }
+
     #[test]
     fn methods_past_the_label_bound_count_as_other() {
         let metrics = Arc::new(GatewayMetrics::new());
@@ -1126,13 +1148,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_shadow_times_out_and_an_absent_one_cannot_be_connected() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let shadow = listener.local_addr().expect("addr");
-        let _held = tokio::spawn(async move {
-            let (s, _) = listener.accept().await.expect("accept");
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            drop(s);
-        });
+        let (shadow, _held) = silent_shadow().await;
         let started = Instant::now();
         let s = replay_all(
             shadow,
@@ -1146,12 +1162,7 @@ mod tests {
             "failed at the timeout"
         );
 
-        // A port nobody listens on (bound, never listening).
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .bind("127.0.0.1:0".parse().expect("addr"))
-            .expect("bind");
-        let absent = socket.local_addr().expect("addr");
+        let (_socket, absent) = absent();
         let s = replay_all(
             absent,
             Duration::from_secs(2),
@@ -1168,11 +1179,7 @@ mod tests {
         // as the queue closed was once missed by the drain and counted `io_error`: one in
         // about 8,000 in CI. The window is a few instructions wide; this exercises it, it
         // cannot force it.)
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .bind("127.0.0.1:0".parse().expect("addr"))
-            .expect("bind");
-        let absent = socket.local_addr().expect("addr");
+        let (_socket, absent) = absent();
         let metrics = Arc::new(GatewayMetrics::new());
         let config = RpcRouteConfig {
             max_concurrency: 256,
@@ -1213,13 +1220,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_shadow_that_stops_reading_cannot_hold_the_writer() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let shadow = listener.local_addr().expect("addr");
-        let _held = tokio::spawn(async move {
-            let (s, _) = listener.accept().await.expect("accept");
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            drop(s);
-        });
+        let (shadow, _held) = silent_shadow().await;
         let metrics = Arc::new(GatewayMetrics::new());
         let timeout = Duration::from_millis(300);
         let resolver = Resolver::from_system().expect("resolver");
