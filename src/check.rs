@@ -222,8 +222,27 @@ fn gateway_summary(c: &GatewayConfig) -> String {
         .archive
         .as_ref()
         .map_or("off".to_owned(), |a| a.dir.display().to_string());
+    let compare: String = c
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let compare = r.compare.as_ref()?;
+            let url = |i: usize| r.targets.get(i).map_or("?", |t| t.target.url.as_str());
+            let secondary = compare
+                .secondary
+                .map_or(" (no secondary: no noise learned)".to_owned(), |i| {
+                    format!(", noise from {}", url(i))
+                });
+            Some(format!(
+                "; route {} compares {} with {}{secondary}",
+                r.name,
+                url(compare.candidate),
+                url(compare.primary)
+            ))
+        })
+        .collect();
     format!(
-        "gateway config: listen {}, {} route(s), {targets} target(s){tcp}{rpc}, archive {archive}",
+        "gateway config: listen {}, {} route(s), {targets} target(s){tcp}{rpc}, archive {archive}{compare}",
         c.listen,
         c.routes.len()
     )

@@ -87,6 +87,7 @@ pub fn gateway_config(tls: TlsMaterial, shadows: &[SocketAddr]) -> GatewayConfig
                 ..Rewrite::host_only(HostPolicy::Keep)
             },
             replay_truncated: false,
+            compare: None,
         }],
         tcp_routes: Vec::new(),
         rpc_routes: Vec::new(),

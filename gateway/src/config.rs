@@ -89,7 +89,51 @@ pub struct RouteConfig {
     /// Whether copies whose body the agent truncated are replayed (default: no, counted as
     /// skipped `truncated`).
     pub replay_truncated: bool,
+    /// `compare:`: its targets' answers compared by role (issue 22).
+    pub compare: Option<CompareConfig>,
 }
+
+/// `routes[].compare`: which of the route's targets plays which role, and how their answers
+/// are compared ([`teeway_compare`]).
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    /// The new version's target (an index into the route's targets).
+    pub candidate: usize,
+    /// The last known-good version's.
+    pub primary: usize,
+    /// A second instance of the known-good version, whose differences from the primary are
+    /// noise; `None`: no noise is learned.
+    pub secondary: Option<usize>,
+    /// Response headers compared.
+    pub headers: Vec<HeaderName>,
+    /// JSON fields never compared (and everything inside them).
+    pub ignore_fields: Vec<teeway_compare::path::Pattern>,
+    /// Values that differ but both match one of these are no difference.
+    pub ignore_values: Vec<regex::Regex>,
+    /// JSON arrays compared whatever their order.
+    pub unordered: Vec<teeway_compare::path::Pattern>,
+    /// Endpoint templates tried before identifiers are folded.
+    pub endpoints: teeway_compare::endpoint::Templates,
+    /// How the candidate's rates are weighed against the noise.
+    pub noise: teeway_compare::noise::Thresholds,
+    /// Largest response body compared (decoded), and kept per answer meanwhile.
+    pub max_body: u64,
+    /// Endpoints counted by name; later ones are counted together.
+    pub max_endpoints: usize,
+    /// Fields counted by name per endpoint.
+    pub max_fields: usize,
+    /// Samples kept per endpoint and field.
+    pub samples: usize,
+}
+
+/// Default `compare.max_body`.
+pub const DEFAULT_COMPARE_MAX_BODY: u64 = 1024 * 1024;
+/// Default `compare.max_endpoints`.
+pub const DEFAULT_COMPARE_MAX_ENDPOINTS: usize = 200;
+/// Default `compare.max_fields`.
+pub const DEFAULT_COMPARE_MAX_FIELDS: usize = 64;
+/// Default `compare.samples`.
+pub const DEFAULT_COMPARE_SAMPLES: usize = 3;
 
 /// One `tcp_routes[i]` entry: where the TCP tee streams of one agent listener are replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -786,6 +830,7 @@ fn read_route(
     let replay_truncated = r
         .optional(p, "replay_truncated", "use true or false", cfg::boolean)
         .unwrap_or(false);
+    let compare = compare_block(r, p, &targets);
     Some(RouteConfig {
         name,
         matcher,
@@ -800,6 +845,188 @@ fn read_route(
             keep_http10: false,
         },
         replay_truncated,
+        compare,
+    })
+}
+
+/// A route's `compare:` block, its roles checked against the route's `targets`.
+fn compare_block(
+    r: &mut Section<'_>,
+    p: &mut Problems,
+    targets: &[TargetConfig],
+) -> Option<CompareConfig> {
+    let mut c = r.section(p, "compare");
+    if !c.is_present() {
+        return None;
+    }
+    let urls: Vec<&str> = targets.iter().map(|t| t.target.url.as_str()).collect();
+    let fix = format!(
+        "name one of the route's targets by its URL: {}",
+        urls.join(", ")
+    );
+    let role = |c: &mut Section<'_>, p: &mut Problems, key: &'static str, required: bool| {
+        let url = if required {
+            c.required(p, key, &fix, cfg::nonempty_string)
+        } else {
+            c.optional(p, key, &fix, cfg::nonempty_string)
+        }?;
+        let url = url.trim_end_matches('/');
+        let at = urls.iter().position(|u| *u == url);
+        if at.is_none() && !urls.is_empty() {
+            p.push(
+                c.path_of(key),
+                Some(&Value::from(url)),
+                "is not one of the route's targets",
+                &fix,
+            );
+        }
+        at
+    };
+    let candidate = role(&mut c, p, "candidate", true);
+    let primary = role(&mut c, p, "primary", true);
+    let secondary = role(&mut c, p, "secondary", false);
+    let roles = [candidate, primary, secondary];
+    let named: Vec<usize> = roles.iter().flatten().copied().collect();
+    if named
+        .iter()
+        .enumerate()
+        .any(|(i, a)| named[..i].contains(a))
+    {
+        p.push(
+            c.path(),
+            None,
+            "names one target for two roles",
+            "give candidate, primary and secondary a target each (the secondary is a second instance of the primary's version)",
+        );
+    }
+    let headers = c
+        .list(
+            p,
+            "headers",
+            "list response header names such as [content-type, cache-control]",
+            header_name,
+        )
+        .unwrap_or_else(|| vec![http::header::CONTENT_TYPE]);
+    let pattern = |v: &Value| teeway_compare::path::Pattern::parse(&cfg::nonempty_string(v)?);
+    let mut ignore = c.section(p, "ignore");
+    let ignore_fields = ignore
+        .list(
+            p,
+            "fields",
+            "list JSON fields such as [/meta/request_id, /items/*/updated_at]",
+            pattern,
+        )
+        .unwrap_or_default();
+    let ignore_values = ignore
+        .list(
+            p,
+            "values",
+            "list regular expressions such as ['^\\d{4}-\\d\\d-\\d\\dT'] (values that both match are no difference)",
+            |v| {
+                regex::Regex::new(&cfg::nonempty_string(v)?).map_err(|e| {
+                    let why = e.to_string();
+                    let last = why.lines().last().unwrap_or_default().trim_start_matches("error: ");
+                    format!("is not a regular expression ({last})")
+                })
+            },
+        )
+        .unwrap_or_default();
+    ignore.finish(p);
+    let unordered = c
+        .list(
+            p,
+            "unordered",
+            "list JSON arrays compared in any order, such as [/tags]",
+            pattern,
+        )
+        .unwrap_or_default();
+    let endpoints = c
+        .list(
+            p,
+            "endpoints",
+            "list templates such as [\"GET /users/{id}\", /orders/{order}]",
+            cfg::nonempty_string,
+        )
+        .unwrap_or_default();
+    let endpoints = match teeway_compare::endpoint::Templates::parse(&endpoints) {
+        Ok(t) => t,
+        Err(e) => {
+            p.push(
+                c.path_of("endpoints"),
+                None,
+                e.to_string(),
+                "give templates such as GET /users/{id}",
+            );
+            teeway_compare::endpoint::Templates::default()
+        }
+    };
+    let mut n = c.section(p, "noise");
+    let defaults = teeway_compare::noise::Thresholds::default();
+    let share = |v: &Value| cfg::percentage(v).map(|x| x / 100.0);
+    let relative = n
+        .optional(p, "relative", "give a percentage such as 20%", |v| {
+            cfg::number(v).and_then(|x| {
+                if x < 0.0 {
+                    Err("must be 0 or more".into())
+                } else {
+                    Ok(x / 100.0)
+                }
+            })
+        })
+        .unwrap_or(defaults.relative);
+    let absolute = n
+        .optional(p, "absolute", "give a percentage such as 1%", share)
+        .unwrap_or(defaults.absolute);
+    n.finish(p);
+    let max_body = c
+        .optional(
+            p,
+            "max_body",
+            "give a size from 1KiB to 16MiB, such as 1MiB",
+            |v| {
+                let n = cfg::size(v)?;
+                if (1024..=16 * 1024 * 1024).contains(&n) {
+                    Ok(n)
+                } else {
+                    Err("must be from 1KiB to 16MiB".into())
+                }
+            },
+        )
+        .unwrap_or(DEFAULT_COMPARE_MAX_BODY);
+    let count =
+        |c: &mut Section<'_>, p: &mut Problems, key: &'static str, max: u64, default: usize| {
+            c.optional(
+                p,
+                key,
+                &format!("use a whole number from 1 to {max}"),
+                cfg::whole_number_from_to(1, max),
+            )
+            .map_or(default, |n| n as usize)
+        };
+    let max_endpoints = count(
+        &mut c,
+        p,
+        "max_endpoints",
+        10_000,
+        DEFAULT_COMPARE_MAX_ENDPOINTS,
+    );
+    let max_fields = count(&mut c, p, "max_fields", 1_000, DEFAULT_COMPARE_MAX_FIELDS);
+    let samples = count(&mut c, p, "samples", 20, DEFAULT_COMPARE_SAMPLES);
+    c.finish(p);
+    Some(CompareConfig {
+        candidate: candidate?,
+        primary: primary?,
+        secondary,
+        headers,
+        ignore_fields,
+        ignore_values,
+        unordered,
+        endpoints,
+        noise: teeway_compare::noise::Thresholds { relative, absolute },
+        max_body,
+        max_endpoints,
+        max_fields,
+        samples,
     })
 }
 
@@ -1360,6 +1587,79 @@ tcp_routes:
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn compare_names_targets_by_role_and_its_problems() {
+        let dir = dir_with_certs("compare");
+        let c = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+routes:
+  - targets: [http://v2:8080, http://v1:8080/, http://v1b:8080]
+    compare:
+      candidate: http://v2:8080/
+      primary: http://v1:8080
+      secondary: http://v1b:8080
+      ignore: { fields: [/meta/trace], values: ['^\\d{4}-'] }
+      noise: { relative: 50%, absolute: 2% }
+",
+            &dir,
+        )
+        .expect("valid");
+        let compare = c.routes[0].compare.as_ref().expect("compare");
+        assert_eq!(
+            (compare.candidate, compare.primary, compare.secondary),
+            (0, 1, Some(2))
+        );
+        assert_eq!(compare.headers, [http::header::CONTENT_TYPE]);
+        assert_eq!(compare.noise.relative, 0.5);
+        assert_eq!(compare.noise.absolute, 0.02);
+        assert_eq!(compare.max_body, DEFAULT_COMPARE_MAX_BODY);
+        let err = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+routes:
+  - targets: [http://a:1, http://b:1]
+    compare:
+      candidate: http://a:1
+      primary: http://a:1
+      secondary: http://c:1
+      ignore: { fields: [meta], values: ['(('] }
+      endpoints: [\"users/{id}\"]
+      max_body: 10
+",
+            &dir,
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "routes[0].compare.secondary: is not one of the route's targets (found `http://c:1`); name one of the route's targets by its URL: http://a:1, http://b:1",
+            "routes[0].compare: names one target for two roles",
+            "routes[0].compare.ignore.fields[0]: `meta` is not a field path",
+            "routes[0].compare.ignore.values[0]: is not a regular expression (unclosed group)",
+            "routes[0].compare.endpoints: `users/{id}` is not a template",
+            "routes[0].compare.max_body: must be from 1KiB to 16MiB",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        let missing = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+routes:
+  - targets: [http://a:1]
+    compare: { candidate: http://a:1 }
+",
+            &dir,
+        )
+        .expect_err("no primary");
+        assert!(
+            missing
+                .to_string()
+                .contains("routes[0].compare.primary: is required"),
+            "{missing}"
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 

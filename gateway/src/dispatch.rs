@@ -194,9 +194,15 @@ impl Dispatcher {
             return Taken::Kept;
         };
         let record = Arc::new(record);
-        let pending = self.observers.exchange(&record, identity, &route.name, || {
-            route.targets.iter().map(|(t, _)| t.url.clone()).collect()
-        });
+        let own = route
+            .compare
+            .clone()
+            .map(|c| c as Arc<dyn crate::observe::Observer>);
+        let pending = self
+            .observers
+            .exchange(&record, identity, &route.name, own.as_ref(), || {
+                route.targets.iter().map(|(t, _)| t.url.clone()).collect()
+            });
         let report = |index: usize, outcome: Outcome| {
             if let Some(pending) = &pending {
                 pending.report(index, outcome);
@@ -209,7 +215,7 @@ impl Dispatcher {
             }
             return Taken::Kept;
         }
-        let capture = self.observers.capture();
+        let capture = self.observers.capture_with(own.as_ref());
         // Shed unless a target replays it at once, if any target was full or over its rate.
         let mut taken = Taken::Kept;
         for (index, (target, handles)) in route.targets.iter().enumerate() {

@@ -61,6 +61,7 @@ use teeway_runtime::reload::{ConfigState, ReloadResult};
 use teeway_wire::codes;
 
 mod budget;
+pub mod compare;
 pub mod config;
 mod dedupe;
 mod dispatch;
@@ -244,11 +245,17 @@ impl Routing {
                 let handles = Arc::new(metrics.for_target(&route.name, &target.url));
                 targets.push((target, handles));
             }
+            let compare = route.compare.as_ref().map(|c| {
+                let urls: Vec<String> = targets.iter().map(|(t, _)| t.url.clone()).collect();
+                let previous = old.and_then(|o| o.router.compare_of(&route.name));
+                compare::RouteCompare::build(&route.name, c, &urls, previous, metrics)
+            });
             routes.push(Route {
                 name: route.name.clone(),
                 matcher: route.matcher.clone(),
                 targets,
                 replay_truncated: route.replay_truncated,
+                compare,
             });
         }
         Ok(Self {
@@ -461,6 +468,7 @@ impl Gateway {
             let state: Arc<dyn AdminState> = Arc::new(AdminView {
                 metrics: self.metrics.clone(),
                 config: self.config_state.clone(),
+                routing: self.routing.clone(),
             });
             tokio::spawn(admin::serve(listener, state, admin_stop.clone()))
         });
@@ -629,6 +637,7 @@ pub async fn run(
 struct AdminView {
     metrics: Arc<GatewayMetrics>,
     config: Arc<ConfigState>,
+    routing: Arc<ArcSwap<Routing>>,
 }
 
 impl AdminState for AdminView {
@@ -642,5 +651,45 @@ impl AdminState for AdminView {
 
     fn config(&self) -> Option<String> {
         Some(self.config.render())
+    }
+
+    /// `/compare`: every compare route's findings; `/compare/samples?route=&endpoint=&field=`:
+    /// the samples kept for one field.
+    fn json(&self, path: &str, query: Option<&str>) -> Option<(http::StatusCode, String)> {
+        let routing = self.routing.load();
+        match path {
+            "/compare" => {
+                let routes: Vec<serde_json::Value> =
+                    routing.router.compares().map(|c| c.summary()).collect();
+                Some((
+                    http::StatusCode::OK,
+                    serde_json::json!({ "routes": routes }).to_string(),
+                ))
+            }
+            "/compare/samples" => {
+                let want = |name| admin::query_value(query, name);
+                let (Some(route), Some(endpoint), Some(field)) =
+                    (want("route"), want("endpoint"), want("field"))
+                else {
+                    return Some((
+                        http::StatusCode::BAD_REQUEST,
+                        r#"{"error": "give route, endpoint and field"}"#.to_owned(),
+                    ));
+                };
+                let Some(c) = routing.router.compare_of(&route) else {
+                    return Some((
+                        http::StatusCode::NOT_FOUND,
+                        serde_json::json!({ "error": format!("no compare route {route}") })
+                            .to_string(),
+                    ));
+                };
+                let samples = c.samples(&endpoint, &field);
+                Some((
+                    http::StatusCode::OK,
+                    serde_json::json!({ "samples": samples }).to_string(),
+                ))
+            }
+            _ => None,
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! Observers: what sees each copy once, when every target of its route has answered, failed or
 //! been skipped. A copy replayed to several targets is one [`Exchange`] with one [`Outcome`] per
-//! target, so the answers meet here: the response archive is an observer today, and comparing a
-//! candidate's answers with a primary's (Diffy-style) is one to come.
+//! target, so the answers meet here: the response archive is an observer, and so is each compare
+//! route's comparison of a candidate's answers with a primary's ([`crate::router::Route`] holds
+//! it; it sees its own route's exchanges only).
 //!
 //! Each answer is also shown to observers as soon as it is read (the archive writes responses
 //! then, so nothing waits for the slowest target). The dispatcher makes an exchange only when
@@ -19,16 +20,17 @@ use crate::replay::Answer;
 
 /// One copy and what each target of its route made of it.
 #[derive(Debug)]
-#[expect(
-    dead_code,
-    reason = "the response archive reads only the outcomes; comparing versions reads the rest"
-)]
 pub struct Exchange {
     /// The copy.
     pub record: Arc<MirroredRequest>,
     /// The agent identity it came from.
+    #[expect(dead_code, reason = "no observer reports by source yet")]
     pub source: Arc<str>,
     /// The route it took.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "a route's comparison sees its own exchanges only")
+    )]
     pub route: String,
     /// Per target, in the route's order.
     pub outcomes: Vec<TargetOutcome>,
@@ -36,12 +38,12 @@ pub struct Exchange {
 
 /// What one target made of a copy.
 #[derive(Debug)]
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "read by the comparison of versions, next")
-)]
 pub struct TargetOutcome {
     /// The target's URL as configured.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "comparisons find their targets by place")
+    )]
     pub target: String,
     /// Its answer, failure or skip.
     pub outcome: Outcome,
@@ -49,20 +51,25 @@ pub struct TargetOutcome {
 
 /// How one replay ended.
 #[derive(Debug)]
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "why a target failed is read by the comparison of versions, next"
-    )
-)]
 pub enum Outcome {
     /// The target answered (any status); its answer was read to the end.
     Answered(Answer),
     /// The replay failed or was shed.
-    Failed(FailReason),
+    Failed(
+        #[cfg_attr(
+            not(test),
+            expect(dead_code, reason = "comparisons count any failure as `failed`")
+        )]
+        FailReason,
+    ),
     /// The copy was not sent to this target.
-    Skipped(SkipReason),
+    Skipped(
+        #[cfg_attr(
+            not(test),
+            expect(dead_code, reason = "comparisons count any skip as `not_replayed`")
+        )]
+        SkipReason,
+    ),
 }
 
 /// Sees each target's answer as it comes, and, if it asks, each finished exchange. Called on the
@@ -79,6 +86,8 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
     fn wants_exchanges(&self) -> bool {
         false
     }
+    /// An exchange of `record` is under way (called only when it wants exchanges).
+    fn started(&self, _record: &MirroredRequest) {}
     /// One target's answer, as soon as it is read.
     fn answered(&self, _record: &MirroredRequest, _target: &str, _answer: &Answer) {}
     /// One exchange, finished.
@@ -105,28 +114,44 @@ impl Observers {
         }
     }
 
-    /// How many response body bytes each replay keeps; `None`: no response is kept.
-    pub fn capture(&self) -> Option<u64> {
-        self.capture
+    /// How many response body bytes each replay of a route with its own observer `own` keeps.
+    pub fn capture_with(&self, own: Option<&Arc<dyn Observer>>) -> Option<u64> {
+        match (self.capture, own.and_then(|o| o.response_body_bytes())) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// An exchange for `record` over `targets`, if some observer wants exchanges.
+    /// An exchange for `record` over `targets`, if some observer (or the route's own, `own`)
+    /// wants exchanges.
     pub fn exchange(
         &self,
         record: &Arc<MirroredRequest>,
         source: &Arc<str>,
         route: &str,
+        own: Option<&Arc<dyn Observer>>,
         targets: impl FnOnce() -> Vec<String>,
     ) -> Option<Arc<Pending>> {
-        self.exchanges.then(|| {
-            Arc::new(Pending::new(
-                record.clone(),
-                source.clone(),
-                route,
-                targets(),
-                self.list.clone(),
-            ))
-        })
+        let own = own.filter(|o| o.wants_exchanges()).cloned();
+        if !self.exchanges && own.is_none() {
+            return None;
+        }
+        let observers = match own {
+            None => self.list.clone(),
+            Some(own) => {
+                own.started(record);
+                let mut all = self.list.to_vec();
+                all.push(own);
+                all.into()
+            }
+        };
+        Some(Arc::new(Pending::new(
+            record.clone(),
+            source.clone(),
+            route,
+            targets(),
+            observers,
+        )))
     }
 
     /// Shows every observer one target's answer.

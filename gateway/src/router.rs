@@ -22,6 +22,8 @@ pub struct Route {
     pub targets: Vec<(Arc<Target>, Arc<TargetMetrics>)>,
     /// Whether copies with truncated bodies are replayed.
     pub replay_truncated: bool,
+    /// `compare:`: its targets' answers compared.
+    pub compare: Option<Arc<crate::compare::RouteCompare>>,
 }
 
 /// The routing table.
@@ -46,6 +48,19 @@ impl Router {
         self.routes
             .iter()
             .flat_map(|r| r.targets.iter().map(|(t, _)| t))
+    }
+
+    /// The comparison of the route named `name`, if it compares.
+    pub fn compare_of(&self, name: &str) -> Option<&Arc<crate::compare::RouteCompare>> {
+        self.routes
+            .iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.compare.as_ref())
+    }
+
+    /// All routes' comparisons.
+    pub fn compares(&self) -> impl Iterator<Item = &Arc<crate::compare::RouteCompare>> {
+        self.routes.iter().filter_map(|r| r.compare.as_ref())
     }
 
     /// The first route that takes `record`, sent by the agent `identity`.
@@ -99,6 +114,7 @@ mod tests {
             matcher,
             targets: vec![],
             replay_truncated: false,
+            compare: None,
         }
     }
 

@@ -33,6 +33,11 @@ pub trait AdminState: Send + Sync + 'static {
     fn config(&self) -> Option<String> {
         None
     }
+    /// Another JSON endpoint of this instance at `path` (`query`: its query string, still
+    /// percent-encoded): its status and body; `None` when it has none there.
+    fn json(&self, _path: &str, _query: Option<&str>) -> Option<(StatusCode, String)> {
+        None
+    }
 }
 
 /// The address of an optional admin listener, for start-up logs (empty when there is none).
@@ -111,11 +116,44 @@ fn respond(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Byt
                 )
             }
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "try /metrics, /healthz, /readyz or /config\n".into(),
-        ),
+        path => match state.json(path, req.uri().query()) {
+            Some((status, json)) => {
+                let mut resp = text(status, json);
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "try /metrics, /healthz, /readyz or /config\n".into(),
+            ),
+        },
     }
+}
+
+/// The value of `name` in a query string (`a=1&b=x%20y`), percent-decoded (`+` is a space);
+/// `None` when absent or not UTF-8 once decoded.
+pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    let raw = query?.split('&').find_map(|pair| {
+        pair.split_once('=')
+            .filter(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    })?;
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -126,4 +164,22 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_decoded() {
+        let q = Some("route=api&endpoint=GET+%2Fusers%2F%7Bid%7D&x");
+        assert_eq!(
+            query_value(q, "endpoint").as_deref(),
+            Some("GET /users/{id}")
+        );
+        assert_eq!(query_value(q, "route").as_deref(), Some("api"));
+        assert_eq!(query_value(q, "x"), None);
+        assert_eq!(query_value(Some("a=%zz"), "a"), None);
+        assert_eq!(query_value(None, "a"), None);
+    }
 }

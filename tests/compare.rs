@@ -1,0 +1,178 @@
+//! Comparing versions end to end (`routes[].compare`), with the real binary: production traffic
+//! through an agent, copies replayed by the gateway to a candidate (v2), a primary (v1) and a
+//! secondary (another v1) of a small JSON service (tests/interop/compare/service.py) whose every
+//! answer carries a random id and the time, and whose v2 prices half the users wrong.
+//!
+//! The gateway's `/compare` reports the regression on the right endpoint and field, the id and
+//! time as noise, an unchanged endpoint with no differing copy, and every copy counted once.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use teeway_runtime::metrics::Snapshot;
+
+use support::redis::Reap;
+use support::{admin_get, certs_init, field, get, scrape, settle_async, KeepAlive, Proc};
+
+/// The service in `version`, on a free port.
+fn service(version: &str) -> Option<(Reap, SocketAddr)> {
+    let python = support::find_program("python3")?;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/compare/service.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .args(["--version", version])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("service.py runs");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("its port");
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("service.py said {line:?}"));
+    Some((Reap(child), SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regression_is_found_on_its_endpoint_and_field_and_noise_is_told_apart() {
+    let Some((_v1, v1)) = service("v1") else {
+        support::tool_missing(
+            "python3",
+            "the JSON service compared",
+            "apt-get install python3",
+        );
+        return;
+    };
+    let (_v1b, v1b) = service("v1").expect("v1b");
+    let (_v2, v2) = service("v2").expect("v2");
+    let (_prod, prod) = service("v1").expect("production");
+    let dir = tempfile::tempdir().expect("tempdir");
+    certs_init(dir.path());
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!(
+            "listen: 127.0.0.1:0
+tls: {{ ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }}
+routes:
+  - name: users
+    targets: [http://{v2}, http://{v1}, http://{v1b}]
+    compare:
+      candidate: http://{v2}
+      primary: http://{v1}
+      secondary: http://{v1b}
+admin: {{ listen: 127.0.0.1:0 }}
+"
+        ),
+    )
+    .expect("write");
+    let gateway = Proc::spawn(dir.path(), &["gateway", "--config", "gateway.yaml"]);
+    let serving = gateway.wait_for_line("gateway serving");
+    let gateway_addr = field(&serving, "listen");
+    let gateway_admin: SocketAddr = field(&serving, "admin").parse().expect("admin");
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        format!(
+            "cluster: prod-eu-1\nlisten: 127.0.0.1:0\nprimary: http://{prod}\ngateway:\n  address: {gateway_addr}\n  server_name: localhost\n  ca: certs/dev/ca.pem\n  cert: certs/dev/agent.pem\n  key: certs/dev/agent.key\nadmin: {{ listen: 127.0.0.1:0 }}\n"
+        ),
+    )
+    .expect("write");
+    let agent = Proc::spawn(dir.path(), &["agent", "--config", "agent.yaml"]);
+    let line = agent.wait_for_line("agent serving");
+    let agent_addr: SocketAddr = field(&line, "listen").parse().expect("listen");
+    agent.wait_for_line("uplink connected");
+
+    let mut client = KeepAlive::open(agent_addr).await;
+    for i in 0..60 {
+        for path in [format!("/users/{i}"), "/health".to_owned()] {
+            let (status, _) = client.exchange(get(&path)).await.expect("answered");
+            assert_eq!(status, http::StatusCode::OK, "{path}");
+        }
+    }
+    let copies = "teeway_gateway_compare_copies_total";
+    let s = settle_async(
+        || scrape(gateway_admin),
+        |s: &Snapshot| s.sum(copies) >= 120.0 && s.sum("teeway_gateway_compare_in_flight") == 0.0,
+    )
+    .await;
+    let result = |r: &str| s.sum_where(copies, &[("result", r)]);
+    assert_eq!(
+        s.sum(copies),
+        120.0,
+        "every copy counted once: {}",
+        gateway.unread_lines()
+    );
+    assert_eq!(result("skipped"), 0.0);
+    assert_eq!(
+        result("differing"),
+        30.0,
+        "the even users, each counted as a regression"
+    );
+
+    let (status, body) = admin_get(gateway_admin, "/compare").await;
+    assert_eq!(status, http::StatusCode::OK, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let endpoints = report["routes"][0]["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .clone();
+    let endpoint = |name: &str| {
+        endpoints
+            .iter()
+            .find(|e| e["endpoint"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} in {body}"))
+    };
+    assert_eq!(
+        endpoints[0]["endpoint"], "GET /users/{id}",
+        "most differing first"
+    );
+    let users = endpoint("GET /users/{id}");
+    assert_eq!(users["compared"], 60);
+    assert_eq!(users["differing"], 30);
+    let verdict = |e: &serde_json::Value, f: &str| {
+        e["fields"]
+            .as_array()
+            .and_then(|fields| fields.iter().find(|x| x["field"] == f))
+            .map(|x| x["verdict"].clone())
+            .unwrap_or_else(|| panic!("{f} in {e}"))
+    };
+    assert_eq!(verdict(&users, "/price"), "differing");
+    assert_eq!(verdict(&users, "/request_id"), "noise");
+    assert_eq!(verdict(&users, "/at"), "noise");
+    let health = endpoint("GET /health");
+    assert_eq!(health["compared"], 60);
+    assert_eq!(health["differing"], 0, "unchanged: {health}");
+    assert_eq!(verdict(&health, "/request_id"), "noise");
+
+    let (status, body) = admin_get(
+        gateway_admin,
+        "/compare/samples?route=users&endpoint=GET+%2Fusers%2F%7Bid%7D&field=%2Fprice",
+    )
+    .await;
+    assert_eq!(status, http::StatusCode::OK, "{body}");
+    let samples: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let samples = samples["samples"].as_array().expect("samples");
+    assert_eq!(samples.len(), 3, "the default samples per field");
+    for sample in samples {
+        let uri = sample["request"]["uri"].as_str().unwrap_or_default();
+        let user: u32 = uri.trim_start_matches("/users/").parse().expect("a user");
+        assert_eq!(user % 2, 0, "an even user: {sample}");
+        assert!(sample["candidate"]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"price\": 12"));
+        assert!(sample["primary"]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"price\": 10"));
+    }
+}
