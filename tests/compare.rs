@@ -4,7 +4,9 @@
 //! answer carries a random id and the time, and whose v2 prices half the users wrong.
 //!
 //! The gateway's `/compare` reports the regression on the right endpoint and field, the id and
-//! time as noise, an unchanged endpoint with no differing copy, and every copy counted once.
+//! time as noise, an unchanged endpoint with no differing copy, and every copy counted once; and
+//! its page, `/compare/ui`, shows the same to a real browser (Debian's Chromium, driven by
+//! Playwright: tests/interop/compare/ui.mjs) from endpoint to field to sample.
 
 mod support;
 
@@ -174,5 +176,99 @@ admin: {{ listen: 127.0.0.1:0 }}
             .as_str()
             .unwrap_or_default()
             .contains("\"price\": 10"));
+    }
+
+    // The page, in a real browser.
+    let Some(driver) = browser_driver() else {
+        return;
+    };
+    let screenshot = match std::env::var_os("TEEWAY_UPDATE_SCREENSHOT") {
+        Some(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/compare-ui.png"),
+        None => dir.path().join("compare-ui.png"),
+    };
+    let out = Command::new(driver.0)
+        .arg(&driver.1)
+        .arg(format!("http://{gateway_admin}"))
+        .arg("/price")
+        .arg(&screenshot)
+        .output()
+        .expect("node runs");
+    assert!(
+        out.status.success(),
+        "ui.mjs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON from ui.mjs");
+    assert_eq!(
+        shown["endpoints"][0],
+        serde_json::json!(["GET /users/{id}", "50.0%"]),
+        "the most differing endpoint first: {shown}"
+    );
+    assert_eq!(shown["endpoints"][1][0], "GET /health");
+    assert_eq!(shown["endpoints"][1][1], "0.0%");
+    let fields = shown["fields"].as_array().expect("fields");
+    assert_eq!(
+        fields[0],
+        serde_json::json!(["/price", "differing"]),
+        "differing fields first: {shown}"
+    );
+    for noise in ["/request_id", "/at"] {
+        assert!(
+            fields.contains(&serde_json::json!([noise, "noise"])),
+            "{noise} shown as noise: {shown}"
+        );
+    }
+    assert!(shown["roles"]
+        .as_str()
+        .unwrap_or_default()
+        .contains(&format!("candidate http://{v2}")));
+    let samples = shown["samples"].as_array().expect("samples");
+    assert_eq!(samples.len(), 3);
+    assert!(
+        samples[0]["candidate"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"price\": 12"),
+        "{shown}"
+    );
+    assert!(
+        samples[0]["primary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"price\": 10"),
+        "{shown}"
+    );
+    assert!(samples[0]["differences"]
+        .as_array()
+        .is_some_and(|d| d.contains(&serde_json::json!("/price (value)"))));
+    assert!(shown["crumbs"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("GET /users/{id}"));
+    assert!(
+        std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 10_000),
+        "a screenshot"
+    );
+}
+
+/// Node.js and the driver script, when Chromium and Playwright are installed (`.ci/run` installs
+/// them: Debian's chromium, `npm ci` in tests/interop/compare).
+fn browser_driver() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/compare");
+    let node = support::find_program("node");
+    let chromium = std::env::var_os("CHROMIUM")
+        .map(std::path::PathBuf::from)
+        .or_else(|| support::find_program("chromium"));
+    let playwright = dir.join("node_modules/playwright-core").is_dir();
+    match (node, chromium, playwright) {
+        (Some(node), Some(_), true) => Some((node, dir.join("ui.mjs"))),
+        _ => {
+            support::tool_missing(
+                "node, chromium, playwright-core",
+                "the /compare/ui page in a real browser",
+                "apt-get install nodejs chromium; (cd tests/interop/compare && npm ci)",
+            );
+            None
+        }
     }
 }

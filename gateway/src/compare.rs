@@ -59,6 +59,10 @@ pub const COMPARE_IN_FLIGHT: &str = "teeway_gateway_compare_in_flight";
 /// Copies compared, by route, endpoint and result.
 pub const COMPARE_ENDPOINT_TOTAL: &str = "teeway_gateway_compare_endpoint_copies_total";
 
+/// The findings as a web page (`/compare/ui` on the admin port): reads `/compare` and
+/// `/compare/samples`, shows every text as text.
+pub const PAGE: &str = include_str!("compare.html");
+
 /// Bytes of samples kept per route.
 pub const SAMPLE_BYTES: u64 = 32 * 1024 * 1024;
 /// Body bytes a sample keeps of each message.

@@ -653,17 +653,24 @@ impl AdminState for AdminView {
         Some(self.config.render())
     }
 
-    /// `/compare`: every compare route's findings; `/compare/samples?route=&endpoint=&field=`:
-    /// the samples kept for one field.
-    fn json(&self, path: &str, query: Option<&str>) -> Option<(http::StatusCode, String)> {
+    /// `/compare/ui`: the findings as a web page; `/compare`: every compare route's findings
+    /// (JSON); `/compare/samples?route=&endpoint=&field=`: the samples kept for one field.
+    fn page(&self, path: &str, query: Option<&str>) -> Option<admin::Page> {
+        use http::StatusCode;
         let routing = self.routing.load();
+        let json = |status, value: serde_json::Value| admin::Page::json(status, value.to_string());
         match path {
+            "/compare/ui" | "/compare/ui/" => Some(admin::Page {
+                status: StatusCode::OK,
+                content_type: "text/html; charset=utf-8",
+                body: compare::PAGE.to_owned(),
+            }),
             "/compare" => {
                 let routes: Vec<serde_json::Value> =
                     routing.router.compares().map(|c| c.summary()).collect();
-                Some((
-                    http::StatusCode::OK,
-                    serde_json::json!({ "routes": routes }).to_string(),
+                Some(json(
+                    StatusCode::OK,
+                    serde_json::json!({ "routes": routes }),
                 ))
             }
             "/compare/samples" => {
@@ -671,22 +678,21 @@ impl AdminState for AdminView {
                 let (Some(route), Some(endpoint), Some(field)) =
                     (want("route"), want("endpoint"), want("field"))
                 else {
-                    return Some((
-                        http::StatusCode::BAD_REQUEST,
-                        r#"{"error": "give route, endpoint and field"}"#.to_owned(),
+                    return Some(json(
+                        StatusCode::BAD_REQUEST,
+                        serde_json::json!({ "error": "give route, endpoint and field" }),
                     ));
                 };
                 let Some(c) = routing.router.compare_of(&route) else {
-                    return Some((
-                        http::StatusCode::NOT_FOUND,
-                        serde_json::json!({ "error": format!("no compare route {route}") })
-                            .to_string(),
+                    return Some(json(
+                        StatusCode::NOT_FOUND,
+                        serde_json::json!({ "error": format!("no compare route {route}") }),
                     ));
                 };
                 let samples = c.samples(&endpoint, &field);
-                Some((
-                    http::StatusCode::OK,
-                    serde_json::json!({ "samples": samples }).to_string(),
+                Some(json(
+                    StatusCode::OK,
+                    serde_json::json!({ "samples": samples }),
                 ))
             }
             _ => None,

@@ -33,10 +33,32 @@ pub trait AdminState: Send + Sync + 'static {
     fn config(&self) -> Option<String> {
         None
     }
-    /// Another JSON endpoint of this instance at `path` (`query`: its query string, still
-    /// percent-encoded): its status and body; `None` when it has none there.
-    fn json(&self, _path: &str, _query: Option<&str>) -> Option<(StatusCode, String)> {
+    /// Another endpoint of this instance at `path` (`query`: its query string, still
+    /// percent-encoded); `None` when it has none there.
+    fn page(&self, _path: &str, _query: Option<&str>) -> Option<Page> {
         None
+    }
+}
+
+/// What an instance's own endpoint answers.
+#[derive(Debug)]
+pub struct Page {
+    /// The status.
+    pub status: StatusCode,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: String,
+}
+
+impl Page {
+    /// A JSON answer.
+    pub fn json(status: StatusCode, body: String) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body,
+        }
     }
 }
 
@@ -116,12 +138,12 @@ fn respond(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Byt
                 )
             }
         }
-        path => match state.json(path, req.uri().query()) {
-            Some((status, json)) => {
-                let mut resp = text(status, json);
+        path => match state.page(path, req.uri().query()) {
+            Some(page) => {
+                let mut resp = text(page.status, page.body);
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("application/json"),
+                    header::HeaderValue::from_static(page.content_type),
                 );
                 resp
             }
