@@ -249,6 +249,7 @@ admin: {{ listen: 127.0.0.1:0 }}
         std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 10_000),
         "a screenshot"
     );
+    assert_eq!(shown["back"], "#/", "the crumbs lead back to every route");
 }
 
 /// Node.js and the driver script, when Chromium and Playwright are installed (`.ci/run` installs

@@ -127,8 +127,9 @@ pub fn read(
     }
 }
 
-/// The body with its `Content-Encoding`s undone (the last applied is undone first).
-fn decode(headers: &HeaderMap, bytes: &[u8], limit: usize) -> Result<Vec<u8>, BodyError> {
+/// The body with its `Content-Encoding`s undone (the last applied is undone first), at most
+/// `limit` bytes of it.
+pub fn decode(headers: &HeaderMap, bytes: &[u8], limit: usize) -> Result<Vec<u8>, BodyError> {
     let mut codings: Vec<String> = headers
         .get_all(CONTENT_ENCODING)
         .iter()

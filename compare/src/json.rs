@@ -51,13 +51,67 @@ pub struct FieldDiff {
     pub change: Change,
 }
 
+impl FieldDiff {
+    /// What it is counted under, for noise: the field, and for a change of shape (missing,
+    /// extra, type) the kind too, so that a field whose value is noise still shows when it goes
+    /// missing.
+    pub fn key(&self) -> String {
+        key(&self.field, self.change)
+    }
+}
+
+/// The key of a difference of `change` at `field` (see [`FieldDiff::key`]).
+pub fn key(field: &str, change: Change) -> String {
+    match change {
+        Change::Value => field.to_owned(),
+        other => format!("{field} ({})", other.as_str()),
+    }
+}
+
+/// Distinct keys one pair may count (a document of random keys cannot make more).
+pub const MAX_KEYS: usize = 1024;
+
 /// The differences found in one pair of documents.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Differences {
-    /// In document order, at most the limit.
+    /// In key order (document order for arrays), at most the limit.
     pub fields: Vec<FieldDiff>,
     /// Differences past the limit, not listed.
     pub more: u64,
+    /// Every distinct key differing ([`FieldDiff::key`]), listed or not, at most [`MAX_KEYS`].
+    pub keys: std::collections::BTreeSet<String>,
+}
+
+impl Differences {
+    /// Adds one difference: listed while under `limit`, its key counted in any case.
+    pub fn push(&mut self, diff: FieldDiff, limit: usize) {
+        if self.keys.len() < MAX_KEYS {
+            self.keys.insert(diff.key());
+        }
+        if self.fields.len() >= limit {
+            self.more += 1;
+        } else {
+            self.fields.push(diff);
+        }
+    }
+
+    /// Whether nothing differs.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.fields.is_empty() && self.more == 0
+    }
+
+    /// Adds `other`'s differences after these, under `limit`.
+    pub fn extend(&mut self, other: Differences, limit: usize) {
+        self.more += other.more;
+        for d in other.fields {
+            self.push(d, limit);
+        }
+        for k in other.keys {
+            if self.keys.len() < MAX_KEYS {
+                self.keys.insert(k);
+            }
+        }
+    }
 }
 
 /// How documents are compared.
@@ -138,9 +192,7 @@ impl Walk<'_> {
                 }
             }
             (Value::Number(x), Value::Number(y)) => {
-                let same =
-                    x == y || matches!((x.as_f64(), y.as_f64()), (Some(p), Some(q)) if p == q);
-                if !same {
+                if !same_number(x, y) {
                     self.found(Change::Value);
                 }
             }
@@ -181,15 +233,12 @@ impl Walk<'_> {
         if self.options.ignore.iter().any(|p| p.covers(&self.path)) {
             return;
         }
-        if self.out.fields.len() >= self.options.limit {
-            self.out.more += 1;
-            return;
-        }
-        self.out.fields.push(FieldDiff {
+        let diff = FieldDiff {
             field: self.path.field(),
             at: self.path.at(),
             change,
-        });
+        };
+        self.out.push(diff, self.options.limit);
     }
 }
 
@@ -198,12 +247,24 @@ pub(crate) fn both_match(patterns: &[Regex], a: &str, b: &str) -> bool {
     patterns.iter().any(|r| r.is_match(a) && r.is_match(b))
 }
 
+/// Equal numbers: integers exactly (ids beyond 2^53 stay apart), others by value (`1` and
+/// `1.0`).
+fn same_number(x: &serde_json::Number, y: &serde_json::Number) -> bool {
+    if x == y {
+        return true;
+    }
+    let integer =
+        |n: &serde_json::Number| n.as_i64().map(i128::from).or(n.as_u64().map(i128::from));
+    match (integer(x), integer(y)) {
+        (Some(p), Some(q)) => p == q,
+        _ => matches!((x.as_f64(), y.as_f64()), (Some(p), Some(q)) if p == q),
+    }
+}
+
 /// Equal as documents: numbers by value, objects whatever their key order.
 fn equal(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            x == y || matches!((x.as_f64(), y.as_f64()), (Some(p), Some(q)) if p == q)
-        }
+        (Value::Number(x), Value::Number(y)) => same_number(x, y),
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(p, q)| equal(p, q))
         }
@@ -295,6 +356,24 @@ mod tests {
             y.sort();
             proptest::prop_assert_eq!(x, y);
         }
+    }
+
+    #[test]
+    fn big_integers_are_compared_exactly_and_keys_outlive_the_limit() {
+        let a = json!({"id": 9_007_199_254_740_993u64, "n": 1, "list": [1, 2, 3]});
+        let b = json!({"id": 9_007_199_254_740_992u64, "n": 1.0, "list": [4, 5, 6]});
+        let mut o = options();
+        o.limit = 1;
+        let d = diff(&a, &b, &o);
+        assert_eq!(d.fields.len(), 1);
+        assert_eq!(d.more, 3);
+        assert_eq!(
+            d.keys.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["/id", "/list/*"],
+            "counted though not listed; 1 and 1.0 are equal"
+        );
+        let gone = diff(&json!({"x": 1}), &json!({}), &options());
+        assert_eq!(gone.fields[0].key(), "/x (missing)");
     }
 
     #[test]

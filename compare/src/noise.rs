@@ -82,32 +82,43 @@ pub const OTHER_FIELDS: &str = "(other fields)";
 
 impl EndpointStats {
     /// Counts one copy: the candidate's differences from the primary, and the secondary's if
-    /// one answered. A field is counted once per copy however often it differs in it. At most
-    /// `max_fields` fields are counted by name.
+    /// one answered, by key ([`crate::json::FieldDiff::key`]). A key is counted once per
+    /// copy however often it differs in it. At most `max_fields` keys are counted by name; the
+    /// rest together, once per copy.
     pub fn record(&mut self, raw: &Differences, noise: Option<&Differences>, max_fields: usize) {
         self.compared += 1;
-        let mut seen: Vec<&str> = raw.fields.iter().map(|f| f.field.as_str()).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        for field in seen {
-            self.counts(field, max_fields).raw += 1;
+        let mut other = false;
+        for key in &raw.keys {
+            match self.counts(key, max_fields) {
+                Some(c) => c.raw += 1,
+                None => other = true,
+            }
         }
+        self.other.raw += u64::from(other);
         if let Some(noise) = noise {
             self.with_secondary += 1;
-            let mut seen: Vec<&str> = noise.fields.iter().map(|f| f.field.as_str()).collect();
-            seen.sort_unstable();
-            seen.dedup();
-            for field in seen {
-                self.counts(field, max_fields).noise += 1;
+            let mut other = false;
+            for key in &noise.keys {
+                match self.counts(key, max_fields) {
+                    Some(c) => c.noise += 1,
+                    None => other = true,
+                }
             }
+            self.other.noise += u64::from(other);
         }
     }
 
-    fn counts(&mut self, field: &str, max_fields: usize) -> &mut FieldCounts {
-        if !self.fields.contains_key(field) && self.fields.len() >= max_fields {
-            return &mut self.other;
+    /// A key's counts; `None` when it is not counted by name (past `max_fields`).
+    fn counts(&mut self, key: &str, max_fields: usize) -> Option<&mut FieldCounts> {
+        if !self.fields.contains_key(key) && self.fields.len() >= max_fields {
+            return None;
         }
-        self.fields.entry(field.to_owned()).or_default()
+        Some(self.fields.entry(key.to_owned()).or_default())
+    }
+
+    /// The counts of `key`: its own, or the other fields' when it is not counted by name.
+    pub fn counts_of(&self, key: &str) -> FieldCounts {
+        self.fields.get(key).copied().unwrap_or(self.other)
     }
 
     /// The verdict on `counts` (a field's at this endpoint), under `thresholds`.
@@ -148,17 +159,18 @@ mod tests {
     use crate::json::{Change, FieldDiff};
 
     fn differences(fields: &[&str]) -> Differences {
-        Differences {
-            fields: fields
-                .iter()
-                .map(|f| FieldDiff {
+        let mut d = Differences::default();
+        for f in fields {
+            d.push(
+                FieldDiff {
                     field: (*f).to_owned(),
                     at: (*f).to_owned(),
                     change: Change::Value,
-                })
-                .collect(),
-            more: 0,
+                },
+                100,
+            );
         }
+        d
     }
 
     #[test]
@@ -198,7 +210,7 @@ mod tests {
         // The first four names seen: /f0 and /rare (one copy), /f1, /f2; /f3 to /f9 after.
         let named: Vec<&str> = stats.fields.keys().map(String::as_str).collect();
         assert_eq!(named, ["/f0", "/f1", "/f2", "/rare"]);
-        assert_eq!(stats.other.raw, 7 * 20);
+        assert_eq!(stats.other.raw, 7 * 20, "once per copy");
         let t = Thresholds::default();
         assert_eq!(stats.verdict(stats.fields["/f0"], t), Verdict::Differing);
         assert_eq!(

@@ -54,6 +54,10 @@ impl FieldPath {
     }
 
     fn render(&self, indices: bool) -> String {
+        if self.steps.is_empty() {
+            // The document itself (a JSON Pointer's "", which a page cannot link to).
+            return "(document)".to_owned();
+        }
         let mut out = String::new();
         for step in &self.steps {
             out.push('/');

@@ -84,11 +84,7 @@ pub fn compare(
     .map_err(Skip::Body)?;
     let mut out = Differences::default();
     let push = |out: &mut Differences, field: String, at: String, change: Change| {
-        if out.fields.len() >= rules.json.limit {
-            out.more += 1;
-        } else {
-            out.fields.push(FieldDiff { field, at, change });
-        }
+        out.push(FieldDiff { field, at, change }, rules.json.limit);
     };
     if baseline.status != candidate.status {
         push(&mut out, "status".into(), "status".into(), Change::Value);
@@ -121,11 +117,8 @@ pub fn compare(
     }
     match (&a, &b) {
         (Body::Json(x), Body::Json(y)) => {
-            let mut options = rules.json.clone();
-            options.limit = rules.json.limit.saturating_sub(out.fields.len());
-            let found = json::diff_with(x, y, &options, &rules.ignore_values);
-            out.more += found.more;
-            out.fields.extend(found.fields);
+            let found = json::diff_with(x, y, &rules.json, &rules.ignore_values);
+            out.extend(found, rules.json.limit);
         }
         (
             Body::Grpc {

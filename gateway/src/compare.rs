@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! exchange finished ─▶ RouteCompare::finished ─▶ bounded queue ─▶ worker thread: compare,
-//!   (every target                                 (records and     count per endpoint and field,
+//!   (every target                                 (records and     count per endpoint and key,
 //!    answered)                                     bytes)           keep samples
 //! ```
 //!
@@ -23,12 +23,17 @@
 //!
 //! with `teeway_gateway_compare_skipped_total{reason}` saying why copies were skipped:
 //! `not_replayed` (a compared target did not get it: its `percentage`, a truncated body),
-//! `failed` (a compared target did not answer: timeout, connection, shed), `busy`, and, from the
-//! bodies, `truncated` (over `max_body`), `encoding`, `too_large`, `corrupt`.
+//! `failed` (the primary did not answer), `busy`, and, from the bodies, `truncated` (cut at
+//! `max_body` while read), `encoding`, `too_large` (decoded past `max_body`), `corrupt`. A
+//! candidate that did not answer while the primary did is no skip: it is a difference, counted
+//! under `(no answer)`.
 //!
 //! What the comparisons found is kept per endpoint (at most `max_endpoints`, the rest together)
-//! and field (at most `max_fields` each), with up to `samples` examples per field, all of them
-//! within [`SAMPLE_BYTES`] per route.
+//! and key (a field, with the kind of change for missing, extra and type changes; at most
+//! `max_fields` each), with up to `samples` examples per key, all of them within
+//! [`SAMPLE_BYTES`] per route, the oldest let go first. A reload keeps the findings while the
+//! route keeps its name, its roles' targets and what it compares; only the noise thresholds and
+//! the samples kept may change without starting afresh.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,11 +42,11 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use metrics::{Counter, Gauge};
 use serde_json::{json, Value};
 
-use teeway_compare::json::{Differences, FieldDiff, JsonOptions};
+use teeway_compare::json::{Change, Differences, FieldDiff, JsonOptions};
 use teeway_compare::noise::{EndpointStats, Verdict};
 use teeway_compare::response::{compare, Response, Rules};
 use teeway_wire::{MirroredRequest, ResponseRecord};
@@ -65,7 +70,7 @@ pub const PAGE: &str = include_str!("compare.html");
 
 /// Bytes of samples kept per route.
 pub const SAMPLE_BYTES: u64 = 32 * 1024 * 1024;
-/// Body bytes a sample keeps of each message.
+/// Body bytes a sample keeps of each message (decoded).
 const SAMPLE_BODY: usize = 16 * 1024;
 /// Differences listed per comparison.
 const DIFFERENCES: usize = 256;
@@ -75,15 +80,27 @@ const QUEUE: usize = 1024;
 const QUEUE_BYTES: u64 = 64 * 1024 * 1024;
 /// The endpoint that endpoints past `max_endpoints` are counted under.
 pub const OTHER_ENDPOINTS: &str = "(other endpoints)";
+/// The key a candidate that did not answer is counted under.
+pub const NO_ANSWER: &str = "(no answer)";
+/// Why copies are skipped, in label order.
+const SKIP_REASONS: [&str; 7] = [
+    "not_replayed",
+    "failed",
+    "busy",
+    "truncated",
+    "encoding",
+    "too_large",
+    "corrupt",
+];
 
 /// What a compared copy showed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyResult {
     /// The candidate answered as the primary did.
     Identical,
-    /// It differed only in fields that are noise.
+    /// It differed only in keys that were noise by then.
     NoiseOnly,
-    /// It differed in a field that is not noise.
+    /// It differed in a key that was not noise by then.
     Differing,
 }
 
@@ -104,8 +121,8 @@ impl CopyResult {
     }
 }
 
-/// A compare route's comparison: its settings, queue, thread and findings. Kept across reloads
-/// while the route keeps its name and its roles' targets.
+/// A compare route's comparison: its settings, queue and thread, and its findings (which a
+/// reload may hand on to the next one).
 #[derive(Debug)]
 pub struct RouteCompare {
     inner: Arc<Inner>,
@@ -114,7 +131,7 @@ pub struct RouteCompare {
 
 /// What the comparing thread is given.
 enum Work {
-    Compare(Job),
+    Compare(Box<Job>),
     /// Answered once everything queued before it is done.
     #[cfg(test)]
     Barrier(mpsc::Sender<()>),
@@ -126,8 +143,10 @@ struct Inner {
     config: CompareConfig,
     /// The roles' target URLs: candidate, primary, secondary.
     roles: Vec<String>,
+    /// What findings depend on: findings made under another are not handed on.
+    fingerprint: String,
     rules: Rules,
-    store: Mutex<Store>,
+    store: Arc<Mutex<Store>>,
     queued_bytes: AtomicU64,
     handles: Handles,
 }
@@ -136,22 +155,30 @@ struct Inner {
 struct Handles {
     copies: [Counter; 3],
     skipped: Counter,
+    reasons: [Counter; SKIP_REASONS.len()],
     in_flight: Gauge,
     metrics: Arc<GatewayMetrics>,
+}
+
+/// One role's answer: the response, and its `grpc-status` (trailers).
+struct Answered {
+    response: Box<ResponseRecord>,
+    grpc_status: Option<HeaderValue>,
 }
 
 /// One copy to compare.
 struct Job {
     record: Arc<MirroredRequest>,
-    candidate: Box<ResponseRecord>,
-    primary: Box<ResponseRecord>,
-    secondary: Option<Box<ResponseRecord>>,
+    /// `None`: the candidate did not answer.
+    candidate: Option<Answered>,
+    primary: Answered,
+    secondary: Option<Answered>,
     bytes: u64,
 }
 
 impl RouteCompare {
-    /// The comparison of route `route` (whose targets' URLs are `targets`), or `old`'s when it
-    /// compares the same targets the same way (its findings go on).
+    /// The comparison of route `route` (whose targets' URLs are `targets`), going on with
+    /// `old`'s findings when it compares the same targets the same way.
     pub fn build(
         route: &str,
         config: &CompareConfig,
@@ -168,32 +195,50 @@ impl RouteCompare {
         .flatten()
         .filter_map(|i| targets.get(i).cloned())
         .collect();
-        if let Some(old) = old {
-            if old.inner.route == route && old.inner.roles == roles {
-                return old.clone();
+        let fingerprint = format!(
+            "{roles:?} {:?} {:?} {:?} {:?} {:?} {} {} {}",
+            config.headers,
+            config.ignore_fields,
+            config
+                .ignore_values
+                .iter()
+                .map(regex::Regex::as_str)
+                .collect::<Vec<_>>(),
+            config.unordered,
+            config.endpoints,
+            config.max_body,
+            config.max_endpoints,
+            config.max_fields,
+        );
+        let store = match old {
+            Some(old) if old.inner.route == route && old.inner.fingerprint == fingerprint => {
+                old.inner.store.clone()
             }
-        }
+            _ => Arc::new(Mutex::new(Store::default())),
+        };
         let labels = |more: Vec<(&'static str, String)>| {
             let mut l = vec![("route", route.to_owned())];
             l.extend(more);
             l
         };
         let r = metrics.registry();
-        let handles = Handles {
-            copies: CopyResult::ALL
-                .map(|c| c.as_str())
-                .map(|result| {
-                    r.counter_labels(
-                        COMPARE_COPIES_TOTAL,
-                        "Copies of compare routes, by result (skipped: see teeway_gateway_compare_skipped_total)",
-                        &labels(vec![("result", result.to_owned())]),
-                    )
-                }),
-            skipped: r.counter_labels(
+        let copies = |result: &str| {
+            r.counter_labels(
                 COMPARE_COPIES_TOTAL,
                 "Copies of compare routes, by result (skipped: see teeway_gateway_compare_skipped_total)",
-                &labels(vec![("result", "skipped".to_owned())]),
-            ),
+                &labels(vec![("result", result.to_owned())]),
+            )
+        };
+        let handles = Handles {
+            copies: CopyResult::ALL.map(|c| copies(c.as_str())),
+            skipped: copies("skipped"),
+            reasons: SKIP_REASONS.map(|reason| {
+                r.counter_labels(
+                    COMPARE_SKIPPED_TOTAL,
+                    "Copies of compare routes not compared, by reason",
+                    &labels(vec![("reason", reason.to_owned())]),
+                )
+            }),
             in_flight: r.gauge_owned(
                 COMPARE_IN_FLIGHT,
                 "Copies of compare routes being replayed or compared",
@@ -215,8 +260,9 @@ impl RouteCompare {
             route: route.to_owned(),
             config: config.clone(),
             roles,
+            fingerprint,
             rules,
-            store: Mutex::new(Store::default()),
+            store,
             queued_bytes: AtomicU64::new(0),
             handles,
         });
@@ -240,12 +286,8 @@ impl RouteCompare {
         self.queue.send(Work::Barrier(done)).is_ok() && wait.recv_timeout(limit).is_ok()
     }
 
-    /// The largest body its comparisons read: what each replay of the route keeps.
-    pub fn max_body(&self) -> u64 {
-        self.inner.config.max_body
-    }
-
-    /// What was found, for the admin API: endpoints by share of differing copies.
+    /// What was found, for the admin API: endpoints most likely regressed first (by the
+    /// largest share of copies in which a key that is not noise differs).
     pub fn summary(&self) -> Value {
         let store = self.inner.lock_store();
         let thresholds = self.inner.config.noise;
@@ -257,9 +299,11 @@ impl RouteCompare {
         if store.other.stats.compared > 0 {
             endpoints.push(store.other.summary(OTHER_ENDPOINTS, thresholds));
         }
+        let by = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
         endpoints.sort_by(|a, b| {
-            let rate = |v: &Value| v["differing_rate"].as_f64().unwrap_or(0.0);
-            rate(b).total_cmp(&rate(a))
+            by(b, "score")
+                .total_cmp(&by(a, "score"))
+                .then(by(b, "differing_rate").total_cmp(&by(a, "differing_rate")))
         });
         json!({
             "route": self.inner.route,
@@ -271,8 +315,8 @@ impl RouteCompare {
         })
     }
 
-    /// The samples kept for `field` at `endpoint`, newest first.
-    pub fn samples(&self, endpoint: &str, field: &str) -> Vec<Value> {
+    /// The samples kept for `key` at `endpoint`, newest first.
+    pub fn samples(&self, endpoint: &str, key: &str) -> Vec<Value> {
         let store = self.inner.lock_store();
         let entry = match store.endpoints.get(endpoint) {
             Some(e) => e,
@@ -281,7 +325,7 @@ impl RouteCompare {
         };
         entry
             .samples
-            .get(field)
+            .get(key)
             .map(|s| s.iter().rev().map(|s| s.to_json()).collect())
             .unwrap_or_default()
     }
@@ -304,7 +348,10 @@ impl Observer for RouteCompare {
         let inner = &self.inner;
         let answer = |i: usize| match exchange.outcomes.get(i).map(|o| &o.outcome) {
             Some(Outcome::Answered(a)) => match &a.response {
-                Some(r) => Ok(r.clone()),
+                Some(r) => Ok(Answered {
+                    response: r.clone(),
+                    grpc_status: a.grpc_status.clone(),
+                }),
                 // Kept by every replay of a compare route: not seen unless a target was
                 // reconfigured while the copy was replayed.
                 None => Err("not_replayed"),
@@ -312,33 +359,35 @@ impl Observer for RouteCompare {
             Some(Outcome::Failed(_)) => Err("failed"),
             Some(Outcome::Skipped(_)) | None => Err("not_replayed"),
         };
-        let job = answer(inner.config.candidate).and_then(|candidate| {
-            let primary = answer(inner.config.primary)?;
-            // A secondary that did not answer only means no noise is learned from this copy.
-            let secondary = inner.config.secondary.and_then(|i| answer(i).ok());
-            let bytes = [Some(&candidate), Some(&primary), secondary.as_ref()]
-                .into_iter()
-                .flatten()
-                .map(|r| r.body.len() as u64)
-                .sum();
-            Ok(Job {
-                record: exchange.record.clone(),
-                candidate,
-                primary,
-                secondary,
-                bytes,
-            })
-        });
-        let job = match job {
-            Ok(job) => job,
+        let primary = match answer(inner.config.primary) {
+            Ok(a) => a,
             Err(reason) => return inner.skip(reason),
         };
-        let bytes = job.bytes;
+        let candidate = match answer(inner.config.candidate) {
+            Ok(a) => Some(a),
+            // The primary answered and the candidate did not: a difference, not a skip.
+            Err("failed") => None,
+            Err(reason) => return inner.skip(reason),
+        };
+        // A secondary that did not answer only means no noise is learned from this copy.
+        let secondary = inner.config.secondary.and_then(|i| answer(i).ok());
+        let bytes = [candidate.as_ref(), Some(&primary), secondary.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|a| a.response.body.len() as u64)
+            .sum();
         if inner.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > QUEUE_BYTES {
             inner.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             return inner.skip("busy");
         }
-        if self.queue.try_send(Work::Compare(job)).is_err() {
+        let job = Job {
+            record: exchange.record.clone(),
+            candidate,
+            primary,
+            secondary,
+            bytes,
+        };
+        if self.queue.try_send(Work::Compare(Box::new(job))).is_err() {
             // Full, or its thread is gone: the copy is let go, counted.
             inner.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             inner.skip("busy");
@@ -351,17 +400,12 @@ impl Inner {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts a copy not compared, for `reason`.
-    fn skip(&self, reason: &'static str) {
+    /// Counts a copy not compared, for `reason` (one of [`SKIP_REASONS`]).
+    fn skip(&self, reason: &str) {
         let h = &self.handles;
-        h.metrics
-            .registry()
-            .counter_labels(
-                COMPARE_SKIPPED_TOTAL,
-                "Copies of compare routes not compared, by reason",
-                &[("route", self.route.clone()), ("reason", reason.to_owned())],
-            )
-            .increment(1);
+        if let Some(i) = SKIP_REASONS.iter().position(|r| *r == reason) {
+            h.reasons[i].increment(1);
+        }
         h.skipped.increment(1);
         h.in_flight.decrement(1.0);
     }
@@ -383,54 +427,90 @@ impl Inner {
     }
 
     fn compare(&self, job: &Job) {
-        fn view(r: &ResponseRecord) -> Response<'_> {
-            Response {
-                status: r.status.as_u16(),
-                headers: &r.headers,
-                trailers: None,
-                body: &r.body,
-                truncated: r.body_truncated,
+        let trailers = |a: &Answered| {
+            a.grpc_status.as_ref().map(|status| {
+                let mut t = HeaderMap::new();
+                t.insert("grpc-status", status.clone());
+                t
+            })
+        };
+        let compared = |base: &Answered, other: &Answered| {
+            let (tb, to) = (trailers(base), trailers(other));
+            fn view<'a>(a: &'a Answered, t: Option<&'a HeaderMap>) -> Response<'a> {
+                Response {
+                    status: a.response.status.as_u16(),
+                    headers: &a.response.headers,
+                    trailers: t,
+                    body: &a.response.body,
+                    truncated: a.response.body_truncated,
+                }
             }
-        }
-        let raw = match compare(&view(&job.primary), &view(&job.candidate), &self.rules) {
-            Ok(d) => d,
-            Err(skip) => return self.skip(skip.reason()),
+            compare(
+                &view(base, tb.as_ref()),
+                &view(other, to.as_ref()),
+                &self.rules,
+            )
+        };
+        let raw = match &job.candidate {
+            Some(candidate) => match compared(&job.primary, candidate) {
+                Ok(d) => d,
+                Err(skip) => return self.skip(skip.reason()),
+            },
+            None => {
+                let mut d = Differences::default();
+                d.push(
+                    FieldDiff {
+                        field: NO_ANSWER.to_owned(),
+                        at: NO_ANSWER.to_owned(),
+                        change: Change::Missing,
+                    },
+                    DIFFERENCES,
+                );
+                d
+            }
         };
         // The secondary's differences from the primary: noise. Unreadable, it teaches nothing.
         let noise = job
             .secondary
             .as_ref()
-            .and_then(|s| compare(&view(&job.primary), &view(s), &self.rules).ok());
+            .and_then(|s| compared(&job.primary, s).ok());
         let endpoint = self
             .config
             .endpoints
             .endpoint(job.record.method.as_str(), job.record.uri.path())
             .to_string();
-        let result = {
+        // Made before the lock, and only if it can be kept at all.
+        let sample = (!raw.is_empty() && self.config.samples > 0)
+            .then(|| Sample::new(job, &raw, self.rules.max_body));
+        let (endpoint, result) = {
             let mut guard = self.lock_store();
             let store = &mut *guard;
-            let room = SAMPLE_BYTES.saturating_sub(store.sample_bytes);
-            let max_endpoints = self.config.max_endpoints;
             let known = store.endpoints.contains_key(&endpoint);
-            let (name, entry) = if known || store.endpoints.len() < max_endpoints {
+            let (name, entry) = if known || store.endpoints.len() < self.config.max_endpoints {
                 let entry = store.endpoints.entry(endpoint.clone()).or_default();
                 (endpoint, entry)
             } else {
                 (OTHER_ENDPOINTS.to_owned(), &mut store.other)
             };
+            // Counted first: a copy's own differences weigh in its verdict.
             entry
                 .stats
                 .record(&raw, noise.as_ref(), self.config.max_fields);
             let result = entry.classify(&raw, self.config.noise);
             entry.results[result as usize] += 1;
-            if !raw.fields.is_empty() {
-                let (added, released) =
-                    entry.keep(Sample::new(job, &raw), self.config.samples, room);
-                store.sample_bytes = (store.sample_bytes + added).saturating_sub(released);
+            if let Some(sample) = sample {
+                let keys = entry.keep(
+                    Arc::new(sample),
+                    self.config.samples,
+                    &mut store.sample_bytes,
+                );
+                for key in keys {
+                    store.order.push_back((name.clone(), key));
+                }
+                store.evict(SAMPLE_BYTES);
             }
             (name, result)
         };
-        let (endpoint, result) = result;
         let h = &self.handles;
         h.copies[result as usize].increment(1);
         h.metrics
@@ -457,6 +537,32 @@ struct Store {
     other: Entry,
     /// Bytes of the samples kept.
     sample_bytes: u64,
+    /// Where samples were placed (endpoint, key), oldest first: what is let go first when the
+    /// samples are over their bytes.
+    order: VecDeque<(String, String)>,
+}
+
+impl Store {
+    /// Lets the oldest samples go until they hold at most `limit` bytes.
+    fn evict(&mut self, limit: u64) {
+        while self.sample_bytes > limit {
+            let Some((endpoint, key)) = self.order.pop_front() else {
+                break;
+            };
+            let entry = match self.endpoints.get_mut(&endpoint) {
+                Some(e) => e,
+                None => &mut self.other,
+            };
+            // The oldest placement of a key is its list's front, unless rotation took it.
+            if let Some(kept) = entry.samples.get_mut(&key) {
+                if let Some(old) = kept.pop_front() {
+                    if Arc::strong_count(&old) == 1 {
+                        self.sample_bytes = self.sample_bytes.saturating_sub(old.bytes);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// One endpoint's findings.
@@ -465,74 +571,60 @@ struct Entry {
     stats: EndpointStats,
     /// Copies by [`CopyResult`].
     results: [u64; 3],
-    /// Per field, the newest samples last.
+    /// Per key, the newest samples last.
     samples: BTreeMap<String, VecDeque<Arc<Sample>>>,
 }
 
 impl Entry {
-    /// What a copy with `raw` differences showed, given what is noise by now.
+    /// What a copy with `raw` differences showed, given what is noise so far.
     fn classify(
         &self,
         raw: &Differences,
         thresholds: teeway_compare::noise::Thresholds,
     ) -> CopyResult {
-        if raw.fields.is_empty() && raw.more == 0 {
+        if raw.is_empty() {
             return CopyResult::Identical;
         }
-        let differing = raw.fields.iter().any(|f| {
-            let counts = self
-                .stats
-                .fields
-                .get(&f.field)
-                .copied()
-                .unwrap_or(self.stats.other);
-            self.stats.verdict(counts, thresholds) == Verdict::Differing
-        });
-        if differing || raw.more > 0 {
+        let differing = raw
+            .keys
+            .iter()
+            .any(|k| self.stats.verdict(self.stats.counts_of(k), thresholds) == Verdict::Differing);
+        if differing {
             CopyResult::Differing
         } else {
             CopyResult::NoiseOnly
         }
     }
 
-    /// Keeps `sample` under each field it differs in (at most `per_field` each, the oldest
-    /// let go), if `room` bytes allow; returns the bytes added and the bytes let go.
-    fn keep(&mut self, sample: Sample, per_field: usize, room: u64) -> (u64, u64) {
-        let mut fields: Vec<&str> = sample
+    /// Keeps `sample` under each key it differs in that is counted by name (at most
+    /// `per_field` each, the oldest let go), adding its bytes to `bytes` once; returns the keys
+    /// it was placed under.
+    fn keep(&mut self, sample: Arc<Sample>, per_field: usize, bytes: &mut u64) -> Vec<String> {
+        let keys: Vec<String> = sample
             .differences
             .iter()
-            .map(|f| f.field.as_str())
-            .collect();
-        fields.sort_unstable();
-        fields.dedup();
-        let fields: Vec<String> = fields
+            .map(FieldDiff::key)
+            .filter(|k| self.stats.fields.contains_key(k))
+            .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
-            .filter(|f| self.stats.fields.contains_key(*f))
-            .map(str::to_owned)
             .collect();
-        if fields.is_empty() || sample.bytes > room {
-            return (0, 0);
+        if keys.is_empty() || per_field == 0 {
+            return Vec::new();
         }
-        let sample = Arc::new(sample);
-        let mut released = 0;
-        for field in fields {
-            let kept = self.samples.entry(field).or_default();
+        *bytes += sample.bytes;
+        for key in &keys {
+            let kept = self.samples.entry(key.clone()).or_default();
             kept.push_back(sample.clone());
             while kept.len() > per_field {
                 if let Some(old) = kept.pop_front() {
-                    // Its bytes are let go with its last place.
+                    // Its bytes go with its last place.
                     if Arc::strong_count(&old) == 1 {
-                        released += old.bytes;
+                        *bytes = bytes.saturating_sub(old.bytes);
                     }
                 }
             }
         }
-        let added = if Arc::strong_count(&sample) > 1 {
-            sample.bytes
-        } else {
-            0
-        };
-        (added, released)
+        keys
     }
 
     fn summary(&self, name: &str, thresholds: teeway_compare::noise::Thresholds) -> Value {
@@ -555,6 +647,12 @@ impl Entry {
                 })
             })
             .collect();
+        // By the verdicts in force now (a copy's own result was judged when it came).
+        let score = self
+            .stats
+            .differing(thresholds)
+            .first()
+            .map_or(0.0, |(_, r)| *r);
         json!({
             "endpoint": name,
             "compared": compared,
@@ -563,6 +661,7 @@ impl Entry {
             "noise_only": self.results[CopyResult::NoiseOnly as usize],
             "differing": differing,
             "differing_rate": rate(differing, compared),
+            "score": score,
             "fields": fields,
             "other_fields": {"raw": self.stats.other.raw, "noise": self.stats.other.noise},
         })
@@ -577,49 +676,68 @@ struct Sample {
     uri: String,
     request_headers: Vec<(String, String)>,
     request_body: Bytes,
-    candidate: Answer,
-    primary: Answer,
+    candidate: Option<SampleAnswer>,
+    primary: SampleAnswer,
     differences: Vec<FieldDiff>,
     /// Its size, as counted against [`SAMPLE_BYTES`].
     bytes: u64,
 }
 
 #[derive(Debug)]
-struct Answer {
+struct SampleAnswer {
     status: u16,
     headers: Vec<(String, String)>,
     body: Bytes,
     truncated: bool,
 }
 
+/// Headers as a sample shows them: credential-like values (`Authorization`, `Set-Cookie`,
+/// API keys...) masked, as `/config` masks them.
+fn shown_headers(h: &HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .map(|(k, v)| {
+            let value = if teeway_runtime::reload::credential_like(k.as_str()) {
+                "(masked)".to_owned()
+            } else {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            };
+            (k.as_str().to_owned(), value)
+        })
+        .collect()
+}
+
 impl Sample {
-    fn new(job: &Job, raw: &Differences) -> Self {
+    fn new(job: &Job, raw: &Differences, max_body: usize) -> Self {
         let r = &job.record;
-        let headers = |h: &HeaderMap| -> Vec<(String, String)> {
-            h.iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect()
+        // Decoded (gzip, br...) when it can be, cut to SAMPLE_BODY; copied, never a slice that
+        // would keep the whole body alive.
+        let excerpt = |headers: &HeaderMap, body: &Bytes| -> (Bytes, bool) {
+            let decoded = teeway_compare::body::decode(headers, body, max_body)
+                .map(Bytes::from)
+                .unwrap_or_else(|_| body.clone());
+            let cut = decoded.len() > SAMPLE_BODY;
+            (
+                Bytes::copy_from_slice(&decoded[..decoded.len().min(SAMPLE_BODY)]),
+                cut,
+            )
         };
-        // Copied, not sliced: a slice would keep the whole body alive.
-        let excerpt = |b: &Bytes| Bytes::copy_from_slice(&b[..b.len().min(SAMPLE_BODY)]);
-        let answer = |a: &ResponseRecord| Answer {
-            status: a.status.as_u16(),
-            headers: headers(&a.headers),
-            body: excerpt(&a.body),
-            truncated: a.body_truncated || a.body.len() > SAMPLE_BODY,
+        let answer = |a: &Answered| {
+            let (body, cut) = excerpt(&a.response.headers, &a.response.body);
+            SampleAnswer {
+                status: a.response.status.as_u16(),
+                headers: shown_headers(&a.response.headers),
+                body,
+                truncated: a.response.body_truncated || cut,
+            }
         };
+        let (request_body, _) = excerpt(&r.headers, &r.body);
         let mut sample = Sample {
             at: r.meta.received_at,
             method: r.method.to_string(),
             uri: r.uri.to_string(),
-            request_headers: headers(&r.headers),
-            request_body: excerpt(&r.body),
-            candidate: answer(&job.candidate),
+            request_headers: shown_headers(&r.headers),
+            request_body,
+            candidate: job.candidate.as_ref().map(answer),
             primary: answer(&job.primary),
             differences: raw.fields.clone(),
             bytes: 0,
@@ -630,14 +748,13 @@ impl Sample {
                 .map(|(k, v)| k.len() + v.len() + 32)
                 .sum::<usize>()
         };
+        let answer_bytes = |a: &SampleAnswer| text(&a.headers) + a.body.len();
         sample.bytes = (512
             + sample.uri.len()
             + text(&sample.request_headers)
-            + text(&sample.candidate.headers)
-            + text(&sample.primary.headers)
             + sample.request_body.len()
-            + sample.candidate.body.len()
-            + sample.primary.body.len()
+            + sample.candidate.as_ref().map_or(0, answer_bytes)
+            + answer_bytes(&sample.primary)
             + sample
                 .differences
                 .iter()
@@ -647,7 +764,7 @@ impl Sample {
     }
 
     fn to_json(&self) -> Value {
-        let answer = |a: &Answer| {
+        let answer = |a: &SampleAnswer| {
             json!({
                 "status": a.status,
                 "headers": a.headers,
@@ -663,10 +780,10 @@ impl Sample {
                 "headers": self.request_headers,
                 "body": String::from_utf8_lossy(&self.request_body),
             },
-            "candidate": answer(&self.candidate),
+            "candidate": self.candidate.as_ref().map(answer),
             "primary": answer(&self.primary),
             "differences": self.differences.iter().map(|d| json!({
-                "field": d.field, "at": d.at, "change": d.change.as_str(),
+                "field": d.field, "at": d.at, "change": d.change.as_str(), "key": d.key(),
             })).collect::<Vec<_>>(),
         })
     }
@@ -804,17 +921,25 @@ mod tests {
         let s = Snapshot::parse(&metrics.registry().render());
         let copies = |result: &str| s.sum_where(COMPARE_COPIES_TOTAL, &[("result", result)]);
         assert_eq!(s.sum(COMPARE_IN_FLIGHT), 0.0);
-        assert_eq!(copies("skipped"), 1.0);
+        assert_eq!(
+            copies("skipped"),
+            0.0,
+            "a candidate that failed is a difference"
+        );
         assert_eq!(
             s.sum_where(COMPARE_SKIPPED_TOTAL, &[("reason", "failed")]),
-            1.0
+            0.0
         );
         assert_eq!(
             copies("identical") + copies("noise_only") + copies("differing") + copies("skipped"),
             82.0,
             "every copy in exactly one result"
         );
-        assert_eq!(copies("differing"), 40.0, "every /users/{{id}} copy");
+        assert_eq!(
+            copies("differing"),
+            41.0,
+            "every /users/{{id}} copy, and the one the candidate did not answer"
+        );
 
         let summary = compare.summary();
         let endpoints = summary["endpoints"].as_array().expect("endpoints");
@@ -848,13 +973,167 @@ mod tests {
         assert_eq!(samples[0]["request"]["uri"], "/users/39", "newest first");
         assert_eq!(samples[0]["differences"][0]["at"], "/id");
 
-        // A reload that keeps the route's roles keeps what it found.
-        let again = RouteCompare::build("api", &config(true), &urls, Some(&compare), &metrics);
-        assert!(Arc::ptr_eq(&again, &compare));
-        let other = RouteCompare::build("api", &config(false), &urls, Some(&compare), &metrics);
-        assert!(
-            !Arc::ptr_eq(&other, &compare),
-            "another set of roles starts afresh"
+        // A reload that keeps the route's roles and rules goes on with what it found, under
+        // its new settings (here: no samples); other roles or rules start afresh.
+        let mut fewer = config(true);
+        fewer.samples = 0;
+        fewer.noise.relative = 1.0;
+        let again = RouteCompare::build("api", &fewer, &urls, Some(&compare), &metrics);
+        assert_eq!(again.summary()["endpoints"], compare.summary()["endpoints"]);
+        let reordered = ["http://v1b", "http://v2", "http://v1"].map(String::from);
+        let moved = CompareConfig {
+            candidate: 1,
+            primary: 2,
+            secondary: Some(0),
+            ..config(true)
+        };
+        let same_roles = RouteCompare::build("api", &moved, &reordered, Some(&compare), &metrics);
+        assert_eq!(
+            same_roles.summary()["endpoints"],
+            compare.summary()["endpoints"],
+            "the targets moved in the list, the roles did not"
         );
+        let other = RouteCompare::build("api", &config(false), &urls, Some(&compare), &metrics);
+        assert_eq!(
+            other.summary()["endpoints"],
+            serde_json::json!([]),
+            "no secondary now"
+        );
+        let mut ignoring = config(true);
+        ignoring.ignore_fields =
+            vec![teeway_compare::path::Pattern::parse("/id").expect("pattern")];
+        let ignoring = RouteCompare::build("api", &ignoring, &urls, Some(&compare), &metrics);
+        assert_eq!(
+            ignoring.summary()["endpoints"],
+            serde_json::json!([]),
+            "other rules"
+        );
+        // The new one compares under its own settings and places: the candidate is now second.
+        let before = again.summary()["endpoints"][0]["compared"]
+            .as_u64()
+            .unwrap_or(0);
+        same_roles.started(&request("/users/7"));
+        same_roles.finished(&exchange(
+            "/users/7",
+            vec![
+                answered(r#"{"id": 1, "price": 10, "name": "a"}"#.into()),
+                answered(r#"{"id": 2, "price": 11, "name": "a"}"#.into()),
+                answered(r#"{"id": 3, "price": 10, "name": "a"}"#.into()),
+            ],
+        ));
+        assert!(same_roles.settle(Duration::from_secs(10)));
+        let users = same_roles.summary()["endpoints"][0].clone();
+        assert_eq!(users["compared"].as_u64(), Some(before + 1));
+        assert_eq!(users["endpoint"], "GET /users/{id}");
+    }
+
+    fn sample(keys: &[&str], bytes: u64) -> Arc<Sample> {
+        Arc::new(Sample {
+            at: UNIX_EPOCH,
+            method: "GET".into(),
+            uri: "/".into(),
+            request_headers: vec![],
+            request_body: Bytes::new(),
+            candidate: None,
+            primary: SampleAnswer {
+                status: 200,
+                headers: vec![],
+                body: Bytes::new(),
+                truncated: false,
+            },
+            differences: keys
+                .iter()
+                .map(|k| FieldDiff {
+                    field: (*k).to_owned(),
+                    at: (*k).to_owned(),
+                    change: Change::Value,
+                })
+                .collect(),
+            bytes,
+        })
+    }
+
+    #[test]
+    fn samples_past_their_bytes_go_oldest_first_and_shared_ones_once() {
+        let mut store = Store::default();
+        let entry = store.endpoints.entry("E".into()).or_default();
+        let mut keys = Differences::default();
+        for k in ["/a", "/b"] {
+            keys.push(
+                FieldDiff {
+                    field: k.into(),
+                    at: k.into(),
+                    change: Change::Value,
+                },
+                10,
+            );
+        }
+        entry.stats.record(&keys, None, 8);
+        let mut placed = Vec::new();
+        for s in [
+            sample(&["/a"], 100),
+            sample(&["/a", "/b"], 100),
+            sample(&["/b"], 100),
+        ] {
+            for key in entry.keep(s, 5, &mut store.sample_bytes) {
+                placed.push(("E".to_owned(), key));
+            }
+        }
+        store.order.extend(placed);
+        assert_eq!(store.sample_bytes, 300, "the shared sample counted once");
+        store.evict(150);
+        assert_eq!(store.sample_bytes, 100);
+        let e = &store.endpoints["E"];
+        assert!(e.samples["/a"].is_empty());
+        assert_eq!(e.samples["/b"].len(), 1);
+        assert_eq!(
+            e.samples["/b"][0].differences[0].field, "/b",
+            "the newest kept"
+        );
+    }
+
+    #[test]
+    fn samples_show_bodies_decoded_and_credentials_masked() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(br#"{"price": 12}"#).expect("gzip");
+        let body = gz.finish().expect("gzip");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_static("gzip"),
+        );
+        headers.insert(
+            http::header::SET_COOKIE,
+            HeaderValue::from_static("session=s3cret"),
+        );
+        let response = |body: Vec<u8>| Answered {
+            response: Box::new(ResponseRecord {
+                meta: Meta::basic(1, UNIX_EPOCH, "prod".into()),
+                origin: ResponseOrigin::Replayed,
+                target: String::new(),
+                latency: Duration::from_millis(1),
+                status: StatusCode::OK,
+                version: http::Version::HTTP_11,
+                headers: headers.clone(),
+                body: Bytes::from(body),
+                body_truncated: false,
+            }),
+            grpc_status: None,
+        };
+        let job = Job {
+            record: request("/x"),
+            candidate: Some(response(body.clone())),
+            primary: response(body),
+            secondary: None,
+            bytes: 0,
+        };
+        let shown = Sample::new(&job, &Differences::default(), 1 << 20).to_json();
+        assert_eq!(shown["candidate"]["body"], r#"{"price": 12}"#);
+        let cookie = shown["primary"]["headers"]
+            .as_array()
+            .and_then(|h| h.iter().find(|p| p[0] == "set-cookie").cloned())
+            .expect("set-cookie shown");
+        assert_eq!(cookie[1], "(masked)");
     }
 }

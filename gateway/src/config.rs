@@ -885,19 +885,21 @@ fn compare_block(
     let candidate = role(&mut c, p, "candidate", true);
     let primary = role(&mut c, p, "primary", true);
     let secondary = role(&mut c, p, "secondary", false);
-    let roles = [candidate, primary, secondary];
-    let named: Vec<usize> = roles.iter().flatten().copied().collect();
-    if named
-        .iter()
-        .enumerate()
-        .any(|(i, a)| named[..i].contains(a))
-    {
-        p.push(
-            c.path(),
-            None,
-            "names one target for two roles",
-            "give candidate, primary and secondary a target each (the secondary is a second instance of the primary's version)",
-        );
+    let roles = [
+        ("candidate", candidate),
+        ("primary", primary),
+        ("secondary", secondary),
+    ];
+    for (i, (role, at)) in roles.iter().enumerate() {
+        let Some(at) = at else { continue };
+        if let Some((earlier, _)) = roles[..i].iter().find(|(_, a)| *a == Some(*at)) {
+            p.push(
+                c.path_of(role),
+                Some(&Value::from(urls[*at])),
+                format!("is the {earlier}'s target too"),
+                "give candidate, primary and secondary a target each (the secondary is a second instance of the primary's version)",
+            );
+        }
     }
     let headers = c
         .list(
@@ -948,18 +950,27 @@ fn compare_block(
             cfg::nonempty_string,
         )
         .unwrap_or_default();
-    let endpoints = match teeway_compare::endpoint::Templates::parse(&endpoints) {
-        Ok(t) => t,
-        Err(e) => {
-            p.push(
-                c.path_of("endpoints"),
-                None,
-                e.to_string(),
-                "give templates such as GET /users/{id}",
-            );
-            teeway_compare::endpoint::Templates::default()
-        }
-    };
+    // Each template on its own, so that every bad one is named.
+    let good: Vec<&String> = endpoints
+        .iter()
+        .enumerate()
+        .filter(
+            |(i, t)| match teeway_compare::endpoint::Templates::parse(&[t]) {
+                Ok(_) => true,
+                Err(e) => {
+                    p.push(
+                        format!("{}[{i}]", c.path_of("endpoints")),
+                        None,
+                        e.to_string(),
+                        "give templates such as GET /users/{id}",
+                    );
+                    false
+                }
+            },
+        )
+        .map(|(_, t)| t)
+        .collect();
+    let endpoints = teeway_compare::endpoint::Templates::parse(&good).unwrap_or_default();
     let mut n = c.section(p, "noise");
     let defaults = teeway_compare::noise::Thresholds::default();
     let share = |v: &Value| cfg::percentage(v).map(|x| x / 100.0);
@@ -993,25 +1004,35 @@ fn compare_block(
             },
         )
         .unwrap_or(DEFAULT_COMPARE_MAX_BODY);
-    let count =
-        |c: &mut Section<'_>, p: &mut Problems, key: &'static str, max: u64, default: usize| {
-            c.optional(
-                p,
-                key,
-                &format!("use a whole number from 1 to {max}"),
-                cfg::whole_number_from_to(1, max),
-            )
-            .map_or(default, |n| n as usize)
-        };
+    let count = |c: &mut Section<'_>,
+                 p: &mut Problems,
+                 key: &'static str,
+                 (min, max): (u64, u64),
+                 default: usize| {
+        c.optional(
+            p,
+            key,
+            &format!("use a whole number from {min} to {max}"),
+            cfg::whole_number_from_to(min, max),
+        )
+        .map_or(default, |n| n as usize)
+    };
     let max_endpoints = count(
         &mut c,
         p,
         "max_endpoints",
-        10_000,
+        (1, 10_000),
         DEFAULT_COMPARE_MAX_ENDPOINTS,
     );
-    let max_fields = count(&mut c, p, "max_fields", 1_000, DEFAULT_COMPARE_MAX_FIELDS);
-    let samples = count(&mut c, p, "samples", 20, DEFAULT_COMPARE_SAMPLES);
+    let max_fields = count(
+        &mut c,
+        p,
+        "max_fields",
+        (1, 1_000),
+        DEFAULT_COMPARE_MAX_FIELDS,
+    );
+    // 0: none kept (samples show request and answer bodies on the admin port).
+    let samples = count(&mut c, p, "samples", (0, 20), DEFAULT_COMPARE_SAMPLES);
     c.finish(p);
     Some(CompareConfig {
         candidate: candidate?,
@@ -1636,10 +1657,10 @@ routes:
         let text = err.to_string();
         for needle in [
             "routes[0].compare.secondary: is not one of the route's targets (found `http://c:1`); name one of the route's targets by its URL: http://a:1, http://b:1",
-            "routes[0].compare: names one target for two roles",
+            "routes[0].compare.primary: is the candidate's target too (found `http://a:1`)",
             "routes[0].compare.ignore.fields[0]: `meta` is not a field path",
             "routes[0].compare.ignore.values[0]: is not a regular expression (unclosed group)",
-            "routes[0].compare.endpoints: `users/{id}` is not a template",
+            "routes[0].compare.endpoints[0]: `users/{id}` is not a template",
             "routes[0].compare.max_body: must be from 1KiB to 16MiB",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");

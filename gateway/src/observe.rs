@@ -182,10 +182,16 @@ impl Observer for ArchiveResponses {
 
     fn answered(&self, _record: &MirroredRequest, _target: &str, answer: &Answer) {
         if let Some(response) = &answer.response {
-            self.archive.try_submit(
-                Envelope::HttpResponse(ResponseRecord::clone(response)),
-                None,
-            );
+            let mut record = ResponseRecord::clone(response);
+            // A compare route keeps more of each body than the archive's limit: cut to it.
+            let max =
+                usize::try_from(self.archive.config().max_response_body).unwrap_or(usize::MAX);
+            if record.body.len() > max {
+                record.body.truncate(max);
+                record.body_truncated = true;
+            }
+            self.archive
+                .try_submit(Envelope::HttpResponse(record), None);
         }
     }
 }

@@ -249,14 +249,20 @@ fn mask_secrets(v: &mut serde_json::Value) {
     }
 }
 
+/// Whether a header name is credential-like (`authorization`, `set-cookie`, `x-api-key`...):
+/// its values are never shown.
+pub fn credential_like(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    CREDENTIAL_WORDS.iter().any(|w| name.contains(w))
+}
+
 /// In a header map, the values of credential-like names (`authorization`, `x-api-key`...).
 fn mask_credential_headers(v: &mut serde_json::Value) {
     let serde_json::Value::Object(map) = v else {
         return mask_secrets(v);
     };
     for (name, value) in map.iter_mut() {
-        let name = name.to_ascii_lowercase();
-        if CREDENTIAL_WORDS.iter().any(|w| name.contains(w)) {
+        if credential_like(name) {
             // Whatever its YAML type: `x-api-key: 9876543210` is a number to YAML.
             *value = serde_json::Value::String(MASKED.into());
         } else {
