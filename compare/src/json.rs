@@ -68,6 +68,10 @@ pub fn key(field: &str, change: Change) -> String {
     }
 }
 
+/// Largest product of two unordered arrays' lengths compared element by element; beyond it,
+/// elements are counted by their text (linear time: a large array cannot stall comparing).
+const PAIRWISE: usize = 10_000;
+
 /// Distinct keys one pair may count (a document of random keys cannot make more).
 pub const MAX_KEYS: usize = 1024;
 
@@ -207,23 +211,48 @@ impl Walk<'_> {
 
     /// Elements of one side without an equal one on the other (each element pairs once).
     fn multiset(&mut self, x: &[Value], y: &[Value]) {
-        let mut paired = vec![false; y.len()];
-        let mut missing = 0;
-        for va in x {
-            let found = y
-                .iter()
-                .enumerate()
-                .position(|(j, vb)| !paired[j] && equal(va, vb));
-            match found {
-                Some(j) => paired[j] = true,
-                None => missing += 1,
+        let (missing, extra) = if x.len().saturating_mul(y.len()) <= PAIRWISE {
+            let mut paired = vec![false; y.len()];
+            let mut missing = 0;
+            for va in x {
+                let found = y
+                    .iter()
+                    .enumerate()
+                    .position(|(j, vb)| !paired[j] && equal(va, vb));
+                match found {
+                    Some(j) => paired[j] = true,
+                    None => missing += 1,
+                }
             }
-        }
+            (missing, paired.iter().filter(|p| !**p).count())
+        } else {
+            // Large arrays: elements counted by their text (keys sorted), in linear time. `1`
+            // and `1.0` count apart here.
+            let mut count: std::collections::HashMap<String, i64> =
+                std::collections::HashMap::new();
+            for v in x {
+                *count.entry(v.to_string()).or_default() += 1;
+            }
+            for v in y {
+                *count.entry(v.to_string()).or_default() -= 1;
+            }
+            let missing = count
+                .values()
+                .filter(|n| **n > 0)
+                .map(|n| *n as usize)
+                .sum();
+            let extra = count
+                .values()
+                .filter(|n| **n < 0)
+                .map(|n| n.unsigned_abs() as usize)
+                .sum();
+            (missing, extra)
+        };
         self.path.push_any();
         for _ in 0..missing {
             self.found(Change::Missing);
         }
-        for _ in paired.iter().filter(|p| !**p) {
+        for _ in 0..extra {
             self.found(Change::Extra);
         }
         self.path.pop();
@@ -398,5 +427,26 @@ mod tests {
         o.limit = 1;
         let d = diff(&a, &b, &o);
         assert_eq!((d.fields.len(), d.more), (1, 3));
+        // Arrays too large to pair element by element: counted by text, with the same result.
+        let big =
+            |shift: u64| Value::Array((0..200).map(|i| json!({"n": (i + shift) % 200})).collect());
+        let mut reversed = big(0);
+        if let Value::Array(items) = &mut reversed {
+            items.reverse();
+        }
+        o.limit = 100;
+        assert!(diff(&json!({"tags": big(0)}), &json!({"tags": reversed}), &o).is_empty());
+        let mut one_off = big(0);
+        if let Value::Array(items) = &mut one_off {
+            items[0] = json!({"n": 999});
+        }
+        let d = diff(&json!({"tags": big(0)}), &json!({"tags": one_off}), &o);
+        assert_eq!(
+            d.fields
+                .iter()
+                .map(|f| f.change.as_str())
+                .collect::<Vec<_>>(),
+            ["missing", "extra"]
+        );
     }
 }
