@@ -841,18 +841,23 @@ mod tests {
         Outcome::Answered(Replied {
             status: StatusCode::OK,
             elapsed: Duration::from_millis(1),
-            response: Some(Box::new(ResponseRecord {
-                meta: Meta::basic(1, UNIX_EPOCH, "prod".into()),
-                origin: ResponseOrigin::Replayed,
-                target: String::new(),
-                latency: Duration::from_millis(1),
-                status: StatusCode::OK,
-                version: http::Version::HTTP_11,
-                headers,
-                body: Bytes::from(body),
-                body_truncated: false,
-            })),
+            response: Some(response(headers, body.into_bytes())),
             grpc_status: None,
+        })
+    }
+
+    /// A shadow's 200 answer with `headers` and `body`.
+    fn response(headers: HeaderMap, body: Vec<u8>) -> Box<ResponseRecord> {
+        Box::new(ResponseRecord {
+            meta: Meta::basic(1, UNIX_EPOCH, "prod".into()),
+            origin: ResponseOrigin::Replayed,
+            target: String::new(),
+            latency: Duration::from_millis(1),
+            status: StatusCode::OK,
+            version: http::Version::HTTP_11,
+            headers,
+            body: Bytes::from(body),
+            body_truncated: false,
         })
     }
 
@@ -1107,24 +1112,14 @@ mod tests {
             http::header::SET_COOKIE,
             HeaderValue::from_static("session=s3cret"),
         );
-        let response = |body: Vec<u8>| Answered {
-            response: Box::new(ResponseRecord {
-                meta: Meta::basic(1, UNIX_EPOCH, "prod".into()),
-                origin: ResponseOrigin::Replayed,
-                target: String::new(),
-                latency: Duration::from_millis(1),
-                status: StatusCode::OK,
-                version: http::Version::HTTP_11,
-                headers: headers.clone(),
-                body: Bytes::from(body),
-                body_truncated: false,
-            }),
+        let answered = |body: Vec<u8>| Answered {
+            response: response(headers.clone(), body),
             grpc_status: None,
         };
         let job = Job {
             record: request("/x"),
-            candidate: Some(response(body.clone())),
-            primary: response(body),
+            candidate: Some(answered(body.clone())),
+            primary: answered(body),
             secondary: None,
             bytes: 0,
         };
