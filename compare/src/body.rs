@@ -103,7 +103,9 @@ pub fn read(
             .iter()
             .find(|b| !b.is_ascii_whitespace())
             .is_some_and(|b| matches!(b, b'{' | b'['));
-    if says_json || looks_json {
+    // A document of more values than MAX_JSON_VALUES is compared as text: parsed, it would take
+    // many times its size (tens of bytes a value).
+    if (says_json || looks_json) && json_values(&decoded) <= MAX_JSON_VALUES {
         if let Ok(value) = serde_json::from_slice(&decoded) {
             return Ok(Body::Json(value));
         }
@@ -125,6 +127,18 @@ pub fn read(
         Ok(text) => Ok(Body::Binary(text.into_bytes())),
         Err(e) => Ok(Body::Binary(e.into_bytes())),
     }
+}
+
+/// Most values a JSON body may hold to be compared field by field.
+pub const MAX_JSON_VALUES: usize = 200_000;
+
+/// About how many values a JSON text holds (separators and openings, strings' contents
+/// included): an upper bound good enough to refuse a huge document before parsing it.
+fn json_values(text: &[u8]) -> usize {
+    text.iter()
+        .filter(|b| matches!(b, b',' | b'[' | b'{' | b':'))
+        .count()
+        + 1
 }
 
 /// The body with its `Content-Encoding`s undone (the last applied is undone first), at most
@@ -232,6 +246,21 @@ mod tests {
             Ok(Body::Text("{oops".into())),
             "JSON that does not parse is compared as text"
         );
+    }
+
+    #[test]
+    fn a_json_body_of_too_many_values_is_compared_as_text() {
+        let h = headers(&[("content-type", "application/json")]);
+        let huge = format!("[{}0]", "0,".repeat(MAX_JSON_VALUES));
+        assert!(matches!(
+            read(&h, None, huge.as_bytes(), 1 << 24),
+            Ok(Body::Text(_))
+        ));
+        let fine = format!("[{}0]", "0,".repeat(1000));
+        assert!(matches!(
+            read(&h, None, fine.as_bytes(), 1 << 24),
+            Ok(Body::Json(_))
+        ));
     }
 
     #[test]

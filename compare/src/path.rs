@@ -43,7 +43,7 @@ impl FieldPath {
         self.steps.pop();
     }
 
-    /// The field it counts under: indices as `*`.
+    /// The field it counts under: indices as `*`, identifier-like keys as `{id}`.
     pub fn field(&self) -> String {
         self.render(false)
     }
@@ -62,6 +62,10 @@ impl FieldPath {
         for step in &self.steps {
             out.push('/');
             match step {
+                // A map keyed by ids (`{"users": {"17": ...}}`) is one field, as an array is.
+                Step::Key(k) if !indices && crate::endpoint::is_identifier(k) => {
+                    out.push_str("{id}")
+                }
                 Step::Key(k) => escape(k, &mut out),
                 Step::Index(i) if indices => out.push_str(&i.to_string()),
                 Step::Index(_) | Step::Any => out.push('*'),
@@ -178,5 +182,14 @@ mod tests {
         assert!(Pattern::parse("")
             .expect("the whole document")
             .covers(&path(&["x"])));
+        let mut by_id = FieldPath::root();
+        by_id.push_key("users");
+        by_id.push_key("3fa85f64-5717-4562-b3fc-2c963f66afa6");
+        by_id.push_key("name");
+        assert_eq!(by_id.field(), "/users/{id}/name");
+        assert_eq!(
+            by_id.at(),
+            "/users/3fa85f64-5717-4562-b3fc-2c963f66afa6/name"
+        );
     }
 }
