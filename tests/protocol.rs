@@ -466,13 +466,7 @@ async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
 async fn a_named_batch_is_replayed_once_however_often_it_is_sent() {
     teeway_wire::tls::install_default_provider();
     let pki = Pki::generate("raw-agent").expect("pki");
-    let (shadow, recording) = sample::start_shadow(Duration::ZERO).await.expect("shadow");
-    let gateway = RunningGateway::start(stack::gateway_config(
-        pki.gateway_material(),
-        &[shadow.addr],
-    ))
-    .await
-    .expect("gateway");
+    let ((gateway, _shadow), recording) = start_gateway_recording(&pki).await;
     let (endpoint, conn) = connect(&pki, gateway.addr).await;
     assert_eq!(
         conn.handshake_data()
