@@ -9,7 +9,7 @@
 //! bodies that are not UTF-8 are written the same way with a `comment` saying so.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -253,77 +253,37 @@ fn entry(r: &MirroredRequest, resp: Option<&ResponseRecord>) -> Value {
     })
 }
 
-/// The body with its `Content-Encoding` undone (gzip, deflate, br; several in the order they
-/// were applied), or the body as it is and why it could not be.
+/// The body with its `Content-Encoding` undone ([`teeway_compare::body::undo`]), or the body as
+/// it is, and why it could not be.
 fn decode_content(headers: &http::HeaderMap, body: &[u8]) -> (Vec<u8>, Option<String>) {
-    let codings: Vec<String> = headers
-        .get_all(http::header::CONTENT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|c| c.trim().to_ascii_lowercase())
-        .filter(|c| !c.is_empty() && c != "identity")
-        .collect();
-    let mut data = body.to_vec();
-    let limit = MAX_DECODED_BODY as u64 + 1;
-    for coding in codings.iter().rev() {
-        let mut out = Vec::new();
-        let done = match coding.as_str() {
-            "gzip" | "x-gzip" => flate2::read::MultiGzDecoder::new(&data[..])
-                .take(limit)
-                .read_to_end(&mut out),
-            // RFC 9110 says zlib, servers often send raw deflate: try both.
-            "deflate" => flate2::read::ZlibDecoder::new(&data[..])
-                .take(limit)
-                .read_to_end(&mut out)
-                .or_else(|_| {
-                    out.clear();
-                    flate2::read::DeflateDecoder::new(&data[..])
-                        .take(limit)
-                        .read_to_end(&mut out)
-                }),
-            "br" => brotli_decompressor::Decompressor::new(&data[..], 4096)
-                .take(limit)
-                .read_to_end(&mut out),
-            other => {
-                return (
-                    body.to_vec(),
-                    Some(format!(
-                        "content-encoding {other} is not decoded: text is the body as sent"
-                    )),
-                )
-            }
-        };
-        if out.len() > MAX_DECODED_BODY {
-            out.truncate(MAX_DECODED_BODY);
-            return (
-                out,
-                Some(format!(
-                    "decoded body cut at {} MiB (a compression bomb, or a very large answer)",
-                    MAX_DECODED_BODY >> 20
-                )),
-            );
-        }
-        if let Err(e) = done {
-            // A body the archive cut (max_response_body) decodes up to the cut: keep that.
-            if out.is_empty() {
-                return (
-                    body.to_vec(),
-                    Some(format!(
-                        "content-encoding {coding} could not be undone ({e}): text is the body as sent"
-                    )),
-                );
-            }
-            return (
-                out,
-                Some(format!(
-                    "content-encoding {coding}: the decoded start of a body that does not decode whole ({e}; cut by the archive?)"
-                )),
-            );
-        }
-        data = out;
-    }
-    (data, None)
+    use teeway_compare::body::{undo, Undone};
+    let (data, undone) = undo(headers, body, MAX_DECODED_BODY);
+    let problem = match undone {
+        Undone::Whole => None,
+        Undone::Unknown(other) => Some(format!(
+            "content-encoding {other} is not decoded: text is the body as sent"
+        )),
+        Undone::Cut(limit) => Some(format!(
+            "decoded body cut at {} MiB (a compression bomb, or a very large answer)",
+            limit >> 20
+        )),
+        // A body the archive cut (max_response_body) decodes up to the cut: that is kept.
+        Undone::Broken {
+            coding,
+            error,
+            partial: false,
+        } => Some(format!(
+            "content-encoding {coding} could not be undone ({error}): text is the body as sent"
+        )),
+        Undone::Broken {
+            coding,
+            error,
+            partial: true,
+        } => Some(format!(
+            "content-encoding {coding}: the decoded start of a body that does not decode whole ({error}; cut by the archive?)"
+        )),
+    };
+    (data, problem)
 }
 
 /// HAR cookies of a request: each `name=value` pair of its `Cookie` headers.

@@ -141,10 +141,32 @@ fn json_values(text: &[u8]) -> usize {
         + 1
 }
 
-/// The body with its `Content-Encoding`s undone (the last applied is undone first), at most
-/// `limit` bytes of it.
-pub fn decode(headers: &HeaderMap, bytes: &[u8], limit: usize) -> Result<Vec<u8>, BodyError> {
-    let mut codings: Vec<String> = headers
+/// What undoing a body's `Content-Encoding`s came to ([`undo`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Undone {
+    /// Every encoding undone.
+    Whole,
+    /// An encoding not decoded here: the body is as sent.
+    Unknown(String),
+    /// It decodes to more than the limit: cut there.
+    Cut(usize),
+    /// An encoding could not be undone: the body is as sent, or, when `partial`, the start that
+    /// decoded (a body cut before it was encoded whole, say).
+    Broken {
+        /// The encoding.
+        coding: String,
+        /// What the decoder said.
+        error: String,
+        /// Whether the start that decoded is kept.
+        partial: bool,
+    },
+}
+
+/// The body with its `Content-Encoding`s undone (gzip, several members too; deflate, as zlib or
+/// raw, as servers send both; br; the last applied undone first), at most `limit` bytes, and
+/// how far that went. The one decoder of bodies: comparisons and HAR conversion use it.
+pub fn undo(headers: &HeaderMap, body: &[u8], limit: usize) -> (Vec<u8>, Undone) {
+    let codings: Vec<String> = headers
         .get_all(CONTENT_ENCODING)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -152,28 +174,57 @@ pub fn decode(headers: &HeaderMap, bytes: &[u8], limit: usize) -> Result<Vec<u8>
         .map(|c| c.trim().to_ascii_lowercase())
         .filter(|c| !c.is_empty() && c != "identity")
         .collect();
+    let mut data = body.to_vec();
+    let take = limit as u64 + 1;
+    for coding in codings.iter().rev() {
+        let mut out = Vec::new();
+        let done = match coding.as_str() {
+            "gzip" | "x-gzip" => flate2::read::MultiGzDecoder::new(&data[..])
+                .take(take)
+                .read_to_end(&mut out),
+            "deflate" => flate2::read::ZlibDecoder::new(&data[..])
+                .take(take)
+                .read_to_end(&mut out)
+                .or_else(|_| {
+                    out.clear();
+                    flate2::read::DeflateDecoder::new(&data[..])
+                        .take(take)
+                        .read_to_end(&mut out)
+                }),
+            "br" => brotli_decompressor::Decompressor::new(&data[..], 4096)
+                .take(take)
+                .read_to_end(&mut out),
+            other => return (body.to_vec(), Undone::Unknown(other.to_owned())),
+        };
+        if out.len() > limit {
+            out.truncate(limit);
+            return (out, Undone::Cut(limit));
+        }
+        if let Err(e) = done {
+            let partial = !out.is_empty();
+            let undone = Undone::Broken {
+                coding: coding.clone(),
+                error: e.to_string(),
+                partial,
+            };
+            return (if partial { out } else { body.to_vec() }, undone);
+        }
+        data = out;
+    }
+    (data, Undone::Whole)
+}
+
+/// The body with its `Content-Encoding`s undone whole, at most `limit` bytes of it.
+pub fn decode(headers: &HeaderMap, bytes: &[u8], limit: usize) -> Result<Vec<u8>, BodyError> {
     if bytes.len() > limit {
         return Err(BodyError::TooLarge(limit));
     }
-    let mut body = bytes.to_vec();
-    while let Some(coding) = codings.pop() {
-        let reader: Box<dyn Read + '_> = match coding.as_str() {
-            "gzip" | "x-gzip" => Box::new(flate2::read::GzDecoder::new(&body[..])),
-            "deflate" => Box::new(flate2::read::ZlibDecoder::new(&body[..])),
-            "br" => Box::new(brotli_decompressor::Decompressor::new(&body[..], 4096)),
-            other => return Err(BodyError::Encoding(other.to_owned())),
-        };
-        let mut out = Vec::new();
-        reader
-            .take(limit as u64 + 1)
-            .read_to_end(&mut out)
-            .map_err(|_| BodyError::Corrupt(coding.clone()))?;
-        if out.len() > limit {
-            return Err(BodyError::TooLarge(limit));
-        }
-        body = out;
+    match undo(headers, bytes, limit) {
+        (body, Undone::Whole) => Ok(body),
+        (_, Undone::Unknown(coding)) => Err(BodyError::Encoding(coding)),
+        (_, Undone::Cut(limit)) => Err(BodyError::TooLarge(limit)),
+        (_, Undone::Broken { coding, .. }) => Err(BodyError::Corrupt(coding)),
     }
-    Ok(body)
 }
 
 /// gRPC's length-prefixed messages (flag byte, 4-byte length); a cut last one is kept as it is.
