@@ -51,6 +51,7 @@ fn record(body_len: usize) -> MirroredRequest {
         body: Bytes::from(vec![0x5a; body_len]),
         trailers: None,
         body_truncated: false,
+        production: None,
     }
 }
 

@@ -295,6 +295,7 @@ async fn speed_one_follows_the_recorded_gaps() {
             body: Bytes::new(),
             trailers: None,
             body_truncated: false,
+            production: None,
         };
         native::put_record(&Envelope::HttpRequest(request), &mut bytes);
     }

@@ -57,6 +57,7 @@ fn request(id: u64, body_len: usize) -> MirroredRequest {
         body: Bytes::from(body),
         trailers: None,
         body_truncated: false,
+        production: None,
     }
 }
 

@@ -61,6 +61,7 @@ fn get_record(id: u64, path: &str) -> teeway_wire::MirroredRequest {
         body: bytes::Bytes::new(),
         trailers: None,
         body_truncated: false,
+        production: None,
     }
 }
 
@@ -385,6 +386,7 @@ async fn bad_certificates_and_bad_frames_over_tls_tcp_close_one_connection() {
         body: bytes::Bytes::from(vec![b'x'; 4 * 1024 * 1024]),
         trailers: None,
         body_truncated: false,
+        production: None,
     };
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

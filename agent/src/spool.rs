@@ -686,6 +686,7 @@ mod tests {
             body: vec![b'x'; body].into(),
             trailers: None,
             body_truncated: false,
+            production: None,
         }
     }
 

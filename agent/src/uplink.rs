@@ -1639,6 +1639,7 @@ mod tests {
             body: Bytes::from_static(b"b"),
             trailers: None,
             body_truncated: false,
+            production: None,
         };
         let mut frames = BytesMut::new();
         for id in [1, 2] {

@@ -291,6 +291,7 @@ fn parse_request(
         body,
         trailers: None,
         body_truncated,
+        production: None,
     })
 }
 

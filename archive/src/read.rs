@@ -725,6 +725,7 @@ pub(crate) mod tests {
             body: Bytes::copy_from_slice(body),
             trailers: None,
             body_truncated: false,
+            production: None,
         }
     }
 

@@ -829,6 +829,7 @@ mod tests {
             body: Bytes::new(),
             trailers: None,
             body_truncated: false,
+            production: None,
         })
     }
 

@@ -320,6 +320,7 @@ mod tests {
             body: bytes::Bytes::new(),
             trailers: None,
             body_truncated: false,
+            production: None,
         })
     }
 

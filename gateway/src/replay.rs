@@ -706,6 +706,7 @@ mod tests {
             body: Bytes::from_static(b"body"),
             trailers: None,
             body_truncated: false,
+            production: None,
         }
     }
 

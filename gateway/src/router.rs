@@ -105,6 +105,7 @@ mod tests {
             body: bytes::Bytes::new(),
             trailers: None,
             body_truncated: false,
+            production: None,
         }
     }
 

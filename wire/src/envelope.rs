@@ -27,7 +27,7 @@ use crate::fields::{
 };
 use crate::record::{
     empty, unix_nanos, version_code, version_from_code, Envelope, Meta, MirroredRequest,
-    ResponseOrigin, ResponseRecord, RpcCall, RpcProtocol, RpcRequest, Sampling,
+    Production, ResponseOrigin, ResponseRecord, RpcCall, RpcProtocol, RpcRequest, Sampling,
 };
 
 /// Envelope kind: an HTTP request ([`MirroredRequest`]).
@@ -36,6 +36,9 @@ pub const KIND_HTTP_REQUEST: u8 = 1;
 pub const KIND_HTTP_RESPONSE: u8 = 2;
 /// Envelope kind: an RPC request ([`RpcRequest`]).
 pub const KIND_RPC_REQUEST: u8 = 3;
+/// Envelope kind: an HTTP request with production's answer to it ([`MirroredRequest`] whose
+/// [`MirroredRequest::production`] is set): kind 1's part, then the answer's.
+pub const KIND_HTTP_EXCHANGE: u8 = 6;
 
 /// Part flag, both HTTP kinds: the body was cut at the writer's limit.
 const FLAG_BODY_TRUNCATED: u8 = 0x01;
@@ -50,7 +53,10 @@ const ORIGIN_REPLAYED: u8 = 3;
 pub fn encode(envelope: &Envelope, dst: &mut BytesMut) {
     match envelope {
         Envelope::HttpRequest(r) => {
-            dst.put_u8(KIND_HTTP_REQUEST);
+            dst.put_u8(match r.production {
+                Some(_) => KIND_HTTP_EXCHANGE,
+                None => KIND_HTTP_REQUEST,
+            });
             put_meta(&r.meta, dst);
             let flags = request_flags(r.body_truncated, r.trailers.is_some());
             let uri = uri_bytes(&r.uri);
@@ -58,6 +64,9 @@ pub fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             put_bytes32(dst, &r.body);
             if let Some(trailers) = &r.trailers {
                 put_headers(dst, trailers);
+            }
+            if let Some(production) = &r.production {
+                put_production(production, dst);
             }
         }
         Envelope::HttpResponse(r) => {
@@ -182,7 +191,60 @@ fn get_rpc_request(meta: Meta, src: &mut Bytes) -> Result<RpcRequest, DecodeErro
 }
 
 pub(crate) fn encoded_len_of_request(r: &MirroredRequest) -> usize {
-    1 + meta_len(&r.meta) + 2 + head_len_after_flags(r) + request_tail_len(r)
+    1 + meta_len(&r.meta)
+        + 2
+        + head_len_after_flags(r)
+        + request_tail_len(r)
+        + r.production.as_deref().map_or(0, production_len)
+}
+
+/// Appends production's answer as kind 6's part ends: `latency:u64 status:u16 version:u8
+/// flags:u8 headers body:bytes32 [trailers]`, the flags as a request's.
+pub(crate) fn put_production(p: &Production, dst: &mut BytesMut) {
+    dst.put_u64(u64::try_from(p.latency.as_nanos()).unwrap_or(u64::MAX));
+    dst.put_u16(p.status.as_u16());
+    dst.put_u8(version_code(p.version));
+    dst.put_u8(request_flags(p.body_truncated, p.trailers.is_some()));
+    put_headers(dst, &p.headers);
+    put_bytes32(dst, &p.body);
+    if let Some(trailers) = &p.trailers {
+        put_headers(dst, trailers);
+    }
+}
+
+/// Encoded size of production's answer in a kind 6 part.
+pub(crate) fn production_len(p: &Production) -> usize {
+    8 + 2
+        + 1
+        + 1
+        + headers_len(&p.headers)
+        + 4
+        + p.body.len()
+        + p.trailers.as_ref().map_or(0, headers_len)
+}
+
+fn get_production(src: &mut Bytes) -> Result<Production, DecodeError> {
+    let latency = Duration::from_nanos(get_u64(src, "latency")?);
+    let status = get_u16(src, "status")?;
+    let status = StatusCode::from_u16(status).map_err(|_| DecodeError::InvalidStatus(status))?;
+    let version = get_version(src)?;
+    let flags = get_u8(src, "flags")?;
+    let headers = get_headers(src)?;
+    let body = get_bytes32(src, "body")?;
+    let trailers = if flags & FLAG_HAS_TRAILERS != 0 {
+        Some(get_headers(src)?)
+    } else {
+        None
+    };
+    Ok(Production {
+        latency,
+        status,
+        version,
+        headers,
+        body,
+        trailers,
+        body_truncated: flags & FLAG_BODY_TRUNCATED != 0,
+    })
 }
 
 /// Reads an HTTP version code.
@@ -197,6 +259,11 @@ pub fn decode(src: &mut Bytes) -> Result<Envelope, DecodeError> {
     let meta = get_meta(src)?;
     Ok(match kind {
         KIND_HTTP_REQUEST => Envelope::HttpRequest(get_request(meta, src)?),
+        KIND_HTTP_EXCHANGE => {
+            let mut request = get_request(meta, src)?;
+            request.production = Some(Box::new(get_production(src)?));
+            Envelope::HttpRequest(request)
+        }
         KIND_HTTP_RESPONSE => Envelope::HttpResponse(get_response(meta, src)?),
         KIND_RPC_REQUEST => Envelope::RpcRequest(get_rpc_request(meta, src)?),
         kind => Envelope::Other {
@@ -338,6 +405,7 @@ pub(crate) fn get_request_rest(
         body,
         trailers,
         body_truncated: flags & FLAG_BODY_TRUNCATED != 0,
+        production: None,
     })
 }
 
@@ -402,6 +470,7 @@ mod tests {
             body: Bytes::from_static(b"\x00body\xff"),
             trailers: None,
             body_truncated: false,
+            production: None,
         }
     }
 

@@ -31,7 +31,7 @@ use crate::fields::{
     get_str16, get_u16, get_u32, get_u64, get_u8, headers_len, put_bytes32, put_headers, put_str16,
     str16_len, take,
 };
-use crate::record::{version_code, Envelope, Meta, MirroredRequest, RpcCall};
+use crate::record::{version_code, Envelope, Meta, MirroredRequest, Production, RpcCall};
 use crate::{MAX_BATCH_RECORDS, MAX_FRAME_LEN};
 
 /// Length of the frame prefix.
@@ -561,6 +561,28 @@ impl RequestFrame {
     }
 }
 
+/// The `ENVELOPE` frame of a request with production's answer (kind 6), made of `request`, the
+/// request's finished frame of kind 1 ([`RequestFrame::finish`]), and the answer: the request's
+/// bytes copied once into a frame of exactly the size of both. `None` when `request` is not a
+/// finished request frame.
+pub fn with_production(request: &[u8], production: &Production) -> Option<Bytes> {
+    let (prefix, rest) = request.split_first_chunk::<PREFIX_LEN>()?;
+    if usize::try_from(u32::from_be_bytes(*prefix)).ok()? != rest.len()
+        || rest.first() != Some(&TYPE_ENVELOPE)
+        || rest.get(1) != Some(&KIND_HTTP_REQUEST)
+    {
+        return None;
+    }
+    let len = rest.len() + crate::envelope::production_len(production);
+    let mut buf = BytesMut::with_capacity(PREFIX_LEN + len);
+    buf.put_u32(u32::try_from(len).ok()?);
+    buf.put_u8(TYPE_ENVELOPE);
+    buf.put_u8(crate::envelope::KIND_HTTP_EXCHANGE);
+    buf.put_slice(&rest[2..]);
+    crate::envelope::put_production(production, &mut buf);
+    Some(buf.freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -589,6 +611,7 @@ mod tests {
             body: Bytes::from_static(b"\x00\x01binary\r\n\xff"),
             trailers: None,
             body_truncated: false,
+            production: None,
         }
     }
 
@@ -881,6 +904,29 @@ mod tests {
                 body: Bytes::from(body),
                 trailers,
                 body_truncated,
+                production: None,
+            }
+        }
+    }
+
+    prop_compose! {
+        fn arb_production()(
+            latency in any::<u64>(),
+            status in 100u16..1000,
+            version in prop_oneof![Just(http::Version::HTTP_11), Just(http::Version::HTTP_2)],
+            headers in arb_headers(),
+            body in proptest::collection::vec(any::<u8>(), 0..1024),
+            trailers in proptest::option::of(arb_headers()),
+            body_truncated in any::<bool>(),
+        ) -> Production {
+            Production {
+                latency: Duration::from_nanos(latency),
+                status: http::StatusCode::from_u16(status).expect("100 to 999"),
+                version,
+                headers,
+                body: Bytes::from(body),
+                trailers,
+                body_truncated,
             }
         }
     }
@@ -938,16 +984,26 @@ mod tests {
             tap in "[a-z]{0,8}",
             rule in "[a-z0-9\\[\\]]{0,12}",
             rate_ppm in any::<u32>(),
+            production in proptest::option::of(arb_production()),
             cut in any::<prop::sample::Index>(),
         ) {
             let mut request = request;
             request.meta.session = session;
             request.meta.tap = tap.into();
             request.meta.sampling = crate::Sampling { rule: rule.into(), rate_ppm };
-            let frame = Frame::Envelope(Envelope::HttpRequest(request));
+            let alone = Frame::Envelope(Envelope::HttpRequest(request.clone()));
+            request.production = production.map(Box::new);
+            let frame = Frame::Envelope(Envelope::HttpRequest(request.clone()));
             prop_assert_eq!(round_trip(&frame), frame.clone());
             let mut full = BytesMut::new();
             frame.encode(&mut full);
+            if let Some(production) = &request.production {
+                // The agent's way to the same bytes: the request's frame, then the answer.
+                let mut first = BytesMut::new();
+                alone.encode(&mut first);
+                prop_assert_eq!(with_production(&first, production), Some(full.clone().freeze()));
+                prop_assert_eq!(with_production(&full, production), None);
+            }
             let cut = cut.index(full.len());
             let mut part = BytesMut::from(&full[..cut]);
             prop_assert_eq!(Frame::decode(&mut part), Ok(None));

@@ -42,8 +42,8 @@ pub use error::{DecodeError, TlsError};
 pub use frame::RequestFrame;
 pub use frame::{BatchId, Frame, Hello, Shed, TcpOpen, Welcome};
 pub use record::{
-    Envelope, Meta, MirroredRequest, ResponseOrigin, ResponseRecord, RpcCall, RpcProtocol,
-    RpcRequest, Sampling,
+    Envelope, Meta, MirroredRequest, Production, ResponseOrigin, ResponseRecord, RpcCall,
+    RpcProtocol, RpcRequest, Sampling,
 };
 
 /// The ALPN protocol id of this protocol version, first in both ends' lists. Version 6 says in

@@ -251,6 +251,50 @@ pub struct MirroredRequest {
     pub trailers: Option<HeaderMap>,
     /// The body was cut at the agent's size limit; the gateway may choose not to replay it.
     pub body_truncated: bool,
+    /// What production answered, when the agent captured it (`mirror.capture_response`): the
+    /// baseline a gateway can compare the shadows' answers with. Carried by envelopes of kind 6.
+    pub production: Option<Box<Production>>,
+}
+
+/// The production service's answer to a copied request, as the agent passed it to the client
+/// (hop-by-hop fields removed) and redacted (`Set-Cookie` and the names the agent's
+/// configuration adds never leave production).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Production {
+    /// Time from sending the request to the primary to its response head.
+    pub latency: Duration,
+    /// Status code.
+    pub status: StatusCode,
+    /// HTTP version the primary answered in.
+    pub version: Version,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// Response body, up to the agent's limit.
+    pub body: Bytes,
+    /// Response trailers, when the primary sent any (gRPC does).
+    pub trailers: Option<HeaderMap>,
+    /// The body was cut at the agent's limit (`capture_response.max_body_bytes`).
+    pub body_truncated: bool,
+}
+
+impl Production {
+    /// The answer as a response record of origin [`ResponseOrigin::Original`] (GoReplay's type
+    /// 2), tied to `request`: what archives and offline tools read.
+    pub fn to_record(&self, request: &MirroredRequest) -> ResponseRecord {
+        let mut meta = request.meta.clone();
+        meta.received_at += self.latency;
+        ResponseRecord {
+            meta,
+            origin: ResponseOrigin::Original,
+            target: String::new(),
+            latency: self.latency,
+            status: self.status,
+            version: self.version,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+            body_truncated: self.body_truncated,
+        }
+    }
 }
 
 impl MirroredRequest {
@@ -365,6 +409,7 @@ mod tests {
             body: Bytes::new(),
             trailers: None,
             body_truncated: false,
+            production: None,
         }
     }
 
