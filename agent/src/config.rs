@@ -262,6 +262,14 @@ impl AgentConfig {
             &mut p,
         );
 
+        if front.sink.is_some() && mirror.policy.capture_response.is_some() {
+            p.push(
+                "mirror.capture_response.enabled",
+                Some(&teeway_runtime::yaml::Value::from(true)),
+                "cannot be used with `sink:` (a mirror feed carries no production answers)",
+                "remove `mirror.capture_response`, or proxy to the primary with `primary:`",
+            );
+        }
         let front_complete = !front.http
             || (front.listen.is_some() && (front.primary.is_some() || front.sink.is_some()));
         let assembled = match (cluster, front_complete) {
@@ -521,6 +529,21 @@ fn mirror_block(root: &mut Section<'_>, p: &mut Problems, base_dir: &Path) -> Mi
         );
     }
     let policy = PolicyConfig::read(&mut m, root, p, base_dir, percentage, max_body_bytes);
+    if let Some(capture) = &policy.capture_response {
+        let both = max_body_bytes.saturating_add(capture.max_body_bytes as u64);
+        if queue_bytes < both {
+            p.push(
+                m.path_of("queue_bytes"),
+                None,
+                format!(
+                    "{} is smaller than max_body_bytes and capture_response.max_body_bytes together ({}), so the largest copies could never be held",
+                    format_size(queue_bytes),
+                    format_size(both)
+                ),
+                "raise queue_bytes or lower one of the body limits",
+            );
+        }
+    }
     m.finish(p);
     MirrorConfig {
         queue,
@@ -1404,6 +1427,70 @@ colour: blue
         assert!(text.contains("sink.extra: unknown key"), "{text}");
         let err = AgentConfig::from_yaml(&without_primary, &dir).expect_err("neither");
         assert!(err.to_string().contains("or add `sink: {}`"), "{err}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn capture_response_is_read_and_its_problems_are_named() {
+        let dir = temp_dir("capture");
+        write_certs(&dir);
+        let c = AgentConfig::from_yaml(VALID, &dir).expect("valid");
+        assert!(c.mirror.policy.capture_response.is_none(), "off by default");
+        let on = VALID.replace(
+            "  queue: 100\n",
+            "  queue: 100\n  capture_response:\n    enabled: true\n    redact_headers: [x-session]\n",
+        );
+        let c = AgentConfig::from_yaml(&on, &dir).expect("valid");
+        let capture = c.mirror.policy.capture_response.expect("on");
+        assert_eq!(
+            *capture,
+            crate::policy::CaptureResponse {
+                max_body_bytes: 1024 * 1024,
+                wait: std::time::Duration::from_secs(30),
+                redact_headers: vec![http::HeaderName::from_static("x-session")],
+            }
+        );
+        let off = VALID.replace(
+            "  queue: 100\n",
+            "  queue: 100\n  capture_response: { enabled: false, wait: 1s }\n",
+        );
+        let c = AgentConfig::from_yaml(&off, &dir).expect("valid");
+        assert!(c.mirror.policy.capture_response.is_none());
+
+        let bad = VALID.replace(
+            "  queue: 100\n",
+            "  queue: 100\n  queue_bytes: 2MiB\n  capture_response: { enabled: true, max_body_bytes: 8MiB, wait: 1ms, redact_headers: [\"a b\"], more: 1 }\n",
+        );
+        let text = AgentConfig::from_yaml(&bad, &dir)
+            .expect_err("bad")
+            .to_string();
+        for want in [
+            "mirror.capture_response.max_body_bytes: must be at most 4MiB",
+            "mirror.capture_response.wait: must be from 100ms to 10m",
+            "mirror.capture_response.redact_headers[0]: is not a header name",
+            "mirror.capture_response.more: unknown key",
+        ] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+        let tight = VALID.replace(
+            "  queue: 100\n",
+            "  queue: 100\n  queue_bytes: 1MiB\n  capture_response: { enabled: true }\n",
+        );
+        let text = AgentConfig::from_yaml(&tight, &dir)
+            .expect_err("queue_bytes")
+            .to_string();
+        assert!(
+            text.contains("mirror.queue_bytes: 1MiB is smaller than max_body_bytes and capture_response.max_body_bytes together (1088KiB)"),
+            "{text}"
+        );
+        let without_primary = on.replace("primary: http://127.0.0.1:9000\n", "");
+        let text = AgentConfig::from_yaml(&format!("{without_primary}sink: {{}}\n"), &dir)
+            .expect_err("sink")
+            .to_string();
+        assert!(
+            text.contains("mirror.capture_response.enabled: cannot be used with `sink:`"),
+            "{text}"
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 

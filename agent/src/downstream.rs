@@ -1,18 +1,107 @@
 //! The agent's clients, as every tap that answers them sees them: who a request came from
 //! ([`Peer`]), what one client may send ([`ClientLimits`]), and the body it gets back
-//! ([`ProxyBody`]). A leaf: the listener, the proxy and the sink depend on it, it on none of them.
+//! ([`ProxyBody`]), which a [`Tap`] may watch on its way. A leaf: the listener, the proxy and the
+//! sink depend on it, it on none of them.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use teeway_runtime::proxy::Forwarding;
 
 /// The body of a response to the client: the primary's, or one the agent wrote itself.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<Primary, Full<Bytes>>;
+
+/// Watches the primary's answer as it passes to the client (the tee keeps it for a copy:
+/// `mirror.capture_response`). It only looks: every frame reaches the client as it came, and
+/// the client never waits for it. Dropped before [`Tap::end`], it knows the answer was cut short.
+pub trait Tap: Send {
+    /// A frame on its way to the client; `false`: the tap has what it keeps, and is let go.
+    fn frame(&mut self, frame: &Frame<Bytes>) -> bool;
+    /// The answer ended where its framing said.
+    fn end(self: Box<Self>);
+    /// Polled while the answer waits for the primary: `Ready` once the tap gives up waiting
+    /// (it has dealt with its copy), and it is let go.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+pin_project_lite::pin_project! {
+    /// The primary's response body on its way to the client, watched by a [`Tap`] or not.
+    pub struct Primary {
+        #[pin]
+        inner: Incoming,
+        tap: Option<Box<dyn Tap>>,
+    }
+}
+
+impl Primary {
+    /// `inner`, watched by `tap` when there is one.
+    pub fn new(inner: Incoming, tap: Option<Box<dyn Tap>>) -> Self {
+        let mut body = Self { inner, tap };
+        if body.inner.is_end_stream() {
+            // No body (a 204, a HEAD's answer): hyper may never poll it.
+            if let Some(tap) = body.tap.take() {
+                tap.end();
+            }
+        }
+        body
+    }
+}
+
+impl Body for Primary {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let Some(tap) = this.tap.as_mut() else {
+            return polled;
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if !tap.frame(frame) {
+                    *this.tap = None;
+                } else if this.inner.is_end_stream() {
+                    // The last frame: hyper polls no further.
+                    if let Some(tap) = this.tap.take() {
+                        tap.end();
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(tap) = this.tap.take() {
+                    tap.end();
+                }
+            }
+            // Cut short: the tap, dropped, knows.
+            Poll::Ready(Some(Err(_))) => *this.tap = None,
+            Poll::Pending => {
+                if tap.poll_expired(cx).is_ready() {
+                    *this.tap = None;
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The client connection a request came on: fixed for the connection's life.
 #[derive(Debug)]

@@ -357,7 +357,12 @@ impl Agent {
         } else {
             "sink"
         };
-        let tee = Arc::new(shipper.tee(self, tap));
+        let mut tee = shipper.tee(self, tap);
+        if config.primary.is_some() {
+            // Only the proxy sees production's answers.
+            tee = tee.with_answers();
+        }
+        let tee = Arc::new(tee);
         let tcp_tees: Vec<Arc<TcpTee>> = config
             .tcp
             .iter()

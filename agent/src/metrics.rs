@@ -102,6 +102,47 @@ pub const RPC_SPOOLED_TOTAL: &str = "teeway_agent_rpc_spooled_total";
 /// RPC copies sampled and not yet resolved.
 pub const RPC_IN_FLIGHT: &str = "teeway_agent_rpc_in_flight";
 
+/// Production's answers captured for copies (`mirror.capture_response`), by what became of
+/// them: one per copy that waited for its answer and was then queued.
+pub const PRODUCTION_ANSWERS_TOTAL: &str = "teeway_agent_production_answers_total";
+
+/// What became of production's answer to a copy that waited for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerFate {
+    /// The copy carries it, whole.
+    Sent,
+    /// The copy carries its first `capture_response.max_body_bytes` of body.
+    Truncated,
+    /// There was none to send: the primary failed, or the client went away before it ended.
+    NoAnswer,
+    /// It did not end within `capture_response.wait`: the request went alone.
+    TooLate,
+    /// Holding it would have spent `mirror.queue_bytes`: the request went alone.
+    QueueBytes,
+}
+
+impl AnswerFate {
+    /// Every fate, in label order.
+    pub const ALL: [AnswerFate; 5] = [
+        AnswerFate::Sent,
+        AnswerFate::Truncated,
+        AnswerFate::NoAnswer,
+        AnswerFate::TooLate,
+        AnswerFate::QueueBytes,
+    ];
+
+    /// Its `result` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnswerFate::Sent => "sent",
+            AnswerFate::Truncated => "truncated",
+            AnswerFate::NoAnswer => "no_answer",
+            AnswerFate::TooLate => "too_late",
+            AnswerFate::QueueBytes => "queue_bytes",
+        }
+    }
+}
+
 /// Why a copy was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
@@ -190,6 +231,8 @@ pub struct Books {
     pub(crate) requests: Counter,
     pub(crate) not_sampled: Counter,
     pub(crate) truncated: Counter,
+    /// `teeway_agent_production_answers_total`, by [`AnswerFate`] (HTTP books only).
+    pub(crate) answers: [Counter; AnswerFate::ALL.len()],
     mirrored: Counter,
     spooled: Counter,
     dropped: [Counter; DropReason::ALL.len()],
@@ -211,6 +254,27 @@ struct Budget {
     held: AtomicU64,
     limit: u64,
     gauge: Gauge,
+}
+
+impl Budget {
+    /// Holds `bytes` more; `false` (nothing held) when that would pass the limit.
+    fn take(&self, bytes: u64) -> bool {
+        let before = self.held.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > self.limit {
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+            return false;
+        }
+        self.gauge.increment(bytes as f64);
+        true
+    }
+
+    /// Lets `bytes` held go.
+    fn give(&self, bytes: u64) {
+        if bytes > 0 {
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+            self.gauge.decrement(bytes as f64);
+        }
+    }
 }
 
 /// The agent's counters, registered once; the hot path only touches atomics.
@@ -363,6 +427,13 @@ impl Books {
                 "Copies whose body was cut at max_body_bytes (over_limit: truncate)",
                 &[],
             ),
+            answers: AnswerFate::ALL.map(|f| {
+                registry.counter(
+                    PRODUCTION_ANSWERS_TOTAL,
+                    "Production's answers captured for copies (mirror.capture_response), by what became of them",
+                    &[("result", f.as_str())],
+                )
+            }),
             mirrored: registry.counter(MIRRORED_TOTAL, "Copies delivered: acknowledged by the gateway, or written to the archive when there is no gateway", &[]),
             spooled: registry.counter(
                 MIRROR_SPOOLED_TOTAL,
@@ -406,6 +477,7 @@ impl Books {
             ),
             // No RPC copy is ever truncated: one over max_message_bytes is dropped.
             truncated: Counter::noop(),
+            answers: AnswerFate::ALL.map(|_| Counter::noop()),
             mirrored: registry.counter_labels(
                 RPC_MIRRORED_TOTAL,
                 "RPC copies delivered: acknowledged by the gateway, or archived",
@@ -483,11 +555,51 @@ impl Books {
             End::Spooled => self.spooled.increment(1),
             End::Dropped(reason) => self.count_drop(reason),
         }
-        if held > 0 {
-            self.budget.held.fetch_sub(held, Ordering::Relaxed);
-            self.budget.gauge.decrement(held as f64);
-        }
+        self.budget.give(held);
         self.in_flight.decrement(1.0);
+    }
+
+    /// Counts what became of production's answer to a copy.
+    pub(crate) fn answer(&self, fate: AnswerFate) {
+        self.answers[fate as usize].increment(1);
+    }
+
+    /// Bytes held for a copy beside its ticket (production's answer while it streams).
+    pub(crate) fn hold(self: &Arc<Self>) -> Hold {
+        Hold {
+            books: self.clone(),
+            held: 0,
+        }
+    }
+}
+
+/// Bytes held against `mirror.queue_bytes` beside a copy's [`Ticket`], let go when dropped.
+#[derive(Debug)]
+pub struct Hold {
+    books: Arc<Books>,
+    held: u64,
+}
+
+impl Hold {
+    /// Holds exactly `total` bytes, more or less than before; `Err(QueueBytes)` when growing
+    /// would spend the budget, and what was held stays held.
+    pub fn hold_total(&mut self, total: u64) -> Result<(), DropReason> {
+        let budget = &self.books.budget;
+        if total > self.held {
+            if !budget.take(total - self.held) {
+                return Err(DropReason::QueueBytes);
+            }
+        } else {
+            budget.give(self.held - total);
+        }
+        self.held = total;
+        Ok(())
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.books.budget.give(self.held);
     }
 }
 
@@ -513,13 +625,9 @@ impl Ticket {
         let Some(books) = &self.books else {
             return Ok(());
         };
-        let budget = &books.budget;
-        let before = budget.held.fetch_add(bytes, Ordering::Relaxed);
-        if before + bytes > budget.limit {
-            budget.held.fetch_sub(bytes, Ordering::Relaxed);
+        if !books.budget.take(bytes) {
             return Err(DropReason::QueueBytes);
         }
-        budget.gauge.increment(bytes as f64);
         self.held += bytes;
         Ok(())
     }
@@ -535,9 +643,7 @@ impl Ticket {
             return self.hold(total - self.held);
         }
         if let Some(books) = &self.books {
-            let less = self.held - total;
-            books.budget.held.fetch_sub(less, Ordering::Relaxed);
-            books.budget.gauge.decrement(less as f64);
+            books.budget.give(self.held - total);
         }
         self.held = total;
         Ok(())

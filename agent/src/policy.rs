@@ -27,6 +27,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
@@ -462,6 +463,8 @@ pub struct MirrorPolicy {
     pub over_limit: OverLimit,
     /// `mirror.follow_shedding`: copies of a rule the gateway sheds are made less often.
     pub follow_shedding: bool,
+    /// `mirror.capture_response`: production's answer goes with each copy the proxy makes.
+    pub capture_response: Option<Arc<CaptureResponse>>,
     default_matched: Option<Counter>,
     default_pace: Arc<Pace>,
     /// See [`MirrorPolicy::reads_proxied_fields`].
@@ -487,6 +490,95 @@ pub struct PolicyConfig {
     pub over_limit: OverLimit,
     /// See [`MirrorPolicy::follow_shedding`].
     pub follow_shedding: bool,
+    /// See [`MirrorPolicy::capture_response`].
+    pub capture_response: Option<Arc<CaptureResponse>>,
+}
+
+/// `mirror.capture_response`: what of production's answer a copy carries, and how long it waits
+/// for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureResponse {
+    /// Largest answer body kept; a longer one is cut there and flagged.
+    pub max_body_bytes: usize,
+    /// Longest a copy waits, from the answer's head, for the answer to end; then the request
+    /// goes alone.
+    pub wait: Duration,
+    /// Answer headers (and trailers) removed beside `set-cookie` and `redact.headers`.
+    pub redact_headers: Vec<HeaderName>,
+}
+
+/// Default `mirror.capture_response.max_body_bytes`: the gateway's `compare.max_body`.
+pub const DEFAULT_ANSWER_BODY_BYTES: u64 = 1024 * 1024;
+/// Largest `mirror.capture_response.max_body_bytes`: with a request body of the protocol's
+/// largest, the record stays within a frame.
+pub const MAX_ANSWER_BODY_BYTES: u64 = 4 * 1024 * 1024;
+/// Default `mirror.capture_response.wait`.
+pub const DEFAULT_ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+impl CaptureResponse {
+    /// `mirror.capture_response`, `None` when absent or `enabled: false`.
+    fn read(m: &mut Section<'_>, p: &mut Problems) -> Option<Arc<Self>> {
+        let mut c = m.section(p, "capture_response");
+        if !c.is_present() {
+            return None;
+        }
+        let enabled = c
+            .optional(
+                p,
+                "enabled",
+                "use true (send production's answer with each copy) or false (default)",
+                cfg::boolean,
+            )
+            .unwrap_or(false);
+        let max_body_bytes = c
+            .optional(
+                p,
+                "max_body_bytes",
+                "use a size up to 4MiB, such as 1MiB",
+                |v| match cfg::size(v)? {
+                    n if n > MAX_ANSWER_BODY_BYTES => Err("must be at most 4MiB".into()),
+                    n => Ok(n),
+                },
+            )
+            .unwrap_or(DEFAULT_ANSWER_BODY_BYTES);
+        let wait = c
+            .optional(
+                p,
+                "wait",
+                "use a duration from 100ms to 10m, such as 30s",
+                cfg::duration_from_to("100ms", "10m"),
+            )
+            .unwrap_or(DEFAULT_ANSWER_WAIT);
+        let redact_headers = c
+            .list(
+                p,
+                "redact_headers",
+                "list response header names such as [x-session-token]",
+                |v| {
+                    HeaderName::from_bytes(cfg::nonempty_string(v)?.trim().as_bytes())
+                        .map_err(|_| "is not a header name".to_owned())
+                },
+            )
+            .unwrap_or_default();
+        c.finish(p);
+        enabled.then(|| {
+            Arc::new(Self {
+                max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+                wait,
+                redact_headers,
+            })
+        })
+    }
+
+    /// Scrubs an answer's headers or trailers: `set-cookie` always, then what `redaction`
+    /// scrubs from requests, then this block's own names.
+    pub fn scrub(&self, redaction: &Redaction, headers: &mut HeaderMap) {
+        headers.remove(http::header::SET_COOKIE);
+        redaction.apply_headers(headers);
+        for name in &self.redact_headers {
+            headers.remove(name);
+        }
+    }
 }
 
 impl PolicyConfig {
@@ -504,6 +596,7 @@ impl PolicyConfig {
             max_body_bytes,
             over_limit: OverLimit::Skip,
             follow_shedding: true,
+            capture_response: None,
         }
     }
 
@@ -583,6 +676,7 @@ impl PolicyConfig {
             max_body_bytes: self.max_body_bytes,
             over_limit: self.over_limit,
             follow_shedding: self.follow_shedding,
+            capture_response: self.capture_response.clone(),
             default_matched: counter("default"),
             default_pace: pace("default"),
             reads_proxied_fields: self.reads_proxied_fields(),
@@ -631,6 +725,7 @@ impl PolicyConfig {
                 cfg::boolean,
             )
             .unwrap_or(true);
+        let capture_response = CaptureResponse::read(m, p);
         let mut rules = Vec::new();
         for mut r in m.sections(p, "rules") {
             let named = r.optional(
@@ -692,6 +787,7 @@ impl PolicyConfig {
             max_body_bytes,
             over_limit,
             follow_shedding,
+            capture_response,
         }
     }
 }

@@ -33,13 +33,14 @@ use teeway_runtime::connect::UpstreamConnector;
 use teeway_runtime::proxy::remove_hop_by_hop;
 
 use crate::downstream::{
-    hyper_cause, ClientLimits, Peer, ProxyBody, HYPER_MAX_HEADERS, MIN_MAX_HEADER_BYTES,
+    hyper_cause, ClientLimits, Peer, Primary, ProxyBody, Tap, HYPER_MAX_HEADERS,
+    MIN_MAX_HEADER_BYTES,
 };
 use crate::metrics::{
     Accounting, CLIENT_ABORTS_TOTAL, PRIMARY_ERRORS_TOTAL, REQUESTS_REFUSED_TOTAL,
 };
 use crate::retry::{may_retry, ReplayBody, MAX_ATTEMPTS, RETRY_BUFFER_BYTES};
-use crate::tee::{Tee, TeeBody};
+use crate::tee::{Admitted, Tee, TeeBody};
 
 pub(crate) mod h1;
 
@@ -179,12 +180,15 @@ impl Proxy {
         peer.forwarding.apply(&mut parts.headers, version);
 
         // The copy never carries userinfo (`http://user:pass@host/`).
-        let copy = self.tee.admit(
+        let mut copy = self.tee.admit(
             &parts.method,
             &without_userinfo(&original_uri),
             version,
             &parts.headers,
         );
+        // Hears production's answer for the copy (`mirror.capture_response`); let go with no
+        // answer to hear, the copy goes alone.
+        let answer = copy.as_mut().and_then(Admitted::take_answer);
         let body = ReplayBody::new(
             self.tee.body(body, copy),
             RETRY_BUFFER_BYTES,
@@ -229,11 +233,15 @@ impl Proxy {
         body.release();
         match response {
             Some(Ok(resp)) => {
-                self.accounting
-                    .primary_answered(resp.status(), sent_at.elapsed());
+                let latency = sent_at.elapsed();
+                self.accounting.primary_answered(resp.status(), latency);
                 let (mut parts, body) = resp.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(body))
+                let tap = answer.map(|a| {
+                    Box::new(a.head(parts.status, parts.version, &parts.headers, latency))
+                        as Box<dyn Tap>
+                });
+                Response::from_parts(parts, Either::Left(Primary::new(body, tap)))
             }
             Some(Err((e, true))) => self.client_aborted(&e),
             Some(Err((e, false))) => self.primary_failed(&e),
@@ -285,7 +293,7 @@ impl Proxy {
             // The primary declined: an ordinary answer.
             let (mut parts, body) = resp.into_parts();
             remove_hop_by_hop(&mut parts.headers);
-            return Response::from_parts(parts, Either::Left(body));
+            return Response::from_parts(parts, Either::Left(Primary::new(body, None)));
         }
         let primary_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(
@@ -310,7 +318,7 @@ impl Proxy {
         );
         // The 101 keeps its Connection and Upgrade headers: they are the handshake.
         let (parts, body) = resp.into_parts();
-        Response::from_parts(parts, Either::Left(body))
+        Response::from_parts(parts, Either::Left(Primary::new(body, None)))
     }
 
     /// The client went away mid-body: not the primary's fault. Nobody reads the answer.

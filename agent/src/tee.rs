@@ -13,24 +13,26 @@
 //! The copy holds nothing of hyper's buffers: a queued copy costs what `queue_bytes` counts.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{HeaderMap, Method, Uri, Version};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use teeway_runtime::matching::Fields;
 use teeway_wire::record::empty;
-use teeway_wire::{Meta, RequestFrame, Sampling};
+use teeway_wire::{Meta, Production, RequestFrame, Sampling};
 use tokio::sync::mpsc;
 
-use crate::metrics::{Books, DropReason, Ticket};
+use crate::downstream::Tap;
+use crate::metrics::{AnswerFate, Books, DropReason, Hold, Ticket};
 use crate::pace;
-use crate::policy::{Chosen, MirrorPolicy, OverLimit, Target};
+use crate::policy::{CaptureResponse, Chosen, MirrorPolicy, OverLimit, Target};
 use crate::uplink::{Queued, UplinkState};
 use teeway_archive::Archive;
 
@@ -57,6 +59,9 @@ pub struct Tee {
     out: Outlet,
     /// The policy in force; swapped whole by a reload.
     policy: Arc<ArcSwap<MirrorPolicy>>,
+    /// Its copies may wait for production's answer (the proxy's tee, not the sink's, which
+    /// sees no answer).
+    answers: bool,
 }
 
 /// What every tap shares past its own decision: the books a copy is counted in, its envelope's
@@ -118,7 +123,18 @@ impl Outlet {
 impl Tee {
     /// A tee deciding under `policy`, its copies going out through `out`.
     pub fn new(out: Outlet, policy: Arc<ArcSwap<MirrorPolicy>>) -> Self {
-        Self { out, policy }
+        Self {
+            out,
+            policy,
+            answers: false,
+        }
+    }
+
+    /// The tee of a proxy, whose copies carry production's answers when the policy says so
+    /// (`mirror.capture_response`).
+    pub fn with_answers(mut self) -> Self {
+        self.answers = true;
+        self
     }
 
     /// Counts the request and decides, under the policy in force, whether it is copied;
@@ -298,7 +314,7 @@ impl Tee {
     /// Makes a sampled request's copy: its redacted head encoded, room set aside for its body.
     #[allow(clippy::too_many_arguments)]
     fn copy(
-        &self,
+        self: &Arc<Self>,
         policy: Arc<MirrorPolicy>,
         mut ticket: Ticket,
         meta: &Meta,
@@ -336,11 +352,29 @@ impl Tee {
             0 => max_body_bytes,
             announced => announced.min(max_body_bytes),
         };
+        let (pairing, answer) = match (&policy.capture_response, self.answers) {
+            (Some(capture), true) => {
+                let pairing = Arc::new(Pairing {
+                    tee: self.clone(),
+                    state: Mutex::new(Pair::Open),
+                });
+                let answer = Answer {
+                    pairing: Some(pairing.clone()),
+                    books: self.out.books.clone(),
+                    capture: capture.clone(),
+                    policy: policy.clone(),
+                };
+                (Some(pairing), Some(answer))
+            }
+            _ => (None, None),
+        };
         Some(Admitted {
             frame,
             expected_body,
             ticket,
             policy,
+            pairing,
+            answer,
         })
     }
 
@@ -387,6 +421,7 @@ impl Tee {
 
     fn capture(self: &Arc<Self>, copy: Admitted) -> Capture {
         Capture {
+            pairing: copy.pairing,
             tee: self.clone(),
             frame: Some(copy.frame),
             trailers: None,
@@ -411,10 +446,25 @@ pub struct Admitted {
     pub ticket: Ticket,
     /// The policy it was decided under, which also sets its body limit.
     policy: Arc<MirrorPolicy>,
+    /// The copy waits for production's answer: where it meets it.
+    pairing: Option<Arc<Pairing>>,
+    /// What hears production's answer, until the proxy takes it.
+    answer: Option<Answer>,
+}
+
+impl Admitted {
+    /// What hears production's answer to the request, when its copy waits for it
+    /// (`mirror.capture_response`). Not taken, it is let go with the copy's body, and the
+    /// request goes alone.
+    pub fn take_answer(&mut self) -> Option<Answer> {
+        self.answer.take()
+    }
 }
 
 /// The copy being built while the body streams.
 struct Capture {
+    /// The copy waits for production's answer: where it meets it.
+    pairing: Option<Arc<Pairing>>,
     tee: Arc<Tee>,
     frame: Option<RequestFrame>,
     trailers: Option<HeaderMap>,
@@ -484,12 +534,24 @@ impl Capture {
         if self.truncated {
             self.tee.out.books.truncated.increment(1);
         }
-        self.tee.out.enqueue(frame, held, ticket);
+        match self.pairing.take() {
+            Some(pairing) => pairing.request(Finished {
+                frame,
+                held,
+                ticket,
+            }),
+            None => self.tee.out.enqueue(frame, held, ticket),
+        }
     }
 }
 
 impl Drop for Capture {
     fn drop(&mut self) {
+        if let Some(pairing) = self.pairing.take() {
+            // The copy is lost (counted below, or where it was given up): nobody waits for
+            // the answer.
+            pairing.request_lost();
+        }
         // Dropped before the body ended: nobody read it to the end (the primary answered or
         // failed without reading it, and the rest did not arrive in time to complete the copy).
         // The copy would be a lie, so it is counted and not sent.
@@ -574,6 +636,312 @@ where
     fn wants_rest(&self) -> bool {
         // A truncated copy has what it keeps: the rest is not read for it.
         self.capture.as_ref().is_some_and(|c| !c.truncated)
+    }
+}
+
+/// A copy that waits for production's answer (`mirror.capture_response`): whichever of the
+/// request's copy and the answer ends second queues the copy, with the answer or alone.
+#[derive(Debug)]
+struct Pairing {
+    tee: Arc<Tee>,
+    state: Mutex<Pair>,
+}
+
+#[derive(Debug)]
+enum Pair {
+    /// Neither has ended.
+    Open,
+    /// The request's copy is finished, and waits.
+    Request(Finished),
+    /// The answer has ended (or is known not to come), and waits.
+    Answer(Answered),
+    /// Both met, or the copy was lost.
+    Closed,
+}
+
+/// A request's finished copy.
+#[derive(Debug)]
+struct Finished {
+    frame: Bytes,
+    held: usize,
+    ticket: Ticket,
+}
+
+/// What became of production's answer.
+#[derive(Debug)]
+enum Answered {
+    /// Kept (whole, or cut at the limit: [`AnswerFate::Truncated`]), its bytes held meanwhile.
+    Kept(Box<Production>, AnswerFate, Hold),
+    /// None to send.
+    Not(AnswerFate),
+}
+
+impl Pairing {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pair> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The request's copy is finished.
+    fn request(&self, finished: Finished) {
+        let answered = {
+            let mut state = self.lock();
+            match std::mem::replace(&mut *state, Pair::Closed) {
+                Pair::Open => {
+                    *state = Pair::Request(finished);
+                    return;
+                }
+                Pair::Answer(answered) => answered,
+                // Not seen: a copy finishes once.
+                Pair::Request(_) | Pair::Closed => Answered::Not(AnswerFate::NoAnswer),
+            }
+        };
+        self.send(finished, answered);
+    }
+
+    /// The request's copy was given up (counted where it was): the answer is not waited for.
+    fn request_lost(&self) {
+        let lost = std::mem::replace(&mut *self.lock(), Pair::Closed);
+        drop(lost);
+    }
+
+    /// Production's answer ended, or will not come.
+    fn answer(&self, answered: Answered) {
+        let finished = {
+            let mut state = self.lock();
+            match std::mem::replace(&mut *state, Pair::Closed) {
+                Pair::Open => {
+                    *state = Pair::Answer(answered);
+                    return;
+                }
+                Pair::Request(finished) => finished,
+                Pair::Answer(_) | Pair::Closed => return,
+            }
+        };
+        self.send(finished, answered);
+    }
+
+    /// Queues the copy with its answer, or alone when there is none or no room for it.
+    fn send(&self, mut finished: Finished, answered: Answered) {
+        let out = &self.tee.out;
+        let fate = match answered {
+            Answered::Kept(production, fate, hold) => {
+                let joined = teeway_wire::frame::with_production(&finished.frame, &production);
+                drop(production);
+                // The answer's bytes move into the copy's frame, held by its ticket.
+                drop(hold);
+                match joined {
+                    Some(frame) if finished.ticket.hold_total(footprint(frame.len())).is_ok() => {
+                        out.books.answer(fate);
+                        let held = frame.len();
+                        return out.enqueue(frame, held, finished.ticket);
+                    }
+                    Some(_) => AnswerFate::QueueBytes,
+                    // Not seen: the tee finished the frame.
+                    None => AnswerFate::NoAnswer,
+                }
+            }
+            Answered::Not(fate) => fate,
+        };
+        out.books.answer(fate);
+        out.enqueue(finished.frame, finished.held, finished.ticket);
+    }
+}
+
+/// Hears production's answer to a copied request, until its head: then it becomes an
+/// [`AnswerTap`]. Let go before (the primary failed, the client went away), the request goes
+/// alone.
+pub struct Answer {
+    pairing: Option<Arc<Pairing>>,
+    books: Arc<Books>,
+    capture: Arc<CaptureResponse>,
+    /// The copy's policy: its redaction scrubs the answer too.
+    policy: Arc<MirrorPolicy>,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer").finish_non_exhaustive()
+    }
+}
+
+impl Answer {
+    /// The answer's head came, `latency` after the request was sent: its fields (as the client
+    /// gets them) are kept, scrubbed, and the body is watched from here.
+    pub fn head(
+        mut self,
+        status: StatusCode,
+        version: Version,
+        headers: &HeaderMap,
+        latency: Duration,
+    ) -> AnswerTap {
+        let mut headers = headers.clone();
+        self.capture.scrub(&self.policy.redaction, &mut headers);
+        let max = self.capture.max_body_bytes;
+        let announced = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let head_bytes = headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 8)
+            .sum::<usize>() as u64;
+        let mut tap = AnswerTap {
+            pairing: self.pairing.take(),
+            production: Some(Box::new(Production {
+                latency,
+                status,
+                version,
+                headers,
+                body: Bytes::new(),
+                trailers: None,
+                body_truncated: false,
+            })),
+            body: BytesMut::with_capacity(announced.min(max).min(MAX_BODY_RESERVE)),
+            max,
+            head_bytes,
+            hold: self.books.hold(),
+            books: self.books.clone(),
+            deadline: Box::pin(tokio::time::sleep(self.capture.wait)),
+            capture: self.capture.clone(),
+            policy: self.policy.clone(),
+        };
+        tap.held_now();
+        tap
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(pairing) = self.pairing.take() {
+            pairing.answer(Answered::Not(AnswerFate::NoAnswer));
+        }
+    }
+}
+
+/// Production's answer to a copied request, kept as it passes to the client (up to
+/// `capture_response.max_body_bytes`, its bytes held against `mirror.queue_bytes`) until it
+/// ends; then the copy is queued with it. Let go before, the request goes alone.
+pub struct AnswerTap {
+    pairing: Option<Arc<Pairing>>,
+    /// The answer's head, until it is kept.
+    production: Option<Box<Production>>,
+    body: BytesMut,
+    max: usize,
+    /// What the answer's fields take.
+    head_bytes: u64,
+    hold: Hold,
+    books: Arc<Books>,
+    /// `capture_response.wait` from the head: then the request goes alone.
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    capture: Arc<CaptureResponse>,
+    policy: Arc<MirrorPolicy>,
+}
+
+impl AnswerTap {
+    /// Body bytes on their way to the client; `false` once it keeps no more (it is done).
+    pub fn data(&mut self, chunk: &[u8]) -> bool {
+        if self.pairing.is_none() {
+            return false;
+        }
+        let room = self.max - self.body.len();
+        let cut = chunk.len() > room;
+        let kept = &chunk[..chunk.len().min(room)];
+        if !kept.is_empty() {
+            if self.body.capacity() - self.body.len() < kept.len() {
+                // Doubling, but never past the limit.
+                let grown = (self.body.capacity() * 2)
+                    .max(self.body.len() + kept.len())
+                    .min(self.max);
+                self.body.reserve(grown - self.body.len());
+            }
+            self.body.extend_from_slice(kept);
+            if !self.held_now() {
+                return false;
+            }
+        }
+        if cut {
+            if let Some(p) = self.production.as_mut() {
+                p.body_truncated = true;
+            }
+            self.keep();
+            return false;
+        }
+        true
+    }
+
+    /// Holds what the answer takes now; `false` (the request goes alone) when there is no room.
+    fn held_now(&mut self) -> bool {
+        let total = self.head_bytes + self.body.capacity() as u64;
+        if self.hold.hold_total(total).is_err() {
+            self.resolve(Answered::Not(AnswerFate::QueueBytes));
+            return false;
+        }
+        true
+    }
+
+    /// The answer ended: the copy goes with it.
+    pub fn finish(mut self) {
+        self.keep();
+    }
+
+    fn keep(&mut self) {
+        let Some(mut production) = self.production.take() else {
+            return;
+        };
+        let fate = if production.body_truncated {
+            AnswerFate::Truncated
+        } else {
+            AnswerFate::Sent
+        };
+        production.body = std::mem::take(&mut self.body).freeze();
+        let emptied = self.books.hold();
+        let hold = std::mem::replace(&mut self.hold, emptied);
+        self.resolve(Answered::Kept(production, fate, hold));
+    }
+
+    fn resolve(&mut self, answered: Answered) {
+        if let Some(pairing) = self.pairing.take() {
+            pairing.answer(answered);
+        }
+    }
+}
+
+impl Tap for AnswerTap {
+    fn frame(&mut self, frame: &Frame<Bytes>) -> bool {
+        if let Some(data) = frame.data_ref() {
+            return self.data(data);
+        }
+        if let Some(trailers) = frame.trailers_ref() {
+            let mut trailers = trailers.clone();
+            self.capture.scrub(&self.policy.redaction, &mut trailers);
+            if let Some(p) = self.production.as_mut() {
+                p.trailers = Some(trailers);
+            }
+        }
+        true
+    }
+
+    fn end(self: Box<Self>) {
+        self.finish();
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.pairing.is_none() {
+            return Poll::Ready(());
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.resolve(Answered::Not(AnswerFate::TooLate));
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for AnswerTap {
+    fn drop(&mut self) {
+        // Cut short: the client went away, or the primary failed mid-answer.
+        self.resolve(Answered::Not(AnswerFate::NoAnswer));
     }
 }
 
@@ -700,6 +1068,244 @@ mod tests {
             Version::HTTP_11,
             &headers,
         )
+    }
+
+    /// A proxy's tee whose copies wait for production's answer (bodies up to `max_answer`,
+    /// `wait` for the rest), within `queue_bytes`.
+    fn answering_tee(
+        max_answer: usize,
+        wait: Duration,
+        queue_bytes: u64,
+    ) -> (Arc<Tee>, mpsc::Receiver<Queued>, Arc<Accounting>) {
+        let mut config = crate::policy::PolicyConfig::simple(100.0, 1024);
+        config.capture_response = Some(Arc::new(CaptureResponse {
+            max_body_bytes: max_answer,
+            wait,
+            redact_headers: vec![http::HeaderName::from_static("x-session")],
+        }));
+        let acc = Arc::new(Accounting::new(queue_bytes));
+        let (tx, rx) = mpsc::channel(8);
+        let uplink = Arc::new(UplinkState::default());
+        uplink.set(true);
+        let tee = Tee::new(
+            Outlet::new(tx, acc.books.clone(), origin(), Some(uplink), None),
+            Arc::new(ArcSwap::from_pointee(config.build(None))),
+        )
+        .with_answers();
+        (Arc::new(tee), rx, acc)
+    }
+
+    fn answers(acc: &Accounting, result: &str) -> f64 {
+        Snapshot::parse(&acc.registry().render()).get(&format!(
+            "teeway_agent_production_answers_total{{result=\"{result}\"}}"
+        ))
+    }
+
+    fn held(acc: &Accounting) -> f64 {
+        Snapshot::parse(&acc.registry().render()).get("teeway_agent_mirror_held_bytes")
+    }
+
+    fn answer_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.append("content-type", HeaderValue::from_static("application/json"));
+        h.append(http::header::SET_COOKIE, HeaderValue::from_static("sid=1"));
+        h.append("x-session", HeaderValue::from_static("s3cret"));
+        h.append("x-request-id", HeaderValue::from_static("r-1"));
+        h
+    }
+
+    /// Admits a request, streams its body, and gives back what hears its answer.
+    async fn request_with_answer(tee: &Arc<Tee>) -> Answer {
+        let mut copy = admit(tee);
+        let answer = copy
+            .as_mut()
+            .and_then(Admitted::take_answer)
+            .expect("the copy waits for its answer");
+        let body = tee.body(Full::new(Bytes::from_static(b"ask")), copy);
+        body.collect().await.expect("body");
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_copy_waits_for_productions_answer_and_carries_it_scrubbed() {
+        let (tee, mut rx, acc) = answering_tee(1024, Duration::from_secs(30), 1 << 20);
+        let answer = request_with_answer(&tee).await;
+        assert!(rx.try_recv().is_err(), "the copy waits for the answer");
+        let mut tap = answer.head(
+            StatusCode::CREATED,
+            Version::HTTP_11,
+            &answer_headers(),
+            Duration::from_millis(3),
+        );
+        assert!(tap.data(b"{\"price\":"));
+        assert!(tap.data(b"10}"));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert(http::header::SET_COOKIE, HeaderValue::from_static("t=1"));
+        assert!(Tap::frame(&mut tap, &Frame::trailers(trailers)));
+        assert!(rx.try_recv().is_err(), "until it ends");
+        tap.finish();
+
+        let q = rx.try_recv().expect("queued with its answer");
+        let copy = decoded(&q);
+        assert_eq!(&copy.body[..], b"ask");
+        let production = copy.production.expect("the answer travels with the copy");
+        assert_eq!(production.status, StatusCode::CREATED);
+        assert_eq!(production.latency, Duration::from_millis(3));
+        assert_eq!(&production.body[..], b"{\"price\":10}");
+        assert!(!production.body_truncated);
+        let names: Vec<&str> = production.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["content-type", "x-request-id"],
+            "set-cookie and x-session stay"
+        );
+        let trailers = production.trailers.expect("trailers");
+        assert_eq!(trailers.len(), 1, "grpc-status kept, set-cookie not");
+        assert_eq!(answers(&acc, "sent"), 1.0);
+        q.ticket.mirrored();
+        assert_eq!(held(&acc), 0.0, "every byte held is let go");
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_ends_first_waits_for_the_request() {
+        let (tee, mut rx, acc) = answering_tee(1024, Duration::from_secs(30), 1 << 20);
+        let mut copy = admit(&tee);
+        let answer = copy
+            .as_mut()
+            .and_then(Admitted::take_answer)
+            .expect("waits");
+        // The primary answers before the request body has ended.
+        let tap = answer.head(
+            StatusCode::OK,
+            Version::HTTP_2,
+            &HeaderMap::new(),
+            Duration::ZERO,
+        );
+        tap.finish();
+        assert!(rx.try_recv().is_err(), "the request's copy is not finished");
+        tee.body(Full::new(Bytes::from_static(b"late")), copy)
+            .collect()
+            .await
+            .expect("body");
+        let q = rx.try_recv().expect("queued once both ended");
+        assert_eq!(
+            decoded(&q).production.expect("answer").version,
+            Version::HTTP_2
+        );
+        assert_eq!(answers(&acc, "sent"), 1.0);
+        q.ticket.mirrored();
+    }
+
+    #[tokio::test]
+    async fn without_an_answer_the_request_goes_alone_and_each_fate_is_counted() {
+        let (tee, mut rx, acc) = answering_tee(8, Duration::from_secs(30), 1 << 20);
+        // The primary failed: the answer is let go before its head.
+        drop(request_with_answer(&tee).await);
+        let q = rx.try_recv().expect("the request goes alone");
+        assert!(decoded(&q).production.is_none());
+        assert_eq!(answers(&acc, "no_answer"), 1.0);
+        q.ticket.mirrored();
+
+        // The client went away mid-answer.
+        let mut tap = request_with_answer(&tee).await.head(
+            StatusCode::OK,
+            Version::HTTP_11,
+            &HeaderMap::new(),
+            Duration::ZERO,
+        );
+        assert!(tap.data(b"part"));
+        drop(tap);
+        let q = rx.try_recv().expect("alone");
+        assert!(decoded(&q).production.is_none());
+        assert_eq!(answers(&acc, "no_answer"), 2.0);
+        q.ticket.mirrored();
+
+        // Longer than the limit: cut there, flagged, and sent at once.
+        let mut tap = request_with_answer(&tee).await.head(
+            StatusCode::OK,
+            Version::HTTP_11,
+            &HeaderMap::new(),
+            Duration::ZERO,
+        );
+        assert!(!tap.data(b"0123456789"), "it keeps no more");
+        let q = rx.try_recv().expect("sent without waiting for the rest");
+        let production = decoded(&q).production.expect("answer");
+        assert_eq!(&production.body[..], b"01234567");
+        assert!(production.body_truncated);
+        assert_eq!(answers(&acc, "truncated"), 1.0);
+        drop(tap);
+        assert_eq!(answers(&acc, "no_answer"), 2.0, "counted once");
+        q.ticket.mirrored();
+        assert_eq!(held(&acc), 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_does_not_end_in_time_lets_the_request_go_alone() {
+        let (tee, mut rx, acc) = answering_tee(1024, Duration::from_secs(5), 1 << 20);
+        let mut tap = request_with_answer(&tee).await.head(
+            StatusCode::OK,
+            Version::HTTP_11,
+            &HeaderMap::new(),
+            Duration::ZERO,
+        );
+        assert!(tap.data(b"event: 1\n\n"));
+        let expired = std::future::poll_fn(|cx| Tap::poll_expired(&mut tap, cx));
+        tokio::time::timeout(Duration::from_secs(6), expired)
+            .await
+            .expect("expires after `wait`");
+        let q = rx.try_recv().expect("the request went alone");
+        assert!(decoded(&q).production.is_none());
+        assert_eq!(answers(&acc, "too_late"), 1.0);
+        assert!(!tap.data(b"event: 2\n\n"), "the tap keeps nothing more");
+        drop(tap);
+        assert_eq!(answers(&acc, "no_answer"), 0.0);
+        q.ticket.mirrored();
+    }
+
+    #[tokio::test]
+    async fn an_answer_with_no_room_in_queue_bytes_is_left_out() {
+        // Room for the request's copy, not for a 64 KiB answer besides.
+        let (tee, mut rx, acc) = answering_tee(1 << 20, Duration::from_secs(30), 16 * 1024);
+        let mut tap = request_with_answer(&tee).await.head(
+            StatusCode::OK,
+            Version::HTTP_11,
+            &HeaderMap::new(),
+            Duration::ZERO,
+        );
+        assert!(!tap.data(&[b'x'; 64 * 1024]));
+        let q = rx.try_recv().expect("the request went alone");
+        assert!(decoded(&q).production.is_none());
+        assert_eq!(answers(&acc, "queue_bytes"), 1.0);
+        assert_eq!(
+            dropped(&acc, "queue_bytes"),
+            0.0,
+            "the copy itself is not lost"
+        );
+        drop(tap);
+        q.ticket.mirrored();
+        assert_eq!(held(&acc), 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_sinks_tee_never_waits_for_an_answer() {
+        let mut config = crate::policy::PolicyConfig::simple(100.0, 1024);
+        config.capture_response = Some(Arc::new(CaptureResponse {
+            max_body_bytes: 1024,
+            wait: Duration::from_secs(1),
+            redact_headers: vec![],
+        }));
+        let (tee, mut rx, acc) = tee_with(4, Arc::new(ArcSwap::from_pointee(config.build(None))));
+        let mut copy = admit(&tee);
+        assert!(copy.as_mut().and_then(Admitted::take_answer).is_none());
+        tee.body(Full::new(Bytes::new()), copy)
+            .collect()
+            .await
+            .expect("body");
+        let q = rx.try_recv().expect("queued at once");
+        assert!(decoded(&q).production.is_none());
+        assert_eq!(answers(&acc, "no_answer"), 0.0);
+        q.ticket.mirrored();
     }
 
     fn dropped(acc: &Accounting, reason: &str) -> f64 {

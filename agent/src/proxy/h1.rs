@@ -42,8 +42,9 @@ use teeway_runtime::matching::Fields;
 use teeway_runtime::proxy::remove_hop_by_hop;
 
 use super::{Proxy, PRIMARY_POOL_IDLE};
-use crate::downstream::Peer;
+use crate::downstream::{Peer, Tap};
 use crate::retry::MAX_ATTEMPTS;
+use crate::tee::{Answer, AnswerTap};
 
 /// How often idle upstream connections past [`PRIMARY_POOL_IDLE`], or closed by the primary,
 /// are let go while no request comes to do it.
@@ -283,6 +284,10 @@ struct Conn<'a, IO> {
     resp: Vec<u8>,
     /// Bytes read from the primary.
     ubuf: BytesMut,
+    /// Hears production's answer for the request's copy (`mirror.capture_response`), until its
+    /// head; then `tap` keeps the answer as it passes.
+    answer: Option<Answer>,
+    tap: Option<AnswerTap>,
 }
 
 /// Serves `io` (a client connection on the proxy's `listen`) for as long as its requests are
@@ -301,6 +306,8 @@ where
         req: Vec::with_capacity(1024),
         resp: Vec::with_capacity(1024),
         ubuf: BytesMut::new(),
+        answer: None,
+        tap: None,
     };
     match conn.run(hooks).await {
         Some(()) => Ended::Closed,
@@ -349,6 +356,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             hooks.request_started();
             self.buf.advance(head.len);
             let close = self.forward(&head, hooks).await;
+            // Whatever became of the answer, the copy is let go (alone, if it had none).
+            self.answer = None;
+            self.tap = None;
             hooks.request_ended();
             self.trim();
             match close {
@@ -428,17 +438,29 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
         let mut req = httparse::Request::new(&mut slots);
         match req.parse(&self.buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                prepare(proxy, peer, &self.buf, &req, len, &mut self.req)
-            }
+            Ok(httparse::Status::Complete(len)) => prepare(
+                proxy,
+                peer,
+                &self.buf,
+                &req,
+                len,
+                &mut self.req,
+                &mut self.answer,
+            ),
             Ok(httparse::Status::Partial) => Parsed::Partial,
             Err(httparse::Error::TooManyHeaders) if max_lines > STACK_HEADERS => {
                 let mut slots = vec![httparse::EMPTY_HEADER; max_lines];
                 let mut req = httparse::Request::new(&mut slots);
                 match req.parse(&self.buf) {
-                    Ok(httparse::Status::Complete(len)) => {
-                        prepare(proxy, peer, &self.buf, &req, len, &mut self.req)
-                    }
+                    Ok(httparse::Status::Complete(len)) => prepare(
+                        proxy,
+                        peer,
+                        &self.buf,
+                        &req,
+                        len,
+                        &mut self.req,
+                        &mut self.answer,
+                    ),
                     Ok(httparse::Status::Partial) => Parsed::Partial,
                     Err(_) => Parsed::Other,
                 }
@@ -585,9 +607,21 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         abort.disarm();
         let status = http::StatusCode::from_u16(response.status)
             .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-        proxy.accounting.primary_answered(status, sent_at.elapsed());
+        let latency = sent_at.elapsed();
+        proxy.accounting.primary_answered(status, latency);
         self.ubuf.advance(response.len);
-        let clean = self.pass_body(&mut up, response.framing).await?;
+        if let Some(answer) = self.answer.take() {
+            self.tap = Some(answer_head(answer, status, &self.resp, latency));
+        }
+        let clean = self.pass_body(&mut up, response.framing).await;
+        if let Some(tap) = self.tap.take() {
+            // Ended where its framing said (a body to the connection's end included), or cut
+            // short: the tap, dropped, knows.
+            if clean.is_ok() {
+                tap.finish();
+            }
+        }
+        let clean = clean?;
         self.io.flush().await.map_err(|_| Failure::ClientGone)?;
         if response.keep_alive && clean {
             proxy.idle.put(up);
@@ -611,6 +645,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                     .min(usize::try_from(left).unwrap_or(usize::MAX));
                 if self.resp.len() + now <= ONE_WRITE {
                     self.resp.extend_from_slice(&self.ubuf[..now]);
+                    tap_data(&mut self.tap, &self.ubuf[..now]);
                     self.ubuf.advance(now);
                     left -= now as u64;
                 }
@@ -630,6 +665,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                         .write_all(&self.ubuf[..n])
                         .await
                         .map_err(|_| Failure::ClientGone)?;
+                    tap_data(&mut self.tap, &self.ubuf[..n]);
                     self.ubuf.advance(n);
                     left -= n as u64;
                 }
@@ -638,8 +674,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             Framing::Chunked => {
                 let mut chunks = Chunks::default();
                 loop {
+                    let tap = &mut self.tap;
                     let end = chunks
-                        .advance(&self.ubuf)
+                        .advance_with(&self.ubuf, |data| tap_data(tap, data))
                         .map_err(|()| Failure::MidResponse)?;
                     let n = end.unwrap_or(self.ubuf.len());
                     if self.resp.len() + n <= ONE_WRITE {
@@ -671,6 +708,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                         .write_all(&self.ubuf)
                         .await
                         .map_err(|_| Failure::ClientGone)?;
+                    tap_data(&mut self.tap, &self.ubuf);
                     self.ubuf.clear();
                     self.io.flush().await.map_err(|_| Failure::ClientGone)?;
                     // The primary's close ends this body; a failure cuts it short, and the
@@ -703,6 +741,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         self.ubuf.reserve(BODY_READ);
         loop {
             let watch_client = self.watch_client();
+            let tap = &mut self.tap;
+            let waiting = tap.is_some();
+            let expired = std::future::poll_fn(|cx| match tap.as_mut() {
+                Some(tap) => tap.poll_expired(cx),
+                None => std::task::Poll::Pending,
+            });
             tokio::select! {
                 biased;
                 read = up.io.read_buf(&mut self.ubuf) => return match read {
@@ -715,6 +759,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                         return Err(Failure::ClientGone);
                     }
                 }
+                // The answer did not end within `capture_response.wait`: its copy went alone.
+                () = expired, if waiting => self.tap = None,
             }
         }
     }
@@ -753,6 +799,7 @@ fn prepare(
     req: &httparse::Request<'_, '_>,
     len: usize,
     out: &mut Vec<u8>,
+    answer: &mut Option<Answer>,
 ) -> Parsed {
     let limits = &proxy.limits;
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
@@ -788,7 +835,9 @@ fn prepare(
         Some((uri, copy_headers(peer, req.headers, part)))
     };
     let tee = &proxy.tee;
-    if let Some(copy) = tee.admit_parsed(&method, target, &ClientFields(req.headers), copy_head) {
+    if let Some(mut copy) = tee.admit_parsed(&method, target, &ClientFields(req.headers), copy_head)
+    {
+        *answer = copy.take_answer();
         tee.complete(copy);
     }
     Parsed::Request(Head {
@@ -1174,7 +1223,17 @@ enum ChunkState {
 
 impl Chunks {
     /// Follows `bytes`; `Some(n)`: the body ends after the first `n` of them.
+    #[cfg(test)]
     fn advance(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+        self.advance_with(bytes, |_| {})
+    }
+
+    /// [`Chunks::advance`], handing `data` the chunks' data as it passes (in pieces).
+    fn advance_with(
+        &mut self,
+        bytes: &[u8],
+        mut data: impl FnMut(&[u8]),
+    ) -> Result<Option<usize>, ()> {
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
@@ -1215,6 +1274,7 @@ impl Chunks {
                 },
                 ChunkState::Data(left) => {
                     let take = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    data(&bytes[i..i + take]);
                     i += take;
                     let left = left - take as u64;
                     self.state = if left == 0 {
@@ -1251,6 +1311,46 @@ impl Chunks {
         }
         Ok(None)
     }
+}
+
+/// Hands body bytes to the answer's tap, letting it go once it keeps no more.
+fn tap_data(tap: &mut Option<AnswerTap>, bytes: &[u8]) {
+    if let Some(t) = tap.as_mut() {
+        if !t.data(bytes) {
+            *tap = None;
+        }
+    }
+}
+
+/// The tap of an answer whose head, as the client gets it, is `head` (the status line and
+/// fields this path wrote).
+fn answer_head(
+    answer: Answer,
+    status: http::StatusCode,
+    head: &[u8],
+    latency: Duration,
+) -> AnswerTap {
+    let mut slots = vec![httparse::EMPTY_HEADER; head.split(|b| *b == b'\n').count()];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let mut headers = HeaderMap::new();
+    let mut version = Version::HTTP_11;
+    if parsed.parse(head).is_ok() {
+        if parsed.version == Some(0) {
+            version = Version::HTTP_10;
+        }
+        for f in parsed.headers.iter() {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(f.name.as_bytes()),
+                HeaderValue::from_bytes(f.value),
+            ) {
+                // The client connection's own affair.
+                if name != http::header::CONNECTION {
+                    headers.append(name, value);
+                }
+            }
+        }
+    }
+    answer.head(status, version, &headers, latency)
 }
 
 fn hex(b: u8) -> Option<u8> {
