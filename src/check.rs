@@ -237,7 +237,10 @@ fn gateway_summary(c: &GatewayConfig) -> String {
                 "; route {} compares {} with {}{secondary}",
                 r.name,
                 url(compare.candidate),
-                url(compare.primary)
+                match compare.primary {
+                    teeway_gateway::config::Baseline::Target(i) => url(i),
+                    teeway_gateway::config::Baseline::Production => "production's own answers",
+                }
             ))
         })
         .collect();

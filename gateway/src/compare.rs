@@ -51,7 +51,7 @@ use teeway_compare::noise::{EndpointStats, Verdict};
 use teeway_compare::response::{compare, Response, Rules};
 use teeway_wire::{MirroredRequest, ResponseRecord};
 
-use crate::config::CompareConfig;
+use crate::config::{Baseline, CompareConfig};
 use crate::metrics::GatewayMetrics;
 use crate::observe::{Exchange, Observer, Outcome};
 
@@ -80,12 +80,17 @@ const QUEUE: usize = 1024;
 const QUEUE_BYTES: u64 = 64 * 1024 * 1024;
 /// The endpoint that endpoints past `max_endpoints` are counted under.
 pub const OTHER_ENDPOINTS: &str = "(other endpoints)";
+/// How the findings name production as the primary (`primary: production`).
+pub const PRODUCTION: &str = "production";
+/// `grpc-status`, where gRPC says how a call ended.
+const GRPC_STATUS: &str = "grpc-status";
 /// The key a candidate that did not answer is counted under.
 pub const NO_ANSWER: &str = "(no answer)";
 /// Why copies are skipped, in label order.
-const SKIP_REASONS: [&str; 7] = [
+const SKIP_REASONS: [&str; 8] = [
     "not_replayed",
     "failed",
+    "no_production",
     "busy",
     "truncated",
     "encoding",
@@ -186,15 +191,15 @@ impl RouteCompare {
         old: Option<&Arc<RouteCompare>>,
         metrics: &Arc<GatewayMetrics>,
     ) -> Arc<RouteCompare> {
-        let roles: Vec<String> = [
-            Some(config.candidate),
-            Some(config.primary),
-            config.secondary,
-        ]
-        .into_iter()
-        .flatten()
-        .filter_map(|i| targets.get(i).cloned())
-        .collect();
+        let url = |i: usize| targets.get(i).cloned().unwrap_or_default();
+        let mut roles = vec![
+            url(config.candidate),
+            match config.primary {
+                Baseline::Target(i) => url(i),
+                Baseline::Production => PRODUCTION.to_owned(),
+            },
+        ];
+        roles.extend(config.secondary.map(url));
         let fingerprint = format!(
             "{roles:?} {:?} {:?} {:?} {:?} {:?} {} {} {}",
             config.headers,
@@ -359,7 +364,11 @@ impl Observer for RouteCompare {
             Some(Outcome::Failed(_)) => Err("failed"),
             Some(Outcome::Skipped(_)) | None => Err("not_replayed"),
         };
-        let primary = match answer(inner.config.primary) {
+        let primary = match inner.config.primary {
+            Baseline::Target(i) => answer(i),
+            Baseline::Production => production(&exchange.record),
+        };
+        let primary = match primary {
             Ok(a) => a,
             Err(reason) => return inner.skip(reason),
         };
@@ -393,6 +402,23 @@ impl Observer for RouteCompare {
             inner.skip("busy");
         }
     }
+}
+
+/// Production's answer to the copy, carried with it (`primary: production`); `no_production`
+/// when the agent sent none.
+fn production(record: &MirroredRequest) -> Result<Answered, &'static str> {
+    let production = record.production.as_deref().ok_or("no_production")?;
+    let grpc_status = production
+        .trailers
+        .as_ref()
+        .and_then(|t| t.get(GRPC_STATUS))
+        // A trailers-only answer carries it in its head.
+        .or_else(|| production.headers.get(GRPC_STATUS))
+        .cloned();
+    Ok(Answered {
+        response: Box::new(production.to_record(record)),
+        grpc_status,
+    })
 }
 
 impl Inner {
@@ -804,7 +830,7 @@ mod tests {
     fn config(secondary: bool) -> CompareConfig {
         CompareConfig {
             candidate: 0,
-            primary: 1,
+            primary: Baseline::Target(1),
             secondary: secondary.then_some(2),
             headers: vec![http::header::CONTENT_TYPE],
             ignore_fields: vec![],
@@ -875,6 +901,86 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn production_as_the_primary_is_the_answer_the_copy_carries() {
+        let metrics = Arc::new(GatewayMetrics::new());
+        let urls = ["http://v2", "http://v1"].map(String::from);
+        let mut config = config(true);
+        config.primary = Baseline::Production;
+        config.secondary = Some(1);
+        let compare = RouteCompare::build("api", &config, &urls, None, &metrics);
+        let with_production = |path: &str, body: &str| {
+            let mut record = (*request(path)).clone();
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            record.production = Some(Box::new(teeway_wire::Production {
+                latency: Duration::from_millis(2),
+                status: StatusCode::OK,
+                version: http::Version::HTTP_11,
+                headers,
+                body: Bytes::from(body.to_owned()),
+                trailers: None,
+                body_truncated: false,
+            }));
+            Arc::new(record)
+        };
+        for (i, (candidate, secondary)) in [
+            // The candidate prices wrong; the test cluster's v1 differs from production only
+            // in its id: noise.
+            (r#"{"id": 9, "price": 11}"#, r#"{"id": 8, "price": 10}"#),
+            (r#"{"id": 7, "price": 11}"#, r#"{"id": 6, "price": 10}"#),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let record = with_production("/users/1", &format!(r#"{{"id": {i}, "price": 10}}"#));
+            compare.started(&record);
+            let mut exchange = exchange(
+                "/users/1",
+                vec![answered(candidate.into()), answered(secondary.into())],
+            );
+            exchange.record = record;
+            compare.finished(&exchange);
+        }
+        // A copy the agent sent without production's answer.
+        compare.started(&request("/users/1"));
+        compare.finished(&exchange(
+            "/users/1",
+            vec![answered("{}".into()), answered("{}".into())],
+        ));
+        assert!(compare.settle(Duration::from_secs(10)));
+
+        let s = Snapshot::parse(&metrics.registry().render());
+        assert_eq!(
+            s.sum_where(COMPARE_COPIES_TOTAL, &[("result", "differing")]),
+            2.0
+        );
+        assert_eq!(
+            s.sum_where(COMPARE_SKIPPED_TOTAL, &[("reason", "no_production")]),
+            1.0
+        );
+        assert_eq!(s.sum(COMPARE_IN_FLIGHT), 0.0);
+        let summary = compare.summary();
+        assert_eq!(summary["primary"], PRODUCTION);
+        assert_eq!(summary["secondary"], "http://v1");
+        let fields = summary["endpoints"][0]["fields"]
+            .as_array()
+            .expect("fields");
+        let verdict = |name: &str| {
+            fields
+                .iter()
+                .find(|f| f["field"] == name)
+                .map(|f| f["verdict"].clone())
+        };
+        assert_eq!(verdict("/price"), Some(Value::from("differing")));
+        assert_eq!(verdict("/id"), Some(Value::from("noise")));
+        let samples = compare.samples("GET /users/{id}", "/price");
+        assert_eq!(samples[0]["primary"]["body"], r#"{"id": 1, "price": 10}"#);
     }
 
     #[test]
@@ -989,7 +1095,7 @@ mod tests {
         let reordered = ["http://v1b", "http://v2", "http://v1"].map(String::from);
         let moved = CompareConfig {
             candidate: 1,
-            primary: 2,
+            primary: Baseline::Target(2),
             secondary: Some(0),
             ..config(true)
         };

@@ -99,8 +99,8 @@ pub struct RouteConfig {
 pub struct CompareConfig {
     /// The new version's target (an index into the route's targets).
     pub candidate: usize,
-    /// The last known-good version's.
-    pub primary: usize,
+    /// The last known-good version's answer: a target's, or production's own.
+    pub primary: Baseline,
     /// A second instance of the known-good version, whose differences from the primary are
     /// noise; `None`: no noise is learned.
     pub secondary: Option<usize>,
@@ -124,6 +124,26 @@ pub struct CompareConfig {
     pub max_fields: usize,
     /// Samples kept per endpoint and field.
     pub samples: usize,
+}
+
+/// Whose answer a compare route takes as the known-good one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Baseline {
+    /// One of the route's targets (an index into them).
+    Target(usize),
+    /// What production answered, carried with the copy (the agent's
+    /// `mirror.capture_response`): `primary: production`.
+    Production,
+}
+
+impl Baseline {
+    /// The target it names, if it is one.
+    pub fn target(self) -> Option<usize> {
+        match self {
+            Baseline::Target(i) => Some(i),
+            Baseline::Production => None,
+        }
+    }
 }
 
 /// Default `compare.max_body`.
@@ -864,11 +884,13 @@ fn compare_block(
         "name one of the route's targets by its URL: {}",
         urls.join(", ")
     );
+    let primary_fix = format!("{fix}, or production (what production answered, which agents with mirror.capture_response send)");
     let role = |c: &mut Section<'_>, p: &mut Problems, key: &'static str, required: bool| {
+        let fix = if key == "primary" { &primary_fix } else { &fix };
         let url = if required {
-            c.required(p, key, &fix, cfg::nonempty_string)
+            c.required(p, key, fix, cfg::nonempty_string)
         } else {
-            c.optional(p, key, &fix, cfg::nonempty_string)
+            c.optional(p, key, fix, cfg::nonempty_string)
         }?;
         let url = url.trim_end_matches('/');
         let at = urls.iter().position(|u| *u == url);
@@ -877,17 +899,25 @@ fn compare_block(
                 c.path_of(key),
                 Some(&Value::from(url)),
                 "is not one of the route's targets",
-                &fix,
+                fix,
             );
         }
         at
     };
     let candidate = role(&mut c, p, "candidate", true);
-    let primary = role(&mut c, p, "primary", true);
+    // Production's own answer, which agents with `mirror.capture_response` send.
+    let production = c
+        .get("primary")
+        .is_some_and(|v| v.as_str().is_some_and(|s| s.trim() == "production"));
+    let primary = if production {
+        Some(Baseline::Production)
+    } else {
+        role(&mut c, p, "primary", true).map(Baseline::Target)
+    };
     let secondary = role(&mut c, p, "secondary", false);
     let roles = [
         ("candidate", candidate),
-        ("primary", primary),
+        ("primary", primary.and_then(Baseline::target)),
         ("secondary", secondary),
     ];
     for (i, (role, at)) in roles.iter().enumerate() {
@@ -1632,7 +1662,7 @@ routes:
         let compare = c.routes[0].compare.as_ref().expect("compare");
         assert_eq!(
             (compare.candidate, compare.primary, compare.secondary),
-            (0, 1, Some(2))
+            (0, Baseline::Target(1), Some(2))
         );
         assert_eq!(compare.headers, [http::header::CONTENT_TYPE]);
         assert_eq!(compare.noise.relative, 0.5);
@@ -1680,6 +1710,37 @@ routes:
                 .to_string()
                 .contains("routes[0].compare.primary: is required"),
             "{missing}"
+        );
+        let c = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+routes:
+  - targets: [http://v2:1, http://v1:1]
+    compare: { candidate: http://v2:1, primary: production, secondary: http://v1:1 }
+",
+            &dir,
+        )
+        .expect("production as the primary");
+        let compare = c.routes[0].compare.as_ref().expect("compare");
+        assert_eq!(
+            (compare.candidate, compare.primary, compare.secondary),
+            (0, Baseline::Production, Some(1))
+        );
+        let wrong = GatewayConfig::from_yaml(
+            "listen: 127.0.0.1:4433
+tls: { ca: ca.pem, cert: gateway.pem, key: gateway.key }
+routes:
+  - targets: [http://v2:1]
+    compare: { candidate: http://v2:1, primary: http://v0:1 }
+",
+            &dir,
+        )
+        .expect_err("unknown primary");
+        assert!(
+            wrong
+                .to_string()
+                .contains("name one of the route's targets by its URL: http://v2:1, or production"),
+            "{wrong}"
         );
         std::fs::remove_dir_all(dir).ok();
     }
