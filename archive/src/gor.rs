@@ -63,7 +63,14 @@ pub fn id_of_token(token: &str) -> u64 {
 /// Appends `record` in gor form, separator included.
 pub fn put_record(record: &Envelope, dst: &mut Vec<u8>) {
     match record {
-        Envelope::HttpRequest(r) => put_request(r, dst),
+        Envelope::HttpRequest(r) => {
+            put_request(r, dst);
+            if let Some(production) = &r.production {
+                // Production's answer, as GoReplay records it: an original response (type 2).
+                dst.extend_from_slice(SEPARATOR);
+                put_response(&production.to_record(r), dst);
+            }
+        }
         Envelope::HttpResponse(r) => put_response(r, dst),
         // gor holds HTTP only; a kind it cannot hold is left out.
         Envelope::RpcRequest(_) | Envelope::Other { .. } => return,
@@ -482,6 +489,37 @@ mod tests {
         assert_eq!(got.latency, resp.latency);
         assert_eq!(got.body, resp.body);
         assert_eq!(got.meta.id, 5);
+    }
+
+    #[test]
+    fn productions_answer_is_written_as_the_original_response() {
+        let mut req = sample_request(6, b"{}");
+        req.meta.source_cluster = GOR_CLUSTER.into();
+        req.production = Some(Box::new(teeway_wire::Production {
+            latency: Duration::from_millis(4),
+            status: http::StatusCode::ACCEPTED,
+            version: Version::HTTP_11,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"{\"price\":10}"),
+            trailers: None,
+            body_truncated: false,
+        }));
+        let mut out = Vec::new();
+        put_record(&Envelope::HttpRequest(req), &mut out);
+        let raws = split_all(&out);
+        assert_eq!(raws.len(), 2, "the request, then production's answer");
+        let Raw::Complete(answer) = &raws[1] else {
+            panic!("{:?}", raws[1])
+        };
+        assert!(answer.starts_with(b"2 "), "GoReplay's original response");
+        let Envelope::HttpResponse(got) = parse_record(answer).expect("parses") else {
+            panic!("a response")
+        };
+        assert_eq!(got.origin, ResponseOrigin::Original);
+        assert_eq!(got.status, http::StatusCode::ACCEPTED);
+        assert_eq!(got.latency, Duration::from_millis(4));
+        assert_eq!(&got.body[..], b"{\"price\":10}");
+        assert_eq!(got.meta.id, 6);
     }
 
     #[test]

@@ -67,7 +67,17 @@ impl<W: Write> HarWriter<W> {
         match record {
             Envelope::HttpRequest(r) => {
                 let key = r.meta.key();
-                if let Some((previous, answered)) = self.pending.insert(key.clone(), (r, false)) {
+                // Production's answer, carried with the request, is its first entry's.
+                let answered = match &r.production {
+                    Some(production) => {
+                        self.entry(&r, Some(&production.to_record(&r)))?;
+                        true
+                    }
+                    None => false,
+                };
+                if let Some((previous, answered)) =
+                    self.pending.insert(key.clone(), (r, answered))
+                {
                     if !answered {
                         self.entry(&previous, None)?;
                     }

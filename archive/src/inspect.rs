@@ -26,6 +26,8 @@ pub struct Summary {
     pub requests: u64,
     /// Responses read.
     pub responses: u64,
+    /// Requests that carry production's answer (the agent's `mirror.capture_response`).
+    pub with_production: u64,
     /// RPC requests read (Redis commands, Thrift and Dubbo calls).
     pub rpc_requests: u64,
     /// RPC requests by protocol, service and method.
@@ -76,6 +78,7 @@ impl Summary {
             match record {
                 Envelope::HttpRequest(r) => {
                     s.requests += 1;
+                    s.with_production += u64::from(r.production.is_some());
                     *s.methods.entry(r.method.to_string()).or_default() += 1;
                     *s.clusters
                         .entry(r.meta.source_cluster.to_string())
@@ -169,6 +172,13 @@ impl fmt::Display for Summary {
             self.requests,
             self.responses
         )?;
+        if self.with_production > 0 {
+            writeln!(
+                f,
+                "            {} requests carry production's answer",
+                self.with_production
+            )?;
+        }
         // Lines about HTTP say nothing of an archive of RPC copies alone.
         let http = self.requests + self.responses > 0 || self.rpc_requests == 0;
         if self.other_kinds > 0 {
