@@ -252,6 +252,136 @@ admin: {{ listen: 127.0.0.1:0 }}
     assert_eq!(shown["back"], "#/", "the crumbs lead back to every route");
 }
 
+/// `compare.primary: production`: the candidate is compared with what production itself
+/// answered, which the agent (`mirror.capture_response`) sends with each copy, on its HTTP/1.1
+/// fast path (GETs) and through hyper (POSTs with a body) alike. The baseline a sample shows is,
+/// byte for byte, the answer the client got; production's session cookie never leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_itself_is_the_baseline() {
+    let Some((_v1b, v1b)) = service("v1") else {
+        support::tool_missing(
+            "python3",
+            "the JSON service compared",
+            "apt-get install python3",
+        );
+        return;
+    };
+    let (_v2, v2) = service("v2").expect("v2");
+    let (_prod, prod) = service("v1").expect("production");
+    let dir = tempfile::tempdir().expect("tempdir");
+    certs_init(dir.path());
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!(
+            "listen: 127.0.0.1:0
+tls: {{ ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }}
+routes:
+  - name: users
+    targets: [http://{v2}, http://{v1b}]
+    compare:
+      candidate: http://{v2}
+      primary: production
+      secondary: http://{v1b}
+      headers: [content-type, set-cookie]
+admin: {{ listen: 127.0.0.1:0 }}
+"
+        ),
+    )
+    .expect("write");
+    let gateway = Proc::spawn(dir.path(), &["gateway", "--config", "gateway.yaml"]);
+    let serving = gateway.wait_for_line("gateway serving");
+    let gateway_addr = field(&serving, "listen");
+    let gateway_admin: SocketAddr = field(&serving, "admin").parse().expect("admin");
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        format!(
+            "cluster: prod-eu-1\nlisten: 127.0.0.1:0\nprimary: http://{prod}\nmirror:\n  capture_response: {{ enabled: true }}\ngateway:\n  address: {gateway_addr}\n  server_name: localhost\n  ca: certs/dev/ca.pem\n  cert: certs/dev/agent.pem\n  key: certs/dev/agent.key\nadmin: {{ listen: 127.0.0.1:0 }}\n"
+        ),
+    )
+    .expect("write");
+    let agent = Proc::spawn(dir.path(), &["agent", "--config", "agent.yaml"]);
+    let line = agent.wait_for_line("agent serving");
+    let agent_addr: SocketAddr = field(&line, "listen").parse().expect("listen");
+    let agent_admin: SocketAddr = field(&line, "admin").parse().expect("admin");
+    agent.wait_for_line("uplink connected");
+
+    // What production answered each request, as the client got it.
+    let mut answered = std::collections::HashMap::new();
+    let mut client = KeepAlive::open(agent_addr).await;
+    for i in 0..60 {
+        let path = format!("/users/{i}");
+        let request = if i % 3 == 0 {
+            support::post(&path, bytes::Bytes::from_static(b"{\"q\":1}"))
+        } else {
+            get(&path)
+        };
+        let (status, body) = client.exchange(request).await.expect("answered");
+        assert_eq!(status, http::StatusCode::OK, "{path}");
+        answered.insert(path, body);
+    }
+    let copies = "teeway_gateway_compare_copies_total";
+    let s = settle_async(
+        || scrape(gateway_admin),
+        |s: &Snapshot| s.sum(copies) >= 60.0 && s.sum("teeway_gateway_compare_in_flight") == 0.0,
+    )
+    .await;
+    let result = |r: &str| s.sum_where(copies, &[("result", r)]);
+    assert_eq!(s.sum(copies), 60.0, "{}", gateway.unread_lines());
+    assert_eq!(result("skipped"), 0.0, "every copy carried its answer");
+    assert_eq!(result("differing"), 30.0, "the even users");
+    let a = scrape(agent_admin).await;
+    assert_eq!(
+        a.sum_where("teeway_agent_production_answers_total", &[("result", "sent")]),
+        60.0
+    );
+    assert_eq!(a.sum("teeway_agent_production_answers_total"), 60.0);
+
+    let (_, body) = admin_get(gateway_admin, "/compare").await;
+    let report: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let route = &report["routes"][0];
+    assert_eq!(route["primary"], "production", "{body}");
+    let users = &route["endpoints"][0];
+    assert_eq!(users["endpoint"], "GET /users/{id}", "{body}");
+    let verdict = |f: &str| {
+        users["fields"]
+            .as_array()
+            .and_then(|fields| fields.iter().find(|x| x["field"] == f))
+            .map(|x| x["verdict"].clone())
+            .unwrap_or_else(|| panic!("{f} in {users}"))
+    };
+    assert_eq!(verdict("/price"), "differing");
+    assert_eq!(verdict("/request_id"), "noise", "production and v1 disagree on it too");
+    assert_eq!(verdict("/at"), "noise");
+    assert_eq!(
+        verdict("header:set-cookie (extra)"),
+        "noise",
+        "production's cookie never left it, the shadows' reach the gateway: learned as noise"
+    );
+
+    for endpoint in ["GET+%2Fusers%2F%7Bid%7D", "POST+%2Fusers%2F%7Bid%7D"] {
+        let (status, body) = admin_get(
+            gateway_admin,
+            &format!("/compare/samples?route=users&endpoint={endpoint}&field=%2Fprice"),
+        )
+        .await;
+        assert_eq!(status, http::StatusCode::OK, "{body}");
+        let samples: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let samples = samples["samples"].as_array().expect("samples");
+        assert!(!samples.is_empty(), "{endpoint}: {body}");
+        for sample in samples {
+            let uri = sample["request"]["uri"].as_str().unwrap_or_default();
+            let primary = sample["primary"]["body"].as_str().unwrap_or_default();
+            assert_eq!(
+                primary.as_bytes(),
+                &answered[uri][..],
+                "the baseline is the very answer the client got"
+            );
+            let headers = sample["primary"]["headers"].to_string();
+            assert!(!headers.contains("session="), "{headers}");
+        }
+    }
+}
+
 /// Node.js and the driver script, when Chromium and Playwright are installed (`.ci/run` installs
 /// them: Debian's chromium, `npm ci` in tests/interop/compare).
 fn browser_driver() -> Option<(std::path::PathBuf, std::path::PathBuf)> {

@@ -6,6 +6,9 @@ disagree on too.
     GET /users/<id>  {"id", "name", "price", "request_id", "at"}
                      v2's regression: the price of users with an even id is 12, not 10
     GET /health      {"status": "ok", "request_id", "at"}: the same in both versions
+    POST /users/<id> as GET (the body is read and ignored)
+
+Every answer sets a session cookie, which must never leave production.
 
 Usage: service.py --version v1|v2 [--port 0]; prints "listening <port>" once it listens.
 """
@@ -27,6 +30,10 @@ def main():
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.do_GET()
+
         def do_GET(self):
             now = datetime.datetime.now(datetime.timezone.utc).isoformat()
             noise = {"request_id": str(uuid.uuid4()), "at": now}
@@ -45,6 +52,7 @@ def main():
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("Set-Cookie", f"session={uuid.uuid4()}; HttpOnly")
             self.end_headers()
             self.wfile.write(body)
 
