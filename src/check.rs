@@ -192,7 +192,15 @@ fn agent_summary(c: &AgentConfig) -> String {
         format!(", rpc [{}]", list.join("; "))
     };
     let mirroring = if c.listen.is_some() {
-        format!(", mirroring {}%", c.mirror.policy.percentage)
+        let answers = match &c.mirror.policy.capture_response {
+            Some(capture) => format!(
+                " with production's answers (up to {}, waiting {:?})",
+                teeway_runtime::units::format_size(capture.max_body_bytes as u64),
+                capture.wait
+            ),
+            None => String::new(),
+        };
+        format!(", mirroring {}%{answers}", c.mirror.policy.percentage)
     } else {
         String::new()
     };
