@@ -22,6 +22,7 @@ pub mod archive_cmd;
 pub mod certs;
 pub mod check;
 pub mod demo;
+pub mod diff;
 pub mod replay;
 pub mod sample;
 pub mod stack;

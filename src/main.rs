@@ -73,6 +73,10 @@ enum Command {
     },
     /// Send archived requests to a target, at the recorded pace or faster.
     Replay(Box<ReplayArgs>),
+    /// Compare a new version's answers with a known-good one's, offline: archived requests
+    /// replayed to both (or their answers read from the archives), as a gateway's compare
+    /// route does.
+    Diff(Box<DiffArgs>),
     /// Run primary, agent, gateway and shadow on loopback and show mirroring end to end.
     Demo {
         /// Requests to send.
@@ -167,6 +171,79 @@ struct ReplayArgs {
     /// Content-Length in a capture), announced at the length they have; default: skip them.
     #[arg(long)]
     replay_truncated: bool,
+    /// Archive files or directories (native or gor, plain, zstd or gzip).
+    #[arg(required = true)]
+    archives: Vec<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct DiffArgs {
+    /// The new version: http://host:port (with --from-archive, the URL its answers are
+    /// archived under).
+    #[arg(long)]
+    candidate: String,
+    /// The last known-good version: http://host:port, or `production` for what production
+    /// answered (kept in the archives: the agent's mirror.capture_response, a capture's
+    /// original responses).
+    #[arg(long)]
+    primary: String,
+    /// A second instance of the known-good version: what it answers differently from the
+    /// primary is noise.
+    #[arg(long)]
+    secondary: Option<String>,
+    /// Read every role's answer from the archives (a gateway's record_responses), replay none.
+    #[arg(long)]
+    from_archive: bool,
+    /// Response headers compared (repeatable; default content-type).
+    #[arg(long = "header", value_name = "NAME")]
+    headers: Vec<String>,
+    /// JSON fields not compared, such as /meta/trace_id or /items/*/updated_at (repeatable).
+    #[arg(long = "ignore-field", value_name = "PATH")]
+    ignore_fields: Vec<String>,
+    /// Values that differ but both match this regular expression are no difference
+    /// (repeatable).
+    #[arg(long = "ignore-value", value_name = "REGEX")]
+    ignore_values: Vec<String>,
+    /// JSON arrays compared whatever their order (repeatable).
+    #[arg(long = "unordered", value_name = "PATH")]
+    unordered: Vec<String>,
+    /// Endpoint templates such as "GET /users/{id}", tried before identifiers are folded
+    /// (repeatable).
+    #[arg(long = "endpoint", value_name = "TEMPLATE")]
+    endpoints: Vec<String>,
+    /// Body bytes compared per answer.
+    #[arg(long, default_value = "1MiB")]
+    max_body: String,
+    /// Samples kept per endpoint and field (0 to 20).
+    #[arg(long, default_value_t = 3)]
+    samples: u64,
+    /// Write the findings as a web page, static (the gateway's /compare/ui, with no server).
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
+    /// Print the findings as JSON (the gateway's /compare) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Exit 1 when a field is found differing (a likely regression): for a release pipeline.
+    #[arg(long)]
+    fail_on_differing: bool,
+    /// For https targets: a PEM bundle of the CAs their certificates chain to.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Requests replayed at once (each to every role).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Host header sent: the recorded one (keep) or the target's (target).
+    #[arg(long, default_value = "keep", value_parser = ["keep", "target"])]
+    host_header: String,
+    /// HTTP version to the targets: http1, http2 (h2c) or auto (each request's recorded one).
+    #[arg(long, default_value = "http1", value_parser = ["http1", "http2", "auto"])]
+    protocol: String,
+    /// Time allowed for one request and its response.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    timeout: std::time::Duration,
+    /// No progress on stderr.
+    #[arg(long)]
+    quiet: bool,
     /// Archive files or directories (native or gor, plain, zstd or gzip).
     #[arg(required = true)]
     archives: Vec<PathBuf>,
@@ -415,6 +492,10 @@ fn main() -> ExitCode {
             init_logging(log_format, "warn,teeway_gateway::rpc=error");
             replay_command(*args)
         }
+        Command::Diff(args) => {
+            init_logging(log_format, "warn,teeway_gateway::rpc=error");
+            diff_command(*args)
+        }
         Command::Demo { requests, serve } => {
             init_logging(log_format, "warn");
             match runtime()
@@ -583,6 +664,100 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         report_error(format_args!(
             "error: the target was unreachable for {} request(s)",
             report.unreachable()
+        ));
+        return ExitCode::from(FAILED);
+    }
+    ExitCode::SUCCESS
+}
+
+fn diff_command(args: DiffArgs) -> ExitCode {
+    use teeway_runtime::yaml::{Mapping, Value};
+    let list =
+        |items: &[String]| Value::Sequence(items.iter().map(|i| Value::from(i.as_str())).collect());
+    let mut settings = Mapping::new();
+    if !args.headers.is_empty() {
+        settings.insert("headers".into(), list(&args.headers));
+    }
+    let mut ignore = Mapping::new();
+    if !args.ignore_fields.is_empty() {
+        ignore.insert("fields".into(), list(&args.ignore_fields));
+    }
+    if !args.ignore_values.is_empty() {
+        ignore.insert("values".into(), list(&args.ignore_values));
+    }
+    if !ignore.is_empty() {
+        settings.insert("ignore".into(), Value::Mapping(ignore));
+    }
+    if !args.unordered.is_empty() {
+        settings.insert("unordered".into(), list(&args.unordered));
+    }
+    if !args.endpoints.is_empty() {
+        settings.insert("endpoints".into(), list(&args.endpoints));
+    }
+    settings.insert("max_body".into(), Value::from(args.max_body.as_str()));
+    settings.insert("samples".into(), Value::from(args.samples));
+    let options = teeway::diff::DiffOptions {
+        archives: args.archives,
+        candidate: args.candidate,
+        primary: args.primary,
+        secondary: args.secondary,
+        settings,
+        from_archive: args.from_archive,
+        http: teeway::replay::HttpTargetOptions {
+            ca: args.ca,
+            timeout: args.timeout,
+            concurrency: args.concurrency,
+            protocol: match args.protocol.as_str() {
+                "http2" => teeway_runtime::config::UpstreamProtocol::Http2,
+                "auto" => teeway_runtime::config::UpstreamProtocol::Auto,
+                _ => teeway_runtime::config::UpstreamProtocol::Http1,
+            },
+            host_header: if args.host_header == "target" {
+                teeway_gateway::config::HostPolicy::Target
+            } else {
+                teeway_gateway::config::HostPolicy::Keep
+            },
+        },
+        progress: !args.quiet,
+    };
+    let findings = match runtime().and_then(|rt| rt.block_on(teeway::diff::run(options))) {
+        Ok(f) => f,
+        Err(e) => return command_failure(&e),
+    };
+    if args.json {
+        out(&findings.summary);
+    } else {
+        out(&findings);
+    }
+    if let Some(path) = &args.report {
+        if let Err(e) = std::fs::write(path, findings.report_page()) {
+            report_error(format_args!("error: cannot write {}: {e}", path.display()));
+            return ExitCode::from(FAILED);
+        }
+        if !args.json {
+            out(format_args!("report:    {}", path.display()));
+        }
+    }
+    if findings.requests == 0 {
+        report_error(format_args!(
+            "error: the archives hold no HTTP request to compare ({} other records)",
+            findings.other_records
+        ));
+        return ExitCode::from(FAILED);
+    }
+    if findings.unreachable() > 0 {
+        report_error(format_args!(
+            "error: a target was unreachable for {} replay(s)",
+            findings.unreachable()
+        ));
+        return ExitCode::from(FAILED);
+    }
+    let regressions = findings.regressions();
+    if args.fail_on_differing && !regressions.is_empty() {
+        report_error(format_args!(
+            "error: {} field(s) differ more than noise explains: {}",
+            regressions.len(),
+            regressions.join(", ")
         ));
         return ExitCode::from(FAILED);
     }

@@ -435,17 +435,57 @@ fn destination(options: &ReplayOptions, resolver: Resolver) -> anyhow::Result<De
             handles,
         });
     }
-    let target_value = teeway_runtime::yaml::Value::from(options.target.as_str());
-    let target_url = teeway_runtime::config::http_target(&target_value).map_err(|e| {
-        crate::usage(format!(
+    let value = teeway_runtime::yaml::Value::from(options.target.as_str());
+    if let Err(e) = teeway_runtime::config::http_target(&value) {
+        return Err(crate::usage(format!(
             "--target {}: {e}; or give redis://, thrift:// or dubbo://host:port to replay RPC copies",
             options.target
-        ))
-    })?;
+        )));
+    }
+    let target = http_target(
+        "--target",
+        &options.target,
+        &HttpTargetOptions {
+            ca: options.ca.clone(),
+            timeout: options.timeout,
+            concurrency: options.concurrency,
+            protocol: options.protocol,
+            host_header: options.host_header.clone(),
+        },
+        resolver,
+    )?;
+    Ok(Destination::Http(target))
+}
+
+/// How archived requests are sent to an HTTP target (`teeway replay`, `teeway diff`).
+#[derive(Debug, Clone)]
+pub struct HttpTargetOptions {
+    /// CA bundle an https target's certificate chains to; `None`: the system's CAs.
+    pub ca: Option<PathBuf>,
+    /// Time allowed for one request and its response.
+    pub timeout: Duration,
+    /// Requests in flight at most.
+    pub concurrency: usize,
+    /// HTTP version to the target.
+    pub protocol: UpstreamProtocol,
+    /// Host header: the recorded one, or the target's.
+    pub host_header: HostPolicy,
+}
+
+/// The gateway's replay target for `url`, given as the option `flag`
+/// (`http://host:port` or `https://host:port`).
+pub fn http_target(
+    flag: &str,
+    url: &str,
+    options: &HttpTargetOptions,
+    resolver: Resolver,
+) -> anyhow::Result<Arc<Target>> {
+    let target_value = teeway_runtime::yaml::Value::from(url);
+    let target_url = teeway_runtime::config::http_target(&target_value)
+        .map_err(|e| crate::usage(format!("{flag} {url}: {e}")))?;
     if options.ca.is_some() && !target_url.tls {
         return Err(crate::usage(format!(
-            "--ca is given but --target {} is not https",
-            options.target
+            "--ca is given but {flag} {url} is not https"
         )));
     }
     let tls = if target_url.tls {
@@ -475,8 +515,8 @@ fn destination(options: &ReplayOptions, resolver: Resolver) -> anyhow::Result<De
         },
         resolver,
     )
-    .with_context(|| format!("--target {}", options.target))?;
-    Ok(Destination::Http(Arc::new(target)))
+    .with_context(|| format!("{flag} {url}"))?;
+    Ok(Arc::new(target))
 }
 
 /// Keeps `report` told of each RPC replay's end.

@@ -3,6 +3,10 @@
 //! secondary (another v1) of a small JSON service (tests/interop/compare/service.py) whose every
 //! answer carries a random id and the time, and whose v2 prices half the users wrong.
 //!
+//! `teeway diff` finds the same offline, from the gateway's archive of every target's answer
+//! (`--from-archive`) and by replaying an agent's archive with production's answers in it; its
+//! static report shows the same in the browser.
+//!
 //! The gateway's `/compare` reports the regression on the right endpoint and field, the id and
 //! time as noise, an unchanged endpoint with no differing copy, and every copy counted once; and
 //! its page, `/compare/ui`, shows the same to a real browser (Debian's Chromium, driven by
@@ -71,6 +75,7 @@ routes:
       candidate: http://{v2}
       primary: http://{v1}
       secondary: http://{v1b}
+archive: {{ dir: archive, record_responses: true, max_response_body: 1MiB }}
 admin: {{ listen: 127.0.0.1:0 }}
 "
         ),
@@ -178,15 +183,85 @@ admin: {{ listen: 127.0.0.1:0 }}
             .contains("\"price\": 10"));
     }
 
-    // The page, in a real browser.
+    // Offline, from what the gateway archived (each target's answer, `record_responses`):
+    // `teeway diff --from-archive` finds what the gateway found, copy for copy.
+    let archived = settle_async(
+        || scrape(gateway_admin),
+        |s: &Snapshot| s.sum("teeway_archive_records_total") >= 480.0,
+    )
+    .await;
+    assert_eq!(
+        archived.sum("teeway_archive_records_total"),
+        480.0,
+        "120 requests, 3 answers each"
+    );
+    let report = dir.path().join("report.html");
+    let diff = Command::new(env!("CARGO_BIN_EXE_teeway"))
+        .current_dir(dir.path())
+        .args(["diff", "--from-archive"])
+        .args(["--candidate", &format!("http://{v2}")])
+        .args(["--primary", &format!("http://{v1}")])
+        .args(["--secondary", &format!("http://{v1b}")])
+        .args(["--report", "report.html", "--fail-on-differing", "archive"])
+        .output()
+        .expect("teeway diff runs");
+    let printed = String::from_utf8_lossy(&diff.stdout);
+    let complaint = String::from_utf8_lossy(&diff.stderr);
+    assert_eq!(
+        diff.status.code(),
+        Some(1),
+        "a regression fails the pipeline: {printed} {complaint}"
+    );
+    assert!(
+        complaint.contains("1 field(s) differ more than noise explains: GET /users/{id} /price"),
+        "{complaint}"
+    );
+    assert!(
+        printed.contains("requests:  120 read, 120 compared: 30 differing"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("GET /users/{id}  60 compared, 30 differing (50.0%)"),
+        "{printed}"
+    );
+    assert!(printed.contains("  differing  /price"), "{printed}");
+    assert!(printed.contains("  noise      /request_id"), "{printed}");
+    assert!(
+        printed.contains("GET /health  60 compared, 0 differing (0.0%)"),
+        "{printed}"
+    );
+
+    // The page, in a real browser: live on the admin port, then the static report.
     let Some(driver) = browser_driver() else {
         return;
     };
+    let out = Command::new(&driver.0)
+        .arg(&driver.1)
+        .arg(format!("file://{}", report.display()))
+        .arg("/price")
+        .output()
+        .expect("node runs");
+    assert!(
+        out.status.success(),
+        "ui.mjs on the report: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let offline: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON from ui.mjs");
+    assert_eq!(
+        offline["endpoints"][0],
+        serde_json::json!(["GET /users/{id}", "50.0%"]),
+        "the static report shows what the gateway's page shows: {offline}"
+    );
+    assert_eq!(
+        offline["fields"][0],
+        serde_json::json!(["/price", "differing"])
+    );
+    assert_eq!(offline["samples"].as_array().map(Vec::len), Some(3));
     let screenshot = match std::env::var_os("TEEWAY_UPDATE_SCREENSHOT") {
         Some(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/compare-ui.png"),
         None => dir.path().join("compare-ui.png"),
     };
-    let out = Command::new(driver.0)
+    let out = Command::new(&driver.0)
         .arg(&driver.1)
         .arg(format!("http://{gateway_admin}"))
         .arg("/price")
@@ -295,7 +370,7 @@ admin: {{ listen: 127.0.0.1:0 }}
     std::fs::write(
         dir.path().join("agent.yaml"),
         format!(
-            "cluster: prod-eu-1\nlisten: 127.0.0.1:0\nprimary: http://{prod}\nmirror:\n  capture_response: {{ enabled: true }}\ngateway:\n  address: {gateway_addr}\n  server_name: localhost\n  ca: certs/dev/ca.pem\n  cert: certs/dev/agent.pem\n  key: certs/dev/agent.key\nadmin: {{ listen: 127.0.0.1:0 }}\n"
+            "cluster: prod-eu-1\nlisten: 127.0.0.1:0\nprimary: http://{prod}\nmirror:\n  capture_response: {{ enabled: true }}\narchive: {{ dir: capture }}\ngateway:\n  address: {gateway_addr}\n  server_name: localhost\n  ca: certs/dev/ca.pem\n  cert: certs/dev/agent.pem\n  key: certs/dev/agent.key\nadmin: {{ listen: 127.0.0.1:0 }}\n"
         ),
     )
     .expect("write");
@@ -331,7 +406,10 @@ admin: {{ listen: 127.0.0.1:0 }}
     assert_eq!(result("differing"), 30.0, "the even users");
     let a = scrape(agent_admin).await;
     assert_eq!(
-        a.sum_where("teeway_agent_production_answers_total", &[("result", "sent")]),
+        a.sum_where(
+            "teeway_agent_production_answers_total",
+            &[("result", "sent")]
+        ),
         60.0
     );
     assert_eq!(a.sum("teeway_agent_production_answers_total"), 60.0);
@@ -350,7 +428,11 @@ admin: {{ listen: 127.0.0.1:0 }}
             .unwrap_or_else(|| panic!("{f} in {users}"))
     };
     assert_eq!(verdict("/price"), "differing");
-    assert_eq!(verdict("/request_id"), "noise", "production and v1 disagree on it too");
+    assert_eq!(
+        verdict("/request_id"),
+        "noise",
+        "production and v1 disagree on it too"
+    );
     assert_eq!(verdict("/at"), "noise");
     assert_eq!(
         verdict("header:set-cookie (extra)"),
@@ -380,6 +462,40 @@ admin: {{ listen: 127.0.0.1:0 }}
             assert!(!headers.contains("session="), "{headers}");
         }
     }
+
+    // Offline: the agent's own archive holds each request with production's answer; `teeway
+    // diff` replays the requests to v2 and v1 and finds the same, as a user runs it (progress
+    // on).
+    settle_async(
+        || scrape(agent_admin),
+        |s: &Snapshot| s.sum("teeway_archive_records_total") >= 60.0,
+    )
+    .await;
+    let diff = Command::new(env!("CARGO_BIN_EXE_teeway"))
+        .current_dir(dir.path())
+        .args(["diff", "--candidate", &format!("http://{v2}")])
+        .args(["--primary", "production"])
+        .args(["--secondary", &format!("http://{v1b}"), "capture"])
+        .output()
+        .expect("teeway diff runs");
+    let printed = String::from_utf8_lossy(&diff.stdout);
+    assert!(
+        diff.status.success(),
+        "{printed} {}",
+        String::from_utf8_lossy(&diff.stderr)
+    );
+    assert!(
+        printed.contains(&format!(
+            "candidate http://{v2} vs primary production, noise from http://{v1b}"
+        )),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("requests:  60 read, 60 compared: 30 differing"),
+        "{printed}"
+    );
+    assert!(printed.contains("  differing  /price"), "{printed}");
+    assert!(printed.contains("  noise      /at"), "{printed}");
 }
 
 /// Node.js and the driver script, when Chromium and Playwright are installed (`.ci/run` installs

@@ -75,8 +75,7 @@ impl<W: Write> HarWriter<W> {
                     }
                     None => false,
                 };
-                if let Some((previous, answered)) =
-                    self.pending.insert(key.clone(), (r, answered))
+                if let Some((previous, answered)) = self.pending.insert(key.clone(), (r, answered))
                 {
                     if !answered {
                         self.entry(&previous, None)?;

@@ -53,7 +53,8 @@ use teeway_wire::{MirroredRequest, ResponseRecord};
 
 use crate::config::{Baseline, CompareConfig};
 use crate::metrics::GatewayMetrics;
-use crate::observe::{Exchange, Observer, Outcome};
+use crate::observe::{Exchange, Observer, Outcome, TargetOutcome};
+use crate::replay::Answer;
 
 /// Copies compared, by route and result.
 pub const COMPARE_COPIES_TOTAL: &str = "teeway_gateway_compare_copies_total";
@@ -67,6 +68,21 @@ pub const COMPARE_ENDPOINT_TOTAL: &str = "teeway_gateway_compare_endpoint_copies
 /// The findings as a web page (`/compare/ui` on the admin port): reads `/compare` and
 /// `/compare/samples`, shows every text as text.
 pub const PAGE: &str = include_str!("compare.html");
+
+/// The findings page as a static report: `PAGE` with `findings` (as `/compare` answers) and
+/// every sample (route, then endpoint, then key, as [`RouteCompare::all_samples`] gives them)
+/// in it, so that it shows them with no server (`teeway diff --report`).
+pub fn static_report(findings: &Value, samples: &Value) -> String {
+    let data = json!({ "summary": findings, "samples": samples }).to_string();
+    // Inside a script element, `<` could end it (`</script>`): written as an escape, which
+    // JSON and JavaScript read the same.
+    let data = data.replace('<', "\\u003c");
+    PAGE.replacen(
+        "<!--report-->",
+        &format!("<script>window.TEEWAY_REPORT = {data};</script>"),
+        1,
+    )
+}
 
 /// Bytes of samples kept per route.
 pub const SAMPLE_BYTES: u64 = 32 * 1024 * 1024;
@@ -350,6 +366,78 @@ impl Observer for RouteCompare {
     }
 
     fn finished(&self, exchange: &Exchange) {
+        let Some(job) = self.job(exchange) else {
+            return;
+        };
+        let bytes = job.bytes;
+        let inner = &self.inner;
+        if inner.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > QUEUE_BYTES {
+            inner.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return inner.skip("busy");
+        }
+        if self.queue.try_send(Work::Compare(Box::new(job))).is_err() {
+            // Full, or its thread is gone: the copy is let go, counted.
+            inner.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            inner.skip("busy");
+        }
+    }
+}
+
+impl RouteCompare {
+    /// Compares one copy now, on the caller's thread (offline, `teeway diff`, where nothing
+    /// waits on the comparison but the next copy): `answers` are the route's targets' answers
+    /// in order, `None` for one that failed. Counted like a replayed copy.
+    pub fn compare_now(&self, record: Arc<MirroredRequest>, answers: Vec<Option<Answer>>) {
+        self.started(&record);
+        let exchange = Exchange {
+            source: record.meta.source_identity.clone(),
+            record,
+            route: self.inner.route.clone(),
+            outcomes: answers
+                .into_iter()
+                .map(|answer| TargetOutcome {
+                    target: String::new(),
+                    outcome: match answer {
+                        Some(a) => Outcome::Answered(a),
+                        None => Outcome::Failed(crate::metrics::FailReason::Error),
+                    },
+                })
+                .collect(),
+        };
+        if let Some(job) = self.job(&exchange) {
+            self.inner.compare(&job);
+        }
+    }
+
+    /// Every sample kept, by endpoint and key, for a report that holds them all.
+    pub fn all_samples(&self) -> Value {
+        let store = self.inner.lock_store();
+        let mut out = serde_json::Map::new();
+        let endpoints = store
+            .endpoints
+            .iter()
+            .map(|(name, e)| (name.as_str(), e))
+            .chain(std::iter::once((OTHER_ENDPOINTS, &store.other)));
+        for (name, entry) in endpoints {
+            let keys: serde_json::Map<String, Value> = entry
+                .samples
+                .iter()
+                .map(|(key, s)| {
+                    (
+                        key.clone(),
+                        Value::from(s.iter().rev().map(|s| s.to_json()).collect::<Vec<_>>()),
+                    )
+                })
+                .collect();
+            if !keys.is_empty() {
+                out.insert(name.to_owned(), Value::Object(keys));
+            }
+        }
+        Value::Object(out)
+    }
+
+    /// The copy's comparison job; `None` when it is skipped (counted).
+    fn job(&self, exchange: &Exchange) -> Option<Job> {
         let inner = &self.inner;
         let answer = |i: usize| match exchange.outcomes.get(i).map(|o| &o.outcome) {
             Some(Outcome::Answered(a)) => match &a.response {
@@ -370,13 +458,19 @@ impl Observer for RouteCompare {
         };
         let primary = match primary {
             Ok(a) => a,
-            Err(reason) => return inner.skip(reason),
+            Err(reason) => {
+                inner.skip(reason);
+                return None;
+            }
         };
         let candidate = match answer(inner.config.candidate) {
             Ok(a) => Some(a),
             // The primary answered and the candidate did not: a difference, not a skip.
             Err("failed") => None,
-            Err(reason) => return inner.skip(reason),
+            Err(reason) => {
+                inner.skip(reason);
+                return None;
+            }
         };
         // A secondary that did not answer only means no noise is learned from this copy.
         let secondary = inner.config.secondary.and_then(|i| answer(i).ok());
@@ -385,22 +479,13 @@ impl Observer for RouteCompare {
             .flatten()
             .map(|a| a.response.body.len() as u64)
             .sum();
-        if inner.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > QUEUE_BYTES {
-            inner.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            return inner.skip("busy");
-        }
-        let job = Job {
+        Some(Job {
             record: exchange.record.clone(),
             candidate,
             primary,
             secondary,
             bytes,
-        };
-        if self.queue.try_send(Work::Compare(Box::new(job))).is_err() {
-            // Full, or its thread is gone: the copy is let go, counted.
-            inner.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            inner.skip("busy");
-        }
+        })
     }
 }
 

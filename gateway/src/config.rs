@@ -850,7 +850,8 @@ fn read_route(
     let replay_truncated = r
         .optional(p, "replay_truncated", "use true or false", cfg::boolean)
         .unwrap_or(false);
-    let compare = compare_block(r, p, &targets);
+    let urls: Vec<&str> = targets.iter().map(|t| t.target.url.as_str()).collect();
+    let compare = compare_block(r, p, &urls);
     Some(RouteConfig {
         name,
         matcher,
@@ -869,17 +870,28 @@ fn read_route(
     })
 }
 
-/// A route's `compare:` block, its roles checked against the route's `targets`.
-fn compare_block(
-    r: &mut Section<'_>,
-    p: &mut Problems,
-    targets: &[TargetConfig],
-) -> Option<CompareConfig> {
+/// A `compare:` block read alone (`teeway diff` makes one of its options), its roles checked
+/// against `urls`, the targets it may name; problems are named under `compare.`.
+pub fn compare_config(block: &Value, urls: &[&str]) -> Result<CompareConfig, ConfigError> {
+    let mut root = teeway_runtime::yaml::Mapping::new();
+    root.insert(Value::from("compare"), block.clone());
+    let root = Value::Mapping(root);
+    let mut p = Problems::default();
+    let mut r = Section::root(&root, &mut p);
+    let compare = compare_block(&mut r, &mut p, urls);
+    r.finish(&mut p);
+    let compare = p.finish(compare)?;
+    compare.ok_or_else(|| {
+        ConfigError::unreadable("compare", "is not a mapping", "report this as a bug")
+    })
+}
+
+/// A route's `compare:` block, its roles checked against the URLs of the route's targets.
+fn compare_block(r: &mut Section<'_>, p: &mut Problems, urls: &[&str]) -> Option<CompareConfig> {
     let mut c = r.section(p, "compare");
     if !c.is_present() {
         return None;
     }
-    let urls: Vec<&str> = targets.iter().map(|t| t.target.url.as_str()).collect();
     let fix = format!(
         "name one of the route's targets by its URL: {}",
         urls.join(", ")

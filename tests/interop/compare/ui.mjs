@@ -2,7 +2,7 @@
 // the most differing one, its fields, then the samples of one field. Prints what each view
 // showed as one JSON line for tests/compare.rs to check.
 //
-// Usage: node ui.mjs <admin base URL> <field to open> [screenshot.png]
+// Usage: node ui.mjs <admin base URL, or a static report (file:///...html)> <field to open> [screenshot.png]
 
 import { chromium } from "playwright-core";
 
@@ -16,7 +16,7 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
   const shown = {};
-  await page.goto(base + "/compare/ui");
+  await page.goto(base.endsWith(".html") ? base : base + "/compare/ui");
   await page.waitForSelector("table.endpoints tr.row");
   shown.endpoints = await page.$$eval("table.endpoints tr.row", (rows) =>
     rows.map((r) => [r.dataset.endpoint, r.querySelector(".differing-rate").textContent]));
