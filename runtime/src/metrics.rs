@@ -5,7 +5,8 @@
 //! counts, and nothing depends on initialisation order. Handles are registered once at start-up,
 //! so the hot path increments an atomic and never looks a name up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -19,6 +20,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub struct Registry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Names described already. The exporter appends every description to a log that only a
+    /// render trims, so a handle registered on a hot path (a compare route's endpoints) would
+    /// grow it per call: each name is described once.
+    described: Mutex<HashSet<&'static str>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -44,7 +49,11 @@ impl Registry {
         };
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        let registry = Self { recorder, handle };
+        let registry = Self {
+            recorder,
+            handle,
+            described: Mutex::default(),
+        };
         registry
             .gauge_owned(
                 BUILD_INFO,
@@ -79,11 +88,7 @@ impl Registry {
         help: &'static str,
         labels: &[(&'static str, &'static str)],
     ) -> Counter {
-        self.recorder.describe_counter(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
+        self.describe(name, help, Recorder::describe_counter);
         self.recorder
             .register_counter(&key(name, labels), &metadata())
     }
@@ -97,13 +102,27 @@ impl Registry {
         label: &'static str,
         value: &str,
     ) -> Counter {
-        self.recorder.describe_counter(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
+        self.describe(name, help, Recorder::describe_counter);
         let key = Key::from_parts(name, vec![Label::new(label, value.to_owned())]);
         self.recorder.register_counter(&key, &metadata())
+    }
+
+    /// Describes `name` with `help` the first time it is registered.
+    fn describe(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        describe: fn(&PrometheusRecorder, KeyName, Option<metrics::Unit>, SharedString),
+    ) {
+        let mut described = self.described.lock().unwrap_or_else(|e| e.into_inner());
+        if described.insert(name) {
+            describe(
+                &self.recorder,
+                KeyName::from_const_str(name),
+                None,
+                SharedString::const_str(help),
+            );
+        }
     }
 
     /// Registers (or finds) a counter with several labels whose values are known only at run
@@ -114,11 +133,7 @@ impl Registry {
         help: &'static str,
         labels: &[(&'static str, String)],
     ) -> Counter {
-        self.recorder.describe_counter(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
+        self.describe(name, help, Recorder::describe_counter);
         self.recorder
             .register_counter(&Key::from_parts(name, owned_labels(labels)), &metadata())
     }
@@ -131,11 +146,7 @@ impl Registry {
         help: &'static str,
         labels: &[(&'static str, String)],
     ) -> Gauge {
-        self.recorder.describe_gauge(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
+        self.describe(name, help, Recorder::describe_gauge);
         self.recorder
             .register_gauge(&Key::from_parts(name, owned_labels(labels)), &metadata())
     }
@@ -147,11 +158,7 @@ impl Registry {
         help: &'static str,
         labels: &[(&'static str, &'static str)],
     ) -> Gauge {
-        self.recorder.describe_gauge(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
+        self.describe(name, help, Recorder::describe_gauge);
         self.recorder
             .register_gauge(&key(name, labels), &metadata())
     }
@@ -163,11 +170,7 @@ impl Registry {
         help: &'static str,
         labels: &[(&'static str, &'static str)],
     ) -> Histogram {
-        self.recorder.describe_histogram(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
+        self.describe(name, help, Recorder::describe_histogram);
         self.recorder
             .register_histogram(&key(name, labels), &metadata())
     }
@@ -180,11 +183,7 @@ impl Registry {
         help: &'static str,
         labels: &[(&'static str, String)],
     ) -> Histogram {
-        self.recorder.describe_histogram(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
+        self.describe(name, help, Recorder::describe_histogram);
         self.recorder
             .register_histogram(&Key::from_parts(name, owned_labels(labels)), &metadata())
     }
