@@ -68,20 +68,35 @@ pub fn compare(
     if baseline.truncated || candidate.truncated {
         return Err(Skip::Truncated);
     }
-    let a = body::read(
-        baseline.headers,
-        baseline.trailers,
-        baseline.body,
+    let a = read(baseline, rules)?;
+    let b = read(candidate, rules)?;
+    Ok(compare_read(baseline, &a, candidate, &b, rules))
+}
+
+/// An answer's body as [`compare`] reads it (decoded, parsed), so that an answer compared with
+/// several others is read once; `Err` when it cannot be compared.
+pub fn read(response: &Response<'_>, rules: &Rules) -> Result<Body, Skip> {
+    if response.truncated {
+        return Err(Skip::Truncated);
+    }
+    body::read(
+        response.headers,
+        response.trailers,
+        response.body,
         rules.max_body,
     )
-    .map_err(Skip::Body)?;
-    let b = body::read(
-        candidate.headers,
-        candidate.trailers,
-        candidate.body,
-        rules.max_body,
-    )
-    .map_err(Skip::Body)?;
+    .map_err(Skip::Body)
+}
+
+/// [`compare`] of two answers whose bodies were [`read`]: `a` the baseline's, `b` the
+/// candidate's.
+pub fn compare_read(
+    baseline: &Response<'_>,
+    a: &Body,
+    candidate: &Response<'_>,
+    b: &Body,
+    rules: &Rules,
+) -> Differences {
     let mut out = Differences::default();
     let push = |out: &mut Differences, field: String, at: String, change: Change| {
         out.push(FieldDiff { field, at, change }, rules.json.limit);
@@ -115,7 +130,7 @@ pub fn compare(
             push(&mut out, field.clone(), field, change);
         }
     }
-    match (&a, &b) {
+    match (a, b) {
         (Body::Json(x), Body::Json(y)) => {
             let found = json::diff_with(x, y, &rules.json, &rules.ignore_values);
             out.extend(found, rules.json.limit);
@@ -173,7 +188,7 @@ pub fn compare(
         ),
         _ => {}
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

@@ -48,7 +48,7 @@ use serde_json::{json, Value};
 
 use teeway_compare::json::{Change, Differences, FieldDiff, JsonOptions};
 use teeway_compare::noise::{EndpointStats, Verdict};
-use teeway_compare::response::{compare, Response, Rules};
+use teeway_compare::response::{compare_read, read, Response, Rules, Skip};
 use teeway_wire::{MirroredRequest, ResponseRecord};
 
 use crate::config::{Baseline, CompareConfig};
@@ -545,25 +545,29 @@ impl Inner {
                 t
             })
         };
-        let compared = |base: &Answered, other: &Answered| {
-            let (tb, to) = (trailers(base), trailers(other));
-            fn view<'a>(a: &'a Answered, t: Option<&'a HeaderMap>) -> Response<'a> {
-                Response {
-                    status: a.response.status.as_u16(),
-                    headers: &a.response.headers,
-                    trailers: t,
-                    body: &a.response.body,
-                    truncated: a.response.body_truncated,
-                }
+        fn view<'a>(a: &'a Answered, t: Option<&'a HeaderMap>) -> Response<'a> {
+            Response {
+                status: a.response.status.as_u16(),
+                headers: &a.response.headers,
+                trailers: t,
+                body: &a.response.body,
+                truncated: a.response.body_truncated,
             }
-            compare(
-                &view(base, tb.as_ref()),
-                &view(other, to.as_ref()),
-                &self.rules,
-            )
+        }
+        let rules = &self.rules;
+        // The primary's body is read once, for the candidate and the secondary both.
+        let primary_trailers = trailers(&job.primary);
+        let primary = view(&job.primary, primary_trailers.as_ref());
+        let primary_body = read(&primary, rules);
+        let compared = |other: &Answered| {
+            let t = trailers(other);
+            let other = view(other, t.as_ref());
+            let base = primary_body.as_ref().map_err(Clone::clone)?;
+            let body = read(&other, rules)?;
+            Ok::<_, Skip>(compare_read(&primary, base, &other, &body, rules))
         };
         let raw = match &job.candidate {
-            Some(candidate) => match compared(&job.primary, candidate) {
+            Some(candidate) => match compared(candidate) {
                 Ok(d) => d,
                 Err(skip) => return self.skip(skip.reason()),
             },
@@ -581,10 +585,7 @@ impl Inner {
             }
         };
         // The secondary's differences from the primary: noise. Unreadable, it teaches nothing.
-        let noise = job
-            .secondary
-            .as_ref()
-            .and_then(|s| compared(&job.primary, s).ok());
+        let noise = job.secondary.as_ref().and_then(|s| compared(s).ok());
         let endpoint = self
             .config
             .endpoints
@@ -593,7 +594,7 @@ impl Inner {
         // Made before the lock, and only if it can be kept at all.
         let sample = (!raw.is_empty() && self.config.samples > 0)
             .then(|| Sample::new(job, &raw, self.rules.max_body));
-        let (endpoint, result) = {
+        let result = {
             let mut guard = self.lock_store();
             let store = &mut *guard;
             let known = store.endpoints.contains_key(&endpoint);
@@ -609,33 +610,28 @@ impl Inner {
                 .record(&raw, noise.as_ref(), self.config.max_fields);
             let result = entry.classify(&raw, self.config.noise);
             entry.results[result as usize] += 1;
+            // Registered once per endpoint and result, not per copy.
+            entry.counters[result as usize]
+                .get_or_insert_with(|| {
+                    self.handles.metrics.registry().counter_labels(
+                        COMPARE_ENDPOINT_TOTAL,
+                        "Copies of compare routes compared, by endpoint and result",
+                        &[
+                            ("route", self.route.clone()),
+                            ("endpoint", name.clone()),
+                            ("result", result.as_str().to_owned()),
+                        ],
+                    )
+                })
+                .increment(1);
             if let Some(sample) = sample {
-                let keys = entry.keep(
-                    Arc::new(sample),
-                    self.config.samples,
-                    &mut store.sample_bytes,
-                );
-                for key in keys {
-                    store.order.push_back((name.clone(), key));
-                }
+                store.place(&name, sample, self.config.samples);
                 store.evict(SAMPLE_BYTES);
             }
-            (name, result)
+            result
         };
         let h = &self.handles;
         h.copies[result as usize].increment(1);
-        h.metrics
-            .registry()
-            .counter_labels(
-                COMPARE_ENDPOINT_TOTAL,
-                "Copies of compare routes compared, by endpoint and result",
-                &[
-                    ("route", self.route.clone()),
-                    ("endpoint", endpoint),
-                    ("result", result.as_str().to_owned()),
-                ],
-            )
-            .increment(1);
         h.in_flight.decrement(1.0);
     }
 }
@@ -648,25 +644,67 @@ struct Store {
     other: Entry,
     /// Bytes of the samples kept.
     sample_bytes: u64,
-    /// Where samples were placed (endpoint, key), oldest first: what is let go first when the
-    /// samples are over their bytes.
-    order: VecDeque<(String, String)>,
+    /// Where samples were placed (sample, endpoint, key), oldest first: what is let go first
+    /// when the samples are over their bytes. A place a newer sample took since (each key keeps
+    /// its newest few) stays here until it comes up, or until those outnumber the places in use
+    /// and are swept: it stays within twice them.
+    order: VecDeque<(u64, String, String)>,
+    /// Places in use: samples kept, once per key each is kept under.
+    placed: usize,
+    /// The next sample's number.
+    next_seq: u64,
 }
 
 impl Store {
+    /// Keeps `sample` at endpoint `name`, under each of its keys counted by name (at most
+    /// `per_field` per key, the oldest let go).
+    fn place(&mut self, name: &str, mut sample: Sample, per_field: usize) {
+        sample.seq = self.next_seq;
+        self.next_seq += 1;
+        let seq = sample.seq;
+        let entry = match self.endpoints.get_mut(name) {
+            Some(e) => e,
+            None => &mut self.other,
+        };
+        let keys = entry.keep(
+            Arc::new(sample),
+            per_field,
+            &mut self.sample_bytes,
+            &mut self.placed,
+        );
+        for key in keys {
+            self.order.push_back((seq, name.to_owned(), key));
+        }
+        if self.order.len() > 2 * self.placed + 64 {
+            let (endpoints, other) = (&self.endpoints, &self.other);
+            self.order.retain(|(seq, endpoint, key)| {
+                endpoints
+                    .get(endpoint)
+                    .unwrap_or(other)
+                    .samples
+                    .get(key)
+                    .is_some_and(|kept| kept.iter().any(|s| s.seq == *seq))
+            });
+        }
+    }
+
     /// Lets the oldest samples go until they hold at most `limit` bytes.
     fn evict(&mut self, limit: u64) {
         while self.sample_bytes > limit {
-            let Some((endpoint, key)) = self.order.pop_front() else {
+            let Some((seq, endpoint, key)) = self.order.pop_front() else {
                 break;
             };
             let entry = match self.endpoints.get_mut(&endpoint) {
                 Some(e) => e,
                 None => &mut self.other,
             };
-            // The oldest placement of a key is its list's front, unless rotation took it.
-            if let Some(kept) = entry.samples.get_mut(&key) {
+            // The oldest place is its key's list's front, unless a newer sample took it.
+            let Some(kept) = entry.samples.get_mut(&key) else {
+                continue;
+            };
+            if kept.front().is_some_and(|s| s.seq == seq) {
                 if let Some(old) = kept.pop_front() {
+                    self.placed -= 1;
                     if Arc::strong_count(&old) == 1 {
                         self.sample_bytes = self.sample_bytes.saturating_sub(old.bytes);
                     }
@@ -684,6 +722,8 @@ struct Entry {
     results: [u64; 3],
     /// Per key, the newest samples last.
     samples: BTreeMap<String, VecDeque<Arc<Sample>>>,
+    /// `teeway_gateway_compare_endpoint_copies_total` by [`CopyResult`], once registered.
+    counters: [Option<Counter>; 3],
 }
 
 impl Entry {
@@ -710,7 +750,13 @@ impl Entry {
     /// Keeps `sample` under each key it differs in that is counted by name (at most
     /// `per_field` each, the oldest let go), adding its bytes to `bytes` once; returns the keys
     /// it was placed under.
-    fn keep(&mut self, sample: Arc<Sample>, per_field: usize, bytes: &mut u64) -> Vec<String> {
+    fn keep(
+        &mut self,
+        sample: Arc<Sample>,
+        per_field: usize,
+        bytes: &mut u64,
+        placed: &mut usize,
+    ) -> Vec<String> {
         let keys: Vec<String> = sample
             .differences
             .iter()
@@ -726,8 +772,10 @@ impl Entry {
         for key in &keys {
             let kept = self.samples.entry(key.clone()).or_default();
             kept.push_back(sample.clone());
+            *placed += 1;
             while kept.len() > per_field {
                 if let Some(old) = kept.pop_front() {
+                    *placed -= 1;
                     // Its bytes go with its last place.
                     if Arc::strong_count(&old) == 1 {
                         *bytes = bytes.saturating_sub(old.bytes);
@@ -792,6 +840,8 @@ struct Sample {
     differences: Vec<FieldDiff>,
     /// Its size, as counted against [`SAMPLE_BYTES`].
     bytes: u64,
+    /// Its number in the store, in the order samples were kept.
+    seq: u64,
 }
 
 #[derive(Debug)]
@@ -852,6 +902,7 @@ impl Sample {
             primary: answer(&job.primary),
             differences: raw.fields.clone(),
             bytes: 0,
+            seq: 0,
         };
         let text = |pairs: &[(String, String)]| {
             pairs
@@ -1224,8 +1275,8 @@ mod tests {
         assert_eq!(users["endpoint"], "GET /users/{id}");
     }
 
-    fn sample(keys: &[&str], bytes: u64) -> Arc<Sample> {
-        Arc::new(Sample {
+    fn sample(keys: &[&str], bytes: u64) -> Sample {
+        Sample {
             at: UNIX_EPOCH,
             method: "GET".into(),
             uri: "/".into(),
@@ -1247,7 +1298,8 @@ mod tests {
                 })
                 .collect(),
             bytes,
-        })
+            seq: 0,
+        }
     }
 
     #[test]
@@ -1266,17 +1318,13 @@ mod tests {
             );
         }
         entry.stats.record(&keys, None, 8);
-        let mut placed = Vec::new();
         for s in [
             sample(&["/a"], 100),
             sample(&["/a", "/b"], 100),
             sample(&["/b"], 100),
         ] {
-            for key in entry.keep(s, 5, &mut store.sample_bytes) {
-                placed.push(("E".to_owned(), key));
-            }
+            store.place("E", s, 5);
         }
-        store.order.extend(placed);
         assert_eq!(store.sample_bytes, 300, "the shared sample counted once");
         store.evict(150);
         assert_eq!(store.sample_bytes, 100);
@@ -1287,6 +1335,45 @@ mod tests {
             e.samples["/b"][0].differences[0].field, "/b",
             "the newest kept"
         );
+    }
+
+    #[test]
+    fn places_newer_samples_took_are_swept_so_memory_stays_bounded() {
+        let mut store = Store::default();
+        let mut keys = Differences::default();
+        for k in ["/a", "/b"] {
+            keys.push(
+                FieldDiff {
+                    field: k.into(),
+                    at: k.into(),
+                    change: Change::Value,
+                },
+                10,
+            );
+        }
+        store.other.stats.record(&keys, None, 8);
+        // Copies of endpoints past the bound, every one kept: each key keeps its newest 3.
+        for _ in 0..100_000 {
+            store.place("elsewhere", sample(&["/a", "/b"], 100), 3);
+            store.evict(SAMPLE_BYTES);
+        }
+        assert_eq!(store.placed, 6);
+        assert!(
+            store.order.len() <= 2 * store.placed + 64,
+            "{} places remembered for {} in use",
+            store.order.len(),
+            store.placed
+        );
+        assert_eq!(
+            store.sample_bytes, 300,
+            "three samples, each under both keys"
+        );
+        // What is remembered still goes oldest first.
+        store.evict(100);
+        assert_eq!(store.sample_bytes, 100);
+        let kept = &store.other.samples["/a"];
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].seq, 99_999, "the newest kept");
     }
 
     #[test]
