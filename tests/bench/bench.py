@@ -1253,10 +1253,22 @@ def main():
         if number == "5" and rows[-1].get("rps"):
             FIXED_RATE["per_s"] = int(rows[-1]["rps"] / 2)
     rows.sort(key=lambda r: (int(re.match(r"\d+", r["n"]).group()), r["n"]))
-    write_results(args, info, rows)
+    compare = compare_cost() if not only or "compare" in only else None
+    write_results(args, info, rows, compare)
 
 
-def write_results(args, info, rows):
+def compare_cost():
+    """examples/compare_cost.rs on the test side's core: what a compare route costs the gateway per
+    copy, and its memory with 100,000 distinct endpoints. Its markdown tables, or an error line."""
+    print("compare: comparison cost and memory (examples/compare_cost)", flush=True)
+    exe = os.path.join(ROOT, "target", "release", "examples", "compare_cost")
+    run = subprocess.run(["taskset", "-c", str(TEST_CPU), exe], capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        return [f"- compare_cost failed (exit {run.returncode}): {run.stderr.strip()}", "", run.stdout]
+    return run.stdout.rstrip("\n").split("\n")
+
+
+def write_results(args, info, rows, compare=None):
     by = {r["n"]: r for r in rows if "error" not in r}
     md = [
         "# Benchmark results",
@@ -1307,6 +1319,15 @@ def write_results(args, info, rows):
                   f" {fmt(r['p999_ms'])} | {r['errors']} | {delivered} | {r['cpu_per_1k']} | {r['peak_rss']} |")
     md += ["", "## Against the targets", ""]
     md += targets(by)
+    if compare:
+        md += ["", "## Comparing versions: what a compare route costs the gateway", "",
+               "examples/compare_cost: the gateway's own comparison (`RouteCompare`) on one thread pinned to the test"
+               f" side's core ({TEST_CPU}), defaults but `max_endpoints`: a candidate, a primary and a secondary answer"
+               " each copy; the secondary differs in an id and a time (noise), the candidate in a price too in half"
+               " the copies (all of them for the memory rows). Memory first, in a fresh process: RSS growth over the"
+               " first tenth of the copies (endpoints and samples filling up to their bounds) and over the rest"
+               " (nothing more kept).", ""]
+        md += compare
     text = "\n".join(md) + "\n"
     print("\n" + text)
     os.makedirs(args.out, exist_ok=True)

@@ -27,5 +27,5 @@ fi
 # The packaged nginx service is not used; the harness starts its own instances.
 command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null && echo "note: a system nginx is running; it is left alone"
 
-(cd "$root" && cargo build --release --locked --bin teeway --example wan_relay --example rpc_peer)
+(cd "$root" && cargo build --release --locked --bin teeway --example wan_relay --example rpc_peer --example compare_cost)
 exec python3 "$here/bench.py" "$@"
