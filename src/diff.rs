@@ -232,6 +232,100 @@ struct Role {
     target: Option<Arc<Target>>,
 }
 
+/// Requests waiting for their answers from the archives, oldest first.
+#[derive(Default)]
+struct Pending {
+    waiting: HashMap<(u64, Arc<str>, u64), Waiting>,
+    /// Keys in the order they came; those answered since are swept once they outnumber the
+    /// waiting, so it stays within twice them.
+    order: VecDeque<(u64, Arc<str>, u64)>,
+}
+
+impl Pending {
+    /// Lets `w` wait; returns what must be compared now: a request of the same key before it
+    /// (one agent's spool read twice), and the oldest past [`PENDING`].
+    fn wait(&mut self, w: Waiting) -> Vec<Waiting> {
+        let mut now = Vec::new();
+        let key = w.record.meta.key();
+        self.order.push_back(key.clone());
+        now.extend(self.waiting.insert(key, w));
+        while self.waiting.len() > PENDING {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            now.extend(self.waiting.remove(&oldest));
+        }
+        if self.order.len() > 2 * self.waiting.len() + 1024 {
+            let waiting = &self.waiting;
+            self.order.retain(|k| waiting.contains_key(k));
+        }
+        now
+    }
+
+    /// Every request still waiting, oldest first.
+    fn drain(&mut self) -> Vec<Waiting> {
+        let order = std::mem::take(&mut self.order);
+        order
+            .into_iter()
+            .filter_map(|k| self.waiting.remove(&k))
+            .collect()
+    }
+}
+
+/// Replays a request to every target role, then hands it to the comparison.
+struct Dispatcher {
+    slots: Arc<Semaphore>,
+    /// Each role's name, and its target when its answers are replayed.
+    roles: Vec<(String, Option<Arc<Target>>)>,
+    ready: mpsc::Sender<(Arc<MirroredRequest>, Vec<Option<Answer>>)>,
+    failed: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    max_body: u64,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Dispatcher {
+    /// Waits for a slot, then replays and compares `w` on a task of its own.
+    async fn dispatch(&self, w: Waiting) {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let roles = self.roles.clone();
+        let (ready, failed, max_body) = (self.ready.clone(), self.failed.clone(), self.max_body);
+        self.tasks.spawn(async move {
+            let record = Arc::new(w.record);
+            let mut answers = w.answers;
+            let sends = roles.iter().map(|(_, target)| {
+                let record = record.clone();
+                async move {
+                    match target {
+                        Some(t) => Some(
+                            t.send(&record, &record.meta.source_cluster, Some(max_body))
+                                .await,
+                        ),
+                        None => None,
+                    }
+                }
+            });
+            let sent = futures_util::future::join_all(sends).await;
+            for (i, outcome) in sent.into_iter().enumerate() {
+                match outcome {
+                    Some(Ok(answer)) => answers[i] = Some(answer),
+                    Some(Err(reason)) => {
+                        if let Ok(mut f) = failed.lock() {
+                            *f.entry(format!("{} {}", roles[i].0, reason.as_str()))
+                                .or_default() += 1;
+                        }
+                    }
+                    None => {}
+                }
+            }
+            // The slot is held until the comparison takes the copy.
+            let _ = ready.send((record, answers)).await;
+            drop(slot);
+        });
+    }
+}
+
 /// A request waiting for answers from the archives.
 struct Waiting {
     record: MirroredRequest,
@@ -304,57 +398,24 @@ pub async fn run(options: DiffOptions) -> anyhow::Result<Findings> {
         reader.stats
     });
 
-    let slots = Arc::new(Semaphore::new(options.http.concurrency));
     let failed = Arc::new(std::sync::Mutex::new(HashMap::<String, u64>::new()));
     let tasks = tokio_util::task::TaskTracker::new();
-    let mut waiting: HashMap<(u64, Arc<str>, u64), Waiting> = HashMap::new();
-    let mut order: VecDeque<(u64, Arc<str>, u64)> = VecDeque::new();
-    let mut requests = 0u64;
-    let mut other_records = 0u64;
-    let dispatch = |w: Waiting| {
-        let ready = ready.clone();
-        let roles: Vec<(String, Option<Arc<Target>>)> = roles
+    let dispatcher = Dispatcher {
+        // Requests at the targets, or waiting for the comparison, at most: an archive of any
+        // size streams through in bounded memory.
+        slots: Arc::new(Semaphore::new(options.http.concurrency)),
+        roles: roles
             .iter()
             .map(|r| (r.name.to_owned(), r.target.clone()))
-            .collect();
-        let slots = slots.clone();
-        let failed = failed.clone();
-        tasks.spawn(async move {
-            let record = Arc::new(w.record);
-            let mut answers = w.answers;
-            if roles.iter().any(|(_, t)| t.is_some()) {
-                let Ok(_slot) = slots.acquire_owned().await else {
-                    return;
-                };
-                let sends = roles.iter().map(|(_, target)| {
-                    let record = record.clone();
-                    async move {
-                        match target {
-                            Some(t) => Some(
-                                t.send(&record, &record.meta.source_cluster, Some(max_body))
-                                    .await,
-                            ),
-                            None => None,
-                        }
-                    }
-                });
-                let sent = futures_util::future::join_all(sends).await;
-                for (i, outcome) in sent.into_iter().enumerate() {
-                    match outcome {
-                        Some(Ok(answer)) => answers[i] = Some(answer),
-                        Some(Err(reason)) => {
-                            if let Ok(mut f) = failed.lock() {
-                                *f.entry(format!("{} {}", roles[i].0, reason.as_str()))
-                                    .or_default() += 1;
-                            }
-                        }
-                        None => {}
-                    }
-                }
-            }
-            let _ = ready.send((record, answers)).await;
-        });
+            .collect(),
+        ready: ready.clone(),
+        failed: failed.clone(),
+        max_body,
+        tasks: tasks.clone(),
     };
+    let mut pending = Pending::default();
+    let mut requests = 0u64;
+    let mut other_records = 0u64;
     while let Some(record) = rx.recv().await {
         match record {
             Envelope::HttpRequest(r) => {
@@ -366,37 +427,25 @@ pub async fn run(options: DiffOptions) -> anyhow::Result<Findings> {
                     record: r,
                 };
                 if !waits {
-                    dispatch(w);
+                    dispatcher.dispatch(w).await;
                     continue;
                 }
-                let key = w.record.meta.key();
-                order.push_back(key.clone());
-                if let Some(earlier) = waiting.insert(key, w) {
-                    // The same key again (a second pass of one agent's spool): the first is
-                    // compared with what it has.
-                    dispatch(earlier);
-                }
-                while waiting.len() > PENDING {
-                    let Some(oldest) = order.pop_front() else {
-                        break;
-                    };
-                    if let Some(w) = waiting.remove(&oldest) {
-                        dispatch(w);
-                    }
+                for w in pending.wait(w) {
+                    dispatcher.dispatch(w).await;
                 }
             }
             Envelope::HttpResponse(resp) => {
                 other_records += 1;
                 let key = resp.meta.key();
-                let Some(w) = waiting.get_mut(&key) else {
+                let Some(w) = pending.waiting.get_mut(&key) else {
                     continue;
                 };
                 take_answer(w, &roles, resp, production);
                 let complete = (!production || w.record.production.is_some())
                     && (!options.from_archive || w.answers.iter().all(Option::is_some));
                 if complete {
-                    if let Some(w) = waiting.remove(&key) {
-                        dispatch(w);
+                    if let Some(w) = pending.waiting.remove(&key) {
+                        dispatcher.dispatch(w).await;
                     }
                 }
             }
@@ -404,11 +453,10 @@ pub async fn run(options: DiffOptions) -> anyhow::Result<Findings> {
         }
     }
     let stats = reader.await.context("archive reader failed")?;
-    for key in order {
-        if let Some(w) = waiting.remove(&key) {
-            dispatch(w);
-        }
+    for w in pending.drain() {
+        dispatcher.dispatch(w).await;
     }
+    drop(dispatcher);
     tasks.close();
     tasks.wait().await;
     drop(ready);
@@ -522,5 +570,56 @@ async fn progress(read: Arc<AtomicU64>, compared: Arc<AtomicU64>) {
             read.load(Ordering::Relaxed),
             compared.load(Ordering::Relaxed)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(id: u64) -> Waiting {
+        Waiting {
+            record: MirroredRequest {
+                meta: teeway_wire::Meta::basic(id, std::time::UNIX_EPOCH, "c".into()),
+                method: http::Method::GET,
+                uri: http::Uri::from_static("/"),
+                version: http::Version::HTTP_11,
+                headers: http::HeaderMap::new(),
+                body: bytes::Bytes::new(),
+                trailers: None,
+                body_truncated: false,
+                production: None,
+            },
+            answers: vec![None],
+        }
+    }
+
+    #[test]
+    fn requests_wait_in_bounded_memory_and_leave_oldest_first() {
+        let mut pending = Pending::default();
+        // Answered at once, as a gateway's archive answers them: nothing is left behind.
+        for id in 0..100_000 {
+            assert!(pending.wait(waiting(id)).is_empty());
+            pending.waiting.remove(&(0, Arc::from("c"), id));
+        }
+        assert!(pending.order.len() <= 1024 + 1, "{}", pending.order.len());
+        // Never answered: the oldest past the bound are compared without their answers.
+        let mut released = Vec::new();
+        for id in 0..(PENDING as u64 + 10) {
+            released.extend(
+                pending
+                    .wait(waiting(id))
+                    .into_iter()
+                    .map(|w| w.record.meta.id),
+            );
+        }
+        assert_eq!(released, (0..10).collect::<Vec<u64>>());
+        let rest: Vec<u64> = pending
+            .drain()
+            .into_iter()
+            .map(|w| w.record.meta.id)
+            .collect();
+        assert_eq!(rest.len(), PENDING);
+        assert_eq!(rest[0], 10, "oldest first");
     }
 }
