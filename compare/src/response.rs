@@ -2,13 +2,19 @@
 //!
 //! Fields are named so that a report can tell them apart: `status`; `header:NAME`;
 //! a JSON body's fields as JSON Pointers (`/data/items/*/price`); `body:type` when the two
-//! bodies are of different kinds (JSON and text, say); `body:text` and `body:bytes` for text and
-//! other bodies, which are compared whole; `grpc-status` and `grpc-message/*` for gRPC.
+//! bodies are of different kinds (JSON and text, say); a text body's lines as `body:line/N`
+//! (from 1; past [`MAX_TEXT_LINES`] lines, `body:text` whole); other bodies by
+//! `body:length`, and `body:digest` when two of one length hold different bytes;
+//! `grpc-status` and `grpc-message/*` for gRPC.
 
 use http::{HeaderMap, HeaderName};
 use regex::Regex;
 
 use crate::body::{self, Body, BodyError};
+
+/// Text bodies of more lines than this are compared whole (`body:text`): past it, a line's
+/// number says little, and its key would be one of too many.
+pub const MAX_TEXT_LINES: usize = 1_000;
 use crate::json::{self, Change, Differences, FieldDiff, JsonOptions};
 
 /// One response as read from a target (or as production answered it).
@@ -168,18 +174,43 @@ pub fn compare_read(
                 );
             }
         }
-        (Body::Text(x), Body::Text(y)) if x != y => push(
-            &mut out,
-            "body:text".into(),
-            "body:text".into(),
-            Change::Value,
-        ),
-        (Body::Binary(x), Body::Binary(y)) if x != y => push(
-            &mut out,
-            "body:bytes".into(),
-            "body:bytes".into(),
-            Change::Value,
-        ),
+        (Body::Text(x), Body::Text(y)) if x != y => {
+            let (p, q): (Vec<&str>, Vec<&str>) = (x.lines().collect(), y.lines().collect());
+            if p.len().max(q.len()) > MAX_TEXT_LINES {
+                push(
+                    &mut out,
+                    "body:text".into(),
+                    "body:text".into(),
+                    Change::Value,
+                );
+            } else {
+                for i in 0..p.len().max(q.len()) {
+                    let change = match (p.get(i), q.get(i)) {
+                        (Some(a), Some(b))
+                            if a == b
+                                || json::both_match(&rules.ignore_values, a, b)
+                                || masked(&rules.ignore_values, a)
+                                    == masked(&rules.ignore_values, b) =>
+                        {
+                            continue
+                        }
+                        (Some(_), Some(_)) => Change::Value,
+                        (Some(_), None) => Change::Missing,
+                        _ => Change::Extra,
+                    };
+                    let line = format!("body:line/{}", i + 1);
+                    push(&mut out, line.clone(), line, change);
+                }
+            }
+        }
+        (Body::Binary(x), Body::Binary(y)) if x != y => {
+            let field = if x.len() == y.len() {
+                "body:digest"
+            } else {
+                "body:length"
+            };
+            push(&mut out, field.into(), field.into(), Change::Value);
+        }
         _ if a.kind() != b.kind() => push(
             &mut out,
             "body:type".into(),
@@ -189,6 +220,19 @@ pub fn compare_read(
         _ => {}
     }
     out
+}
+
+/// A text line with what `patterns` match in it blanked out: two lines that differ only there
+/// are no difference (`ignore.values`: a line both of whose versions a pattern matches, as a
+/// JSON value, or whose differing parts the patterns match).
+fn masked<'a>(patterns: &[Regex], line: &'a str) -> std::borrow::Cow<'a, str> {
+    let mut line = std::borrow::Cow::Borrowed(line);
+    for r in patterns {
+        if r.is_match(&line) {
+            line = std::borrow::Cow::Owned(r.replace_all(&line, "\u{0}").into_owned());
+        }
+    }
+    line
 }
 
 #[cfg(test)]
@@ -260,15 +304,51 @@ mod tests {
     }
 
     #[test]
-    fn other_bodies_are_compared_whole_and_cut_ones_not_at_all() {
+    fn text_by_lines_bytes_by_length_and_digest_and_cut_bodies_not_at_all() {
         let text = headers(&[("content-type", "text/plain")]);
         let json = headers(&[("content-type", "application/json")]);
         let d = compare(
-            &response(200, &text, b"a\nb"),
-            &response(200, &text, b"a\nc"),
+            &response(200, &text, b"a\nb\n2026-11-26T10:00:00Z ok\nd"),
+            &response(200, &text, b"a\nc\n2026-11-26T10:00:07Z ok"),
+            &rules(),
+        );
+        assert_eq!(
+            d.as_ref().map(fields),
+            Ok(vec![("body:line/2", "value"), ("body:line/4", "missing")]),
+            "line 3 differs only in an ignored timestamp"
+        );
+        let mut clock = rules();
+        clock.ignore_values = vec![Regex::new(r"\d\d:\d\d:\d\d").expect("regex")];
+        let d = compare(
+            &response(200, &text, b"served at 10:00:00 by a"),
+            &response(200, &text, b"served at 10:00:07 by a"),
+            &clock,
+        );
+        assert_eq!(
+            d,
+            Ok(Differences::default()),
+            "what the pattern matches is blanked"
+        );
+        let long: String = (0..=MAX_TEXT_LINES).map(|i| format!("{i}\n")).collect();
+        let d = compare(
+            &response(200, &text, long.as_bytes()),
+            &response(200, &text, b"0\n"),
             &rules(),
         );
         assert_eq!(d.as_ref().map(fields), Ok(vec![("body:text", "value")]));
+        let bytes = headers(&[("content-type", "application/octet-stream")]);
+        let d = compare(
+            &response(200, &bytes, b"\x00\x01"),
+            &response(200, &bytes, b"\x00\x02"),
+            &rules(),
+        );
+        assert_eq!(d.as_ref().map(fields), Ok(vec![("body:digest", "value")]));
+        let d = compare(
+            &response(200, &bytes, b"\x00\x01"),
+            &response(200, &bytes, b"\x00"),
+            &rules(),
+        );
+        assert_eq!(d.as_ref().map(fields), Ok(vec![("body:length", "value")]));
         let d = compare(
             &response(200, &json, b"{}"),
             &response(200, &text, b"{}"),
