@@ -629,16 +629,8 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         concurrency: args.concurrency,
         filter_path: args.filter_path,
         filter_method: args.filter_method,
-        host_header: if args.host_header == "target" {
-            teeway_gateway::config::HostPolicy::Target
-        } else {
-            teeway_gateway::config::HostPolicy::Keep
-        },
-        protocol: match args.protocol.as_str() {
-            "http2" => teeway_runtime::config::UpstreamProtocol::Http2,
-            "auto" => teeway_runtime::config::UpstreamProtocol::Auto,
-            _ => teeway_runtime::config::UpstreamProtocol::Http1,
-        },
+        host_header: host_policy(&args.host_header),
+        protocol: upstream_protocol(&args.protocol),
         timeout: args.timeout,
         progress: !args.quiet,
         dry_run: args.dry_run,
@@ -668,6 +660,24 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         return ExitCode::from(FAILED);
     }
     ExitCode::SUCCESS
+}
+
+/// `--host-header` of `replay` and `diff`.
+fn host_policy(flag: &str) -> teeway_gateway::config::HostPolicy {
+    if flag == "target" {
+        teeway_gateway::config::HostPolicy::Target
+    } else {
+        teeway_gateway::config::HostPolicy::Keep
+    }
+}
+
+/// `--protocol` of `replay` and `diff`.
+fn upstream_protocol(flag: &str) -> teeway_runtime::config::UpstreamProtocol {
+    match flag {
+        "http2" => teeway_runtime::config::UpstreamProtocol::Http2,
+        "auto" => teeway_runtime::config::UpstreamProtocol::Auto,
+        _ => teeway_runtime::config::UpstreamProtocol::Http1,
+    }
 }
 
 fn diff_command(args: DiffArgs) -> ExitCode {
@@ -707,16 +717,8 @@ fn diff_command(args: DiffArgs) -> ExitCode {
             ca: args.ca,
             timeout: args.timeout,
             concurrency: args.concurrency,
-            protocol: match args.protocol.as_str() {
-                "http2" => teeway_runtime::config::UpstreamProtocol::Http2,
-                "auto" => teeway_runtime::config::UpstreamProtocol::Auto,
-                _ => teeway_runtime::config::UpstreamProtocol::Http1,
-            },
-            host_header: if args.host_header == "target" {
-                teeway_gateway::config::HostPolicy::Target
-            } else {
-                teeway_gateway::config::HostPolicy::Keep
-            },
+            protocol: upstream_protocol(&args.protocol),
+            host_header: host_policy(&args.host_header),
         },
         progress: !args.quiet,
     };

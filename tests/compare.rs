@@ -48,6 +48,62 @@ fn service(version: &str) -> Option<(Reap, SocketAddr)> {
     Some((Reap(child), SocketAddr::from(([127, 0, 0, 1], port))))
 }
 
+/// A gateway and an agent in front of `production`, started in `dir` with certificates made
+/// there, the uplink connected.
+struct Stack {
+    gateway: Proc,
+    gateway_admin: SocketAddr,
+    agent: Proc,
+    agent_addr: SocketAddr,
+    agent_admin: SocketAddr,
+}
+
+impl Stack {
+    /// `gateway_more` is the gateway's configuration past `listen`, `tls` and `admin`;
+    /// `agent_more`, the agent's past its front, gateway and admin.
+    fn start(
+        dir: &std::path::Path,
+        gateway_more: &str,
+        production: SocketAddr,
+        agent_more: &str,
+    ) -> Self {
+        certs_init(dir);
+        std::fs::write(
+            dir.join("gateway.yaml"),
+            format!(
+                "listen: 127.0.0.1:0
+tls: {{ ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }}
+admin: {{ listen: 127.0.0.1:0 }}
+{gateway_more}"
+            ),
+        )
+        .expect("write");
+        let gateway = Proc::spawn(dir, &["gateway", "--config", "gateway.yaml"]);
+        let serving = gateway.wait_for_line("gateway serving");
+        let gateway_addr = field(&serving, "listen");
+        let gateway_admin: SocketAddr = field(&serving, "admin").parse().expect("admin");
+        std::fs::write(
+            dir.join("agent.yaml"),
+            format!(
+                "cluster: prod-eu-1\nlisten: 127.0.0.1:0\nprimary: http://{production}\ngateway:\n  address: {gateway_addr}\n  server_name: localhost\n  ca: certs/dev/ca.pem\n  cert: certs/dev/agent.pem\n  key: certs/dev/agent.key\nadmin: {{ listen: 127.0.0.1:0 }}\n{agent_more}"
+            ),
+        )
+        .expect("write");
+        let agent = Proc::spawn(dir, &["agent", "--config", "agent.yaml"]);
+        let line = agent.wait_for_line("agent serving");
+        let agent_addr: SocketAddr = field(&line, "listen").parse().expect("listen");
+        let agent_admin: SocketAddr = field(&line, "admin").parse().expect("admin");
+        agent.wait_for_line("uplink connected");
+        Self {
+            gateway,
+            gateway_admin,
+            agent,
+            agent_addr,
+            agent_admin,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_regression_is_found_on_its_endpoint_and_field_and_noise_is_told_apart() {
     let Some((_v1, v1)) = service("v1") else {
@@ -62,13 +118,16 @@ async fn a_regression_is_found_on_its_endpoint_and_field_and_noise_is_told_apart
     let (_v2, v2) = service("v2").expect("v2");
     let (_prod, prod) = service("v1").expect("production");
     let dir = tempfile::tempdir().expect("tempdir");
-    certs_init(dir.path());
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        format!(
-            "listen: 127.0.0.1:0
-tls: {{ ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }}
-routes:
+    let Stack {
+        gateway,
+        gateway_admin,
+        agent: _agent,
+        agent_addr,
+        ..
+    } = Stack::start(
+        dir.path(),
+        &format!(
+            "routes:
   - name: users
     targets: [http://{v2}, http://{v1}, http://{v1b}]
     compare:
@@ -76,26 +135,11 @@ routes:
       primary: http://{v1}
       secondary: http://{v1b}
 archive: {{ dir: archive, record_responses: true, max_response_body: 1MiB }}
-admin: {{ listen: 127.0.0.1:0 }}
 "
         ),
-    )
-    .expect("write");
-    let gateway = Proc::spawn(dir.path(), &["gateway", "--config", "gateway.yaml"]);
-    let serving = gateway.wait_for_line("gateway serving");
-    let gateway_addr = field(&serving, "listen");
-    let gateway_admin: SocketAddr = field(&serving, "admin").parse().expect("admin");
-    std::fs::write(
-        dir.path().join("agent.yaml"),
-        format!(
-            "cluster: prod-eu-1\nlisten: 127.0.0.1:0\nprimary: http://{prod}\ngateway:\n  address: {gateway_addr}\n  server_name: localhost\n  ca: certs/dev/ca.pem\n  cert: certs/dev/agent.pem\n  key: certs/dev/agent.key\nadmin: {{ listen: 127.0.0.1:0 }}\n"
-        ),
-    )
-    .expect("write");
-    let agent = Proc::spawn(dir.path(), &["agent", "--config", "agent.yaml"]);
-    let line = agent.wait_for_line("agent serving");
-    let agent_addr: SocketAddr = field(&line, "listen").parse().expect("listen");
-    agent.wait_for_line("uplink connected");
+        prod,
+        "",
+    );
 
     let mut client = KeepAlive::open(agent_addr).await;
     for i in 0..60 {
@@ -344,13 +388,16 @@ async fn production_itself_is_the_baseline() {
     let (_v2, v2) = service("v2").expect("v2");
     let (_prod, prod) = service("v1").expect("production");
     let dir = tempfile::tempdir().expect("tempdir");
-    certs_init(dir.path());
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        format!(
-            "listen: 127.0.0.1:0
-tls: {{ ca: certs/dev/ca.pem, cert: certs/dev/gateway.pem, key: certs/dev/gateway.key }}
-routes:
+    let Stack {
+        gateway,
+        gateway_admin,
+        agent: _agent,
+        agent_addr,
+        agent_admin,
+    } = Stack::start(
+        dir.path(),
+        &format!(
+            "routes:
   - name: users
     targets: [http://{v2}, http://{v1b}]
     compare:
@@ -358,27 +405,11 @@ routes:
       primary: production
       secondary: http://{v1b}
       headers: [content-type, set-cookie]
-admin: {{ listen: 127.0.0.1:0 }}
 "
         ),
-    )
-    .expect("write");
-    let gateway = Proc::spawn(dir.path(), &["gateway", "--config", "gateway.yaml"]);
-    let serving = gateway.wait_for_line("gateway serving");
-    let gateway_addr = field(&serving, "listen");
-    let gateway_admin: SocketAddr = field(&serving, "admin").parse().expect("admin");
-    std::fs::write(
-        dir.path().join("agent.yaml"),
-        format!(
-            "cluster: prod-eu-1\nlisten: 127.0.0.1:0\nprimary: http://{prod}\nmirror:\n  capture_response: {{ enabled: true }}\narchive: {{ dir: capture }}\ngateway:\n  address: {gateway_addr}\n  server_name: localhost\n  ca: certs/dev/ca.pem\n  cert: certs/dev/agent.pem\n  key: certs/dev/agent.key\nadmin: {{ listen: 127.0.0.1:0 }}\n"
-        ),
-    )
-    .expect("write");
-    let agent = Proc::spawn(dir.path(), &["agent", "--config", "agent.yaml"]);
-    let line = agent.wait_for_line("agent serving");
-    let agent_addr: SocketAddr = field(&line, "listen").parse().expect("listen");
-    let agent_admin: SocketAddr = field(&line, "admin").parse().expect("admin");
-    agent.wait_for_line("uplink connected");
+        prod,
+        "mirror:\n  capture_response: { enabled: true }\narchive: { dir: capture }\n",
+    );
 
     // What production answered each request, as the client got it.
     let mut answered = std::collections::HashMap::new();

@@ -1126,6 +1126,16 @@ mod tests {
         answer
     }
 
+    /// [`request_with_answer`], its answer's head come: a 200 with no fields.
+    async fn plain_answer(tee: &Arc<Tee>) -> AnswerTap {
+        request_with_answer(tee).await.head(
+            StatusCode::OK,
+            Version::HTTP_11,
+            &HeaderMap::new(),
+            Duration::ZERO,
+        )
+    }
+
     #[tokio::test]
     async fn a_copy_waits_for_productions_answer_and_carries_it_scrubbed() {
         let (tee, mut rx, acc) = answering_tee(1024, Duration::from_secs(30), 1 << 20);
@@ -1208,12 +1218,7 @@ mod tests {
         q.ticket.mirrored();
 
         // The client went away mid-answer.
-        let mut tap = request_with_answer(&tee).await.head(
-            StatusCode::OK,
-            Version::HTTP_11,
-            &HeaderMap::new(),
-            Duration::ZERO,
-        );
+        let mut tap = plain_answer(&tee).await;
         assert!(tap.data(b"part"));
         drop(tap);
         let q = rx.try_recv().expect("alone");
@@ -1222,12 +1227,7 @@ mod tests {
         q.ticket.mirrored();
 
         // Longer than the limit: cut there, flagged, and sent at once.
-        let mut tap = request_with_answer(&tee).await.head(
-            StatusCode::OK,
-            Version::HTTP_11,
-            &HeaderMap::new(),
-            Duration::ZERO,
-        );
+        let mut tap = plain_answer(&tee).await;
         assert!(!tap.data(b"0123456789"), "it keeps no more");
         let q = rx.try_recv().expect("sent without waiting for the rest");
         let production = decoded(&q).production.expect("answer");
@@ -1243,12 +1243,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_answer_that_does_not_end_in_time_lets_the_request_go_alone() {
         let (tee, mut rx, acc) = answering_tee(1024, Duration::from_secs(5), 1 << 20);
-        let mut tap = request_with_answer(&tee).await.head(
-            StatusCode::OK,
-            Version::HTTP_11,
-            &HeaderMap::new(),
-            Duration::ZERO,
-        );
+        let mut tap = plain_answer(&tee).await;
         assert!(tap.data(b"event: 1\n\n"));
         let expired = std::future::poll_fn(|cx| Tap::poll_expired(&mut tap, cx));
         tokio::time::timeout(Duration::from_secs(6), expired)
@@ -1267,12 +1262,7 @@ mod tests {
     async fn an_answer_with_no_room_in_queue_bytes_is_left_out() {
         // Room for the request's copy, not for a 64 KiB answer besides.
         let (tee, mut rx, acc) = answering_tee(1 << 20, Duration::from_secs(30), 16 * 1024);
-        let mut tap = request_with_answer(&tee).await.head(
-            StatusCode::OK,
-            Version::HTTP_11,
-            &HeaderMap::new(),
-            Duration::ZERO,
-        );
+        let mut tap = plain_answer(&tee).await;
         assert!(!tap.data(&[b'x'; 64 * 1024]));
         let q = rx.try_recv().expect("the request went alone");
         assert!(decoded(&q).production.is_none());
