@@ -119,16 +119,19 @@ pub enum AnswerFate {
     TooLate,
     /// Holding it would have spent `mirror.queue_bytes`: the request went alone.
     QueueBytes,
+    /// The request and it together pass the protocol's frame limit: the request went alone.
+    TooLarge,
 }
 
 impl AnswerFate {
     /// Every fate, in label order.
-    pub const ALL: [AnswerFate; 5] = [
+    pub const ALL: [AnswerFate; 6] = [
         AnswerFate::Sent,
         AnswerFate::Truncated,
         AnswerFate::NoAnswer,
         AnswerFate::TooLate,
         AnswerFate::QueueBytes,
+        AnswerFate::TooLarge,
     ];
 
     /// Its `result` label.
@@ -139,6 +142,7 @@ impl AnswerFate {
             AnswerFate::NoAnswer => "no_answer",
             AnswerFate::TooLate => "too_late",
             AnswerFate::QueueBytes => "queue_bytes",
+            AnswerFate::TooLarge => "too_large",
         }
     }
 }

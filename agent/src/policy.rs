@@ -267,18 +267,25 @@ impl Redaction {
     /// The query of `Referer` (the page the request came from: often a URL with a token) gets
     /// the same scrubbing as the request's own, and its userinfo goes.
     fn scrub_referer(&self, headers: &mut HeaderMap) {
-        if !headers.contains_key(http::header::REFERER) {
+        self.scrub_url_header(headers, &http::header::REFERER);
+    }
+
+    /// Scrubs the URLs header `name` holds as a request's target is scrubbed: query parameters
+    /// `redact.query` names, userinfo and fragment (an answer's `Location` can carry a
+    /// presigned URL's credentials, or an OAuth redirect's token).
+    pub fn scrub_url_header(&self, headers: &mut HeaderMap, name: &HeaderName) {
+        if !headers.contains_key(name) {
             return;
         }
-        // Every value, in order: a second Referer must not carry what the first does not.
+        // Every value, in order: a second one must not carry what the first does not.
         let values: Vec<Option<HeaderValue>> = headers
-            .get_all(http::header::REFERER)
+            .get_all(name)
             .iter()
             .map(|v| self.scrubbed_referer(v))
             .collect();
-        headers.remove(http::header::REFERER);
+        headers.remove(name);
         for v in values.into_iter().flatten() {
-            headers.append(http::header::REFERER, v);
+            headers.append(name.clone(), v);
         }
     }
 
@@ -571,10 +578,14 @@ impl CaptureResponse {
     }
 
     /// Scrubs an answer's headers or trailers: `set-cookie` always, then what `redaction`
-    /// scrubs from requests, then this block's own names.
+    /// scrubs from requests, the query of `Location` and `Content-Location` as a request's,
+    /// then this block's own names. Answer bodies leave as they are, as request bodies do.
     pub fn scrub(&self, redaction: &Redaction, headers: &mut HeaderMap) {
         headers.remove(http::header::SET_COOKIE);
         redaction.apply_headers(headers);
+        for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+            redaction.scrub_url_header(headers, &name);
+        }
         for name in &self.redact_headers {
             headers.remove(name);
         }

@@ -357,6 +357,9 @@ impl Tee {
                 let pairing = Arc::new(Pairing {
                     tee: self.clone(),
                     state: Mutex::new(Pair::Open),
+                    wait: capture.wait,
+                    closed: std::sync::atomic::AtomicBool::new(false),
+                    timer: std::sync::OnceLock::new(),
                 });
                 let answer = Answer {
                     pairing: Some(pairing.clone()),
@@ -645,6 +648,13 @@ where
 struct Pairing {
     tee: Arc<Tee>,
     state: Mutex<Pair>,
+    /// `capture_response.wait`: from the request's end, the longest its copy waits.
+    wait: std::time::Duration,
+    /// Met, or given up: the answer's tap keeps nothing more.
+    closed: std::sync::atomic::AtomicBool,
+    /// Lets the request go alone once `wait` has passed, whether or not anything polls the
+    /// answer (a client that stops reading stops it).
+    timer: std::sync::OnceLock<tokio::task::AbortHandle>,
 }
 
 #[derive(Debug)]
@@ -682,12 +692,14 @@ impl Pairing {
     }
 
     /// The request's copy is finished.
-    fn request(&self, finished: Finished) {
+    fn request(self: &Arc<Self>, finished: Finished) {
         let answered = {
             let mut state = self.lock();
             match std::mem::replace(&mut *state, Pair::Closed) {
                 Pair::Open => {
                     *state = Pair::Request(finished);
+                    drop(state);
+                    self.start_timer();
                     return;
                 }
                 Pair::Answer(answered) => answered,
@@ -695,17 +707,41 @@ impl Pairing {
                 Pair::Request(_) | Pair::Closed => Answered::Not(AnswerFate::NoAnswer),
             }
         };
-        self.send(finished, answered);
+        self.meet(finished, answered);
+    }
+
+    /// From now, `wait` at most: then the request goes alone (`too_late`).
+    fn start_timer(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pairing = Arc::downgrade(self);
+        let wait = self.wait;
+        let timer = runtime.spawn(async move {
+            tokio::time::sleep(wait).await;
+            if let Some(pairing) = pairing.upgrade() {
+                pairing.answer(Answered::Not(AnswerFate::TooLate));
+            }
+        });
+        let _ = self.timer.set(timer.abort_handle());
     }
 
     /// The request's copy was given up (counted where it was): the answer is not waited for.
     fn request_lost(&self) {
+        self.close();
         let lost = std::mem::replace(&mut *self.lock(), Pair::Closed);
         drop(lost);
     }
 
+    fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        if let Some(timer) = self.timer.get() {
+            timer.abort();
+        }
+    }
+
     /// Production's answer ended, or will not come.
-    fn answer(&self, answered: Answered) {
+    fn answer(self: &Arc<Self>, answered: Answered) {
         let finished = {
             let mut state = self.lock();
             match std::mem::replace(&mut *state, Pair::Closed) {
@@ -717,7 +753,20 @@ impl Pairing {
                 Pair::Answer(_) | Pair::Closed => return,
             }
         };
-        self.send(finished, answered);
+        self.meet(finished, answered);
+    }
+
+    /// Both ended: the copy is joined and queued off the path that ended second (the client's
+    /// answer, or the request's body), on a task of its own: joining copies the request's frame.
+    fn meet(self: &Arc<Self>, finished: Finished, answered: Answered) {
+        self.close();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let pairing = self.clone();
+                runtime.spawn(async move { pairing.send(finished, answered) });
+            }
+            Err(_) => self.send(finished, answered),
+        }
     }
 
     /// Queues the copy with its answer, or alone when there is none or no room for it.
@@ -730,6 +779,10 @@ impl Pairing {
                 // The answer's bytes move into the copy's frame, held by its ticket.
                 drop(hold);
                 match joined {
+                    // Past a frame, the gateway would refuse the batch: the request goes alone.
+                    Some(frame) if frame.len() > teeway_wire::MAX_FRAME_LEN as usize => {
+                        AnswerFate::TooLarge
+                    }
                     Some(frame) if finished.ticket.hold_total(footprint(frame.len())).is_ok() => {
                         out.books.answer(fate);
                         let held = frame.len();
@@ -841,8 +894,15 @@ pub struct AnswerTap {
 impl AnswerTap {
     /// Body bytes on their way to the client; `false` once it keeps no more (it is done).
     pub fn data(&mut self, chunk: &[u8]) -> bool {
-        if self.pairing.is_none() {
-            return false;
+        match &self.pairing {
+            None => return false,
+            // Given up meanwhile (`wait` passed): what it holds is let go.
+            Some(p) if p.closed.load(Ordering::Relaxed) => {
+                self.pairing = None;
+                self.body = BytesMut::new();
+                return false;
+            }
+            Some(_) => {}
         }
         let room = self.max - self.body.len();
         let cut = chunk.len() > room;
@@ -1095,6 +1155,14 @@ mod tests {
         (Arc::new(tee), rx, acc)
     }
 
+    /// The next copy queued (joined on a task of its own), if one comes within 60 s.
+    async fn next(rx: &mut mpsc::Receiver<Queued>) -> Option<Queued> {
+        tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     fn answers(acc: &Accounting, result: &str) -> f64 {
         Snapshot::parse(&acc.registry().render()).get(&format!(
             "teeway_agent_production_answers_total{{result=\"{result}\"}}"
@@ -1111,6 +1179,12 @@ mod tests {
         h.append(http::header::SET_COOKIE, HeaderValue::from_static("sid=1"));
         h.append("x-session", HeaderValue::from_static("s3cret"));
         h.append("x-request-id", HeaderValue::from_static("r-1"));
+        h.append(
+            http::header::LOCATION,
+            HeaderValue::from_static(
+                "https://bucket.example/o?X-Amz-Signature=abc&part=2#access_token=t",
+            ),
+        );
         h
     }
 
@@ -1156,7 +1230,7 @@ mod tests {
         assert!(rx.try_recv().is_err(), "until it ends");
         tap.finish();
 
-        let q = rx.try_recv().expect("queued with its answer");
+        let q = next(&mut rx).await.expect("queued with its answer");
         let copy = decoded(&q);
         assert_eq!(&copy.body[..], b"ask");
         let production = copy.production.expect("the answer travels with the copy");
@@ -1167,8 +1241,13 @@ mod tests {
         let names: Vec<&str> = production.headers.keys().map(|n| n.as_str()).collect();
         assert_eq!(
             names,
-            ["content-type", "x-request-id"],
+            ["content-type", "x-request-id", "location"],
             "set-cookie and x-session stay"
+        );
+        assert_eq!(
+            production.headers[http::header::LOCATION],
+            "https://bucket.example/o?part=2",
+            "a presigned URL's signature and a redirect's token stay"
         );
         let trailers = production.trailers.expect("trailers");
         assert_eq!(trailers.len(), 1, "grpc-status kept, set-cookie not");
@@ -1198,7 +1277,7 @@ mod tests {
             .collect()
             .await
             .expect("body");
-        let q = rx.try_recv().expect("queued once both ended");
+        let q = next(&mut rx).await.expect("queued once both ended");
         assert_eq!(
             decoded(&q).production.expect("answer").version,
             Version::HTTP_2
@@ -1212,7 +1291,7 @@ mod tests {
         let (tee, mut rx, acc) = answering_tee(8, Duration::from_secs(30), 1 << 20);
         // The primary failed: the answer is let go before its head.
         drop(request_with_answer(&tee).await);
-        let q = rx.try_recv().expect("the request goes alone");
+        let q = next(&mut rx).await.expect("the request goes alone");
         assert!(decoded(&q).production.is_none());
         assert_eq!(answers(&acc, "no_answer"), 1.0);
         q.ticket.mirrored();
@@ -1221,7 +1300,7 @@ mod tests {
         let mut tap = plain_answer(&tee).await;
         assert!(tap.data(b"part"));
         drop(tap);
-        let q = rx.try_recv().expect("alone");
+        let q = next(&mut rx).await.expect("alone");
         assert!(decoded(&q).production.is_none());
         assert_eq!(answers(&acc, "no_answer"), 2.0);
         q.ticket.mirrored();
@@ -1229,7 +1308,7 @@ mod tests {
         // Longer than the limit: cut there, flagged, and sent at once.
         let mut tap = plain_answer(&tee).await;
         assert!(!tap.data(b"0123456789"), "it keeps no more");
-        let q = rx.try_recv().expect("sent without waiting for the rest");
+        let q = next(&mut rx).await.expect("sent without waiting for the rest");
         let production = decoded(&q).production.expect("answer");
         assert_eq!(&production.body[..], b"01234567");
         assert!(production.body_truncated);
@@ -1249,7 +1328,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(6), expired)
             .await
             .expect("expires after `wait`");
-        let q = rx.try_recv().expect("the request went alone");
+        let q = next(&mut rx).await.expect("the request went alone");
         assert!(decoded(&q).production.is_none());
         assert_eq!(answers(&acc, "too_late"), 1.0);
         assert!(!tap.data(b"event: 2\n\n"), "the tap keeps nothing more");
@@ -1258,13 +1337,29 @@ mod tests {
         q.ticket.mirrored();
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_does_not_hold_the_copy_past_wait() {
+        // Nothing polls the answer (the client's window is shut): the copy still goes.
+        let (tee, mut rx, acc) = answering_tee(1024, Duration::from_secs(5), 1 << 20);
+        let mut tap = plain_answer(&tee).await;
+        assert!(tap.data(b"part of it"));
+        let q = next(&mut rx).await.expect("the request went alone after `wait`");
+        assert!(decoded(&q).production.is_none());
+        assert_eq!(answers(&acc, "too_late"), 1.0);
+        assert!(!tap.data(b"more"), "the tap keeps nothing more");
+        q.ticket.mirrored();
+        drop(tap);
+        assert_eq!(held(&acc), 0.0);
+        assert_eq!(answers(&acc, "no_answer"), 0.0, "counted once");
+    }
+
     #[tokio::test]
     async fn an_answer_with_no_room_in_queue_bytes_is_left_out() {
         // Room for the request's copy, not for a 64 KiB answer besides.
         let (tee, mut rx, acc) = answering_tee(1 << 20, Duration::from_secs(30), 16 * 1024);
         let mut tap = plain_answer(&tee).await;
         assert!(!tap.data(&[b'x'; 64 * 1024]));
-        let q = rx.try_recv().expect("the request went alone");
+        let q = next(&mut rx).await.expect("the request went alone");
         assert!(decoded(&q).production.is_none());
         assert_eq!(answers(&acc, "queue_bytes"), 1.0);
         assert_eq!(
@@ -1292,7 +1387,7 @@ mod tests {
             .collect()
             .await
             .expect("body");
-        let q = rx.try_recv().expect("queued at once");
+        let q = next(&mut rx).await.expect("queued at once");
         assert!(decoded(&q).production.is_none());
         assert_eq!(answers(&acc, "no_answer"), 0.0);
         q.ticket.mirrored();

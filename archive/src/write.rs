@@ -165,14 +165,19 @@ enum Submitted {
 }
 
 impl Submitted {
-    /// Whether it is an HTTP request or response (envelope kinds 1 and 2).
+    /// Whether it is an HTTP request or response (envelope kinds 1, 2 and 6: a request with
+    /// production's answer, which gor holds as a request and its original response).
     fn is_http(&self) -> bool {
+        use teeway_wire::envelope::{KIND_HTTP_EXCHANGE, KIND_HTTP_REQUEST, KIND_HTTP_RESPONSE};
         match self {
             Submitted::Record(r) => {
                 matches!(r, Envelope::HttpRequest(_) | Envelope::HttpResponse(_))
             }
             // Prefix, frame type, then the envelope's kind.
-            Submitted::Frame(f) => matches!(f.get(PREFIX_LEN + 1), Some(1 | 2)),
+            Submitted::Frame(f) => matches!(
+                f.get(PREFIX_LEN + 1).copied(),
+                Some(KIND_HTTP_REQUEST | KIND_HTTP_RESPONSE | KIND_HTTP_EXCHANGE)
+            ),
         }
     }
 }
@@ -804,6 +809,21 @@ mod tests {
         let frame =
             teeway_wire::Frame::rpc_request(&rpc.meta, rpc.connection, &rpc.call, &rpc.message);
         archive.try_submit_frame(frame, done());
+        // A request with production's answer, as a capturing agent's frame: gor holds both.
+        let mut alone = bytes::BytesMut::new();
+        teeway_wire::Frame::Envelope(Envelope::HttpRequest(sample_request(2, b"y")))
+            .encode(&mut alone);
+        let answer = teeway_wire::Production {
+            latency: std::time::Duration::from_millis(1),
+            status: http::StatusCode::OK,
+            version: http::Version::HTTP_11,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"ok"),
+            trailers: None,
+            body_truncated: false,
+        };
+        let joined = teeway_wire::frame::with_production(&alone, &answer).expect("a request");
+        archive.try_submit_frame(joined, done());
         task.close().await;
         let mut seen = seen.lock().expect("lock").clone();
         seen.sort_by_key(|o| format!("{o:?}"));
@@ -813,16 +833,18 @@ mod tests {
                 Outcome::Dropped(ArchiveDrop::NotInFormat),
                 Outcome::Dropped(ArchiveDrop::NotInFormat),
                 Outcome::Written,
+                Outcome::Written,
             ]
         );
         let (back, _) = read_back(dir.path());
-        assert_eq!(back.len(), 1, "the HTTP request alone");
+        assert_eq!(back.len(), 3, "the HTTP requests, and production's answer to one");
+        assert!(matches!(&back[2], Envelope::HttpResponse(r) if &r.body[..] == b"ok"));
         let text = registry.render();
         assert!(
             text.contains(&format!("{DROPPED_TOTAL}{{reason=\"not_in_format\"}} 2")),
             "{text}"
         );
-        assert!(text.contains(&format!("{RECORDS_TOTAL} 1")), "{text}");
+        assert!(text.contains(&format!("{RECORDS_TOTAL} 2")), "{text}");
     }
 
     #[tokio::test]
