@@ -89,6 +89,11 @@ pub struct Findings {
     pub other_records: u64,
     /// Replays that failed, by role and reason.
     pub failed: Vec<(String, u64)>,
+    /// Requests whose body the agent cut: not sent, as a gateway sends none of them.
+    pub cut: u64,
+    /// Roles whose answers were to come from the archives and none did, with the targets the
+    /// archives do hold answers of (`production` for original responses).
+    pub absent: Vec<String>,
 }
 
 impl Findings {
@@ -178,6 +183,13 @@ impl std::fmt::Display for Findings {
             skipped,
             join(&self.skipped)
         )?;
+        if self.cut > 0 {
+            writeln!(
+                f,
+                "cut:       {} requests whose body the agent cut were not sent (as a gateway sends none)",
+                self.cut
+            )?;
+        }
         if !self.failed.is_empty() {
             let list: Vec<String> = self
                 .failed
@@ -284,8 +296,14 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Waits for a slot, then replays and compares `w` on a task of its own.
+    /// Waits for a slot, then replays and compares `w` on a task of its own. With nothing to
+    /// replay, `w` goes to the comparison at once, in the order read: the same archive gives
+    /// the same findings every time.
     async fn dispatch(&self, w: Waiting) {
+        if self.roles.iter().all(|(_, t)| t.is_none()) {
+            let _ = self.ready.send((Arc::new(w.record), w.answers)).await;
+            return;
+        }
         let Ok(slot) = self.slots.clone().acquire_owned().await else {
             return;
         };
@@ -359,7 +377,15 @@ pub async fn run(options: DiffOptions) -> anyhow::Result<Findings> {
         let target = if options.from_archive {
             None
         } else {
-            Some(http_target(flag, &url, &options.http, resolver.clone())?)
+            let target = http_target(flag, &url, &options.http, resolver.clone());
+            Some(
+                target.map_err(|e| match (name, e.downcast_ref::<crate::Usage>()) {
+                    ("primary", Some(_)) => {
+                        crate::usage(format!("{e}; or `production` for what production answered"))
+                    }
+                    _ => e,
+                })?,
+            )
         };
         roles.push(Role { name, url, target });
     }
@@ -416,11 +442,21 @@ pub async fn run(options: DiffOptions) -> anyhow::Result<Findings> {
     let mut pending = Pending::default();
     let mut requests = 0u64;
     let mut other_records = 0u64;
+    let mut cut = 0u64;
+    // Answers found in the archives: by target URL (`production`: original responses).
+    let mut archived: std::collections::BTreeMap<String, u64> = Default::default();
     while let Some(record) = rx.recv().await {
         match record {
             Envelope::HttpRequest(r) => {
                 requests += 1;
                 read.store(requests, Ordering::Relaxed);
+                if r.production.is_some() {
+                    *archived.entry(PRODUCTION.to_owned()).or_default() += 1;
+                }
+                if r.body_truncated {
+                    cut += 1;
+                    continue;
+                }
                 let waits = options.from_archive || (production && r.production.is_none());
                 let w = Waiting {
                     answers: (0..roles.len()).map(|_| None).collect(),
@@ -436,6 +472,11 @@ pub async fn run(options: DiffOptions) -> anyhow::Result<Findings> {
             }
             Envelope::HttpResponse(resp) => {
                 other_records += 1;
+                let from = match resp.origin {
+                    ResponseOrigin::Original => PRODUCTION.to_owned(),
+                    ResponseOrigin::Replayed => resp.target.trim_end_matches('/').to_owned(),
+                };
+                *archived.entry(from).or_default() += 1;
                 let key = resp.meta.key();
                 let Some(w) = pending.waiting.get_mut(&key) else {
                     continue;
@@ -488,6 +529,26 @@ pub async fn run(options: DiffOptions) -> anyhow::Result<Findings> {
         .map(|f| f.iter().map(|(k, v)| (k.clone(), *v)).collect())
         .unwrap_or_default();
     failed.sort();
+    // Roles whose answers were to be read from the archives and are not there: every copy
+    // would read as a regression (or a skip) for a reason the findings would not show.
+    let held: Vec<&str> = archived.keys().map(String::as_str).collect();
+    let absent = roles
+        .iter()
+        .filter(|r| r.target.is_none())
+        .map(|r| (r.name, r.url.clone()))
+        .chain(production.then(|| ("primary", PRODUCTION.to_owned())))
+        .filter(|(_, url)| !archived.contains_key(url))
+        .map(|(name, url)| {
+            format!(
+                "--{name} {url}: the archives hold no answer of it (they hold answers of: {})",
+                if held.is_empty() {
+                    "none".to_owned()
+                } else {
+                    held.join(", ")
+                }
+            )
+        })
+        .collect();
     Ok(Findings {
         summary: json!({ "routes": [compare.summary()] }),
         samples: json!({ ROUTE: compare.all_samples() }),
@@ -496,6 +557,8 @@ pub async fn run(options: DiffOptions) -> anyhow::Result<Findings> {
         skipped: labelled(COMPARE_SKIPPED_TOTAL, "reason"),
         other_records,
         failed,
+        cut,
+        absent,
     })
 }
 

@@ -747,10 +747,23 @@ fn diff_command(args: DiffArgs) -> ExitCode {
         ));
         return ExitCode::from(FAILED);
     }
+    if !findings.absent.is_empty() {
+        for absent in &findings.absent {
+            report_error(format_args!("error: {absent}"));
+        }
+        return ExitCode::from(FAILED);
+    }
     if findings.unreachable() > 0 {
         report_error(format_args!(
             "error: a target was unreachable for {} replay(s)",
             findings.unreachable()
+        ));
+        return ExitCode::from(FAILED);
+    }
+    if findings.compared() == 0 {
+        report_error(format_args!(
+            "error: no copy was compared ({} requests read): see the skipped reasons above",
+            findings.requests
         ));
         return ExitCode::from(FAILED);
     }

@@ -275,6 +275,22 @@ archive: {{ dir: archive, record_responses: true, max_response_body: 1MiB }}
         "{printed}"
     );
 
+    // A role the archive holds no answer of is named, not read as a 100% regression.
+    let typo = Command::new(env!("CARGO_BIN_EXE_teeway"))
+        .current_dir(dir.path())
+        .args(["diff", "--from-archive", "--quiet"])
+        .args(["--candidate", "http://127.0.0.1:1"])
+        .args(["--primary", &format!("http://{v1}"), "archive"])
+        .output()
+        .expect("teeway diff runs");
+    let complaint = String::from_utf8_lossy(&typo.stderr);
+    assert_eq!(typo.status.code(), Some(1), "{complaint}");
+    assert!(
+        complaint.contains("--candidate http://127.0.0.1:1: the archives hold no answer of it")
+            && complaint.contains(&format!("http://{v2}")),
+        "{complaint}"
+    );
+
     // The page, in a real browser: live on the admin port, then the static report.
     let Some(driver) = browser_driver() else {
         return;

@@ -1308,7 +1308,9 @@ mod tests {
         // Longer than the limit: cut there, flagged, and sent at once.
         let mut tap = plain_answer(&tee).await;
         assert!(!tap.data(b"0123456789"), "it keeps no more");
-        let q = next(&mut rx).await.expect("sent without waiting for the rest");
+        let q = next(&mut rx)
+            .await
+            .expect("sent without waiting for the rest");
         let production = decoded(&q).production.expect("answer");
         assert_eq!(&production.body[..], b"01234567");
         assert!(production.body_truncated);
@@ -1343,7 +1345,9 @@ mod tests {
         let (tee, mut rx, acc) = answering_tee(1024, Duration::from_secs(5), 1 << 20);
         let mut tap = plain_answer(&tee).await;
         assert!(tap.data(b"part of it"));
-        let q = next(&mut rx).await.expect("the request went alone after `wait`");
+        let q = next(&mut rx)
+            .await
+            .expect("the request went alone after `wait`");
         assert!(decoded(&q).production.is_none());
         assert_eq!(answers(&acc, "too_late"), 1.0);
         assert!(!tap.data(b"more"), "the tap keeps nothing more");

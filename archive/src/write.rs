@@ -837,7 +837,11 @@ mod tests {
             ]
         );
         let (back, _) = read_back(dir.path());
-        assert_eq!(back.len(), 3, "the HTTP requests, and production's answer to one");
+        assert_eq!(
+            back.len(),
+            3,
+            "the HTTP requests, and production's answer to one"
+        );
         assert!(matches!(&back[2], Envelope::HttpResponse(r) if &r.body[..] == b"ok"));
         let text = registry.render();
         assert!(

@@ -1343,13 +1343,12 @@ fn answer_head(
                 HeaderName::from_bytes(f.name.as_bytes()),
                 HeaderValue::from_bytes(f.value),
             ) {
-                // The client connection's own affair.
-                if name != http::header::CONNECTION {
-                    headers.append(name, value);
-                }
+                headers.append(name, value);
             }
         }
     }
+    // As the hyper path keeps them: the framing and the connection's fields are the hop's.
+    remove_hop_by_hop(&mut headers);
     answer.head(status, version, &headers, latency)
 }
 
