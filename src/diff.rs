@@ -212,13 +212,17 @@ impl std::fmt::Display for Findings {
             fields.sort_by_key(|f| f["verdict"] != "differing");
             for field in fields {
                 let pct = |k: &str| field[k].as_f64().unwrap_or(0.0) * 100.0;
+                // Without a secondary no known-good pair was measured.
+                let noise = match route["secondary"].is_string() {
+                    true => format!(", known-good versions {:.1}%", pct("noise_rate")),
+                    false => String::new(),
+                };
                 writeln!(
                     f,
-                    "  {:<9}  {}  candidate differs {:.1}%, known-good versions {:.1}%",
+                    "  {:<9}  {}  candidate differs {:.1}%{noise}",
                     field["verdict"].as_str().unwrap_or_default(),
                     field["field"].as_str().unwrap_or_default(),
                     pct("raw_rate"),
-                    pct("noise_rate")
                 )?;
             }
         }
@@ -628,11 +632,16 @@ async fn progress(read: Arc<AtomicU64>, compared: Arc<AtomicU64>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        eprintln!(
+        // A closed stderr stops the lines, not the diff.
+        let line = format!(
             "diff: {} requests read, {} copies compared",
             read.load(Ordering::Relaxed),
             compared.load(Ordering::Relaxed)
         );
+        use std::io::Write;
+        if writeln!(std::io::stderr().lock(), "{line}").is_err() {
+            return;
+        }
     }
 }
 

@@ -261,7 +261,7 @@ fn out(text: impl std::fmt::Display) {
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
-            eprintln!("error: cannot write to stdout: {e}");
+            stderr_line(format_args!("error: cannot write to stdout: {e}"));
         }
     }
 }
@@ -328,10 +328,16 @@ fn report_error(text: impl std::fmt::Display) {
             "target": "teeway",
             "message": text.to_string(),
         });
-        eprintln!("{line}");
+        stderr_line(line);
     } else {
-        eprintln!("{text}");
+        stderr_line(text);
     }
+}
+
+/// Writes a line to stderr; a closed stderr (`2>&1 | head`) is not a reason to panic.
+fn stderr_line(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (else `default`), in `format`.

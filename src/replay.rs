@@ -808,7 +808,11 @@ impl Progress {
                     };
                     match &bar {
                         Some(bar) => bar.set_message(line),
-                        None => eprintln!("replay: {line}"),
+                        None => {
+                            // A closed stderr stops the lines, not the replay.
+                            use std::io::Write;
+                            let _ = writeln!(std::io::stderr().lock(), "replay: {line}");
+                        }
                     }
                 }
                 if let Some(bar) = bar {

@@ -1472,6 +1472,17 @@ colour: blue
         ] {
             assert!(text.contains(want), "{want} in {text}");
         }
+        let tiny = VALID.replace(
+            "  queue: 100\n",
+            "  queue: 100\n  capture_response: { enabled: true, max_body_bytes: 10 }\n",
+        );
+        let text = AgentConfig::from_yaml(&tiny, &dir)
+            .expect_err("tiny")
+            .to_string();
+        assert!(
+            text.contains("mirror.capture_response.max_body_bytes: must be at least 1KiB"),
+            "{text}"
+        );
         let tight = VALID.replace(
             "  queue: 100\n",
             "  queue: 100\n  queue_bytes: 1MiB\n  capture_response: { enabled: true }\n",

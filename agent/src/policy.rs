@@ -541,9 +541,12 @@ impl CaptureResponse {
             .optional(
                 p,
                 "max_body_bytes",
-                "use a size up to 4MiB, such as 1MiB",
+                "use a size from 1KiB to 4MiB, such as 1MiB",
                 |v| match cfg::size(v)? {
                     n if n > MAX_ANSWER_BODY_BYTES => Err("must be at most 4MiB".into()),
+                    // Smaller, every answer with a body would be cut, and cut answers are
+                    // never compared.
+                    n if n < 1024 => Err("must be at least 1KiB".into()),
                     n => Ok(n),
                 },
             )
