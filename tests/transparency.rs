@@ -238,6 +238,38 @@ async fn a_keep_alive_connection_the_primary_closes_costs_idempotent_requests_no
 }
 
 #[tokio::test]
+async fn an_upgrade_on_a_pooled_connection_the_primary_closed_is_sent_again() {
+    // Found by CI under load: a WebSocket handshake that took a pooled connection the primary
+    // had closed got a 502, where any other request is sent again.
+    let (primary, answered) = closing_primary().await;
+    let stack = Stack::start_with(0.0, |c| {
+        c.primary = Some(loopback_target(primary));
+        c.primary_protocol = UpstreamProtocol::Http1;
+    })
+    .await;
+    // A request with a body goes through hyper, whose pool keeps the connection.
+    let mut client = KeepAlive::open(stack.agent.addr).await;
+    let req = Request::post("/a")
+        .header("host", "api.example.com")
+        .body(Full::new(Bytes::from_static(b"x")))
+        .expect("request");
+    assert_eq!(client.send(req).await, Ok(StatusCode::OK));
+    let mut ws = TcpStream::connect(stack.agent.addr).await.expect("connect");
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: api.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    // The primary declines the upgrade with a 200, on a new connection: the client gets it.
+    assert_eq!(status_of(&read_response(&mut ws).await), 200);
+    assert_eq!(answered.load(Ordering::Relaxed), 2);
+    let s = stack.agent_metrics();
+    assert_eq!(s.get(am::PRIMARY_ERRORS_TOTAL), 0.0);
+    assert!(s.get(am::PRIMARY_RETRIES_TOTAL) >= 1.0);
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn slow_silent_and_idle_clients_are_closed_and_counted() {
     let stack = Stack::start_with(0.0, |c| {
         c.limits.header_read_timeout = Duration::from_millis(600);

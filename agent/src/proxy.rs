@@ -280,12 +280,32 @@ impl Proxy {
             Ok(uri) => uri,
             Err(why) => return self.refuse(why, client),
         };
-        let upstream =
-            Request::from_parts(parts, ReplayBody::new(self.tee.body(body, None), 0, false));
+        let body = ReplayBody::new(self.tee.body(body, None), 0, false);
         let sent_at = std::time::Instant::now();
-        let mut resp = match self.http1.request(upstream).await {
-            Ok(resp) => resp,
-            Err(e) => return self.primary_failed(&e),
+        // A pooled connection the primary closed before answering is tried again on another,
+        // as for any request (an upgrade request carries no body to replay).
+        let mut attempt = 1;
+        let mut resp = loop {
+            let Some(attempt_body) = body.again() else {
+                return bad_gateway();
+            };
+            match self
+                .http1
+                .request(attempt_request(&parts, attempt_body))
+                .await
+            {
+                Ok(resp) => break resp,
+                Err(e)
+                    if attempt < MAX_ATTEMPTS
+                        && may_retry(&e, &parts.method)
+                        && body.replayable() =>
+                {
+                    attempt += 1;
+                    self.accounting.primary_retries.increment(1);
+                    tracing::debug!(error = %error_chain(&e), attempt, "the primary did not process the upgrade request; sending it again");
+                }
+                Err(e) => return self.primary_failed(&e),
+            }
         };
         self.accounting
             .primary_answered(resp.status(), sent_at.elapsed());
