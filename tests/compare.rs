@@ -23,9 +23,16 @@ use teeway_runtime::metrics::Snapshot;
 use support::redis::Reap;
 use support::{admin_get, certs_init, field, get, scrape, settle_async, KeepAlive, Proc};
 
-/// The service in `version`, on a free port.
+/// The service in `version`, on a free port; `None` (said) without python3.
 fn service(version: &str) -> Option<(Reap, SocketAddr)> {
-    let python = support::find_program("python3")?;
+    let Some(python) = support::find_program("python3") else {
+        support::tool_missing(
+            "python3",
+            "the JSON service compared",
+            "apt-get install python3",
+        );
+        return None;
+    };
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/compare/service.py");
     let mut child = Command::new(python)
@@ -107,11 +114,6 @@ admin: {{ listen: 127.0.0.1:0 }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_regression_is_found_on_its_endpoint_and_field_and_noise_is_told_apart() {
     let Some((_v1, v1)) = service("v1") else {
-        support::tool_missing(
-            "python3",
-            "the JSON service compared",
-            "apt-get install python3",
-        );
         return;
     };
     let (_v1b, v1b) = service("v1").expect("v1b");
@@ -394,11 +396,6 @@ archive: {{ dir: archive, record_responses: true, max_response_body: 1MiB }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_itself_is_the_baseline() {
     let Some((_v1b, v1b)) = service("v1") else {
-        support::tool_missing(
-            "python3",
-            "the JSON service compared",
-            "apt-get install python3",
-        );
         return;
     };
     let (_v2, v2) = service("v2").expect("v2");

@@ -47,6 +47,15 @@ const MAX_BODY_RESERVE: usize = 64 * 1024;
 /// grew 12-14% more than what it counted while copies piled up.
 const PER_COPY: u64 = (std::mem::size_of::<Queued>() + std::mem::size_of::<Ticket>() + 96) as u64;
 
+/// The body length a head announces (`Content-Length`); 0 when it announces none.
+fn announced_length(headers: &HeaderMap) -> usize {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0)
+}
+
 /// The bytes a copy whose frame has `capacity` bytes holds against `queue_bytes`.
 fn footprint(capacity: usize) -> u64 {
     capacity as u64 + PER_COPY
@@ -326,11 +335,7 @@ impl Tee {
         // Room for the body as announced (no more than is kept, and no more than a client that
         // announces much and sends little could make the agent set aside up front): such a
         // body is copied once, into a buffer of its size.
-        let announced = headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(0);
+        let announced = announced_length(&headers);
         let mut copy_headers = headers.into_owned();
         let uri = policy.redaction.apply(&mut copy_headers, uri);
         let max_body_bytes = usize::try_from(policy.max_body_bytes).unwrap_or(usize::MAX);
@@ -830,11 +835,7 @@ impl Answer {
         let mut headers = headers.clone();
         self.capture.scrub(&self.policy.redaction, &mut headers);
         let max = self.capture.max_body_bytes;
-        let announced = headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(0);
+        let announced = announced_length(&headers);
         let head_bytes = headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 8)

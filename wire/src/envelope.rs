@@ -225,17 +225,12 @@ pub(crate) fn production_len(p: &Production) -> usize {
 
 fn get_production(src: &mut Bytes) -> Result<Production, DecodeError> {
     let latency = Duration::from_nanos(get_u64(src, "latency")?);
-    let status = get_u16(src, "status")?;
-    let status = StatusCode::from_u16(status).map_err(|_| DecodeError::InvalidStatus(status))?;
+    let status = get_status(src)?;
     let version = get_version(src)?;
     let flags = get_u8(src, "flags")?;
     let headers = get_headers(src)?;
     let body = get_bytes32(src, "body")?;
-    let trailers = if flags & FLAG_HAS_TRAILERS != 0 {
-        Some(get_headers(src)?)
-    } else {
-        None
-    };
+    let trailers = get_trailers(src, flags)?;
     Ok(Production {
         latency,
         status,
@@ -245,6 +240,20 @@ fn get_production(src: &mut Bytes) -> Result<Production, DecodeError> {
         trailers,
         body_truncated: flags & FLAG_BODY_TRUNCATED != 0,
     })
+}
+
+/// Reads a status code (100 to 999).
+fn get_status(src: &mut Bytes) -> Result<StatusCode, DecodeError> {
+    let status = get_u16(src, "status")?;
+    StatusCode::from_u16(status).map_err(|_| DecodeError::InvalidStatus(status))
+}
+
+/// Reads the trailers a part's `flags` say follow its body.
+fn get_trailers(src: &mut Bytes, flags: u8) -> Result<Option<HeaderMap>, DecodeError> {
+    if flags & FLAG_HAS_TRAILERS == 0 {
+        return Ok(None);
+    }
+    get_headers(src).map(Some)
 }
 
 /// Reads an HTTP version code.
@@ -391,11 +400,7 @@ pub(crate) fn get_request_rest(
     let uri = get_uri(src)?;
     let headers = get_headers(src)?;
     let body = get_bytes32(src, "body")?;
-    let trailers = if flags & FLAG_HAS_TRAILERS != 0 {
-        Some(get_headers(src)?)
-    } else {
-        None
-    };
+    let trailers = get_trailers(src, flags)?;
     Ok(MirroredRequest {
         meta,
         method,
@@ -416,8 +421,7 @@ fn get_response(meta: Meta, src: &mut Bytes) -> Result<ResponseRecord, DecodeErr
     };
     let target = get_str16(src, "target")?;
     let latency = Duration::from_nanos(get_u64(src, "latency")?);
-    let status = get_u16(src, "status")?;
-    let status = StatusCode::from_u16(status).map_err(|_| DecodeError::InvalidStatus(status))?;
+    let status = get_status(src)?;
     let version = get_version(src)?;
     let flags = get_u8(src, "flags")?;
     let headers = get_headers(src)?;

@@ -435,32 +435,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
     fn parse_request(&mut self) -> Parsed {
         let (proxy, peer) = (self.proxy, self.peer);
         let max_lines = proxy.limits.max_header_lines;
+        let (buf, out, answer) = (&self.buf, &mut self.req, &mut self.answer);
+        let mut prepared =
+            |req: &httparse::Request<'_, '_>, len| prepare(proxy, peer, buf, req, len, out, answer);
         let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
         let mut req = httparse::Request::new(&mut slots);
-        match req.parse(&self.buf) {
-            Ok(httparse::Status::Complete(len)) => prepare(
-                proxy,
-                peer,
-                &self.buf,
-                &req,
-                len,
-                &mut self.req,
-                &mut self.answer,
-            ),
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => prepared(&req, len),
             Ok(httparse::Status::Partial) => Parsed::Partial,
             Err(httparse::Error::TooManyHeaders) if max_lines > STACK_HEADERS => {
                 let mut slots = vec![httparse::EMPTY_HEADER; max_lines];
                 let mut req = httparse::Request::new(&mut slots);
-                match req.parse(&self.buf) {
-                    Ok(httparse::Status::Complete(len)) => prepare(
-                        proxy,
-                        peer,
-                        &self.buf,
-                        &req,
-                        len,
-                        &mut self.req,
-                        &mut self.answer,
-                    ),
+                match req.parse(buf) {
+                    Ok(httparse::Status::Complete(len)) => prepared(&req, len),
                     Ok(httparse::Status::Partial) => Parsed::Partial,
                     Err(_) => Parsed::Other,
                 }
